@@ -1,0 +1,85 @@
+"""Finding backends through the ``skunkqueue.backends`` entry point group.
+
+Only the backend asked for is imported, so a broken or slow-to-import backend
+cannot slow down or break the others.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from skunkqueue.errors import BackendNotFound, ConfigurationError
+from skunkqueue.persistence import Persistence
+
+if sys.version_info >= (3, 10):
+    from importlib.metadata import EntryPoint, entry_points
+else:  # pragma: no cover - exercised on 3.9 only
+    from importlib_metadata import EntryPoint, entry_points
+
+GROUP = "skunkqueue.backends"
+DEFAULT_BACKEND = "sqlite"
+
+# The first-party backends and the distribution that provides each.
+KNOWN_DISTRIBUTIONS = {
+    "sqlite": "skunkqueue",
+    "mongodb": "skunkqueue-mongo",
+    "redis": "skunkqueue-redis",
+    "fdb": "skunkqueue-fdb",
+}
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    value: str          # "module:attribute"
+    distribution: str
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def installed() -> list[BackendEntry]:
+    """Every registered backend, without importing any of them."""
+    entries = []
+    for name, ep in sorted(_entry_points().items()):
+        dist = getattr(ep, "dist", None)
+        entries.append(BackendEntry(name, ep.value, dist.name if dist else "?"))
+    return entries
+
+
+def load(name: str) -> type[Persistence]:
+    """The backend class registered as ``name``, or a BackendNotFound that says what to do."""
+    ep = _entry_points().get(name)
+    if ep is None:
+        names = ", ".join(sorted(_entry_points())) or "none"
+        hint = ""
+        if name in KNOWN_DISTRIBUTIONS:
+            hint = f" Install it with: pip install {KNOWN_DISTRIBUTIONS[name]}"
+        raise BackendNotFound(
+            f"No SkunkQueue backend named {name!r} is installed (installed: {names}).{hint}"
+        )
+    try:
+        cls = ep.load()
+    except ImportError as exc:
+        raise BackendNotFound(
+            f"The {name!r} backend is registered but cannot be imported: {exc}. "
+            f"Reinstall its distribution ({KNOWN_DISTRIBUTIONS.get(name, ep.value)})."
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Persistence)):
+        raise BackendNotFound(f"The {name!r} entry point ({ep.value}) is not a Persistence subclass.")
+    return cls
+
+
+def open_backend(queue: str, backend: str | None = None, *, url: str | None = None,
+                 db: str | None = None, **options: Any) -> Persistence:
+    """Open ``backend`` (default: the embedded one) for ``queue``."""
+    if not queue or not isinstance(queue, str):
+        raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
+    cls = load(backend or DEFAULT_BACKEND)
+    return cls(queue, url=url, db=db, **options)

@@ -1,0 +1,224 @@
+"""The Persistence protocol: what a storage backend must do.
+
+A backend is a class that subclasses :class:`Persistence` and is registered
+under the ``skunkqueue.backends`` entry point group. One instance serves one
+queue. It is created as ``Backend(queue, url=..., db=..., **options)`` and is
+used from one thread at a time (workers and producers each open their own).
+
+The core decides *what* happens to a job (retry, dead-letter, kill); a backend
+only stores records and applies state changes atomically. Every guarantee
+below is checked by the conformance kit in :mod:`skunkqueue.testing`.
+
+Ordering: within a route, claimable records are handed out by ascending
+``due``, ties broken by ascending ``id`` (ids sort by creation time).
+
+Leases and fencing: :meth:`claim` sets ``owner``, ``lease_until`` and bumps
+``token``. The worker renews the lease while the job runs. When the lease runs
+out the core finds the record with :meth:`expired_leases` and puts it back with
+:meth:`finish`. Because :meth:`finish` only applies when the caller's token is
+still the record's token and the record is in the expected state, a worker
+that lost its lease can never overwrite the outcome recorded by the worker
+that took over.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence
+
+from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+
+# Finished records are kept this long (seconds) unless the queue says otherwise.
+DEFAULT_RESULT_TTL = 7 * 24 * 3600
+
+# Statuses that :meth:`Persistence.renew` reports per job.
+LEASE_OK = "ok"      # lease extended
+LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
+LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+
+class Persistence(ABC):
+    """Base class of every storage backend. See the module docstring."""
+
+    #: The entry point name, e.g. ``"redis"``.
+    name: ClassVar[str] = ""
+    #: Largest encoded payload the backend accepts, in bytes (None: no limit).
+    max_payload: ClassVar[int | None] = None
+    #: True when :meth:`wait_for_work` blocks on the store and wakes on new
+    #: work; False makes workers poll with an adaptive back-off.
+    notifies: ClassVar[bool] = False
+
+    def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
+                 result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
+        self.queue = queue
+        self.url = url
+        self.db = db
+        self.result_ttl = float(result_ttl)
+        self.options = options
+
+    # -- producers -----------------------------------------------------------
+
+    @abstractmethod
+    def enqueue(self, records: Sequence[JobRecord]) -> None:
+        """Store new records (state ``pending``).
+
+        Each record becomes claimable atomically once it is due; a worker
+        blocked in :meth:`wait_for_work` on its route wakes up. Either all
+        records of one call are stored or the call raises.
+        """
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record with this id, or None if it never existed or expired.
+
+        A record that exists but cannot be decoded raises MalformedRecord.
+        """
+
+    @abstractmethod
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
+        """Records matching every given filter, ordered by ``due`` then ``id``.
+
+        Records that cannot be decoded are skipped. Not on any hot path.
+        """
+
+    @abstractmethod
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of records per ``(route, state)`` in this queue."""
+
+    @abstractmethod
+    def purge(self, route: str, *, target: str | None = None) -> int:
+        """Delete the route's ``pending`` records and return how many.
+
+        With ``target``, delete only the broadcast records meant for that
+        worker. Running and finished records are untouched.
+        """
+
+    @abstractmethod
+    def request_kill(self, job_id: str) -> bool:
+        """Flag a ``running`` record so its worker interrupts it.
+
+        Returns False if the record is not running. The flag is reported to
+        the lease holder by :meth:`renew` as :data:`LEASE_KILL`.
+        """
+
+    # -- workers ---------------------------------------------------------------
+
+    @abstractmethod
+    def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        """Atomically take up to ``limit`` due records of ``route``.
+
+        Considers pending records with ``due <= now`` whose ``target`` is None
+        or ``worker_id``, in (due, id) order. Each claimed record is returned
+        with ``state="running"``, ``owner=worker_id``,
+        ``lease_until=now+lease``, ``token`` incremented by one, ``attempts``
+        incremented by one and ``started`` set. Exactly one concurrent caller
+        gets any given record. A record that cannot be decoded is not
+        returned: it is marked ``error`` (``dead``) with a message naming the
+        damage, so it neither blocks the route nor crashes the worker.
+        """
+
+    @abstractmethod
+    def renew(self, worker_id: str, leases: Sequence[tuple[str, int]],
+              lease: float) -> dict[str, str]:
+        """Extend the leases ``(job_id, token)`` held by ``worker_id``.
+
+        For each job: :data:`LEASE_OK` (extended to now+lease),
+        :data:`LEASE_KILL` (extended, and a kill was requested) or
+        :data:`LEASE_LOST` (the record is not running under this token; the
+        worker must stop and record nothing).
+        """
+
+    @abstractmethod
+    def finish(self, job_id: str, token: int, outcome: Outcome, *,
+               expect: str = "running") -> bool:
+        """Apply ``outcome`` in one atomic step, if the record is still ours.
+
+        Applies only if the record's ``state == expect`` and its ``token ==
+        token``; otherwise changes nothing and returns False. On success the
+        lease is cleared; a ``pending`` outcome makes the record claimable
+        again at ``outcome.due``; a finished outcome stores result or error,
+        removes the record from its route's claimable set and schedules its
+        deletion after ``result_ttl`` seconds. Waiters in
+        :meth:`wait_finished` are woken.
+        """
+
+    @abstractmethod
+    def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        """Running records whose ``lease_until`` is before ``now``.
+
+        The core hands them back out with :meth:`finish` (guarded by their
+        token), so a concurrent renewal or a second recoverer is harmless.
+        """
+
+    @abstractmethod
+    def register_worker(self, info: WorkerInfo) -> None:
+        """Add or replace a worker in the registry."""
+
+    @abstractmethod
+    def heartbeat(self, worker_id: str, state: str) -> bool:
+        """Record that the worker is alive and what it is doing.
+
+        Returns False if the worker is not registered (it was reaped); the
+        worker then registers again.
+        """
+
+    @abstractmethod
+    def unregister_worker(self, worker_id: str) -> None:
+        """Remove a worker from the registry (idempotent)."""
+
+    @abstractmethod
+    def workers(self) -> list[WorkerInfo]:
+        """Every registered worker of this queue, live or not yet reaped."""
+
+    # -- waiting (override where the store can notify) -------------------------
+
+    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early if work may be ready.
+
+        The default sleeps: backends with ``notifies = False`` are polled with
+        a back-off by the worker. Spurious early returns are allowed.
+        """
+        time.sleep(timeout)
+
+    def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Block until the record is finished or ``timeout`` passes; return it.
+
+        The default polls :meth:`get` with a back-off from 1 ms to 100 ms.
+        Returns the last record seen (possibly unfinished) or None if missing.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            record = self.get(job_id)
+            if record is None or record.finished_state:
+                return record
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return record
+                pause = min(pause, left)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. The instance is not used afterwards."""
+
+    def __enter__(self) -> Persistence:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "DEFAULT_RESULT_TTL",
+    "LEASE_KILL",
+    "LEASE_LOST",
+    "LEASE_OK",
+    "JobRecord",
+    "Outcome",
+    "Persistence",
+    "WorkerInfo",
+]

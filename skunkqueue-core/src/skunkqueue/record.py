@@ -1,0 +1,187 @@
+"""What a backend stores: one record per delivery of a job to a route.
+
+A record is plain data. Backends translate it to their store with
+:meth:`JobRecord.to_dict` and :meth:`JobRecord.from_dict`; the latter refuses
+anything that is not a well-formed record with :class:`MalformedRecord`, so a
+foreign or damaged entry in the store is quarantined instead of crashing a
+worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from skunkqueue.errors import MalformedRecord
+
+# The job states. These exact strings are part of the public API.
+PENDING = "pending"    # queued, or not yet due
+RUNNING = "running"    # claimed by a worker that holds a lease on it
+COMPLETE = "complete"  # the function returned; ``result`` holds its value
+ERROR = "error"        # the function raised (or could not run); ``error`` says why
+KILLED = "killed"      # interrupted, or killed before it ran; never run again
+
+STATES = (PENDING, RUNNING, COMPLETE, ERROR, KILLED)
+FINISHED_STATES = frozenset({COMPLETE, ERROR, KILLED})
+
+# A job whose worker dies keeps being handed out again until it has been
+# started this many times, even with ``retries=0``: a crash must not lose work,
+# but a job that kills every worker that runs it must not loop forever either.
+MIN_ATTEMPTS_ON_LOST_LEASE = 5
+
+_id_lock = threading.Lock()
+_last_id_ns = 0
+
+
+def new_id() -> str:
+    """A 26-hex-digit id whose lexical order follows creation order.
+
+    Backends that break ties between equal due times by id (sorted sets,
+    indexes) therefore keep FIFO order without a separate sequence number.
+    """
+    global _last_id_ns
+    with _id_lock:
+        now = max(time.time_ns(), _last_id_ns + 1)
+        _last_id_ns = now
+    return f"{now:016x}{os.urandom(5).hex()}"
+
+
+@dataclass
+class JobRecord:
+    """One delivery of a fired job to one route (or, on a broadcast queue, one worker)."""
+
+    id: str
+    queue: str
+    route: str
+    func: str                       # "package.module:qualname"
+    payload: bytes                  # the serialized (args, kwargs)
+    serializer: str = "json"
+    state: str = PENDING
+    due: float = 0.0                # epoch seconds; never claimed before this
+    created: float = 0.0
+    target: str | None = None       # broadcast: the only worker id that may claim it
+    attempts: int = 0               # how many times a worker has started it
+    retries: int = 0                # how many failures may be retried
+    retry_backoff: float = 1.0      # base of the exponential backoff, seconds
+    timeout: float | None = None    # time limit for one attempt, seconds
+    token: int = 0                  # fencing token: bumped by every claim
+    owner: str | None = None        # worker id holding the lease
+    lease_until: float | None = None
+    kill_requested: bool = False
+    started: float | None = None
+    finished: float | None = None
+    result: bytes | None = None     # the serialized return value
+    error: dict[str, str] | None = None  # {"type", "message", "traceback"}
+    dead: bool = False              # in the dead-letter list: out of attempts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobRecord:
+        """Build a record from what a backend stored, or raise MalformedRecord."""
+        try:
+            missing = [name for name in _REQUIRED if name not in data]
+            if missing:
+                raise MalformedRecord(f"record is missing {', '.join(missing)}")
+            values = {name: data[name] for name in _FIELDS if name in data}
+            record = cls(**values)
+            record._check()
+            return record
+        except MalformedRecord:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any damage in the store ends here
+            raise MalformedRecord(f"unreadable record: {exc}") from None
+
+    def _check(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise MalformedRecord("record id is not a string")
+        if self.state not in STATES:
+            raise MalformedRecord(f"unknown state {self.state!r}")
+        if not isinstance(self.func, str) or ":" not in self.func:
+            raise MalformedRecord(f"func {self.func!r} is not 'module:name'")
+        if not isinstance(self.payload, (bytes, bytearray)):
+            raise MalformedRecord("payload is not bytes")
+        self.payload = bytes(self.payload)
+        for name in ("due", "created", "retry_backoff"):
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("attempts", "retries", "token"):
+            setattr(self, name, int(getattr(self, name)))
+        self.kill_requested = bool(self.kill_requested)
+        self.dead = bool(self.dead)
+
+    @property
+    def finished_state(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
+_REQUIRED = ("id", "queue", "route", "func", "payload", "state")
+
+
+@dataclass
+class Outcome:
+    """A state change that :meth:`Persistence.finish` applies in one atomic step.
+
+    The core decides what happens to a job (complete, retry later, dead-letter);
+    backends only apply the change, so every backend follows the same policy.
+    """
+
+    state: str
+    result: bytes | None = None
+    error: dict[str, str] | None = None
+    due: float | None = None        # for PENDING: when the job may run again
+    dead: bool = False
+    attempts: int | None = None     # set to reset the attempt counter (dead-letter retry)
+    finished: float | None = None
+
+    def apply_to(self, record: JobRecord, now: float) -> JobRecord:
+        """Return a copy of ``record`` with this outcome applied.
+
+        Backends that read-modify-write (SQLite, transactions) use this so the
+        field rules live in one place.
+        """
+        updated = dataclasses.replace(record)
+        updated.state = self.state
+        updated.owner = None
+        updated.lease_until = None
+        updated.kill_requested = False
+        updated.dead = self.dead
+        if self.attempts is not None:
+            updated.attempts = self.attempts
+        if self.state == PENDING:
+            updated.due = self.due if self.due is not None else now
+            updated.result = None
+            updated.error = self.error  # the last failure stays visible while waiting
+            updated.finished = None
+        else:
+            updated.result = self.result
+            updated.error = self.error
+            updated.finished = self.finished if self.finished is not None else now
+        return updated
+
+
+@dataclass
+class WorkerInfo:
+    """A live worker as the registry knows it."""
+
+    id: str
+    queue: str
+    route: str
+    host: str
+    pid: int
+    state: str = "idle"             # idle | busy | stopping
+    started: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorkerInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,25 @@
+"""The conformance kit: one behavioural suite that every backend must pass.
+
+A backend's tests subclass :class:`ConformanceSuite` and provide one fixture,
+``backend``, returning a :class:`BackendUnderTest`::
+
+    import pytest
+    from skunkqueue.testing import BackendUnderTest, ConformanceSuite
+
+    class TestMyStore(ConformanceSuite):
+        @pytest.fixture
+        def backend(self, my_server):
+            return BackendUnderTest(name="mystore", url=my_server.url)
+
+Every test uses a fresh queue name, so one server can serve the whole run.
+The kit starts real ``skunq work`` processes against the backend, so the
+backend must be installed (its entry point registered) in the environment
+that runs the tests.
+"""
+
+from __future__ import annotations
+
+from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite import ConformanceSuite
+
+__all__ = ["BackendUnderTest", "ConformanceSuite"]

@@ -1,0 +1,55 @@
+"""What a backend's tests hand to the conformance kit."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from skunkqueue.backends import open_backend
+from skunkqueue.persistence import Persistence
+
+
+@dataclass
+class BackendUnderTest:
+    """How to reach the backend under test.
+
+    ``name`` is the entry point name (what ``--backend`` takes); ``url`` and
+    ``db`` are what ``--url`` and ``--db`` take; ``options`` go to the
+    backend's constructor (in-process only). ``env`` is added to the
+    environment of every worker process the kit starts (e.g. to point a
+    stand-in at its server). ``inject_foreign(queue, route)`` optionally
+    writes something into the store, where the route's jobs live, that
+    SkunkQueue did not write; the kit checks that workers survive it.
+    ``label`` names the target in reports (say "stand-in" if it is one).
+    """
+
+    name: str
+    url: str | None = None
+    db: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    inject_foreign: Callable[[str, str], None] | None = None
+    label: str = ""
+
+    def new_queue_name(self) -> str:
+        return f"kit-{uuid.uuid4().hex[:12]}"
+
+    def open(self, queue: str, **options: Any) -> Persistence:
+        merged = {**self.options, **options}
+        return open_backend(queue, self.name, url=self.url, db=self.db, **merged)
+
+    def cli_args(self) -> list[str]:
+        args = ["--backend", self.name]
+        if self.url is not None:
+            args += ["--url", self.url]
+        if self.db is not None:
+            args += ["--db", self.db]
+        return args
+
+    def process_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(extra)
+        return env
