@@ -11,4 +11,4 @@ def redact(url: str | None) -> str:
     """The address with any password replaced by ``***``, safe for logs and errors."""
     if not url:
         return "(default address)"
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["user"] or True else "", url)
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
