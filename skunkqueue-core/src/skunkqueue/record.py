@@ -94,7 +94,7 @@ class JobRecord:
             return record
         except MalformedRecord:
             raise
-        except Exception as exc:  # noqa: BLE001 - any damage in the store ends here
+        except Exception as exc:
             raise MalformedRecord(f"unreadable record: {exc}") from None
 
     def _check(self) -> None:

@@ -1,0 +1,38 @@
+"""SkunkQueue: task scheduling for humans who use Python."""
+
+from __future__ import annotations
+
+from skunkqueue.errors import (
+    BackendNotFound,
+    BackendUnavailable,
+    ConfigurationError,
+    JobFailed,
+    JobTimeout,
+    PayloadTooLarge,
+    SerializationError,
+    SkunkQueueError,
+)
+from skunkqueue.hooks import hookimpl
+from skunkqueue.job import Job, JobHandle
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING
+
+__all__ = [
+    "COMPLETE",
+    "ERROR",
+    "KILLED",
+    "PENDING",
+    "RUNNING",
+    "BackendNotFound",
+    "BackendUnavailable",
+    "ConfigurationError",
+    "Job",
+    "JobFailed",
+    "JobHandle",
+    "JobTimeout",
+    "PayloadTooLarge",
+    "SerializationError",
+    "SkunkQueue",
+    "SkunkQueueError",
+    "hookimpl",
+]

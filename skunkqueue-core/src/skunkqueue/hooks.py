@@ -1,0 +1,63 @@
+"""Plugin hooks: observe the job and worker lifecycle, the way llm and datasette do.
+
+A plugin is a module with functions marked ``@skunkqueue.hookimpl`` and is
+registered under the ``skunkqueue.plugins`` entry point group (or with
+``pm.register(module)`` in-process). Hooks run in the worker process; an
+exception in a hook is logged and does not affect the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pluggy
+
+from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+
+hookspec = pluggy.HookspecMarker("skunkqueue")
+hookimpl = pluggy.HookimplMarker("skunkqueue")
+log = logging.getLogger("skunkqueue.hooks")
+
+
+class Hooks:
+    @hookspec
+    def worker_started(self, worker: WorkerInfo) -> None:
+        """A worker registered and is about to take jobs."""
+
+    @hookspec
+    def worker_stopped(self, worker: WorkerInfo) -> None:
+        """A worker unregistered and is about to exit."""
+
+    @hookspec
+    def job_started(self, record: JobRecord) -> None:
+        """A worker is about to call the job's function."""
+
+    @hookspec
+    def job_finished(self, record: JobRecord, outcome: Outcome) -> None:
+        """The job's outcome was recorded (any state, including retries)."""
+
+    @hookspec
+    def job_failed(self, record: JobRecord, error: dict[str, str]) -> None:
+        """The job raised, timed out or could not be run."""
+
+
+_pm: pluggy.PluginManager | None = None
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("skunkqueue")
+        pm.add_hookspecs(Hooks)
+        pm.load_setuptools_entrypoints("skunkqueue.plugins")
+        _pm = pm
+    return _pm
+
+
+def call(name: str, **kwargs: Any) -> None:
+    """Run a hook; a failing plugin is logged, never allowed to break the worker."""
+    try:
+        getattr(plugin_manager().hook, name)(**kwargs)
+    except Exception:
+        log.exception("plugin hook %s failed", name)

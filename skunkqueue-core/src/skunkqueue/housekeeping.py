@@ -1,0 +1,41 @@
+"""Chores any worker (or producer) performs so that dead workers never need manual clean-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from skunkqueue import policy
+from skunkqueue.persistence import Persistence
+
+log = logging.getLogger("skunkqueue.housekeeping")
+
+# A worker that has not sent a heartbeat for this long is presumed dead.
+WORKER_TTL = 15.0
+
+
+def recover_expired_leases(backend: Persistence, now: float | None = None) -> int:
+    """Hand out again (or dead-letter) every job whose worker stopped renewing its lease."""
+    recovered = 0
+    for record in backend.expired_leases(time.time() if now is None else now):
+        outcome = policy.lease_lost(record)
+        # Guarded by the token: a renewal or another recoverer in between wins.
+        if backend.finish(record.id, record.token, outcome):
+            recovered += 1
+            log.warning("job %s (%s) lost its lease held by %s: now %s",
+                        record.id, record.func, record.owner, outcome.state)
+    return recovered
+
+
+def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str]:
+    """Unregister workers that stopped sending heartbeats, and drop broadcasts meant for them."""
+    cutoff = time.time() - ttl
+    reaped = []
+    for worker in backend.workers():
+        if worker.last_seen < cutoff:
+            backend.unregister_worker(worker.id)
+            dropped = backend.purge(worker.route, target=worker.id)
+            log.warning("reaped dead worker %s (pid %s on %s, route %s); dropped %d broadcast(s)",
+                        worker.id, worker.pid, worker.host, worker.route, dropped)
+            reaped.append(worker.id)
+    return reaped

@@ -1,0 +1,236 @@
+"""Jobs (functions made fireable by ``@queue.event``) and the handles ``fire`` returns."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from skunkqueue import serializer
+from skunkqueue.errors import ConfigurationError, JobFailed, JobTimeout, SkunkQueueError
+from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord
+
+if TYPE_CHECKING:
+    from skunkqueue.queue import SkunkQueue
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """``module:qualname`` under which a worker can import ``func``.
+
+    A function defined in the script being run lives in ``__main__``; workers
+    know that script by its module name, so that name is used instead.
+    """
+    module = func.__module__
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name
+        elif getattr(main, "__file__", None):
+            module = os.path.splitext(os.path.basename(main.__file__))[0]
+        else:
+            raise ConfigurationError(
+                f"{func.__qualname__} is defined interactively; workers can only run jobs "
+                "defined in an importable module."
+            )
+    if "<locals>" in func.__qualname__ or "<lambda>" in func.__qualname__:
+        raise ConfigurationError(
+            f"{func.__qualname__} is not importable by name; define jobs at module level."
+        )
+    return f"{module}:{func.__qualname__}"
+
+
+def resolve(name: str) -> Job:
+    """Import the Job called ``module:qualname``.
+
+    Only objects made by ``@queue.event`` are runnable, so a record in the
+    store cannot make a worker call an arbitrary function such as os.system.
+    """
+    module_name, _, qualname = name.partition(":")
+    if not module_name or not qualname:
+        raise SkunkQueueError(f"{name!r} is not a job name of the form 'module:function'.")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SkunkQueueError(
+            f"Cannot import module {module_name!r} for job {name!r}: {exc}. "
+            "Start the worker in the directory that holds it, or pass --path."
+        ) from None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise SkunkQueueError(f"Module {module_name!r} has no job {qualname!r}.")
+    if not isinstance(obj, Job):
+        raise SkunkQueueError(
+            f"{name!r} is not decorated with @queue.event, so workers will not run it."
+        )
+    return obj
+
+
+def due_time(when: timedelta | datetime | float | int) -> float:
+    """Epoch seconds for ``fire_at``'s ``when``: a delay or an aware datetime."""
+    if isinstance(when, timedelta):
+        return time.time() + when.total_seconds()
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise ConfigurationError(
+                "fire_at needs an aware datetime (e.g. datetime.now(timezone.utc) + ...) "
+                "or a timedelta; a naive datetime has no unambiguous time."
+            )
+        return when.astimezone(timezone.utc).timestamp()
+    raise ConfigurationError(f"fire_at takes a timedelta or an aware datetime, not {type(when).__name__}.")
+
+
+class Job:
+    """A function that can be fired onto a queue. Calling it still calls the function."""
+
+    def __init__(self, queue: SkunkQueue, func: Callable[..., Any], routes: Sequence[str], *,
+                 retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None) -> None:
+        if isinstance(routes, str) or not routes or not all(isinstance(r, str) and r for r in routes):
+            raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
+        if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
+            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
+        self.queue = queue
+        self.func = func
+        self.routes = list(routes)
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.timeout = timeout
+        self.name = function_name(func)
+        self.last: JobHandle | None = None
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name} routes={self.routes}>"
+
+    def fire(self, *args: Any, **kwargs: Any) -> JobHandle:
+        """Enqueue one run per route, due now."""
+        return self._fire([(args, kwargs)], time.time())[0]
+
+    def fire_at(self, when: timedelta | datetime, *args: Any, **kwargs: Any) -> JobHandle:
+        """Enqueue one run per route, due after a delay or at an aware datetime."""
+        return self._fire([(args, kwargs)], due_time(when))[0]
+
+    def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[JobHandle]:
+        """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict."""
+        normalized: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        for item in calls:
+            if isinstance(item, dict):
+                normalized.append(((), dict(item)))
+            elif isinstance(item, (tuple, list)):
+                normalized.append((tuple(item), {}))
+            else:
+                normalized.append(((item,), {}))
+        return self._fire(normalized, time.time())
+
+    def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float) -> list[JobHandle]:
+        handles = self.queue._enqueue(self, calls, due)
+        if handles:
+            self.last = handles[-1]
+        return handles
+
+    @property
+    def state(self) -> str | None:
+        """The state of the latest firing (None before the first)."""
+        return self.last.state if self.last else None
+
+    @property
+    def result(self) -> Any:
+        """The result of the latest firing (None until it completes)."""
+        return self.last.result if self.last else None
+
+
+class JobHandle:
+    """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
+
+    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord]) -> None:
+        self.queue = queue
+        self.ids = [r.id for r in records]
+        self.routes = [r.route for r in records]
+        self._serializer = records[0].serializer if records else "json"
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.id} {self.state}>"
+
+    @property
+    def id(self) -> str:
+        """The id of the (first) delivery; ``ids`` has one per route."""
+        return self.ids[0] if self.ids else ""
+
+    def records(self) -> list[JobRecord | None]:
+        return [self.queue.get(job_id) for job_id in self.ids]
+
+    @property
+    def state(self) -> str:
+        """``pending``, ``running``, ``complete``, ``error`` or ``killed``.
+
+        For a firing with several deliveries: the least advanced one, and once
+        all are finished, ``error`` if any failed, ``killed`` if any was killed.
+        """
+        states = [r.state if r else ERROR for r in self.records()]
+        for state in (RUNNING, PENDING):
+            if state in states:
+                return RUNNING if RUNNING in states else PENDING
+        for state in (ERROR, KILLED):
+            if state in states:
+                return state
+        return COMPLETE
+
+    def _value(self, record: JobRecord | None) -> Any:
+        if record is None or record.state != COMPLETE or record.result is None:
+            return None
+        return serializer.loads(record.result, record.serializer, what="result")
+
+    @property
+    def result(self) -> Any:
+        """The return value once complete, else None. Several routes: ``{route: value}``."""
+        records = self.records()
+        if len(records) == 1:
+            return self._value(records[0])
+        return {route: self._value(r) for route, r in zip(self.routes, records)}
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """``{"type", "message", "traceback"}`` of the (first) failed delivery."""
+        for record in self.records():
+            if record is not None and record.error and record.state in (ERROR, KILLED):
+                return record.error
+        return None
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until every delivery has finished; return ``result``.
+
+        Raises JobTimeout if ``timeout`` passes first and JobFailed (with the
+        remote traceback) if a delivery ended in ``error`` or ``killed``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backend = self.queue.persistence
+        for job_id in self.ids:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            record = backend.wait_finished(job_id, left)
+            if record is None:
+                raise JobFailed(f"Job {job_id} no longer exists (expired or purged).",
+                                job_id=job_id, state=ERROR)
+            if record.state not in FINISHED_STATES:
+                raise JobTimeout(f"Job {job_id} is still {record.state} after {timeout} s.")
+            if record.state != COMPLETE:
+                err = record.error or {}
+                raise JobFailed(
+                    f"Job {job_id} ({record.func}) ended {record.state}: "
+                    f"{err.get('type', '')}: {err.get('message', '')}".rstrip(": "),
+                    job_id=job_id, state=record.state, error_type=err.get("type"),
+                    remote_traceback=err.get("traceback"),
+                )
+        return self.result
+
+    def kill(self) -> None:
+        """Kill every delivery of this firing (see ``SkunkQueue.kill``)."""
+        for job_id in self.ids:
+            self.queue.kill(job_id)

@@ -1,0 +1,275 @@
+"""The embedded default backend: one SQLite file in WAL mode.
+
+Producers and workers in separate processes on one machine share the file.
+Atomic steps run inside ``BEGIN IMMEDIATE`` transactions, which take SQLite's
+single write lock, so a claim is seen by exactly one process. SQLite cannot
+notify other processes, so workers poll it with an adaptive back-off.
+
+Where the file lives: ``url`` if given (a path, or ``:memory:`` is refused
+because workers could not see it), else ``$SKUNQ_SQLITE_PATH``, else
+``$XDG_DATA_HOME/skunkqueue/skunkqueue.db`` (``~/.local/share/...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    route TEXT,
+    target TEXT,
+    state TEXT,
+    due REAL,
+    lease_until REAL,
+    expire_at REAL,
+    record TEXT,          -- the JobRecord's other fields, as JSON
+    payload BLOB,
+    result BLOB
+);
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (queue, route, state, due, id);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_expire ON jobs (expire_at);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    info TEXT NOT NULL
+);
+"""
+
+# Columns kept outside the JSON blob, because queries filter or order on them.
+_COLUMNS = ("id", "queue", "route", "target", "state", "due", "lease_until", "payload", "result")
+
+
+def default_path() -> Path:
+    env = os.environ.get("SKUNQ_SQLITE_PATH")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "skunkqueue" / "skunkqueue.db"
+
+
+def _row_to_record(row: sqlite3.Row) -> JobRecord:
+    try:
+        data: dict[str, Any] = json.loads(row["record"]) if row["record"] else {}
+    except (TypeError, ValueError) as exc:
+        raise MalformedRecord(f"record {row['id']!r} has unreadable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedRecord(f"record {row['id']!r} is not a JSON object")
+    for name in _COLUMNS:
+        data[name] = row[name]
+    return JobRecord.from_dict(data)
+
+
+def _record_to_row(record: JobRecord, expire_at: float | None) -> dict[str, Any]:
+    data = record.to_dict()
+    row = {name: data.pop(name) for name in _COLUMNS}
+    row["record"] = json.dumps(data)
+    row["expire_at"] = expire_at
+    return row
+
+
+class SQLitePersistence(Persistence):
+    name = "sqlite"
+
+    def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
+                 **options: Any) -> None:
+        super().__init__(queue, url=url, db=db, **options)
+        if url == ":memory:":
+            raise ConfigurationError(
+                "The sqlite backend needs a file that workers can open too; "
+                "give a path with --url, not ':memory:'."
+            )
+        self.path = Path(url) if url else default_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise BackendUnavailable(f"Cannot open the SQLite queue file {self.path}: {exc}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic read-modify-write step under SQLite's write lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _store(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+        expire = (record.finished or time.time()) + self.result_ttl if record.finished_state else None
+        row = _record_to_row(record, expire)
+        conn.execute(
+            f"INSERT OR REPLACE INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            tuple(row.values()),
+        )
+
+    def _quarantine(self, conn: sqlite3.Connection, job_id: str, why: str) -> None:
+        # Keep the damaged row for inspection but take it out of every route.
+        error = {"type": "MalformedRecord", "message": why, "traceback": ""}
+        conn.execute(
+            "UPDATE jobs SET state=?, record=json_set(CASE WHEN json_valid(record) THEN record "
+            "ELSE '{}' END, '$.error', json(?), '$.dead', json('true')), expire_at=? WHERE id=?",
+            (ERROR, json.dumps(error), time.time() + self.result_ttl, job_id),
+        )
+
+    # -- producers ---------------------------------------------------------------
+
+    def enqueue(self, records: Sequence[JobRecord]) -> None:
+        with self._write() as conn:
+            for record in records:
+                self._store(conn, record)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
+        sql, args = "SELECT * FROM jobs WHERE queue=?", [self.queue]
+        if route is not None:
+            sql, args = sql + " AND route=?", [*args, route]
+        if state is not None:
+            sql, args = sql + " AND state=?", [*args, state]
+        records = []
+        for row in self._db.execute(sql + " ORDER BY due, id", args):
+            try:
+                record = _row_to_record(row)
+            except MalformedRecord:
+                continue
+            if dead is None or record.dead == dead:
+                records.append(record)
+                if len(records) >= limit:
+                    break
+        return records
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._db.execute(
+            "SELECT route, state, COUNT(*) FROM jobs WHERE queue=? GROUP BY route, state", (self.queue,)
+        )
+        return {(str(route), str(state)): n for route, state, n in rows}
+
+    def purge(self, route: str, *, target: str | None = None) -> int:
+        sql, args = "DELETE FROM jobs WHERE queue=? AND route=? AND state=?", [self.queue, route, PENDING]
+        if target is not None:
+            sql, args = sql + " AND target=?", [*args, target]
+        with self._write() as conn:
+            return conn.execute(sql, args).rowcount
+
+    def request_kill(self, job_id: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET record=json_set(record, '$.kill_requested', json('true')) "
+                "WHERE id=? AND queue=? AND state=?", (job_id, self.queue, RUNNING),
+            )
+            return cur.rowcount == 1
+
+    # -- workers -----------------------------------------------------------------
+
+    def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        claimed: list[JobRecord] = []
+        with self._write() as conn:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE queue=? AND route=? AND state=? AND due<=? "
+                "AND (target IS NULL OR target=?) ORDER BY due, id LIMIT ?",
+                (self.queue, route, PENDING, now, worker_id, limit),
+            ).fetchall()
+            for row in rows:
+                try:
+                    record = _row_to_record(row)
+                except MalformedRecord as exc:
+                    self._quarantine(conn, row["id"], str(exc))
+                    continue
+                record.state, record.owner, record.lease_until = RUNNING, worker_id, now + lease
+                record.token += 1
+                record.attempts += 1
+                record.started = now
+                record.kill_requested = False
+                self._store(conn, record)
+                claimed.append(record)
+        return claimed
+
+    def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
+        statuses: dict[str, str] = {}
+        with self._write() as conn:
+            until = time.time() + lease
+            for job_id, token in leases:
+                row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+                record = _row_to_record(row) if row else None
+                if record is None or record.state != RUNNING or record.token != token:
+                    statuses[job_id] = LEASE_LOST
+                    continue
+                record.lease_until = until
+                self._store(conn, record)
+                statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
+        return statuses
+
+    def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+            if row is None:
+                return False
+            record = _row_to_record(row)
+            if record.state != expect or record.token != token:
+                return False
+            self._store(conn, outcome.apply_to(record, time.time()))
+            return True
+
+    def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        # Finished records past their time to live go here too: this runs
+        # about once a second per worker, which is often enough.
+        self._db.execute("DELETE FROM jobs WHERE expire_at < ?", (now,))
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE state=? AND lease_until<? AND queue=? LIMIT ?",
+            (RUNNING, now, self.queue, limit),
+        )
+        records = []
+        for row in rows:
+            try:
+                records.append(_row_to_record(row))
+            except MalformedRecord:
+                continue
+        return records
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO workers (id, queue, info) VALUES (?, ?, ?)",
+                         (info.id, self.queue, json.dumps(info.to_dict())))
+
+    def heartbeat(self, worker_id: str, state: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE workers SET info=json_set(info, '$.state', ?, '$.last_seen', ?) WHERE id=? AND queue=?",
+                (state, time.time(), worker_id, self.queue),
+            )
+            return cur.rowcount == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM workers WHERE id=? AND queue=?", (worker_id, self.queue))
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._db.execute("SELECT info FROM workers WHERE queue=? ORDER BY id", (self.queue,))
+        return [WorkerInfo.from_dict(json.loads(info)) for (info,) in rows]
+
+    def close(self) -> None:
+        self._db.close()

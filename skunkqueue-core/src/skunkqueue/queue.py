@@ -1,0 +1,179 @@
+"""``SkunkQueue``: where jobs are declared, fired, inspected and killed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from skunkqueue import policy, serializer
+from skunkqueue.backends import open_backend
+from skunkqueue.errors import ConfigurationError, PayloadTooLarge
+from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
+from skunkqueue.job import Job, JobHandle
+from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
+from skunkqueue.record import FINISHED_STATES, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+
+log = logging.getLogger("skunkqueue")
+
+QUEUE_TYPES = ("direct", "broadcast")
+
+
+class SkunkQueue:
+    """A named queue on a backend. With no backend arguments it uses the embedded one.
+
+    ``SkunkQueue('demo', backend='redis', conn_url='localhost:6379', dbname='0')``
+    """
+
+    def __init__(self, name: str, backend: str | None = None, conn_url: str | None = None,
+                 dbname: str | None = None, queue_type: str = "direct", serializer: str = "json",
+                 result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
+        self.name = name
+        self.backend = backend
+        self.conn_url = conn_url
+        self.dbname = dbname
+        self.queue_type = queue_type
+        self.serializer = _check_serializer(serializer)
+        self.result_ttl = result_ttl
+        self.options = options
+        self._local = threading.local()
+        # Fail fast on an unknown backend name, before any job is declared.
+        from skunkqueue.backends import load
+        self._backend_class = load(backend or "sqlite")
+
+    @property
+    def persistence(self) -> Persistence:
+        """This thread's connection to the backend (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = open_backend(self.name, self.backend, url=self.conn_url, db=self.dbname,
+                                result_ttl=self.result_ttl, **self.options)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- declaring and firing ---------------------------------------------------
+
+    def event(self, routes: Sequence[str], *, retries: int = 0, retry_backoff: float = 1.0,
+              timeout: float | None = None) -> Callable[[Callable[..., Any]], Job]:
+        """Decorator: make a function a Job that workers on ``routes`` run."""
+        def decorate(func: Callable[..., Any]) -> Job:
+            return Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout)
+        return decorate
+
+    job = event
+
+    def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                 due: float) -> list[JobHandle]:
+        backend = self.persistence
+        targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
+        if self.queue_type == "broadcast":
+            live = self.live_workers()
+            targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
+        now = time.time()
+        per_call: list[list[JobRecord]] = []
+        for args, kwargs in calls:
+            payload = serializer.dumps_call(args, kwargs, self.serializer)
+            if backend.max_payload is not None and len(payload) > backend.max_payload:
+                raise PayloadTooLarge(
+                    f"The arguments of {job.name} encode to {len(payload)} bytes; the "
+                    f"{backend.name} backend stores at most {backend.max_payload}. "
+                    "Store large data elsewhere and pass a reference to it."
+                )
+            per_call.append([
+                JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
+                          serializer=self.serializer, due=due, created=now, target=target,
+                          retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout)
+                for route in job.routes for target in targets[route]
+            ])
+        backend.enqueue([record for records in per_call for record in records])
+        return [JobHandle(self, records) for records in per_call]
+
+    # -- inspecting -----------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.persistence.get(job_id)
+
+    def workers(self) -> list[WorkerInfo]:
+        """Registered workers (id, queue, route, host, pid, state, last heartbeat)."""
+        return self.live_workers()
+
+    def live_workers(self) -> list[WorkerInfo]:
+        """Workers with a recent heartbeat; dead ones are reaped on the way."""
+        self.reap_workers()
+        return self.persistence.workers()
+
+    def reap_workers(self, ttl: float = WORKER_TTL) -> list[str]:
+        """Unregister workers that stopped sending heartbeats, and drop their broadcasts."""
+        return reap_dead_workers(self.persistence, ttl)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return self.persistence.counts()
+
+    def dead_letters(self, limit: int = 1000) -> list[JobRecord]:
+        return self.persistence.list_jobs(dead=True, limit=limit)
+
+    # -- acting on jobs ---------------------------------------------------------
+
+    def kill(self, job_or_id: Job | JobHandle | str) -> str | None:
+        """Kill a job: a pending one never runs; a running one is interrupted.
+
+        Takes an id, a handle, or a Job (its latest firing). Returns the
+        resulting state (``killed``, or ``running`` while the worker is being
+        told), or None if there is no such job.
+        """
+        if isinstance(job_or_id, Job):
+            job_or_id = job_or_id.last if job_or_id.last else ""
+        if isinstance(job_or_id, JobHandle):
+            states = [self.kill(job_id) for job_id in job_or_id.ids]
+            return states[0] if states else None
+        backend = self.persistence
+        for _ in range(10):  # the record may change state under us; try again
+            record = backend.get(job_or_id)
+            if record is None:
+                return None
+            if record.state in FINISHED_STATES:
+                return record.state
+            if record.state == PENDING:
+                if backend.finish(record.id, record.token, policy.killed("killed before it ran"),
+                                  expect=PENDING):
+                    return "killed"
+            elif record.state == RUNNING and backend.request_kill(record.id):
+                return RUNNING
+        return None
+
+    def kill_all_by_route(self, route: str) -> int:
+        """Kill every pending and running job of a route; returns how many."""
+        backend = self.persistence
+        records = backend.list_jobs(route=route, state=PENDING, limit=10**9)
+        records += backend.list_jobs(route=route, state=RUNNING, limit=10**9)
+        return sum(1 for r in records if self.kill(r.id) in ("killed", RUNNING))
+
+    def purge(self, route: str) -> int:
+        """Delete the route's pending jobs (running and finished ones stay)."""
+        return self.persistence.purge(route)
+
+    def retry(self, job_id: str) -> bool:
+        """Requeue a finished (e.g. dead-lettered) job with fresh attempts."""
+        backend = self.persistence
+        record = backend.get(job_id)
+        if record is None or record.state not in FINISHED_STATES:
+            return False
+        return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
+
+
+def _check_serializer(name: str) -> str:
+    name = serializer.check_name(name)
+    if name == "pickle":
+        log.warning("queue uses pickle: anyone who can write to the store can run code in its workers")
+    return name
