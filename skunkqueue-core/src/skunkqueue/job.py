@@ -154,6 +154,8 @@ class JobHandle:
         self.queue = queue
         self.ids = [r.id for r in records]
         self.routes = [r.route for r in records]
+        # What ``result`` is keyed by when there are several deliveries.
+        self.keys = [r.target or r.route for r in records]
         self._serializer = records[0].serializer if records else "json"
 
     def __repr__(self) -> str:
@@ -190,11 +192,15 @@ class JobHandle:
 
     @property
     def result(self) -> Any:
-        """The return value once complete, else None. Several routes: ``{route: value}``."""
+        """The return value once complete, else None.
+
+        With several deliveries: ``{route: value}``, or ``{worker_id: value}``
+        on a broadcast queue.
+        """
         records = self.records()
         if len(records) == 1:
             return self._value(records[0])
-        return {route: self._value(r) for route, r in zip(self.routes, records)}
+        return {key: self._value(r) for key, r in zip(self.keys, records)}
 
     @property
     def error(self) -> dict[str, str] | None:

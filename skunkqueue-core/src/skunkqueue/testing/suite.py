@@ -1,7 +1,578 @@
-"""Placeholder: the conformance suite lands here."""
+"""The conformance suite. Subclass :class:`ConformanceSuite` and provide ``backend``.
+
+The first half drives the Persistence protocol directly; the second half runs
+the job lifecycle end to end with real ``skunq work`` processes and real
+signals.
+"""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from skunkqueue import housekeeping, policy
+from skunkqueue.cli import main as cli_main
+from skunkqueue.errors import JobFailed, JobTimeout, SerializationError
+from skunkqueue.job import Job
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import (
+    COMPLETE,
+    ERROR,
+    KILLED,
+    MIN_ATTEMPTS_ON_LOST_LEASE,
+    PENDING,
+    RUNNING,
+    JobRecord,
+    Outcome,
+    WorkerInfo,
+    new_id,
+)
+from skunkqueue.testing import jobs
+from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.workers import PoolProcess, pid_alive
+
+SHORT_LEASE = 1.5
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
+                func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
+                retries: int = 0) -> JobRecord:
+    now = time.time()
+    return JobRecord(id=new_id(), queue=queue, route=route, func=func, payload=payload,
+                     due=now if due is None else due, created=now, target=target, retries=retries)
+
 
 class ConformanceSuite:
-    """The behavioural tests every backend runs (being written)."""
+    """Behavioural tests every SkunkQueue backend must pass."""
+
+    @pytest.fixture
+    def backend(self) -> BackendUnderTest:
+        raise NotImplementedError("a backend's test class provides the `backend` fixture")
+
+    @pytest.fixture
+    def queue_name(self, backend: BackendUnderTest) -> str:
+        return backend.new_queue_name()
+
+    @pytest.fixture
+    def store(self, backend: BackendUnderTest, queue_name: str) -> Iterator[Persistence]:
+        persistence = backend.open(queue_name)
+        yield persistence
+        persistence.close()
+
+    @pytest.fixture
+    def queue(self, backend: BackendUnderTest, queue_name: str) -> Iterator[SkunkQueue]:
+        q = SkunkQueue(queue_name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
+                       **backend.options)
+        yield q
+        q.close()
+
+    @pytest.fixture
+    def start_pool(self, backend: BackendUnderTest, queue_name: str,
+                   tmp_path: Path) -> Iterator[Callable[..., PoolProcess]]:
+        pools: list[PoolProcess] = []
+
+        def start(routes: list[str], *, concurrency: int = 1, lease: float = 30.0,
+                  ready: bool = True, extra: list[str] | None = None) -> PoolProcess:
+            pool = PoolProcess(backend, queue_name, routes, concurrency=concurrency, lease=lease,
+                               log_path=tmp_path / f"pool-{len(pools)}.log", extra=extra)
+            pools.append(pool)
+            if ready:
+                pool.wait_ready()
+            return pool
+
+        yield start
+        for pool in pools:
+            pool.stop()
+
+    @staticmethod
+    def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
+        """The kit's job ``job`` declared on this test's queue and route."""
+        return queue.event(routes=[route], **options)(job.func)
+
+    # == The Persistence protocol, driven directly ==================================
+
+    def test_enqueue_and_get_round_trip(self, store: Persistence, queue_name: str) -> None:
+        record = make_record(queue_name, payload=b"\x00\xffbinary")
+        record.error = {"type": "T", "message": "m", "traceback": ""}
+        store.enqueue([record])
+        got = store.get(record.id)
+        assert got is not None
+        assert got.to_dict() == record.to_dict()
+        assert store.get("no-such-id") is None
+
+    def test_claim_takes_lease_bumps_token_and_attempts(self, store: Persistence, queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        before = time.time()
+        [claimed] = store.claim("r", "w1", lease=10)
+        assert claimed.id == record.id
+        assert (claimed.state, claimed.owner, claimed.token, claimed.attempts) == (RUNNING, "w1", 1, 1)
+        assert claimed.lease_until is not None and before + 9 < claimed.lease_until < time.time() + 11
+        assert claimed.started is not None and claimed.started >= before - 1
+        stored = store.get(record.id)
+        assert stored is not None and stored.state == RUNNING and stored.token == 1
+        assert store.claim("r", "w2", lease=10) == []
+
+    def test_claim_is_fifo_by_due_time_then_creation(self, store: Persistence, queue_name: str) -> None:
+        now = time.time()
+        late = make_record(queue_name, due=now - 1)
+        early = make_record(queue_name, due=now - 5)
+        same_a = make_record(queue_name, due=now - 3)
+        same_b = make_record(queue_name, due=now - 3)
+        store.enqueue([late, same_b, early, same_a][::-1])
+        order = [store.claim("r", "w", 10)[0].id for _ in range(4)]
+        assert order == [early.id, same_a.id, same_b.id, late.id]
+
+    def test_never_claimed_before_due(self, store: Persistence, queue_name: str) -> None:
+        record = make_record(queue_name, due=time.time() + 0.6)
+        store.enqueue([record])
+        assert store.claim("r", "w", 10) == []
+        time.sleep(0.7)
+        assert [r.id for r in store.claim("r", "w", 10)] == [record.id]
+
+    def test_claim_respects_route_and_limit(self, store: Persistence, queue_name: str) -> None:
+        store.enqueue([make_record(queue_name, "a") for _ in range(5)] + [make_record(queue_name, "b")])
+        assert len(store.claim("a", "w", 10, limit=3)) == 3
+        assert len(store.claim("a", "w", 10, limit=3)) == 2
+        assert [r.route for r in store.claim("b", "w", 10, limit=3)] == ["b"]
+
+    def test_concurrent_claimers_get_each_record_once(self, backend: BackendUnderTest, store: Persistence,
+                                                      queue_name: str) -> None:
+        records = [make_record(queue_name) for _ in range(200)]
+        store.enqueue(records)
+        taken: list[list[str]] = [[] for _ in range(4)]
+        errors: list[BaseException] = []
+
+        def claimer(slot: int) -> None:
+            try:
+                with backend.open(queue_name) as mine:
+                    while True:
+                        got = mine.claim("r", f"w{slot}", 30, limit=3)
+                        if not got:
+                            return
+                        taken[slot].extend(r.id for r in got)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        everything = [job_id for slot in taken for job_id in slot]
+        assert len(everything) == len(set(everything)) == 200
+
+    def test_finish_is_fenced_by_token_and_state(self, store: Persistence, queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w", 10)
+        assert not store.finish(record.id, claimed.token - 1, policy.completed(b"1"))
+        assert not store.finish(record.id, claimed.token, policy.completed(b"1"), expect=PENDING)
+        assert store.finish(record.id, claimed.token, policy.completed(b"42"))
+        assert not store.finish(record.id, claimed.token, policy.completed(b"43"))
+        done = store.get(record.id)
+        assert done is not None
+        assert (done.state, done.result, done.owner, done.lease_until) == (COMPLETE, b"42", None, None)
+        assert done.finished is not None
+        assert store.claim("r", "w", 10) == []
+        assert not store.finish("no-such-id", 1, policy.completed(b"1"))
+
+    def test_pending_outcome_makes_record_claimable_again_at_due(self, store: Persistence,
+                                                                 queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w", 10)
+        error = {"type": "ValueError", "message": "boom", "traceback": "tb"}
+        assert store.finish(record.id, claimed.token, Outcome(PENDING, error=error, due=time.time() + 0.5))
+        waiting = store.get(record.id)
+        assert waiting is not None and waiting.state == PENDING and waiting.error == error
+        assert store.claim("r", "w", 10) == []
+        time.sleep(0.6)
+        [again] = store.claim("r", "w2", 10)
+        assert (again.id, again.token, again.attempts, again.owner) == (record.id, 2, 2, "w2")
+
+    def test_renew_reports_ok_kill_and_lost(self, store: Persistence, queue_name: str) -> None:
+        a, b = make_record(queue_name), make_record(queue_name)
+        store.enqueue([a, b])
+        claimed = store.claim("r", "w", 1.0, limit=2)
+        tokens = {r.id: r.token for r in claimed}
+        assert store.request_kill(b.id)
+        statuses = store.renew("w", [(a.id, tokens[a.id]), (b.id, tokens[b.id]), ("gone", 1)], 30)
+        assert statuses == {a.id: LEASE_OK, b.id: LEASE_KILL, "gone": LEASE_LOST}
+        renewed = store.get(a.id)
+        assert renewed is not None and renewed.lease_until is not None
+        assert renewed.lease_until > time.time() + 25
+        assert store.renew("w", [(a.id, tokens[a.id] + 1)], 30) == {a.id: LEASE_LOST}
+
+    def test_request_kill_only_flags_running_records(self, store: Persistence, queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        assert not store.request_kill(record.id)
+        store.claim("r", "w", 10)
+        assert store.request_kill(record.id)
+        flagged = store.get(record.id)
+        assert flagged is not None and flagged.kill_requested
+
+    def test_expired_lease_is_handed_out_again_and_old_owner_is_fenced(self, store: Persistence,
+                                                                       queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        [first] = store.claim("r", "dead-worker", 0.3)
+        assert store.expired_leases(time.time()) == []
+        time.sleep(0.4)
+        assert [r.id for r in store.expired_leases(time.time())] == [record.id]
+        assert housekeeping.recover_expired_leases(store) == 1
+        back = store.get(record.id)
+        assert back is not None and back.state == PENDING and back.error is not None
+        assert back.error["type"] == "LeaseLost"
+        [second] = store.claim("r", "new-worker", 10)
+        assert second.token == first.token + 1
+        assert store.renew("dead-worker", [(record.id, first.token)], 10) == {record.id: LEASE_LOST}
+        assert not store.finish(record.id, first.token, policy.completed(b"stale"))
+        assert store.finish(record.id, second.token, policy.completed(b"fresh"))
+        final = store.get(record.id)
+        assert final is not None and final.result == b"fresh"
+
+    def test_job_that_keeps_losing_its_lease_is_dead_lettered(self, store: Persistence,
+                                                             queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        for attempt in range(1, MIN_ATTEMPTS_ON_LOST_LEASE + 1):
+            [claimed] = store.claim("r", "w", 0.05)
+            assert claimed.attempts == attempt
+            time.sleep(0.1)
+            assert housekeeping.recover_expired_leases(store) == 1
+        final = store.get(record.id)
+        assert final is not None and (final.state, final.dead) == (ERROR, True)
+        assert store.claim("r", "w", 10) == []
+
+    def test_worker_registry_and_heartbeats(self, store: Persistence) -> None:
+        info = WorkerInfo(id="w-1", queue=store.queue, route="r", host="h", pid=123)
+        store.register_worker(info)
+        [listed] = store.workers()
+        assert (listed.id, listed.route, listed.host, listed.pid) == ("w-1", "r", "h", 123)
+        time.sleep(0.05)
+        assert store.heartbeat("w-1", "busy")
+        [beat] = store.workers()
+        assert beat.state == "busy" and beat.last_seen > info.last_seen
+        store.unregister_worker("w-1")
+        store.unregister_worker("w-1")
+        assert store.workers() == []
+        assert not store.heartbeat("w-1", "idle")
+
+    def test_dead_workers_are_reaped_with_their_broadcasts(self, store: Persistence,
+                                                           queue_name: str) -> None:
+        store.register_worker(WorkerInfo(id="old", queue=queue_name, route="r", host="h", pid=1,
+                                         last_seen=time.time() - 3600))
+        store.register_worker(WorkerInfo(id="new", queue=queue_name, route="r", host="h", pid=2))
+        store.enqueue([make_record(queue_name, target="old"), make_record(queue_name, target="new")])
+        assert housekeeping.reap_dead_workers(store) == ["old"]
+        assert [w.id for w in store.workers()] == ["new"]
+        assert [r.target for r in store.list_jobs(state=PENDING)] == ["new"]
+
+    def test_broadcast_records_go_only_to_their_target(self, store: Persistence, queue_name: str) -> None:
+        mine, theirs, anyone = (make_record(queue_name, target="w1"), make_record(queue_name, target="w2"),
+                                make_record(queue_name))
+        store.enqueue([mine, theirs, anyone])
+        assert {r.id for r in store.claim("r", "w1", 10, limit=10)} == {mine.id, anyone.id}
+        assert [r.id for r in store.claim("r", "w2", 10, limit=10)] == [theirs.id]
+
+    def test_purge_deletes_only_pending_records_of_the_route(self, store: Persistence,
+                                                            queue_name: str) -> None:
+        running, pending, other = make_record(queue_name), make_record(queue_name), make_record(queue_name, "x")
+        targeted = make_record(queue_name, target="w9")
+        store.enqueue([running])
+        store.claim("r", "w", 10)
+        store.enqueue([pending, other, targeted])
+        assert store.purge("r", target="w9") == 1
+        assert store.purge("r") == 1
+        assert store.get(pending.id) is None and store.get(targeted.id) is None
+        assert store.get(running.id) is not None and store.get(other.id) is not None
+
+    def test_counts_and_list_jobs(self, store: Persistence, queue_name: str) -> None:
+        records = [make_record(queue_name, "a") for _ in range(3)] + [make_record(queue_name, "b")]
+        store.enqueue(records)
+        [claimed] = store.claim("a", "w", 10)
+        store.finish(claimed.id, claimed.token, policy.failed(claimed, {"type": "E", "message": "m",
+                                                                        "traceback": ""}))
+        assert store.counts() == {("a", PENDING): 2, ("a", ERROR): 1, ("b", PENDING): 1}
+        assert [r.id for r in store.list_jobs(route="a", state=PENDING)] == [r.id for r in records[1:3]]
+        assert [r.id for r in store.list_jobs(dead=True)] == [claimed.id]
+        assert len(store.list_jobs(limit=2)) == 2
+
+    def test_wait_for_work_returns_when_work_arrives(self, store: Persistence, backend: BackendUnderTest,
+                                                     queue_name: str) -> None:
+        def later() -> None:
+            time.sleep(0.3)
+            with backend.open(queue_name) as producer:
+                producer.enqueue([make_record(queue_name)])
+
+        threading.Thread(target=later).start()
+        started = time.monotonic()
+        deadline = started + 5
+        while not store.claim("r", "w", 10):
+            assert time.monotonic() < deadline, "work was never claimable"
+            store.wait_for_work(["r"], "w", 2.0 if store.notifies else 0.05)
+        elapsed = time.monotonic() - started
+        # A notifying store must wake the waiter long before its 2 s timeout.
+        assert elapsed < (1.5 if store.notifies else 5)
+
+    def test_wait_finished_returns_the_finished_record(self, store: Persistence, backend: BackendUnderTest,
+                                                       queue_name: str) -> None:
+        record = make_record(queue_name)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w", 10)
+        unfinished = store.wait_finished(record.id, 0.2)
+        assert unfinished is not None and unfinished.state == RUNNING
+
+        def finisher() -> None:
+            time.sleep(0.2)
+            with backend.open(queue_name) as other:
+                other.finish(record.id, claimed.token, policy.completed(b"7"))
+
+        threading.Thread(target=finisher).start()
+        done = store.wait_finished(record.id, 10)
+        assert done is not None and (done.state, done.result) == (COMPLETE, b"7")
+
+    # == The job lifecycle, end to end, with real worker processes ====================
+
+    def test_fire_runs_on_a_worker_and_stores_the_result(self, queue: SkunkQueue, start_pool: Any) -> None:
+        start_pool(["r"])
+        add = self.declare(queue, jobs.add)
+        handle = add.fire(4, 5)
+        assert handle.wait(timeout=20) == 9
+        assert (handle.state, handle.result, add.state, add.result) == (COMPLETE, 9, COMPLETE, 9)
+        record = queue.get(handle.id)
+        assert record is not None and record.attempts == 1 and record.error is None
+
+    def test_fire_at_waits_until_due(self, queue: SkunkQueue, start_pool: Any) -> None:
+        start_pool(["r"])
+        add = self.declare(queue, jobs.add)
+        fired = time.time()
+        handle = add.fire_at(timedelta(seconds=1.5), 1, 2)
+        time.sleep(0.5)
+        assert handle.state == PENDING
+        assert handle.wait(timeout=20) == 3
+        record = queue.get(handle.id)
+        assert record is not None and record.started is not None and record.started >= fired + 1.4
+
+    def test_fire_many_enqueues_a_batch(self, queue: SkunkQueue, start_pool: Any) -> None:
+        start_pool(["r"])
+        add = self.declare(queue, jobs.add)
+        handles = add.fire_many([(i, i) for i in range(20)] + [{"first": 1, "second": 1}])
+        assert [h.wait(timeout=30) for h in handles] == [2 * i for i in range(20)] + [2]
+
+    def test_error_keeps_type_message_and_remote_traceback(self, queue: SkunkQueue, start_pool: Any) -> None:
+        start_pool(["r"])
+        fail = self.declare(queue, jobs.fail)
+        handle = fail.fire("kaput")
+        with pytest.raises(JobFailed) as info:
+            handle.wait(timeout=20)
+        assert info.value.state == ERROR and info.value.error_type == "ValueError"
+        assert "kaput" in str(info.value) and "raise ValueError(message)" in (info.value.remote_traceback or "")
+        assert handle.state == ERROR and handle.error is not None and handle.error["message"] == "kaput"
+
+    def test_retries_back_off_then_dead_letter_then_manual_retry(self, queue: SkunkQueue,
+                                                                 start_pool: Any) -> None:
+        start_pool(["r"])
+        fail = self.declare(queue, jobs.fail, retries=2, retry_backoff=0.05)
+        handle = fail.fire("again")
+        with pytest.raises(JobFailed):
+            handle.wait(timeout=30)
+        record = queue.get(handle.id)
+        assert record is not None and (record.attempts, record.state, record.dead) == (3, ERROR, True)
+        assert [r.id for r in queue.dead_letters()] == [handle.id]
+        assert queue.retry(handle.id)
+        with pytest.raises(JobFailed):
+            handle.wait(timeout=30)
+        again = queue.get(handle.id)
+        assert again is not None and again.attempts == 3 and again.token == 6
+
+    def test_unserializable_arguments_are_refused_at_fire(self, queue: SkunkQueue) -> None:
+        add = self.declare(queue, jobs.add)
+        with pytest.raises(SerializationError, match="serializer='pickle'"):
+            add.fire(object(), 1)
+        assert queue.counts() == {}
+
+    def test_unserializable_result_is_an_error_with_a_clear_message(self, queue: SkunkQueue,
+                                                                     start_pool: Any) -> None:
+        start_pool(["r"])
+        handle = self.declare(queue, jobs.unserializable).fire()
+        with pytest.raises(JobFailed, match="Cannot serialize the result"):
+            handle.wait(timeout=20)
+
+    def test_bad_records_are_quarantined_and_the_worker_survives(self, queue: SkunkQueue, store: Persistence,
+                                                                  backend: BackendUnderTest,
+                                                                  start_pool: Any) -> None:
+        unknown = make_record(queue.name, func="no_such_module_xyz:job")
+        not_a_job = make_record(queue.name, func="os:system", payload=b'[["true"],{}]')
+        garbage = make_record(queue.name, payload=b"\xff{not json")
+        store.enqueue([unknown, not_a_job, garbage])
+        if backend.inject_foreign is not None:
+            backend.inject_foreign(queue.name, "r")
+        start_pool(["r"])
+        for record, needle in ((unknown, "Cannot import module"), (not_a_job, "not decorated"),
+                               (garbage, "Cannot decode")):
+            done = queue.persistence.wait_finished(record.id, 20)
+            assert done is not None and done.state == ERROR and done.error is not None
+            assert needle in done.error["message"]
+        assert self.declare(queue, jobs.add).fire(2, 2).wait(timeout=20) == 4
+        # Whatever was foreign is out of the way too: nothing is stuck pending on the route.
+        assert queue.counts().get(("r", PENDING), 0) == 0
+
+    def test_kill_pending_job_never_runs(self, queue: SkunkQueue, start_pool: Any, tmp_path: Path) -> None:
+        mark = self.declare(queue, jobs.mark)
+        side_effects = tmp_path / "ran"
+        handle = mark.fire_at(timedelta(seconds=1), str(side_effects), "x")
+        assert queue.kill(handle.id) == KILLED
+        start_pool(["r"])
+        time.sleep(1.5)
+        assert handle.state == KILLED and not side_effects.exists()
+        assert queue.kill("no-such-job") is None
+
+    def test_kill_running_job_interrupts_it(self, queue: SkunkQueue, start_pool: Any, tmp_path: Path) -> None:
+        start_pool(["r"])
+        marker = tmp_path / "started"
+        handle = self.declare(queue, jobs.nap).fire(60, str(marker))
+        wait_until(marker.exists, what="the job to start")
+        assert queue.kill(handle) == RUNNING
+        with pytest.raises(JobFailed) as info:
+            handle.wait(timeout=15)
+        assert info.value.state == KILLED
+        assert self.declare(queue, jobs.add).fire(1, 1).wait(timeout=20) == 2
+
+    def test_kill_all_by_route(self, queue: SkunkQueue) -> None:
+        nap = self.declare(queue, jobs.nap, route="slow")
+        handles = [nap.fire_at(timedelta(minutes=5), 1) for _ in range(3)]
+        other = self.declare(queue, jobs.add, route="other").fire_at(timedelta(minutes=5), 1, 1)
+        assert queue.kill_all_by_route("slow") == 3
+        assert [h.state for h in handles] == [KILLED] * 3
+        assert other.state == PENDING
+
+    def test_time_limit_interrupts_the_job(self, queue: SkunkQueue, start_pool: Any) -> None:
+        start_pool(["r"])
+        handle = self.declare(queue, jobs.nap, timeout=0.5).fire(60)
+        started = time.monotonic()
+        with pytest.raises(JobFailed, match="time limit of 0.5 s") as info:
+            handle.wait(timeout=20)
+        assert info.value.error_type == "TimeoutError" and time.monotonic() - started < 10
+
+    def test_wait_timeout_raises(self, queue: SkunkQueue) -> None:
+        handle = self.declare(queue, jobs.add).fire_at(timedelta(minutes=5), 1, 1)
+        with pytest.raises(JobTimeout):
+            handle.wait(timeout=0.2)
+
+    def test_concurrent_workers_run_each_job_exactly_once(self, queue: SkunkQueue, start_pool: Any,
+                                                           tmp_path: Path) -> None:
+        start_pool(["r", "r"], concurrency=2)
+        mark = self.declare(queue, jobs.mark)
+        log = tmp_path / "executions"
+        handles = mark.fire_many([(str(log), str(i)) for i in range(150)])
+        pids = {h.wait(timeout=60) for h in handles}
+        lines = log.read_text().split()
+        assert sorted(lines, key=int) == [str(i) for i in range(150)]
+        assert len(pids) >= 2, "with four workers, more than one should have taken jobs"
+
+    def test_broadcast_reaches_every_live_worker_once(self, backend: BackendUnderTest, queue: SkunkQueue,
+                                                      start_pool: Any) -> None:
+        pool = start_pool(["r"], concurrency=2)
+        bq = SkunkQueue(queue.name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
+                        queue_type="broadcast", **backend.options)
+        handle = bq.event(routes=["r"])(jobs.whoami.func).fire()
+        assert len(handle.ids) == 2
+        handle.wait(timeout=20)
+        by_worker = handle.result
+        assert set(by_worker) == {w.id for w in bq.workers()}
+        assert set(by_worker.values()) == set(pool.worker_pids())
+        bq.close()
+
+    def test_workers_are_listed_and_unregister_on_stop(self, queue: SkunkQueue, start_pool: Any) -> None:
+        pool = start_pool(["r", "s"])
+        listed = queue.workers()
+        assert sorted(w.route for w in listed) == ["r", "s"]
+        assert {w.pid for w in listed} == set(pool.worker_pids())
+        assert all(w.queue == queue.name and w.host and time.time() - w.last_seen < 10 for w in listed)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait() == 0
+        assert queue.workers() == []
+
+    @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGABRT"])
+    def test_gentle_signal_lets_the_running_job_finish(self, sig: str, queue: SkunkQueue, start_pool: Any,
+                                                       tmp_path: Path) -> None:
+        pool = start_pool(["r"])
+        marker = tmp_path / "started"
+        handle = self.declare(queue, jobs.nap).fire(1.0, str(marker))
+        wait_until(marker.exists, what="the job to start")
+        pool.signal(getattr(signal, sig))
+        assert pool.wait(30) == 0
+        assert (handle.state, handle.result) == (COMPLETE, "rested")
+        assert queue.workers() == []
+
+    def test_rough_sigint_kills_the_running_job_for_good(self, queue: SkunkQueue, start_pool: Any,
+                                                         tmp_path: Path) -> None:
+        pool = start_pool(["r"])
+        marker = tmp_path / "started"
+        handle = self.declare(queue, jobs.nap).fire(60, str(marker))
+        wait_until(marker.exists, what="the job to start")
+        pool.signal(signal.SIGINT)
+        assert pool.wait(30) == 130
+        record = queue.get(handle.id)
+        assert record is not None and (record.state, record.result) == (KILLED, None)
+        assert queue.workers() == []
+        start_pool(["r"])
+        time.sleep(1.0)
+        assert handle.state == KILLED and marker.read_text().count("start") == 1
+
+    def test_sigkill_leaves_no_orphans_and_a_new_pool_finishes_the_job(
+            self, queue: SkunkQueue, start_pool: Any, tmp_path: Path) -> None:
+        first = start_pool(["r"], lease=SHORT_LEASE)
+        workers = first.worker_pids()
+        marker = tmp_path / "starts"
+        handle = self.declare(queue, jobs.nap).fire(2.0, str(marker))
+        wait_until(marker.exists, what="the job to start")
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        wait_until(lambda: not any(pid_alive(p) for p in workers), timeout=5, what="workers to die")
+        start_pool(["r"], lease=SHORT_LEASE)
+        assert handle.wait(timeout=40) == "rested"
+        record = queue.get(handle.id)
+        assert record is not None and record.attempts == 2
+        assert marker.read_text().count("start") == 2
+        # The killed pool's worker leaves the registry by itself once its heartbeats stop.
+        wait_until(lambda: all(w.pid not in workers for w in queue.workers()), timeout=40,
+                   what="the dead worker to be reaped")
+
+    def test_cli_status_purge_kill_and_dead(self, backend: BackendUnderTest, queue: SkunkQueue) -> None:
+        add = self.declare(queue, jobs.add)
+        first, second = add.fire_at(timedelta(minutes=5), 1, 1), add.fire_at(timedelta(minutes=5), 2, 2)
+        runner = CliRunner()
+        base = ["-q", queue.name, *backend.cli_args()]
+        status = runner.invoke(cli_main, ["status", *base])
+        assert status.exit_code == 0 and "pending" in status.output and " 2" in status.output
+        killed = runner.invoke(cli_main, ["kill", first.id, *base])
+        assert killed.exit_code == 0 and "killed" in killed.output and first.state == KILLED
+        missing = runner.invoke(cli_main, ["kill", "nope", *base])
+        assert missing.exit_code == 1 and "No job nope" in missing.output and "Traceback" not in missing.output
+        purged = runner.invoke(cli_main, ["purge", "-r", "r", *base])
+        assert purged.exit_code == 0 and "Purged 1" in purged.output and queue.get(second.id) is None
+        dead = runner.invoke(cli_main, ["dead", *base])
+        assert dead.exit_code == 0 and "No dead-letter jobs" in dead.output

@@ -1,0 +1,94 @@
+"""Starting and stopping real ``skunq work`` pools for the kit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from skunkqueue.testing.kit import BackendUnderTest
+
+
+class PoolProcess:
+    """A ``skunq work`` pool running as a child process of the test."""
+
+    def __init__(self, backend: BackendUnderTest, queue: str, routes: list[str], *,
+                 concurrency: int = 1, lease: float = 30.0, log_path: Path | None = None,
+                 extra: list[str] | None = None) -> None:
+        self.backend = backend
+        self.queue = queue
+        args = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue, "-r", *routes,
+                "--concurrency", str(concurrency), "--lease", str(lease), *backend.cli_args(),
+                *(extra or [])]
+        self.log_path = log_path
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                        env=backend.process_env(SKUNQ_LOG_LEVEL="INFO"))
+        self.expected_workers = len(routes) * concurrency
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until all of the pool's workers are registered."""
+        persistence = self.backend.open(self.queue)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the pool exited with {self.process.returncode}: {self.log()}")
+                mine = [w for w in persistence.workers() if _ppid(w.pid) == self.pid]
+                if len(mine) >= self.expected_workers:
+                    return
+                time.sleep(0.05)
+        finally:
+            persistence.close()
+        raise TimeoutError(f"workers did not register within {timeout} s: {self.log()}")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log(self) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
