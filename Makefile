@@ -1,0 +1,43 @@
+# Two commands matter: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fdb-real lint bench chaos servers clean
+
+$(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(foreach p,$(PACKAGES),-e ./$(p)) -r requirements-dev.txt
+	touch $(STAMP)
+
+## Run the seed's demo end to end on the embedded backend (no server needed).
+demo: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" scripts/demo.sh
+
+## Run the whole test suite; the tests start their own redis-server and mongod.
+test: $(STAMP) servers
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+## The conformance kit against a real FoundationDB cluster (set SKUNKQUEUE_FDB_CLUSTER_FILE).
+test-fdb-real: $(STAMP)
+	test -n "$$SKUNKQUEUE_FDB_CLUSTER_FILE" || { echo "Set SKUNKQUEUE_FDB_CLUSTER_FILE to your cluster file"; exit 2; }
+	$(BIN)/python -m pytest tests/fdb -k RealCluster $(PYTEST_ARGS)
+
+## Make sure the server binaries the tests start are installed.
+servers:
+	scripts/ensure-servers
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP) servers
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+chaos: $(STAMP) servers
+	SKUNQ_CHAOS=long $(BIN)/python -m pytest tests -m chaos $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)
