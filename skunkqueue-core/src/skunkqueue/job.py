@@ -28,10 +28,11 @@ def function_name(func: Callable[..., Any]) -> str:
     if module == "__main__":
         main = sys.modules["__main__"]
         spec = getattr(main, "__spec__", None)
+        path: str | None = getattr(main, "__file__", None)
         if spec is not None and spec.name:
             module = spec.name
-        elif getattr(main, "__file__", None):
-            module = os.path.splitext(os.path.basename(main.__file__))[0]
+        elif path:
+            module = os.path.splitext(os.path.basename(path))[0]
         else:
             raise ConfigurationError(
                 f"{func.__qualname__} is defined interactively; workers can only run jobs "
