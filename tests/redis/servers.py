@@ -1,0 +1,143 @@
+"""Start and stop throwaway redis-server processes (and a 3-master cluster) for the tests.
+
+Every server listens on a free loopback port in its own directory, so the
+tests never touch a Redis someone else is using.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(cluster_bus: bool = False) -> int:
+    """A free loopback port; with ``cluster_bus``, port+10000 is free too."""
+    for _ in range(200):
+        port = random.randint(20000, 50000)
+        if port_is_free(port) and (not cluster_bus or port_is_free(port + 10000)):
+            return port
+    raise RuntimeError("no free port found")
+
+
+@dataclass
+class RedisServer:
+    """One redis-server child process."""
+
+    directory: Path
+    port: int = 0
+    password: str | None = None
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}"
+
+    @property
+    def unix_socket(self) -> Path:
+        return self.directory / "redis.sock"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.port = self.port or free_port(cluster_bus="--cluster-enabled" in self.extra)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.directory), "--unixsocket", str(self.unix_socket),
+                "--unixsocketperm", "700", "--logfile", str(self.directory / "redis.log")]
+        if "--appendonly" not in self.extra:
+            args += ["--appendonly", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args + self.extra, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log()}")
+            if self.cli("PING").strip() == "PONG":
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer: {self.log()}")
+
+    def cli(self, *args: str) -> str:
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        done = subprocess.run([REDIS_CLI, "-p", str(self.port), *auth, *args], capture_output=True,
+                              text=True, timeout=10)
+        return done.stdout
+
+    def log(self) -> str:
+        path = self.directory / "redis.log"
+        return path.read_text()[-2000:] if path.exists() else "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to write anything more."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@dataclass
+class RedisClusterServers:
+    """Three masters, no replicas, made into one cluster with redis-cli."""
+
+    directory: Path
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:1])
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        for i in range(3):
+            node_dir = self.directory / f"node{i}"
+            extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                     "--cluster-node-timeout", "5000"]
+            self.nodes.append(RedisServer(node_dir, extra=extra).start())
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        created = subprocess.run([REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if created.returncode != 0:
+            raise RuntimeError(f"cluster create failed: {created.stdout}{created.stderr}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the cluster never reached cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def scratch_dir(base: Path, name: str) -> Path:
+    path = base / f"{name}-{os.getpid()}-{random.randint(0, 1 << 30):x}"
+    path.mkdir(parents=True)
+    return path
