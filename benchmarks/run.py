@@ -1,0 +1,248 @@
+"""``python -m benchmarks``: run every workload on every installed backend and on Huey, print one table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks import huey_bench, skunk
+from benchmarks.common import Result, Sizes
+from benchmarks.servers import MongoServer, RedisServer, Server
+from skunkqueue import backends as registry
+
+BACKENDS = ("sqlite", "redis", "mongodb")
+
+# (key, label, format, higher is better)
+ROWS = [
+    ("enqueue_fire", "enqueue, fire() one by one (jobs/s)", "{:,.0f}", True),
+    ("enqueue_batch", "enqueue, fire_many() batches (jobs/s)", "{:,.0f}", True),
+    ("process_1w", "processing, 1 worker process (jobs/s)", "{:,.0f}", True),
+    ("process_2w", "processing, 2 worker processes (jobs/s)", "{:,.0f}", True),
+    ("scaling_2w", "2 workers / 1 worker", "{:.2f}x", True),
+    ("latency_p50_ms", "idle latency fire->result p50 (ms)", "{:.2f}", False),
+    ("latency_p99_ms", "idle latency fire->result p99 (ms)", "{:.2f}", False),
+    ("claim_rate_small", "claim+finish, small backlog (jobs/s)", "{:,.0f}", True),
+    ("claim_rate_large", "claim+finish, large backlog (jobs/s)", "{:,.0f}", True),
+    ("backlog_ratio", "backlog ratio (large / small)", "{:.2f}", True),
+    ("idle_rss_mb", "idle worker RSS (MB)", "{:.1f}", False),
+    ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated backends to run, if installed (default: %(default)s)")
+    p.add_argument("--no-huey", action="store_true", help="skip the Huey comparison")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a fast look (1,000 jobs, 10,000 backlog)")
+    p.add_argument("--jobs", type=int, help="jobs pre-enqueued for the processing runs (default 5000)")
+    p.add_argument("--fire", type=int, help="jobs fired one by one (default 5000)")
+    p.add_argument("--batch", type=int, help="jobs fired with fire_many (default 20000)")
+    p.add_argument("--batch-size", type=int, help="jobs per fire_many call (default 1000)")
+    p.add_argument("--latency", type=int, help="fire->result round trips (default 300)")
+    p.add_argument("--backlog", type=int, help="jobs queued for the large backlog (default 100000)")
+    p.add_argument("--backlog-small", type=int, help="jobs queued for the small backlog (default 1000)")
+    p.add_argument("--prefetch", type=int, help="--prefetch passed to the workers (default: theirs)")
+    p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
+    return p.parse_args(argv)
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = Sizes()
+    if args.quick:
+        sizes = Sizes(fire=1000, batch=5000, process=1000, latency=100, backlog=10_000)
+    for name, attr in (("jobs", "process"), ("fire", "fire"), ("batch", "batch"), ("batch_size", "batch_size"),
+                       ("latency", "latency"), ("backlog", "backlog"), ("backlog_small", "backlog_small")):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            setattr(sizes, attr, value)
+    sizes.backlog_small = min(sizes.backlog_small, sizes.backlog)
+    sizes.claims = min(sizes.claims, sizes.backlog_small, sizes.backlog // 4)
+    return sizes
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt(result: Result | None, key: str, form: str) -> str:
+    if result is None or key not in result.figures:
+        return "-"
+    return form.format(result.figures[key])
+
+
+def table(results: list[Result]) -> str:
+    width = max(len(r[1]) for r in ROWS)
+    cols = [max(12, len(r.system) + 1) for r in results]
+    lines = [f"{'':{width}}" + "".join(f"{r.system:>{c}}" for r, c in zip(results, cols))]
+    lines.append("-" * len(lines[0]))
+    for key, label, form, _ in ROWS:
+        if all(key not in r.figures for r in results):
+            continue
+        lines.append(f"{label:{width}}" + "".join(f"{fmt(r, key, form):>{c}}" for r, c in zip(results, cols)))
+    lines.append(f"{'all jobs completed, right results':{width}}" +
+                 "".join(f"{('yes' if r.checks and all(r.checks.values()) else 'NO'):>{c}}"
+                         for r, c in zip(results, cols)))
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, Result]) -> dict[str, dict[str, float]]:
+    """SkunkQueue / Huey on the same store, per comparable figure (>1: SkunkQueue is better)."""
+    out: dict[str, dict[str, float]] = {}
+    for ours, theirs in (("redis", "huey-redis"), ("sqlite", "huey-sqlite")):
+        a, b = results.get(ours), results.get(theirs)
+        if a is None or b is None:
+            continue
+        pair: dict[str, float] = {}
+        for key in ("enqueue_fire", "process_1w"):
+            if key in a.figures and key in b.figures and b.figures[key]:
+                pair[key] = a.figures[key] / b.figures[key]
+        for key in ("latency_p50_ms", "latency_p99_ms", "idle_rss_mb"):
+            if key in a.figures and key in b.figures and a.figures[key]:
+                pair[key] = b.figures[key] / a.figures[key]  # Huey's time / ours: >1 means we are faster
+        out[f"{ours} vs {theirs}"] = pair
+    return out
+
+
+def targets(results: dict[str, Result], rat: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The issue's targets, each met, missed or not measured."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: str, ok: Callable[[float], bool]) -> None:
+        rows.append({"target": name, "goal": goal, "value": value,
+                     "met": None if value is None else bool(ok(value))})
+
+    def fig(system: str, key: str) -> float | None:
+        r = results.get(system)
+        return None if r is None else r.figures.get(key)
+
+    rh = rat.get("redis vs huey-redis", {})
+    add("redis processing vs Huey, 1 worker", rh.get("process_1w"), ">= 3x", lambda v: v >= 3)
+    add("redis fire() vs Huey enqueue", rh.get("enqueue_fire"), ">= 2x", lambda v: v >= 2)
+    add("redis fire_many jobs/s", fig("redis", "enqueue_batch"), ">= 50,000", lambda v: v >= 50_000)
+    add("redis idle latency p50 ms", fig("redis", "latency_p50_ms"), "<= 1", lambda v: v <= 1)
+    add("redis idle latency p99 ms", fig("redis", "latency_p99_ms"), "<= 3", lambda v: v <= 3)
+    add("redis idle worker CPU % (no busy polling)", fig("redis", "idle_cpu_pct"), "<= 1", lambda v: v <= 1)
+    add("redis backlog ratio", fig("redis", "backlog_ratio"), ">= 0.90", lambda v: v >= 0.9)
+    add("redis 2 workers / 1", fig("redis", "scaling_2w"), ">= 1.7", lambda v: v >= 1.7)
+    for system in BACKENDS:
+        if system in results:
+            add(f"{system} idle worker RSS MB", fig(system, "idle_rss_mb"), "<= 40", lambda v: v <= 40)
+    if "mongodb" in results:
+        add("mongodb processing, 1 worker", fig("mongodb", "process_1w"), ">= 1,000", lambda v: v >= 1000)
+        per = fig("mongodb", "process_2w")
+        add("mongodb processing per worker, 2 workers", None if per is None else per / 2, ">= 1,000",
+            lambda v: v >= 1000)
+    rs = rat.get("sqlite vs huey-sqlite", {})
+    add("sqlite processing vs SqliteHuey", rs.get("process_1w"), ">= 1x", lambda v: v >= 1)
+    add("sqlite fire() vs SqliteHuey enqueue", rs.get("enqueue_fire"), ">= 1x", lambda v: v >= 1)
+    add("sqlite idle latency p50 vs SqliteHuey (theirs/ours)", rs.get("latency_p50_ms"), ">= 1x",
+        lambda v: v >= 1)
+    return rows
+
+
+def _format_target(row: dict[str, Any]) -> str:
+    status = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
+    value = "-" if row["value"] is None else f"{row['value']:,.2f}"
+    return f"  {row['target']:52} {value:>12}  (goal {row['goal']}): {status}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = sizes_from(args)
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    installed = {entry.name for entry in registry.installed()}
+    workdir = Path(tempfile.mkdtemp(prefix="skunqbench-"))
+    results: dict[str, Result] = {}
+    skipped: dict[str, str] = {}
+    started = time.time()
+    log(f"benchmark sizes: {sizes}; scratch directory {workdir}")
+    try:
+        for name in wanted:
+            if name not in installed:
+                skipped[name] = "backend not installed"
+                continue
+            results[name] = Result(name)
+            if name == "sqlite":
+                target = skunk.Target("sqlite", url=str(workdir / "skunq.db"), logdir=workdir,
+                                      prefetch=args.prefetch)
+                skunk.run(target, sizes, results[name], log)
+                if not args.no_huey and huey_bench.available():
+                    results["huey-sqlite"] = Result("huey-sqlite")
+                    huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),
+                                   sizes, results["huey-sqlite"], log)
+                continue
+            server_cls: type[RedisServer] | type[MongoServer] = RedisServer if name == "redis" else MongoServer
+            if not server_cls.available():
+                skipped[name] = f"no {server_cls.name} binary"
+                del results[name]
+                continue
+            server: Server = server_cls()
+            log(f"starting {server.name} on 127.0.0.1:{server.port}")
+            with server:
+                reset = server.flush if isinstance(server, RedisServer) else None
+                db = "skunqbench" if name == "mongodb" else None
+                target = skunk.Target(name, url=server.url, db=db, logdir=workdir, reset=reset,
+                                      prefetch=args.prefetch)
+                skunk.run(target, sizes, results[name], log)
+                if name == "redis" and not args.no_huey and huey_bench.available():
+                    server.flush()
+                    results["huey-redis"] = Result("huey-redis")
+                    huey_bench.run(huey_bench.HueyTarget("redis", server.url, workdir), sizes,
+                                   results["huey-redis"], log)
+        for r in results.values():
+            if "process_1w" in r.figures and "process_2w" in r.figures:
+                r.figures["scaling_2w"] = r.figures["process_2w"] / r.figures["process_1w"]
+        order = [n for n in (*BACKENDS, "huey-redis", "huey-sqlite") if n in results]
+        ordered = [results[n] for n in order]
+        rat = ratios(results)
+        goals = targets(results, rat)
+        print(table(ordered))
+        for name, pair in rat.items():
+            print(f"\nSkunkQueue {name} (x > 1: SkunkQueue better): " +
+                  ", ".join(f"{k} {v:.2f}x" for k, v in pair.items()))
+        print("\nTargets:")
+        for row in goals:
+            if row["met"] is not None or row["target"].startswith(("redis", "mongodb")):
+                print(_format_target(row))
+        for name, why in skipped.items():
+            print(f"(skipped {name}: {why})")
+        failures = [f"{r.system}: {e}" for r in ordered for e in r.errors]
+        for failure in failures:
+            print(f"CHECK FAILED {failure}")
+        report = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": round(time.time() - started, 1),
+            "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                        "cpus": os.cpu_count()},
+            "sizes": sizes.__dict__,
+            "prefetch": args.prefetch,
+            "results": {r.system: r.to_json() for r in ordered},
+            "ratios": rat,
+            "targets": goals,
+            "skipped": skipped,
+            "all_checks_passed": not failures,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"figures written to {args.json}")
+        if failures:
+            log(f"worker logs kept in {workdir}")
+            return 1
+    finally:
+        if not any(r.errors for r in results.values()):
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
