@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import pytest
 
 
-def _load_servers():  # noqa: ANN202 - the module object
+def _load_servers():
     # Loaded by path under a unique name: "servers" is a likely name for other
     # backends' helpers too, and tests/redis must not become a package named "redis".
     name = "skunkqueue_tests_redis_servers"

@@ -520,15 +520,14 @@ class RedisPersistence(Persistence):
                   "socket_timeout": max(socket_timeout, MAX_BLOCK + 5), "decode_responses": False}
         self.keys = _Keys(queue)
         self._next_due: dict[str, float] = {}
+        # Options given in the URL's query string (e.g. ?socket_timeout=30) win over ours.
+        kwargs = {**common, **spec.kwargs, "retry": _LoggingRetry(self.where, retries)}
         try:
             if spec.cluster:
                 self.client: redis.Redis | RedisCluster = RedisCluster(
-                    startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes],
-                    retry=_LoggingRetry(self.where, retries), **common, **spec.kwargs,
-                )
+                    startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes], **kwargs)
             else:
-                kwargs = {**spec.kwargs, **common}
-                pool = redis.ConnectionPool(retry=_LoggingRetry(self.where, retries), **kwargs)
+                pool = redis.ConnectionPool(**kwargs)
                 self.client = redis.Redis(connection_pool=pool)
         except AuthenticationError as exc:
             raise ConfigurationError(f"Redis at {self.where} refused the credentials: "

@@ -1,0 +1,477 @@
+"""What the conformance kit cannot see: addresses, secrets, expiry, round trips, atomicity, layout."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import statistics
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+from redis.connection import SSLConnection, UnixDomainSocketConnection
+
+from skunkqueue import policy
+from skunkqueue.backends import open_backend
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
+from skunkqueue.persistence import Persistence
+from skunkqueue.record import COMPLETE, ERROR, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+from skunkqueue_redis.persistence import RedisPersistence, escape, parse_conn_url
+
+SECRET = "s3cr3t-Pa55:w@rd"
+QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
+
+
+def record(queue: str, route: str = "r", **fields: Any) -> JobRecord:
+    now = time.time()
+    values: dict[str, Any] = {"func": "skunkqueue.testing.jobs:add", "payload": b"[[1,2],{}]", "due": now,
+                              "created": now}
+    values.update(fields)
+    return JobRecord(id=new_id(), queue=queue, route=route, **values)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def url(redis_server: Any) -> str:
+    return f"127.0.0.1:{redis_server.port}"
+
+
+@pytest.fixture
+def store(url: str, queue_name: str) -> Iterator[RedisPersistence]:
+    backend = open_backend(queue_name, "redis", url=url, db="5")
+    assert isinstance(backend, RedisPersistence)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def raw(redis_server: Any) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, db=5)
+    yield client
+    client.close()
+
+
+# == addresses ===============================================================================
+
+
+def test_host_port_defaults_and_db_override() -> None:
+    spec = parse_conn_url("example.org:6380", "4")
+    assert not spec.cluster
+    assert (spec.kwargs["host"], spec.kwargs["port"], spec.kwargs["db"]) == ("example.org", 6380, 4)
+    default = parse_conn_url(None, None)
+    assert (default.kwargs["host"], default.kwargs["port"]) == ("localhost", 6379)
+    # --db wins over a number in the URL's path, since workers only get --url and --db.
+    assert parse_conn_url("redis://h:1/2", "7").kwargs["db"] == 7
+    assert parse_conn_url("redis://h:1/2", None).kwargs["db"] == 2
+
+
+def test_user_password_tls_and_unix_urls() -> None:
+    spec = parse_conn_url(f"redis://alice:{QUOTED_SECRET}@db.internal:6390", "0")
+    assert (spec.kwargs["username"], spec.kwargs["password"]) == ("alice", SECRET)
+    tls = parse_conn_url("rediss://:pw@secure.example:6379?ssl_cert_reqs=none", None)
+    assert tls.kwargs["connection_class"] is SSLConnection and tls.kwargs["ssl_cert_reqs"] == "none"
+    sock = parse_conn_url("unix:///run/redis/redis.sock", "2")
+    assert sock.kwargs["connection_class"] is UnixDomainSocketConnection
+    assert (sock.kwargs["path"], sock.kwargs["db"]) == ("/run/redis/redis.sock", 2)
+
+
+def test_cluster_urls() -> None:
+    spec = parse_conn_url(f"redis+cluster://bob:{QUOTED_SECRET}@10.0.0.1:7000,10.0.0.2:7001", "0")
+    assert spec.cluster and spec.nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert (spec.kwargs["username"], spec.kwargs["password"]) == ("bob", SECRET)
+    assert "host" not in spec.kwargs and "db" not in spec.kwargs
+    tls = parse_conn_url("rediss+cluster://10.0.0.1:7000", None)
+    assert tls.cluster and tls.kwargs["ssl"] is True
+
+
+@pytest.mark.parametrize("url, db, needle", [
+    ("mongodb://h:1", None, "unknown scheme"),
+    ("redis://h:1", "first", "not a number"),
+    ("redis+cluster://h:7000", "3", "only database 0"),
+    ("redis+cluster://h", None, "host:port"),
+])
+def test_bad_addresses_say_what_is_wrong(url: str, db: str | None, needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=needle):
+        parse_conn_url(url, db)
+
+
+def test_unix_socket_connects(redis_server: Any, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=f"unix://{redis_server.unix_socket}", db="1") as store:
+        job = record(queue_name)
+        store.enqueue([job])
+        got = store.get(job.id)
+        assert got is not None and got.id == job.id
+    assert redis.Redis(port=redis_server.port, db=1).exists(f"sq:{{{queue_name}}}:j:{job.id}") == 1
+
+
+def test_tls_server_via_rediss_url(tmp_path: Path, start_redis: Callable[..., Any], free_port: int,
+                                   queue_name: str) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = start_redis(extra=["--tls-port", str(free_port), "--tls-cert-file", str(cert),
+                                "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                                "--tls-auth-clients", "no"])
+    with RedisPersistence(queue_name, url=f"rediss://127.0.0.1:{free_port}?ssl_ca_certs={cert}"
+                                          "&ssl_check_hostname=false", db="0") as store:
+        job = record(queue_name)
+        store.enqueue([job])
+        [claimed] = store.claim("r", "w", 10)
+        assert claimed.id == job.id
+    # The same data is visible over the plain port: it really went to this server.
+    assert redis.Redis(port=server.port).hget(f"sq:{{{queue_name}}}:j:{job.id}", "state") == b"running"
+
+
+# == secrets and failures ======================================================================
+
+
+def test_password_protected_server_works_via_url(start_redis: Callable[..., Any], queue_name: str) -> None:
+    server = start_redis(password=SECRET)
+    url = f"redis://default:{QUOTED_SECRET}@127.0.0.1:{server.port}"
+    with open_backend(queue_name, "redis", url=url, db="0") as store:
+        job = record(queue_name)
+        store.enqueue([job])
+        [claimed] = store.claim("r", "w", 10)
+        assert store.finish(claimed.id, claimed.token, policy.completed(b"ok"))
+        done = store.get(job.id)
+        assert done is not None and done.result == b"ok"
+
+
+@pytest.mark.parametrize("userinfo", [f"default:{QUOTED_SECRET}-wrong", ""])
+def test_refused_credentials_never_show_the_password(start_redis: Callable[..., Any], queue_name: str,
+                                                     userinfo: str) -> None:
+    server = start_redis(password=SECRET)
+    url = f"redis://{userinfo}{'@' if userinfo else ''}127.0.0.1:{server.port}"
+    with pytest.raises(ConfigurationError) as info:
+        RedisPersistence(queue_name, url=url, db="0")
+    message = str(info.value)
+    assert f"127.0.0.1:{server.port}" in message
+    assert SECRET not in message and QUOTED_SECRET not in message and "wrong" not in message
+
+
+def test_unreachable_server_fails_fast_with_a_redacted_address(free_port: int, queue_name: str) -> None:
+    url = f"redis://admin:{QUOTED_SECRET}@127.0.0.1:{free_port}"
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        open_backend(queue_name, "redis", url=url, db="0")
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert f"redis://admin:***@127.0.0.1:{free_port}" in message
+    assert SECRET not in message and QUOTED_SECRET not in message and "Pa55" not in message
+
+
+def test_server_going_away_is_backend_unavailable(start_redis: Callable[..., Any], queue_name: str) -> None:
+    server = start_redis()
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{server.port}", retries=1)
+    store.enqueue([record(queue_name)])
+    server.kill()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{server.port}"):
+        store.claim("r", "w", 10)
+    assert time.monotonic() - started < 5
+
+
+def test_unreachable_cluster_is_backend_unavailable(free_port: int, queue_name: str) -> None:
+    with pytest.raises(BackendUnavailable, match=f"redis\\+cluster://u:\\*\\*\\*@127.0.0.1:{free_port}"):
+        RedisPersistence(queue_name, url=f"redis+cluster://u:{QUOTED_SECRET}@127.0.0.1:{free_port}")
+
+
+# == records ==================================================================================
+
+
+def test_records_round_trip_exactly(store: RedisPersistence, queue_name: str) -> None:
+    every_byte = bytes(range(256))
+    full = record(queue_name, "route:with%odd:chars", payload=every_byte, serializer="pickle",
+                  due=1700000000.123456789, timeout=2.5, retries=3, retry_backoff=0.25, target="w:1",
+                  error={"type": "ValueError", "message": "ünïcödé \x00 quote\"", "traceback": "tb"},
+                  kill_requested=True, dead=True, attempts=7, token=9)
+    empty = record(queue_name, payload=b"", result=None, error=None, target=None)
+    store.enqueue([full, empty])
+    for original in (full, empty):
+        got = store.get(original.id)
+        assert got is not None and got.to_dict() == original.to_dict()
+    assert store.get(empty.id).timeout is None  # type: ignore[union-attr]
+    [claimed] = store.claim("r", "w", 10)
+    assert store.finish(claimed.id, claimed.token, policy.completed(b""))
+    done = store.get(empty.id)
+    assert done is not None and done.result == b"" and done.error is None and done.owner is None
+
+
+def test_claim_is_fifo_with_limit_and_merges_broadcasts(store: RedisPersistence, queue_name: str) -> None:
+    base = time.time() - 100
+    jobs = [record(queue_name, due=base + i, target="w1" if i % 3 == 0 else None) for i in range(30)]
+    store.enqueue(jobs[::-1])
+    order = []
+    while batch := store.claim("r", "w1", 10, limit=4):
+        order += [r.id for r in batch]
+    assert order == [j.id for j in jobs]
+
+
+def _claim_all(url: str, queue: str, worker: str, out: Any) -> None:
+    with RedisPersistence(queue, url=url, db="5") as store:
+        mine = []
+        while batch := store.claim("r", worker, 30, limit=5):
+            mine += [r.id for r in batch]
+        out.put(mine)
+
+
+def test_concurrent_claiming_processes_get_each_record_once(store: RedisPersistence, url: str,
+                                                            queue_name: str) -> None:
+    jobs = [record(queue_name) for _ in range(2000)]
+    store.enqueue(jobs)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, queue_name, f"w{i}", out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    taken = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    everything = [job_id for ids in taken for job_id in ids]
+    assert len(everything) == len(set(everything)) == 2000
+    assert store.counts() == {("r", RUNNING): 2000}
+
+
+def test_undecodable_record_is_quarantined_not_returned(store: RedisPersistence, raw: redis.Redis,
+                                                        queue_name: str) -> None:
+    bad, good = record(queue_name, due=time.time() - 2), record(queue_name, due=time.time() - 1)
+    store.enqueue([bad, good])
+    raw.hset(f"sq:{{{queue_name}}}:j:{bad.id}", "retry_backoff", "not-a-float")
+    claimed = store.claim("r", "w", 10, limit=5)
+    assert [r.id for r in claimed] == [good.id]
+    flat = raw.hgetall(f"sq:{{{queue_name}}}:j:{bad.id}")
+    assert flat[b"state"] == b"error" and flat[b"dead"] == b"1" and b"not-a-float" in flat[b"error"]
+    assert raw.ttl(f"sq:{{{queue_name}}}:j:{bad.id}") > 0
+    assert raw.zscore(f"sq:{{{queue_name}}}:lease", bad.id) is None
+    with pytest.raises(MalformedRecord):
+        store.get(bad.id)
+    assert store.claim("r", "w", 10) == []
+
+
+# == expiry ====================================================================================
+
+
+def test_finished_records_expire_after_result_ttl(url: str, raw: redis.Redis, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=url, db="5", result_ttl=1.0) as store:
+        job, keep = record(queue_name), record(queue_name, due=time.time() + 60)
+        store.enqueue([job, keep])
+        [claimed] = store.claim("r", "w", 10)
+        key = f"sq:{{{queue_name}}}:j:{job.id}"
+        assert raw.pttl(key) == -1  # running records never expire
+        assert store.finish(job.id, claimed.token, policy.completed(b"1"))
+        assert 0 < raw.pttl(key) <= 1000
+        assert raw.ttl(f"sq:{{{queue_name}}}:j:{keep.id}") == -1
+        time.sleep(1.2)
+        assert store.get(job.id) is None
+        store.expired_leases(time.time())  # housekeeping drops the index entry too
+        assert raw.zscore(f"sq:{{{queue_name}}}:jobs", job.id) is None
+        assert store.counts() == {("r", PENDING): 1}
+
+
+def test_retrying_a_finished_record_cancels_its_expiry(url: str, raw: redis.Redis, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=url, db="5", result_ttl=30) as store:
+        job = record(queue_name)
+        store.enqueue([job])
+        [claimed] = store.claim("r", "w", 10)
+        store.finish(job.id, claimed.token, policy.failed(claimed, {"type": "E", "message": "m",
+                                                                    "traceback": ""}))
+        key = f"sq:{{{queue_name}}}:j:{job.id}"
+        assert raw.ttl(key) > 0
+        failed = store.get(job.id)
+        assert failed is not None and failed.state == ERROR
+        assert store.finish(job.id, failed.token, policy.requeue(failed), expect=ERROR)
+        assert raw.ttl(key) == -1
+        assert raw.exists(f"sq:{{{queue_name}}}:done:{job.id}") == 0
+        [again] = store.claim("r", "w", 10)
+        assert (again.id, again.attempts) == (job.id, 1)
+
+
+# == round trips and blocking ====================================================================
+
+
+def _commandstats(client: redis.Redis) -> dict[str, int]:
+    return {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts requests written to any Redis connection (a pipeline is one write)."""
+    sent = [0]
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+def test_claim_and_finish_are_one_round_trip_each(store: RedisPersistence, queue_name: str,
+                                                  round_trips: list[int]) -> None:
+    store.enqueue([record(queue_name) for _ in range(10)])
+    store.claim("r", "warmup", 10)  # loads the scripts (EVALSHA falls back to EVAL once)
+    store.finish("nothing", 1, policy.completed(b""))
+    round_trips[0] = 0
+    batch = store.claim("r", "w", 10, limit=5)
+    assert len(batch) == 5 and round_trips[0] == 1
+    for claimed in batch:
+        assert store.finish(claimed.id, claimed.token, policy.completed(b"1"))
+    assert round_trips[0] == 6
+    round_trips[0] = 0
+    store.enqueue([record(queue_name, f"route{i % 3}") for i in range(1000)])
+    assert round_trips[0] == 1
+
+
+def test_hot_paths_never_scan_the_keyspace(store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:
+    raw.config_resetstat()
+    store.enqueue([record(queue_name, f"route{i % 3}") for i in range(300)])
+    while batch := store.claim("route1", "w", 10, limit=50):
+        for claimed in batch:
+            store.finish(claimed.id, claimed.token, policy.completed(b"1"))
+    store.expired_leases(time.time())
+    store.wait_for_work(["route1"], "w", 0.01)
+    store.counts()
+    store.list_jobs(route="route1")
+    store.purge("route2")
+    stats = _commandstats(raw)
+    assert stats["cmdstat_evalsha"] >= 100
+    assert not {"cmdstat_keys", "cmdstat_scan"} & set(stats)
+
+
+def test_idle_worker_wakes_within_milliseconds(store: RedisPersistence, url: str, queue_name: str) -> None:
+    delays = []
+    with RedisPersistence(queue_name, url=url, db="5") as producer:
+        for _ in range(10):
+            assert store.claim("r", "w", 10) == []
+            woke: list[float] = []
+
+            def wait(woke: list[float] = woke) -> None:
+                store.wait_for_work(["r"], "w", 3.0)
+                woke.append(time.perf_counter())
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            time.sleep(0.05)  # let it block on the server
+            producer.enqueue([record(queue_name)])
+            sent = time.perf_counter()
+            waiter.join(5)
+            delays.append(woke[0] - sent)
+            assert len(store.claim("r", "w", 10)) == 1
+    # Measured well under 1 ms on a quiet machine; a loaded CI box gets some slack.
+    assert statistics.median(delays) < 0.005, delays
+
+
+def test_wait_for_work_wakes_when_a_future_record_falls_due(store: RedisPersistence, queue_name: str) -> None:
+    job = record(queue_name, due=time.time() + 0.4)
+    store.enqueue([job])
+    assert store.claim("r", "w", 10) == []
+    started = time.monotonic()
+    store.wait_for_work(["r"], "w", 3.0)
+    waited = time.monotonic() - started
+    assert 0.3 < waited < 0.6
+    assert [r.id for r in store.claim("r", "w", 10)] == [job.id]
+
+
+def test_every_waiter_wakes_when_a_job_finishes(store: RedisPersistence, url: str, queue_name: str) -> None:
+    job = record(queue_name)
+    store.enqueue([job])
+    [claimed] = store.claim("r", "w", 10)
+    results: list[tuple[str, float]] = []
+
+    def wait() -> None:
+        with RedisPersistence(queue_name, url=url, db="5") as mine:
+            done = mine.wait_finished(job.id, 10)
+            results.append((done.state if done else "missing", time.perf_counter()))
+
+    waiters = [threading.Thread(target=wait) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.3)
+    assert results == []
+    store.finish(job.id, claimed.token, policy.completed(b"1"))
+    finished = time.perf_counter()
+    for t in waiters:
+        t.join(10)
+    assert [state for state, _ in results] == [COMPLETE] * 3
+    assert max(at for _, at in results) - finished < 0.2
+
+
+# == cluster layout =============================================================================
+
+
+def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_name: str) -> None:
+    store = RedisPersistence(f"{queue_name}:odd{{name}}", url=redis_cluster.url, db="0")
+    plain = record(store.queue, "a:b")
+    broadcast = record(store.queue, "a:b", target="w%1")
+    store.enqueue([plain, broadcast, record(store.queue, "c", due=time.time() + 60)])
+    [first] = store.claim("a:b", "w%1", 10)
+    assert first.id == plain.id
+    store.finish(first.id, first.token, policy.completed(b"1"))
+    store.wait_finished(first.id, 1)
+    store.register_worker(WorkerInfo(id="w%1", queue=store.queue, route="a:b", host="h", pid=1))
+    node = redis_cluster.nodes[0]
+    client = redis.RedisCluster(host="127.0.0.1", port=node.port)
+    keys = [k for k in client.keys("sq:*", target_nodes=redis.RedisCluster.ALL_NODES)
+            if escape(store.queue).encode() in k]
+    slots = {client.cluster_keyslot(k) for k in keys}
+    assert len(keys) >= 8 and len(slots) == 1, keys
+    assert store.purge("a:b") == 1 and store.get(broadcast.id) is None
+    store.close()
+    client.close()
+
+
+# == a server restart ============================================================================
+
+
+def test_acknowledged_enqueues_survive_a_server_crash_and_the_backend_reconnects(
+        start_redis: Callable[..., Any], queue_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_redis(extra=["--appendonly", "yes"])
+    store: Persistence = RedisPersistence(queue_name, url=f"127.0.0.1:{server.port}")
+    acknowledged: list[str] = []
+    refused = 0
+    stop = threading.Event()
+
+    def produce() -> None:
+        nonlocal refused
+        while not stop.is_set():
+            batch = [record(queue_name) for _ in range(5)]
+            try:
+                store.enqueue(batch)
+            except BackendUnavailable:
+                refused += 1
+                time.sleep(0.05)
+                continue
+            acknowledged.extend(r.id for r in batch)
+
+    producer = threading.Thread(target=produce)
+    caplog.set_level(logging.WARNING, logger="skunkqueue.redis")
+    producer.start()
+    try:
+        while len(acknowledged) < 500:
+            time.sleep(0.01)
+        server.kill()  # SIGKILL: no shutdown, no final fsync
+        before_restart = len(acknowledged)
+        time.sleep(3.0)  # longer than the backend's own retries, so some calls fail
+        server.start()
+        while len(acknowledged) < before_restart + 500:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        producer.join(30)
+    assert refused > 0, "the producer should have seen the server gone"
+    assert any("reconnecting" in r.getMessage() for r in caplog.records)
+    # The same instance works again without being re-created, and nothing acknowledged was lost.
+    pending = {r.id for r in store.list_jobs(state=PENDING, limit=10**6)}
+    missing = [job_id for job_id in acknowledged if job_id not in pending]
+    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged jobs lost"
+    store.close()
