@@ -1,0 +1,231 @@
+"""The backends the reliability suite runs against, built from each backend's own test helpers.
+
+SQLite (embedded) always; Redis, MongoDB and the FoundationDB stand-in when
+their distribution is installed. Their servers are started with the helpers
+the backend's tests use (``tests/redis/servers.py``, ``tests/mongo/servers.py``,
+``tests/fdb/servers.py``), loaded by path under unique module names.
+
+A backend whose distribution is missing is skipped with a reason naming the
+distribution. When the distribution is installed, failing to start its server
+is an error, never a skip: CI installs everything and must run everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import socket
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, ContextManager, Iterator
+
+import pytest
+
+from skunkqueue.testing.kit import BackendUnderTest
+
+TESTS = Path(__file__).resolve().parents[1]
+
+BACKENDS = ["sqlite", "redis", "mongodb", "fdb"]
+DISTRIBUTIONS = {"sqlite": "skunkqueue", "redis": "skunkqueue-redis", "mongodb": "skunkqueue-mongo",
+                 "fdb": "skunkqueue-fdb"}
+
+
+class Server:
+    """A server the test may take down and bring back at the same address, data kept."""
+
+    def down(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def up(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Secured:
+    """A way in to a server that requires credentials, and the secrets that must not leak."""
+
+    description: str
+    backend: BackendUnderTest
+    secrets: list[str]
+    wrong: BackendUnderTest  # same server, a wrong password
+
+
+@dataclass
+class Target:
+    key: str                               # entry point name
+    label: str                             # how the report names it
+    backend: BackendUnderTest
+    unreachable: BackendUnderTest          # the same backend pointed where nothing answers
+    address_hint: str                      # what the unreachable error must name
+    inject_foreign: Callable[[str, str], int] | None = None  # writes foreign entries, returns how many
+    # Context managers started per test; None where the backend has no server or no auth.
+    restartable: Callable[[Path], ContextManager[tuple[BackendUnderTest, Server]]] | None = None
+    secured: Callable[[Path], ContextManager[list[Secured]]] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def load_helper(backend: str, filename: str = "servers.py") -> ModuleType:
+    """Import ``tests/<backend>/<filename>`` under a name no other test module uses."""
+    path = TESTS / backend / filename
+    name = f"skunkqueue_reliability_{backend}_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not path.exists():
+        raise RuntimeError(f"{path} does not exist: the {backend} backend's server helpers are missing")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound and released, so nothing else had it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_distribution(key: str) -> None:
+    dist = DISTRIBUTIONS[key]
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"the {key} backend's distribution {dist!r} is not installed "
+                    f"(`make test` installs it, or: pip install -e ./{dist})")
+
+
+@contextlib.contextmanager
+def open_target(key: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    require_distribution(key)
+    opener = {"sqlite": _sqlite, "redis": _redis, "mongodb": _mongodb, "fdb": _fdb}[key]
+    with opener(tmp_path_factory) as target:
+        yield target
+
+
+# -- SQLite -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    path = tmp_path_factory.mktemp("sqlite") / "reliability.db"
+
+    def inject(queue: str, route: str) -> int:
+        rows = [("foreign-json", "not json", b"x"), ("foreign-object", '["a list"]', b"x"),
+                ("foreign-nofunc", '{"serializer": "json"}', b"[[],{}]")]
+        with sqlite3.connect(path) as conn:
+            for job_id, record, payload in rows:
+                conn.execute("INSERT INTO jobs (id, queue, route, state, due, record, payload) "
+                             "VALUES (?, ?, ?, 'pending', 0, ?, ?)", (job_id, queue, route, record, payload))
+        conn.close()
+        return len(rows)
+
+    yield Target(
+        key="sqlite", label="sqlite (embedded)",
+        backend=BackendUnderTest(name="sqlite", url=str(path), label="sqlite (embedded)"),
+        unreachable=BackendUnderTest(name="sqlite", url="/proc/no-such-dir/queue.db"),
+        address_hint="/proc/no-such-dir/queue.db",
+        inject_foreign=inject,
+        notes={"restart": "embedded: no server to restart", "auth": "embedded: no server, no credentials"},
+    )
+
+
+# -- Redis ------------------------------------------------------------------------------
+
+
+class _RedisRestartable(Server):
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def down(self) -> None:
+        self.server.kill()  # SIGKILL: only what the AOF already has survives
+
+    def up(self) -> None:
+        self.server.start()
+
+
+@contextlib.contextmanager
+def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    servers = load_helper("redis")
+    import redis
+
+    server = servers.RedisServer(tmp_path_factory.mktemp("redis-rel")).start()
+
+    def inject(queue: str, route: str) -> int:
+        # Entries another program could leave where the route's jobs are
+        # claimed from (the layout is in skunkqueue_redis.persistence).
+        base = f"sq:{{{queue}}}:"
+        client = redis.Redis(port=server.port, db=5)
+        now = time.time() - 1
+        client.set(base + "j:foreign-string", "hello")
+        client.hset(base + "j:foreign-hash", mapping={"state": "pending", "token": "x"})
+        client.zadd(base + f"d:{route}", {"foreign-string": now, "foreign-hash": now, "foreign-missing": now})
+        client.close()
+        return 3
+
+    @contextlib.contextmanager
+    def restartable(where: Path) -> Iterator[tuple[BackendUnderTest, Server]]:
+        aof = servers.RedisServer(where / "redis-aof", extra=["--appendonly", "yes",
+                                                              "--appendfsync", "always"]).start()
+        try:
+            yield (BackendUnderTest(name="redis", url=f"127.0.0.1:{aof.port}", db="0",
+                                    label="redis-server (AOF, appendfsync always)"),
+                   _RedisRestartable(aof))
+        finally:
+            aof.stop()
+
+    @contextlib.contextmanager
+    def secured(where: Path) -> Iterator[list[Secured]]:
+        password, acl_password = "Pw-requirepass-7f3a", "Pw-acl-user-c81e"
+        locked = servers.RedisServer(where / "redis-auth", password=password).start()
+        try:
+            locked.cli("ACL", "SETUSER", "skunk", "on", f">{acl_password}", "~*", "&*", "+@all")
+            base = f"127.0.0.1:{locked.port}"
+            yield [
+                Secured("requirepass", BackendUnderTest(name="redis", url=f"redis://:{password}@{base}", db="0"),
+                        [password], BackendUnderTest(name="redis", url=f"redis://:Wrong-{password}@{base}")),
+                Secured("ACL user", BackendUnderTest(name="redis", url=f"redis://skunk:{acl_password}@{base}/0"),
+                        [acl_password],
+                        BackendUnderTest(name="redis", url=f"redis://skunk:Wrong-{acl_password}@{base}/0")),
+            ]
+        finally:
+            locked.stop()
+
+    port = closed_port()
+    try:
+        yield Target(
+            key="redis", label="redis-server",
+            backend=BackendUnderTest(name="redis", url=f"127.0.0.1:{server.port}", db="5",
+                                     label="redis-server"),
+            unreachable=BackendUnderTest(name="redis", url=f"redis://127.0.0.1:{port}"),
+            address_hint=f"127.0.0.1:{port}",
+            inject_foreign=inject, restartable=restartable, secured=secured,
+        )
+    finally:
+        server.stop()
+
+
+# -- MongoDB ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    load_helper("mongo")
+    raise RuntimeError("tests/mongo/servers.py is not wired into the reliability suite yet")
+    yield  # pragma: no cover
+
+
+# -- FoundationDB stand-in ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    load_helper("fdb")
+    raise RuntimeError("tests/fdb/servers.py is not wired into the reliability suite yet")
+    yield  # pragma: no cover

@@ -1,0 +1,83 @@
+"""Job functions the reliability tests fire; worker processes import them from here.
+
+Workers get this directory with ``--path`` and resolve ``reliability_jobs:NAME``.
+Every side effect is written to a file outside the queue, so the tests count
+executions independently of what the queue recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from skunkqueue.queue import SkunkQueue
+
+_here = SkunkQueue("skunkqueue-reliability")
+
+
+def _append(path: str, line: str) -> None:
+    # One write() of a short line on an O_APPEND file: lines from several
+    # processes never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@_here.event(routes=["a"])
+def mark(path: str, token: str, pause: float = 0.0) -> str:
+    """Record one execution of ``token`` (with a nonce), then sleep ``pause``.
+
+    Returns ``pid:nonce``, so a test can check that the recorded outcome came
+    from an execution that really happened.
+    """
+    execution = f"{os.getpid()}:{os.urandom(6).hex()}"
+    _append(path, f"{token} {execution}")
+    if pause:
+        time.sleep(pause)
+    return execution
+
+
+@_here.event(routes=["a"])
+def fail_and_log(path: str) -> None:
+    """Log the start time of this attempt, then fail."""
+    _append(path, repr(time.time()))
+    raise ValueError("this attempt fails on purpose")
+
+
+@_here.event(routes=["a"])
+def hang_first_then_fail(path: str) -> None:
+    """The first start hangs (so its worker can be killed); later starts fail."""
+    _append(path, f"start {os.getpid()}")
+    with open(path) as fh:
+        starts = fh.read().count("start")
+    if starts == 1:
+        time.sleep(120)
+    raise ValueError(f"failed on start {starts}")
+
+
+@_here.event(routes=["a"])
+def kill_own_worker(path: str) -> None:
+    """A poison job: takes its worker down with it, every time."""
+    _append(path, f"start {os.getpid()}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@_here.event(routes=["a"])
+def unserializable_result() -> object:
+    return object()
+
+
+@_here.event(routes=["a"])
+def size_of(data: str) -> int:
+    return len(data)
+
+
+@_here.event(routes=["a"])
+def fail_until_fixed(flag: str) -> str:
+    """Fails until the file ``flag`` exists (an operator fixed the cause)."""
+    if not os.path.exists(flag):
+        raise RuntimeError(f"{flag} is missing")
+    return "fixed"
