@@ -1,0 +1,442 @@
+"""The MongoDB backend: the Persistence protocol translated to MongoDB documents.
+
+Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
+
+    jobs     one document per JobRecord: _id = record id, every other field as
+             JobRecord.to_dict() gives it (payload/result are BSON binary), plus
+             expire_at (a date) once the record is finished
+    workers  one document per registered worker: _id = worker id
+
+Every queue shares the ``jobs`` collection and is told apart by its ``queue``
+field, the first field of every index. Queue names are arbitrary user strings
+while collection names are not (no ``$``, a length limit); a shared collection
+makes a new queue free, creates each index once per database rather than once
+per queue, and lets one change stream cursor and one TTL index serve them all.
+
+A claim is one ``find_one_and_update`` on the ``claim`` index ordered by
+(due, _id); ids sort by creation time, so that is the protocol's FIFO order,
+and the server's document-level atomicity hands each record to one caller.
+Finishing is one ``update_one`` filtered on (_id, state, token): the fence.
+Finished records carry ``expire_at`` and MongoDB's TTL monitor deletes them
+(it runs once a minute, so reads also hide records already past it).
+
+On a replica set or sharded cluster idle workers wait on a change stream; a
+standalone server has none, so :meth:`wait_for_work` polls one indexed query
+with a back-off there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+from urllib.parse import unquote
+
+from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo.collection import Collection
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    ConnectionFailure,
+    DocumentTooLarge,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+from pymongo.errors import ConfigurationError as MongoConfigurationError
+
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.urls import redact
+
+log = logging.getLogger("skunkqueue.mongodb")
+
+DEFAULT_URL = "localhost:27017"
+DEFAULT_DB = "skunkqueue"
+# Fail in seconds, not pymongo's default 30 s, when the server is down; a URI
+# that sets these itself wins.
+TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
+MAX_POLL = 0.05          # longest pause between polls of a standalone server, seconds
+DUPLICATE_KEY = 11000
+TYPE_MISMATCH = 14       # e.g. $inc on a token that is not a number
+ACCESS_DENIED = {13, 18}  # Unauthorized, AuthenticationFailed
+
+# Index name -> (keys, options). Created once per process and database.
+INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    # Equality on queue/route/state/target, then (due, _id) in order: with
+    # target $in [None, worker] the planner merges two ordered ranges, so a
+    # claim reads the first matching entry instead of sorting.
+    "claim": ([("queue", ASCENDING), ("route", ASCENDING), ("state", ASCENDING), ("target", ASCENDING),
+               ("due", ASCENDING), ("_id", ASCENDING)], {}),
+    "lease": ([("queue", ASCENDING), ("state", ASCENDING), ("lease_until", ASCENDING)], {}),
+    "expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+}
+WORKER_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "queue": ([("queue", ASCENDING)], {}),
+}
+_indexed: set[tuple[str, str]] = set()
+_indexed_lock = threading.Lock()
+
+_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^:@/]*:(?P<password>[^@/]*)@", re.I)
+
+T = TypeVar("T")
+
+
+def _date(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+def _not_expired(now: float) -> dict[str, Any]:
+    # The TTL monitor lags up to a minute; a record past expire_at is gone as far as callers know.
+    return {"expire_at": {"$not": {"$lte": _date(now)}}}
+
+
+def _to_doc(record: JobRecord) -> dict[str, Any]:
+    doc = record.to_dict()
+    doc["_id"] = doc.pop("id")
+    return doc
+
+
+def _to_record(doc: Mapping[str, Any]) -> JobRecord:
+    data = dict(doc)
+    data["id"] = data.pop("_id", None)
+    return JobRecord.from_dict(data)
+
+
+class MongoPersistence(Persistence):
+    name = "mongodb"
+    # BSON documents are limited to 16 MiB; leave room for the record's other fields.
+    max_payload = 15 * 1024 * 1024
+
+    def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
+                 **options: Any) -> None:
+        super().__init__(queue, url=url, db=db, **options)
+        self.conn_url = url or DEFAULT_URL
+        self.address = redact(self.conn_url)
+        match = _PASSWORD.match(self.conn_url)
+        self._secrets = {s for s in (match and match["password"], match and unquote(match["password"])) if s}
+        query = self.conn_url.partition("?")[2].lower()
+        timeouts = {k: v for k, v in TIMEOUTS_MS.items() if k.lower() + "=" not in query}
+        try:
+            # Retrying reads and writes is pymongo's default; say so, since the
+            # reconnect story below relies on it.
+            self.client: MongoClient[dict[str, Any]] = MongoClient(
+                self.conn_url, retryWrites=True, retryReads=True, appname="skunkqueue", **timeouts)
+            database = self.client[db] if db else self.client.get_default_database(DEFAULT_DB)
+        except (MongoConfigurationError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
+        self.jobs: Collection[dict[str, Any]] = database["jobs"]
+        self.worker_docs: Collection[dict[str, Any]] = database["workers"]
+        try:
+            hello = self._call("connect", lambda: self.client.admin.command("hello"))
+            # Change streams need an oplog: replica sets and sharded clusters have one.
+            self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")  # type: ignore[misc]
+            self._ensure_indexes()
+        except BaseException:
+            self.client.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _scrub(self, exc: BaseException | str) -> str:
+        text = str(exc)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        # Server-selection errors append the whole topology description.
+        return text.split(", Timeout:")[0][:300]
+
+    def _call(self, what: str, op: Callable[[], T], *, idempotent: bool = True) -> T:
+        """Run ``op``, turning pymongo's connection errors into BackendUnavailable.
+
+        pymongo already retries one interrupted read or write where the server
+        makes that safe (retryable writes need a replica set). Operations that
+        are safe to repeat get one more try here, which also covers a
+        standalone server that restarted; claim and finish are not, because
+        their first attempt may have been applied.
+        """
+        for attempt in (1, 2):
+            try:
+                return op()
+            except ServerSelectionTimeoutError as exc:
+                # Already waited the whole selection timeout: no server to retry on.
+                raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+                                         f"{self._scrub(exc)}") from None
+            except AutoReconnect as exc:
+                if not idempotent or attempt == 2:
+                    raise BackendUnavailable(f"Lost the connection to MongoDB at {self.address} ({what}): "
+                                             f"{self._scrub(exc)}") from None
+                log.warning("mongodb %s: %s was interrupted (%s); retrying", self.address, what,
+                            self._scrub(exc))
+            except ConnectionFailure as exc:
+                raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+                                         f"{self._scrub(exc)}") from None
+            except OperationFailure as exc:
+                if exc.code in ACCESS_DENIED:
+                    raise BackendUnavailable(f"MongoDB at {self.address} refused access ({what}): "
+                                             f"{self._scrub(exc)}") from None
+                raise
+        raise AssertionError("unreachable")
+
+    def _ensure_indexes(self) -> None:
+        key = (self.conn_url, self.jobs.database.name)
+        with _indexed_lock:
+            if key in _indexed:
+                return
+            for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
+                for index_name, (keys, index_options) in indexes.items():
+                    # create_index is a no-op when an identical index exists.
+                    self._call("create index", lambda c=collection, k=keys, n=index_name, o=index_options:
+                               c.create_index(k, name=n, **o))
+            _indexed.add(key)
+
+    def _claimable(self, routes: Sequence[str], worker_id: str) -> dict[str, Any]:
+        return {"queue": self.queue, "route": {"$in": list(routes)}, "state": PENDING,
+                "target": {"$in": [None, worker_id]}}
+
+    def _quarantine(self, job_id: Any, why: str, only_if: Mapping[str, Any] | None = None) -> None:
+        # Keep the damaged document for inspection but take it out of every route.
+        now = time.time()
+        error = {"type": "MalformedRecord", "message": why, "traceback": ""}
+        self._call("quarantine", lambda: self.jobs.update_one(
+            {"_id": job_id, **(only_if or {})},
+            {"$set": {"state": ERROR, "dead": True, "error": error, "owner": None, "lease_until": None,
+                      "finished": now, "expire_at": _date(now + self.result_ttl)}}))
+        log.warning("mongodb: quarantined record %r of queue %s: %s", job_id, self.queue, why)
+
+    # -- producers -----------------------------------------------------------------
+
+    def enqueue(self, records: Sequence[JobRecord]) -> None:
+        if not records:
+            return
+        docs = [_to_doc(record) for record in records]
+        attempts = 0
+
+        def insert() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                self.jobs.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                # A repeat of an interrupted insert finds the records that made
+                # it the first time: they are stored, which is what we wanted.
+                errors = exc.details.get("writeErrors", [])
+                if attempts > 1 and errors and all(e.get("code") == DUPLICATE_KEY for e in errors):
+                    return
+                raise
+            except DocumentTooLarge as exc:
+                raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
+
+        self._call("enqueue", insert)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        doc = self._call("get", lambda: self.jobs.find_one(
+            {"_id": job_id, "queue": self.queue, **_not_expired(time.time())}))
+        return None if doc is None else _to_record(doc)
+
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
+        query: dict[str, Any] = {"queue": self.queue, **_not_expired(time.time())}
+        if route is not None:
+            query["route"] = route
+        if state is not None:
+            query["state"] = state
+        if dead is not None:
+            query["dead"] = True if dead else {"$ne": True}
+
+        def read() -> list[JobRecord]:
+            records: list[JobRecord] = []
+            with self.jobs.find(query, sort=[("due", ASCENDING), ("_id", ASCENDING)]) as cursor:
+                for doc in cursor:
+                    try:
+                        records.append(_to_record(doc))
+                    except MalformedRecord:
+                        continue
+                    if len(records) >= limit:
+                        break
+            return records
+
+        return self._call("list jobs", read)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        pipeline = [{"$match": {"queue": self.queue, **_not_expired(time.time())}},
+                    {"$group": {"_id": {"route": "$route", "state": "$state"}, "n": {"$sum": 1}}}]
+        rows = self._call("counts", lambda: list(self.jobs.aggregate(pipeline)))
+        return {(str(row["_id"].get("route")), str(row["_id"].get("state"))): int(row["n"]) for row in rows}
+
+    def purge(self, route: str, *, target: str | None = None) -> int:
+        query: dict[str, Any] = {"queue": self.queue, "route": route, "state": PENDING}
+        if target is not None:
+            query["target"] = target
+        return self._call("purge", lambda: self.jobs.delete_many(query)).deleted_count
+
+    def request_kill(self, job_id: str) -> bool:
+        result = self._call("kill", lambda: self.jobs.update_one(
+            {"_id": job_id, "queue": self.queue, "state": RUNNING}, {"$set": {"kill_requested": True}}))
+        # matched, not modified: a second kill request on a running job is still a yes.
+        return result.matched_count == 1
+
+    # -- workers -------------------------------------------------------------------
+
+    def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        now = time.time()
+        query = {**self._claimable([route], worker_id), "due": {"$lte": now}}
+        order = [("due", ASCENDING), ("_id", ASCENDING)]
+        update = {"$set": {"state": RUNNING, "owner": worker_id, "lease_until": now + lease, "started": now,
+                           "kill_requested": False},
+                  "$inc": {"token": 1, "attempts": 1}}
+        claimed: list[JobRecord] = []
+        while len(claimed) < limit:
+            try:
+                doc = self._call("claim", lambda: self.jobs.find_one_and_update(
+                    query, update, sort=order, return_document=ReturnDocument.AFTER), idempotent=False)
+            except OperationFailure as exc:
+                if exc.code != TYPE_MISMATCH:
+                    raise
+                # A foreign document whose counters are not numbers refuses $inc
+                # and would block the head of the route: quarantine it and go on.
+                head = self._call("claim", lambda: self.jobs.find_one(query, {"_id": 1}, sort=order))
+                if head is None:
+                    continue
+                self._quarantine(head["_id"], f"cannot be claimed: {self._scrub(exc)}", only_if={"$or": [
+                    {name: {"$exists": True, "$not": {"$type": "number"}}} for name in ("token", "attempts")]})
+                continue
+            if doc is None:
+                break
+            try:
+                claimed.append(_to_record(doc))
+            except MalformedRecord as exc:
+                self._quarantine(doc["_id"], str(exc))
+        return claimed
+
+    def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
+        until = time.time() + lease
+        statuses: dict[str, str] = {}
+        for job_id, token in leases:
+            doc = self._call("renew", lambda j=job_id, t=token: self.jobs.find_one_and_update(
+                {"_id": j, "queue": self.queue, "state": RUNNING, "token": t, "owner": worker_id},
+                {"$set": {"lease_until": until}}, projection={"kill_requested": 1}))
+            if doc is None:
+                statuses[job_id] = LEASE_LOST
+            else:
+                statuses[job_id] = LEASE_KILL if doc.get("kill_requested") else LEASE_OK
+        return statuses
+
+    def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
+        # The same field rules as Outcome.apply_to, as one update (tests compare the two).
+        now = time.time()
+        fields: dict[str, Any] = {"state": outcome.state, "owner": None, "lease_until": None,
+                                  "kill_requested": False, "dead": outcome.dead, "error": outcome.error}
+        if outcome.attempts is not None:
+            fields["attempts"] = outcome.attempts
+        if outcome.state == PENDING:
+            fields.update(due=outcome.due if outcome.due is not None else now, result=None, finished=None)
+            update: dict[str, Any] = {"$set": fields, "$unset": {"expire_at": ""}}
+        else:
+            finished = outcome.finished if outcome.finished is not None else now
+            fields.update(result=outcome.result, finished=finished, expire_at=_date(finished + self.result_ttl))
+            update = {"$set": fields}
+        fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
+        try:
+            result = self._call("finish", lambda: self.jobs.update_one(fence, update), idempotent=False)
+        except DocumentTooLarge as exc:
+            raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
+        return result.matched_count == 1
+
+    def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        query = {"queue": self.queue, "state": RUNNING, "lease_until": {"$lt": now}}
+        docs = self._call("expired leases", lambda: list(self.jobs.find(query, limit=limit)))
+        records = []
+        for doc in docs:
+            try:
+                records.append(_to_record(doc))
+            except MalformedRecord:
+                continue
+        return records
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        doc = {**info.to_dict(), "_id": info.id, "queue": self.queue}
+        self._call("register worker", lambda: self.worker_docs.replace_one({"_id": info.id}, doc, upsert=True))
+
+    def heartbeat(self, worker_id: str, state: str) -> bool:
+        result = self._call("heartbeat", lambda: self.worker_docs.update_one(
+            {"_id": worker_id, "queue": self.queue}, {"$set": {"state": state, "last_seen": time.time()}}))
+        return result.matched_count == 1
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._call("unregister worker", lambda: self.worker_docs.delete_one({"_id": worker_id, "queue": self.queue}))
+
+    def workers(self) -> list[WorkerInfo]:
+        docs = self._call("workers", lambda: list(self.worker_docs.find({"queue": self.queue}, sort=[("_id", 1)])))
+        found = []
+        for doc in docs:
+            try:
+                found.append(WorkerInfo.from_dict(doc))
+            except (TypeError, ValueError):
+                continue
+        return found
+
+    # -- waiting -------------------------------------------------------------------
+
+    def _next_due(self, routes: Sequence[str], worker_id: str, session: Any = None) -> float | None:
+        doc = self.jobs.find_one(self._claimable(routes, worker_id), {"due": 1}, sort=[("due", ASCENDING)],
+                                 session=session)
+        due = None if doc is None else doc.get("due")
+        return float(due) if isinstance(due, (int, float)) else None
+
+    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        if self.notifies:
+            self._call("wait for work", lambda: self._wait_on_stream(routes, worker_id, deadline),
+                       idempotent=False)
+        else:
+            self._call("wait for work", lambda: self._poll(routes, worker_id, deadline), idempotent=False)
+
+    def _poll(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
+        pause = 0.001
+        while True:
+            due = self._next_due(routes, worker_id)
+            left = deadline - time.monotonic()
+            until_due = None if due is None else due - time.time()
+            if left <= 0 or (until_due is not None and until_due <= 0):
+                return
+            time.sleep(min(pause, left, until_due if until_due is not None else left))
+            pause = min(pause * 2, MAX_POLL)
+
+    def _wait_on_stream(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
+        # A fresh stream per wait, started at the operation time of the read
+        # that found nothing due: whatever is written after that read is in the
+        # stream, whatever was written before it was seen by the read. No race,
+        # and no backlog of stale events from while the worker was busy.
+        with self.client.start_session(causal_consistency=False) as session:
+            due = self._next_due(routes, worker_id, session)
+            if due is not None:
+                until_due = due - time.time()
+                if until_due <= 0:
+                    return
+                deadline = min(deadline, time.monotonic() + until_due)
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return
+            pipeline = [{"$match": {"$or": [
+                {"operationType": {"$in": ["insert", "replace"]}, "fullDocument.queue": self.queue,
+                 "fullDocument.route": {"$in": list(routes)}, "fullDocument.state": PENDING,
+                 "fullDocument.target": {"$in": [None, worker_id]}},
+                # A retry or release turns a record back to pending; an update
+                # event does not say which queue, so these wakes may be spurious.
+                {"operationType": "update", "updateDescription.updatedFields.state": PENDING},
+            ]}}]
+            with self.jobs.watch(pipeline, max_await_time_ms=left_ms,
+                                 start_at_operation_time=session.operation_time, session=session) as stream:
+                while time.monotonic() < deadline:
+                    if stream.try_next() is not None:
+                        return
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except PyMongoError as exc:
+            log.debug("mongodb %s: error while closing: %s", self.address, self._scrub(exc))

@@ -1,0 +1,74 @@
+"""Throwaway mongod servers for the mongodb backend's tests: a standalone and a one-node replica set."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+
+def _load_servers() -> Any:
+    # Loaded by path under a unique name: other backends' tests have a servers.py
+    # too, and tests/mongo must not become a package that shadows anything.
+    name = "skunkqueue_tests_mongo_servers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+servers = _load_servers()
+MongoServer = servers.MongoServer
+
+AUTH_USER, AUTH_PASSWORD = "skunk", "s3cr3t-Pa55word"
+
+
+@pytest.fixture(scope="session")
+def mongo_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    server = MongoServer(tmp_path_factory.mktemp("mongod-standalone")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_replset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    server = MongoServer(tmp_path_factory.mktemp("mongod-rs"), replset=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A standalone with --auth; its one user was created through the localhost exception."""
+    server = MongoServer(tmp_path_factory.mktemp("mongod-auth"), auth=True).start()
+    with server.client() as client:
+        client.admin.command("createUser", AUTH_USER, pwd=AUTH_PASSWORD, roles=["root"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["standalone", "replset"])
+def mongo(request: pytest.FixtureRequest) -> Any:
+    """Each test using this runs once per topology."""
+    return request.getfixturevalue(f"mongo_{request.param}")
+
+
+@pytest.fixture
+def make_mongo(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start a server of the test's own (for tests that stop or restart it)."""
+    started: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        server = MongoServer(tmp_path / f"mongod-{len(started)}", **options).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()

@@ -1,0 +1,42 @@
+"""The shared conformance kit against real mongod servers: a standalone and a one-node replica set."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from pymongo import MongoClient
+
+from skunkqueue.testing import BackendUnderTest, ConformanceSuite
+
+DB = "skunkqueue_kit"
+
+
+def foreign_writer(server: Any) -> Callable[[str, str], None]:
+    def inject(queue: str, route: str) -> None:
+        # What another application might leave in the collection: right queue
+        # and route, pending and due, but an ObjectId for an id, no func or
+        # payload, and counters that are not numbers (so even $inc refuses it).
+        with MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
+            client[DB]["jobs"].insert_many([
+                {"queue": queue, "route": route, "state": "pending", "target": None, "due": 0.0,
+                 "note": "not a SkunkQueue job"},
+                {"_id": "foreign-2", "queue": queue, "route": route, "state": "pending", "target": None,
+                 "due": 0.0, "token": "seven", "attempts": "none", "func": "x:y", "payload": "text"},
+            ])
+
+    return inject
+
+
+class TestMongoStandaloneConformance(ConformanceSuite):
+    @pytest.fixture
+    def backend(self, mongo_standalone: Any) -> BackendUnderTest:
+        return BackendUnderTest(name="mongodb", url=mongo_standalone.url, db=DB,
+                                inject_foreign=foreign_writer(mongo_standalone), label="mongod 6.0 standalone")
+
+
+class TestMongoReplicaSetConformance(ConformanceSuite):
+    @pytest.fixture
+    def backend(self, mongo_replset: Any) -> BackendUnderTest:
+        return BackendUnderTest(name="mongodb", url=mongo_replset.url, db=DB,
+                                inject_foreign=foreign_writer(mongo_replset), label="mongod 6.0 one-node replica set")
