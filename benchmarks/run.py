@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, help="jobs queued for the large backlog (default 100000)")
     p.add_argument("--backlog-small", type=int, help="jobs queued for the small backlog (default 1000)")
     p.add_argument("--prefetch", type=int, help="--prefetch passed to the workers (default: theirs)")
+    p.add_argument("--mongo-standalone", action="store_true",
+                   help="run mongod standalone (polling workers) instead of a one-member replica set")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
     return p.parse_args(argv)
 
@@ -186,18 +188,21 @@ def main(argv: list[str] | None = None) -> int:
                     huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),
                                    sizes, results["huey-sqlite"], log)
                 continue
-            server_cls: type[RedisServer] | type[MongoServer] = RedisServer if name == "redis" else MongoServer
+            server_cls = RedisServer if name == "redis" else MongoServer
             if not server_cls.available():
                 skipped[name] = f"no {server_cls.name} binary"
                 del results[name]
                 continue
-            server: Server = server_cls()
+            server: Server = RedisServer() if name == "redis" else MongoServer(replset=not args.mongo_standalone)
             log(f"starting {server.name} on 127.0.0.1:{server.port}")
             with server:
                 reset = server.flush if isinstance(server, RedisServer) else None
                 db = "skunqbench" if name == "mongodb" else None
                 target = skunk.Target(name, url=server.url, db=db, logdir=workdir, reset=reset,
                                       prefetch=args.prefetch)
+                if name == "mongodb":
+                    results[name].notes.append("mongod " + ("standalone" if args.mongo_standalone
+                                                            else "one-member replica set (change streams)"))
                 skunk.run(target, sizes, results[name], log)
                 if name == "redis" and not args.no_huey and huey_bench.available():
                     server.flush()

@@ -45,7 +45,7 @@ class Server:
     def ready(self) -> bool:
         return _answers(self.port)
 
-    def start(self, timeout: float = 30.0) -> Server:
+    def start(self, timeout: float = 60.0) -> Server:
         with open(self.logfile, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
@@ -112,6 +112,10 @@ class RedisServer(Server):
 class MongoServer(Server):
     name = "mongod"
 
+    def __init__(self, replset: bool = True) -> None:
+        super().__init__()
+        self.replset = replset
+
     @staticmethod
     def binary() -> str | None:
         try:
@@ -127,10 +131,34 @@ class MongoServer(Server):
 
     @property
     def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}"
+        return f"mongodb://127.0.0.1:{self.port}/" + ("?replicaSet=rs0" if self.replset else "")
 
     def command(self) -> list[str]:
+        # A one-member replica set: workers wait on change streams, as in production.
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
         return [str(self.binary()), "--dbpath", str(data), "--port", str(self.port), "--bind_ip", "127.0.0.1",
-                "--nounixsocket", "--quiet", "--wiredTigerCacheSizeGB", "0.5"]
+                "--nounixsocket", "--quiet", "--wiredTigerCacheSizeGB", "0.5",
+                "--setParameter", "diagnosticDataCollectionEnabled=false",
+                *(["--replSet", "rs0"] if self.replset else [])]
+
+    def ready(self) -> bool:
+        if not _answers(self.port):
+            return False
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
+        client: MongoClient[dict[str, object]] = MongoClient(
+            f"127.0.0.1:{self.port}", directConnection=True, serverSelectionTimeoutMS=2000)
+        try:
+            hello = client.admin.command("hello")
+            if hello.get("isWritablePrimary"):
+                return True if not self.replset else bool(hello.get("setName"))
+            if self.replset and not hello.get("setName"):
+                client.admin.command("replSetInitiate",
+                                     {"_id": "rs0", "members": [{"_id": 0, "host": f"127.0.0.1:{self.port}"}]})
+        except PyMongoError:
+            pass
+        finally:
+            client.close()
+        return False
