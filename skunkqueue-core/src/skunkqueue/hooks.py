@@ -58,6 +58,9 @@ def plugin_manager() -> pluggy.PluginManager:
 def call(name: str, **kwargs: Any) -> None:
     """Run a hook; a failing plugin is logged, never allowed to break the worker."""
     try:
-        getattr(plugin_manager().hook, name)(**kwargs)
+        caller = getattr(plugin_manager().hook, name)
+        # Hooks run for every job: skip pluggy's call machinery when nothing implements this one.
+        if caller.get_hookimpls():
+            caller(**kwargs)
     except Exception:
         log.exception("plugin hook %s failed", name)
