@@ -15,6 +15,9 @@ from skunkqueue.errors import ConfigurationError, SerializationError
 
 SERIALIZERS = ("json", "pickle")
 
+# What json.dumps(value, separators=(",", ":"), allow_nan=False) builds on every call, built once.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 
 def check_name(name: str) -> str:
     if name not in SERIALIZERS:
@@ -28,7 +31,7 @@ def dumps(value: Any, serializer: str, *, what: str = "value") -> bytes:
     try:
         if serializer == "pickle":
             return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        return _JSON.encode(value).encode()
     except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
         hint = (" Pass JSON types (str, int, float, bool, None, list, dict), "
                 "or create the queue with serializer='pickle'." if serializer == "json" else "")
