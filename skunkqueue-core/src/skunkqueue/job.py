@@ -189,7 +189,10 @@ class JobHandle:
     def _value(self, record: JobRecord | None) -> Any:
         if record is None or record.state != COMPLETE or record.result is None:
             return None
-        return serializer.loads(record.result, record.serializer, what="result")
+        # Decode with the serializer this queue fired with, never the one the
+        # stored record claims: a record rewritten to say "pickle" must not
+        # make the producer unpickle (run) whatever its result holds.
+        return serializer.loads(record.result, self._serializer, what="result")
 
     @property
     def result(self) -> Any:

@@ -42,6 +42,7 @@ INTERRUPT_SIGNAL = signal.SIGUSR1  # keeper -> main thread
 HEARTBEAT_EVERY = 2.0     # seconds between registry heartbeats
 HOUSEKEEPING_EVERY = 1.0  # seconds between lease recoveries
 MAX_IDLE_POLL = 0.2       # longest sleep between polls of a store that cannot notify
+HOLD_WHILE_BUSY = 1.0     # prefetched jobs go back to the queue once the current job runs this long
 EXIT_UNREACHABLE = 3      # exit status: the backend could not be reached at start-up
 
 
@@ -57,6 +58,7 @@ class WorkerConfig:
     paths: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
+    allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -87,6 +89,8 @@ class Worker:
         self.stopping: str | None = None     # None, "gentle" or "rough"
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)
+        self._held_lock = threading.Lock()   # the keeper may hand held jobs back
+        self._started_at = 0.0               # time.time() when the current job started running
         self._in_job = False
         self._interrupt: str | None = None   # why the keeper wants the job stopped
         self._lease_lost = False
@@ -192,19 +196,23 @@ class Worker:
                         pause = min(pause * 2, MAX_IDLE_POLL)
                     continue
                 pause = 0.001
-                self.execute(self.held.pop(0))
+                with self._held_lock:
+                    record = self.held.pop(0) if self.held else None
+                if record is not None:
+                    self.execute(record)
             except BackendUnavailable as exc:
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
                 self._wake.wait(1.0)
 
-    def _release_held(self) -> None:
-        for record in self.held:
+    def _release_held(self, backend: Persistence | None = None) -> None:
+        with self._held_lock:
+            held, self.held = self.held, []
+        for record in held:
             try:
-                self.backend.finish(record.id, record.token, policy.release(record))
+                (backend or self.backend).finish(record.id, record.token, policy.release(record))
             except SkunkQueueError as exc:
                 log.warning("worker %s: could not release job %s (%s); its lease will expire",
                             self.id, record.id, exc)
-        self.held = []
 
     # -- running one job ----------------------------------------------------------
 
@@ -217,6 +225,8 @@ class Worker:
     def execute(self, record: JobRecord) -> None:
         started = time.monotonic()
         self._interrupt, self._lease_lost = None, False
+        # A prefetched job may have waited since its claim: its time limit starts now.
+        self._started_at = time.time()
         self.current = record
         outcome: Outcome | None
         try:
@@ -252,6 +262,14 @@ class Worker:
 
     def _run(self, record: JobRecord) -> Outcome | None:
         try:
+            if record.serializer == "pickle" and not self.config.allow_pickle:
+                # The record says how to decode itself, so whoever can write to
+                # the store could otherwise make every worker unpickle (run) code.
+                raise SerializationError(
+                    "This worker does not unpickle job arguments: anyone who can write to the store "
+                    "could run code through them. If the store is trusted and the queue uses "
+                    "serializer='pickle', start the workers with: skunq work --allow-pickle"
+                )
             job = self._job(record.func)
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
         except SkunkQueueError as exc:
@@ -303,6 +321,7 @@ class Worker:
                 except BackendUnavailable as exc:
                     log.warning("worker %s: keeper: %s", self.id, exc)
                 self._check_time_limit()
+                self._hand_back_if_busy(backend)
                 if os.getppid() != self._parent:
                     log.error("worker %s: its pool is gone; exiting", self.id)
                     os._exit(1)  # the lease expires and another worker takes the job
@@ -314,16 +333,23 @@ class Worker:
 
     def _next_wait(self, tick: float) -> float:
         current = self.current
-        if current is not None and current.timeout and current.started:
-            left = current.started + current.timeout - time.time()
+        if current is not None and current.timeout:
+            left = self._started_at + current.timeout - time.time()
             return max(0.01, min(tick, left))
+        if current is not None and self.held:
+            return min(tick, HOLD_WHILE_BUSY)
         return tick
 
     def _check_time_limit(self) -> None:
         current = self.current
-        if (current is not None and current.timeout and current.started
-                and time.time() > current.started + current.timeout and self._interrupt is None):
+        if (current is not None and current.timeout
+                and time.time() > self._started_at + current.timeout and self._interrupt is None):
             self.interrupt(f"job exceeded its time limit of {current.timeout:g} s")
+
+    def _hand_back_if_busy(self, backend: Persistence) -> None:
+        """Prefetched jobs must not wait behind a long job while other workers are idle."""
+        if self.held and self.current is not None and time.time() - self._started_at >= HOLD_WHILE_BUSY:
+            self._release_held(backend)
 
     def _heartbeat(self, backend: Persistence) -> None:
         state = "stopping" if self.stopping else ("busy" if self.current else "idle")
