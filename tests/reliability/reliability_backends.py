@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import signal
 import socket
 import sqlite3
 import sys
@@ -214,11 +215,71 @@ def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 # -- MongoDB ----------------------------------------------------------------------------
 
 
+class _MongoRestartable(Server):
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def down(self) -> None:
+        self.server.stop(signal.SIGKILL)  # a crash: only what the journal has survives
+
+    def up(self) -> None:
+        self.server.start()
+
+
 @contextlib.contextmanager
 def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    load_helper("mongo")
-    raise RuntimeError("tests/mongo/servers.py is not wired into the reliability suite yet")
-    yield  # pragma: no cover
+    servers = load_helper("mongo")
+    from pymongo import MongoClient
+
+    db = "skunkqueue_reliability"
+    # A one-node replica set: the topology that notifies workers through change streams.
+    server = servers.MongoServer(tmp_path_factory.mktemp("mongod-rel"), replset=True).start()
+
+    def inject(queue: str, route: str) -> int:
+        docs = [
+            {"queue": queue, "route": route, "state": "pending", "target": None, "due": 0.0,
+             "note": "not a SkunkQueue job"},
+            {"_id": f"foreign-{queue}", "queue": queue, "route": route, "state": "pending", "target": None,
+             "due": 0.0, "token": "seven", "attempts": "none", "func": "x:y", "payload": "text"},
+        ]
+        with MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
+            client[db]["jobs"].insert_many(docs)
+        return len(docs)
+
+    @contextlib.contextmanager
+    def restartable(where: Path) -> Iterator[tuple[BackendUnderTest, Server]]:
+        own = servers.MongoServer(where / "mongod-restart", replset=True).start()
+        try:
+            yield (BackendUnderTest(name="mongodb", url=own.url, db=db, label="mongod (one-node replica set)"),
+                   _MongoRestartable(own))
+        finally:
+            own.stop()
+
+    @contextlib.contextmanager
+    def secured(where: Path) -> Iterator[list[Secured]]:
+        user, password = "skunk-rel", "Pw-mongo-user-4d2b"
+        locked = servers.MongoServer(where / "mongod-auth", auth=True).start()
+        try:
+            with locked.client() as client:  # the localhost exception allows the first user
+                client.admin.command("createUser", user, pwd=password, roles=["root"])
+            yield [Secured("--auth user",
+                           BackendUnderTest(name="mongodb", url=locked.user_url(user, password), db=db),
+                           [password],
+                           BackendUnderTest(name="mongodb", url=locked.user_url(user, "Wrong-" + password), db=db))]
+        finally:
+            locked.stop()
+
+    port = closed_port()
+    try:
+        yield Target(
+            key="mongodb", label="mongod",
+            backend=BackendUnderTest(name="mongodb", url=server.url, db=db, label="mongod"),
+            unreachable=BackendUnderTest(name="mongodb", url=f"127.0.0.1:{port}", db=db),
+            address_hint=f"127.0.0.1:{port}",
+            inject_foreign=inject, restartable=restartable, secured=secured,
+        )
+    finally:
+        server.stop()
 
 
 # -- FoundationDB stand-in ----------------------------------------------------------------
