@@ -49,6 +49,7 @@ def mongo_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server = MongoServer(tmp_path_factory.mktemp("mongod-auth"), auth=True).start()
     with server.client() as client:
         client.admin.command("createUser", AUTH_USER, pwd=AUTH_PASSWORD, roles=["root"])
+    server.user, server.password = AUTH_USER, AUTH_PASSWORD
     yield server
     server.stop()
 

@@ -85,7 +85,9 @@ class MongoServer:
                 "--wiredTigerCacheSizeGB", "0.25",
                 # The TTL monitor runs every 60 s by default; the tests watch it delete.
                 "--setParameter", "ttlMonitorSleepSecs=1",
-                "--setParameter", "diagnosticDataCollectionEnabled=false"]
+                "--setParameter", "diagnosticDataCollectionEnabled=false",
+                # configureFailPoint: the tests make the server drop connections on cue.
+                "--setParameter", "enableTestCommands=1"]
         if self.replset:
             args += ["--replSet", "rs0"]
         if self.auth:

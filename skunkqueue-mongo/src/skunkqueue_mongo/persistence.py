@@ -35,7 +35,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import unquote
 
+from bson.timestamp import Timestamp
 from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.errors import (
     AutoReconnect,
@@ -47,6 +49,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 from pymongo.errors import ConfigurationError as MongoConfigurationError
+from pymongo.read_concern import ReadConcern
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
@@ -57,13 +60,16 @@ log = logging.getLogger("skunkqueue.mongodb")
 
 DEFAULT_URL = "localhost:27017"
 DEFAULT_DB = "skunkqueue"
-# Fail in seconds, not pymongo's default 30 s, when the server is down; a URI
-# that sets these itself wins.
+# Fail in seconds, not pymongo's default 30 s, when the server is down. A URI
+# that sets one of these (or appName) itself wins.
 TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
 MAX_POLL = 0.05          # longest pause between polls of a standalone server, seconds
 DUPLICATE_KEY = 11000
 TYPE_MISMATCH = 14       # e.g. $inc on a token that is not a number
 ACCESS_DENIED = {13, 18}  # Unauthorized, AuthenticationFailed
+# ShutdownInProgress, InterruptedAtShutdown, InterruptedDueToReplStateChange,
+# NotWritablePrimary, NotPrimaryNoSecondaryOk, PrimarySteppedDown
+TRANSIENT_CODES = {91, 11600, 11602, 10107, 13435, 189}
 
 # Index name -> (keys, options). Created once per process and database.
 INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
@@ -95,6 +101,11 @@ def _not_expired(now: float) -> dict[str, Any]:
     return {"expire_at": {"$not": {"$lte": _date(now)}}}
 
 
+def _transient(exc: OperationFailure) -> bool:
+    """A server-side error that a reconnect or a new primary cures (shutdown, step-down)."""
+    return exc.has_error_label("RetryableWriteError") or exc.code in TRANSIENT_CODES
+
+
 def _to_doc(record: JobRecord) -> dict[str, Any]:
     doc = record.to_dict()
     doc["_id"] = doc.pop("id")
@@ -120,12 +131,12 @@ class MongoPersistence(Persistence):
         match = _PASSWORD.match(self.conn_url)
         self._secrets = {s for s in (match and match["password"], match and unquote(match["password"])) if s}
         query = self.conn_url.partition("?")[2].lower()
-        timeouts = {k: v for k, v in TIMEOUTS_MS.items() if k.lower() + "=" not in query}
+        defaults = {k: v for k, v in {**TIMEOUTS_MS, "appname": "skunkqueue"}.items() if k.lower() + "=" not in query}
         try:
             # Retrying reads and writes is pymongo's default; say so, since the
             # reconnect story below relies on it.
             self.client: MongoClient[dict[str, Any]] = MongoClient(
-                self.conn_url, retryWrites=True, retryReads=True, appname="skunkqueue", **timeouts)
+                self.conn_url, retryWrites=True, retryReads=True, **defaults)
             database = self.client[db] if db else self.client.get_default_database(DEFAULT_DB)
         except (MongoConfigurationError, ValueError, TypeError) as exc:
             raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
@@ -175,6 +186,13 @@ class MongoPersistence(Persistence):
                 raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
                                          f"{self._scrub(exc)}") from None
             except OperationFailure as exc:
+                if _transient(exc):
+                    if not idempotent or attempt == 2:
+                        raise BackendUnavailable(f"MongoDB at {self.address} is unavailable ({what}): "
+                                                 f"{self._scrub(exc)}") from None
+                    log.warning("mongodb %s: %s was interrupted (%s); retrying", self.address, what,
+                                self._scrub(exc))
+                    continue
                 if exc.code in ACCESS_DENIED:
                     raise BackendUnavailable(f"MongoDB at {self.address} refused access ({what}): "
                                              f"{self._scrub(exc)}") from None
@@ -221,12 +239,17 @@ class MongoPersistence(Persistence):
             try:
                 self.jobs.insert_many(docs, ordered=False)
             except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
                 # A repeat of an interrupted insert finds the records that made
                 # it the first time: they are stored, which is what we wanted.
-                errors = exc.details.get("writeErrors", [])
-                if attempts > 1 and errors and all(e.get("code") == DUPLICATE_KEY for e in errors):
-                    return
-                raise
+                repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in errors)
+                if errors and not repeated:
+                    raise
+                concern = exc.details.get("writeConcernErrors")
+                if concern:
+                    # Written, but not acknowledged as durable (the server is
+                    # shutting down or stepping down): the same as a lost reply.
+                    raise AutoReconnect(f"write concern failed: {concern[0].get('errmsg')}") from None
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
@@ -381,9 +404,10 @@ class MongoPersistence(Persistence):
 
     # -- waiting -------------------------------------------------------------------
 
-    def _next_due(self, routes: Sequence[str], worker_id: str, session: Any = None) -> float | None:
-        doc = self.jobs.find_one(self._claimable(routes, worker_id), {"due": 1}, sort=[("due", ASCENDING)],
-                                 session=session)
+    def _next_due(self, routes: Sequence[str], worker_id: str, session: ClientSession | None = None) -> float | None:
+        jobs = self.jobs if session is None else self.jobs.with_options(read_concern=ReadConcern("majority"))
+        doc = jobs.find_one(self._claimable(routes, worker_id), {"due": 1}, sort=[("due", ASCENDING)],
+                            session=session)
         due = None if doc is None else doc.get("due")
         return float(due) if isinstance(due, (int, float)) else None
 
@@ -407,12 +431,15 @@ class MongoPersistence(Persistence):
             pause = min(pause * 2, MAX_POLL)
 
     def _wait_on_stream(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
-        # A fresh stream per wait, started at the operation time of the read
-        # that found nothing due: whatever is written after that read is in the
-        # stream, whatever was written before it was seen by the read. No race,
-        # and no backlog of stale events from while the worker was busy.
+        # A fresh stream per wait, started just after the snapshot of the read
+        # that found nothing due: whatever is written after it is in the stream,
+        # whatever was written before it was seen by the read. A majority read
+        # is what makes its operation time that snapshot's exact timestamp, so
+        # starting one tick later neither misses a write nor replays the last
+        # one (which would spin the worker). No backlog of stale events either.
         with self.client.start_session(causal_consistency=False) as session:
             due = self._next_due(routes, worker_id, session)
+            read_at = session.operation_time
             if due is not None:
                 until_due = due - time.time()
                 if until_due <= 0:
@@ -429,8 +456,9 @@ class MongoPersistence(Persistence):
                 # event does not say which queue, so these wakes may be spurious.
                 {"operationType": "update", "updateDescription.updatedFields.state": PENDING},
             ]}}]
-            with self.jobs.watch(pipeline, max_await_time_ms=left_ms,
-                                 start_at_operation_time=session.operation_time, session=session) as stream:
+            start = None if read_at is None else Timestamp(read_at.time, read_at.inc + 1)
+            with self.jobs.watch(pipeline, max_await_time_ms=left_ms, start_at_operation_time=start,
+                                 session=session) as stream:
                 while time.monotonic() < deadline:
                     if stream.try_next() is not None:
                         return
