@@ -475,3 +475,22 @@ def test_acknowledged_enqueues_survive_a_server_crash_and_the_backend_reconnects
     missing = [job_id for job_id in acknowledged if job_id not in pending]
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged jobs lost"
     store.close()
+
+
+def test_large_batches_are_enqueued_whole_on_a_cluster(redis_cluster: Any, queue_name: str) -> None:
+    # More than one script call: the calls go in one MULTI/EXEC on the queue's node.
+    with RedisPersistence(queue_name, url=redis_cluster.url, db="0") as store:
+        jobs = [record(queue_name, f"r{i % 2}", target="w" if i % 5 == 0 else None) for i in range(2500)]
+        store.enqueue(jobs)
+        assert store.counts() == {("r0", PENDING): 1250, ("r1", PENDING): 1250}
+        claimed = store.claim("r0", "w", 10, limit=2000)
+        assert [r.id for r in claimed] == [j.id for j in jobs if j.route == "r0"][:2000]
+
+
+def test_a_never_claimed_record_can_be_killed(store: RedisPersistence, queue_name: str) -> None:
+    # Token 0 is not stored (zero fields are omitted), and must still match.
+    job = record(queue_name, due=time.time() + 60)
+    store.enqueue([job])
+    assert store.finish(job.id, 0, policy.killed("before it ran"), expect=PENDING)
+    killed = store.get(job.id)
+    assert killed is not None and (killed.state, killed.token) == ("killed", 0)

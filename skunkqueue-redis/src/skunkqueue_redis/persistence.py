@@ -48,7 +48,7 @@ from redis.retry import Retry
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
-from skunkqueue.record import FINISHED_STATES, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
 
 log = logging.getLogger("skunkqueue.redis")
@@ -66,6 +66,8 @@ DONE_TOKEN_MS = 60_000
 MAX_BLOCK = 5.0
 # Claim gives up after this many rounds of stale index entries in one call.
 CLAIM_ROUNDS = 8
+# Records per enqueue script call.
+ENQUEUE_CHUNK = 1000
 # Batch size of the non-hot-path scans (counts, list_jobs, purge).
 SCAN_BATCH = 1000
 
@@ -118,22 +120,58 @@ def decode_record(flat: dict[bytes, bytes] | Sequence[bytes], job_id: str = "?")
     return JobRecord.from_dict(data)
 
 
-def encode_record(record: JobRecord) -> dict[str, bytes | str]:
-    """The record as hash fields; None is the absence of the field."""
-    out: dict[str, bytes | str] = {}
+# Fields left out while they hold their zero value: a fresh record is then ten
+# fields, and the scripts read a missing token or attempts as 0.
+_OMIT_ZERO = {"token": 0, "attempts": 0, "retries": 0, "kill_requested": False, "dead": False}
+
+
+def encode_record(record: JobRecord) -> dict[str, bytes]:
+    """The record as hash fields; None (and a zero counter) is the absence of the field."""
+    out: dict[str, bytes] = {}
     for name, value in vars(record).items():
-        if value is None:
+        if value is None or (name in _OMIT_ZERO and value == _OMIT_ZERO[name]):
             continue
         if name in _BYTES:
             out[name] = bytes(value)
         elif name in _FLOAT:
-            out[name] = repr(float(value))  # repr round-trips a float exactly
+            out[name] = repr(float(value)).encode()  # repr round-trips a float exactly
         elif name in _BOOL:
-            out[name] = "1" if value else "0"
+            out[name] = b"1" if value else b"0"
         elif name == "error":
-            out[name] = json.dumps(value)
+            out[name] = json.dumps(value).encode()
         else:
-            out[name] = str(value)
+            out[name] = str(value).encode()
+    return out
+
+
+# Records travel to and from the scripts as one string of "<length>:<bytes>"
+# items: redis-py packs and parses each protocol element in Python, so one
+# string per record (or per batch) costs a fraction of one element per field.
+
+def pack_items(items: Iterable[bytes]) -> bytes:
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
+
+
+_NAME_ITEMS = {name: b"%d:%s" % (len(name), name.encode()) for name in _DECODERS.values()}
+
+
+def pack_record(record: JobRecord) -> bytes:
+    """encode_record, packed as name/value items; on the enqueue hot path, hence unrolled."""
+    return b"".join(_NAME_ITEMS[name] + b"%d:%s" % (len(value), value)
+                    for name, value in encode_record(record).items())
+
+
+def unpack_fields(blob: bytes) -> dict[bytes, bytes]:
+    """Name/value pairs packed by pack_items (or by the scripts' pack())."""
+    out: dict[bytes, bytes] = {}
+    pos, end, find = 0, len(blob), blob.find
+    while pos < end:
+        colon = find(b":", pos)
+        stop = colon + 1 + int(blob[pos:colon])
+        name = blob[colon + 1:stop]
+        colon = find(b":", stop)
+        pos = colon + 1 + int(blob[stop:colon])
+        out[name] = blob[colon + 1:pos]
     return out
 
 
@@ -166,6 +204,16 @@ local function notify_key(base, route, target)
   if target then return base .. 'n:' .. esc(route) .. ':' .. esc(target) end
   return base .. 'n:' .. esc(route)
 end
+local function take(s, pos)
+  local colon = string.find(s, ':', pos, true)
+  local stop = colon + tonumber(string.sub(s, pos, colon - 1))
+  return string.sub(s, colon + 1, stop), stop + 1
+end
+local function pack(flat)
+  local parts = {}
+  for i, v in ipairs(flat) do parts[i] = #v .. ':' .. v end
+  return table.concat(parts)
+end
 local function quarantine(base, id, why, now, ttl_ms, expire_at)
   local key = base .. 'j:' .. id
   redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', now,
@@ -179,7 +227,7 @@ end
 
 # KEYS: route zset, (route, worker) zset, lease zset, route notify, (route, worker) notify
 # ARGV: base, now, lease_until, worker, limit, ttl_ms, expire_at
-# Returns {claimed hashes (flat), next due score or '', foreign keys skipped}.
+# Returns {claimed records (packed), next due score or '', foreign keys skipped}.
 _CLAIM = _LUA_HELPERS + r"""
 local base, now, until_, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local limit, ttl_ms, expire_at = tonumber(ARGV[5]), ARGV[6], ARGV[7]
@@ -216,7 +264,7 @@ for _ = 1, """ + str(CLAIM_ROUNDS) + r""" do
         redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
           'token', token + 1, 'attempts', attempts + 1, 'started', now, 'kill_requested', '0')
         redis.call('ZADD', KEYS[3], until_, id)
-        out[#out + 1] = redis.call('HGETALL', key)
+        out[#out + 1] = pack(redis.call('HGETALL', key))
       elseif f[1] == 'pending' then
         quarantine(base, id, 'token or attempts is not a number', now, ttl_ms, expire_at)
       elseif f[1] ~= 'running' and f[1] ~= 'complete' and f[1] ~= 'error' and f[1] ~= 'killed' then
@@ -240,6 +288,54 @@ end
 return {out, next_due, foreign}
 """
 
+# KEYS: lease zset, index zset; ARGV: base, ttl_ms, now, records (each packed, then packed together)
+_ENQUEUE = _LUA_HELPERS + r"""
+local base, ttl_ms, now, blob = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local wake, seen, pos = {}, {}, 1
+while pos <= #blob do
+  local rec, fields, f, p = nil, {}, {}, 1
+  rec, pos = take(blob, pos)
+  while p <= #rec do
+    local name, value
+    name, p = take(rec, p)
+    value, p = take(rec, p)
+    f[name] = value
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  local id = f['id']
+  local key = base .. 'j:' .. id
+  redis.call('HSET', key, unpack(fields))
+  if f['state'] == 'pending' then
+    -- A batch usually has one route: build its key names once.
+    local where = f['route'] .. '\0' .. (f['target'] or '')
+    local names = seen[where]
+    if not names then
+      names = {due_key(base, f['route'], f['target']), notify_key(base, f['route'], f['target'])}
+      seen[where] = names
+    end
+    redis.call('ZADD', names[1], f['due'], id)
+    redis.call('ZADD', KEYS[2], '+inf', id)
+    local nkey = names[2]
+    wake[nkey] = (wake[nkey] or 0) + 1
+    if f['target'] then redis.call('SADD', base .. 't:' .. esc(f['route']), f['target']) end
+  elseif f['state'] == 'running' then
+    redis.call('ZADD', KEYS[1], f['lease_until'] or '0', id)
+    redis.call('ZADD', KEYS[2], '+inf', id)
+  else
+    redis.call('PEXPIRE', key, ttl_ms)
+    redis.call('ZADD', KEYS[2], (tonumber(f['finished'] or '') or now) + ttl_ms / 1000, id)
+  end
+end
+for nkey, n in pairs(wake) do
+  local tokens = {}
+  for i = 1, math.min(n, """ + str(NOTIFY_CAP) + r""") do tokens[i] = '1' end
+  redis.call('RPUSH', nkey, unpack(tokens))
+  redis.call('LTRIM', nkey, -""" + str(NOTIFY_CAP) + r""", -1)
+end
+return 1
+"""
+
 # KEYS: job hash, lease zset, index zset
 # ARGV: base, id, token, expect, now, ttl_ms, expire_at, state, dead, attempts?, error?, result?, due, finished
 _FINISH = _LUA_HELPERS + r"""
@@ -249,7 +345,7 @@ local attempts, err, result, due, finished = ARGV[10], ARGV[11], ARGV[12], ARGV[
 local key = KEYS[1]
 if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
 local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target')
-if f[1] ~= expect or tonumber(f[2]) ~= tonumber(token) or not f[3] then return 0 end
+if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
 local route, target = f[3], f[4] or nil
 local zkey = due_key(base, route, target)
 redis.call('ZREM', zkey, id)
@@ -291,7 +387,7 @@ for i = 3, #ARGV, 2 do
   local status = 'lost'
   if redis.call('TYPE', key)['ok'] == 'hash' then
     local f = redis.call('HMGET', key, 'state', 'token', 'kill_requested')
-    if f[1] == 'running' and tonumber(f[2]) == token then
+    if f[1] == 'running' and tonumber(f[2] or '0') == token then
       redis.call('HSET', key, 'lease_until', until_)
       redis.call('ZADD', KEYS[1], until_, id)
       status = (f[3] == '1') and 'kill' or 'ok'
@@ -536,6 +632,7 @@ class RedisPersistence(Persistence):
             raise BackendUnavailable(f"Cannot reach Redis at {self.where}: {_scrub(str(exc), url)}") from None
         self.cluster = spec.cluster
         register = self.client.register_script
+        self._enqueue = register(_ENQUEUE)
         self._claim = register(_CLAIM)
         self._finish = register(_FINISH)
         self._renew = register(_RENEW)
@@ -564,40 +661,25 @@ class RedisPersistence(Persistence):
         if not records:
             return
         k = self.keys
-        now = time.time()
-        # MULTI/EXEC makes the batch all-or-nothing: every key shares the queue's slot.
-        pipe = self._pipeline(transaction=True)
-        due: dict[str, dict[str, float]] = {}
-        leases: dict[str, float] = {}
-        index: dict[str, float] = {}
-        wake: dict[str, int] = {}
-        targets: dict[str, set[str]] = {}
-        for record in records:
-            key = k.job(record.id)
-            pipe.hset(key, mapping=encode_record(record))
-            index[record.id] = math.inf
-            if record.state == PENDING:
-                due.setdefault(k.due(record.route, record.target), {})[record.id] = record.due
-                nkey = k.notify(record.route, record.target)
-                wake[nkey] = wake.get(nkey, 0) + 1
-                if record.target is not None:
-                    targets.setdefault(k.targets(record.route), set()).add(record.target)
-            elif record.state == RUNNING and record.lease_until is not None:
-                leases[record.id] = record.lease_until
-            elif record.state in FINISHED_STATES:
-                ttl_ms, expire_at = self._expiry(record.finished or now)
-                pipe.pexpire(key, ttl_ms)
-                index[record.id] = float(expire_at)
-        for zkey, members in due.items():
-            pipe.zadd(zkey, members)
-        if leases:
-            pipe.zadd(k.lease, leases)
-        pipe.zadd(k.index, index)
-        for tkey, names in targets.items():
-            pipe.sadd(tkey, *names)
-        for nkey, n in wake.items():
-            pipe.rpush(nkey, *(["1"] * min(n, NOTIFY_CAP)))
-            pipe.ltrim(nkey, -NOTIFY_CAP, -1)
+        ttl_ms, _ = self._expiry(0)
+        now = _num(time.time())
+        # A script is atomic; one call per chunk keeps each one short, so other
+        # clients are not blocked for long by a huge batch.
+        chunks = [b"".join(b"%d:%s" % (len(packed), packed)
+                           for packed in map(pack_record, records[start:start + ENQUEUE_CHUNK]))
+                  for start in range(0, len(records), ENQUEUE_CHUNK)]
+        if len(chunks) == 1:
+            self._enqueue(keys=[k.lease, k.index], args=[k.base, ttl_ms, now, chunks[0]])
+            return
+        # MULTI/EXEC keeps a batch of several chunks all-or-nothing. redis-py's
+        # cluster pipeline refuses scripts, but every key of the queue lives on
+        # one node, so on a cluster the transaction goes to that node directly.
+        client = self.client
+        if isinstance(client, RedisCluster):
+            client = client.get_node_from_key(k.index).redis_connection
+        pipe = client.pipeline(transaction=True)
+        for chunk in chunks:
+            self._enqueue(keys=[k.lease, k.index], args=[k.base, ttl_ms, now, chunk], client=pipe)
         pipe.execute()
 
     @_guarded
@@ -703,10 +785,11 @@ class RedisPersistence(Persistence):
             log.warning("queue %s route %s: skipped %s, which is not a SkunkQueue record",
                         self.queue, route, key.decode(errors="replace"))
         claimed = []
-        for flat in hashes:
-            job_id = _field(flat, b"id") or "?"
+        for packed in hashes:
+            fields = unpack_fields(packed)
+            job_id = fields.get(b"id", b"?").decode(errors="replace")
             try:
-                claimed.append(decode_record(flat, job_id))
+                claimed.append(decode_record(fields, job_id))
             except MalformedRecord as exc:
                 log.error("queue %s: quarantined record %s: %s", self.queue, job_id, exc)
                 self._quarantine(keys=[k.job(job_id)],
@@ -847,9 +930,3 @@ class RedisPersistence(Persistence):
     def close(self) -> None:
         self.client.close()
 
-
-def _field(flat: Sequence[bytes], name: bytes) -> str | None:
-    for i in range(0, len(flat) - 1, 2):
-        if flat[i] == name:
-            return flat[i + 1].decode(errors="replace")
-    return None
