@@ -1,0 +1,63 @@
+"""The FoundationDB STAND-IN server for tests (not a real FoundationDB), and how to point code at it.
+
+Used by this directory's tests and by tests/reliability (loaded by path). A
+real cluster is used instead when ``SKUNKQUEUE_FDB_CLUSTER_FILE`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+STANDIN_DIR = Path(__file__).resolve().parent / "standin"
+REAL_CLUSTER_FILE = os.environ.get("SKUNKQUEUE_FDB_CLUSTER_FILE") or None
+STANDIN_LABEL = "fdb (stand-in, not a real FoundationDB)"
+NOTICE = ("FoundationDB backend tests run against a STAND-IN (tests/fdb/standin), not a real "
+          "FoundationDB; set SKUNKQUEUE_FDB_CLUSTER_FILE to run them against a real cluster.")
+
+
+def activate_standin() -> None:
+    """Make ``import fdb`` in this process load the stand-in instead of the real bindings."""
+    loaded = sys.modules.get("fdb")
+    if loaded is not None and not getattr(loaded, "STANDIN", False):
+        raise RuntimeError("the real fdb bindings were imported before the stand-in could shadow them")
+    if str(STANDIN_DIR) not in sys.path:
+        sys.path.insert(0, str(STANDIN_DIR))
+
+
+def standin_env() -> dict[str, str]:
+    """Environment for child processes (``skunq work``) so that they load the stand-in too."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(STANDIN_DIR) + (os.pathsep + path if path else "")}
+
+
+class StandInCluster:
+    """A stand-in server process and the cluster file that points at it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.cluster_file = str(workdir / "fdb.cluster")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> StandInCluster:
+        self.process = subprocess.Popen([sys.executable, str(STANDIN_DIR / "standin_server.py")],
+                                        stdout=subprocess.PIPE)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"the fdb stand-in server did not start (said {line!r})")
+        self.port = int(line)
+        # The real cluster-file format; the stand-in client connects to the first coordinator.
+        Path(self.cluster_file).write_text(f"standin:{uuid.uuid4().hex[:8]}@127.0.0.1:{self.port}\n")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
