@@ -1,0 +1,234 @@
+"""The FoundationDB STAND-IN's own tests: it must behave like FoundationDB where the backend relies on it.
+
+Skipped when SKUNKQUEUE_FDB_CLUSTER_FILE is set (that run loads the real bindings).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+NOT_COMMITTED, TOO_OLD, TIMED_OUT, CANCELLED = 1020, 1007, 1031, 1101
+TRANSACTION_TOO_LARGE, KEY_TOO_LARGE, VALUE_TOO_LARGE = 2101, 2102, 2103
+
+
+@pytest.fixture
+def fdb(standin_cluster: Any) -> Any:
+    import fdb as module
+
+    assert module.STANDIN
+    module.api_version(710)
+    return module
+
+
+@pytest.fixture
+def db(fdb: Any, standin_cluster: Any) -> Any:
+    return fdb.open(standin_cluster.cluster_file)
+
+
+@pytest.fixture
+def space(fdb: Any) -> Any:
+    return fdb.Subspace(("standin-test", uuid.uuid4().hex))
+
+
+def _counter(value: Any) -> int:
+    return int.from_bytes(bytes(value), "little") if value.present() else 0
+
+
+class TestFDBStandIn:
+    """Stand-in behaviour the backend depends on."""
+
+    def test_conflicting_write_is_rejected_with_1020(self, fdb: Any, db: Any, space: Any) -> None:
+        key = space.pack(("k",))
+        first, second = db.create_transaction(), db.create_transaction()
+        assert not first[key].present() and not second[key].present()
+        first[key] = b"first"
+        second[key] = b"second"
+        first.commit().wait()
+        with pytest.raises(fdb.FDBError) as info:
+            second.commit().wait()
+        assert info.value.code == NOT_COMMITTED and "conflict" in str(info.value)
+        assert bytes(db[key]) == b"first"
+
+    def test_transactional_retries_a_conflict_on_fresh_data(self, fdb: Any, db: Any, space: Any) -> None:
+        key = space.pack(("n",))
+        attempts: list[int] = []
+
+        @fdb.transactional
+        def increment(tr: Any) -> None:
+            seen = _counter(tr[key])
+            attempts.append(seen)
+            if len(attempts) == 1:  # someone else commits between our read and our commit
+                db.set(key, (10).to_bytes(8, "little"))
+            tr[key] = (seen + 1).to_bytes(8, "little")
+
+        increment(db)
+        assert attempts == [0, 10]
+        assert _counter(db[key]) == 11
+
+    def test_snapshot_reads_add_no_conflict(self, fdb: Any, db: Any, space: Any) -> None:
+        watched, other = space.pack(("watched",)), space.pack(("other",))
+        for snapshot in (True, False):
+            tr = db.create_transaction()
+            (tr.snapshot if snapshot else tr).get_range(space.range().start, space.range().stop)
+            db.set(watched, b"changed by someone else")
+            tr[other] = b"mine"
+            if snapshot:
+                tr.commit().wait()
+            else:
+                with pytest.raises(fdb.FDBError) as info:
+                    tr.commit().wait()
+                assert info.value.code == NOT_COMMITTED
+
+    def test_limited_range_read_conflicts_only_on_what_it_returned(self, fdb: Any, db: Any, space: Any) -> None:
+        for name in ("a", "b", "c"):
+            db.set(space.pack((name,)), b"x")
+        tr = db.create_transaction()
+        assert [space.unpack(kv.key) for kv in tr.get_range(space.range().start, space.range().stop, limit=1)] \
+            == [("a",)]
+        db.set(space.pack(("c",)), b"changed beyond what was read")
+        tr[space.pack(("z",))] = b"mine"
+        tr.commit().wait()
+
+    def test_reads_see_the_transactions_own_writes(self, db: Any, space: Any) -> None:
+        tr = db.create_transaction()
+        tr[space.pack(("a",))] = b"1"
+        tr.add(space.pack(("n",)), (5).to_bytes(8, "little"))
+        tr.clear(space.pack(("a",)))
+        tr[space.pack(("b",))] = b"2"
+        assert not tr[space.pack(("a",))].present()
+        assert [kv.value for kv in tr.get_range(space.range().start, space.range().stop)] == \
+            [b"2", (5).to_bytes(8, "little")]
+        tr.commit().wait()
+        assert bytes(db[space.pack(("b",))]) == b"2"
+
+    def test_atomic_adds_from_concurrent_clients_sum_up_without_conflicts(self, fdb: Any, db: Any,
+                                                                          space: Any) -> None:
+        key = space.pack(("total",))
+        attempts = []
+
+        @fdb.transactional
+        def add(tr: Any, amount: int) -> None:
+            attempts.append(amount)
+            tr.add(key, amount.to_bytes(8, "little"))
+
+        def client(amount: int) -> None:
+            for _ in range(40):
+                add(db, amount)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(1, 7)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert _counter(db[key]) == 40 * sum(range(1, 7))
+        assert len(attempts) == 240  # atomic ops never conflict, so nothing was retried
+
+    def test_versionstamps_are_unique_and_increase_with_commit_order(self, fdb: Any, db: Any, space: Any) -> None:
+        stamps = []
+        for i in range(10):
+            tr = db.create_transaction()
+            for user in (1, 0):  # the user version orders keys within one transaction
+                tr.set_versionstamped_key(space.pack_with_versionstamp(
+                    ("log", fdb.tuple.Versionstamp(user_version=user), i)), b"")
+            future = tr.get_versionstamp()
+            tr.commit().wait()
+            stamps.append(bytes(future.wait()))
+        assert len(set(stamps)) == 10 and stamps == sorted(stamps) and all(len(s) == 10 for s in stamps)
+        logged = [space.unpack(kv.key) for kv in db.get_range(space.range(("log",)).start, space.range(("log",)).stop)]
+        assert [entry[2] for entry in logged] == [i for i in range(10) for _ in (0, 1)]
+        assert [entry[1].tr_version for entry in logged[::2]] == stamps
+        assert [entry[1].user_version for entry in logged[:2]] == [0, 1]
+
+    def test_versionstamped_value_carries_the_commit_stamp(self, fdb: Any, db: Any, space: Any) -> None:
+        tr = db.create_transaction()
+        packed = space.pack_with_versionstamp(("ref", fdb.tuple.Versionstamp()))
+        tr.set_versionstamped_key(packed, b"")
+        tr.set_versionstamped_value(space.pack(("pointer",)), packed)
+        tr.commit().wait()
+        pointer = bytes(db[space.pack(("pointer",))])
+        assert db[pointer].present() and space.unpack(pointer)[1].is_complete()
+
+    def test_watch_fires_when_the_value_changes(self, fdb: Any, db: Any, space: Any) -> None:
+        key = space.pack(("wake",))
+
+        @fdb.transactional
+        def arm(tr: Any) -> Any:
+            return tr.watch(key)
+
+        watch = arm(db)
+        time.sleep(0.3)
+        assert not watch.is_ready()
+        db.set(key, b"")  # an unset key becoming empty is a change
+        deadline = time.monotonic() + 5
+        while not watch.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watch.is_ready()
+        watch.wait()
+
+        again = arm(db)
+        again.cancel()
+        with pytest.raises(fdb.FDBError) as info:
+            again.wait()
+        assert info.value.code == CANCELLED
+
+    def test_watch_compares_with_the_value_the_transaction_saw(self, fdb: Any, db: Any, space: Any) -> None:
+        key = space.pack(("seen",))
+        tr = db.create_transaction()
+        tr.get_read_version().wait()
+        watch = tr.watch(key)
+        db.set(key, b"changed after the read version")  # before the watch is even registered
+        tr.commit().wait()
+        fired = threading.Event()
+        watch.on_ready(lambda _f: fired.set())
+        assert fired.wait(5)
+
+    @pytest.mark.parametrize(("key_size", "value_size", "code"), [
+        (10_001, 10, KEY_TOO_LARGE), (10, 100_001, VALUE_TOO_LARGE)])
+    def test_key_and_value_limits(self, fdb: Any, db: Any, space: Any, key_size: int, value_size: int,
+                                  code: int) -> None:
+        tr = db.create_transaction()
+        tr[space.key() + b"k" * key_size] = b"v" * value_size
+        with pytest.raises(fdb.FDBError) as info:
+            tr.commit().wait()
+        assert info.value.code == code
+        at_limit = db.create_transaction()
+        at_limit[space.pack(("ok",))] = b"v" * 100_000
+        at_limit.commit().wait()
+
+    def test_transaction_size_limit(self, fdb: Any, db: Any, space: Any) -> None:
+        tr = db.create_transaction()
+        for i in range(105):
+            tr[space.pack((i,))] = b"v" * 99_000
+        with pytest.raises(fdb.FDBError) as info:
+            tr.commit().wait()
+        assert info.value.code == TRANSACTION_TOO_LARGE
+        assert db.get_range(space.range().start, space.range().stop) == []
+
+    def test_five_second_limit_and_retry(self, fdb: Any, db: Any, space: Any) -> None:
+        key = space.pack(("old",))
+        tr = db.create_transaction()
+        tr.get_read_version().wait()
+        time.sleep(5.3)
+        with pytest.raises(fdb.FDBError) as info:
+            tr[key].wait()
+        assert info.value.code == TOO_OLD
+        tr.on_error(info.value).wait()  # retryable: the transaction starts over with a new read version
+        tr[key] = b"fresh"
+        tr.commit().wait()
+        assert bytes(db[key]) == b"fresh"
+
+    def test_timeout_option_and_unreachable_cluster(self, fdb: Any, tmp_path: Path) -> None:
+        cluster_file = tmp_path / "nowhere.cluster"
+        cluster_file.write_text("standin:x@127.0.0.1:9\n")  # the discard port: nothing listens
+        nowhere = fdb.open(str(cluster_file))
+        nowhere.options.set_transaction_timeout(500)
+        started = time.monotonic()
+        with pytest.raises(fdb.FDBError) as info:
+            fdb.transactional(lambda tr: tr[b"k"].wait())(nowhere)
+        assert info.value.code == TIMED_OUT and time.monotonic() - started < 5
