@@ -11,7 +11,7 @@ Every queue shares the ``jobs`` collection and is told apart by its ``queue``
 field, the first field of every index. Queue names are arbitrary user strings
 while collection names are not (no ``$``, a length limit); a shared collection
 makes a new queue free, creates each index once per database rather than once
-per queue, and lets one change stream cursor and one TTL index serve them all.
+per queue, and lets one TTL index serve them all.
 
 A claim is one ``find_one_and_update`` on the ``claim`` index ordered by
 (due, _id); ids sort by creation time, so that is the protocol's FIFO order,
@@ -20,9 +20,14 @@ Finishing is one ``update_one`` filtered on (_id, state, token): the fence.
 Finished records carry ``expire_at`` and MongoDB's TTL monitor deletes them
 (it runs once a minute, so reads also hide records already past it).
 
-On a replica set or sharded cluster idle workers wait on a change stream; a
+On a replica set or sharded cluster idle workers wait on a change stream
+(``notifies`` is decided per instance from the server's ``hello``); a
 standalone server has none, so :meth:`wait_for_work` polls one indexed query
 with a back-off there.
+
+Durability is the URI's write concern (replica sets default to majority).
+Without a transaction, an enqueue of several records that fails part-way may
+have stored some of them; it raises either way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import re
 import threading
 import time
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import unquote
 
@@ -131,7 +137,8 @@ class MongoPersistence(Persistence):
         match = _PASSWORD.match(self.conn_url)
         self._secrets = {s for s in (match and match["password"], match and unquote(match["password"])) if s}
         query = self.conn_url.partition("?")[2].lower()
-        defaults = {k: v for k, v in {**TIMEOUTS_MS, "appname": "skunkqueue"}.items() if k.lower() + "=" not in query}
+        defaults: dict[str, Any] = {k: v for k, v in {**TIMEOUTS_MS, "appname": "skunkqueue"}.items()
+                                    if k.lower() + "=" not in query}
         try:
             # Retrying reads and writes is pymongo's default; say so, since the
             # reconnect story below relies on it.
@@ -207,8 +214,8 @@ class MongoPersistence(Persistence):
             for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
                 for index_name, (keys, index_options) in indexes.items():
                     # create_index is a no-op when an identical index exists.
-                    self._call("create index", lambda c=collection, k=keys, n=index_name, o=index_options:
-                               c.create_index(k, name=n, **o))
+                    self._call("create index", partial(collection.create_index, keys, name=index_name,
+                                                       **index_options))
             _indexed.add(key)
 
     def _claimable(self, routes: Sequence[str], worker_id: str) -> dict[str, Any]:
@@ -339,8 +346,9 @@ class MongoPersistence(Persistence):
         until = time.time() + lease
         statuses: dict[str, str] = {}
         for job_id, token in leases:
-            doc = self._call("renew", lambda j=job_id, t=token: self.jobs.find_one_and_update(
-                {"_id": j, "queue": self.queue, "state": RUNNING, "token": t, "owner": worker_id},
+            doc = self._call("renew", partial(
+                self.jobs.find_one_and_update,
+                {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id},
                 {"$set": {"lease_until": until}}, projection={"kill_requested": 1}))
             if doc is None:
                 statuses[job_id] = LEASE_LOST
