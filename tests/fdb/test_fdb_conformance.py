@@ -20,8 +20,8 @@ STANDIN_LABEL = "fdb (stand-in, not a real FoundationDB)"
 
 def _inject_foreign(cluster_file: str, root: str) -> Callable[[str, str], None]:
     def inject(queue: str, route: str) -> None:
-        # What another program could leave where the route's jobs live: a
-        # record whose fields are not JSON, a due entry for a record that does
+        # What another program could leave where the route's jobs live: due
+        # entries for a record whose fields are not JSON and for one that does
         # not exist, and a key in the jobs subspace that is not a tuple.
         import fdb
         import fdb.tuple
@@ -35,7 +35,6 @@ def _inject_foreign(cluster_file: str, root: str) -> Callable[[str, str], None]:
         @fdb.transactional
         def write(tr: Any) -> None:
             tr[space["job"].pack(("foreign-garbage", "meta"))] = b"not json"
-            tr[space["job"].pack(("foreign-garbage", "slot"))] = garbage
             tr[garbage] = b""
             tr[missing] = b""
             tr[space["job"].key() + b"\xfe not a tuple"] = b"?"

@@ -183,6 +183,9 @@ class FDBPersistence(Persistence):
             tr.clear(self._expire.pack((float(meta["_expire"]), stored.id)))
         if isinstance(meta.get("route"), str) and meta.get("state") in STATES:
             tr.add(self._count.pack((meta["route"], meta["state"])), _COUNTER_MINUS_ONE)
+        elif stored.slot is not None:
+            # Damaged fields, but the slot proves it was a pending record we counted.
+            tr.add(self._count.pack((self._due.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
 
     def _write(self, tr: Any, record: JobRecord, *, payload: bool = False, result: bool = False,
                position: int = 0) -> None:

@@ -1,0 +1,210 @@
+"""What is specific to the fdb backend, beyond the shared conformance kit.
+
+Runs on the stand-in (class ids say StandIn) or, with SKUNKQUEUE_FDB_CLUSTER_FILE,
+on a real cluster (ids say RealCluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, ERROR, PENDING, RUNNING, JobRecord, new_id
+from skunkqueue.testing import BackendUnderTest, jobs
+
+REAL = bool(os.environ.get("SKUNKQUEUE_FDB_CLUSTER_FILE"))
+
+
+def _record(queue: str, *, due: float | None = None, payload: bytes = b"[[1,2],{}]",
+            job_id: str | None = None) -> JobRecord:
+    now = time.time()
+    return JobRecord(id=job_id or new_id(), queue=queue, route="r", func="skunkqueue.testing.jobs:add",
+                     payload=payload, due=now if due is None else due, created=now)
+
+
+class FDBBackendChecks:
+    @pytest.fixture
+    def store(self, backend: BackendUnderTest) -> Iterator[Persistence]:
+        persistence = backend.open(backend.new_queue_name())
+        yield persistence
+        persistence.close()
+
+    def test_payload_over_the_limit_is_refused_at_fire(self, backend: BackendUnderTest) -> None:
+        queue = SkunkQueue(backend.new_queue_name(), backend="fdb", conn_url=backend.url, dbname=backend.db)
+        job = queue.event(routes=["r"])(jobs.add.func)
+        limit = queue.persistence.max_payload
+        assert limit is not None
+        with pytest.raises(PayloadTooLarge, match=f"the fdb backend stores at most {limit}"):
+            job.fire("x" * limit, "")
+        assert queue.counts() == {}
+        queue.close()
+
+    def test_payloads_and_results_larger_than_one_value_round_trip(self, store: Persistence) -> None:
+        # FoundationDB refuses values over 100 kB; the backend splits them.
+        big = bytes(range(256)) * 1500  # 384 kB, every byte value
+        record = _record(store.queue, payload=big)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w", 30)
+        assert claimed.payload == big
+        assert store.finish(record.id, claimed.token, _completed(big[::-1]))
+        done = store.get(record.id)
+        assert done is not None and (done.state, done.payload, done.result) == (COMPLETE, big, big[::-1])
+
+    def test_a_batch_too_big_for_one_transaction_is_refused_whole(self, store: Persistence) -> None:
+        batch = [_record(store.queue, payload=b"x" * 900_000) for _ in range(11)]
+        with pytest.raises(PayloadTooLarge, match="smaller batches"):
+            store.enqueue(batch)
+        assert store.counts() == {} and store.get(batch[0].id) is None
+
+    def test_equal_due_times_are_claimed_in_commit_order(self, store: Persistence) -> None:
+        # The due index ends in a versionstamp: what was enqueued first is
+        # claimed first, even when ids (here chosen by hand) sort otherwise.
+        due = time.time() - 1
+        ids = ["c-first", "b-second", "a-third"]
+        for job_id in ids:
+            store.enqueue([_record(store.queue, due=due, job_id=job_id)])
+        in_one_batch = [_record(store.queue, due=due, job_id=f"z{n}") for n in (3, 1, 2)]
+        store.enqueue(in_one_batch)
+        claimed = [store.claim("r", "w", 30)[0].id for _ in range(6)]
+        assert claimed == ids + ["z3", "z1", "z2"]
+
+    def test_claimers_in_separate_processes_never_share_a_record(self, backend: BackendUnderTest,
+                                                                 store: Persistence) -> None:
+        records = [_record(store.queue) for _ in range(120)]
+        store.enqueue(records)
+        script = (
+            "import json, sys, time\n"
+            "from skunkqueue.testing import BackendUnderTest\n"
+            "b = BackendUnderTest(**json.loads(sys.argv[1]))\n"
+            "taken = []\n"
+            "with b.open(sys.argv[2]) as p:\n"
+            "    p.counts()\n"
+            "    print('ready', flush=True)\n"
+            "    sys.stdin.readline()  # start together, so that they compete\n"
+            "    while (got := p.claim('r', sys.argv[3], 30, limit=2)):\n"
+            "        taken += [r.id for r in got]\n"
+            "        time.sleep(0.002)  # let the others in, on a two-core machine too\n"
+            "print(json.dumps(taken))\n"
+        )
+        spec = json.dumps({"name": backend.name, "url": backend.url, "db": backend.db})
+        claimers = [subprocess.Popen([sys.executable, "-c", script, spec, store.queue, f"w{n}"], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=backend.process_env())
+                    for n in range(3)]
+        for p in claimers:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in claimers:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.close()
+        taken = []
+        for p in claimers:
+            assert p.stdout is not None
+            taken.append(json.loads(p.stdout.read()))
+            assert p.wait(120) == 0
+        everything = [job_id for ids in taken for job_id in ids]
+        assert sorted(everything) == sorted(r.id for r in records)  # each exactly once
+        assert sum(1 for ids in taken if ids) >= 2, "the claimers should have competed"
+        assert store.counts() == {("r", RUNNING): 120}
+
+    def test_undecodable_record_is_quarantined_not_returned(self, backend: BackendUnderTest,
+                                                            store: Persistence) -> None:
+        import fdb
+
+        bad, good = _record(store.queue, due=time.time() - 2), _record(store.queue)
+        store.enqueue([bad, good])
+        space = fdb.Subspace((backend.db, store.queue))
+        fdb.transactional(lambda tr: tr.set(space["job"].pack((bad.id, "meta")), b"\x00garbage"))(
+            fdb.open(backend.url))
+        assert [r.id for r in store.claim("r", "w", 30, limit=5)] == [good.id]
+        with pytest.raises(MalformedRecord):
+            store.get(bad.id)
+        assert store.counts() == {("r", RUNNING): 1, ("r", ERROR): 1}
+        assert store.claim("r", "w", 30) == []
+
+    def test_finished_records_expire_after_result_ttl(self, backend: BackendUnderTest) -> None:
+        with backend.open(backend.new_queue_name(), result_ttl=0.3) as store:
+            record = _record(store.queue)
+            store.enqueue([record])
+            [claimed] = store.claim("r", "w", 30)
+            assert store.finish(record.id, claimed.token, _completed(b"1"))
+            assert store.expired_leases(time.time()) == [] and store.get(record.id) is not None
+            time.sleep(0.4)
+            assert store.expired_leases(time.time()) == []
+            assert store.get(record.id) is None and store.counts() == {}
+
+    def test_idle_worker_wakes_when_scheduled_work_becomes_due(self, store: Persistence) -> None:
+        store.enqueue([_record(store.queue, due=time.time() + 0.5)])
+        started = time.monotonic()
+        store.wait_for_work(["r"], "w", 5.0)
+        assert 0.3 < time.monotonic() - started < 2.0
+        assert len(store.claim("r", "w", 30)) == 1
+
+    def test_pending_count_is_kept_by_atomic_counters(self, store: Persistence) -> None:
+        records = [_record(store.queue) for _ in range(5)]
+        store.enqueue(records)
+        store.claim("r", "w", 30, limit=2)
+        assert store.purge("r") == 3
+        assert store.counts() == {("r", RUNNING): 2}
+        assert store.list_jobs(state=PENDING) == []
+
+
+def _completed(result: bytes) -> Any:
+    from skunkqueue import policy
+
+    return policy.completed(result)
+
+
+@pytest.mark.skipif(REAL, reason="SKUNKQUEUE_FDB_CLUSTER_FILE is set: this run uses the real cluster")
+class TestFDBStandInBackend(FDBBackendChecks):
+    @pytest.fixture
+    def backend(self, standin_cluster: Any, fdb_root: str) -> BackendUnderTest:
+        from skunkqueue_tests_fdb_servers import STANDIN_LABEL, standin_env  # type: ignore[import-not-found]
+
+        return BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root, env=standin_env(),
+                                label=STANDIN_LABEL)
+
+    def test_unreachable_cluster_is_backend_unavailable(self, tmp_path: Path, fdb_root: str) -> None:
+        cluster_file = tmp_path / "nowhere.cluster"
+        cluster_file.write_text("nowhere:x@127.0.0.1:9\n")
+        backend = BackendUnderTest(name="fdb", url=str(cluster_file), db=fdb_root, options={"timeout_ms": 500})
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match=f"cluster file {cluster_file}.*timed out"):
+            backend.open("q").counts()
+        assert time.monotonic() - started < 5
+
+
+class TestFDBRealClusterBackend(FDBBackendChecks):
+    @pytest.fixture
+    def backend(self, real_cluster_file: str, fdb_root: str) -> BackendUnderTest:
+        return BackendUnderTest(name="fdb", url=real_cluster_file, db=fdb_root, label="fdb (real cluster)")
+
+
+def test_missing_client_library_is_a_clear_error(tmp_path: Path) -> None:
+    # The real bindings, in a process without the stand-in: here libfdb_c is absent.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (
+        "from skunkqueue.backends import open_backend\n"
+        "from skunkqueue.errors import BackendUnavailable\n"
+        "try:\n"
+        "    open_backend('q', 'fdb')\n"
+        "except BackendUnavailable as exc:\n"
+        "    print('UNAVAILABLE', exc)\n"
+        "else:\n"
+        "    print('OPENED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                         cwd=tmp_path).stdout
+    if out.startswith("OPENED"):
+        pytest.skip("a FoundationDB client library is installed here")
+    assert out.startswith("UNAVAILABLE FoundationDB client library not found: install the FoundationDB client")
+    assert "Traceback" not in out
