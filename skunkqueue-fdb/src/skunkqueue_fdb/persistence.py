@@ -109,6 +109,17 @@ class _Stored:
         self.result: list[bytes] = []
         self.slot: bytes | None = None
 
+    def add(self, part: tuple[Any, ...], value: bytes) -> None:
+        """Take in one of the record's keys (``part`` follows the id in the key)."""
+        if part == ("meta",):
+            self.raw_meta = value
+        elif part[:1] == ("payload",):
+            self.payload.append(value)
+        elif part[:1] == ("result",):
+            self.result.append(value)
+        elif part == ("slot",):
+            self.slot = value
+
     def meta(self) -> dict[str, Any] | None:
         """The stored fields, or None if they are not a JSON object."""
         try:
@@ -160,15 +171,7 @@ class FDBPersistence(Persistence):
         stored = _Stored(job_id)
         span = self._jobs.range((job_id,))
         for kv in tr.get_range(span.start, span.stop):
-            part = self._jobs.unpack(kv.key)[1:]
-            if part == ("meta",):
-                stored.raw_meta = kv.value
-            elif part[:1] == ("payload",):
-                stored.payload.append(kv.value)
-            elif part[:1] == ("result",):
-                stored.result.append(kv.value)
-            elif part == ("slot",):
-                stored.slot = kv.value
+            stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
         return None if stored.raw_meta is None and not stored.payload else stored
 
     def _unindex(self, tr: Any, stored: _Stored) -> None:
@@ -295,13 +298,7 @@ class FDBPersistence(Persistence):
             for job_id, group in groups.items():
                 stored = _Stored(job_id)
                 for kv in group:
-                    part = self._jobs.unpack(kv.key)[1:]
-                    if part == ("meta",):
-                        stored.raw_meta = kv.value
-                    elif part[:1] == ("payload",):
-                        stored.payload.append(kv.value)
-                    elif part[:1] == ("result",):
-                        stored.result.append(kv.value)
+                    stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
                 everything.append(stored)
             if not full:
                 return everything
@@ -445,6 +442,7 @@ class FDBPersistence(Persistence):
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # Runs about once a second per worker: often enough to also delete
         # finished records past their time to live, a bounded batch at a time.
+        now = float(now)  # the tuple layer orders ints and floats apart
         self._delete_expired(now)
 
         @fdb.transactional
