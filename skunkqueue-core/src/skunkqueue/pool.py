@@ -89,7 +89,13 @@ class WorkerPool:
         pause = 0.5
         for attempt in range(1, config.connect_attempts + 1):
             try:
-                config.open().close()
+                backend = config.open()
+                try:
+                    # A round trip: a backend may open its connection lazily
+                    # (fdb.open does), and then constructing it proves nothing.
+                    backend.workers()
+                finally:
+                    backend.close()
                 return
             except BackendUnavailable as exc:
                 if attempt == config.connect_attempts:
