@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -287,6 +288,50 @@ def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def _fdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    load_helper("fdb")
-    raise RuntimeError("tests/fdb/servers.py is not wired into the reliability suite yet")
-    yield  # pragma: no cover
+    servers = load_helper("fdb")
+    work = tmp_path_factory.mktemp("fdb-rel")
+    root = f"skunkqueue-reliability-{uuid.uuid4().hex[:8]}"
+    real = servers.REAL_CLUSTER_FILE
+    cluster = None
+    if real:
+        cluster_file, env, label = real, {}, "fdb (real cluster)"
+    else:
+        servers.activate_standin()  # this process and every worker import the stand-in `fdb`
+        cluster = servers.StandInCluster(work).start()
+        cluster_file, env, label = cluster.cluster_file, servers.standin_env(), servers.STANDIN_LABEL
+    import fdb
+    import fdb.tuple
+
+    def inject(queue: str, route: str) -> int:
+        # A record whose fields are not JSON (indexed as due) and a due entry
+        # for a record that does not exist (key layout: skunkqueue_fdb.persistence).
+        space = fdb.Subspace((root, queue))
+        stamp = fdb.tuple.Versionstamp(b"\x00" * 10)
+        garbage = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-garbage"))
+        missing = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-missing"))
+
+        @fdb.transactional
+        def write(tr: Any) -> None:
+            tr[space["job"].pack(("foreign-garbage", "meta"))] = b"not json"
+            tr[space["job"].pack(("foreign-garbage", "slot"))] = garbage
+            tr[garbage] = b""
+            tr[missing] = b""
+
+        write(fdb.open(cluster_file))
+        return 2
+
+    nowhere = work / "unreachable.cluster"
+    nowhere.write_text(f"standin:nobody@127.0.0.1:{closed_port()}\n")
+    try:
+        yield Target(
+            key="fdb", label=label,
+            backend=BackendUnderTest(name="fdb", url=cluster_file, db=root, env=env, label=label),
+            unreachable=BackendUnderTest(name="fdb", url=str(nowhere), db=root, env=env),
+            address_hint=str(nowhere),
+            inject_foreign=inject,
+            notes={"restart": "the stand-in keeps its data in memory: restarting it loses everything by design",
+                   "auth": "FoundationDB has no passwords (it uses mutual TLS)"},
+        )
+    finally:
+        if cluster is not None:
+            cluster.stop()
