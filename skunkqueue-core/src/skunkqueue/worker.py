@@ -27,7 +27,13 @@ from typing import Any
 
 from skunkqueue import hooks, policy, serializer
 from skunkqueue.backends import open_backend
-from skunkqueue.errors import BackendUnavailable, JobKilled, SerializationError, SkunkQueueError
+from skunkqueue.errors import (
+    BackendUnavailable,
+    JobKilled,
+    PayloadTooLarge,
+    SerializationError,
+    SkunkQueueError,
+)
 from skunkqueue.housekeeping import reap_dead_workers, recover_expired_leases
 from skunkqueue.job import Job, resolve
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
@@ -41,7 +47,6 @@ INTERRUPT_SIGNAL = signal.SIGUSR1  # keeper -> main thread
 
 HEARTBEAT_EVERY = 2.0     # seconds between registry heartbeats
 HOUSEKEEPING_EVERY = 1.0  # seconds between lease recoveries
-MAX_IDLE_POLL = 0.2       # longest sleep between polls of a store that cannot notify
 HOLD_WHILE_BUSY = 1.0     # prefetched jobs go back to the queue once the current job runs this long
 EXIT_UNREACHABLE = 3      # exit status: the backend could not be reached at start-up
 
@@ -193,7 +198,7 @@ class Worker:
                         backend.wait_for_work([self.config.route], self.id, 1.0)
                     else:
                         self._wake.wait(pause)
-                        pause = min(pause * 2, MAX_IDLE_POLL)
+                        pause = min(pause * 2, backend.max_idle_poll)
                     continue
                 pause = 0.001
                 with self._held_lock:
@@ -241,6 +246,10 @@ class Worker:
             recorded = self.backend.finish(record.id, record.token, outcome)
         except BackendUnavailable:
             recorded = self._finish_when_back(record, outcome)
+        except SkunkQueueError as exc:
+            # The store refused this outcome (e.g. a size limit): record why instead.
+            outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+            recorded = self.backend.finish(record.id, record.token, outcome)
         hooks.call("job_finished", record=record, outcome=outcome)
         if outcome.state == ERROR or (outcome.error and outcome.state != "killed"):
             hooks.call("job_failed", record=record, error=outcome.error or {})
@@ -293,9 +302,17 @@ class Worker:
         except Exception as exc:
             return policy.failed(record, error_info(exc))
         try:
-            return policy.completed(serializer.dumps(value, record.serializer, what="result"))
+            data = serializer.dumps(value, record.serializer, what="result")
         except SerializationError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+        limit = self.backend.max_payload
+        if limit is not None and len(data) > limit:
+            too_large = PayloadTooLarge(
+                f"The result of {record.func} encodes to {len(data)} bytes; the {self.backend.name} "
+                f"backend stores at most {limit}. Store large results elsewhere and return a reference."
+            )
+            return policy.failed(record, error_info(too_large, with_traceback=False), retryable=False)
+        return policy.completed(data)
 
     # -- the keeper thread --------------------------------------------------------
 

@@ -128,6 +128,8 @@ class MongoPersistence(Persistence):
     name = "mongodb"
     # BSON documents are limited to 16 MiB; leave room for the record's other fields.
     max_payload = 15 * 1024 * 1024
+    # A standalone cannot notify; an indexed claim is cheap, so poll it briskly.
+    max_idle_poll = 0.05
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
@@ -152,7 +154,7 @@ class MongoPersistence(Persistence):
         try:
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
-            self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")  # type: ignore[misc]
+            self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
             self._ensure_indexes()
         except BaseException:
             self.client.close()

@@ -10,7 +10,8 @@ only stores records and applies state changes atomically. Every guarantee
 below is checked by the conformance kit in :mod:`skunkqueue.testing`.
 
 Ordering: within a route, claimable records are handed out by ascending
-``due``, ties broken by ascending ``id`` (ids sort by creation time).
+``due``, ties broken by enqueue order (ascending ``id``, which sorts by
+creation time, or the store's commit order where it has one).
 
 Leases and fencing: :meth:`claim` sets ``owner``, ``lease_until`` and bumps
 ``token``. The worker renews the lease while the job runs. When the lease runs
@@ -46,8 +47,11 @@ class Persistence(ABC):
     #: Largest encoded payload the backend accepts, in bytes (None: no limit).
     max_payload: ClassVar[int | None] = None
     #: True when :meth:`wait_for_work` blocks on the store and wakes on new
-    #: work; False makes workers poll with an adaptive back-off.
-    notifies: ClassVar[bool] = False
+    #: work; False makes workers poll with an adaptive back-off. A backend may
+    #: set it per instance (e.g. change streams only on a replica set).
+    notifies: bool = False
+    #: Longest sleep between polls, in seconds, when ``notifies`` is False.
+    max_idle_poll: ClassVar[float] = 0.2
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
@@ -64,8 +68,10 @@ class Persistence(ABC):
         """Store new records (state ``pending``).
 
         Each record becomes claimable atomically once it is due; a worker
-        blocked in :meth:`wait_for_work` on its route wakes up. Either all
-        records of one call are stored or the call raises.
+        blocked in :meth:`wait_for_work` on its route wakes up. If the call
+        raises, the caller must assume that some records may have been stored
+        (stores with multi-record atomicity store all or none); if it returns,
+        all were stored durably as far as the store's settings allow.
         """
 
     @abstractmethod

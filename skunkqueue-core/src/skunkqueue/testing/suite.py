@@ -52,6 +52,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def started(marker: Path) -> bool:
+    """True once ``jobs.nap`` has written its start line (the file appears a moment earlier)."""
+    return marker.exists() and "start" in marker.read_text()
+
+
 def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
                 func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
                 retries: int = 0) -> JobRecord:
@@ -453,7 +458,7 @@ class ConformanceSuite:
         start_pool(["r"])
         marker = tmp_path / "started"
         handle = self.declare(queue, jobs.nap).fire(60, str(marker))
-        wait_until(marker.exists, what="the job to start")
+        wait_until(lambda: started(marker), what="the job to start")
         assert queue.kill(handle) == RUNNING
         with pytest.raises(JobFailed) as info:
             handle.wait(timeout=15)
@@ -521,7 +526,7 @@ class ConformanceSuite:
         pool = start_pool(["r"])
         marker = tmp_path / "started"
         handle = self.declare(queue, jobs.nap).fire(1.0, str(marker))
-        wait_until(marker.exists, what="the job to start")
+        wait_until(lambda: started(marker), what="the job to start")
         pool.signal(getattr(signal, sig))
         assert pool.wait(30) == 0
         assert (handle.state, handle.result) == (COMPLETE, "rested")
@@ -532,7 +537,7 @@ class ConformanceSuite:
         pool = start_pool(["r"])
         marker = tmp_path / "started"
         handle = self.declare(queue, jobs.nap).fire(60, str(marker))
-        wait_until(marker.exists, what="the job to start")
+        wait_until(lambda: started(marker), what="the job to start")
         pool.signal(signal.SIGINT)
         assert pool.wait(30) == 130
         record = queue.get(handle.id)
@@ -548,7 +553,7 @@ class ConformanceSuite:
         workers = first.worker_pids()
         marker = tmp_path / "starts"
         handle = self.declare(queue, jobs.nap).fire(2.0, str(marker))
-        wait_until(marker.exists, what="the job to start")
+        wait_until(lambda: started(marker), what="the job to start")
         first.signal(signal.SIGKILL)
         first.wait(10)
         wait_until(lambda: not any(pid_alive(p) for p in workers), timeout=5, what="workers to die")
