@@ -132,7 +132,8 @@ def test_unreachable_server_fails_fast_and_clearly(target: Target, figures: Figu
     started = time.monotonic()
     # The worker pool retries a bounded number of times, then names the address.
     work = subprocess.Popen([sys.executable, "-m", "skunkqueue.cli", "work", "-q", "rel-unreachable",
-                             "-r", "a", *unreachable.cli_args()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "-r", "a", "--connect-attempts", "2", *unreachable.cli_args()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=unreachable.process_env())
     try:
         # Meanwhile, a producer: fire raises SkunkQueue's own exception, quickly.

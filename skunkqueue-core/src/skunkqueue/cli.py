@@ -73,12 +73,15 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True,
               help="Run jobs of queues created with serializer='pickle' (only if nobody untrusted can write "
                    "to the store: unpickling runs code).")
+@click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @_store_options
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
-         paths: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool, log_level: str,
+         paths: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool, connect_attempts: int,
+         log_level: str,
          backend: str, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
 
@@ -94,6 +97,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
+                          connect_attempts=connect_attempts,
                           allow_pickle=allow_pickle)
     logging.getLogger("skunkqueue.pool").info(
         "pool: queue %s routes %s on %s %s", queue, " ".join(routes), backend, redact(url))
