@@ -1,0 +1,34 @@
+"""Each backend distribution installs on its own, without the other backends' drivers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVERS = {"redis": "redis", "mongodb": "pymongo", "fdb": "foundationdb"}
+
+
+@pytest.mark.parametrize(("backend", "folder"), [("redis", "skunkqueue-redis"),
+                                                 ("mongodb", "skunkqueue-mongo"),
+                                                 ("fdb", "skunkqueue-fdb")])
+def test_a_backend_installs_into_a_fresh_venv_with_only_its_own_driver(
+        backend: str, folder: str, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              str(ROOT / "skunkqueue-core"), str(ROOT / folder)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True, check=True).stdout.lower()
+    installed = {line.split("==")[0] for line in listed.split()}
+    assert DRIVERS[backend] in installed
+    assert not installed & (set(DRIVERS.values()) - {DRIVERS[backend]}), installed
+    backends = subprocess.run([str(venv / "bin" / "skunq"), "backends"], capture_output=True, text=True,
+                              check=True).stdout
+    assert sorted(line.split()[0] for line in backends.splitlines()) == sorted(["sqlite", backend])
