@@ -32,6 +32,8 @@ servers:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
+		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

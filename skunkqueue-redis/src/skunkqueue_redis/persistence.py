@@ -100,6 +100,11 @@ _DECODERS: dict[bytes, str] = {
 }
 
 
+def _text(raw: Any) -> str:
+    """A key or member as text (the client returns bytes: decode_responses is off)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def decode_record(flat: dict[bytes, bytes] | Sequence[bytes], job_id: str = "?") -> JobRecord:
     """A record from HGETALL's answer (a dict, or the flat list a script returns)."""
     pairs: Iterable[tuple[bytes, bytes]]
@@ -688,7 +693,7 @@ class RedisPersistence(Persistence):
             flat = self.client.hgetall(self.keys.job(job_id))
         except ResponseError as exc:  # WRONGTYPE: something else lives under the key
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
-        return decode_record(flat, job_id) if flat else None
+        return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
     def _scan_index(self, fields: Sequence[str]) -> Iterable[tuple[str, list[bytes | None]]]:
         """(id, [field values]) of every live record of the queue, in batches."""
@@ -700,10 +705,10 @@ class RedisPersistence(Persistence):
             start += len(ids)
             pipe = self._pipeline()
             for raw_id in ids:
-                pipe.hmget(self.keys.job(raw_id.decode()), list(fields))
+                pipe.hmget(self.keys.job(_text(raw_id)), list(fields))
             for raw_id, values in zip(ids, pipe.execute(raise_on_error=False)):
                 if isinstance(values, list) and values[0] is not None:
-                    yield raw_id.decode(), values
+                    yield _text(raw_id), values
 
     @_guarded
     def list_jobs(self, *, route: str | None = None, state: str | None = None,
@@ -754,7 +759,7 @@ class RedisPersistence(Persistence):
         if target is not None:
             zsets = [k.due(route, target)]
         else:
-            names = sorted(t.decode() for t in self.client.smembers(k.targets(route)))
+            names = sorted(_text(t) for t in self.client.smembers(k.targets(route)))
             zsets = [k.due(route)] + [k.due(route, t) for t in names]
         deleted = 0
         for zkey in zsets:
@@ -877,7 +882,7 @@ class RedisPersistence(Persistence):
 
     @_guarded
     def workers(self) -> list[WorkerInfo]:
-        ids = sorted(raw.decode() for raw in self.client.smembers(self.keys.workers))
+        ids = sorted(_text(raw) for raw in self.client.smembers(self.keys.workers))
         if not ids:
             return []
         pipe = self._pipeline()
@@ -925,7 +930,8 @@ class RedisPersistence(Persistence):
                 if block <= 0:
                     return record
             # BLMOVE onto the same list leaves the token for every other waiter.
-            self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")
+            # Redis takes a fractional timeout; redis-py's stub says int.
+            self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.client.close()
