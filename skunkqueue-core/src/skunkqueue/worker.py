@@ -243,7 +243,7 @@ class Worker:
                         record.id, record.func, record.route)
             return
         try:
-            recorded = self.backend.finish(record.id, record.token, outcome)
+            recorded = self._finish(record, outcome)
         except BackendUnavailable:
             recorded = self._finish_when_back(record, outcome)
         except SkunkQueueError as exc:
@@ -256,6 +256,19 @@ class Worker:
         log.info("job %s %s route=%s %.3fs %s%s", record.id, record.func, record.route,
                  time.monotonic() - started, outcome.state,
                  "" if recorded else " (not recorded: lease lost)")
+
+    def _finish(self, record: JobRecord, outcome: Outcome) -> bool:
+        """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
+        with self._held_lock:
+            claim_next = not self.held and self.stopping is None
+        if not claim_next:
+            return self.backend.finish(record.id, record.token, outcome)
+        recorded, claimed = self.backend.finish_and_claim(
+            record.id, record.token, outcome, self.config.route, self.id, self.config.lease,
+            self.config.prefetch)
+        with self._held_lock:
+            self.held.extend(claimed)
+        return recorded
 
     def _finish_when_back(self, record: JobRecord, outcome: Outcome) -> bool:
         # The result exists only in this process: keep trying while the lease

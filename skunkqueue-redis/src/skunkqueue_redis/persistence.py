@@ -382,6 +382,23 @@ end
 return 1
 """
 
+# _FINISH then _CLAIM in one round trip. KEYS: finish's 3 keys, then claim's 5.
+# ARGV: n = how many of finish's arguments come first, then finish's, then claim's.
+# Returns {finish's result, claim's result}.
+_FINISH_AND_CLAIM = (
+    _LUA_HELPERS
+    + "local function finish(KEYS, ARGV)\n" + _FINISH[len(_LUA_HELPERS):] + "\nend\n"
+    + "local function claim(KEYS, ARGV)\n" + _CLAIM[len(_LUA_HELPERS):] + "\nend\n"
+    + r"""
+local n = tonumber(ARGV[1])
+local fa, ca = {}, {}
+for i = 2, n + 1 do fa[#fa + 1] = ARGV[i] end
+for i = n + 2, #ARGV do ca[#ca + 1] = ARGV[i] end
+local done = finish({KEYS[1], KEYS[2], KEYS[3]}, fa)
+return {done, claim({KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]}, ca)}
+"""
+)
+
 # KEYS: lease zset; ARGV: base, lease_until, then (id, token) pairs. Returns one status per pair.
 _RENEW = r"""
 local base, until_ = ARGV[1], ARGV[2]
@@ -640,6 +657,7 @@ class RedisPersistence(Persistence):
         self._enqueue = register(_ENQUEUE)
         self._claim = register(_CLAIM)
         self._finish = register(_FINISH)
+        self._finish_claim = register(_FINISH_AND_CLAIM)
         self._renew = register(_RENEW)
         self._kill = register(_KILL)
         self._purge = register(_PURGE)
@@ -778,13 +796,21 @@ class RedisPersistence(Persistence):
 
     @_guarded
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        keys, args, now = self._claim_call(route, worker_id, lease, limit)
+        return self._claimed(route, self._claim(keys=keys, args=args), now)
+
+    def _claim_call(self, route: str, worker_id: str, lease: float,
+                    limit: int) -> tuple[list[str], list[Any], float]:
         k = self.keys
         now = time.time()
         ttl_ms, expire_at = self._expiry(now)
-        hashes, next_due, foreign = self._claim(
-            keys=[k.due(route), k.due(route, worker_id), k.lease, k.notify(route), k.notify(route, worker_id)],
-            args=[k.base, _num(now), _num(now + lease), worker_id, int(limit), ttl_ms, expire_at],
-        )
+        keys = [k.due(route), k.due(route, worker_id), k.lease, k.notify(route), k.notify(route, worker_id)]
+        return keys, [k.base, _num(now), _num(now + lease), worker_id, int(limit), ttl_ms, expire_at], now
+
+    def _claimed(self, route: str, reply: Any, now: float) -> list[JobRecord]:
+        """Decode _CLAIM's reply; quarantine what does not decode."""
+        k = self.keys
+        hashes, next_due, foreign = reply
         self._next_due[route] = float(next_due) if next_due else math.inf
         for key in foreign:
             log.warning("queue %s route %s: skipped %s, which is not a SkunkQueue record",
@@ -797,6 +823,7 @@ class RedisPersistence(Persistence):
                 claimed.append(decode_record(fields, job_id))
             except MalformedRecord as exc:
                 log.error("queue %s: quarantined record %s: %s", self.queue, job_id, exc)
+                ttl_ms, expire_at = self._expiry(now)
                 self._quarantine(keys=[k.job(job_id)],
                                  args=[k.base, job_id, str(exc), _num(now), ttl_ms, expire_at])
         return claimed
@@ -814,19 +841,30 @@ class RedisPersistence(Persistence):
 
     @_guarded
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
+        keys, args = self._finish_call(job_id, token, outcome, expect)
+        return bool(self._finish(keys=keys, args=args))
+
+    @_guarded
+    def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
+                         lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
+        finish_keys, finish_args = self._finish_call(job_id, token, outcome, RUNNING)
+        claim_keys, claim_args, now = self._claim_call(route, worker_id, lease, limit)
+        applied, reply = self._finish_claim(keys=finish_keys + claim_keys,
+                                            args=[len(finish_args), *finish_args, *claim_args])
+        return bool(applied), self._claimed(route, reply, now)
+
+    def _finish_call(self, job_id: str, token: int, outcome: Outcome,
+                     expect: str) -> tuple[list[str], list[Any]]:
         k = self.keys
         now = time.time()
         finished = outcome.finished if outcome.finished is not None else now
         ttl_ms, expire_at = self._expiry(finished)
         error = json.dumps(outcome.error) if outcome.error is not None else None
         attempts = str(outcome.attempts) if outcome.attempts is not None else None
-        applied = self._finish(
-            keys=[k.job(job_id), k.lease, k.index],
-            args=[k.base, job_id, int(token), expect, _num(now), ttl_ms, expire_at, outcome.state,
-                  "1" if outcome.dead else "0", _opt(attempts), _opt(error), _opt(outcome.result),
-                  _num(outcome.due if outcome.due is not None else now), _num(finished)],
-        )
-        return bool(applied)
+        return [k.job(job_id), k.lease, k.index], [
+            k.base, job_id, int(token), expect, _num(now), ttl_ms, expire_at, outcome.state,
+            "1" if outcome.dead else "0", _opt(attempts), _opt(error), _opt(outcome.result),
+            _num(outcome.due if outcome.due is not None else now), _num(finished)]
 
     @_guarded
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:

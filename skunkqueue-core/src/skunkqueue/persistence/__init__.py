@@ -150,6 +150,18 @@ class Persistence(ABC):
         :meth:`wait_finished` are woken.
         """
 
+    def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
+                         lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
+        """:meth:`finish` a running record, then :meth:`claim` the next ones.
+
+        Each half keeps its own guarantees; the two need not be atomic
+        together. Workers call this after every job, so a backend that can do
+        both in one round trip (one script, one transaction) should override
+        it; the default simply makes the two calls.
+        """
+        done = self.finish(job_id, token, outcome)
+        return done, self.claim(route, worker_id, lease, limit)
+
     @abstractmethod
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         """Running records whose ``lease_until`` is before ``now``.

@@ -201,6 +201,22 @@ class ConformanceSuite:
         assert store.claim("r", "w", 10) == []
         assert not store.finish("no-such-id", 1, policy.completed(b"1"))
 
+    def test_finish_and_claim_records_then_takes_the_next_jobs(self, store: Persistence,
+                                                                queue_name: str) -> None:
+        first, second, third = (make_record(queue_name) for _ in range(3))
+        store.enqueue([first, second, third])
+        [claimed] = store.claim("r", "w", 10)
+        done, following = store.finish_and_claim(first.id, claimed.token, policy.completed(b"1"), "r", "w", 10, 2)
+        assert done and [r.id for r in following] == [second.id, third.id]
+        assert all(r.state == RUNNING and r.owner == "w" and r.token == 1 for r in following)
+        finished = store.get(first.id)
+        assert finished is not None and (finished.state, finished.result) == (COMPLETE, b"1")
+        # A fenced-out finish changes nothing, and the claim half still runs.
+        stale, nothing = store.finish_and_claim(second.id, 99, policy.completed(b"x"), "r", "w", 10, 1)
+        assert not stale and nothing == []
+        still = store.get(second.id)
+        assert still is not None and still.state == RUNNING
+
     def test_pending_outcome_makes_record_claimable_again_at_due(self, store: Persistence,
                                                                  queue_name: str) -> None:
         record = make_record(queue_name)
