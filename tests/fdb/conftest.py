@@ -8,28 +8,13 @@ class is skipped.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from testsupport import load_helper
 
-
-def _load_servers() -> Any:
-    # By path under a unique name: other backends' tests have a servers.py too.
-    name = "skunkqueue_tests_fdb_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-servers = _load_servers()
+servers = load_helper("fdb")
 if servers.REAL_CLUSTER_FILE is None:
     servers.activate_standin()
 

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from testsupport import load_helper
 
-
-def _load_servers() -> Any:
-    # Loaded by path under a unique name: other backends' tests have a servers.py
-    # too, and tests/mongo must not become a package that shadows anything.
-    name = "skunkqueue_tests_mongo_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-servers = _load_servers()
+servers = load_helper("mongo")
 MongoServer = servers.MongoServer
 
 AUTH_USER, AUTH_PASSWORD = "skunk", "s3cr3t-Pa55word"

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from testsupport import load_helper
 
-
-def _load_servers():
-    # Loaded by path under a unique name: "servers" is a likely name for other
-    # backends' helpers too, and tests/redis must not become a package named "redis".
-    name = "skunkqueue_tests_redis_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-servers = _load_servers()
+servers = load_helper("redis")
 RedisServer = servers.RedisServer
 
 

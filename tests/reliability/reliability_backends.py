@@ -18,19 +18,16 @@ import importlib.util
 import signal
 import socket
 import sqlite3
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
+from testsupport import load_helper
 
 from skunkqueue.testing.kit import BackendUnderTest
-
-TESTS = Path(__file__).resolve().parents[1]
 
 BACKENDS = ["sqlite", "redis", "mongodb", "fdb"]
 DISTRIBUTIONS = {"sqlite": "skunkqueue", "redis": "skunkqueue-redis", "mongodb": "skunkqueue-mongo",
@@ -69,22 +66,6 @@ class Target:
     restartable: Callable[[Path], ContextManager[tuple[BackendUnderTest, Server]]] | None = None
     secured: Callable[[Path], ContextManager[list[Secured]]] | None = None
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def load_helper(backend: str, filename: str = "servers.py") -> ModuleType:
-    """Import ``tests/<backend>/<filename>`` under a name no other test module uses."""
-    path = TESTS / backend / filename
-    name = f"skunkqueue_reliability_{backend}_{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not path.exists():
-        raise RuntimeError(f"{path} does not exist: the {backend} backend's server helpers are missing")
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def closed_port() -> int:
