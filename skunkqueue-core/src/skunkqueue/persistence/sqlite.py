@@ -185,27 +185,31 @@ class SQLitePersistence(Persistence):
     # -- workers -----------------------------------------------------------------
 
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
-        claimed: list[JobRecord] = []
         with self._write() as conn:
-            now = time.time()
-            rows = conn.execute(
-                "SELECT * FROM jobs WHERE queue=? AND route=? AND state=? AND due<=? "
-                "AND (target IS NULL OR target=?) ORDER BY due, id LIMIT ?",
-                (self.queue, route, PENDING, now, worker_id, limit),
-            ).fetchall()
-            for row in rows:
-                try:
-                    record = _row_to_record(row)
-                except MalformedRecord as exc:
-                    self._quarantine(conn, row["id"], str(exc))
-                    continue
-                record.state, record.owner, record.lease_until = RUNNING, worker_id, now + lease
-                record.token += 1
-                record.attempts += 1
-                record.started = now
-                record.kill_requested = False
-                self._store(conn, record)
-                claimed.append(record)
+            return self._claim(conn, route, worker_id, lease, limit)
+
+    def _claim(self, conn: sqlite3.Connection, route: str, worker_id: str, lease: float,
+               limit: int) -> list[JobRecord]:
+        claimed: list[JobRecord] = []
+        now = time.time()
+        rows = conn.execute(
+            "SELECT * FROM jobs WHERE queue=? AND route=? AND state=? AND due<=? "
+            "AND (target IS NULL OR target=?) ORDER BY due, id LIMIT ?",
+            (self.queue, route, PENDING, now, worker_id, limit),
+        ).fetchall()
+        for row in rows:
+            try:
+                record = _row_to_record(row)
+            except MalformedRecord as exc:
+                self._quarantine(conn, row["id"], str(exc))
+                continue
+            record.state, record.owner, record.lease_until = RUNNING, worker_id, now + lease
+            record.token += 1
+            record.attempts += 1
+            record.started = now
+            record.kill_requested = False
+            self._store(conn, record)
+            claimed.append(record)
         return claimed
 
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
@@ -225,14 +229,25 @@ class SQLitePersistence(Persistence):
 
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
         with self._write() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
-            if row is None:
-                return False
-            record = _row_to_record(row)
-            if record.state != expect or record.token != token:
-                return False
-            self._store(conn, outcome.apply_to(record, time.time()))
-            return True
+            return self._finish(conn, job_id, token, outcome, expect)
+
+    def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
+                         lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
+        # One write transaction instead of two: the write lock is what workers queue on.
+        with self._write() as conn:
+            done = self._finish(conn, job_id, token, outcome, RUNNING)
+            return done, self._claim(conn, route, worker_id, lease, limit)
+
+    def _finish(self, conn: sqlite3.Connection, job_id: str, token: int, outcome: Outcome,
+                expect: str) -> bool:
+        row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+        if row is None:
+            return False
+        record = _row_to_record(row)
+        if record.state != expect or record.token != token:
+            return False
+        self._store(conn, outcome.apply_to(record, time.time()))
+        return True
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # Finished records past their time to live go here too: this runs
