@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 STANDIN_DIR = Path(__file__).resolve().parent / "standin"
 REAL_CLUSTER_FILE = os.environ.get("SKUNKQUEUE_FDB_CLUSTER_FILE") or None
@@ -61,3 +63,30 @@ class StandInCluster:
             self.process.terminate()
             self.process.wait(10)
         self.process = None
+
+
+def write_foreign_entries(cluster_file: str, root: str, queue: str, route: str) -> int:
+    """Leave what another program could leave where a route's jobs live; return how many due entries.
+
+    A record whose fields are not JSON (indexed as due), a due entry for a
+    record that does not exist, and a key in the jobs subspace that is not a
+    tuple. Key layout: skunkqueue_fdb.persistence.
+    """
+    import fdb
+    import fdb.tuple
+
+    space = fdb.Subspace((root, queue))
+    stamp = fdb.tuple.Versionstamp(b"\x00" * 10)
+    garbage = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-garbage"))
+    missing = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-missing"))
+
+    @fdb.transactional
+    def write(tr: Any) -> None:
+        tr[space["job"].pack(("foreign-garbage", "meta"))] = b"not json"
+        tr[space["job"].pack(("foreign-garbage", "slot"))] = garbage
+        tr[garbage] = b""
+        tr[missing] = b""
+        tr[space["job"].key() + b"\xfe not a tuple"] = b"?"
+
+    write(fdb.open(cluster_file))
+    return 2

@@ -8,53 +8,26 @@ runs the same tests, unchanged, against a real cluster when
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+import functools
+from typing import Any
 
 import pytest
+from testsupport import load_helper
 
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
 
-STANDIN_LABEL = "fdb (stand-in, not a real FoundationDB)"
-
-
-def _inject_foreign(cluster_file: str, root: str) -> Callable[[str, str], None]:
-    def inject(queue: str, route: str) -> None:
-        # What another program could leave where the route's jobs live: due
-        # entries for a record whose fields are not JSON and for one that does
-        # not exist, and a key in the jobs subspace that is not a tuple.
-        import fdb
-        import fdb.tuple
-
-        space = fdb.Subspace((root, queue))
-        db = fdb.open(cluster_file)
-        stamp = fdb.tuple.Versionstamp(b"\x00" * 10)
-        garbage = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-garbage"))
-        missing = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-missing"))
-
-        @fdb.transactional
-        def write(tr: Any) -> None:
-            tr[space["job"].pack(("foreign-garbage", "meta"))] = b"not json"
-            tr[garbage] = b""
-            tr[missing] = b""
-            tr[space["job"].key() + b"\xfe not a tuple"] = b"?"
-
-        write(db)
-
-    return inject
+servers = load_helper("fdb")
 
 
 def _backend(cluster_file: str, root: str, env: dict[str, str], label: str) -> BackendUnderTest:
     return BackendUnderTest(name="fdb", url=cluster_file, db=root, env=env, label=label,
-                            inject_foreign=_inject_foreign(cluster_file, root))
+                            inject_foreign=functools.partial(servers.write_foreign_entries, cluster_file, root))
 
 
 class TestFDBStandInConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, standin_cluster: Any, fdb_root: str) -> BackendUnderTest:
-        from skunkqueue_tests_fdb_servers import standin_env  # type: ignore[import-not-found]
-
-        return _backend(standin_cluster.cluster_file, fdb_root, standin_env(), STANDIN_LABEL)
+        return _backend(standin_cluster.cluster_file, fdb_root, servers.standin_env(), servers.STANDIN_LABEL)
 
     def test_really_runs_on_the_standin(self, backend: BackendUnderTest) -> None:
         import fdb

@@ -280,26 +280,8 @@ def _fdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         servers.activate_standin()  # this process and every worker import the stand-in `fdb`
         cluster = servers.StandInCluster(work).start()
         cluster_file, env, label = cluster.cluster_file, servers.standin_env(), servers.STANDIN_LABEL
-    import fdb
-    import fdb.tuple
-
     def inject(queue: str, route: str) -> int:
-        # A record whose fields are not JSON (indexed as due) and a due entry
-        # for a record that does not exist (key layout: skunkqueue_fdb.persistence).
-        space = fdb.Subspace((root, queue))
-        stamp = fdb.tuple.Versionstamp(b"\x00" * 10)
-        garbage = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-garbage"))
-        missing = space["due"].pack((route, "", time.time() - 1, stamp, "foreign-missing"))
-
-        @fdb.transactional
-        def write(tr: Any) -> None:
-            tr[space["job"].pack(("foreign-garbage", "meta"))] = b"not json"
-            tr[space["job"].pack(("foreign-garbage", "slot"))] = garbage
-            tr[garbage] = b""
-            tr[missing] = b""
-
-        write(fdb.open(cluster_file))
-        return 2
+        return int(servers.write_foreign_entries(cluster_file, root, queue, route))
 
     nowhere = work / "unreachable.cluster"
     nowhere.write_text(f"standin:nobody@127.0.0.1:{closed_port()}\n")

@@ -114,6 +114,18 @@ class JobRecord:
         self.kill_requested = bool(self.kill_requested)
         self.dead = bool(self.dead)
 
+    def claim_by(self, worker_id: str, now: float, lease: float) -> None:
+        """Turn a pending record into one ``worker_id`` runs under a fresh lease.
+
+        The field rules of :meth:`Persistence.claim` in one place, for backends
+        that read-modify-write (scripts on the server spell out the same rules).
+        """
+        self.state, self.owner, self.lease_until = RUNNING, worker_id, now + lease
+        self.token += 1
+        self.attempts += 1
+        self.started = now
+        self.kill_requested = False
+
     @property
     def finished_state(self) -> bool:
         return self.state in FINISHED_STATES

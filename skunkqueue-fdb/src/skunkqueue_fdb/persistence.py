@@ -388,11 +388,7 @@ class FDBPersistence(Persistence):
                     self._quarantine(tr, stored, route, str(exc))
                     continue
                 self._unindex(tr, stored)
-                record.state, record.owner, record.lease_until = RUNNING, worker_id, now + lease
-                record.token += 1
-                record.attempts += 1
-                record.started = now
-                record.kill_requested = False
+                record.claim_by(worker_id, now, lease)
                 self._write(tr, record)
                 claimed.append(record)
             return claimed

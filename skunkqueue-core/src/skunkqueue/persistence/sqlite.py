@@ -203,11 +203,7 @@ class SQLitePersistence(Persistence):
             except MalformedRecord as exc:
                 self._quarantine(conn, row["id"], str(exc))
                 continue
-            record.state, record.owner, record.lease_until = RUNNING, worker_id, now + lease
-            record.token += 1
-            record.attempts += 1
-            record.started = now
-            record.kill_requested = False
+            record.claim_by(worker_id, now, lease)
             self._store(conn, record)
             claimed.append(record)
         return claimed
