@@ -13,7 +13,7 @@ import click
 
 from skunkqueue import backends as backend_registry
 from skunkqueue.errors import SkunkQueueError
-from skunkqueue.pool import WorkerPool
+from skunkqueue.pool import DEFAULT_GRACE, WorkerPool
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.urls import redact
 from skunkqueue.worker import WorkerConfig
@@ -73,6 +73,9 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True,
               help="Run jobs of queues created with serializer='pickle' (only if nobody untrusted can write "
                    "to the store: unpickling runs code).")
+@click.option("--grace", default=DEFAULT_GRACE, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds an interrupted job (SIGINT, kill, time limit, lost lease) gets to stop before "
+                   "its worker is killed; a second SIGINT kills at once.")
 @click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
               help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
@@ -80,8 +83,8 @@ def main() -> None:
 @_store_options
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
-         paths: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool, connect_attempts: int,
-         log_level: str,
+         paths: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool, grace: float,
+         connect_attempts: int, log_level: str,
          backend: str, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
 
@@ -101,7 +104,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
                           allow_pickle=allow_pickle)
     logging.getLogger("skunkqueue.pool").info(
         "pool: queue %s routes %s on %s %s", queue, " ".join(routes), backend, redact(url))
-    sys.exit(WorkerPool(config, routes, concurrency).run())
+    sys.exit(WorkerPool(config, routes, concurrency, grace=grace).run())
 
 
 @main.command("backends")

@@ -70,3 +70,19 @@ class JobKilled(BaseException):
     def __init__(self, reason: str = "killed") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class KillRequested(JobKilled):
+    """Someone called ``kill`` on the running job: it ends ``killed``."""
+
+
+class RoughStop(JobKilled):
+    """The pool was stopped roughly (SIGINT): the job ends ``killed``."""
+
+
+class TimeLimit(JobKilled):
+    """The job ran past its ``timeout``: the attempt ends ``error`` with ``TimeoutError``."""
+
+
+class LeaseLost(JobKilled):
+    """Another worker owns the job now: stop and record nothing."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 
+from skunkqueue.errors import JobKilled, LeaseLost, TimeLimit
 from skunkqueue.record import (
     COMPLETE,
     ERROR,
@@ -41,18 +42,37 @@ def killed(reason: str) -> Outcome:
     return Outcome(KILLED, error={"type": "JobKilled", "message": reason, "traceback": ""})
 
 
+def interrupted(record: JobRecord, why: JobKilled) -> Outcome | None:
+    """The outcome of an attempt that was interrupted; None: record nothing.
+
+    A kill request or a rough stop ends the job ``killed``; a time limit is a
+    failed attempt (retried as configured); after a lost lease the job belongs
+    to another worker, so nothing is recorded.
+    """
+    if isinstance(why, LeaseLost):
+        return None
+    if isinstance(why, TimeLimit):
+        return failed(record, {"type": "TimeoutError", "message": why.reason, "traceback": ""})
+    return killed(why.reason)
+
+
 def lease_lost(record: JobRecord) -> Outcome:
     """The worker holding the job vanished. A lost lease counts as an attempt.
 
     Even a job with ``retries=0`` is handed out again, up to
     MIN_ATTEMPTS_ON_LOST_LEASE starts, so a crashed worker never loses work.
     """
+    return worker_died(record, "LeaseLost", f"worker {record.owner} stopped renewing its lease")
+
+
+def worker_died(record: JobRecord, kind: str, message: str) -> Outcome:
+    """The process running the job is gone (crashed, or stopped renewing its lease).
+
+    Counts as an attempt; handed out again up to MIN_ATTEMPTS_ON_LOST_LEASE
+    starts even with ``retries=0``, then dead-lettered.
+    """
     limit = max(record.retries + 1, MIN_ATTEMPTS_ON_LOST_LEASE)
-    error = {
-        "type": "LeaseLost",
-        "message": f"worker {record.owner} stopped renewing its lease (attempt {record.attempts})",
-        "traceback": "",
-    }
+    error = {"type": kind, "message": f"{message} (attempt {record.attempts})", "traceback": ""}
     if record.attempts < limit:
         return Outcome(PENDING, error=error, due=time.time())
     error["message"] += f"; gave up after {record.attempts} attempts"

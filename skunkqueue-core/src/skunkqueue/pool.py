@@ -1,15 +1,31 @@
-"""The WorkerPool: starts one worker process per route, supervises them, relays signals.
+"""The WorkerPool: starts the worker processes, owns their leases and time limits, relays signals.
 
-Gentle signals (SIGHUP, SIGABRT, SIGQUIT, SIGTERM) become SIGTERM to every
+The pool runs no job code, so it stays responsive whatever a job does. For
+every worker it keeps the table of jobs the worker claimed (the worker reports
+them through a pipe, see :mod:`skunkqueue.channel`) and, on the worker's behalf:
+
+* renews their leases and sends the worker's heartbeats, so neither depends on
+  the job's thread getting the GIL;
+* enforces time limits: at ``timeout`` it asks the worker to interrupt the
+  job; at ``timeout + grace`` it kills the worker, records the attempt as a
+  ``TimeoutError`` and starts a fresh worker;
+* acts on kill requests and lost leases the same way (interrupt, then kill);
+* hands back prefetched jobs that were not started soon after their claim,
+  without charging them an attempt;
+* when a worker dies, settles its jobs at once instead of waiting for their
+  leases: the running one is charged an attempt, the held ones go back.
+
+Signals. Gentle (SIGHUP, SIGABRT, SIGQUIT, SIGTERM) become SIGTERM to every
 worker: each finishes its job, unregisters, and the pool exits 0. SIGINT is
-rough: the workers interrupt their jobs (state ``killed``), unregister, and
-the pool exits 130. A SIGINT during a gentle stop escalates it.
+rough: the workers interrupt their jobs (state ``killed``); a worker still
+running after ``grace`` seconds, or at a second SIGINT, is killed and its job
+recorded ``killed``; the pool exits 130. A SIGINT during a gentle stop makes
+it rough. Handlers only set flags: the main loop acts on them.
 
 SIGKILL cannot be handled, so nothing relies on it being handled: on Linux
-the workers ask the kernel to kill them when the pool dies (PR_SET_PDEATHSIG);
-elsewhere they notice their parent is gone within a second. Their jobs' leases
-then run out and any pool started later hands those jobs out again; dead
-workers are reaped from the registry when their heartbeats stop.
+the workers ask the kernel to kill them when the pool dies (PR_SET_PDEATHSIG).
+Their jobs' leases then run out and any pool started later hands those jobs
+out again; dead workers are reaped from the registry when their heartbeats stop.
 """
 
 from __future__ import annotations
@@ -17,20 +33,44 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from types import FrameType
+from typing import Callable, TypeVar
 
-from skunkqueue.errors import BackendUnavailable
-from skunkqueue.worker import EXIT_UNREACHABLE, GENTLE_SIGNALS, ROUGH_SIGNAL, WorkerConfig
+from skunkqueue import channel, policy
+from skunkqueue.errors import (
+    BackendUnavailable,
+    JobKilled,
+    KillRequested,
+    LeaseLost,
+    RoughStop,
+    SkunkQueueError,
+    TimeLimit,
+)
+from skunkqueue.housekeeping import reap_dead_workers, recover_expired_leases
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
+from skunkqueue.record import RUNNING, WorkerInfo
+from skunkqueue.worker import EXIT_UNREACHABLE, GENTLE_SIGNALS, INTERRUPT_SIGNAL, ROUGH_SIGNAL, WorkerConfig
 
 log = logging.getLogger("skunkqueue.pool")
+T = TypeVar("T")
 
 EXIT_ROUGH = 130
 RESTART_BACKOFF_MAX = 30.0
+DEFAULT_GRACE = 5.0        # seconds an interrupted job gets before its worker is killed
+HEARTBEAT_EVERY = 2.0      # seconds between registry heartbeats
+HOUSEKEEPING_EVERY = 1.0   # seconds between recoveries of expired leases
+TICK = 0.05                # longest sleep of the pool's loop
+# A held job the worker has not started this long after its claim goes back to
+# the queue. The margin over channel.START_WITHIN (after which the worker will
+# not start it) absorbs the time for the worker's "start" line to be read.
+HAND_BACK_AFTER = channel.START_WITHIN + 0.5
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -40,52 +80,138 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _stopped(pid: int) -> bool:
+    """True if the process is stopped (SIGSTOP, a debugger): its leases must not be renewed."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class _Claim:
+    token: int
+    timeout: float            # seconds, 0: no limit
+    claimed_at: float         # time.monotonic()
+    started_at: float | None = None
+
+
+@dataclass
 class _Child:
-    def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self.backoff = 0.5
-        self.restart_at = 0.0
+    """One worker process and what the pool knows of it."""
+
+    config: WorkerConfig
+    process: subprocess.Popen[bytes] | None = None
+    pipes: channel.PoolEnd | None = None
+    worker_id: str | None = None
+    claims: dict[str, _Claim] = field(default_factory=dict)  # held and running jobs
+    running: str | None = None            # the job id it started and has not finished
+    interrupt: tuple[JobKilled, float] | None = None  # asked to stop `running`, when
+    killed_for: JobKilled | None = None   # the pool SIGKILLed it for this reason
+    settled: bool = True                  # the dead process's jobs were dealt with
+    started: float = 0.0
+    backoff: float = 0.5
+    restart_at: float = 0.0
+    told_never_start: set[str] = field(default_factory=set)
 
     def start(self) -> None:
+        self.pipes = channel.PoolEnd()
+        events_fd, control_fd = self.pipes.child_fds()
+        config = replace(self.config, events_fd=events_fd, control_fd=control_fd)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "skunkqueue.worker", self.config.to_json()],
-            preexec_fn=_die_with_parent,
+            [sys.executable, "-m", "skunkqueue.worker", config.to_json()],
+            preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd),
         )
+        self.pipes.after_spawn()
+        self.worker_id, self.running, self.interrupt, self.killed_for = None, None, None, None
+        self.claims, self.told_never_start = {}, set()
+        self.settled = False
         self.started = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self, why: JobKilled) -> None:
+        if self.alive and self.process is not None:
+            self.killed_for = why
+            self.process.kill()
 
 
 class WorkerPool:
     """Runs ``concurrency`` worker processes for each route listed (duplicates count)."""
 
-    def __init__(self, base: WorkerConfig, routes: list[str], concurrency: int = 1) -> None:
+    def __init__(self, base: WorkerConfig, routes: list[str], concurrency: int = 1,
+                 grace: float = DEFAULT_GRACE) -> None:
         self.children = [_Child(replace(base, route=route)) for route in routes for _ in range(concurrency)]
+        self.config = base
+        self.grace = grace
         self.stopping: str | None = None
+        self.store: Persistence | None = None
+        self._gentle_signal: int | None = None   # set by handlers, acted on by the loop
+        self._rough_signals = 0
+        self._rough_acted = 0
+        self._rough_deadline = 0.0
+        self._wakeup_read = -1
+        self._next_renew = self._next_heartbeat = self._next_housekeeping = 0.0
+
+    # -- signals: flags only ---------------------------------------------------------
 
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping is None:
-            log.info("pool: %s, stopping workers gently", signal.Signals(signum).name)
-            self.stopping = "gentle"
-            self._signal_all(signal.SIGTERM)
+        if self._gentle_signal is None:
+            self._gentle_signal = signum
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping != "rough":
-            log.info("pool: SIGINT, stopping workers roughly")
-            self.stopping = "rough"
-            self._signal_all(signal.SIGINT)
+        self._rough_signals += 1
+
+    def _install_signal_handlers(self) -> None:
+        self._wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_read, False)
+        os.set_blocking(wakeup_write, False)
+        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+        for sig in GENTLE_SIGNALS:
+            signal.signal(sig, self._on_gentle)
+        signal.signal(ROUGH_SIGNAL, self._on_rough)
+
+    def _act_on_signals(self, now: float) -> None:
+        if self._rough_signals > self._rough_acted:
+            first = self._rough_acted == 0
+            self._rough_acted = self._rough_signals
+            if first:
+                log.info("pool: SIGINT, stopping workers roughly (a second SIGINT, or %g s, kills them)",
+                         self.grace)
+                self.stopping = "rough"
+                self._rough_deadline = now + self.grace
+                self._signal_all(signal.SIGINT)
+            else:
+                log.warning("pool: second SIGINT, killing the workers")
+                self._kill_all()
+        elif self._gentle_signal is not None and self.stopping is None:
+            log.info("pool: %s, stopping workers gently", signal.Signals(self._gentle_signal).name)
+            self.stopping = "gentle"
+            self._signal_all(signal.SIGTERM)
+        if self.stopping == "rough" and now >= self._rough_deadline and any(c.alive for c in self.children):
+            log.warning("pool: workers still running %g s after SIGINT; killing them", self.grace)
+            self._kill_all()
 
     def _signal_all(self, sig: int) -> None:
         for child in self.children:
-            if child.process is not None and child.process.poll() is None:
+            if child.alive and child.process is not None:
                 try:
-                    child.process.send_signal(sig)
+                    os.kill(child.process.pid, sig)
                 except ProcessLookupError:
                     pass
 
+    def _kill_all(self) -> None:
+        for child in self.children:
+            child.kill(RoughStop("worker stopped roughly (SIGINT) and killed after its grace period"))
+
+    # -- the store -------------------------------------------------------------------
+
     def check_backend(self) -> None:
         """Fail fast, with the address in the message, if the store is unreachable."""
-        config = self.children[0].config
+        config = self.config
         pause = 0.5
         for attempt in range(1, config.connect_attempts + 1):
             try:
@@ -94,8 +220,10 @@ class WorkerPool:
                     # A round trip: a backend may open its connection lazily
                     # (fdb.open does), and then constructing it proves nothing.
                     backend.workers()
-                finally:
+                except BaseException:
                     backend.close()
+                    raise
+                self.store = backend
                 return
             except BackendUnavailable as exc:
                 if attempt == config.connect_attempts:
@@ -104,46 +232,241 @@ class WorkerPool:
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
+    @staticmethod
+    def _store_call(what: str, call: Callable[..., T], *args: object) -> T | None:
+        """Call the store; a failure is logged and retried on a later tick, never fatal."""
+        try:
+            return call(*args)
+        except SkunkQueueError as exc:
+            log.warning("pool: %s: %s", what, exc)
+            return None
+
+    # -- the loop --------------------------------------------------------------------
+
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops the pool."""
-        for sig in GENTLE_SIGNALS:
-            signal.signal(sig, self._on_gentle)
-        signal.signal(ROUGH_SIGNAL, self._on_rough)
+        self._install_signal_handlers()
         self.check_backend()
         for child in self.children:
             child.start()
         log.info("pool %d: started %d worker(s)", os.getpid(), len(self.children))
-        while True:
-            alive = 0
+        try:
+            while True:
+                now = time.monotonic()
+                self._act_on_signals(now)
+                alive = 0
+                for child in self.children:
+                    self._read_events(child)
+                    alive += self._supervise(child, now)
+                if self.stopping and alive == 0:
+                    break
+                for child in self.children:
+                    self._enforce(child, now)
+                self._upkeep(now)
+                self._sleep(TICK)
+        finally:
             for child in self.children:
-                alive += self._supervise(child)
-            if self.stopping and alive == 0:
-                break
-            time.sleep(0.1)
+                if child.pipes is not None:
+                    child.pipes.close()
+            if self.store is not None:
+                self.store.close()
         log.info("pool %d: all workers stopped", os.getpid())
         return EXIT_ROUGH if self.stopping == "rough" else 0
 
-    def _supervise(self, child: _Child) -> int:
-        """1 if the child is running; restarts a crashed child unless the pool is stopping."""
-        process = child.process
-        if process is not None and process.poll() is None:
+    def _sleep(self, seconds: float) -> None:
+        select.select([self._wakeup_read], [], [], seconds)
+        try:
+            os.read(self._wakeup_read, 4096)
+        except BlockingIOError:
+            pass
+
+    def _read_events(self, child: _Child) -> None:
+        if child.pipes is None:
+            return
+        for event in child.pipes.events():
+            if event.kind == "h":
+                child.worker_id = event.job_id
+            elif event.kind == "c":
+                child.claims[event.job_id] = _Claim(event.token, event.timeout, event.at)
+            elif event.kind == "s":
+                claim = child.claims.get(event.job_id)
+                if claim is not None:
+                    claim.started_at = event.at
+                    child.running = event.job_id
+            elif event.kind == "d":
+                child.claims.pop(event.job_id, None)
+                if child.running == event.job_id:
+                    child.running, child.interrupt = None, None
+            elif event.kind == "k":
+                claim = child.claims.get(event.job_id)
+                if child.running == event.job_id:
+                    child.running = None
+                if claim is not None:
+                    claim.started_at = None
+                    self._hand_back(child, event.job_id)
+
+    def _supervise(self, child: _Child, now: float) -> int:
+        """1 if the child is running; settles and restarts a dead child unless the pool is stopping."""
+        if child.alive:
             return 1
+        process = child.process
+        if process is not None and not child.settled:
+            self._read_events(child)
+            self._settle(child, process.returncode)
+            if not self.stopping:
+                self._schedule_restart(child, process.returncode, now)
+            child.process = None
         if self.stopping:
             return 0
-        now = time.monotonic()
-        if process is not None:
-            code = process.returncode
-            if code == EXIT_UNREACHABLE:
-                log.error("pool: a worker for route %s could not reach the backend", child.config.route)
-            else:
-                log.error("pool: worker for route %s exited with status %s; restarting",
-                          child.config.route, code)
-            if now - child.started > 60:
-                child.backoff = 0.5
-            child.restart_at = now + child.backoff
-            child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
-            child.process = None
-        if now >= child.restart_at:
+        if child.process is None and now >= child.restart_at:
             child.start()
             return 1
         return 0
+
+    def _schedule_restart(self, child: _Child, code: int | None, now: float) -> None:
+        if child.killed_for is not None:
+            child.restart_at = now  # the pool killed it on purpose: replace it at once
+            return
+        if code == EXIT_UNREACHABLE:
+            log.error("pool: a worker for route %s could not reach the backend", child.config.route)
+        else:
+            log.error("pool: worker for route %s exited with status %s; restarting", child.config.route, code)
+        if now - child.started > 60:
+            child.backoff = 0.5
+        child.restart_at = now + child.backoff
+        child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
+
+    def _settle(self, child: _Child, code: int | None) -> None:
+        """A worker process is gone: record its running job's attempt, hand back the rest."""
+        child.settled = True
+        if child.pipes is not None:
+            child.pipes.close()
+            child.pipes = None
+        for job_id, claim in list(child.claims.items()):
+            if claim.started_at is None:
+                self._hand_back(child, job_id)
+            else:
+                self._record_death(child, job_id, claim, code)
+        child.claims, child.running = {}, None
+        if child.worker_id is not None and self.store is not None:
+            self._store_call("unregister a dead worker", self.store.unregister_worker, child.worker_id)
+
+    def _record_death(self, child: _Child, job_id: str, claim: _Claim, code: int | None) -> None:
+        store = self.store
+        if store is None:
+            return
+        record = self._store_call("read a job", store.get, job_id)
+        if record is None or record.state != RUNNING or record.token != claim.token:
+            return
+        why = child.killed_for
+        if why is not None:
+            outcome = policy.interrupted(record, why)
+        else:
+            outcome = policy.worker_died(record, "WorkerDied",
+                                         f"worker {child.worker_id} exited with status {code} while running it")
+        if outcome is None:
+            return
+        if self._store_call("record a job's outcome", store.finish, job_id, claim.token, outcome):
+            log.warning("job %s: its worker %s; now %s",
+                        job_id, f"was killed ({why.reason})" if why else f"exited with status {code}",
+                        outcome.state)
+
+    def _hand_back(self, child: _Child, job_id: str) -> None:
+        """Put a claimed job that never started back in the queue, without charging an attempt."""
+        claim = child.claims.pop(job_id, None)
+        store = self.store
+        if claim is None or store is None:
+            return
+        record = self._store_call("read a job", store.get, job_id)
+        if record is not None and record.state == RUNNING and record.token == claim.token:
+            self._store_call("hand back a job", store.finish, job_id, claim.token, policy.release(record))
+
+    # -- time limits, kill requests, lost leases -------------------------------------
+
+    def _enforce(self, child: _Child, now: float) -> None:
+        if not child.alive:
+            return
+        for held_id, held in list(child.claims.items()):
+            if held.started_at is None and now - held.claimed_at > HAND_BACK_AFTER:
+                self._hand_back(child, held_id)  # the worker will not start it any more
+        job_id = child.running
+        claim = child.claims.get(job_id) if job_id else None
+        if job_id is None or claim is None or claim.started_at is None:
+            return
+        if child.interrupt is None:
+            if claim.timeout and now >= claim.started_at + claim.timeout:
+                self._interrupt(child, job_id, channel.TIME,
+                                TimeLimit(f"job exceeded its time limit of {claim.timeout:g} s "
+                                          f"and did not stop within {self.grace:g} s; its worker was killed"))
+            return
+        why, asked = child.interrupt
+        if now >= asked + self.grace:
+            log.warning("job %s did not stop within %g s (%s); killing worker %s",
+                        job_id, self.grace, why.reason, child.worker_id)
+            child.kill(why)
+
+    def _interrupt(self, child: _Child, job_id: str, reason: str, why: JobKilled) -> None:
+        if child.interrupt is not None or child.pipes is None or child.process is None:
+            return
+        child.interrupt = (why, time.monotonic())
+        child.pipes.command(f"i {job_id} {reason}")
+        try:
+            os.kill(child.process.pid, INTERRUPT_SIGNAL)
+        except ProcessLookupError:
+            pass
+
+    # -- leases, heartbeats, housekeeping --------------------------------------------
+
+    def _upkeep(self, now: float) -> None:
+        store = self.store
+        if store is None:
+            return
+        if now >= self._next_renew:
+            self._next_renew = now + min(1.0, self.config.lease / 3)
+            for child in self.children:
+                self._renew(store, child)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_EVERY
+            for child in self.children:
+                self._heartbeat(store, child)
+            self._store_call("reap dead workers", reap_dead_workers, store)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY
+            self._store_call("recover expired leases", recover_expired_leases, store)
+
+    def _renew(self, store: Persistence, child: _Child) -> None:
+        # A stopped worker (SIGSTOP, a debugger) keeps nothing: its leases run
+        # out and other workers take its jobs; it is fenced off when it resumes.
+        if not child.claims or child.worker_id is None or not child.alive or child.process is None \
+                or _stopped(child.process.pid):
+            return
+        leases = [(job_id, claim.token) for job_id, claim in child.claims.items()]
+        statuses = self._store_call("renew leases", store.renew, child.worker_id, leases, self.config.lease)
+        if not isinstance(statuses, dict):
+            return
+        for job_id, status in statuses.items():
+            claim = child.claims.get(job_id)
+            if claim is None or status not in (LEASE_KILL, LEASE_LOST):
+                continue
+            if job_id == child.running:
+                if status == LEASE_KILL:
+                    self._interrupt(child, job_id, channel.KILL, KillRequested(
+                        "killed by request; the job did not stop, so its worker was killed"))
+                else:
+                    self._interrupt(child, job_id, channel.LOST, LeaseLost("lease lost"))
+            elif claim.started_at is None and job_id not in child.told_never_start:
+                if status == LEASE_LOST:
+                    child.claims.pop(job_id, None)  # someone else's now: never start it
+                if child.pipes is not None and child.pipes.command(f"x {job_id}"):
+                    child.told_never_start.add(job_id)
+
+    def _heartbeat(self, store: Persistence, child: _Child) -> None:
+        if child.worker_id is None or not child.alive or child.process is None or _stopped(child.process.pid):
+            return
+        state = "stopping" if self.stopping else ("busy" if child.running else "idle")
+        if self._store_call("send a heartbeat", store.heartbeat, child.worker_id, state) is False:
+            log.warning("pool: worker %s was presumed dead and reaped; registering it again", child.worker_id)
+            self._store_call("register a worker", store.register_worker, WorkerInfo(
+                id=child.worker_id, queue=child.config.queue, route=child.config.route,
+                host=socket.gethostname(), pid=child.process.pid, state=state))
+

@@ -33,6 +33,9 @@ FINISHED_STATES = frozenset({COMPLETE, ERROR, KILLED})
 # but a job that kills every worker that runs it must not loop forever either.
 MIN_ATTEMPTS_ON_LOST_LEASE = 5
 
+# What a job killed on request says about itself.
+KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
+
 _id_lock = threading.Lock()
 _last_id_ns = 0
 
@@ -156,7 +159,14 @@ class Outcome:
 
         Backends that read-modify-write (SQLite, transactions) use this so the
         field rules live in one place.
+
+        A kill request outranks every way back to the queue (a retry, a
+        hand-back of a prefetched job, a lost lease): a ``pending`` outcome
+        on a record whose kill was requested ends it ``killed`` instead, so a
+        job never runs again once ``kill`` has returned.
         """
+        if self.state == PENDING and record.kill_requested:
+            return Outcome(KILLED, error=dict(KILLED_BY_REQUEST)).apply_to(record, now)
         updated = dataclasses.replace(record)
         updated.state = self.state
         updated.owner = None

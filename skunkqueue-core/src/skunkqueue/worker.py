@@ -1,13 +1,18 @@
-"""A worker: one process that takes the jobs of one route and runs them.
+"""A worker: one process that takes the jobs of one route and runs them, one at a time.
 
-The job runs in the main thread. A second thread, the keeper, renews the
-job's lease, sends the worker's heartbeat and watches for a kill request, a
-time limit or a vanished parent; to interrupt the job it signals the main
-thread (SIGUSR1), whose handler raises :class:`JobKilled` inside the job.
+The job runs in the worker's main thread, and the worker has no other thread:
+its pool renews the leases of the jobs it holds, sends its heartbeats,
+watches its time limits and kill requests, and tells it through a pipe when
+to interrupt a job (see :mod:`skunkqueue.channel`). The pool follows up with
+SIGUSR1, whose handler raises a :class:`~skunkqueue.errors.JobKilled` inside
+the job; if the job never lets it (it holds the GIL in C code, or swallows
+``BaseException``), the pool kills the process and records the outcome.
 
-Signals (sent by the WorkerPool, or by a terminal's Ctrl-C):
-SIGTERM, SIGHUP, SIGQUIT, SIGABRT: gentle — finish the current job, then stop.
-SIGINT: rough — interrupt the current job (state ``killed``), then stop.
+Signals (sent by the WorkerPool, or to the whole process group by a terminal):
+SIGTERM, SIGHUP, SIGQUIT, SIGABRT: gentle - finish the current job, then stop.
+SIGINT: rough - interrupt the current job (state ``killed``), then stop.
+Handlers only set flags (or raise into the job): they take no lock and log
+nothing, so a second signal arriving during the first cannot hang the worker.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -25,30 +31,29 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
-from skunkqueue import hooks, policy, serializer
+from skunkqueue import channel, hooks, policy, serializer
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
+    KillRequested,
+    LeaseLost,
     PayloadTooLarge,
+    RoughStop,
     SerializationError,
     SkunkQueueError,
+    TimeLimit,
 )
-from skunkqueue.housekeeping import reap_dead_workers, recover_expired_leases
 from skunkqueue.job import Job, resolve
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
-from skunkqueue.record import ERROR, JobRecord, Outcome, WorkerInfo
+from skunkqueue.persistence import Persistence
+from skunkqueue.record import ERROR, KILLED, JobRecord, Outcome, WorkerInfo
 
 log = logging.getLogger("skunkqueue.worker")
 
 GENTLE_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT)
 ROUGH_SIGNAL = signal.SIGINT
-INTERRUPT_SIGNAL = signal.SIGUSR1  # keeper -> main thread
-
-HEARTBEAT_EVERY = 2.0     # seconds between registry heartbeats
-HOUSEKEEPING_EVERY = 1.0  # seconds between lease recoveries
-HOLD_WHILE_BUSY = 1.0     # prefetched jobs go back to the queue once the current job runs this long
-EXIT_UNREACHABLE = 3      # exit status: the backend could not be reached at start-up
+INTERRUPT_SIGNAL = signal.SIGUSR1  # pool -> worker: read the control pipe
+EXIT_UNREACHABLE = 3               # exit status: the backend could not be reached at start-up
 
 
 @dataclass
@@ -64,6 +69,8 @@ class WorkerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
     allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
+    events_fd: int | None = None   # the pipes to the pool (set by the pool for each process)
+    control_fd: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -85,58 +92,76 @@ def error_info(exc: BaseException, *, with_traceback: bool = True) -> dict[str, 
     }
 
 
+def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
+    """The exception that stops a job for a reason the pool gave (see :data:`channel.REASONS`)."""
+    if reason == channel.KILL:
+        return KillRequested("killed by request")
+    if reason == channel.TIME:
+        return TimeLimit(f"job exceeded its time limit of {record.timeout or 0:g} s")
+    return LeaseLost("lease lost")
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
                                host=socket.gethostname(), pid=os.getpid())
-        self.stopping: str | None = None     # None, "gentle" or "rough"
+        self.stopping: str | None = None     # None, "gentle" or "rough"; set by signal handlers
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)
-        self._held_lock = threading.Lock()   # the keeper may hand held jobs back
-        self._started_at = 0.0               # time.time() when the current job started running
-        self._in_job = False
-        self._interrupt: str | None = None   # why the keeper wants the job stopped
-        self._lease_lost = False
-        self._wake = threading.Event()
+        self._claimed_at: dict[str, float] = {}  # job id -> time.monotonic() of its claim
+        self._in_job = False                 # the job's own code is running: interrupts may raise
+        self._interrupted: JobKilled | None = None  # why the current job was interrupted
+        self._never_start: set[str] = set()  # held jobs whose kill was requested
+        self._wakeup_read: int | None = None
+        self.pool = channel.WorkerEnd(config.events_fd, config.control_fd)
         self._jobs: dict[str, Job] = {}
         self.backend: Persistence
         self._parent = os.getppid()
 
-    # -- signals ----------------------------------------------------------------
+    # -- signals: flags only ---------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        # Signals wake the idle wait through this pipe instead of through a lock.
+        self._wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_read, False)
+        os.set_blocking(wakeup_write, False)
+        signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
         for sig in GENTLE_SIGNALS:
             signal.signal(sig, self._on_gentle)
         signal.signal(ROUGH_SIGNAL, self._on_rough)
-        signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
+        signal.signal(INTERRUPT_SIGNAL, self._on_control)
 
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping is None:
             self.stopping = "gentle"
-            log.info("worker %s: %s, finishing the current job then stopping",
-                     self.id, signal.Signals(signum).name)
-        self._wake.set()
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = "rough"
-        self._wake.set()
+        self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
+
+    def _on_control(self, signum: int, frame: FrameType | None) -> None:
+        self._read_commands()
+
+    def _read_commands(self) -> None:
+        for command in self.pool.commands():
+            current = self.current
+            if command.kind == "x":
+                self._never_start.add(command.job_id)
+            elif current is not None and command.job_id == current.id:
+                self._raise_into_job(interrupt_for(command.reason, current))
+
+    def _raise_into_job(self, why: JobKilled) -> None:
+        """Remember why the current job must stop; raise it if the job's code is running."""
+        if self.current is None or self._interrupted is not None:
+            return
+        self._interrupted = why
         if self._in_job:
             self._in_job = False
-            raise JobKilled("worker stopped roughly (SIGINT)")
+            raise why
 
-    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
-        if self._in_job and self._interrupt:
-            self._in_job = False
-            raise JobKilled(self._interrupt)
-
-    def interrupt(self, reason: str) -> None:
-        """Called from the keeper thread: stop the running job with ``reason``."""
-        self._interrupt = reason
-        signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT_SIGNAL)
-
-    # -- lifecycle --------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------
 
     def connect(self) -> Persistence:
         """Open the backend, retrying with back-off a bounded number of times."""
@@ -160,17 +185,15 @@ class Worker:
             if path not in sys.path:
                 sys.path.insert(0, path)
         self.backend = self.connect()
-        keeper = threading.Thread(target=self._keeper, name="skunkqueue-keeper", daemon=True)
-        keeper.start()
+        self.pool.send(f"h {self.id}")
+        self._watch_parent()
         hooks.call("worker_started", worker=self.info)
         log.info("worker %s: listening on queue %s route %s (%s backend)", self.id,
                  self.config.queue, self.config.route, self.backend.name)
         try:
             self._loop()
         finally:
-            self._release_held()
-            self._wake.set()
-            keeper.join(timeout=5)
+            self._skip_held()
             try:
                 self.backend.unregister_worker(self.id)
             except SkunkQueueError as exc:
@@ -180,44 +203,85 @@ class Worker:
             self.backend.close()
         return 0
 
+    def _watch_parent(self) -> None:
+        """Where PR_SET_PDEATHSIG does not exist, notice a vanished pool within a second."""
+        if sys.platform.startswith("linux"):
+            return
+
+        def watch() -> None:  # pragma: no cover - not Linux
+            while os.getppid() == self._parent:
+                time.sleep(1.0)
+            os._exit(1)  # the job's lease runs out and another worker takes it
+
+        threading.Thread(target=watch, name="skunkqueue-parent-watch", daemon=True).start()
+
     def _loop(self) -> None:
         backend = self.backend
         pause = 0.001
-        next_chores = 0.0
         while self.stopping is None:
             try:
-                now = time.time()
-                if now >= next_chores:
-                    recover_expired_leases(backend, now)
-                    next_chores = now + HOUSEKEEPING_EVERY
                 if not self.held:
-                    self.held = backend.claim(self.config.route, self.id, self.config.lease,
-                                              self.config.prefetch)
+                    self._took(backend.claim(self.config.route, self.id, self.config.lease,
+                                             self.config.prefetch))
                 if not self.held:
                     if backend.notifies:
                         backend.wait_for_work([self.config.route], self.id, 1.0)
                     else:
-                        self._wake.wait(pause)
+                        self._sleep(pause)
                         pause = min(pause * 2, backend.max_idle_poll)
                     continue
                 pause = 0.001
-                with self._held_lock:
-                    record = self.held.pop(0) if self.held else None
-                if record is not None:
-                    self.execute(record)
+                self._take_up(self.held.pop(0))
             except BackendUnavailable as exc:
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
-                self._wake.wait(1.0)
+                self._sleep(1.0)
+        log.info("worker %s: stopping (%s)", self.id, self.stopping)
 
-    def _release_held(self, backend: Persistence | None = None) -> None:
-        with self._held_lock:
-            held, self.held = self.held, []
-        for record in held:
-            try:
-                (backend or self.backend).finish(record.id, record.token, policy.release(record))
-            except SkunkQueueError as exc:
-                log.warning("worker %s: could not release job %s (%s); its lease will expire",
-                            self.id, record.id, exc)
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early on any signal (through the wakeup pipe)."""
+        if self._wakeup_read is None:
+            time.sleep(seconds)
+            return
+        select.select([self._wakeup_read], [], [], seconds)
+        try:
+            os.read(self._wakeup_read, 4096)
+        except BlockingIOError:
+            pass
+
+    def _took(self, claimed: list[JobRecord]) -> None:
+        if not claimed:
+            return
+        now = time.monotonic()
+        for record in claimed:
+            self._claimed_at[record.id] = now
+        self.held.extend(claimed)
+        self.pool.send(*(f"c {now:.6f} {r.id} {r.token} {r.timeout or 0:g}" for r in claimed))
+
+    def _take_up(self, record: JobRecord) -> None:
+        """Start a held job, unless the pool may already have handed it back or it was killed."""
+        if self.stopping is not None:  # a signal came after the loop looked
+            self.held.insert(0, record)
+            return
+        # From here on an interrupt for this job is remembered even before its code runs.
+        self.current, self._interrupted = record, None
+        # Announce the start before the last checks (see channel.py): a pool
+        # that has not read it yet can trust that the job has not started.
+        self.pool.send(f"s {time.monotonic():.6f} {record.id}")
+        self._read_commands()
+        claimed_at = self._claimed_at.pop(record.id, time.monotonic())
+        skip = record.id in self._never_start or time.monotonic() - claimed_at > channel.START_WITHIN
+        self._never_start.discard(record.id)
+        if skip:
+            self.current = None
+            log.debug("job %s: killed or held too long since its claim; handing it back", record.id)
+            self.pool.send(f"k {record.id}")
+        else:
+            self.execute(record)
+
+    def _skip_held(self) -> None:
+        """The pool hands back the jobs this worker claimed and will not start."""
+        held, self.held = self.held, []
+        self.pool.send(*(f"k {r.id}" for r in held))
 
     # -- running one job ----------------------------------------------------------
 
@@ -229,11 +293,8 @@ class Worker:
 
     def execute(self, record: JobRecord) -> None:
         started = time.monotonic()
-        self._interrupt, self._lease_lost = None, False
-        # A prefetched job may have waited since its claim: its time limit starts now.
-        self._started_at = time.time()
-        self.current = record
-        outcome: Outcome | None
+        if self.current is not record:  # called directly, not through _take_up
+            self.current, self._interrupted = record, None
         try:
             outcome = self._run(record)
         finally:
@@ -241,6 +302,7 @@ class Worker:
         if outcome is None:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route)
+            self.pool.send(f"d {record.id}")
             return
         try:
             recorded = self._finish(record, outcome)
@@ -250,39 +312,48 @@ class Worker:
             # The store refused this outcome (e.g. a size limit): record why instead.
             outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
             recorded = self.backend.finish(record.id, record.token, outcome)
+            self.pool.send(f"d {record.id}")
         hooks.call("job_finished", record=record, outcome=outcome)
-        if outcome.state == ERROR or (outcome.error and outcome.state != "killed"):
+        if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
-        log.info("job %s %s route=%s %.3fs %s%s", record.id, record.func, record.route,
+        error = outcome.error if outcome.state != "complete" and outcome.error else None
+        log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route,
                  time.monotonic() - started, outcome.state,
+                 f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
                  "" if recorded else " (not recorded: lease lost)")
+        if error and error.get("traceback"):
+            log.debug("job %s traceback:\n%s", record.id, error["traceback"])
 
     def _finish(self, record: JobRecord, outcome: Outcome) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
-        with self._held_lock:
-            claim_next = not self.held and self.stopping is None
-        if not claim_next:
-            return self.backend.finish(record.id, record.token, outcome)
+        if self.held or self.stopping is not None:
+            recorded = self.backend.finish(record.id, record.token, outcome)
+            self.pool.send(f"d {record.id}")
+            return recorded
         recorded, claimed = self.backend.finish_and_claim(
             record.id, record.token, outcome, self.config.route, self.id, self.config.lease,
             self.config.prefetch)
-        with self._held_lock:
-            self.held.extend(claimed)
+        self.pool.send(f"d {record.id}")
+        self._took(claimed)
         return recorded
 
     def _finish_when_back(self, record: JobRecord, outcome: Outcome) -> bool:
-        # The result exists only in this process: keep trying while the lease
-        # could still be valid rather than throwing the work away.
+        # The result exists only in this process. The pool keeps renewing the
+        # lease until it hears "done", so keep trying for a lease's length.
         deadline = time.monotonic() + self.config.lease
+        recorded = False
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            self._sleep(0.5)
             try:
-                return self.backend.finish(record.id, record.token, outcome)
+                recorded = self.backend.finish(record.id, record.token, outcome)
+                break
             except BackendUnavailable as exc:
                 log.warning("job %s: cannot record the outcome yet: %s", record.id, exc)
-        return False
+        self.pool.send(f"d {record.id}")
+        return recorded
 
     def _run(self, record: JobRecord) -> Outcome | None:
+        """Run the job; whatever its code raises becomes the attempt's outcome."""
         try:
             if record.serializer == "pickle" and not self.config.allow_pickle:
                 # The record says how to decode itself, so whoever can write to
@@ -296,28 +367,38 @@ class Worker:
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+        except BaseException as exc:  # the job's module raised at import
+            return policy.failed(record, error_info(exc))
         hooks.call("job_started", record=record)
+        raised: BaseException | None = None
+        value: Any = None
+        if self.stopping == "rough":
+            self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
         try:
             self._in_job = True
             try:
-                if record.kill_requested:
-                    raise JobKilled("killed by request")
-                value = job.func(*args, **kwargs)
+                if self._interrupted is None:
+                    value = job.func(*args, **kwargs)
             finally:
                 self._in_job = False
-        except JobKilled as exc:
-            if self._lease_lost:
-                return None
-            if self.stopping == "rough" or exc.reason.startswith("killed"):
-                return policy.killed(exc.reason)
-            error = error_info(TimeoutError(exc.reason), with_traceback=False)
-            return policy.failed(record, error)
-        except Exception as exc:
-            return policy.failed(record, error_info(exc))
+        except BaseException as exc:  # sys.exit, KeyboardInterrupt... are the job's
+            raised = exc
+        # An interrupt decides the outcome even if the job swallowed it.
+        if self._interrupted is not None:
+            return policy.interrupted(record, self._interrupted)
+        if raised is not None:
+            return policy.failed(record, error_info(raised))
+        return self._result(record, value)
+
+    def _result(self, record: JobRecord, value: Any) -> Outcome:
         try:
             data = serializer.dumps(value, record.serializer, what="result")
         except SerializationError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+        except Exception as exc:  # e.g. RecursionError on a result nested too deep
+            cannot = SerializationError(
+                f"Cannot serialize the result of {record.func}: {type(exc).__name__}: {exc}")
+            return policy.failed(record, error_info(cannot, with_traceback=False), retryable=False)
         limit = self.backend.max_payload
         if limit is not None and len(data) > limit:
             too_large = PayloadTooLarge(
@@ -326,83 +407,6 @@ class Worker:
             )
             return policy.failed(record, error_info(too_large, with_traceback=False), retryable=False)
         return policy.completed(data)
-
-    # -- the keeper thread --------------------------------------------------------
-
-    def _keeper(self) -> None:
-        """Renew leases, send heartbeats, enforce time limits; runs until the worker stops."""
-        try:
-            backend = self.config.open()
-        except SkunkQueueError as exc:
-            log.error("worker %s: keeper cannot connect: %s", self.id, exc)
-            return
-        tick = min(1.0, self.config.lease / 3)
-        next_heartbeat = next_renew = 0.0
-        try:
-            while True:
-                now = time.monotonic()
-                try:
-                    if now >= next_heartbeat:
-                        self._heartbeat(backend)
-                        next_heartbeat = now + HEARTBEAT_EVERY
-                    if now >= next_renew:
-                        self._renew(backend)
-                        next_renew = now + tick
-                except BackendUnavailable as exc:
-                    log.warning("worker %s: keeper: %s", self.id, exc)
-                self._check_time_limit()
-                self._hand_back_if_busy(backend)
-                if os.getppid() != self._parent:
-                    log.error("worker %s: its pool is gone; exiting", self.id)
-                    os._exit(1)  # the lease expires and another worker takes the job
-                self._wake.wait(self._next_wait(tick))
-                if self.stopping and self.current is None:
-                    break
-        finally:
-            backend.close()
-
-    def _next_wait(self, tick: float) -> float:
-        current = self.current
-        if current is not None and current.timeout:
-            left = self._started_at + current.timeout - time.time()
-            return max(0.01, min(tick, left))
-        if current is not None and self.held:
-            return min(tick, HOLD_WHILE_BUSY)
-        return tick
-
-    def _check_time_limit(self) -> None:
-        current = self.current
-        if (current is not None and current.timeout
-                and time.time() > self._started_at + current.timeout and self._interrupt is None):
-            self.interrupt(f"job exceeded its time limit of {current.timeout:g} s")
-
-    def _hand_back_if_busy(self, backend: Persistence) -> None:
-        """Prefetched jobs must not wait behind a long job while other workers are idle."""
-        if self.held and self.current is not None and time.time() - self._started_at >= HOLD_WHILE_BUSY:
-            self._release_held(backend)
-
-    def _heartbeat(self, backend: Persistence) -> None:
-        state = "stopping" if self.stopping else ("busy" if self.current else "idle")
-        if not backend.heartbeat(self.id, state):
-            log.warning("worker %s: was presumed dead and reaped; registering again", self.id)
-            self.info.last_seen = time.time()
-            backend.register_worker(self.info)
-        reap_dead_workers(backend)
-
-    def _renew(self, backend: Persistence) -> None:
-        current = self.current
-        leases = [(r.id, r.token) for r in ([current] if current else []) + list(self.held)]
-        if not leases:
-            return
-        statuses = backend.renew(self.id, leases, self.config.lease)
-        if current is None or self.current is not current:
-            return
-        status = statuses.get(current.id)
-        if status == LEASE_LOST:
-            self._lease_lost = True
-            self.interrupt("lease lost")
-        elif status == LEASE_KILL and self._interrupt is None:
-            self.interrupt("killed by request")
 
 
 def main(argv: list[str] | None = None) -> int:
