@@ -105,10 +105,11 @@ def pool_starter(backend: BackendUnderTest, queue_name: str, logs: Path) -> tupl
     pools: list[PoolProcess] = []
 
     def start(routes: list[str], *, concurrency: int = 1, lease: float = 30.0, ready: bool = True,
-              extra: list[str] | None = None, on: BackendUnderTest | None = None) -> PoolProcess:
+              extra: list[str] | None = None, on: BackendUnderTest | None = None,
+              new_session: bool = False) -> PoolProcess:
         pool = PoolProcess(on or backend, queue_name, routes, concurrency=concurrency, lease=lease,
                            log_path=logs / f"pool-{len(pools)}.log",
-                           extra=["--path", JOBS_DIR, *(extra or [])])
+                           extra=["--path", JOBS_DIR, *(extra or [])], new_session=new_session)
         pools.append(pool)
         if ready:
             pool.wait_ready(60)

@@ -30,42 +30,21 @@ from skunkqueue.record import (
     MIN_ATTEMPTS_ON_LOST_LEASE,
     PENDING,
     RUNNING,
-    JobRecord,
     Outcome,
     WorkerInfo,
-    new_id,
 )
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite_supervision import SupervisionSuite
+from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
 from skunkqueue.testing.workers import PoolProcess, pid_alive
+
+__all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 
 SHORT_LEASE = 1.5
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def started(marker: Path) -> bool:
-    """True once ``jobs.nap`` has written its start line (the file appears a moment earlier)."""
-    return marker.exists() and "start" in marker.read_text()
-
-
-def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
-                func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
-                retries: int = 0) -> JobRecord:
-    now = time.time()
-    return JobRecord(id=new_id(), queue=queue, route=route, func=func, payload=payload,
-                     due=now if due is None else due, created=now, target=target, retries=retries)
-
-
-class ConformanceSuite:
+class ConformanceSuite(SupervisionSuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture
@@ -95,9 +74,10 @@ class ConformanceSuite:
         pools: list[PoolProcess] = []
 
         def start(routes: list[str], *, concurrency: int = 1, lease: float = 30.0,
-                  ready: bool = True, extra: list[str] | None = None) -> PoolProcess:
+                  ready: bool = True, extra: list[str] | None = None, new_session: bool = False) -> PoolProcess:
             pool = PoolProcess(backend, queue_name, routes, concurrency=concurrency, lease=lease,
-                               log_path=tmp_path / f"pool-{len(pools)}.log", extra=extra)
+                               log_path=tmp_path / f"pool-{len(pools)}.log", extra=extra,
+                               new_session=new_session)
             pools.append(pool)
             if ready:
                 pool.wait_ready()
@@ -110,7 +90,7 @@ class ConformanceSuite:
     @staticmethod
     def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
         """The kit's job ``job`` declared on this test's queue and route."""
-        return queue.event(routes=[route], **options)(job.func)
+        return declare(queue, job, route, **options)
 
     # == The Persistence protocol, driven directly ==================================
 

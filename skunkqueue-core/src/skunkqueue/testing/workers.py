@@ -17,7 +17,7 @@ class PoolProcess:
 
     def __init__(self, backend: BackendUnderTest, queue: str, routes: list[str], *,
                  concurrency: int = 1, lease: float = 30.0, log_path: Path | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, new_session: bool = False) -> None:
         self.backend = backend
         self.queue = queue
         args = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue, "-r", *routes,
@@ -25,8 +25,11 @@ class PoolProcess:
                 *(extra or [])]
         self.log_path = log_path
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        # new_session: the pool leads its own process group, as under a
+        # terminal, so a test can signal the whole group the way a terminal does.
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                        env=backend.process_env(SKUNQ_LOG_LEVEL="INFO"))
+                                        env=backend.process_env(SKUNQ_LOG_LEVEL="INFO"),
+                                        start_new_session=new_session)
         self.expected_workers = len(routes) * concurrency
 
     @property
@@ -55,6 +58,10 @@ class PoolProcess:
 
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the pool and every worker at once, as a terminal does (needs new_session)."""
+        os.killpg(self.pid, sig)
 
     def wait(self, timeout: float = 30.0) -> int:
         return self.process.wait(timeout)

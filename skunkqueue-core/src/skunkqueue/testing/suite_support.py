@@ -1,0 +1,39 @@
+"""Helpers the conformance suites share."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from skunkqueue.job import Job
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import JobRecord, new_id
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def started(marker: Path) -> bool:
+    """True once ``jobs.nap`` has written its start line (the file appears a moment earlier)."""
+    return marker.exists() and "start" in marker.read_text()
+
+
+def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
+                func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
+                retries: int = 0) -> JobRecord:
+    now = time.time()
+    return JobRecord(id=new_id(), queue=queue, route=route, func=func, payload=payload,
+                     due=now if due is None else due, created=now, target=target, retries=retries)
+
+
+def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
+    """The kit's job ``job`` declared on this test's queue and route."""
+    return queue.event(routes=[route], **options)(job.func)

@@ -1,0 +1,101 @@
+"""Jobs that behave as badly as a user's code can: hold the GIL, swallow every
+exception, exit the process, return what cannot be encoded.
+
+Workers get this directory with ``--path`` and resolve ``hostile_jobs:NAME``.
+Each job first appends one line to a file outside the queue, so the tests
+count starts independently of what the queue recorded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import sys
+import time
+from typing import Any
+
+from skunkqueue.queue import SkunkQueue
+
+_here = SkunkQueue("skunkqueue-hostile")
+
+# Calls through PyDLL keep the GIL: a libc sleep through it is a C call that
+# holds the GIL for as long as we ask, as a long regex or a C extension would.
+_gil_holding_libc = ctypes.PyDLL(None)
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@_here.event(routes=["a"])
+def hold_gil(path: str, token: str, seconds: float) -> str:
+    """Hold the GIL for ``seconds`` in C calls (no thread of this process runs meanwhile)."""
+    _append(path, f"{token} {os.getpid()}")
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        _gil_holding_libc.usleep(int(min(left, 0.9) * 1_000_000))
+    return "held"
+
+
+@_here.event(routes=["a"])
+def unresponsive(path: str, token: str, seconds: float) -> str:
+    """Block every signal that can be blocked, then hold the GIL: nothing can interrupt it."""
+    _append(path, f"{token} {os.getpid()}")
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        _gil_holding_libc.usleep(int(min(left, 0.9) * 1_000_000))
+    return "unstoppable"
+
+
+@_here.event(routes=["a"])
+def catastrophic_regex(path: str, token: str, length: int = 32) -> bool:
+    """Exponential backtracking inside the re module: seconds to minutes in C, GIL held."""
+    _append(path, f"{token} {os.getpid()}")
+    return re.match(r"(a+)+$", "a" * length + "b") is not None
+
+
+@_here.event(routes=["a"])
+def swallow_everything(path: str, token: str, seconds: float = 120.0) -> str:
+    """Run for ``seconds``, catching every interruption (BaseException) thrown at it."""
+    _append(path, f"{token} {os.getpid()}")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # noqa: S110 - that is the point of this job
+            _append(path, f"{token}-swallowed {os.getpid()}")
+    return "survived"
+
+
+@_here.event(routes=["a"])
+def exit_process(path: str, token: str, code: int = 0) -> None:
+    _append(path, f"{token} {os.getpid()}")
+    sys.exit(code)
+
+
+@_here.event(routes=["a"])
+def interrupt_keyboard(path: str, token: str) -> None:
+    _append(path, f"{token} {os.getpid()}")
+    raise KeyboardInterrupt("from the job")
+
+
+@_here.event(routes=["a"])
+def deep_result(path: str, token: str, depth: int = 5000) -> Any:
+    _append(path, f"{token} {os.getpid()}")
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@_here.event(routes=["a"])
+def pid(path: str, token: str) -> int:
+    _append(path, f"{token} {os.getpid()}")
+    return os.getpid()

@@ -1,0 +1,220 @@
+"""Worker supervision against hostile jobs and signals, on every backend.
+
+* A job holding the GIL keeps its lease (the pool renews it), and its time
+  limit is hard: the worker is killed at ``timeout + grace`` and the attempt
+  recorded as ``TimeoutError``; a fresh worker takes over the route.
+* A job that swallows every interruption is still stopped: by a kill request,
+  by a rough stop (after ``--grace``) and at a second SIGINT; it ends
+  ``killed`` and never runs again.
+* Gentle signals to the whole process group (a terminal's SIGTERM or SIGHUP)
+  never hang the pool.
+* Whatever a job raises (``sys.exit``, ``KeyboardInterrupt``, an unencodable
+  result, an exception at import) is recorded on that attempt, with retries as
+  configured, and the worker process survives.
+
+Executions are counted in a file outside the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import hostile_jobs
+import pytest
+from conftest import JOBS_DIR, Figures, PoolStarter
+from reliability_support import executions, wait_until
+
+from skunkqueue.errors import JobFailed
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, ERROR, KILLED, JobRecord, new_id
+
+GRACE = 1.5
+ROUNDS = int(os.environ.get("SKUNQ_SIGNAL_ROUNDS", "50"))
+
+
+def _started(log: Path, token: str) -> bool:
+    return bool(executions(log).get(token))
+
+
+def test_a_job_holding_the_gil_keeps_its_lease(queue: SkunkQueue, start_pool: PoolStarter,
+                                               tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    pool = start_pool(["a"], concurrency=2, lease=1.5)
+    hold = queue.event(routes=["a"])(hostile_jobs.hold_gil.func)
+    handle = hold.fire(str(log), "hog", 5.0)
+    assert handle.wait(timeout=40) == "held"
+    record = queue.get(handle.id)
+    assert record is not None and (record.state, record.attempts, record.token) == (COMPLETE, 1, 1)
+    assert len(executions(log)["hog"]) == 1, "a second worker took the job while the first held the GIL"
+    assert "lease lost" not in pool.log()
+    figures.record("gil-held-past-lease", fired=1, duplicates=len(executions(log)["hog"]) - 1,
+                   held_s=5.0, lease_s=1.5)
+
+
+def test_a_long_regex_is_interrupted_at_its_time_limit(queue: SkunkQueue, start_pool: PoolStarter,
+                                                       tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    start_pool(["a"], concurrency=2, lease=3.0, extra=["--grace", str(GRACE)])
+    regex = queue.event(routes=["a"], timeout=2)(hostile_jobs.catastrophic_regex.func)
+    fired = time.monotonic()
+    handle = regex.fire(str(log), "regex", 28)  # ~40 s of backtracking in C here
+    with pytest.raises(JobFailed) as info:
+        handle.wait(timeout=60)
+    took = time.monotonic() - fired
+    assert info.value.error_type == "TimeoutError" and "time limit of 2 s" in str(info.value)
+    assert took < 2 + GRACE + 3, f"the attempt ended {took:.1f} s after it was fired"
+    record = queue.get(handle.id)
+    assert record is not None and (record.state, record.attempts) == (ERROR, 1)
+    assert len(executions(log)["regex"]) == 1
+    figures.record("regex-time-limit", fired=1, duplicates=0, timeout_s=2, ended_after_s=round(took, 2))
+
+
+def test_the_time_limit_is_hard_for_a_job_that_ignores_interrupts(
+        queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    pool = start_pool(["a"], concurrency=2, lease=3.0, extra=["--grace", str(GRACE)])
+    before = set(pool.worker_pids())
+    hog = queue.event(routes=["a"], timeout=2)(hostile_jobs.unresponsive.func)
+    fired = time.monotonic()
+    handle = hog.fire(str(log), "hog", 60)
+    with pytest.raises(JobFailed) as info:
+        handle.wait(timeout=60)
+    took = time.monotonic() - fired
+    assert info.value.error_type == "TimeoutError" and "its worker was killed" in str(info.value)
+    assert 2 + GRACE - 0.5 < took < 2 + GRACE + 3, f"the attempt ended {took:.1f} s after it was fired"
+    record = queue.get(handle.id)
+    assert record is not None and (record.state, record.attempts) == (ERROR, 1)
+    assert len(executions(log)["hog"]) == 1
+    # The killed worker was replaced at once: the route has two workers again.
+    wait_until(lambda: len(pool.worker_pids()) == 2 and set(pool.worker_pids()) != before, timeout=15,
+               what="a fresh worker")
+    after = queue.event(routes=["a"])(hostile_jobs.pid.func).fire(str(log), "after")
+    assert after.wait(timeout=20) in pool.worker_pids()
+    figures.record("hard-time-limit", fired=2, duplicates=0, timeout_s=2, grace_s=GRACE,
+                   ended_after_s=round(took, 2))
+
+
+def test_kill_stops_a_job_that_swallows_interrupts(queue: SkunkQueue, start_pool: PoolStarter,
+                                                   tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    start_pool(["a"], extra=["--grace", str(GRACE)])
+    stubborn = queue.event(routes=["a"])(hostile_jobs.swallow_everything.func)
+    handle = stubborn.fire(str(log), "stubborn")
+    wait_until(lambda: _started(log, "stubborn"), what="the job to start")
+    asked = time.monotonic()
+    queue.kill(handle)
+    wait_until(lambda: handle.state == KILLED, timeout=GRACE + 10, what="the job to end killed")
+    took = time.monotonic() - asked
+    assert "stubborn-swallowed" in log.read_text(), "the job never saw the interrupt it swallowed"
+    time.sleep(2.0)
+    assert handle.state == KILLED and len(executions(log)["stubborn"]) == 1
+    figures.record("kill-swallowing-job", fired=1, duplicates=0, grace_s=GRACE, killed_after_s=round(took, 2))
+
+
+@pytest.mark.parametrize("how", ["grace", "second-sigint"])
+def test_a_rough_stop_always_ends(how: str, queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path,
+                                  figures: Figures) -> None:
+    log = tmp_path / "executions"
+    grace = GRACE if how == "grace" else 120.0
+    pool = start_pool(["a"], extra=["--grace", str(grace)])
+    handle = queue.event(routes=["a"])(hostile_jobs.swallow_everything.func).fire(str(log), "stubborn")
+    wait_until(lambda: _started(log, "stubborn"), what="the job to start")
+    asked = time.monotonic()
+    pool.signal(signal.SIGINT)
+    if how == "second-sigint":
+        wait_until(lambda: "stubborn-swallowed" in log.read_text(), what="the first interrupt to be swallowed")
+        pool.signal(signal.SIGINT)
+    assert pool.wait(GRACE + 15) == 130
+    took = time.monotonic() - asked
+    assert took < GRACE + 10
+    record = queue.get(handle.id)
+    assert record is not None and record.state == KILLED
+    start_pool(["a"])
+    time.sleep(2.0)
+    assert handle.state == KILLED and len(executions(log)["stubborn"]) == 1
+    figures.record(f"rough-stop-{how}", fired=1, duplicates=0, stopped_after_s=round(took, 2))
+
+
+def test_group_signals_never_hang_the_pool(queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path,
+                                           figures: Figures) -> None:
+    log = tmp_path / "executions"
+    mark = queue.event(routes=["a"])(hostile_jobs.pid.func)
+    nap = queue.event(routes=["a"])(hostile_jobs.hold_gil.func)  # a short GIL hold widens the window
+    handles = []
+    hangs = 0
+    for round_ in range(ROUNDS):
+        sig = signal.SIGTERM if round_ % 2 == 0 else signal.SIGHUP
+        pool = start_pool(["a"], concurrency=2, new_session=True)
+        first = nap.fire(str(log), f"r{round_}-a", 0.3)
+        second = mark.fire(str(log), f"r{round_}-b")
+        handles += [first, second]
+        wait_until(lambda r=round_: _started(log, f"r{r}-a"), what="a job to start")
+        pool.signal_group(sig)
+        time.sleep(0.01)
+        pool.signal_group(sig)  # a second one while the first is being handled
+        try:
+            assert pool.wait(20) == 0
+        except subprocess.TimeoutExpired:
+            hangs += 1
+            pool.signal_group(signal.SIGKILL)
+    assert hangs == 0, f"{hangs} of {ROUNDS} pools hung after a group signal"
+    # The jobs that had started finished (gentle); the rest wait for a worker.
+    start_pool(["a"])
+    for handle in handles:
+        handle.wait(timeout=30)
+    runs = executions(log)
+    assert all(len(runs[token]) == 1 for token in runs), "a job ran twice"
+    figures.record("group-signals", rounds=ROUNDS, hangs=hangs, fired=len(handles),
+                   duplicates=sum(len(v) - 1 for v in runs.values()))
+
+
+def _enqueue_raw(store: Persistence, queue: SkunkQueue, func: str) -> JobRecord:
+    now = time.time()
+    record = JobRecord(id=new_id(), queue=queue.name, route="a", func=func, payload=b"[[],{}]",
+                       due=now, created=now)
+    store.enqueue([record])
+    return record
+
+
+def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
+        queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "broken_at_import.py").write_text('raise RuntimeError("boom at import")\n')
+    pool = start_pool(["a"], extra=["--path", str(modules)])
+    [worker] = pool.worker_pids()
+    event = queue.event
+    cases = [
+        (event(routes=["a"], retries=1, retry_backoff=0.01)(hostile_jobs.exit_process.func)
+         .fire(str(log), "exit0", 0), "SystemExit", "0", 2),
+        (event(routes=["a"])(hostile_jobs.exit_process.func).fire(str(log), "exit3", 3), "SystemExit", "3", 1),
+        (event(routes=["a"])(hostile_jobs.interrupt_keyboard.func).fire(str(log), "ctrl-c"),
+         "KeyboardInterrupt", "from the job", 1),
+        (event(routes=["a"])(hostile_jobs.deep_result.func).fire(str(log), "deep"),
+         "SerializationError", "RecursionError", 1),
+    ]
+    broken = _enqueue_raw(queue.persistence, queue, "broken_at_import:job")
+    for handle, kind, words, attempts in cases:
+        with pytest.raises(JobFailed) as info:
+            handle.wait(timeout=30)
+        assert info.value.error_type == kind and words in str(info.value), str(info.value)
+        record = queue.get(handle.id)
+        assert record is not None and (record.state, record.attempts) == (ERROR, attempts)
+    done = queue.persistence.wait_finished(broken.id, 30)
+    assert done is not None and done.state == ERROR and done.error is not None
+    assert done.error["type"] == "RuntimeError" and "boom at import" in done.error["message"]
+    assert "broken_at_import.py" in done.error["traceback"]
+    # Same worker process throughout, and it still works.
+    assert pool.worker_pids() == [worker]
+    ok = event(routes=["a"])(hostile_jobs.pid.func).fire(str(log), "after")
+    assert ok.wait(timeout=20) == worker
+    runs = executions(log)
+    assert [len(runs[t]) for t in ("exit0", "exit3", "ctrl-c", "deep")] == [2, 1, 1, 1]
+    assert "error (SystemExit: 3)" in pool.log(), "the job's log line names the exception"
+    figures.record("hostile-failures", fired=6, worker_restarts=0, duplicates=0)
