@@ -19,8 +19,10 @@ Worker -> pool, one event a line:
     about to start the job. Written *before* the worker's last checks, so a
     pool that has not read it can trust the job has not started (see
     :data:`START_WITHIN`).
-``d JOB_ID``
-    the outcome is recorded (or was discarded after a lost lease).
+``d JOB_ID STATE SECONDS``
+    the attempt is over: STATE is the outcome recorded (``lost`` if it was
+    discarded after a lost lease), SECONDS how long the job ran. The pool
+    counts these for :mod:`skunkqueue.metrics`.
 ``k JOB_ID``
     the worker will not start this held job; the pool hands it back.
 
@@ -125,6 +127,8 @@ class Event:
     at: float = 0.0      # monotonic time (c, s)
     token: int = 0       # c
     timeout: float = 0.0  # c
+    state: str = ""      # d: the outcome's state
+    seconds: float = 0.0  # d: how long the job ran
 
 
 class PoolEnd:
@@ -188,8 +192,10 @@ def _parse_event(raw: bytes) -> Event | None:
             return Event("c", parts[2], at=float(parts[1]), token=int(parts[3]), timeout=float(parts[4]))
         if parts[0] == "s" and len(parts) == 3:
             return Event("s", parts[2], at=float(parts[1]))
-        if parts[0] in ("d", "k") and len(parts) == 2:
-            return Event(parts[0], parts[1])
+        if parts[0] == "d" and len(parts) == 4:
+            return Event("d", parts[1], state=parts[2], seconds=float(parts[3]))
+        if parts[0] == "k" and len(parts) == 2:
+            return Event("k", parts[1])
     except (IndexError, ValueError):
         pass
     return None

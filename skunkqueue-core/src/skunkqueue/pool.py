@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, policy
+from skunkqueue import channel, metrics, policy
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
@@ -155,6 +155,7 @@ class WorkerPool:
         self._rough_deadline = 0.0
         self._wakeup_read = -1
         self._next_renew = self._next_heartbeat = self._next_housekeeping = 0.0
+        self.tally = metrics.Tally()
 
     # -- signals: flags only ---------------------------------------------------------
 
@@ -269,6 +270,7 @@ class WorkerPool:
                 if child.pipes is not None:
                     child.pipes.close()
             if self.store is not None:
+                self._flush_stats(self.store)
                 self.store.close()
         log.info("pool %d: all workers stopped", os.getpid())
         return EXIT_ROUGH if self.stopping == "rough" else 0
@@ -294,6 +296,7 @@ class WorkerPool:
                     claim.started_at = event.at
                     child.running = event.job_id
             elif event.kind == "d":
+                self.tally.add(child.config.route, event.state, event.seconds)
                 child.claims.pop(event.job_id, None)
                 if child.running == event.job_id:
                     child.running, child.interrupt = None, None
@@ -367,6 +370,8 @@ class WorkerPool:
         if outcome is None:
             return
         if self._store_call("record a job's outcome", store.finish, job_id, claim.token, outcome):
+            ran = time.monotonic() - claim.started_at if claim.started_at is not None else 0.0
+            self.tally.add(child.config.route, outcome.state, ran)
             log.warning("job %s: its worker %s; now %s",
                         job_id, f"was killed ({why.reason})" if why else f"exited with status {code}",
                         outcome.state)
@@ -430,6 +435,7 @@ class WorkerPool:
             for child in self.children:
                 self._heartbeat(store, child)
             self._store_call("reap dead workers", reap_dead_workers, store)
+            self._flush_stats(store)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._store_call("recover expired leases", recover_expired_leases, store)
@@ -459,6 +465,11 @@ class WorkerPool:
                     child.claims.pop(job_id, None)  # someone else's now: never start it
                 if child.pipes is not None and child.pipes.command(f"x {job_id}"):
                     child.told_never_start.add(job_id)
+
+    def _flush_stats(self, store: Persistence) -> None:
+        if self.tally:
+            # On failure this interval's counts are lost: they are statistics, not jobs.
+            self._store_call("add throughput counters", store.add_stats, self.tally.drain())
 
     def _heartbeat(self, store: Persistence, child: _Child) -> None:
         if child.worker_id is None or not child.alive or child.process is None or _stopped(child.process.pid):

@@ -299,20 +299,22 @@ class Worker:
             outcome = self._run(record)
         finally:
             self.current = None
+        ran = time.monotonic() - started
         if outcome is None:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route)
-            self.pool.send(f"d {record.id}")
+            self.pool.send(f"d {record.id} lost {ran:.6f}")
             return
+        done = f"d {record.id} {outcome.state} {ran:.6f}"
         try:
-            recorded = self._finish(record, outcome)
+            recorded = self._finish(record, outcome, done)
         except BackendUnavailable:
-            recorded = self._finish_when_back(record, outcome)
+            recorded = self._finish_when_back(record, outcome, done)
         except SkunkQueueError as exc:
             # The store refused this outcome (e.g. a size limit): record why instead.
             outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
             recorded = self.backend.finish(record.id, record.token, outcome)
-            self.pool.send(f"d {record.id}")
+            self.pool.send(f"d {record.id} {outcome.state} {ran:.6f}")
         hooks.call("job_finished", record=record, outcome=outcome)
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
@@ -324,20 +326,20 @@ class Worker:
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
 
-    def _finish(self, record: JobRecord, outcome: Outcome) -> bool:
+    def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
         if self.held or self.stopping is not None:
             recorded = self.backend.finish(record.id, record.token, outcome)
-            self.pool.send(f"d {record.id}")
+            self.pool.send(done)
             return recorded
         recorded, claimed = self.backend.finish_and_claim(
             record.id, record.token, outcome, self.config.route, self.id, self.config.lease,
             self.config.prefetch)
-        self.pool.send(f"d {record.id}")
+        self.pool.send(done)
         self._took(claimed)
         return recorded
 
-    def _finish_when_back(self, record: JobRecord, outcome: Outcome) -> bool:
+    def _finish_when_back(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
         # The result exists only in this process. The pool keeps renewing the
         # lease until it hears "done", so keep trying for a lease's length.
         deadline = time.monotonic() + self.config.lease
@@ -349,7 +351,7 @@ class Worker:
                 break
             except BackendUnavailable as exc:
                 log.warning("job %s: cannot record the outcome yet: %s", record.id, exc)
-        self.pool.send(f"d {record.id}")
+        self.pool.send(done)
         return recorded
 
     def _run(self, record: JobRecord) -> Outcome | None:

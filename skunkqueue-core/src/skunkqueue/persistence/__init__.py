@@ -28,6 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
+from skunkqueue.metrics import RouteMinute
 from skunkqueue.record import JobRecord, Outcome, WorkerInfo
 
 # Finished records are kept this long (seconds) unless the queue says otherwise.
@@ -52,6 +53,9 @@ class Persistence(ABC):
     notifies: bool = False
     #: Longest sleep between polls, in seconds, when ``notifies`` is False.
     max_idle_poll: ClassVar[float] = 0.2
+    #: True when :meth:`add_stats` keeps what it is given (the monitor's
+    #: throughput charts and metrics need it); the defaults keep nothing.
+    keeps_stats: ClassVar[bool] = False
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
@@ -106,7 +110,8 @@ class Persistence(ABC):
         """Flag a ``running`` record so its worker interrupts it.
 
         Returns False if the record is not running. The flag is reported to
-        the lease holder by :meth:`renew` as :data:`LEASE_KILL`.
+        the lease holder by :meth:`renew` as :data:`LEASE_KILL`, and it
+        survives until the record finishes (see :meth:`finish`).
         """
 
     # -- workers ---------------------------------------------------------------
@@ -148,6 +153,12 @@ class Persistence(ABC):
         removes the record from its route's claimable set and schedules its
         deletion after ``result_ttl`` seconds. Waiters in
         :meth:`wait_finished` are woken.
+
+        A kill request outranks any way back to the queue: a ``pending``
+        outcome applied to a record whose ``kill_requested`` is set ends it
+        ``killed`` instead, with the error ``record.KILLED_BY_REQUEST``
+        (exactly what :meth:`Outcome.apply_to` does), so a killed job never
+        runs again after a retry, a hand-back or a lost lease.
         """
 
     def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
@@ -189,6 +200,21 @@ class Persistence(ABC):
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker of this queue, live or not yet reaped."""
+
+    # -- throughput counters (see skunkqueue.metrics) -----------------------------
+
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:  # noqa: B027 - optional
+        """Add each sample's counters to the stored counters of its (route, minute).
+
+        Addition is atomic per counter, so pools on many hosts can add at
+        once. Counters older than ``metrics.RETENTION`` seconds may be
+        dropped. Called by each pool once per heartbeat, never per job. The
+        default keeps nothing (``keeps_stats = False``).
+        """
+
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        """The stored counters of every minute ``>= since_minute``, one entry per (route, minute)."""
+        return []
 
     # -- waiting (override where the store can notify) -------------------------
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
+from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 
@@ -45,6 +46,14 @@ CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     queue TEXT NOT NULL,
     info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stats (
+    queue TEXT NOT NULL,
+    route TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (queue, minute, route, name)
 );
 """
 
@@ -281,6 +290,31 @@ class SQLitePersistence(Persistence):
     def workers(self) -> list[WorkerInfo]:
         rows = self._db.execute("SELECT info FROM workers WHERE queue=? ORDER BY id", (self.queue,))
         return [WorkerInfo.from_dict(json.loads(info)) for (info,) in rows]
+
+    # -- throughput counters ------------------------------------------------------
+
+    keeps_stats = True
+
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:
+        rows = [(self.queue, s.route, s.minute, name, value) for s in samples for name, value in s.counts.items()]
+        if not rows:
+            return
+        oldest = int((time.time() - RETENTION) // 60)
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO stats (queue, route, minute, name, value) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (queue, minute, route, name) DO UPDATE SET value = value + excluded.value",
+                rows)
+            conn.execute("DELETE FROM stats WHERE queue=? AND minute < ?", (self.queue, oldest))
+
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        found: dict[tuple[str, int], RouteMinute] = {}
+        for route, minute, name, value in self._db.execute(
+                "SELECT route, minute, name, value FROM stats WHERE queue=? AND minute >= ? "
+                "ORDER BY minute, route", (self.queue, since_minute)):
+            entry = found.setdefault((route, minute), RouteMinute(route, minute))
+            entry.counts[name] = value
+        return list(found.values())
 
     def close(self) -> None:
         self._db.close()

@@ -21,6 +21,7 @@ from skunkqueue import housekeeping, policy
 from skunkqueue.cli import main as cli_main
 from skunkqueue.errors import JobFailed, JobTimeout, SerializationError
 from skunkqueue.job import Job
+from skunkqueue.metrics import RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import (
@@ -354,6 +355,23 @@ class ConformanceSuite(SupervisionSuite):
         done = store.wait_finished(record.id, 10)
         assert done is not None and (done.state, done.result) == (COMPLETE, b"7")
 
+    def test_stats_add_up_per_route_and_minute(self, store: Persistence, backend: BackendUnderTest,
+                                               queue_name: str) -> None:
+        if not store.keeps_stats:
+            pytest.skip(f"the {store.name} backend keeps no throughput counters (keeps_stats = False)")
+        minute = int(time.time() // 60)
+        store.add_stats([RouteMinute("r", minute, {"completed": 2, "duration_us": 10}),
+                         RouteMinute("s", minute, {"failed": 1})])
+        with backend.open(queue_name) as other:  # another pool, adding at the same time
+            other.add_stats([RouteMinute("r", minute, {"completed": 3, "b0": 1}),
+                             RouteMinute("r", minute - 1, {"killed": 1})])
+        with backend.open(backend.new_queue_name()) as elsewhere:
+            elsewhere.add_stats([RouteMinute("r", minute, {"completed": 100})])
+        got = {(s.route, s.minute): s.counts for s in store.stats(minute - 1)}
+        assert got == {("r", minute): {"completed": 5, "duration_us": 10, "b0": 1},
+                       ("s", minute): {"failed": 1}, ("r", minute - 1): {"killed": 1}}
+        assert {(s.route, s.minute) for s in store.stats(minute)} == {("r", minute), ("s", minute)}
+
     # == The job lifecycle, end to end, with real worker processes ====================
 
     def test_fire_runs_on_a_worker_and_stores_the_result(self, queue: SkunkQueue, start_pool: Any) -> None:
@@ -364,6 +382,24 @@ class ConformanceSuite(SupervisionSuite):
         assert (handle.state, handle.result, add.state, add.result) == (COMPLETE, 9, COMPLETE, 9)
         record = queue.get(handle.id)
         assert record is not None and record.attempts == 1 and record.error is None
+
+    def test_pools_count_what_their_workers_did(self, queue: SkunkQueue, start_pool: Any) -> None:
+        if not queue.persistence.keeps_stats:
+            pytest.skip(f"the {queue.persistence.name} backend keeps no throughput counters")
+        pool = start_pool(["r"])
+        minute = int(time.time() // 60)
+        assert [h.wait(timeout=20) for h in self.declare(queue, jobs.add).fire_many([(1, 1)] * 3)] == [2] * 3
+        with pytest.raises(JobFailed):
+            self.declare(queue, jobs.fail).fire("counted").wait(timeout=20)
+        pool.signal(signal.SIGTERM)  # a stopping pool flushes what it counted
+        assert pool.wait(30) == 0
+        totals: dict[str, int] = {}
+        for sample in queue.persistence.stats(minute):
+            assert sample.route == "r"
+            for name, value in sample.counts.items():
+                totals[name] = totals.get(name, 0) + value
+        assert (totals.get("completed"), totals.get("failed")) == (3, 1)
+        assert sum(v for k, v in totals.items() if k.startswith("b")) == 4 and totals["duration_us"] > 0
 
     def test_fire_at_waits_until_due(self, queue: SkunkQueue, start_pool: Any) -> None:
         start_pool(["r"])
