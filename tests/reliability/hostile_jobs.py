@@ -69,7 +69,7 @@ def swallow_everything(path: str, token: str, seconds: float = 120.0) -> str:
     while time.monotonic() < end:
         try:
             time.sleep(0.05)
-        except BaseException:  # noqa: S110 - that is the point of this job
+        except BaseException:
             _append(path, f"{token}-swallowed {os.getpid()}")
     return "survived"
 
@@ -99,3 +99,39 @@ def deep_result(path: str, token: str, depth: int = 5000) -> Any:
 def pid(path: str, token: str) -> int:
     _append(path, f"{token} {os.getpid()}")
     return os.getpid()
+
+
+@_here.event(routes=["a"])
+def context_log(path: str, fail_first: int = 0, pause: float = 0.0) -> int:
+    """Append this attempt's ``current_job()`` as JSON; fail the first ``fail_first`` attempts."""
+    import dataclasses
+    import json
+
+    import skunkqueue
+
+    ctx = skunkqueue.current_job()
+    assert ctx is not None
+    _append(path, json.dumps({**dataclasses.asdict(ctx), "pid": os.getpid()}))
+    if pause:
+        time.sleep(pause)
+    if ctx.attempt <= fail_first:
+        raise ValueError(f"attempt {ctx.attempt} fails on purpose")
+    return ctx.token
+
+
+@_here.event(routes=["a"])
+def fenced_write(log: str, db_path: str, invoice: str, pause: float) -> int:
+    """Log the context, stall, then write through examples/fencing.py's token guard."""
+    import sqlite3
+
+    import fencing  # examples/ is on the worker's --path
+
+    import skunkqueue
+
+    ctx = skunkqueue.current_job()
+    assert ctx is not None
+    _append(log, f"{ctx.token} {os.getpid()}")
+    time.sleep(pause)
+    with sqlite3.connect(db_path) as db:
+        fencing.guarded_write(db, invoice, f"attempt {ctx.attempt}", ctx.token)
+    return ctx.token

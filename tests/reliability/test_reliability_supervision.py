@@ -25,7 +25,7 @@ from pathlib import Path
 
 import hostile_jobs
 import pytest
-from conftest import JOBS_DIR, Figures, PoolStarter
+from conftest import Figures, PoolStarter
 from reliability_support import executions, wait_until
 
 from skunkqueue.errors import JobFailed

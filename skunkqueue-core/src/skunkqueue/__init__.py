@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from skunkqueue.context import JobContext, current_job
 from skunkqueue.errors import (
     BackendNotFound,
     BackendUnavailable,
@@ -27,6 +28,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigurationError",
     "Job",
+    "JobContext",
     "JobFailed",
     "JobHandle",
     "JobTimeout",
@@ -34,5 +36,6 @@ __all__ = [
     "SerializationError",
     "SkunkQueue",
     "SkunkQueueError",
+    "current_job",
     "hookimpl",
 ]

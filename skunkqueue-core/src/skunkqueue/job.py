@@ -111,16 +111,27 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"
 
-    def fire(self, *args: Any, **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due now."""
-        return self._fire([(args, kwargs)], time.time())[0]
+    def fire(self, *args: Any, key: str | None = None, **kwargs: Any) -> JobHandle:
+        """Enqueue one run per route, due now.
 
-    def fire_at(self, when: timedelta | datetime, *args: Any, **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due after a delay or at an aware datetime."""
-        return self._fire([(args, kwargs)], due_time(when))[0]
+        With ``key``, the first firing with that key on this queue enqueues;
+        a later one, while that job's record exists (pending, running, or
+        finished and not yet expired), stores nothing and returns a handle to
+        the existing job. ``key`` is therefore not passed to the function.
+        """
+        return self._fire([(args, kwargs)], time.time(), [key])[0]
 
-    def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]]) -> list[JobHandle]:
-        """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict."""
+    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+                **kwargs: Any) -> JobHandle:
+        """Enqueue one run per route, due after a delay or at an aware datetime (``key``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key])[0]
+
+    def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
+                  keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+        """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict.
+
+        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``.
+        """
         normalized: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         for item in calls:
             if isinstance(item, dict):
@@ -129,10 +140,14 @@ class Job:
                 normalized.append((tuple(item), {}))
             else:
                 normalized.append(((item,), {}))
-        return self._fire(normalized, time.time())
+        if keys is not None and len(keys) != len(normalized):
+            raise ConfigurationError(f"fire_many got {len(normalized)} calls but {len(keys)} keys; "
+                                     "give one key (or None) per call.")
+        return self._fire(normalized, time.time(), list(keys) if keys is not None else None)
 
-    def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float) -> list[JobHandle]:
-        handles = self.queue._enqueue(self, calls, due)
+    def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
+              keys: list[str | None] | None = None) -> list[JobHandle]:
+        handles = self.queue._enqueue(self, calls, due, keys)
         if handles:
             self.last = handles[-1]
         return handles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -74,8 +75,11 @@ class SkunkQueue:
     job = event
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
+        keyed = keys is not None and any(k is not None for k in keys)
+        if keyed:
+            _check_keys(self, backend, keys or [])
         targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
         if self.queue_type == "broadcast":
             live = self.live_workers()
@@ -90,13 +94,23 @@ class SkunkQueue:
                     f"{backend.name} backend stores at most {backend.max_payload}. "
                     "Store large data elsewhere and pass a reference to it."
                 )
+            key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
                           serializer=self.serializer, due=due, created=now, target=target,
-                          retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout)
+                          retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
+                          # One key per delivery; JSON keeps (route, key) pairs from colliding.
+                          key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]
             ])
-        backend.enqueue([record for records in per_call for record in records])
+        flat = [record for records in per_call for record in records]
+        if not keyed:
+            backend.enqueue(flat)
+            return [JobHandle(self, records) for records in per_call]
+        holders = iter(backend.enqueue_keyed(flat))
+        for records in per_call:  # a key already held: the handle follows the existing job
+            for record in records:
+                record.id = next(holders)
         return [JobHandle(self, records) for records in per_call]
 
     # -- inspecting -----------------------------------------------------------
@@ -170,6 +184,17 @@ class SkunkQueue:
         if record is None or record.state not in FINISHED_STATES:
             return False
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
+
+
+def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None]) -> None:
+    if queue.queue_type == "broadcast":
+        raise ConfigurationError("Idempotency keys need a direct queue: a broadcast's deliveries depend on "
+                                 "which workers are alive when it is fired.")
+    if not backend.supports_keys:
+        raise ConfigurationError(f"The {backend.name} backend does not support idempotency keys (key=...) yet.")
+    for key in keys:
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ConfigurationError(f"An idempotency key must be a non-empty string, not {key!r}.")
 
 
 def _check_serializer(name: str) -> str:

@@ -80,6 +80,7 @@ class JobRecord:
     result: bytes | None = None     # the serialized return value
     error: dict[str, str] | None = None  # {"type", "message", "traceback"}
     dead: bool = False              # in the dead-letter list: out of attempts
+    key: str | None = None          # idempotency key: one record per key in a queue (see enqueue_keyed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +117,8 @@ class JobRecord:
             setattr(self, name, int(getattr(self, name)))
         self.kill_requested = bool(self.kill_requested)
         self.dead = bool(self.dead)
+        if self.key is not None and not isinstance(self.key, str):
+            raise MalformedRecord("key is not a string")
 
     def claim_by(self, worker_id: str, now: float, lease: float) -> None:
         """Turn a pending record into one ``worker_id`` runs under a fresh lease.

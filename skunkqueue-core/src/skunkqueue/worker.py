@@ -33,6 +33,8 @@ from typing import Any
 
 from skunkqueue import channel, hooks, policy, serializer
 from skunkqueue.backends import open_backend
+from skunkqueue.context import JobContext
+from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
@@ -376,6 +378,7 @@ class Worker:
         value: Any = None
         if self.stopping == "rough":
             self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
+        context = _current_job.set(JobContext.of(record, time.time()))
         try:
             self._in_job = True
             try:
@@ -383,6 +386,7 @@ class Worker:
                     value = job.func(*args, **kwargs)
             finally:
                 self._in_job = False
+                _current_job.reset(context)
         except BaseException as exc:  # sys.exit, KeyboardInterrupt... are the job's
             raised = exc
         # An interrupt decides the outcome even if the job swallowed it.

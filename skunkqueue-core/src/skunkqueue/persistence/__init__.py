@@ -53,6 +53,8 @@ class Persistence(ABC):
     notifies: bool = False
     #: Longest sleep between polls, in seconds, when ``notifies`` is False.
     max_idle_poll: ClassVar[float] = 0.2
+    #: True when the backend implements :meth:`enqueue_keyed` (idempotency keys).
+    supports_keys: ClassVar[bool] = False
     #: True when :meth:`add_stats` keeps what it is given (the monitor's
     #: throughput charts and metrics need it); the defaults keep nothing.
     keeps_stats: ClassVar[bool] = False
@@ -77,6 +79,21 @@ class Persistence(ABC):
         (stores with multi-record atomicity store all or none); if it returns,
         all were stored durably as far as the store's settings allow.
         """
+
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        """Store each record unless this queue already holds a record with its ``key``.
+
+        Returns, for each record given, the id of the record that holds its
+        key: its own id if it was stored, else the existing record's. The
+        check and the insert are one atomic step per key: of any number of
+        concurrent callers (in any process) with the same key, exactly one
+        stores its record and the others get that record's id. A record holds
+        its key while it exists - pending, running, or finished and not yet
+        expired; once it has expired or was purged, the key is free again.
+        Records without a key are stored as :meth:`enqueue` stores them.
+        Backends that implement this set ``supports_keys = True``.
+        """
+        raise NotImplementedError(f"the {self.name} backend does not support idempotency keys")
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:

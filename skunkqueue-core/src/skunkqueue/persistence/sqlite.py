@@ -86,6 +86,7 @@ def _record_to_row(record: JobRecord, expire_at: float | None) -> dict[str, Any]
     row = {name: data.pop(name) for name in _COLUMNS}
     row["record"] = json.dumps(data)
     row["expire_at"] = expire_at
+    row["key"] = record.key
     return row
 
 
@@ -109,8 +110,18 @@ class SQLitePersistence(Persistence):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise BackendUnavailable(f"Cannot open the SQLite queue file {self.path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Bring a file made by an older version up to date (each step is idempotent)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "key" not in columns:
+            with self._write() as conn:
+                if "key" not in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN key TEXT")
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key) WHERE key IS NOT NULL")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -143,9 +154,26 @@ class SQLitePersistence(Persistence):
     # -- producers ---------------------------------------------------------------
 
     def enqueue(self, records: Sequence[JobRecord]) -> None:
-        with self._write() as conn:
+        self.enqueue_keyed(records)
+
+    supports_keys = True
+
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        holders = []
+        now = time.time()
+        with self._write() as conn:  # the write lock makes check-and-insert one step
             for record in records:
+                if record.key is not None:
+                    row = conn.execute("SELECT id, expire_at FROM jobs WHERE queue=? AND key=?",
+                                       (self.queue, record.key)).fetchone()
+                    if row is not None and (row["expire_at"] is None or row["expire_at"] >= now):
+                        holders.append(row["id"])
+                        continue
+                    if row is not None:  # expired, not yet deleted: the key is free
+                        conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
                 self._store(conn, record)
+                holders.append(record.id)
+        return holders
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()

@@ -1,0 +1,32 @@
+"""A producer process for the kit: ``python -m skunkqueue.testing.firing SPEC``.
+
+SPEC is JSON: ``{"backend": ..., "url": ..., "db": ..., "options": {...}, "queue": ...,
+"key": ..., "times": N, "start_at": EPOCH}``. The process waits until
+``start_at`` (so that several line up), fires ``jobs.add`` on route ``r`` with
+the key ``times`` times, and prints each handle's id on its own line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.testing import jobs
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    queue = SkunkQueue(spec["queue"], backend=spec["backend"], conn_url=spec["url"], dbname=spec["db"],
+                       **spec["options"])
+    add = queue.event(routes=["r"])(jobs.add.func)
+    queue.persistence  # connect before the start line  # noqa: B018
+    time.sleep(max(0.0, spec["start_at"] - time.time()))
+    for _ in range(spec["times"]):
+        print(add.fire(1, 2, key=spec["key"]).id, flush=True)
+    queue.close()
+
+
+if __name__ == "__main__":
+    main()
