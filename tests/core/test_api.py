@@ -103,8 +103,9 @@ def test_hooks_see_the_job_lifecycle(tmp_path: Path) -> None:
     plugin_manager().register(plugin)
     try:
         queue = SkunkQueue("hooks", conn_url=str(tmp_path / "q.db"))
-        ok = queue.event(routes=["r"])(jobs.add.func).fire(1, 1)
-        bad = queue.event(routes=["r"])(jobs.fail.func).fire("no")
+        # The in-process worker runs only jobs declared (and still held) for its queue and route.
+        add, fail = queue.event(routes=["r"])(jobs.add.func), queue.event(routes=["r"])(jobs.fail.func)
+        ok, bad = add.fire(1, 1), fail.fire("no")
         worker = Worker(WorkerConfig(queue="hooks", route="r", url=str(tmp_path / "q.db")))
         worker.backend = worker.config.open()
         for record in worker.backend.claim("r", worker.id, 30, limit=2):

@@ -108,7 +108,7 @@ def pool_starter(backend: BackendUnderTest, queue_name: str, logs: Path) -> tupl
               extra: list[str] | None = None, on: BackendUnderTest | None = None) -> PoolProcess:
         pool = PoolProcess(on or backend, queue_name, routes, concurrency=concurrency, lease=lease,
                            log_path=logs / f"pool-{len(pools)}.log",
-                           extra=["--path", JOBS_DIR, *(extra or [])])
+                           extra=["--path", JOBS_DIR, *(extra or [])], imports=["reliability_jobs"])
         pools.append(pool)
         if ready:
             pool.wait_ready(60)

@@ -11,9 +11,9 @@ from skunkqueue import policy, serializer
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
-from skunkqueue.job import Job, JobHandle
+from skunkqueue.job import Job, JobHandle, check_name
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
-from skunkqueue.record import FINISHED_STATES, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
 
 log = logging.getLogger("skunkqueue")
 
@@ -31,6 +31,7 @@ class SkunkQueue:
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
+        check_name(name, "queue")
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
         self.name = name
@@ -163,12 +164,22 @@ class SkunkQueue:
         """Delete the route's pending jobs (running and finished ones stay)."""
         return self.persistence.purge(route)
 
-    def retry(self, job_id: str) -> bool:
-        """Requeue a finished (e.g. dead-lettered) job with fresh attempts."""
+    def retry(self, job_id: str, *, force: bool = False) -> bool:
+        """Requeue a finished (e.g. dead-lettered) job with fresh attempts.
+
+        A ``complete`` or ``killed`` job runs again only with ``force=True``:
+        killed jobs are promised never to run again, and a complete one
+        already ran. Returns False if there is no finished job with that id.
+        """
         backend = self.persistence
         record = backend.get(job_id)
         if record is None or record.state not in FINISHED_STATES:
             return False
+        if record.state in (COMPLETE, KILLED) and not force:
+            raise ConfigurationError(
+                f"Job {job_id} is {record.state}; retrying would run it again. "
+                "Pass --force (force=True) if that is what you want."
+            )
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from typing import Any
 
 from skunkqueue.errors import ConfigurationError, SerializationError
@@ -32,6 +33,11 @@ def dumps(value: Any, serializer: str, *, what: str = "value") -> bytes:
         if serializer == "pickle":
             return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         return _JSON.encode(value).encode()
+    except RecursionError:
+        raise SerializationError(
+            f"Cannot serialize the {what} with {serializer}: nested too deeply "
+            f"(more than about {sys.getrecursionlimit()} levels)."
+        ) from None
     except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
         hint = (" Pass JSON types (str, int, float, bool, None, list, dict), "
                 "or create the queue with serializer='pickle'." if serializer == "json" else "")
@@ -44,6 +50,8 @@ def loads(data: bytes, serializer: str, *, what: str = "value") -> Any:
             return pickle.loads(data)
         if serializer == "json":
             return json.loads(data)
+    except RecursionError:
+        raise SerializationError(f"Cannot decode the {what} ({serializer}): nested too deeply.") from None
     except Exception as exc:
         raise SerializationError(f"Cannot decode the {what} ({serializer}): {exc}") from None
     raise SerializationError(f"Unknown serializer {serializer!r} in the stored job.")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
-from skunkqueue import hooks, policy, serializer
+from skunkqueue import hooks, policy, serializer, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import (
     BackendUnavailable,
@@ -64,6 +64,7 @@ class WorkerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
     allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
+    imports: list[str] = field(default_factory=list)  # explicit mode: job modules imported at start
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -159,6 +160,7 @@ class Worker:
         for path in reversed([os.getcwd(), *self.config.paths]):
             if path not in sys.path:
                 sys.path.insert(0, path)
+        trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         keeper = threading.Thread(target=self._keeper, name="skunkqueue-keeper", daemon=True)
         keeper.start()
@@ -224,7 +226,8 @@ class Worker:
     def _job(self, name: str) -> Job:
         job = self._jobs.get(name)
         if job is None:
-            job = self._jobs[name] = resolve(name)
+            job = self._jobs[name] = resolve(name, queue=self.config.queue, route=self.config.route,
+                                             imports=self.config.imports, paths=self.config.paths)
         return job
 
     def execute(self, record: JobRecord) -> None:
