@@ -28,7 +28,7 @@ class PoolProcess:
     def __init__(self, backend: BackendUnderTest, queue: str, routes: list[str], *,
                  concurrency: int = 1, lease: float = 30.0, log_path: Path | None = None,
                  extra: list[str] | None = None, imports: Sequence[str] = (KIT_JOBS,),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.backend = backend
         self.queue = queue
         args = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue, "-r", *routes,
@@ -36,7 +36,7 @@ class PoolProcess:
                 *(arg for name in imports for arg in ("--import", name)), *(extra or [])]
         self.log_path = log_path
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                         env=backend.process_env(SKUNQ_LOG_LEVEL="INFO", **kit_env(queue, routes),
                                                                 **(env or {})))
         self.expected_workers = len(routes) * concurrency
