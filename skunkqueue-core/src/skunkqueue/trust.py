@@ -110,11 +110,10 @@ def resolve(name: str, queue: str, route: str, *, imports: Sequence[str] = (),
             f"{name!r} is declared with @queue.event for {where}, not for queue {queue!r} route "
             f"{route!r}, so this worker does not run it."
         )
-    obj: object = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise JobRefused(f"Module {module_name!r} has no job {qualname!r}.")
+    # Only the module's namespace is read: getattr could run a module __getattr__ or a property.
+    namespace = getattr(sys.modules.get(module_name), "__dict__", {})
+    if qualname.split(".")[0] not in namespace:
+        raise JobRefused(f"Module {module_name!r} has no job {qualname!r}.")
     raise JobRefused(f"{name!r} is not decorated with @queue.event, so workers will not run it.")
 
 
