@@ -185,3 +185,28 @@ def test_import_errors_of_allowed_modules_are_one_clear_line(root: Path, tmp_pat
     assert trust.split_imports(["a.b, c", "d"]) == ["a.b", "c", "d"]
     with pytest.raises(ConfigurationError, match="not a module name"):
         trust.split_imports(["a/b"])
+
+
+def test_the_checked_file_is_the_one_executed_even_behind_another_sys_path_entry(
+        root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A same-named module on a sys.path entry ahead of the roots is never the one imported."""
+    ahead = tmp_path / "ahead"
+    ahead.mkdir()
+    name = unique()
+    write_module(ahead, name, tmp_path / "wrong-file-imported")
+    write_module(root, name, tmp_path / "imported", JOBS.format(db=str(tmp_path / "q.db")))
+    monkeypatch.syspath_prepend(str(ahead))  # now ahead of the root
+    assert trust.resolve(f"{name}:job", "tenant-a", "r").func() == "ran"
+    assert (tmp_path / "imported").exists() and not (tmp_path / "wrong-file-imported").exists()
+
+
+def test_namespace_packages_and_failing_modules_under_the_roots(root: Path, tmp_path: Path) -> None:
+    ns = unique()
+    (root / ns).mkdir()  # no __init__.py: a namespace package
+    write_module(root / ns, "jobs", tmp_path / "imported", JOBS.format(db=str(tmp_path / "q.db")))
+    assert trust.resolve(f"{ns}.jobs:job", "tenant-a", "r").func() == "ran"
+    broken = unique()
+    write_module(root, broken, tmp_path / "broken", "raise SystemExit('a module that exits')\n")
+    with pytest.raises(JobRefused, match="SystemExit: a module that exits"):
+        trust.resolve(f"{broken}:x", "q", "r")
+    assert broken not in sys.modules

@@ -18,6 +18,7 @@ operator allowed:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import site
 import sys
@@ -148,6 +149,25 @@ def _locations(spec: ModuleSpec) -> list[str]:
     return [os.path.realpath(p) for p in places]
 
 
+def _load(spec: ModuleSpec, parent: ModuleType | None) -> ModuleType:
+    """Execute exactly the module ``spec`` describes (the one checked), as ``import`` would.
+
+    ``importlib.import_module`` would search ``sys.path`` again, where an entry
+    ahead of the roots could supply another file of the same name.
+    """
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        if spec.loader is not None:  # None: a namespace package, nothing to execute
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
+    if parent is not None:
+        setattr(parent, spec.name.rpartition(".")[2], module)
+    return sys.modules[spec.name]
+
+
 def _import_under_roots(module_name: str, job_name: str, roots: list[str]) -> ModuleType:
     """Import ``module_name`` (and its parents) only if each is found under ``roots``."""
     real_roots = [os.path.realpath(r) for r in roots]
@@ -190,9 +210,7 @@ def _import_under_roots(module_name: str, job_name: str, roots: list[str]) -> Mo
             module = loaded
         else:
             try:
-                # The roots lead sys.path (the worker puts them there), so the
-                # import finds the very file checked above.
-                module = importlib.import_module(name)
+                module = _load(spec, parent=module)
             except (Exception, SystemExit) as exc:
                 raise JobRefused(
                     f"Cannot import module {name!r} for job {job_name!r}: {type(exc).__name__}: {exc}"
