@@ -240,7 +240,7 @@ def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str |
 def jobs_command(queue: str, route: str | None, state: str | None, limit: int, as_json: bool,
                  backend: str, url: str | None, db: str | None) -> None:
     """List a queue's jobs: id, function, route, state, due time, attempts."""
-    records = _open(queue, backend, url, db).persistence.list_jobs(route=route, state=state, limit=limit)
+    records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
     if as_json:
         keys = ("id", "function", "route", "state", "due", "attempts")
         rows = [{k: v for k, v in _job_fields(r).items() if k in keys} for r in records]

@@ -13,7 +13,7 @@ from skunkqueue.errors import ConfigurationError, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
 from skunkqueue.job import Job, JobHandle, check_name
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
-from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
 
 log = logging.getLogger("skunkqueue")
 
@@ -104,6 +104,12 @@ class SkunkQueue:
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.persistence.get(job_id)
+
+    def jobs(self, *, route: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The queue's jobs (optionally of one route and/or state), ordered by due time."""
+        if state is not None and state not in STATES:
+            raise ConfigurationError(f"Unknown state {state!r}; use one of {', '.join(STATES)}.")
+        return self.persistence.list_jobs(route=route, state=state, limit=limit)
 
     def workers(self) -> list[WorkerInfo]:
         """Registered workers (id, queue, route, host, pid, state, last heartbeat)."""
