@@ -105,11 +105,18 @@ def resolve(name: str, queue: str, route: str, *, imports: Sequence[str] = (),
         if job is not None:
             return job
     elsewhere = _declared_elsewhere(name)
-    if elsewhere:
-        where = "; ".join(f"queue {q!r} route {r!r}" for q, r in elsewhere)
+    routes = [r for q, r in elsewhere if q == queue]
+    if routes:
         raise JobRefused(
-            f"{name!r} is declared with @queue.event for {where}, not for queue {queue!r} route "
-            f"{route!r}, so this worker does not run it."
+            f"{name!r} is declared with @queue.event on queue {queue!r} for route(s) "
+            f"{', '.join(map(repr, routes))}, not for route {route!r}, so this worker does not run it."
+        )
+    if elsewhere:
+        # Other queues are not named: the message lands in this queue's store,
+        # where another tenant's queue names are none of its writers' business.
+        raise JobRefused(
+            f"{name!r} is declared with @queue.event on another queue, not on queue {queue!r}, "
+            "so this worker does not run it."
         )
     # Only the module's namespace is read: getattr could run a module __getattr__ or a property.
     namespace = getattr(sys.modules.get(module_name), "__dict__", {})
