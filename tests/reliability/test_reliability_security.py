@@ -22,6 +22,7 @@ from conftest import JOBS_DIR, Figures, open_queue, pool_starter
 from reliability_backends import Target
 from reliability_support import executions
 
+from skunkqueue import signing
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import ERROR, JobRecord, new_id
@@ -188,3 +189,49 @@ def test_bare_mode_imports_modules_of_the_working_directory_and_still_checks_the
     assert done is not None and done.state == ERROR and done.error is not None
     assert "not decorated with @queue.event" in done.error["message"]
     assert (tmp_path / "sidefx.imported").exists() and not (tmp_path / "sidefx.ran").exists()
+
+
+def test_with_a_secret_only_signed_records_run(backend: BackendUnderTest, queue_name: str, tmp_path: Path,
+                                               figures: Figures, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SKUNQ_SECRET on producer and workers: unsigned, wrongly signed and altered records run nothing."""
+    monkeypatch.setenv("SKUNQ_SECRET", "producer-and-workers-share-this")
+    queue = open_queue(backend, queue_name)  # reads the key from the environment, as producers do
+    pool = PoolProcess(backend, queue_name, ["a"], concurrency=2, log_path=tmp_path / "pool.log",
+                       extra=["--path", JOBS_DIR], imports=["reliability_jobs"])
+    try:
+        pool.wait_ready(60)
+        log = tmp_path / "executions"
+        mark = queue.event(routes=["a"])(reliability_jobs.mark.func)
+        good = [mark.fire(str(log), f"before-{i}") for i in range(10)]
+        template = queue.get(good[0].id)
+        assert template is not None and template.payload.startswith(b"skunq-hmac1:")
+        body = signing.body(template.payload)
+
+        def copy(**changes: object) -> JobRecord:
+            now = time.time()
+            fields = {**template.to_dict(), "id": new_id(), "state": "pending", "due": now, "created": now,
+                      "owner": None, "lease_until": None, "token": 0, "attempts": 0, "started": None,
+                      "finished": None, "result": None, "error": None, **changes}
+            return JobRecord.from_dict(fields)
+
+        wrong_key = copy(payload=body)
+        signing.sign(b"a key the workers do not have", wrong_key)
+        forged = [copy(payload=body),                                                # unsigned
+                  wrong_key,                                                         # another key
+                  copy(),                                                            # signature of another id
+                  copy(payload=template.payload.replace(b"before-0", b"evil-0")),   # arguments altered
+                  copy(func=reliability_jobs.fail_and_log.name)]                     # function swapped
+        queue.persistence.enqueue(forged)
+        good += [mark.fire(str(log), f"after-{i}") for i in range(10)]
+        assert all(h.wait(timeout=60) for h in good)
+        for record in forged:
+            done = queue.persistence.wait_finished(record.id, 30)
+            assert done is not None and done.state == ERROR and done.error is not None, done
+            assert "nothing of it ran" in done.error["message"] and done.attempts == 1, done.error
+    finally:
+        pool.stop()
+        queue.close()
+    runs = executions(log)
+    assert sorted(runs) == sorted([f"before-{i}" for i in range(10)] + [f"after-{i}" for i in range(10)])
+    assert all(len(v) == 1 for v in runs.values())
+    figures.record("signed-records", fired=20, lost=0, duplicates=0, bad_inputs=len(forged))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import serializer, trust
+from skunkqueue import serializer, signing, trust
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import WorkerPool
@@ -187,12 +187,13 @@ def _decoded(data: bytes | None, record: JobRecord, what: str) -> Any:
 
 
 def _job_fields(record: JobRecord) -> dict[str, Any]:
-    args = _decoded(record.payload, record, "job arguments")
+    args = _decoded(signing.body(record.payload), record, "job arguments")
     if isinstance(args, list) and len(args) == 2:
         args = {"args": args[0], "kwargs": args[1]}
     return {
         "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
         "state": record.state, "dead": record.dead, "arguments": args,
+        "signed": signing.body(record.payload) != record.payload,
         "result": _decoded(record.result, record, "result"), "error": record.error,
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from skunkqueue import policy, serializer
+from skunkqueue import policy, serializer, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -82,12 +82,14 @@ class SkunkQueue:
             live = self.live_workers()
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
+        key = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
             payload = serializer.dumps_call(args, kwargs, self.serializer)
-            if backend.max_payload is not None and len(payload) > backend.max_payload:
+            size = len(payload) + (signing.overhead() if key else 0)
+            if backend.max_payload is not None and size > backend.max_payload:
                 raise PayloadTooLarge(
-                    f"The arguments of {job.name} encode to {len(payload)} bytes; the "
+                    f"The arguments of {job.name} encode to {size} bytes; the "
                     f"{backend.name} backend stores at most {backend.max_payload}. "
                     "Store large data elsewhere and pass a reference to it."
                 )
@@ -97,6 +99,10 @@ class SkunkQueue:
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout)
                 for route in job.routes for target in targets[route]
             ])
+        if key:
+            for records in per_call:
+                for record in records:
+                    signing.sign(key, record)
         backend.enqueue([record for records in per_call for record in records])
         return [JobHandle(self, records) for records in per_call]
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
-from skunkqueue import hooks, policy, serializer, trust
+from skunkqueue import hooks, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import (
     BackendUnavailable,
@@ -224,6 +224,8 @@ class Worker:
     # -- running one job ----------------------------------------------------------
 
     def _job(self, name: str) -> Job:
+        if self.current is not None:  # SKUNQ_SECRET: an unsigned or altered record runs nothing
+            signing.verify(signing.key_from_env(), self.current)
         job = self._jobs.get(name)
         if job is None:
             job = self._jobs[name] = resolve(name, queue=self.config.queue, route=self.config.route,
