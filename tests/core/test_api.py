@@ -103,8 +103,9 @@ def test_hooks_see_the_job_lifecycle(tmp_path: Path) -> None:
     plugin_manager().register(plugin)
     try:
         queue = SkunkQueue("hooks", conn_url=str(tmp_path / "q.db"))
-        ok = queue.event(routes=["r"])(jobs.add.func).fire(1, 1)
-        bad = queue.event(routes=["r"])(jobs.fail.func).fire("no")
+        # The in-process worker runs only jobs declared (and still held) for its queue and route.
+        add, fail = queue.event(routes=["r"])(jobs.add.func), queue.event(routes=["r"])(jobs.fail.func)
+        ok, bad = add.fire(1, 1), fail.fire("no")
         worker = Worker(WorkerConfig(queue="hooks", route="r", url=str(tmp_path / "q.db")))
         worker.backend = worker.config.open()
         for record in worker.backend.claim("r", worker.id, 30, limit=2):
@@ -170,3 +171,13 @@ def test_fire_at_accepts_an_aware_datetime(queue: SkunkQueue) -> None:
     handle = queue.event(routes=["r"])(jobs.add.func).fire_at(when, 1, 2)
     record = queue.get(handle.id)
     assert record is not None and abs(record.due - when.timestamp()) < 0.001
+
+
+def test_jobs_lists_by_route_and_state_and_refuses_unknown_states(queue: SkunkQueue) -> None:
+    add = queue.event(routes=["r", "s"])(jobs.add.func)
+    handle = add.fire(1, 2)
+    assert {r.id for r in queue.jobs()} == set(handle.ids)
+    assert [r.route for r in queue.jobs(route="s", state="pending")] == ["s"]
+    assert queue.jobs(state="complete") == [] and len(queue.jobs(limit=1)) == 1
+    with pytest.raises(ConfigurationError, match="Unknown state 'done'"):
+        queue.jobs(state="done")

@@ -109,7 +109,8 @@ def pool_starter(backend: BackendUnderTest, queue_name: str, logs: Path) -> tupl
               new_session: bool = False) -> PoolProcess:
         pool = PoolProcess(on or backend, queue_name, routes, concurrency=concurrency, lease=lease,
                            log_path=logs / f"pool-{len(pools)}.log",
-                           extra=["--path", JOBS_DIR, *(extra or [])], new_session=new_session)
+                           extra=["--path", JOBS_DIR, *(extra or [])], new_session=new_session,
+                           imports=["reliability_jobs", "hostile_jobs"])
         pools.append(pool)
         if ready:
             pool.wait_ready(60)

@@ -1,7 +1,7 @@
 """Jobs that behave as badly as a user's code can: hold the GIL, swallow every
 exception, exit the process, return what cannot be encoded.
 
-Workers get this directory with ``--path`` and resolve ``hostile_jobs:NAME``.
+Workers get this directory with ``--path`` and ``--import hostile_jobs``.
 Each job first appends one line to a file outside the queue, so the tests
 count starts independently of what the queue recorded.
 """
@@ -16,9 +16,11 @@ import sys
 import time
 from typing import Any
 
-from skunkqueue.queue import SkunkQueue
+from skunkqueue.testing.kit import kit_queue, kit_routes
 
-_here = SkunkQueue("skunkqueue-hostile")
+# Declared on the test's queue and routes inside a test's pool (see reliability_jobs.py).
+_here = kit_queue("skunkqueue-hostile")
+_routes = kit_routes(["a"])
 
 # Calls through PyDLL keep the GIL: a libc sleep through it is a C call that
 # holds the GIL for as long as we ask, as a long regex or a C extension would.
@@ -33,7 +35,7 @@ def _append(path: str, line: str) -> None:
         os.close(fd)
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def hold_gil(path: str, token: str, seconds: float) -> str:
     """Hold the GIL for ``seconds`` in C calls (no thread of this process runs meanwhile)."""
     _append(path, f"{token} {os.getpid()}")
@@ -43,7 +45,7 @@ def hold_gil(path: str, token: str, seconds: float) -> str:
     return "held"
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def unresponsive(path: str, token: str, seconds: float) -> str:
     """Block every signal that can be blocked, then hold the GIL: nothing can interrupt it."""
     _append(path, f"{token} {os.getpid()}")
@@ -54,14 +56,14 @@ def unresponsive(path: str, token: str, seconds: float) -> str:
     return "unstoppable"
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def catastrophic_regex(path: str, token: str, length: int = 32) -> bool:
     """Exponential backtracking inside the re module: seconds to minutes in C, GIL held."""
     _append(path, f"{token} {os.getpid()}")
     return re.match(r"(a+)+$", "a" * length + "b") is not None
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def swallow_everything(path: str, token: str, seconds: float = 120.0) -> str:
     """Run for ``seconds``, catching every interruption (BaseException) thrown at it."""
     _append(path, f"{token} {os.getpid()}")
@@ -74,19 +76,19 @@ def swallow_everything(path: str, token: str, seconds: float = 120.0) -> str:
     return "survived"
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def exit_process(path: str, token: str, code: int = 0) -> None:
     _append(path, f"{token} {os.getpid()}")
     sys.exit(code)
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def interrupt_keyboard(path: str, token: str) -> None:
     _append(path, f"{token} {os.getpid()}")
     raise KeyboardInterrupt("from the job")
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def deep_result(path: str, token: str, depth: int = 5000) -> Any:
     _append(path, f"{token} {os.getpid()}")
     value: Any = []
@@ -95,13 +97,13 @@ def deep_result(path: str, token: str, depth: int = 5000) -> Any:
     return value
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def pid(path: str, token: str) -> int:
     _append(path, f"{token} {os.getpid()}")
     return os.getpid()
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def context_log(path: str, fail_first: int = 0, pause: float = 0.0) -> int:
     """Append this attempt's ``current_job()`` as JSON; fail the first ``fail_first`` attempts."""
     import dataclasses
@@ -119,7 +121,7 @@ def context_log(path: str, fail_first: int = 0, pause: float = 0.0) -> int:
     return ctx.token
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def fenced_write(log: str, db_path: str, invoice: str, pause: float) -> int:
     """Log the context, stall, then write through examples/fencing.py's token guard."""
     import sqlite3

@@ -1,6 +1,9 @@
 """Job functions the reliability tests fire; worker processes import them from here.
 
-Workers get this directory with ``--path`` and resolve ``reliability_jobs:NAME``.
+Workers get this directory with ``--path`` and ``--import reliability_jobs``.
+Inside a test's pool the jobs are declared on the test's queue and routes
+(``kit_queue``/``kit_routes`` read them from the pool's environment), since a
+worker runs only jobs declared on its own queue and route.
 Every side effect is written to a file outside the queue, so the tests count
 executions independently of what the queue recorded.
 """
@@ -12,8 +15,10 @@ import signal
 import time
 
 from skunkqueue.queue import SkunkQueue
+from skunkqueue.testing.kit import kit_queue, kit_routes
 
-_here = SkunkQueue("skunkqueue-reliability")
+_here = kit_queue("skunkqueue-reliability")
+_routes = kit_routes(["a"])
 
 
 def _append(path: str, line: str) -> None:
@@ -26,7 +31,7 @@ def _append(path: str, line: str) -> None:
         os.close(fd)
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def mark(path: str, token: str, pause: float = 0.0) -> str:
     """Record one execution of ``token`` (with a nonce), then sleep ``pause``.
 
@@ -40,14 +45,14 @@ def mark(path: str, token: str, pause: float = 0.0) -> str:
     return execution
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def fail_and_log(path: str) -> None:
     """Log the start time of this attempt, then fail."""
     _append(path, repr(time.time()))
     raise ValueError("this attempt fails on purpose")
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def hang_first_then_fail(path: str) -> None:
     """The first start hangs (so its worker can be killed); later starts fail."""
     _append(path, f"start {os.getpid()}")
@@ -58,26 +63,43 @@ def hang_first_then_fail(path: str) -> None:
     raise ValueError(f"failed on start {starts}")
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def kill_own_worker(path: str) -> None:
     """A poison job: takes its worker down with it, every time."""
     _append(path, f"start {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def unserializable_result() -> object:
     return object()
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def size_of(data: str) -> int:
     return len(data)
 
 
-@_here.event(routes=["a"])
+@_here.event(routes=_routes)
 def fail_until_fixed(flag: str) -> str:
     """Fails until the file ``flag`` exists (an operator fixed the cause)."""
     if not os.path.exists(flag):
         raise RuntimeError(f"{flag} is missing")
     return "fixed"
+
+
+# -- jobs a worker must refuse (tests/reliability/test_reliability_security.py) -----------
+
+_other_tenant = SkunkQueue("skunkqueue-reliability-other-tenant")
+
+
+@_other_tenant.event(routes=_routes)
+def other_queue_job(path: str, token: str) -> None:
+    """Declared on another queue: a worker of the test's queue must not run it."""
+    _append(path, f"{token} ran-on-the-wrong-queue")
+
+
+@_here.event(routes=["admin-only"])
+def other_route_job(path: str, token: str) -> None:
+    """Declared on the test's queue, for a route no test pool serves."""
+    _append(path, f"{token} ran-on-the-wrong-route")

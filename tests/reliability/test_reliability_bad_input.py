@@ -1,8 +1,8 @@
 """Bad input never crashes a worker or loses another job.
 
 Unserializable results, records the core cannot read or must not run,
-entries another program wrote into the store, oversized arguments, and an
-unreachable server (at worker start-up and at ``fire``).
+entries another program wrote into the store, oversized arguments, a due time
+in the past, and an unreachable server (at worker start-up and at ``fire``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from reliability_backends import Target
 from reliability_support import executions, wait_until
 
 from skunkqueue.backends import load
-from skunkqueue.errors import JobFailed, PayloadTooLarge, SerializationError, SkunkQueueError
+from skunkqueue.errors import ConfigurationError, JobFailed, PayloadTooLarge, SerializationError, SkunkQueueError
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import ERROR, PENDING, JobRecord, new_id
 from skunkqueue.testing.kit import BackendUnderTest
@@ -62,7 +63,8 @@ def test_bad_records_and_results_leave_workers_and_other_jobs_alone(
     # Records the core must quarantine as errors without running anything.
     job = reliability_jobs.mark.name
     expected = {
-        "Cannot import module": _record(queue.name, "no_such_module_xyz:job", b"[[],{}]"),
+        # The pool names its job module with --import: nothing else is imported.
+        "Refused to import module": _record(queue.name, "no_such_module_xyz:job", b"[[],{}]"),
         "not decorated": _record(queue.name, "os:system", b'[["touch /tmp/skunq-pwned"],{}]'),
         "Cannot decode the job arguments": _record(queue.name, job, b"\xff{not json"),
         "not [args, kwargs]": _record(queue.name, job, b'{"args": 1}'),
@@ -158,3 +160,20 @@ def test_unreachable_server_fails_fast_and_clearly(target: Target, figures: Figu
     assert work_seconds < 90
     figures.record("unreachable-server", fired=0, lost=0, duplicates=0, bad_inputs=2,
                    fire_seconds=round(fire_seconds, 1), worker_gave_up_after=round(work_seconds, 1))
+
+
+def test_a_past_due_time_cannot_jump_the_queue(queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path,
+                                               figures: Figures) -> None:
+    """fire_at(a datetime a year ago) runs after the jobs fired before it, on every backend."""
+    log = tmp_path / "executions"
+    mark = queue.event(routes=["a"])(reliability_jobs.mark.func)
+    handles = [mark.fire(str(log), f"early-{i}") for i in range(5)]
+    handles.append(mark.fire_at(datetime.now(timezone.utc) - timedelta(days=365), str(log), "past"))
+    handles += [mark.fire(str(log), f"late-{i}") for i in range(5)]
+    with pytest.raises(ConfigurationError, match="negative delay"):
+        mark.fire_at(timedelta(seconds=-5), str(log), "negative")
+    start_pool(["a"])  # one worker, one job at a time: execution order is claim order
+    assert all(h.wait(timeout=60) for h in handles)
+    order = [line.split()[0] for line in log.read_text().splitlines()]
+    assert order == [f"early-{i}" for i in range(5)] + ["past"] + [f"late-{i}" for i in range(5)]
+    figures.record("past-due-time", fired=11, lost=0, duplicates=0, bad_inputs=2)

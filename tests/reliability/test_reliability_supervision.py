@@ -197,7 +197,7 @@ def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
         (event(routes=["a"])(hostile_jobs.interrupt_keyboard.func).fire(str(log), "ctrl-c"),
          "KeyboardInterrupt", "from the job", 1),
         (event(routes=["a"])(hostile_jobs.deep_result.func).fire(str(log), "deep"),
-         "SerializationError", "RecursionError", 1),
+         "SerializationError", "nested too deeply", 1),
     ]
     broken = _enqueue_raw(queue.persistence, queue, "broken_at_import:job")
     for handle, kind, words, attempts in cases:

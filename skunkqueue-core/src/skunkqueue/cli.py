@@ -4,33 +4,52 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import click
 
 from skunkqueue import backends as backend_registry
+from skunkqueue import serializer, signing, trust
 from skunkqueue.errors import SkunkQueueError
-from skunkqueue.pool import DEFAULT_GRACE, WorkerPool
+from skunkqueue.persistence.sqlite import resolve_path
+from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
 from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import STATES, JobRecord
 from skunkqueue.urls import redact
 from skunkqueue.worker import WorkerConfig
+
+# `skunq workers` calls a worker stale once two heartbeats in a row are missing:
+# one late heartbeat (a slow store, a busy machine) is not yet news.
+STALE_AFTER = 2 * HEARTBEAT_EVERY
 
 
 def _store_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--backend/--url/--db, with SKUNQ_* environment defaults, for every command."""
-    func = click.option("--db", envvar="SKUNQ_DB", help="Database name or number.")(func)
-    func = click.option("--url", envvar="SKUNQ_URL",
-                        help="Backend address (host:port, URL, or file path).")(func)
-    func = click.option("--backend", envvar="SKUNQ_BACKEND", default=backend_registry.DEFAULT_BACKEND,
+    func = click.option("--db", envvar="SKUNQ_DB", show_envvar=True, help="Database name or number.")(func)
+    func = click.option("--url", envvar="SKUNQ_URL", show_envvar=True,
+                        help="Backend address (host:port, URL, or file path; sqlite: PATH or "
+                             "sqlite:///PATH).")(func)
+    func = click.option("--backend", envvar="SKUNQ_BACKEND", show_envvar=True,
+                        default=backend_registry.DEFAULT_BACKEND,
                         show_default=True, help="Backend name (see `skunq backends`).")(func)
     return func
 
 
+def _need_queue(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    if not value:
+        raise click.UsageError("Name a queue: -q QUEUE, or set SKUNQ_QUEUE.", ctx=ctx)
+    return value
+
+
 def _queue_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-q", "--queue", envvar="SKUNQ_QUEUE", required=True, help="Queue name.")(func)
+    # Not required=True: click would mark -q "[required]" although SKUNQ_QUEUE does as well.
+    return click.option("-q", "--queue", envvar="SKUNQ_QUEUE", show_envvar=True, callback=_need_queue,
+                        help="Queue name.")(func)
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +74,14 @@ def _when(ts: float | None) -> str:
 @click.group()
 @click.version_option(package_name="skunkqueue")
 def main() -> None:
-    """SkunkQueue: task scheduling for humans who use Python."""
+    """SkunkQueue: task scheduling for humans who use Python.
+
+    \b
+    Every option can come from the environment instead:
+    SKUNQ_QUEUE, SKUNQ_BACKEND, SKUNQ_URL, SKUNQ_DB (all commands),
+    SKUNQ_IMPORT, SKUNQ_LOG_LEVEL (skunq work), SKUNQ_SQLITE_PATH (where the
+    default sqlite backend keeps its file when --url is not given).
+    """
 
 
 @main.command()
@@ -64,8 +90,12 @@ def main() -> None:
 @click.argument("more_routes", nargs=-1)
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Worker processes per route.")
-@click.option("--path", "paths", multiple=True, type=click.Path(file_okay=False),
+@click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Directory to import job modules from (repeatable; the current one is always used).")
+@click.option("--import", "imports", multiple=True, envvar=trust.IMPORT_ENV, show_envvar=True,
+              help="Job module to import at start (repeatable, or several separated by spaces or commas). "
+                   "With it, workers import nothing else; without it, only modules under the current "
+                   "directory and --path.")
 @click.option("--lease", default=30.0, show_default=True, type=click.FloatRange(0.5, 3600),
               help="Seconds a job stays claimed without a renewal before another worker may take it.")
 @click.option("--prefetch", default=1, show_default=True, type=click.IntRange(1, 1000),
@@ -83,7 +113,8 @@ def main() -> None:
 @_store_options
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
-         paths: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool, grace: float,
+         paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
+         grace: float,
          connect_attempts: int, log_level: str,
          backend: str, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
@@ -98,12 +129,22 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    modules = trust.split_imports(imports)
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
                           connect_attempts=connect_attempts,
-                          allow_pickle=allow_pickle)
+                          allow_pickle=allow_pickle, imports=modules)
+    if modules:
+        # Import them here as well, so that a typo fails at once with one line
+        # instead of in every worker, restarted over and over by the pool.
+        for path in reversed([os.getcwd(), *config.paths]):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        trust.import_allowed(modules)
+    where = str(resolve_path(url)) if backend == "sqlite" else redact(url)
     logging.getLogger("skunkqueue.pool").info(
-        "pool: queue %s routes %s on %s %s", queue, " ".join(routes), backend, redact(url))
+        "pool: queue %s routes %s on %s %s; jobs from %s", queue, " ".join(routes), backend, where,
+        f"--import {' '.join(modules)}" if modules else "modules under " + ", ".join([os.getcwd(), *config.paths]))
     sys.exit(WorkerPool(config, routes, concurrency, grace=grace).run())
 
 
@@ -119,13 +160,104 @@ def list_backends() -> None:
 @_store_options
 @_friendly
 def workers(queue: str, backend: str, url: str | None, db: str | None) -> None:
-    """List the live workers of a queue."""
+    """List the workers of a queue; `stale` marks one whose heartbeats stopped.
+
+    A worker sends a heartbeat every few seconds. One silent for longer than two
+    heartbeats is shown as `stale` with the time since its last one (its last
+    reported state may be a lie: a SIGKILLed busy worker never says so); after
+    15 s of silence it is dropped from the registry.
+    """
     rows = _open(queue, backend, url, db).workers()
     if not rows:
         click.echo(f"No live workers on queue {queue}.")
+    now = time.time()
     for w in rows:
-        click.echo(f"{w.id}  route={w.route} host={w.host} pid={w.pid} state={w.state} "
+        age = now - w.last_seen
+        state = f"stale ({age:.0f}s since last heartbeat)" if age > STALE_AFTER else w.state
+        click.echo(f"{w.id}  route={w.route} host={w.host} pid={w.pid} state={state} "
                    f"last_seen={_when(w.last_seen)}")
+
+
+def _decoded(data: bytes | None, record: JobRecord, what: str) -> Any:
+    """A payload or result for display; never unpickled (that would run code from the store)."""
+    if data is None:
+        return None
+    if record.serializer != "json":
+        return f"<{record.serializer}, {len(data)} bytes, not decoded>"
+    try:
+        return serializer.loads(data, "json", what=what)
+    except SkunkQueueError as exc:
+        return f"<undecodable: {exc}>"
+
+
+def _job_fields(record: JobRecord) -> dict[str, Any]:
+    args = _decoded(signing.body(record.payload), record, "job arguments")
+    if isinstance(args, list) and len(args) == 2:
+        args = {"args": args[0], "kwargs": args[1]}
+    return {
+        "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
+        "state": record.state, "dead": record.dead, "arguments": args,
+        "signed": signing.body(record.payload) != record.payload,
+        "result": _decoded(record.result, record, "result"), "error": record.error,
+        "attempts": record.attempts, "retries": record.retries, "token": record.token,
+        "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,
+        "started": record.started, "finished": record.finished, "timeout": record.timeout,
+    }
+
+
+@main.command("job")
+@click.argument("job_id")
+@_queue_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (times in epoch seconds).")
+@_store_options
+@_friendly
+def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str | None, db: str | None) -> None:
+    """Show one job: function, route, state, arguments, result or error, attempts, owner, times."""
+    record = _open(queue, backend, url, db).get(job_id)
+    if record is None:
+        raise click.ClickException(f"No job {job_id} on queue {queue} (never fired, or expired).")
+    fields = _job_fields(record)
+    if as_json:
+        click.echo(json.dumps(fields, indent=2, sort_keys=True, default=repr))
+        return
+    error = fields.pop("error") or {}
+    for name in ("fired", "due", "started", "finished"):
+        fields[name] = _when(fields[name])
+    for name, value in fields.items():
+        if name in ("arguments", "result"):
+            value = json.dumps(value, default=repr)
+        click.echo(f"{name + ':':11} {value if value is not None else '-'}")
+    if error:
+        click.echo(f"{'error:':11} {error.get('type', '')}: {error.get('message', '')}")
+        if error.get("traceback"):
+            click.echo(error["traceback"].rstrip())
+
+
+@main.command("jobs")
+@_queue_option
+@click.option("-r", "--route", help="Only this route.")
+@click.option("-s", "--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000),
+              help="At most this many jobs (ordered by due time).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (times in epoch seconds).")
+@_store_options
+@_friendly
+def jobs_command(queue: str, route: str | None, state: str | None, limit: int, as_json: bool,
+                 backend: str, url: str | None, db: str | None) -> None:
+    """List a queue's jobs: id, function, route, state, due time, attempts."""
+    records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
+    if as_json:
+        keys = ("id", "function", "route", "state", "due", "attempts")
+        rows = [{k: v for k, v in _job_fields(r).items() if k in keys} for r in records]
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not records:
+        click.echo(f"No matching jobs on queue {queue}.")
+        return
+    width = max(len(r.func) for r in records)
+    click.echo(f"{'id':26}  {'function':{width}}  {'route':12} {'state':9} {'due':19} attempts")
+    for r in records:
+        click.echo(f"{r.id:26}  {r.func:{width}}  {r.route:12} {r.state:9} {_when(r.due):19} {r.attempts:>8}")
 
 
 @main.command()
@@ -186,11 +318,12 @@ def dead(queue: str, backend: str, url: str | None, db: str | None) -> None:
 @main.command()
 @click.argument("job_id")
 @_queue_option
+@click.option("--force", is_flag=True, help="Also requeue a complete or killed job (it runs again).")
 @_store_options
 @_friendly
-def retry(job_id: str, queue: str, backend: str, url: str | None, db: str | None) -> None:
-    """Requeue a finished (e.g. dead-letter) job with fresh attempts."""
-    if not _open(queue, backend, url, db).retry(job_id):
+def retry(job_id: str, queue: str, force: bool, backend: str, url: str | None, db: str | None) -> None:
+    """Requeue a failed (e.g. dead-letter) job with fresh attempts."""
+    if not _open(queue, backend, url, db).retry(job_id, force=force):
         raise click.ClickException(f"No finished job {job_id} on queue {queue} to retry.")
     click.echo(f"{job_id}: requeued")
 

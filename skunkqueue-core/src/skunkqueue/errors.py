@@ -35,6 +35,14 @@ class MalformedRecord(SkunkQueueError):
     """A record in the store is not a job SkunkQueue can read."""
 
 
+class JobRefused(SkunkQueueError):
+    """A record names a function this worker must not run (or must not import to find)."""
+
+
+class InvalidArguments(SkunkQueueError, TypeError):
+    """``fire`` was given arguments the job's function cannot take."""
+
+
 class JobFailed(SkunkQueueError):
     """Raised by ``JobHandle.wait()`` when the job ended in ``error`` or ``killed``.
 

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import functools
-import importlib
+import inspect
 import os
 import sys
 import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from skunkqueue import serializer
-from skunkqueue.errors import ConfigurationError, JobFailed, JobTimeout, SkunkQueueError
+from skunkqueue import serializer, trust
+from skunkqueue.errors import ConfigurationError, InvalidArguments, JobFailed, JobTimeout
 from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord
 
 if TYPE_CHECKING:
     from skunkqueue.queue import SkunkQueue
+
+
+def check_name(name: str, what: str) -> str:
+    """Queue and route names are stored and sent as UTF-8: refuse what cannot be encoded."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"The {what} name {name!r} cannot be encoded as UTF-8 ({exc.reason} at position "
+            f"{exc.start}); use printable text."
+        ) from None
+    return name
 
 
 def function_name(func: Callable[..., Any]) -> str:
@@ -45,44 +57,38 @@ def function_name(func: Callable[..., Any]) -> str:
     return f"{module}:{func.__qualname__}"
 
 
-def resolve(name: str) -> Job:
-    """Import the Job called ``module:qualname``.
+def resolve(name: str, *, queue: str, route: str, imports: Sequence[str] = (),
+            paths: Sequence[str] = ()) -> Job:
+    """The Job a worker of ``queue``/``route`` may run for the record function ``name``.
 
-    Only objects made by ``@queue.event`` are runnable, so a record in the
-    store cannot make a worker call an arbitrary function such as os.system.
+    Only a function declared with ``@queue.event`` on that queue and for that
+    route is runnable, and a record never makes the worker import a module
+    the operator did not allow: see :mod:`skunkqueue.trust`.
     """
-    module_name, _, qualname = name.partition(":")
-    if not module_name or not qualname:
-        raise SkunkQueueError(f"{name!r} is not a job name of the form 'module:function'.")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SkunkQueueError(
-            f"Cannot import module {module_name!r} for job {name!r}: {exc}. "
-            "Start the worker in the directory that holds it, or pass --path."
-        ) from None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise SkunkQueueError(f"Module {module_name!r} has no job {qualname!r}.")
-    if not isinstance(obj, Job):
-        raise SkunkQueueError(
-            f"{name!r} is not decorated with @queue.event, so workers will not run it."
-        )
-    return obj
+    return trust.resolve(name, queue, route, imports=imports, paths=paths)
 
 
 def due_time(when: timedelta | datetime | float | int) -> float:
-    """Epoch seconds for ``fire_at``'s ``when``: a delay or an aware datetime."""
+    """Epoch seconds for ``fire_at``'s ``when``: a delay or an aware datetime.
+
+    A negative delay is refused (it is almost always a bug). A datetime in the
+    past is due now: it runs after the jobs already due, never ahead of them,
+    so a producer cannot jump the queue by naming an old time.
+    """
+    now = time.time()
     if isinstance(when, timedelta):
-        return time.time() + when.total_seconds()
+        if when < timedelta(0):
+            raise ConfigurationError(
+                f"fire_at got a negative delay ({when.total_seconds():g} s); use fire() to run now."
+            )
+        return now + when.total_seconds()
     if isinstance(when, datetime):
         if when.tzinfo is None:
             raise ConfigurationError(
                 "fire_at needs an aware datetime (e.g. datetime.now(timezone.utc) + ...) "
                 "or a timedelta; a naive datetime has no unambiguous time."
             )
-        return when.astimezone(timezone.utc).timestamp()
+        return max(now, when.astimezone(timezone.utc).timestamp())
     raise ConfigurationError(f"fire_at takes a timedelta or an aware datetime, not {type(when).__name__}.")
 
 
@@ -93,6 +99,8 @@ class Job:
                  retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None) -> None:
         if isinstance(routes, str) or not routes or not all(isinstance(r, str) and r for r in routes):
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
+        for route in routes:
+            check_name(route, "route")
         if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
         self.queue = queue
@@ -103,7 +111,9 @@ class Job:
         self.timeout = timeout
         self.name = function_name(func)
         self.last: JobHandle | None = None
+        self._signature: inspect.Signature | None = None
         functools.update_wrapper(self, func)
+        trust.declare(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
@@ -147,10 +157,26 @@ class Job:
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
               keys: list[str | None] | None = None) -> list[JobHandle]:
+        for args, kwargs in calls:
+            self.check_arguments(args, kwargs)
         handles = self.queue._enqueue(self, calls, due, keys)
         if handles:
             self.last = handles[-1]
         return handles
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse, at ``fire``, arguments the function cannot take (not a worker-side TypeError)."""
+        if self._signature is None:
+            try:
+                self._signature = inspect.signature(self.func)
+            except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+                return
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(
+                f"{self.name}{self._signature} cannot take these arguments: {exc}."
+            ) from None
 
     @property
     def state(self) -> str | None:

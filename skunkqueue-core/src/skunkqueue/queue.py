@@ -8,13 +8,13 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from skunkqueue import policy, serializer
+from skunkqueue import policy, serializer, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
-from skunkqueue.job import Job, JobHandle
+from skunkqueue.job import Job, JobHandle, check_name
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
-from skunkqueue.record import FINISHED_STATES, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
 
 log = logging.getLogger("skunkqueue")
 
@@ -32,6 +32,7 @@ class SkunkQueue:
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
+        check_name(name, "queue")
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
         self.name = name
@@ -85,12 +86,14 @@ class SkunkQueue:
             live = self.live_workers()
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
+        secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
             payload = serializer.dumps_call(args, kwargs, self.serializer)
-            if backend.max_payload is not None and len(payload) > backend.max_payload:
+            size = len(payload) + (signing.overhead() if secret else 0)
+            if backend.max_payload is not None and size > backend.max_payload:
                 raise PayloadTooLarge(
-                    f"The arguments of {job.name} encode to {len(payload)} bytes; the "
+                    f"The arguments of {job.name} encode to {size} bytes; the "
                     f"{backend.name} backend stores at most {backend.max_payload}. "
                     "Store large data elsewhere and pass a reference to it."
                 )
@@ -104,6 +107,9 @@ class SkunkQueue:
                 for route in job.routes for target in targets[route]
             ])
         flat = [record for records in per_call for record in records]
+        if secret:
+            for record in flat:
+                signing.sign(secret, record)
         if not keyed:
             backend.enqueue(flat)
             return [JobHandle(self, records) for records in per_call]
@@ -117,6 +123,12 @@ class SkunkQueue:
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.persistence.get(job_id)
+
+    def jobs(self, *, route: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The queue's jobs (optionally of one route and/or state), ordered by due time."""
+        if state is not None and state not in STATES:
+            raise ConfigurationError(f"Unknown state {state!r}; use one of {', '.join(STATES)}.")
+        return self.persistence.list_jobs(route=route, state=state, limit=limit)
 
     def workers(self) -> list[WorkerInfo]:
         """Registered workers (id, queue, route, host, pid, state, last heartbeat)."""
@@ -177,12 +189,22 @@ class SkunkQueue:
         """Delete the route's pending jobs (running and finished ones stay)."""
         return self.persistence.purge(route)
 
-    def retry(self, job_id: str) -> bool:
-        """Requeue a finished (e.g. dead-lettered) job with fresh attempts."""
+    def retry(self, job_id: str, *, force: bool = False) -> bool:
+        """Requeue a finished (e.g. dead-lettered) job with fresh attempts.
+
+        A ``complete`` or ``killed`` job runs again only with ``force=True``:
+        killed jobs are promised never to run again, and a complete one
+        already ran. Returns False if there is no finished job with that id.
+        """
         backend = self.persistence
         record = backend.get(job_id)
         if record is None or record.state not in FINISHED_STATES:
             return False
+        if record.state in (COMPLETE, KILLED) and not force:
+            raise ConfigurationError(
+                f"Job {job_id} is {record.state}; retrying would run it again. "
+                "Pass --force (force=True) if that is what you want."
+            )
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from typing import Any
 
+from skunkqueue import signing
 from skunkqueue.errors import ConfigurationError, SerializationError
 
 SERIALIZERS = ("json", "pickle")
@@ -32,6 +34,11 @@ def dumps(value: Any, serializer: str, *, what: str = "value") -> bytes:
         if serializer == "pickle":
             return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         return _JSON.encode(value).encode()
+    except RecursionError:
+        raise SerializationError(
+            f"Cannot serialize the {what} with {serializer}: nested too deeply "
+            f"(more than about {sys.getrecursionlimit()} levels)."
+        ) from None
     except (TypeError, ValueError, pickle.PicklingError, AttributeError) as exc:
         hint = (" Pass JSON types (str, int, float, bool, None, list, dict), "
                 "or create the queue with serializer='pickle'." if serializer == "json" else "")
@@ -44,6 +51,8 @@ def loads(data: bytes, serializer: str, *, what: str = "value") -> Any:
             return pickle.loads(data)
         if serializer == "json":
             return json.loads(data)
+    except RecursionError:
+        raise SerializationError(f"Cannot decode the {what} ({serializer}): nested too deeply.") from None
     except Exception as exc:
         raise SerializationError(f"Cannot decode the {what} ({serializer}): {exc}") from None
     raise SerializationError(f"Unknown serializer {serializer!r} in the stored job.")
@@ -54,7 +63,8 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -
 
 
 def loads_call(data: bytes, serializer: str) -> tuple[list[Any], dict[str, Any]]:
-    value = loads(data, serializer, what="job arguments")
+    # A signed payload carries its signature in front (checked by the worker before this).
+    value = loads(signing.body(data), serializer, what="job arguments")
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not isinstance(value[0], (list, tuple)) or not isinstance(value[1], dict)):
         raise SerializationError("The stored job arguments are not [args, kwargs].")

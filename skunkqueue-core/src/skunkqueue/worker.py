@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
-from skunkqueue import channel, hooks, policy, serializer
+from skunkqueue import channel, hooks, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -71,6 +71,7 @@ class WorkerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
     allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
+    imports: list[str] = field(default_factory=list)  # explicit mode: job modules imported at start
     events_fd: int | None = None   # the pipes to the pool (set by the pool for each process)
     control_fd: int | None = None
 
@@ -186,6 +187,7 @@ class Worker:
         for path in reversed([os.getcwd(), *self.config.paths]):
             if path not in sys.path:
                 sys.path.insert(0, path)
+        trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         self.pool.send(f"h {self.id}")
         self._watch_parent()
@@ -287,10 +289,14 @@ class Worker:
 
     # -- running one job ----------------------------------------------------------
 
-    def _job(self, name: str) -> Job:
-        job = self._jobs.get(name)
+    def _job(self, record: JobRecord) -> Job:
+        # SKUNQ_SECRET: an unsigned or altered record runs nothing, and imports nothing.
+        signing.verify(signing.key_from_env(), record)
+        job = self._jobs.get(record.func)
         if job is None:
-            job = self._jobs[name] = resolve(name)
+            job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,
+                                                    route=self.config.route, imports=self.config.imports,
+                                                    paths=self.config.paths)
         return job
 
     def execute(self, record: JobRecord) -> None:
@@ -367,7 +373,7 @@ class Worker:
                     "could run code through them. If the store is trusted and the queue uses "
                     "serializer='pickle', start the workers with: skunq work --allow-pickle"
                 )
-            job = self._job(record.func)
+            job = self._job(record)
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)

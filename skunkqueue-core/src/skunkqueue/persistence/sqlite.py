@@ -5,15 +5,19 @@ Atomic steps run inside ``BEGIN IMMEDIATE`` transactions, which take SQLite's
 single write lock, so a claim is seen by exactly one process. SQLite cannot
 notify other processes, so workers poll it with an adaptive back-off.
 
-Where the file lives: ``url`` if given (a path, or ``:memory:`` is refused
-because workers could not see it), else ``$SKUNQ_SQLITE_PATH``, else
-``$XDG_DATA_HOME/skunkqueue/skunkqueue.db`` (``~/.local/share/...``).
+Where the file lives: ``url`` if given (a file path, or ``sqlite:///abs/path``;
+``:memory:`` is refused because workers could not see it, and so is any other
+``scheme://``), else ``$SKUNQ_SQLITE_PATH``, else
+``$XDG_DATA_HOME/skunkqueue/skunkqueue.db`` (``~/.local/share/...``). Only
+that last, default folder is created when missing: a mistyped path must not
+create folders (possibly as root) where nobody asked for them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -24,6 +28,7 @@ from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedR
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.urls import redact
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -69,6 +74,30 @@ def default_path() -> Path:
     return Path(base) / "skunkqueue" / "skunkqueue.db"
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def resolve_path(url: str | None) -> Path:
+    """The file a ``--url`` names, or ConfigurationError saying what is accepted."""
+    if not url:
+        return default_path()
+    if url == ":memory:":
+        raise ConfigurationError(
+            "The sqlite backend needs a file that workers can open too; "
+            "give a path with --url, not ':memory:'."
+        )
+    match = _SCHEME.match(url)
+    if match:
+        if match.group(1).lower() != "sqlite" or not url[len(match.group(0)):].startswith("/"):
+            raise ConfigurationError(
+                f"The sqlite backend takes a file path or sqlite:///absolute/path, not {redact(url)!r}."
+            )
+        url = url[len(match.group(0)):]
+    if "\x00" in url:
+        raise ConfigurationError("The sqlite path contains a NUL character.")
+    return Path(url)
+
+
 def _row_to_record(row: sqlite3.Row) -> JobRecord:
     try:
         data: dict[str, Any] = json.loads(row["record"]) if row["record"] else {}
@@ -96,14 +125,15 @@ class SQLitePersistence(Persistence):
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
         super().__init__(queue, url=url, db=db, **options)
-        if url == ":memory:":
+        self.path = resolve_path(url)
+        creates_folder = not url and not os.environ.get("SKUNQ_SQLITE_PATH")
+        if not creates_folder and not self.path.parent.is_dir():
             raise ConfigurationError(
-                "The sqlite backend needs a file that workers can open too; "
-                "give a path with --url, not ':memory:'."
+                f"The folder of the SQLite queue file {self.path} does not exist; create it first."
             )
-        self.path = Path(url) if url else default_path()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if creates_folder:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row

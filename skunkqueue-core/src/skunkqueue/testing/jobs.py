@@ -1,7 +1,11 @@
 """Job functions the conformance kit fires; worker processes import them from here.
 
-The kit re-declares each function on its own per-test queue; workers resolve
-the name ``skunkqueue.testing.jobs:NAME`` to the Jobs below and call them.
+The kit re-declares each function on its own per-test queue in the test
+process. Its pools start with ``--import skunkqueue.testing.jobs`` and with
+the test's queue and routes in ``SKUNQ_KIT_QUEUE``/``SKUNQ_KIT_ROUTES``, so in
+the worker the Jobs below are declared on exactly that queue and those routes
+(outside a kit pool: queue ``skunkqueue-testing``, route ``kit``). A worker
+still refuses a record of any other queue or route.
 """
 
 from __future__ import annotations
@@ -10,22 +14,23 @@ import os
 import time
 from typing import Any
 
-from skunkqueue.queue import SkunkQueue
+from skunkqueue.testing.kit import kit_queue, kit_routes
 
-_kit = SkunkQueue("skunkqueue-testing")
+_kit = kit_queue("skunkqueue-testing")
+_routes = kit_routes(["kit"])
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def add(first: int, second: int) -> int:
     return first + second
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def fail(message: str) -> None:
     raise ValueError(message)
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def nap(seconds: float, marker: str | None = None) -> str:
     """Sleep; with ``marker``, append a line to that file first (counts starts)."""
     if marker:
@@ -35,7 +40,7 @@ def nap(seconds: float, marker: str | None = None) -> str:
     return "rested"
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def mark(path: str, token: str) -> int:
     """Append ``token`` to ``path``: the side effect the kit counts executions by."""
     with open(path, "a") as fh:
@@ -43,11 +48,11 @@ def mark(path: str, token: str) -> int:
     return os.getpid()
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def whoami() -> int:
     return os.getpid()
 
 
-@_kit.event(routes=["kit"])
+@_kit.event(routes=_routes)
 def unserializable() -> Any:
     return object()

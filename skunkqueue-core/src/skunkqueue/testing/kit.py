@@ -5,10 +5,34 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from skunkqueue.backends import open_backend
 from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+
+# Workers run a job only if its function was declared on *their* queue and
+# route. The kit's tests use a fresh queue (and their own routes) each, so the
+# pools it starts tell their job modules which ones through these variables;
+# a job module declares its jobs with :func:`kit_queue` and :func:`kit_routes`.
+KIT_QUEUE_ENV = "SKUNQ_KIT_QUEUE"
+KIT_ROUTES_ENV = "SKUNQ_KIT_ROUTES"
+
+
+def kit_queue(default: str) -> SkunkQueue:
+    """The queue a test job module declares its jobs on: the test's queue inside a kit pool."""
+    return SkunkQueue(os.environ.get(KIT_QUEUE_ENV) or default)
+
+
+def kit_routes(default: Sequence[str]) -> list[str]:
+    """The routes a test job module declares its jobs for: the pool's routes inside a kit pool."""
+    routes = [r for r in os.environ.get(KIT_ROUTES_ENV, "").split(",") if r]
+    return routes or list(default)
+
+
+def kit_env(queue: str, routes: Sequence[str]) -> dict[str, str]:
+    """What a worker process needs so that the kit's job modules declare for ``queue``/``routes``."""
+    return {KIT_QUEUE_ENV: queue, KIT_ROUTES_ENV: ",".join(dict.fromkeys(routes))}
 
 
 @dataclass

@@ -8,27 +8,40 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.kit import BackendUnderTest, kit_env
+
+KIT_JOBS = "skunkqueue.testing.jobs"
 
 
 class PoolProcess:
-    """A ``skunq work`` pool running as a child process of the test."""
+    """A ``skunq work`` pool running as a child process of the test.
+
+    ``imports`` are the job modules it imports at start (``--import``; the
+    kit's own by default); an empty list starts it in bare mode. Its workers
+    get the test's queue and routes in their environment (see
+    :func:`skunkqueue.testing.kit.kit_env`), where job modules written with
+    ``kit_queue``/``kit_routes`` declare their jobs.
+    """
 
     def __init__(self, backend: BackendUnderTest, queue: str, routes: list[str], *,
                  concurrency: int = 1, lease: float = 30.0, log_path: Path | None = None,
-                 extra: list[str] | None = None, new_session: bool = False) -> None:
+                 extra: list[str] | None = None, imports: Sequence[str] = (KIT_JOBS,),
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 new_session: bool = False) -> None:
         self.backend = backend
         self.queue = queue
         args = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue, "-r", *routes,
                 "--concurrency", str(concurrency), "--lease", str(lease), *backend.cli_args(),
-                *(extra or [])]
+                *(arg for name in imports for arg in ("--import", name)), *(extra or [])]
         self.log_path = log_path
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         # new_session: the pool leads its own process group, as under a
         # terminal, so a test can signal the whole group the way a terminal does.
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                        env=backend.process_env(SKUNQ_LOG_LEVEL="INFO"),
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                        env=backend.process_env(SKUNQ_LOG_LEVEL="INFO", **kit_env(queue, routes),
+                                                                **(env or {})),
                                         start_new_session=new_session)
         self.expected_workers = len(routes) * concurrency
 
