@@ -106,11 +106,11 @@ def pool_starter(backend: BackendUnderTest, queue_name: str, logs: Path) -> tupl
 
     def start(routes: list[str], *, concurrency: int = 1, lease: float = 30.0, ready: bool = True,
               extra: list[str] | None = None, on: BackendUnderTest | None = None,
-              new_session: bool = False) -> PoolProcess:
+              new_session: bool = False, imports: list[str] | None = None) -> PoolProcess:
         pool = PoolProcess(on or backend, queue_name, routes, concurrency=concurrency, lease=lease,
                            log_path=logs / f"pool-{len(pools)}.log",
                            extra=["--path", JOBS_DIR, *(extra or [])], new_session=new_session,
-                           imports=["reliability_jobs", "hostile_jobs"])
+                           imports=["reliability_jobs", "hostile_jobs"] if imports is None else imports)
         pools.append(pool)
         if ready:
             pool.wait_ready(60)

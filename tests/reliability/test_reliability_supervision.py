@@ -173,9 +173,9 @@ def test_group_signals_never_hang_the_pool(queue: SkunkQueue, start_pool: PoolSt
                    duplicates=sum(len(v) - 1 for v in runs.values()))
 
 
-def _enqueue_raw(store: Persistence, queue: SkunkQueue, func: str) -> JobRecord:
+def _enqueue_raw(store: Persistence, queue: SkunkQueue, func: str, route: str = "a") -> JobRecord:
     now = time.time()
-    record = JobRecord(id=new_id(), queue=queue.name, route="a", func=func, payload=b"[[],{}]",
+    record = JobRecord(id=new_id(), queue=queue.name, route=route, func=func, payload=b"[[],{}]",
                        due=now, created=now)
     store.enqueue([record])
     return record
@@ -187,8 +187,10 @@ def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / "broken_at_import.py").write_text('raise RuntimeError("boom at import")\n')
-    pool = start_pool(["a"], extra=["--path", str(modules)])
+    pool = start_pool(["a"])
     [worker] = pool.worker_pids()
+    # Bare mode (no --import): the worker imports a record's module on demand from its --path roots.
+    bare = start_pool(["b"], imports=[], extra=["--path", str(modules)])
     event = queue.event
     cases = [
         (event(routes=["a"], retries=1, retry_backoff=0.01)(hostile_jobs.exit_process.func)
@@ -199,7 +201,7 @@ def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
         (event(routes=["a"])(hostile_jobs.deep_result.func).fire(str(log), "deep"),
          "SerializationError", "nested too deeply", 1),
     ]
-    broken = _enqueue_raw(queue.persistence, queue, "broken_at_import:job")
+    broken = _enqueue_raw(queue.persistence, queue, "broken_at_import:job", route="b")
     for handle, kind, words, attempts in cases:
         with pytest.raises(JobFailed) as info:
             handle.wait(timeout=30)
@@ -210,8 +212,9 @@ def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
     assert done is not None and done.state == ERROR and done.error is not None
     assert done.error["type"] == "RuntimeError" and "boom at import" in done.error["message"]
     assert "broken_at_import.py" in done.error["traceback"]
-    # Same worker process throughout, and it still works.
-    assert pool.worker_pids() == [worker]
+    # Same worker processes throughout, and they still work.
+    assert pool.worker_pids() == [worker] and len(bare.worker_pids()) == 1
+    assert "exited with status" not in pool.log() + bare.log()
     ok = event(routes=["a"])(hostile_jobs.pid.func).fire(str(log), "after")
     assert ok.wait(timeout=20) == worker
     runs = executions(log)

@@ -216,12 +216,9 @@ def _import_under_roots(module_name: str, job_name: str, roots: list[str]) -> Mo
                 raise refuse(name, "a module of that name is already loaded from elsewhere")
             module = loaded
         else:
-            try:
-                module = _load(spec, parent=module)
-            except (Exception, SystemExit) as exc:
-                raise JobRefused(
-                    f"Cannot import module {name!r} for job {job_name!r}: {type(exc).__name__}: {exc}"
-                ) from None
+            # Whatever the module raises at import propagates as it is: the worker
+            # records it on the attempt with its real type and traceback (and retries).
+            module = _load(spec, parent=module)
         search = list(getattr(module, "__path__", None) or [])
         if depth < len(parts) and not search:
             raise JobRefused(f"Cannot import module {module_name!r} for job {job_name!r}: "
