@@ -1,8 +1,9 @@
 """The jobs the benchmark fires. Workers import them by name (``benchmarks.jobs:noop``).
 
-They are declared on a placeholder queue; the benchmark binds the same
-functions to the queue under test (see :func:`bind`), which gives them the
-same name, so a worker of any backend resolves them here.
+Workers import this module (``--import benchmarks.jobs``) with the queue and
+route under test in their environment, so the job is declared where they
+look for it (a worker runs only jobs declared on its own queue and route);
+the producer binds the same function to that queue (see :func:`bind`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from skunkqueue import Job, SkunkQueue
+from skunkqueue.testing.kit import kit_queue, kit_routes
 
-_declared = SkunkQueue("skunkqueue-bench")
+_declared = kit_queue("skunkqueue-bench")
 
 
-@_declared.event(routes=["bench"])
+@_declared.event(routes=kit_routes(["bench"]))
 def noop(i: Any) -> Any:
     """Does nothing but hand its argument back, so results can be checked."""
     return i

@@ -26,6 +26,7 @@ from benchmarks.common import (
 )
 from skunkqueue import COMPLETE, PENDING, SkunkQueue, policy
 from skunkqueue.persistence import Persistence
+from skunkqueue.testing.kit import kit_env
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Target:
         """``skunq work`` (a WorkerPool) with ``concurrency`` worker processes, logging warnings only."""
         cmd = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue.name, "-r", route,
                "-c", str(concurrency), "--backend", self.backend, "--path", str(ROOT),
-               "--log-level", "WARNING"]
+               "--import", "benchmarks.jobs", "--log-level", "WARNING"]
         if self.url:
             cmd += ["--url", self.url]
         if self.db:
@@ -56,6 +57,7 @@ class Target:
         if self.prefetch:
             cmd += ["--prefetch", str(self.prefetch)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKUNQ_")}
+        env.update(kit_env(queue.name, [route]))
         with open(self.logdir / f"workers-{self.backend}.log", "ab") as log:
             return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
