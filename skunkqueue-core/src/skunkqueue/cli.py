@@ -106,6 +106,8 @@ def main() -> None:
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds an interrupted job (SIGINT, kill, time limit, lost lease) gets to stop before "
                    "its worker is killed; a second SIGINT kills at once.")
+@click.option("--no-schedule", is_flag=True,
+              help="Do not fire the periodic jobs declared in the imported modules (other pools do).")
 @click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
               help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
@@ -114,7 +116,7 @@ def main() -> None:
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
-         grace: float,
+         grace: float, no_schedule: bool,
          connect_attempts: int, log_level: str,
          backend: str, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
@@ -145,7 +147,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     logging.getLogger("skunkqueue.pool").info(
         "pool: queue %s routes %s on %s %s; jobs from %s", queue, " ".join(routes), backend, where,
         f"--import {' '.join(modules)}" if modules else "modules under " + ", ".join([os.getcwd(), *config.paths]))
-    sys.exit(WorkerPool(config, routes, concurrency, grace=grace).run())
+    sys.exit(WorkerPool(config, routes, concurrency, grace=grace, schedule=not no_schedule).run())
 
 
 @main.command("backends")
@@ -330,3 +332,97 @@ def retry(job_id: str, queue: str, force: bool, backend: str, url: str | None, d
 
 if __name__ == "__main__":
     main()
+
+
+@main.group(invoke_without_command=True)
+@_queue_option
+@click.option("--import", "imports", multiple=True, envvar="SKUNQ_IMPORT", show_envvar=True,
+              help="Module declaring the schedules (repeatable), as for skunq work.")
+@click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Directory to import it from (repeatable; the current one is always used).")
+@_store_options
+@click.pass_context
+@_friendly
+def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tuple[str, ...], backend: str,
+             url: str | None, db: str | None) -> None:
+    """List a queue's periodic jobs: spec, routes, last slot fired, next slot, paused.
+
+    \b
+    skunq periodic -q QUEUE --import myapp.jobs
+    skunq periodic -q QUEUE --import myapp.jobs pause|resume|run NAME
+    """
+    from skunkqueue import periodic as schedules
+
+    modules = trust.split_imports(imports)
+    if not modules:
+        raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
+    for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    trust.import_allowed(modules)
+    here = _open(queue, backend, url, db)
+    store = here.persistence
+    if not store.supports_settings:
+        raise click.ClickException(f"The {backend} backend keeps no schedule state yet: periodic jobs need "
+                                   "a backend with idempotency keys and settings (sqlite).")
+    found = {s.name: s for s in schedules.declared(queue)}
+    ctx.obj = (store, found, here)
+    if ctx.invoked_subcommand is not None:
+        return
+    if not found:
+        click.echo(f"No periodic jobs declared on queue {queue} in {', '.join(modules)}.")
+        return
+    now = dt.datetime.now().timestamp()
+    for name, schedule in sorted(found.items()):
+        last = schedules.last_slot(store, name)
+        paused = schedules.is_paused(store, name)
+        click.echo(f"{name}  {schedule.spec}  routes={','.join(schedule.job.routes)}  last={_when(last)}  "
+                   f"next={'-' if paused else _when(schedule.next_slot(now))}{'  paused' if paused else ''}")
+
+
+def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
+    store, found, _ = ctx.obj
+    if name not in found:
+        raise click.ClickException(f"No periodic job {name}; known: {', '.join(sorted(found)) or 'none'}.")
+    return store, found[name]
+
+
+@periodic.command("pause")
+@click.argument("name")
+@click.pass_context
+@_friendly
+def periodic_pause(ctx: click.Context, name: str) -> None:
+    """Stop firing NAME's slots (every pool) until resumed."""
+    from skunkqueue import periodic as schedules
+
+    store, _ = _schedule(ctx, name)
+    schedules.set_paused(store, name, True)
+    click.echo(f"{name}: paused")
+
+
+@periodic.command("resume")
+@click.argument("name")
+@click.pass_context
+@_friendly
+def periodic_resume(ctx: click.Context, name: str) -> None:
+    """Fire NAME's slots again (missed ones follow the misfire rules)."""
+    from skunkqueue import periodic as schedules
+
+    store, _ = _schedule(ctx, name)
+    schedules.set_paused(store, name, False)
+    click.echo(f"{name}: resumed")
+
+
+@periodic.command("run")
+@click.argument("name")
+@click.pass_context
+@_friendly
+def periodic_run(ctx: click.Context, name: str) -> None:
+    """Fire NAME once now, outside its slot sequence."""
+    from skunkqueue.job import Job
+
+    _, schedule = _schedule(ctx, name)
+    job = schedule.job
+    handle = Job(ctx.obj[2], job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
+                 timeout=job.timeout).fire()
+    click.echo(f"{name}: fired as {handle.id}")

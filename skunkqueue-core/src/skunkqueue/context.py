@@ -35,14 +35,18 @@ class JobContext:
     lease_until: float | None      # epoch seconds, as claimed; the pool renews it while the job runs
     deadline: float | None         # epoch seconds when the time limit interrupts the job, or None
     key: str | None                # the idempotency key it was fired with, if any
+    slot: float | None = None      # a periodic job's slot (epoch seconds)
 
     @classmethod
     def of(cls, record: JobRecord, started: float) -> JobContext:
+        from skunkqueue.periodic import slot_of
+
+        key = user_key(record.key)
         return cls(id=record.id, queue=record.queue, route=record.route, function=record.func,
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=user_key(record.key))
+                   key=key, slot=slot_of(key, record.func))
 
 
 def user_key(stored: str | None) -> str | None:

@@ -15,6 +15,7 @@ from skunkqueue.errors import ConfigurationError, InvalidArguments, JobFailed, J
 from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord
 
 if TYPE_CHECKING:
+    from skunkqueue.periodic import Schedule
     from skunkqueue.queue import SkunkQueue
 
 
@@ -111,6 +112,7 @@ class Job:
         self.timeout = timeout
         self.name = function_name(func)
         self.last: JobHandle | None = None
+        self.schedule: Schedule | None = None  # set by SkunkQueue.periodic
         self._signature: inspect.Signature | None = None
         functools.update_wrapper(self, func)
         trust.declare(self)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, metrics, policy
+from skunkqueue import channel, metrics, periodic, policy
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
@@ -143,7 +143,7 @@ class WorkerPool:
     """Runs ``concurrency`` worker processes for each route listed (duplicates count)."""
 
     def __init__(self, base: WorkerConfig, routes: list[str], concurrency: int = 1,
-                 grace: float = DEFAULT_GRACE) -> None:
+                 grace: float = DEFAULT_GRACE, schedule: bool = True) -> None:
         self.children = [_Child(replace(base, route=route)) for route in routes for _ in range(concurrency)]
         self.config = base
         self.grace = grace
@@ -156,6 +156,9 @@ class WorkerPool:
         self._wakeup_read = -1
         self._next_renew = self._next_heartbeat = self._next_housekeeping = 0.0
         self.tally = metrics.Tally()
+        self.run_schedules = schedule
+        self.scheduler: periodic.Scheduler | None = None
+        self._next_schedule_check = 0.0
 
     # -- signals: flags only ---------------------------------------------------------
 
@@ -242,12 +245,40 @@ class WorkerPool:
             log.warning("pool: %s: %s", what, exc)
             return None
 
+    # -- periodic jobs -----------------------------------------------------------------
+
+    def _start_scheduler(self) -> None:
+        """Run the schedules declared on this queue by the modules the pool imported (--import)."""
+        schedules = periodic.declared(self.config.queue)
+        if not schedules or not self.run_schedules or self.store is None:
+            return
+        store = self.store
+        if not (store.supports_keys and store.supports_settings):
+            log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
+                        "%d schedule(s) not run", store.name, len(schedules))
+            return
+        from skunkqueue.job import Job
+        from skunkqueue.queue import SkunkQueue
+
+        here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,
+                          dbname=self.config.db, **self.config.options)
+
+        def bind(schedule: periodic.Schedule) -> Job:  # the schedule's job, fired on this pool's store
+            job = schedule.job
+            return Job(here, job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
+                       timeout=job.timeout)
+
+        self.scheduler = periodic.Scheduler(store, schedules, bind)
+        log.info("pool: running %d schedule(s): %s", len(schedules),
+                 ", ".join(f"{s.name} ({s.spec})" for s in schedules))
+
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops the pool."""
         self._install_signal_handlers()
         self.check_backend()
+        self._start_scheduler()
         for child in self.children:
             child.start()
         log.info("pool %d: started %d worker(s)", os.getpid(), len(self.children))
@@ -436,6 +467,9 @@ class WorkerPool:
                 self._heartbeat(store, child)
             self._store_call("reap dead workers", reap_dead_workers, store)
             self._flush_stats(store)
+        if self.scheduler is not None and not self.stopping and now >= self._next_schedule_check:
+            self._next_schedule_check = now + periodic.CHECK_EVERY
+            self.scheduler.tick()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._store_call("recover expired leases", recover_expired_leases, store)

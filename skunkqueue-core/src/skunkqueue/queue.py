@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 from skunkqueue import policy, serializer, signing
@@ -74,6 +75,31 @@ class SkunkQueue:
         return decorate
 
     job = event
+
+    def periodic(self, *, routes: Sequence[str], every: timedelta | float | None = None,
+                 cron: str | None = None, tz: str = "UTC", misfire_grace: float = 60.0,
+                 catch_up: bool = False, retries: int = 0, retry_backoff: float = 1.0,
+                 timeout: float | None = None) -> Callable[[Callable[..., Any]], Job]:
+        """Decorator: a Job that ``skunq work`` pools fire once per slot of a schedule.
+
+        Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
+        ``tz``). See :mod:`skunkqueue.periodic`.
+        """
+        from skunkqueue import periodic as schedules
+
+        def decorate(func: Callable[..., Any]) -> Job:
+            job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout)
+            try:
+                job.check_arguments((), {})
+            except TypeError:
+                raise ConfigurationError(f"{job.name} is periodic, so it is fired with no arguments; "
+                                         "give its parameters defaults.") from None
+            job.schedule = schedules.Schedule(
+                job, every=None if every is None else schedules.every_seconds(every), cron=cron, tz=tz,
+                misfire_grace=misfire_grace, catch_up=catch_up)
+            schedules.declare(job.schedule)
+            return job
+        return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:

@@ -55,6 +55,8 @@ class Persistence(ABC):
     max_idle_poll: ClassVar[float] = 0.2
     #: True when the backend implements :meth:`enqueue_keyed` (idempotency keys).
     supports_keys: ClassVar[bool] = False
+    #: True when the backend implements :meth:`get_setting` and :meth:`put_setting`.
+    supports_settings: ClassVar[bool] = False
     #: True when :meth:`add_stats` keeps what it is given (the monitor's
     #: throughput charts and metrics need it); the defaults keep nothing.
     keeps_stats: ClassVar[bool] = False
@@ -217,6 +219,19 @@ class Persistence(ABC):
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker of this queue, live or not yet reaped."""
+
+    # -- settings: a little state of the core's own (e.g. periodic schedules) -----
+
+    def get_setting(self, name: str) -> str | None:
+        """The value last put under ``name`` for this queue, or None."""
+        raise NotImplementedError(f"the {self.name} backend keeps no settings")
+
+    def put_setting(self, name: str, value: str | None) -> None:
+        """Set (or with None, delete) a setting of this queue; last writer wins.
+
+        Backends that implement both set ``supports_settings = True``.
+        """
+        raise NotImplementedError(f"the {self.name} backend keeps no settings")
 
     # -- throughput counters (see skunkqueue.metrics) -----------------------------
 

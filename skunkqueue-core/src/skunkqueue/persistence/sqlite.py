@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS workers (
     queue TEXT NOT NULL,
     info TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (queue, name)
+);
 CREATE TABLE IF NOT EXISTS stats (
     queue TEXT NOT NULL,
     route TEXT NOT NULL,
@@ -348,6 +354,22 @@ class SQLitePersistence(Persistence):
     def workers(self) -> list[WorkerInfo]:
         rows = self._db.execute("SELECT info FROM workers WHERE queue=? ORDER BY id", (self.queue,))
         return [WorkerInfo.from_dict(json.loads(info)) for (info,) in rows]
+
+    # -- settings -------------------------------------------------------------------
+
+    supports_settings = True
+
+    def get_setting(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE queue=? AND name=?", (self.queue, name)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def put_setting(self, name: str, value: str | None) -> None:
+        with self._write() as conn:
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE queue=? AND name=?", (self.queue, name))
+            else:
+                conn.execute("INSERT OR REPLACE INTO settings (queue, name, value) VALUES (?, ?, ?)",
+                             (self.queue, name, value))
 
     # -- throughput counters ------------------------------------------------------
 

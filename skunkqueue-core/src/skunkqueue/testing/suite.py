@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from click.testing import CliRunner
@@ -37,16 +37,17 @@ from skunkqueue.record import (
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_keys import KeysSuite
+from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
-from skunkqueue.testing.workers import PoolProcess, pid_alive
+from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
 
 __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, KeysSuite):
+class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture
@@ -76,10 +77,11 @@ class ConformanceSuite(SupervisionSuite, KeysSuite):
         pools: list[PoolProcess] = []
 
         def start(routes: list[str], *, concurrency: int = 1, lease: float = 30.0,
-                  ready: bool = True, extra: list[str] | None = None, new_session: bool = False) -> PoolProcess:
+                  ready: bool = True, extra: list[str] | None = None, new_session: bool = False,
+                  imports: Sequence[str] = (KIT_JOBS,), env: dict[str, str] | None = None) -> PoolProcess:
             pool = PoolProcess(backend, queue_name, routes, concurrency=concurrency, lease=lease,
                                log_path=tmp_path / f"pool-{len(pools)}.log", extra=extra,
-                               new_session=new_session)
+                               new_session=new_session, imports=imports, env=env)
             pools.append(pool)
             if ready:
                 pool.wait_ready()

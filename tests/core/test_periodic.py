@@ -1,0 +1,140 @@
+"""Slots of periodic jobs against a fixed clock, and schedulers racing on one store."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from skunkqueue import SkunkQueue, periodic
+from skunkqueue.errors import ConfigurationError
+from skunkqueue.job import Job
+from skunkqueue.testing import jobs
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def utc(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> SkunkQueue:
+    return SkunkQueue("periodic-test", conn_url=str(tmp_path / "q.db"))
+
+
+def schedule(queue: SkunkQueue, **spec: object) -> periodic.Schedule:
+    job = queue.periodic(routes=["r"], **spec)(jobs.whoami.func)  # type: ignore[arg-type]
+    assert job.schedule is not None
+    return job.schedule
+
+
+def test_every_slots_are_whole_multiples_and_never_early(queue: SkunkQueue) -> None:
+    s = schedule(queue, every=timedelta(seconds=30))
+    now = at("2026-11-28T10:00:29+00:00")
+    assert utc(s.next_slot(now)) == "2026-11-28 10:00:30"
+    assert s.due_slots(now, last=at("2026-11-28T10:00:00+00:00")) == []           # 10:00:30 not yet
+    assert s.due_slots(now + 1, last=at("2026-11-28T10:00:00+00:00")) == [now + 1]  # exactly at 10:00:30
+    assert s.due_slots(now + 1, last=now + 1) == []                                 # never twice
+
+
+def test_after_downtime_only_the_latest_slot_within_the_grace_fires(queue: SkunkQueue) -> None:
+    s = schedule(queue, every=10, misfire_grace=15)
+    last = at("2026-11-28T10:00:00+00:00")
+    assert [utc(x) for x in s.due_slots(at("2026-11-28T10:05:04+00:00"), last)] == ["2026-11-28 10:05:00"]
+    assert s.due_slots(at("2026-11-28T10:05:09.5+00:00"), last) != []
+    # The latest slot is older than the grace: nothing fires until the next one.
+    tight = schedule(queue, every=60, misfire_grace=5)
+    assert tight.due_slots(at("2026-11-28T10:05:06+00:00"), last) == []
+
+
+def test_catch_up_fires_every_missed_slot(queue: SkunkQueue) -> None:
+    s = schedule(queue, every=10, catch_up=True)
+    last = at("2026-11-28T10:00:00+00:00")
+    due = s.due_slots(at("2026-11-28T10:00:45+00:00"), last)
+    assert [utc(x)[-2:] for x in due] == ["10", "20", "30", "40"]
+
+
+def test_cron_across_daylight_saving_changes_in_berlin(queue: SkunkQueue) -> None:
+    daily = schedule(queue, cron="30 2 * * *", tz="Europe/Berlin")
+    # 2026-03-29: clocks jump 02:00 -> 03:00, so 02:30 does not exist: it fires at 03:00 CEST.
+    spring = daily.slots_after(at("2026-03-28T12:00:00+00:00"))
+    assert [utc(next(spring)) for _ in range(2)] == ["2026-03-29 01:00:00", "2026-03-30 00:30:00"]
+    # 2026-10-25: 02:30 happens twice (CEST, then CET): it fires once, at the first.
+    autumn = daily.slots_after(at("2026-10-24T12:00:00+00:00"))
+    assert [utc(next(autumn)) for _ in range(2)] == ["2026-10-25 00:30:00", "2026-10-26 01:30:00"]
+    # An interval-like cron keeps its real-time rhythm through the repeated hour.
+    half_hourly = schedule(queue, cron="*/30 * * * *", tz="Europe/Berlin")
+    slots = half_hourly.slots_after(at("2026-10-25T00:10:00+00:00"))
+    assert [utc(next(slots))[11:16] for _ in range(4)] == ["00:30", "01:00", "01:30", "02:00"]
+
+
+def test_bad_schedules_are_refused_with_one_clear_line(queue: SkunkQueue) -> None:
+    with pytest.raises(ConfigurationError, match="exactly one of"):
+        schedule(queue, every=10, cron="* * * * *")
+    with pytest.raises(ConfigurationError, match="exactly one of"):
+        schedule(queue)
+    with pytest.raises(ConfigurationError, match="cron expression"):
+        schedule(queue, cron="61 * * * *")
+    with pytest.raises(ConfigurationError, match="Unknown time zone"):
+        schedule(queue, cron="0 3 * * *", tz="Mars/Olympus")
+    with pytest.raises(ConfigurationError, match="positive"):
+        schedule(queue, every=timedelta(0))
+    with pytest.raises(ConfigurationError, match="fired with no arguments"):
+        queue.periodic(routes=["r"], every=10)(jobs.add.func)
+
+
+def test_racing_schedulers_fire_each_slot_once_and_pause_holds(queue: SkunkQueue) -> None:
+    s = schedule(queue, every=10)
+    store = queue.persistence
+
+    def bind(sched: periodic.Schedule) -> Job:
+        return Job(queue, sched.job.func, sched.job.routes)
+
+    one, two = periodic.Scheduler(store, [s], bind), periodic.Scheduler(store, [s], bind)
+    start = at("2026-11-28T10:00:05+00:00")
+    for step in range(6):                       # 10:00:05 .. 10:00:55, both schedulers each time
+        now = start + step * 10
+        one.tick(now)
+        two.tick(now)
+    records = store.list_jobs()
+    # 10:00:00 (the latest slot at the first check, within the grace) to 10:00:50, once each.
+    assert sorted(r.due for r in records) == [start - 5 + 10 * i for i in range(6)]
+    assert periodic.last_slot(store, s.name) == start + 45
+    periodic.set_paused(store, s.name, True)
+    assert one.tick(start + 70) == 0 and two.tick(start + 70) == 0
+    periodic.set_paused(store, s.name, False)
+    assert one.tick(start + 70) == 1 and two.tick(start + 70) == 0
+    assert len(store.list_jobs()) == 7  # 10:01:10; 10:01:00 was missed while paused
+
+
+def test_skunq_periodic_lists_pauses_resumes_and_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from skunkqueue.cli import main
+
+    (tmp_path / "sched_app.py").write_text(
+        "from skunkqueue import SkunkQueue\n"
+        "q = SkunkQueue('cli-periodic')\n"
+        "@q.periodic(cron='0 3 * * *', tz='Europe/Berlin', routes=['reports'])\n"
+        "def nightly():\n    return 1\n")
+    monkeypatch.chdir(tmp_path)
+    base = ["periodic", "-q", "cli-periodic", "--import", "sched_app", "--url", str(tmp_path / "q.db")]
+    runner = CliRunner()
+    listed = runner.invoke(main, base)
+    assert listed.exit_code == 0, listed.output
+    assert "sched_app:nightly  cron '0 3 * * *' Europe/Berlin  routes=reports  last=-  next=" in listed.output
+    assert runner.invoke(main, [*base, "pause", "sched_app:nightly"]).output.strip() == "sched_app:nightly: paused"
+    assert runner.invoke(main, base).output.rstrip().endswith("paused")
+    assert runner.invoke(main, [*base, "resume", "sched_app:nightly"]).exit_code == 0
+    assert "paused" not in runner.invoke(main, base).output
+    ran = runner.invoke(main, [*base, "run", "sched_app:nightly"])
+    assert ran.exit_code == 0 and "fired as" in ran.output
+    assert [r.func for r in SkunkQueue("cli-periodic", conn_url=str(tmp_path / "q.db")).jobs()] == ["sched_app:nightly"]
+    missing = runner.invoke(main, [*base, "pause", "nope"])
+    assert missing.exit_code == 1 and "No periodic job nope" in missing.output and "Traceback" not in missing.output
+    bare = runner.invoke(main, ["periodic", "-q", "cli-periodic", "--url", str(tmp_path / "q.db")])
+    assert bare.exit_code == 2 and "--import" in bare.output
