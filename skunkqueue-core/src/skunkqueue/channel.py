@@ -34,13 +34,28 @@ less than ``PIPE_BUF`` bytes (so it arrives whole):
     is one of :data:`REASONS`.
 ``x JOB_ID``
     a kill was requested for a held job: never start it.
+``t HOW``
+    stop, ``gentle`` or ``rough`` (sent with the signal, in case a job
+    ignored or swallowed the signal).
+
+A third pipe carries the pool's pulse: one byte each time the pool renewed
+the worker's leases (or had none to renew). A worker that hears nothing for
+two thirds of its lease - the pool is stopped, or cannot reach the store -
+stops its jobs as if their leases were lost, before another worker may take
+them over.
+
+Ids are percent-encoded (they come from the store, and a route may hold a
+space or a newline); the job ids SkunkQueue makes are hex and pass unchanged.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 from dataclasses import dataclass
+from urllib.parse import quote as _quote
+from urllib.parse import unquote
 
 # A held job is started only within this many seconds of its claim; after
 # that the pool may hand it back to the queue (a little later, see pool.py),
@@ -70,11 +85,25 @@ class WorkerEnd:
     """The worker's side: write events, read commands. Without fds (a worker
     run in-process by a test), writing and reading do nothing."""
 
-    def __init__(self, events_fd: int | None = None, control_fd: int | None = None) -> None:
+    def __init__(self, events_fd: int | None = None, control_fd: int | None = None,
+                 pulse_fd: int | None = None) -> None:
         self.events_fd = events_fd
         self.control_fd = control_fd
+        self.pulse_fd = pulse_fd
         if control_fd is not None:
             _set_nonblocking(control_fd)
+
+    def wait_pulse(self, timeout: float) -> bool:
+        """True if the pool's pulse came within ``timeout`` seconds (blocks; for the watchdog thread)."""
+        if self.pulse_fd is None:
+            return True
+        ready, _, _ = select.select([self.pulse_fd], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            return bool(os.read(self.pulse_fd, 4096))
+        except OSError:
+            return False
 
     def send(self, *lines: str) -> None:
         if self.events_fd is None or not lines:
@@ -113,9 +142,11 @@ class WorkerEnd:
             for line in chunk.decode(errors="replace").splitlines():
                 parts = line.split()
                 if len(parts) == 3 and parts[0] == "i":
-                    found.append(Command("i", parts[1], parts[2]))
+                    found.append(Command("i", unquote(parts[1]), parts[2]))
                 elif len(parts) == 2 and parts[0] == "x":
-                    found.append(Command("x", parts[1]))
+                    found.append(Command("x", unquote(parts[1])))
+                elif len(parts) == 2 and parts[0] == "t" and parts[1] in ("gentle", "rough"):
+                    found.append(Command("t", "", parts[1]))
 
 
 @dataclass
@@ -137,19 +168,27 @@ class PoolEnd:
     def __init__(self) -> None:
         self.events_read, self.events_write = os.pipe()
         self.control_read, self.control_write = os.pipe()
+        self.pulse_read, self.pulse_write = os.pipe()
         _set_nonblocking(self.events_read)
         _set_nonblocking(self.control_write)
+        _set_nonblocking(self.pulse_write)
         self._partial = b""
 
-    def child_fds(self) -> tuple[int, int]:
-        """The fds the worker process inherits: (events to write, commands to read)."""
-        return self.events_write, self.control_read
+    def child_fds(self) -> tuple[int, int, int]:
+        """The fds the worker process inherits: (events to write, commands to read, pulse to read)."""
+        return self.events_write, self.control_read, self.pulse_read
 
     def after_spawn(self) -> None:
         """Close the child's ends in the pool, so a dead worker reads as end of file."""
-        for fd in (self.events_write, self.control_read):
+        for fd in (self.events_write, self.control_read, self.pulse_read):
             os.close(fd)
-        self.events_write = self.control_read = -1
+        self.events_write = self.control_read = self.pulse_read = -1
+
+    def pulse(self) -> None:
+        try:
+            os.write(self.pulse_write, b".")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass  # a full pipe already says "alive"
 
     def events(self) -> list[Event]:
         """Every whole event the worker has written so far, without blocking."""
@@ -174,28 +213,36 @@ class PoolEnd:
             return False
 
     def close(self) -> None:
-        for fd in (self.events_read, self.events_write, self.control_read, self.control_write):
+        for fd in (self.events_read, self.events_write, self.control_read, self.control_write,
+                   self.pulse_read, self.pulse_write):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
         self.events_read = self.events_write = self.control_read = self.control_write = -1
+        self.pulse_read = self.pulse_write = -1
+
+
+def quote(text: str) -> str:
+    """An id as one space-free, newline-free word (hex ids come out unchanged)."""
+    return _quote(text, safe="")
 
 
 def _parse_event(raw: bytes) -> Event | None:
     parts = raw.decode(errors="replace").split()
     try:
         if parts[0] == "h" and len(parts) == 2:
-            return Event("h", parts[1])
+            return Event("h", unquote(parts[1]))
         if parts[0] == "c" and len(parts) == 5:
-            return Event("c", parts[2], at=float(parts[1]), token=int(parts[3]), timeout=float(parts[4]))
+            return Event("c", unquote(parts[2]), at=float(parts[1]), token=int(parts[3]),
+                         timeout=float(parts[4]))
         if parts[0] == "s" and len(parts) == 3:
-            return Event("s", parts[2], at=float(parts[1]))
+            return Event("s", unquote(parts[2]), at=float(parts[1]))
         if parts[0] == "d" and len(parts) == 4:
-            return Event("d", parts[1], state=parts[2], seconds=float(parts[3]))
+            return Event("d", unquote(parts[1]), state=parts[2], seconds=float(parts[3]))
         if parts[0] == "k" and len(parts) == 2:
-            return Event("k", parts[1])
+            return Event("k", unquote(parts[1]))
     except (IndexError, ValueError):
         pass
     return None

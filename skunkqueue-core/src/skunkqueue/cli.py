@@ -106,6 +106,8 @@ def main() -> None:
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds an interrupted job (SIGINT, kill, time limit, lost lease) gets to stop before "
                    "its worker is killed; a second SIGINT kills at once.")
+@click.option("--async-concurrency", default=1, show_default=True, type=click.IntRange(1, 10000),
+              help="async def jobs each worker runs at once on its event loop (1: one job at a time).")
 @click.option("--no-schedule", is_flag=True,
               help="Do not fire the periodic jobs declared in the imported modules (other pools do).")
 @click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
@@ -116,7 +118,7 @@ def main() -> None:
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
-         grace: float, no_schedule: bool,
+         grace: float, async_concurrency: int, no_schedule: bool,
          connect_attempts: int, log_level: str,
          backend: str, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
@@ -135,7 +137,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
                           connect_attempts=connect_attempts,
-                          allow_pickle=allow_pickle, imports=modules)
+                          allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency)
     if modules:
         # Import them here as well, so that a typo fails at once with one line
         # instead of in every worker, restarted over and over by the pool.

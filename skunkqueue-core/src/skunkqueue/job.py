@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import os
@@ -144,6 +145,12 @@ class Job:
 
         ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``.
         """
+        normalized, key_list = self._normalize_many(calls, keys)
+        return self._fire(normalized, time.time(), key_list)
+
+    @staticmethod
+    def _normalize_many(calls: Iterable[Sequence[Any] | dict[str, Any]], keys: Sequence[str | None] | None,
+                        ) -> tuple[list[tuple[tuple[Any, ...], dict[str, Any]]], list[str | None] | None]:
         normalized: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         for item in calls:
             if isinstance(item, dict):
@@ -155,7 +162,31 @@ class Job:
         if keys is not None and len(keys) != len(normalized):
             raise ConfigurationError(f"fire_many got {len(normalized)} calls but {len(keys)} keys; "
                                      "give one key (or None) per call.")
-        return self._fire(normalized, time.time(), list(keys) if keys is not None else None)
+        return normalized, list(keys) if keys is not None else None
+
+    async def afire(self, *args: Any, key: str | None = None, **kwargs: Any) -> JobHandle:
+        """``fire`` for asyncio code: awaits the store without blocking the event loop."""
+        return (await self._afire([(args, kwargs)], time.time(), [key]))[0]
+
+    async def afire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+                       **kwargs: Any) -> JobHandle:
+        """``fire_at`` for asyncio code."""
+        return (await self._afire([(args, kwargs)], due_time(when), [key]))[0]
+
+    async def afire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
+                         keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+        """``fire_many`` for asyncio code."""
+        normalized, key_list = self._normalize_many(calls, keys)
+        return await self._afire(normalized, time.time(), key_list)
+
+    async def _afire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
+                     keys: list[str | None] | None) -> list[JobHandle]:
+        for args, kwargs in calls:
+            self.check_arguments(args, kwargs)
+        handles = await self.queue._aenqueue(self, calls, due, keys)
+        if handles:
+            self.last = handles[-1]
+        return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
               keys: list[str | None] | None = None) -> list[JobHandle]:
@@ -189,6 +220,22 @@ class Job:
     def result(self) -> Any:
         """The result of the latest firing (None until it completes)."""
         return self.last.result if self.last else None
+
+
+def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None) -> None:
+    """Raise as ``wait`` does unless ``record`` completed."""
+    if record is None:
+        raise JobFailed(f"Job {job_id} no longer exists (expired or purged).", job_id=job_id, state=ERROR)
+    if record.state not in FINISHED_STATES:
+        raise JobTimeout(f"Job {job_id} is still {record.state} after {timeout} s.")
+    if record.state != COMPLETE:
+        err = record.error or {}
+        raise JobFailed(
+            f"Job {job_id} ({record.func}) ended {record.state}: "
+            f"{err.get('type', '')}: {err.get('message', '')}".rstrip(": "),
+            job_id=job_id, state=record.state, error_type=err.get("type"),
+            remote_traceback=err.get("traceback"),
+        )
 
 
 class JobHandle:
@@ -267,21 +314,32 @@ class JobHandle:
         backend = self.queue.persistence
         for job_id in self.ids:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            record = backend.wait_finished(job_id, left)
-            if record is None:
-                raise JobFailed(f"Job {job_id} no longer exists (expired or purged).",
-                                job_id=job_id, state=ERROR)
-            if record.state not in FINISHED_STATES:
-                raise JobTimeout(f"Job {job_id} is still {record.state} after {timeout} s.")
-            if record.state != COMPLETE:
-                err = record.error or {}
-                raise JobFailed(
-                    f"Job {job_id} ({record.func}) ended {record.state}: "
-                    f"{err.get('type', '')}: {err.get('message', '')}".rstrip(": "),
-                    job_id=job_id, state=record.state, error_type=err.get("type"),
-                    remote_traceback=err.get("traceback"),
-                )
+            _check_finished(job_id, backend.wait_finished(job_id, left), timeout)
         return self.result
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """``wait`` for asyncio code: polls the store without blocking the event loop."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backend = self.queue.apersistence
+        records: list[JobRecord | None] = []
+        for job_id in self.ids:
+            pause = 0.001
+            while True:
+                record = await backend.aget(job_id)
+                if record is None or record.finished_state:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 0.1)
+            _check_finished(job_id, record, timeout)
+            records.append(record)
+        if len(records) == 1:
+            return self._value(records[0])
+        return {key: self._value(r) for key, r in zip(self.keys, records)}
+
+    def __await__(self) -> Any:
+        return self.aresult().__await__()
 
     def kill(self) -> None:
         """Kill every delivery of this firing (see ``SkunkQueue.kill``)."""

@@ -95,6 +95,7 @@ class _Claim:
     timeout: float            # seconds, 0: no limit
     claimed_at: float         # time.monotonic()
     started_at: float | None = None
+    interrupt: tuple[JobKilled, float] | None = None  # the worker was asked to stop it (why, when)
 
 
 @dataclass
@@ -106,9 +107,8 @@ class _Child:
     pipes: channel.PoolEnd | None = None
     worker_id: str | None = None
     claims: dict[str, _Claim] = field(default_factory=dict)  # held and running jobs
-    running: str | None = None            # the job id it started and has not finished
-    interrupt: tuple[JobKilled, float] | None = None  # asked to stop `running`, when
-    killed_for: JobKilled | None = None   # the pool SIGKILLed it for this reason
+    killed_for: JobKilled | None = None   # the pool SIGKILLed it for this reason...
+    killed_job: str | None = None         # ...which concerns this job (None: all it ran)
     settled: bool = True                  # the dead process's jobs were dealt with
     started: float = 0.0
     backoff: float = 0.5
@@ -117,14 +117,14 @@ class _Child:
 
     def start(self) -> None:
         self.pipes = channel.PoolEnd()
-        events_fd, control_fd = self.pipes.child_fds()
-        config = replace(self.config, events_fd=events_fd, control_fd=control_fd)
+        events_fd, control_fd, pulse_fd = self.pipes.child_fds()
+        config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "skunkqueue.worker", config.to_json()],
-            preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd),
+            preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()
-        self.worker_id, self.running, self.interrupt, self.killed_for = None, None, None, None
+        self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start = {}, set()
         self.settled = False
         self.started = time.monotonic()
@@ -133,9 +133,14 @@ class _Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def kill(self, why: JobKilled) -> None:
+    @property
+    def running(self) -> dict[str, _Claim]:
+        """The jobs it started and has not finished (several for async jobs)."""
+        return {job_id: c for job_id, c in self.claims.items() if c.started_at is not None}
+
+    def kill(self, why: JobKilled, job_id: str | None = None) -> None:
         if self.alive and self.process is not None:
-            self.killed_for = why
+            self.killed_for, self.killed_job = why, job_id
             self.process.kill()
 
 
@@ -200,8 +205,11 @@ class WorkerPool:
             self._kill_all()
 
     def _signal_all(self, sig: int) -> None:
+        how = "rough" if sig == signal.SIGINT else "gentle"
         for child in self.children:
             if child.alive and child.process is not None:
+                if child.pipes is not None:  # also through the pipe: a job may ignore the signal
+                    child.pipes.command(f"t {how}")
                 try:
                     os.kill(child.process.pid, sig)
                 except ProcessLookupError:
@@ -303,6 +311,9 @@ class WorkerPool:
             if self.store is not None:
                 self._flush_stats(self.store)
                 self.store.close()
+        # Signals still on their way (a terminal's burst) must not turn the exit status into 143.
+        for sig in (*GENTLE_SIGNALS, ROUGH_SIGNAL):
+            signal.signal(sig, signal.SIG_IGN)
         log.info("pool %d: all workers stopped", os.getpid())
         return EXIT_ROUGH if self.stopping == "rough" else 0
 
@@ -325,16 +336,11 @@ class WorkerPool:
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
                     claim.started_at = event.at
-                    child.running = event.job_id
             elif event.kind == "d":
                 self.tally.add(child.config.route, event.state, event.seconds)
                 child.claims.pop(event.job_id, None)
-                if child.running == event.job_id:
-                    child.running, child.interrupt = None, None
             elif event.kind == "k":
                 claim = child.claims.get(event.job_id)
-                if child.running == event.job_id:
-                    child.running = None
                 if claim is not None:
                     claim.started_at = None
                     self._hand_back(child, event.job_id)
@@ -346,9 +352,10 @@ class WorkerPool:
         process = child.process
         if process is not None and not child.settled:
             self._read_events(child)
+            ran_jobs = bool(child.running)
             self._settle(child, process.returncode)
             if not self.stopping:
-                self._schedule_restart(child, process.returncode, now)
+                self._schedule_restart(child, process.returncode, now, ran_jobs)
             child.process = None
         if self.stopping:
             return 0
@@ -357,9 +364,16 @@ class WorkerPool:
             return 1
         return 0
 
-    def _schedule_restart(self, child: _Child, code: int | None, now: float) -> None:
+    def _schedule_restart(self, child: _Child, code: int | None, now: float, ran_jobs: bool) -> None:
         if child.killed_for is not None:
             child.restart_at = now  # the pool killed it on purpose: replace it at once
+            return
+        if ran_jobs:
+            # A job took it down (its attempt is charged, and capped): replace it
+            # at once, or a few poison jobs would leave the route without a worker.
+            log.error("pool: worker for route %s died running a job (status %s); restarting",
+                      child.config.route, code)
+            child.restart_at = now
             return
         if code == EXIT_UNREACHABLE:
             log.error("pool: a worker for route %s could not reach the backend", child.config.route)
@@ -381,9 +395,22 @@ class WorkerPool:
                 self._hand_back(child, job_id)
             else:
                 self._record_death(child, job_id, claim, code)
-        child.claims, child.running = {}, None
+        child.claims = {}
         if child.worker_id is not None and self.store is not None:
+            self._hand_back_unreported(self.store, child.worker_id)
             self._store_call("unregister a dead worker", self.store.unregister_worker, child.worker_id)
+
+    def _hand_back_unreported(self, store: Persistence, worker_id: str) -> None:
+        """A worker killed between a claim and its report leaves jobs only the store knows of.
+
+        It never started them (it reports a claim before starting anything), so they
+        go back uncharged now instead of waiting out their lease.
+        """
+        running = self._store_call("list running jobs",
+                                   lambda: store.list_jobs(state=RUNNING, limit=100_000)) or []
+        for record in running:
+            if record.owner == worker_id:
+                self._store_call("hand back a job", store.finish, record.id, record.token, policy.release(record))
 
     def _record_death(self, child: _Child, job_id: str, claim: _Claim, code: int | None) -> None:
         store = self.store
@@ -392,7 +419,9 @@ class WorkerPool:
         record = self._store_call("read a job", store.get, job_id)
         if record is None or record.state != RUNNING or record.token != claim.token:
             return
-        why = child.killed_for
+        why = child.killed_for if child.killed_job in (None, job_id) else None
+        if why is None and claim.interrupt is not None:
+            why = claim.interrupt[0]  # it died of the interrupt itself (e.g. the job reset SIGUSR1)
         if why is not None:
             outcome = policy.interrupted(record, why)
         else:
@@ -425,27 +454,27 @@ class WorkerPool:
         for held_id, held in list(child.claims.items()):
             if held.started_at is None and now - held.claimed_at > HAND_BACK_AFTER:
                 self._hand_back(child, held_id)  # the worker will not start it any more
-        job_id = child.running
-        claim = child.claims.get(job_id) if job_id else None
-        if job_id is None or claim is None or claim.started_at is None:
-            return
-        if child.interrupt is None:
-            if claim.timeout and now >= claim.started_at + claim.timeout:
-                self._interrupt(child, job_id, channel.TIME,
-                                TimeLimit(f"job exceeded its time limit of {claim.timeout:g} s "
-                                          f"and did not stop within {self.grace:g} s; its worker was killed"))
-            return
-        why, asked = child.interrupt
-        if now >= asked + self.grace:
-            log.warning("job %s did not stop within %g s (%s); killing worker %s",
-                        job_id, self.grace, why.reason, child.worker_id)
-            child.kill(why)
+        for job_id, claim in child.running.items():
+            assert claim.started_at is not None
+            if claim.interrupt is None:
+                if claim.timeout and now >= claim.started_at + claim.timeout:
+                    self._interrupt(child, job_id, channel.TIME, TimeLimit(
+                        f"job exceeded its time limit of {claim.timeout:g} s "
+                        f"and did not stop within {self.grace:g} s; its worker was killed"))
+                continue
+            why, asked = claim.interrupt
+            if now >= asked + self.grace:
+                log.warning("job %s did not stop within %g s (%s); killing worker %s",
+                            job_id, self.grace, why.reason, child.worker_id)
+                child.kill(why, job_id)
+                return
 
     def _interrupt(self, child: _Child, job_id: str, reason: str, why: JobKilled) -> None:
-        if child.interrupt is not None or child.pipes is None or child.process is None:
+        claim = child.claims.get(job_id)
+        if claim is None or claim.interrupt is not None or child.pipes is None or child.process is None:
             return
-        child.interrupt = (why, time.monotonic())
-        child.pipes.command(f"i {job_id} {reason}")
+        claim.interrupt = (why, time.monotonic())
+        child.pipes.command(f"i {channel.quote(job_id)} {reason}")
         try:
             os.kill(child.process.pid, INTERRUPT_SIGNAL)
         except ProcessLookupError:
@@ -477,18 +506,23 @@ class WorkerPool:
     def _renew(self, store: Persistence, child: _Child) -> None:
         # A stopped worker (SIGSTOP, a debugger) keeps nothing: its leases run
         # out and other workers take its jobs; it is fenced off when it resumes.
-        if not child.claims or child.worker_id is None or not child.alive or child.process is None \
-                or _stopped(child.process.pid):
+        if child.worker_id is None or not child.alive or child.process is None or _stopped(child.process.pid):
+            return
+        if not child.claims:
+            if child.pipes is not None:
+                child.pipes.pulse()
             return
         leases = [(job_id, claim.token) for job_id, claim in child.claims.items()]
         statuses = self._store_call("renew leases", store.renew, child.worker_id, leases, self.config.lease)
         if not isinstance(statuses, dict):
-            return
+            return  # no pulse: a worker that hears none for long stops its jobs
+        if child.pipes is not None:
+            child.pipes.pulse()
         for job_id, status in statuses.items():
             claim = child.claims.get(job_id)
             if claim is None or status not in (LEASE_KILL, LEASE_LOST):
                 continue
-            if job_id == child.running:
+            if claim.started_at is not None:
                 if status == LEASE_KILL:
                     self._interrupt(child, job_id, channel.KILL, KillRequested(
                         "killed by request; the job did not stop, so its worker was killed"))
@@ -497,7 +531,7 @@ class WorkerPool:
             elif claim.started_at is None and job_id not in child.told_never_start:
                 if status == LEASE_LOST:
                     child.claims.pop(job_id, None)  # someone else's now: never start it
-                if child.pipes is not None and child.pipes.command(f"x {job_id}"):
+                if child.pipes is not None and child.pipes.command(f"x {channel.quote(job_id)}"):
                     child.told_never_start.add(job_id)
 
     def _flush_stats(self, store: Persistence) -> None:

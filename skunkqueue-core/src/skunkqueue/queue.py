@@ -45,6 +45,7 @@ class SkunkQueue:
         self.result_ttl = result_ttl
         self.options = options
         self._local = threading.local()
+        self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
         self._backend_class = load(backend or "sqlite")
@@ -59,11 +60,23 @@ class SkunkQueue:
             self._local.conn = conn
         return conn
 
+    @property
+    def apersistence(self) -> Persistence:
+        """The connection ``afire`` and ``aresult`` use: its own, so that it never
+        shares one with this thread's synchronous calls (see Persistence.aenqueue)."""
+        if self._async_conn is None:
+            self._async_conn = open_backend(self.name, self.backend, url=self.conn_url, db=self.dbname,
+                                            result_ttl=self.result_ttl, **self.options)
+        return self._async_conn
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        if self._async_conn is not None:
+            self._async_conn.close()
+            self._async_conn = None
 
     # -- declaring and firing ---------------------------------------------------
 
@@ -104,12 +117,34 @@ class SkunkQueue:
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
-        keyed = keys is not None and any(k is not None for k in keys)
-        if keyed:
-            _check_keys(self, backend, keys or [])
+        live = self.live_workers() if self.queue_type == "broadcast" else None
+        per_call = self._records(backend, job, calls, due, keys, live)
+        flat = [record for records in per_call for record in records]
+        if keys is None or all(k is None for k in keys):
+            backend.enqueue(flat)
+            return [JobHandle(self, records) for records in per_call]
+        return self._follow(per_call, backend.enqueue_keyed(flat))
+
+    async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                        due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
+        """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
+        backend = self.apersistence
+        live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
+        per_call = self._records(backend, job, calls, due, keys, live)
+        flat = [record for records in per_call for record in records]
+        if keys is None or all(k is None for k in keys):
+            await backend.aenqueue(flat)
+            return [JobHandle(self, records) for records in per_call]
+        return self._follow(per_call, await backend.aenqueue_keyed(flat))
+
+    def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+                 due: float, keys: list[str | None] | None,
+                 live: list[WorkerInfo] | None) -> list[list[JobRecord]]:
+        """The records of each call: one per route (a broadcast: one per live worker of the route)."""
+        if keys is not None and any(k is not None for k in keys):
+            _check_keys(self, backend, keys)
         targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
-        if self.queue_type == "broadcast":
-            live = self.live_workers()
+        if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
         secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
@@ -132,17 +167,18 @@ class SkunkQueue:
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]
             ])
-        flat = [record for records in per_call for record in records]
         if secret:
-            for record in flat:
-                signing.sign(secret, record)
-        if not keyed:
-            backend.enqueue(flat)
-            return [JobHandle(self, records) for records in per_call]
-        holders = iter(backend.enqueue_keyed(flat))
-        for records in per_call:  # a key already held: the handle follows the existing job
+            for records in per_call:
+                for record in records:
+                    signing.sign(secret, record)
+        return per_call
+
+    def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
+        """Handles for keyed records: a key already held points the handle at the existing job."""
+        held = iter(holders)
+        for records in per_call:
             for record in records:
-                record.id = next(holders)
+                record.id = next(held)
         return [JobHandle(self, records) for records in per_call]
 
     # -- inspecting -----------------------------------------------------------

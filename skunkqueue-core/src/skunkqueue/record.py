@@ -169,7 +169,7 @@ class Outcome:
         job never runs again once ``kill`` has returned.
         """
         if self.state == PENDING and record.kill_requested:
-            return Outcome(KILLED, error=dict(KILLED_BY_REQUEST)).apply_to(record, now)
+            return Outcome(KILLED, error=dict(KILLED_BY_REQUEST), attempts=self.attempts).apply_to(record, now)
         updated = dataclasses.replace(record)
         updated.state = self.state
         updated.owner = None

@@ -17,6 +17,8 @@ nothing, so a second signal arriving during the first cannot hang the worker.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import os
@@ -71,9 +73,11 @@ class WorkerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
     allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
+    async_concurrency: int = 1  # async jobs run at once on the worker's event loop (1: one job at a time)
     imports: list[str] = field(default_factory=list)  # explicit mode: job modules imported at start
     events_fd: int | None = None   # the pipes to the pool (set by the pool for each process)
     control_fd: int | None = None
+    pulse_fd: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -87,12 +91,18 @@ class WorkerConfig:
 
 
 def error_info(exc: BaseException, *, with_traceback: bool = True) -> dict[str, str]:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if with_traceback else "",
-    }
+    """Type, message and traceback of an exception, whatever its ``__str__`` does."""
+    try:
+        message = str(exc)
+    except BaseException as broken:  # a job's exception may fail to print itself
+        message = f"<{type(exc).__name__} whose message cannot be shown: {type(broken).__name__}>"
+    text = ""
+    if with_traceback:
+        try:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except BaseException:
+            text = "".join(traceback.format_tb(exc.__traceback__)) + f"{type(exc).__name__}: {message}\n"
+    return {"type": type(exc).__name__, "message": message, "traceback": text}
 
 
 def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
@@ -118,7 +128,9 @@ class Worker:
         self._interrupted: JobKilled | None = None  # why the current job was interrupted
         self._never_start: set[str] = set()  # held jobs whose kill was requested
         self._wakeup_read: int | None = None
-        self.pool = channel.WorkerEnd(config.events_fd, config.control_fd)
+        self._handlers: dict[signal.Signals, Any] = {}
+        self.pool = channel.WorkerEnd(config.events_fd, config.control_fd, config.pulse_fd)
+        self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._jobs: dict[str, Job] = {}
         self.backend: Persistence
         self._parent = os.getppid()
@@ -131,10 +143,10 @@ class Worker:
         os.set_blocking(self._wakeup_read, False)
         os.set_blocking(wakeup_write, False)
         signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
-        for sig in GENTLE_SIGNALS:
-            signal.signal(sig, self._on_gentle)
-        signal.signal(ROUGH_SIGNAL, self._on_rough)
-        signal.signal(INTERRUPT_SIGNAL, self._on_control)
+        self._handlers = {**{sig: self._on_gentle for sig in GENTLE_SIGNALS},
+                          ROUGH_SIGNAL: self._on_rough, INTERRUPT_SIGNAL: self._on_control}
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
 
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping is None:
@@ -142,18 +154,42 @@ class Worker:
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = "rough"
+        self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
         self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
 
     def _on_control(self, signum: int, frame: FrameType | None) -> None:
         self._read_commands()
 
     def _read_commands(self) -> None:
+        # Every command is applied before any is raised into the job: a kill of
+        # the running job and of a held one can come in the same read.
+        stop_current: JobKilled | None = None
+        current = self.current
         for command in self.pool.commands():
-            current = self.current
             if command.kind == "x":
                 self._never_start.add(command.job_id)
+            elif command.kind == "t":
+                self.stopping = self.stopping or command.reason
             elif current is not None and command.job_id == current.id:
-                self._raise_into_job(interrupt_for(command.reason, current))
+                stop_current = stop_current or interrupt_for(command.reason, current)
+            else:
+                self._stop_task(command.job_id, command.reason)
+        if self.stopping == "rough":
+            self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
+            stop_current = stop_current or RoughStop("worker stopped roughly (SIGINT)")
+        if self._pool_silent:
+            silent = LeaseLost("lease lost: the pool stopped renewing it")
+            self._stop_tasks(silent)
+            stop_current = stop_current or silent
+        if stop_current is not None:
+            self._raise_into_job(stop_current)
+
+    # Async workers (skunkqueue.async_worker) run jobs as tasks and stop them here.
+    def _stop_task(self, job_id: str, reason: str) -> None:
+        """Stop the task running ``job_id`` for ``reason`` (called from a signal handler)."""
+
+    def _stop_tasks(self, why: JobKilled) -> None:
+        """Stop every running task (called from a signal handler)."""
 
     def _raise_into_job(self, why: JobKilled) -> None:
         """Remember why the current job must stop; raise it if the job's code is running."""
@@ -189,8 +225,9 @@ class Worker:
                 sys.path.insert(0, path)
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
-        self.pool.send(f"h {self.id}")
+        self.pool.send(f"h {channel.quote(self.id)}")
         self._watch_parent()
+        self._watch_pool()
         hooks.call("worker_started", worker=self.info)
         log.info("worker %s: listening on queue %s route %s (%s backend)", self.id,
                  self.config.queue, self.config.route, self.backend.name)
@@ -206,6 +243,33 @@ class Worker:
             log.info("worker %s: stopped (%s)", self.id, self.stopping or "done")
             self.backend.close()
         return 0
+
+    def _watch_pool(self) -> None:
+        """Stop running jobs when the pool falls silent for two thirds of the lease.
+
+        The pool renews our leases; if it is stopped (SIGSTOP, a debugger) or
+        cannot reach the store, the leases run out and another worker may take
+        the jobs. Stopping first keeps a job from running twice at once.
+        """
+        if self.config.pulse_fd is None:
+            return
+        silence = self.config.lease * 2 / 3
+
+        def watch() -> None:
+            last = time.monotonic()
+            while True:
+                # The second look matters: this thread may have waited for the GIL far
+                # longer than its timeout while pulses piled up in the pipe.
+                if self.pool.wait_pulse(min(0.5, silence / 4)) or self.pool.wait_pulse(0):
+                    last, self._pool_silent = time.monotonic(), False
+                elif time.monotonic() - last > silence and not self._pool_silent and self._busy():
+                    self._pool_silent = True
+                    signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT_SIGNAL)
+
+        threading.Thread(target=watch, name="skunkqueue-pool-watch", daemon=True).start()
+
+    def _busy(self) -> bool:
+        return self.current is not None
 
     def _watch_parent(self) -> None:
         """Where PR_SET_PDEATHSIG does not exist, notice a vanished pool within a second."""
@@ -224,6 +288,9 @@ class Worker:
         pause = 0.001
         while self.stopping is None:
             try:
+                self._read_commands()  # a stop the pool also sends through the pipe
+                if self.stopping is not None:
+                    break
                 if not self.held:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
@@ -259,7 +326,7 @@ class Worker:
         for record in claimed:
             self._claimed_at[record.id] = now
         self.held.extend(claimed)
-        self.pool.send(*(f"c {now:.6f} {r.id} {r.token} {r.timeout or 0:g}" for r in claimed))
+        self.pool.send(*(f"c {now:.6f} {channel.quote(r.id)} {r.token} {r.timeout or 0:g}" for r in claimed))
 
     def _take_up(self, record: JobRecord) -> None:
         """Start a held job, unless the pool may already have handed it back or it was killed."""
@@ -270,7 +337,7 @@ class Worker:
         self.current, self._interrupted = record, None
         # Announce the start before the last checks (see channel.py): a pool
         # that has not read it yet can trust that the job has not started.
-        self.pool.send(f"s {time.monotonic():.6f} {record.id}")
+        self.pool.send(f"s {time.monotonic():.6f} {channel.quote(record.id)}")
         self._read_commands()
         claimed_at = self._claimed_at.pop(record.id, time.monotonic())
         skip = record.id in self._never_start or time.monotonic() - claimed_at > channel.START_WITHIN
@@ -278,14 +345,14 @@ class Worker:
         if skip:
             self.current = None
             log.debug("job %s: killed or held too long since its claim; handing it back", record.id)
-            self.pool.send(f"k {record.id}")
+            self.pool.send(f"k {channel.quote(record.id)}")
         else:
             self.execute(record)
 
     def _skip_held(self) -> None:
         """The pool hands back the jobs this worker claimed and will not start."""
         held, self.held = self.held, []
-        self.pool.send(*(f"k {r.id}" for r in held))
+        self.pool.send(*(f"k {channel.quote(r.id)}" for r in held))
 
     # -- running one job ----------------------------------------------------------
 
@@ -311,9 +378,9 @@ class Worker:
         if outcome is None:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route)
-            self.pool.send(f"d {record.id} lost {ran:.6f}")
+            self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
             return
-        done = f"d {record.id} {outcome.state} {ran:.6f}"
+        done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
         try:
             recorded = self._finish(record, outcome, done)
         except BackendUnavailable:
@@ -322,7 +389,7 @@ class Worker:
             # The store refused this outcome (e.g. a size limit): record why instead.
             outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
             recorded = self.backend.finish(record.id, record.token, outcome)
-            self.pool.send(f"d {record.id} {outcome.state} {ran:.6f}")
+            self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
         hooks.call("job_finished", record=record, outcome=outcome)
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
@@ -362,8 +429,8 @@ class Worker:
         self.pool.send(done)
         return recorded
 
-    def _run(self, record: JobRecord) -> Outcome | None:
-        """Run the job; whatever its code raises becomes the attempt's outcome."""
+    def _prepare(self, record: JobRecord) -> tuple[Job, list[Any], dict[str, Any]] | Outcome:
+        """The job and its arguments, or the outcome that says why it cannot run."""
         try:
             if record.serializer == "pickle" and not self.config.allow_pickle:
                 # The record says how to decode itself, so whoever can write to
@@ -379,6 +446,14 @@ class Worker:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except BaseException as exc:  # the job's module raised at import
             return policy.failed(record, error_info(exc))
+        return job, args, kwargs
+
+    def _run(self, record: JobRecord) -> Outcome | None:
+        """Run the job; whatever its code raises becomes the attempt's outcome."""
+        prepared = self._prepare(record)
+        if isinstance(prepared, Outcome):
+            return prepared
+        job, args, kwargs = prepared
         hooks.call("job_started", record=record)
         raised: BaseException | None = None
         value: Any = None
@@ -390,14 +465,32 @@ class Worker:
             try:
                 if self._interrupted is None:
                     value = job.func(*args, **kwargs)
+                    if inspect.iscoroutine(value):  # an async job, one at a time (--async-concurrency 1)
+                        value = asyncio.run(value)
             finally:
                 self._in_job = False
                 _current_job.reset(context)
         except BaseException as exc:  # sys.exit, KeyboardInterrupt... are the job's
             raised = exc
+        self._after_job_code()
+        return self._outcome(record, value, raised, self._interrupted)
+
+    def _after_job_code(self) -> None:
+        """Undo what a job may have done to the process that the worker depends on."""
+        if os.getpid() != self.info.pid:
+            os._exit(0)  # a job forked and returned in the child: that child is no worker
+        if self._wakeup_read is not None:  # only a worker that installed its own handlers
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            for sig, handler in self._handlers.items():
+                if signal.getsignal(sig) is not handler:
+                    signal.signal(sig, handler)
+            self._read_commands()  # a stop the job's own handlers may have swallowed
+
+    def _outcome(self, record: JobRecord, value: Any, raised: BaseException | None,
+                 interrupted: JobKilled | None) -> Outcome | None:
         # An interrupt decides the outcome even if the job swallowed it.
-        if self._interrupted is not None:
-            return policy.interrupted(record, self._interrupted)
+        if interrupted is not None:
+            return policy.interrupted(record, interrupted)
         if raised is not None:
             return policy.failed(record, error_info(raised))
         return self._result(record, value)
@@ -427,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     config = WorkerConfig.from_json(argv[0])
     logging.basicConfig(level=os.environ.get("SKUNQ_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    worker = Worker(config)
+    if config.async_concurrency > 1:
+        from skunkqueue.async_worker import AsyncWorker
+        worker: Worker = AsyncWorker(config)
+    else:
+        worker = Worker(config)
     worker.install_signal_handlers()
     try:
         return worker.run()

@@ -24,12 +24,17 @@ that took over.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 from skunkqueue.metrics import RouteMinute
 from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+
+T = TypeVar("T")
 
 # Finished records are kept this long (seconds) unless the queue says otherwise.
 DEFAULT_RESULT_TTL = 7 * 24 * 3600
@@ -277,6 +282,40 @@ class Persistence(ABC):
                 pause = min(pause, left)
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
+
+    # -- asyncio (override with the store's native async client where it has one) ---
+
+    # The defaults run the synchronous method on one thread of this instance's
+    # own, so calls stay one at a time (the rule above) and the event loop never
+    # blocks. SkunkQueue gives async callers an instance of their own.
+
+    async def _in_thread(self, method: Callable[..., T], *args: Any) -> T:
+        executor = self.__dict__.get("_async_executor")
+        if executor is None:
+            executor = self.__dict__["_async_executor"] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"skunkqueue-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(method, *args))
+
+    async def aenqueue(self, records: Sequence[JobRecord]) -> None:
+        """:meth:`enqueue`, awaitable."""
+        await self._in_thread(self.enqueue, records)
+
+    async def aenqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        """:meth:`enqueue_keyed`, awaitable."""
+        return await self._in_thread(self.enqueue_keyed, records)
+
+    async def aget(self, job_id: str) -> JobRecord | None:
+        """:meth:`get`, awaitable (``aresult`` polls it)."""
+        return await self._in_thread(self.get, job_id)
+
+    async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
+        """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
+        def workers() -> list[WorkerInfo]:
+            if reap:
+                from skunkqueue.housekeeping import reap_dead_workers
+                reap_dead_workers(self)
+            return self.workers()
+        return await self._in_thread(workers)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The instance is not used afterwards."""

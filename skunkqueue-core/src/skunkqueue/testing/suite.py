@@ -36,6 +36,7 @@ from skunkqueue.record import (
 )
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite_async import AsyncSuite
 from skunkqueue.testing.suite_keys import KeysSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
@@ -47,7 +48,7 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite):
+class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture

@@ -1,0 +1,157 @@
+"""A worker that runs ``async def`` jobs concurrently on its event loop (``--async-concurrency N``).
+
+Each async job is its own task, with its own claim, lease, fencing token and
+outcome; the pool renews, times and kills them one by one as it does for sync
+jobs (see :mod:`skunkqueue.pool`). Stopping one means cancelling its task:
+a kill request or a lost lease cancels that task only; a time limit cancels
+it and records ``TimeoutError``; a rough stop cancels them all (``killed``);
+a gentle stop lets the running ones finish and takes no more. A task that
+blocks the loop cannot stop its lease from being renewed (the pool renews
+it), and one that never yields is ended by the pool killing the worker after
+``--grace``: the jobs running in it are then recorded (the one past its time
+limit as ``TimeoutError``, the others as ``WorkerDied``, handed out again).
+
+Sync jobs that reach such a worker run one at a time on the loop's thread,
+which pauses the async jobs meanwhile: give them routes of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import Any
+
+from skunkqueue import channel, hooks
+from skunkqueue.context import JobContext
+from skunkqueue.context import _current as _current_job
+from skunkqueue.errors import BackendUnavailable, JobKilled, RoughStop
+from skunkqueue.record import JobRecord, Outcome
+from skunkqueue.worker import Worker, interrupt_for
+
+log = logging.getLogger("skunkqueue.worker")
+
+
+class AsyncWorker(Worker):
+    """A :class:`~skunkqueue.worker.Worker` whose main loop is an asyncio event loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
+        self._tasks: dict[str, tuple[asyncio.Task[None], JobRecord]] = {}
+        self._task_interrupts: dict[str, JobKilled] = {}
+
+    # -- stopping tasks (signal handlers hand the work to the loop) ---------------
+
+    def _stop_task(self, job_id: str, reason: str) -> None:
+        if self._loop_ref is not None:
+            self._loop_ref.call_soon_threadsafe(self._cancel, job_id, reason, None)
+
+    def _stop_tasks(self, why: JobKilled) -> None:
+        if self._loop_ref is not None:
+            self._loop_ref.call_soon_threadsafe(self._cancel_all, why)
+
+    def _busy(self) -> bool:
+        return bool(self._tasks) or self.current is not None
+
+    def _cancel(self, job_id: str, reason: str, why: JobKilled | None) -> None:
+        entry = self._tasks.get(job_id)
+        if entry is None or job_id in self._task_interrupts:
+            return
+        task, record = entry
+        self._task_interrupts[job_id] = why or interrupt_for(reason, record)
+        task.cancel()
+
+    def _cancel_all(self, why: JobKilled) -> None:
+        for job_id in list(self._tasks):
+            self._cancel(job_id, "", why)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop_ref = asyncio.get_running_loop()
+        backend, slots = self.backend, self.config.async_concurrency
+        pause = 0.001
+        while self.stopping is None:
+            try:
+                free = slots - len(self._tasks)
+                if free > 0 and not self.held:
+                    self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
+                took_up = False
+                while self.held and len(self._tasks) < slots and self.stopping is None:
+                    self._take_up(self.held.pop(0))
+                    took_up = True
+                if took_up:
+                    pause = 0.001
+                    await asyncio.sleep(0)
+                elif self._tasks:
+                    await asyncio.wait([t for t, _ in self._tasks.values()], timeout=pause,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    pause = min(pause * 2, backend.max_idle_poll)
+                elif backend.notifies:
+                    backend.wait_for_work([self.config.route], self.id, 1.0)  # nothing runs: block
+                else:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, backend.max_idle_poll)
+            except BackendUnavailable as exc:
+                log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
+                await asyncio.sleep(1.0)
+        log.info("worker %s: stopping (%s); %d async job(s) running", self.id, self.stopping, len(self._tasks))
+        if self.stopping == "rough":
+            self._cancel_all(RoughStop("worker stopped roughly (SIGINT)"))
+        while self._tasks:
+            await asyncio.wait([t for t, _ in self._tasks.values()])
+
+    def execute(self, record: JobRecord) -> None:
+        """Start an async job as a task; run a sync one right here (blocking the loop)."""
+        prepared = self._prepare(record)
+        if isinstance(prepared, Outcome) or not inspect.iscoroutinefunction(prepared[0].func):
+            super().execute(record)
+            return
+        job, args, kwargs = prepared
+        task = asyncio.get_running_loop().create_task(self._run_task(record, job.func, args, kwargs))
+        self._tasks[record.id] = (task, record)
+        # Async jobs are tasks, not "the current job"; an interrupt that came
+        # while it was being taken up stops the task before its first step.
+        early, self.current, self._interrupted = self._interrupted, None, None
+        if early is not None:
+            self._task_interrupts[record.id] = early
+            task.cancel()
+
+    async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+        started = time.monotonic()
+        hooks.call("job_started", record=record)
+        _current_job.set(JobContext.of(record, time.time()))  # this task's own copy of the context
+        value: Any = None
+        raised: BaseException | None = None
+        try:
+            value = await func(*args, **kwargs)
+        except BaseException as exc:  # CancelledError included: the interrupt below says why
+            raised = exc
+        why = self._task_interrupts.pop(record.id, None)
+        if why is None and isinstance(raised, asyncio.CancelledError):
+            why = JobKilled("cancelled")
+        outcome = self._outcome(record, value, raised, why)
+        ran = time.monotonic() - started
+        try:
+            if outcome is None:
+                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func)
+                self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
+                return
+            try:
+                recorded = self.backend.finish(record.id, record.token, outcome)
+            except BackendUnavailable:
+                recorded = self._finish_when_back(record, outcome, f"d {record.id} {outcome.state} {ran:.6f}")
+            else:
+                self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
+            hooks.call("job_finished", record=record, outcome=outcome)
+            error = outcome.error if outcome.state != "complete" and outcome.error else None
+            log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route, ran, outcome.state,
+                     f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
+                     "" if recorded else " (not recorded: lease lost)")
+        finally:
+            self._tasks.pop(record.id, None)
