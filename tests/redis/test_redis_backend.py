@@ -21,7 +21,9 @@ from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import COMPLETE, ERROR, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
-from skunkqueue_redis.persistence import RedisPersistence, escape, parse_conn_url
+from skunkqueue_redis.connection import parse_conn_url
+from skunkqueue_redis.keys import escape
+from skunkqueue_redis.persistence import RedisPersistence
 
 SECRET = "s3cr3t-Pa55:w@rd"
 QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
