@@ -15,14 +15,15 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
+from testsupport import load_helper
 
-from skunkqueue import policy
+from skunkqueue import housekeeping, policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo, new_id
+from skunkqueue.testing import BackendUnderTest
 from skunkqueue_redis.connection import parse_conn_url
-from skunkqueue_redis.keys import escape
 from skunkqueue_redis.persistence import RedisPersistence
 
 SECRET = "s3cr3t-Pa55:w@rd"
@@ -411,8 +412,13 @@ def test_every_waiter_wakes_when_a_job_finishes(store: RedisPersistence, url: st
 # == cluster layout =============================================================================
 
 
-def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_name: str) -> None:
-    store = RedisPersistence(f"{queue_name}:odd{{name}}", url=redis_cluster.url, db="0")
+@pytest.mark.parametrize("suffix", [":odd{name}", "}x", "{", "{}", "}{", "%7D"])
+def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_name: str, suffix: str) -> None:
+    # "}x" first, "{}" or "}{" alone used to leave an empty or cut-short hash tag.
+    store = RedisPersistence(suffix if suffix in ("}x", "{}") else f"{queue_name}{suffix}",
+                             url=redis_cluster.url, db="0")
+    store.purge("a:b")
+    store.purge("c")
     plain = record(store.queue, "a:b")
     broadcast = record(store.queue, "a:b", target="w%1")
     store.enqueue([plain, broadcast, record(store.queue, "c", due=time.time() + 60)])
@@ -424,7 +430,7 @@ def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_n
     node = redis_cluster.nodes[0]
     client = redis.RedisCluster(host="127.0.0.1", port=node.port)
     keys = [k for k in client.keys("sq:*", target_nodes=redis.RedisCluster.ALL_NODES)
-            if escape(store.queue).encode() in k]
+            if k.startswith(store.keys.base.encode())]
     slots = {client.cluster_keyslot(k) for k in keys}
     assert len(keys) >= 8 and len(slots) == 1, keys
     assert store.purge("a:b") == 1 and store.get(broadcast.id) is None
@@ -496,3 +502,61 @@ def test_a_never_claimed_record_can_be_killed(store: RedisPersistence, queue_nam
     assert store.finish(job.id, 0, policy.killed("before it ran"), expect=PENDING)
     killed = store.get(job.id)
     assert killed is not None and (killed.state, killed.token) == ("killed", 0)
+
+
+# == the store's clock ==========================================================================
+
+clockskew = load_helper("redis", "clockskew.py")
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_protocol_times_come_from_the_store_clock(store: RedisPersistence, skew: float) -> None:
+    clockskew.check_protocol_uses_the_store_clock(store, skew)
+
+
+def _kit_backend(url: str) -> BackendUnderTest:
+    return BackendUnderTest(name="redis", url=url, db="5")
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_steals_no_live_lease(url: str, queue_name: str, skew: float, tmp_path: Path) -> None:
+    clockskew.check_skewed_worker_steals_no_live_lease(_kit_backend(url), queue_name, skew, tmp_path)
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_runs_a_delayed_job_on_time(url: str, queue_name: str, skew: float,
+                                                    tmp_path: Path) -> None:
+    clockskew.check_skewed_worker_runs_delayed_job_on_time(_kit_backend(url), queue_name, skew, tmp_path)
+
+
+# == a kill request is never lost ===================================================================
+
+
+@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
+def test_a_killed_record_never_goes_back_to_pending(store: RedisPersistence, raw: redis.Redis, queue_name: str,
+                                                    via: str) -> None:
+    job, other = record(queue_name), record(queue_name)
+    store.enqueue([job])
+    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
+    assert store.request_kill(job.id)
+    if via == "finish":
+        assert store.finish(job.id, claimed.token, Outcome(PENDING, error={"type": "E", "message": "m",
+                                                                             "traceback": ""}, due=time.time()))
+    elif via == "finish_and_claim":
+        store.enqueue([other])
+        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()), "r", "w", 10)
+        assert applied and [r.id for r in taken] == [other.id]
+    else:
+        time.sleep(0.4)
+        assert housekeeping.recover_expired_leases(store) == 1
+    final = store.get(job.id)
+    assert final is not None and final.state == KILLED, final
+    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
+    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested) == (
+        False, None, None, None, False)
+    assert final.finished is not None and abs(final.finished - time.time()) < 5
+    assert 0 < raw.pttl(store.keys.job(job.id)) <= store.result_ttl * 1000
+    assert store.claim("r", "w2", 10) == []
+    waited = store.wait_finished(job.id, 1)
+    assert waited is not None and waited.state == KILLED
+    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))

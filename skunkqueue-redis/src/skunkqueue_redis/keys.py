@@ -14,8 +14,9 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:workers, sq:{Q}:w:<id>      worker registry (set of ids, one hash per worker)
 
 Route and target names are %-escaped (``%`` and ``:``) so they cannot run into
-each other. The scripts get the prefixes as arguments (:meth:`Keys.layout`)
-instead of spelling them again; they only repeat the escaping rule.
+each other; the queue's name in the tag also has its braces escaped. The
+scripts get the prefixes as arguments (:meth:`Keys.layout`) instead of
+spelling them again; they only repeat the escaping rule.
 """
 
 from __future__ import annotations
@@ -26,11 +27,21 @@ def escape(name: str) -> str:
     return name.replace("%", "%25").replace(":", "%3A")
 
 
+def hash_tag(queue: str) -> str:
+    """The queue's name as the content of a Cluster hash tag: no '{' or '}', never empty.
+
+    Redis hashes only what lies between the first '{' and the next '}', so a
+    brace in the name would cut the tag short (``}x`` gave an empty tag and
+    keys spread over many slots). Escaping keeps the tag the whole name.
+    """
+    return escape(queue).replace("{", "%7B").replace("}", "%7D")
+
+
 class Keys:
     """Key names of one queue."""
 
     def __init__(self, queue: str) -> None:
-        self.base = f"sq:{{{escape(queue)}}}:"
+        self.base = f"sq:{{{hash_tag(queue)}}}:"
         self.job_prefix = self.base + "j:"
         self.due_prefix = self.base + "d:"
         self.notify_prefix = self.base + "n:"

@@ -5,9 +5,14 @@ The key layout is in :mod:`skunkqueue_redis.keys`, the record encoding in
 :mod:`skunkqueue_redis.connection`, and every atomic step is a Lua script in
 ``scripts/``. Ties between equal due times are broken by the member (the id),
 which sorts by creation time, so a zset gives the protocol's (due, id) order
-for free. Times come from the caller's clock, like every other backend, so
-that ``due`` set by a producer and ``now`` of a worker are compared on the
-same scale.
+for free.
+
+The store's clock decides: every script reads ``TIME`` for what is due, when a
+lease runs out, and the times it stamps (started, lease_until, finished,
+last_seen), so workers' clocks need not agree. Times a client computes (a
+record's ``due``, a retry's ``due``) are kept as written while the client's
+clock is within ``CLOCK_TOLERANCE`` of the store's; beyond that the scripts
+move them onto the store's clock, keeping the delay the client meant.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ CLAIM_ROUNDS = 8
 ENQUEUE_CHUNK = 1000
 # Batch size of the non-hot-path scans (counts, list_jobs, purge).
 SCAN_BATCH = 1000
+# Seconds a client's clock may differ from the store's before the scripts move
+# the times it computed onto the store's clock (see scripts/common.lua shift()).
+CLOCK_TOLERANCE = 0.5
 
 
 class _Scripts:
     """The queue's scripts, each called with the arguments every script receives first."""
 
     def __init__(self, client: Any, keys: Keys) -> None:
-        self._head: list[Any] = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS]
+        self._head: list[Any] = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE]
         self._loaded: dict[str, Script] = {name: client.register_script(scripts.compose(name))
                                            for name in scripts.NEEDS}
 
@@ -85,9 +93,9 @@ class RedisPersistence(Persistence):
     def _ping(self) -> None:
         self.client.ping()
 
-    def _expiry(self, now: float) -> tuple[int, str]:
-        """PEXPIRE argument and index score of a record finished at ``now``."""
-        return max(1, int(self.result_ttl * 1000)), num(now + self.result_ttl)
+    @guarded
+    def now(self) -> float:
+        return float(self._script("now", [self.keys.index], []))
 
     def _pipeline(self, transaction: bool = False) -> Any:
         return self.client.pipeline(transaction=transaction)
@@ -99,15 +107,14 @@ class RedisPersistence(Persistence):
         if not records:
             return
         k = self.keys
-        ttl_ms, _ = self._expiry(0)
-        now = num(time.time())
+        ttl, now = num(self.result_ttl), num(time.time())
         # A script is atomic; one call per chunk keeps each one short, so other
         # clients are not blocked for long by a huge batch.
         chunks = [b"".join(b"%d:%s" % (len(packed), packed)
                            for packed in map(pack_record, records[start:start + ENQUEUE_CHUNK]))
                   for start in range(0, len(records), ENQUEUE_CHUNK)]
         if len(chunks) == 1:
-            self._script("enqueue", [k.index, k.lease], [ttl_ms, now, chunks[0]])
+            self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])
             return
         # MULTI/EXEC keeps a batch of several chunks all-or-nothing. redis-py's
         # cluster pipeline refuses scripts, but every key of the queue lives on
@@ -117,7 +124,7 @@ class RedisPersistence(Persistence):
             client = client.get_node_from_key(k.index).redis_connection
         pipe = client.pipeline(transaction=True)
         for chunk in chunks:
-            self._script("enqueue", [k.index, k.lease], [ttl_ms, now, chunk], client=pipe)
+            self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
         pipe.execute()
 
     @guarded
@@ -211,22 +218,20 @@ class RedisPersistence(Persistence):
 
     @guarded
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
-        keys, args, now = self._claim_call(route, worker_id, lease, limit)
-        return self._claimed(route, self._script("claim", keys, args), now)
+        keys, args = self._claim_call(route, worker_id, lease, limit)
+        return self._claimed(route, self._script("claim", keys, args))
 
-    def _claim_call(self, route: str, worker_id: str, lease: float,
-                    limit: int) -> tuple[list[str], list[Any], float]:
+    def _claim_call(self, route: str, worker_id: str, lease: float, limit: int) -> tuple[list[str], list[Any]]:
         k = self.keys
-        now = time.time()
-        ttl_ms, expire_at = self._expiry(now)
         keys = [k.due(route), k.due(route, worker_id), k.notify(route), k.notify(route, worker_id)]
-        return keys, [num(now), num(now + lease), worker_id, int(limit), ttl_ms, expire_at], now
+        return keys, [num(lease), worker_id, int(limit), num(self.result_ttl)]
 
-    def _claimed(self, route: str, reply: Any, now: float) -> list[JobRecord]:
-        """Decode _CLAIM's reply; quarantine what does not decode."""
-        k = self.keys
-        hashes, next_due, foreign = reply
-        self._next_due[route] = float(next_due) if next_due else math.inf
+    def _claimed(self, route: str, reply: Any) -> list[JobRecord]:
+        """Decode claim's reply; quarantine what does not decode."""
+        hashes, next_due, foreign, now = reply
+        # When the next record falls due, as a local monotonic time: the store's
+        # clock and ours need not agree, but both count seconds alike.
+        self._next_due[route] = (time.monotonic() + float(next_due) - float(now)) if next_due else math.inf
         for key in foreign:
             log.warning("queue %s route %s: skipped %s, which is not a SkunkQueue record",
                         self.queue, route, key.decode(errors="replace"))
@@ -238,16 +243,18 @@ class RedisPersistence(Persistence):
                 claimed.append(decode_record(fields, job_id))
             except MalformedRecord as exc:
                 log.error("queue %s: quarantined record %s: %s", self.queue, job_id, exc)
-                ttl_ms, expire_at = self._expiry(now)
-                self._script("quarantine", [k.job(job_id), k.lease, k.index],
-                             [job_id, str(exc), num(now), ttl_ms, expire_at])
+                self._quarantine(job_id, str(exc))
         return claimed
+
+    def _quarantine(self, job_id: str, why: str) -> None:
+        k = self.keys
+        self._script("quarantine", [k.job(job_id), k.lease, k.index], [job_id, why, num(self.result_ttl)])
 
     @guarded
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
         if not leases:
             return {}
-        args: list[Any] = [num(time.time() + lease)]
+        args: list[Any] = [num(lease)]
         for job_id, token in leases:
             args += [job_id, int(token)]
         statuses = self._script("renew", [self.keys.lease], args)
@@ -263,32 +270,27 @@ class RedisPersistence(Persistence):
     def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
                          lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
         finish_keys, finish_args = self._finish_call(job_id, token, outcome, RUNNING)
-        claim_keys, claim_args, now = self._claim_call(route, worker_id, lease, limit)
+        claim_keys, claim_args = self._claim_call(route, worker_id, lease, limit)
         applied, reply = self._script("finish_and_claim", finish_keys + claim_keys,
                                       [len(finish_args), *finish_args, *claim_args])
-        return bool(applied), self._claimed(route, reply, now)
+        return bool(applied), self._claimed(route, reply)
 
     def _finish_call(self, job_id: str, token: int, outcome: Outcome,
                      expect: str) -> tuple[list[str], list[Any]]:
         k = self.keys
-        now = time.time()
-        finished = outcome.finished if outcome.finished is not None else now
-        ttl_ms, expire_at = self._expiry(finished)
         error = json.dumps(outcome.error) if outcome.error is not None else None
         attempts = str(outcome.attempts) if outcome.attempts is not None else None
+        due = num(outcome.due) if outcome.due is not None else None
+        finished = num(outcome.finished) if outcome.finished is not None else None
         return [k.job(job_id), k.lease, k.index], [
-            job_id, int(token), expect, num(now), ttl_ms, expire_at, outcome.state,
-            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result),
-            num(outcome.due if outcome.due is not None else now), num(finished)]
+            job_id, int(token), expect, num(time.time()), num(self.result_ttl), outcome.state,
+            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished)]
 
     @guarded
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        # ``now`` is the caller's clock; the store's decides when a lease ran out.
         k = self.keys
-        pipe = self._pipeline()
-        # Expired records' index entries go here: this runs about once a second per worker.
-        pipe.zremrangebyscore(k.index, "-inf", f"({num(now)}")
-        pipe.zrangebyscore(k.lease, "-inf", f"({num(now)}", start=0, num=int(limit))
-        _, ids = pipe.execute()
+        ids, _ = self._script("expired", [k.lease, k.index], [int(limit)])
         if not ids:
             return []
         pipe = self._pipeline()
@@ -303,9 +305,7 @@ class RedisPersistence(Persistence):
             try:
                 record = decode_record(flat, job_id)
             except MalformedRecord as exc:
-                ttl_ms, expire_at = self._expiry(now)
-                self._script("quarantine", [k.job(job_id), k.lease, k.index],
-                             [job_id, str(exc), num(now), ttl_ms, expire_at])
+                self._quarantine(job_id, str(exc))
                 continue
             if record.state == RUNNING:
                 records.append(record)
@@ -325,7 +325,7 @@ class RedisPersistence(Persistence):
 
     @guarded
     def heartbeat(self, worker_id: str, state: str) -> bool:
-        return bool(self._script("heartbeat", [self.keys.worker(worker_id)], [state, num(time.time())]))
+        return bool(self._script("heartbeat", [self.keys.worker(worker_id)], [state]))
 
     @guarded
     def unregister_worker(self, worker_id: str) -> None:
@@ -362,9 +362,8 @@ class RedisPersistence(Persistence):
     @guarded
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
         # The last claim told us when the next known record becomes due: wake then at the latest.
-        now = time.time()
         soonest = min((self._next_due.get(r, math.inf) for r in routes), default=math.inf)
-        timeout = min(timeout, soonest - now, MAX_BLOCK)
+        timeout = min(timeout, soonest - time.monotonic(), MAX_BLOCK)
         if timeout < 0.001:
             return
         keys = [key for r in routes for key in (self.keys.notify(r), self.keys.notify(r, worker_id))]

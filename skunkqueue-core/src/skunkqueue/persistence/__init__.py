@@ -190,6 +190,35 @@ class Persistence(ABC):
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker of this queue, live or not yet reaped."""
 
+    # -- optional: names, clock, durability (defaults fit a store without limits) --
+
+    @classmethod  # noqa: B027 - optional hook
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        """Refuse a queue or route name the store cannot hold, with ConfigurationError.
+
+        Called by :func:`skunkqueue.backends.open_backend` before connecting,
+        so a bad name fails when the queue is opened, not at the first write.
+        The default accepts every name; a backend must round-trip every name
+        it accepts exactly and keep different names apart.
+        """
+
+    def now(self) -> float:
+        """The store's clock (epoch seconds); the default is this host's.
+
+        Stores with a clock compare due times and leases with it, whatever
+        ``now`` a caller passes; housekeeping that compares a stored time
+        (e.g. a heartbeat's ``last_seen``) should use this one too.
+        """
+        return time.time()
+
+    def durability_warnings(self) -> list[str]:
+        """Reasons why acknowledged writes might not survive a store restart.
+
+        One line each, for workers to log at start; empty when the store keeps
+        a durable copy (or cannot tell).
+        """
+        return []
+
     # -- waiting (override where the store can notify) -------------------------
 
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:

@@ -22,6 +22,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "purge": (),
     "quarantine": (),
     "heartbeat": (),
+    "expired": (),
+    "now": (),
 }
 # A file whose function is not named like the file (it would shadow common.lua's quarantine()).
 ENTRY = {"quarantine": "quarantine_record"}

@@ -1,11 +1,11 @@
--- claim: take up to `limit` due records of a route, in (due, id) order.
+-- claim: take up to `limit` records of a route that are due by the store's clock, in (due, id) order.
 -- KEYS: 1 route zset, 2 (route, worker) zset, 3 route notify list, 4 (route, worker) notify list
--- ARGV: 1 now, 2 lease_until, 3 worker id, 4 limit, 5 ttl_ms, 6 expire_at (for quarantined records)
--- Returns {claimed records (each packed), next due score or '', foreign keys skipped}.
+-- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records)
+-- Returns {claimed records (each packed), next due score or '', foreign keys skipped, the store's now}.
 local function claim(KEYS, ARGV)
-  local now, until_, worker = ARGV[1], ARGV[2], ARGV[3]
-  local limit, ttl_ms, expire_at = tonumber(ARGV[4]), ARGV[5], ARGV[6]
-  local nownum = tonumber(now)
+  local lease, worker, limit, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+  local nownum = clock()
+  local now, until_ = fmt(nownum), fmt(nownum + lease)
   local out, foreign = {}, {}
   for _ = 1, CLAIM_ROUNDS do
     local want = limit - #out
@@ -40,9 +40,9 @@ local function claim(KEYS, ARGV)
           redis.call('ZADD', LEASE, until_, id)
           out[#out + 1] = pack(redis.call('HGETALL', key))
         elseif f[1] == 'pending' then
-          quarantine(id, 'token or attempts is not a number', now, ttl_ms, expire_at)
+          quarantine(id, 'token or attempts is not a number', nownum, ttl)
         elseif f[1] ~= 'running' and f[1] ~= 'complete' and f[1] ~= 'error' and f[1] ~= 'killed' then
-          quarantine(id, 'unknown state ' .. tostring(f[1]), now, ttl_ms, expire_at)
+          quarantine(id, 'unknown state ' .. tostring(f[1]), nownum, ttl)
         end
         -- a known non-pending state is a stale index entry: dropping it was all there was to do
       elseif kind ~= 'none' then
@@ -59,5 +59,5 @@ local function claim(KEYS, ARGV)
     -- Nothing is claimable now, so any wake-up tokens left are stale.
     redis.call('DEL', KEYS[3], KEYS[4])
   end
-  return {out, next_due, foreign}
+  return {out, next_due, foreign, now}
 end

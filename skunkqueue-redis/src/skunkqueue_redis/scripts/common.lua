@@ -4,14 +4,35 @@
 --   1 job prefix "sq:{Q}:j:"     2 due prefix "sq:{Q}:d:"    3 notify prefix "sq:{Q}:n:"
 --   4 targets prefix "sq:{Q}:t:" 5 done prefix "sq:{Q}:done:"
 --   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  (keys.py spells these names)
---   8 NOTIFY_CAP  9 DONE_TOKEN_MS  10 CLAIM_ROUNDS              (constants of persistence.py)
+--   8 NOTIFY_CAP  9 DONE_TOKEN_MS  10 CLAIM_ROUNDS  11 CLOCK_TOLERANCE (s)  (constants of persistence.py)
 -- The script's own arguments follow; args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
 local JOB, DUE, NOTIFY, TARGETS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local LEASE, INDEX = ARGV[6], ARGV[7]
 local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local COMMON_ARGS = 10
+local CLOCK_TOLERANCE = tonumber(ARGV[11])
+local COMMON_ARGS = 11
+
+-- The store's clock decides every time comparison, so hosts' clocks may differ.
+-- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- A time as stored in a hash or as a zset score (microseconds, like time.time()).
+local function fmt(t) return string.format('%.6f', t) end
+
+-- How far to move a time a client computed on its own clock (caller_now is its
+-- now) onto the store's: not at all while the clocks agree within
+-- CLOCK_TOLERANCE, so what a client wrote reads back exactly; beyond that the
+-- store keeps the client's delay, counted from its own now.
+local function shift(caller_now, now)
+  local d = now - tonumber(caller_now)
+  if math.abs(d) > CLOCK_TOLERANCE then return d end
+  return 0
+end
 
 local function args()
   local out = {}
@@ -51,13 +72,14 @@ local function wake(nkey, n)
   redis.call('LTRIM', nkey, -NOTIFY_CAP, -1)
 end
 
--- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one.
-local function quarantine(id, why, now, ttl_ms, expire_at)
+-- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one
+-- (ttl: the result TTL in seconds).
+local function quarantine(id, why, now, ttl)
   local key = JOB .. id
-  redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', now,
+  redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', fmt(now),
     'error', cjson.encode({type = 'MalformedRecord', message = why, traceback = ''}))
   redis.call('HDEL', key, 'owner', 'lease_until')
   redis.call('ZREM', LEASE, id)
-  redis.call('PEXPIRE', key, ttl_ms)
-  redis.call('ZADD', INDEX, expire_at, id)
+  redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
+  redis.call('ZADD', INDEX, fmt(now + ttl), id)
 end

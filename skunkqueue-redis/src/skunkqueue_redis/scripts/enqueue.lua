@@ -1,9 +1,15 @@
 -- enqueue: store a batch of new records and wake their routes' idle workers.
 -- KEYS: 1 index zset, 2 lease zset (declared for the cluster; the names come from common.lua)
--- ARGV: 1 ttl_ms, 2 now, 3 records (each packed, then packed together)
+-- ARGV: 1 result ttl (s), 2 the caller's now, 3 records (each packed, then packed together)
+-- A caller whose clock is off by more than CLOCK_TOLERANCE has its records'
+-- times moved onto the store's clock (see shift()): a delay stays a delay.
 -- Returns 1.
+local TIMES = {due = true, created = true, started = true, finished = true, lease_until = true}
+
 local function enqueue(KEYS, ARGV)
-  local ttl_ms, now, blob = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+  local ttl, blob = tonumber(ARGV[1]), ARGV[3]
+  local now = clock()
+  local moved = shift(ARGV[2], now)
   local woken, seen, pos = {}, {}, 1
   while pos <= #blob do
     local rec, fields, f, p = nil, {}, {}, 1
@@ -12,6 +18,7 @@ local function enqueue(KEYS, ARGV)
       local name, value
       name, p = take(rec, p)
       value, p = take(rec, p)
+      if moved ~= 0 and TIMES[name] and tonumber(value) then value = fmt(tonumber(value) + moved) end
       f[name] = value
       fields[#fields + 1] = name
       fields[#fields + 1] = value
@@ -35,8 +42,8 @@ local function enqueue(KEYS, ARGV)
       redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
       redis.call('ZADD', INDEX, '+inf', id)
     else
-      redis.call('PEXPIRE', key, ttl_ms)
-      redis.call('ZADD', INDEX, (tonumber(f['finished'] or '') or now) + ttl_ms / 1000, id)
+      redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
+      redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + ttl), id)
     end
   end
   for nkey, n in pairs(woken) do wake(nkey, n) end

@@ -1,9 +1,9 @@
 -- renew: extend the leases a worker holds, one status per lease.
 -- KEYS: 1 lease zset
--- ARGV: 1 lease_until, then (id, token) pairs
+-- ARGV: 1 lease (s), then (id, token) pairs; the new lease_until is the store's now + lease
 -- Returns 'ok', 'kill' (extended, and a kill was requested) or 'lost' per pair.
 local function renew(KEYS, ARGV)
-  local until_ = ARGV[1]
+  local until_ = fmt(clock() + tonumber(ARGV[1]))
   local out = {}
   for i = 2, #ARGV, 2 do
     local id, token = ARGV[i], tonumber(ARGV[i + 1])
