@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -560,3 +562,66 @@ def test_a_killed_record_never_goes_back_to_pending(store: RedisPersistence, raw
     waited = store.wait_finished(job.id, 1)
     assert waited is not None and waited.state == KILLED
     assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
+
+
+# == what the server keeps across a restart ==========================================================
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ([], "keeps no durable copy"),
+    (["--save", "900 1"], "keeps only RDB snapshots"),
+    (["--appendonly", "yes", "--appendfsync", "no"], "appendfsync no"),
+    (["--appendonly", "yes", "--appendfsync", "everysec"], None),
+    (["--appendonly", "yes", "--appendfsync", "always"], None),
+])
+def test_durability_warnings_follow_the_server_config(start_redis: Callable[..., Any], queue_name: str,
+                                                      extra: list[str], needle: str | None) -> None:
+    server = start_redis(extra=extra)
+    with RedisPersistence(queue_name, url=f"127.0.0.1:{server.port}") as store:
+        warnings = store.durability_warnings()
+    if needle is None:
+        assert warnings == []
+    else:
+        [line] = warnings
+        assert needle in line and f"127.0.0.1:{server.port}" in line and "\n" not in line
+
+
+def test_durability_warnings_tolerate_an_acl_without_config(redis_server: Any, raw: redis.Redis,
+                                                            queue_name: str) -> None:
+    user = f"noconfig-{uuid.uuid4().hex[:6]}"
+    raw.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                    commands=["+@all", "-config"])
+    try:
+        with RedisPersistence(queue_name, url=f"redis://{user}:pw@127.0.0.1:{redis_server.port}/5") as store:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                store.client.config_get("appendonly")
+            assert store.durability_warnings() == []
+            store.enqueue([record(queue_name)])  # and the queue works under that ACL
+            assert len(store.claim("r", "w", 10)) == 1
+    finally:
+        raw.acl_deluser(user)
+
+
+def test_durability_warnings_on_a_cluster_read_the_queues_node(redis_cluster: Any, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=redis_cluster.url, db="0") as store:
+        [line] = store.durability_warnings()  # the test cluster runs without persistence
+        assert "keeps no durable copy" in line
+
+
+def test_an_unreachable_server_is_one_clear_line_on_the_command_line(free_port: int) -> None:
+    done = subprocess.run(["skunq", "status", "--backend", "redis", "--url", f"127.0.0.1:{free_port}", "-q", "x"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "Cannot reach Redis" in lines[0], lines
+    assert "reconnecting" not in done.stderr
+
+
+def test_reconnect_attempts_are_logged_at_info(free_port: int, queue_name: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="skunkqueue.redis")
+    with pytest.raises(BackendUnavailable):
+        RedisPersistence(queue_name, url=f"127.0.0.1:{free_port}", retries=2)
+    retries = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    assert retries and all(r.levelno == logging.INFO for r in retries)

@@ -117,7 +117,12 @@ def scrub(text: str, url: str | None) -> str:
 
 
 class _LoggingRetry(Retry):
-    """redis-py's retry with back-off that says when it is reconnecting."""
+    """redis-py's retry with back-off, noted at INFO.
+
+    Each attempt is logged quietly: when the retries run out the caller gets
+    one BackendUnavailable that says what failed, and a command line tool
+    prints only that.
+    """
 
     def __init__(self, where: str, retries: int) -> None:
         super().__init__(ExponentialBackoff(cap=1.0, base=0.1), retries)
@@ -126,8 +131,7 @@ class _LoggingRetry(Retry):
     def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any,
                         **kwargs: Any) -> Any:
         def logged(error: Exception, *rest: Any) -> Any:
-            log.warning("connection to Redis at %s failed (%s); reconnecting", self.where,
-                        type(error).__name__)
+            log.info("connection to Redis at %s failed (%s); reconnecting", self.where, type(error).__name__)
             return fail(error, *rest)
 
         return super().call_with_retry(do, logged, *args, **kwargs)

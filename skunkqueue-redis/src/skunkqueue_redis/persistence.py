@@ -94,6 +94,30 @@ class RedisPersistence(Persistence):
         self.client.ping()
 
     @guarded
+    def durability_warnings(self) -> list[str]:
+        """What CONFIG GET says about persistence on the queue's server (nothing if CONFIG is refused)."""
+        client: Any = self.client
+        if isinstance(client, RedisCluster):
+            client = client.get_node_from_key(self.keys.index).redis_connection
+        try:
+            config = {text(k): text(v) for k, v in client.config_get("*").items()
+                      if text(k) in ("appendonly", "appendfsync", "save")}
+        except ResponseError as exc:  # an ACL without +config, or a managed service that renamed it
+            log.debug("redis %s: cannot read CONFIG (%s); not checking persistence", self.where, exc)
+            return []
+        aof, fsync, save = config.get("appendonly", ""), config.get("appendfsync", ""), config.get("save", "")
+        if aof == "yes":
+            if fsync == "no":
+                return [f"Redis at {self.where} writes its append-only file with appendfsync no: the last "
+                        "seconds of acknowledged jobs may be lost if the host crashes (use everysec or always)."]
+            return []
+        if save.strip():
+            return [f"Redis at {self.where} keeps only RDB snapshots (save {save!r}, appendonly no): a restart "
+                    "loses every job enqueued or finished since the last snapshot. Set appendonly yes."]
+        return [f"Redis at {self.where} keeps no durable copy (appendonly no, save ''): a restart loses every "
+                "pending job. Set appendonly yes (appendfsync everysec or always)."]
+
+    @guarded
     def now(self) -> float:
         return float(self._script("now", [self.keys.index], []))
 
