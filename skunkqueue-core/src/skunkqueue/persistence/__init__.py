@@ -28,6 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
+from skunkqueue.errors import ConfigurationError
 from skunkqueue.record import JobRecord, Outcome, WorkerInfo
 
 # Finished records are kept this long (seconds) unless the queue says otherwise.
@@ -37,6 +38,22 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
 LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+
+def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
+    """ConfigurationError for a name that is not UTF-8 text or is over ``limit`` bytes in UTF-8.
+
+    For :meth:`Persistence.check_names` of stores that keep names in size-limited keys or documents.
+    """
+    for kind, name in (("queue", queue), *(("route", route) for route in routes)):
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"The {kind} name {name!r} is not valid Unicode text (a lone surrogate?); "
+                                     f"the {store} backend stores names as UTF-8.") from None
+        if size > limit:
+            raise ConfigurationError(f"The {kind} name is {size} bytes long in UTF-8; the {store} backend "
+                                     f"takes names up to {limit} bytes.")
 
 
 class Persistence(ABC):
@@ -268,4 +285,5 @@ __all__ = [
     "Outcome",
     "Persistence",
     "WorkerInfo",
+    "refuse_names_over",
 ]

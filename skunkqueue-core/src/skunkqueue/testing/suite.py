@@ -37,6 +37,7 @@ from skunkqueue.record import (
 )
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.workers import PoolProcess, pid_alive
 
 SHORT_LEASE = 1.5
@@ -65,7 +66,7 @@ def make_record(queue: str, route: str = "r", *, due: float | None = None, targe
                      due=now if due is None else due, created=now, target=target, retries=retries)
 
 
-class ConformanceSuite:
+class ConformanceSuite(NameSuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture
