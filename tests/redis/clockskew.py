@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +21,7 @@ import pytest
 from skunkqueue import housekeeping, policy
 from skunkqueue.persistence import LEASE_OK, Persistence
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, new_id
+from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, WorkerInfo, new_id
 from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.workers import PoolProcess
 
@@ -54,6 +54,12 @@ def skewed(backend: BackendUnderTest, seconds: float, folder: Path) -> BackendUn
     path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))
     env = {**backend.env, "PYTHONPATH": path, "SKUNQ_TEST_CLOCK_SKEW": repr(seconds)}
     return dataclasses.replace(backend, env=env)
+
+
+def _first_log_time(log: str) -> float:
+    """The time of the first line of a pool's log ("2026-11-28 08:53:40,223 INFO ...")."""
+    stamp = " ".join(log.split()[:2]).replace(",", ".")
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
 def _record(queue: str, due: float) -> JobRecord:
@@ -102,6 +108,16 @@ def check_protocol_uses_the_store_clock(store: Persistence, skew: float) -> None
         assert store.finish(claimed.id, claimed.token, policy.completed(b"1"))
         final = store.get(done.id)
         assert final is not None and final.finished is not None and abs(final.finished - store.now()) < 2
+        # A skewed worker's registration and heartbeats are on the store's clock, so it is not reaped.
+        # (explicit stamps: WorkerInfo's default_factory holds the unpatched time.time)
+        store.register_worker(WorkerInfo(id="skewed", queue=store.queue, route="r", host="h", pid=1,
+                                         started=time.time(), last_seen=time.time()))
+        [seen] = store.workers()
+        assert abs(seen.last_seen - store_now) < 5 and abs(seen.started - store_now) < 5
+        assert store.heartbeat("skewed", "busy")
+    assert housekeeping.reap_dead_workers(store) == []
+    [beat] = store.workers()
+    assert beat.state == "busy" and abs(beat.last_seen - store.now()) < 2
 
 
 # -- real worker processes whose clocks are off ---------------------------------------------
@@ -125,8 +141,9 @@ def check_skewed_worker_steals_no_live_lease(backend: BackendUnderTest, queue_na
         pools.append(PoolProcess(skewed(backend, skew, tmp_path / "skew"), queue_name, ["r"], lease=2.0,
                                  log_path=tmp_path / "skewed.log"))
         pools[1].wait_ready()
-        # The skewed pool is really skewed: its worker registered with its own clock.
-        assert any(abs(w.started - time.time() - skew) < 10 for w in queue.workers()), queue.workers()
+        # The skewed pool is really skewed: its log lines carry its own clock.
+        assert abs(_first_log_time(pools[1].log()) - time.time() - skew) < 10, pools[1].log()
+        assert len(queue.workers()) == 2, "a skewed worker is not reaped as dead"
         assert handle.wait(timeout=30) == "rested"
         record = queue.get(handle.id)
         assert record is not None and (record.state, record.attempts, record.token) == (COMPLETE, 1, 1)

@@ -494,6 +494,10 @@ class MongoPersistence(Persistence):
 
     def register_worker(self, info: WorkerInfo) -> None:
         doc = {**info.to_dict(), "_id": info.id, "queue": self.queue}
+        # Readers compare last_seen with the server's clock: a skewed worker's stamps are moved onto it.
+        moved = self._shift()
+        doc["started"] += moved
+        doc["last_seen"] += moved
         self._call("register worker", lambda: self.worker_docs.replace_one({"_id": info.id}, doc, upsert=True))
 
     def heartbeat(self, worker_id: str, state: str) -> bool:

@@ -339,13 +339,11 @@ class RedisPersistence(Persistence):
 
     @guarded
     def register_worker(self, info: WorkerInfo) -> None:
-        key = self.keys.worker(info.id)
-        pipe = self._pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping={name: str(value) if not isinstance(value, float) else num(value)
-                                for name, value in info.to_dict().items()})
-        pipe.sadd(self.keys.workers, info.id)
-        pipe.execute()
+        fields: list[str] = []
+        for name, value in info.to_dict().items():
+            fields += [name, num(value) if isinstance(value, float) else str(value)]
+        self._script("register", [self.keys.worker(info.id), self.keys.workers],
+                     [info.id, num(time.time()), *fields])
 
     @guarded
     def heartbeat(self, worker_id: str, state: str) -> bool:

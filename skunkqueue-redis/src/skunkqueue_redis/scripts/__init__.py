@@ -22,6 +22,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "purge": (),
     "quarantine": (),
     "heartbeat": (),
+    "register": (),
     "expired": (),
     "now": (),
 }
