@@ -70,7 +70,7 @@ class _Scripts:
 
 
 class RedisPersistence(Persistence):
-    """Redis and Redis Cluster. See the module docstring for the key layout."""
+    """Redis and Redis Cluster; the key layout is in keys.py."""
 
     name = "redis"
     notifies = True

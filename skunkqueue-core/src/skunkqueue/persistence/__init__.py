@@ -183,6 +183,10 @@ class Persistence(ABC):
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         """Running records whose ``lease_until`` is before ``now``.
 
+        A store with its own clock (:meth:`now`) compares with that instead and
+        ignores ``now``, so a host whose clock runs fast cannot take over leases
+        that are being renewed.
+
         The core hands them back out with :meth:`finish` (guarded by their
         token), so a concurrent renewal or a second recoverer is harmless.
         """
