@@ -625,3 +625,16 @@ def test_reconnect_attempts_are_logged_at_info(free_port: int, queue_name: str,
         RedisPersistence(queue_name, url=f"127.0.0.1:{free_port}", retries=2)
     retries = [r for r in caplog.records if "reconnecting" in r.getMessage()]
     assert retries and all(r.levelno == logging.INFO for r in retries)
+
+
+# == names Redis cannot hold =======================================================================
+
+
+@pytest.mark.parametrize(("name", "needle"), [("bad\udcffname", "not valid Unicode"),
+                                              ("x" * (1024 * 1024 + 1), "bytes long")])
+def test_names_redis_cannot_hold_are_refused_when_opened(url: str, name: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_backend(name, "redis", url=url, db="5")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=needle):
+        RedisPersistence.check_names("fine", [name])

@@ -28,7 +28,7 @@ from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
 from skunkqueue.errors import MalformedRecord
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
@@ -55,6 +55,9 @@ SCAN_BATCH = 1000
 # Seconds a client's clock may differ from the store's before the scripts move
 # the times it computed onto the store's clock (see scripts/common.lua shift()).
 CLOCK_TOLERANCE = 0.5
+# Longest queue or route name, in UTF-8 bytes: far below Redis' 512 MB, since
+# every key of the queue repeats its name.
+MAX_NAME_BYTES = 1024 * 1024
 
 
 class _Scripts:
@@ -92,6 +95,11 @@ class RedisPersistence(Persistence):
     @guarded
     def _ping(self) -> None:
         self.client.ping()
+
+    @classmethod
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        # Keys and fields hold names as UTF-8 (a lone surrogate cannot be sent).
+        refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
     @guarded
     def durability_warnings(self) -> list[str]:
