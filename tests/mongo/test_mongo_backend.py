@@ -18,10 +18,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from click.testing import CliRunner
+from pymongo import MongoClient
 from pymongo.collection import Collection
+from testsupport import load_helper
 
 import skunkqueue_mongo.persistence as mongo_persistence
-from skunkqueue import policy
+from skunkqueue import housekeeping, policy
+from skunkqueue.backends import open_backend
 from skunkqueue.cli import main as cli_main
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.queue import SkunkQueue
@@ -186,8 +189,7 @@ def test_claim_reads_one_index_entry_without_sorting(mongo: Any, opened: Any, qu
     # Broadcasts for another worker sit at the head of the route; they must not be scanned.
     store.enqueue([make_record(queue_name, due=now - 100, target="someone-else") for _ in range(300)])
     store.enqueue([make_record(queue_name, due=now - 50) for _ in range(700)])
-    query = {"queue": queue_name, "route": {"$in": ["r"]}, "state": PENDING,
-             "target": {"$in": [None, "w"]}, "due": {"$lte": now}}
+    query = store.claim_filter("r", "w")
     explained = store.jobs.database.command(
         "explain", {"find": "jobs", "filter": query, "sort": {"due": 1, "_id": 1}, "limit": 1},
         verbosity="executionStats")
@@ -301,7 +303,10 @@ def test_finish_applies_the_same_fields_as_outcome_apply_to(mongo_standalone: An
     store = opened(queue_name, mongo_standalone.url)
     store.enqueue([make_record(queue_name)])
     [claimed] = store.claim("r", "w", 10)
-    assert store.request_kill(claimed.id)
+    # A requested kill turns a pending outcome into killed (test_a_killed_record_never_goes_back_to_pending);
+    # the other outcomes clear the flag.
+    if outcome.state != PENDING:
+        assert store.request_kill(claimed.id)
     before = time.time()
     assert store.finish(claimed.id, claimed.token, outcome)
     got = store.get(claimed.id)
@@ -491,3 +496,116 @@ def test_restart_mid_run_loses_no_acknowledged_enqueue(make_mongo: Callable[...,
     # The same instance carries on, reconnected by pymongo.
     assert len(store.claim("r", "w", 10, limit=5)) == 5
     store.close()
+
+
+# == A kill request is never lost ===========================================================
+
+
+@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
+def test_a_killed_record_never_goes_back_to_pending(mongo_standalone: Any, opened: Any, queue_name: str,
+                                                    via: str) -> None:
+    store = opened(queue_name, mongo_standalone.url, result_ttl=300)
+    job, other = make_record(queue_name), make_record(queue_name)
+    store.enqueue([job])
+    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
+    assert store.request_kill(job.id)
+    error = {"type": "E", "message": "m", "traceback": ""}
+    if via == "finish":
+        assert store.finish(job.id, claimed.token, Outcome(PENDING, error=error, due=time.time(), attempts=0))
+    elif via == "finish_and_claim":
+        store.enqueue([other])
+        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()),
+                                                "r", "w", 10)
+        assert applied and [r.id for r in taken] == [other.id]
+    else:
+        time.sleep(0.4)
+        assert housekeeping.recover_expired_leases(store) == 1
+    final = store.get(job.id)
+    assert final is not None and final.state == KILLED, final
+    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
+    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested, final.attempts) == (
+        False, None, None, None, False, 1)
+    assert final.finished is not None and abs(final.finished - time.time()) < 5
+    expire_at = store.jobs.find_one({"_id": job.id})["expire_at"].replace(tzinfo=timezone.utc)
+    assert abs(expire_at.timestamp() - (final.finished + 300)) < 0.01
+    assert store.claim("r", "w2", 10) == []
+    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
+
+
+# == The server's clock ====================================================================
+
+clockskew = load_helper("redis", "clockskew.py")
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_protocol_times_come_from_the_server_clock(mongo: Any, opened: Any, queue_name: str, skew: float) -> None:
+    clockskew.check_protocol_uses_the_store_clock(opened(queue_name, mongo.url), skew)
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_steals_no_live_lease(mongo_replset: Any, queue_name: str, skew: float,
+                                              tmp_path: Path) -> None:
+    backend = BackendUnderTest(name="mongodb", url=mongo_replset.url, db=DB)
+    clockskew.check_skewed_worker_steals_no_live_lease(backend, queue_name, skew, tmp_path)
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_runs_a_delayed_job_on_time(mongo: Any, queue_name: str, skew: float,
+                                                    tmp_path: Path) -> None:
+    backend = BackendUnderTest(name="mongodb", url=mongo.url, db=DB)
+    clockskew.check_skewed_worker_runs_delayed_job_on_time(backend, queue_name, skew, tmp_path)
+
+
+# == A dropped database gets its indexes back ================================================
+
+
+def test_housekeeping_recreates_indexes_after_drop_database(mongo_standalone: Any, queue_name: str,
+                                                          tmp_path: Path) -> None:
+    db = f"drop_{uuid.uuid4().hex[:8]}"
+    backend = BackendUnderTest(name="mongodb", url=mongo_standalone.url, db=db)
+    pool = PoolProcess(backend, queue_name, ["r"], log_path=tmp_path / "pool.log")
+    queue = SkunkQueue(queue_name, backend="mongodb", conn_url=mongo_standalone.url, dbname=db, result_ttl=1)
+    client = MongoClient(mongo_standalone.url)
+    try:
+        pool.wait_ready()
+        add = queue.event(routes=["r"])(jobs.add.func)
+        assert add.fire(1, 1).wait(timeout=20) == 2
+        assert {"claim", "lease", "expire"} <= set(client[db]["jobs"].index_information())
+        client.drop_database(db)
+        assert set(client[db]["jobs"].index_information()) <= {"_id_"}
+        # Jobs keep flowing, and the worker's housekeeping puts the indexes back.
+        handles = [add.fire(i, 1) for i in range(5)]
+        assert [h.wait(timeout=20) for h in handles] == [i + 1 for i in range(5)]
+        wait_until(lambda: {"claim", "lease", "expire"} <= set(client[db]["jobs"].index_information())
+                   and "queue" in client[db]["workers"].index_information(),
+                   timeout=mongo_persistence.INDEX_CHECK_EVERY + 10, what="the indexes to be re-created")
+        assert client[db]["jobs"].index_information()["expire"]["expireAfterSeconds"] == 0
+        assert "were missing; re-creating them" in pool.log()
+    finally:
+        client.close()
+        queue.close()
+        pool.stop()
+
+
+# == Names ==================================================================================
+
+
+@pytest.mark.parametrize(("name", "needle"), [
+    ("x" * (mongo_persistence.MAX_NAME_BYTES + 1), "bytes long"),
+    ("bad\udcffname", "not valid Unicode"),
+])
+def test_names_mongodb_cannot_hold_are_refused_when_opened(mongo_standalone: Any, name: str,
+                                                           needle: str) -> None:
+    for queue, routes in ((name, []), ("fine", [name])):
+        with pytest.raises(ConfigurationError) as info:
+            MongoPersistence.check_names(queue, routes)
+        assert needle in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=needle):
+        open_backend(name, "mongodb", url=mongo_standalone.url, db=DB)
+    # A name at the limit is stored and read back.
+    longest = "é" * (mongo_persistence.MAX_NAME_BYTES // 2)
+    with MongoPersistence(longest, url=mongo_standalone.url, db=DB) as store:
+        record = make_record(longest, route=longest)
+        store.enqueue([record])
+        got = store.get(record.id)
+        assert got is not None and (got.queue, got.route) == (longest, longest)

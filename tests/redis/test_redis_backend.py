@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,13 +17,16 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
+from testsupport import load_helper
 
-from skunkqueue import policy
+from skunkqueue import housekeeping, policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, PENDING, RUNNING, JobRecord, WorkerInfo, new_id
-from skunkqueue_redis.persistence import RedisPersistence, escape, parse_conn_url
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo, new_id
+from skunkqueue.testing import BackendUnderTest
+from skunkqueue_redis.connection import parse_conn_url
+from skunkqueue_redis.persistence import RedisPersistence
 
 SECRET = "s3cr3t-Pa55:w@rd"
 QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
@@ -409,8 +414,13 @@ def test_every_waiter_wakes_when_a_job_finishes(store: RedisPersistence, url: st
 # == cluster layout =============================================================================
 
 
-def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_name: str) -> None:
-    store = RedisPersistence(f"{queue_name}:odd{{name}}", url=redis_cluster.url, db="0")
+@pytest.mark.parametrize("suffix", [":odd{name}", "}x", "{", "{}", "}{", "%7D"])
+def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_name: str, suffix: str) -> None:
+    # "}x" first, "{}" or "}{" alone used to leave an empty or cut-short hash tag.
+    store = RedisPersistence(suffix if suffix in ("}x", "{}") else f"{queue_name}{suffix}",
+                             url=redis_cluster.url, db="0")
+    store.purge("a:b")
+    store.purge("c")
     plain = record(store.queue, "a:b")
     broadcast = record(store.queue, "a:b", target="w%1")
     store.enqueue([plain, broadcast, record(store.queue, "c", due=time.time() + 60)])
@@ -422,7 +432,7 @@ def test_every_key_of_a_queue_is_in_one_cluster_slot(redis_cluster: Any, queue_n
     node = redis_cluster.nodes[0]
     client = redis.RedisCluster(host="127.0.0.1", port=node.port)
     keys = [k for k in client.keys("sq:*", target_nodes=redis.RedisCluster.ALL_NODES)
-            if escape(store.queue).encode() in k]
+            if k.startswith(store.keys.base.encode())]
     slots = {client.cluster_keyslot(k) for k in keys}
     assert len(keys) >= 8 and len(slots) == 1, keys
     assert store.purge("a:b") == 1 and store.get(broadcast.id) is None
@@ -454,7 +464,7 @@ def test_acknowledged_enqueues_survive_a_server_crash_and_the_backend_reconnects
             acknowledged.extend(r.id for r in batch)
 
     producer = threading.Thread(target=produce)
-    caplog.set_level(logging.WARNING, logger="skunkqueue.redis")
+    caplog.set_level(logging.INFO, logger="skunkqueue.redis")  # reconnect attempts are noted at INFO
     producer.start()
     try:
         while len(acknowledged) < 500:
@@ -494,3 +504,137 @@ def test_a_never_claimed_record_can_be_killed(store: RedisPersistence, queue_nam
     assert store.finish(job.id, 0, policy.killed("before it ran"), expect=PENDING)
     killed = store.get(job.id)
     assert killed is not None and (killed.state, killed.token) == ("killed", 0)
+
+
+# == the store's clock ==========================================================================
+
+clockskew = load_helper("redis", "clockskew.py")
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_protocol_times_come_from_the_store_clock(store: RedisPersistence, skew: float) -> None:
+    clockskew.check_protocol_uses_the_store_clock(store, skew)
+
+
+def _kit_backend(url: str) -> BackendUnderTest:
+    return BackendUnderTest(name="redis", url=url, db="5")
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_steals_no_live_lease(url: str, queue_name: str, skew: float, tmp_path: Path) -> None:
+    clockskew.check_skewed_worker_steals_no_live_lease(_kit_backend(url), queue_name, skew, tmp_path)
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_runs_a_delayed_job_on_time(url: str, queue_name: str, skew: float,
+                                                    tmp_path: Path) -> None:
+    clockskew.check_skewed_worker_runs_delayed_job_on_time(_kit_backend(url), queue_name, skew, tmp_path)
+
+
+# == a kill request is never lost ===================================================================
+
+
+@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
+def test_a_killed_record_never_goes_back_to_pending(store: RedisPersistence, raw: redis.Redis, queue_name: str,
+                                                    via: str) -> None:
+    job, other = record(queue_name), record(queue_name)
+    store.enqueue([job])
+    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
+    assert store.request_kill(job.id)
+    if via == "finish":
+        assert store.finish(job.id, claimed.token, Outcome(PENDING, error={"type": "E", "message": "m",
+                                                                             "traceback": ""}, due=time.time()))
+    elif via == "finish_and_claim":
+        store.enqueue([other])
+        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()), "r", "w", 10)
+        assert applied and [r.id for r in taken] == [other.id]
+    else:
+        time.sleep(0.4)
+        assert housekeeping.recover_expired_leases(store) == 1
+    final = store.get(job.id)
+    assert final is not None and final.state == KILLED, final
+    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
+    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested) == (
+        False, None, None, None, False)
+    assert final.finished is not None and abs(final.finished - time.time()) < 5
+    assert 0 < raw.pttl(store.keys.job(job.id)) <= store.result_ttl * 1000
+    assert store.claim("r", "w2", 10) == []
+    waited = store.wait_finished(job.id, 1)
+    assert waited is not None and waited.state == KILLED
+    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
+
+
+# == what the server keeps across a restart ==========================================================
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ([], "keeps no durable copy"),
+    (["--save", "900 1"], "keeps only RDB snapshots"),
+    (["--appendonly", "yes", "--appendfsync", "no"], "appendfsync no"),
+    (["--appendonly", "yes", "--appendfsync", "everysec"], None),
+    (["--appendonly", "yes", "--appendfsync", "always"], None),
+])
+def test_durability_warnings_follow_the_server_config(start_redis: Callable[..., Any], queue_name: str,
+                                                      extra: list[str], needle: str | None) -> None:
+    server = start_redis(extra=extra)
+    with RedisPersistence(queue_name, url=f"127.0.0.1:{server.port}") as store:
+        warnings = store.durability_warnings()
+    if needle is None:
+        assert warnings == []
+    else:
+        [line] = warnings
+        assert needle in line and f"127.0.0.1:{server.port}" in line and "\n" not in line
+
+
+def test_durability_warnings_tolerate_an_acl_without_config(redis_server: Any, raw: redis.Redis,
+                                                            queue_name: str) -> None:
+    user = f"noconfig-{uuid.uuid4().hex[:6]}"
+    raw.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                    commands=["+@all", "-config"])
+    try:
+        with RedisPersistence(queue_name, url=f"redis://{user}:pw@127.0.0.1:{redis_server.port}/5") as store:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                store.client.config_get("appendonly")
+            assert store.durability_warnings() == []
+            store.enqueue([record(queue_name)])  # and the queue works under that ACL
+            assert len(store.claim("r", "w", 10)) == 1
+    finally:
+        raw.acl_deluser(user)
+
+
+def test_durability_warnings_on_a_cluster_read_the_queues_node(redis_cluster: Any, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=redis_cluster.url, db="0") as store:
+        [line] = store.durability_warnings()  # the test cluster runs without persistence
+        assert "keeps no durable copy" in line
+
+
+def test_an_unreachable_server_is_one_clear_line_on_the_command_line(free_port: int) -> None:
+    done = subprocess.run(["skunq", "status", "--backend", "redis", "--url", f"127.0.0.1:{free_port}", "-q", "x"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "Cannot reach Redis" in lines[0], lines
+    assert "reconnecting" not in done.stderr
+
+
+def test_reconnect_attempts_are_logged_at_info(free_port: int, queue_name: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="skunkqueue.redis")
+    with pytest.raises(BackendUnavailable):
+        RedisPersistence(queue_name, url=f"127.0.0.1:{free_port}", retries=2)
+    retries = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    assert retries and all(r.levelno == logging.INFO for r in retries)
+
+
+# == names Redis cannot hold =======================================================================
+
+
+@pytest.mark.parametrize(("name", "needle"), [("bad\udcffname", "not valid Unicode"),
+                                              ("x" * (1024 * 1024 + 1), "bytes long")])
+def test_names_redis_cannot_hold_are_refused_when_opened(url: str, name: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_backend(name, "redis", url=url, db="5")
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=needle):
+        RedisPersistence.check_names("fine", [name])

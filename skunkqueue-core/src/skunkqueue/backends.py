@@ -82,4 +82,5 @@ def open_backend(queue: str, backend: str | None = None, *, url: str | None = No
     if not queue or not isinstance(queue, str):
         raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
     cls = load(backend or DEFAULT_BACKEND)
+    cls.check_names(queue)
     return cls(queue, url=url, db=db, **options)

@@ -29,7 +29,7 @@ def recover_expired_leases(backend: Persistence, now: float | None = None) -> in
 
 def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str]:
     """Unregister workers that stopped sending heartbeats, and drop broadcasts meant for them."""
-    cutoff = time.time() - ttl
+    cutoff = backend.now() - ttl  # last_seen is on the store's clock where it has one
     reaped = []
     for worker in backend.workers():
         if worker.last_seen < cutoff:

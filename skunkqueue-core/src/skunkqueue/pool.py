@@ -286,6 +286,9 @@ class WorkerPool:
         """Start the workers and supervise them until a signal stops the pool."""
         self._install_signal_handlers()
         self.check_backend()
+        if self.store is not None:
+            for warning in self._store_call("ask the store about durability", self.store.durability_warnings) or []:
+                log.warning("pool: %s", warning)
         self._start_scheduler()
         for child in self.children:
             child.start()

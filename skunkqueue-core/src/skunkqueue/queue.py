@@ -49,6 +49,7 @@ class SkunkQueue:
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
         self._backend_class = load(backend or "sqlite")
+        self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
     @property
     def persistence(self) -> Persistence:
@@ -83,6 +84,9 @@ class SkunkQueue:
     def event(self, routes: Sequence[str], *, retries: int = 0, retry_backoff: float = 1.0,
               timeout: float | None = None) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: make a function a Job that workers on ``routes`` run."""
+        if not isinstance(routes, str):
+            self._backend_class.check_names(self.name, list(routes or []))
+
         def decorate(func: Callable[..., Any]) -> Job:
             return Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout)
         return decorate

@@ -36,7 +36,7 @@ import fdb
 import fdb.tuple
 
 from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, FINISHED_STATES, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 
 API_VERSION = 710
@@ -49,6 +49,7 @@ TRANSACTION_BUDGET = 9_000_000
 DEFAULT_TIMEOUT_MS = 10_000
 # Finished records deleted per housekeeping call: keeps that transaction small.
 EXPIRE_BATCH = 100
+MAX_NAME_BYTES = 2048  # per name: a due key holds the queue, route and target (10 kB key limit)
 _COUNTER_ONE = (1).to_bytes(8, "little", signed=True)
 _COUNTER_MINUS_ONE = (-1).to_bytes(8, "little", signed=True)
 _SIZE_ERRORS = {2101, 2102, 2103}  # transaction_too_large, key_too_large, value_too_large
@@ -147,6 +148,11 @@ class FDBPersistence(Persistence):
     # Payloads are split into chunks; 1 MB keeps a batch of them well inside a transaction.
     max_payload = 1_000_000
     notifies = True
+
+    @classmethod
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        # Keys hold the queue, route and target names, and FoundationDB keys stop at 10,000 bytes.
+        refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:

@@ -25,6 +25,20 @@ On a replica set or sharded cluster idle workers wait on a change stream
 standalone server has none, so :meth:`wait_for_work` polls one indexed query
 with a back-off there.
 
+The server's clock decides: claims, renewals, finishes, quarantines and
+heartbeats are aggregation-pipeline updates that read ``$$NOW``, and the
+claim and expired-lease queries compare with it in ``$expr``, so hosts' clocks
+need not agree. (An index range bounded by an estimate of the server's clock,
+kept from ``hello``'s ``localTime`` and this host's monotonic clock, keeps
+those queries to a few index entries.) Times a client computes (a record's
+``due``, a retry's ``due``) are kept as written while the client's clock is
+within ``CLOCK_TOLERANCE`` of the server's; beyond that they are moved onto
+the server's clock, keeping the delay the client meant.
+
+Housekeeping (:meth:`expired_leases`) checks every ``INDEX_CHECK_EVERY``
+seconds that the indexes still exist and re-creates them, so a dropped
+database (or collection) regains its TTL and claim indexes under live workers.
+
 Durability is the URI's write concern (replica sets default to majority).
 Without a transaction, an enqueue of several records that fails part-way may
 have stored some of them; it raises either way.
@@ -58,8 +72,8 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
-from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
 
 log = logging.getLogger("skunkqueue.mongodb")
@@ -71,7 +85,8 @@ DEFAULT_DB = "skunkqueue"
 TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
 MAX_POLL = 0.05          # longest pause between polls of a standalone server, seconds
 DUPLICATE_KEY = 11000
-TYPE_MISMATCH = 14       # e.g. $inc on a token that is not a number
+# $inc or $add on a token that is not a number
+TYPE_MISMATCH = {14, 16554}
 ACCESS_DENIED = {13, 18}  # Unauthorized, AuthenticationFailed
 # ShutdownInProgress, InterruptedAtShutdown, InterruptedDueToReplStateChange,
 # NotWritablePrimary, NotPrimaryNoSecondaryOk, PrimarySteppedDown
@@ -91,6 +106,21 @@ WORKER_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "queue": ([("queue", ASCENDING)], {}),
 }
 _indexed: set[tuple[str, str]] = set()
+# Seconds between housekeeping's checks that the indexes still exist.
+INDEX_CHECK_EVERY = 5.0
+# Seconds a client's clock may differ from the server's before times it
+# computed are moved onto the server's clock.
+CLOCK_TOLERANCE = 0.5
+# How often the estimate of the server's clock is renewed, and how far past it
+# an index range reaches (the exact comparison is the $expr with $$NOW).
+CLOCK_SYNC_EVERY = 30.0
+CLOCK_SLACK = 0.25
+# A name is stored in every record; max_payload leaves about 1 MiB of the
+# 16 MiB document for everything else.
+MAX_NAME_BYTES = 64 * 1024
+# The server's clock in epoch seconds (ms resolution), inside pipelines and $expr.
+NOW = {"$divide": [{"$toLong": "$$NOW"}, 1000]}
+KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
 _indexed_lock = threading.Lock()
 
 _PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^:@/]*:(?P<password>[^@/]*)@", re.I)
@@ -100,6 +130,16 @@ T = TypeVar("T")
 
 def _date(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+def _lit(value: Any) -> dict[str, Any]:
+    """A constant inside a pipeline: a string starting with '$' would otherwise be a field path."""
+    return {"$literal": value}
+
+
+def _expire_at(finished: Any, ttl: float) -> dict[str, Any]:
+    """The date a record finished at ``finished`` (seconds, maybe an expression) expires."""
+    return {"$toDate": {"$multiply": [{"$add": [finished, ttl]}, 1000]}}
 
 
 def _not_expired(now: float) -> dict[str, Any]:
@@ -149,6 +189,8 @@ class MongoPersistence(Persistence):
             database = self.client[db] if db else self.client.get_default_database(DEFAULT_DB)
         except (MongoConfigurationError, ValueError, TypeError) as exc:
             raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
+        self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
+        self._indexes_checked = time.monotonic()
         self.jobs: Collection[dict[str, Any]] = database["jobs"]
         self.worker_docs: Collection[dict[str, Any]] = database["workers"]
         try:
@@ -156,9 +198,35 @@ class MongoPersistence(Persistence):
             # Change streams need an oplog: replica sets and sharded clusters have one.
             self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
             self._ensure_indexes()
+            self.now()
         except BaseException:
             self.client.close()
             raise
+
+    @classmethod
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
+
+    def now(self) -> float:
+        """An estimate of the server's clock, renewed every CLOCK_SYNC_EVERY seconds.
+
+        Only index ranges and waits use it: decisions compare with ``$$NOW``.
+        """
+        clock = self._clock
+        if clock is None or time.monotonic() - clock[1] > CLOCK_SYNC_EVERY:
+            sent = time.monotonic()
+            hello = self._call("clock", lambda: self.client.admin.command("hello"))
+            received = time.monotonic()
+            server = hello["localTime"]
+            if server.tzinfo is None:
+                server = server.replace(tzinfo=timezone.utc)
+            clock = self._clock = (server.timestamp(), (sent + received) / 2)
+        return clock[0] + time.monotonic() - clock[1]
+
+    def _shift(self) -> float:
+        """How far to move times this host computed onto the server's clock (0 while they agree)."""
+        moved = self.now() - time.time()
+        return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -208,10 +276,24 @@ class MongoPersistence(Persistence):
                 raise
         raise AssertionError("unreachable")
 
-    def _ensure_indexes(self) -> None:
+    def _check_indexes(self) -> None:
+        """Re-create indexes someone dropped (a dropDatabase under live workers): housekeeping's part."""
+        if time.monotonic() - self._indexes_checked < INDEX_CHECK_EVERY:
+            return
+        self._indexes_checked = time.monotonic()
+        for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
+            present = set(self._call("list indexes", collection.index_information))
+            missing = sorted(set(indexes) - present)
+            if missing:
+                log.warning("mongodb %s: indexes %s of %s.%s were missing; re-creating them", self.address,
+                            ", ".join(missing), collection.database.name, collection.name)
+                self._ensure_indexes(force=True)
+                return
+
+    def _ensure_indexes(self, force: bool = False) -> None:
         key = (self.conn_url, self.jobs.database.name)
         with _indexed_lock:
-            if key in _indexed:
+            if key in _indexed and not force:
                 return
             for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
                 for index_name, (keys, index_options) in indexes.items():
@@ -226,12 +308,11 @@ class MongoPersistence(Persistence):
 
     def _quarantine(self, job_id: Any, why: str, only_if: Mapping[str, Any] | None = None) -> None:
         # Keep the damaged document for inspection but take it out of every route.
-        now = time.time()
         error = {"type": "MalformedRecord", "message": why, "traceback": ""}
         self._call("quarantine", lambda: self.jobs.update_one(
             {"_id": job_id, **(only_if or {})},
-            {"$set": {"state": ERROR, "dead": True, "error": error, "owner": None, "lease_until": None,
-                      "finished": now, "expire_at": _date(now + self.result_ttl)}}))
+            [{"$set": {"state": ERROR, "dead": True, "error": _lit(error), "owner": None, "lease_until": None,
+                       "finished": NOW, "expire_at": _expire_at(NOW, self.result_ttl)}}]))
         log.warning("mongodb: quarantined record %r of queue %s: %s", job_id, self.queue, why)
 
     # -- producers -----------------------------------------------------------------
@@ -240,6 +321,12 @@ class MongoPersistence(Persistence):
         if not records:
             return
         docs = [_to_doc(record) for record in records]
+        moved = self._shift()
+        if moved:
+            for doc in docs:
+                for name in ("due", "created", "started", "finished", "lease_until"):
+                    if isinstance(doc.get(name), (int, float)):
+                        doc[name] += moved
         attempts = 0
 
         def insert() -> None:
@@ -266,12 +353,12 @@ class MongoPersistence(Persistence):
 
     def get(self, job_id: str) -> JobRecord | None:
         doc = self._call("get", lambda: self.jobs.find_one(
-            {"_id": job_id, "queue": self.queue, **_not_expired(time.time())}))
+            {"_id": job_id, "queue": self.queue, **_not_expired(self.now())}))
         return None if doc is None else _to_record(doc)
 
     def list_jobs(self, *, route: str | None = None, state: str | None = None,
                   dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
-        query: dict[str, Any] = {"queue": self.queue, **_not_expired(time.time())}
+        query: dict[str, Any] = {"queue": self.queue, **_not_expired(self.now())}
         if route is not None:
             query["route"] = route
         if state is not None:
@@ -294,7 +381,7 @@ class MongoPersistence(Persistence):
         return self._call("list jobs", read)
 
     def counts(self) -> dict[tuple[str, str], int]:
-        pipeline = [{"$match": {"queue": self.queue, **_not_expired(time.time())}},
+        pipeline = [{"$match": {"queue": self.queue, **_not_expired(self.now())}},
                     {"$group": {"_id": {"route": "$route", "state": "$state"}, "n": {"$sum": 1}}}]
         rows = self._call("counts", lambda: list(self.jobs.aggregate(pipeline)))
         return {(str(row["_id"].get("route")), str(row["_id"].get("state"))): int(row["n"]) for row in rows}
@@ -314,19 +401,19 @@ class MongoPersistence(Persistence):
     # -- workers -------------------------------------------------------------------
 
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
-        now = time.time()
-        query = {**self._claimable([route], worker_id), "due": {"$lte": now}}
+        query = self.claim_filter(route, worker_id)
         order = [("due", ASCENDING), ("_id", ASCENDING)]
-        update = {"$set": {"state": RUNNING, "owner": worker_id, "lease_until": now + lease, "started": now,
-                           "kill_requested": False},
-                  "$inc": {"token": 1, "attempts": 1}}
+        update = [{"$set": {"state": RUNNING, "owner": _lit(worker_id), "lease_until": {"$add": [NOW, lease]},
+                            "started": NOW, "kill_requested": False,
+                            "token": {"$add": [{"$ifNull": ["$token", 0]}, 1]},
+                            "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}}]
         claimed: list[JobRecord] = []
         while len(claimed) < limit:
             try:
                 doc = self._call("claim", lambda: self.jobs.find_one_and_update(
                     query, update, sort=order, return_document=ReturnDocument.AFTER), idempotent=False)
             except OperationFailure as exc:
-                if exc.code != TYPE_MISMATCH:
+                if exc.code not in TYPE_MISMATCH:
                     raise
                 # A foreign document whose counters are not numbers refuses $inc
                 # and would block the head of the route: quarantine it and go on.
@@ -344,14 +431,18 @@ class MongoPersistence(Persistence):
                 self._quarantine(doc["_id"], str(exc))
         return claimed
 
+    def claim_filter(self, route: str, worker_id: str) -> dict[str, Any]:
+        """Due by the server's clock; the estimate only bounds the index range."""
+        return {**self._claimable([route], worker_id), "due": {"$lte": self.now() + CLOCK_SLACK},
+                "$expr": {"$lte": ["$due", NOW]}}
+
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
-        until = time.time() + lease
         statuses: dict[str, str] = {}
         for job_id, token in leases:
             doc = self._call("renew", partial(
                 self.jobs.find_one_and_update,
                 {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id},
-                {"$set": {"lease_until": until}}, projection={"kill_requested": 1}))
+                [{"$set": {"lease_until": {"$add": [NOW, lease]}}}], projection={"kill_requested": 1}))
             if doc is None:
                 statuses[job_id] = LEASE_LOST
             else:
@@ -359,28 +450,39 @@ class MongoPersistence(Persistence):
         return statuses
 
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
-        # The same field rules as Outcome.apply_to, as one update (tests compare the two).
-        now = time.time()
+        # Outcome.apply_to's field rules as one pipeline update (tests compare the two), with the
+        # server's clock for "now", and one more rule: a record whose kill was requested never
+        # goes back to pending; it ends killed instead.
+        moved = self._shift()
         fields: dict[str, Any] = {"state": outcome.state, "owner": None, "lease_until": None,
-                                  "kill_requested": False, "dead": outcome.dead, "error": outcome.error}
+                                  "kill_requested": False, "dead": outcome.dead, "error": _lit(outcome.error)}
         if outcome.attempts is not None:
             fields["attempts"] = outcome.attempts
         if outcome.state == PENDING:
-            fields.update(due=outcome.due if outcome.due is not None else now, result=None, finished=None)
-            update: dict[str, Any] = {"$set": fields, "$unset": {"expire_at": ""}}
+            fields.update(due=NOW if outcome.due is None else outcome.due + moved, result=None, finished=None,
+                          expire_at="$$REMOVE")
+            killed = {"state": KILLED, "dead": False, "error": _lit(KILLED_BY_REQUEST), "attempts": "$attempts",
+                      "due": "$due", "finished": NOW, "expire_at": _expire_at(NOW, self.result_ttl)}
+            asked = {"$eq": ["$kill_requested", True]}
+            for name, value in killed.items():
+                fields[name] = {"$cond": [asked, value, fields.get(name, "$" + name)]}
         else:
-            finished = outcome.finished if outcome.finished is not None else now
-            fields.update(result=outcome.result, finished=finished, expire_at=_date(finished + self.result_ttl))
-            update = {"$set": fields}
+            finished = NOW if outcome.finished is None else outcome.finished + moved
+            fields.update(result=_lit(outcome.result), finished=finished,
+                          expire_at=_expire_at(finished, self.result_ttl))
         fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
         try:
-            result = self._call("finish", lambda: self.jobs.update_one(fence, update), idempotent=False)
+            result = self._call("finish", lambda: self.jobs.update_one(fence, [{"$set": fields}]),
+                                idempotent=False)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
         return result.matched_count == 1
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
-        query = {"queue": self.queue, "state": RUNNING, "lease_until": {"$lt": now}}
+        # ``now`` is the caller's clock; the server's decides when a lease ran out.
+        self._check_indexes()
+        query = {"queue": self.queue, "state": RUNNING, "lease_until": {"$lt": self.now() + CLOCK_SLACK},
+                 "$expr": {"$lt": ["$lease_until", NOW]}}
         docs = self._call("expired leases", lambda: list(self.jobs.find(query, limit=limit)))
         records = []
         for doc in docs:
@@ -392,11 +494,15 @@ class MongoPersistence(Persistence):
 
     def register_worker(self, info: WorkerInfo) -> None:
         doc = {**info.to_dict(), "_id": info.id, "queue": self.queue}
+        # Readers compare last_seen with the server's clock: a skewed worker's stamps are moved onto it.
+        moved = self._shift()
+        doc["started"] += moved
+        doc["last_seen"] += moved
         self._call("register worker", lambda: self.worker_docs.replace_one({"_id": info.id}, doc, upsert=True))
 
     def heartbeat(self, worker_id: str, state: str) -> bool:
         result = self._call("heartbeat", lambda: self.worker_docs.update_one(
-            {"_id": worker_id, "queue": self.queue}, {"$set": {"state": state, "last_seen": time.time()}}))
+            {"_id": worker_id, "queue": self.queue}, [{"$set": {"state": _lit(state), "last_seen": NOW}}]))
         return result.matched_count == 1
 
     def unregister_worker(self, worker_id: str) -> None:
@@ -434,7 +540,7 @@ class MongoPersistence(Persistence):
         while True:
             due = self._next_due(routes, worker_id)
             left = deadline - time.monotonic()
-            until_due = None if due is None else due - time.time()
+            until_due = None if due is None else due - self.now()
             if left <= 0 or (until_due is not None and until_due <= 0):
                 return
             time.sleep(min(pause, left, until_due if until_due is not None else left))
@@ -451,7 +557,7 @@ class MongoPersistence(Persistence):
             due = self._next_due(routes, worker_id, session)
             read_at = session.operation_time
             if due is not None:
-                until_due = due - time.time()
+                until_due = due - self.now()
                 if until_due <= 0:
                     return
                 deadline = min(deadline, time.monotonic() + until_due)

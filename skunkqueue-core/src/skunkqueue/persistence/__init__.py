@@ -31,6 +31,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
+from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
 from skunkqueue.record import JobRecord, Outcome, WorkerInfo
 
@@ -43,6 +44,22 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
 LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+
+def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
+    """ConfigurationError for a name that is not UTF-8 text or is over ``limit`` bytes in UTF-8.
+
+    For :meth:`Persistence.check_names` of stores that keep names in size-limited keys or documents.
+    """
+    for kind, name in (("queue", queue), *(("route", route) for route in routes)):
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"The {kind} name {name!r} is not valid Unicode text (a lone surrogate?); "
+                                     f"the {store} backend stores names as UTF-8.") from None
+        if size > limit:
+            raise ConfigurationError(f"The {kind} name is {size} bytes long in UTF-8; the {store} backend "
+                                     f"takes names up to {limit} bytes.")
 
 
 class Persistence(ABC):
@@ -201,6 +218,10 @@ class Persistence(ABC):
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         """Running records whose ``lease_until`` is before ``now``.
 
+        A store with its own clock (:meth:`now`) compares with that instead and
+        ignores ``now``, so a host whose clock runs fast cannot take over leases
+        that are being renewed.
+
         The core hands them back out with :meth:`finish` (guarded by their
         token), so a concurrent renewal or a second recoverer is harmless.
         """
@@ -224,6 +245,35 @@ class Persistence(ABC):
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker of this queue, live or not yet reaped."""
+
+    # -- optional: names, clock, durability (defaults fit a store without limits) --
+
+    @classmethod  # noqa: B027 - optional hook
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        """Refuse a queue or route name the store cannot hold, with ConfigurationError.
+
+        Called by :func:`skunkqueue.backends.open_backend` before connecting,
+        so a bad name fails when the queue is opened, not at the first write.
+        The default accepts every name; a backend must round-trip every name
+        it accepts exactly and keep different names apart.
+        """
+
+    def now(self) -> float:
+        """The store's clock (epoch seconds); the default is this host's.
+
+        Stores with a clock compare due times and leases with it, whatever
+        ``now`` a caller passes; housekeeping that compares a stored time
+        (e.g. a heartbeat's ``last_seen``) should use this one too.
+        """
+        return time.time()
+
+    def durability_warnings(self) -> list[str]:
+        """Reasons why acknowledged writes might not survive a store restart.
+
+        One line each, for workers to log at start; empty when the store keeps
+        a durable copy (or cannot tell).
+        """
+        return []
 
     # -- settings: a little state of the core's own (e.g. periodic schedules) -----
 
@@ -336,4 +386,5 @@ __all__ = [
     "Outcome",
     "Persistence",
     "WorkerInfo",
+    "refuse_names_over",
 ]

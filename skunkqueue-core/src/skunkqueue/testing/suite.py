@@ -38,6 +38,7 @@ from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_async import AsyncSuite
 from skunkqueue.testing.suite_keys import KeysSuite
+from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
@@ -48,7 +49,7 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite):
+class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture

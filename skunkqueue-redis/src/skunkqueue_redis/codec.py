@@ -1,0 +1,127 @@
+"""Records to and from Redis hashes, and the packed strings the scripts exchange.
+
+Records travel to and from the scripts as one string of ``<length>:<bytes>``
+items: redis-py packs and parses each protocol element in Python, so one string
+per record (or per batch) costs a fraction of one element per field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Sequence
+
+from skunkqueue.errors import MalformedRecord
+from skunkqueue.record import JobRecord
+
+_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner")
+_BYTES = ("payload", "result")
+_FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished")
+_INT = ("attempts", "retries", "token")
+_BOOL = ("kill_requested", "dead")
+
+
+def _decode_value(name: str, raw: bytes) -> Any:
+    if name in _BYTES:
+        return raw
+    text = raw.decode()
+    if name in _FLOAT:
+        return float(text)
+    if name in _INT:
+        return int(text)
+    if name in _BOOL:
+        return text == "1"
+    if name == "error":
+        return json.loads(text)
+    return text
+
+
+_DECODERS: dict[bytes, str] = {
+    name.encode(): name for name in (*_STR, *_BYTES, *_FLOAT, *_INT, *_BOOL, "error")
+}
+
+
+def text(raw: Any) -> str:
+    """A key or member as text (the client returns bytes: decode_responses is off)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def decode_record(flat: dict[bytes, bytes] | Sequence[bytes], job_id: str = "?") -> JobRecord:
+    """A record from HGETALL's answer (a dict, or the flat list a script returns)."""
+    pairs: Iterable[tuple[bytes, bytes]]
+    if isinstance(flat, dict):
+        pairs = flat.items()
+    else:
+        pairs = zip(flat[::2], flat[1::2])
+    data: dict[str, Any] = {}
+    try:
+        for key, raw in pairs:
+            name = _DECODERS.get(key)
+            if name is not None:
+                data[name] = _decode_value(name, raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRecord(f"record {job_id!r} has an unreadable field: {exc}") from None
+    if data.get("error") is not None and not isinstance(data["error"], dict):
+        raise MalformedRecord(f"record {job_id!r}: error is not an object")
+    return JobRecord.from_dict(data)
+
+
+# Fields left out while they hold their zero value: a fresh record is then ten
+# fields, and the scripts read a missing token or attempts as 0.
+_OMIT_ZERO = {"token": 0, "attempts": 0, "retries": 0, "kill_requested": False, "dead": False}
+
+
+def encode_record(record: JobRecord) -> dict[str, bytes]:
+    """The record as hash fields; None (and a zero counter) is the absence of the field."""
+    out: dict[str, bytes] = {}
+    for name, value in vars(record).items():
+        if value is None or (name in _OMIT_ZERO and value == _OMIT_ZERO[name]):
+            continue
+        if name in _BYTES:
+            out[name] = bytes(value)
+        elif name in _FLOAT:
+            out[name] = repr(float(value)).encode()  # repr round-trips a float exactly
+        elif name in _BOOL:
+            out[name] = b"1" if value else b"0"
+        elif name == "error":
+            out[name] = json.dumps(value).encode()
+        else:
+            out[name] = str(value).encode()
+    return out
+
+
+def pack_items(items: Iterable[bytes]) -> bytes:
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
+
+
+_NAME_ITEMS = {name: b"%d:%s" % (len(name), name.encode()) for name in _DECODERS.values()}
+
+
+def pack_record(record: JobRecord) -> bytes:
+    """encode_record, packed as name/value items; on the enqueue hot path, hence unrolled."""
+    return b"".join(_NAME_ITEMS[name] + b"%d:%s" % (len(value), value)
+                    for name, value in encode_record(record).items())
+
+
+def unpack_fields(blob: bytes) -> dict[bytes, bytes]:
+    """Name/value pairs packed by pack_items (or by the scripts' pack())."""
+    out: dict[bytes, bytes] = {}
+    pos, end, find = 0, len(blob), blob.find
+    while pos < end:
+        colon = find(b":", pos)
+        stop = colon + 1 + int(blob[pos:colon])
+        name = blob[colon + 1:stop]
+        colon = find(b":", stop)
+        pos = colon + 1 + int(blob[stop:colon])
+        out[name] = blob[colon + 1:pos]
+    return out
+
+
+def num(value: float) -> str:
+    return repr(float(value))
+
+
+def opt(value: bytes | str | None) -> bytes:
+    """An optional script argument: empty means None, else a '.' then the value."""
+    if value is None:
+        return b""
+    return b"." + (value.encode() if isinstance(value, str) else value)

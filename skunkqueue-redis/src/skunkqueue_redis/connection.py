@@ -1,0 +1,183 @@
+"""Reaching Redis: what ``--url``/``--db`` mean, TLS and Cluster, retries, and keeping secrets out of errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar, cast
+from urllib.parse import unquote
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import SSLConnection, parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    RedisClusterException,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from skunkqueue.errors import BackendUnavailable, ConfigurationError
+from skunkqueue.urls import redact
+
+log = logging.getLogger("skunkqueue.redis")
+
+DEFAULT_URL = "localhost:6379"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+@dataclass
+class ConnSpec:
+    """What ``conn_url`` + ``dbname`` mean, before anything connects."""
+
+    cluster: bool
+    kwargs: dict[str, Any] = field(default_factory=dict)          # for Redis / ConnectionPool
+    nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes
+
+
+def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
+    """Translate ``--url``/``--db`` into redis-py arguments; ConfigurationError if malformed.
+
+    Accepts ``host:port``, ``redis://[user:pass@]host:port[/db]``, ``rediss://``
+    (TLS), ``unix:///path/to.sock`` and ``redis+cluster://host:port[,host:port]``
+    (or ``rediss+cluster://``). ``db`` overrides a database number in the URL.
+    """
+    url = url or DEFAULT_URL
+    where = redact(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        url = f"redis://{url}"
+        scheme = "redis"
+    scheme = scheme.lower()
+    try:
+        db_number = int(db) if db not in (None, "") else None
+    except ValueError:
+        raise ConfigurationError(f"Redis database {db!r} is not a number (use --db 0..15).") from None
+    if db_number is not None and db_number < 0:
+        raise ConfigurationError(f"Redis database {db!r} must not be negative.")
+
+    if scheme in CLUSTER_SCHEMES:
+        if db_number not in (None, 0):
+            raise ConfigurationError(f"Redis Cluster has only database 0, not {db!r} ({where}).")
+        userinfo, at, hosts = rest.rpartition("@")
+        hosts, _, query = hosts.partition("?")
+        hosts = hosts.rstrip("/")
+        nodes = []
+        for hostport in filter(None, hosts.split(",")):
+            host, _, port = hostport.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigurationError(f"Redis Cluster address {where} needs host:port for every node.")
+            nodes.append((host.strip("[]"), int(port)))
+        if not nodes:
+            raise ConfigurationError(f"Redis Cluster address {where} names no node.")
+        # parse_url understands the user, password and TLS query options; reuse it.
+        single = f"{CLUSTER_SCHEMES[scheme]}://{userinfo}{at}{hosts.split(',')[0]}"
+        kwargs = _parse(single + (f"?{query}" if query else ""), where)
+        for name in ("host", "port", "db", "path"):
+            kwargs.pop(name, None)
+        if kwargs.pop("connection_class", None) is SSLConnection:
+            kwargs["ssl"] = True
+        return ConnSpec(cluster=True, kwargs=kwargs, nodes=nodes)
+
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"Redis address {where} has an unknown scheme; use host:port, redis://, rediss://, "
+            "unix:// or redis+cluster://."
+        )
+    kwargs = _parse(url, where)
+    if db_number is not None:
+        kwargs["db"] = db_number
+    return ConnSpec(cluster=False, kwargs=kwargs)
+
+
+def _parse(url: str, where: str) -> dict[str, Any]:
+    try:
+        kwargs = dict(parse_url(url))
+    except ValueError as exc:
+        raise ConfigurationError(f"Cannot read the Redis address {where}: {scrub(str(exc), url)}") from None
+    # parse_url keeps percent-escapes in some redis-py versions; passwords may contain '@' or ':'.
+    for name in ("username", "password"):
+        if isinstance(kwargs.get(name), str):
+            kwargs[name] = unquote(kwargs[name])
+    return kwargs
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove anything password-like of ``url`` from an error text."""
+    if url and "@" in url:
+        userinfo = url.split("://", 1)[-1].rpartition("@")[0]
+        password = userinfo.partition(":")[2]
+        for secret in {password, unquote(password)} - {""}:
+            text = text.replace(secret, "***")
+    return text
+
+
+class _LoggingRetry(Retry):
+    """redis-py's retry with back-off, noted at INFO.
+
+    Each attempt is logged quietly: when the retries run out the caller gets
+    one BackendUnavailable that says what failed, and a command line tool
+    prints only that.
+    """
+
+    def __init__(self, where: str, retries: int) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.1), retries)
+        self.where = where
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any], *args: Any,
+                        **kwargs: Any) -> Any:
+        def logged(error: Exception, *rest: Any) -> Any:
+            log.info("connection to Redis at %s failed (%s); reconnecting", self.where, type(error).__name__)
+            return fail(error, *rest)
+
+        return super().call_with_retry(do, logged, *args, **kwargs)
+
+
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Translate redis-py's connection errors into SkunkQueue's, without secrets.
+
+    The method's object has ``where`` (the redacted address) and ``url``.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except AuthenticationError as exc:
+            raise ConfigurationError(
+                f"Redis at {self.where} refused the credentials: {scrub(str(exc), self.url)}. "
+                "Check the user and password in the URL."
+            ) from None
+        except UNREACHABLE as exc:
+            raise BackendUnavailable(
+                f"Cannot reach Redis at {self.where}: {scrub(str(exc), self.url) or type(exc).__name__}"
+            ) from None
+
+    return cast(F, wrapper)
+
+
+def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
+            retries: int) -> tuple[redis.Redis | RedisCluster, bool]:
+    """A client for ``url``/``db`` (nothing is sent yet) and whether it is a cluster client."""
+    where = redact(url or DEFAULT_URL)
+    spec = parse_conn_url(url, db)
+    common = {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout,
+              "decode_responses": False}
+    # Options given in the URL's query string (e.g. ?socket_timeout=30) win over ours.
+    kwargs = {**common, **spec.kwargs, "retry": _LoggingRetry(where, retries)}
+    try:
+        if spec.cluster:
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes], **kwargs), True
+        return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), False
+    except AuthenticationError as exc:
+        raise ConfigurationError(f"Redis at {where} refused the credentials: {scrub(str(exc), url)}") from None
+    except UNREACHABLE as exc:
+        raise BackendUnavailable(f"Cannot reach Redis at {where}: {scrub(str(exc), url)}") from None

@@ -1,0 +1,79 @@
+"""Key names of one queue: the only place they are spelled.
+
+Keys of queue Q (``{Q}`` is a Redis Cluster hash tag, so every key of a queue
+lives in one slot and every multi-key script works on a cluster)::
+
+    sq:{Q}:j:<id>              hash    one JobRecord; None fields are absent
+    sq:{Q}:d:<route>           zset    pending records anyone may claim, score = due
+    sq:{Q}:d:<route>:<target>  zset    pending broadcast records for one worker
+    sq:{Q}:t:<route>           set     targets that ever had a broadcast on the route (for purge)
+    sq:{Q}:n:<route>[:<tgt>]   list    wake-up tokens idle workers block on (BLPOP)
+    sq:{Q}:lease               zset    running records, score = lease_until
+    sq:{Q}:jobs                zset    every record, score = +inf or when it expires (counts, list_jobs)
+    sq:{Q}:done:<id>           list    one token while a record is finished; waiters BLMOVE on it
+    sq:{Q}:workers, sq:{Q}:w:<id>      worker registry (set of ids, one hash per worker)
+
+Route and target names are %-escaped (``%`` and ``:``) so they cannot run into
+each other; the queue's name in the tag also has its braces escaped. The
+scripts get the prefixes as arguments (:meth:`Keys.layout`) instead of
+spelling them again; they only repeat the escaping rule.
+"""
+
+from __future__ import annotations
+
+
+def escape(name: str) -> str:
+    """A route or target name that contains no ':' (the separator) and so cannot collide."""
+    return name.replace("%", "%25").replace(":", "%3A")
+
+
+def hash_tag(queue: str) -> str:
+    """The queue's name as the content of a Cluster hash tag: no '{' or '}', never empty.
+
+    Redis hashes only what lies between the first '{' and the next '}', so a
+    brace in the name would cut the tag short (``}x`` gave an empty tag and
+    keys spread over many slots). Escaping keeps the tag the whole name.
+    """
+    return escape(queue).replace("{", "%7B").replace("}", "%7D")
+
+
+class Keys:
+    """Key names of one queue."""
+
+    def __init__(self, queue: str) -> None:
+        self.base = f"sq:{{{hash_tag(queue)}}}:"
+        self.job_prefix = self.base + "j:"
+        self.due_prefix = self.base + "d:"
+        self.notify_prefix = self.base + "n:"
+        self.targets_prefix = self.base + "t:"
+        self.done_prefix = self.base + "done:"
+        self.lease = self.base + "lease"
+        self.index = self.base + "jobs"
+        self.workers = self.base + "workers"
+
+    def layout(self) -> list[str]:
+        """The prefixes and keys every script receives first (see scripts/common.lua)."""
+        return [self.job_prefix, self.due_prefix, self.notify_prefix, self.targets_prefix,
+                self.done_prefix, self.lease, self.index]
+
+    def job(self, job_id: str) -> str:
+        return self.job_prefix + job_id
+
+    def done(self, job_id: str) -> str:
+        return self.done_prefix + job_id
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.base}w:{worker_id}"
+
+    @staticmethod
+    def _suffix(route: str, target: str | None) -> str:
+        return escape(route) if target is None else f"{escape(route)}:{escape(target)}"
+
+    def due(self, route: str, target: str | None = None) -> str:
+        return self.due_prefix + self._suffix(route, target)
+
+    def notify(self, route: str, target: str | None = None) -> str:
+        return self.notify_prefix + self._suffix(route, target)
+
+    def targets(self, route: str) -> str:
+        return self.targets_prefix + escape(route)

@@ -1,0 +1,85 @@
+-- common.lua: prepended to every script by scripts/__init__.py.
+--
+-- ARGV[1..10] of every script, built once per queue by persistence.py:
+--   1 job prefix "sq:{Q}:j:"     2 due prefix "sq:{Q}:d:"    3 notify prefix "sq:{Q}:n:"
+--   4 targets prefix "sq:{Q}:t:" 5 done prefix "sq:{Q}:done:"
+--   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  (keys.py spells these names)
+--   8 NOTIFY_CAP  9 DONE_TOKEN_MS  10 CLAIM_ROUNDS  11 CLOCK_TOLERANCE (s)  (constants of persistence.py)
+-- The script's own arguments follow; args() returns them as a list from 1.
+-- Every key of a queue shares the {Q} hash tag, so keys built here are in the
+-- same cluster slot as the KEYS a script was given.
+local JOB, DUE, NOTIFY, TARGETS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local LEASE, INDEX = ARGV[6], ARGV[7]
+local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local CLOCK_TOLERANCE = tonumber(ARGV[11])
+local COMMON_ARGS = 11
+
+-- The store's clock decides every time comparison, so hosts' clocks may differ.
+-- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- A time as stored in a hash or as a zset score (microseconds, like time.time()).
+local function fmt(t) return string.format('%.6f', t) end
+
+-- How far to move a time a client computed on its own clock (caller_now is its
+-- now) onto the store's: not at all while the clocks agree within
+-- CLOCK_TOLERANCE, so what a client wrote reads back exactly; beyond that the
+-- store keeps the client's delay, counted from its own now.
+local function shift(caller_now, now)
+  local d = now - tonumber(caller_now)
+  if math.abs(d) > CLOCK_TOLERANCE then return d end
+  return 0
+end
+
+local function args()
+  local out = {}
+  for i = COMMON_ARGS + 1, #ARGV do out[#out + 1] = ARGV[i] end
+  return out
+end
+
+-- keys.py's escape(): route and target names never contain the ':' separator.
+local function esc(s) return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end)) end
+
+local function suffix(route, target)
+  if target then return esc(route) .. ':' .. esc(target) end
+  return esc(route)
+end
+
+local function due_key(route, target) return DUE .. suffix(route, target) end
+local function notify_key(route, target) return NOTIFY .. suffix(route, target) end
+
+-- One "<length>:<bytes>" item of a packed string; returns it and the next position.
+local function take(s, pos)
+  local colon = string.find(s, ':', pos, true)
+  local stop = colon + tonumber(string.sub(s, pos, colon - 1))
+  return string.sub(s, colon + 1, stop), stop + 1
+end
+
+local function pack(flat)
+  local parts = {}
+  for i, v in ipairs(flat) do parts[i] = #v .. ':' .. v end
+  return table.concat(parts)
+end
+
+-- Push up to n wake-up tokens, keeping the list bounded.
+local function wake(nkey, n)
+  local tokens = {}
+  for i = 1, math.min(n, NOTIFY_CAP) do tokens[i] = '1' end
+  redis.call('RPUSH', nkey, unpack(tokens))
+  redis.call('LTRIM', nkey, -NOTIFY_CAP, -1)
+end
+
+-- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one
+-- (ttl: the result TTL in seconds).
+local function quarantine(id, why, now, ttl)
+  local key = JOB .. id
+  redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', fmt(now),
+    'error', cjson.encode({type = 'MalformedRecord', message = why, traceback = ''}))
+  redis.call('HDEL', key, 'owner', 'lease_until')
+  redis.call('ZREM', LEASE, id)
+  redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
+  redis.call('ZADD', INDEX, fmt(now + ttl), id)
+end

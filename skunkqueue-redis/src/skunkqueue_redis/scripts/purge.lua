@@ -1,0 +1,18 @@
+-- purge: delete up to `batch` pending records listed in a due zset.
+-- KEYS: 1 a due zset, 2 index zset
+-- ARGV: 1 batch
+-- Returns {deleted, examined}; the caller repeats while examined == batch.
+local function purge(KEYS, ARGV)
+  local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+  local deleted = 0
+  for _, id in ipairs(ids) do
+    local key = JOB .. id
+    redis.call('ZREM', KEYS[1], id)
+    if redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HGET', key, 'state') == 'pending' then
+      redis.call('DEL', key)
+      redis.call('ZREM', KEYS[2], id)
+      deleted = deleted + 1
+    end
+  end
+  return {deleted, #ids}
+end
