@@ -133,3 +133,46 @@ def fenced_write(log: str, db_path: str, invoice: str, pause: float) -> int:
     with sqlite3.connect(db_path) as db:
         fencing.guarded_write(db, invoice, f"attempt {ctx.attempt}", ctx.token)
     return ctx.token
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot print itself")
+
+
+@_here.event(routes=_routes)
+def broken_str(path: str, token: str) -> None:
+    _append(path, f"{token} {os.getpid()}")
+    raise _Unprintable()
+
+
+@_here.event(routes=_routes)
+def reset_signal(path: str, token: str, signame: str, to: str, pause: float = 0.0) -> str:
+    """Set ``signame`` to SIG_DFL or SIG_IGN (``to``), then sleep ``pause`` (C-level sleeps, GIL released)."""
+    _append(path, f"{token} {os.getpid()}")
+    signal.signal(getattr(signal, signame), getattr(signal, to))
+    end = time.monotonic() + pause
+    while time.monotonic() < end:
+        time.sleep(0.05)
+    return "reset"
+
+
+@_here.event(routes=_routes)
+def fork_and_return(path: str, token: str) -> int:
+    """Fork; both processes return (the child must not go on as a worker)."""
+    _append(path, f"{token} {os.getpid()}")
+    os.fork()
+    return os.getpid()
+
+
+@_here.event(routes=_routes)
+def timed(path: str, token: str, seconds: float) -> str:
+    """Log start and end (also when interrupted) with times, to check that runs never overlap."""
+    _append(path, f"{token}-start {time.time()!r}:{os.getpid()}")
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.02)
+    finally:
+        _append(path, f"{token}-end {time.time()!r}:{os.getpid()}")
+    return "done"

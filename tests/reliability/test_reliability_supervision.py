@@ -32,6 +32,7 @@ from skunkqueue.errors import JobFailed
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, JobRecord, new_id
+from skunkqueue.testing.kit import BackendUnderTest
 
 GRACE = 1.5
 ROUNDS = int(os.environ.get("SKUNQ_SIGNAL_ROUNDS", "50"))
@@ -221,3 +222,88 @@ def test_whatever_a_job_raises_is_recorded_and_the_worker_survives(
     assert [len(runs[t]) for t in ("exit0", "exit3", "ctrl-c", "deep")] == [2, 1, 1, 1]
     assert "error (SystemExit: 3)" in pool.log(), "the job's log line names the exception"
     figures.record("hostile-failures", fired=6, worker_restarts=0, duplicates=0)
+
+
+# -- from the hostile review of the new supervision ----------------------------------
+
+
+def test_an_exception_that_cannot_print_itself_is_recorded(queue: SkunkQueue, start_pool: PoolStarter,
+                                                           tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    pool = start_pool(["a"])
+    [worker] = pool.worker_pids()
+    handle = queue.event(routes=["a"])(hostile_jobs.broken_str.func).fire(str(log), "bad-str")
+    with pytest.raises(JobFailed) as info:
+        handle.wait(timeout=30)
+    assert info.value.error_type == "_Unprintable" and "cannot be shown" in str(info.value)
+    assert pool.worker_pids() == [worker] and len(executions(log)["bad-str"]) == 1
+
+
+def test_a_job_that_resets_the_interrupt_signal_still_ends_with_its_time_limit(
+        queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    start_pool(["a"], extra=["--grace", str(GRACE)])
+    job = queue.event(routes=["a"], timeout=1)(hostile_jobs.reset_signal.func)
+    handle = job.fire(str(log), "usr1", "SIGUSR1", "SIG_DFL", 30.0)  # the interrupt now kills the worker
+    with pytest.raises(JobFailed) as info:
+        handle.wait(timeout=30)
+    assert info.value.error_type == "TimeoutError"
+    record = queue.get(handle.id)
+    assert record is not None and (record.state, record.attempts) == (ERROR, 1)
+    assert len(executions(log)["usr1"]) == 1
+
+
+@pytest.mark.parametrize("to", ["SIG_IGN", "SIG_DFL"])
+def test_a_gentle_stop_survives_a_job_that_changed_the_stop_signal(
+        to: str, queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    pool = start_pool(["a"])
+    job = queue.event(routes=["a"])(hostile_jobs.reset_signal.func)
+    assert job.fire(str(log), "meddler", "SIGTERM", to).wait(timeout=20) == "reset"
+    innocent = queue.event(routes=["a"])(hostile_jobs.timed.func).fire(str(log), "innocent", 1.5)
+    wait_until(lambda: _started(log, "innocent-start"), what="the next job to start")
+    pool.signal(signal.SIGTERM)
+    assert pool.wait(20) == 0
+    assert innocent.state == COMPLETE, "the job after the meddler was cut short by the gentle stop"
+
+
+def test_a_route_name_with_spaces_keeps_its_leases(backend: BackendUnderTest, queue: SkunkQueue,
+                                                   start_pool: PoolStarter, tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    route = "night shift\tand \n more"
+    start_pool([route], lease=1.5)
+    handle = queue.event(routes=[route])(hostile_jobs.timed.func).fire(str(log), "spaced", 4.0)
+    assert handle.wait(timeout=30) == "done"
+    record = queue.get(handle.id)
+    assert record is not None and (record.attempts, record.token) == (1, 1)
+    assert len(executions(log)["spaced-start"]) == 1
+
+
+def test_a_job_that_forks_leaves_no_second_worker(queue: SkunkQueue, start_pool: PoolStarter,
+                                                  tmp_path: Path) -> None:
+    log = tmp_path / "executions"
+    pool = start_pool(["a"])
+    [worker] = pool.worker_pids()
+    assert queue.event(routes=["a"])(hostile_jobs.fork_and_return.func).fire(str(log), "fork").wait(20) == worker
+    pid = queue.event(routes=["a"])(hostile_jobs.pid.func)
+    assert {pid.fire(str(log), f"after-{i}").wait(timeout=20) for i in range(6)} == {worker}
+
+
+def test_a_stopped_pool_never_lets_a_job_run_twice_at_once(queue: SkunkQueue, start_pool: PoolStarter,
+                                                           tmp_path: Path, figures: Figures) -> None:
+    log = tmp_path / "executions"
+    first = start_pool(["a"], lease=2.0)
+    handle = queue.event(routes=["a"])(hostile_jobs.timed.func).fire(str(log), "once", 6.0)
+    wait_until(lambda: _started(log, "once-start"), what="the job to start")
+    os.kill(first.pid, signal.SIGSTOP)  # the pool, not the worker: nobody renews the lease now
+    try:
+        start_pool(["a"], lease=2.0)
+        assert handle.wait(timeout=40) == "done"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    runs = sorted((float(line.split()[1].split(":")[0]), line.split()[0]) for line in log.read_text().splitlines())
+    starts = [at for at, what in runs if what == "once-start"]
+    ends = [at for at, what in runs if what == "once-end"]
+    assert len(starts) == 2 and len(ends) == 2
+    assert ends[0] <= starts[1], "the stale run was still going when the job ran again"
+    figures.record("stopped-pool", fired=1, overlapping_runs=0, runs=2)
