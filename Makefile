@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fdb-real lint bench chaos servers clean

@@ -195,5 +195,23 @@ def retry(job_id: str, queue: str, backend: str, url: str | None, db: str | None
     click.echo(f"{job_id}: requeued")
 
 
+# -- commands from plugins (kept last: they may build on everything above) ----
+
+def _plugin_commands() -> None:
+    """Let installed plugins add commands; a broken plugin must not take the whole CLI down."""
+    from skunkqueue.hooks import plugin_manager
+    try:
+        plugin_manager().hook.register_commands(cli=main)
+    except Exception as exc:  # a plugin's bug: say so in one line and keep the core commands
+        click.echo(f"skunq: a plugin failed to add its commands: {exc}", err=True)
+    if "web" not in main.commands:
+        @main.command("web", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        def web_missing() -> None:
+            """The browser monitor (needs: pip install skunkqueue-web)."""
+            raise click.ClickException("skunq web needs the monitor plugin: pip install skunkqueue-web")
+
+
+_plugin_commands()
+
 if __name__ == "__main__":
     main()
