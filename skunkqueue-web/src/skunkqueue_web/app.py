@@ -44,6 +44,13 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _short(ts: float | None) -> str:
+    """Table cells: date and time in UTC without the year, so a row stays on one line."""
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%m-%d %H:%M:%S")
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -95,7 +102,7 @@ class Monitor:
         self.refresh = refresh
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"], default=True))
-        self.env.filters.update(when=_when, age=_age)
+        self.env.filters.update(when=_when, short=_short, age=_age)
         self.env.globals.update(STATES=STATES, PAGE_SIZES=PAGE_SIZES)
 
     # -- rendering -------------------------------------------------------------
@@ -191,7 +198,9 @@ class Monitor:
         now = time.time()
         rows = sorted(self.queue.persistence.workers(), key=lambda w: (w.route, w.host, w.pid))
         stale = {w.id: snapshot.is_stale(w, now) for w in rows}
-        return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now)
+        # The registry does not say what a worker runs; the running records name their lease holder.
+        current = {r.owner: r for r in self.queue.persistence.list_jobs(state="running", limit=10_000) if r.owner}
+        return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current)
 
     def metrics(self, request: Request) -> Response:
         return Response(prometheus.render(self.queue), media_type=prometheus.CONTENT_TYPE)

@@ -8,7 +8,7 @@ from html import escape
 from markupsafe import Markup
 
 WIDTH, HEIGHT = 720, 160
-LEFT, BOTTOM, TOP = 44, 22, 10
+LEFT, BOTTOM, TOP, RIGHT = 44, 22, 10, 22
 
 
 def _nice_max(value: int) -> int:
@@ -28,13 +28,13 @@ def minute_bars(minutes: list[int], series: list[tuple[str, str, list[int]]], *,
     n = len(minutes)
     totals = [sum(values[i] for _, _, values in series) for i in range(n)]
     top = _nice_max(max(totals, default=0))
-    plot_w, plot_h = WIDTH - LEFT - 6, HEIGHT - BOTTOM - TOP
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - BOTTOM - TOP
     slot = plot_w / max(n, 1)
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
              f"<title>{escape(title)}</title>"]
     for frac in (0, 0.5, 1):
         y = TOP + plot_h * (1 - frac)
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - 6}" y1="{y:.1f}" y2="{y:.1f}"/>')
+        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{int(top * frac)}</text>')
     for i, minute in enumerate(minutes):
         x = LEFT + i * slot
