@@ -30,8 +30,11 @@ def test_metrics_follow_the_store_and_the_workers_counters(store: Store, start_w
     before = samples(web)
     assert value(before, "skunkqueue_jobs", queue=q, route="fast", state="pending") is None  # no jobs yet
     pending = [store.job("add").fire(i, i) for i in range(3)]
-    found = samples(web)
-    assert value(found, "skunkqueue_jobs", queue=q, route="fast", state="pending") == 3
+    # The counts are at most one refresh interval (0.5 s here) old.
+    deadline = time.monotonic() + 10
+    while value(found := samples(web), "skunkqueue_jobs", queue=q, route="fast", state="pending") != 3:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.1)
     assert value(found, "skunkqueue_oldest_pending_age_seconds", queue=q, route="fast") >= 0
     start_pool(store)
     store.job("boom").fire("x")

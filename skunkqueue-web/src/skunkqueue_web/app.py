@@ -30,6 +30,7 @@ from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import ERROR, FINISHED_STATES, STATES, JobRecord, Outcome
 from skunkqueue_web import charts, prometheus, snapshot
+from skunkqueue_web.refresher import Refresher
 from skunkqueue_web.security import COOKIE, Guard
 
 HERE = Path(__file__).parent
@@ -100,6 +101,7 @@ class Monitor:
         self.store = store
         self.guard = Guard(token)
         self.refresh = refresh
+        self.refresher = Refresher(queue, refresh)
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"], default=True))
         self.env.filters.update(when=_when, short=_short, age=_age)
@@ -126,6 +128,7 @@ class Monitor:
         return response
 
     def _back(self, request: Request, default: str, msg: str) -> RedirectResponse:
+        self.refresher.poke()  # every action changed the store: let the overview catch up now
         target = default
         form_next = request.query_params.get("next", "")
         # Only paths of this site: never an absolute or protocol-relative address.
@@ -146,14 +149,15 @@ class Monitor:
     # -- pages -------------------------------------------------------------------
 
     def overview(self, request: Request) -> Response:
-        snap = snapshot.overview(self.queue)
+        snap = self.refresher.get()
         chart = None
         if snap.throughput is not None:
             t = snap.throughput
             chart = charts.minute_bars(t.minutes, [("completed", "ok", t.completed), ("failed", "bad", t.failed),
                                                    ("killed", "killed", t.killed)],
                                        title="Finished attempts per minute, last hour")
-        return self.render(request, "overview.html", live=True, snap=snap, chart=chart, buckets=BUCKETS)
+        return self.render(request, "overview.html", live=True, snap=snap, chart=chart, buckets=BUCKETS,
+                           store_error=self.refresher.error, build=self.refresher.last_build)
 
     def jobs(self, request: Request) -> Response:
         q = request.query_params
@@ -203,7 +207,7 @@ class Monitor:
         return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current)
 
     def metrics(self, request: Request) -> Response:
-        return Response(prometheus.render(self.queue), media_type=prometheus.CONTENT_TYPE)
+        return Response(prometheus.render(self.queue, self.refresher.get()), media_type=prometheus.CONTENT_TYPE)
 
     def purge_confirm(self, request: Request) -> Response:
         route = request.query_params.get("route", "")

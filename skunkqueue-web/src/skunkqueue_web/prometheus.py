@@ -16,17 +16,18 @@ from prometheus_client.registry import Collector
 
 from skunkqueue.metrics import BUCKETS, RETENTION, bucket_name
 from skunkqueue.queue import SkunkQueue
-from skunkqueue_web.snapshot import is_stale, overview
+from skunkqueue_web.snapshot import Overview, is_stale
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class QueueCollector(Collector):
-    def __init__(self, queue: SkunkQueue) -> None:
+    def __init__(self, queue: SkunkQueue, snap: Overview) -> None:
         self.queue = queue
+        self.snap = snap
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
-        snap = overview(self.queue)
+        snap = self.snap
         name = self.queue.name
         jobs = GaugeMetricFamily("skunkqueue_jobs", "Jobs in the store by route and state.",
                                  labels=["queue", "route", "state"])
@@ -85,7 +86,8 @@ class QueueCollector(Collector):
         yield duration
 
 
-def render(queue: SkunkQueue) -> bytes:
+def render(queue: SkunkQueue, snap: Overview) -> bytes:
+    """The metrics of ``snap`` (the refresher's latest overview) and of the store's counters."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(queue))
+    registry.register(QueueCollector(queue, snap))
     return generate_latest(registry)
