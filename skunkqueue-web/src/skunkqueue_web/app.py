@@ -146,6 +146,10 @@ class Monitor:
             return values, self.render(request, "refused.html", status=403, reason=why)
         return values, None
 
+    def _routes(self) -> list[str]:
+        # The filter's choices come from the latest overview: counting the store again per page would cost a scan.
+        return [row.route for row in self.refresher.get().rows]
+
     # -- pages -------------------------------------------------------------------
 
     def overview(self, request: Request) -> Response:
@@ -172,7 +176,7 @@ class Monitor:
         page_no = max(1, _int(q.get("page"), 1))
         page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, offset=(page_no - 1) * size,
                                   size=size)
-        routes = sorted({r for r, _ in self.queue.persistence.counts()})
+        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("size", str(size))) if v}
         return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
                            state=state, func=func, size=size, filters=filters, urlencode=urlencode)
@@ -193,7 +197,7 @@ class Monitor:
         page_no = max(1, _int(request.query_params.get("page"), 1))
         page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, offset=(page_no - 1) * size,
                                   size=size, dead=True)
-        routes = sorted({r for r, _ in self.queue.persistence.counts()})
+        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("func", func)) if v}
         return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
                            func=func, filters=filters, urlencode=urlencode)

@@ -38,7 +38,7 @@ def minute_bars(minutes: list[int], series: list[tuple[str, str, list[int]]], *,
         parts.append(f'<text class="axis" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{int(top * frac)}</text>')
     for i, minute in enumerate(minutes):
         x = LEFT + i * slot
-        base = TOP + plot_h
+        base = float(TOP + plot_h)
         label = dt.datetime.fromtimestamp(minute * 60, dt.timezone.utc).strftime("%H:%M")
         tip = ", ".join(f"{name} {values[i]}" for name, _, values in series)
         for _, css, values in series:

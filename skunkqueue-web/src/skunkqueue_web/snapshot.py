@@ -1,8 +1,8 @@
 """What the monitor shows, read from any backend through the Persistence protocol only.
 
-Nothing here knows which store it talks to: counts come from ``counts()``,
-dead letters and the oldest pending job from ``list_jobs``, throughput from
-the workers' per-minute counters (``stats``) when the backend keeps them.
+Nothing here knows which store it talks to: counts, dead letters and the
+longest wait come from ``summary()``, throughput from the workers'
+per-minute counters (``stats``) when the backend keeps them.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.metrics import BUCKETS, COUNTED, RouteMinute, bucket_name
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import ERROR, PENDING, STATES, JobRecord, WorkerInfo
+from skunkqueue.record import STATES, JobRecord, WorkerInfo
 
-# Dead letters are counted by reading them; past this many the monitor says "at least".
-DEAD_COUNT_CAP = 10_000
 # Throughput charts cover this many minutes, the current one last.
 CHART_MINUTES = 60
 
@@ -68,24 +66,11 @@ def is_stale(worker: WorkerInfo, now: float) -> bool:
 def overview(queue: SkunkQueue, *, now: float | None = None) -> Overview:
     backend = queue.persistence
     now = time.time() if now is None else now
-    counts = backend.counts()
-    dead_records = backend.list_jobs(state=ERROR, dead=True, limit=DEAD_COUNT_CAP)
-    dead_by_route: dict[str, int] = {}
-    for record in dead_records:
-        dead_by_route[record.route] = dead_by_route.get(record.route, 0) + 1
-    routes = sorted({route for route, _ in counts} | set(dead_by_route))
-    rows = []
-    for route in routes:
-        states = {state: counts.get((route, state), 0) for state in STATES}
-        age = None
-        if states[PENDING]:
-            # list_jobs orders by due: the first pending record is the one waiting longest.
-            first = backend.list_jobs(route=route, state=PENDING, limit=1)
-            if first and first[0].due <= now:
-                age = now - first[0].due
-        rows.append(RouteRow(route, states, dead_by_route.get(route, 0), age))
+    summary = backend.summary(now)
+    rows = [RouteRow(r.route, r.states, r.dead, None if r.oldest_due is None else now - r.oldest_due)
+            for r in summary.routes]
     totals = {state: sum(r.states[state] for r in rows) for state in STATES}
-    return Overview(taken=now, rows=rows, dead_capped=len(dead_records) >= DEAD_COUNT_CAP,
+    return Overview(taken=now, rows=rows, dead_capped=summary.dead_capped,
                     workers=sorted(backend.workers(), key=lambda w: (w.route, w.host, w.pid)),
                     throughput=throughput(queue, now), totals=totals)
 

@@ -36,6 +36,7 @@ from skunkqueue.record import (
 )
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
 from skunkqueue.testing.workers import PoolProcess, pid_alive
@@ -45,7 +46,7 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite):
+class ConformanceSuite(SupervisionSuite, SummarySuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture
