@@ -23,9 +23,10 @@ IDLE_STOP = 60.0
 
 
 class Refresher:
-    def __init__(self, queue: SkunkQueue, interval: float) -> None:
+    def __init__(self, queue: SkunkQueue, interval: float, idle_stop: float = IDLE_STOP) -> None:
         self.queue = queue
         self.interval = interval
+        self.idle_stop = idle_stop
         self._cond = threading.Condition()
         self._snap: Overview | None = None
         self._error: Exception | None = None
@@ -34,6 +35,8 @@ class Refresher:
         self._poked = threading.Event()
         #: Seconds the last read of the store took (shown on the page and in the benchmark).
         self.last_build = 0.0
+        #: How many times the store was read (tests check that viewers do not multiply it).
+        self.reads = 0
 
     def get(self, timeout: float = 120.0) -> Overview:
         """The latest snapshot; waits for the first one. Raises the store's error if there is none."""
@@ -58,7 +61,7 @@ class Refresher:
         self._poked.set()
 
     def _run(self) -> None:
-        while time.monotonic() - self._wanted < IDLE_STOP:
+        while time.monotonic() - self._wanted < self.idle_stop:
             started = time.monotonic()
             try:
                 snap = overview(self.queue)
@@ -67,6 +70,7 @@ class Refresher:
                 log.warning("reading the store failed: %s", exc)
                 snap, error = None, exc
             self.last_build = time.monotonic() - started
+            self.reads += 1
             with self._cond:
                 if snap is not None:
                     self._snap = snap
