@@ -43,7 +43,7 @@ def main() -> int:
         while time.monotonic() < end:
             order += 1
             demo_jobs.send_receipt.fire(order, f"customer{order}@example.com")
-            demo_jobs.charge.fire(order, random.choice([1999, 4500, 12900, 9990]) if order % 9 else 95000)
+            demo_jobs.charge.fire(order, random.choice([1999, 4500, 12900, 99900]) if order % 9 else 95000)
             time.sleep(random.uniform(0.05, 0.5))
         for order in range(5000, 5040):  # a backlog, so pending counts and the longest wait show
             demo_jobs.charge.fire(order, 2500)
