@@ -110,3 +110,17 @@ def test_updates_pause_while_the_tab_is_hidden(sqlite_store: Store, start_web: C
     hidden = page.evaluate("window.__polls")
     assert visible >= 2, visible
     assert hidden == 0, hidden
+
+
+def test_a_slow_store_is_polled_less_often(sqlite_store: Store, start_web: Callable[..., Web], page: Any) -> None:
+    web = start_web(sqlite_store)  # asks for updates every 0.5 s
+    sqlite_store.job("add").fire(1, 1)
+    page.goto(web.base + "/jobs")
+    page.wait_for_selector("#jobs")
+    # Make every live answer take a second, as a large queue on a scanning store would.
+    page.evaluate("""() => { window.__polls = 0; const f = window.fetch;
+                    window.fetch = (...a) => { window.__polls++;
+                      return new Promise(r => setTimeout(() => r(f(...a)), 1000)); }; }""")
+    time.sleep(6.5)
+    # At a fixed 0.5 s pace this would be 4 or more; waiting 4x the answer time allows at most 2.
+    assert 1 <= page.evaluate("window.__polls") <= 2

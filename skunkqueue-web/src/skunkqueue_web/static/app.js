@@ -1,7 +1,7 @@
 // skunq web: live updates without reloading the page.
 // Polls the page's own address with fragment=1 while the tab is visible and
-// swaps the #live region; pauses while hidden, or while the user is choosing
-// rows or typing inside it, so nothing they are doing is thrown away.
+// swaps the #live region; stops while hidden, and skips while the user is
+// choosing rows or typing inside it, so nothing they are doing is thrown away.
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -19,10 +19,22 @@
     if (dot) { dot.className = "live-dot " + name; dot.textContent = name === "off" ? "paused" : "live"; }
   }
 
+  function schedule(delay) {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(tick, delay);
+  }
+
+  function every() { return parseInt(live.dataset.every, 10) || 2000; }
+
+  // A page the store is slow to answer (a large queue on a store that scans) is asked
+  // again only after four times as long as its last answer took, so watching it never
+  // keeps the store busy.
   function tick() {
-    if (!live || !live.dataset.src || busy) return;
-    if (document.hidden || userIsWorking()) { setState("off"); return; }
+    timer = null;
+    if (!live || !live.dataset.src || busy || document.hidden) return;
+    if (userIsWorking()) { setState("off"); schedule(every()); return; }
     busy = true;
+    var started = Date.now();
     fetch(live.dataset.src, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (r) {
         if (!r.ok) throw new Error(r.status);
@@ -30,18 +42,18 @@
       })
       .then(function (html) { if (!userIsWorking()) live.innerHTML = html; setState("on"); })
       .catch(function () { setState("error"); })
-      .then(function () { busy = false; });
+      .then(function () {
+        busy = false;
+        if (!document.hidden) schedule(Math.max(every(), 4 * (Date.now() - started)));
+      });
   }
 
-  function start() {
-    if (timer || !live || !live.dataset.src) return;
-    timer = setInterval(tick, parseInt(live.dataset.every, 10) || 2000);
-  }
+  function start() { if (!timer && !busy && live && live.dataset.src) schedule(every()); }
 
-  function stop() { if (timer) { clearInterval(timer); timer = null; } setState("off"); }
+  function stop() { if (timer) { clearTimeout(timer); timer = null; } setState("off"); }
 
   document.addEventListener("visibilitychange", function () {
-    if (document.hidden) { stop(); } else { tick(); start(); }
+    if (document.hidden) { stop(); } else { setState("on"); tick(); }
   });
   if (!document.hidden) { setState("on"); start(); }
 
