@@ -41,3 +41,18 @@ def test_unknown_backend_and_busy_port_are_one_line(tmp_path) -> None:  # type: 
                               timeout=60)
     assert busy.returncode == 1 and f"Cannot listen on 127.0.0.1:{port}" in busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+def test_a_broken_plugin_costs_only_its_own_commands() -> None:
+    code = ("from skunkqueue.hooks import plugin_manager, hookimpl\n"
+            "class Broken:\n"
+            "    @hookimpl\n"
+            "    def register_commands(self, cli):\n"
+            "        raise RuntimeError('plugin bug')\n"
+            "plugin_manager().register(Broken(), name='broken')\n"
+            "from skunkqueue.cli import main\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code, "web", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--token" in done.stdout  # skunq web is still there
+    assert "skunq: plugin broken failed to add its commands: plugin bug" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -201,9 +201,15 @@ def _plugin_commands() -> None:
     """Let installed plugins add commands; a broken plugin must not take the whole CLI down."""
     from skunkqueue.hooks import plugin_manager
     try:
-        plugin_manager().hook.register_commands(cli=main)
-    except Exception as exc:  # a plugin's bug: say so in one line and keep the core commands
-        click.echo(f"skunq: a plugin failed to add its commands: {exc}", err=True)
+        impls = plugin_manager().hook.register_commands.get_hookimpls()
+    except Exception as exc:  # a plugin that cannot even be imported
+        click.echo(f"skunq: cannot load plugins: {exc}", err=True)
+        impls = []
+    for impl in impls:  # one at a time, so one plugin's bug cannot hide another's commands
+        try:
+            impl.function(cli=main)
+        except Exception as exc:
+            click.echo(f"skunq: plugin {impl.plugin_name} failed to add its commands: {exc}", err=True)
     if "web" not in main.commands:
         @main.command("web", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
         def web_missing() -> None:
