@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conftest import Store, redis_servers
 from skunkqueue_web.refresher import Refresher
+from skunkqueue_web.snapshot import Overview
 
 
 def test_many_viewers_cost_the_store_one_read_per_interval(sqlite_store: Store) -> None:
@@ -78,3 +79,19 @@ def test_a_store_that_goes_away_keeps_the_last_counts_and_says_so(tmp_path: Path
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+def test_a_slow_store_is_read_at_most_a_quarter_of_the_time(sqlite_store: Store) -> None:
+    class SlowStore(Refresher):
+        def _read(self) -> Overview:
+            time.sleep(0.3)  # as long as a large queue on a scanning store takes, scaled down
+            return super()._read()
+
+    refresher = SlowStore(sqlite_store.queue_handle(), interval=0.1, idle_stop=30)
+    refresher.get()
+    started, reads = time.monotonic(), refresher.reads
+    while time.monotonic() - started < 3.0:
+        refresher.get()
+        time.sleep(0.05)
+    # Back to back this would be 10 reads; 0.3 s reading and 0.9 s pausing allows 3.
+    assert 1 <= refresher.reads - reads <= 3, refresher.reads - reads
