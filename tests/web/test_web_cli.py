@@ -56,3 +56,12 @@ def test_a_broken_plugin_costs_only_its_own_commands() -> None:
     assert done.returncode == 0 and "--token" in done.stdout  # skunq web is still there
     assert "skunq: plugin broken failed to add its commands: plugin bug" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_workers_loading_plugins_do_not_load_the_web_stack() -> None:
+    # Every worker loads the plugins to run their hooks: the monitor must cost them nothing.
+    code = ("import sys; from skunkqueue.hooks import plugin_manager; pm = plugin_manager(); "
+            "print(pm.has_plugin('web'), sorted(m for m in ('starlette', 'uvicorn', 'jinja2', 'prometheus_client') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True []", done.stdout + done.stderr
