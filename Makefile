@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fdb-real lint bench chaos servers clean
+.PHONY: demo test test-fdb-real lint bench bench-web chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,14 @@ servers:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
-		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb
+		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-web/src/skunkqueue_web
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## How fast skunq web answers with 100,000 jobs in SQLite and Redis.
+bench-web: $(STAMP) servers
+	$(BIN)/python -m benchmarks.web_overview $(BENCH_ARGS)
 
 chaos: $(STAMP) servers
 	SKUNQ_CHAOS=long $(BIN)/python -m pytest tests -m chaos $(PYTEST_ARGS)

@@ -332,6 +332,30 @@ def retry(job_id: str, queue: str, force: bool, backend: str, url: str | None, d
     click.echo(f"{job_id}: requeued")
 
 
+# -- commands from plugins (kept last: they may build on everything above) ----
+
+def _plugin_commands() -> None:
+    """Let installed plugins add commands; a broken plugin must not take the whole CLI down."""
+    from skunkqueue.hooks import plugin_manager
+    try:
+        impls = plugin_manager().hook.register_commands.get_hookimpls()
+    except Exception as exc:  # a plugin that cannot even be imported
+        click.echo(f"skunq: cannot load plugins: {exc}", err=True)
+        impls = []
+    for impl in impls:  # one at a time, so one plugin's bug cannot hide another's commands
+        try:
+            impl.function(cli=main)
+        except Exception as exc:
+            click.echo(f"skunq: plugin {impl.plugin_name} failed to add its commands: {exc}", err=True)
+    if "web" not in main.commands:
+        @main.command("web", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        def web_missing() -> None:
+            """The browser monitor (needs: pip install skunkqueue-web)."""
+            raise click.ClickException("skunq web needs the monitor plugin: pip install skunkqueue-web")
+
+
+_plugin_commands()
+
 if __name__ == "__main__":
     main()
 

@@ -1,5 +1,8 @@
 """Plugin hooks: observe the job and worker lifecycle, the way llm and datasette do.
 
+Plugins may also add commands to ``skunq`` with ``register_commands(cli)``
+(``skunkqueue-web`` adds ``skunq web`` that way).
+
 A plugin is a module with functions marked ``@skunkqueue.hookimpl`` and is
 registered under the ``skunkqueue.plugins`` entry point group (or with
 ``pm.register(module)`` in-process). Hooks run in the worker process; an
@@ -40,6 +43,10 @@ class Hooks:
     @hookspec
     def job_failed(self, record: JobRecord, error: dict[str, str]) -> None:
         """The job raised, timed out or could not be run."""
+
+    @hookspec
+    def register_commands(self, cli: Any) -> None:
+        """Add commands to the ``skunq`` click group ``cli`` (called once, when the CLI loads)."""
 
 
 _pm: pluggy.PluginManager | None = None

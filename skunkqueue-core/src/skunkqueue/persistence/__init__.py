@@ -34,6 +34,7 @@ from typing import Any, Callable, ClassVar, Sequence, TypeVar
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
 from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+from skunkqueue.summary import QueueSummary, summarize
 
 T = TypeVar("T")
 
@@ -302,6 +303,18 @@ class Persistence(ABC):
     def stats(self, since_minute: int) -> list[RouteMinute]:
         """The stored counters of every minute ``>= since_minute``, one entry per (route, minute)."""
         return []
+
+    # -- the monitor's view (see skunkqueue.summary) -----------------------------
+
+    def summary(self, now: float | None = None) -> QueueSummary:
+        """Per route: records per state, dead letters, and the ``due`` of the longest-waiting due record.
+
+        ``skunq web`` reads it once per refresh. The default makes one
+        :meth:`counts`, one dead-letter :meth:`list_jobs` and one
+        :meth:`list_jobs` per route with pending records; override it where
+        the store can answer from its indexes.
+        """
+        return summarize(self, now)
 
     # -- waiting (override where the store can notify) -------------------------
 

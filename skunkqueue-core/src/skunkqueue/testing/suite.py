@@ -40,6 +40,7 @@ from skunkqueue.testing.suite_async import AsyncSuite
 from skunkqueue.testing.suite_keys import KeysSuite
 from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
+from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
 from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
@@ -49,7 +50,7 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite):
+class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite, SummarySuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture

@@ -1,0 +1,1 @@
+"""skunq web: a live monitor in the browser and a Prometheus endpoint for SkunkQueue."""

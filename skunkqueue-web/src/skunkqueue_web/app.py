@@ -1,0 +1,343 @@
+"""The Starlette application: pages, live fragments, actions and /metrics.
+
+Handlers are plain functions, which Starlette runs in its thread pool; each
+thread gets its own backend connection (``SkunkQueue.persistence`` is
+per-thread), so a slow store never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from skunkqueue import serializer
+from skunkqueue.errors import SkunkQueueError
+from skunkqueue.metrics import BUCKETS
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import ERROR, FINISHED_STATES, STATES, JobRecord, Outcome
+from skunkqueue_web import charts, prometheus, snapshot
+from skunkqueue_web.refresher import Refresher
+from skunkqueue_web.security import COOKIE, Guard
+
+HERE = Path(__file__).parent
+PAGE_SIZES = (25, 50, 100, 200)
+# Bulk dead-letter actions act on at most this many records per click.
+BULK_LIMIT = 10_000
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _short(ts: float | None) -> str:
+    """Table cells: date and time in UTC without the year, so a row stays on one line."""
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%m-%d %H:%M:%S")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _decode(data: bytes | None, kind: str, *, call: bool) -> str:
+    """Arguments or result as readable JSON text; the template escapes it."""
+    if data is None:
+        return ""
+    if kind != "json":
+        return f"({kind}-encoded, {len(data)} bytes: not decoded here, because decoding {kind} runs code)"
+    try:
+        value: Any = serializer.loads_call(data, kind) if call else serializer.loads(data, kind)
+    except Exception as exc:  # damaged data is shown, not fatal
+        return f"(cannot decode: {exc})"
+    if call:
+        args, kwargs = value
+        value = {"args": args, "kwargs": kwargs}
+    return json.dumps(value, indent=2, ensure_ascii=False, default=repr)
+
+
+def dismiss(backend: Persistence, record: JobRecord) -> bool:
+    """Take a dead letter off the list; the record stays (finished) until the queue's result_ttl removes it.
+
+    The protocol has no delete, and a finished record already expires; so this
+    rewrites the record's own outcome without the dead flag, guarded by its token.
+    """
+    if not record.dead or record.state not in FINISHED_STATES:
+        return False
+    outcome = Outcome(record.state, result=record.result, error=record.error, dead=False, finished=record.finished)
+    return backend.finish(record.id, record.token, outcome, expect=record.state)
+
+
+class Monitor:
+    def __init__(self, queue: SkunkQueue, *, store: str, token: str | None, refresh: float = 2.0) -> None:
+        self.queue = queue
+        self.store = store
+        self.guard = Guard(token)
+        self.refresh = refresh
+        self.refresher = Refresher(queue, refresh)
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                               autoescape=select_autoescape(["html"], default=True))
+        self.env.filters.update(when=_when, short=_short, age=_age)
+        self.env.globals.update(STATES=STATES, PAGE_SIZES=PAGE_SIZES)
+
+    # -- rendering -------------------------------------------------------------
+
+    def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        fragment = request.query_params.get("fragment") == "1"
+        context.update(request=request, queue=self.queue.name, store=self.store, read_only=self.guard.read_only,
+                       signed_in=self.guard.session_nonce(request) is not None, csrf=self.guard.csrf_for(request),
+                       refresh_ms=int(self.refresh * 1000), now=time.time(), msg=request.query_params.get("msg"),
+                       path=request.url.path, fragment=fragment,
+                       can_act=self.guard.session_nonce(request) is not None)
+        html = self.env.get_template(template).render(**context)
+        response = HTMLResponse(html, status_code=status)
+        # Every page is live data, and none may be framed by another site.
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def _back(self, request: Request, default: str, msg: str) -> RedirectResponse:
+        self.refresher.poke()  # every action changed the store: let the overview catch up now
+        target = default
+        form_next = request.query_params.get("next", "")
+        # Only paths of this site: never an absolute or protocol-relative address.
+        if form_next.startswith("/") and not form_next.startswith("//") and "\\" not in form_next:
+            target = form_next
+        sep = "&" if "?" in target else "?"
+        return RedirectResponse(f"{target}{sep}{urlencode({'msg': msg})}", status_code=303)
+
+    async def _guarded_form(self, request: Request) -> tuple[dict[str, Any], Response | None]:
+        form = await request.form()
+        values: dict[str, Any] = {key: form.getlist(key) for key in form.keys()}
+        csrf = form.get("csrf")
+        why = self.guard.refusal(request, csrf if isinstance(csrf, str) else None)
+        if why:
+            return values, self.render(request, "refused.html", status=403, reason=why)
+        return values, None
+
+    def _routes(self) -> list[str]:
+        # The filter's choices come from the latest overview: counting the store again per page would cost a scan.
+        return [row.route for row in self.refresher.get().rows]
+
+    # -- pages -------------------------------------------------------------------
+
+    def overview(self, request: Request) -> Response:
+        snap = self.refresher.get()
+        chart = None
+        if snap.throughput is not None:
+            t = snap.throughput
+            chart = charts.minute_bars(t.minutes, [("completed", "ok", t.completed), ("failed", "bad", t.failed),
+                                                   ("killed", "killed", t.killed)],
+                                       title="Finished attempts per minute, last hour")
+        return self.render(request, "overview.html", live=True, snap=snap, chart=chart, buckets=BUCKETS,
+                           store_error=self.refresher.error, build=self.refresher.last_build)
+
+    def jobs(self, request: Request) -> Response:
+        q = request.query_params
+        job_id = q.get("id", "").strip()
+        if job_id:
+            return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+        route, state, func = q.get("route") or None, q.get("state") or None, q.get("func") or None
+        if state is not None and state not in STATES:
+            state = None
+        size = _int(q.get("size"), 50)
+        size = size if size in PAGE_SIZES else 50
+        page_no = max(1, _int(q.get("page"), 1))
+        page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, offset=(page_no - 1) * size,
+                                  size=size)
+        routes = self._routes()
+        filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("size", str(size))) if v}
+        return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
+                           state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+
+    def job(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        record = self.queue.persistence.get(job_id)
+        if record is None:
+            return self.render(request, "missing.html", status=404, job_id=job_id)
+        return self.render(request, "job.html", live=True, r=record,
+                           arguments=_decode(record.payload, record.serializer, call=True),
+                           result=_decode(record.result, record.serializer, call=False))
+
+    def dead(self, request: Request) -> Response:
+        route = request.query_params.get("route") or None
+        func = request.query_params.get("func") or None
+        size = 100
+        page_no = max(1, _int(request.query_params.get("page"), 1))
+        page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, offset=(page_no - 1) * size,
+                                  size=size, dead=True)
+        routes = self._routes()
+        filters = {k: v for k, v in (("route", route), ("func", func)) if v}
+        return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
+                           func=func, filters=filters, urlencode=urlencode)
+
+    def workers(self, request: Request) -> Response:
+        now = time.time()
+        rows = sorted(self.queue.persistence.workers(), key=lambda w: (w.route, w.host, w.pid))
+        stale = {w.id: snapshot.is_stale(w, now) for w in rows}
+        # The registry does not say what a worker runs; the running records name their lease holder.
+        current = {r.owner: r for r in self.queue.persistence.list_jobs(state="running", limit=10_000) if r.owner}
+        return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current)
+
+    def metrics(self, request: Request) -> Response:
+        return Response(prometheus.render(self.queue, self.refresher.get()), media_type=prometheus.CONTENT_TYPE)
+
+    def purge_confirm(self, request: Request) -> Response:
+        route = request.query_params.get("route", "")
+        pending = self.queue.persistence.counts().get((route, "pending"), 0)
+        return self.render(request, "purge.html", route=route, pending=pending)
+
+    # -- signing in ----------------------------------------------------------------
+
+    def login_page(self, request: Request) -> Response:
+        return self.render(request, "login.html")
+
+    async def login(self, request: Request) -> Response:
+        if self.guard.read_only:
+            return self.render(request, "refused.html", status=403, reason="This monitor is read-only: there is "
+                               "no token to sign in with (start skunq web with --token).")
+        if not self.guard.same_origin(request):
+            return self.render(request, "refused.html", status=403,
+                               reason="Refused: the request came from another site.")
+        form = await request.form()
+        offered = form.get("token")
+        if not isinstance(offered, str) or not self.guard.token_matches(offered):
+            return self.render(request, "login.html", status=403, error="That is not the token.")
+        response = RedirectResponse("/?msg=Signed+in", status_code=303)
+        response.set_cookie(COOKIE, self.guard.new_session(), httponly=True, samesite="strict", path="/")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/?msg=Signed+out", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # -- actions -------------------------------------------------------------------
+
+    async def kill(self, request: Request) -> Response:
+        _, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        job_id = request.path_params["job_id"]
+        state = self.queue.kill(job_id)
+        msg = {None: f"No job {job_id}.", "killed": f"Killed {job_id}.",
+               "running": f"Kill requested: {job_id} is interrupted within a second."}.get(
+                   state, f"{job_id} had already ended ({state}).")
+        return self._back(request, f"/jobs/{job_id}", msg)
+
+    async def retry(self, request: Request) -> Response:
+        _, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        job_id = request.path_params["job_id"]
+        ok = self.queue.retry(job_id)
+        return self._back(request, f"/jobs/{job_id}", f"Requeued {job_id}." if ok else f"{job_id} is not finished.")
+
+    async def dismiss_one(self, request: Request) -> Response:
+        _, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        job_id = request.path_params["job_id"]
+        record = self.queue.persistence.get(job_id)
+        ok = record is not None and dismiss(self.queue.persistence, record)
+        return self._back(request, "/dead", f"Removed {job_id} from the dead letters." if ok
+                          else f"{job_id} is not a dead letter.")
+
+    async def dead_bulk(self, request: Request) -> Response:
+        form, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        action = (form.get("action") or [""])[0]
+        if action not in ("retry", "dismiss"):
+            return self.render(request, "refused.html", status=400, reason="Unknown action.")
+        backend = self.queue.persistence
+        if (form.get("scope") or [""])[0] == "matching":
+            route = (form.get("route") or [""])[0] or None
+            func = ((form.get("func") or [""])[0] or "").lower()
+            records = [r for r in backend.list_jobs(route=route, state=ERROR, dead=True, limit=BULK_LIMIT)
+                       if func in r.func.lower()]
+        else:
+            records = [r for r in (backend.get(i) for i in form.get("ids", [])[:BULK_LIMIT]) if r is not None]
+        if action == "retry":
+            done = sum(1 for r in records if r.dead and self.queue.retry(r.id))
+            msg = f"Requeued {done} dead letter(s)."
+        else:
+            done = sum(1 for r in records if dismiss(backend, r))
+            msg = f"Removed {done} job(s) from the dead letters."
+        return self._back(request, "/dead", msg)
+
+    async def purge(self, request: Request) -> Response:
+        form, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        route = (form.get("route") or [""])[0]
+        if (form.get("confirm") or [""])[0] != route or not route:
+            return self._back(request, "/", "Purge not confirmed: type the route's name to confirm.")
+        n = self.queue.purge(route)
+        return self._back(request, "/", f"Purged {n} pending job(s) from {route}.")
+
+
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        return default
+
+
+async def _store_error(request: Request, exc: Exception) -> Response:
+    # A store that is down or refuses us: one clear line, no traceback in the page.
+    return PlainTextResponse(f"The store did not answer: {exc}", status_code=503)
+
+
+def create_app(queue: SkunkQueue, *, store: str, token: str | None, refresh: float = 2.0,
+               allowed_hosts: list[str] | None = None) -> Starlette:
+    m = Monitor(queue, store=store, token=token, refresh=refresh)
+    routes = [
+        Route("/", m.overview), Route("/jobs", m.jobs), Route("/jobs/{job_id}", m.job),
+        Route("/dead", m.dead), Route("/workers", m.workers), Route("/metrics", m.metrics),
+        Route("/purge", m.purge_confirm), Route("/login", m.login_page),
+        Route("/login", m.login, methods=["POST"]), Route("/logout", m.logout, methods=["POST"]),
+        Route("/jobs/{job_id}/kill", m.kill, methods=["POST"]),
+        Route("/jobs/{job_id}/retry", m.retry, methods=["POST"]),
+        Route("/jobs/{job_id}/dismiss", m.dismiss_one, methods=["POST"]),
+        Route("/dead", m.dead_bulk, methods=["POST"]),
+        Route("/purge", m.purge, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    # Refuse other Host names, so a hostile page cannot reach a loopback monitor by DNS rebinding.
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "[::1]"])]
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={SkunkQueueError: _store_error, ConnectionError: _store_error})
+    app.state.monitor = m
+    return app

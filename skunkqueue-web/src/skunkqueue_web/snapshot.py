@@ -1,0 +1,129 @@
+"""What the monitor shows, read from any backend through the Persistence protocol only.
+
+Nothing here knows which store it talks to: counts, dead letters and the
+longest wait come from ``summary()``, throughput from the workers'
+per-minute counters (``stats``) when the backend keeps them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from skunkqueue.housekeeping import WORKER_TTL
+from skunkqueue.metrics import BUCKETS, COUNTED, RouteMinute, bucket_name
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import STATES, JobRecord, WorkerInfo
+
+# Throughput charts cover this many minutes, the current one last.
+CHART_MINUTES = 60
+
+
+@dataclass
+class RouteRow:
+    route: str
+    states: dict[str, int]
+    dead: int
+    oldest_pending_age: float | None  # seconds a due job has waited; None: nothing due
+
+
+@dataclass
+class Throughput:
+    """Per-minute counters summed over routes, oldest first; None when the backend keeps none."""
+
+    minutes: list[int]
+    completed: list[int]
+    failed: list[int]
+    killed: list[int]
+    per_route: dict[str, dict[str, int]]       # route -> counter -> sum over the window
+    buckets: dict[str, list[int]]              # route -> histogram bucket counts over the window
+    duration_us: dict[str, int]                # route -> summed run time over the window
+
+
+@dataclass
+class Overview:
+    taken: float
+    rows: list[RouteRow]
+    dead_capped: bool
+    workers: list[WorkerInfo]
+    throughput: Throughput | None
+    totals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dead(self) -> int:
+        return sum(r.dead for r in self.rows)
+
+    @property
+    def workers_alive(self) -> int:
+        return sum(1 for w in self.workers if not is_stale(w, self.taken))
+
+
+def is_stale(worker: WorkerInfo, now: float) -> bool:
+    """A worker whose heartbeat is older than the registry's reaping age is probably gone."""
+    return now - worker.last_seen > WORKER_TTL
+
+
+def overview(queue: SkunkQueue, *, now: float | None = None) -> Overview:
+    backend = queue.persistence
+    now = time.time() if now is None else now
+    summary = backend.summary(now)
+    rows = [RouteRow(r.route, r.states, r.dead, None if r.oldest_due is None else now - r.oldest_due)
+            for r in summary.routes]
+    totals = {state: sum(r.states[state] for r in rows) for state in STATES}
+    return Overview(taken=now, rows=rows, dead_capped=summary.dead_capped,
+                    workers=sorted(backend.workers(), key=lambda w: (w.route, w.host, w.pid)),
+                    throughput=throughput(queue, now), totals=totals)
+
+
+def throughput(queue: SkunkQueue, now: float) -> Throughput | None:
+    backend = queue.persistence
+    if not backend.keeps_stats:
+        return None
+    last = int(now // 60)
+    first = last - CHART_MINUTES + 1
+    minutes = list(range(first, last + 1))
+    series = {name: [0] * CHART_MINUTES for name in COUNTED}
+    per_route: dict[str, dict[str, int]] = {}
+    buckets: dict[str, list[int]] = {}
+    duration: dict[str, int] = {}
+    sample: RouteMinute
+    for sample in backend.stats(first):
+        if not first <= sample.minute <= last:
+            continue
+        for name in COUNTED:
+            series[name][sample.minute - first] += sample.counts.get(name, 0)
+        route_sums = per_route.setdefault(sample.route, dict.fromkeys(COUNTED, 0))
+        for name in COUNTED:
+            route_sums[name] += sample.counts.get(name, 0)
+        hist = buckets.setdefault(sample.route, [0] * (len(BUCKETS) + 1))
+        for i in range(len(BUCKETS) + 1):
+            hist[i] += sample.counts.get(bucket_name(i), 0)
+        duration[sample.route] = duration.get(sample.route, 0) + sample.counts.get("duration_us", 0)
+    return Throughput(minutes, series["completed"], series["failed"], series["killed"], per_route, buckets,
+                      duration)
+
+
+@dataclass
+class Page:
+    records: list[JobRecord]
+    offset: int
+    size: int
+    more: bool
+
+
+def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: str | None,
+              offset: int, size: int, dead: bool | None = None) -> Page:
+    """One page of records in (due, id) order; ``func`` matches any part of the function's name.
+
+    The protocol lists from the start, so page N reads N pages' worth of records:
+    fine for a person paging a few screens, and bounded by ``limit`` in every backend.
+    """
+    wanted = offset + size + 1
+    if func:
+        # The function filter runs here, so read enough records to fill the page after it.
+        found = [r for r in queue.persistence.list_jobs(route=route, state=state, dead=dead,
+                                                        limit=max(wanted * 50, 50_000))
+                 if func.lower() in r.func.lower()]
+    else:
+        found = queue.persistence.list_jobs(route=route, state=state, dead=dead, limit=wanted)
+    return Page(found[offset:offset + size], offset, size, len(found) > offset + size)

@@ -1,0 +1,77 @@
+"""Jobs paging and filters, find by id, and dead letters acted on one, a selection, or all matching."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from conftest import Store, Web
+from test_web_security import TOKEN, call
+
+from skunkqueue import policy
+
+
+def rows(html: str) -> list[str]:
+    """The job ids listed in a page's table, in order."""
+    return re.findall(r'<td class="mono"><a href="/jobs/([0-9a-f]+)">', html)
+
+
+def make_dead(store: Store, name: str, n: int) -> list[str]:
+    """Fire ``n`` jobs and fail each once, as a worker would, so they end in the dead-letter list."""
+    store.job(name).fire_many([("x",)] * n)
+    backend = store.queue_handle().persistence
+    ids = []
+    for record in backend.claim("fast", "test-worker", 30, limit=n):
+        error = {"type": "ValueError", "message": f"{name} failed", "traceback": "Traceback ..."}
+        assert backend.finish(record.id, record.token, policy.failed(record, error))
+        ids.append(record.id)
+    assert len(ids) == n
+    return ids
+
+
+def test_jobs_are_paged_filtered_and_found_by_id(sqlite_store: Store, start_web: Callable[..., Web]) -> None:
+    handles = sqlite_store.job("add").fire_many([(i, i) for i in range(120)])
+    booms = [sqlite_store.job("boom").fire(str(i)).ids[0] for i in range(5)]
+    web = start_web(sqlite_store)
+    first = call(web, "GET", "/jobs?size=50")[2]
+    assert rows(first) == [h.id for h in handles[:50]]  # (due, id) order: firing order
+    assert 'id="next-page"' in first
+    last = call(web, "GET", "/jobs?size=50&page=3")[2]
+    assert rows(last) == [h.id for h in handles[100:]] + booms and 'id="next-page"' not in last
+    assert rows(call(web, "GET", "/jobs?func=BOOM")[2]) == booms        # any part, any case
+    assert rows(call(web, "GET", "/jobs?state=complete")[2]) == []
+    assert rows(call(web, "GET", "/jobs?route=nosuch")[2]) == []
+    assert rows(call(web, "GET", "/jobs?state=bogus&size=7")[2])[:2] == [h.id for h in handles[:2]]  # ignored
+    status, headers, _ = call(web, "GET", f"/jobs?id={booms[2]}")
+    assert status == 303 and headers["location"] == f"/jobs/{booms[2]}"
+    status, _, missing = call(web, "GET", "/jobs/ffffffffffffffffffffffffff")
+    assert status == 404 and "No job ffffffffffffffffffffffffff" in missing
+
+
+def test_dead_letters_one_selection_or_all_matching(sqlite_store: Store, start_web: Callable[..., Web]) -> None:
+    booms = make_dead(sqlite_store, "boom", 4)
+    files = make_dead(sqlite_store, "needs_file", 3)
+    web = start_web(sqlite_store, token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert sorted(rows(call(web, "GET", "/dead")[2])) == sorted(booms + files)
+    # One: remove it from the list (the record stays until it expires).
+    assert call(web, "POST", f"/jobs/{booms[0]}/dismiss", {}, headers=bearer)[0] == 303
+    record = sqlite_store.queue_handle().get(booms[0])
+    assert record is not None and record.state == "error" and not record.dead
+    # A selection: retry two of them.
+    status, headers, _ = call(web, "POST", "/dead", {"action": "retry", "scope": "selected", "ids": files[0]},
+                              headers=bearer)
+    assert status == 303 and "Requeued+1" in headers["location"]
+    assert sqlite_store.queue_handle().get(files[0]).state == "pending"  # type: ignore[union-attr]
+    # All matching a filter: every remaining dead boom, and nothing else.
+    status, headers, _ = call(web, "POST", "/dead", {"action": "dismiss", "scope": "matching", "func": "boom"},
+                              headers=bearer)
+    assert status == 303 and "Removed+3" in headers["location"]
+    assert sorted(rows(call(web, "GET", "/dead")[2])) == sorted(files[1:])
+    status, headers, _ = call(web, "POST", "/dead", {"action": "retry", "scope": "matching", "route": "fast"},
+                              headers=bearer)
+    assert "Requeued+2" in headers["location"]
+    assert rows(call(web, "GET", "/dead")[2]) == []
+    assert sqlite_store.queue_handle().counts() == {("fast", "pending"): 3, ("fast", "error"): 4}
+    # A job that is not a dead letter is left alone.
+    assert "not+a+dead+letter" in call(web, "POST", f"/jobs/{booms[1]}/dismiss", {}, headers=bearer)[1]["location"]
