@@ -1,0 +1,141 @@
+"""FoundationDB claim contention: claims/s and conflict retries per job for 1, 4, 16, 32 claimers.
+
+Runs on the FoundationDB STAND-IN (tests/fdb/standin, not a real FoundationDB)
+with emulated per-request and per-commit latency, because no FoundationDB can
+be installed where this runs. What it measures is the backend's design under
+optimistic concurrency: how many claims conflict and are retried when N
+claimers take from one route at once. Claimers are threads of one process,
+each with its own connection, so they overlap while they wait on latency.
+
+``python -m benchmarks.fdb_contention [--claimers 1,4,16,32] [--seconds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+STANDIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "fdb" / "standin"
+LABEL = "fdb stand-in (not a real FoundationDB)"
+
+
+def _activate_standin() -> Any:
+    loaded = sys.modules.get("fdb")
+    if loaded is not None and not getattr(loaded, "STANDIN", False):
+        raise RuntimeError("the real fdb bindings are already imported; run this in its own process")
+    if str(STANDIN_DIR) not in sys.path:
+        sys.path.insert(0, str(STANDIN_DIR))
+    from fdb.standin_faults import FAULTS
+
+    return FAULTS
+
+
+def _record(queue: str, n: int) -> Any:
+    from skunkqueue.record import JobRecord, new_id
+
+    now = time.time() - 1
+    return JobRecord(id=new_id(), queue=queue, route="r", func="benchmarks.jobs:noop", payload=b"[[],{}]",
+                     due=now, created=now + n * 1e-6)
+
+
+def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, latency: tuple[float, float],
+            log: Callable[[str], None]) -> dict[str, float]:
+    from skunkqueue_fdb.persistence import FDBPersistence
+
+    queue = f"contention-{uuid.uuid4().hex[:8]}"
+    store = FDBPersistence(queue, url=cluster_file, db="skunqbench")
+    # Enough backlog that no claimer runs dry: about 400 claims/s per claimer at most.
+    backlog = int(max(2000, claimers * seconds * 400))
+    faults.request_latency = faults.commit_latency = 0.0
+    for start in range(0, backlog, 1000):
+        store.enqueue([_record(queue, n) for n in range(start, min(backlog, start + 1000))])
+    faults.request_latency, faults.commit_latency = latency
+    claimed = [0] * claimers
+    stop = threading.Event()
+    ready = threading.Barrier(claimers + 1)
+
+    def claimer(i: int) -> None:
+        store.counts()  # open this thread's connection before the clock starts
+        ready.wait()
+        while not stop.is_set():
+            got = store.claim("r", f"w{i}", 60)
+            claimed[i] += len(got)
+            if not got:
+                break
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    before = dict(faults.stats)
+    started = time.monotonic()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    conflicts = faults.stats["conflicts"] - before["conflicts"]
+    total = sum(claimed)
+    faults.request_latency = faults.commit_latency = 0.0
+    counts = store.counts()
+    store.close()
+    if counts.get(("r", "running"), 0) != total:
+        raise RuntimeError(f"{claimers} claimers: claimed {total} but {counts} are stored")
+    result = {"claimers": claimers, "claims_per_s": total / elapsed, "retries_per_job": conflicts / max(total, 1),
+              "claims": total}
+    log(f"fdb contention: {claimers:>2} claimers {result['claims_per_s']:8.1f} claims/s "
+        f"{result['retries_per_job']:.3f} conflict retries/job")
+    return result
+
+
+def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float,
+        log: Callable[[str], None]) -> list[dict[str, float]]:
+    faults = _activate_standin()
+    work = Path(tempfile.mkdtemp(prefix="skunqbench-fdb-"))
+    server = subprocess.Popen([sys.executable, str(STANDIN_DIR / "standin_server.py")], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        cluster_file = work / "fdb.cluster"
+        cluster_file.write_text(f"bench:{uuid.uuid4().hex[:8]}@127.0.0.1:{port}\n")
+        return [measure(str(cluster_file), n, seconds, faults, (request_ms / 1000, commit_ms / 1000), log)
+                for n in claimers]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def table(results: list[dict[str, float]], request_ms: float, commit_ms: float) -> str:
+    lines = [f"FoundationDB claim contention on the {LABEL}, "
+             f"{request_ms} ms per request + {commit_ms} ms per commit",
+             f"{'claimers':>9} {'claims/s':>10} {'retries/job':>12}"]
+    lines += [f"{r['claimers']:>9} {r['claims_per_s']:>10.1f} {r['retries_per_job']:>12.3f}" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fdb_contention", description=__doc__.split("\n")[0])
+    p.add_argument("--claimers", default="1,4,16,32", help="claimer counts to run (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per run (default: %(default)s)")
+    p.add_argument("--request-ms", type=float, default=1.0, help="latency per request (default: %(default)s)")
+    p.add_argument("--commit-ms", type=float, default=1.0, help="extra latency per commit (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        counts = [int(n) for n in args.claimers.split(",")]
+    except ValueError:
+        raise SystemExit(f"--claimers takes numbers separated by commas, not {args.claimers!r}") from None
+    results = run(counts, args.seconds, args.request_ms, args.commit_ms,
+                  lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(results, args.request_ms, args.commit_ms))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
