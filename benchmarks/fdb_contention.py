@@ -51,8 +51,8 @@ def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, laten
 
     queue = f"contention-{uuid.uuid4().hex[:8]}"
     store = FDBPersistence(queue, url=cluster_file, db="skunqbench")
-    # Enough backlog that no claimer runs dry: about 400 claims/s per claimer at most.
-    backlog = int(max(2000, claimers * seconds * 400))
+    # Enough backlog that no claimer runs dry: about 150 claims/s per claimer at most.
+    backlog = int(max(1000, claimers * seconds * 150))
     faults.request_latency = faults.commit_latency = 0.0
     for start in range(0, backlog, 1000):
         store.enqueue([_record(queue, n) for n in range(start, min(backlog, start + 1000))])

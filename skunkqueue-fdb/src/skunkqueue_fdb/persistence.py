@@ -16,6 +16,23 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("count", route, state)      record counts (atomic adds: no conflicts)
     ("wake", route)              bumped when work arrives; idle workers watch it
     ("worker", id)               the worker registry (JSON)
+    ("applied", created, nonce)  a step's marker: written with the step, read on retry
+
+A commit can fail with commit_unknown_result (1021), or time out (1031),
+after it applied. FoundationDB's advice is to make transactions idempotent;
+here each protocol step that changes records is given a marker key, made
+outside the retry loop, written in the same transaction and read (with a
+conflict range on it) by every retry: if the marker is there, the step
+applied and its stored outcome is returned instead of doing it twice. The
+first attempt adds the conflict range without reading, so two attempts of a
+step can never both commit. Markers are deleted by housekeeping after
+``APPLIED_KEEP`` seconds, far longer than any retry loop lasts.
+
+Claims spread over the due index when they conflict: each claim reads a
+window of due entries with a snapshot read, picks its records at random from
+it and reads only those records with conflicting reads, so two claimers
+conflict only if they pick the same record. The window is ``limit`` (strict
+order) while claims do not conflict and widens as they do.
 
 The due index ends in a versionstamp: ties between equal due times go in
 commit order (within one enqueue, in the order given) without a shared
@@ -28,8 +45,10 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import threading
 import time
+import uuid
 from typing import Any, Callable, Sequence, TypeVar
 
 import fdb
@@ -52,6 +71,17 @@ EXPIRE_BATCH = 100
 _COUNTER_ONE = (1).to_bytes(8, "little", signed=True)
 _COUNTER_MINUS_ONE = (-1).to_bytes(8, "little", signed=True)
 _SIZE_ERRORS = {2101, 2102, 2103}  # transaction_too_large, key_too_large, value_too_large
+# A commit that may have applied: commit_unknown_result, and a timeout raised during commit.
+_MAYBE_APPLIED = {1021, 1031}
+# Markers outlive any retry loop (bounded by the transaction timeout) by far;
+# a housekeeper whose clock runs this much ahead could delete one too early.
+APPLIED_KEEP = 300.0
+# How wide a claim's window may grow, in records per claimed record.
+CLAIM_SPREAD_MAX = 512
+# list_jobs pages: rows per transaction adapt so that a page stays near this many bytes.
+SCAN_PAGE_BYTES = 1_000_000
+# A watch that fires with an error or without a change: wait this long, doubling, before the next.
+WATCH_BACKOFF = (0.05, 1.0)
 
 _T = TypeVar("_T")
 
@@ -164,6 +194,46 @@ class FDBPersistence(Persistence):
         self._count = self.space["count"]
         self._wake = self.space["wake"]
         self._workers = self.space["worker"]
+        self._applied = self.space["applied"]
+        # Per route: how many candidates per claimed record the next claim reads (1: strict order).
+        self._spread: dict[str, float] = {}
+        self._watch_backoff = 0.0
+
+    # -- one protocol step, applied once however its commit fails ----------------------------
+
+    def _once(self, step: Callable[[Any], tuple[_T, Any]], replay: Callable[[Any, Any], _T],
+              attempts: list[int] | None = None) -> _T:
+        """Run ``step(tr) -> (result, memo)`` so that it applies at most once.
+
+        ``replay(tr, memo)`` answers a retry whose earlier attempt did apply.
+        @fdb.transactional would retry 1021 but give up on a 1031 raised during
+        commit, leaving the caller unsure; this loop also retries that once,
+        with a fresh timeout, and the marker tells whether it had applied.
+        """
+        marker = self._applied.pack((time.time(), uuid.uuid4().hex))
+        tries = attempts if attempts is not None else [0]
+        tr = self._db.create_transaction()
+        timed_out_once = False
+        while True:
+            committing = False
+            try:
+                tries[0] += 1
+                tr.add_read_conflict_key(marker)
+                if tries[0] > 1:
+                    prior = tr[marker]
+                    if prior.present():
+                        return replay(tr, json.loads(bytes(prior)))
+                result, memo = step(tr)
+                tr[marker] = json.dumps(memo, separators=(",", ":")).encode()
+                committing = True
+                tr.commit().wait()
+                return result
+            except fdb.FDBError as exc:
+                if exc.code == 1031 and committing and not timed_out_once:
+                    timed_out_once = True
+                    tr = self._db.create_transaction()  # with the database's timeout, from now
+                    continue
+                tr.on_error(exc).wait()  # raises what cannot be retried
 
     # -- reading and writing one record (inside a transaction) ----------------------------
 
@@ -173,6 +243,14 @@ class FDBPersistence(Persistence):
         for kv in tr.get_range(span.start, span.stop):
             stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
         return None if stored.raw_meta is None and not stored.payload else stored
+
+    def _read_meta(self, tr: Any, job_id: str) -> _Stored | None:
+        """A record's fields and due-index slot, without payload or result chunks."""
+        stored = _Stored(job_id)
+        meta, slot = tr[self._jobs.pack((job_id, "meta"))], tr[self._jobs.pack((job_id, "slot"))]
+        stored.raw_meta = bytes(meta) if meta.present() else None
+        stored.slot = bytes(slot) if slot.present() else None
+        return None if stored.raw_meta is None and stored.slot is None else stored
 
     def _unindex(self, tr: Any, stored: _Stored) -> None:
         """Take a record out of the indexes and counts of the state it is leaving."""
@@ -249,12 +327,12 @@ class FDBPersistence(Persistence):
                 f"holds at most {TRANSACTION_BUDGET} (and 65535 jobs). Fire them in smaller batches."
             )
 
-        @fdb.transactional
-        def store(tr: Any) -> None:
+        def store(tr: Any) -> tuple[None, None]:
             for position, record in enumerate(records):
                 self._write(tr, record, payload=True, result=record.result is not None, position=position)
+            return None, None
 
-        store(self._db)
+        self._once(store, lambda _tr, _memo: None)
 
     @_translate
     def get(self, job_id: str) -> JobRecord | None:
@@ -276,12 +354,19 @@ class FDBPersistence(Persistence):
         found.sort(key=lambda r: (r.due, r.id))
         return found[:limit]
 
-    def _scan(self, page: int = 2000) -> list[_Stored]:
-        """Every record of the queue, a page per transaction (one transaction must stay under 5 s)."""
+    def _scan(self) -> list[_Stored]:
+        """Every record of the queue, a page per transaction (one transaction must stay under 5 s).
+
+        Values can be 90 kB each: the page's row count follows the bytes the
+        last page held, so that a page stays near SCAN_PAGE_BYTES.
+        """
         begin, end = self._jobs.range().start, self._jobs.range().stop
         everything: list[_Stored] = []
+        page = 100
         while True:
-            kvs = fdb.transactional(lambda tr, b=begin: list(tr.snapshot.get_range(b, end, limit=page)))(self._db)
+            kvs = fdb.transactional(lambda tr, b=begin, n=page: list(tr.snapshot.get_range(b, end, limit=n)))(
+                self._db)
+            size = sum(len(kv.key) + len(kv.value) for kv in kvs)
             groups: dict[str, list[Any]] = {}
             for kv in kvs:
                 try:
@@ -302,6 +387,7 @@ class FDBPersistence(Persistence):
                 everything.append(stored)
             if not full:
                 return everything
+            page = max(10, min(2000, int(page * SCAN_PAGE_BYTES / max(size, 1))))
 
     @_translate
     def counts(self) -> dict[tuple[str, str], int]:
@@ -319,65 +405,73 @@ class FDBPersistence(Persistence):
     def purge(self, route: str, *, target: str | None = None) -> int:
         span = self._due.range((route,) if target is None else (route, target))
 
-        @fdb.transactional
-        def purge_some(tr: Any) -> tuple[int, bool]:
+        def purge_some(tr: Any) -> tuple[tuple[int, bool], list[Any]]:
             entries = list(tr.snapshot.get_range(span.start, span.stop, limit=200))
             deleted = 0
             for kv in entries:
                 job_id = self._due.unpack(kv.key)[-1]
-                stored = self._read(tr, job_id)
+                stored = self._read_meta(tr, job_id)
                 meta = stored.meta() if stored else None
                 if stored is None or stored.slot != kv.key:
                     tr.clear(kv.key)  # an entry left behind by something else: drop it
                 elif meta is None or meta.get("state") == PENDING:
                     self._delete(tr, stored)
                     deleted += 1
-            return deleted, len(entries) == 200
+            done = (deleted, len(entries) == 200)
+            return done, list(done)
 
         total, more = 0, True
         while more:
-            deleted, more = purge_some(self._db)
+            deleted, more = self._once(purge_some, lambda _tr, memo: (int(memo[0]), bool(memo[1])))
             total += deleted
         return total
 
     @_translate
     def request_kill(self, job_id: str) -> bool:
-        @fdb.transactional
-        def flag(tr: Any) -> bool:
+        def flag(tr: Any) -> tuple[bool, bool]:
             stored = self._read(tr, job_id)
             if stored is None:
-                return False
+                return False, False
             try:
                 record = stored.record()
             except MalformedRecord:
-                return False
+                return False, False
             if record.state != RUNNING:
-                return False
+                return False, False
             record.kill_requested = True
             self._unindex(tr, stored)
             self._write(tr, record)
-            return True
+            return True, True
 
-        return flag(self._db)
+        return self._once(flag, lambda _tr, memo: bool(memo))
 
     # -- workers --------------------------------------------------------------------------------
 
     @_translate
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
-        @fdb.transactional
-        def take(tr: Any) -> list[JobRecord]:
+        attempts = [0]
+
+        def take(tr: Any) -> tuple[list[JobRecord], list[list[Any]]]:
+            if attempts[0] > 1:  # the last attempt conflicted with another claimer: spread wider
+                self._spread[route] = min(CLAIM_SPREAD_MAX, self._spread.get(route, 1.0) * 2)
             now = time.time()
-            candidates: list[tuple[bytes, bytes, str]] = []
+            window = max(limit, int(limit * self._spread.get(route, 1.0)))
+            candidates: list[tuple[bytes, bytes]] = []
             for target in ("", worker_id):
                 prefix = self._due.pack((route, target))
-                # A snapshot read: a producer adding work must not abort this claim.
-                # What makes the claim exclusive is the normal read of each record below.
+                # A snapshot read: a producer adding work, or another claimer taking a
+                # different record of this window, must not abort this claim. What makes
+                # the claim exclusive is the conflicting read of each chosen record below.
                 for kv in tr.snapshot.get_range(prefix, self._due.pack((route, target, now)) + b"\xff",
-                                                limit=limit):
-                    candidates.append((kv.key[len(prefix):], kv.key, self._due.unpack(kv.key)[-1]))
+                                                limit=window):
+                    candidates.append((kv.key[len(prefix):], kv.key))
             candidates.sort()
+            candidates = candidates[:window]
+            if len(candidates) > limit:
+                candidates = sorted(random.sample(candidates, limit))
             claimed = []
-            for _order, key, job_id in candidates[:limit]:
+            for _order, key in candidates:
+                job_id = self._due.unpack(key)[-1]
                 stored = self._read(tr, job_id)
                 if stored is None or stored.slot != key:
                     tr.clear(key)  # stale or foreign index entry
@@ -391,14 +485,31 @@ class FDBPersistence(Persistence):
                 record.claim_by(worker_id, now, lease)
                 self._write(tr, record)
                 claimed.append(record)
-            return claimed
+            return claimed, [[r.id, r.token] for r in claimed]
 
-        return take(self._db)
+        def replay(tr: Any, memo: list[list[Any]]) -> list[JobRecord]:
+            # The earlier attempt claimed these: hand them over, if still ours.
+            records = []
+            for job_id, token in memo:
+                stored = self._read(tr, job_id)
+                try:
+                    record = stored.record() if stored else None
+                except MalformedRecord:
+                    continue
+                if record is not None and record.state == RUNNING and record.token == token \
+                        and record.worker == worker_id:
+                    records.append(record)
+            return records
+
+        claimed = self._once(take, replay, attempts)
+        if attempts[0] == 1 and route in self._spread:
+            # No conflict: drift back towards strict order.
+            self._spread[route] = max(1.0, self._spread[route] * 0.97)
+        return claimed
 
     @_translate
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
-        @fdb.transactional
-        def extend(tr: Any) -> dict[str, str]:
+        def extend(tr: Any) -> tuple[dict[str, str], dict[str, str]]:
             until = time.time() + lease
             statuses = {}
             for job_id, token in leases:
@@ -414,25 +525,24 @@ class FDBPersistence(Persistence):
                 record.lease_until = until
                 self._write(tr, record)
                 statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
-            return statuses
+            return statuses, statuses
 
-        return extend(self._db)
+        return self._once(extend, lambda _tr, memo: dict(memo))
 
     @_translate
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
-        @fdb.transactional
-        def apply(tr: Any) -> bool:
+        def apply(tr: Any) -> tuple[bool, bool]:
             stored = self._read(tr, job_id)
             if stored is None:
-                return False
+                return False, False
             record = stored.record()
             if record.state != expect or record.token != token:
-                return False
+                return False, False
             self._unindex(tr, stored)
             self._write(tr, outcome.apply_to(record, time.time()), result=True)
-            return True
+            return True, True
 
-        return apply(self._db)
+        return self._once(apply, lambda _tr, memo: bool(memo))
 
     @_translate
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
@@ -459,10 +569,14 @@ class FDBPersistence(Persistence):
     def _delete_expired(self, now: float) -> None:
         @fdb.transactional
         def delete(tr: Any) -> None:
+            # Markers of steps long over: a blind range clear, which conflicts with nothing.
+            old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
+            if tr.snapshot.get_range(*old, limit=1):
+                tr.clear_range(*old)
             for kv in tr.snapshot.get_range(self._expire.range().start, self._expire.pack((now,)),
                                             limit=EXPIRE_BATCH):
                 expire_at, job_id = self._expire.unpack(kv.key)
-                stored = self._read(tr, job_id)
+                stored = self._read_meta(tr, job_id)
                 meta = stored.meta() if stored else None
                 if stored is not None and meta is not None and meta.get("_expire") == expire_at:
                     self._delete(tr, stored)
@@ -518,8 +632,10 @@ class FDBPersistence(Persistence):
 
     @_translate
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+        wakes = [self._wake.pack((route,)) for route in routes]
+
         @fdb.transactional
-        def arm(tr: Any) -> tuple[float | None, list[Any]]:
+        def arm(tr: Any) -> tuple[float | None, list[Any], list[Any]]:
             next_due = None
             for route in routes:
                 for target in ("", worker_id):
@@ -527,13 +643,31 @@ class FDBPersistence(Persistence):
                     for kv in tr.snapshot.get_range(span.start, span.stop, limit=1):
                         due = self._due.unpack(kv.key)[2]
                         next_due = due if next_due is None else min(next_due, due)
-            return next_due, [tr.watch(self._wake.pack((route,))) for route in routes]
+            seen = [tr.snapshot[key] for key in wakes]
+            return next_due, [_raw(v) for v in seen], [tr.watch(key) for key in wakes]
 
-        next_due, watches = arm(self._db)
-        if next_due is not None:
-            # A watch fires on new work, not when scheduled work becomes due.
-            timeout = min(timeout, next_due - time.time())
-        _wait_any(watches, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            next_due, seen, watches = arm(self._db)
+            left = deadline - time.monotonic()
+            if next_due is not None:
+                # A watch fires on new work, not when scheduled work becomes due.
+                left = min(left, next_due - time.time())
+            fired = _wait_any(watches, left)
+            if fired is None:
+                return
+            if _succeeded(fired):
+                now = fdb.transactional(lambda tr: [_raw(tr.snapshot[key]) for key in wakes])(self._db)
+                if now != seen:
+                    self._watch_backoff = 0.0
+                    return
+            # An error (too many watches, a cluster hiccup) or a fire without a change:
+            # wait before watching again, so that the worker does not spin.
+            self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
+            pause = min(self._watch_backoff, deadline - time.monotonic())
+            if pause <= 0:
+                return
+            time.sleep(pause)
 
     @_translate
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
@@ -544,6 +678,7 @@ class FDBPersistence(Persistence):
             stored = self._read(tr, job_id)
             return stored, tr.watch(self._jobs.pack((job_id, "meta"))) if stored is not None else None
 
+        backoff, last = 0.0, None
         while True:
             stored, watch = look(self._db)
             record = stored.record() if stored is not None else None
@@ -552,16 +687,44 @@ class FDBPersistence(Persistence):
                 if watch is not None:
                     watch.cancel()
                 return record
+            if last is not None and stored is not None and stored.raw_meta == last:
+                # Woken with nothing changed (a spurious fire, or an error): do not spin.
+                backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], backoff * 2))
+                time.sleep(backoff if left is None else min(backoff, left))
+            else:
+                backoff = 0.0
+            last = stored.raw_meta if stored is not None else None
             # A watch may miss a change that is undone at once; look again now and then.
+            left = None if deadline is None else deadline - time.monotonic()
             _wait_any([watch], 5.0 if left is None else min(left, 5.0))
 
 
-def _wait_any(watches: list[Any], timeout: float) -> None:
-    """Block until a watch fires or ``timeout`` passes; then cancel them all."""
+def _raw(value: Any) -> bytes | None:
+    return bytes(value) if value.present() else None
+
+
+def _succeeded(future: Any) -> bool:
+    try:
+        future.wait()
+    except fdb.FDBError:
+        return False
+    return True
+
+
+def _wait_any(watches: list[Any], timeout: float) -> Any | None:
+    """Block until a watch fires or ``timeout`` passes; cancel them all; return the one that fired."""
     woken = threading.Event()
+    fired: list[Any] = []
+
+    def on_fire(future: Any) -> None:
+        fired.append(future)
+        woken.set()
+
     for watch in watches:
-        watch.on_ready(lambda _future: woken.set())
+        watch.on_ready(on_fire)
     if timeout > 0:
         woken.wait(timeout)
+    first = fired[0] if fired else None
     for watch in watches:
         watch.cancel()
+    return first
