@@ -497,7 +497,7 @@ class FDBPersistence(Persistence):
                 except MalformedRecord:
                     continue
                 if record is not None and record.state == RUNNING and record.token == token \
-                        and record.worker == worker_id:
+                        and record.owner == worker_id:
                     records.append(record)
             return records
 

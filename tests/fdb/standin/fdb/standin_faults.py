@@ -6,7 +6,8 @@ processes, through ``SKUNKQUEUE_FDB_STANDIN`` (JSON, read at import)::
 
     {"request_latency_ms": 0.5, "commit_latency_ms": 1.0, "client_max_api": 730,
      "watch_limit": 10000, "spurious_watch_rate": 0.1, "spurious_watch_error": 1009,
-     "rules": [{"kind": "apply_then_1021", "key_contains": "lease", "rate": 0.3, "times": -1}]}
+     "rules": [{"kind": "apply_then_1021", "key_contains": "lease", "rate": 0.3, "times": -1}],
+     "stats_file": "/tmp/counts"}   # each process appends its counts (a JSON line) at exit
 
 Rule kinds are what a real cluster can do to a transaction:
 
@@ -24,6 +25,7 @@ fires with probability ``rate`` until it has fired ``times`` times (-1: no end).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -63,6 +65,7 @@ class Faults:
     spurious_watch_rate: float = 0.0   # chance that an armed watch fires with no change
     spurious_watch_error: int | None = None  # ... and then with this error instead of success
     rules: list[Rule] = field(default_factory=list)
+    stats_file: str | None = None  # where this process appends its stats (a JSON line) at exit
     stats: dict[str, int] = field(default_factory=lambda: {"commits": 0, "conflicts": 0, "injected": 0,
                                                            "requests": 0, "spurious_watches": 0})
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -127,7 +130,15 @@ def _from_env() -> Faults:
     raw = os.environ.get(ENV)
     if raw:
         faults.configure(**json.loads(raw))
+    if faults.stats_file:
+        atexit.register(_write_stats, faults)
     return faults
+
+
+def _write_stats(faults: Faults) -> None:
+    assert faults.stats_file is not None
+    with open(faults.stats_file, "a") as fh:
+        fh.write(json.dumps({**faults.stats, "pid": os.getpid()}) + "\n")
 
 
 FAULTS = _from_env()
