@@ -19,14 +19,17 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("applied", created, nonce)  a step's marker: written with the step, read on retry
 
 A commit can fail with commit_unknown_result (1021), or time out (1031),
-after it applied. FoundationDB's advice is to make transactions idempotent;
-here each protocol step that changes records is given a marker key, made
-outside the retry loop, written in the same transaction and read (with a
-conflict range on it) by every retry: if the marker is there, the step
-applied and its stored outcome is returned instead of doing it twice. The
-first attempt adds the conflict range without reading, so two attempts of a
-step can never both commit. Markers are deleted by housekeeping after
-``APPLIED_KEEP`` seconds, far longer than any retry loop lasts.
+after it applied. FoundationDB's advice is to make transactions idempotent.
+Renew, request_kill, heartbeat and housekeeping are (doing them again
+changes nothing). Enqueue, claim, finish and purge are not, so each call is
+given a marker key, made outside the retry loop, written in the same
+transaction and read (with a conflict range on it) by every retry: if the
+marker is there, the step applied and its stored outcome is returned instead
+of doing it twice. The first attempt adds the conflict range without
+reading, so two attempts of a step can never both commit. A 1031 raised at
+commit is retried the same way (@fdb.transactional would give up on it).
+Markers are deleted by housekeeping after ``APPLIED_KEEP`` seconds, far
+longer than any retry loop lasts.
 
 Claims spread over the due index when they conflict: each claim reads a
 window of due entries with a snapshot read, picks its records at random from
@@ -71,8 +74,9 @@ EXPIRE_BATCH = 100
 _COUNTER_ONE = (1).to_bytes(8, "little", signed=True)
 _COUNTER_MINUS_ONE = (-1).to_bytes(8, "little", signed=True)
 _SIZE_ERRORS = {2101, 2102, 2103}  # transaction_too_large, key_too_large, value_too_large
-# A commit that may have applied: commit_unknown_result, and a timeout raised during commit.
-_MAYBE_APPLIED = {1021, 1031}
+# Commits that time out (1031) and may have applied are retried this many times,
+# each with a fresh timeout; a timeout before commit (cluster unreachable) is not.
+UNKNOWN_TIMEOUT_RETRIES = 3
 # Markers outlive any retry loop (bounded by the transaction timeout) by far;
 # a housekeeper whose clock runs this much ahead could delete one too early.
 APPLIED_KEEP = 300.0
@@ -201,36 +205,40 @@ class FDBPersistence(Persistence):
 
     # -- one protocol step, applied once however its commit fails ----------------------------
 
-    def _once(self, step: Callable[[Any], tuple[_T, Any]], replay: Callable[[Any, Any], _T],
+    def _once(self, step: Callable[[Any], tuple[_T, Any]], replay: Callable[[Any, Any], _T] | None,
               attempts: list[int] | None = None) -> _T:
         """Run ``step(tr) -> (result, memo)`` so that it applies at most once.
 
         ``replay(tr, memo)`` answers a retry whose earlier attempt did apply.
+        Without ``replay`` the step is idempotent by itself (running it again
+        changes nothing): no marker is written, only the retries are made.
         @fdb.transactional would retry 1021 but give up on a 1031 raised during
-        commit, leaving the caller unsure; this loop also retries that once,
-        with a fresh timeout, and the marker tells whether it had applied.
+        commit, leaving the caller unsure; this loop also retries that (a few
+        times, each with a fresh timeout), and the marker tells whether it applied.
         """
         marker = self._applied.pack((time.time(), uuid.uuid4().hex))
         tries = attempts if attempts is not None else [0]
         tr = self._db.create_transaction()
-        timed_out_once = False
+        timeouts = 0
         while True:
             committing = False
             try:
                 tries[0] += 1
-                tr.add_read_conflict_key(marker)
-                if tries[0] > 1:
-                    prior = tr[marker]
-                    if prior.present():
-                        return replay(tr, json.loads(bytes(prior)))
+                if replay is not None:
+                    tr.add_read_conflict_key(marker)
+                    if tries[0] > 1:
+                        prior = tr[marker]
+                        if prior.present():
+                            return replay(tr, json.loads(bytes(prior)))
                 result, memo = step(tr)
-                tr[marker] = json.dumps(memo, separators=(",", ":")).encode()
+                if replay is not None:
+                    tr[marker] = json.dumps(memo, separators=(",", ":")).encode()
                 committing = True
                 tr.commit().wait()
                 return result
             except fdb.FDBError as exc:
-                if exc.code == 1031 and committing and not timed_out_once:
-                    timed_out_once = True
+                if exc.code == 1031 and committing and timeouts < UNKNOWN_TIMEOUT_RETRIES:
+                    timeouts += 1
                     tr = self._db.create_transaction()  # with the database's timeout, from now
                     continue
                 tr.on_error(exc).wait()  # raises what cannot be retried
@@ -443,7 +451,7 @@ class FDBPersistence(Persistence):
             self._write(tr, record)
             return True, True
 
-        return self._once(flag, lambda _tr, memo: bool(memo))
+        return self._once(flag, None)  # flagging again changes nothing
 
     # -- workers --------------------------------------------------------------------------------
 
@@ -527,7 +535,7 @@ class FDBPersistence(Persistence):
                 statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
             return statuses, statuses
 
-        return self._once(extend, lambda _tr, memo: dict(memo))
+        return self._once(extend, None)  # extending again changes nothing
 
     @_translate
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
@@ -567,8 +575,7 @@ class FDBPersistence(Persistence):
         return find(self._db)
 
     def _delete_expired(self, now: float) -> None:
-        @fdb.transactional
-        def delete(tr: Any) -> None:
+        def delete(tr: Any) -> tuple[None, None]:
             # Markers of steps long over: a blind range clear, which conflicts with nothing.
             old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
             if tr.snapshot.get_range(*old, limit=1):
@@ -582,39 +589,39 @@ class FDBPersistence(Persistence):
                     self._delete(tr, stored)
                 else:
                     tr.clear(kv.key)  # the record was requeued or deleted since
+            return None, None
 
-        delete(self._db)
+        self._once(delete, None)
 
     @_translate
     def register_worker(self, info: WorkerInfo) -> None:
-        @fdb.transactional
-        def register(tr: Any) -> None:
+        def register(tr: Any) -> tuple[None, None]:
             tr[self._workers.pack((info.id,))] = json.dumps(info.to_dict()).encode()
+            return None, None
 
-        register(self._db)
+        self._once(register, None)
 
     @_translate
     def heartbeat(self, worker_id: str, state: str) -> bool:
-        @fdb.transactional
-        def beat(tr: Any) -> bool:
+        def beat(tr: Any) -> tuple[bool, bool]:
             key = self._workers.pack((worker_id,))
             value = tr[key]
             if not value.present():
-                return False
+                return False, False
             info = json.loads(bytes(value))
             info.update(state=state, last_seen=time.time())
             tr[key] = json.dumps(info).encode()
-            return True
+            return True, True
 
-        return beat(self._db)
+        return self._once(beat, None)
 
     @_translate
     def unregister_worker(self, worker_id: str) -> None:
-        @fdb.transactional
-        def unregister(tr: Any) -> None:
+        def unregister(tr: Any) -> tuple[None, None]:
             del tr[self._workers.pack((worker_id,))]
+            return None, None
 
-        unregister(self._db)
+        self._once(unregister, None)
 
     @_translate
     def workers(self) -> list[WorkerInfo]:
