@@ -233,6 +233,9 @@ class FDBPersistence(Persistence):
                 result, memo = step(tr)
                 if replay is not None:
                     tr[marker] = json.dumps(memo, separators=(",", ":")).encode()
+                # Have the read version before committing (free when the step read anything):
+                # an unreachable cluster then times out here, where nothing can have applied.
+                tr.get_read_version().wait()
                 committing = True
                 tr.commit().wait()
                 return result
