@@ -13,6 +13,7 @@ each with its own connection, so they overlap while they wait on latency.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -37,16 +38,18 @@ def _activate_standin() -> Any:
     return FAULTS
 
 
-def _record(queue: str, n: int) -> Any:
+def _record(queue: str, route: str, n: int) -> Any:
     from skunkqueue.record import JobRecord, new_id
 
     now = time.time() - 1
-    return JobRecord(id=new_id(), queue=queue, route="r", func="benchmarks.jobs:noop", payload=b"[[],{}]",
+    return JobRecord(id=new_id(), queue=queue, route=route, func="benchmarks.jobs:noop", payload=b"[[],{}]",
                      due=now, created=now + n * 1e-6)
 
 
 def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, latency: tuple[float, float],
-            log: Callable[[str], None]) -> dict[str, float]:
+            log: Callable[[str], None], *, shared: bool = True) -> dict[str, float]:
+    """Claims/s of ``claimers`` on one route, or (``shared=False``) each on a route of its own:
+    the harness's ceiling on this machine, where no two claimers can conflict."""
     from skunkqueue_fdb.persistence import FDBPersistence
 
     queue = f"contention-{uuid.uuid4().hex[:8]}"
@@ -54,8 +57,9 @@ def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, laten
     # Enough backlog that no claimer runs dry: about 150 claims/s per claimer at most.
     backlog = int(max(1000, claimers * seconds * 150))
     faults.request_latency = faults.commit_latency = 0.0
+    routes = ["r"] if shared else [f"r{i}" for i in range(claimers)]
     for start in range(0, backlog, 1000):
-        store.enqueue([_record(queue, n) for n in range(start, min(backlog, start + 1000))])
+        store.enqueue([_record(queue, routes[n % len(routes)], n) for n in range(start, min(backlog, start + 1000))])
     faults.request_latency, faults.commit_latency = latency
     claimed = [0] * claimers
     stop = threading.Event()
@@ -65,7 +69,7 @@ def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, laten
         store.counts()  # open this thread's connection before the clock starts
         ready.wait()
         while not stop.is_set():
-            got = store.claim("r", f"w{i}", 60)
+            got = store.claim(routes[i % len(routes)], f"w{i}", 60)
             claimed[i] += len(got)
             if not got:
                 break
@@ -86,18 +90,21 @@ def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, laten
     faults.request_latency = faults.commit_latency = 0.0
     counts = store.counts()
     store.close()
-    if counts.get(("r", "running"), 0) != total:
+    if sum(n for (_route, state), n in counts.items() if state == "running") != total:
         raise RuntimeError(f"{claimers} claimers: claimed {total} but {counts} are stored")
     result = {"claimers": claimers, "claims_per_s": total / elapsed, "retries_per_job": conflicts / max(total, 1),
               "claims": total}
-    log(f"fdb contention: {claimers:>2} claimers {result['claims_per_s']:8.1f} claims/s "
-        f"{result['retries_per_job']:.3f} conflict retries/job")
+    log(f"fdb contention: {claimers:>2} claimers{'' if shared else ' (own routes)'} "
+        f"{result['claims_per_s']:8.1f} claims/s {result['retries_per_job']:.3f} conflict retries/job")
     return result
 
 
 def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float,
         log: Callable[[str], None]) -> list[dict[str, float]]:
     faults = _activate_standin()
+    # Claimer threads wake from their emulated latency at once; a short GIL switch
+    # interval keeps them from queueing behind each other for 5 ms each (a harness cost).
+    sys.setswitchinterval(0.0005)
     work = Path(tempfile.mkdtemp(prefix="skunqbench-fdb-"))
     server = subprocess.Popen([sys.executable, str(STANDIN_DIR / "standin_server.py")], stdout=subprocess.PIPE)
     try:
@@ -105,8 +112,14 @@ def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float
         port = int(server.stdout.readline())
         cluster_file = work / "fdb.cluster"
         cluster_file.write_text(f"bench:{uuid.uuid4().hex[:8]}@127.0.0.1:{port}\n")
-        return [measure(str(cluster_file), n, seconds, faults, (request_ms / 1000, commit_ms / 1000), log)
-                for n in claimers]
+        latency = (request_ms / 1000, commit_ms / 1000)
+        results = []
+        for n in claimers:
+            result = measure(str(cluster_file), n, seconds, faults, latency, log)
+            result["ceiling_per_s"] = measure(str(cluster_file), n, seconds, faults, latency, log,
+                                              shared=False)["claims_per_s"]
+            results.append(result)
+        return results
     finally:
         server.terminate()
         server.wait(10)
@@ -115,8 +128,10 @@ def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float
 def table(results: list[dict[str, float]], request_ms: float, commit_ms: float) -> str:
     lines = [f"FoundationDB claim contention on the {LABEL}, "
              f"{request_ms} ms per request + {commit_ms} ms per commit",
-             f"{'claimers':>9} {'claims/s':>10} {'retries/job':>12}"]
-    lines += [f"{r['claimers']:>9} {r['claims_per_s']:>10.1f} {r['retries_per_job']:>12.3f}" for r in results]
+             f"{'claimers':>9} {'claims/s':>10} {'retries/job':>12} {'ceiling/s':>10}  "
+             "(ceiling: each claimer on a route of its own, no conflicts possible)"]
+    lines += [f"{r['claimers']:>9} {r['claims_per_s']:>10.1f} {r['retries_per_job']:>12.3f} "
+              f"{r['ceiling_per_s']:>10.1f}" for r in results]
     return "\n".join(lines)
 
 
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per run (default: %(default)s)")
     p.add_argument("--request-ms", type=float, default=1.0, help="latency per request (default: %(default)s)")
     p.add_argument("--commit-ms", type=float, default=1.0, help="extra latency per commit (default: %(default)s)")
+    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     try:
         counts = [int(n) for n in args.claimers.split(",")]
@@ -134,7 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     results = run(counts, args.seconds, args.request_ms, args.commit_ms,
                   lambda m: print(m, file=sys.stderr, flush=True))
     print(table(results, args.request_ms, args.commit_ms))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"label": LABEL, "request_ms": args.request_ms,
+                                               "commit_ms": args.commit_ms, "seconds": args.seconds,
+                                               "results": results}, indent=2) + "\n")
     return 0
+
+
+def run_in_child(quick: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """For ``make bench``: run in a process of its own (it must import the stand-in ``fdb``), print the table."""
+    with tempfile.TemporaryDirectory(prefix="skunqbench-fdbc-") as work:
+        out = Path(work) / "fdb-contention.json"
+        log("fdb claim contention on the stand-in (skip with --no-fdb-contention)")
+        done = subprocess.run([sys.executable, "-m", "benchmarks.fdb_contention", "--json", str(out),
+                               "--seconds", "1" if quick else "3"], stdout=subprocess.PIPE, text=True)
+        print("\n" + done.stdout.rstrip())
+        if done.returncode != 0 or not out.exists():
+            log(f"fdb claim contention failed (exit {done.returncode})")
+            return None
+        figures: dict[str, Any] = json.loads(out.read_text())
+        return figures
 
 
 if __name__ == "__main__":
