@@ -1,0 +1,88 @@
+"""Idle waits and housekeeping on the fdb STAND-IN (not a real FoundationDB), with its faults armed.
+
+Real watches may fire with no change or with an error, and a database allows
+10,000 of them: an idle worker must back off rather than spin. Housekeeping
+and purge must read record fields, not payload or result chunks. Skipped with
+a real cluster (the faults are the stand-in's).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+from testsupport import load_helper
+
+from skunkqueue import policy
+from skunkqueue.persistence import Persistence
+from skunkqueue.record import JobRecord, new_id
+from skunkqueue.testing import BackendUnderTest
+
+servers = load_helper("fdb")
+pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
+                                reason="faults are injected into the stand-in only; this run uses a real cluster")
+
+
+@pytest.fixture
+def faults(standin_cluster: Any) -> Iterator[Any]:
+    from fdb.standin_faults import FAULTS
+
+    FAULTS.reset()
+    yield FAULTS
+    FAULTS.reset()
+
+
+@pytest.fixture
+def store(standin_cluster: Any, fdb_root: str, faults: Any) -> Iterator[Persistence]:
+    backend = BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root, options={"result_ttl": 0.2})
+    persistence = backend.open(backend.new_queue_name())
+    yield persistence
+    persistence.close()
+
+
+def _record(queue: str, payload: bytes = b"[[1,2],{}]", due: float | None = None) -> JobRecord:
+    now = time.time()
+    return JobRecord(id=new_id(), queue=queue, route="r", func="skunkqueue.testing.jobs:add",
+                     payload=payload, due=now - 1 if due is None else due, created=now)
+
+
+@pytest.mark.parametrize("setting", [
+    {"spurious_watch_rate": 1.0},                                   # fires, nothing changed
+    {"spurious_watch_rate": 1.0, "spurious_watch_error": 1009},     # fires with an error
+    {"watch_limit": 0}])                                            # too_many_watches (1032)
+def test_idle_wait_backs_off_instead_of_spinning(store: Persistence, faults: Any, setting: dict[str, Any]) -> None:
+    faults.configure(**setting)
+    before = faults.stats["requests"]
+    started = time.monotonic()
+    store.wait_for_work(["r"], "w", 2.0)
+    assert 1.9 < time.monotonic() - started < 3.0  # nothing arrived: it waited its time
+    # Backing off 0.05, 0.1, 0.2 ... 1 s: a handful of rounds of a few requests each, not thousands.
+    assert faults.stats["requests"] - before < 60, faults.stats
+
+
+def test_work_still_wakes_an_idle_worker_among_spurious_fires(store: Persistence, faults: Any) -> None:
+    import threading
+
+    faults.configure(spurious_watch_rate=0.5)
+    threading.Timer(0.5, lambda: store.enqueue([_record(store.queue)])).start()
+    started = time.monotonic()
+    store.wait_for_work(["r"], "w", 10.0)
+    assert time.monotonic() - started < 2.5
+    assert len(store.claim("r", "w", 30)) == 1
+
+
+def test_purge_and_expiry_read_fields_not_chunks(store: Persistence, monkeypatch: Any) -> None:
+    big = b"x" * 500_000  # six chunks of payload, and as much result
+    records = [_record(store.queue, payload=big) for _ in range(3)]
+    store.enqueue(records)
+    [claimed] = store.claim("r", "w", 30)
+    assert store.finish(claimed.id, claimed.token, policy.completed(big))
+    full_reads: list[str] = []
+    read = store._read  # type: ignore[attr-defined]
+    monkeypatch.setattr(store, "_read", lambda tr, job_id: full_reads.append(job_id) or read(tr, job_id))
+    assert store.purge("r") == 2
+    time.sleep(0.3)  # past result_ttl
+    assert store.expired_leases(time.time()) == []
+    assert store.get(claimed.id) is None and store.counts() == {}
+    assert full_reads == [claimed.id], "only get() read the whole record"
