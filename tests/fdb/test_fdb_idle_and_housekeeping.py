@@ -86,3 +86,31 @@ def test_purge_and_expiry_read_fields_not_chunks(store: Persistence, monkeypatch
     assert store.expired_leases(time.time()) == []
     assert store.get(claimed.id) is None and store.counts() == {}
     assert full_reads == [claimed.id], "only get() read the whole record"
+
+
+def test_list_jobs_pages_by_bytes_and_keeps_records_whole(store: Persistence, monkeypatch: Any) -> None:
+    import fdb.impl
+
+    from skunkqueue_fdb import persistence as module
+
+    monkeypatch.setattr(module, "SCAN_PAGE_BYTES", 400_000)
+    pages: list[int] = []
+    get_range = fdb.impl.TransactionRead.get_range
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = get_range(self, *args, **kwargs)
+        pages.append(sum(len(kv.key) + len(kv.value) for kv in rows))
+        return rows
+
+    big = [_record(store.queue, payload=bytes([n]) * 250_000) for n in range(12)]  # 3 chunks each
+    small = [_record(store.queue) for _ in range(40)]
+    store.enqueue(big[:6])
+    store.enqueue(small)
+    store.enqueue(big[6:])
+    monkeypatch.setattr(fdb.impl.TransactionRead, "get_range", counting)
+    listed = {r.id: r for r in store.list_jobs()}
+    assert set(listed) == {r.id for r in big + small}
+    assert all(listed[r.id].payload == r.payload for r in big + small)  # no record cut between pages
+    # The first page is at most 20 values; each later one aims at 400 kB and overshoots by one page's
+    # estimate at most (the whole queue holds about 3 MB).
+    assert len(pages) > 3 and max(pages) < 2_000_000, pages

@@ -373,7 +373,7 @@ class FDBPersistence(Persistence):
         """
         begin, end = self._jobs.range().start, self._jobs.range().stop
         everything: list[_Stored] = []
-        page = 100
+        page = 20  # at most 20 values of 90 kB in the first page; later pages follow the bytes seen
         while True:
             kvs = fdb.transactional(lambda tr, b=begin, n=page: list(tr.snapshot.get_range(b, end, limit=n)))(
                 self._db)
