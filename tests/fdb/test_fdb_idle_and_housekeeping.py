@@ -114,3 +114,21 @@ def test_list_jobs_pages_by_bytes_and_keeps_records_whole(store: Persistence, mo
     # The first page is at most 20 values; each later one aims at 400 kB and overshoots by one page's
     # estimate at most (the whole queue holds about 3 MB).
     assert len(pages) > 3 and max(pages) < 2_000_000, pages
+
+
+@pytest.mark.parametrize("error", [None, 1009])
+def test_waiting_for_a_result_backs_off_on_spurious_fires(store: Persistence, faults: Any,
+                                                          error: int | None) -> None:
+    import threading
+
+    record = _record(store.queue)
+    store.enqueue([record])
+    [claimed] = store.claim("r", "w", 30)
+    faults.configure(spurious_watch_rate=1.0, spurious_watch_error=error)
+    threading.Timer(1.5, lambda: store.finish(record.id, claimed.token, policy.completed(b"3"))).start()
+    before = faults.stats["requests"]
+    started = time.monotonic()
+    done = store.wait_finished(record.id, 10.0)
+    assert done is not None and done.result == b"3"
+    assert 1.4 < time.monotonic() - started < 3.5
+    assert faults.stats["requests"] - before < 60, faults.stats
