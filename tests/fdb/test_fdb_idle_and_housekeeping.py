@@ -132,3 +132,87 @@ def test_waiting_for_a_result_backs_off_on_spurious_fires(store: Persistence, fa
     assert done is not None and done.result == b"3"
     assert 1.4 < time.monotonic() - started < 3.5
     assert faults.stats["requests"] - before < 60, faults.stats
+
+
+def _idle_waiters(store: Persistence, n: int, timeout: float) -> tuple[list[Any], dict[str, float]]:
+    import threading
+
+    woke: dict[str, float] = {}
+
+    def wait(i: int) -> None:
+        store.wait_for_work(["r"], f"w{i}", timeout)
+        woke[f"w{i}"] = time.monotonic()
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    import fdb
+
+    idle = store.space["idle"].range()  # type: ignore[attr-defined]
+    entries = fdb.transactional(lambda tr: len(list(tr.get_range(idle.start, idle.stop))))
+    deadline = time.monotonic() + 10
+    while entries(store._db) < n and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.02)  # until every one of them is idle and watching
+    time.sleep(0.1)
+    return threads, woke
+
+
+def test_new_work_wakes_one_idle_worker_not_all(store: Persistence) -> None:
+    threads, woke = _idle_waiters(store, 8, 4.0)
+    store.enqueue([_record(store.queue)])
+    time.sleep(0.5)
+    assert len(woke) == 1, woke
+    store.enqueue([_record(store.queue) for _ in range(3)])
+    time.sleep(0.5)
+    assert len(woke) == 4, woke
+    targeted = _record(store.queue)
+    targeted.target = next(f"w{i}" for i in range(8) if f"w{i}" not in woke)
+    store.enqueue([targeted])
+    time.sleep(0.5)
+    assert len(woke) == 5 and targeted.target in woke, woke
+    for t in threads:
+        t.join(10)
+
+
+def test_no_job_slips_past_workers_going_idle(store: Persistence, faults: Any) -> None:
+    """A job enqueued just as workers go idle still wakes one, long before their 5 s idle timeout.
+
+    One job at a time, each fired a random 0-15 ms after the last was claimed:
+    that is when its claimer goes back to idle, the moment a wake-up could be lost.
+    """
+    import random
+    import threading
+
+    faults.configure(request_latency_ms=1, commit_latency_ms=2)  # wider windows for the race
+    claimed = threading.Event()
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            got = store.claim("r", f"w{i}", 30)
+            if got:
+                claimed.set()
+            else:
+                # A new name each time: its first idle entry races the producer, as a new worker's does.
+                n += 1
+                store.wait_for_work(["r"], f"w{i}-{n}", 5.0)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    slowest = 0.0
+    try:
+        for _ in range(120):
+            time.sleep(random.random() * 0.015)
+            claimed.clear()
+            fired = time.monotonic()
+            store.enqueue([_record(store.queue)])
+            assert claimed.wait(3.0), "a wake-up was lost: the job waited for an idle timeout"
+            slowest = max(slowest, time.monotonic() - fired)
+    finally:
+        stop.set()
+        store.enqueue([_record(store.queue) for _ in range(2)])  # wake both to let them stop
+        for t in threads:
+            t.join(10)
+    assert slowest < 1.0, slowest

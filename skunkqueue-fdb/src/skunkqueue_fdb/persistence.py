@@ -14,7 +14,8 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("lease", lease_until, id)   running records, oldest lease first
     ("expire", expire_at, id)    finished records, deleted after result_ttl
     ("count", route, state)      record counts (atomic adds: no conflicts)
-    ("wake", route)              bumped when work arrives; idle workers watch it
+    ("idle", route, worker)      an idle worker waiting on route, until when (tuple-packed float)
+    ("nudge", worker)            a counter the idle worker watches; producers bump it
     ("worker", id)               the worker registry (JSON)
     ("applied", created, nonce)  a step's marker: written with the step, read on retry
 
@@ -30,6 +31,13 @@ reading, so two attempts of a step can never both commit. A 1031 raised at
 commit is retried the same way (@fdb.transactional would give up on it).
 Markers are deleted by housekeeping after ``APPLIED_KEEP`` seconds, far
 longer than any retry loop lasts.
+
+Idle workers are woken one by one, not all at once: an idle worker writes
+its ``idle`` entry and watches its own ``nudge`` key; a producer reads the
+route's idle entries, and for each job it adds takes one live entry away and
+nudges that worker. The worker's look at the due index and the producer's look at the idle
+entries are both conflicting reads, so whichever commits second is retried
+and sees the other: a job cannot slip in unnoticed while a worker goes idle.
 
 Claims spread over the due index when they conflict: each claim reads a
 window of due entries with a snapshot read, picks its records at random from
@@ -80,6 +88,8 @@ UNKNOWN_TIMEOUT_RETRIES = 3
 # Markers outlive any retry loop (bounded by the transaction timeout) by far;
 # a housekeeper whose clock runs this much ahead could delete one too early.
 APPLIED_KEEP = 300.0
+# An idle worker's entry is deleted this long after it lapsed (a live worker renews it every wait).
+IDLE_KEEP = 60.0
 # How wide a claim's window may grow, in records per claimed record.
 CLAIM_SPREAD_MAX = 512
 # list_jobs pages: rows per transaction adapt so that a page stays near this many bytes.
@@ -196,7 +206,8 @@ class FDBPersistence(Persistence):
         self._lease = self.space["lease"]
         self._expire = self.space["expire"]
         self._count = self.space["count"]
-        self._wake = self.space["wake"]
+        self._idle = self.space["idle"]
+        self._nudge = self.space["nudge"]
         self._workers = self.space["worker"]
         self._applied = self.space["applied"]
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
@@ -280,7 +291,7 @@ class FDBPersistence(Persistence):
             tr.add(self._count.pack((self._due.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
 
     def _write(self, tr: Any, record: JobRecord, *, payload: bool = False, result: bool = False,
-               position: int = 0) -> None:
+               position: int = 0, wakes: dict[tuple[str, str], int] | None = None) -> None:
         """Store ``record`` and put it in the indexes of its state (the old ones are already gone)."""
         data = record.to_dict()
         blob, outcome = data.pop("payload"), data.pop("result")
@@ -298,7 +309,11 @@ class FDBPersistence(Persistence):
                  fdb.tuple.Versionstamp(user_version=position), record.id))
             tr.set_versionstamped_key(slot, b"")
             tr.set_versionstamped_value(self._jobs.pack((record.id, "slot")), slot)
-            tr.add(self._wake.pack((record.route,)), _COUNTER_ONE)
+            waiting_for = (record.route, record.target or "")
+            if wakes is None:
+                self._wake_idle(tr, {waiting_for: 1})
+            else:  # the caller wakes workers once, for the whole batch
+                wakes[waiting_for] = wakes.get(waiting_for, 0) + 1
         tr[self._jobs.pack((record.id, "meta"))] = json.dumps(data, separators=(",", ":")).encode()
         if payload:
             for n, chunk in enumerate(_chunks(blob)):
@@ -309,6 +324,20 @@ class FDBPersistence(Persistence):
             for n, chunk in enumerate(_chunks(outcome or b"")):
                 tr[self._jobs.pack((record.id, "result", n))] = chunk
         tr.add(self._count.pack((record.route, record.state)), _COUNTER_ONE)
+
+    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int]) -> None:
+        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target)."""
+        now = time.time()
+        for (route, target), n in wakes.items():
+            if target:  # only that worker may take it
+                tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
+                continue
+            span = self._idle.range((route,))
+            live = [kv.key for kv in tr.get_range(span.start, span.stop) if _until(kv.value) > now]
+            for entry in random.sample(live, min(len(live), n)):
+                # Woken, it is no longer idle: the next producer wakes another one.
+                tr.clear(entry)
+                tr.add(self._nudge.pack((self._idle.unpack(entry)[1],)), _COUNTER_ONE)
 
     def _delete(self, tr: Any, stored: _Stored) -> None:
         self._unindex(tr, stored)
@@ -339,8 +368,11 @@ class FDBPersistence(Persistence):
             )
 
         def store(tr: Any) -> tuple[None, None]:
+            wakes: dict[tuple[str, str], int] = {}
             for position, record in enumerate(records):
-                self._write(tr, record, payload=True, result=record.result is not None, position=position)
+                self._write(tr, record, payload=True, result=record.result is not None, position=position,
+                            wakes=wakes)
+            self._wake_idle(tr, wakes)
             return None, None
 
         self._once(store, lambda _tr, _memo: None)
@@ -583,6 +615,11 @@ class FDBPersistence(Persistence):
             old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
             if tr.snapshot.get_range(*old, limit=1):
                 tr.clear_range(*old)
+            # Idle entries of workers that stopped (or died) long ago.
+            idle = self._idle.range()
+            for kv in tr.snapshot.get_range(idle.start, idle.stop):
+                if _until(kv.value) < now - IDLE_KEEP:
+                    tr.clear(kv.key)
             for kv in tr.snapshot.get_range(self._expire.range().start, self._expire.pack((now,)),
                                             limit=EXPIRE_BATCH):
                 expire_at, job_id = self._expire.unpack(kv.key)
@@ -642,23 +679,31 @@ class FDBPersistence(Persistence):
 
     @_translate
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
-        wakes = [self._wake.pack((route,)) for route in routes]
+        nudge = self._nudge.pack((worker_id,))
 
-        @fdb.transactional
-        def arm(tr: Any) -> tuple[float | None, list[Any], list[Any]]:
+        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
+            now = time.time()
             next_due = None
             for route in routes:
                 for target in ("", worker_id):
                     span = self._due.range((route, target))
-                    for kv in tr.snapshot.get_range(span.start, span.stop, limit=1):
+                    # A conflicting read: a job enqueued while this commits makes it retry and see it.
+                    for kv in tr.get_range(span.start, span.stop, limit=1):
                         due = self._due.unpack(kv.key)[2]
                         next_due = due if next_due is None else min(next_due, due)
-            seen = [tr.snapshot[key] for key in wakes]
-            return next_due, [_raw(v) for v in seen], [tr.watch(key) for key in wakes]
+            if next_due is not None and next_due <= now:
+                return (next_due, None, []), None
+            # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
+            until = fdb.tuple.pack((now + timeout + 0.1,))
+            for route in routes:
+                tr[self._idle.pack((route, worker_id))] = until
+            return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
 
         deadline = time.monotonic() + timeout
         while True:
-            next_due, seen, watches = arm(self._db)
+            (next_due, seen, watches) = self._once(arm, None)
+            if not watches:
+                return  # work is due now
             left = deadline - time.monotonic()
             if next_due is not None:
                 # A watch fires on new work, not when scheduled work becomes due.
@@ -667,7 +712,7 @@ class FDBPersistence(Persistence):
             if fired is None:
                 return
             if _succeeded(fired):
-                now = fdb.transactional(lambda tr: [_raw(tr.snapshot[key]) for key in wakes])(self._db)
+                now = fdb.transactional(lambda tr: _raw(tr.snapshot[nudge]))(self._db)
                 if now != seen:
                     self._watch_backoff = 0.0
                     return
@@ -707,6 +752,14 @@ class FDBPersistence(Persistence):
             # A watch may miss a change that is undone at once; look again now and then.
             left = None if deadline is None else deadline - time.monotonic()
             _wait_any([watch], 5.0 if left is None else min(left, 5.0))
+
+
+def _until(value: bytes) -> float:
+    try:
+        until = fdb.tuple.unpack(value)[0]
+    except (ValueError, IndexError, TypeError):
+        return 0.0  # not ours: treated as expired
+    return float(until) if isinstance(until, (int, float)) else 0.0
 
 
 def _raw(value: Any) -> bytes | None:
