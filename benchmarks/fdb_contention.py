@@ -99,8 +99,53 @@ def measure(cluster_file: str, claimers: int, seconds: float, faults: Any, laten
     return result
 
 
+def measure_idle(cluster_file: str, workers: int, jobs: int, faults: Any, latency: tuple[float, float],
+                 log: Callable[[str], None]) -> dict[str, float]:
+    """Idle workers, one job at a time (every 50 ms): conflict retries and requests per job.
+
+    Each worker loops as ``skunq work`` does: claim, and when nothing came, wait for work.
+    """
+    from skunkqueue_fdb.persistence import FDBPersistence
+
+    queue = f"idle-{uuid.uuid4().hex[:8]}"
+    store = FDBPersistence(queue, url=cluster_file, db="skunqbench")
+    faults.request_latency, faults.commit_latency = latency
+    claimed = [0]
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            got = store.claim("r", f"w{i}", 60)
+            claimed[0] += len(got)
+            if not got:
+                store.wait_for_work(["r"], f"w{i}", 1.0)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # all idle
+    before = dict(faults.stats)
+    for n in range(jobs):
+        store.enqueue([_record(queue, "r", n)])
+        time.sleep(0.05)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    faults.request_latency = faults.commit_latency = 0.0
+    store.close()
+    if claimed[0] != jobs:
+        raise RuntimeError(f"{workers} idle workers claimed {claimed[0]} of {jobs} jobs")
+    result = {"workers": workers, "retries_per_job": (faults.stats["conflicts"] - before["conflicts"]) / jobs,
+              "requests_per_job": (faults.stats["requests"] - before["requests"]) / jobs}
+    log(f"fdb idle wake-ups: {workers:>2} idle workers {result['retries_per_job']:.2f} conflict retries/job "
+        f"{result['requests_per_job']:.1f} requests/job")
+    return result
+
+
 def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float,
-        log: Callable[[str], None]) -> list[dict[str, float]]:
+        log: Callable[[str], None], idle: list[int] | None = None) -> tuple[list[dict[str, float]],
+                                                                       list[dict[str, float]]]:
     faults = _activate_standin()
     # Claimer threads wake from their emulated latency at once; a short GIL switch
     # interval keeps them from queueing behind each other for 5 ms each (a harness cost).
@@ -119,19 +164,25 @@ def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float
             result["ceiling_per_s"] = measure(str(cluster_file), n, seconds, faults, latency, log,
                                               shared=False)["claims_per_s"]
             results.append(result)
-        return results
+        idles = [measure_idle(str(cluster_file), n, 40, faults, latency, log) for n in (idle or [])]
+        return results, idles
     finally:
         server.terminate()
         server.wait(10)
 
 
-def table(results: list[dict[str, float]], request_ms: float, commit_ms: float) -> str:
+def table(results: list[dict[str, float]], request_ms: float, commit_ms: float,
+          idles: list[dict[str, float]] | None = None) -> str:
     lines = [f"FoundationDB claim contention on the {LABEL}, "
              f"{request_ms} ms per request + {commit_ms} ms per commit",
              f"{'claimers':>9} {'claims/s':>10} {'retries/job':>12} {'ceiling/s':>10}  "
              "(ceiling: each claimer on a route of its own, no conflicts possible)"]
     lines += [f"{r['claimers']:>9} {r['claims_per_s']:>10.1f} {r['retries_per_job']:>12.3f} "
               f"{r['ceiling_per_s']:>10.1f}" for r in results]
+    if idles:
+        lines += ["", "idle workers, one job every 50 ms",
+                  f"{'workers':>9} {'retries/job':>12} {'requests/job':>13}"]
+        lines += [f"{r['workers']:>9} {r['retries_per_job']:>12.2f} {r['requests_per_job']:>13.1f}" for r in idles]
     return "\n".join(lines)
 
 
@@ -141,19 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per run (default: %(default)s)")
     p.add_argument("--request-ms", type=float, default=1.0, help="latency per request (default: %(default)s)")
     p.add_argument("--commit-ms", type=float, default=1.0, help="extra latency per commit (default: %(default)s)")
+    p.add_argument("--idle", default="1,4,16", help="idle worker counts for the wake-up run ('' to skip; "
+                                                    "default: %(default)s)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     try:
         counts = [int(n) for n in args.claimers.split(",")]
+        idle = [int(n) for n in args.idle.split(",") if n.strip()]
     except ValueError:
-        raise SystemExit(f"--claimers takes numbers separated by commas, not {args.claimers!r}") from None
-    results = run(counts, args.seconds, args.request_ms, args.commit_ms,
-                  lambda m: print(m, file=sys.stderr, flush=True))
-    print(table(results, args.request_ms, args.commit_ms))
+        raise SystemExit("--claimers and --idle take numbers separated by commas") from None
+    results, idles = run(counts, args.seconds, args.request_ms, args.commit_ms,
+                         lambda m: print(m, file=sys.stderr, flush=True), idle)
+    print(table(results, args.request_ms, args.commit_ms, idles))
     if args.json:
         Path(args.json).write_text(json.dumps({"label": LABEL, "request_ms": args.request_ms,
                                                "commit_ms": args.commit_ms, "seconds": args.seconds,
-                                               "results": results}, indent=2) + "\n")
+                                               "results": results, "idle": idles}, indent=2) + "\n")
     return 0
 
 

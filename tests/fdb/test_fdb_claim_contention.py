@@ -86,10 +86,11 @@ def test_one_claimer_keeps_strict_order(store: Persistence) -> None:
 def test_the_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.fdb_contention", "--claimers", "1,2",
-                           "--seconds", "0.3", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                           "--seconds", "0.3", "--idle", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "stand-in (not a real FoundationDB)" in done.stdout
     figures = json.loads(out.read_text())
     assert [r["claimers"] for r in figures["results"]] == [1, 2]
     assert all(r["claims"] > 0 and r["ceiling_per_s"] > 0 for r in figures["results"])
+    assert [r["workers"] for r in figures["idle"]] == [2]
