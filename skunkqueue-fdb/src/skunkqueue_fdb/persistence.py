@@ -1,7 +1,7 @@
 """The FoundationDB backend: the Persistence protocol as FoundationDB transactions.
 
-Every protocol step is one ``@fdb.transactional`` function, so it is atomic
-and serializable, and FoundationDB's optimistic concurrency does the locking:
+Every protocol step is one transaction (retried as ``@fdb.transactional``
+retries, see ``_once``), so it is atomic and serializable, and FoundationDB's optimistic concurrency does the locking:
 two workers claiming the same record both read it, and the second commit is
 rejected (1020) and retried on fresh data. Keys are tuple-encoded under
 ``Subspace((db, queue))``::
@@ -35,9 +35,10 @@ longer than any retry loop lasts.
 Idle workers are woken one by one, not all at once: an idle worker writes
 its ``idle`` entry and watches its own ``nudge`` key; a producer reads the
 route's idle entries, and for each job it adds takes one live entry away and
-nudges that worker. The worker's look at the due index and the producer's look at the idle
-entries are both conflicting reads, so whichever commits second is retried
-and sees the other: a job cannot slip in unnoticed while a worker goes idle.
+nudges that worker. The worker's look at the due index and the producer's
+look at the idle entries are both conflicting reads, so whichever commits
+second is retried and sees the other: a job cannot slip in unnoticed while a
+worker goes idle.
 
 Claims spread over the due index when they conflict: each claim reads a
 window of due entries with a snapshot read, picks its records at random from
