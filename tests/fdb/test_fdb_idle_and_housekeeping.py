@@ -158,18 +158,24 @@ def _idle_waiters(store: Persistence, n: int, timeout: float) -> tuple[list[Any]
 
 
 def test_new_work_wakes_one_idle_worker_not_all(store: Persistence) -> None:
-    threads, woke = _idle_waiters(store, 8, 4.0)
+    threads, woke = _idle_waiters(store, 8, 6.0)
+
+    def settle(expected: int) -> None:
+        deadline = time.monotonic() + 3
+        while len(woke) < expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # any further wake-up would show by now
+        assert len(woke) == expected, woke
+
     store.enqueue([_record(store.queue)])
-    time.sleep(0.5)
-    assert len(woke) == 1, woke
+    settle(1)
     store.enqueue([_record(store.queue) for _ in range(3)])
-    time.sleep(0.5)
-    assert len(woke) == 4, woke
+    settle(4)
     targeted = _record(store.queue)
     targeted.target = next(f"w{i}" for i in range(8) if f"w{i}" not in woke)
     store.enqueue([targeted])
-    time.sleep(0.5)
-    assert len(woke) == 5 and targeted.target in woke, woke
+    settle(5)
+    assert targeted.target in woke
     for t in threads:
         t.join(10)
 
@@ -216,3 +222,19 @@ def test_no_job_slips_past_workers_going_idle(store: Persistence, faults: Any) -
         for t in threads:
             t.join(10)
     assert slowest < 1.0, slowest
+
+
+@pytest.mark.parametrize("skew", [-30.0, 30.0])
+def test_a_producer_with_a_skewed_clock_still_wakes_an_idle_worker(store: Persistence, monkeypatch: Any,
+                                                                   skew: float) -> None:
+    from skunkqueue_fdb import persistence as module
+
+    threads, woke = _idle_waiters(store, 1, 4.0)
+    record = _record(store.queue)
+    real = time.time
+    monkeypatch.setattr(module.time, "time", lambda: real() + skew)  # the producer's clock only matters here
+    started = time.monotonic()
+    store.enqueue([record])
+    monkeypatch.setattr(module.time, "time", real)
+    threads[0].join(5)
+    assert "w0" in woke and woke["w0"] - started < 1.0, (woke, started)

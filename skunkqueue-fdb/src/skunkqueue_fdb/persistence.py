@@ -14,7 +14,7 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("lease", lease_until, id)   running records, oldest lease first
     ("expire", expire_at, id)    finished records, deleted after result_ttl
     ("count", route, state)      record counts (atomic adds: no conflicts)
-    ("idle", route, worker)      an idle worker waiting on route, until when (tuple-packed float)
+    ("idle", route, worker)      an idle worker waiting on route, until which version (tuple-packed)
     ("nudge", worker)            a counter the idle worker watches; producers bump it
     ("worker", id)               the worker registry (JSON)
     ("applied", created, nonce)  a step's marker: written with the step, read on retry
@@ -91,6 +91,8 @@ UNKNOWN_TIMEOUT_RETRIES = 3
 APPLIED_KEEP = 300.0
 # An idle worker's entry is deleted this long after it lapsed (a live worker renews it every wait).
 IDLE_KEEP = 60.0
+# FoundationDB's versions advance about a million a second: idle entries are timed in them.
+VERSIONS_PER_SECOND = 1_000_000
 # How wide a claim's window may grow, in records per claimed record.
 CLAIM_SPREAD_MAX = 512
 # list_jobs pages: rows per transaction adapt so that a page stays near this many bytes.
@@ -328,13 +330,17 @@ class FDBPersistence(Persistence):
 
     def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int]) -> None:
         """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target)."""
-        now = time.time()
+        now = None
         for (route, target), n in wakes.items():
             if target:  # only that worker may take it
                 tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
                 continue
             span = self._idle.range((route,))
-            live = [kv.key for kv in tr.get_range(span.start, span.stop) if _until(kv.value) > now]
+            entries = tr.get_range(span.start, span.stop)
+            if not entries:
+                continue
+            now = tr.get_read_version().wait() if now is None else now
+            live = [kv.key for kv in entries if _until(kv.value) > now]
             for entry in random.sample(live, min(len(live), n)):
                 # Woken, it is no longer idle: the next producer wakes another one.
                 tr.clear(entry)
@@ -618,8 +624,9 @@ class FDBPersistence(Persistence):
                 tr.clear_range(*old)
             # Idle entries of workers that stopped (or died) long ago.
             idle = self._idle.range()
+            lapsed = tr.get_read_version().wait() - IDLE_KEEP * VERSIONS_PER_SECOND
             for kv in tr.snapshot.get_range(idle.start, idle.stop):
-                if _until(kv.value) < now - IDLE_KEEP:
+                if _until(kv.value) < lapsed:
                     tr.clear(kv.key)
             for kv in tr.snapshot.get_range(self._expire.range().start, self._expire.pack((now,)),
                                             limit=EXPIRE_BATCH):
@@ -695,7 +702,9 @@ class FDBPersistence(Persistence):
             if next_due is not None and next_due <= now:
                 return (next_due, None, []), None
             # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
-            until = fdb.tuple.pack((now + timeout + 0.1,))
+            # Measured in the cluster's versions, not in this machine's clock: producers on
+            # machines whose clocks differ from this one's by seconds still see it live.
+            until = fdb.tuple.pack((tr.get_read_version().wait() + int((timeout + 0.1) * VERSIONS_PER_SECOND),))
             for route in routes:
                 tr[self._idle.pack((route, worker_id))] = until
             return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
