@@ -336,7 +336,7 @@ class FDBPersistence(Persistence):
                 tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
                 continue
             span = self._idle.range((route,))
-            entries = tr.get_range(span.start, span.stop)
+            entries = list(tr.get_range(span.start, span.stop))
             if not entries:
                 continue
             now = tr.get_read_version().wait() if now is None else now
@@ -620,7 +620,7 @@ class FDBPersistence(Persistence):
         def delete(tr: Any) -> tuple[None, None]:
             # Markers of steps long over: a blind range clear, which conflicts with nothing.
             old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
-            if tr.snapshot.get_range(*old, limit=1):
+            if list(tr.snapshot.get_range(*old, limit=1)):
                 tr.clear_range(*old)
             # Idle entries of workers that stopped (or died) long ago.
             idle = self._idle.range()

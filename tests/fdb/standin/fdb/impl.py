@@ -174,6 +174,21 @@ class KeyValue:
         return f"{self.key!r}: {self.value!r}"
 
 
+class _Range:
+    """What a transaction's range read returns: like the real ``FDBRange``, it can be iterated
+    and turned into a list, but has no length and is always true (unlike a list). Unlike the
+    real one, it reads at once rather than as it is iterated."""
+
+    def __init__(self, rows: list[KeyValue]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[KeyValue]:
+        return iter(self._rows)
+
+    def to_list(self) -> list[KeyValue]:
+        return list(self._rows)
+
+
 # -- the connection ------------------------------------------------------------------------
 
 
@@ -281,12 +296,12 @@ class TransactionRead:
         return Value(self._tr._get(_key(key), self._snapshot))
 
     def get_range(self, begin: Any, end: Any, limit: int = 0, reverse: bool = False,
-                  streaming_mode: Any = None) -> list[KeyValue]:
+                  streaming_mode: Any = None) -> _Range:
         begin = b"" if begin is None else _key(begin)
         end = b"\xff" if end is None else _key(end)
-        return [KeyValue(k, v) for k, v in self._tr._get_range(begin, end, limit, reverse, self._snapshot)]
+        return _Range([KeyValue(k, v) for k, v in self._tr._get_range(begin, end, limit, reverse, self._snapshot)])
 
-    def get_range_startswith(self, prefix: Any, *args: Any, **kwargs: Any) -> list[KeyValue]:
+    def get_range_startswith(self, prefix: Any, *args: Any, **kwargs: Any) -> _Range:
         prefix = _key(prefix)
         return self.get_range(prefix, _strinc(prefix), *args, **kwargs)
 
@@ -674,7 +689,7 @@ class Database:
         return _run(self, lambda tr: tr.get(key))
 
     def get_range(self, begin: Any, end: Any, limit: int = 0, reverse: bool = False) -> list[KeyValue]:
-        return _run(self, lambda tr: tr.get_range(begin, end, limit, reverse))
+        return _run(self, lambda tr: tr.get_range(begin, end, limit, reverse).to_list())
 
     def set(self, key: Any, value: Any) -> None:
         _run(self, lambda tr: tr.set(key, value))
