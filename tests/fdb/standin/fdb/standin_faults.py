@@ -129,7 +129,13 @@ def _from_env() -> Faults:
     faults = Faults()
     raw = os.environ.get(ENV)
     if raw:
-        faults.configure(**json.loads(raw))
+        try:
+            settings = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{ENV} is not JSON: {exc}") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{ENV} must be a JSON object of settings, not {raw!r}")
+        faults.configure(**settings)
     if faults.stats_file:
         atexit.register(_write_stats, faults)
     return faults
