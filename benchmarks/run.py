@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import huey_bench, skunk
+from benchmarks import fdb_contention, huey_bench, skunk
 from benchmarks.common import Result, Sizes
 from benchmarks.servers import MongoServer, RedisServer, Server
 from skunkqueue import backends as registry
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch", type=int, help="--prefetch passed to the workers (default: theirs)")
     p.add_argument("--mongo-standalone", action="store_true",
                    help="run mongod standalone (polling workers) instead of a one-member replica set")
+    p.add_argument("--no-fdb-contention", action="store_true",
+                   help="skip the FoundationDB claim contention run (on the stand-in)")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
     return p.parse_args(argv)
 
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": skipped,
             "all_checks_passed": not failures,
         }
+        if not args.no_fdb_contention:
+            report["fdb_contention"] = fdb_contention.run_in_child(args.quick, log)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         log(f"figures written to {args.json}")
         if failures:

@@ -95,6 +95,12 @@ class TestFDBStandIn:
         tr[space.pack(("z",))] = b"mine"
         tr.commit().wait()
 
+    def test_range_reads_are_iterables_without_a_length_as_in_fdb(self, db: Any, space: Any) -> None:
+        rows = db.create_transaction().get_range(space.range().start, space.range().stop)
+        assert rows and list(rows) == [] and rows.to_list() == []  # an empty range is still true
+        with pytest.raises(TypeError):
+            len(rows)  # type: ignore[arg-type]
+
     def test_reads_see_the_transactions_own_writes(self, db: Any, space: Any) -> None:
         tr = db.create_transaction()
         tr[space.pack(("a",))] = b"1"
@@ -232,3 +238,185 @@ class TestFDBStandIn:
         with pytest.raises(fdb.FDBError) as info:
             fdb.transactional(lambda tr: tr[b"k"].wait())(nowhere)
         assert info.value.code == TIMED_OUT and time.monotonic() - started < 5
+
+
+@pytest.fixture
+def faults(fdb: Any) -> Any:
+    from fdb.standin_faults import FAULTS
+
+    FAULTS.reset()
+    yield FAULTS
+    FAULTS.reset()
+
+
+COMMIT_UNKNOWN, TOO_MANY_WATCHES, UNREADABLE = 1021, 1032, 1036
+
+
+class TestFDBStandInFaults:
+    """Failures a real cluster shows and a healthy stand-in would not: armed in fdb.standin_faults."""
+
+    @pytest.mark.parametrize(("kind", "code", "applied"), [
+        ("apply_then_1021", COMMIT_UNKNOWN, True), ("fail_then_1021", COMMIT_UNKNOWN, False),
+        ("apply_then_1031", TIMED_OUT, True), ("fail_then_1031", TIMED_OUT, False)])
+    def test_commit_faults(self, fdb: Any, db: Any, space: Any, faults: Any, kind: str, code: int,
+                           applied: bool) -> None:
+        key, other = space.pack(("chosen",)), space.pack(("other",))
+        faults.inject(kind, key_contains="chosen")
+        db[other] = b"a commit the rule does not match"
+        tr = db.create_transaction()
+        tr[key] = b"v"
+        with pytest.raises(fdb.FDBError) as info:
+            tr.commit().wait()
+        assert info.value.code == code
+        assert db[key].present() == applied and db[other].present()
+        db[key] = b"the rule fired once: later commits pass"
+        assert faults.stats["injected"] == 1
+
+    def test_transactional_retries_an_applied_commit(self, fdb: Any, db: Any, space: Any, faults: Any) -> None:
+        # Why every backend step must be idempotent: the retry runs the function again.
+        key = space.pack(("n",))
+        faults.inject("apply_then_1021", key_contains="")
+
+        @fdb.transactional
+        def increment(tr: Any) -> None:
+            tr[key] = (_counter(tr[key]) + 1).to_bytes(8, "little")
+
+        increment(db)
+        assert _counter(db[key]) == 2
+
+    def test_reads_can_fail_as_too_old(self, fdb: Any, db: Any, space: Any, faults: Any) -> None:
+        faults.inject("read_1007", key_contains="old")
+        tr = db.create_transaction()
+        tr[space.pack(("fine",))].wait()
+        with pytest.raises(fdb.FDBError) as info:
+            tr.get_range(space.pack(("old",)), space.pack(("old", None)))
+        assert info.value.code == TOO_OLD
+
+    def test_five_second_limit_applies_during_a_long_range_read(self, fdb: Any, db: Any, space: Any,
+                                                                 faults: Any, monkeypatch: Any) -> None:
+        from fdb import impl
+
+        @fdb.transactional
+        def fill(tr: Any) -> None:
+            for i in range(200):
+                tr[space.pack(("row", i))] = b"x"
+
+        fill(db)
+        monkeypatch.setattr(impl, "RANGE_BATCH_ROWS", 10)
+        tr = db.create_transaction()
+        assert len(list(tr.get_range(space.range().start, space.range().stop))) == 200  # fast: fine
+        faults.request_latency = 0.3  # 20 batches: six seconds
+        tr = db.create_transaction()
+        started = time.monotonic()
+        with pytest.raises(fdb.FDBError) as info:
+            tr.get_range(space.range().start, space.range().stop)
+        assert info.value.code == TOO_OLD and 5 < time.monotonic() - started < 7
+
+    def test_latency_is_added_per_request_and_per_commit(self, fdb: Any, db: Any, space: Any,
+                                                         faults: Any) -> None:
+        faults.configure(request_latency_ms=20, commit_latency_ms=100)
+        started = time.monotonic()
+        tr = db.create_transaction()
+        for i in range(5):
+            tr[space.pack(("k", i))].wait()  # read version + 5 reads
+        tr[space.pack(("k",))] = b"v"
+        tr.commit().wait()  # one more request, plus the commit latency
+        assert 0.24 < time.monotonic() - started < 1.0
+
+    def test_versionstamped_writes_are_unreadable_in_their_transaction(self, fdb: Any, db: Any,
+                                                                       space: Any) -> None:
+        tr = db.create_transaction()
+        stamped = space.pack_with_versionstamp(("due", 1.0, fdb.tuple.Versionstamp()))
+        tr.set_versionstamped_key(stamped, b"")
+        tr.set_versionstamped_value(space.pack(("slot",)), stamped)
+        for read in (lambda: tr[space.pack(("slot",))].wait(),
+                     lambda: tr.get_range(space.range(("due",)).start, space.range(("due",)).stop),
+                     lambda: tr.snapshot.get_range(space.range().start, space.range().stop)):
+            with pytest.raises(fdb.FDBError) as info:
+                read()
+            assert info.value.code == UNREADABLE
+        tr.get_range(space.range(("other",)).start, space.range(("other",)).stop)  # elsewhere: fine
+        tr[space.pack(("slot",))] = b"overwritten"
+        assert bytes(tr[space.pack(("slot",))]) == b"overwritten"
+
+    def test_versionstamped_key_conflicts_with_readers_of_every_later_stamp(self, fdb: Any, db: Any,
+                                                                            space: Any) -> None:
+        prefix = space.range(("due", 1.0))
+        reader = db.create_transaction()
+        reader.get_range(prefix.start, prefix.stop)  # sees none; a new stamp there must abort it
+        writer = db.create_transaction()
+        writer.get_read_version().wait()
+        writer.set_versionstamped_key(space.pack_with_versionstamp(("due", 1.0, fdb.tuple.Versionstamp())), b"")
+        writer.commit().wait()
+        reader[space.pack(("elsewhere",))] = b"x"
+        with pytest.raises(fdb.FDBError) as info:
+            reader.commit().wait()
+        assert info.value.code == NOT_COMMITTED
+        # A reader of another due time is untouched: the range ends with that prefix.
+        other = db.create_transaction()
+        other.get_range(space.range(("due", 2.0)).start, space.range(("due", 2.0)).stop)
+        writer = db.create_transaction()
+        writer.set_versionstamped_key(space.pack_with_versionstamp(("due", 1.0, fdb.tuple.Versionstamp())), b"")
+        writer.commit().wait()
+        other[space.pack(("elsewhere",))] = b"y"
+        other.commit().wait()
+
+    def test_watches_are_limited_per_database(self, fdb: Any, db: Any, space: Any, faults: Any) -> None:
+        faults.watch_limit = 3
+
+        @fdb.transactional
+        def arm(tr: Any, n: int) -> Any:
+            return tr.watch(space.pack(("w", n)))
+
+        watches = [arm(db, n) for n in range(4)]
+        with pytest.raises(fdb.FDBError) as info:
+            watches[3].wait()
+        assert info.value.code == TOO_MANY_WATCHES and not any(w.is_ready() for w in watches[:3])
+        watches[0].cancel()
+        again = arm(db, 9)  # a cancelled watch frees its place
+        time.sleep(0.1)
+        assert not again.is_ready()
+        for w in (*watches[1:3], again):
+            w.cancel()
+
+    @pytest.mark.parametrize("error", [None, 1009])
+    def test_watches_may_fire_with_no_change(self, fdb: Any, db: Any, space: Any, faults: Any,
+                                             error: int | None) -> None:
+        faults.configure(spurious_watch_rate=1.0, spurious_watch_error=error)
+        watch = fdb.transactional(lambda tr: tr.watch(space.pack(("quiet",))))(db)
+        fired = threading.Event()
+        watch.on_ready(lambda _f: fired.set())
+        assert fired.wait(2) and not db[space.pack(("quiet",))].present()
+        if error is None:
+            watch.wait()
+        else:
+            with pytest.raises(fdb.FDBError) as info:
+                watch.wait()
+            assert info.value.code == error
+
+
+@pytest.mark.parametrize(("client_max", "version", "says"), [
+    (710, 710, "The binding requires a library that supports API version 730, but the installed library "
+               "supports a maximum version of 710."),
+    (800, 800, "Latest known FDB API version is 730"),
+    (730, 730, "OK"),
+    (730, 710, "OK")])
+def test_api_version_is_checked_against_the_client_library(standin_cluster: Any, client_max: int,
+                                                           version: int, says: str) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from skunkqueue_tests_fdb_servers import standin_env  # type: ignore[import-not-found]
+
+    code = ("import fdb\n"
+            "try:\n"
+            f"    fdb.api_version({version})\n"
+            "except RuntimeError as exc:\n"
+            "    print(exc)\n"
+            "else:\n"
+            "    print('OK')\n")
+    env = {**os.environ, **standin_env(), "SKUNKQUEUE_FDB_STANDIN": json.dumps({"client_max_api": client_max})}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert says in out.stdout, out.stderr

@@ -1,7 +1,7 @@
 """The FoundationDB backend: the Persistence protocol as FoundationDB transactions.
 
-Every protocol step is one ``@fdb.transactional`` function, so it is atomic
-and serializable, and FoundationDB's optimistic concurrency does the locking:
+Every protocol step is one transaction (retried as ``@fdb.transactional``
+retries, see ``_once``), so it is atomic and serializable, and FoundationDB's optimistic concurrency does the locking:
 two workers claiming the same record both read it, and the second commit is
 rejected (1020) and retried on fresh data. Keys are tuple-encoded under
 ``Subspace((db, queue))``::
@@ -14,8 +14,37 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("lease", lease_until, id)   running records, oldest lease first
     ("expire", expire_at, id)    finished records, deleted after result_ttl
     ("count", route, state)      record counts (atomic adds: no conflicts)
-    ("wake", route)              bumped when work arrives; idle workers watch it
+    ("idle", route, worker)      an idle worker waiting on route, until which version (tuple-packed)
+    ("nudge", worker)            a counter the idle worker watches; producers bump it
     ("worker", id)               the worker registry (JSON)
+    ("applied", created, nonce)  a step's marker: written with the step, read on retry
+
+A commit can fail with commit_unknown_result (1021), or time out (1031),
+after it applied. FoundationDB's advice is to make transactions idempotent.
+Renew, request_kill, heartbeat and housekeeping are (doing them again
+changes nothing). Enqueue, claim, finish and purge are not, so each call is
+given a marker key, made outside the retry loop, written in the same
+transaction and read (with a conflict range on it) by every retry: if the
+marker is there, the step applied and its stored outcome is returned instead
+of doing it twice. The first attempt adds the conflict range without
+reading, so two attempts of a step can never both commit. A 1031 raised at
+commit is retried the same way (@fdb.transactional would give up on it).
+Markers are deleted by housekeeping after ``APPLIED_KEEP`` seconds, far
+longer than any retry loop lasts.
+
+Idle workers are woken one by one, not all at once: an idle worker writes
+its ``idle`` entry and watches its own ``nudge`` key; a producer reads the
+route's idle entries, and for each job it adds takes one live entry away and
+nudges that worker. The worker's look at the due index and the producer's
+look at the idle entries are both conflicting reads, so whichever commits
+second is retried and sees the other: a job cannot slip in unnoticed while a
+worker goes idle.
+
+Claims spread over the due index when they conflict: each claim reads a
+window of due entries with a snapshot read, picks its records at random from
+it and reads only those records with conflicting reads, so two claimers
+conflict only if they pick the same record. The window is ``limit`` (strict
+order) while claims do not conflict and widens as they do.
 
 The due index ends in a versionstamp: ties between equal due times go in
 commit order (within one enqueue, in the order given) without a shared
@@ -28,8 +57,10 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import threading
 import time
+import uuid
 from typing import Any, Callable, Sequence, TypeVar
 
 import fdb
@@ -53,6 +84,22 @@ MAX_NAME_BYTES = 2048  # per name: a due key holds the queue, route and target (
 _COUNTER_ONE = (1).to_bytes(8, "little", signed=True)
 _COUNTER_MINUS_ONE = (-1).to_bytes(8, "little", signed=True)
 _SIZE_ERRORS = {2101, 2102, 2103}  # transaction_too_large, key_too_large, value_too_large
+# Commits that time out (1031) and may have applied are retried this many times,
+# each with a fresh timeout; a timeout before commit (cluster unreachable) is not.
+UNKNOWN_TIMEOUT_RETRIES = 3
+# Markers outlive any retry loop (bounded by the transaction timeout) by far;
+# a housekeeper whose clock runs this much ahead could delete one too early.
+APPLIED_KEEP = 300.0
+# An idle worker's entry is deleted this long after it lapsed (a live worker renews it every wait).
+IDLE_KEEP = 60.0
+# FoundationDB's versions advance about a million a second: idle entries are timed in them.
+VERSIONS_PER_SECOND = 1_000_000
+# How wide a claim's window may grow, in records per claimed record.
+CLAIM_SPREAD_MAX = 512
+# list_jobs pages: rows per transaction adapt so that a page stays near this many bytes.
+SCAN_PAGE_BYTES = 1_000_000
+# A watch that fires with an error or without a change: wait this long, doubling, before the next.
+WATCH_BACKOFF = (0.05, 1.0)
 
 _T = TypeVar("_T")
 
@@ -168,8 +215,56 @@ class FDBPersistence(Persistence):
         self._lease = self.space["lease"]
         self._expire = self.space["expire"]
         self._count = self.space["count"]
-        self._wake = self.space["wake"]
+        self._idle = self.space["idle"]
+        self._nudge = self.space["nudge"]
         self._workers = self.space["worker"]
+        self._applied = self.space["applied"]
+        # Per route: how many candidates per claimed record the next claim reads (1: strict order).
+        self._spread: dict[str, float] = {}
+        self._watch_backoff = 0.0
+
+    # -- one protocol step, applied once however its commit fails ----------------------------
+
+    def _once(self, step: Callable[[Any], tuple[_T, Any]], replay: Callable[[Any, Any], _T] | None,
+              attempts: list[int] | None = None) -> _T:
+        """Run ``step(tr) -> (result, memo)`` so that it applies at most once.
+
+        ``replay(tr, memo)`` answers a retry whose earlier attempt did apply.
+        Without ``replay`` the step is idempotent by itself (running it again
+        changes nothing): no marker is written, only the retries are made.
+        @fdb.transactional would retry 1021 but give up on a 1031 raised during
+        commit, leaving the caller unsure; this loop also retries that (a few
+        times, each with a fresh timeout), and the marker tells whether it applied.
+        """
+        marker = self._applied.pack((time.time(), uuid.uuid4().hex))
+        tries = attempts if attempts is not None else [0]
+        tr = self._db.create_transaction()
+        timeouts = 0
+        while True:
+            committing = False
+            try:
+                tries[0] += 1
+                if replay is not None:
+                    tr.add_read_conflict_key(marker)
+                    if tries[0] > 1:
+                        prior = tr[marker]
+                        if prior.present():
+                            return replay(tr, json.loads(bytes(prior)))
+                result, memo = step(tr)
+                if replay is not None:
+                    tr[marker] = json.dumps(memo, separators=(",", ":")).encode()
+                # Have the read version before committing (free when the step read anything):
+                # an unreachable cluster then times out here, where nothing can have applied.
+                tr.get_read_version().wait()
+                committing = True
+                tr.commit().wait()
+                return result
+            except fdb.FDBError as exc:
+                if exc.code == 1031 and committing and timeouts < UNKNOWN_TIMEOUT_RETRIES:
+                    timeouts += 1
+                    tr = self._db.create_transaction()  # with the database's timeout, from now
+                    continue
+                tr.on_error(exc).wait()  # raises what cannot be retried
 
     # -- reading and writing one record (inside a transaction) ----------------------------
 
@@ -179,6 +274,14 @@ class FDBPersistence(Persistence):
         for kv in tr.get_range(span.start, span.stop):
             stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
         return None if stored.raw_meta is None and not stored.payload else stored
+
+    def _read_meta(self, tr: Any, job_id: str) -> _Stored | None:
+        """A record's fields and due-index slot, without payload or result chunks."""
+        stored = _Stored(job_id)
+        meta, slot = tr[self._jobs.pack((job_id, "meta"))], tr[self._jobs.pack((job_id, "slot"))]
+        stored.raw_meta = bytes(meta) if meta.present() else None
+        stored.slot = bytes(slot) if slot.present() else None
+        return None if stored.raw_meta is None and stored.slot is None else stored
 
     def _unindex(self, tr: Any, stored: _Stored) -> None:
         """Take a record out of the indexes and counts of the state it is leaving."""
@@ -197,7 +300,7 @@ class FDBPersistence(Persistence):
             tr.add(self._count.pack((self._due.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
 
     def _write(self, tr: Any, record: JobRecord, *, payload: bool = False, result: bool = False,
-               position: int = 0) -> None:
+               position: int = 0, wakes: dict[tuple[str, str], int] | None = None) -> None:
         """Store ``record`` and put it in the indexes of its state (the old ones are already gone)."""
         data = record.to_dict()
         blob, outcome = data.pop("payload"), data.pop("result")
@@ -215,7 +318,11 @@ class FDBPersistence(Persistence):
                  fdb.tuple.Versionstamp(user_version=position), record.id))
             tr.set_versionstamped_key(slot, b"")
             tr.set_versionstamped_value(self._jobs.pack((record.id, "slot")), slot)
-            tr.add(self._wake.pack((record.route,)), _COUNTER_ONE)
+            waiting_for = (record.route, record.target or "")
+            if wakes is None:
+                self._wake_idle(tr, {waiting_for: 1})
+            else:  # the caller wakes workers once, for the whole batch
+                wakes[waiting_for] = wakes.get(waiting_for, 0) + 1
         tr[self._jobs.pack((record.id, "meta"))] = json.dumps(data, separators=(",", ":")).encode()
         if payload:
             for n, chunk in enumerate(_chunks(blob)):
@@ -226,6 +333,24 @@ class FDBPersistence(Persistence):
             for n, chunk in enumerate(_chunks(outcome or b"")):
                 tr[self._jobs.pack((record.id, "result", n))] = chunk
         tr.add(self._count.pack((record.route, record.state)), _COUNTER_ONE)
+
+    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int]) -> None:
+        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target)."""
+        now = None
+        for (route, target), n in wakes.items():
+            if target:  # only that worker may take it
+                tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
+                continue
+            span = self._idle.range((route,))
+            entries = list(tr.get_range(span.start, span.stop))
+            if not entries:
+                continue
+            now = tr.get_read_version().wait() if now is None else now
+            live = [kv.key for kv in entries if _until(kv.value) > now]
+            for entry in random.sample(live, min(len(live), n)):
+                # Woken, it is no longer idle: the next producer wakes another one.
+                tr.clear(entry)
+                tr.add(self._nudge.pack((self._idle.unpack(entry)[1],)), _COUNTER_ONE)
 
     def _delete(self, tr: Any, stored: _Stored) -> None:
         self._unindex(tr, stored)
@@ -255,12 +380,15 @@ class FDBPersistence(Persistence):
                 f"holds at most {TRANSACTION_BUDGET} (and 65535 jobs). Fire them in smaller batches."
             )
 
-        @fdb.transactional
-        def store(tr: Any) -> None:
+        def store(tr: Any) -> tuple[None, None]:
+            wakes: dict[tuple[str, str], int] = {}
             for position, record in enumerate(records):
-                self._write(tr, record, payload=True, result=record.result is not None, position=position)
+                self._write(tr, record, payload=True, result=record.result is not None, position=position,
+                            wakes=wakes)
+            self._wake_idle(tr, wakes)
+            return None, None
 
-        store(self._db)
+        self._once(store, lambda _tr, _memo: None)
 
     @_translate
     def get(self, job_id: str) -> JobRecord | None:
@@ -282,12 +410,19 @@ class FDBPersistence(Persistence):
         found.sort(key=lambda r: (r.due, r.id))
         return found[:limit]
 
-    def _scan(self, page: int = 2000) -> list[_Stored]:
-        """Every record of the queue, a page per transaction (one transaction must stay under 5 s)."""
+    def _scan(self) -> list[_Stored]:
+        """Every record of the queue, a page per transaction (one transaction must stay under 5 s).
+
+        Values can be 90 kB each: the page's row count follows the bytes the
+        last page held, so that a page stays near SCAN_PAGE_BYTES.
+        """
         begin, end = self._jobs.range().start, self._jobs.range().stop
         everything: list[_Stored] = []
+        page = 20  # at most 20 values of 90 kB in the first page; later pages follow the bytes seen
         while True:
-            kvs = fdb.transactional(lambda tr, b=begin: list(tr.snapshot.get_range(b, end, limit=page)))(self._db)
+            kvs = fdb.transactional(lambda tr, b=begin, n=page: list(tr.snapshot.get_range(b, end, limit=n)))(
+                self._db)
+            size = sum(len(kv.key) + len(kv.value) for kv in kvs)
             groups: dict[str, list[Any]] = {}
             for kv in kvs:
                 try:
@@ -308,6 +443,7 @@ class FDBPersistence(Persistence):
                 everything.append(stored)
             if not full:
                 return everything
+            page = max(10, min(2000, int(page * SCAN_PAGE_BYTES / max(size, 1))))
 
     @_translate
     def counts(self) -> dict[tuple[str, str], int]:
@@ -325,65 +461,73 @@ class FDBPersistence(Persistence):
     def purge(self, route: str, *, target: str | None = None) -> int:
         span = self._due.range((route,) if target is None else (route, target))
 
-        @fdb.transactional
-        def purge_some(tr: Any) -> tuple[int, bool]:
+        def purge_some(tr: Any) -> tuple[tuple[int, bool], list[Any]]:
             entries = list(tr.snapshot.get_range(span.start, span.stop, limit=200))
             deleted = 0
             for kv in entries:
                 job_id = self._due.unpack(kv.key)[-1]
-                stored = self._read(tr, job_id)
+                stored = self._read_meta(tr, job_id)
                 meta = stored.meta() if stored else None
                 if stored is None or stored.slot != kv.key:
                     tr.clear(kv.key)  # an entry left behind by something else: drop it
                 elif meta is None or meta.get("state") == PENDING:
                     self._delete(tr, stored)
                     deleted += 1
-            return deleted, len(entries) == 200
+            done = (deleted, len(entries) == 200)
+            return done, list(done)
 
         total, more = 0, True
         while more:
-            deleted, more = purge_some(self._db)
+            deleted, more = self._once(purge_some, lambda _tr, memo: (int(memo[0]), bool(memo[1])))
             total += deleted
         return total
 
     @_translate
     def request_kill(self, job_id: str) -> bool:
-        @fdb.transactional
-        def flag(tr: Any) -> bool:
+        def flag(tr: Any) -> tuple[bool, bool]:
             stored = self._read(tr, job_id)
             if stored is None:
-                return False
+                return False, False
             try:
                 record = stored.record()
             except MalformedRecord:
-                return False
+                return False, False
             if record.state != RUNNING:
-                return False
+                return False, False
             record.kill_requested = True
             self._unindex(tr, stored)
             self._write(tr, record)
-            return True
+            return True, True
 
-        return flag(self._db)
+        return self._once(flag, None)  # flagging again changes nothing
 
     # -- workers --------------------------------------------------------------------------------
 
     @_translate
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
-        @fdb.transactional
-        def take(tr: Any) -> list[JobRecord]:
+        attempts = [0]
+
+        def take(tr: Any) -> tuple[list[JobRecord], list[list[Any]]]:
+            if attempts[0] > 1:  # the last attempt conflicted with another claimer: spread wider
+                self._spread[route] = min(CLAIM_SPREAD_MAX, self._spread.get(route, 1.0) * 2)
             now = time.time()
-            candidates: list[tuple[bytes, bytes, str]] = []
+            window = max(limit, int(limit * self._spread.get(route, 1.0)))
+            candidates: list[tuple[bytes, bytes]] = []
             for target in ("", worker_id):
                 prefix = self._due.pack((route, target))
-                # A snapshot read: a producer adding work must not abort this claim.
-                # What makes the claim exclusive is the normal read of each record below.
+                # A snapshot read: a producer adding work, or another claimer taking a
+                # different record of this window, must not abort this claim. What makes
+                # the claim exclusive is the conflicting read of each chosen record below.
                 for kv in tr.snapshot.get_range(prefix, self._due.pack((route, target, now)) + b"\xff",
-                                                limit=limit):
-                    candidates.append((kv.key[len(prefix):], kv.key, self._due.unpack(kv.key)[-1]))
+                                                limit=window):
+                    candidates.append((kv.key[len(prefix):], kv.key))
             candidates.sort()
+            candidates = candidates[:window]
+            if len(candidates) > limit:
+                candidates = sorted(random.sample(candidates, limit))
             claimed = []
-            for _order, key, job_id in candidates[:limit]:
+            for _order, key in candidates:
+                job_id = self._due.unpack(key)[-1]
                 stored = self._read(tr, job_id)
                 if stored is None or stored.slot != key:
                     tr.clear(key)  # stale or foreign index entry
@@ -397,14 +541,31 @@ class FDBPersistence(Persistence):
                 record.claim_by(worker_id, now, lease)
                 self._write(tr, record)
                 claimed.append(record)
-            return claimed
+            return claimed, [[r.id, r.token] for r in claimed]
 
-        return take(self._db)
+        def replay(tr: Any, memo: list[list[Any]]) -> list[JobRecord]:
+            # The earlier attempt claimed these: hand them over, if still ours.
+            records = []
+            for job_id, token in memo:
+                stored = self._read(tr, job_id)
+                try:
+                    record = stored.record() if stored else None
+                except MalformedRecord:
+                    continue
+                if record is not None and record.state == RUNNING and record.token == token \
+                        and record.owner == worker_id:
+                    records.append(record)
+            return records
+
+        claimed = self._once(take, replay, attempts)
+        if attempts[0] == 1 and route in self._spread:
+            # No conflict: drift back towards strict order.
+            self._spread[route] = max(1.0, self._spread[route] * 0.97)
+        return claimed
 
     @_translate
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
-        @fdb.transactional
-        def extend(tr: Any) -> dict[str, str]:
+        def extend(tr: Any) -> tuple[dict[str, str], dict[str, str]]:
             until = time.time() + lease
             statuses = {}
             for job_id, token in leases:
@@ -420,25 +581,24 @@ class FDBPersistence(Persistence):
                 record.lease_until = until
                 self._write(tr, record)
                 statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
-            return statuses
+            return statuses, statuses
 
-        return extend(self._db)
+        return self._once(extend, None)  # extending again changes nothing
 
     @_translate
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
-        @fdb.transactional
-        def apply(tr: Any) -> bool:
+        def apply(tr: Any) -> tuple[bool, bool]:
             stored = self._read(tr, job_id)
             if stored is None:
-                return False
+                return False, False
             record = stored.record()
             if record.state != expect or record.token != token:
-                return False
+                return False, False
             self._unindex(tr, stored)
             self._write(tr, outcome.apply_to(record, time.time()), result=True)
-            return True
+            return True, True
 
-        return apply(self._db)
+        return self._once(apply, lambda _tr, memo: bool(memo))
 
     @_translate
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
@@ -463,50 +623,59 @@ class FDBPersistence(Persistence):
         return find(self._db)
 
     def _delete_expired(self, now: float) -> None:
-        @fdb.transactional
-        def delete(tr: Any) -> None:
+        def delete(tr: Any) -> tuple[None, None]:
+            # Markers of steps long over: a blind range clear, which conflicts with nothing.
+            old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
+            if list(tr.snapshot.get_range(*old, limit=1)):
+                tr.clear_range(*old)
+            # Idle entries of workers that stopped (or died) long ago.
+            idle = self._idle.range()
+            lapsed = tr.get_read_version().wait() - IDLE_KEEP * VERSIONS_PER_SECOND
+            for kv in tr.snapshot.get_range(idle.start, idle.stop):
+                if _until(kv.value) < lapsed:
+                    tr.clear(kv.key)
             for kv in tr.snapshot.get_range(self._expire.range().start, self._expire.pack((now,)),
                                             limit=EXPIRE_BATCH):
                 expire_at, job_id = self._expire.unpack(kv.key)
-                stored = self._read(tr, job_id)
+                stored = self._read_meta(tr, job_id)
                 meta = stored.meta() if stored else None
                 if stored is not None and meta is not None and meta.get("_expire") == expire_at:
                     self._delete(tr, stored)
                 else:
                     tr.clear(kv.key)  # the record was requeued or deleted since
+            return None, None
 
-        delete(self._db)
+        self._once(delete, None)
 
     @_translate
     def register_worker(self, info: WorkerInfo) -> None:
-        @fdb.transactional
-        def register(tr: Any) -> None:
+        def register(tr: Any) -> tuple[None, None]:
             tr[self._workers.pack((info.id,))] = json.dumps(info.to_dict()).encode()
+            return None, None
 
-        register(self._db)
+        self._once(register, None)
 
     @_translate
     def heartbeat(self, worker_id: str, state: str) -> bool:
-        @fdb.transactional
-        def beat(tr: Any) -> bool:
+        def beat(tr: Any) -> tuple[bool, bool]:
             key = self._workers.pack((worker_id,))
             value = tr[key]
             if not value.present():
-                return False
+                return False, False
             info = json.loads(bytes(value))
             info.update(state=state, last_seen=time.time())
             tr[key] = json.dumps(info).encode()
-            return True
+            return True, True
 
-        return beat(self._db)
+        return self._once(beat, None)
 
     @_translate
     def unregister_worker(self, worker_id: str) -> None:
-        @fdb.transactional
-        def unregister(tr: Any) -> None:
+        def unregister(tr: Any) -> tuple[None, None]:
             del tr[self._workers.pack((worker_id,))]
+            return None, None
 
-        unregister(self._db)
+        self._once(unregister, None)
 
     @_translate
     def workers(self) -> list[WorkerInfo]:
@@ -524,22 +693,52 @@ class FDBPersistence(Persistence):
 
     @_translate
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
-        @fdb.transactional
-        def arm(tr: Any) -> tuple[float | None, list[Any]]:
+        nudge = self._nudge.pack((worker_id,))
+
+        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
+            now = time.time()
             next_due = None
             for route in routes:
                 for target in ("", worker_id):
                     span = self._due.range((route, target))
-                    for kv in tr.snapshot.get_range(span.start, span.stop, limit=1):
+                    # A conflicting read: a job enqueued while this commits makes it retry and see it.
+                    for kv in tr.get_range(span.start, span.stop, limit=1):
                         due = self._due.unpack(kv.key)[2]
                         next_due = due if next_due is None else min(next_due, due)
-            return next_due, [tr.watch(self._wake.pack((route,))) for route in routes]
+            if next_due is not None and next_due <= now:
+                return (next_due, None, []), None
+            # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
+            # Measured in the cluster's versions, not in this machine's clock: producers on
+            # machines whose clocks differ from this one's by seconds still see it live.
+            until = fdb.tuple.pack((tr.get_read_version().wait() + int((timeout + 0.1) * VERSIONS_PER_SECOND),))
+            for route in routes:
+                tr[self._idle.pack((route, worker_id))] = until
+            return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
 
-        next_due, watches = arm(self._db)
-        if next_due is not None:
-            # A watch fires on new work, not when scheduled work becomes due.
-            timeout = min(timeout, next_due - time.time())
-        _wait_any(watches, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            (next_due, seen, watches) = self._once(arm, None)
+            if not watches:
+                return  # work is due now
+            left = deadline - time.monotonic()
+            if next_due is not None:
+                # A watch fires on new work, not when scheduled work becomes due.
+                left = min(left, next_due - time.time())
+            fired = _wait_any(watches, left)
+            if fired is None:
+                return
+            if _succeeded(fired):
+                now = fdb.transactional(lambda tr: _raw(tr.snapshot[nudge]))(self._db)
+                if now != seen:
+                    self._watch_backoff = 0.0
+                    return
+            # An error (too many watches, a cluster hiccup) or a fire without a change:
+            # wait before watching again, so that the worker does not spin.
+            self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
+            pause = min(self._watch_backoff, deadline - time.monotonic())
+            if pause <= 0:
+                return
+            time.sleep(pause)
 
     @_translate
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
@@ -550,6 +749,7 @@ class FDBPersistence(Persistence):
             stored = self._read(tr, job_id)
             return stored, tr.watch(self._jobs.pack((job_id, "meta"))) if stored is not None else None
 
+        backoff, last = 0.0, None
         while True:
             stored, watch = look(self._db)
             record = stored.record() if stored is not None else None
@@ -558,16 +758,52 @@ class FDBPersistence(Persistence):
                 if watch is not None:
                     watch.cancel()
                 return record
+            if last is not None and stored is not None and stored.raw_meta == last:
+                # Woken with nothing changed (a spurious fire, or an error): do not spin.
+                backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], backoff * 2))
+                time.sleep(backoff if left is None else min(backoff, left))
+            else:
+                backoff = 0.0
+            last = stored.raw_meta if stored is not None else None
             # A watch may miss a change that is undone at once; look again now and then.
+            left = None if deadline is None else deadline - time.monotonic()
             _wait_any([watch], 5.0 if left is None else min(left, 5.0))
 
 
-def _wait_any(watches: list[Any], timeout: float) -> None:
-    """Block until a watch fires or ``timeout`` passes; then cancel them all."""
+def _until(value: bytes) -> float:
+    try:
+        until = fdb.tuple.unpack(value)[0]
+    except (ValueError, IndexError, TypeError):
+        return 0.0  # not ours: treated as expired
+    return float(until) if isinstance(until, (int, float)) else 0.0
+
+
+def _raw(value: Any) -> bytes | None:
+    return bytes(value) if value.present() else None
+
+
+def _succeeded(future: Any) -> bool:
+    try:
+        future.wait()
+    except fdb.FDBError:
+        return False
+    return True
+
+
+def _wait_any(watches: list[Any], timeout: float) -> Any | None:
+    """Block until a watch fires or ``timeout`` passes; cancel them all; return the one that fired."""
     woken = threading.Event()
+    fired: list[Any] = []
+
+    def on_fire(future: Any) -> None:
+        fired.append(future)
+        woken.set()
+
     for watch in watches:
-        watch.on_ready(lambda _future: woken.set())
+        watch.on_ready(on_fire)
     if timeout > 0:
         woken.wait(timeout)
+    first = fired[0] if fired else None
     for watch in watches:
         watch.cancel()
+    return first

@@ -15,9 +15,6 @@ import os
 
 STANDIN = True  # lets tests assert they really run against the stand-in
 
-LATEST_API_VERSION = 800
-__version__ = "8.0.0-standin"
-
 
 def _real_package_dir() -> str:
     dist = importlib.metadata.distribution("foundationdb")
@@ -25,6 +22,11 @@ def _real_package_dir() -> str:
 
 
 __path__.append(_real_package_dir())  # continue into the real bindings
+
+# The header version of the installed bindings (7.3.x: 730, 8.0.0: 800), as the real package has it.
+from fdb.apiversion import LATEST_API_VERSION  # noqa: E402
+
+__version__ = importlib.metadata.version("foundationdb") + "-standin"
 
 
 def is_api_version_selected() -> bool:
@@ -42,11 +44,23 @@ def api_version(ver: int) -> None:
         if globals()["_version"] != ver:
             raise RuntimeError(f"FDB API already loaded at version {globals()['_version']}")
         return
+    header_version = LATEST_API_VERSION
     if ver < 520:
         raise RuntimeError("the FoundationDB stand-in supports API versions 520 and later only")
-    if ver > LATEST_API_VERSION:
-        raise RuntimeError(f"Latest known FDB API version is {LATEST_API_VERSION}")
+    if ver > header_version:
+        raise RuntimeError(f"Latest known FDB API version is {header_version}")
     from fdb import impl
+    from fdb.standin_faults import FAULTS
+
+    # What libfdb_c's fdb_select_api_version_impl refuses (2203), and the real binding's words for it.
+    max_supported = FAULTS.client_max_api
+    if header_version > max_supported:
+        raise RuntimeError(
+            "This version of the FoundationDB Python binding is not supported by the installed "
+            "FoundationDB C library. The binding requires a library that supports API version "
+            f"{header_version}, but the installed library supports a maximum version of {max_supported}.")
+    if ver > max_supported:
+        raise RuntimeError(f"API version {ver} is not supported by the installed FoundationDB C library.")
     from fdb.subspace_impl import Subspace
 
     for name in ("FDBError", "Future", "Database", "Transaction", "KeyValue", "open", "transactional"):

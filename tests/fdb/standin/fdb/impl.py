@@ -6,8 +6,13 @@ read conflict ranges only for non-snapshot reads, errors surfacing at commit
 with the real codes, ``on_error`` retrying the retryable ones with back-off,
 watches that fire once the key's value differs from the one the watching
 transaction saw, and the client-side limits (key 10 kB, value 100 kB,
-transaction 10 MB, timeout option). Everything is synchronous: futures are
-already resolved when returned, except watches.
+transaction 10 MB, timeout option, 10,000 watches per database), the
+unreadable versionstamped keys and values (1036), and range reads that arrive
+in batches, so the five-second limit applies during a long read. Faults a real
+cluster shows (commit_unknown_result, timeouts at commit, transaction_too_old,
+spurious watches) and per-request latency are armed in ``standin_faults``.
+Everything is synchronous: futures are already resolved when returned, except
+watches.
 """
 
 from __future__ import annotations
@@ -23,9 +28,14 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from fdb.standin_faults import COMMIT_KINDS, FAULTS, READ_KINDS
+
 KEY_LIMIT = 10_000
 VALUE_LIMIT = 100_000
 TRANSACTION_LIMIT = 10_000_000
+# The real client streams a range read in batches of growing size; each batch
+# is a request at the transaction's read version, checked against the MVCC window.
+RANGE_BATCH_ROWS = 500
 
 _DESCRIPTIONS = {
     1007: "Transaction is too old to perform reads or be committed",
@@ -34,6 +44,7 @@ _DESCRIPTIONS = {
     1021: "Transaction may or may not have committed",
     1025: "Operation aborted because the transaction was cancelled",
     1031: "Operation aborted because the transaction timed out",
+    1032: "Too many watches currently set",
     1036: "Read or wrote an unreadable key",
     1101: "Asynchronous operation cancelled",
     2000: "Client tried to use an invalid argument",
@@ -163,6 +174,21 @@ class KeyValue:
         return f"{self.key!r}: {self.value!r}"
 
 
+class _Range:
+    """What a transaction's range read returns: like the real ``FDBRange``, it can be iterated
+    and turned into a list, but has no length and is always true (unlike a list). Unlike the
+    real one, it reads at once rather than as it is iterated."""
+
+    def __init__(self, rows: list[KeyValue]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[KeyValue]:
+        return iter(self._rows)
+
+    def to_list(self) -> list[KeyValue]:
+        return list(self._rows)
+
+
 # -- the connection ------------------------------------------------------------------------
 
 
@@ -200,6 +226,9 @@ class _Connection:
         # A real client keeps retrying an unreachable cluster until the
         # transaction times out (forever without a timeout; here: a minute).
         give_up = deadline if deadline is not None else time.monotonic() + 60
+        FAULTS.count("requests")
+        if FAULTS.request_latency and message[0] != "watch":
+            time.sleep(FAULTS.request_latency)
         while True:
             try:
                 if self.sock is None:
@@ -267,12 +296,12 @@ class TransactionRead:
         return Value(self._tr._get(_key(key), self._snapshot))
 
     def get_range(self, begin: Any, end: Any, limit: int = 0, reverse: bool = False,
-                  streaming_mode: Any = None) -> list[KeyValue]:
+                  streaming_mode: Any = None) -> _Range:
         begin = b"" if begin is None else _key(begin)
         end = b"\xff" if end is None else _key(end)
-        return [KeyValue(k, v) for k, v in self._tr._get_range(begin, end, limit, reverse, self._snapshot)]
+        return _Range([KeyValue(k, v) for k, v in self._tr._get_range(begin, end, limit, reverse, self._snapshot)])
 
-    def get_range_startswith(self, prefix: Any, *args: Any, **kwargs: Any) -> list[KeyValue]:
+    def get_range_startswith(self, prefix: Any, *args: Any, **kwargs: Any) -> _Range:
         prefix = _key(prefix)
         return self.get_range(prefix, _strinc(prefix), *args, **kwargs)
 
@@ -305,6 +334,7 @@ class Transaction(TransactionRead):
         self._reads: list[tuple[bytes, bytes]] = []
         self._extra_writes: list[tuple[bytes, bytes]] = []
         self._watches: list[tuple[Future, bytes, bytes | None]] = []
+        self._unreadable: list[tuple[bytes, bytes]] = []  # versionstamped writes, unknown until commit
         self._versionstamp = Future()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -341,7 +371,17 @@ class Transaction(TransactionRead):
 
     # -- reads ------------------------------------------------------------------------------
 
+    def _check_readable(self, begin: bytes, end: bytes) -> None:
+        if any(b < end and begin < e for b, e in self._unreadable):
+            raise FDBError(1036)
+
+    def _inject_read_fault(self, begin: bytes) -> None:
+        if FAULTS.rules and FAULTS.pick(READ_KINDS, [begin]):
+            raise FDBError(1007)
+
     def _get(self, key: bytes, snapshot: bool) -> bytes | None:
+        self._check_readable(key, key + b"\x00")
+        self._inject_read_fault(key)
         known, value = self._local(key)
         if not known:
             value = self._call("get", self._read_version(), key)
@@ -351,9 +391,11 @@ class Transaction(TransactionRead):
 
     def _get_range(self, begin: bytes, end: bytes, limit: int, reverse: bool,
                    snapshot: bool) -> list[tuple[bytes, bytes]]:
+        self._check_readable(begin, end)
+        self._inject_read_fault(begin)
         local = any(begin <= k < end for k in [*self._writes, *self._atomics]) or \
             any(b < end and begin < e for b, e in self._cleared)
-        remote = self._call("get_range", self._read_version(), begin, end, 0 if local else limit, reverse)
+        remote = self._remote_range(begin, end, 0 if local else limit, reverse)
         if local:
             merged = {k: v for k, v in remote if not self._local(k)[0]}
             for k in [*self._writes, *self._atomics]:
@@ -372,10 +414,25 @@ class Transaction(TransactionRead):
                 self._reads.append((begin, end))
         return remote
 
+    def _remote_range(self, begin: bytes, end: bytes, limit: int, reverse: bool) -> list[tuple[bytes, bytes]]:
+        """The stored rows, fetched a batch per request as the real client streams them."""
+        out: list[tuple[bytes, bytes]] = []
+        while True:
+            want = RANGE_BATCH_ROWS if not limit else min(RANGE_BATCH_ROWS, limit - len(out))
+            batch = self._call("get_range", self._read_version(), begin, end, want, reverse)
+            out += batch
+            if len(batch) < want or (limit and len(out) >= limit):
+                return out
+            if reverse:
+                end = batch[-1][0]
+            else:
+                begin = batch[-1][0] + b"\x00"
+
     # -- writes -----------------------------------------------------------------------------
 
     def set(self, key: Any, value: Any) -> None:
         key, value = _key(key), _value(value)
+        self._readable_again(key)
         self._mutations.append(("set", key, value))
         self._writes[key] = value
         self._atomics.pop(key, None)
@@ -385,6 +442,7 @@ class Transaction(TransactionRead):
 
     def clear(self, key: Any) -> None:
         key = _key(key)
+        self._readable_again(key)
         self._mutations.append(("clear", key))
         self._writes[key] = None
         self._atomics.pop(key, None)
@@ -397,6 +455,11 @@ class Transaction(TransactionRead):
             self._writes.pop(key, None)
             self._atomics.pop(key, None)
         self._cleared.append((begin, end))
+
+    def _readable_again(self, key: bytes) -> None:
+        # A plain set or clear after a versionstamped value makes the key's value known again.
+        if (key, key + b"\x00") in self._unreadable:
+            self._unreadable.remove((key, key + b"\x00"))
 
     def clear_range_startswith(self, prefix: Any) -> None:
         prefix = _key(prefix)
@@ -417,11 +480,24 @@ class Transaction(TransactionRead):
             self._atomics.setdefault(key, []).append(param)
 
     def set_versionstamped_key(self, key: Any, param: Any) -> None:
-        # Not readable in this transaction, as in FoundationDB.
-        self._mutations.append(("versionstamped_key", _key(key), _value(param)))
+        key = _key(key)
+        self._mutations.append(("versionstamped_key", key, _value(param)))
+        # As FoundationDB does: the final key is unknown until commit, so every key the
+        # stamp could produce (from this read version's stamp to 0xff * 10) is a write
+        # conflict range, and unreadable in this transaction.
+        offset = int.from_bytes(key[-4:], "little")
+        body = key[:-4]
+        begin = body[:offset] + (self._rv or 0).to_bytes(8, "big") + b"\x00\x00" + body[offset + 10:]
+        end = min(body[:offset] + b"\xff" * 10 + body[offset + 10:] + b"\x00", b"\xff")
+        self._extra_writes.append((begin, end))
+        self._unreadable.append((begin, end))
 
     def set_versionstamped_value(self, key: Any, param: Any) -> None:
-        self._mutations.append(("versionstamped_value", _key(key), _value(param)))
+        key = _key(key)
+        self._mutations.append(("versionstamped_value", key, _value(param)))
+        self._writes.pop(key, None)
+        self._atomics.pop(key, None)
+        self._unreadable.append((key, key + b"\x00"))
 
     def add_read_conflict_range(self, begin: Any, end: Any) -> None:
         self._reads.append((_key(begin), _key(end)))
@@ -473,8 +549,21 @@ class Transaction(TransactionRead):
             self._check_timeout()
             self._check_limits()
             if self._mutations or self._extra_writes:
-                _version, stamp = self._call("commit", self._read_version(), self._reads, self._mutations,
-                                             self._extra_writes)
+                fault = FAULTS.pick(COMMIT_KINDS, [m[1] for m in self._mutations]) if FAULTS.rules else None
+                if fault is not None and fault.startswith("fail_"):
+                    raise FDBError(int(fault[-4:]))
+                if FAULTS.commit_latency:
+                    time.sleep(FAULTS.commit_latency)
+                FAULTS.count("commits")
+                try:
+                    _version, stamp = self._call("commit", self._read_version(), self._reads, self._mutations,
+                                                 self._extra_writes)
+                except FDBError as exc:
+                    if exc.code == 1020:
+                        FAULTS.count("conflicts")
+                    raise
+                if fault is not None:  # applied, but the client never heard
+                    raise FDBError(int(fault[-4:]))
                 self._versionstamp._resolve(stamp)
             else:  # read-only: nothing to resolve, as in FoundationDB
                 self._versionstamp._resolve(error=FDBError(2000))
@@ -544,6 +633,8 @@ class Database:
         self._timeout: float | None = None
         self._retry_limit: int | None = None
         self._local = threading.local()
+        self._watch_lock = threading.Lock()
+        self._active_watches = 0
 
     def _connection(self) -> _Connection:
         # Backends in several threads share this Database (fdb.open caches it);
@@ -557,6 +648,25 @@ class Database:
         return Transaction(self)
 
     def _start_watch(self, future: Future, key: bytes, expected: bytes | None) -> None:
+        with self._watch_lock:
+            if self._active_watches >= FAULTS.watch_limit:
+                future._resolve(error=FDBError(1032))
+                return
+            self._active_watches += 1
+
+        def done(_future: Future) -> None:
+            with self._watch_lock:
+                self._active_watches -= 1
+
+        future.on_ready(done)
+        if FAULTS.spurious():
+            # Real watches may fire without a change (or with an error); callers must re-check.
+            FAULTS.count("spurious_watches")
+            error = FAULTS.spurious_watch_error
+            threading.Timer(FAULTS.rng.random() * 0.01, future._resolve,
+                            kwargs={"error": FDBError(error) if error else None}).start()
+            return
+
         def wait() -> None:
             conn = _Connection(self.address)
             try:
@@ -579,7 +689,7 @@ class Database:
         return _run(self, lambda tr: tr.get(key))
 
     def get_range(self, begin: Any, end: Any, limit: int = 0, reverse: bool = False) -> list[KeyValue]:
-        return _run(self, lambda tr: tr.get_range(begin, end, limit, reverse))
+        return _run(self, lambda tr: tr.get_range(begin, end, limit, reverse).to_list())
 
     def set(self, key: Any, value: Any) -> None:
         _run(self, lambda tr: tr.set(key, value))

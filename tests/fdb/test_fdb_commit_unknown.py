@@ -1,0 +1,226 @@
+"""Every protocol step of the fdb backend under the commit failures a real cluster shows.
+
+A commit can apply and still fail with commit_unknown_result (1021), or time
+out during commit (1031) having applied or not; a read can fail as too old
+(1007). These are injected into the STAND-IN (tests/fdb/standin, not a real
+FoundationDB: faults cannot be injected into a real cluster from here, so this
+file is skipped when SKUNKQUEUE_FDB_CLUSTER_FILE is set). Each step must then
+apply exactly once and report what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from testsupport import load_helper
+
+from skunkqueue import policy
+from skunkqueue.persistence import LEASE_OK, Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, PENDING, RUNNING, JobRecord, Outcome, new_id
+from skunkqueue.testing import BackendUnderTest, jobs
+from skunkqueue.testing.suite import wait_until
+from skunkqueue.testing.workers import PoolProcess
+
+servers = load_helper("fdb")
+pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
+                                reason="faults are injected into the stand-in only; this run uses a real cluster")
+
+JOBS = 100
+COMMIT_FAULTS = ["apply_then_1021", "fail_then_1021", "apply_then_1031", "fail_then_1031"]
+
+
+@pytest.fixture
+def backend(standin_cluster: Any, fdb_root: str) -> BackendUnderTest:
+    return BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root, env=servers.standin_env(),
+                            label=servers.STANDIN_LABEL)
+
+
+@pytest.fixture
+def faults(standin_cluster: Any) -> Iterator[Any]:
+    from fdb.standin_faults import FAULTS
+
+    FAULTS.reset()
+    yield FAULTS
+    FAULTS.reset()
+
+
+@pytest.fixture
+def store(backend: BackendUnderTest, faults: Any) -> Iterator[Persistence]:
+    persistence = backend.open(backend.new_queue_name())
+    yield persistence
+    persistence.close()
+
+
+def _record(queue: str) -> JobRecord:
+    now = time.time() - 1
+    return JobRecord(id=new_id(), queue=queue, route="r", func="skunkqueue.testing.jobs:add",
+                     payload=b"[[1,2],{}]", due=now, created=now)
+
+
+def _due_entries(backend: BackendUnderTest, queue: str) -> list[tuple[Any, ...]]:
+    import fdb
+
+    due = fdb.Subspace((backend.db, queue))["due"]
+    kvs = fdb.transactional(lambda tr: list(tr.get_range(due.range().start, due.range().stop)))(
+        fdb.open(backend.url))
+    return [due.unpack(kv.key) for kv in kvs]
+
+
+def _arm(faults: Any, kind: str, record: JobRecord) -> Any:
+    # The next commit that writes this record's keys, and only that one.
+    return faults.inject(kind, key_contains=record.id, times=1)
+
+
+@pytest.mark.parametrize("kind", COMMIT_FAULTS)
+class TestEachStepAppliesOnce:
+    def test_enqueue(self, backend: BackendUnderTest, store: Persistence, faults: Any, kind: str) -> None:
+        record = _record(store.queue)
+        rule = _arm(faults, kind, record)
+        store.enqueue([record])
+        assert rule.fired == 1
+        assert store.counts() == {("r", PENDING): 1}
+        assert [entry[-1] for entry in _due_entries(backend, store.queue)] == [record.id]
+        assert [r.id for r in store.claim("r", "w", 30, limit=5)] == [record.id]
+        assert store.claim("r", "w", 30) == []
+
+    def test_claim(self, store: Persistence, faults: Any, kind: str) -> None:
+        record = _record(store.queue)
+        store.enqueue([record])
+        rule = _arm(faults, kind, record)
+        claimed = store.claim("r", "w1", 30)
+        assert rule.fired == 1
+        # The worker that claimed it received it: nothing is left running unowned.
+        assert [(r.id, r.token, r.owner) for r in claimed] == [(record.id, 1, "w1")]
+        stored = store.get(record.id)
+        assert stored is not None and (stored.state, stored.token, stored.owner) == (RUNNING, 1, "w1")
+        assert store.counts() == {("r", RUNNING): 1}
+        assert store.claim("r", "w2", 30) == []
+
+    def test_finish(self, store: Persistence, faults: Any, kind: str) -> None:
+        record = _record(store.queue)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w1", 30)
+        rule = _arm(faults, kind, record)
+        assert store.finish(record.id, claimed.token, policy.completed(b"3")) is True
+        assert rule.fired == 1
+        done = store.get(record.id)
+        assert done is not None and (done.state, done.result) == (COMPLETE, b"3")
+        assert store.counts() == {("r", COMPLETE): 1}
+        assert store.finish(record.id, claimed.token, policy.completed(b"3")) is False  # a new call: no
+
+    def test_finish_to_retry_then_another_claim_gets_a_new_token(self, store: Persistence, faults: Any,
+                                                                 kind: str) -> None:
+        record = _record(store.queue)
+        store.enqueue([record])
+        [first] = store.claim("r", "w1", 30)
+        rule = _arm(faults, kind, record)
+        outcome = Outcome(state=PENDING, due=time.time() - 1)
+        assert store.finish(record.id, first.token, outcome) is True
+        assert rule.fired == 1
+        assert store.counts() == {("r", PENDING): 1}
+        [second] = store.claim("r", "w2", 30)
+        assert second.token == first.token + 1 and second.owner == "w2"
+        # The token fences the first worker out.
+        assert store.finish(record.id, first.token, policy.completed(b"late")) is False
+        assert store.renew("w1", [(record.id, first.token)], 30) == {record.id: "lost"}
+        assert store.claim("r", "w3", 30) == []
+
+    def test_renew(self, store: Persistence, faults: Any, kind: str) -> None:
+        record = _record(store.queue)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w1", 5)
+        rule = _arm(faults, kind, record)
+        assert store.renew("w1", [(record.id, claimed.token)], 60) == {record.id: LEASE_OK}
+        assert rule.fired == 1
+        renewed = store.get(record.id)
+        assert renewed is not None and renewed.lease_until is not None and renewed.lease_until > time.time() + 50
+        assert store.expired_leases(time.time() + 30) == []
+
+    def test_request_kill(self, store: Persistence, faults: Any, kind: str) -> None:
+        record = _record(store.queue)
+        store.enqueue([record])
+        store.claim("r", "w1", 30)
+        rule = _arm(faults, kind, record)
+        assert store.request_kill(record.id) is True
+        assert rule.fired == 1
+        flagged = store.get(record.id)
+        assert flagged is not None and flagged.kill_requested and store.counts() == {("r", RUNNING): 1}
+
+    def test_purge(self, store: Persistence, faults: Any, kind: str) -> None:
+        records = [_record(store.queue) for _ in range(3)]
+        store.enqueue(records)
+        rule = _arm(faults, kind, records[0])
+        assert store.purge("r") == 3
+        assert rule.fired == 1
+        assert store.counts() == {} and store.list_jobs() == []
+
+
+@pytest.mark.parametrize("where", ["due", "job"])
+def test_reads_failing_as_too_old_are_retried(store: Persistence, faults: Any, where: str) -> None:
+    records = [_record(store.queue) for _ in range(3)]
+    store.enqueue(records)
+    rule = faults.inject("read_1007", key_contains=where, times=2)
+    claimed = store.claim("r", "w", 30, limit=3)
+    assert rule.fired == 2
+    assert sorted(r.id for r in claimed) == sorted(r.id for r in records)
+    assert store.counts() == {("r", RUNNING): 3}
+
+
+def test_markers_are_deleted_by_housekeeping_and_only_when_old(backend: BackendUnderTest, store: Persistence,
+                                                              monkeypatch: Any) -> None:
+    import fdb
+
+    from skunkqueue_fdb import persistence as module
+
+    applied = fdb.Subspace((backend.db, store.queue))["applied"]
+
+    def markers() -> int:
+        return len(fdb.transactional(lambda tr: list(tr.get_range(applied.range().start, applied.range().stop)))(
+            fdb.open(backend.url)))
+
+    store.enqueue([_record(store.queue) for _ in range(2)])
+    store.claim("r", "w", 30)
+    assert markers() == 2
+    store.expired_leases(time.time() + module.APPLIED_KEEP - 60)  # a housekeeper's clock a minute short
+    assert markers() == 2
+    store.expired_leases(time.time() + module.APPLIED_KEEP + 1)
+    assert markers() == 0
+
+
+def test_a_worker_under_commit_faults_runs_each_job_once(backend: BackendUnderTest, tmp_path: Path) -> None:
+    """A real ``skunq work`` pool whose every commit may fail as a real cluster's can."""
+    rules = [{"kind": "apply_then_1021", "rate": 0.25, "times": -1},
+             {"kind": "fail_then_1021", "rate": 0.1, "times": -1},
+             {"kind": "apply_then_1031", "rate": 0.05, "times": -1},
+             {"kind": "fail_then_1031", "rate": 0.05, "times": -1},
+             {"kind": "read_1007", "rate": 0.05, "times": -1}]
+    stats = tmp_path / "faults"
+    settings = {"rules": rules, "stats_file": str(stats)}
+    faulty = BackendUnderTest(name="fdb", url=backend.url, db=backend.db, label=backend.label,
+                              env={**backend.env, "SKUNKQUEUE_FDB_STANDIN": json.dumps(settings)})
+    queue_name = backend.new_queue_name()
+    queue = SkunkQueue(queue_name, backend="fdb", conn_url=backend.url, dbname=backend.db)
+    mark = queue.event(routes=["r"])(jobs.mark.func)
+    side_effects = tmp_path / "executions"
+    for n in range(JOBS):
+        mark.fire(str(side_effects), f"job-{n}")
+    pool = PoolProcess(faulty, queue_name, ["r"], concurrency=2, lease=30, log_path=tmp_path / "pool.log")
+    try:
+        pool.wait_ready(60)
+        # Well inside the 30 s lease: a claim that applied but was not handed over
+        # would leave its job running until the lease expired.
+        wait_until(lambda: queue.counts().get(("r", COMPLETE), 0) == JOBS, 25, "every job complete")
+    finally:
+        pool.stop()
+    lines = side_effects.read_text().split()
+    assert sorted(lines) == sorted(f"job-{n}" for n in range(JOBS)), "each job ran exactly once"
+    assert queue.counts() == {("r", COMPLETE): JOBS}
+    queue.close()
+    # The faults did happen, in the worker processes (each writes its counts at exit).
+    injected = [json.loads(line) for line in stats.read_text().splitlines()]
+    assert sum(s["injected"] for s in injected) >= JOBS // 2, injected
