@@ -88,6 +88,26 @@ class TestEachStepAppliesOnce:
         assert [r.id for r in store.claim("r", "w", 30, limit=5)] == [record.id]
         assert store.claim("r", "w", 30) == []
 
+    def test_enqueue_keyed(self, backend: BackendUnderTest, store: Persistence, faults: Any, kind: str) -> None:
+        record, again = _record(store.queue), _record(store.queue)
+        record.key = again.key = "invoice-42"
+        rule = _arm(faults, kind, record)
+        # A retry after an applied commit must not take the first record's key for a holder of its own.
+        assert store.enqueue_keyed([record]) == [record.id]
+        assert rule.fired == 1
+        assert store.enqueue_keyed([again]) == [record.id]
+        assert store.counts() == {("r", PENDING): 1}
+        assert [entry[-1] for entry in _due_entries(backend, store.queue)] == [record.id]
+
+    def test_add_stats(self, store: Persistence, faults: Any, kind: str) -> None:
+        from skunkqueue.metrics import RouteMinute
+
+        minute = int(time.time() // 60)
+        rule = faults.inject(kind, key_contains="stats", times=1)
+        store.add_stats([RouteMinute("r", minute, {"completed": 3})])
+        assert rule.fired == 1
+        assert [(s.route, s.counts) for s in store.stats(minute)] == [("r", {"completed": 3})]
+
     def test_claim(self, store: Persistence, faults: Any, kind: str) -> None:
         record = _record(store.queue)
         store.enqueue([record])

@@ -67,6 +67,7 @@ import fdb
 import fdb.tuple
 
 from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
+from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, FINISHED_STATES, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 
@@ -219,6 +220,9 @@ class FDBPersistence(Persistence):
         self._nudge = self.space["nudge"]
         self._workers = self.space["worker"]
         self._applied = self.space["applied"]
+        self._keys = self.space["key"]          # idempotency key -> the id of the record holding it
+        self._settings = self.space["setting"]
+        self._stats = self.space["stats"]       # (minute, route, counter) -> little-endian int64, atomic adds
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
@@ -389,6 +393,87 @@ class FDBPersistence(Persistence):
             return None, None
 
         self._once(store, lambda _tr, _memo: None)
+
+    supports_keys = True
+
+    @_translate
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        if not any(r.key is not None for r in records):
+            self.enqueue(records)
+            return [r.id for r in records]
+
+        def store(tr: Any) -> tuple[list[str], list[str]]:
+            # Reading the key's entry in the same transaction makes check-and-insert one
+            # step: a concurrent enqueue of the same key conflicts and retries.
+            holders: list[str] = []
+            wakes: dict[tuple[str, str], int] = {}
+            now = time.time()
+            for position, record in enumerate(records):
+                if record.key is not None:
+                    held = tr[self._keys.pack((record.key,))]
+                    if held.present():
+                        holder = bytes(held).decode()
+                        stored = self._read_meta(tr, holder)
+                        meta = stored.meta() if stored else None
+                        if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
+                            holders.append(holder)
+                            continue
+                    tr[self._keys.pack((record.key,))] = record.id.encode()
+                self._write(tr, record, payload=True, result=record.result is not None, position=position,
+                            wakes=wakes)
+                holders.append(record.id)
+            self._wake_idle(tr, wakes)
+            return holders, holders
+
+        return self._once(store, lambda _tr, memo: [str(h) for h in memo])
+
+    # -- settings and throughput counters --------------------------------------------
+
+    supports_settings = True
+    keeps_stats = True
+
+    @_translate
+    def get_setting(self, name: str) -> str | None:
+        value = fdb.transactional(lambda tr: tr[self._settings.pack((name,))])(self._db)
+        return bytes(value).decode() if value.present() else None
+
+    @_translate
+    def put_setting(self, name: str, value: str | None) -> None:
+        def put(tr: Any) -> tuple[None, None]:
+            if value is None:
+                tr.clear(self._settings.pack((name,)))
+            else:
+                tr[self._settings.pack((name,))] = value.encode()
+            return None, None
+
+        self._once(put, None)  # putting the same value again changes nothing
+
+    @_translate
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:
+        def add(tr: Any) -> tuple[None, None]:
+            for sample in samples:
+                for name, value in sample.counts.items():
+                    tr.add(self._stats.pack((sample.minute, sample.route, name)),
+                           int(value).to_bytes(8, "little", signed=True))
+            oldest = int((time.time() - RETENTION) // 60)
+            tr.clear_range(self._stats.range().start, self._stats.pack((oldest,)))
+            return None, None
+
+        # Atomic adds are not idempotent: a marker makes a retried commit add once.
+        self._once(add, lambda _tr, _memo: None)
+
+    @_translate
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        def read(tr: Any) -> list[tuple[bytes, bytes]]:
+            return [(kv.key, kv.value) for kv in
+                    tr.get_range(self._stats.pack((since_minute,)), self._stats.range().stop)]
+
+        found: dict[tuple[str, int], RouteMinute] = {}
+        for key, value in fdb.transactional(read)(self._db):
+            minute, route, name = self._stats.unpack(key)
+            entry = found.setdefault((route, minute), RouteMinute(route, minute))
+            entry.counts[name] = int.from_bytes(bytes(value), "little", signed=True)
+        return list(found.values())
 
     @_translate
     def get(self, job_id: str) -> JobRecord | None:
