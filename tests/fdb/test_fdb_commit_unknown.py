@@ -206,9 +206,9 @@ def test_markers_are_deleted_by_housekeeping_and_only_when_old(backend: BackendU
     store.enqueue([_record(store.queue) for _ in range(2)])
     store.claim("r", "w", 30)
     assert markers() == 2
-    store.expired_leases(time.time() + module.APPLIED_KEEP - 60)  # a housekeeper's clock a minute short
+    store.delete_expired(time.time() + module.APPLIED_KEEP - 60)  # a housekeeper's clock a minute short
     assert markers() == 2
-    store.expired_leases(time.time() + module.APPLIED_KEEP + 1)
+    store.delete_expired(time.time() + module.APPLIED_KEEP + 1)
     assert markers() == 0
 
 

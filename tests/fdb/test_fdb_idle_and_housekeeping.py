@@ -83,7 +83,7 @@ def test_purge_and_expiry_read_fields_not_chunks(store: Persistence, monkeypatch
     monkeypatch.setattr(store, "_read", lambda tr, job_id: full_reads.append(job_id) or read(tr, job_id))
     assert store.purge("r") == 2
     time.sleep(0.3)  # past result_ttl
-    assert store.expired_leases(time.time()) == []
+    store.delete_expired(time.time())
     assert store.get(claimed.id) is None and store.counts() == {}
     assert full_reads == [claimed.id], "only get() read the whole record"
 

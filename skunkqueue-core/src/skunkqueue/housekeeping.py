@@ -27,6 +27,11 @@ def recover_expired_leases(backend: Persistence, now: float | None = None) -> in
     return recovered
 
 
+def delete_expired_results(backend: Persistence) -> int:
+    """Delete finished records past their ``result_ttl`` (a no-op where the store expires them itself)."""
+    return backend.delete_expired(backend.now())
+
+
 def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str]:
     """Unregister workers that stopped sending heartbeats, and drop broadcasts meant for them."""
     cutoff = backend.now() - ttl  # last_seen is on the store's clock where it has one

@@ -98,13 +98,17 @@ class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
     def __init__(self, queue: SkunkQueue, func: Callable[..., Any], routes: Sequence[str], *,
-                 retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None) -> None:
+                 retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None,
+                 result_ttl: float | None = None) -> None:
         if isinstance(routes, str) or not routes or not all(isinstance(r, str) and r for r in routes):
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
         for route in routes:
             check_name(route, "route")
         if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
             raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
+        if result_ttl is not None and not result_ttl >= 0:
+            raise ConfigurationError("result_ttl must be >= 0 seconds.")
+        self.result_ttl = result_ttl  # None: the queue's
         self.queue = queue
         self.func = func
         self.routes = list(routes)

@@ -53,7 +53,7 @@ from skunkqueue.errors import (
     SkunkQueueError,
     TimeLimit,
 )
-from skunkqueue.housekeeping import reap_dead_workers, recover_expired_leases
+from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
 from skunkqueue.record import RUNNING, WorkerInfo
 from skunkqueue.worker import EXIT_UNREACHABLE, GENTLE_SIGNALS, INTERRUPT_SIGNAL, ROUGH_SIGNAL, WorkerConfig
@@ -505,6 +505,7 @@ class WorkerPool:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._store_call("recover expired leases", recover_expired_leases, store)
+            self._store_call("delete expired results", delete_expired_results, store)
 
     def _renew(self, store: Persistence, child: _Child) -> None:
         # A stopped worker (SIGSTOP, a debugger) keeps nothing: its leases run

@@ -82,13 +82,17 @@ class SkunkQueue:
     # -- declaring and firing ---------------------------------------------------
 
     def event(self, routes: Sequence[str], *, retries: int = 0, retry_backoff: float = 1.0,
-              timeout: float | None = None) -> Callable[[Callable[..., Any]], Job]:
-        """Decorator: make a function a Job that workers on ``routes`` run."""
+              timeout: float | None = None, result_ttl: float | None = None) -> Callable[[Callable[..., Any]], Job]:
+        """Decorator: make a function a Job that workers on ``routes`` run.
+
+        ``result_ttl`` (seconds) overrides the queue's for this job's finished records.
+        """
         if not isinstance(routes, str):
             self._backend_class.check_names(self.name, list(routes or []))
 
         def decorate(func: Callable[..., Any]) -> Job:
-            return Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout)
+            return Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
+                       result_ttl=result_ttl)
         return decorate
 
     job = event
@@ -96,7 +100,8 @@ class SkunkQueue:
     def periodic(self, *, routes: Sequence[str], every: timedelta | float | None = None,
                  cron: str | None = None, tz: str = "UTC", misfire_grace: float = 60.0,
                  catch_up: bool = False, retries: int = 0, retry_backoff: float = 1.0,
-                 timeout: float | None = None) -> Callable[[Callable[..., Any]], Job]:
+                 timeout: float | None = None, result_ttl: float | None = None,
+                 ) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: a Job that ``skunq work`` pools fire once per slot of a schedule.
 
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
@@ -105,7 +110,8 @@ class SkunkQueue:
         from skunkqueue import periodic as schedules
 
         def decorate(func: Callable[..., Any]) -> Job:
-            job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout)
+            job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
+                      result_ttl=result_ttl)
             try:
                 job.check_arguments((), {})
             except TypeError:
@@ -167,6 +173,8 @@ class SkunkQueue:
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
                           serializer=self.serializer, due=due, created=now, target=target,
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
+                          # The retention travels with the record: no worker needs to know it.
+                          result_ttl=job.result_ttl if job.result_ttl is not None else float(self.result_ttl),
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]

@@ -81,6 +81,7 @@ class JobRecord:
     error: dict[str, str] | None = None  # {"type", "message", "traceback"}
     dead: bool = False              # in the dead-letter list: out of attempts
     key: str | None = None          # idempotency key: one record per key in a queue (see enqueue_keyed)
+    result_ttl: float | None = None  # seconds the finished record is kept (None: the backend's default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +120,8 @@ class JobRecord:
         self.dead = bool(self.dead)
         if self.key is not None and not isinstance(self.key, str):
             raise MalformedRecord("key is not a string")
+        if self.result_ttl is not None:
+            self.result_ttl = float(self.result_ttl)
 
     def claim_by(self, worker_id: str, now: float, lease: float) -> None:
         """Turn a pending record into one ``worker_id`` runs under a fresh lease.

@@ -312,7 +312,7 @@ class FDBPersistence(Persistence):
         data["result"] = None if outcome is None else len(_chunks(outcome))
         data["_expire"] = None
         if record.state in FINISHED_STATES:
-            data["_expire"] = (record.finished or time.time()) + self.result_ttl
+            data["_expire"] = (record.finished or time.time()) + self.ttl_of(record)
             tr[self._expire.pack((data["_expire"], record.id))] = b""
         elif record.state == RUNNING and record.lease_until is not None:
             tr[self._lease.pack((float(record.lease_until), record.id))] = b""
@@ -687,10 +687,7 @@ class FDBPersistence(Persistence):
 
     @_translate
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
-        # Runs about once a second per worker: often enough to also delete
-        # finished records past their time to live, a bounded batch at a time.
         now = float(now)  # the tuple layer orders ints and floats apart
-        self._delete_expired(now)
 
         @fdb.transactional
         def find(tr: Any) -> list[JobRecord]:
@@ -706,6 +703,12 @@ class FDBPersistence(Persistence):
             return records
 
         return find(self._db)
+
+    @_translate
+    def delete_expired(self, now: float, limit: int = 1000) -> int:
+        # Also sweeps old step markers and idle entries: housekeeping calls this about once a second.
+        self._delete_expired(float(now))
+        return 0  # a bounded batch each call (EXPIRE_BATCH); the count is not kept
 
     def _delete_expired(self, now: float) -> None:
         def delete(tr: Any) -> tuple[None, None]:

@@ -215,6 +215,21 @@ class Persistence(ABC):
         done = self.finish(job_id, token, outcome)
         return done, self.claim(route, worker_id, lease, limit)
 
+    def ttl_of(self, record: JobRecord) -> float:
+        """How long a finished record is kept: its own ``result_ttl``, else this backend's default."""
+        return record.result_ttl if record.result_ttl is not None else self.result_ttl
+
+    def delete_expired(self, now: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` finished records whose time to live (see :meth:`ttl_of`,
+        counted from ``finished``) ended before ``now``; return how many.
+
+        Housekeeping calls it about once a second. The default does nothing,
+        for stores that expire records by themselves (Redis key expiry); a
+        store that only sweeps now and then must still answer :meth:`get`
+        with None for a record past its time.
+        """
+        return 0
+
     @abstractmethod
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         """Running records whose ``lease_until`` is before ``now``.

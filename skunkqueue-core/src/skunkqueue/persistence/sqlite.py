@@ -171,7 +171,7 @@ class SQLitePersistence(Persistence):
         self._db.execute("COMMIT")
 
     def _store(self, conn: sqlite3.Connection, record: JobRecord) -> None:
-        expire = (record.finished or time.time()) + self.result_ttl if record.finished_state else None
+        expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
         row = _record_to_row(record, expire)
         conn.execute(
             f"INSERT OR REPLACE INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -318,10 +318,12 @@ class SQLitePersistence(Persistence):
         self._store(conn, outcome.apply_to(record, time.time()))
         return True
 
+    def delete_expired(self, now: float, limit: int = 1000) -> int:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue=? AND expire_at < ? "
+                                "LIMIT ?)", (self.queue, now, limit)).rowcount
+
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
-        # Finished records past their time to live go here too: this runs
-        # about once a second per worker, which is often enough.
-        self._db.execute("DELETE FROM jobs WHERE expire_at < ?", (now,))
         rows = self._db.execute(
             "SELECT * FROM jobs WHERE state=? AND lease_until<? AND queue=? LIMIT ?",
             (RUNNING, now, self.queue, limit),

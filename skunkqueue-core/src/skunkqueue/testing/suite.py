@@ -361,6 +361,21 @@ class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, N
         done = store.wait_finished(record.id, 10)
         assert done is not None and (done.state, done.result) == (COMPLETE, b"7")
 
+    def test_finished_records_expire_after_their_own_result_ttl(self, backend: BackendUnderTest,
+                                                                 queue_name: str) -> None:
+        with backend.open(queue_name, result_ttl=3600) as store:
+            short, kept, waiting = make_record(queue_name), make_record(queue_name), make_record(queue_name)
+            short.result_ttl = 0.5          # the record's own retention outranks the backend's default
+            store.enqueue([short, kept])
+            for claimed in store.claim("r", "w", 30, limit=2):
+                assert store.finish(claimed.id, claimed.token, policy.completed(b"1"))
+            store.enqueue([waiting])
+            time.sleep(1.5)
+            store.delete_expired(store.now())
+            assert store.get(short.id) is None, "a finished record outlived its result_ttl"
+            assert store.get(kept.id) is not None and store.get(waiting.id) is not None
+            assert store.counts() == {("r", COMPLETE): 1, ("r", PENDING): 1}
+
     def test_stats_add_up_per_route_and_minute(self, store: Persistence, backend: BackendUnderTest,
                                                queue_name: str) -> None:
         if not store.keeps_stats:
@@ -406,6 +421,20 @@ class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, N
                 totals[name] = totals.get(name, 0) + value
         assert (totals.get("completed"), totals.get("failed")) == (3, 1)
         assert sum(v for k, v in totals.items() if k.startswith("b")) == 4 and totals["duration_us"] > 0
+
+    def test_results_are_kept_as_long_as_the_queue_or_the_job_says(self, backend: BackendUnderTest,
+                                                                     queue_name: str, start_pool: Any) -> None:
+        brief = SkunkQueue(queue_name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
+                           result_ttl=1, **backend.options)
+        try:
+            start_pool(["r"])  # workers know nothing of either retention: it travels with the record
+            gone = self.declare(brief, jobs.add).fire(1, 1)
+            kept = self.declare(brief, jobs.add, result_ttl=3600).fire(2, 2)
+            assert (gone.wait(timeout=20), kept.wait(timeout=20)) == (2, 4)
+            wait_until(lambda: brief.get(gone.id) is None, timeout=15, what="the result to expire")
+            assert kept.result == 4
+        finally:
+            brief.close()
 
     def test_fire_at_waits_until_due(self, queue: SkunkQueue, start_pool: Any) -> None:
         start_pool(["r"])

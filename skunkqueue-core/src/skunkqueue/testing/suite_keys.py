@@ -57,7 +57,7 @@ class KeysSuite:
             [claimed] = store.claim("r", "w", 10)
             store.finish(claimed.id, claimed.token, policy.completed(b"1"))
             time.sleep(1.5)
-            store.expired_leases(time.time())  # some backends delete expired records here
+            store.delete_expired(time.time())
             fresh = make_record(queue_name)
             fresh.key = "once"
             assert store.enqueue_keyed([fresh]) == [fresh.id]
