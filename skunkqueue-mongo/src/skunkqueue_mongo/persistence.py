@@ -137,7 +137,7 @@ def _lit(value: Any) -> dict[str, Any]:
     return {"$literal": value}
 
 
-def _expire_at(finished: Any, ttl: float) -> dict[str, Any]:
+def _expire_at(finished: Any, ttl: Any) -> dict[str, Any]:
     """The date a record finished at ``finished`` (seconds, maybe an expression) expires."""
     return {"$toDate": {"$multiply": [{"$add": [finished, ttl]}, 1000]}}
 
@@ -461,15 +461,16 @@ class MongoPersistence(Persistence):
         if outcome.state == PENDING:
             fields.update(due=NOW if outcome.due is None else outcome.due + moved, result=None, finished=None,
                           expire_at="$$REMOVE")
-            killed = {"state": KILLED, "dead": False, "error": _lit(KILLED_BY_REQUEST), "attempts": "$attempts",
-                      "due": "$due", "finished": NOW, "expire_at": _expire_at(NOW, self.result_ttl)}
+            killed = {"state": KILLED, "dead": False, "error": _lit(KILLED_BY_REQUEST),
+                      "attempts": "$attempts" if outcome.attempts is None else outcome.attempts,
+                      "due": "$due", "finished": NOW, "expire_at": _expire_at(NOW, self._ttl())}
             asked = {"$eq": ["$kill_requested", True]}
             for name, value in killed.items():
                 fields[name] = {"$cond": [asked, value, fields.get(name, "$" + name)]}
         else:
             finished = NOW if outcome.finished is None else outcome.finished + moved
             fields.update(result=_lit(outcome.result), finished=finished,
-                          expire_at=_expire_at(finished, self.result_ttl))
+                          expire_at=_expire_at(finished, self._ttl()))
         fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
         try:
             result = self._call("finish", lambda: self.jobs.update_one(fence, [{"$set": fields}]),
@@ -477,6 +478,10 @@ class MongoPersistence(Persistence):
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
         return result.matched_count == 1
+
+    def _ttl(self) -> dict[str, Any]:
+        """The record's own result_ttl, else this backend's default (as a pipeline expression)."""
+        return {"$ifNull": ["$result_ttl", self.result_ttl]}
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # ``now`` is the caller's clock; the server's decides when a lease ran out.

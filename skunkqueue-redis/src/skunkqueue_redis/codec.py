@@ -13,9 +13,9 @@ from typing import Any, Iterable, Sequence
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.record import JobRecord
 
-_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner")
+_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key")
 _BYTES = ("payload", "result")
-_FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished")
+_FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl")
 _INT = ("attempts", "retries", "token")
 _BOOL = ("kill_requested", "dead")
 

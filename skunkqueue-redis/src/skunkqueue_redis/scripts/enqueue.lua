@@ -1,6 +1,6 @@
 -- enqueue: store a batch of new records and wake their routes' idle workers.
 -- KEYS: 1 index zset, 2 lease zset (declared for the cluster; the names come from common.lua)
--- ARGV: 1 result ttl (s), 2 the caller's now, 3 records (each packed, then packed together)
+-- ARGV: 1 default result ttl (s; a record's result_ttl field wins), 2 the caller's now, 3 records (each packed, then packed together)
 -- A caller whose clock is off by more than CLOCK_TOLERANCE has its records'
 -- times moved onto the store's clock (see shift()): a delay stays a delay.
 -- Returns 1.
@@ -42,8 +42,9 @@ local function enqueue(KEYS, ARGV)
       redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
       redis.call('ZADD', INDEX, '+inf', id)
     else
-      redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
-      redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + ttl), id)
+      local keep = tonumber(f['result_ttl'] or '') or ttl
+      redis.call('PEXPIRE', key, math.max(1, math.floor(keep * 1000)))
+      redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + keep), id)
     end
   end
   for nkey, n in pairs(woken) do wake(nkey, n) end

@@ -1,6 +1,7 @@
 -- finish: apply an outcome to a record if the caller still holds it (the fence).
 -- KEYS: 1 job hash, 2 lease zset, 3 index zset
--- ARGV: 1 id, 2 token, 3 expected state, 4 the caller's now, 5 result ttl (s), 6 state, 7 dead ('0'/'1'),
+-- ARGV: 1 id, 2 token, 3 expected state, 4 the caller's now, 5 default result ttl (s; the record's
+--       own result_ttl field wins), 6 state, 7 dead ('0'/'1'),
 --       8 attempts, 9 error json, 10 result, 11 due, 12 finished
 --       (8-12 optional: '' for none, else '.' then the value; due and finished are on the caller's clock)
 -- Returns 1 if applied, 0 if the record is not in the expected state under this token.
@@ -14,12 +15,13 @@ local function finish(KEYS, ARGV)
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
   if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
-  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested')
+  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'result_ttl')
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
+  ttl = tonumber(f[6] or '') or ttl
   local now = clock()
   local moved = shift(ARGV[4], now)
   if state == 'pending' and f[5] == '1' then
-    state, dead, attempts, result, finished = 'killed', '0', nil, nil, nil
+    state, dead, result, finished = 'killed', '0', nil, nil  -- attempts as given (a hand-back's)
     err = cjson.encode({type = 'JobKilled', message = 'killed by request', traceback = ''})
   end
   local route, target = f[3], f[4] or nil
