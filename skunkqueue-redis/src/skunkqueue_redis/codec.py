@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.record import JobRecord
 
-_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner")
+_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key")
 _BYTES = ("payload", "result")
 _FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished")
 _INT = ("attempts", "retries", "token")
