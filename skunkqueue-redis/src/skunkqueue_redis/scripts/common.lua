@@ -74,9 +74,9 @@ local function wake(nkey, n)
 end
 
 -- An idempotency key's string lives as long as its holder (ms: the holder's new
--- time to live, nil while it is pending or running). The string only points at
--- the holder; a string left pointing at a record that is gone frees nothing and
--- blocks nothing (enqueue checks the record), so this is tidiness, not safety.
+-- time to live, nil while it is pending or running). It must not go first: the
+-- string is how enqueue finds the holder. Outliving the holder is harmless
+-- (enqueue checks the record), so it expires with it only to be tidy.
 local function key_follows(id, k, ms)
   if not k then return end
   local kkey = KEYED .. k
