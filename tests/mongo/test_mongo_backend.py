@@ -176,7 +176,7 @@ def test_indexes_are_created_once_per_process_and_idempotently(mongo: Any, opene
     assert created == [], "a second instance in the same process must not create indexes again"
     monkeypatch.setattr(mongo_persistence, "_indexed", set())
     opened("q3", mongo.url)
-    assert sorted(created) == ["claim", "expire", "lease", "queue"]
+    assert sorted(created) == ["claim", "expire", "key", "lease", "queue", "stats_expire", "stats_minute"]
     assert first.jobs.index_information() == before
     assert before["claim"]["key"] == [("queue", 1), ("route", 1), ("state", 1), ("target", 1), ("due", 1),
                                       ("_id", 1)]
@@ -576,8 +576,9 @@ def test_housekeeping_recreates_indexes_after_drop_database(mongo_standalone: An
         # Jobs keep flowing, and the worker's housekeeping puts the indexes back.
         handles = [add.fire(i, 1) for i in range(5)]
         assert [h.wait(timeout=20) for h in handles] == [i + 1 for i in range(5)]
-        wait_until(lambda: {"claim", "lease", "expire"} <= set(client[db]["jobs"].index_information())
-                   and "queue" in client[db]["workers"].index_information(),
+        wait_until(lambda: {"claim", "lease", "expire", "key"} <= set(client[db]["jobs"].index_information())
+                   and "queue" in client[db]["workers"].index_information()
+                   and "stats_expire" in client[db]["stats"].index_information(),
                    timeout=mongo_persistence.INDEX_CHECK_EVERY + 10, what="the indexes to be re-created")
         assert client[db]["jobs"].index_information()["expire"]["expireAfterSeconds"] == 0
         assert "were missing; re-creating them" in pool.log()

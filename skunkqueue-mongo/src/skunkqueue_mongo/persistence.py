@@ -6,6 +6,9 @@ Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
              JobRecord.to_dict() gives it (payload/result are BSON binary), plus
              expire_at (a date) once the record is finished
     workers  one document per registered worker: _id = worker id
+    settings one document per queue setting: _id = {q: queue, n: name}, value
+    stats    throughput counters of one route and minute: _id = {q, r, m},
+             queue, route, minute, counts {counter: int}, expire_at (TTL)
 
 Every queue shares the ``jobs`` collection and is told apart by its ``queue``
 field, the first field of every index. Queue names are arbitrary user strings
@@ -39,6 +42,12 @@ Housekeeping (:meth:`expired_leases`) checks every ``INDEX_CHECK_EVERY``
 seconds that the indexes still exist and re-creates them, so a dropped
 database (or collection) regains its TTL and claim indexes under live workers.
 
+Idempotency keys: a record with a ``key`` is covered by the unique partial
+index ``key`` on (queue, key), so of concurrent inserts with one key the server
+lets exactly one in. The others read the holder; one already past its
+``expire_at`` (the TTL monitor has not got to it yet) is deleted, which frees
+the key, and the insert is tried again.
+
 Durability is the URI's write concern (replica sets default to majority).
 Without a transaction, an enqueue of several records that fails part-way may
 have stored some of them; it raises either way.
@@ -56,7 +65,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import unquote
 
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo import ASCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -64,6 +73,7 @@ from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
     DocumentTooLarge,
+    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
@@ -72,6 +82,7 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
+from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
@@ -101,9 +112,16 @@ INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
                ("due", ASCENDING), ("_id", ASCENDING)], {}),
     "lease": ([("queue", ASCENDING), ("state", ASCENDING), ("lease_until", ASCENDING)], {}),
     "expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+    # One record per (queue, key); records without a key (key None) are not in it.
+    "key": ([("queue", ASCENDING), ("key", ASCENDING)],
+            {"unique": True, "partialFilterExpression": {"key": {"$type": "string"}}}),
 }
 WORKER_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "queue": ([("queue", ASCENDING)], {}),
+}
+STATS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "stats_minute": ([("queue", ASCENDING), ("minute", ASCENDING)], {}),
+    "stats_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
 _indexed: set[tuple[str, str]] = set()
 # Seconds between housekeeping's checks that the indexes still exist.
@@ -118,6 +136,8 @@ CLOCK_SLACK = 0.25
 # A name is stored in every record; max_payload leaves about 1 MiB of the
 # 16 MiB document for everything else.
 MAX_NAME_BYTES = 64 * 1024
+# Rounds of insert, find the holder, drop an expired holder, before enqueue_keyed gives up.
+KEY_ROUNDS = 20
 # The server's clock in epoch seconds (ms resolution), inside pipelines and $expr.
 NOW = {"$divide": [{"$toLong": "$$NOW"}, 1000]}
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
@@ -145,6 +165,21 @@ def _expire_at(finished: Any, ttl: Any) -> dict[str, Any]:
 def _not_expired(now: float) -> dict[str, Any]:
     # The TTL monitor lags up to a minute; a record past expire_at is gone as far as callers know.
     return {"expire_at": {"$not": {"$lte": _date(now)}}}
+
+
+def _aware(when: datetime) -> datetime:
+    """pymongo returns naive UTC datetimes unless the client asks for tz-aware ones."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _on_key_index(error: Mapping[str, Any]) -> bool:
+    """Whether a bulk write error is a duplicate in the ``key`` index (not of an ``_id``)."""
+    if error.get("code") != DUPLICATE_KEY:
+        return False
+    pattern = error.get("keyPattern")
+    if isinstance(pattern, Mapping):
+        return "key" in pattern
+    return " index: key dup key" in str(error.get("errmsg", ""))
 
 
 def _transient(exc: OperationFailure) -> bool:
@@ -193,6 +228,8 @@ class MongoPersistence(Persistence):
         self._indexes_checked = time.monotonic()
         self.jobs: Collection[dict[str, Any]] = database["jobs"]
         self.worker_docs: Collection[dict[str, Any]] = database["workers"]
+        self.settings: Collection[dict[str, Any]] = database["settings"]
+        self.stats_docs: Collection[dict[str, Any]] = database["stats"]
         try:
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
@@ -276,12 +313,15 @@ class MongoPersistence(Persistence):
                 raise
         raise AssertionError("unreachable")
 
+    def _indexed_collections(self) -> list[tuple[Collection[dict[str, Any]], dict[str, Any]]]:
+        return [(self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES), (self.stats_docs, STATS_INDEXES)]
+
     def _check_indexes(self) -> None:
         """Re-create indexes someone dropped (a dropDatabase under live workers): housekeeping's part."""
         if time.monotonic() - self._indexes_checked < INDEX_CHECK_EVERY:
             return
         self._indexes_checked = time.monotonic()
-        for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
+        for collection, indexes in self._indexed_collections():
             present = set(self._call("list indexes", collection.index_information))
             missing = sorted(set(indexes) - present)
             if missing:
@@ -295,7 +335,7 @@ class MongoPersistence(Persistence):
         with _indexed_lock:
             if key in _indexed and not force:
                 return
-            for collection, indexes in ((self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES)):
+            for collection, indexes in self._indexed_collections():
                 for index_name, (keys, index_options) in indexes.items():
                     # create_index is a no-op when an identical index exists.
                     self._call("create index", partial(collection.create_index, keys, name=index_name,
@@ -317,9 +357,17 @@ class MongoPersistence(Persistence):
 
     # -- producers -----------------------------------------------------------------
 
+    supports_keys = True
+    supports_settings = True
+    keeps_stats = True
+
     def enqueue(self, records: Sequence[JobRecord]) -> None:
+        self.enqueue_keyed(records)
+
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        holders = [record.id for record in records]
         if not records:
-            return
+            return holders
         docs = [_to_doc(record) for record in records]
         moved = self._shift()
         if moved:
@@ -327,20 +375,32 @@ class MongoPersistence(Persistence):
                 for name in ("due", "created", "started", "finished", "lease_until"):
                     if isinstance(doc.get(name), (int, float)):
                         doc[name] += moved
+        for index in self._insert(docs):
+            holders[index] = self._key_holder(docs[index])
+        return holders
+
+    def _insert(self, docs: list[dict[str, Any]]) -> list[int]:
+        """Insert every document; return the positions of those refused because their key is held."""
         attempts = 0
+        refused: list[int] = []
 
         def insert() -> None:
-            nonlocal attempts
+            nonlocal attempts, refused
             attempts += 1
             try:
                 self.jobs.insert_many(docs, ordered=False)
+                refused = []
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
+                held = [e for e in errors if _on_key_index(e)]
+                others = [e for e in errors if not _on_key_index(e)]
                 # A repeat of an interrupted insert finds the records that made
                 # it the first time: they are stored, which is what we wanted.
-                repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in errors)
-                if errors and not repeated:
+                # (A keyed one that made it finds itself as its key's holder.)
+                repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in others)
+                if others and not repeated:
                     raise
+                refused = sorted(e["index"] for e in held)
                 concern = exc.details.get("writeConcernErrors")
                 if concern:
                     # Written, but not acknowledged as durable (the server is
@@ -350,6 +410,32 @@ class MongoPersistence(Persistence):
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
         self._call("enqueue", insert)
+        return refused
+
+    def _key_holder(self, doc: dict[str, Any]) -> str:
+        """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored."""
+        key = doc["key"]
+        for _ in range(KEY_ROUNDS):
+            holder = self._call("find key holder", lambda: self.jobs.find_one(
+                {"queue": self.queue, "key": key}, {"_id": 1, "expire_at": 1}))
+            if holder is not None:
+                expire_at = holder.get("expire_at")
+                if not (isinstance(expire_at, datetime) and _aware(expire_at) <= _date(self.now())):
+                    return str(holder["_id"])
+                # Past its expiry, waiting for the TTL monitor: gone as far as get() is concerned, so
+                # the key is free. Deleting it (only as it was seen) lets the unique index take ours.
+                self._call("drop expired key holder", partial(
+                    self.jobs.delete_one, {"_id": holder["_id"], "queue": self.queue, "key": key,
+                                           "expire_at": expire_at}))
+            try:
+                self._call("enqueue", lambda: self.jobs.insert_one(doc))
+                return str(doc["_id"])
+            except DuplicateKeyError:
+                continue  # someone else took the key (or our own insert went in on a retry): read again
+            except DocumentTooLarge as exc:
+                raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
+        raise BackendUnavailable(f"MongoDB at {self.address}: the key {key!r} of queue {self.queue!r} changed "
+                                 f"hands {KEY_ROUNDS} times while enqueueing; try again")
 
     def get(self, job_id: str) -> JobRecord | None:
         doc = self._call("get", lambda: self.jobs.find_one(
@@ -521,6 +607,62 @@ class MongoPersistence(Persistence):
                 found.append(WorkerInfo.from_dict(doc))
             except (TypeError, ValueError):
                 continue
+        return found
+
+    # -- settings ------------------------------------------------------------------
+
+    def _setting_id(self, name: str) -> dict[str, str]:
+        return {"q": self.queue, "n": name}
+
+    def get_setting(self, name: str) -> str | None:
+        doc = self._call("get setting", lambda: self.settings.find_one({"_id": self._setting_id(name)}))
+        value = None if doc is None else doc.get("value")
+        return value if isinstance(value, str) else None
+
+    def put_setting(self, name: str, value: str | None) -> None:
+        if value is None:
+            self._call("put setting", lambda: self.settings.delete_one({"_id": self._setting_id(name)}))
+        else:
+            self._call("put setting", lambda: self.settings.replace_one(
+                {"_id": self._setting_id(name)}, {"_id": self._setting_id(name), "value": value}, upsert=True))
+
+    # -- throughput counters -----------------------------------------------------------
+
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:
+        oldest = int((time.time() - RETENTION) // 60)
+        updates = []
+        for sample in samples:
+            if sample.minute < oldest or not sample.counts:
+                continue
+            inc = {}
+            for counter, value in sample.counts.items():
+                if not counter or "." in counter or counter.startswith("$"):
+                    raise ValueError(f"a counter name cannot be a MongoDB field name: {counter!r}")
+                inc[f"counts.{counter}"] = int(value)
+            # The minute's TTL counts from its end, so a chart of the last hour never loses one.
+            expire_at = _date((sample.minute + 1) * 60 + RETENTION)
+            updates.append(UpdateOne(
+                {"_id": {"q": self.queue, "r": sample.route, "m": sample.minute}},
+                {"$inc": inc, "$setOnInsert": {"queue": self.queue, "route": sample.route,
+                                               "minute": sample.minute, "expire_at": expire_at}},
+                upsert=True))
+        if updates:
+            # $inc is atomic per document; concurrent upserts of one _id are retried by the server.
+            # Not idempotent: a write that may have been applied is not repeated here (retryable
+            # writes cover it on a replica set).
+            self._call("add stats", lambda: self.stats_docs.bulk_write(updates, ordered=False), idempotent=False)
+
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        docs = self._call("stats", lambda: list(self.stats_docs.find(
+            {"queue": self.queue, "minute": {"$gte": since_minute}}, sort=[("minute", ASCENDING)])))
+        found = []
+        for doc in docs:
+            counts = doc.get("counts")
+            if not isinstance(doc.get("route"), str) or not isinstance(doc.get("minute"), int) \
+                    or not isinstance(counts, Mapping):
+                continue  # not ours
+            found.append(RouteMinute(doc["route"], doc["minute"],
+                                     {str(k): int(v) for k, v in counts.items() if isinstance(v, int)}))
         return found
 
     # -- waiting -------------------------------------------------------------------

@@ -12,6 +12,13 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:jobs                zset    every record, score = +inf or when it expires (counts, list_jobs)
     sq:{Q}:done:<id>           list    one token while a record is finished; waiters BLMOVE on it
     sq:{Q}:workers, sq:{Q}:w:<id>      worker registry (set of ids, one hash per worker)
+    sq:{Q}:k:<key>             string  id of the record holding an idempotency key (expires with it)
+    sq:{Q}:settings            hash    the queue's settings (name -> value)
+    sq:{Q}:s:<minute>          hash    throughput counters of one minute, field <counter>:<route>
+    sq:{Q}:stats               zset    minutes that have counters, score = member = the minute
+
+An idempotency key's string only finds its holder; the holder's hash, while it
+exists and names the same key, is what holds the key (see scripts/enqueue.lua).
 
 Route and target names are %-escaped (``%`` and ``:``) so they cannot run into
 each other; the queue's name in the tag also has its braces escaped. The
@@ -20,6 +27,8 @@ spelling them again; they only repeat the escaping rule.
 """
 
 from __future__ import annotations
+
+from urllib.parse import unquote
 
 
 def escape(name: str) -> str:
@@ -37,6 +46,18 @@ def hash_tag(queue: str) -> str:
     return escape(queue).replace("{", "%7B").replace("}", "%7D")
 
 
+def stat_field(counter: str, route: str) -> str:
+    """A counter's field in a minute's hash: counter names have no ':', routes are escaped."""
+    return f"{counter}:{escape(route)}"
+
+
+def parse_stat_field(field: str) -> tuple[str, str]:
+    """(counter, route) of a field made by stat_field."""
+    counter, _, route = field.partition(":")
+    # escape() turned every '%' into '%25', so the only escapes are its own: unquote undoes exactly them.
+    return counter, unquote(route)
+
+
 class Keys:
     """Key names of one queue."""
 
@@ -50,17 +71,24 @@ class Keys:
         self.lease = self.base + "lease"
         self.index = self.base + "jobs"
         self.workers = self.base + "workers"
+        self.key_prefix = self.base + "k:"
+        self.settings = self.base + "settings"
+        self.stats_prefix = self.base + "s:"
+        self.stats = self.base + "stats"
 
     def layout(self) -> list[str]:
         """The prefixes and keys every script receives first (see scripts/common.lua)."""
         return [self.job_prefix, self.due_prefix, self.notify_prefix, self.targets_prefix,
-                self.done_prefix, self.lease, self.index]
+                self.done_prefix, self.lease, self.index, self.key_prefix]
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
 
     def done(self, job_id: str) -> str:
         return self.done_prefix + job_id
+
+    def minute(self, minute: int) -> str:
+        return f"{self.stats_prefix}{minute}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.base}w:{worker_id}"

@@ -28,13 +28,14 @@ from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
 from skunkqueue.errors import MalformedRecord
+from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.codec import decode_record, num, opt, pack_record, text, unpack_fields
 from skunkqueue_redis.connection import DEFAULT_URL, connect, guarded
-from skunkqueue_redis.keys import Keys
+from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
 
@@ -134,10 +135,18 @@ class RedisPersistence(Persistence):
 
     # -- producers -----------------------------------------------------------------
 
-    @guarded
+    supports_keys = True
+    supports_settings = True
+    keeps_stats = True
+
     def enqueue(self, records: Sequence[JobRecord]) -> None:
+        self.enqueue_keyed(records)
+
+    @guarded
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        holders = [record.id for record in records]
         if not records:
-            return
+            return holders
         k = self.keys
         ttl, now = num(self.result_ttl), num(time.time())
         # A script is atomic; one call per chunk keeps each one short, so other
@@ -146,18 +155,23 @@ class RedisPersistence(Persistence):
                            for packed in map(pack_record, records[start:start + ENQUEUE_CHUNK]))
                   for start in range(0, len(records), ENQUEUE_CHUNK)]
         if len(chunks) == 1:
-            self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])
-            return
-        # MULTI/EXEC keeps a batch of several chunks all-or-nothing. redis-py's
-        # cluster pipeline refuses scripts, but every key of the queue lives on
-        # one node, so on a cluster the transaction goes to that node directly.
-        client = self.client
-        if isinstance(client, RedisCluster):
-            client = client.get_node_from_key(k.index).redis_connection
-        pipe = client.pipeline(transaction=True)
-        for chunk in chunks:
-            self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
-        pipe.execute()
+            replies = [self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
+        else:
+            # MULTI/EXEC keeps a batch of several chunks all-or-nothing. redis-py's
+            # cluster pipeline refuses scripts, but every key of the queue lives on
+            # one node, so on a cluster the transaction goes to that node directly.
+            client = self.client
+            if isinstance(client, RedisCluster):
+                client = client.get_node_from_key(k.index).redis_connection
+            pipe = client.pipeline(transaction=True)
+            for chunk in chunks:
+                self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+            replies = pipe.execute()
+        # Each reply lists (position in its chunk, holder) for the records whose key was held.
+        for offset, held in zip(range(0, len(records), ENQUEUE_CHUNK), replies):
+            for position, holder in zip(held[::2], held[1::2]):
+                holders[offset + int(position) - 1] = text(holder)
+        return holders
 
     @guarded
     def get(self, job_id: str) -> JobRecord | None:
@@ -386,6 +400,56 @@ class RedisPersistence(Persistence):
             except (KeyError, ValueError, TypeError):
                 log.warning("queue %s: ignoring unreadable worker entry %s", self.queue, worker_id)
         return found
+
+    # -- settings ------------------------------------------------------------------
+
+    @guarded
+    def get_setting(self, name: str) -> str | None:
+        value = self.client.hget(self.keys.settings, name)
+        return None if value is None else text(value)
+
+    @guarded
+    def put_setting(self, name: str, value: str | None) -> None:
+        if value is None:
+            self.client.hdel(self.keys.settings, name)
+        else:
+            self.client.hset(self.keys.settings, name, value)
+
+    # -- throughput counters -----------------------------------------------------------
+
+    @guarded
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:
+        # Each HINCRBY is atomic, which is all pools adding at once need; the
+        # pipeline only saves round trips (on a cluster every key is in one slot).
+        oldest = int((time.time() - RETENTION) // 60)
+        pipe = self._pipeline()
+        for sample in samples:
+            if sample.minute < oldest or not sample.counts:
+                continue
+            minute_key = self.keys.minute(sample.minute)
+            for counter, value in sample.counts.items():
+                pipe.hincrby(minute_key, stat_field(counter, sample.route), int(value))
+            pipe.expireat(minute_key, sample.minute * 60 + RETENTION + 60)
+            pipe.zadd(self.keys.stats, {str(sample.minute): sample.minute})
+        if len(pipe):
+            pipe.zremrangebyscore(self.keys.stats, "-inf", f"({oldest}")
+            pipe.execute()
+
+    @guarded
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        minutes = [int(text(m)) for m in self.client.zrangebyscore(self.keys.stats, since_minute, "+inf")]
+        if not minutes:
+            return []
+        pipe = self._pipeline()
+        for minute in minutes:
+            pipe.hgetall(self.keys.minute(minute))
+        found: dict[tuple[str, int], RouteMinute] = {}
+        for minute, fields in zip(minutes, pipe.execute()):
+            for field, value in fields.items():
+                counter, route = parse_stat_field(text(field))
+                entry = found.setdefault((route, minute), RouteMinute(route, minute))
+                entry.counts[counter] = int(value)
+        return list(found.values())
 
     # -- waiting -------------------------------------------------------------------
 

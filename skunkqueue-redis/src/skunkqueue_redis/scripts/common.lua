@@ -3,16 +3,17 @@
 -- ARGV[1..10] of every script, built once per queue by persistence.py:
 --   1 job prefix "sq:{Q}:j:"     2 due prefix "sq:{Q}:d:"    3 notify prefix "sq:{Q}:n:"
 --   4 targets prefix "sq:{Q}:t:" 5 done prefix "sq:{Q}:done:"
---   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  (keys.py spells these names)
---   8 NOTIFY_CAP  9 DONE_TOKEN_MS  10 CLAIM_ROUNDS  11 CLOCK_TOLERANCE (s)  (constants of persistence.py)
+--   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  8 idempotency key prefix "sq:{Q}:k:"
+--   (keys.py spells these names)
+--   9 NOTIFY_CAP  10 DONE_TOKEN_MS  11 CLAIM_ROUNDS  12 CLOCK_TOLERANCE (s)  (constants of persistence.py)
 -- The script's own arguments follow; args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
 local JOB, DUE, NOTIFY, TARGETS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local LEASE, INDEX = ARGV[6], ARGV[7]
-local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local CLOCK_TOLERANCE = tonumber(ARGV[11])
-local COMMON_ARGS = 11
+local LEASE, INDEX, KEYED = ARGV[6], ARGV[7], ARGV[8]
+local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local CLOCK_TOLERANCE = tonumber(ARGV[12])
+local COMMON_ARGS = 12
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
 -- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
@@ -72,6 +73,17 @@ local function wake(nkey, n)
   redis.call('LTRIM', nkey, -NOTIFY_CAP, -1)
 end
 
+-- An idempotency key's string lives as long as its holder (ms: the holder's new
+-- time to live, nil while it is pending or running). It must not go first: the
+-- string is how enqueue finds the holder. Outliving the holder is harmless
+-- (enqueue checks the record), so it expires with it only to be tidy.
+local function key_follows(id, k, ms)
+  if not k then return end
+  local kkey = KEYED .. k
+  if redis.call('GET', kkey) ~= id then return end
+  if ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
+end
+
 -- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one
 -- (ttl: the result TTL in seconds).
 local function quarantine(id, why, now, ttl)
@@ -81,5 +93,6 @@ local function quarantine(id, why, now, ttl)
   redis.call('HDEL', key, 'owner', 'lease_until')
   redis.call('ZREM', LEASE, id)
   redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
+  key_follows(id, redis.call('HGET', key, 'key'), math.max(1, math.floor(ttl * 1000)))
   redis.call('ZADD', INDEX, fmt(now + ttl), id)
 end

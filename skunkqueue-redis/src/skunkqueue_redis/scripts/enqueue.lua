@@ -3,17 +3,53 @@
 -- ARGV: 1 default result ttl (s; a record's result_ttl field wins), 2 the caller's now, 3 records (each packed, then packed together)
 -- A caller whose clock is off by more than CLOCK_TOLERANCE has its records'
 -- times moved onto the store's clock (see shift()): a delay stays a delay.
--- Returns 1.
+-- A record with a key is stored only if no record of the queue holds that key:
+-- the key's string (KEYED .. key) names its last holder, which holds the key
+-- while its hash exists (a finished record's hash expires at its expiry time)
+-- and still names that key. Checking the record, not the string, keeps a
+-- purged or expired holder from blocking the key.
+-- Returns {position, holder id, ...} for each record not stored because its
+-- key was held (positions from 1 in the batch); empty when every record was stored.
 local TIMES = {due = true, created = true, started = true, finished = true, lease_until = true}
+
+local function store(f, fields, ttl, now, seen, woken)
+  ttl = tonumber(f['result_ttl'] or '') or ttl  -- the record's own retention wins
+  local id = f['id']
+  local key = JOB .. id
+  redis.call('HSET', key, unpack(fields))
+  if f['key'] then redis.call('SET', KEYED .. f['key'], id) end
+  if f['state'] == 'pending' then
+    -- A batch usually has one route: build its key names once.
+    local where = f['route'] .. '\0' .. (f['target'] or '')
+    local names = seen[where]
+    if not names then
+      names = {due_key(f['route'], f['target']), notify_key(f['route'], f['target'])}
+      seen[where] = names
+    end
+    redis.call('ZADD', names[1], f['due'], id)
+    redis.call('ZADD', INDEX, '+inf', id)
+    woken[names[2]] = (woken[names[2]] or 0) + 1
+    if f['target'] then redis.call('SADD', TARGETS .. esc(f['route']), f['target']) end
+  elseif f['state'] == 'running' then
+    redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
+    redis.call('ZADD', INDEX, '+inf', id)
+  else
+    local ms = math.max(1, math.floor(ttl * 1000))
+    redis.call('PEXPIRE', key, ms)
+    key_follows(id, f['key'], ms)
+    redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + ttl), id)
+  end
+end
 
 local function enqueue(KEYS, ARGV)
   local ttl, blob = tonumber(ARGV[1]), ARGV[3]
   local now = clock()
   local moved = shift(ARGV[2], now)
-  local woken, seen, pos = {}, {}, 1
+  local woken, seen, held, pos, n = {}, {}, {}, 1, 0
   while pos <= #blob do
     local rec, fields, f, p = nil, {}, {}, 1
     rec, pos = take(blob, pos)
+    n = n + 1
     while p <= #rec do
       local name, value
       name, p = take(rec, p)
@@ -23,30 +59,15 @@ local function enqueue(KEYS, ARGV)
       fields[#fields + 1] = name
       fields[#fields + 1] = value
     end
-    local id = f['id']
-    local key = JOB .. id
-    redis.call('HSET', key, unpack(fields))
-    if f['state'] == 'pending' then
-      -- A batch usually has one route: build its key names once.
-      local where = f['route'] .. '\0' .. (f['target'] or '')
-      local names = seen[where]
-      if not names then
-        names = {due_key(f['route'], f['target']), notify_key(f['route'], f['target'])}
-        seen[where] = names
-      end
-      redis.call('ZADD', names[1], f['due'], id)
-      redis.call('ZADD', INDEX, '+inf', id)
-      woken[names[2]] = (woken[names[2]] or 0) + 1
-      if f['target'] then redis.call('SADD', TARGETS .. esc(f['route']), f['target']) end
-    elseif f['state'] == 'running' then
-      redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
-      redis.call('ZADD', INDEX, '+inf', id)
+    local holder = f['key'] and redis.call('GET', KEYED .. f['key'])
+    -- pcall: something other than a hash under the holder's name holds nothing.
+    if holder and holder ~= f['id'] and redis.pcall('HGET', JOB .. holder, 'key') == f['key'] then
+      held[#held + 1] = tostring(n)
+      held[#held + 1] = holder
     else
-      local keep = tonumber(f['result_ttl'] or '') or ttl
-      redis.call('PEXPIRE', key, math.max(1, math.floor(keep * 1000)))
-      redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + keep), id)
+      store(f, fields, ttl, now, seen, woken)
     end
   end
-  for nkey, n in pairs(woken) do wake(nkey, n) end
-  return 1
+  for nkey, count in pairs(woken) do wake(nkey, count) end
+  return held
 end

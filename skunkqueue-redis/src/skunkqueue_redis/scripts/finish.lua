@@ -15,9 +15,9 @@ local function finish(KEYS, ARGV)
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
   if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
-  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'result_ttl')
+  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
-  ttl = tonumber(f[6] or '') or ttl
+  ttl = tonumber(f[7] or '') or ttl
   local now = clock()
   local moved = shift(ARGV[4], now)
   if state == 'pending' and f[5] == '1' then
@@ -39,6 +39,7 @@ local function finish(KEYS, ARGV)
     redis.call('HSET', key, 'due', due)
     redis.call('HDEL', key, 'result', 'finished')
     redis.call('PERSIST', key)
+    key_follows(id, f[6], nil)
     redis.call('ZADD', KEYS[3], '+inf', id)
     redis.call('ZADD', zkey, due, id)
     wake(notify_key(route, target), 1)
@@ -47,6 +48,7 @@ local function finish(KEYS, ARGV)
     if result then redis.call('HSET', key, 'result', result) else redis.call('HDEL', key, 'result') end
     redis.call('HSET', key, 'finished', fmt(at))
     redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
+    key_follows(id, f[6], math.max(1, math.floor(ttl * 1000)))
     redis.call('ZADD', KEYS[3], fmt(at + ttl), id)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
