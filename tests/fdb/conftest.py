@@ -40,6 +40,16 @@ def standin_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cluster.stop()
 
 
+@pytest.fixture
+def faults(standin_cluster: Any) -> Iterator[Any]:
+    """The stand-in's fault switches (commit_unknown_result, timeouts, latency...), reset around each test."""
+    from fdb.standin_faults import FAULTS
+
+    FAULTS.reset()
+    yield FAULTS
+    FAULTS.reset()
+
+
 @pytest.fixture(scope="session")
 def real_cluster_file() -> Iterator[str]:
     if not servers.REAL_CLUSTER_FILE:

@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def faults(standin_cluster: Any) -> Iterator[Any]:
-    from fdb.standin_faults import FAULTS
-
-    FAULTS.reset()
-    yield FAULTS
-    FAULTS.reset()
-
-
-@pytest.fixture
 def store(standin_cluster: Any, fdb_root: str, faults: Any) -> Iterator[Persistence]:
     backend = BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root)
     persistence = backend.open(backend.new_queue_name())

@@ -41,15 +41,6 @@ def backend(standin_cluster: Any, fdb_root: str) -> BackendUnderTest:
 
 
 @pytest.fixture
-def faults(standin_cluster: Any) -> Iterator[Any]:
-    from fdb.standin_faults import FAULTS
-
-    FAULTS.reset()
-    yield FAULTS
-    FAULTS.reset()
-
-
-@pytest.fixture
 def store(backend: BackendUnderTest, faults: Any) -> Iterator[Persistence]:
     persistence = backend.open(backend.new_queue_name())
     yield persistence

@@ -25,15 +25,6 @@ pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
 
 
 @pytest.fixture
-def faults(standin_cluster: Any) -> Iterator[Any]:
-    from fdb.standin_faults import FAULTS
-
-    FAULTS.reset()
-    yield FAULTS
-    FAULTS.reset()
-
-
-@pytest.fixture
 def store(standin_cluster: Any, fdb_root: str, faults: Any) -> Iterator[Persistence]:
     backend = BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root, options={"result_ttl": 0.2})
     persistence = backend.open(backend.new_queue_name())

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from skunkqueue.testing.kit import kit_queue, kit_routes
+from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 # Declared on the test's queue and routes inside a test's pool (see reliability_jobs.py).
 _here = kit_queue("skunkqueue-hostile")
@@ -27,18 +27,10 @@ _routes = kit_routes(["a"])
 _gil_holding_libc = ctypes.PyDLL(None)
 
 
-def _append(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 @_here.event(routes=_routes)
 def hold_gil(path: str, token: str, seconds: float) -> str:
     """Hold the GIL for ``seconds`` in one C call (no thread of this process runs meanwhile)."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     _gil_holding_libc.usleep(int(seconds * 1_000_000))  # a signal may end it early: that is fine
     return "held"
 
@@ -46,7 +38,7 @@ def hold_gil(path: str, token: str, seconds: float) -> str:
 @_here.event(routes=_routes)
 def unresponsive(path: str, token: str, seconds: float) -> str:
     """Block every signal that can be blocked, then hold the GIL: nothing can interrupt it."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
     _gil_holding_libc.usleep(int(seconds * 1_000_000))  # one C call: no bytecode, no handler runs
     return "unstoppable"
@@ -55,38 +47,38 @@ def unresponsive(path: str, token: str, seconds: float) -> str:
 @_here.event(routes=_routes)
 def catastrophic_regex(path: str, token: str, length: int = 32) -> bool:
     """Exponential backtracking inside the re module: seconds to minutes in C, GIL held."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     return re.match(r"(a+)+$", "a" * length + "b") is not None
 
 
 @_here.event(routes=_routes)
 def swallow_everything(path: str, token: str, seconds: float = 120.0) -> str:
     """Run for ``seconds``, catching every interruption (BaseException) thrown at it."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         try:
             time.sleep(0.05)
         except BaseException:
-            _append(path, f"{token}-swallowed {os.getpid()}")
+            append_line(path, f"{token}-swallowed {os.getpid()}")
     return "survived"
 
 
 @_here.event(routes=_routes)
 def exit_process(path: str, token: str, code: int = 0) -> None:
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     sys.exit(code)
 
 
 @_here.event(routes=_routes)
 def interrupt_keyboard(path: str, token: str) -> None:
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     raise KeyboardInterrupt("from the job")
 
 
 @_here.event(routes=_routes)
 def deep_result(path: str, token: str, depth: int = 5000) -> Any:
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     value: Any = []
     for _ in range(depth):
         value = [value]
@@ -95,7 +87,7 @@ def deep_result(path: str, token: str, depth: int = 5000) -> Any:
 
 @_here.event(routes=_routes)
 def pid(path: str, token: str) -> int:
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     return os.getpid()
 
 
@@ -109,7 +101,7 @@ def context_log(path: str, fail_first: int = 0, pause: float = 0.0) -> int:
 
     ctx = skunkqueue.current_job()
     assert ctx is not None
-    _append(path, json.dumps({**dataclasses.asdict(ctx), "pid": os.getpid()}))
+    append_line(path, json.dumps({**dataclasses.asdict(ctx), "pid": os.getpid()}))
     if pause:
         time.sleep(pause)
     if ctx.attempt <= fail_first:
@@ -128,7 +120,7 @@ def fenced_write(log: str, db_path: str, invoice: str, pause: float) -> int:
 
     ctx = skunkqueue.current_job()
     assert ctx is not None
-    _append(log, f"{ctx.token} {os.getpid()}")
+    append_line(log, f"{ctx.token} {os.getpid()}")
     time.sleep(pause)
     with sqlite3.connect(db_path) as db:
         fencing.guarded_write(db, invoice, f"attempt {ctx.attempt}", ctx.token)
@@ -142,14 +134,14 @@ class _Unprintable(Exception):
 
 @_here.event(routes=_routes)
 def broken_str(path: str, token: str) -> None:
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     raise _Unprintable()
 
 
 @_here.event(routes=_routes)
 def reset_signal(path: str, token: str, signame: str, to: str, pause: float = 0.0) -> str:
     """Set ``signame`` to SIG_DFL or SIG_IGN (``to``), then sleep ``pause`` (C-level sleeps, GIL released)."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     signal.signal(getattr(signal, signame), getattr(signal, to))
     end = time.monotonic() + pause
     while time.monotonic() < end:
@@ -160,7 +152,7 @@ def reset_signal(path: str, token: str, signame: str, to: str, pause: float = 0.
 @_here.event(routes=_routes)
 def fork_and_return(path: str, token: str) -> int:
     """Fork; both processes return (the child must not go on as a worker)."""
-    _append(path, f"{token} {os.getpid()}")
+    append_line(path, f"{token} {os.getpid()}")
     os.fork()
     return os.getpid()
 
@@ -168,11 +160,11 @@ def fork_and_return(path: str, token: str) -> int:
 @_here.event(routes=_routes)
 def timed(path: str, token: str, seconds: float) -> str:
     """Log start and end (also when interrupted) with times, to check that runs never overlap."""
-    _append(path, f"{token}-start {time.time()!r}:{os.getpid()}")
+    append_line(path, f"{token}-start {time.time()!r}:{os.getpid()}")
     try:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(0.02)
     finally:
-        _append(path, f"{token}-end {time.time()!r}:{os.getpid()}")
+        append_line(path, f"{token}-end {time.time()!r}:{os.getpid()}")
     return "done"

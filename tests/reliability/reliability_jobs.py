@@ -15,20 +15,10 @@ import signal
 import time
 
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.testing.kit import kit_queue, kit_routes
+from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 _here = kit_queue("skunkqueue-reliability")
 _routes = kit_routes(["a"])
-
-
-def _append(path: str, line: str) -> None:
-    # One write() of a short line on an O_APPEND file: lines from several
-    # processes never interleave.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @_here.event(routes=_routes)
@@ -39,7 +29,7 @@ def mark(path: str, token: str, pause: float = 0.0) -> str:
     from an execution that really happened.
     """
     execution = f"{os.getpid()}:{os.urandom(6).hex()}"
-    _append(path, f"{token} {execution}")
+    append_line(path, f"{token} {execution}")
     if pause:
         time.sleep(pause)
     return execution
@@ -48,14 +38,14 @@ def mark(path: str, token: str, pause: float = 0.0) -> str:
 @_here.event(routes=_routes)
 def fail_and_log(path: str) -> None:
     """Log the start time of this attempt, then fail."""
-    _append(path, repr(time.time()))
+    append_line(path, repr(time.time()))
     raise ValueError("this attempt fails on purpose")
 
 
 @_here.event(routes=_routes)
 def hang_first_then_fail(path: str) -> None:
     """The first start hangs (so its worker can be killed); later starts fail."""
-    _append(path, f"start {os.getpid()}")
+    append_line(path, f"start {os.getpid()}")
     with open(path) as fh:
         starts = fh.read().count("start")
     if starts == 1:
@@ -66,7 +56,7 @@ def hang_first_then_fail(path: str) -> None:
 @_here.event(routes=_routes)
 def kill_own_worker(path: str) -> None:
     """A poison job: takes its worker down with it, every time."""
-    _append(path, f"start {os.getpid()}")
+    append_line(path, f"start {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -96,10 +86,10 @@ _other_tenant = SkunkQueue("skunkqueue-reliability-other-tenant")
 @_other_tenant.event(routes=_routes)
 def other_queue_job(path: str, token: str) -> None:
     """Declared on another queue: a worker of the test's queue must not run it."""
-    _append(path, f"{token} ran-on-the-wrong-queue")
+    append_line(path, f"{token} ran-on-the-wrong-queue")
 
 
 @_here.event(routes=["admin-only"])
 def other_route_job(path: str, token: str) -> None:
     """Declared on the test's queue, for a route no test pool serves."""
-    _append(path, f"{token} ran-on-the-wrong-route")
+    append_line(path, f"{token} ran-on-the-wrong-route")

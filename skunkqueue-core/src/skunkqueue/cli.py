@@ -413,17 +413,21 @@ def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
     return store, found[name]
 
 
+def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:
+    from skunkqueue import periodic as schedules
+
+    store, _ = _schedule(ctx, name)
+    schedules.set_paused(store, name, paused)
+    click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+
+
 @periodic.command("pause")
 @click.argument("name")
 @click.pass_context
 @_friendly
 def periodic_pause(ctx: click.Context, name: str) -> None:
     """Stop firing NAME's slots (every pool) until resumed."""
-    from skunkqueue import periodic as schedules
-
-    store, _ = _schedule(ctx, name)
-    schedules.set_paused(store, name, True)
-    click.echo(f"{name}: paused")
+    _set_paused(ctx, name, True)
 
 
 @periodic.command("resume")
@@ -432,11 +436,7 @@ def periodic_pause(ctx: click.Context, name: str) -> None:
 @_friendly
 def periodic_resume(ctx: click.Context, name: str) -> None:
     """Fire NAME's slots again (missed ones follow the misfire rules)."""
-    from skunkqueue import periodic as schedules
-
-    store, _ = _schedule(ctx, name)
-    schedules.set_paused(store, name, False)
-    click.echo(f"{name}: resumed")
+    _set_paused(ctx, name, False)
 
 
 @periodic.command("run")

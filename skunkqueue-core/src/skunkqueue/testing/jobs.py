@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from skunkqueue.testing.kit import kit_queue, kit_routes
+from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 _kit = kit_queue("skunkqueue-testing")
 _routes = kit_routes(["kit"])
@@ -58,14 +58,6 @@ def unserializable() -> Any:
     return object()
 
 
-def _append(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 @_kit.event(routes=_routes)
 async def anap(seconds: float, log: str | None = None, block: float = 0.0) -> str:
     """An async job: log start and end times around an awaited sleep; ``block`` first blocks the loop."""
@@ -76,11 +68,11 @@ async def anap(seconds: float, log: str | None = None, block: float = 0.0) -> st
     ctx = current_job()
     me = ctx.id if ctx is not None else "?"
     if log:
-        _append(log, f"start {me} {time.time()!r} {os.getpid()}")
+        append_line(log, f"start {me} {time.time()!r} {os.getpid()}")
     if block:
         time.sleep(block)  # holds the event loop, as a careless async job does
     await asyncio.sleep(seconds)
     if log:
-        _append(log, f"end {me} {time.time()!r} {os.getpid()}")
+        append_line(log, f"end {me} {time.time()!r} {os.getpid()}")
     ctx_after = current_job()
     return ctx_after.id if ctx_after is not None else "?"

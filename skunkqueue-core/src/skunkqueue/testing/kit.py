@@ -30,6 +30,19 @@ def kit_routes(default: Sequence[str]) -> list[str]:
     return routes or list(default)
 
 
+def append_line(path: str, line: str) -> None:
+    """Append one line to a file outside the queue, where tests count executions.
+
+    One write() of a short line on an O_APPEND file: lines from several
+    processes never interleave.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def kit_env(queue: str, routes: Sequence[str]) -> dict[str, str]:
     """What a worker process needs so that the kit's job modules declare for ``queue``/``routes``."""
     return {KIT_QUEUE_ENV: queue, KIT_ROUTES_ENV: ",".join(dict.fromkeys(routes))}

@@ -11,7 +11,7 @@ import time
 from datetime import timedelta
 
 from skunkqueue.context import current_job
-from skunkqueue.testing.kit import kit_queue, kit_routes
+from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 _kit = kit_queue("skunkqueue-testing-periodic")
 
@@ -21,9 +21,5 @@ def tick() -> float:
     started = time.time()
     ctx = current_job()
     slot = ctx.slot if ctx is not None else None
-    fd = os.open(os.environ["SKUNQ_KIT_TICKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{slot!r} {started!r} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.environ["SKUNQ_KIT_TICKS"], f"{slot!r} {started!r} {os.getpid()}")
     return started
