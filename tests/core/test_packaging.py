@@ -32,3 +32,12 @@ def test_a_backend_installs_into_a_fresh_venv_with_only_its_own_driver(
     backends = subprocess.run([str(venv / "bin" / "skunq"), "backends"], capture_output=True, text=True,
                               check=True).stdout
     assert sorted(line.split()[0] for line in backends.splitlines()) == sorted(["sqlite", backend])
+    # Both distributions carry the MIT licence their metadata names, and the backend pins the core's line.
+    for dist in ("skunkqueue", folder):
+        meta = subprocess.run([str(python), "-c", f"import importlib.metadata as m; d = m.distribution({dist!r}); "
+                               "print(d.metadata['License-Expression']); print(*(d.requires or []), sep='\\n'); "
+                               "print(*[str(f) for f in d.files if 'LICENSE' in str(f)])"],
+                              capture_output=True, text=True, check=True).stdout
+        assert meta.startswith("MIT\n") and "LICENSE" in meta, meta
+        if dist != "skunkqueue":
+            assert "skunkqueue<0.3,>=0.2" in meta or "skunkqueue>=0.2,<0.3" in meta, meta
