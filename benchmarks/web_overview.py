@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from benchmarks.servers import RedisServer
 from skunkqueue import SkunkQueue, policy, serializer
 from skunkqueue.backends import open_backend
 from skunkqueue.record import JobRecord, new_id
+from skunkqueue.testing.kit import free_port
 
 ROUTES = ("email", "billing", "reports", "thumbnails")
 PAGES = {"overview": "/", "jobs page 1": "/jobs", "dead letters": "/dead", "metrics": "/metrics"}
@@ -77,12 +77,6 @@ def fill(backend: str, url: str, queue: str, jobs: int) -> dict[str, int]:
     counts = store.counts()
     store.close()
     return {state: sum(n for (_, s), n in counts.items() if s == state) for state in ("pending", "complete", "error")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(url: str) -> float:

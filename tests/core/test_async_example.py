@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from skunkqueue.testing.kit import free_port
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 pytest.importorskip("starlette", reason="the example needs starlette (installed with skunkqueue-web)")
 pytest.importorskip("uvicorn", reason="the example needs uvicorn (installed with skunkqueue-web)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_async_endpoint_fires_and_awaits_while_serving_others(tmp_path: Path) -> None:
@@ -29,7 +24,7 @@ def test_the_async_endpoint_fires_and_awaits_while_serving_others(tmp_path: Path
     pool = subprocess.Popen([sys.executable, "-m", "skunkqueue.cli", "work", "-q", "async-demo", "-r", "math",
                              "--import", "async_app", "--async-concurrency", "20"],
                             cwd=EXAMPLES, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "async_app:app", "--port", str(port),
                                "--log-level", "warning"], cwd=EXAMPLES, env=env)
     try:

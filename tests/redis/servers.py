@@ -9,32 +9,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skunkqueue.testing.kit import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(cluster_bus: bool = False) -> int:
-    """A free loopback port; with ``cluster_bus``, port+10000 is free too."""
-    for _ in range(200):
-        port = random.randint(20000, 50000)
-        if port_is_free(port) and (not cluster_bus or port_is_free(port + 10000)):
-            return port
-    raise RuntimeError("no free port found")
 
 
 @dataclass
@@ -57,7 +40,7 @@ class RedisServer:
         return self.directory / "redis.sock"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        self.port = self.port or free_port(cluster_bus="--cluster-enabled" in self.extra)
+        self.port = self.port or free_port(10000 if "--cluster-enabled" in self.extra else None)
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(self.directory), "--unixsocket", str(self.unix_socket),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,13 @@ from typing import Any, Callable, Iterator
 import pytest
 from testsupport import load_helper
 
+from skunkqueue.testing.kit import free_port
+
 HERE = Path(__file__).resolve().parent
 SKUNQ = [sys.executable, "-m", "skunkqueue.cli"]
 CHROMIUM = "/usr/bin/chromium"
 
 redis_servers = load_helper("redis")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

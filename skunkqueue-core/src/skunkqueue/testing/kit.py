@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -28,6 +30,25 @@ def kit_routes(default: Sequence[str]) -> list[str]:
     """The routes a test job module declares its jobs for: the pool's routes inside a kit pool."""
     routes = [r for r in os.environ.get(KIT_ROUTES_ENV, "").split(",") if r]
     return routes or list(default)
+
+
+def free_port(also_free: int | None = None) -> int:
+    """A free TCP port on 127.0.0.1 for a test server; with ``also_free``, port + also_free is free
+    too (a Redis Cluster node's bus listens at port + 10000)."""
+    for _ in range(200):
+        port = random.randint(20000, 50000)
+        if _port_is_free(port) and (also_free is None or _port_is_free(port + also_free)):
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def append_line(path: str, line: str) -> None:
