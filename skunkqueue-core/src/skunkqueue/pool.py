@@ -45,7 +45,6 @@ from typing import Callable, TypeVar
 
 from skunkqueue import channel, metrics, periodic, policy
 from skunkqueue.errors import (
-    BackendUnavailable,
     JobKilled,
     KillRequested,
     LeaseLost,
@@ -223,26 +222,7 @@ class WorkerPool:
 
     def check_backend(self) -> None:
         """Fail fast, with the address in the message, if the store is unreachable."""
-        config = self.config
-        pause = 0.5
-        for attempt in range(1, config.connect_attempts + 1):
-            try:
-                backend = config.open()
-                try:
-                    # A round trip: a backend may open its connection lazily
-                    # (fdb.open does), and then constructing it proves nothing.
-                    backend.workers()
-                except BaseException:
-                    backend.close()
-                    raise
-                self.store = backend
-                return
-            except BackendUnavailable as exc:
-                if attempt == config.connect_attempts:
-                    raise
-                log.warning("pool: %s (attempt %d of %d)", exc, attempt, config.connect_attempts)
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+        self.store = self.config.connect(lambda backend: backend.workers(), "pool")
 
     @staticmethod
     def _store_call(what: str, call: Callable[..., T], *args: object) -> T | None:

@@ -31,7 +31,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 from skunkqueue import channel, hooks, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
@@ -88,6 +88,28 @@ class WorkerConfig:
 
     def open(self) -> Persistence:
         return open_backend(self.queue, self.backend, url=self.url, db=self.db, **self.options)
+
+    def connect(self, then: Callable[[Persistence], object], who: str) -> Persistence:
+        """Open the backend and make one round trip (``then``), retrying with back-off
+        ``connect_attempts`` times; a backend may connect lazily, so opening proves nothing."""
+        pause = 0.5
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                backend = self.open()
+                try:
+                    then(backend)
+                except BaseException:
+                    backend.close()
+                    raise
+                return backend
+            except BackendUnavailable as exc:
+                if attempt == self.connect_attempts:
+                    raise
+                log.warning("%s: %s (attempt %d of %d, retrying in %.1f s)",
+                            who, exc, attempt, self.connect_attempts, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        raise AssertionError("unreachable")
 
 
 def error_info(exc: BaseException, *, with_traceback: bool = True) -> dict[str, str]:
@@ -203,21 +225,8 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------
 
     def connect(self) -> Persistence:
-        """Open the backend, retrying with back-off a bounded number of times."""
-        pause = 0.5
-        for attempt in range(1, self.config.connect_attempts + 1):
-            try:
-                backend = self.config.open()
-                backend.register_worker(self.info)
-                return backend
-            except BackendUnavailable as exc:
-                if attempt == self.config.connect_attempts:
-                    raise
-                log.warning("worker %s: %s (attempt %d of %d, retrying in %.1f s)",
-                            self.id, exc, attempt, self.config.connect_attempts, pause)
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
-        raise AssertionError("unreachable")
+        """Open the backend and register, retrying with back-off a bounded number of times."""
+        return self.config.connect(lambda backend: backend.register_worker(self.info), f"worker {self.id}")
 
     def run(self) -> int:
         for path in reversed([os.getcwd(), *self.config.paths]):
