@@ -122,7 +122,9 @@ def test_a_record_cannot_import_or_run_what_the_operator_did_not_allow(
     imports = ["reliability_jobs"] if mode == "explicit" else []
     pool = PoolProcess(backend, queue.name, ["a"], concurrency=2, log_path=tmp_path / "pool.log",
                        extra=["--path", JOBS_DIR], imports=imports, cwd=workdir,
-                       env={"PYTHONPATH": str(outside)})
+                       # Added to the path, not replacing it: a backend may need its own (the fdb stand-in).
+                       env={"PYTHONPATH": os.pathsep.join(filter(None, [str(outside),
+                                                                       backend.env.get("PYTHONPATH")]))})
     try:
         pool.wait_ready(60)
         workers = sorted(pool.worker_pids())

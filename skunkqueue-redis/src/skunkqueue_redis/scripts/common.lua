@@ -74,14 +74,15 @@ local function wake(nkey, n)
 end
 
 -- An idempotency key's string lives as long as its holder (ms: the holder's new
--- time to live, nil while it is pending or running). It must not go first: the
+-- time to live, nil while it is pending or running, 0 when it is deleted). It must not go first: the
 -- string is how enqueue finds the holder. Outliving the holder is harmless
 -- (enqueue checks the record), so it expires with it only to be tidy.
 local function key_follows(id, k, ms)
   if not k then return end
   local kkey = KEYED .. k
   if redis.call('GET', kkey) ~= id then return end
-  if ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
+  if ms == 0 then redis.call('DEL', kkey)  -- the record is gone now: so is its key
+  elseif ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
 end
 
 -- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one

@@ -9,7 +9,7 @@ local function purge(KEYS, ARGV)
     local key = JOB .. id
     redis.call('ZREM', KEYS[1], id)
     if redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HGET', key, 'state') == 'pending' then
-      key_follows(id, redis.call('HGET', key, 'key'), 1)  -- the key is free: its string goes too
+      key_follows(id, redis.call('HGET', key, 'key'), 0)  -- the key is free: its string goes too
       redis.call('DEL', key)
       redis.call('ZREM', KEYS[2], id)
       deleted = deleted + 1
