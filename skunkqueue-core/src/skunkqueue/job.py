@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import os
@@ -323,6 +322,8 @@ class JobHandle:
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """``wait`` for asyncio code: polls the store without blocking the event loop."""
+        import asyncio  # here, not at the top: sync producers and workers never pay for it
+
         deadline = None if timeout is None else time.monotonic() + timeout
         backend = self.queue.apersistence
         records: list[JobRecord | None] = []

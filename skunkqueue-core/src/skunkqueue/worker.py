@@ -17,7 +17,6 @@ nothing, so a second signal arriving during the first cannot hang the worker.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -475,6 +474,8 @@ class Worker:
                 if self._interrupted is None:
                     value = job.func(*args, **kwargs)
                     if inspect.iscoroutine(value):  # an async job, one at a time (--async-concurrency 1)
+                        import asyncio  # only workers that meet an async job pay for importing it
+
                         value = asyncio.run(value)
             finally:
                 self._in_job = False

@@ -24,7 +24,6 @@ that took over.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from abc import ABC, abstractmethod
@@ -368,6 +367,8 @@ class Persistence(ABC):
     # blocks. SkunkQueue gives async callers an instance of their own.
 
     async def _in_thread(self, method: Callable[..., T], *args: Any) -> T:
+        import asyncio  # here, not at the top: workers of sync jobs never pay for it
+
         executor = self.__dict__.get("_async_executor")
         if executor is None:
             executor = self.__dict__["_async_executor"] = ThreadPoolExecutor(
