@@ -33,7 +33,7 @@ from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.record import RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
-from skunkqueue_redis.codec import decode_record, num, opt, pack_record, text, unpack_fields
+from skunkqueue_redis.codec import decode_record, num, opt, pack_items, pack_record, text, unpack_fields
 from skunkqueue_redis.connection import DEFAULT_URL, connect, guarded
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
@@ -65,7 +65,9 @@ class _Scripts:
     """The queue's scripts, each called with the arguments every script receives first."""
 
     def __init__(self, client: Any, keys: Keys) -> None:
-        self._head: list[Any] = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE]
+        # One packed argument (see scripts/common.lua): redis-py encodes each argument of every call.
+        head = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE]
+        self._head: list[Any] = [pack_items(str(item).encode() for item in head)]
         self._loaded: dict[str, Script] = {name: client.register_script(scripts.compose(name))
                                            for name in scripts.NEEDS}
 

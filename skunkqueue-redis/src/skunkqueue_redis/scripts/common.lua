@@ -1,6 +1,7 @@
 -- common.lua: prepended to every script by scripts/__init__.py.
 --
--- ARGV[1..10] of every script, built once per queue by persistence.py:
+-- ARGV[1] of every script, packed once per queue by persistence.py as "<length>:<bytes>" items
+-- (one argument, not twelve: redis-py encodes every argument of every call, per job):
 --   1 job prefix "sq:{Q}:j:"     2 due prefix "sq:{Q}:d:"    3 notify prefix "sq:{Q}:n:"
 --   4 targets prefix "sq:{Q}:t:" 5 done prefix "sq:{Q}:done:"
 --   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  8 idempotency key prefix "sq:{Q}:k:"
@@ -9,11 +10,21 @@
 -- The script's own arguments follow; args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
-local JOB, DUE, NOTIFY, TARGETS, DONE = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local LEASE, INDEX, KEYED = ARGV[6], ARGV[7], ARGV[8]
-local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-local CLOCK_TOLERANCE = tonumber(ARGV[12])
-local COMMON_ARGS = 12
+local HEAD = {}
+do
+  local s, pos = ARGV[1], 1
+  while pos <= #s do
+    local colon = string.find(s, ':', pos, true)
+    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
+    HEAD[#HEAD + 1] = string.sub(s, colon + 1, stop)
+    pos = stop + 1
+  end
+end
+local JOB, DUE, NOTIFY, TARGETS, DONE = HEAD[1], HEAD[2], HEAD[3], HEAD[4], HEAD[5]
+local LEASE, INDEX, KEYED = HEAD[6], HEAD[7], HEAD[8]
+local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), tonumber(HEAD[10]), tonumber(HEAD[11])
+local CLOCK_TOLERANCE = tonumber(HEAD[12])
+local COMMON_ARGS = 1
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
 -- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
