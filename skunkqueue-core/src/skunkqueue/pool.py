@@ -45,6 +45,7 @@ from typing import Callable, TypeVar
 
 from skunkqueue import channel, metrics, periodic, policy
 from skunkqueue.errors import (
+    ConfigurationError,
     JobKilled,
     KillRequested,
     LeaseLost,
@@ -65,6 +66,7 @@ RESTART_BACKOFF_MAX = 30.0
 DEFAULT_GRACE = 5.0        # seconds an interrupted job gets before its worker is killed
 HEARTBEAT_EVERY = 2.0      # seconds between registry heartbeats
 HOUSEKEEPING_EVERY = 1.0   # seconds between recoveries of expired leases
+CLOCK_CHECK_EVERY = 60.0   # seconds between comparisons of this host's clock with peers' (FoundationDB)
 TICK = 0.05                # longest sleep of the pool's loop
 # A held job the worker has not started this long after its claim goes back to
 # the queue. The margin over channel.START_WITHIN (after which the worker will
@@ -159,6 +161,7 @@ class WorkerPool:
         self._rough_deadline = 0.0
         self._wakeup_read = -1
         self._next_renew = self._next_heartbeat = self._next_housekeeping = 0.0
+        self._next_clock_check = time.monotonic() + CLOCK_CHECK_EVERY  # the first check is at start
         self.tally = metrics.Tally()
         self.run_schedules = schedule
         self.scheduler: periodic.Scheduler | None = None
@@ -224,6 +227,41 @@ class WorkerPool:
         """Fail fast, with the address in the message, if the store is unreachable."""
         self.store = self.config.connect(lambda backend: backend.workers(), "pool")
 
+    def check_clock(self) -> None:
+        """Refuse to start when a peer's clock is further from ours than the lease tolerates.
+
+        On a store that stamps leases with hosts' clocks (FoundationDB), a host
+        whose clock runs ``d`` seconds ahead sees a renewed lease expire ``d``
+        seconds early; renewals every ``r`` seconds keep it safe while
+        ``d < lease - r``. Stores with a clock of their own measure nothing.
+        A running pool checks again every minute and logs an error (clocks drift).
+        """
+        problem = self._clock_problem()
+        if problem is not None:
+            raise ConfigurationError(f"{problem} Synchronise the clocks (NTP) or raise --lease.")
+
+    def _clock_problem(self) -> str | None:
+        if self.store is None:
+            return None
+        offsets = self._store_call("compare clocks with peers", self.store.clock_offsets) or []
+        if not offsets:
+            return None
+        worst = max(offsets, key=abs)
+        bound = self.config.lease - self.renew_every
+        if abs(worst) > bound:
+            return (f"This host's clock is {abs(worst):.1f} s {'behind' if worst > 0 else 'ahead of'} a peer "
+                    f"worker's on the {self.store.name} store, which times leases with hosts' clocks: with "
+                    f"--lease {self.config.lease:g} they may differ by at most {bound:g} s.")
+        if abs(worst) > bound / 2:
+            log.warning("pool: this host's clock is %.1f s from a peer worker's; leases stay safe up to %g s",
+                        abs(worst), bound)
+        return None
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between lease renewals."""
+        return min(1.0, self.config.lease / 3)
+
     @staticmethod
     def _store_call(what: str, call: Callable[..., T], *args: object) -> T | None:
         """Call the store; a failure is logged and retried on a later tick, never fatal."""
@@ -266,6 +304,7 @@ class WorkerPool:
         """Start the workers and supervise them until a signal stops the pool."""
         self._install_signal_handlers()
         self.check_backend()
+        self.check_clock()
         if self.store is not None:
             for warning in self._store_call("ask the store about durability", self.store.durability_warnings) or []:
                 log.warning("pool: %s", warning)
@@ -470,7 +509,7 @@ class WorkerPool:
         if store is None:
             return
         if now >= self._next_renew:
-            self._next_renew = now + min(1.0, self.config.lease / 3)
+            self._next_renew = now + self.renew_every
             for child in self.children:
                 self._renew(store, child)
         if now >= self._next_heartbeat:
@@ -486,6 +525,11 @@ class WorkerPool:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._store_call("recover expired leases", recover_expired_leases, store)
             self._store_call("delete expired results", delete_expired_results, store)
+        if now >= self._next_clock_check:
+            self._next_clock_check = now + CLOCK_CHECK_EVERY
+            problem = self._clock_problem()
+            if problem is not None:
+                log.error("pool: %s Jobs may run twice at once until the clocks are synchronised.", problem)
 
     def _renew(self, store: Persistence, child: _Child) -> None:
         # A stopped worker (SIGSTOP, a debugger) keeps nothing: its leases run

@@ -95,6 +95,8 @@ APPLIED_KEEP = 300.0
 IDLE_KEEP = 60.0
 # FoundationDB's versions advance about a million a second: idle entries are timed in them.
 VERSIONS_PER_SECOND = 1_000_000
+# clock_offsets compares this host's clock only with peers' stamps made this recently (seconds, in versions).
+CLOCK_STAMP_FRESH = 5.0
 # How wide a claim's window may grow, in records per claimed record.
 CLAIM_SPREAD_MAX = 512
 # list_jobs pages: rows per transaction adapt so that a page stays near this many bytes.
@@ -223,6 +225,7 @@ class FDBPersistence(Persistence):
         self._keys = self.space["key"]          # idempotency key -> the id of the record holding it
         self._settings = self.space["setting"]
         self._stats = self.space["stats"]       # (minute, route, counter) -> little-endian int64, atomic adds
+        self._clocks = self.space["clock"]      # worker id -> (its host's time.time(), the read version then)
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
@@ -739,9 +742,15 @@ class FDBPersistence(Persistence):
     def register_worker(self, info: WorkerInfo) -> None:
         def register(tr: Any) -> tuple[None, None]:
             tr[self._workers.pack((info.id,))] = json.dumps(info.to_dict()).encode()
+            self._stamp_clock(tr, info.id)
             return None, None
 
         self._once(register, None)
+
+    def _stamp_clock(self, tr: Any, worker_id: str) -> None:
+        # This host's clock beside the cluster's version at the same moment: peers compare
+        # their own clocks with it (clock_offsets), since leases are timed in hosts' clocks.
+        tr[self._clocks.pack((worker_id,))] = fdb.tuple.pack((time.time(), tr.get_read_version().wait()))
 
     @_translate
     def heartbeat(self, worker_id: str, state: str) -> bool:
@@ -753,6 +762,7 @@ class FDBPersistence(Persistence):
             info = json.loads(bytes(value))
             info.update(state=state, last_seen=time.time())
             tr[key] = json.dumps(info).encode()
+            self._stamp_clock(tr, worker_id)
             return True, True
 
         return self._once(beat, None)
@@ -761,9 +771,34 @@ class FDBPersistence(Persistence):
     def unregister_worker(self, worker_id: str) -> None:
         def unregister(tr: Any) -> tuple[None, None]:
             del tr[self._workers.pack((worker_id,))]
+            del tr[self._clocks.pack((worker_id,))]
             return None, None
 
         self._once(unregister, None)
+
+    @_translate
+    def clock_offsets(self) -> list[float]:
+        span = self._clocks.range()
+
+        def read(tr: Any) -> tuple[float, int, list[Any]]:
+            before = time.time()
+            version = tr.get_read_version().wait()
+            after = time.time()
+            return (before + after) / 2, version, list(tr.snapshot.get_range(span.start, span.stop))
+
+        here, version, stamps = fdb.transactional(read)(self._db)
+        offsets = []
+        for kv in stamps:
+            try:
+                their_time, their_version = fdb.tuple.unpack(kv.value)
+                age = (version - int(their_version)) / VERSIONS_PER_SECOND
+            except (ValueError, TypeError):
+                continue
+            # Only fresh stamps: versions advance about a million a second, but jump ahead after
+            # a cluster recovery, which makes an older stamp look old rather than skewed.
+            if 0 <= age <= CLOCK_STAMP_FRESH:
+                offsets.append(float(their_time) + age - here)
+        return offsets
 
     @_translate
     def workers(self) -> list[WorkerInfo]:

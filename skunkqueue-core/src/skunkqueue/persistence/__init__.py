@@ -282,6 +282,18 @@ class Persistence(ABC):
         """
         return time.time()
 
+    def clock_offsets(self) -> list[float]:
+        """How far peers' clocks are from this host's: one value per live peer, in seconds.
+
+        For stores without a clock of their own, whose leases and due times are
+        therefore stamped with hosts' clocks (FoundationDB): each value is a
+        peer's clock minus this host's, measured against the store's own notion
+        of time (e.g. its versions) from the peers' recent heartbeats. A pool
+        refuses to start when one exceeds what its lease tolerates. The default,
+        for stores that decide times by their own clock or one host, is empty.
+        """
+        return []
+
     def durability_warnings(self) -> list[str]:
         """Reasons why acknowledged writes might not survive a store restart.
 
