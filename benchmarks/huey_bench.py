@@ -49,7 +49,8 @@ class HueyTarget:
         return huey, task
 
     def start_consumer(self) -> subprocess.Popen[bytes]:
-        cmd = [_consumer_binary(), "benchmarks.huey_app.huey", "-w", "1", "-k", "thread", "-q"]
+        # Huey's default logging (INFO, a line per task), as SkunkQueue's workers run at theirs.
+        cmd = [_consumer_binary(), "benchmarks.huey_app.huey", "-w", "1", "-k", "thread"]
         if self.kind == "sqlite":
             # Poll the way a SkunkQueue worker polls SQLite: from 1 ms, doubling, at most 200 ms.
             cmd += ["-d", "0.001", "-b", "2", "-m", "0.2"]
@@ -126,13 +127,42 @@ def latency(target: HueyTarget, sizes: Sizes, result: Result) -> None:
     huey.flush()
 
 
+def _launch_to_result(target: HueyTarget, handle: Any, timeout: float) -> float:
+    """Start the consumer; seconds until ``handle``'s result is there."""
+    start = time.perf_counter()
+    consumer = target.start_consumer()
+    try:
+        def done() -> bool:
+            if consumer.poll() is not None:
+                raise BenchError(f"huey_consumer exited with {consumer.returncode}:\n{target.log_tail()}")
+            return handle.get(preserve=True) is not None
+
+        wait_until(done, timeout, "huey's first result")
+        return time.perf_counter() - start
+    finally:
+        target.stop_consumer(consumer)
+
+
+def startup(target: HueyTarget, sizes: Sizes, result: Result, repeats: int = 3) -> None:
+    """The consumer launched with one task waiting: seconds until its result is there (median)."""
+    huey, task = target.open()
+    samples = []
+    for i in range(repeats):
+        handle = task(i)
+        samples.append(_launch_to_result(target, handle, sizes.timeout))
+        result.check("startup_result", handle.get(preserve=True) == i, f"start-up task {i} gave another result")
+    result.figures["startup_s"] = percentile(samples, 50)
+    huey.flush()
+
+
 def run(target: HueyTarget, sizes: Sizes, result: Result, log: Callable[[str], None]) -> None:
-    result.notes.append("huey_consumer -w 1 -k thread -q" + (" -d 0.001 -b 2 -m 0.2" if target.kind == "sqlite"
+    result.notes.append("huey_consumer -w 1 -k thread" + (" -d 0.001 -b 2 -m 0.2" if target.kind == "sqlite"
                                                                  else "; RedisHuey(notify_result=True)"))
     steps: list[tuple[str, Callable[[], None]]] = [
         ("enqueue", lambda: enqueue(target, sizes, result)),
         ("processing, 1 consumer", lambda: processing(target, sizes, result)),
         ("latency and idle consumer", lambda: latency(target, sizes, result)),
+        ("consumer start-up", lambda: startup(target, sizes, result)),
     ]
     for name, step in steps:
         log(f"  {result.system}: {name}")

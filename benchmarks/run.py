@@ -32,6 +32,7 @@ ROWS = [
     ("claim_rate_small", "claim+finish, small backlog (jobs/s)", "{:,.0f}", True),
     ("claim_rate_large", "claim+finish, large backlog (jobs/s)", "{:,.0f}", True),
     ("backlog_ratio", "backlog ratio (large / small)", "{:.2f}", True),
+    ("startup_s", "worker start-up, launch->first result (s)", "{:.2f}", False),
     ("idle_rss_mb", "idle worker RSS (MB)", "{:.1f}", False),
     ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
 ]
@@ -112,7 +113,7 @@ def ratios(results: dict[str, Result]) -> dict[str, dict[str, float]]:
         for key in ("enqueue_fire", "process_1w"):
             if key in a.figures and key in b.figures and b.figures[key]:
                 pair[key] = a.figures[key] / b.figures[key]
-        for key in ("latency_p50_ms", "latency_p99_ms", "idle_rss_mb"):
+        for key in ("latency_p50_ms", "latency_p99_ms", "startup_s", "idle_rss_mb"):
             if key in a.figures and key in b.figures and a.figures[key]:
                 pair[key] = b.figures[key] / a.figures[key]  # Huey's time / ours: >1 means we are faster
         out[f"{ours} vs {theirs}"] = pair
@@ -149,11 +150,55 @@ def targets(results: dict[str, Result], rat: dict[str, dict[str, float]]) -> lis
         add("mongodb processing per worker, 2 workers", None if per is None else per / 2, ">= 1,000",
             lambda v: v >= 1000)
     rs = rat.get("sqlite vs huey-sqlite", {})
+    add("sqlite idle latency p50 ms", fig("sqlite", "latency_p50_ms"), "<= 2", lambda v: v <= 2)
+    add("sqlite 2 workers / 1", fig("sqlite", "scaling_2w"), ">= 1.5", lambda v: v >= 1.5)
     add("sqlite processing vs SqliteHuey", rs.get("process_1w"), ">= 1x", lambda v: v >= 1)
     add("sqlite fire() vs SqliteHuey enqueue", rs.get("enqueue_fire"), ">= 1x", lambda v: v >= 1)
     add("sqlite idle latency p50 vs SqliteHuey (theirs/ours)", rs.get("latency_p50_ms"), ">= 1x",
         lambda v: v >= 1)
     return rows
+
+
+# Issue 17's table, in its order: (figure, system, Huey's system or None, key, format, goal, met?)
+GOALS: list[tuple[str, str, str | None, str, str, str, Callable[[float, float | None], bool] | None]] = [
+    ("Redis fire() one by one, jobs/s", "redis", "huey-redis", "enqueue_fire", "{:,.0f}", ">= 2x Huey",
+     lambda v, h: h is not None and v >= 2 * h),
+    ("Redis processing, 1 worker process, jobs/s", "redis", "huey-redis", "process_1w", "{:,.0f}", ">= 3x Huey",
+     lambda v, h: h is not None and v >= 3 * h),
+    ("Redis idle latency fire->result p50 ms", "redis", "huey-redis", "latency_p50_ms", "{:.2f}", "<= 1 ms",
+     lambda v, h: v <= 1),
+    ("Redis fire_many, jobs/s", "redis", None, "enqueue_batch", "{:,.0f}", ">= 50,000", lambda v, h: v >= 50_000),
+    ("SQLite idle latency p50 ms", "sqlite", "huey-sqlite", "latency_p50_ms", "{:.2f}", "<= 2 ms",
+     lambda v, h: v <= 2),
+    ("SQLite 2 workers / 1 worker", "sqlite", None, "scaling_2w", "{:.2f}x", ">= 1.5x", lambda v, h: v >= 1.5),
+    ("Mongo processing, 1 worker, jobs/s", "mongodb", None, "process_1w", "{:,.0f}", ">= 1,000",
+     lambda v, h: v >= 1000),
+    ("Redis worker start-up, launch->first result s", "redis", "huey-redis", "startup_s", "{:.2f}", "-", None),
+    ("SQLite worker start-up, launch->first result s", "sqlite", "huey-sqlite", "startup_s", "{:.2f}", "-", None),
+]
+
+
+def goals_table(results: dict[str, Result]) -> str:
+    """Issue 17's table: each figure next to Huey's in the same run, the ratio, the goal and whether it is met."""
+    head = ("figure", "SkunkQueue", "Huey", "ratio", "goal", "")
+    rows: list[tuple[str, ...]] = []
+    for label, ours, theirs, key, form, goal, ok in GOALS:
+        mine = results[ours].figures.get(key) if ours in results else None
+        huey = results[theirs].figures.get(key) if theirs and theirs in results else None
+        if mine is None:
+            rows.append((label, "-", "-" if huey is None else form.format(huey), "-", goal, "not measured"))
+            continue
+        lower_is_better = key in ("latency_p50_ms", "startup_s")
+        ratio = "-"
+        if huey:
+            ratio = f"{(huey / mine if lower_is_better else mine / huey):.2f}x"
+        status = "" if ok is None else ("met" if ok(mine, huey) else "MISSED")
+        rows.append((label, form.format(mine), "-" if huey is None else form.format(huey), ratio, goal, status))
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    lines = ["  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths)))
+             for r in (head, *rows)]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines) + "\n(ratio > 1: SkunkQueue better; for times it is Huey's time / ours)"
 
 
 def _format_target(row: dict[str, Any]) -> str:
@@ -222,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, pair in rat.items():
             print(f"\nSkunkQueue {name} (x > 1: SkunkQueue better): " +
                   ", ".join(f"{k} {v:.2f}x" for k, v in pair.items()))
+        print("\nIssue 17's figures, goals and Huey in this run:")
+        print(goals_table(results))
         print("\nTargets:")
         for row in goals:
             if row["met"] is not None or row["target"].startswith(("redis", "mongodb")):

@@ -24,7 +24,7 @@ from benchmarks.common import (
     stop_process,
     wait_until,
 )
-from skunkqueue import COMPLETE, PENDING, SkunkQueue, policy
+from skunkqueue import COMPLETE, PENDING, RUNNING, SkunkQueue, policy
 from skunkqueue.persistence import Persistence
 from skunkqueue.testing.kit import kit_env
 
@@ -40,6 +40,7 @@ class Target:
     prefetch: int | None = None          # None: the worker's default
     reset: Callable[[], None] | None = None  # empties the store between workloads
     options: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "INFO"              # skunq work's default: a log line per job, as users run it
 
     def queue(self, purpose: str) -> SkunkQueue:
         return SkunkQueue(f"bench-{purpose}-{uuid.uuid4().hex[:8]}", backend=self.backend,
@@ -49,7 +50,7 @@ class Target:
         """``skunq work`` (a WorkerPool) with ``concurrency`` worker processes, logging warnings only."""
         cmd = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue.name, "-r", route,
                "-c", str(concurrency), "--backend", self.backend, "--path", str(ROOT),
-               "--import", "benchmarks.jobs", "--log-level", "WARNING"]
+               "--import", "benchmarks.jobs", "--log-level", self.log_level]
         if self.url:
             cmd += ["--url", self.url]
         if self.db:
@@ -127,19 +128,19 @@ def processing(target: Target, sizes: Sizes, result: Result, workers: int) -> No
     backend = queue.persistence
     try:
         job = jobs.bind(queue, jobs.noop, "p")
-        ids = [h.id for h in _fire_many(job, sizes.process, sizes.batch_size)]
-        first, last = ids[0], ids[-1]
+        handles = _fire_many(job, sizes.process, sizes.batch_size)
+        ids = [h.id for h in handles]
+        first, last = handles[0], handles[-1]
         pool = target.start_workers(queue, "p", workers)
         try:
             def started() -> bool:
                 if pool.poll() is not None:
                     raise BenchError(f"the worker pool exited with {pool.returncode}:\n{target.log_tail()}")
-                record = backend.get(first)
-                return record is not None and record.state != PENDING
+                return first.state != PENDING
 
+            # Read through handles, as a user's code would.
             t0 = wait_until(started, sizes.timeout, "the first job to be claimed")
-            t1 = wait_until(lambda: (r := backend.get(last)) is not None and r.finished_state,
-                            sizes.timeout, "the last job to finish")
+            t1 = wait_until(lambda: last.state not in (PENDING, RUNNING), sizes.timeout, "the last job to finish")
             # With several workers the last fired is not always the last done.
             t1 = wait_until(lambda: queue.counts().get(("p", COMPLETE), 0) >= sizes.process,
                             sizes.timeout, "every job to finish")
@@ -177,6 +178,37 @@ def latency(target: Target, sizes: Sizes, result: Result) -> None:
             result.figures["idle_cpu_pct"] = idle_cpu_percent(pids[0])
         finally:
             stop_process(pool)
+    finally:
+        queue.close()
+
+
+def _launch_to_result(target: Target, queue: SkunkQueue, handle: Any, timeout: float) -> float:
+    """Start ``skunq work``; seconds until ``handle``'s job is complete."""
+    start = time.perf_counter()
+    pool = target.start_workers(queue, "s", 1)
+    try:
+        def done() -> bool:
+            if pool.poll() is not None:
+                raise BenchError(f"the worker pool exited with {pool.returncode}:\n{target.log_tail()}")
+            return bool(handle.state == COMPLETE)
+
+        wait_until(done, timeout, "the first job's result")
+        return time.perf_counter() - start
+    finally:
+        stop_process(pool)
+
+
+def startup(target: Target, sizes: Sizes, result: Result, repeats: int = 3) -> None:
+    """``skunq work`` launched with one job waiting: seconds until that job's result is there (median)."""
+    queue = target.queue("startup")
+    try:
+        job = jobs.bind(queue, jobs.noop, "s")
+        samples = []
+        for i in range(repeats):
+            handle = job.fire(i)
+            samples.append(_launch_to_result(target, queue, handle, sizes.timeout))
+            result.check("startup_result", handle.result == i, f"start-up job {i} returned {handle.result!r}")
+        result.figures["startup_s"] = percentile(samples, 50)
     finally:
         queue.close()
 
@@ -229,6 +261,7 @@ def run(target: Target, sizes: Sizes, result: Result, log: Callable[[str], None]
         ("processing, 1 worker", lambda: processing(target, sizes, result, 1)),
         ("processing, 2 workers", lambda: processing(target, sizes, result, 2)),
         ("latency and idle worker", lambda: latency(target, sizes, result)),
+        ("worker start-up", lambda: startup(target, sizes, result)),
         ("backlog", lambda: backlog(target, sizes, result)),
     ]
     for name, step in steps:

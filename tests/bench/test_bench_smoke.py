@@ -22,16 +22,20 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "processing, 1 worker process" in done.stdout
     assert "all jobs completed, right results" in done.stdout
+    assert "worker start-up, launch->first result (s)" in done.stdout
+    assert "SQLite idle latency p50 ms" in done.stdout  # issue 17's goals table
     report = json.loads(out.read_text())
     assert report["all_checks_passed"] is True
     sqlite = report["results"]["sqlite"]
     assert sqlite["errors"] == []
     assert sqlite["checks"] and all(sqlite["checks"].values())
-    for name in ("process_1w_complete", "process_2w_complete", "latency_results", "enqueue_stored"):
+    for name in ("process_1w_complete", "process_2w_complete", "latency_results", "enqueue_stored",
+                 "startup_result"):
         assert sqlite["checks"][name] is True
     figures = sqlite["figures"]
     for key in ("enqueue_fire", "enqueue_batch", "process_1w", "process_2w", "latency_p50_ms",
-                "latency_p99_ms", "claim_rate_small", "claim_rate_large", "backlog_ratio", "idle_rss_mb"):
+                "latency_p99_ms", "claim_rate_small", "claim_rate_large", "backlog_ratio", "idle_rss_mb",
+                "startup_s"):
         assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
     assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
     assert 1 < figures["idle_rss_mb"] < 1000

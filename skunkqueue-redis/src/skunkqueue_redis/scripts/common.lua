@@ -7,7 +7,8 @@
 --   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  8 idempotency key prefix "sq:{Q}:k:"
 --   (keys.py spells these names)
 --   9 NOTIFY_CAP  10 DONE_TOKEN_MS  11 CLAIM_ROUNDS  12 CLOCK_TOLERANCE (s)  (constants of persistence.py)
--- The script's own arguments follow; args() returns them as a list from 1.
+-- ARGV[2]: the script's own arguments, packed the same way by persistence.py (one argument for the
+-- same reason); args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
 local HEAD = {}
@@ -47,8 +48,13 @@ local function shift(caller_now, now)
 end
 
 local function args()
-  local out = {}
-  for i = COMMON_ARGS + 1, #ARGV do out[#out + 1] = ARGV[i] end
+  local out, s, pos = {}, ARGV[COMMON_ARGS + 1] or '', 1
+  while pos <= #s do
+    local colon = string.find(s, ':', pos, true)
+    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
+    out[#out + 1] = string.sub(s, colon + 1, stop)
+    pos = stop + 1
+  end
   return out
 end
 
