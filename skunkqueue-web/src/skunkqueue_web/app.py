@@ -215,7 +215,8 @@ class Monitor:
 
     def purge_confirm(self, request: Request) -> Response:
         route = request.query_params.get("route", "")
-        pending = self.queue.persistence.counts().get((route, "pending"), 0)
+        rows = {r.route: r for r in self.queue.persistence.summary().routes}
+        pending = rows[route].states["pending"] if route in rows else 0
         return self.render(request, "purge.html", route=route, pending=pending)
 
     # -- signing in ----------------------------------------------------------------

@@ -21,7 +21,7 @@ def serve(*, queue: str, backend: str, url: str | None, db: str | None, host: st
     store = f"{backend} {redact(url)}" + (f" db {db}" if db else "")
     try:
         q = SkunkQueue(queue, backend=backend, conn_url=url, dbname=db)
-        q.persistence.counts()  # reach the store now: a wrong address is one line here, not a page of errors
+        q.persistence.summary()  # reach the store now: a wrong address is one line here, not a page of errors
     except SkunkQueueError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
