@@ -296,6 +296,55 @@ class RedisPersistence(Persistence):
         return records
 
     @guarded
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Walks the monitor's index zsets one after another (per route, per state), each in its own
+        # order (pending by due, running by id, finished by expiry): O(page), not O(queue).
+        # The cursor is "<which zset>:<rank in it>".
+        self._ensure_tallied()
+        zset, rank = 0, 0
+        if after:
+            first, _, second = after.partition(":")
+            if not (first.isdigit() and second.isdigit()):
+                raise ValueError(f"{after!r} is not a page cursor of this store")
+            zset, rank = int(first), int(second)
+        if dead:
+            names = ["dead"] if state in (None, ERROR) else []
+        else:
+            names = [state] if state is not None else list(STATES)
+        routes = [route] if route is not None else sorted(text(r) for r in self.client.smembers(self.keys.routes))
+        sources = [(r, n) for r in routes for n in names]
+        records: list[JobRecord] = []
+        now = num(time.time())
+        while zset < len(sources) and len(records) < limit:
+            r, name = sources[zset]
+            want = limit - len(records)
+            key = self.keys.tally(r, name)
+            if name in (PENDING, RUNNING):
+                ids = self.client.zrange(key, rank, rank + want - 1)
+            else:  # finished entries count while their record lives (the score is when it expires)
+                ids = self.client.zrangebyscore(key, f"({now}", "+inf", start=rank, num=want)
+            rank += len(ids)
+            pipe = self._pipeline()
+            for raw_id in ids:
+                pipe.hgetall(self.keys.job(text(raw_id)))
+            for raw_id, flat in zip(ids, pipe.execute(raise_on_error=False)):
+                if not isinstance(flat, dict) or not flat:
+                    continue
+                try:
+                    record = decode_record(flat, text(raw_id))
+                except MalformedRecord:
+                    continue
+                if record.route != r or (name != "dead" and record.state != name):
+                    continue  # moved on since the zset was read
+                if dead is not None and record.dead != dead:
+                    continue
+                records.append(record)
+            if len(ids) < want:
+                zset, rank = zset + 1, 0
+        return records, (f"{zset}:{rank}" if zset < len(sources) else None)
+
+    @guarded
     def counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
         for _, (route, state) in self._scan_index(("route", "state")):

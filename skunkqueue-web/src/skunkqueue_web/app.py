@@ -188,12 +188,19 @@ class Monitor:
         size = _int(q.get("size"), 50)
         size = size if size in PAGE_SIZES else 50
         page_no = max(1, _int(q.get("page"), 1))
-        page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, offset=(page_no - 1) * size,
-                                  size=size)
-        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("size", str(size))) if v}
-        return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
-                           state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+        try:
+            page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, after=q.get("after") or None,
+                                      size=size)
+        except ValueError:
+            return self._stale_cursor(request, "/jobs", filters)
+        return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=self._routes(),
+                           route=route, state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+
+    def _stale_cursor(self, request: Request, path: str, filters: dict[str, str]) -> Response:
+        # A hand-edited or foreign "after" value: one line, and the first page.
+        msg = "That page address is not valid here: showing the first page."
+        return RedirectResponse(f"{path}?{urlencode({**filters, 'msg': msg})}", status_code=303)
 
     def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -209,12 +216,14 @@ class Monitor:
         func = request.query_params.get("func") or None
         size = 100
         page_no = max(1, _int(request.query_params.get("page"), 1))
-        page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, offset=(page_no - 1) * size,
-                                  size=size, dead=True)
-        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("func", func)) if v}
-        return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
-                           func=func, filters=filters, urlencode=urlencode)
+        try:
+            page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, size=size, dead=True,
+                                      after=request.query_params.get("after") or None)
+        except ValueError:
+            return self._stale_cursor(request, "/dead", filters)
+        return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=self._routes(),
+                           route=route, func=func, filters=filters, urlencode=urlencode)
 
     def workers(self, request: Request) -> Response:
         now = time.time()

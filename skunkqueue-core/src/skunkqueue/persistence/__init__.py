@@ -330,6 +330,26 @@ class Persistence(ABC):
         """
         return summarize(self, now)
 
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        """Up to ``limit`` records matching the filters (as :meth:`list_jobs`), and the cursor of the next page.
+
+        ``after`` is a cursor this method returned (None: the first page); the
+        returned cursor is None when no records follow. The order is the
+        store's own, stable while paging; the default is :meth:`list_jobs`'s
+        (due, id) order with the offset as cursor, so it reads every earlier
+        page again: a store with indexes should override it. A cursor this
+        store did not make raises ValueError.
+        """
+        offset = 0
+        if after:
+            if not after.isdigit():
+                raise ValueError(f"{after!r} is not a page cursor of this store")
+            offset = int(after)
+        found = self.list_jobs(route=route, state=state, dead=dead, limit=offset + limit + 1)
+        more = len(found) > offset + limit
+        return found[offset:offset + limit], str(offset + limit) if more else None
+
     def delete_finished(self, job_ids: Sequence[str]) -> int:
         """Delete the given records that are finished (complete, error, killed) now; return how many.
 

@@ -133,3 +133,34 @@ class SummarySuite:
         assert store.get(running.id) is not None and store.get(records[2].id) is not None
         assert store.delete_finished([]) == 0
         assert store.list_jobs(state=COMPLETE) == []
+
+    def test_paging_lists_every_matching_record_once(self, store: Persistence) -> None:
+        error = {"type": "ValueError", "message": "no", "traceback": ""}
+        store.enqueue([make_record(store.queue, route) for route in ("a", "b", "a", "c", "a", "b") * 4])
+        for route in ("a", "b"):
+            taken = store.claim(route, "w", 30, limit=5)
+            for i, record in enumerate(taken[:4]):
+                outcome = policy.completed(b"1") if i % 2 else Outcome(ERROR, error=error, dead=i == 0)
+                assert store.finish(record.id, record.token, outcome)
+        filters: list[dict[str, Any]] = [{}, {"route": "a"}, {"state": "pending"}, {"state": ERROR, "dead": True},
+                                         {"state": ERROR, "dead": False}, {"route": "b", "state": COMPLETE},
+                                         {"dead": True}, {"route": "nosuch"}]
+        for where in filters:
+            expected = sorted(r.id for r in store.list_jobs(**where, limit=10_000))
+            for size in (1, 4, 100):
+                seen: list[str] = []
+                cursor = None
+                for _ in range(100):
+                    page, cursor = store.list_page(**where, limit=size, after=cursor)
+                    assert len(page) <= size
+                    seen += [r.id for r in page]
+                    if cursor is None:
+                        break
+                assert cursor is None, "paging did not end"
+                assert sorted(seen) == expected, f"paging {where} by {size}: {len(seen)} ids, not {len(expected)}"
+        try:
+            store.list_page(after="not a cursor")
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a foreign cursor was accepted")
