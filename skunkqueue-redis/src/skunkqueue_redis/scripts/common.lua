@@ -104,7 +104,16 @@ end
 -- states and dead = when the record expires, so counting scores above now stays right while
 -- Redis expires the records themselves. ZADD/ZREM are idempotent: replaying a move cannot drift.
 local FINISHED = {complete = true, error = true, killed = true}
-local function tally_key(route, state) return TALLY .. esc(route) .. ':' .. state end
+-- A script call touches one or two routes: escape each once.
+local tally_prefixes = {}
+local function tally_key(route, state)
+  local prefix = tally_prefixes[route]
+  if not prefix then
+    prefix = TALLY .. esc(route) .. ':'
+    tally_prefixes[route] = prefix
+  end
+  return prefix .. state
+end
 
 -- Move id from old (nil: a new record) to new (nil: deleted); dead: '1' for a dead letter.
 local function tally(id, route, old, new, dead, score, now)
