@@ -27,7 +27,7 @@ from pathlib import Path
 
 from skunkqueue_web.snapshot import overview
 
-from benchmarks.servers import RedisServer
+from benchmarks.servers import MongoServer, RedisServer, Server
 from skunkqueue import SkunkQueue, policy, serializer
 from skunkqueue.backends import open_backend
 from skunkqueue.record import JobRecord, new_id
@@ -129,21 +129,25 @@ def store_read(backend: str, url: str, queue: str, repeat: int) -> dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.web_overview", description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=100_000, help="records in the store (%(default)s)")
-    p.add_argument("--backends", default="sqlite,redis", help="comma-separated (%(default)s)")
+    p.add_argument("--backends", default="sqlite,redis",
+                   help="comma-separated, of sqlite, redis, mongodb (%(default)s)")
     p.add_argument("--repeat", type=int, default=5, help="timed requests per page (%(default)s)")
     p.add_argument("--json", default="bench-results-web.json", help="where to write the figures (%(default)s)")
     args = p.parse_args(argv)
     results: dict[str, object] = {"jobs": args.jobs}
     for backend in args.backends.split(","):
-        server = None
+        server: Server | None = None
         with tempfile.TemporaryDirectory(prefix="skunqbench-web-") as tmp:
             if backend == "sqlite":
                 url = str(Path(tmp) / "web.db")
             elif backend == "redis":
                 server = RedisServer().start()
                 url = server.url
+            elif backend == "mongodb" and MongoServer.available():
+                server = MongoServer().start()
+                url = server.url
             else:
-                log(f"{backend}: not benchmarked here (sqlite, redis)")
+                log(f"{backend}: not benchmarked here (sqlite, redis, mongodb where mongod is installed)")
                 continue
             try:
                 started = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from datetime import timedelta
 
 from skunkqueue import SkunkQueue
 
@@ -25,3 +26,13 @@ def charge(order: int, cents: int) -> dict[str, int]:
     if cents > 90_000:
         raise ValueError(f"amount {cents} over the card limit")
     return {"order": order, "charged": cents}
+
+
+@queue.periodic(routes=["billing"], cron="0 3 * * *", tz="Europe/Berlin")
+def nightly_invoices() -> int:
+    return 0
+
+
+@queue.periodic(routes=["email"], every=timedelta(minutes=10))
+def retry_bounces() -> int:
+    return 0

@@ -31,7 +31,8 @@ def main() -> int:
     skunq = [sys.executable, "-m", "skunkqueue.cli"]
     pool = subprocess.Popen([*skunq, "work", "-r", "email", "email", "billing", "--path", str(HERE)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    web = subprocess.Popen([*skunq, "web", "--port", "18099"], env=env, stdout=subprocess.DEVNULL,
+    web = subprocess.Popen([*skunq, "web", "--port", "18099", "--import", "demo_jobs", "--path", str(HERE)],
+                           env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
         os.environ.update(SKUNQ_URL=env["SKUNQ_URL"])
@@ -57,8 +58,10 @@ def main() -> int:
             page.goto(base + "/login")
             page.fill("#token", "demo")
             page.click("#sign-in")
+            page.goto(base + "/periodic")
+            page.locator('tr[data-schedule="demo_jobs:retry_bounces"] button[data-act="pause"]').click()
             for name, path in (("overview", "/"), ("jobs", "/jobs?state=error"), ("dead", "/dead"),
-                               ("workers", "/workers")):
+                               ("workers", "/workers"), ("periodic", "/periodic")):
                 page.goto(base + path)
                 page.screenshot(path=str(out / f"{name}.png"), full_page=name != "jobs")
             page.goto(base + "/dead")

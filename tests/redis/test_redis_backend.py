@@ -638,3 +638,25 @@ def test_names_redis_cannot_hold_are_refused_when_opened(url: str, name: str, ne
     assert needle in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigurationError, match=needle):
         RedisPersistence.check_names("fine", [name])
+
+
+def test_a_queue_stored_before_the_summary_index_is_indexed_once_on_first_summary(
+        store: RedisPersistence, raw: redis.Redis) -> None:
+    """Records written by a version without the tally index: summary() builds it, then the scripts keep it."""
+    error = {"type": "ValueError", "message": "no", "traceback": ""}
+    store.enqueue([record(store.queue, "a") for _ in range(5)] + [record(store.queue, "b", due=time.time() + 600)])
+    first, second, _ = store.claim("a", "w", 30, limit=3)
+    assert store.finish(first.id, first.token, policy.completed(b"1"))
+    assert store.finish(second.id, second.token, Outcome(ERROR, error=error, dead=True))
+    expected = {r.route: (r.states, r.dead, r.oldest_due) for r in store.summary().routes}
+    # Forget the index, as a store written before it existed has none.
+    k = store.keys
+    # (Redis' glob treats braces literally; the queue's name is a hex uuid.)
+    assert raw.delete(k.routes, k.tallied, *raw.keys(k.tally_prefix + "*")) >= 6
+    assert {r.route: (r.states, r.dead, r.oldest_due) for r in store.summary().routes} == expected
+    assert raw.get(k.tallied) == b"1"
+    # From then on the scripts keep it: one more claim and finish show up.
+    (third,) = store.claim("a", "w", 30, limit=1)
+    assert store.finish(third.id, third.token, policy.completed(b"1"))
+    after = {r.route: r for r in store.summary().routes}
+    assert after["a"].states[COMPLETE] == 2 and after["a"].states[RUNNING] == 1 and after["a"].dead == 1

@@ -91,7 +91,8 @@ def test_live_overview_traceback_and_dead_letter_retry(store: Store, start_web: 
     shot(page, tmp_path, f"workers-{store.backend}")
     page.goto(web.base + "/")
     shot(page, tmp_path, f"overview-signed-in-{store.backend}")
-    assert page.dialogs == []  # no injected script ever ran
+    # Bulk actions ask first; nothing else opened a dialog (no injected script ever ran).
+    assert page.dialogs == [("confirm", "Retry 1 selected dead letter(s)?")]
 
 
 def test_updates_pause_while_the_tab_is_hidden(sqlite_store: Store, start_web: Callable[..., Web], page: Any) -> None:

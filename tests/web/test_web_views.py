@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from html import unescape
 from typing import Callable
 
 from conftest import Store, Web
@@ -29,6 +30,12 @@ def make_dead(store: Store, name: str, n: int) -> list[str]:
     return ids
 
 
+def next_page(page: str) -> str:
+    found = re.search(r'<a href="([^"]+)" id="next-page">', page)
+    assert found, "no next page link"
+    return unescape(found.group(1))
+
+
 def test_jobs_are_paged_filtered_and_found_by_id(sqlite_store: Store, start_web: Callable[..., Web]) -> None:
     handles = sqlite_store.job("add").fire_many([(i, i) for i in range(120)])
     booms = [sqlite_store.job("boom").fire(str(i)).ids[0] for i in range(5)]
@@ -36,8 +43,14 @@ def test_jobs_are_paged_filtered_and_found_by_id(sqlite_store: Store, start_web:
     first = call(web, "GET", "/jobs?size=50")[2]
     assert rows(first) == [h.id for h in handles[:50]]  # (due, id) order: firing order
     assert 'id="next-page"' in first
-    last = call(web, "GET", "/jobs?size=50&page=3")[2]
+    second = call(web, "GET", next_page(first))[2]
+    assert rows(second) == [h.id for h in handles[50:100]]
+    last = call(web, "GET", next_page(second))[2]
     assert rows(last) == [h.id for h in handles[100:]] + booms and 'id="next-page"' not in last
+    assert 'id="first-page"' in last
+    # A cursor the store did not make: one line, and the first page.
+    status, headers, _ = call(web, "GET", "/jobs?size=50&after=bogus")
+    assert status == 303 and "not+valid" in headers["location"] and "after" not in headers["location"]
     assert rows(call(web, "GET", "/jobs?func=BOOM")[2]) == booms        # any part, any case
     assert rows(call(web, "GET", "/jobs?state=complete")[2]) == []
     assert rows(call(web, "GET", "/jobs?route=nosuch")[2]) == []

@@ -445,10 +445,8 @@ def periodic_resume(ctx: click.Context, name: str) -> None:
 @_friendly
 def periodic_run(ctx: click.Context, name: str) -> None:
     """Fire NAME once now, outside its slot sequence."""
-    from skunkqueue.job import Job
+    from skunkqueue import periodic as schedules
 
     _, schedule = _schedule(ctx, name)
-    job = schedule.job
-    handle = Job(ctx.obj[2], job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
-                 timeout=job.timeout).fire()
+    handle = schedules.fire_now(schedule, ctx.obj[2])
     click.echo(f"{name}: fired as {handle.id}")

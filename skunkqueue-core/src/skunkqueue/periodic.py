@@ -39,8 +39,9 @@ from cronsim import CronSim, CronSimError
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
 
 if TYPE_CHECKING:
-    from skunkqueue.job import Job
+    from skunkqueue.job import Job, JobHandle
     from skunkqueue.persistence import Persistence
+    from skunkqueue.queue import SkunkQueue
 
 log = logging.getLogger("skunkqueue.periodic")
 
@@ -203,6 +204,18 @@ class Scheduler:
         if last is None or slots[-1] > last:
             self.store.put_setting(_setting(schedule.name, "last"), repr(slots[-1]))
         return len(slots)
+
+
+def fire_now(schedule: Schedule, queue: SkunkQueue) -> JobHandle:
+    """Fire ``schedule``'s job once now on ``queue``, outside its slot sequence (no slot key: it is extra).
+
+    ``skunq periodic run`` and the monitor's "run now" both call this.
+    """
+    from skunkqueue.job import Job
+
+    job = schedule.job
+    return Job(queue, job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
+               timeout=job.timeout).fire()
 
 
 def every_seconds(every: timedelta | float | int) -> float:

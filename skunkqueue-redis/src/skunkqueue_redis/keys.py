@@ -16,6 +16,10 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:settings            hash    the queue's settings (name -> value)
     sq:{Q}:s:<minute>          hash    throughput counters of one minute, field <counter>:<route>
     sq:{Q}:stats               zset    minutes that have counters, score = member = the minute
+    sq:{Q}:c:<route>:<state>   zset    the monitor's index: the route's records in a state (or 'dead'),
+                                       score = due (pending), +inf (running), expiry (finished)
+    sq:{Q}:routes              set     routes that ever had a record (the index's routes)
+    sq:{Q}:tallied             string  set once the index covers records stored before it existed
 
 An idempotency key's string only finds its holder; the holder's hash, while it
 exists and names the same key, is what holds the key (see scripts/enqueue.lua).
@@ -75,11 +79,21 @@ class Keys:
         self.settings = self.base + "settings"
         self.stats_prefix = self.base + "s:"
         self.stats = self.base + "stats"
+        self.tally_prefix = self.base + "c:"
+        self.routes = self.base + "routes"
+        self.tallied = self.base + "tallied"
 
     def layout(self) -> list[str]:
         """The prefixes and keys every script receives first (see scripts/common.lua)."""
         return [self.job_prefix, self.due_prefix, self.notify_prefix, self.targets_prefix,
                 self.done_prefix, self.lease, self.index, self.key_prefix]
+
+    def tally_layout(self) -> list[str]:
+        """The monitor's index names every script receives after layout()'s and the constants."""
+        return [self.tally_prefix, self.routes]
+
+    def tally(self, route: str, state: str) -> str:
+        return f"{self.tally_prefix}{escape(route)}:{state}"
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id

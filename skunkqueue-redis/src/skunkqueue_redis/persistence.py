@@ -30,7 +30,8 @@ from redis.exceptions import ResponseError
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
+from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.codec import decode_record, num, opt, pack_items, pack_record, text, unpack_fields
@@ -66,7 +67,7 @@ class _Scripts:
 
     def __init__(self, client: Any, keys: Keys) -> None:
         # One packed argument (see scripts/common.lua): redis-py encodes each argument of every call.
-        head = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE]
+        head = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE, *keys.tally_layout()]
         self._head: list[Any] = [pack_items(str(item).encode() for item in head)]
         self._loaded: dict[str, Script] = {name: client.register_script(scripts.compose(name))
                                            for name in scripts.NEEDS}
@@ -211,11 +212,74 @@ class RedisPersistence(Persistence):
                 if isinstance(values, list) and values[0] is not None:
                     yield text(raw_id), values
 
+    def _ensure_tallied(self) -> None:
+        """Build the monitor's index once for records stored before it existed (see scripts/reindex.lua)."""
+        k = self.keys
+        if self.client.exists(k.tallied):
+            return
+        start = 0
+        while True:
+            examined = int(self._script("reindex", [k.index], [start, SCAN_BATCH]))
+            start += examined
+            if examined < SCAN_BATCH:
+                break
+        self.client.set(k.tallied, "1")
+
+    @guarded
+    def summary(self, now: float | None = None) -> QueueSummary:
+        # From the per-route index the scripts keep (scripts/common.lua tally()): no record is read.
+        self._ensure_tallied()
+        rows, _ = self._script("summary", [self.keys.routes], [])
+        routes = []
+        for route, *numbers, oldest in rows:
+            states = dict(zip(STATES, (int(n) for n in numbers[:len(STATES)])))
+            dead = int(numbers[len(STATES)])
+            if not any(states.values()) and not dead:
+                continue  # every record of the route is gone
+            routes.append(RouteSummary(text(route), states, dead, float(oldest) if oldest else None))
+        routes.sort(key=lambda r: r.route)
+        return QueueSummary(routes)
+
+    def _tallied_ids(self, route: str | None, state: str | None, dead: bool | None,
+                     limit: int) -> list[str] | None:
+        """Candidate ids from the monitor's index when the filters allow it (None: scan everything)."""
+        if dead:
+            state = ERROR if state in (None, ERROR) else state
+        if state is None or (dead and state != ERROR):
+            return None
+        self._ensure_tallied()
+        name = "dead" if dead else state
+        routes = [route] if route is not None else sorted(text(r) for r in self.client.smembers(self.keys.routes))
+        pipe = self._pipeline()
+        for r in routes:
+            if state == PENDING:
+                # Scored by due, ties by id: the protocol's order, so the first `limit` are all it needs.
+                pipe.zrange(self.keys.tally(r, name), 0, limit - 1)
+            elif state == RUNNING:
+                pipe.zrange(self.keys.tally(r, name), 0, -1)
+            else:
+                # Finished entries count while their record lives (the score is when it expires).
+                pipe.zrangebyscore(self.keys.tally(r, name), f"({num(time.time())}", "+inf")
+        return [text(i) for ids in pipe.execute() for i in ids]
+
+    def _fields_of(self, ids: Sequence[str], fields: Sequence[str]) -> Iterable[tuple[str, list[bytes | None]]]:
+        for start in range(0, len(ids), SCAN_BATCH):
+            batch = ids[start:start + SCAN_BATCH]
+            pipe = self._pipeline()
+            for job_id in batch:
+                pipe.hmget(self.keys.job(job_id), list(fields))
+            for job_id, values in zip(batch, pipe.execute(raise_on_error=False)):
+                if isinstance(values, list) and values[0] is not None:
+                    yield job_id, values
+
     @guarded
     def list_jobs(self, *, route: str | None = None, state: str | None = None,
                   dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
         wanted: list[tuple[float, str]] = []
-        for job_id, (r, s, d, due) in self._scan_index(("route", "state", "dead", "due")):
+        ids = self._tallied_ids(route, state, dead, limit)
+        found = (self._scan_index(("route", "state", "dead", "due")) if ids is None
+                 else self._fields_of(ids, ("route", "state", "dead", "due")))
+        for job_id, (r, s, d, due) in found:
             if route is not None and r != route.encode():
                 continue
             if state is not None and s != state.encode():
@@ -245,6 +309,55 @@ class RedisPersistence(Persistence):
         return records
 
     @guarded
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Walks the monitor's index zsets one after another (per route, per state), each in its own
+        # order (pending by due, running by id, finished by expiry): O(page), not O(queue).
+        # The cursor is "<which zset>:<rank in it>".
+        self._ensure_tallied()
+        zset, rank = 0, 0
+        if after:
+            first, _, second = after.partition(":")
+            if not (first.isdigit() and second.isdigit()):
+                raise ValueError(f"{after!r} is not a page cursor of this store")
+            zset, rank = int(first), int(second)
+        if dead:
+            names = ["dead"] if state in (None, ERROR) else []
+        else:
+            names = [state] if state is not None else list(STATES)
+        routes = [route] if route is not None else sorted(text(r) for r in self.client.smembers(self.keys.routes))
+        sources = [(r, n) for r in routes for n in names]
+        records: list[JobRecord] = []
+        now = num(time.time())
+        while zset < len(sources) and len(records) < limit:
+            r, name = sources[zset]
+            want = limit - len(records)
+            key = self.keys.tally(r, name)
+            if name in (PENDING, RUNNING):
+                ids = self.client.zrange(key, rank, rank + want - 1)
+            else:  # finished entries count while their record lives (the score is when it expires)
+                ids = self.client.zrangebyscore(key, f"({now}", "+inf", start=rank, num=want)
+            rank += len(ids)
+            pipe = self._pipeline()
+            for raw_id in ids:
+                pipe.hgetall(self.keys.job(text(raw_id)))
+            for raw_id, flat in zip(ids, pipe.execute(raise_on_error=False)):
+                if not isinstance(flat, dict) or not flat:
+                    continue
+                try:
+                    record = decode_record(flat, text(raw_id))
+                except MalformedRecord:
+                    continue
+                if record.route != r or (name != "dead" and record.state != name):
+                    continue  # moved on since the zset was read
+                if dead is not None and record.dead != dead:
+                    continue
+                records.append(record)
+            if len(ids) < want:
+                zset, rank = zset + 1, 0
+        return records, (f"{zset}:{rank}" if zset < len(sources) else None)
+
+    @guarded
     def counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
         for _, (route, state) in self._scan_index(("route", "state")):
@@ -269,6 +382,13 @@ class RedisPersistence(Persistence):
                 deleted += int(n)
                 if int(examined) < SCAN_BATCH:
                     break
+        return deleted
+
+    @guarded
+    def delete_finished(self, job_ids: Sequence[str]) -> int:
+        deleted = 0
+        for start in range(0, len(job_ids), SCAN_BATCH):
+            deleted += int(self._script("delete", [self.keys.index], list(job_ids[start:start + SCAN_BATCH])))
         return deleted
 
     @guarded

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -23,7 +24,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from skunkqueue import serializer
+from skunkqueue import periodic, serializer
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.metrics import BUCKETS
 from skunkqueue.persistence import Persistence
@@ -95,9 +96,22 @@ def dismiss(backend: Persistence, record: JobRecord) -> bool:
     return backend.finish(record.id, record.token, outcome, expect=record.state)
 
 
+@dataclass
+class ScheduleRow:
+    name: str
+    spec: str
+    routes: list[str]
+    last: float | None
+    next: float | None      # None while paused
+    paused: bool
+
+
 class Monitor:
-    def __init__(self, queue: SkunkQueue, *, store: str, token: str | None, refresh: float = 2.0) -> None:
+    def __init__(self, queue: SkunkQueue, *, store: str, token: str | None, refresh: float = 2.0,
+                 schedules: Sequence[periodic.Schedule] = (), imports: Sequence[str] = ()) -> None:
         self.queue = queue
+        self.schedules = {s.name: s for s in schedules}
+        self.imports = list(imports)
         self.store = store
         self.guard = Guard(token)
         self.refresh = refresh
@@ -174,12 +188,19 @@ class Monitor:
         size = _int(q.get("size"), 50)
         size = size if size in PAGE_SIZES else 50
         page_no = max(1, _int(q.get("page"), 1))
-        page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, offset=(page_no - 1) * size,
-                                  size=size)
-        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("size", str(size))) if v}
-        return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
-                           state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+        try:
+            page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, after=q.get("after") or None,
+                                      size=size)
+        except ValueError:
+            return self._stale_cursor(request, "/jobs", filters)
+        return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=self._routes(),
+                           route=route, state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+
+    def _stale_cursor(self, request: Request, path: str, filters: dict[str, str]) -> Response:
+        # A hand-edited or foreign "after" value: one line, and the first page.
+        msg = "That page address is not valid here: showing the first page."
+        return RedirectResponse(f"{path}?{urlencode({**filters, 'msg': msg})}", status_code=303)
 
     def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -195,12 +216,14 @@ class Monitor:
         func = request.query_params.get("func") or None
         size = 100
         page_no = max(1, _int(request.query_params.get("page"), 1))
-        page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, offset=(page_no - 1) * size,
-                                  size=size, dead=True)
-        routes = self._routes()
         filters = {k: v for k, v in (("route", route), ("func", func)) if v}
-        return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=routes, route=route,
-                           func=func, filters=filters, urlencode=urlencode)
+        try:
+            page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, size=size, dead=True,
+                                      after=request.query_params.get("after") or None)
+        except ValueError:
+            return self._stale_cursor(request, "/dead", filters)
+        return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=self._routes(),
+                           route=route, func=func, filters=filters, urlencode=urlencode)
 
     def workers(self, request: Request) -> Response:
         now = time.time()
@@ -210,12 +233,41 @@ class Monitor:
         current = {r.owner: r for r in self.queue.persistence.list_jobs(state="running", limit=10_000) if r.owner}
         return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current)
 
+    def periodic_page(self, request: Request) -> Response:
+        backend = self.queue.persistence
+        now = time.time()
+        rows = []
+        if backend.supports_settings:
+            for name, schedule in sorted(self.schedules.items()):
+                # periodic.py reads the state the schedulers keep; the rules are spelled only there.
+                paused = periodic.is_paused(backend, name)
+                rows.append(ScheduleRow(name, schedule.spec, list(schedule.job.routes),
+                                        periodic.last_slot(backend, name),
+                                        None if paused else schedule.next_slot(now), paused))
+        return self.render(request, "periodic.html", live=True, rows=rows, imports=self.imports,
+                           keeps_settings=backend.supports_settings)
+
+    async def periodic_action(self, request: Request) -> Response:
+        form, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        name, action = (form.get("name") or [""])[0], (form.get("action") or [""])[0]
+        schedule = self.schedules.get(name)
+        if schedule is None or action not in ("pause", "resume", "run"):
+            return self.render(request, "refused.html", status=404, reason="No such periodic job or action.")
+        if action == "run":
+            handle = periodic.fire_now(schedule, self.queue)
+            return self._back(request, "/periodic", f"{name}: fired as {handle.id}.")
+        periodic.set_paused(self.queue.persistence, name, action == "pause")
+        return self._back(request, "/periodic", f"{name}: {'paused' if action == 'pause' else 'resumed'}.")
+
     def metrics(self, request: Request) -> Response:
         return Response(prometheus.render(self.queue, self.refresher.get()), media_type=prometheus.CONTENT_TYPE)
 
     def purge_confirm(self, request: Request) -> Response:
         route = request.query_params.get("route", "")
-        pending = self.queue.persistence.counts().get((route, "pending"), 0)
+        rows = {r.route: r for r in self.queue.persistence.summary().routes}
+        pending = rows[route].states["pending"] if route in rows else 0
         return self.render(request, "purge.html", route=route, pending=pending)
 
     # -- signing in ----------------------------------------------------------------
@@ -274,12 +326,20 @@ class Monitor:
         return self._back(request, "/dead", f"Removed {job_id} from the dead letters." if ok
                           else f"{job_id} is not a dead letter.")
 
+    async def delete_one(self, request: Request) -> Response:
+        _, refused = await self._guarded_form(request)
+        if refused:
+            return refused
+        job_id = request.path_params["job_id"]
+        ok = self.queue.persistence.delete_finished([job_id]) == 1
+        return self._back(request, "/dead", f"Deleted {job_id}." if ok else f"{job_id} is not finished: not deleted.")
+
     async def dead_bulk(self, request: Request) -> Response:
         form, refused = await self._guarded_form(request)
         if refused:
             return refused
         action = (form.get("action") or [""])[0]
-        if action not in ("retry", "dismiss"):
+        if action not in ("retry", "dismiss", "delete"):
             return self.render(request, "refused.html", status=400, reason="Unknown action.")
         backend = self.queue.persistence
         if (form.get("scope") or [""])[0] == "matching":
@@ -292,6 +352,10 @@ class Monitor:
         if action == "retry":
             done = sum(1 for r in records if r.dead and self.queue.retry(r.id))
             msg = f"Requeued {done} dead letter(s)."
+        elif action == "delete":
+            # Only dead letters: a hand-picked id of a live or merely finished job is not this page's to delete.
+            done = backend.delete_finished([r.id for r in records if r.dead and r.state == ERROR])
+            msg = f"Deleted {done} dead letter(s)."
         else:
             done = sum(1 for r in records if dismiss(backend, r))
             msg = f"Removed {done} job(s) from the dead letters."
@@ -321,8 +385,9 @@ async def _store_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(queue: SkunkQueue, *, store: str, token: str | None, refresh: float = 2.0,
-               allowed_hosts: list[str] | None = None) -> Starlette:
-    m = Monitor(queue, store=store, token=token, refresh=refresh)
+               allowed_hosts: list[str] | None = None, schedules: Sequence[periodic.Schedule] = (),
+               imports: Sequence[str] = ()) -> Starlette:
+    m = Monitor(queue, store=store, token=token, refresh=refresh, schedules=schedules, imports=imports)
     routes = [
         Route("/", m.overview), Route("/jobs", m.jobs), Route("/jobs/{job_id}", m.job),
         Route("/dead", m.dead), Route("/workers", m.workers), Route("/metrics", m.metrics),
@@ -331,8 +396,11 @@ def create_app(queue: SkunkQueue, *, store: str, token: str | None, refresh: flo
         Route("/jobs/{job_id}/kill", m.kill, methods=["POST"]),
         Route("/jobs/{job_id}/retry", m.retry, methods=["POST"]),
         Route("/jobs/{job_id}/dismiss", m.dismiss_one, methods=["POST"]),
+        Route("/jobs/{job_id}/delete", m.delete_one, methods=["POST"]),
         Route("/dead", m.dead_bulk, methods=["POST"]),
         Route("/purge", m.purge, methods=["POST"]),
+        Route("/periodic", m.periodic_page),
+        Route("/periodic", m.periodic_action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     # Refuse other Host names, so a hostile page cannot reach a loopback monitor by DNS rebinding.

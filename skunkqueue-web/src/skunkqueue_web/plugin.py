@@ -28,17 +28,22 @@ def register_commands(cli: click.Group) -> None:
     @click.option("--token", envvar="SKUNQ_WEB_TOKEN",
                   help="Enables actions (kill, retry, purge) for whoever signs in with it; "
                        "without it the monitor is read-only.")
+    @click.option("--import", "imports", multiple=True, envvar="SKUNQ_IMPORT",
+                  help="Module declaring the queue's periodic jobs (repeatable), as for skunq work: "
+                       "the schedules view lists them.")
+    @click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False),
+                  help="Directory to import it from (repeatable; the current one is always used).")
     @click.option("--refresh", default=2.0, show_default=True, type=click.FloatRange(0.2, 3600),
                   help="Seconds between live updates while the page is visible.")
     def web(queue: str, backend: str, url: str | None, db: str | None, host: str, port: int,
-            token: str | None, refresh: float) -> None:
+            token: str | None, imports: tuple[str, ...], paths: tuple[str, ...], refresh: float) -> None:
         """Monitor a queue in the browser, with Prometheus metrics at /metrics.
 
         \b
-        skunq web -q QUEUE [--backend NAME --url URL] [--port 8080] [--token SECRET]
+        skunq web -q QUEUE [--backend NAME --url URL] [--port 8080] [--token SECRET] [--import MODULE]
         """
         from skunkqueue_web.serve import serve
         serve(queue=queue, backend=backend, url=url, db=db, host=host, port=port,
-              token=token or None, refresh=refresh)
+              token=token or None, refresh=refresh, imports=imports, paths=paths)
 
 

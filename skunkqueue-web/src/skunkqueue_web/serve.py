@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+from typing import Sequence
 
 import click
 import uvicorn
 
+from skunkqueue import periodic, trust
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.urls import redact
@@ -17,11 +20,20 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(*, queue: str, backend: str, url: str | None, db: str | None, host: str, port: int,
-          token: str | None, refresh: float) -> None:
+          token: str | None, refresh: float, imports: Sequence[str] = (), paths: Sequence[str] = ()) -> None:
     store = f"{backend} {redact(url)}" + (f" db {db}" if db else "")
     try:
+        # The job modules are the operator's own code, imported as `skunq work --import` does (trust.py).
+        modules = trust.split_imports(imports)
+        for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        trust.import_allowed(modules)
+    except SkunkQueueError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
         q = SkunkQueue(queue, backend=backend, conn_url=url, dbname=db)
-        q.persistence.counts()  # reach the store now: a wrong address is one line here, not a page of errors
+        q.persistence.summary()  # reach the store now: a wrong address is one line here, not a page of errors
     except SkunkQueueError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
@@ -43,6 +55,7 @@ def serve(*, queue: str, backend: str, url: str | None, db: str | None, host: st
     mode = "actions enabled (sign in with the token)" if token else "read-only (no --token)"
     click.echo(f"skunq web: http://{shown}:{bound}/ queue {queue} on {store}, {mode}", err=True)
     sys.stderr.flush()
-    app = create_app(q, store=store, token=token, refresh=refresh, allowed_hosts=allowed)
+    app = create_app(q, store=store, token=token, refresh=refresh, allowed_hosts=allowed,
+                     schedules=periodic.declared(queue), imports=modules)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])

@@ -106,24 +106,35 @@ def throughput(queue: SkunkQueue, now: float) -> Throughput | None:
 @dataclass
 class Page:
     records: list[JobRecord]
-    offset: int
     size: int
-    more: bool
+    next: str | None        # the cursor of the next page; None: this is the last
+
+
+# With a function filter, pages are read until the page is full or this many records were looked at.
+FUNC_SCAN_LIMIT = 50_000
 
 
 def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: str | None,
-              offset: int, size: int, dead: bool | None = None) -> Page:
-    """One page of records in (due, id) order; ``func`` matches any part of the function's name.
+              after: str | None, size: int, dead: bool | None = None) -> Page:
+    """One page of records, in the store's paging order (Persistence.list_page); ``func`` matches any part
+    of the function's name, case-insensitively.
 
-    The protocol lists from the start, so page N reads N pages' worth of records:
-    fine for a person paging a few screens, and bounded by ``limit`` in every backend.
+    Raises ValueError for a cursor the store did not make.
     """
-    wanted = offset + size + 1
-    if func:
-        # The function filter runs here, so read enough records to fill the page after it.
-        found = [r for r in queue.persistence.list_jobs(route=route, state=state, dead=dead,
-                                                        limit=max(wanted * 50, 50_000))
-                 if func.lower() in r.func.lower()]
-    else:
-        found = queue.persistence.list_jobs(route=route, state=state, dead=dead, limit=wanted)
-    return Page(found[offset:offset + size], offset, size, len(found) > offset + size)
+    backend = queue.persistence
+    if not func:
+        records, cursor = backend.list_page(route=route, state=state, dead=dead, limit=size, after=after)
+        return Page(records, size, cursor)
+    # The function filter runs here: read the store's pages until this one is full, asking each time
+    # only for as many records as are still missing, so the page ends exactly where a cursor can resume.
+    found: list[JobRecord] = []
+    looked = 0
+    cursor = after
+    while len(found) < size and looked < FUNC_SCAN_LIMIT:
+        batch, cursor = backend.list_page(route=route, state=state, dead=dead, limit=size - len(found),
+                                          after=cursor)
+        looked += len(batch)
+        found += [r for r in batch if func.lower() in r.func.lower()]
+        if cursor is None:
+            break
+    return Page(found, size, cursor)

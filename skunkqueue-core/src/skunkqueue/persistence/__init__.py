@@ -342,6 +342,49 @@ class Persistence(ABC):
         """
         return summarize(self, now)
 
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        """Up to ``limit`` records matching the filters (as :meth:`list_jobs`), and the cursor of the next page.
+
+        ``after`` is a cursor this method returned (None: the first page); the
+        returned cursor is None when no records follow. The order is the
+        store's own, stable while paging; the default is :meth:`list_jobs`'s
+        (due, id) order with the offset as cursor, so it reads every earlier
+        page again: a store with indexes should override it. A cursor this
+        store did not make raises ValueError.
+        """
+        offset = 0
+        if after:
+            if not after.isdigit():
+                raise ValueError(f"{after!r} is not a page cursor of this store")
+            offset = int(after)
+        found = self.list_jobs(route=route, state=state, dead=dead, limit=offset + limit + 1)
+        more = len(found) > offset + limit
+        return found[offset:offset + limit], str(offset + limit) if more else None
+
+    def delete_finished(self, job_ids: Sequence[str]) -> int:
+        """Delete the given records that are finished (complete, error, killed) now; return how many.
+
+        Pending and running records are left alone (a worker may hold them).
+        The monitor deletes dead letters with it. The default needs no new
+        store operation: it rewrites each record's outcome, guarded by its
+        token, as finished long enough ago that its time to live is over, and
+        runs :meth:`delete_expired`; a store that expires records by itself
+        (Redis, a Mongo TTL index) should override it.
+        """
+        now = time.time()
+        deleted = 0
+        for job_id in job_ids:
+            record = self.get(job_id)
+            if record is None or not record.finished_state:
+                continue
+            past = now - self.ttl_of(record) - 1
+            outcome = Outcome(record.state, result=record.result, error=record.error, dead=False, finished=past)
+            if self.finish(record.id, record.token, outcome, expect=record.state):
+                deleted += 1
+        self.delete_expired(now, limit=max(1000, len(job_ids)))
+        return deleted
+
     # -- waiting (override where the store can notify) -------------------------
 
     def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:

@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
-from skunkqueue.record import ERROR, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
+from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 
 _SCHEMA = """
@@ -239,6 +240,30 @@ class SQLitePersistence(Persistence):
             "SELECT route, state, COUNT(*) FROM jobs WHERE queue=? GROUP BY route, state", (self.queue,)
         )
         return {(str(route), str(state)): n for route, state, n in rows}
+
+    def summary(self, now: float | None = None) -> QueueSummary:
+        # One GROUP BY on the claim index, which covers (queue, route, state), reading the dead flag of
+        # error rows only, and one index seek per route for the longest wait: the default decoded
+        # every dead letter (10,000 at 100,000 jobs) in Python.
+        now = time.time() if now is None else now
+        found: dict[str, tuple[dict[str, int], int]] = {}
+        for route, state, n, dead in self._db.execute(
+                "SELECT route, state, COUNT(*), SUM(CASE WHEN state=? AND json_valid(record) "
+                "AND json_extract(record, '$.dead') THEN 1 ELSE 0 END) FROM jobs WHERE queue=? "
+                "GROUP BY route, state", (ERROR, self.queue)):
+            states, dead_count = found.setdefault(str(route), (dict.fromkeys(STATES, 0), 0))
+            if state in states:
+                states[state] = n
+            found[str(route)] = (states, dead_count + int(dead or 0))
+        routes = []
+        for route, (states, dead_count) in sorted(found.items()):
+            oldest = None
+            if states[PENDING]:
+                (first,) = self._db.execute("SELECT MIN(due) FROM jobs WHERE queue=? AND route=? AND state=?",
+                                            (self.queue, route, PENDING)).fetchone()
+                oldest = first if first is not None and first <= now else None
+            routes.append(RouteSummary(route, states, dead_count, oldest))
+        return QueueSummary(routes)
 
     def purge(self, route: str, *, target: str | None = None) -> int:
         sql, args = "DELETE FROM jobs WHERE queue=? AND route=? AND state=?", [self.queue, route, PENDING]

@@ -25,6 +25,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "register": (),
     "expired": (),
     "now": (),
+    "summary": (),
+    "reindex": (),
+    "delete": (),
 }
 # A file whose function is not named like the file (it would shadow common.lua's quarantine()).
 ENTRY = {"quarantine": "quarantine_record"}

@@ -32,12 +32,13 @@ local function claim(KEYS, ARGV)
       redis.call('ZREM', zkey, id)
       local kind = redis.call('TYPE', key)['ok']
       if kind == 'hash' then
-        local f = redis.call('HMGET', key, 'state', 'token', 'attempts')
+        local f = redis.call('HMGET', key, 'state', 'token', 'attempts', 'route')
         local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
         if f[1] == 'pending' and token and attempts then
           redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
             'token', token + 1, 'attempts', attempts + 1, 'started', now, 'kill_requested', '0')
           redis.call('ZADD', LEASE, until_, id)
+          tally(id, f[4], 'pending', 'running', nil, '+inf', nownum)
           out[#out + 1] = pack(redis.call('HGETALL', key))
         elseif f[1] == 'pending' then
           quarantine(id, 'token or attempts is not a number', nownum, ttl)

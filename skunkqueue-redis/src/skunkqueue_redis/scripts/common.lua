@@ -7,6 +7,7 @@
 --   6 lease zset "sq:{Q}:lease"  7 index zset "sq:{Q}:jobs"  8 idempotency key prefix "sq:{Q}:k:"
 --   (keys.py spells these names)
 --   9 NOTIFY_CAP  10 DONE_TOKEN_MS  11 CLAIM_ROUNDS  12 CLOCK_TOLERANCE (s)  (constants of persistence.py)
+--   13 tally prefix "sq:{Q}:c:"  14 routes set "sq:{Q}:routes"  (the monitor's index: tally() below)
 -- ARGV[2]: the script's own arguments, packed the same way by persistence.py (one argument for the
 -- same reason); args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
@@ -25,6 +26,7 @@ local JOB, DUE, NOTIFY, TARGETS, DONE = HEAD[1], HEAD[2], HEAD[3], HEAD[4], HEAD
 local LEASE, INDEX, KEYED = HEAD[6], HEAD[7], HEAD[8]
 local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), tonumber(HEAD[10]), tonumber(HEAD[11])
 local CLOCK_TOLERANCE = tonumber(HEAD[12])
+local TALLY, ROUTES = HEAD[13], HEAD[14]
 local COMMON_ARGS = 1
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
@@ -102,10 +104,50 @@ local function key_follows(id, k, ms)
   elseif ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
 end
 
+-- The monitor's index (summary.lua reads it; keys.py spells it): per route, one zset per state
+-- and one ('dead') for dead letters, so a summary counts without reading any record.
+-- Scores: pending = due (the first member is the longest wait), running = +inf, finished
+-- states and dead = when the record expires, so counting scores above now stays right while
+-- Redis expires the records themselves. ZADD/ZREM are idempotent: replaying a move cannot drift.
+local FINISHED = {complete = true, error = true, killed = true}
+-- A script call touches one or two routes: escape each once.
+local tally_prefixes = {}
+local function tally_key(route, state)
+  local prefix = tally_prefixes[route]
+  if not prefix then
+    prefix = TALLY .. esc(route) .. ':'
+    tally_prefixes[route] = prefix
+  end
+  return prefix .. state
+end
+
+-- Move id from old (nil: a new record) to new (nil: deleted); dead: '1' for a dead letter.
+local function tally(id, route, old, new, dead, score, now)
+  if not route then return end
+  if old then
+    redis.call('ZREM', tally_key(route, old), id)
+    if old == 'error' then redis.call('ZREM', tally_key(route, 'dead'), id) end
+  else
+    redis.call('SADD', ROUTES, route)
+  end
+  if not new then return end
+  local key = tally_key(route, new)
+  redis.call('ZADD', key, score, id)
+  if FINISHED[new] then
+    -- Entries of expired records go here, a few at a time, as expired.lua drops INDEX's.
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. fmt(now))
+    if new == 'error' and dead == '1' then
+      redis.call('ZADD', tally_key(route, 'dead'), score, id)
+      redis.call('ZREMRANGEBYSCORE', tally_key(route, 'dead'), '-inf', '(' .. fmt(now))
+    end
+  end
+end
+
 -- Keep a damaged record for inspection, out of every route, dead, expiring like a finished one
 -- (ttl: the result TTL in seconds).
 local function quarantine(id, why, now, ttl)
   local key = JOB .. id
+  local was = redis.call('HMGET', key, 'state', 'route')
   redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', fmt(now),
     'error', cjson.encode({type = 'MalformedRecord', message = why, traceback = ''}))
   redis.call('HDEL', key, 'owner', 'lease_until')
@@ -113,4 +155,5 @@ local function quarantine(id, why, now, ttl)
   redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
   key_follows(id, redis.call('HGET', key, 'key'), math.max(1, math.floor(ttl * 1000)))
   redis.call('ZADD', INDEX, fmt(now + ttl), id)
+  tally(id, was[2], was[1], 'error', '1', fmt(now + ttl), now)
 end

@@ -30,14 +30,18 @@ local function store(f, fields, ttl, now, seen, woken)
     redis.call('ZADD', INDEX, '+inf', id)
     woken[names[2]] = (woken[names[2]] or 0) + 1
     if f['target'] then redis.call('SADD', TARGETS .. esc(f['route']), f['target']) end
+    tally(id, f['route'], nil, 'pending', nil, f['due'], now)
   elseif f['state'] == 'running' then
     redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
     redis.call('ZADD', INDEX, '+inf', id)
+    tally(id, f['route'], nil, 'running', nil, '+inf', now)
   else
     local ms = math.max(1, math.floor(ttl * 1000))
     redis.call('PEXPIRE', key, ms)
     key_follows(id, f['key'], ms)
-    redis.call('ZADD', INDEX, fmt((tonumber(f['finished'] or '') or now) + ttl), id)
+    local expires = fmt((tonumber(f['finished'] or '') or now) + ttl)
+    redis.call('ZADD', INDEX, expires, id)
+    tally(id, f['route'], nil, f['state'], f['dead'], expires, now)
   end
 end
 

@@ -42,6 +42,7 @@ local function finish(KEYS, ARGV)
     key_follows(id, f[6], nil)
     redis.call('ZADD', KEYS[3], '+inf', id)
     redis.call('ZADD', zkey, due, id)
+    tally(id, route, f[1], 'pending', nil, due, now)
     wake(notify_key(route, target), 1)
   else
     local at = finished and (tonumber(finished) + moved) or now
@@ -50,6 +51,7 @@ local function finish(KEYS, ARGV)
     redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
     key_follows(id, f[6], math.max(1, math.floor(ttl * 1000)))
     redis.call('ZADD', KEYS[3], fmt(at + ttl), id)
+    tally(id, route, f[1], state, dead, fmt(at + ttl), now)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
   end

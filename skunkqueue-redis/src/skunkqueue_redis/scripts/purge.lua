@@ -8,10 +8,12 @@ local function purge(KEYS, ARGV)
   for _, id in ipairs(ids) do
     local key = JOB .. id
     redis.call('ZREM', KEYS[1], id)
-    if redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HGET', key, 'state') == 'pending' then
+    local f = redis.call('TYPE', key)['ok'] == 'hash' and redis.call('HMGET', key, 'state', 'route')
+    if f and f[1] == 'pending' then
       key_follows(id, redis.call('HGET', key, 'key'), 0)  -- the key is free: its string goes too
       redis.call('DEL', key)
       redis.call('ZREM', KEYS[2], id)
+      tally(id, f[2], 'pending', nil)
       deleted = deleted + 1
     end
   end

@@ -57,12 +57,18 @@
   });
   if (!document.hidden) { setState("on"); start(); }
 
-  // Confirmation for destructive forms (the server checks the token and CSRF value regardless).
+  // Confirmation for destructive forms and every bulk action, naming what it acts on
+  // (the server checks the token and CSRF value regardless).
   document.addEventListener("submit", function (e) {
     var form = e.target;
     var ask = form.getAttribute("data-confirm");
     var scope = form.querySelector("select[name=scope]");
-    if (!ask && scope && scope.value === "matching") ask = form.getAttribute("data-confirm-matching");
+    var verb = e.submitter && e.submitter.getAttribute("data-verb");
+    if (!ask && scope && verb) {
+      var what = scope.value === "matching" ? form.getAttribute("data-confirm-matching")
+        : document.querySelectorAll("input[name=ids]:checked").length + " selected dead letter(s)";
+      ask = verb + " " + what + "?";
+    }
     if (ask && !window.confirm(ask)) e.preventDefault();
   });
 
