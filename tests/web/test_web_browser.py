@@ -80,7 +80,7 @@ def test_live_overview_traceback_and_dead_letter_retry(store: Store, start_web: 
     page.wait_for_selector(".flash")
     assert "Requeued 1 dead letter(s)." in page.locator(".flash").inner_text()
     page.goto(web.base + f"/jobs/{dead.ids[0]}")
-    page.wait_for_function("document.querySelector('#job-state').innerText === 'complete'", timeout=30_000)
+    page.wait_for_function("document.querySelector('#job-state')?.innerText === 'complete'", timeout=30_000)
     assert page.locator("#result").inner_text().strip() == '"fixed"'
     assert store.runs_of("needs_file") == 2
     assert store.runs_of("boom") == 1
