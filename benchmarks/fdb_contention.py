@@ -1,6 +1,6 @@
 """FoundationDB claim contention: claims/s and conflict retries per job for 1, 4, 16, 32 claimers.
 
-Runs on the FoundationDB STAND-IN (tests/fdb/standin, not a real FoundationDB)
+Runs on the FoundationDB STAND-IN (tests/fdb_standin, not a real FoundationDB)
 with emulated per-request and per-commit latency, because no FoundationDB can
 be installed where this runs. What it measures is the backend's design under
 optimistic concurrency: how many claims conflict and are retried when N
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-STANDIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "fdb" / "standin"
+STANDIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "fdb_standin"
 LABEL = "fdb stand-in (not a real FoundationDB)"
 
 

@@ -2,8 +2,8 @@
 
 SQLite (embedded) always; Redis, MongoDB and the FoundationDB stand-in when
 their distribution is installed. Their servers are started with the helpers
-the backend's tests use (``tests/redis/servers.py``, ``tests/mongo/servers.py``,
-``tests/fdb/servers.py``), loaded by path under unique module names.
+the backend's tests use (``tests/redis_servers.py``, ``tests/mongo_servers.py``,
+``tests/fdb_servers.py``).
 
 A backend whose distribution is missing is skipped with a reason naming the
 distribution. When the distribution is installed, failing to start its server
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
-from testsupport import load_helper
 
 from skunkqueue.testing.kit import BackendUnderTest
 
@@ -135,8 +134,8 @@ class _RedisRestartable(Server):
 
 @contextlib.contextmanager
 def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("redis")
     import redis
+    import redis_servers as servers
 
     server = servers.RedisServer(tmp_path_factory.mktemp("redis-rel")).start()
 
@@ -210,7 +209,7 @@ class _MongoRestartable(Server):
 
 @contextlib.contextmanager
 def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("mongo")
+    import mongo_servers as servers
     from pymongo import MongoClient
 
     db = "skunkqueue_reliability"
@@ -269,7 +268,7 @@ def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def _fdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("fdb")
+    import fdb_servers as servers
     work = tmp_path_factory.mktemp("fdb-rel")
     root = f"skunkqueue-reliability-{uuid.uuid4().hex[:8]}"
     real = servers.REAL_CLUSTER_FILE

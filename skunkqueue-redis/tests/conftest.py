@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import pytest
-from testsupport import load_helper
+import redis_servers as servers
 
-servers = load_helper("redis")
 RedisServer = servers.RedisServer
 
 

@@ -16,11 +16,11 @@ from datetime import timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import clockskew
 import pytest
 from click.testing import CliRunner
 from pymongo import MongoClient
 from pymongo.collection import Collection
-from testsupport import load_helper
 
 import skunkqueue_mongo.persistence as mongo_persistence
 from skunkqueue import housekeeping, policy
@@ -534,9 +534,6 @@ def test_a_killed_record_never_goes_back_to_pending(mongo_standalone: Any, opene
 
 
 # == The server's clock ====================================================================
-
-clockskew = load_helper("redis", "clockskew.py")
-
 
 @pytest.mark.parametrize("skew", clockskew.SKEWS)
 def test_protocol_times_come_from_the_server_clock(mongo: Any, opened: Any, queue_name: str, skew: float) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import mongo_servers as servers
 import pytest
-from testsupport import load_helper
 
-servers = load_helper("mongo")
 MongoServer = servers.MongoServer
 
 AUTH_USER, AUTH_PASSWORD = "skunk", "s3cr3t-Pa55word"

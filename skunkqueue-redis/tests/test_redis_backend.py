@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import clockskew
 import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
-from testsupport import load_helper
 
 from skunkqueue import housekeeping, policy
 from skunkqueue.backends import open_backend
@@ -507,9 +507,6 @@ def test_a_never_claimed_record_can_be_killed(store: RedisPersistence, queue_nam
 
 
 # == the store's clock ==========================================================================
-
-clockskew = load_helper("redis", "clockskew.py")
-
 
 @pytest.mark.parametrize("skew", clockskew.SKEWS)
 def test_protocol_times_come_from_the_store_clock(store: RedisPersistence, skew: float) -> None:
