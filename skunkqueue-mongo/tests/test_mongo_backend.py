@@ -30,7 +30,8 @@ from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedR
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome
 from skunkqueue.testing import BackendUnderTest, jobs
-from skunkqueue.testing.suite import make_record, wait_until
+from skunkqueue.testing.kit import closed_port
+from skunkqueue.testing.suite_support import make_record, status_counts, wait_until
 from skunkqueue.testing.workers import PoolProcess
 from skunkqueue_mongo.persistence import MongoPersistence
 
@@ -119,7 +120,7 @@ def test_cli_takes_everything_from_url_and_db(mongo_auth: Any, opened: Any, queu
     base = ["-q", queue_name, "--backend", "mongodb", "--url", url, "--db", DB]
     status = runner.invoke(cli_main, ["status", *base])
     assert status.exit_code == 0, status.output
-    assert "pending" in status.output and " 2" in status.output
+    assert status_counts(status.output) == {("r", PENDING): 2}
     wrong = runner.invoke(cli_main, ["status", "-q", queue_name, "--backend", "mongodb",
                                      "--url", mongo_auth.user_url(mongo_auth.user, "Wr0ng-pw"), "--db", DB])
     assert wrong.exit_code != 0 and "Wr0ng-pw" not in wrong.output and "Traceback" not in wrong.output
@@ -127,7 +128,7 @@ def test_cli_takes_everything_from_url_and_db(mongo_auth: Any, opened: Any, queu
 
 def test_unreachable_server_fails_fast_naming_the_redacted_address(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    port = _unused_port()
+    port = closed_port()
     started = time.monotonic()
     with pytest.raises(BackendUnavailable) as info:
         MongoPersistence("q", url=f"127.0.0.1:{port}", db=DB)
@@ -148,14 +149,6 @@ def test_malformed_uri_is_a_configuration_error_without_the_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         MongoPersistence("q", url="mongodb://app:hunter2secret@127.0.0.1:notaport/", db=DB)
     assert "hunter2secret" not in str(info.value) and "app:***@" in str(info.value)
-
-
-def _unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # == Indexes and expiry =================================================================
@@ -362,15 +355,24 @@ def test_change_stream_ignores_other_queues_routes_and_targets(mongo_replset: An
     elsewhere = opened("another-queue", mongo_replset.url)
     same = opened(queue_name, mongo_replset.url)
 
+    written: list[float] = []
+
     def noise() -> None:
         elsewhere.enqueue([make_record("another-queue")])
         same.enqueue([make_record(queue_name, "other-route"), make_record(queue_name, target="not-me")])
+        written.append(time.monotonic())
 
     timer = threading.Timer(0.2, noise)
     started = time.monotonic()
     timer.start()
     waiter.wait_for_work(["r"], "w", 1.0)
-    assert 0.95 < time.monotonic() - started < 1.5
+    returned = time.monotonic()
+    timer.join(5)
+    assert 0.95 < returned - started < 1.5
+    # The noise really landed while the waiter waited: else the test proves nothing.
+    assert written and written[0] < returned
+    assert len(elsewhere.claim("r", "x", 10)) == 1 and len(same.claim("other-route", "x", 10)) == 1
+    assert waiter.claim("r", "w", 10) == [] and len(same.claim("r", "not-me", 10)) == 1
 
 
 def test_waiter_wakes_when_a_scheduled_record_falls_due(mongo: Any, opened: Any, queue_name: str) -> None:

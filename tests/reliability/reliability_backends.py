@@ -16,7 +16,6 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import signal
-import socket
 import sqlite3
 import time
 import uuid
@@ -26,7 +25,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
 
-from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.kit import BackendUnderTest, closed_port
 
 BACKENDS = ["sqlite", "redis", "mongodb", "fdb"]
 DISTRIBUTIONS = {"sqlite": "skunkqueue", "redis": "skunkqueue-redis", "mongodb": "skunkqueue-mongo",
@@ -65,13 +64,6 @@ class Target:
     restartable: Callable[[Path], ContextManager[tuple[BackendUnderTest, Server]]] | None = None
     secured: Callable[[Path], ContextManager[list[Secured]]] | None = None
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound and released, so nothing else had it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_distribution(key: str) -> None:

@@ -34,6 +34,18 @@ def make_record(queue: str, route: str = "r", *, due: float | None = None, targe
                      due=now if due is None else due, created=now, target=target, retries=retries)
 
 
+def status_counts(output: str) -> dict[tuple[str, str], int]:
+    """``skunq status``'s table read back as {(route, state): jobs}; a line that is not a row fails the test."""
+    lines = output.strip().splitlines()
+    assert lines and lines[0].split() == ["route", "state", "jobs"], f"no status table in {output!r}"
+    counts = {}
+    for line in lines[1:]:
+        route, state, jobs = line.rsplit(None, 2)
+        assert jobs.isdigit(), f"not a status row: {line!r}"
+        counts[(route.strip(), state)] = int(jobs)
+    return counts
+
+
 def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
     """The kit's job ``job`` declared on this test's queue and route."""
     return queue.event(routes=[route], **options)(job.func)
