@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import get_args
+
 import pytest
 
 from skunkqueue import policy
-from skunkqueue.record import ERROR
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, STATES, State
 from skunkqueue.urls import redact, scrub
 
 
@@ -40,3 +43,19 @@ def test_redact_and_scrub_agree_on_an_ordinary_address() -> None:
     url = "redis://alice:hunter2@cache.example:6380/0"
     assert redact(url) == "redis://alice:***@cache.example:6380/0"
     assert scrub(f"error talking to {url}", url) == f"error talking to {redact(url)}"
+
+
+def test_a_misspelt_state_is_a_type_error(tmp_path: Path) -> None:
+    """States are a Literal type: mypy refuses a record or outcome in a state that does not exist."""
+    from mypy import api
+
+    snippet = tmp_path / "states.py"
+    snippet.write_text("from skunkqueue.record import PENDING, Outcome\n"
+                       "good = Outcome(PENDING)\n"
+                       "bad = Outcome('pendng')\n")
+    out, _, status = api.run([str(snippet), "--no-incremental", "--cache-dir", str(tmp_path / ".mypy_cache")])
+    assert status == 1 and "states.py:3: error" in out and "states.py:2" not in out, out
+
+
+def test_the_state_constants_are_the_literal_types_values() -> None:
+    assert STATES == get_args(State) == (PENDING, RUNNING, COMPLETE, ERROR, KILLED)
