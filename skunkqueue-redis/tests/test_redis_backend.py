@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ from skunkqueue import housekeeping, policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, JobRecord, Outcome, WorkerInfo, new_id
 from skunkqueue.testing import BackendUnderTest
 from skunkqueue_redis.connection import parse_conn_url
 from skunkqueue_redis.persistence import RedisPersistence
@@ -219,31 +218,6 @@ def test_claim_is_fifo_with_limit_and_merges_broadcasts(store: RedisPersistence,
     while batch := store.claim("r", "w1", 10, limit=4):
         order += [r.id for r in batch]
     assert order == [j.id for j in jobs]
-
-
-def _claim_all(url: str, queue: str, worker: str, out: Any) -> None:
-    with RedisPersistence(queue, url=url, db="5") as store:
-        mine = []
-        while batch := store.claim("r", worker, 30, limit=5):
-            mine += [r.id for r in batch]
-        out.put(mine)
-
-
-def test_concurrent_claiming_processes_get_each_record_once(store: RedisPersistence, url: str,
-                                                            queue_name: str) -> None:
-    jobs = [record(queue_name) for _ in range(2000)]
-    store.enqueue(jobs)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, queue_name, f"w{i}", out)) for i in range(4)]
-    for p in procs:
-        p.start()
-    taken = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-    everything = [job_id for ids in taken for job_id in ids]
-    assert len(everything) == len(set(everything)) == 2000
-    assert store.counts() == {("r", RUNNING): 2000}
 
 
 def test_undecodable_record_is_quarantined_not_returned(store: RedisPersistence, raw: redis.Redis,

@@ -37,6 +37,7 @@ from skunkqueue.record import (
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_async import AsyncSuite
+from skunkqueue.testing.suite_fields import FieldRulesSuite
 from skunkqueue.testing.suite_keys import KeysSuite
 from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
@@ -50,7 +51,8 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite, SummarySuite):
+class ConformanceSuite(SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite,
+                       SummarySuite):
     """Behavioural tests every SkunkQueue backend must pass."""
 
     @pytest.fixture
