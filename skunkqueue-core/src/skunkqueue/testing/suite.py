@@ -1,8 +1,10 @@
 """The conformance suite. Subclass :class:`ConformanceSuite` and provide ``backend``.
 
-The first half drives the Persistence protocol directly; the second half runs
-the job lifecycle end to end with real ``skunq work`` processes and real
-signals.
+:class:`ProtocolSuite` drives the Persistence protocol directly (in-process,
+any OS); :class:`LifecycleSuite` runs the job lifecycle end to end with real
+``skunq work`` processes and real signals (Linux). :class:`ConformanceSuite`
+is both plus the other parts (supervision, field rules, keys, periodic, async,
+names, summary); a backend may subclass the parts it wants instead.
 """
 
 from __future__ import annotations
@@ -51,9 +53,8 @@ __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
 SHORT_LEASE = 1.5
 
 
-class ConformanceSuite(SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite, AsyncSuite, NameSuite,
-                       SummarySuite):
-    """Behavioural tests every SkunkQueue backend must pass."""
+class KitFixtures:
+    """The fixtures every part of the kit uses; a backend's test class provides ``backend``."""
 
     @pytest.fixture
     def backend(self) -> BackendUnderTest:
@@ -100,6 +101,10 @@ class ConformanceSuite(SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSui
     def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
         """The kit's job ``job`` declared on this test's queue and route."""
         return declare(queue, job, route, **options)
+
+
+class ProtocolSuite(KitFixtures):
+    """The Persistence protocol, driven directly in this process: runs on any OS."""
 
     # == The Persistence protocol, driven directly ==================================
 
@@ -395,6 +400,10 @@ class ConformanceSuite(SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSui
                        ("s", minute): {"failed": 1}, ("r", minute - 1): {"killed": 1}}
         assert {(s.route, s.minute) for s in store.stats(minute)} == {("r", minute), ("s", minute)}
 
+
+class LifecycleSuite(KitFixtures):
+    """The job lifecycle end to end: real ``skunq work`` processes and POSIX signals (Linux)."""
+
     # == The job lifecycle, end to end, with real worker processes ====================
 
     def test_fire_runs_on_a_worker_and_stores_the_result(self, queue: SkunkQueue, start_pool: Any) -> None:
@@ -652,3 +661,8 @@ class ConformanceSuite(SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSui
         assert purged.exit_code == 0 and "Purged 1" in purged.output and queue.get(second.id) is None
         dead = runner.invoke(cli_main, ["dead", *base])
         assert dead.exit_code == 0 and "No dead-letter jobs" in dead.output
+
+
+class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
+                       AsyncSuite, NameSuite, SummarySuite):
+    """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""
