@@ -23,7 +23,7 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 
 import skunkqueue_mongo.persistence as mongo_persistence
-from skunkqueue import housekeeping, policy
+from skunkqueue import policy
 from skunkqueue.backends import open_backend
 from skunkqueue.cli import main as cli_main
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
@@ -31,6 +31,7 @@ from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome
 from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.kit import closed_port
+from skunkqueue.testing.suite_fields import KILL_ROUTES_BACK, kill_then_hand_back
 from skunkqueue.testing.suite_support import make_record, status_counts, wait_until
 from skunkqueue.testing.workers import PoolProcess
 from skunkqueue_mongo.persistence import MongoPersistence
@@ -478,36 +479,15 @@ def test_restart_mid_run_loses_no_acknowledged_enqueue(make_mongo: Callable[...,
 # == A kill request is never lost ===========================================================
 
 
-@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
-def test_a_killed_record_never_goes_back_to_pending(mongo_standalone: Any, opened: Any, queue_name: str,
-                                                    via: str) -> None:
+@pytest.mark.parametrize("via", KILL_ROUTES_BACK)
+def test_a_killed_record_expires_after_result_ttl(mongo_standalone: Any, opened: Any, queue_name: str,
+                                                  via: str) -> None:
+    """The kit checks the killed record's fields (kill_then_hand_back); here: its TTL index date."""
     store = opened(queue_name, mongo_standalone.url, result_ttl=300)
-    job, other = make_record(queue_name), make_record(queue_name)
-    store.enqueue([job])
-    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
-    assert store.request_kill(job.id)
-    error = {"type": "E", "message": "m", "traceback": ""}
-    if via == "finish":
-        assert store.finish(job.id, claimed.token, Outcome(PENDING, error=error, due=time.time(), attempts=0))
-    elif via == "finish_and_claim":
-        store.enqueue([other])
-        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()),
-                                                "r", "w", 10)
-        assert applied and [r.id for r in taken] == [other.id]
-    else:
-        time.sleep(0.4)
-        assert housekeeping.recover_expired_leases(store) == 1
-    final = store.get(job.id)
-    assert final is not None and final.state == KILLED, final
-    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
-    # An outcome's own attempts (a hand-back uncharges the claim) survive the kill.
-    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested, final.attempts) == (
-        False, None, None, None, False, 0 if via == "finish" else 1)
-    assert final.finished is not None and abs(final.finished - time.time()) < 5
-    expire_at = store.jobs.find_one({"_id": job.id})["expire_at"].replace(tzinfo=timezone.utc)
+    _, final = kill_then_hand_back(store, queue_name, via)
+    assert final.state == KILLED and final.finished is not None
+    expire_at = store.jobs.find_one({"_id": final.id})["expire_at"].replace(tzinfo=timezone.utc)
     assert abs(expire_at.timestamp() - (final.finished + 300)) < 0.01
-    assert store.claim("r", "w2", 10) == []
-    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
 
 
 # == The server's clock ====================================================================

@@ -18,12 +18,13 @@ import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 
-from skunkqueue import housekeeping, policy
+from skunkqueue import policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, JobRecord, Outcome, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, JobRecord, WorkerInfo, new_id
 from skunkqueue.testing import BackendUnderTest
+from skunkqueue.testing.suite_fields import KILL_ROUTES_BACK, kill_then_hand_back
 from skunkqueue_redis.connection import parse_conn_url
 from skunkqueue_redis.persistence import RedisPersistence
 
@@ -505,34 +506,13 @@ def test_a_skewed_worker_runs_a_delayed_job_on_time(url: str, queue_name: str, s
 # == a kill request is never lost ===================================================================
 
 
-@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
-def test_a_killed_record_never_goes_back_to_pending(store: RedisPersistence, raw: redis.Redis, queue_name: str,
-                                                    via: str) -> None:
-    job, other = record(queue_name), record(queue_name)
-    store.enqueue([job])
-    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
-    assert store.request_kill(job.id)
-    if via == "finish":
-        assert store.finish(job.id, claimed.token, Outcome(PENDING, error={"type": "E", "message": "m",
-                                                                             "traceback": ""}, due=time.time()))
-    elif via == "finish_and_claim":
-        store.enqueue([other])
-        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()), "r", "w", 10)
-        assert applied and [r.id for r in taken] == [other.id]
-    else:
-        time.sleep(0.4)
-        assert housekeeping.recover_expired_leases(store) == 1
-    final = store.get(job.id)
-    assert final is not None and final.state == KILLED, final
-    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
-    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested) == (
-        False, None, None, None, False)
-    assert final.finished is not None and abs(final.finished - time.time()) < 5
-    assert 0 < raw.pttl(store.keys.job(job.id)) <= store.result_ttl * 1000
-    assert store.claim("r", "w2", 10) == []
-    waited = store.wait_finished(job.id, 1)
-    assert waited is not None and waited.state == KILLED
-    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
+@pytest.mark.parametrize("via", KILL_ROUTES_BACK)
+def test_a_killed_record_expires_after_result_ttl(store: RedisPersistence, raw: redis.Redis, queue_name: str,
+                                                  via: str) -> None:
+    """The kit checks the killed record's fields (kill_then_hand_back); here: its key's expiry."""
+    _, final = kill_then_hand_back(store, queue_name, via)
+    assert final.state == KILLED
+    assert 0 < raw.pttl(store.keys.job(final.id)) <= store.result_ttl * 1000
 
 
 # == what the server keeps across a restart ==========================================================

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from skunkqueue import policy
+from skunkqueue import housekeeping, policy
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome
+from skunkqueue.record import ERROR, KILLED, KILLED_BY_REQUEST, PENDING, RUNNING, JobRecord, Outcome
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import make_record
 
@@ -59,6 +59,35 @@ def _claim_all(backend: BackendUnderTest, queue: str, worker: str, out: Any) -> 
         while batch := store.claim("r", worker, 30, limit=5):
             mine += [r.id for r in batch]
         out.put(mine)
+
+
+KILL_ROUTES_BACK = ["finish", "finish_and_claim", "lease_lost"]
+
+
+def kill_then_hand_back(store: Persistence, queue_name: str, via: str) -> tuple[JobRecord, JobRecord]:
+    """Claim a job, request its kill, then send it back towards pending ``via`` one of KILL_ROUTES_BACK.
+
+    Returns (the claimed record, the record as stored afterwards). Backends
+    check their own expiry bookkeeping on the result.
+    """
+    job, other = make_record(queue_name), make_record(queue_name)
+    store.enqueue([job])
+    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
+    assert store.request_kill(job.id)
+    if via == "finish":
+        error = {"type": "E", "message": "m", "traceback": ""}
+        assert store.finish(job.id, claimed.token, Outcome(PENDING, error=error, due=time.time(), attempts=0))
+    elif via == "finish_and_claim":
+        store.enqueue([other])
+        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()),
+                                                "r", "w", 10)
+        assert applied and [r.id for r in taken] == [other.id]
+    else:
+        time.sleep(0.4)
+        assert housekeeping.recover_expired_leases(store) == 1
+    final = store.get(job.id)
+    assert final is not None
+    return claimed, final
 
 
 class FieldRulesSuite:
@@ -124,3 +153,18 @@ class FieldRulesSuite:
         everything = [job_id for ids in taken for job_id in ids]
         assert len(everything) == len(set(everything)) == 600
         assert store.counts() == {("r", RUNNING): 600}
+
+    @pytest.mark.parametrize("via", KILL_ROUTES_BACK)
+    def test_a_killed_record_never_goes_back_to_pending(self, store: Persistence, queue_name: str,
+                                                        via: str) -> None:
+        claimed, final = kill_then_hand_back(store, queue_name, via)
+        assert final.state == KILLED, final
+        assert final.error == KILLED_BY_REQUEST
+        # An outcome's own attempts (a hand-back uncharges the claim) survive the kill.
+        assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested, final.attempts) == (
+            False, None, None, None, False, 0 if via == "finish" else 1)
+        assert final.finished is not None and abs(final.finished - time.time()) < 5
+        assert store.claim("r", "w2", 10) == []
+        waited = store.wait_finished(final.id, 1)
+        assert waited is not None and waited.state == KILLED
+        assert not store.finish(final.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
