@@ -14,7 +14,7 @@ import time
 import uuid
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import clockskew
 import pytest
@@ -36,27 +36,7 @@ from skunkqueue.testing.suite_support import make_record, status_counts, wait_un
 from skunkqueue.testing.workers import PoolProcess
 from skunkqueue_mongo.persistence import MongoPersistence
 
-DB = "skunkqueue_backend_tests"
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"mq-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def opened() -> Iterator[Callable[..., MongoPersistence]]:
-    """Open MongoPersistence instances that are closed after the test."""
-    instances: list[MongoPersistence] = []
-
-    def open_(queue: str, url: str, db: str | None = DB, **options: Any) -> MongoPersistence:
-        instance = MongoPersistence(queue, url=url, db=db, **options)
-        instances.append(instance)
-        return instance
-
-    yield open_
-    for instance in instances:
-        instance.close()
+DB = "skunkqueue_backend_tests"  # the `opened` fixture's (conftest.py)
 
 
 def logged_text(caplog: pytest.LogCaptureFixture) -> str:

@@ -11,11 +11,8 @@ import random
 import signal
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator
-
-import pytest
+from typing import Any, Callable
 
 from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable
@@ -24,28 +21,9 @@ from skunkqueue.record import JobRecord
 from skunkqueue.testing.suite import make_record, wait_until
 from skunkqueue_mongo.persistence import MongoPersistence
 
-DB = "skunkqueue_key_tests"
+DB = "skunkqueue_backend_tests"  # the `opened` fixture's (conftest.py)
 # Names that are field paths or operators elsewhere in MongoDB.
 HOSTILE = ["a.b", "$x", "é \x00 ü", "", '["r", "x"]', "{}"]
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"mk-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def opened() -> Iterator[Callable[..., MongoPersistence]]:
-    instances: list[MongoPersistence] = []
-
-    def open_(queue: str, url: str, **options: Any) -> MongoPersistence:
-        instance = MongoPersistence(queue, url=url, db=DB, **options)
-        instances.append(instance)
-        return instance
-
-    yield open_
-    for instance in instances:
-        instance.close()
 
 
 def keyed(queue: str, key: str | None) -> JobRecord:

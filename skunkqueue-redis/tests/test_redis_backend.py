@@ -22,9 +22,10 @@ from skunkqueue import policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, JobRecord, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, WorkerInfo
 from skunkqueue.testing import BackendUnderTest
 from skunkqueue.testing.suite_fields import KILL_ROUTES_BACK, kill_then_hand_back
+from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis.connection import parse_conn_url
 from skunkqueue_redis.persistence import RedisPersistence
 
@@ -32,22 +33,7 @@ SECRET = "s3cr3t-Pa55:w@rd"
 QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
 
 
-def record(queue: str, route: str = "r", **fields: Any) -> JobRecord:
-    now = time.time()
-    values: dict[str, Any] = {"func": "skunkqueue.testing.jobs:add", "payload": b"[[1,2],{}]", "due": now,
-                              "created": now}
-    values.update(fields)
-    return JobRecord(id=new_id(), queue=queue, route=route, **values)
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def url(redis_server: Any) -> str:
-    return f"127.0.0.1:{redis_server.port}"
+record = make_record
 
 
 @pytest.fixture
@@ -56,13 +42,6 @@ def store(url: str, queue_name: str) -> Iterator[RedisPersistence]:
     assert isinstance(backend, RedisPersistence)
     yield backend
     backend.close()
-
-
-@pytest.fixture
-def raw(redis_server: Any) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, db=5)
-    yield client
-    client.close()
 
 
 # == addresses ===============================================================================

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -22,7 +21,8 @@ from skunkqueue import policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.record import COMPLETE, JobRecord, new_id
+from skunkqueue.record import COMPLETE, JobRecord
+from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis.persistence import RedisPersistence
 
 # Names that look like the layout's own separators, escapes and Cluster hash tags.
@@ -30,28 +30,7 @@ HOSTILE = ["k:{1}", "}{", "{", "%3A", "a:b", "a%3Ab", "é \x00 ü", '["r", "x"]'
 
 
 def record(queue: str, key: str | None = None, route: str = "r", **fields: Any) -> JobRecord:
-    now = time.time()
-    values: dict[str, Any] = {"func": "skunkqueue.testing.jobs:add", "payload": b"[[1,2],{}]", "due": now,
-                              "created": now, "key": key}
-    values.update(fields)
-    return JobRecord(id=new_id(), queue=queue, route=route, **values)
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"k-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def url(redis_server: Any) -> str:
-    return f"127.0.0.1:{redis_server.port}"
-
-
-@pytest.fixture
-def raw(redis_server: Any) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, db=5)
-    yield client
-    client.close()
+    return make_record(queue, route, key=key, **fields)
 
 
 @contextmanager

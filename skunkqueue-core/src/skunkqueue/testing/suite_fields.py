@@ -70,7 +70,10 @@ def kill_then_hand_back(store: Persistence, queue_name: str, via: str) -> tuple[
     Returns (the claimed record, the record as stored afterwards). Backends
     check their own expiry bookkeeping on the result.
     """
-    job, other = make_record(queue_name), make_record(queue_name)
+    # Due a second ago: what is checked is the kill, not how exactly a store compares "due now"
+    # (MongoDB's $$NOW has millisecond precision, so a record due this instant can wait 1 ms).
+    due = time.time() - 1
+    job, other = make_record(queue_name, due=due), make_record(queue_name, due=due)
     store.enqueue([job])
     [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
     assert store.request_kill(job.id)

@@ -28,10 +28,11 @@ def started(marker: Path) -> bool:
 
 def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
                 func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
-                retries: int = 0) -> JobRecord:
+                retries: int = 0, **fields: Any) -> JobRecord:
+    """A pending record of the kit's ``add`` job, due now; ``fields`` set any other JobRecord field."""
     now = time.time()
     return JobRecord(id=new_id(), queue=queue, route=route, func=func, payload=payload,
-                     due=now if due is None else due, created=now, target=target, retries=retries)
+                     due=now if due is None else due, created=now, target=target, retries=retries, **fields)
 
 
 def status_counts(output: str) -> dict[tuple[str, str], int]:
