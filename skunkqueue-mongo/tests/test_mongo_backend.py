@@ -207,37 +207,6 @@ def test_retrying_a_dead_letter_clears_its_expiry(mongo: Any, opened: Any, queue
 
 # == Claims =============================================================================
 
-def test_concurrent_claimers_never_share_a_record(mongo: Any, opened: Any, queue_name: str) -> None:
-    store = opened(queue_name, mongo.url)
-    records = [make_record(queue_name) for _ in range(1000)]
-    store.enqueue(records)
-    taken: list[list[str]] = [[] for _ in range(4)]
-    errors: list[BaseException] = []
-
-    def claimer(slot: int) -> None:
-        try:
-            with MongoPersistence(queue_name, url=mongo.url, db=DB) as mine:
-                while True:
-                    got = mine.claim("r", f"w{slot}", 30, limit=1 + slot % 2 * 4)
-                    if not got:
-                        return
-                    assert all(r.owner == f"w{slot}" and r.token == 1 for r in got)
-                    taken[slot].extend(r.id for r in got)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors
-    everything = [job_id for slot in taken for job_id in slot]
-    assert len(everything) == len(set(everything)) == 1000
-    assert all(len(slot) > 0 for slot in taken), "every claimer should have won some records"
-    assert store.counts() == {("r", RUNNING): 1000}
-
-
 def test_fifo_by_due_then_creation_across_batches(mongo: Any, opened: Any, queue_name: str) -> None:
     store = opened(queue_name, mongo.url)
     now = time.time()

@@ -164,9 +164,11 @@ class ProtocolSuite(KitFixtures):
             try:
                 with backend.open(queue_name) as mine:
                     while True:
-                        got = mine.claim("r", f"w{slot}", 30, limit=3)
+                        # Batches of 1 and 5 at once: a batch claim must not take what a single one took.
+                        got = mine.claim("r", f"w{slot}", 30, limit=1 + slot % 2 * 4)
                         if not got:
                             return
+                        assert all(r.owner == f"w{slot}" and r.token == 1 for r in got)
                         taken[slot].extend(r.id for r in got)
             except BaseException as exc:
                 errors.append(exc)
@@ -179,6 +181,7 @@ class ProtocolSuite(KitFixtures):
         assert not errors
         everything = [job_id for slot in taken for job_id in slot]
         assert len(everything) == len(set(everything)) == 200
+        assert store.counts() == {("r", RUNNING): 200}
 
     def test_finish_is_fenced_by_token_and_state(self, store: Persistence, queue_name: str) -> None:
         record = make_record(queue_name)
