@@ -512,9 +512,14 @@ class MongoPersistence(Persistence):
         return claimed
 
     def claim_filter(self, route: str, worker_id: str) -> dict[str, Any]:
-        """Due by the server's clock; the estimate only bounds the index range."""
+        """Due by the server's clock; the estimate only bounds the index range.
+
+        ``$$NOW`` has whole milliseconds and ``due`` microseconds: a record due
+        within the server's current millisecond counts as due, or a job fired
+        "now" could not be claimed until the next millisecond.
+        """
         return {**self._claimable([route], worker_id), "due": {"$lte": self.now() + CLOCK_SLACK},
-                "$expr": {"$lte": ["$due", NOW]}}
+                "$expr": {"$lt": ["$due", {"$add": [NOW, 0.001]}]}}
 
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
         statuses: dict[str, str] = {}
