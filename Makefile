@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 ## Run the whole test suite; the tests start their own redis-server and mongod.
 test: $(STAMP) servers
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The fdb tests against a real FoundationDB 7.3 cluster, step by step in skunkqueue-fdb/README.md:
 ## install libfdb_c 7.3.x (foundationdb-clients), then
@@ -27,7 +27,7 @@ test: $(STAMP) servers
 ## Without that variable the real-cluster tests are collected and skipped, each saying why.
 test-fdb-real: $(STAMP)
 	@test -n "$$SKUNKQUEUE_FDB_CLUSTER_FILE" || echo "SKUNKQUEUE_FDB_CLUSTER_FILE is not set: the real-cluster tests are skipped."
-	$(BIN)/python -m pytest tests/fdb -k RealCluster -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest skunkqueue-fdb/tests -k RealCluster -rs $(PYTEST_ARGS)
 
 ## Make sure the server binaries the tests start are installed.
 servers:
@@ -46,7 +46,7 @@ bench-web: $(STAMP) servers
 	$(BIN)/python -m benchmarks.web_overview $(BENCH_ARGS)
 
 chaos: $(STAMP) servers
-	SKUNQ_CHAOS=long $(BIN)/python -m pytest tests -m chaos $(PYTEST_ARGS)
+	SKUNQ_CHAOS=long $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

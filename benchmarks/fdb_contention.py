@@ -1,6 +1,6 @@
 """FoundationDB claim contention: claims/s and conflict retries per job for 1, 4, 16, 32 claimers.
 
-Runs on the FoundationDB STAND-IN (tests/fdb/standin, not a real FoundationDB)
+Runs on the FoundationDB STAND-IN (tests/fdb_standin, not a real FoundationDB)
 with emulated per-request and per-commit latency, because no FoundationDB can
 be installed where this runs. What it measures is the backend's design under
 optimistic concurrency: how many claims conflict and are retried when N
@@ -23,16 +23,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-STANDIN_DIR = Path(__file__).resolve().parent.parent / "tests" / "fdb" / "standin"
 LABEL = "fdb stand-in (not a real FoundationDB)"
 
 
 def _activate_standin() -> Any:
-    loaded = sys.modules.get("fdb")
-    if loaded is not None and not getattr(loaded, "STANDIN", False):
-        raise RuntimeError("the real fdb bindings are already imported; run this in its own process")
-    if str(STANDIN_DIR) not in sys.path:
-        sys.path.insert(0, str(STANDIN_DIR))
+    from benchmarks.servers import fdb_servers
+
+    fdb_servers.activate_standin()
     from fdb.standin_faults import FAULTS
 
     return FAULTS
@@ -150,25 +147,22 @@ def run(claimers: list[int], seconds: float, request_ms: float, commit_ms: float
     # Claimer threads wake from their emulated latency at once; a short GIL switch
     # interval keeps them from queueing behind each other for 5 ms each (a harness cost).
     sys.setswitchinterval(0.0005)
-    work = Path(tempfile.mkdtemp(prefix="skunqbench-fdb-"))
-    server = subprocess.Popen([sys.executable, str(STANDIN_DIR / "standin_server.py")], stdout=subprocess.PIPE)
+    from benchmarks.servers import fdb_servers
+
+    cluster = fdb_servers.StandInCluster(Path(tempfile.mkdtemp(prefix="skunqbench-fdb-"))).start()
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        cluster_file = work / "fdb.cluster"
-        cluster_file.write_text(f"bench:{uuid.uuid4().hex[:8]}@127.0.0.1:{port}\n")
+        cluster_file = cluster.cluster_file
         latency = (request_ms / 1000, commit_ms / 1000)
         results = []
         for n in claimers:
-            result = measure(str(cluster_file), n, seconds, faults, latency, log)
-            result["ceiling_per_s"] = measure(str(cluster_file), n, seconds, faults, latency, log,
+            result = measure(cluster_file, n, seconds, faults, latency, log)
+            result["ceiling_per_s"] = measure(cluster_file, n, seconds, faults, latency, log,
                                               shared=False)["claims_per_s"]
             results.append(result)
-        idles = [measure_idle(str(cluster_file), n, 40, faults, latency, log) for n in (idle or [])]
+        idles = [measure_idle(cluster_file, n, 40, faults, latency, log) for n in (idle or [])]
         return results, idles
     finally:
-        server.terminate()
-        server.wait(10)
+        cluster.stop()
 
 
 def table(results: list[dict[str, float]], request_ms: float, commit_ms: float,

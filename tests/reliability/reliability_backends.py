@@ -2,8 +2,8 @@
 
 SQLite (embedded) always; Redis, MongoDB and the FoundationDB stand-in when
 their distribution is installed. Their servers are started with the helpers
-the backend's tests use (``tests/redis/servers.py``, ``tests/mongo/servers.py``,
-``tests/fdb/servers.py``), loaded by path under unique module names.
+the backend's tests use (``tests/redis_servers.py``, ``tests/mongo_servers.py``,
+``tests/fdb_servers.py``).
 
 A backend whose distribution is missing is skipped with a reason naming the
 distribution. When the distribution is installed, failing to start its server
@@ -16,7 +16,6 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import signal
-import socket
 import sqlite3
 import time
 import uuid
@@ -25,9 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
-from testsupport import load_helper
 
-from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.kit import BackendUnderTest, closed_port
 
 BACKENDS = ["sqlite", "redis", "mongodb", "fdb"]
 DISTRIBUTIONS = {"sqlite": "skunkqueue", "redis": "skunkqueue-redis", "mongodb": "skunkqueue-mongo",
@@ -66,13 +64,6 @@ class Target:
     restartable: Callable[[Path], ContextManager[tuple[BackendUnderTest, Server]]] | None = None
     secured: Callable[[Path], ContextManager[list[Secured]]] | None = None
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound and released, so nothing else had it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_distribution(key: str) -> None:
@@ -135,8 +126,8 @@ class _RedisRestartable(Server):
 
 @contextlib.contextmanager
 def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("redis")
     import redis
+    import redis_servers as servers
 
     server = servers.RedisServer(tmp_path_factory.mktemp("redis-rel")).start()
 
@@ -210,7 +201,7 @@ class _MongoRestartable(Server):
 
 @contextlib.contextmanager
 def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("mongo")
+    import mongo_servers as servers
     from pymongo import MongoClient
 
     db = "skunkqueue_reliability"
@@ -269,7 +260,7 @@ def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def _fdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    servers = load_helper("fdb")
+    import fdb_servers as servers
     work = tmp_path_factory.mktemp("fdb-rel")
     root = f"skunkqueue-reliability-{uuid.uuid4().hex[:8]}"
     real = servers.REAL_CLUSTER_FILE

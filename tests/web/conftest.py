@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from testsupport import load_helper
+import redis_servers
 
 from skunkqueue.testing.kit import free_port
 
 HERE = Path(__file__).resolve().parent
 SKUNQ = [sys.executable, "-m", "skunkqueue.cli"]
 CHROMIUM = "/usr/bin/chromium"
-
-redis_servers = load_helper("redis")
-
 
 @dataclass
 class Store:

@@ -6,6 +6,7 @@ cannot slow down or break the others.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,27 @@ def load(name: str) -> type[Persistence]:
     if not (isinstance(cls, type) and issubclass(cls, Persistence)):
         raise BackendNotFound(f"The {name!r} entry point ({ep.value}) is not a Persistence subclass.")
     return cls
+
+
+def seed_attribute(backend: str, name: str) -> Any:
+    """``name`` from the seed's ``skunkqueue.persistence.<backend>`` module, found through the entry point.
+
+    Core never imports a backend package by name: the shim modules ask here,
+    and the package is whatever the ``backend`` entry point lives in. The
+    seed's ``default_cfg`` comes from that package's top level (cheap: no
+    driver import); the entry point's own attribute (e.g. ``RedisPersistence``)
+    loads the class.
+    """
+    ep = _entry_points().get(backend)
+    if ep is None:
+        distribution = KNOWN_DISTRIBUTIONS.get(backend, f"a distribution registering {backend!r}")
+        raise ImportError(f"The {backend} backend is not installed: pip install {distribution}")
+    if name == ep.attr:
+        return load(backend)
+    package = importlib.import_module(ep.module.partition(".")[0])
+    if name == "default_cfg" and hasattr(package, name):
+        return package.default_cfg
+    raise AttributeError(f"module 'skunkqueue.persistence.{backend}' has no attribute {name!r}")
 
 
 def open_backend(queue: str, backend: str | None = None, *, url: str | None = None,

@@ -38,6 +38,16 @@ def failed(record: JobRecord, error: dict[str, str], *, retryable: bool = True) 
     return Outcome(ERROR, error=error, dead=True)
 
 
+def quarantined(why: str) -> Outcome:
+    """A stored record that does not decode: dead-lettered with a MalformedRecord error, never retried.
+
+    Backends keep the damaged data for inspection and take it out of every
+    route; this is what they record about it (the Redis scripts spell the same
+    error in common.lua, since a script cannot call Python).
+    """
+    return Outcome(ERROR, error={"type": "MalformedRecord", "message": why, "traceback": ""}, dead=True)
+
+
 def killed(reason: str) -> Outcome:
     return Outcome(KILLED, error={"type": "JobKilled", "message": reason, "traceback": ""})
 

@@ -14,19 +14,22 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Final, Literal, Mapping, get_args
 
 from skunkqueue.errors import MalformedRecord
 
-# The job states. These exact strings are part of the public API.
-PENDING = "pending"    # queued, or not yet due
-RUNNING = "running"    # claimed by a worker that holds a lease on it
-COMPLETE = "complete"  # the function returned; ``result`` holds its value
-ERROR = "error"        # the function raised (or could not run); ``error`` says why
-KILLED = "killed"      # interrupted, or killed before it ran; never run again
+# The job states. These exact strings are part of the public API; the type
+# lets mypy catch a misspelt state wherever a record or outcome is built.
+State = Literal["pending", "running", "complete", "error", "killed"]
+PENDING: Final = "pending"    # queued, or not yet due
+RUNNING: Final = "running"    # claimed by a worker that holds a lease on it
+COMPLETE: Final = "complete"  # the function returned; ``result`` holds its value
+ERROR: Final = "error"        # the function raised (or could not run); ``error`` says why
+KILLED: Final = "killed"      # interrupted, or killed before it ran; never run again
 
-STATES = (PENDING, RUNNING, COMPLETE, ERROR, KILLED)
-FINISHED_STATES = frozenset({COMPLETE, ERROR, KILLED})
+# Typed as plain strings: tables keyed by state (counts, summaries) are dict[str, int].
+STATES: tuple[str, ...] = get_args(State)
+FINISHED_STATES: frozenset[str] = frozenset({COMPLETE, ERROR, KILLED})
 
 # A job whose worker dies keeps being handed out again until it has been
 # started this many times, even with ``retries=0``: a crash must not lose work,
@@ -63,7 +66,7 @@ class JobRecord:
     func: str                       # "package.module:qualname"
     payload: bytes                  # the serialized (args, kwargs)
     serializer: str = "json"
-    state: str = PENDING
+    state: State = PENDING
     due: float = 0.0                # epoch seconds; never claimed before this
     created: float = 0.0
     target: str | None = None       # broadcast: the only worker id that may claim it
@@ -152,7 +155,7 @@ class Outcome:
     backends only apply the change, so every backend follows the same policy.
     """
 
-    state: str
+    state: State
     result: bytes | None = None
     error: dict[str, str] | None = None
     due: float | None = None        # for PENDING: when the job may run again

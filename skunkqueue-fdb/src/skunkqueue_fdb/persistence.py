@@ -66,6 +66,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import fdb
 import fdb.tuple
 
+from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -370,7 +371,7 @@ class FDBPersistence(Persistence):
         now = time.time()
         data = {"id": stored.id, "queue": self.queue, "route": route, "state": ERROR, "dead": True,
                 "finished": now, "_expire": now + self.result_ttl,
-                "error": {"type": "MalformedRecord", "message": why, "traceback": ""},
+                "error": policy.quarantined(why).error,
                 "_damaged": (stored.raw_meta or b"")[:2000].decode("utf-8", "replace")}
         tr[self._jobs.pack((stored.id, "meta"))] = json.dumps(data).encode()
         tr[self._expire.pack((data["_expire"], stored.id))] = b""

@@ -56,13 +56,11 @@ have stored some of them; it raises either way.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
-from urllib.parse import unquote
 
 from bson.timestamp import Timestamp
 from pymongo import ASCENDING, MongoClient, ReturnDocument, UpdateOne
@@ -81,11 +79,12 @@ from pymongo.errors import (
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
+from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
-from skunkqueue.urls import redact
+from skunkqueue.urls import redact, scrub
 
 log = logging.getLogger("skunkqueue.mongodb")
 
@@ -143,7 +142,6 @@ NOW = {"$divide": [{"$toLong": "$$NOW"}, 1000]}
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
 _indexed_lock = threading.Lock()
 
-_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^:@/]*:(?P<password>[^@/]*)@", re.I)
 
 T = TypeVar("T")
 
@@ -211,8 +209,6 @@ class MongoPersistence(Persistence):
         super().__init__(queue, url=url, db=db, **options)
         self.conn_url = url or DEFAULT_URL
         self.address = redact(self.conn_url)
-        match = _PASSWORD.match(self.conn_url)
-        self._secrets = {s for s in (match and match["password"], match and unquote(match["password"])) if s}
         query = self.conn_url.partition("?")[2].lower()
         defaults: dict[str, Any] = {k: v for k, v in {**TIMEOUTS_MS, "appname": "skunkqueue"}.items()
                                     if k.lower() + "=" not in query}
@@ -268,9 +264,7 @@ class MongoPersistence(Persistence):
     # -- plumbing ------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException | str) -> str:
-        text = str(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        text = scrub(str(exc), self.conn_url)
         # Server-selection errors append the whole topology description.
         return text.split(", Timeout:")[0][:300]
 
@@ -348,7 +342,7 @@ class MongoPersistence(Persistence):
 
     def _quarantine(self, job_id: Any, why: str, only_if: Mapping[str, Any] | None = None) -> None:
         # Keep the damaged document for inspection but take it out of every route.
-        error = {"type": "MalformedRecord", "message": why, "traceback": ""}
+        error = policy.quarantined(why).error
         self._call("quarantine", lambda: self.jobs.update_one(
             {"_id": job_id, **(only_if or {})},
             [{"$set": {"state": ERROR, "dead": True, "error": _lit(error), "owner": None, "lease_until": None,
@@ -518,9 +512,14 @@ class MongoPersistence(Persistence):
         return claimed
 
     def claim_filter(self, route: str, worker_id: str) -> dict[str, Any]:
-        """Due by the server's clock; the estimate only bounds the index range."""
+        """Due by the server's clock; the estimate only bounds the index range.
+
+        ``$$NOW`` has whole milliseconds and ``due`` microseconds: a record due
+        within the server's current millisecond counts as due, or a job fired
+        "now" could not be claimed until the next millisecond.
+        """
         return {**self._claimable([route], worker_id), "due": {"$lte": self.now() + CLOCK_SLACK},
-                "$expr": {"$lte": ["$due", NOW]}}
+                "$expr": {"$lt": ["$due", {"$add": [NOW, 0.001]}]}}
 
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
         statuses: dict[str, str] = {}

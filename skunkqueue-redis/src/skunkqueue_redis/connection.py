@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError
-from skunkqueue.urls import redact
+from skunkqueue.urls import redact, scrub
 
 log = logging.getLogger("skunkqueue.redis")
 
@@ -105,16 +105,6 @@ def _parse(url: str, where: str) -> dict[str, Any]:
         if isinstance(kwargs.get(name), str):
             kwargs[name] = unquote(kwargs[name])
     return kwargs
-
-
-def scrub(text: str, url: str | None) -> str:
-    """Remove anything password-like of ``url`` from an error text."""
-    if url and "@" in url:
-        userinfo = url.split("://", 1)[-1].rpartition("@")[0]
-        password = userinfo.partition(":")[2]
-        for secret in {password, unquote(password)} - {""}:
-            text = text.replace(secret, "***")
-    return text
 
 
 class _LoggingBackoff(ExponentialBackoff):

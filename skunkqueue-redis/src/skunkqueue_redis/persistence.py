@@ -599,21 +599,13 @@ class RedisPersistence(Persistence):
         self.client.blpop(keys, timeout=timeout)
 
     @guarded
-    def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:
+        # finish pushes a token onto the job's done list: block on it instead of polling.
         done = self.keys.done(job_id)
-        while True:
-            record = self.get(job_id)
-            if record is None or record.finished_state:
-                return record
-            block = MAX_BLOCK
-            if deadline is not None:
-                block = min(block, deadline - time.monotonic())
-                if block <= 0:
-                    return record
-            # BLMOVE onto the same list leaves the token for every other waiter.
-            # Redis takes a fractional timeout; redis-py's stub says int.
-            self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")  # type: ignore[arg-type]
+        block = MAX_BLOCK if left is None else min(MAX_BLOCK, left)
+        # BLMOVE onto the same list leaves the token for every other waiter.
+        # Redis takes a fractional timeout; redis-py's stub says int.
+        self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.client.close()

@@ -398,22 +398,30 @@ class Persistence(ABC):
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Block until the record is finished or ``timeout`` passes; return it.
 
-        The default polls :meth:`get` with a back-off from 1 ms to 100 ms.
+        Looks with :meth:`get` and, between looks, waits in
+        :meth:`_wait_for_finish` (a store that can be woken overrides only that).
         Returns the last record seen (possibly unfinished) or None if missing.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.001
+        rounds = 0
         while True:
             record = self.get(job_id)
             if record is None or record.finished_state:
                 return record
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return record
-                pause = min(pause, left)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return record
+            self._wait_for_finish(job_id, left, rounds)
+            rounds += 1
+
+    def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:
+        """Pause between two looks at an unfinished record; ``left``: seconds until the caller's deadline.
+
+        The default polls with a back-off from 1 ms to 100 ms (``rounds``: the
+        pauses so far). It may return early: the record is looked at again.
+        """
+        pause = 0.001 * 2 ** min(rounds, 7)
+        time.sleep(min(pause, 0.1) if left is None else min(pause, 0.1, left))
 
     # -- asyncio (override with the store's native async client where it has one) ---
 

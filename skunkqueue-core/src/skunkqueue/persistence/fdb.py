@@ -1,15 +1,16 @@
 """The seed's import path: ``from skunkqueue.persistence.fdb import default_cfg``.
 
-The backend itself ships in the ``skunkqueue-fdb`` distribution.
+The backend ships in the ``skunkqueue-fdb`` distribution. Core does not import it by
+name: attributes are looked up through the ``skunkqueue.backends`` entry point
+``fdb`` when first asked for, so this module imports nothing of the backend.
 """
 
 from __future__ import annotations
 
-try:
-    from skunkqueue_fdb import default_cfg
-except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        "The fdb backend is not installed: pip install skunkqueue-fdb"
-    ) from exc
+from typing import Any
 
-__all__ = ["default_cfg"]
+
+def __getattr__(name: str) -> Any:
+    from skunkqueue.backends import seed_attribute
+
+    return seed_attribute("fdb", name)

@@ -1,15 +1,16 @@
 """The seed's import path: ``from skunkqueue.persistence.mongodb import default_cfg``.
 
-The backend itself ships in the ``skunkqueue-mongo`` distribution.
+The backend ships in the ``skunkqueue-mongo`` distribution. Core does not import it by
+name: attributes are looked up through the ``skunkqueue.backends`` entry point
+``mongodb`` when first asked for, so this module imports nothing of the backend.
 """
 
 from __future__ import annotations
 
-try:
-    from skunkqueue_mongo import default_cfg
-except ImportError as exc:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        "The mongodb backend is not installed: pip install skunkqueue-mongo"
-    ) from exc
+from typing import Any
 
-__all__ = ["default_cfg"]
+
+def __getattr__(name: str) -> Any:
+    from skunkqueue.backends import seed_attribute
+
+    return seed_attribute("mongodb", name)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
@@ -181,7 +182,7 @@ class SQLitePersistence(Persistence):
 
     def _quarantine(self, conn: sqlite3.Connection, job_id: str, why: str) -> None:
         # Keep the damaged row for inspection but take it out of every route.
-        error = {"type": "MalformedRecord", "message": why, "traceback": ""}
+        error = policy.quarantined(why).error
         conn.execute(
             "UPDATE jobs SET state=?, record=json_set(CASE WHEN json_valid(record) THEN record "
             "ELSE '{}' END, '$.error', json(?), '$.dead', json('true')), expire_at=? WHERE id=?",

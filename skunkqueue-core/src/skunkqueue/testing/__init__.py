@@ -11,6 +11,15 @@ A backend's tests subclass :class:`ConformanceSuite` and provide one fixture,
         def backend(self, my_server):
             return BackendUnderTest(name="mystore", url=my_server.url)
 
+The kit is in parts, each usable alone with the same fixture:
+:class:`ProtocolSuite` (the Persistence protocol in-process, any OS),
+:class:`LifecycleSuite` (real worker processes and signals, Linux), and the
+mixins in ``suite_supervision``, ``suite_fields``, ``suite_keys``,
+``suite_periodic``, ``suite_async``, ``suite_names`` and ``suite_summary``.
+Optional features are skipped, saying why, unless the backend class
+declares them (``supports_keys``, ``supports_settings``, ``keeps_stats``,
+``notifies``, ``max_payload``).
+
 Every test uses a fresh queue name, so one server can serve the whole run.
 The kit starts real ``skunq work`` processes against the backend, so the
 backend must be installed (its entry point registered) in the environment
@@ -20,6 +29,6 @@ that runs the tests.
 from __future__ import annotations
 
 from skunkqueue.testing.kit import BackendUnderTest
-from skunkqueue.testing.suite import ConformanceSuite
+from skunkqueue.testing.suite import ConformanceSuite, LifecycleSuite, ProtocolSuite
 
-__all__ = ["BackendUnderTest", "ConformanceSuite"]
+__all__ = ["BackendUnderTest", "ConformanceSuite", "LifecycleSuite", "ProtocolSuite"]

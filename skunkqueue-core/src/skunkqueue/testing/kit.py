@@ -51,6 +51,18 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def closed_port() -> int:
+    """A loopback port nobody listens on, for "cannot reach the store" tests.
+
+    The system hands out a port and the socket is closed at once, so nothing
+    else was using it; unlike :func:`free_port` it is not kept out of the
+    range test servers pick from, so use it only to be refused.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def append_line(path: str, line: str) -> None:
     """Append one line to a file outside the queue, where tests count executions.
 

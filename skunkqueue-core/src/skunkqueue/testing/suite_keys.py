@@ -3,21 +3,92 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from skunkqueue import policy
+from skunkqueue.errors import BackendUnavailable
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, PENDING
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
-from skunkqueue.testing.suite_support import declare, make_record
+from skunkqueue.testing.suite_support import declare, make_record, wait_until
+
+
+@dataclass
+class RestartRun:
+    """What :func:`keys_through_a_restart` saw: enqueue calls that returned, refused, and the slowest one."""
+
+    calls: int
+    refused: int
+    slowest: float
+
+
+def keys_through_a_restart(open_store: Callable[[], Persistence], restart: Callable[[], None],
+                           calls_each_side: int = 50) -> RestartRun:
+    """Three producers enqueue keyed batches while ``restart`` kills and restarts the server.
+
+    Afterwards every key is held by exactly one stored record, and that is the
+    record every caller was told held it. ``open_store`` opens the queue (it
+    is called from several threads); the caller checks from the returned run
+    that the restart was felt (calls refused, or slow).
+    """
+    keys = [f"order-{i}" for i in range(200)]
+    told: dict[str, set[str]] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    run = RestartRun(0, 0, 0.0)
+
+    def produce(seed: int) -> None:
+        rng = random.Random(seed)
+        with open_store() as store:
+            while not stop.is_set():
+                batch = [make_record(store.queue, key=rng.choice(keys)) for _ in range(5)]
+                started = time.monotonic()
+                try:
+                    holders = store.enqueue_keyed(batch)
+                except BackendUnavailable:
+                    with lock:
+                        run.refused += 1
+                    time.sleep(0.05)
+                    continue
+                with lock:
+                    run.slowest = max(run.slowest, time.monotonic() - started)
+                    run.calls += 1
+                    for record, holder in zip(batch, holders):
+                        told.setdefault(record.key or "", set()).add(holder)
+
+    producers = [threading.Thread(target=produce, args=(seed,)) for seed in range(3)]
+    for producer in producers:
+        producer.start()
+    try:
+        wait_until(lambda: run.calls >= calls_each_side, timeout=60, what="keyed enqueues before the restart")
+        restart()
+        after = run.calls
+        wait_until(lambda: run.calls >= after + calls_each_side, timeout=60,
+                   what="keyed enqueues after the restart")
+    finally:
+        stop.set()
+        for producer in producers:
+            producer.join(60)
+    with open_store() as store:
+        stored: dict[str, list[str]] = {}
+        for record in store.list_jobs(limit=10**6):
+            stored.setdefault(record.key or "", []).append(record.id)
+    twice = {k: ids for k, ids in stored.items() if len(ids) > 1}
+    assert not twice, f"keys held by more than one record: {twice}"
+    changed = {k: ids for k, ids in told.items() if ids != set(stored.get(k, []))}
+    assert not changed, f"callers were told of holders that are not the stored record: {changed}"
+    return run
 
 
 def _needs_keys(store: Persistence) -> None:

@@ -28,10 +28,23 @@ def started(marker: Path) -> bool:
 
 def make_record(queue: str, route: str = "r", *, due: float | None = None, target: str | None = None,
                 func: str = "skunkqueue.testing.jobs:add", payload: bytes = b"[[1,2],{}]",
-                retries: int = 0) -> JobRecord:
+                retries: int = 0, **fields: Any) -> JobRecord:
+    """A pending record of the kit's ``add`` job, due now; ``fields`` set any other JobRecord field."""
     now = time.time()
     return JobRecord(id=new_id(), queue=queue, route=route, func=func, payload=payload,
-                     due=now if due is None else due, created=now, target=target, retries=retries)
+                     due=now if due is None else due, created=now, target=target, retries=retries, **fields)
+
+
+def status_counts(output: str) -> dict[tuple[str, str], int]:
+    """``skunq status``'s table read back as {(route, state): jobs}; a line that is not a row fails the test."""
+    lines = output.strip().splitlines()
+    assert lines and lines[0].split() == ["route", "state", "jobs"], f"no status table in {output!r}"
+    counts = {}
+    for line in lines[1:]:
+        route, state, jobs = line.rsplit(None, 2)
+        assert jobs.isdigit(), f"not a status row: {line!r}"
+        counts[(route.strip(), state)] = int(jobs)
+    return counts
 
 
 def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:

@@ -169,7 +169,7 @@ def _completed(result: bytes) -> Any:
 class TestFDBStandInBackend(FDBBackendChecks):
     @pytest.fixture
     def backend(self, standin_cluster: Any, fdb_root: str) -> BackendUnderTest:
-        from skunkqueue_tests_fdb_servers import STANDIN_LABEL, standin_env  # type: ignore[import-not-found]
+        from fdb_servers import STANDIN_LABEL, standin_env
 
         return BackendUnderTest(name="fdb", url=standin_cluster.cluster_file, db=fdb_root, env=standin_env(),
                                 label=STANDIN_LABEL)

@@ -1,7 +1,7 @@
 """The shared conformance kit on the fdb backend.
 
 ``TestFDBStandInConformance`` runs it against the STAND-IN cluster
-(tests/fdb/standin), which is not FoundationDB. ``TestFDBRealClusterConformance``
+(tests/fdb_standin), which is not FoundationDB. ``TestFDBRealClusterConformance``
 runs the same tests, unchanged, against a real cluster when
 ``SKUNKQUEUE_FDB_CLUSTER_FILE`` is set (``make test-fdb-real``).
 """
@@ -11,12 +11,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
-
-servers = load_helper("fdb")
 
 
 def _backend(cluster_file: str, root: str, env: dict[str, str], label: str) -> BackendUnderTest:

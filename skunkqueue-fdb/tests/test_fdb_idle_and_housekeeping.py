@@ -11,15 +11,14 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
 from skunkqueue import policy
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord, new_id
 from skunkqueue.testing import BackendUnderTest
 
-servers = load_helper("fdb")
 pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
                                 reason="faults are injected into the stand-in only; this run uses a real cluster")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable, Iterator
 
 import pytest
-from testsupport import load_helper
+import redis
+import redis_servers as servers
 
-servers = load_helper("redis")
 RedisServer = servers.RedisServer
 
 
@@ -39,6 +40,24 @@ def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def url(redis_server: RedisServer) -> str:
+    return f"127.0.0.1:{redis_server.port}"
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain redis-py client on the database the backend tests use, to look under the backend."""
+    client = redis.Redis(port=redis_server.port, db=5)
+    yield client
+    client.close()
 
 
 @pytest.fixture

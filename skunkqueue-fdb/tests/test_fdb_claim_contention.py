@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import RUNNING, JobRecord, new_id
 from skunkqueue.testing import BackendUnderTest
 
-servers = load_helper("fdb")
 pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
                                 reason="latency and conflict counts are the stand-in's; this run uses a real cluster")
 ROOT = Path(__file__).resolve().parents[2]

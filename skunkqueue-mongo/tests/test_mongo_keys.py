@@ -7,45 +7,22 @@ concurrent writers and at a server killed mid-stream.
 
 from __future__ import annotations
 
-import random
 import signal
 import threading
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator
-
-import pytest
+from typing import Any, Callable
 
 from skunkqueue import policy
-from skunkqueue.errors import BackendUnavailable
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.record import JobRecord
-from skunkqueue.testing.suite import make_record, wait_until
+from skunkqueue.testing.suite import make_record
+from skunkqueue.testing.suite_keys import keys_through_a_restart
 from skunkqueue_mongo.persistence import MongoPersistence
 
-DB = "skunkqueue_key_tests"
+DB = "skunkqueue_backend_tests"  # the `opened` fixture's (conftest.py)
 # Names that are field paths or operators elsewhere in MongoDB.
 HOSTILE = ["a.b", "$x", "é \x00 ü", "", '["r", "x"]', "{}"]
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"mk-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def opened() -> Iterator[Callable[..., MongoPersistence]]:
-    instances: list[MongoPersistence] = []
-
-    def open_(queue: str, url: str, **options: Any) -> MongoPersistence:
-        instance = MongoPersistence(queue, url=url, db=DB, **options)
-        instances.append(instance)
-        return instance
-
-    yield open_
-    for instance in instances:
-        instance.close()
 
 
 def keyed(queue: str, key: str | None) -> JobRecord:
@@ -129,61 +106,15 @@ def test_one_key_twice_in_one_batch(mongo: Any, opened: Any, queue_name: str) ->
 
 def test_a_server_killed_mid_stream_keeps_one_record_per_key(make_mongo: Callable[..., Any]) -> None:
     server = make_mongo(replset=True)
-    queue = "keys-restart"
-    keys = [f"order-{i}" for i in range(200)]
-    told: dict[str, set[str]] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-    calls, refused, slowest = [0], [0], [0.0]
 
-    def produce(seed: int) -> None:
-        rng = random.Random(seed)
-        store = MongoPersistence(queue, url=server.url, db=DB)
-        try:
-            while not stop.is_set():
-                batch = [keyed(queue, rng.choice(keys)) for _ in range(5)]
-                started = time.monotonic()
-                try:
-                    holders = store.enqueue_keyed(batch)
-                except BackendUnavailable:
-                    refused[0] += 1
-                    time.sleep(0.05)
-                    continue
-                with lock:
-                    slowest[0] = max(slowest[0], time.monotonic() - started)
-                    calls[0] += 1
-                    for record, holder in zip(batch, holders):
-                        told.setdefault(record.key or "", set()).add(holder)
-        finally:
-            store.close()
-
-    producers = [threading.Thread(target=produce, args=(seed,)) for seed in range(3)]
-    for producer in producers:
-        producer.start()
-    try:
-        wait_until(lambda: calls[0] >= 50, timeout=60, what="keyed enqueues before the kill")
+    def restart() -> None:
         server.stop(sig=signal.SIGKILL)
         time.sleep(1.0)
         server.start()
-        after = calls[0]
-        wait_until(lambda: calls[0] >= after + 50, timeout=60, what="keyed enqueues after the restart")
-    finally:
-        stop.set()
-        for producer in producers:
-            producer.join(60)
+
+    run = keys_through_a_restart(lambda: MongoPersistence("keys-restart", url=server.url, db=DB), restart)
     # The kill was felt: a call either waited for the server or was refused.
-    assert refused[0] or slowest[0] > 0.5
-    store = MongoPersistence(queue, url=server.url, db=DB)
-    try:
-        stored: dict[str, list[str]] = {}
-        for doc in store.jobs.find({"queue": queue}, {"key": 1}):
-            stored.setdefault(doc.get("key") or "", []).append(doc["_id"])
-    finally:
-        store.close()
-    twice = {k: ids for k, ids in stored.items() if len(ids) > 1}
-    assert not twice, f"keys held by more than one record: {twice}"
-    changed = {k: ids for k, ids in told.items() if ids != set(stored.get(k, []))}
-    assert not changed, f"callers were told of holders that are not the stored record: {changed}"
+    assert run.refused or run.slowest > 0.5
 
 
 # == settings =======================================================================================

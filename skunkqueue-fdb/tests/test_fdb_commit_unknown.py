@@ -2,7 +2,7 @@
 
 A commit can apply and still fail with commit_unknown_result (1021), or time
 out during commit (1031) having applied or not; a read can fail as too old
-(1007). These are injected into the STAND-IN (tests/fdb/standin, not a real
+(1007). These are injected into the STAND-IN (tests/fdb_standin, not a real
 FoundationDB: faults cannot be injected into a real cluster from here, so this
 file is skipped when SKUNKQUEUE_FDB_CLUSTER_FILE is set). Each step must then
 apply exactly once and report what it did.
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
 from skunkqueue import policy
 from skunkqueue.persistence import LEASE_OK, Persistence
@@ -26,7 +26,6 @@ from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.suite import wait_until
 from skunkqueue.testing.workers import PoolProcess
 
-servers = load_helper("fdb")
 pytestmark = pytest.mark.skipif(bool(servers.REAL_CLUSTER_FILE),
                                 reason="faults are injected into the stand-in only; this run uses a real cluster")
 

@@ -42,6 +42,10 @@ class MongoServer:
     port: int = 0
     extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    cache_gb: float = 0.25
+    # A TTL monitor every second and configureFailPoint: what the tests watch and use. The
+    # benchmarks turn them off, so that they time the server as it is usually run.
+    test_hooks: bool = True
 
     @property
     def host(self) -> str:
@@ -70,12 +74,12 @@ class MongoServer:
         dbpath.mkdir(parents=True, exist_ok=True)
         args = [binary, "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", "--port", str(self.port),
                 "--nounixsocket", "--logpath", str(self.directory / "mongod.log"), "--logappend",
-                "--wiredTigerCacheSizeGB", "0.25",
-                # The TTL monitor runs every 60 s by default; the tests watch it delete.
-                "--setParameter", "ttlMonitorSleepSecs=1",
-                "--setParameter", "diagnosticDataCollectionEnabled=false",
-                # configureFailPoint: the tests make the server drop connections on cue.
-                "--setParameter", "enableTestCommands=1"]
+                "--wiredTigerCacheSizeGB", str(self.cache_gb),
+                "--setParameter", "diagnosticDataCollectionEnabled=false"]
+        if self.test_hooks:
+            # The TTL monitor runs every 60 s by default; the tests watch it delete.
+            # configureFailPoint: the tests make the server drop connections on cue.
+            args += ["--setParameter", "ttlMonitorSleepSecs=1", "--setParameter", "enableTestCommands=1"]
         if self.replset:
             args += ["--replSet", "rs0"]
         if self.auth:

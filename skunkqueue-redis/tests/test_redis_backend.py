@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -14,17 +13,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import clockskew
 import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
-from testsupport import load_helper
 
-from skunkqueue import housekeeping, policy
+from skunkqueue import policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo, new_id
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome, WorkerInfo
 from skunkqueue.testing import BackendUnderTest
+from skunkqueue.testing.suite_fields import KILL_ROUTES_BACK, kill_then_hand_back
+from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis.connection import parse_conn_url
 from skunkqueue_redis.persistence import RedisPersistence
 
@@ -32,22 +33,7 @@ SECRET = "s3cr3t-Pa55:w@rd"
 QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
 
 
-def record(queue: str, route: str = "r", **fields: Any) -> JobRecord:
-    now = time.time()
-    values: dict[str, Any] = {"func": "skunkqueue.testing.jobs:add", "payload": b"[[1,2],{}]", "due": now,
-                              "created": now}
-    values.update(fields)
-    return JobRecord(id=new_id(), queue=queue, route=route, **values)
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def url(redis_server: Any) -> str:
-    return f"127.0.0.1:{redis_server.port}"
+record = make_record
 
 
 @pytest.fixture
@@ -56,13 +42,6 @@ def store(url: str, queue_name: str) -> Iterator[RedisPersistence]:
     assert isinstance(backend, RedisPersistence)
     yield backend
     backend.close()
-
-
-@pytest.fixture
-def raw(redis_server: Any) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, db=5)
-    yield client
-    client.close()
 
 
 # == addresses ===============================================================================
@@ -219,31 +198,6 @@ def test_claim_is_fifo_with_limit_and_merges_broadcasts(store: RedisPersistence,
     while batch := store.claim("r", "w1", 10, limit=4):
         order += [r.id for r in batch]
     assert order == [j.id for j in jobs]
-
-
-def _claim_all(url: str, queue: str, worker: str, out: Any) -> None:
-    with RedisPersistence(queue, url=url, db="5") as store:
-        mine = []
-        while batch := store.claim("r", worker, 30, limit=5):
-            mine += [r.id for r in batch]
-        out.put(mine)
-
-
-def test_concurrent_claiming_processes_get_each_record_once(store: RedisPersistence, url: str,
-                                                            queue_name: str) -> None:
-    jobs = [record(queue_name) for _ in range(2000)]
-    store.enqueue(jobs)
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, queue_name, f"w{i}", out)) for i in range(4)]
-    for p in procs:
-        p.start()
-    taken = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-    everything = [job_id for ids in taken for job_id in ids]
-    assert len(everything) == len(set(everything)) == 2000
-    assert store.counts() == {("r", RUNNING): 2000}
 
 
 def test_undecodable_record_is_quarantined_not_returned(store: RedisPersistence, raw: redis.Redis,
@@ -508,9 +462,6 @@ def test_a_never_claimed_record_can_be_killed(store: RedisPersistence, queue_nam
 
 # == the store's clock ==========================================================================
 
-clockskew = load_helper("redis", "clockskew.py")
-
-
 @pytest.mark.parametrize("skew", clockskew.SKEWS)
 def test_protocol_times_come_from_the_store_clock(store: RedisPersistence, skew: float) -> None:
     clockskew.check_protocol_uses_the_store_clock(store, skew)
@@ -534,34 +485,13 @@ def test_a_skewed_worker_runs_a_delayed_job_on_time(url: str, queue_name: str, s
 # == a kill request is never lost ===================================================================
 
 
-@pytest.mark.parametrize("via", ["finish", "finish_and_claim", "lease_lost"])
-def test_a_killed_record_never_goes_back_to_pending(store: RedisPersistence, raw: redis.Redis, queue_name: str,
-                                                    via: str) -> None:
-    job, other = record(queue_name), record(queue_name)
-    store.enqueue([job])
-    [claimed] = store.claim("r", "w", 0.3 if via == "lease_lost" else 10)
-    assert store.request_kill(job.id)
-    if via == "finish":
-        assert store.finish(job.id, claimed.token, Outcome(PENDING, error={"type": "E", "message": "m",
-                                                                             "traceback": ""}, due=time.time()))
-    elif via == "finish_and_claim":
-        store.enqueue([other])
-        applied, taken = store.finish_and_claim(job.id, claimed.token, Outcome(PENDING, due=time.time()), "r", "w", 10)
-        assert applied and [r.id for r in taken] == [other.id]
-    else:
-        time.sleep(0.4)
-        assert housekeeping.recover_expired_leases(store) == 1
-    final = store.get(job.id)
-    assert final is not None and final.state == KILLED, final
-    assert final.error == {"type": "JobKilled", "message": "killed by request", "traceback": ""}
-    assert (final.dead, final.result, final.owner, final.lease_until, final.kill_requested) == (
-        False, None, None, None, False)
-    assert final.finished is not None and abs(final.finished - time.time()) < 5
-    assert 0 < raw.pttl(store.keys.job(job.id)) <= store.result_ttl * 1000
-    assert store.claim("r", "w2", 10) == []
-    waited = store.wait_finished(job.id, 1)
-    assert waited is not None and waited.state == KILLED
-    assert not store.finish(job.id, claimed.token + 1, Outcome(PENDING, due=time.time()))
+@pytest.mark.parametrize("via", KILL_ROUTES_BACK)
+def test_a_killed_record_expires_after_result_ttl(store: RedisPersistence, raw: redis.Redis, queue_name: str,
+                                                  via: str) -> None:
+    """The kit checks the killed record's fields (kill_then_hand_back); here: its key's expiry."""
+    _, final = kill_then_hand_back(store, queue_name, via)
+    assert final.state == KILLED
+    assert 0 < raw.pttl(store.keys.job(final.id)) <= store.result_ttl * 1000
 
 
 # == what the server keeps across a restart ==========================================================

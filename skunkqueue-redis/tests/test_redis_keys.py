@@ -7,10 +7,8 @@ break the layout, at concurrent writers and at a server killed mid-stream.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -20,9 +18,10 @@ import redis
 import skunkqueue_redis.persistence as redis_persistence
 from skunkqueue import policy
 from skunkqueue.backends import open_backend
-from skunkqueue.errors import BackendUnavailable
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.record import COMPLETE, JobRecord, new_id
+from skunkqueue.record import COMPLETE, JobRecord
+from skunkqueue.testing.suite_keys import keys_through_a_restart
+from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis.persistence import RedisPersistence
 
 # Names that look like the layout's own separators, escapes and Cluster hash tags.
@@ -30,28 +29,7 @@ HOSTILE = ["k:{1}", "}{", "{", "%3A", "a:b", "a%3Ab", "é \x00 ü", '["r", "x"]'
 
 
 def record(queue: str, key: str | None = None, route: str = "r", **fields: Any) -> JobRecord:
-    now = time.time()
-    values: dict[str, Any] = {"func": "skunkqueue.testing.jobs:add", "payload": b"[[1,2],{}]", "due": now,
-                              "created": now, "key": key}
-    values.update(fields)
-    return JobRecord(id=new_id(), queue=queue, route=route, **values)
-
-
-@pytest.fixture
-def queue_name() -> str:
-    return f"k-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def url(redis_server: Any) -> str:
-    return f"127.0.0.1:{redis_server.port}"
-
-
-@pytest.fixture
-def raw(redis_server: Any) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=redis_server.port, db=5)
-    yield client
-    client.close()
+    return make_record(queue, route, key=key, **fields)
 
 
 @contextmanager
@@ -171,55 +149,15 @@ def test_a_server_killed_mid_stream_keeps_one_record_per_key(start_redis: Any, q
     # appendfsync always: an acknowledged enqueue is on disk, so after kill -9 every key
     # whose holder was reported must still be held by that very record.
     server = start_redis(extra=["--appendonly", "yes", "--appendfsync", "always"])
-    server_url = f"127.0.0.1:{server.port}"
-    keys = [f"order-{i}" for i in range(200)]
-    told: dict[str, set[str]] = {}
-    lock = threading.Lock()
-    stop = threading.Event()
-    calls, refused = [0], [0]
 
-    def produce(seed: int) -> None:
-        rng = random.Random(seed)
-        with opened(server_url, queue_name, db="0") as store:
-            while not stop.is_set():
-                batch = [record(queue_name, rng.choice(keys)) for _ in range(5)]
-                try:
-                    holders = store.enqueue_keyed(batch)
-                except BackendUnavailable:
-                    refused[0] += 1
-                    time.sleep(0.05)
-                    continue
-                with lock:
-                    calls[0] += 1
-                    for r, holder in zip(batch, holders):
-                        told.setdefault(r.key or "", set()).add(holder)
-
-    producers = [threading.Thread(target=produce, args=(seed,)) for seed in range(3)]
-    for producer in producers:
-        producer.start()
-    try:
-        while calls[0] < 100:
-            time.sleep(0.01)
+    def restart() -> None:
         server.kill()  # SIGKILL, mid-stream
         time.sleep(3.0)  # longer than the backend's own retries, so some calls fail
         server.start()
-        before = calls[0]
-        deadline = time.monotonic() + 60
-        while calls[0] < before + 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        stop.set()
-        for producer in producers:
-            producer.join(30)
-    assert calls[0] >= 200 and refused[0] > 0, "the producers should have seen the server gone"
-    with opened(server_url, queue_name, db="0") as store:
-        stored: dict[str, list[str]] = {}
-        for r in store.list_jobs(limit=10**6):
-            stored.setdefault(r.key or "", []).append(r.id)
-    twice = {k: ids for k, ids in stored.items() if len(ids) > 1}
-    assert not twice, f"keys held by more than one record: {twice}"
-    changed = {k: ids for k, ids in told.items() if ids != set(stored.get(k, []))}
-    assert not changed, f"callers were told of holders that are not the stored record: {changed}"
+
+    run = keys_through_a_restart(lambda: open_backend(queue_name, "redis", url=f"127.0.0.1:{server.port}", db="0"),
+                                 restart, calls_each_side=100)
+    assert run.refused > 0, "the producers should have seen the server gone"
 
 
 # == settings =======================================================================================

@@ -408,7 +408,7 @@ def test_api_version_is_checked_against_the_client_library(standin_cluster: Any,
     import subprocess
     import sys
 
-    from skunkqueue_tests_fdb_servers import standin_env  # type: ignore[import-not-found]
+    from fdb_servers import standin_env
 
     code = ("import fdb\n"
             "try:\n"

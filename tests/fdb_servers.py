@@ -1,6 +1,6 @@
 """The FoundationDB STAND-IN server for tests (not a real FoundationDB), and how to point code at it.
 
-Used by this directory's tests and by tests/reliability (loaded by path). A
+Used by skunkqueue-fdb/tests, tests/reliability and the benchmarks. A
 real cluster is used instead when ``SKUNKQUEUE_FDB_CLUSTER_FILE`` is set.
 """
 
@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-STANDIN_DIR = Path(__file__).resolve().parent / "standin"
+STANDIN_DIR = Path(__file__).resolve().parent / "fdb_standin"
 REAL_CLUSTER_FILE = os.environ.get("SKUNKQUEUE_FDB_CLUSTER_FILE") or None
 STANDIN_LABEL = "fdb (stand-in, not a real FoundationDB)"
-NOTICE = ("FoundationDB backend tests run against a STAND-IN (tests/fdb/standin), not a real "
+NOTICE = ("FoundationDB backend tests run against a STAND-IN (tests/fdb_standin), not a real "
           "FoundationDB; set SKUNKQUEUE_FDB_CLUSTER_FILE to run them against a real cluster.")
 
 

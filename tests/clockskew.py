@@ -1,4 +1,4 @@
-"""Clock-skew checks shared by the Redis and MongoDB tests (tests/mongo loads this file by path).
+"""Clock-skew checks shared by the Redis and MongoDB tests (skunkqueue-redis/tests, skunkqueue-mongo/tests).
 
 A store with a clock decides what is due and when a lease ran out, so a host
 whose clock is off must neither run a delayed job early nor take over a lease

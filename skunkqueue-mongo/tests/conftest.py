@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import mongo_servers as servers
 import pytest
-from testsupport import load_helper
 
-servers = load_helper("mongo")
 MongoServer = servers.MongoServer
 
 AUTH_USER, AUTH_PASSWORD = "skunk", "s3cr3t-Pa55word"
+# The database every test module here uses (they say DB); queue names keep tests apart.
+TEST_DB = "skunkqueue_backend_tests"
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +39,28 @@ def mongo_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.user, server.password = AUTH_USER, AUTH_PASSWORD
     yield server
     server.stop()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"mq-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., Any]]:
+    """Open MongoPersistence instances (in the tests' own database) that are closed after the test."""
+    from skunkqueue_mongo.persistence import MongoPersistence
+
+    instances: list[MongoPersistence] = []
+
+    def open_(queue: str, url: str, db: str | None = TEST_DB, **options: Any) -> MongoPersistence:
+        instance = MongoPersistence(queue, url=url, db=db, **options)
+        instances.append(instance)
+        return instance
+
+    yield open_
+    for instance in instances:
+        instance.close()
 
 
 @pytest.fixture(params=["standalone", "replset"])

@@ -11,10 +11,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, Iterator
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
-servers = load_helper("fdb")
 if servers.REAL_CLUSTER_FILE is None:
     servers.activate_standin()
 

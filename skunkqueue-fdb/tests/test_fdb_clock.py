@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import fdb_servers as servers
 import pytest
-from testsupport import load_helper
 
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import WorkerInfo
 from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.workers import PoolProcess
-
-servers = load_helper("fdb")
 
 # Shifts time.time() in every process started with it on its PYTHONPATH.
 _SITECUSTOMIZE = '''\
