@@ -41,7 +41,7 @@ def round_trip(store: RedisPersistence) -> tuple[JobRecord, Any]:
         await store.aenqueue([job])
         got = await store.aget(job.id)
         assert got is not None
-        return got, store._side().client
+        return got, (await store._side()).client
 
     got, client = asyncio.run(go())
     assert got.id == job.id and got.state == PENDING
@@ -113,7 +113,7 @@ def test_each_event_loop_gets_its_own_client(redis_server: Any, queue_name: str)
     async def fire(n: int) -> None:
         for _ in range(n):
             await store.aenqueue([record(queue_name)])
-        clients.append(store._side().client)
+        clients.append((await store._side()).client)
 
     def in_thread() -> None:
         try:
@@ -138,7 +138,7 @@ def test_close_closes_the_client_of_a_live_loop(redis_server: Any, queue_name: s
 
     async def go() -> bool:
         await store.aenqueue([record(queue_name)])
-        pool = store._side().client.connection_pool
+        pool = (await store._side()).client.connection_pool
         connections = [*pool._available_connections, *pool._in_use_connections]
         assert connections and all(c.is_connected for c in connections)
         store.close()  # from inside the loop, as an app's shutdown hook would
@@ -146,6 +146,20 @@ def test_close_closes_the_client_of_a_live_loop(redis_server: Any, queue_name: s
         return not any(c.is_connected for c in connections)
 
     assert asyncio.run(go()), "the loop's connections stayed open after close()"
+
+
+def test_a_loop_that_ends_first_closes_its_client(redis_server: Any, queue_name: str) -> None:
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{redis_server.port}", db="4")
+    seen: list[Any] = []
+
+    async def go() -> None:
+        await store.aenqueue([record(queue_name)])
+        pool = (await store._side()).client.connection_pool
+        seen.extend([*pool._available_connections, *pool._in_use_connections])
+
+    asyncio.run(go())  # the queue is not closed: the loop's shutdown closes the client
+    assert seen and not any(c.is_connected for c in seen)
+    store.close()
 
 
 def test_cluster_enqueues_natively_and_large_batches_whole(redis_cluster: Any, queue_name: str) -> None:

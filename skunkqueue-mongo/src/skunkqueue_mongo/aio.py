@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
@@ -28,6 +28,24 @@ if TYPE_CHECKING:
     from pymongo.asynchronous.collection import AsyncCollection
 
 T = TypeVar("T")
+
+
+class _LoopSide:
+    """One event loop's client, closed when the loop shuts down (see skunkqueue_redis.aio._LoopSide)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def watch_loop_end(self) -> None:
+        # asyncio.run finalizes the async generators its loop tracks: this one closes the client.
+        self.guard = self._until_loop_ends()
+        await self.guard.__anext__()
+
+    async def _until_loop_ends(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.client.close()
 
 
 class NativeAsync(Persistence):
@@ -51,21 +69,21 @@ class NativeAsync(Persistence):
     def _set_clock(self, hello: Any, sent: float) -> tuple[float, float]:
         raise NotImplementedError
 
-    def _ajobs(self) -> AsyncCollection[dict[str, Any]]:
+    async def _ajobs(self) -> AsyncCollection[dict[str, Any]]:
         """This loop's ``jobs`` collection (its client is made on the loop's first call)."""
         import asyncio
 
         from pymongo import AsyncMongoClient
 
         loop = asyncio.get_running_loop()
-        clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncMongoClient[dict[str, Any]]] | None
-        clients = self.__dict__.get("_loop_clients")
-        if clients is None:
-            clients = self.__dict__["_loop_clients"] = weakref.WeakKeyDictionary()
-        client = clients.get(loop)
-        if client is None:
-            client = clients[loop] = AsyncMongoClient(self.conn_url, **self.client_options)
-        return client[self.jobs.database.name]["jobs"]
+        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide]
+        # setdefault: loops in two threads may make their first call at once (one dict, not two).
+        sides = self.__dict__.setdefault("_loop_sides", weakref.WeakKeyDictionary())
+        side = sides.get(loop)
+        if side is None:
+            side = sides[loop] = _LoopSide(AsyncMongoClient(self.conn_url, **self.client_options))
+            await side.watch_loop_end()
+        return side.client[self.jobs.database.name]["jobs"]
 
     async def _acall(self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
         """``_call`` for coroutines: same retry and the same errors."""
@@ -79,7 +97,7 @@ class NativeAsync(Persistence):
     async def _anow(self) -> float:
         """``now`` without blocking the loop: the kept estimate, renewed with an async ``hello`` when stale."""
         if not self._clock_is_fresh():
-            jobs = self._ajobs()
+            jobs = await self._ajobs()
             sent = time.monotonic()
             hello = await self._acall("clock", lambda: jobs.database.client.admin.command("hello"))
             self._set_clock(hello, sent)
@@ -105,7 +123,7 @@ class NativeAsync(Persistence):
         """Insert every document; return the positions of those refused because their key is held."""
         from skunkqueue_mongo.persistence import _refused_by_key
 
-        jobs = self._ajobs()
+        jobs = await self._ajobs()
         attempts = 0
 
         async def insert() -> list[int]:
@@ -125,7 +143,7 @@ class NativeAsync(Persistence):
         """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored."""
         from skunkqueue_mongo.persistence import KEY_ROUNDS, _holder_expired
 
-        jobs, key = self._ajobs(), doc["key"]
+        jobs, key = await self._ajobs(), doc["key"]
         for _ in range(KEY_ROUNDS):
             holder = await self._acall("find key holder", partial(
                 jobs.find_one, {"queue": self.queue, "key": key}, {"_id": 1, "expire_at": 1}))
@@ -149,17 +167,17 @@ class NativeAsync(Persistence):
     async def aget(self, job_id: str) -> JobRecord | None:
         from skunkqueue_mongo.persistence import _not_expired, _to_record
 
-        jobs, now = self._ajobs(), await self._anow()
+        jobs, now = await self._ajobs(), await self._anow()
         doc = await self._acall("get", partial(jobs.find_one, {"_id": job_id, "queue": self.queue,
                                                               **_not_expired(now)}))
         return None if doc is None else _to_record(doc)
 
     def close_async_clients(self) -> None:
         """Let each live loop close its client; a closed loop already took its sockets down."""
-        clients = self.__dict__.pop("_loop_clients", None)
-        for loop, client in list((clients or {}).items()):
+        sides = self.__dict__.pop("_loop_sides", None)
+        for loop, side in list((sides or {}).items()):
             if not loop.is_closed():
-                _close_on(loop, client.close)
+                _close_on(loop, side.guard.aclose)  # runs its finally: the client's close(), once
 
 
 def _close_on(loop: asyncio.AbstractEventLoop, aclose: Callable[[], Awaitable[Any]]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar, cast
 
 from redis.exceptions import AuthenticationError, ResponseError
 
@@ -53,6 +53,23 @@ class _LoopSide:
         self.cluster = owner.cluster
         self.script = _Scripts(self.client, owner.keys)  # same scripts; calling one returns a coroutine
 
+    async def watch_loop_end(self) -> None:
+        """Have the loop close this client when it shuts down.
+
+        ``asyncio.run`` (and anything calling ``loop.shutdown_asyncgens()``)
+        finalizes the async generators its loop tracks; this one, kept alive by
+        the side until then, closes the client in its ``finally``. Without it a
+        loop that ends before ``close()`` would leave its sockets to the GC.
+        """
+        self.guard = self._until_loop_ends()
+        await self.guard.__anext__()
+
+    async def _until_loop_ends(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.aclose()
+
     async def aclose(self) -> None:
         if self.cluster:
             await self.client.aclose()
@@ -75,17 +92,17 @@ class NativeAsync(Persistence):
     def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
         raise NotImplementedError  # RedisPersistence's: the sync and async enqueue send the same chunks
 
-    def _side(self) -> _LoopSide:
+    async def _side(self) -> _LoopSide:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide] | None
-        sides = self.__dict__.get("_loop_sides")
-        if sides is None:
-            sides = self.__dict__["_loop_sides"] = weakref.WeakKeyDictionary()
+        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide]
+        # setdefault: loops in two threads may make their first call at once (one dict, not two).
+        sides = self.__dict__.setdefault("_loop_sides", weakref.WeakKeyDictionary())
         side = sides.get(loop)
         if side is None:
             side = sides[loop] = _LoopSide(self)
+            await side.watch_loop_end()
         return side
 
     async def aenqueue(self, records: Sequence[JobRecord]) -> None:
@@ -101,7 +118,7 @@ class NativeAsync(Persistence):
             # asyncio cluster client does not hand out: batches this large take
             # the sync path on the thread (rare, and still off the loop).
             return await super().aenqueue_keyed(records)
-        side = self._side()
+        side = await self._side()
         k = self.keys
         ttl, now = num(self.result_ttl), num(time.time())
         if len(chunks) == 1:
@@ -128,7 +145,7 @@ class NativeAsync(Persistence):
     @aguarded
     async def aget(self, job_id: str) -> JobRecord | None:
         try:
-            flat = await self._side().client.hgetall(self.keys.job(job_id))
+            flat = await (await self._side()).client.hgetall(self.keys.job(job_id))
         except ResponseError as exc:  # WRONGTYPE: something else lives under the key
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
         return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
@@ -138,7 +155,7 @@ class NativeAsync(Persistence):
         sides = self.__dict__.pop("_loop_sides", None)
         for loop, side in list((sides or {}).items()):
             if not loop.is_closed():
-                _close_on(loop, side.aclose)
+                _close_on(loop, side.guard.aclose)  # runs its finally: aclose(), once
 
 
 def _close_on(loop: asyncio.AbstractEventLoop, aclose: Callable[[], Awaitable[Any]]) -> None:

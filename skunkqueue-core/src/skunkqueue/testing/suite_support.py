@@ -77,4 +77,6 @@ class Producer:
 
     def close(self) -> None:
         if self._loop is not None:
+            # As asyncio.run ends a loop: async generators first (native clients close there).
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
