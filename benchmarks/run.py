@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import fdb_contention, huey_bench, skunk
+from benchmarks import async_rows, fdb_contention, huey_bench, skunk
 from benchmarks.common import Result, Sizes
 from benchmarks.servers import MongoServer, RedisServer, Server
 from skunkqueue import backends as registry
@@ -35,6 +35,7 @@ ROWS = [
     ("startup_s", "worker start-up, launch->first result (s)", "{:.2f}", False),
     ("idle_rss_mb", "idle worker RSS (MB)", "{:.1f}", False),
     ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
+    *async_rows.ROWS,
 ]
 
 
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-fdb-contention", action="store_true",
                    help="skip the FoundationDB claim contention run (on the stand-in)")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
+    async_rows.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 target = skunk.Target("sqlite", url=str(workdir / "skunq.db"), logdir=workdir,
                                       prefetch=args.prefetch)
                 skunk.run(target, sizes, results[name], log)
+                async_rows.run(target, args, results[name], log)
                 if not args.no_huey and huey_bench.available():
                     results["huey-sqlite"] = Result("huey-sqlite")
                     huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),
@@ -251,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                     results[name].notes.append("mongod " + ("standalone" if args.mongo_standalone
                                                             else "one-member replica set (change streams)"))
                 skunk.run(target, sizes, results[name], log)
+                async_rows.run(target, args, results[name], log)
                 if name == "redis" and not args.no_huey and huey_bench.available():
                     server.flush()
                     results["huey-redis"] = Result("huey-redis")
                     huey_bench.run(huey_bench.HueyTarget("redis", server.url, workdir), sizes,
                                    results["huey-redis"], log)
+                    async_rows.run_huey(server.url, args, results["huey-redis"], workdir, log)
         for r in results.values():
             if "process_1w" in r.figures and "process_2w" in r.figures:
                 r.figures["scaling_2w"] = r.figures["process_2w"] / r.figures["process_1w"]

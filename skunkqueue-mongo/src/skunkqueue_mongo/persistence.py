@@ -85,6 +85,7 @@ from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact, scrub
+from skunkqueue_mongo.aio import NativeAsync
 
 log = logging.getLogger("skunkqueue.mongodb")
 
@@ -191,13 +192,54 @@ def _to_doc(record: JobRecord) -> dict[str, Any]:
     return doc
 
 
+def _shift_from(server_now: float) -> float:
+    moved = server_now - time.time()
+    return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
+
+
+def _docs(records: Sequence[JobRecord], moved: float) -> list[dict[str, Any]]:
+    """The records as documents, their times moved by ``moved`` seconds onto the server's clock."""
+    docs = [_to_doc(record) for record in records]
+    if moved:
+        for doc in docs:
+            for name in ("due", "created", "started", "finished", "lease_until"):
+                if isinstance(doc.get(name), (int, float)):
+                    doc[name] += moved
+    return docs
+
+
+def _refused_by_key(exc: BulkWriteError, attempts: int) -> list[int]:
+    """The positions an ``insert_many`` refused because their key is held; raises for any other failure."""
+    errors = exc.details.get("writeErrors", [])
+    held = [e for e in errors if _on_key_index(e)]
+    others = [e for e in errors if not _on_key_index(e)]
+    # A repeat of an interrupted insert finds the records that made
+    # it the first time: they are stored, which is what we wanted.
+    # (A keyed one that made it finds itself as its key's holder.)
+    repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in others)
+    if others and not repeated:
+        raise exc
+    concern = exc.details.get("writeConcernErrors")
+    if concern:
+        # Written, but not acknowledged as durable (the server is
+        # shutting down or stepping down): the same as a lost reply.
+        raise AutoReconnect(f"write concern failed: {concern[0].get('errmsg')}") from None
+    return sorted(e["index"] for e in held)
+
+
+def _holder_expired(holder: Mapping[str, Any], server_now: float) -> bool:
+    """Whether a key's holder is past its expiry, waiting for the TTL monitor (gone, as far as get() goes)."""
+    expire_at = holder.get("expire_at")
+    return isinstance(expire_at, datetime) and _aware(expire_at) <= _date(server_now)
+
+
 def _to_record(doc: Mapping[str, Any]) -> JobRecord:
     data = dict(doc)
     data["id"] = data.pop("_id", None)
     return JobRecord.from_dict(data)
 
 
-class MongoPersistence(Persistence):
+class MongoPersistence(NativeAsync, Persistence):
     name = "mongodb"
     # BSON documents are limited to 16 MiB; leave room for the record's other fields.
     max_payload = 15 * 1024 * 1024
@@ -215,8 +257,8 @@ class MongoPersistence(Persistence):
         try:
             # Retrying reads and writes is pymongo's default; say so, since the
             # reconnect story below relies on it.
-            self.client: MongoClient[dict[str, Any]] = MongoClient(
-                self.conn_url, retryWrites=True, retryReads=True, **defaults)
+            self.client_options: dict[str, Any] = {"retryWrites": True, "retryReads": True, **defaults}
+            self.client: MongoClient[dict[str, Any]] = MongoClient(self.conn_url, **self.client_options)
             database = self.client[db] if db else self.client.get_default_database(DEFAULT_DB)
         except (MongoConfigurationError, ValueError, TypeError) as exc:
             raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
@@ -249,17 +291,24 @@ class MongoPersistence(Persistence):
         if clock is None or time.monotonic() - clock[1] > CLOCK_SYNC_EVERY:
             sent = time.monotonic()
             hello = self._call("clock", lambda: self.client.admin.command("hello"))
-            received = time.monotonic()
-            server = hello["localTime"]
-            if server.tzinfo is None:
-                server = server.replace(tzinfo=timezone.utc)
-            clock = self._clock = (server.timestamp(), (sent + received) / 2)
+            clock = self._set_clock(hello, sent)
         return clock[0] + time.monotonic() - clock[1]
+
+    def _clock_is_fresh(self) -> bool:
+        return self._clock is not None and time.monotonic() - self._clock[1] <= CLOCK_SYNC_EVERY
+
+    def _set_clock(self, hello: Mapping[str, Any], sent: float) -> tuple[float, float]:
+        """Keep the server's time from ``hello`` (asked at monotonic ``sent``) as of the middle of the trip."""
+        received = time.monotonic()
+        server = hello["localTime"]
+        if server.tzinfo is None:
+            server = server.replace(tzinfo=timezone.utc)
+        self._clock = (server.timestamp(), (sent + received) / 2)
+        return self._clock
 
     def _shift(self) -> float:
         """How far to move times this host computed onto the server's clock (0 while they agree)."""
-        moved = self.now() - time.time()
-        return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
+        return _shift_from(self.now())
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -280,32 +329,40 @@ class MongoPersistence(Persistence):
         for attempt in (1, 2):
             try:
                 return op()
-            except ServerSelectionTimeoutError as exc:
-                # Already waited the whole selection timeout: no server to retry on.
-                raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+            except PyMongoError as exc:
+                self._retry_or_raise(what, exc, last=not idempotent or attempt == 2)
+        raise AssertionError("unreachable")
+
+    def _retry_or_raise(self, what: str, exc: PyMongoError, *, last: bool) -> None:
+        """Raise SkunkQueue's error for ``exc`` (or ``exc`` itself), or return when one more try may cure it.
+
+        Shared by :meth:`_call` and the asyncio side's (aio.py), whose client raises the same errors.
+        """
+        if isinstance(exc, ServerSelectionTimeoutError):
+            # Already waited the whole selection timeout: no server to retry on.
+            raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+                                     f"{self._scrub(exc)}") from None
+        if isinstance(exc, AutoReconnect):
+            if last:
+                raise BackendUnavailable(f"Lost the connection to MongoDB at {self.address} ({what}): "
                                          f"{self._scrub(exc)}") from None
-            except AutoReconnect as exc:
-                if not idempotent or attempt == 2:
-                    raise BackendUnavailable(f"Lost the connection to MongoDB at {self.address} ({what}): "
+            log.warning("mongodb %s: %s was interrupted (%s); retrying", self.address, what, self._scrub(exc))
+            return
+        if isinstance(exc, ConnectionFailure):
+            raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+                                     f"{self._scrub(exc)}") from None
+        if isinstance(exc, OperationFailure):
+            if _transient(exc):
+                if last:
+                    raise BackendUnavailable(f"MongoDB at {self.address} is unavailable ({what}): "
                                              f"{self._scrub(exc)}") from None
                 log.warning("mongodb %s: %s was interrupted (%s); retrying", self.address, what,
                             self._scrub(exc))
-            except ConnectionFailure as exc:
-                raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
+                return
+            if exc.code in ACCESS_DENIED:
+                raise BackendUnavailable(f"MongoDB at {self.address} refused access ({what}): "
                                          f"{self._scrub(exc)}") from None
-            except OperationFailure as exc:
-                if _transient(exc):
-                    if not idempotent or attempt == 2:
-                        raise BackendUnavailable(f"MongoDB at {self.address} is unavailable ({what}): "
-                                                 f"{self._scrub(exc)}") from None
-                    log.warning("mongodb %s: %s was interrupted (%s); retrying", self.address, what,
-                                self._scrub(exc))
-                    continue
-                if exc.code in ACCESS_DENIED:
-                    raise BackendUnavailable(f"MongoDB at {self.address} refused access ({what}): "
-                                             f"{self._scrub(exc)}") from None
-                raise
-        raise AssertionError("unreachable")
+        raise exc
 
     def _indexed_collections(self) -> list[tuple[Collection[dict[str, Any]], dict[str, Any]]]:
         return [(self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES), (self.stats_docs, STATS_INDEXES)]
@@ -362,13 +419,7 @@ class MongoPersistence(Persistence):
         holders = [record.id for record in records]
         if not records:
             return holders
-        docs = [_to_doc(record) for record in records]
-        moved = self._shift()
-        if moved:
-            for doc in docs:
-                for name in ("due", "created", "started", "finished", "lease_until"):
-                    if isinstance(doc.get(name), (int, float)):
-                        doc[name] += moved
+        docs = _docs(records, self._shift())
         for index in self._insert(docs):
             holders[index] = self._key_holder(docs[index])
         return holders
@@ -385,21 +436,7 @@ class MongoPersistence(Persistence):
                 self.jobs.insert_many(docs, ordered=False)
                 refused = []
             except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                held = [e for e in errors if _on_key_index(e)]
-                others = [e for e in errors if not _on_key_index(e)]
-                # A repeat of an interrupted insert finds the records that made
-                # it the first time: they are stored, which is what we wanted.
-                # (A keyed one that made it finds itself as its key's holder.)
-                repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in others)
-                if others and not repeated:
-                    raise
-                refused = sorted(e["index"] for e in held)
-                concern = exc.details.get("writeConcernErrors")
-                if concern:
-                    # Written, but not acknowledged as durable (the server is
-                    # shutting down or stepping down): the same as a lost reply.
-                    raise AutoReconnect(f"write concern failed: {concern[0].get('errmsg')}") from None
+                refused = _refused_by_key(exc, attempts)
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
@@ -413,14 +450,13 @@ class MongoPersistence(Persistence):
             holder = self._call("find key holder", lambda: self.jobs.find_one(
                 {"queue": self.queue, "key": key}, {"_id": 1, "expire_at": 1}))
             if holder is not None:
-                expire_at = holder.get("expire_at")
-                if not (isinstance(expire_at, datetime) and _aware(expire_at) <= _date(self.now())):
+                if not _holder_expired(holder, self.now()):
                     return str(holder["_id"])
                 # Past its expiry, waiting for the TTL monitor: gone as far as get() is concerned, so
                 # the key is free. Deleting it (only as it was seen) lets the unique index take ours.
                 self._call("drop expired key holder", partial(
                     self.jobs.delete_one, {"_id": holder["_id"], "queue": self.queue, "key": key,
-                                           "expire_at": expire_at}))
+                                           "expire_at": holder.get("expire_at")}))
             try:
                 self._call("enqueue", lambda: self.jobs.insert_one(doc))
                 return str(doc["_id"])
@@ -726,6 +762,7 @@ class MongoPersistence(Persistence):
                         return
 
     def close(self) -> None:
+        self.close_async_clients()
         try:
             self.client.close()
         except PyMongoError as exc:

@@ -136,6 +136,16 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisC
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def translate(exc: Exception, where: str, url: str | None) -> Exception | None:
+    """SkunkQueue's error for one of redis-py's (sync or asyncio client alike), without secrets; None if not ours."""
+    if isinstance(exc, AuthenticationError):
+        return ConfigurationError(f"Redis at {where} refused the credentials: {scrub(str(exc), url)}. "
+                                  "Check the user and password in the URL.")
+    if isinstance(exc, UNREACHABLE):
+        return BackendUnavailable(f"Cannot reach Redis at {where}: {scrub(str(exc), url) or type(exc).__name__}")
+    return None
+
+
 def guarded(method: F) -> F:
     """Translate redis-py's connection errors into SkunkQueue's, without secrets.
 
@@ -146,33 +156,50 @@ def guarded(method: F) -> F:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except AuthenticationError as exc:
-            raise ConfigurationError(
-                f"Redis at {self.where} refused the credentials: {scrub(str(exc), self.url)}. "
-                "Check the user and password in the URL."
-            ) from None
-        except UNREACHABLE as exc:
-            raise BackendUnavailable(
-                f"Cannot reach Redis at {self.where}: {scrub(str(exc), self.url) or type(exc).__name__}"
-            ) from None
+        except (AuthenticationError, *UNREACHABLE) as exc:
+            raise cast(Exception, translate(exc, self.where, self.url)) from None
 
     return cast(F, wrapper)
+
+
+def _client_args(url: str | None, db: str | None, connect_timeout: float,
+                 socket_timeout: float) -> tuple[str, ConnSpec, dict[str, Any]]:
+    """The redacted address, the parsed URL and the client arguments both clients (sync, asyncio) share."""
+    spec = parse_conn_url(url, db)
+    common = {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout,
+              "decode_responses": False}
+    # Options given in the URL's query string (e.g. ?socket_timeout=30) win over ours.
+    return redact(url or DEFAULT_URL), spec, {**common, **spec.kwargs}
 
 
 def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
             retries: int) -> tuple[redis.Redis | RedisCluster, bool]:
     """A client for ``url``/``db`` (nothing is sent yet) and whether it is a cluster client."""
-    where = redact(url or DEFAULT_URL)
-    spec = parse_conn_url(url, db)
-    common = {"socket_connect_timeout": connect_timeout, "socket_timeout": socket_timeout,
-              "decode_responses": False}
-    # Options given in the URL's query string (e.g. ?socket_timeout=30) win over ours.
-    kwargs = {**common, **spec.kwargs, "retry": _logging_retry(where, retries)}
+    where, spec, kwargs = _client_args(url, db, connect_timeout, socket_timeout)
+    kwargs["retry"] = _logging_retry(where, retries)
     try:
         if spec.cluster:
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes], **kwargs), True
         return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), False
-    except AuthenticationError as exc:
-        raise ConfigurationError(f"Redis at {where} refused the credentials: {scrub(str(exc), url)}") from None
-    except UNREACHABLE as exc:
-        raise BackendUnavailable(f"Cannot reach Redis at {where}: {scrub(str(exc), url)}") from None
+    except (AuthenticationError, *UNREACHABLE) as exc:
+        raise cast(Exception, translate(exc, where, url)) from None
+
+
+def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
+             retries: int) -> Any:
+    """The asyncio client (``redis.asyncio``) for what :func:`connect` connects to: same address, TLS,
+    credentials, timeouts and retries. It belongs to the running event loop; nothing is sent yet."""
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.asyncio.connection
+    import redis.asyncio.retry
+
+    where, spec, kwargs = _client_args(url, db, connect_timeout, socket_timeout)
+    kwargs["retry"] = redis.asyncio.retry.Retry(_LoggingBackoff(where), retries)
+    sync_class = kwargs.pop("connection_class", None)
+    if sync_class is not None:  # parse_url picked a sync class (TLS, unix socket): take its asyncio twin
+        kwargs["connection_class"] = getattr(redis.asyncio.connection, sync_class.__name__)
+    if spec.cluster:
+        nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in spec.nodes]
+        return redis.asyncio.RedisCluster(startup_nodes=nodes, **kwargs)
+    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(**kwargs))

@@ -34,6 +34,7 @@ from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcom
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
+from skunkqueue_redis.aio import NativeAsync
 from skunkqueue_redis.codec import decode_record, num, opt, pack_items, pack_record, text, unpack_fields
 from skunkqueue_redis.connection import DEFAULT_URL, connect, guarded
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
@@ -89,8 +90,8 @@ def _arg(value: Any) -> bytes:
     return repr(value).encode()
 
 
-class RedisPersistence(Persistence):
-    """Redis and Redis Cluster; the key layout is in keys.py."""
+class RedisPersistence(NativeAsync, Persistence):
+    """Redis and Redis Cluster; the key layout is in keys.py, the asyncio methods in aio.py."""
 
     name = "redis"
     notifies = True
@@ -101,8 +102,9 @@ class RedisPersistence(Persistence):
                  **options: Any) -> None:
         super().__init__(queue, url=url, db=db, **options)
         self.where = redact(url or DEFAULT_URL)
-        self.client, self.cluster = connect(url, db, connect_timeout=connect_timeout,
-                                            socket_timeout=max(socket_timeout, MAX_BLOCK + 5), retries=retries)
+        self.connect_args = {"connect_timeout": connect_timeout, "socket_timeout": max(socket_timeout, MAX_BLOCK + 5),
+                             "retries": retries}
+        self.client, self.cluster = connect(url, db, **self.connect_args)
         self.keys = Keys(queue)
         self._next_due: dict[str, float] = {}
         self._script = _Scripts(self.client, self.keys)
@@ -160,16 +162,11 @@ class RedisPersistence(Persistence):
 
     @guarded
     def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
-        holders = [record.id for record in records]
         if not records:
-            return holders
+            return []
         k = self.keys
         ttl, now = num(self.result_ttl), num(time.time())
-        # A script is atomic; one call per chunk keeps each one short, so other
-        # clients are not blocked for long by a huge batch.
-        chunks = [b"".join(b"%d:%s" % (len(packed), packed)
-                           for packed in map(pack_record, records[start:start + ENQUEUE_CHUNK]))
-                  for start in range(0, len(records), ENQUEUE_CHUNK)]
+        chunks = self.enqueue_chunks(records)
         if len(chunks) == 1:
             replies = [self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
         else:
@@ -183,11 +180,17 @@ class RedisPersistence(Persistence):
             for chunk in chunks:
                 self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
             replies = pipe.execute()
-        # Each reply lists (position in its chunk, holder) for the records whose key was held.
-        for offset, held in zip(range(0, len(records), ENQUEUE_CHUNK), replies):
-            for position, holder in zip(held[::2], held[1::2]):
-                holders[offset + int(position) - 1] = text(holder)
-        return holders
+        return self.holders(records, replies)
+
+    def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
+        """The enqueue script's record argument, one per call of at most ENQUEUE_CHUNK records.
+
+        A script is atomic; one call per chunk keeps each one short, so other
+        clients are not blocked for long by a huge batch.
+        """
+        return [b"".join(b"%d:%s" % (len(packed), packed)
+                         for packed in map(pack_record, records[start:start + ENQUEUE_CHUNK]))
+                for start in range(0, len(records), ENQUEUE_CHUNK)]
 
     @guarded
     def get(self, job_id: str) -> JobRecord | None:
@@ -608,5 +611,6 @@ class RedisPersistence(Persistence):
         self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")  # type: ignore[arg-type]
 
     def close(self) -> None:
+        self.close_async_clients()
         self.client.close()
 

@@ -45,7 +45,7 @@ from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
-from skunkqueue.testing.suite_support import declare, make_record, started, status_counts, wait_until
+from skunkqueue.testing.suite_support import Producer, declare, make_record, started, status_counts, wait_until
 from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
 
 __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
@@ -96,6 +96,13 @@ class KitFixtures:
         yield start
         for pool in pools:
             pool.stop()
+
+    @pytest.fixture(params=["sync", "async"])
+    def producer(self, request: pytest.FixtureRequest) -> Iterator[Producer]:
+        """The producer tests run twice: through fire/wait and through afire/aresult."""
+        through = Producer(request.param)
+        yield through
+        through.close()
 
     @staticmethod
     def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
@@ -409,11 +416,12 @@ class LifecycleSuite(KitFixtures):
 
     # == The job lifecycle, end to end, with real worker processes ====================
 
-    def test_fire_runs_on_a_worker_and_stores_the_result(self, queue: SkunkQueue, start_pool: Any) -> None:
+    def test_fire_runs_on_a_worker_and_stores_the_result(self, queue: SkunkQueue, start_pool: Any,
+                                                         producer: Producer) -> None:
         start_pool(["r"])
         add = self.declare(queue, jobs.add)
-        handle = add.fire(4, 5)
-        assert handle.wait(timeout=20) == 9
+        handle = producer.fire(add, 4, 5)
+        assert producer.wait(handle, timeout=20) == 9
         assert (handle.state, handle.result, add.state, add.result) == (COMPLETE, 9, COMPLETE, 9)
         record = queue.get(handle.id)
         assert record is not None and record.attempts == 1 and record.error is None
@@ -450,29 +458,37 @@ class LifecycleSuite(KitFixtures):
         finally:
             brief.close()
 
-    def test_fire_at_waits_until_due(self, queue: SkunkQueue, start_pool: Any) -> None:
+    def test_fire_at_waits_until_due(self, queue: SkunkQueue, start_pool: Any, producer: Producer) -> None:
         start_pool(["r"])
         add = self.declare(queue, jobs.add)
         fired = time.time()
-        handle = add.fire_at(timedelta(seconds=1.5), 1, 2)
+        handle = producer.fire_at(add, timedelta(seconds=1.5), 1, 2)
         time.sleep(0.5)
         assert handle.state == PENDING
-        assert handle.wait(timeout=20) == 3
+        assert producer.wait(handle, timeout=20) == 3
         record = queue.get(handle.id)
         assert record is not None and record.started is not None and record.started >= fired + 1.4
 
-    def test_fire_many_enqueues_a_batch(self, queue: SkunkQueue, start_pool: Any) -> None:
+    def test_fire_many_enqueues_a_batch(self, queue: SkunkQueue, start_pool: Any, producer: Producer) -> None:
         start_pool(["r"])
         add = self.declare(queue, jobs.add)
-        handles = add.fire_many([(i, i) for i in range(20)] + [{"first": 1, "second": 1}])
-        assert [h.wait(timeout=30) for h in handles] == [2 * i for i in range(20)] + [2]
+        handles = producer.fire_many(add, [(i, i) for i in range(20)] + [{"first": 1, "second": 1}])
+        assert [producer.wait(h, timeout=30) for h in handles] == [2 * i for i in range(20)] + [2]
 
-    def test_error_keeps_type_message_and_remote_traceback(self, queue: SkunkQueue, start_pool: Any) -> None:
+    def test_a_batch_larger_than_one_store_call_is_stored_whole(self, queue: SkunkQueue,
+                                                               producer: Producer) -> None:
+        # 2,500 records: more than one script call or insert batch on every backend.
+        handles = producer.fire_many(self.declare(queue, jobs.add), [(i, 1) for i in range(2500)])
+        assert len({h.id for h in handles}) == 2500
+        assert queue.counts() == {("r", PENDING): 2500}
+
+    def test_error_keeps_type_message_and_remote_traceback(self, queue: SkunkQueue, start_pool: Any,
+                                                           producer: Producer) -> None:
         start_pool(["r"])
         fail = self.declare(queue, jobs.fail)
-        handle = fail.fire("kaput")
+        handle = producer.fire(fail, "kaput")
         with pytest.raises(JobFailed) as info:
-            handle.wait(timeout=20)
+            producer.wait(handle, timeout=20)
         assert info.value.state == ERROR and info.value.error_type == "ValueError"
         assert "kaput" in str(info.value) and "raise ValueError(message)" in (info.value.remote_traceback or "")
         assert handle.state == ERROR and handle.error is not None and handle.error["message"] == "kaput"
@@ -493,10 +509,10 @@ class LifecycleSuite(KitFixtures):
         again = queue.get(handle.id)
         assert again is not None and again.attempts == 3 and again.token == 6
 
-    def test_unserializable_arguments_are_refused_at_fire(self, queue: SkunkQueue) -> None:
+    def test_unserializable_arguments_are_refused_at_fire(self, queue: SkunkQueue, producer: Producer) -> None:
         add = self.declare(queue, jobs.add)
         with pytest.raises(SerializationError, match="serializer='pickle'"):
-            add.fire(object(), 1)
+            producer.fire(add, object(), 1)
         assert queue.counts() == {}
 
     def test_unserializable_result_is_an_error_with_a_clear_message(self, queue: SkunkQueue,
@@ -526,10 +542,11 @@ class LifecycleSuite(KitFixtures):
         # Whatever was foreign is out of the way too: nothing is stuck pending on the route.
         assert queue.counts().get(("r", PENDING), 0) == 0
 
-    def test_kill_pending_job_never_runs(self, queue: SkunkQueue, start_pool: Any, tmp_path: Path) -> None:
+    def test_kill_pending_job_never_runs(self, queue: SkunkQueue, start_pool: Any, tmp_path: Path,
+                                         producer: Producer) -> None:
         mark = self.declare(queue, jobs.mark)
         side_effects = tmp_path / "ran"
-        handle = mark.fire_at(timedelta(seconds=1), str(side_effects), "x")
+        handle = producer.fire_at(mark, timedelta(seconds=1), str(side_effects), "x")
         assert queue.kill(handle.id) == KILLED
         start_pool(["r"])
         time.sleep(1.5)
@@ -563,10 +580,12 @@ class LifecycleSuite(KitFixtures):
             handle.wait(timeout=20)
         assert info.value.error_type == "TimeoutError" and time.monotonic() - started < 10
 
-    def test_wait_timeout_raises(self, queue: SkunkQueue) -> None:
-        handle = self.declare(queue, jobs.add).fire_at(timedelta(minutes=5), 1, 1)
+    def test_wait_timeout_raises(self, queue: SkunkQueue, producer: Producer) -> None:
+        handle = producer.fire_at(self.declare(queue, jobs.add), timedelta(minutes=5), 1, 1)
+        started = time.monotonic()
         with pytest.raises(JobTimeout):
-            handle.wait(timeout=0.2)
+            producer.wait(handle, timeout=0.2)
+        assert time.monotonic() - started < 5
 
     def test_concurrent_workers_run_each_job_exactly_once(self, queue: SkunkQueue, start_pool: Any,
                                                            tmp_path: Path) -> None:

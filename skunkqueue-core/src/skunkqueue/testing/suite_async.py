@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from skunkqueue.errors import JobFailed, JobTimeout
+from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING
 from skunkqueue.testing import jobs
@@ -89,6 +91,37 @@ class AsyncSuite:
         assert ticks >= took / 0.01 * 0.5, f"{ticks} ticks in {took:.2f} s"
         assert worst < 0.25, f"the loop was blocked for {worst * 1000:.0f} ms"
         assert queue.counts() == {("r", PENDING): 1000}
+        backend = queue.apersistence
+        if type(backend).aenqueue is not Persistence.aenqueue:
+            # A backend with a native async client served them itself, not the thread of the defaults.
+            assert "_async_executor" not in backend.__dict__, f"{backend.name}'s afire went through a thread"
+
+    def test_afire_and_aresult_work_from_several_event_loops(self, queue: SkunkQueue, start_pool: Any) -> None:
+        """A queue outlives loops and is shared by threads with loops of their own (each gets its client)."""
+        add = declare(queue, jobs.add)
+        start_pool(["r"])
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        async def produce(base: int) -> list[int]:
+            handles = [await add.afire(base, i) for i in range(20)]
+            return list(await asyncio.gather(*(h.aresult(timeout=30) for h in handles)))
+
+        def in_thread(base: int) -> None:
+            try:
+                results[base] = asyncio.run(produce(base))
+            except BaseException as exc:  # the main thread reports it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=in_thread, args=(base,)) for base in (100, 200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        results[300] = asyncio.run(produce(300))
+        results[400] = asyncio.run(produce(400))  # a new loop after the last one closed
+        assert not errors, errors
+        assert results == {base: [base + i for i in range(20)] for base in (100, 200, 300, 400)}
 
     def test_async_jobs_run_concurrently_each_with_its_own_context(
             self, queue: SkunkQueue, start_pool: Any, tmp_path: Path) -> None:

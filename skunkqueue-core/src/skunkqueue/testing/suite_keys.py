@@ -21,7 +21,7 @@ from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, PENDING
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
-from skunkqueue.testing.suite_support import declare, make_record, wait_until
+from skunkqueue.testing.suite_support import Producer, declare, make_record, wait_until
 
 
 @dataclass
@@ -133,11 +133,12 @@ class KeysSuite:
             fresh.key = "once"
             assert store.enqueue_keyed([fresh]) == [fresh.id]
 
-    def test_processes_firing_one_key_at_once_make_one_record(self, backend: BackendUnderTest,
+    @pytest.mark.parametrize("api", ["sync", "async"])
+    def test_processes_firing_one_key_at_once_make_one_record(self, backend: BackendUnderTest, api: str,
                                                               queue: SkunkQueue, store: Persistence) -> None:
         _needs_keys(store)
         spec = {"backend": backend.name, "url": backend.url, "db": backend.db, "options": backend.options,
-                "queue": queue.name, "key": "invoice-42", "times": 5, "start_at": time.time() + 2.0}
+                "queue": queue.name, "key": "invoice-42", "times": 5, "start_at": time.time() + 2.0, "api": api}
         procs = [subprocess.Popen([sys.executable, "-m", "skunkqueue.testing.firing", json.dumps(spec)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=backend.process_env()) for _ in range(4)]
@@ -149,17 +150,17 @@ class KeysSuite:
         assert [r.id for r in records] == list(ids)
 
     def test_a_keyed_job_runs_once(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, producer: Producer) -> None:
         _needs_keys(store)
         mark = declare(queue, jobs.mark)
         log = tmp_path / "executions"
-        first = mark.fire(str(log), "a", key="once")
-        assert mark.fire(str(log), "b", key="once").id == first.id
+        first = producer.fire(mark, str(log), "a", key="once")
+        assert producer.fire(mark, str(log), "b", key="once").id == first.id
         start_pool(["r"])
-        first.wait(timeout=20)
-        assert mark.fire(str(log), "c", key="once").id == first.id  # finished, not expired: still held
-        batch = mark.fire_many([(str(log), "d"), (str(log), "e")], keys=["once", "other"])
+        producer.wait(first, timeout=20)
+        assert producer.fire(mark, str(log), "c", key="once").id == first.id  # finished, not expired: still held
+        batch = producer.fire_many(mark, [(str(log), "d"), (str(log), "e")], keys=["once", "other"])
         assert batch[0].id == first.id and batch[1].id != first.id
-        batch[1].wait(timeout=20)
+        producer.wait(batch[1], timeout=20)
         assert log.read_text().split() == ["a", "e"]
         assert first.state == COMPLETE

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from skunkqueue.job import Job
+from skunkqueue.job import Job, JobHandle
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import JobRecord, new_id
 
@@ -50,3 +50,46 @@ def status_counts(output: str) -> dict[tuple[str, str], int]:
 def declare(queue: SkunkQueue, job: Job, route: str = "r", **options: Any) -> Job:
     """The kit's job ``job`` declared on this test's queue and route."""
     return queue.event(routes=[route], **options)(job.func)
+
+
+class Producer:
+    """The producer API a kit test goes through, so each producer test runs through both.
+
+    ``sync``: ``fire``/``fire_at``/``fire_many`` and ``wait``. ``async``:
+    ``afire``/``afire_at``/``afire_many`` and ``aresult``, all on one event
+    loop of the test's own (as an application's loop would be), so the
+    backend's native async client is made once and reused.
+    """
+
+    def __init__(self, api: str) -> None:
+        if api not in ("sync", "async"):
+            raise ValueError(f"api must be 'sync' or 'async', not {api!r}")
+        self.api = api
+        self._loop: Any = None
+        if api == "async":
+            import asyncio
+
+            self._loop = asyncio.new_event_loop()
+
+    def _run(self, awaitable: Any) -> Any:
+        return self._loop.run_until_complete(awaitable)
+
+    def fire(self, job: Job, *args: Any, **kwargs: Any) -> JobHandle:
+        return job.fire(*args, **kwargs) if self._loop is None else self._run(job.afire(*args, **kwargs))
+
+    def fire_at(self, job: Job, when: Any, *args: Any, **kwargs: Any) -> JobHandle:
+        if self._loop is None:
+            return job.fire_at(when, *args, **kwargs)
+        return self._run(job.afire_at(when, *args, **kwargs))
+
+    def fire_many(self, job: Job, calls: Any, **kwargs: Any) -> list[JobHandle]:
+        return job.fire_many(calls, **kwargs) if self._loop is None else self._run(job.afire_many(calls, **kwargs))
+
+    def wait(self, handle: JobHandle, timeout: float | None = None) -> Any:
+        return handle.wait(timeout) if self._loop is None else self._run(handle.aresult(timeout))
+
+    def close(self) -> None:
+        if self._loop is not None:
+            # As asyncio.run ends a loop: async generators first (native clients close there).
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()

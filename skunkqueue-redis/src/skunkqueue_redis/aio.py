@@ -1,0 +1,171 @@
+"""The Redis backend's asyncio side: ``afire`` and ``aresult`` on ``redis.asyncio``, with no thread.
+
+A ``redis.asyncio`` client (its pool, its connections) belongs to the event
+loop it was first used on, while a SkunkQueue and its persistence may outlive
+a loop (``asyncio.run`` per test, per request in some frameworks). So each
+loop gets its own client, made on the first async call in that loop and
+forgotten with the loop. It reaches the same server as the sync client, with
+the same TLS, credentials, timeouts and retries (``connection.aconnect``),
+and enqueues through the same Lua scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar, cast
+
+from redis.exceptions import AuthenticationError, ResponseError
+
+from skunkqueue.errors import MalformedRecord
+from skunkqueue.persistence import Persistence
+from skunkqueue.record import JobRecord
+from skunkqueue_redis.codec import decode_record, num, text
+from skunkqueue_redis.connection import UNREACHABLE, aconnect, translate
+
+if TYPE_CHECKING:
+    import asyncio
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def aguarded(method: F) -> F:
+    """``connection.guarded`` for coroutines: SkunkQueue's errors, without secrets."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except (AuthenticationError, *UNREACHABLE) as exc:
+            raise cast(Exception, translate(exc, self.where, self.url)) from None
+
+    return cast(F, wrapper)
+
+
+class _LoopSide:
+    """One event loop's client and scripts."""
+
+    def __init__(self, owner: NativeAsync) -> None:
+        from skunkqueue_redis.persistence import _Scripts
+
+        self.client = aconnect(owner.url, owner.db, **owner.connect_args)
+        self.cluster = owner.cluster
+        self.script = _Scripts(self.client, owner.keys)  # same scripts; calling one returns a coroutine
+
+    async def watch_loop_end(self) -> None:
+        """Have the loop close this client when it shuts down.
+
+        ``asyncio.run`` (and anything calling ``loop.shutdown_asyncgens()``)
+        finalizes the async generators its loop tracks; this one, kept alive by
+        the side until then, closes the client in its ``finally``. Without it a
+        loop that ends before ``close()`` would leave its sockets to the GC.
+        """
+        self.guard = self._until_loop_ends()
+        await self.guard.__anext__()
+
+    async def _until_loop_ends(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.cluster:
+            await self.client.aclose()
+        else:  # a pool handed to the client is not closed with it unless asked
+            await self.client.aclose(close_connection_pool=True)
+
+
+class NativeAsync(Persistence):
+    """Mixed into RedisPersistence: the async producer methods on ``redis.asyncio``.
+
+    Relies on RedisPersistence's ``keys``, ``where``, ``cluster``,
+    ``connect_args`` and ``enqueue_chunks``.
+    """
+
+    keys: Any
+    where: str
+    cluster: bool
+    connect_args: dict[str, Any]
+
+    def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
+        raise NotImplementedError  # RedisPersistence's: the sync and async enqueue send the same chunks
+
+    async def _side(self) -> _LoopSide:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide]
+        # setdefault: loops in two threads may make their first call at once (one dict, not two).
+        sides = self.__dict__.setdefault("_loop_sides", weakref.WeakKeyDictionary())
+        side = sides.get(loop)
+        if side is None:
+            side = sides[loop] = _LoopSide(self)
+            await side.watch_loop_end()
+        return side
+
+    async def aenqueue(self, records: Sequence[JobRecord]) -> None:
+        await self.aenqueue_keyed(records)
+
+    @aguarded
+    async def aenqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        if not records:
+            return []
+        chunks = self.enqueue_chunks(records)
+        if len(chunks) > 1 and self.cluster:
+            # All-or-nothing needs MULTI/EXEC on the queue's node, which the
+            # asyncio cluster client does not hand out: batches this large take
+            # the sync path on the thread (rare, and still off the loop).
+            return await super().aenqueue_keyed(records)
+        side = await self._side()
+        k = self.keys
+        ttl, now = num(self.result_ttl), num(time.time())
+        if len(chunks) == 1:
+            replies = [await side.script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
+        else:
+            pipe = side.client.pipeline(transaction=True)
+            for chunk in chunks:
+                await side.script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+            replies = await pipe.execute()
+        return self.holders(records, replies)
+
+    @staticmethod
+    def holders(records: Sequence[JobRecord], replies: Sequence[Any]) -> list[str]:
+        """Each record's key holder, from the enqueue script's replies (one per chunk)."""
+        from skunkqueue_redis import persistence
+
+        holders = [record.id for record in records]
+        # Each reply lists (position in its chunk, holder) for the records whose key was held.
+        for offset, held in zip(range(0, len(records), persistence.ENQUEUE_CHUNK), replies):
+            for position, holder in zip(held[::2], held[1::2]):
+                holders[offset + int(position) - 1] = text(holder)
+        return holders
+
+    @aguarded
+    async def aget(self, job_id: str) -> JobRecord | None:
+        try:
+            flat = await (await self._side()).client.hgetall(self.keys.job(job_id))
+        except ResponseError as exc:  # WRONGTYPE: something else lives under the key
+            raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
+        return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
+
+    def close_async_clients(self) -> None:
+        """Let each live loop close its client; a closed loop already took its sockets down."""
+        sides = self.__dict__.pop("_loop_sides", None)
+        for loop, side in list((sides or {}).items()):
+            if not loop.is_closed():
+                _close_on(loop, side.guard.aclose)  # runs its finally: aclose(), once
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, aclose: Callable[[], Awaitable[Any]]) -> None:
+    def start() -> None:
+        loop.create_task(aclose())  # type: ignore[arg-type]
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:  # closed meanwhile
+        pass
+
+
+__all__ = ["NativeAsync", "aguarded"]

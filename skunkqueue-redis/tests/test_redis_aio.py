@@ -1,0 +1,179 @@
+"""The asyncio side on redis.asyncio (skunkqueue_redis/aio.py): same server, same options, no thread."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import redis
+import redis.asyncio.connection
+
+from skunkqueue.errors import BackendUnavailable, ConfigurationError
+from skunkqueue.record import PENDING, JobRecord, new_id
+from skunkqueue_redis.persistence import RedisPersistence
+
+SECRET = "s3cr3t-Pa55:w@rd"
+QUOTED_SECRET = "s3cr3t-Pa55%3Aw%40rd"
+
+
+def record(queue: str, key: str | None = None) -> JobRecord:
+    now = time.time()
+    return JobRecord(id=new_id(), queue=queue, route="r", func="skunkqueue.testing.jobs:add",
+                     payload=b"[[1,2],{}]", due=now, created=now, key=key)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def round_trip(store: RedisPersistence) -> tuple[JobRecord, Any]:
+    """aenqueue then aget on a loop of its own; the record read back and that loop's client."""
+    job = record(store.queue)
+
+    async def go() -> tuple[JobRecord, Any]:
+        await store.aenqueue([job])
+        got = await store.aget(job.id)
+        assert got is not None
+        return got, (await store._side()).client
+
+    got, client = asyncio.run(go())
+    assert got.id == job.id and got.state == PENDING
+    # Served by redis.asyncio, not by the thread the default methods use.
+    assert "_async_executor" not in store.__dict__
+    return got, client
+
+
+def test_unix_socket_and_db_are_those_of_the_sync_client(redis_server: Any, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=f"unix://{redis_server.unix_socket}", db="4") as store:
+        got, client = round_trip(store)
+        kwargs = client.connection_pool.connection_kwargs
+        assert client.connection_pool.connection_class is redis.asyncio.connection.UnixDomainSocketConnection
+        assert kwargs["db"] == 4
+    assert redis.Redis(port=redis_server.port, db=4).exists(f"sq:{{{queue_name}}}:j:{got.id}") == 1
+
+
+def test_tls_via_rediss_url(tmp_path: Path, start_redis: Callable[..., Any], free_port: int,
+                            queue_name: str) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = start_redis(extra=["--tls-port", str(free_port), "--tls-cert-file", str(cert),
+                                "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                                "--tls-auth-clients", "no"])
+    url = f"rediss://127.0.0.1:{free_port}?ssl_ca_certs={cert}&ssl_check_hostname=false"
+    with RedisPersistence(queue_name, url=url, db="0") as store:
+        got, client = round_trip(store)
+        assert client.connection_pool.connection_class is redis.asyncio.connection.SSLConnection
+    assert redis.Redis(port=server.port).hget(f"sq:{{{queue_name}}}:j:{got.id}", "state") == b"pending"
+
+
+def test_password_in_the_url_works_and_a_refused_one_is_never_shown(start_redis: Callable[..., Any],
+                                                                    queue_name: str) -> None:
+    server = start_redis(password=SECRET)
+    store = RedisPersistence(queue_name, url=f"redis://default:{QUOTED_SECRET}@127.0.0.1:{server.port}")
+    try:
+        round_trip(store)
+        # The password changes under a live producer: the next loop's client is refused.
+        redis.Redis(port=server.port, password=SECRET).config_set("requirepass", SECRET + "-new")
+        with pytest.raises(ConfigurationError) as info:
+            asyncio.run(store.aget("anything"))
+        message = str(info.value)
+        assert f"127.0.0.1:{server.port}" in message and "refused the credentials" in message
+        assert SECRET not in message and QUOTED_SECRET not in message
+    finally:
+        store.client.close()
+
+
+def test_server_going_away_is_backend_unavailable_quickly(start_redis: Callable[..., Any],
+                                                          queue_name: str) -> None:
+    server = start_redis()
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{server.port}", retries=1)
+    round_trip(store)
+    server.kill()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{server.port}"):
+        asyncio.run(store.aenqueue([record(queue_name)]))
+    assert time.monotonic() - started < 5
+    store.client.close()
+
+
+def test_each_event_loop_gets_its_own_client(redis_server: Any, queue_name: str) -> None:
+    """Loops in two threads at once, then one after the other: every call lands, on its loop's client."""
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{redis_server.port}", db="4")
+    clients: list[Any] = []
+    errors: list[BaseException] = []
+
+    async def fire(n: int) -> None:
+        for _ in range(n):
+            await store.aenqueue([record(queue_name)])
+        clients.append((await store._side()).client)
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(fire(200))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=in_thread) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    asyncio.run(fire(100))
+    assert not errors, errors
+    assert len({id(c) for c in clients}) == 3
+    assert store.counts() == {("r", PENDING): 500}
+    store.close()
+
+
+def test_close_closes_the_client_of_a_live_loop(redis_server: Any, queue_name: str) -> None:
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{redis_server.port}", db="4")
+
+    async def go() -> bool:
+        await store.aenqueue([record(queue_name)])
+        pool = (await store._side()).client.connection_pool
+        connections = [*pool._available_connections, *pool._in_use_connections]
+        assert connections and all(c.is_connected for c in connections)
+        store.close()  # from inside the loop, as an app's shutdown hook would
+        await asyncio.sleep(0.05)
+        return not any(c.is_connected for c in connections)
+
+    assert asyncio.run(go()), "the loop's connections stayed open after close()"
+
+
+def test_a_loop_that_ends_first_closes_its_client(redis_server: Any, queue_name: str) -> None:
+    store = RedisPersistence(queue_name, url=f"127.0.0.1:{redis_server.port}", db="4")
+    seen: list[Any] = []
+
+    async def go() -> None:
+        await store.aenqueue([record(queue_name)])
+        pool = (await store._side()).client.connection_pool
+        seen.extend([*pool._available_connections, *pool._in_use_connections])
+
+    asyncio.run(go())  # the queue is not closed: the loop's shutdown closes the client
+    assert seen and not any(c.is_connected for c in seen)
+    store.close()
+
+
+def test_cluster_enqueues_natively_and_large_batches_whole(redis_cluster: Any, queue_name: str) -> None:
+    store = RedisPersistence(queue_name, url=redis_cluster.url)
+    try:
+        keyed = [record(queue_name, key="once") for _ in range(3)]
+
+        async def go() -> list[str]:
+            holders = await store.aenqueue_keyed(keyed)
+            assert (await store.aget(keyed[0].id)) is not None
+            await store.aenqueue([record(queue_name) for _ in range(2500)])  # several script calls: MULTI/EXEC
+            return holders
+
+        assert asyncio.run(go()) == [keyed[0].id] * 3
+        assert store.counts() == {("r", PENDING): 2501}
+    finally:
+        store.close()
