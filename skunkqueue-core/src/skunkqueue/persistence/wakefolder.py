@@ -59,7 +59,10 @@ class WakeFolder:
 
     @property
     def supported(self) -> bool:
-        return hasattr(os, "mkfifo") and hasattr(select, "poll") and bool(_DIRECTORY)
+        # Everything goes through the folder's descriptor (the *at() calls); Windows has no FIFOs.
+        return (hasattr(os, "mkfifo") and hasattr(select, "poll") and bool(_DIRECTORY)
+                and {os.mkfifo, os.open, os.rename, os.unlink, os.chmod} <= os.supports_dir_fd
+                and os.listdir in os.supports_fd)
 
     def folder(self) -> int | None:
         """The folder's descriptor, making the folder if missing; None if it cannot be had."""
