@@ -135,7 +135,9 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
 
 
 def _record_to_row(record: JobRecord, expire_at: float | None) -> dict[str, Any]:
-    data = record.to_dict()
+    # A shallow copy: every field is a plain value (to_dict's deep copy was a
+    # third of an enqueue's time, and claims and finishes ran it under the lock).
+    data = dict(vars(record))
     row = {name: data.pop(name) for name in _COLUMNS}
     row["record"] = json.dumps(data)
     row["expire_at"] = expire_at
@@ -237,6 +239,18 @@ class SQLitePersistence(Persistence):
             f"INSERT OR REPLACE INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
             tuple(row.values()),
         )
+
+    def _update(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+        """Rewrite the row of a record whose id, queue, route, payload and key stay as they were.
+
+        Cheaper than :meth:`_store`'s INSERT OR REPLACE (a delete and an insert,
+        every index twice), and claims and finishes run it under the write lock.
+        """
+        expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
+        row = _record_to_row(record, expire)
+        conn.execute("UPDATE jobs SET target=?, state=?, due=?, lease_until=?, result=?, record=?, expire_at=? "
+                     "WHERE id=?", (row["target"], row["state"], row["due"], row["lease_until"], row["result"],
+                                    row["record"], expire, record.id))
 
     def _quarantine(self, conn: sqlite3.Connection, job_id: str, why: str) -> None:
         # Keep the damaged row for inspection but take it out of every route.
@@ -343,7 +357,7 @@ class SQLitePersistence(Persistence):
                 self._quarantine(conn, row["id"], str(exc))
                 continue
             record.claim_by(worker_id, now, lease)
-            self._store(conn, record)
+            self._update(conn, record)
             claimed.append(record)
         return claimed
 
@@ -358,7 +372,7 @@ class SQLitePersistence(Persistence):
                     statuses[job_id] = LEASE_LOST
                     continue
                 record.lease_until = until
-                self._store(conn, record)
+                self._update(conn, record)
                 statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
         return statuses
 
@@ -382,7 +396,7 @@ class SQLitePersistence(Persistence):
         if record.state != expect or record.token != token:
             return False
         record = outcome.apply_to(record, time.time())
-        self._store(conn, record)
+        self._update(conn, record)
         if record.finished_state:
             self._pokes.append((self._done_tag(job_id) + ".", None))
         elif record.state == PENDING:  # a retry or a lease handed back
