@@ -331,3 +331,31 @@ def test_a_store_in_a_folder_where_the_user_may_not_write_polls(shared_dir: Path
     finally:
         shared_dir.chmod(0o777)
         keeper.close()
+
+
+def test_a_write_waits_for_the_lock_in_short_steps_and_gives_up_after_the_timeout(
+        open_store: Callable[..., SQLitePersistence], db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from skunkqueue.persistence import sqlite as sqlite_backend
+
+    store = open_store()
+    holder = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write, in the middle of its transaction
+    threading.Timer(0.2, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    store.enqueue([make_record("q")])
+    waited = time.monotonic() - started
+    assert 0.15 < waited < 0.2 + SLACK  # it waited, and got the lock soon after it was free
+    assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 30000  # reads keep their handler
+
+    monkeypatch.setattr(sqlite_backend, "LOCK_TIMEOUT", 0.2)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.enqueue([make_record("q")])
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    assert len(store.claim("r", "w", 30, 10)) == 1  # the refused record was not stored

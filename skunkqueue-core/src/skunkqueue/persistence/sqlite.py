@@ -91,6 +91,7 @@ LOCK_TIMEOUT = 30.0
 # SQLite's own busy handler sleeps 1 ms, then 2, 5, 10 ms...: longer than a
 # whole claim, so two workers would mostly take turns sleeping.
 LOCK_PAUSE = (0.00005, 0.002)
+_BUSY_TIMEOUT = f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -189,12 +190,17 @@ class SQLitePersistence(Persistence):
         self._begin()
         self._pokes.clear()
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            self._pokes.clear()
-            raise
-        self._db.execute("COMMIT")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._pokes.clear()
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            # Reads outside writes keep SQLite's busy handler. Restored once the lock is
+            # released: inside the transaction nothing waits for a lock any more.
+            self._db.execute(_BUSY_TIMEOUT)
         if self._pokes:
             with self._wake.round():
                 for prefix, wanted in self._pokes:
@@ -205,20 +211,21 @@ class SQLitePersistence(Persistence):
         """BEGIN IMMEDIATE, trying for the lock again every 50 µs or so instead of SQLite's 1 ms and more."""
         db = self._db
         db.execute("PRAGMA busy_timeout=0")
+        deadline, pause = time.monotonic() + LOCK_TIMEOUT, LOCK_PAUSE[0]
         try:
-            deadline, pause = time.monotonic() + LOCK_TIMEOUT, LOCK_PAUSE[0]
             while True:
                 try:
                     db.execute("BEGIN IMMEDIATE")
-                    return
+                    return  # _write restores the busy timeout after the commit
                 except sqlite3.OperationalError as exc:
                     if not _busy(exc) or time.monotonic() > deadline:
                         raise
                 # Jitter, so that two waiters do not keep colliding in step.
                 time.sleep(pause * random.uniform(0.5, 1.5))
                 pause = min(pause * 2, LOCK_PAUSE[1])
-        finally:
-            db.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")  # reads keep SQLite's handler
+        except BaseException:
+            db.execute(_BUSY_TIMEOUT)
+            raise
 
     def _route_tag(self, route: str) -> str:
         found = self._route_tags.get(route)
