@@ -115,7 +115,7 @@ def measure_idle(cluster_file: str, workers: int, jobs: int, faults: Any, latenc
             got = store.claim("r", f"w{i}", 60)
             claimed[0] += len(got)
             if not got:
-                store.wait_for_work(["r"], f"w{i}", 1.0)
+                store.wait_for_work("r", f"w{i}", 1.0)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     for t in threads:

@@ -146,7 +146,7 @@ class FDBBackendChecks:
     def test_idle_worker_wakes_when_scheduled_work_becomes_due(self, store: Persistence) -> None:
         store.enqueue([_record(store.queue, due=time.time() + 0.5)])
         started = time.monotonic()
-        store.wait_for_work(["r"], "w", 5.0)
+        store.wait_for_work("r", "w", 5.0)
         assert 0.3 < time.monotonic() - started < 2.0
         assert len(store.claim("r", "w", 30)) == 1
 

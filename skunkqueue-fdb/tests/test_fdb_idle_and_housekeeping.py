@@ -45,7 +45,7 @@ def test_idle_wait_backs_off_instead_of_spinning(store: Persistence, faults: Any
     faults.configure(**setting)
     before = faults.stats["requests"]
     started = time.monotonic()
-    store.wait_for_work(["r"], "w", 2.0)
+    store.wait_for_work("r", "w", 2.0)
     assert 1.9 < time.monotonic() - started < 3.0  # nothing arrived: it waited its time
     # Backing off 0.05, 0.1, 0.2 ... 1 s: a handful of rounds of a few requests each, not thousands.
     assert faults.stats["requests"] - before < 60, faults.stats
@@ -57,7 +57,7 @@ def test_work_still_wakes_an_idle_worker_among_spurious_fires(store: Persistence
     faults.configure(spurious_watch_rate=0.5)
     threading.Timer(0.5, lambda: store.enqueue([_record(store.queue)])).start()
     started = time.monotonic()
-    store.wait_for_work(["r"], "w", 10.0)
+    store.wait_for_work("r", "w", 10.0)
     assert time.monotonic() - started < 2.5
     assert len(store.claim("r", "w", 30)) == 1
 
@@ -130,7 +130,7 @@ def _idle_waiters(store: Persistence, n: int, timeout: float) -> tuple[list[Any]
     woke: dict[str, float] = {}
 
     def wait(i: int) -> None:
-        store.wait_for_work(["r"], f"w{i}", timeout)
+        store.wait_for_work("r", f"w{i}", timeout)
         woke[f"w{i}"] = time.monotonic()
 
     threads = [threading.Thread(target=wait, args=(i,)) for i in range(n)]
@@ -192,7 +192,7 @@ def test_no_job_slips_past_workers_going_idle(store: Persistence, faults: Any) -
             else:
                 # A new name each time: its first idle entry races the producer, as a new worker's does.
                 n += 1
-                store.wait_for_work(["r"], f"w{i}-{n}", 5.0)
+                store.wait_for_work("r", f"w{i}-{n}", 5.0)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:

@@ -270,7 +270,7 @@ def test_change_stream_wakes_an_idle_waiter_at_once(mongo_replset: Any, opened: 
     timer = threading.Timer(0.3, lambda: producer.enqueue([make_record(queue_name)]))
     started = time.monotonic()
     timer.start()
-    waiter.wait_for_work(["r"], "w", 5.0)
+    waiter.wait_for_work("r", "w", 5.0)
     elapsed = time.monotonic() - started
     assert 0.25 < elapsed < 0.8
     assert len(waiter.claim("r", "w", 10)) == 1
@@ -283,7 +283,7 @@ def test_change_stream_wakes_on_a_retry(mongo_replset: Any, opened: Any, queue_n
     timer = threading.Timer(0.3, lambda: other.finish(claimed.id, claimed.token, Outcome(PENDING)))
     started = time.monotonic()
     timer.start()
-    waiter.wait_for_work(["r"], "w", 5.0)
+    waiter.wait_for_work("r", "w", 5.0)
     assert time.monotonic() - started < 0.8
     assert [r.id for r in waiter.claim("r", "w", 10)] == [claimed.id]
 
@@ -304,7 +304,7 @@ def test_change_stream_ignores_other_queues_routes_and_targets(mongo_replset: An
     timer = threading.Timer(0.2, noise)
     started = time.monotonic()
     timer.start()
-    waiter.wait_for_work(["r"], "w", 1.0)
+    waiter.wait_for_work("r", "w", 1.0)
     returned = time.monotonic()
     timer.join(5)
     assert 0.95 < returned - started < 1.5
@@ -318,7 +318,7 @@ def test_waiter_wakes_when_a_scheduled_record_falls_due(mongo: Any, opened: Any,
     store = opened(queue_name, mongo.url)
     store.enqueue([make_record(queue_name, due=time.time() + 0.5)])
     started = time.monotonic()
-    store.wait_for_work(["r"], "w", 5.0)
+    store.wait_for_work("r", "w", 5.0)
     assert 0.4 < time.monotonic() - started < 0.8
     assert len(store.claim("r", "w", 10)) == 1
 
@@ -329,11 +329,11 @@ def test_standalone_wait_polls_and_returns_when_work_appears(mongo_standalone: A
     timer = threading.Timer(0.3, lambda: producer.enqueue([make_record(queue_name)]))
     started = time.monotonic()
     timer.start()
-    waiter.wait_for_work(["r"], "w", 5.0)
+    waiter.wait_for_work("r", "w", 5.0)
     elapsed = time.monotonic() - started
-    assert 0.25 < elapsed < 0.3 + mongo_persistence.MAX_POLL + 0.1
+    assert 0.25 < elapsed < 0.3 + waiter.max_idle_poll + 0.1
     idle = time.monotonic()
-    waiter.wait_for_work(["zz"], "w", 0.4)
+    waiter.wait_for_work("zz", "w", 0.4)
     assert 0.38 < time.monotonic() - idle < 0.6
 
 

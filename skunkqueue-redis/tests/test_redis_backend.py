@@ -298,7 +298,7 @@ def test_hot_paths_never_scan_the_keyspace(store: RedisPersistence, raw: redis.R
         for claimed in batch:
             store.finish(claimed.id, claimed.token, policy.completed(b"1"))
     store.expired_leases(time.time())
-    store.wait_for_work(["route1"], "w", 0.01)
+    store.wait_for_work("route1", "w", 0.01)
     store.counts()
     store.list_jobs(route="route1")
     store.purge("route2")
@@ -315,7 +315,7 @@ def test_idle_worker_wakes_within_milliseconds(store: RedisPersistence, url: str
             woke: list[float] = []
 
             def wait(woke: list[float] = woke) -> None:
-                store.wait_for_work(["r"], "w", 3.0)
+                store.wait_for_work("r", "w", 3.0)
                 woke.append(time.perf_counter())
 
             waiter = threading.Thread(target=wait)
@@ -335,7 +335,7 @@ def test_wait_for_work_wakes_when_a_future_record_falls_due(store: RedisPersiste
     store.enqueue([job])
     assert store.claim("r", "w", 10) == []
     started = time.monotonic()
-    store.wait_for_work(["r"], "w", 3.0)
+    store.wait_for_work("r", "w", 3.0)
     waited = time.monotonic() - started
     assert 0.3 < waited < 0.6
     assert [r.id for r in store.claim("r", "w", 10)] == [job.id]

@@ -76,6 +76,7 @@ class AsyncWorker(Worker):
         self._loop_ref = asyncio.get_running_loop()
         backend, slots = self.backend, self.config.async_concurrency
         pause = 0.001
+        busy_at = time.monotonic()  # when a job last ran: the store's idle back-off grows from there
         while self.stopping is None:
             try:
                 free = slots - len(self._tasks)
@@ -89,14 +90,13 @@ class AsyncWorker(Worker):
                     pause = 0.001
                     await asyncio.sleep(0)
                 elif self._tasks:
+                    # Jobs run on this loop, so it cannot block in wait_for_work: poll the store.
                     await asyncio.wait([t for t, _ in self._tasks.values()], timeout=pause,
                                        return_when=asyncio.FIRST_COMPLETED)
                     pause = min(pause * 2, backend.max_idle_poll)
-                elif backend.notifies:
-                    backend.wait_for_work([self.config.route], self.id, 1.0)  # nothing runs: block
-                else:
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, backend.max_idle_poll)
+                    busy_at = time.monotonic()
+                else:  # nothing runs: block on the store
+                    backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
             except BackendUnavailable as exc:
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
                 await asyncio.sleep(1.0)

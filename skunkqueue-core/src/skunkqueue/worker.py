@@ -298,7 +298,7 @@ class Worker:
 
     def _loop(self) -> None:
         backend = self.backend
-        pause = 0.001
+        busy_at = time.monotonic()  # when this worker last had work: its back-off grows from there
         while self.stopping is None:
             try:
                 self._read_commands()  # a stop the pool also sends through the pipe
@@ -308,13 +308,9 @@ class Worker:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
                 if not self.held:
-                    if backend.notifies:
-                        backend.wait_for_work([self.config.route], self.id, 1.0)
-                    else:
-                        self._sleep(pause)
-                        pause = min(pause * 2, backend.max_idle_poll)
+                    backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
                     continue
-                pause = 0.001
+                busy_at = time.monotonic()
                 self._take_up(self.held.pop(0))
             except BackendUnavailable as exc:
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)

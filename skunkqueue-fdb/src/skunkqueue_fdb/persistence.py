@@ -816,27 +816,25 @@ class FDBPersistence(Persistence):
     # -- waiting: FoundationDB watches instead of polling ---------------------------------------
 
     @_translate
-    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         nudge = self._nudge.pack((worker_id,))
 
         def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
             now = time.time()
             next_due = None
-            for route in routes:
-                for target in ("", worker_id):
-                    span = self._due.range((route, target))
-                    # A conflicting read: a job enqueued while this commits makes it retry and see it.
-                    for kv in tr.get_range(span.start, span.stop, limit=1):
-                        due = self._due.unpack(kv.key)[2]
-                        next_due = due if next_due is None else min(next_due, due)
+            for target in ("", worker_id):
+                span = self._due.range((route, target))
+                # A conflicting read: a job enqueued while this commits makes it retry and see it.
+                for kv in tr.get_range(span.start, span.stop, limit=1):
+                    due = self._due.unpack(kv.key)[2]
+                    next_due = due if next_due is None else min(next_due, due)
             if next_due is not None and next_due <= now:
                 return (next_due, None, []), None
             # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
             # Measured in the cluster's versions, not in this machine's clock: producers on
             # machines whose clocks differ from this one's by seconds still see it live.
             until = fdb.tuple.pack((tr.get_read_version().wait() + int((timeout + 0.1) * VERSIONS_PER_SECOND),))
-            for route in routes:
-                tr[self._idle.pack((route, worker_id))] = until
+            tr[self._idle.pack((route, worker_id))] = until
             return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
 
         deadline = time.monotonic() + timeout

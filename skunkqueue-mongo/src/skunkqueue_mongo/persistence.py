@@ -94,7 +94,6 @@ DEFAULT_DB = "skunkqueue"
 # Fail in seconds, not pymongo's default 30 s, when the server is down. A URI
 # that sets one of these (or appName) itself wins.
 TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
-MAX_POLL = 0.05          # longest pause between polls of a standalone server, seconds
 DUPLICATE_KEY = 11000
 # $inc or $add on a token that is not a number
 TYPE_MISMATCH = {14, 16554}
@@ -709,16 +708,17 @@ class MongoPersistence(NativeAsync, Persistence):
         due = None if doc is None else doc.get("due")
         return float(due) if isinstance(due, (int, float)) else None
 
-    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         deadline = time.monotonic() + max(timeout, 0.0)
         if self.notifies:
-            self._call("wait for work", lambda: self._wait_on_stream(routes, worker_id, deadline),
+            self._call("wait for work", lambda: self._wait_on_stream([route], worker_id, deadline),
                        idempotent=False)
         else:
-            self._call("wait for work", lambda: self._poll(routes, worker_id, deadline), idempotent=False)
+            self._call("wait for work", lambda: self._poll([route], worker_id, deadline, idle), idempotent=False)
 
-    def _poll(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
-        pause = 0.001
+    def _poll(self, routes: Sequence[str], worker_id: str, deadline: float, idle: float) -> None:
+        # The base class's back-off, but returning as soon as the indexed look finds a due record.
+        pause = min(max(idle, 0.001), self.max_idle_poll)
         while True:
             due = self._next_due(routes, worker_id)
             left = deadline - time.monotonic()
@@ -726,7 +726,7 @@ class MongoPersistence(NativeAsync, Persistence):
             if left <= 0 or (until_due is not None and until_due <= 0):
                 return
             time.sleep(min(pause, left, until_due if until_due is not None else left))
-            pause = min(pause * 2, MAX_POLL)
+            pause = min(pause * 2, self.max_idle_poll)
 
     def _wait_on_stream(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
         # A fresh stream per wait, started just after the snapshot of the read

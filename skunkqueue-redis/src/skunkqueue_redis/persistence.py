@@ -592,14 +592,12 @@ class RedisPersistence(NativeAsync, Persistence):
     # -- waiting -------------------------------------------------------------------
 
     @guarded
-    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         # The last claim told us when the next known record becomes due: wake then at the latest.
-        soonest = min((self._next_due.get(r, math.inf) for r in routes), default=math.inf)
-        timeout = min(timeout, soonest - time.monotonic(), MAX_BLOCK)
+        timeout = min(timeout, self._next_due.get(route, math.inf) - time.monotonic(), MAX_BLOCK)
         if timeout < 0.001:
             return
-        keys = [key for r in routes for key in (self.keys.notify(r), self.keys.notify(r, worker_id))]
-        self.client.blpop(keys, timeout=timeout)
+        self.client.blpop([self.keys.notify(route), self.keys.notify(route, worker_id)], timeout=timeout)
 
     @guarded
     def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:

@@ -40,6 +40,10 @@ T = TypeVar("T")
 # Finished records are kept this long (seconds) unless the queue says otherwise.
 DEFAULT_RESULT_TTL = 7 * 24 * 3600
 
+# How soon, in seconds, a backend that ``notifies`` must wake a waiting worker
+# after new work is stored (the kit checks it, with some slack for a busy machine).
+NOTIFY_LATENCY = 0.03
+
 # Statuses that :meth:`Persistence.renew` reports per job.
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
@@ -69,11 +73,12 @@ class Persistence(ABC):
     name: ClassVar[str] = ""
     #: Largest encoded payload the backend accepts, in bytes (None: no limit).
     max_payload: ClassVar[int | None] = None
-    #: True when :meth:`wait_for_work` blocks on the store and wakes on new
-    #: work; False makes workers poll with an adaptive back-off. A backend may
-    #: set it per instance (e.g. change streams only on a replica set).
+    #: A capability, read by the conformance kit and by nothing else: True when
+    #: :meth:`wait_for_work` wakes within ``NOTIFY_LATENCY`` of new work arriving;
+    #: False when it polls, so that new work waits up to ``max_idle_poll``. A
+    #: backend may set it per instance (e.g. change streams only on a replica set).
     notifies: bool = False
-    #: Longest sleep between polls, in seconds, when ``notifies`` is False.
+    #: Longest sleep of the default :meth:`wait_for_work`'s back-off, in seconds.
     max_idle_poll: ClassVar[float] = 0.2
     #: True when the backend implements :meth:`enqueue_keyed` (idempotency keys).
     supports_keys: ClassVar[bool] = False
@@ -387,13 +392,20 @@ class Persistence(ABC):
 
     # -- waiting (override where the store can notify) -------------------------
 
-    def wait_for_work(self, routes: Sequence[str], worker_id: str, timeout: float) -> None:
-        """Block up to ``timeout`` seconds, returning early if work may be ready.
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
+        """Block up to ``timeout`` seconds, returning early if work may be ready on ``route``.
 
-        The default sleeps: backends with ``notifies = False`` are polled with
-        a back-off by the worker. Spurious early returns are allowed.
+        Workers call it whenever a claim found nothing, with ``idle`` the
+        seconds since they last got work. Spurious early returns are allowed,
+        but a backend must not return at once again and again while nothing
+        is due (the worker would spin).
+
+        The default is the polling back-off: it sleeps about as long as the
+        worker has been idle, from 1 ms up to ``max_idle_poll``, so that a
+        busy queue is polled briskly and an idle one rarely. Backends that
+        can block on the store override it (and set ``notifies``).
         """
-        time.sleep(timeout)
+        time.sleep(max(0.0, min(timeout, self.max_idle_poll, max(idle, 0.001))))
 
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Block until the record is finished or ``timeout`` passes; return it.

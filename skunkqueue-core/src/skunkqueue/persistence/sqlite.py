@@ -3,7 +3,10 @@
 Producers and workers in separate processes on one machine share the file.
 Atomic steps run inside ``BEGIN IMMEDIATE`` transactions, which take SQLite's
 single write lock, so a claim is seen by exactly one process. SQLite cannot
-notify other processes, so workers poll it with an adaptive back-off.
+notify other processes, so idle workers and result waiters wait on FIFOs in a
+folder beside the file (``<file>-wake``, see :mod:`.wakefolder`) that
+producers and finishing workers poke after their commit; where that folder
+cannot be made (a read-only folder, no FIFOs on the platform) they poll.
 
 Where the file lives: ``url`` if given (a file path, or ``sqlite:///abs/path``;
 ``:memory:`` is refused because workers could not see it, and so is any other
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import sqlite3
 import time
@@ -28,6 +32,7 @@ from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
+from skunkqueue.persistence.wakefolder import WakeFolder, tag
 from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
@@ -82,6 +87,14 @@ def default_path() -> Path:
     return Path(base) / "skunkqueue" / "skunkqueue.db"
 
 
+# How long a write waits for SQLite's write lock before it gives up, seconds.
+LOCK_TIMEOUT = 30.0
+# The first and the longest pause between tries for the write lock, seconds.
+# SQLite's own busy handler sleeps 1 ms, then 2, 5, 10 ms...: longer than a
+# whole claim, so two workers would mostly take turns sleeping.
+LOCK_PAUSE = (0.00005, 0.002)
+_BUSY_TIMEOUT = f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}"
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -106,6 +119,12 @@ def resolve_path(url: str | None) -> Path:
     return Path(url)
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY: another connection holds the lock (the code is only on the exception from 3.11)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF == 5 if isinstance(code, int) else "locked" in str(exc)
+
+
 def _row_to_record(row: sqlite3.Row) -> JobRecord:
     try:
         data: dict[str, Any] = json.loads(row["record"]) if row["record"] else {}
@@ -119,7 +138,9 @@ def _row_to_record(row: sqlite3.Row) -> JobRecord:
 
 
 def _record_to_row(record: JobRecord, expire_at: float | None) -> dict[str, Any]:
-    data = record.to_dict()
+    # A shallow copy: every field is a plain value (to_dict's deep copy was a
+    # third of an enqueue's time, and claims and finishes ran it under the lock).
+    data = dict(vars(record))
     row = {name: data.pop(name) for name in _COLUMNS}
     row["record"] = json.dumps(data)
     row["expire_at"] = expire_at
@@ -139,10 +160,13 @@ class SQLitePersistence(Persistence):
             raise ConfigurationError(
                 f"The folder of the SQLite queue file {self.path} does not exist; create it first."
             )
+        self._wake = WakeFolder(self.path)
+        self._pokes: list[tuple[str, int | None]] = []  # sent once the write that calls for them commits
+        self._route_tags: dict[str, str] = {}
         try:
             if creates_folder:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+            self._db = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -151,6 +175,7 @@ class SQLitePersistence(Persistence):
             self._migrate()
         except (OSError, sqlite3.Error) as exc:
             raise BackendUnavailable(f"Cannot open the SQLite queue file {self.path}: {exc}") from None
+        self.notifies = self._wake.folder() is not None
 
     def _migrate(self) -> None:
         """Bring a file made by an older version up to date (each step is idempotent)."""
@@ -164,13 +189,57 @@ class SQLitePersistence(Persistence):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One atomic read-modify-write step under SQLite's write lock."""
-        self._db.execute("BEGIN IMMEDIATE")
+        self._begin()
+        self._pokes.clear()
         try:
-            yield self._db
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._pokes.clear()
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            # Reads outside writes keep SQLite's busy handler. Restored once the lock is
+            # released: inside the transaction nothing waits for a lock any more.
+            self._db.execute(_BUSY_TIMEOUT)
+        if self._pokes:
+            with self._wake.round():
+                for prefix, wanted in self._pokes:
+                    self._wake.poke(prefix, wanted)
+            self._pokes.clear()
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, trying for the lock again every 50 µs or so instead of SQLite's 1 ms and more."""
+        db = self._db
+        db.execute("PRAGMA busy_timeout=0")
+        deadline, pause = time.monotonic() + LOCK_TIMEOUT, LOCK_PAUSE[0]
+        try:
+            while True:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    return  # _write restores the busy timeout after the commit
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc) or time.monotonic() > deadline:
+                        raise
+                # Jitter, so that two waiters do not keep colliding in step.
+                time.sleep(pause * random.uniform(0.5, 1.5))
+                pause = min(pause * 2, LOCK_PAUSE[1])
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute(_BUSY_TIMEOUT)
             raise
-        self._db.execute("COMMIT")
+
+    def _route_tag(self, route: str) -> str:
+        found = self._route_tags.get(route)
+        if found is None:
+            found = self._route_tags[route] = "w" + tag(self.queue, route)
+        return found
+
+    def _poke_workers(self, route: str, target: str | None, records: int = 1) -> None:
+        # Only as many waiters as there are records: waking them all would
+        # have every idle worker race for the write lock to find nothing.
+        prefix = self._route_tag(route) + "."
+        self._pokes.append((prefix + tag(target) + "." if target else prefix, records))
 
     def _store(self, conn: sqlite3.Connection, record: JobRecord) -> None:
         expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
@@ -179,6 +248,18 @@ class SQLitePersistence(Persistence):
             f"INSERT OR REPLACE INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
             tuple(row.values()),
         )
+
+    def _update(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+        """Rewrite the row of a record whose id, queue, route, payload and key stay as they were.
+
+        Cheaper than :meth:`_store`'s INSERT OR REPLACE (a delete and an insert,
+        every index twice), and claims and finishes run it under the write lock.
+        """
+        expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
+        row = _record_to_row(record, expire)
+        conn.execute("UPDATE jobs SET target=?, state=?, due=?, lease_until=?, result=?, record=?, expire_at=? "
+                     "WHERE id=?", (row["target"], row["state"], row["due"], row["lease_until"], row["result"],
+                                    row["record"], expire, record.id))
 
     def _quarantine(self, conn: sqlite3.Connection, job_id: str, why: str) -> None:
         # Keep the damaged row for inspection but take it out of every route.
@@ -200,6 +281,7 @@ class SQLitePersistence(Persistence):
         holders = []
         now = time.time()
         with self._write() as conn:  # the write lock makes check-and-insert one step
+            stored: dict[tuple[str, str | None], int] = {}
             for record in records:
                 if record.key is not None:
                     row = conn.execute("SELECT id, expire_at FROM jobs WHERE queue=? AND key=?",
@@ -211,6 +293,11 @@ class SQLitePersistence(Persistence):
                         conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
                 self._store(conn, record)
                 holders.append(record.id)
+                if record.state == PENDING:
+                    where = (record.route, record.target)
+                    stored[where] = stored.get(where, 0) + 1
+            for (route, target), n in stored.items():
+                self._poke_workers(route, target, n)
         return holders
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -303,7 +390,7 @@ class SQLitePersistence(Persistence):
                 self._quarantine(conn, row["id"], str(exc))
                 continue
             record.claim_by(worker_id, now, lease)
-            self._store(conn, record)
+            self._update(conn, record)
             claimed.append(record)
         return claimed
 
@@ -318,7 +405,7 @@ class SQLitePersistence(Persistence):
                     statuses[job_id] = LEASE_LOST
                     continue
                 record.lease_until = until
-                self._store(conn, record)
+                self._update(conn, record)
                 statuses[job_id] = LEASE_KILL if record.kill_requested else LEASE_OK
         return statuses
 
@@ -341,8 +428,16 @@ class SQLitePersistence(Persistence):
         record = _row_to_record(row)
         if record.state != expect or record.token != token:
             return False
-        self._store(conn, outcome.apply_to(record, time.time()))
+        record = outcome.apply_to(record, time.time())
+        self._update(conn, record)
+        if record.finished_state:
+            self._pokes.append((self._done_tag(job_id) + ".", None))
+        elif record.state == PENDING:  # a retry or a lease handed back
+            self._poke_workers(record.route, record.target)
         return True
+
+    def _done_tag(self, job_id: str) -> str:
+        return "d" + tag(self.queue, job_id)
 
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         with self._write() as conn:
@@ -424,5 +519,47 @@ class SQLitePersistence(Persistence):
             entry.counts[name] = value
         return list(found.values())
 
+    # -- waiting ----------------------------------------------------------------------
+
+    def _next_due(self, route: str, worker_id: str) -> float | None:
+        row = self._db.execute(
+            "SELECT due FROM jobs WHERE queue=? AND route=? AND state=? AND (target IS NULL OR target=?) "
+            "ORDER BY due LIMIT 1", (self.queue, route, PENDING, worker_id)).fetchone()
+        return None if row is None else float(row[0] or 0)
+
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
+        # The FIFO exists before the look at the table: work committed after
+        # the look is poked, work committed before it is seen by it.
+        with self._wake.listen(f"{self._route_tag(route)}.{tag(worker_id)}") as ear:
+            due = self._next_due(route, worker_id)
+            # Without a FIFO, the polling back-off; with one, a poke that never
+            # comes (a producer that may not open it) costs at most max_idle_poll.
+            block = min(timeout, self.max_idle_poll, max(idle, 0.001) if ear is None else timeout)
+            if due is not None:
+                block = min(block, due - time.time())
+            if block <= 0:
+                return
+            if ear is None:
+                time.sleep(block)
+            else:
+                ear.wait(block)
+
+    def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake.listen(self._done_tag(job_id)) as ear:
+            if ear is None:
+                return super().wait_finished(job_id, timeout)
+            while True:
+                record = self.get(job_id)
+                if record is None or record.finished_state:
+                    return record
+                block = self.max_idle_poll
+                if deadline is not None:
+                    block = min(block, deadline - time.monotonic())
+                    if block <= 0:
+                        return record
+                ear.wait(block)
+
     def close(self) -> None:
+        self._wake.close()
         self._db.close()
