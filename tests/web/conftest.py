@@ -169,7 +169,10 @@ def start_pool(tmp_path: Path) -> Iterator[Callable[[Store], subprocess.Popen[st
         _stop(pool)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an asyncio loop running in this
+# thread while it is started, so every later test that calls asyncio.run (the kit's async
+# producer tests, in the backends' folders) would fail until the session ended.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing: `make servers` installs Debian's chromium")
