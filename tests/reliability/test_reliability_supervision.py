@@ -307,3 +307,29 @@ def test_a_stopped_pool_never_lets_a_job_run_twice_at_once(queue: SkunkQueue, st
     assert len(starts) == 2 and len(ends) == 2
     assert ends[0] <= starts[1], "the stale run was still going when the job ran again"
     figures.record("stopped-pool", fired=1, overlapping_runs=0, runs=2)
+
+
+def test_the_worker_of_a_stopped_pool_claims_nothing(queue: SkunkQueue, start_pool: PoolStarter,
+                                                     tmp_path: Path, figures: Figures) -> None:
+    # Nobody renews what the worker of a silent pool claims: each such claim would run out
+    # and cost the job an attempt (five made one job a dead letter without ever running it).
+    log = tmp_path / "executions"
+    first = start_pool(["a"], lease=2.0)
+    [stopped_worker] = first.worker_pids()
+    os.kill(first.pid, signal.SIGSTOP)  # the pool only: its worker stays idle on the route
+    try:
+        time.sleep(2.0)  # past two thirds of the lease without a pulse
+        second = start_pool(["a"], lease=2.0)
+        timed = queue.event(routes=["a"])(hostile_jobs.timed.func)
+        handles = [timed.fire(str(log), f"job{n}", 0.05) for n in range(10)]
+        for handle in handles:
+            assert handle.wait(timeout=30) == "done"
+        time.sleep(1.0)  # let a late claim by the stopped pool's worker show
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    runners = {int(line.rsplit(":", 1)[1]) for line in log.read_text().splitlines()}
+    assert stopped_worker not in runners and runners <= set(second.worker_pids()), runners
+    attempts = [record.attempts for record in (queue.get(h.id) for h in handles) if record is not None]
+    assert attempts == [1] * len(handles), attempts
+    assert "lease lost" not in first.log(), first.log()
+    figures.record("stopped-pool-idle", fired=len(handles), runs=len(handles), charged_without_running=0)

@@ -28,7 +28,7 @@ from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import BackendUnavailable, JobKilled, RoughStop
 from skunkqueue.record import JobRecord, Outcome
-from skunkqueue.worker import Worker, interrupt_for
+from skunkqueue.worker import POOL_SILENT_PAUSE, Worker, interrupt_for
 
 log = logging.getLogger("skunkqueue.worker")
 
@@ -80,7 +80,7 @@ class AsyncWorker(Worker):
         while self.stopping is None:
             try:
                 free = slots - len(self._tasks)
-                if free > 0 and not self.held:
+                if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
                 took_up = False
                 while self.held and len(self._tasks) < slots and self.stopping is None:
@@ -95,6 +95,8 @@ class AsyncWorker(Worker):
                                        return_when=asyncio.FIRST_COMPLETED)
                     pause = min(pause * 2, backend.max_idle_poll)
                     busy_at = time.monotonic()
+                elif not self.may_claim():  # the pool is silent: claim nothing it could not renew
+                    await asyncio.sleep(POOL_SILENT_PAUSE)
                 else:  # nothing runs: block on the store
                     backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
             except BackendUnavailable as exc:

@@ -62,6 +62,7 @@ GENTLE_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT)
 ROUGH_SIGNAL = signal.SIGINT
 INTERRUPT_SIGNAL = signal.SIGUSR1  # pool -> worker: read the control pipe
 EXIT_UNREACHABLE = 3               # exit status: the backend could not be reached at start-up
+POOL_SILENT_PAUSE = 0.2            # seconds between looks at a silent pool before claiming again
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Worker:
         self._handlers: dict[signal.Signals, Any] = {}
         self.pool = channel.WorkerEnd(config.events_fd, config.control_fd, config.pulse_fd)
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
+        self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
         self.backend: Persistence
         self._parent = os.getppid()
@@ -239,6 +241,7 @@ class Worker:
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         self.pool.send(f"h {channel.quote(self.id)}")
+        self._last_pulse = time.monotonic()  # connecting may have taken a while; the pool pulses from now
         self._watch_parent()
         self._watch_pool()
         hooks.call("worker_started", worker=self.info)
@@ -275,6 +278,7 @@ class Worker:
                 # longer than its timeout while pulses piled up in the pipe.
                 if self.pool.wait_pulse(min(0.5, silence / 4)) or self.pool.wait_pulse(0):
                     last, self._pool_silent = time.monotonic(), False
+                    self._last_pulse = last
                 elif time.monotonic() - last > silence and not self._pool_silent and self._busy():
                     self._pool_silent = True
                     signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT_SIGNAL)
@@ -283,6 +287,17 @@ class Worker:
 
     def _busy(self) -> bool:
         return self.current is not None
+
+    def may_claim(self) -> bool:
+        """False while the pool has been silent for two thirds of the lease.
+
+        Nobody would renew what this worker claimed then (the pool is stopped,
+        or cannot reach the store), so its lease would run out and every claim
+        would cost the job an attempt without running it.
+        """
+        if self.config.pulse_fd is None:
+            return True
+        return time.monotonic() - self._last_pulse <= self.config.lease * 2 / 3
 
     def _watch_parent(self) -> None:
         """Where PR_SET_PDEATHSIG does not exist, notice a vanished pool within a second."""
@@ -304,6 +319,9 @@ class Worker:
                 self._read_commands()  # a stop the pool also sends through the pipe
                 if self.stopping is not None:
                     break
+                if not self.held and not self.may_claim():
+                    self._sleep(POOL_SILENT_PAUSE)
+                    continue
                 if not self.held:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
@@ -415,7 +433,7 @@ class Worker:
 
     def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
-        if self.held or self.stopping is not None:
+        if self.held or self.stopping is not None or not self.may_claim():
             recorded = self.backend.finish(record.id, record.token, outcome)
             self.pool.send(done)
             return recorded
