@@ -51,7 +51,9 @@ def skewed(backend: BackendUnderTest, seconds: float, folder: Path) -> BackendUn
     """``backend`` whose worker processes' clocks are off by ``seconds``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))
+    # The backend's own path entries (the fdb stand-in's) stay behind the sitecustomize folder.
+    path = os.pathsep.join(filter(None, [str(folder), backend.env.get("PYTHONPATH", ""),
+                                         os.environ.get("PYTHONPATH", "")]))
     env = {**backend.env, "PYTHONPATH": path, "SKUNQ_TEST_CLOCK_SKEW": repr(seconds)}
     return dataclasses.replace(backend, env=env)
 

@@ -10,12 +10,11 @@ SKUNKQUEUE_FDB_CLUSTER_FILE names a real cluster.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import clockskew
 import fdb_servers as servers
 import pytest
 
@@ -24,17 +23,6 @@ from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import WorkerInfo
 from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.workers import PoolProcess
-
-# Shifts time.time() in every process started with it on its PYTHONPATH.
-_SITECUSTOMIZE = '''\
-import os
-import time
-
-_skew = float(os.environ.get("SKUNQ_TEST_CLOCK_SKEW", "0") or 0)
-if _skew:
-    _real = time.time
-    time.time = lambda: _real() + _skew
-'''
 
 
 @pytest.fixture
@@ -51,14 +39,6 @@ def store(backend: BackendUnderTest) -> Iterator[Persistence]:
     opened = backend.open(backend.new_queue_name())
     yield opened
     opened.close()
-
-
-def _skewed(backend: BackendUnderTest, seconds: float, folder: Path) -> BackendUnderTest:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    path = os.pathsep.join(filter(None, [str(folder), backend.env.get("PYTHONPATH", "")]))
-    return dataclasses.replace(backend, env={**backend.env, "PYTHONPATH": path,
-                                             "SKUNQ_TEST_CLOCK_SKEW": repr(seconds)})
 
 
 def _register(store: Persistence, worker_id: str, monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
@@ -112,7 +92,7 @@ def test_a_pool_whose_clock_is_off_by_more_than_the_lease_allows_refuses_to_star
     normal = PoolProcess(backend, queue_name, ["r"], lease=30, log_path=tmp_path / "normal.log")
     try:
         normal.wait_ready()
-        skewed = PoolProcess(_skewed(backend, skew, tmp_path / "skew"), queue_name, ["r"], lease=30,
+        skewed = PoolProcess(clockskew.skewed(backend, skew, tmp_path / "skew"), queue_name, ["r"], lease=30,
                              log_path=tmp_path / "skewed.log")
         code = skewed.wait(30)
         log = skewed.log()
@@ -139,7 +119,7 @@ def test_a_pool_within_the_bound_starts_and_shares_the_work(backend: BackendUnde
     try:
         pools[0].wait_ready()
         # 20 s is over half the bound (29 s): it starts, with a warning.
-        pools.append(PoolProcess(_skewed(backend, 20.0, tmp_path / "skew"), queue_name, ["r"], lease=30,
+        pools.append(PoolProcess(clockskew.skewed(backend, 20.0, tmp_path / "skew"), queue_name, ["r"], lease=30,
                                  log_path=tmp_path / "skewed.log"))
         pools[1].wait_ready()
         handles = [mark.fire(str(ran), f"job-{n}") for n in range(20)]
