@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftest import Store, Web, shot
+from playwright.sync_api import expect
 
 TOKEN = "t0ken-for-tests"
 
@@ -16,11 +17,10 @@ def cell(page: Any, route: str, state: str) -> int:
 
 
 def wait_cell(page: Any, route: str, state: str, value: int, timeout: float = 30) -> None:
-    page.wait_for_function(
-        """([route, state, value]) => {
-             const td = document.querySelector(`#routes tr[data-route="${route}"] td[data-state="${state}"]`);
-             return td !== null && parseInt(td.innerText, 10) === value;
-           }""", arg=[route, state, value], timeout=timeout * 1000)
+    # Playwright's own waiting (not wait_for_function: its string predicates run through eval, which the
+    # monitor's Content-Security-Policy rightly refuses once the first check fails).
+    expect(page.locator(f'#routes tr[data-route="{route}"] td[data-state="{state}"]')).to_have_text(
+        str(value), timeout=timeout * 1000)
 
 
 def test_live_overview_traceback_and_dead_letter_retry(store: Store, start_web: Callable[..., Web],
@@ -80,7 +80,7 @@ def test_live_overview_traceback_and_dead_letter_retry(store: Store, start_web: 
     page.wait_for_selector(".flash")
     assert "Requeued 1 dead letter(s)." in page.locator(".flash").inner_text()
     page.goto(web.base + f"/jobs/{dead.ids[0]}")
-    page.wait_for_function("document.querySelector('#job-state')?.innerText === 'complete'", timeout=30_000)
+    expect(page.locator("#job-state")).to_have_text("complete", timeout=30_000)
     assert page.locator("#result").inner_text().strip() == '"fixed"'
     assert store.runs_of("needs_file") == 2
     assert store.runs_of("boom") == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftest import Store, Web, shot
+from playwright.sync_api import expect
 
 from skunkqueue import periodic
 
@@ -97,7 +98,6 @@ def test_delete_dead_letters_selected_then_all_matching(store: Store, start_web:
     shot(page, tmp_path, f"dead-after-delete-{store.backend}")
     # The overview's counts follow without a reload.
     page.goto(web.base + "/")
-    page.wait_for_function("document.querySelector('#dead-total') && "
-                           "document.querySelector('#dead-total')?.innerText === '0'", timeout=30_000)
+    expect(page.locator("#dead-total")).to_have_text("0", timeout=30_000)
     assert store.runs_of("boom") == 4                     # deleting ran nothing
     assert all(kind == "confirm" for kind, _ in page.dialogs)  # no injected script ever ran

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 import pytest
 from conftest import SKUNQ, Store, Web, redis_servers, shot
+from playwright.sync_api import expect
 
 TOKEN = "s3cret-token"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -170,7 +171,7 @@ def test_a_signed_in_browser_refuses_another_sites_form(sqlite_store: Store, sta
     # The same button, pressed on the monitor's own page, works.
     page.goto(web.base + f"/jobs/{job_id}")
     page.click("form[action$='/kill'] button")
-    page.wait_for_function("document.querySelector('#job-state')?.innerText === 'killed'")
+    expect(page.locator("#job-state")).to_have_text("killed")
     assert page.dialogs == [("confirm", "Kill this job? It will never run again.")]
     assert state_of(sqlite_store, job_id) == "killed"
 
