@@ -36,7 +36,7 @@ from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.aio import NativeAsync
 from skunkqueue_redis.codec import decode_record, num, opt, pack_items, pack_record, text, unpack_fields
-from skunkqueue_redis.connection import DEFAULT_URL, connect, guarded
+from skunkqueue_redis.connection import DEFAULT_URL, HotLine, connect, guarded
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
@@ -72,11 +72,16 @@ class _Scripts:
         self._head: list[Any] = [pack_items(str(item).encode() for item in head)]
         self._loaded: dict[str, Script] = {name: client.register_script(scripts.compose(name))
                                            for name in scripts.NEEDS}
+        self.line = HotLine(client)
 
     def __call__(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """Run script ``name``; on ``client`` (a pipeline) if given, else on the hot line."""
         # The script's own arguments travel packed too: a job's finish_and_claim has
         # sixteen, and redis-py's per-argument encoding was a fifth of a worker's CPU.
-        return self._loaded[name](keys=keys, args=[*self._head, pack_items(map(_arg, args))], client=client)
+        packed = [*self._head, pack_items(map(_arg, args))]
+        if client is not None:
+            return self._loaded[name](keys=keys, args=packed, client=client)
+        return self.line.run(self._loaded[name], keys, packed)
 
 
 def _arg(value: Any) -> bytes:
@@ -610,5 +615,6 @@ class RedisPersistence(NativeAsync, Persistence):
 
     def close(self) -> None:
         self.close_async_clients()
+        self._script.line.close()
         self.client.close()
 
