@@ -18,12 +18,12 @@ import pytest
 import redis
 from redis.connection import SSLConnection, UnixDomainSocketConnection
 
-from skunkqueue import policy
+from skunkqueue import Job, SkunkQueue, policy
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome, WorkerInfo
-from skunkqueue.testing import BackendUnderTest
+from skunkqueue.testing import BackendUnderTest, jobs
 from skunkqueue.testing.suite_fields import KILL_ROUTES_BACK, kill_then_hand_back
 from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis.connection import parse_conn_url
@@ -289,6 +289,70 @@ def test_claim_and_finish_are_one_round_trip_each(store: RedisPersistence, queue
     round_trips[0] = 0
     store.enqueue([record(queue_name, f"route{i % 3}") for i in range(1000)])
     assert round_trips[0] == 1
+
+
+def test_script_calls_survive_a_flushed_script_cache(store: RedisPersistence, raw: redis.Redis,
+                                                    queue_name: str) -> None:
+    # Scripts run on the store's own connection (HotLine), beside redis-py's pool: a server that
+    # lost its scripts (restart, SCRIPT FLUSH) must get them again there too.
+    store.enqueue([record(queue_name)])
+    raw.script_flush()
+    assert len(store.claim("r", "w", 10)) == 1
+    store.enqueue([record(queue_name)])
+    assert len(store.claim("r", "w", 10)) == 1
+
+
+def test_a_dropped_script_connection_is_replaced_and_nothing_runs_twice(store: RedisPersistence,
+                                                                         raw: redis.Redis,
+                                                                         queue_name: str) -> None:
+    store.enqueue([record(queue_name) for _ in range(3)])
+    assert len(store.claim("r", "w", 10, limit=1)) == 1
+    # The server drops every connection but this one (a restart, an idle timeout, a proxy).
+    raw.client_kill_filter(_type="normal", skipme=True)
+    assert len(store.claim("r", "w", 10, limit=1)) == 1   # no error: the call was made again
+    assert len(store.claim("r", "w", 10, limit=1)) == 1
+    fields = [raw.hmget(f"sq:{{{queue_name}}}:j:{job_id.decode()}", "state", "attempts")
+              for job_id in raw.zrange(f"sq:{{{queue_name}}}:jobs", 0, -1)]
+    assert fields == [[b"running", b"1"]] * 3  # each claimed once: no claim ran twice
+
+
+def test_threads_and_a_forked_child_share_a_store_safely(store: RedisPersistence, queue_name: str) -> None:
+    store.enqueue([record(queue_name)])  # the parent's script connection is open from here on
+    pid = os.fork()
+    if pid == 0:  # the child must open its own connection, not write into the parent's
+        try:
+            store.enqueue([record(queue_name) for _ in range(50)])
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+
+    def fire() -> None:
+        for _ in range(50):
+            store.enqueue([record(queue_name)])
+
+    threads = [threading.Thread(target=fire) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    claimed = store.claim("r", "w", 10, limit=1000)
+    assert len(claimed) == len({c.id for c in claimed}) == 1 + 50 + 8 * 50
+
+
+def test_wait_on_a_finished_job_reads_it_once(url: str, queue_name: str, round_trips: list[int]) -> None:
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=url, dbname="5")
+    try:
+        add = Job(queue, jobs.add.func, ["r"])
+        handle = add.fire(1, 2)
+        [claimed] = queue.persistence.claim("r", "w", 10)
+        queue.persistence.finish(claimed.id, claimed.token, policy.completed(b"3"))
+        round_trips[0] = 0
+        assert handle.wait(timeout=5) == 3
+        assert round_trips[0] == 1  # the finished record already holds the result: no second read
+    finally:
+        queue.close()
 
 
 def test_hot_paths_never_scan_the_keyspace(store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:

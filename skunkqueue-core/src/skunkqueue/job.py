@@ -294,7 +294,9 @@ class JobHandle:
         With several deliveries: ``{route: value}``, or ``{worker_id: value}``
         on a broadcast queue.
         """
-        records = self.records()
+        return self._result_of(self.records())
+
+    def _result_of(self, records: Sequence[JobRecord | None]) -> Any:
         if len(records) == 1:
             return self._value(records[0])
         return {key: self._value(r) for key, r in zip(self.keys, records)}
@@ -315,10 +317,14 @@ class JobHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         backend = self.queue.persistence
+        records: list[JobRecord | None] = []
         for job_id in self.ids:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            _check_finished(job_id, backend.wait_finished(job_id, left), timeout)
-        return self.result
+            record = backend.wait_finished(job_id, left)
+            _check_finished(job_id, record, timeout)
+            records.append(record)
+        # The finished records already hold the results: no second read.
+        return self._result_of(records)
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """``wait`` for asyncio code: polls the store without blocking the event loop."""
@@ -339,9 +345,7 @@ class JobHandle:
                 pause = min(pause * 2, 0.1)
             _check_finished(job_id, record, timeout)
             records.append(record)
-        if len(records) == 1:
-            return self._value(records[0])
-        return {key: self._value(r) for key, r in zip(self.keys, records)}
+        return self._result_of(records)
 
     def __await__(self) -> Any:
         return self.aresult().__await__()
