@@ -160,6 +160,7 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
 
@@ -322,9 +323,10 @@ class Worker:
                 if not self.held and not self.may_claim():
                     self._sleep(POOL_SILENT_PAUSE)
                     continue
-                if not self.held:
+                if not self.held and not self._found_nothing:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
+                self._found_nothing = False
                 if not self.held:
                     backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
                     continue
@@ -442,6 +444,8 @@ class Worker:
             self.config.prefetch)
         # One pipe write for the outcome and the next claims: the pool reads them together anyway.
         self._took(claimed, done)
+        # That claim found nothing: the loop waits for work next instead of asking the store again.
+        self._found_nothing = not claimed
         return recorded
 
     def _finish_when_back(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
