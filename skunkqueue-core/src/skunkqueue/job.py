@@ -327,22 +327,13 @@ class JobHandle:
         return self._result_of(records)
 
     async def aresult(self, timeout: float | None = None) -> Any:
-        """``wait`` for asyncio code: polls the store without blocking the event loop."""
-        import asyncio  # here, not at the top: sync producers and workers never pay for it
-
+        """``wait`` for asyncio code: waits on the store without blocking the event loop."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backend = self.queue.apersistence
         records: list[JobRecord | None] = []
         for job_id in self.ids:
-            pause = 0.001
-            while True:
-                record = await backend.aget(job_id)
-                if record is None or record.finished_state:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 0.1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            record = await backend.await_finished(job_id, left)
             _check_finished(job_id, record, timeout)
             records.append(record)
         return self._result_of(records)

@@ -150,6 +150,17 @@ class NativeAsync(Persistence):
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
         return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
+    @aguarded
+    async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
+        # As the sync _wait_for_finish: block on the job's done list (a connection of the
+        # loop's pool is held meanwhile), not a polling back-off.
+        from skunkqueue_redis.persistence import MAX_BLOCK
+
+        done = self.keys.done(job_id)
+        block = MAX_BLOCK if left is None else min(MAX_BLOCK, left)
+        client = (await self._side()).client
+        await client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")
+
     def close_async_clients(self) -> None:
         """Let each live loop close its client; a closed loop already took its sockets down."""
         sides = self.__dict__.pop("_loop_sides", None)

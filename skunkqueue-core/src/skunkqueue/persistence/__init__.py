@@ -477,8 +477,32 @@ class Persistence(ABC):
         return await self._in_thread(self.enqueue_keyed, records)
 
     async def aget(self, job_id: str) -> JobRecord | None:
-        """:meth:`get`, awaitable (``aresult`` polls it)."""
+        """:meth:`get`, awaitable."""
         return await self._in_thread(self.get, job_id)
+
+    async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """:meth:`wait_finished` for asyncio code (``aresult``): the same looks, never blocking the loop.
+
+        Looks with :meth:`aget` and, between looks, waits in :meth:`_await_finish`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rounds = 0
+        while True:
+            record = await self.aget(job_id)
+            if record is None or record.finished_state:
+                return record
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return record
+            await self._await_finish(job_id, left, rounds)
+            rounds += 1
+
+    async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
+        """:meth:`_wait_for_finish` for :meth:`await_finished`; the default sleeps the same back-off."""
+        import asyncio
+
+        pause = min(0.001 * 2 ** min(rounds, 7), 0.1)
+        await asyncio.sleep(pause if left is None else min(pause, left))
 
     async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
         """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
