@@ -329,7 +329,7 @@ class JobHandle:
     async def aresult(self, timeout: float | None = None) -> Any:
         """``wait`` for asyncio code: waits on the store without blocking the event loop."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        backend = self.queue.apersistence
+        backend = await self.queue.aopen()
         records: list[JobRecord | None] = []
         for job_id in self.ids:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

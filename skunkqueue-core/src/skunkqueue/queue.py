@@ -70,6 +70,20 @@ class SkunkQueue:
                                             result_ttl=self.result_ttl, **self.options)
         return self._async_conn
 
+    async def aopen(self) -> Persistence:
+        """:attr:`apersistence` for coroutines: the first call opens it (a connect and a ping) on a
+        thread, so that not even that blocks the event loop."""
+        if self._async_conn is None:
+            import asyncio
+
+            conn = await asyncio.to_thread(open_backend, self.name, self.backend, url=self.conn_url,
+                                           db=self.dbname, result_ttl=self.result_ttl, **self.options)
+            if self._async_conn is None:
+                self._async_conn = conn
+            else:  # another coroutine opened one meanwhile: keep that one
+                conn.close()
+        return self._async_conn
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -138,7 +152,7 @@ class SkunkQueue:
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
-        backend = self.apersistence
+        backend = await self.aopen()
         live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import skunkqueue.queue
 from skunkqueue.errors import JobFailed, JobTimeout
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
@@ -64,11 +65,20 @@ class AsyncSuite:
 
         asyncio.run(produce())
 
-    def test_afire_never_blocks_the_event_loop(self, queue: SkunkQueue) -> None:
+    def test_afire_never_blocks_the_event_loop(self, queue: SkunkQueue, monkeypatch: pytest.MonkeyPatch) -> None:
         add = declare(queue, jobs.add)
+        opened_on: list[int] = []
+        open_backend = skunkqueue.queue.open_backend
+
+        def opening(*args: Any, **kwargs: Any) -> Persistence:
+            opened_on.append(threading.get_ident())
+            return open_backend(*args, **kwargs)
+
+        monkeypatch.setattr(skunkqueue.queue, "open_backend", opening)
 
         async def run() -> tuple[int, float, float]:
             gaps: list[float] = []
+            loop_thread = threading.get_ident()
 
             async def ticker() -> None:
                 last = time.monotonic()
@@ -84,6 +94,8 @@ class AsyncSuite:
             took = time.monotonic() - started
             tick.cancel()
             assert len({h.id for h in handles}) == 1000
+            # Even the first call's connect and ping ran on a thread, not on the loop.
+            assert opened_on and loop_thread not in opened_on, "the async connection was opened on the loop"
             return len(gaps), max(gaps), took
 
         ticks, worst, took = asyncio.run(run())
