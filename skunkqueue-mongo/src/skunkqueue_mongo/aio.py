@@ -1,51 +1,29 @@
 """The MongoDB backend's asyncio side: ``afire`` and ``aresult`` on PyMongo's ``AsyncMongoClient``, with no thread.
 
-An ``AsyncMongoClient`` belongs to the event loop it first ran on, while a
-SkunkQueue and its persistence may outlive a loop (``asyncio.run`` per test,
-per request in some frameworks). So each loop gets its own client, made on the
-first async call in that loop and forgotten with the loop. It is opened from
+Each event loop gets its own client (``skunkqueue.loopclients``), opened from
 the same URI with the same options as the sync client (TLS, credentials,
-timeouts and retries all come from there) and writes the same documents, with
+timeouts and retries all come from there); it writes the same documents, with
 the same error translation, key handling and clock correction.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, cast
 
 from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
 from skunkqueue.errors import BackendUnavailable, PayloadTooLarge
+from skunkqueue.loopclients import PerLoop
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
 
 if TYPE_CHECKING:
-    import asyncio
 
     from pymongo.asynchronous.collection import AsyncCollection
 
 T = TypeVar("T")
-
-
-class _LoopSide:
-    """One event loop's client, closed when the loop shuts down (see skunkqueue_redis.aio._LoopSide)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    async def watch_loop_end(self) -> None:
-        # asyncio.run finalizes the async generators its loop tracks: this one closes the client.
-        self.guard = self._until_loop_ends()
-        await self.guard.__anext__()
-
-    async def _until_loop_ends(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.client.close()
 
 
 class NativeAsync(Persistence):
@@ -71,19 +49,16 @@ class NativeAsync(Persistence):
 
     async def _ajobs(self) -> AsyncCollection[dict[str, Any]]:
         """This loop's ``jobs`` collection (its client is made on the loop's first call)."""
-        import asyncio
+        clients = self.__dict__.get("_loop_clients")
+        if clients is None:  # setdefault: loops in two threads may make their first call at once
+            clients = self.__dict__.setdefault("_loop_clients", PerLoop(self._aclient, _aclose))
+        client = await cast("PerLoop[Any]", clients).get()
+        return client[self.jobs.database.name]["jobs"]
 
+    def _aclient(self) -> Any:
         from pymongo import AsyncMongoClient
 
-        loop = asyncio.get_running_loop()
-        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide]
-        # setdefault: loops in two threads may make their first call at once (one dict, not two).
-        sides = self.__dict__.setdefault("_loop_sides", weakref.WeakKeyDictionary())
-        side = sides.get(loop)
-        if side is None:
-            side = sides[loop] = _LoopSide(AsyncMongoClient(self.conn_url, **self.client_options))
-            await side.watch_loop_end()
-        return side.client[self.jobs.database.name]["jobs"]
+        return AsyncMongoClient(self.conn_url, **self.client_options)
 
     async def _acall(self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
         """``_call`` for coroutines: same retry and the same errors."""
@@ -173,21 +148,13 @@ class NativeAsync(Persistence):
         return None if doc is None else _to_record(doc)
 
     def close_async_clients(self) -> None:
-        """Let each live loop close its client; a closed loop already took its sockets down."""
-        sides = self.__dict__.pop("_loop_sides", None)
-        for loop, side in list((sides or {}).items()):
-            if not loop.is_closed():
-                _close_on(loop, side.guard.aclose)  # runs its finally: the client's close(), once
+        clients = self.__dict__.pop("_loop_clients", None)
+        if clients is not None:
+            clients.close_all()
 
 
-def _close_on(loop: asyncio.AbstractEventLoop, aclose: Callable[[], Awaitable[Any]]) -> None:
-    def start() -> None:
-        loop.create_task(aclose())  # type: ignore[arg-type]
-
-    try:
-        loop.call_soon_threadsafe(start)
-    except RuntimeError:  # closed meanwhile
-        pass
+async def _aclose(client: Any) -> None:
+    await client.close()
 
 
 __all__ = ["NativeAsync"]

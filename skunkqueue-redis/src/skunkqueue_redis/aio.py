@@ -1,31 +1,27 @@
 """The Redis backend's asyncio side: ``afire`` and ``aresult`` on ``redis.asyncio``, with no thread.
 
-A ``redis.asyncio`` client (its pool, its connections) belongs to the event
-loop it was first used on, while a SkunkQueue and its persistence may outlive
-a loop (``asyncio.run`` per test, per request in some frameworks). So each
-loop gets its own client, made on the first async call in that loop and
-forgotten with the loop. It reaches the same server as the sync client, with
-the same TLS, credentials, timeouts and retries (``connection.aconnect``),
-and enqueues through the same Lua scripts.
+Each event loop gets its own client (``skunkqueue.loopclients``). It reaches
+the same server as the sync client, with the same TLS, credentials, timeouts
+and retries (``connection.aconnect``), and enqueues through the same Lua scripts.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-import weakref
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, cast
 
 from redis.exceptions import AuthenticationError, ResponseError
 
 from skunkqueue.errors import MalformedRecord
+from skunkqueue.loopclients import PerLoop
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
 from skunkqueue_redis.codec import decode_record, num, text
 from skunkqueue_redis.connection import UNREACHABLE, aconnect, translate
 
 if TYPE_CHECKING:
-    import asyncio
+    pass
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -53,23 +49,6 @@ class _LoopSide:
         self.cluster = owner.cluster
         self.script = _Scripts(self.client, owner.keys)  # same scripts; calling one returns a coroutine
 
-    async def watch_loop_end(self) -> None:
-        """Have the loop close this client when it shuts down.
-
-        ``asyncio.run`` (and anything calling ``loop.shutdown_asyncgens()``)
-        finalizes the async generators its loop tracks; this one, kept alive by
-        the side until then, closes the client in its ``finally``. Without it a
-        loop that ends before ``close()`` would leave its sockets to the GC.
-        """
-        self.guard = self._until_loop_ends()
-        await self.guard.__anext__()
-
-    async def _until_loop_ends(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self.aclose()
-
     async def aclose(self) -> None:
         if self.cluster:
             await self.client.aclose()
@@ -93,17 +72,11 @@ class NativeAsync(Persistence):
         raise NotImplementedError  # RedisPersistence's: the sync and async enqueue send the same chunks
 
     async def _side(self) -> _LoopSide:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        sides: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide]
-        # setdefault: loops in two threads may make their first call at once (one dict, not two).
-        sides = self.__dict__.setdefault("_loop_sides", weakref.WeakKeyDictionary())
-        side = sides.get(loop)
-        if side is None:
-            side = sides[loop] = _LoopSide(self)
-            await side.watch_loop_end()
-        return side
+        """This loop's client and scripts (made on the loop's first call, closed when it ends)."""
+        sides = self.__dict__.get("_loop_sides")
+        if sides is None:  # setdefault: loops in two threads may make their first call at once
+            sides = self.__dict__.setdefault("_loop_sides", PerLoop(lambda: _LoopSide(self), _LoopSide.aclose))
+        return await cast("PerLoop[_LoopSide]", sides).get()
 
     async def aenqueue(self, records: Sequence[JobRecord]) -> None:
         await self.aenqueue_keyed(records)
@@ -162,21 +135,9 @@ class NativeAsync(Persistence):
         await client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")
 
     def close_async_clients(self) -> None:
-        """Let each live loop close its client; a closed loop already took its sockets down."""
         sides = self.__dict__.pop("_loop_sides", None)
-        for loop, side in list((sides or {}).items()):
-            if not loop.is_closed():
-                _close_on(loop, side.guard.aclose)  # runs its finally: aclose(), once
-
-
-def _close_on(loop: asyncio.AbstractEventLoop, aclose: Callable[[], Awaitable[Any]]) -> None:
-    def start() -> None:
-        loop.create_task(aclose())  # type: ignore[arg-type]
-
-    try:
-        loop.call_soon_threadsafe(start)
-    except RuntimeError:  # closed meanwhile
-        pass
+        if sides is not None:
+            sides.close_all()
 
 
 __all__ = ["NativeAsync", "aguarded"]
