@@ -31,9 +31,15 @@ local COMMON_ARGS = 1
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
 -- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
+-- Read once per script call: a script is atomic, so one instant serves all of it
+-- (finish_and_claim's claim stamps the now its finish used).
+local clock_now
 local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if not clock_now then
+    local t = redis.call('TIME')
+    clock_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return clock_now
 end
 
 -- A time as stored in a hash or as a zset score (microseconds, like time.time()).
