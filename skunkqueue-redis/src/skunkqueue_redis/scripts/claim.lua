@@ -30,9 +30,12 @@ local function claim(KEYS, ARGV)
       local id, zkey = p[1], p[2]
       local key = JOB .. id
       redis.call('ZREM', zkey, id)
-      local kind = redis.call('TYPE', key)['ok']
-      if kind == 'hash' then
-        local f = redis.call('HMGET', key, 'state', 'token', 'attempts', 'route')
+      -- pcall: an error (WRONGTYPE) means the key is not a hash; no field at all, a hash
+      -- without them (quarantined below) or no key (a stale entry: EXISTS tells them apart).
+      local f = redis.pcall('HMGET', key, 'state', 'token', 'attempts', 'route')
+      if f.err then
+        foreign[#foreign + 1] = key
+      elseif (f[1] or f[2] or f[3] or f[4]) or redis.call('EXISTS', key) == 1 then
         local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
         if f[1] == 'pending' and token and attempts then
           redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
@@ -46,8 +49,6 @@ local function claim(KEYS, ARGV)
           quarantine(id, 'unknown state ' .. tostring(f[1]), nownum, ttl)
         end
         -- a known non-pending state is a stale index entry: dropping it was all there was to do
-      elseif kind ~= 'none' then
-        foreign[#foreign + 1] = key
       end
     end
   end

@@ -14,8 +14,9 @@ local function finish(KEYS, ARGV)
   local ttl, state, dead = tonumber(ARGV[5]), ARGV[6], ARGV[7]
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
-  if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
-  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  -- pcall: an error (WRONGTYPE) means something other than a hash lives there, which holds nothing.
+  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  if f.err then return 0 end
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
   ttl = tonumber(f[7] or '') or ttl
   local now = clock()
