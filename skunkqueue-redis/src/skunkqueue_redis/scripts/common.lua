@@ -12,16 +12,34 @@
 -- same reason); args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
-local HEAD = {}
-do
-  local s, pos = ARGV[1], 1
-  while pos <= #s do
-    local colon = string.find(s, ':', pos, true)
-    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-    HEAD[#HEAD + 1] = string.sub(s, colon + 1, stop)
+local find, sub, byte = string.find, string.sub, string.byte
+
+-- The "<length>:" of the packed item at pos (colon: where its ':' is), as a number: a length of
+-- one or two digits (nearly every one) from its bytes, sparing a string and a strtod.
+local function length_at(s, pos, colon)
+  local digits = colon - pos
+  if digits == 1 then return byte(s, pos) - 48 end
+  if digits == 2 then
+    local a, b = byte(s, pos, pos + 1)
+    return a * 10 + b - 528  -- (a - 48) * 10 + (b - 48)
+  end
+  return tonumber(sub(s, pos, colon - 1))
+end
+
+-- Every item of a packed string, as a list from 1.
+local function unpack_items(s)
+  local out, n, pos, size = {}, 0, 1, #s
+  while pos <= size do
+    local colon = find(s, ':', pos, true)
+    local stop = colon + length_at(s, pos, colon)
+    n = n + 1
+    out[n] = sub(s, colon + 1, stop)
     pos = stop + 1
   end
+  return out
 end
+
+local HEAD = unpack_items(ARGV[1])
 local JOB, DUE, NOTIFY, TARGETS, DONE = HEAD[1], HEAD[2], HEAD[3], HEAD[4], HEAD[5]
 local LEASE, INDEX, KEYED = HEAD[6], HEAD[7], HEAD[8]
 local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), tonumber(HEAD[10]), tonumber(HEAD[11])
@@ -55,16 +73,7 @@ local function shift(caller_now, now)
   return 0
 end
 
-local function args()
-  local out, s, pos = {}, ARGV[COMMON_ARGS + 1] or '', 1
-  while pos <= #s do
-    local colon = string.find(s, ':', pos, true)
-    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-    out[#out + 1] = string.sub(s, colon + 1, stop)
-    pos = stop + 1
-  end
-  return out
-end
+local function args() return unpack_items(ARGV[COMMON_ARGS + 1] or '') end
 
 -- keys.py's escape(): route and target names never contain the ':' separator.
 local function esc(s) return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end)) end
@@ -79,9 +88,9 @@ local function notify_key(route, target) return NOTIFY .. suffix(route, target) 
 
 -- One "<length>:<bytes>" item of a packed string; returns it and the next position.
 local function take(s, pos)
-  local colon = string.find(s, ':', pos, true)
-  local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-  return string.sub(s, colon + 1, stop), stop + 1
+  local colon = find(s, ':', pos, true)
+  local stop = colon + length_at(s, pos, colon)
+  return sub(s, colon + 1, stop), stop + 1
 end
 
 local function pack(flat)
