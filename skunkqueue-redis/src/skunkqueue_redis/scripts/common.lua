@@ -93,9 +93,21 @@ local function take(s, pos)
   return sub(s, colon + 1, stop), stop + 1
 end
 
+-- Each length is formatted once per script call ('%d', not the '%.14g' a number .. string costs),
+-- and each value is copied once, by table.concat.
+local length_prefixes = {}
 local function pack(flat)
-  local parts = {}
-  for i, v in ipairs(flat) do parts[i] = #v .. ':' .. v end
+  local parts, n = {}, 0
+  for _, v in ipairs(flat) do
+    local size = #v
+    local prefix = length_prefixes[size]
+    if not prefix then
+      prefix = string.format('%d:', size)
+      length_prefixes[size] = prefix
+    end
+    parts[n + 1], parts[n + 2] = prefix, v
+    n = n + 2
+  end
   return table.concat(parts)
 end
 
