@@ -5,7 +5,7 @@
 
 Each DIR holds the .lua files (a copy of skunkqueue-redis/src/skunkqueue_redis/scripts). Per round,
 one queue per DIR gets JOBS records and one claim; then the queues' finish_and_claim calls alternate
-(A B A B ...), so load from elsewhere on the machine hits every variant alike. SLOWLOG (threshold 0)
+(A B B A ...), so load from elsewhere on the machine hits every variant alike. SLOWLOG (threshold 0)
 times each call inside Redis; per round the mean per variant is reported, and the paired
 difference against the first DIR. A private redis-server runs on a free port.
 
@@ -64,7 +64,8 @@ def one_round(port: int, dirs: list[Path], jobs: int, limit: int, raw: redis.Red
 
     raw.execute_command("SLOWLOG", "RESET")
     for n in range(jobs):
-        for i, store in enumerate(stores):
+        for i in (range(len(stores)) if n % 2 == 0 else reversed(range(len(stores)))):  # ABBA: no place is favoured
+            store = stores[i]
             job = held[i].pop(0)
             if held[i]:
                 store.finish(job.id, job.token, policy.completed(b"1"))
