@@ -10,8 +10,9 @@ local function claim(KEYS, ARGV)
   for _ = 1, CLAIM_ROUNDS do
     local want = limit - #out
     if want <= 0 then break end
-    local a = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
-    local b = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
+    local wants = int(want)
+    local a = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', '0', wants)
+    local b = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', '0', wants)
     if #a == 0 and #b == 0 then break end
     -- Merge the shared and the broadcast zset in (due, id) order.
     local i, j, picked = 1, 1, {}
@@ -39,7 +40,7 @@ local function claim(KEYS, ARGV)
         local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
         if f[1] == 'pending' and token and attempts then
           redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
-            'token', token + 1, 'attempts', attempts + 1, 'started', now, 'kill_requested', '0')
+            'token', int(token + 1), 'attempts', int(attempts + 1), 'started', now, 'kill_requested', '0')
           redis.call('ZADD', LEASE, until_, id)
           tally(id, f[4], 'pending', 'running', nil, '+inf', nownum)
           out[#out + 1] = pack(redis.call('HGETALL', key))
@@ -53,8 +54,8 @@ local function claim(KEYS, ARGV)
     end
   end
   local next_due = ''
-  local n1 = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  local n2 = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local n1 = redis.call('ZRANGE', KEYS[1], '0', '0', 'WITHSCORES')
+  local n2 = redis.call('ZRANGE', KEYS[2], '0', '0', 'WITHSCORES')
   if n1[2] then next_due = n1[2] end
   if n2[2] and (next_due == '' or tonumber(n2[2]) < tonumber(next_due)) then next_due = n2[2] end
   if next_due == '' or tonumber(next_due) > nownum then

@@ -42,7 +42,8 @@ end
 local HEAD = unpack_items(ARGV[1])
 local JOB, DUE, NOTIFY, TARGETS, DONE = HEAD[1], HEAD[2], HEAD[3], HEAD[4], HEAD[5]
 local LEASE, INDEX, KEYED = HEAD[6], HEAD[7], HEAD[8]
-local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), tonumber(HEAD[10]), tonumber(HEAD[11])
+-- DONE_TOKEN_MS stays a string: it only goes to PEXPIRE (see int()).
+local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), HEAD[10], tonumber(HEAD[11])
 local CLOCK_TOLERANCE = tonumber(HEAD[12])
 local TALLY, ROUTES = HEAD[13], HEAD[14]
 local COMMON_ARGS = 1
@@ -62,6 +63,13 @@ end
 
 -- A time as stored in a hash or as a zset score (microseconds, like time.time()).
 local function fmt(t) return string.format('%.6f', t) end
+
+-- A whole number as redis.call's argument: Redis turns a Lua number into text with '%.17g',
+-- which costs several times '%d'; anything else (a fraction, huge) is left to Redis.
+local function int(n)
+  if n % 1 == 0 and n > -2^53 and n < 2^53 then return string.format('%d', n) end
+  return n
+end
 
 -- How far to move a time a client computed on its own clock (caller_now is its
 -- now) onto the store's: not at all while the clocks agree within
@@ -128,7 +136,7 @@ local function key_follows(id, k, ms)
   local kkey = KEYED .. k
   if redis.call('GET', kkey) ~= id then return end
   if ms == 0 then redis.call('DEL', kkey)  -- the record is gone now: so is its key
-  elseif ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
+  elseif ms then redis.call('PEXPIRE', kkey, int(ms)) else redis.call('PERSIST', kkey) end
 end
 
 -- The monitor's index (summary.lua reads it; keys.py spells it): per route, one zset per state
