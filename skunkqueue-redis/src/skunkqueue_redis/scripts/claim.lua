@@ -2,6 +2,9 @@
 -- KEYS: 1 route zset, 2 (route, worker) zset, 3 route notify list, 4 (route, worker) notify list
 -- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records)
 -- Returns {claimed records (each packed), next due score or '', foreign keys skipped, the store's now}.
+-- A claim that filled its limit skips looking for the next due and returns the store's now for it
+-- (look again at once): its worker is busy and claims again before it waits, and that claim,
+-- if it comes back short, finds the next due and drops stale wake-up tokens.
 local function claim(KEYS, ARGV)
   local lease, worker, limit, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local nownum = clock()
@@ -53,6 +56,7 @@ local function claim(KEYS, ARGV)
       end
     end
   end
+  if #out > 0 and #out >= limit then return {out, now, foreign, now} end
   local next_due = ''
   local n1 = redis.call('ZRANGE', KEYS[1], '0', '0', 'WITHSCORES')
   local n2 = redis.call('ZRANGE', KEYS[2], '0', '0', 'WITHSCORES')
