@@ -84,7 +84,11 @@ end
 local function args() return unpack_items(ARGV[COMMON_ARGS + 1] or '') end
 
 -- keys.py's escape(): route and target names never contain the ':' separator.
-local function esc(s) return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end)) end
+-- (Most names have neither character: find() says so without gsub() building a copy.)
+local function esc(s)
+  if not find(s, '[%%:]') then return s end
+  return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end))
+end
 
 local function suffix(route, target)
   if target then return esc(route) .. ':' .. esc(target) end
