@@ -62,7 +62,16 @@ local function clock()
 end
 
 -- A time as stored in a hash or as a zset score (microseconds, like time.time()).
-local function fmt(t) return string.format('%.6f', t) end
+-- Remembered per script call: finish_and_claim formats its one now in finish's tally() and in claim.
+local formatted = {}
+local function fmt(t)
+  local text = formatted[t]
+  if not text then
+    text = string.format('%.6f', t)
+    if t ~= 0 and t == t then formatted[t] = text end  -- not 0 (-0 prints apart) nor NaN (no key)
+  end
+  return text
+end
 
 -- A whole number as redis.call's argument: Redis turns a Lua number into text with '%.17g',
 -- which costs several times '%d'; anything else (a fraction, huge) is left to Redis.
