@@ -2,6 +2,9 @@
 -- KEYS: 1 route zset, 2 (route, worker) zset, 3 route notify list, 4 (route, worker) notify list
 -- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records)
 -- Returns {claimed records (each packed), next due score or '', foreign keys skipped, the store's now}.
+-- A claim that filled its limit skips looking for the next due and returns the store's now for it
+-- (look again at once): its worker is busy and claims again before it waits, and that claim,
+-- if it comes back short, finds the next due and drops stale wake-up tokens.
 local function claim(KEYS, ARGV)
   local lease, worker, limit, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local nownum = clock()
@@ -10,8 +13,9 @@ local function claim(KEYS, ARGV)
   for _ = 1, CLAIM_ROUNDS do
     local want = limit - #out
     if want <= 0 then break end
-    local a = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
-    local b = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, want)
+    local wants = int(want)
+    local a = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', '0', wants)
+    local b = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', '0', wants)
     if #a == 0 and #b == 0 then break end
     -- Merge the shared and the broadcast zset in (due, id) order.
     local i, j, picked = 1, 1, {}
@@ -30,13 +34,16 @@ local function claim(KEYS, ARGV)
       local id, zkey = p[1], p[2]
       local key = JOB .. id
       redis.call('ZREM', zkey, id)
-      local kind = redis.call('TYPE', key)['ok']
-      if kind == 'hash' then
-        local f = redis.call('HMGET', key, 'state', 'token', 'attempts', 'route')
+      -- pcall: an error (WRONGTYPE) means the key is not a hash; no field at all, a hash
+      -- without them (quarantined below) or no key (a stale entry: EXISTS tells them apart).
+      local f = redis.pcall('HMGET', key, 'state', 'token', 'attempts', 'route')
+      if f.err then
+        foreign[#foreign + 1] = key
+      elseif (f[1] or f[2] or f[3] or f[4]) or redis.call('EXISTS', key) == 1 then
         local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
         if f[1] == 'pending' and token and attempts then
           redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
-            'token', token + 1, 'attempts', attempts + 1, 'started', now, 'kill_requested', '0')
+            'token', int(token + 1), 'attempts', int(attempts + 1), 'started', now, 'kill_requested', '0')
           redis.call('ZADD', LEASE, until_, id)
           tally(id, f[4], 'pending', 'running', nil, '+inf', nownum)
           out[#out + 1] = pack(redis.call('HGETALL', key))
@@ -46,14 +53,13 @@ local function claim(KEYS, ARGV)
           quarantine(id, 'unknown state ' .. tostring(f[1]), nownum, ttl)
         end
         -- a known non-pending state is a stale index entry: dropping it was all there was to do
-      elseif kind ~= 'none' then
-        foreign[#foreign + 1] = key
       end
     end
   end
+  if #out > 0 and #out >= limit then return {out, now, foreign, now} end
   local next_due = ''
-  local n1 = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  local n2 = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local n1 = redis.call('ZRANGE', KEYS[1], '0', '0', 'WITHSCORES')
+  local n2 = redis.call('ZRANGE', KEYS[2], '0', '0', 'WITHSCORES')
   if n1[2] then next_due = n1[2] end
   if n2[2] and (next_due == '' or tonumber(n2[2]) < tonumber(next_due)) then next_due = n2[2] end
   if next_due == '' or tonumber(next_due) > nownum then

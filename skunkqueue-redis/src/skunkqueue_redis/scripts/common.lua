@@ -12,32 +12,73 @@
 -- same reason); args() returns them as a list from 1.
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
 -- same cluster slot as the KEYS a script was given.
-local HEAD = {}
-do
-  local s, pos = ARGV[1], 1
-  while pos <= #s do
-    local colon = string.find(s, ':', pos, true)
-    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-    HEAD[#HEAD + 1] = string.sub(s, colon + 1, stop)
+local find, sub, byte = string.find, string.sub, string.byte
+
+-- The "<length>:" of the packed item at pos (colon: where its ':' is), as a number: a length of
+-- one or two digits (nearly every one) from its bytes, sparing a string and a strtod.
+local function length_at(s, pos, colon)
+  local digits = colon - pos
+  if digits == 1 then return byte(s, pos) - 48 end
+  if digits == 2 then
+    local a, b = byte(s, pos, pos + 1)
+    return a * 10 + b - 528  -- (a - 48) * 10 + (b - 48)
+  end
+  return tonumber(sub(s, pos, colon - 1))
+end
+
+-- Every item of a packed string, as a list from 1.
+local function unpack_items(s)
+  local out, n, pos, size = {}, 0, 1, #s
+  while pos <= size do
+    local colon = find(s, ':', pos, true)
+    local stop = colon + length_at(s, pos, colon)
+    n = n + 1
+    out[n] = sub(s, colon + 1, stop)
     pos = stop + 1
   end
+  return out
 end
+
+local HEAD = unpack_items(ARGV[1])
 local JOB, DUE, NOTIFY, TARGETS, DONE = HEAD[1], HEAD[2], HEAD[3], HEAD[4], HEAD[5]
 local LEASE, INDEX, KEYED = HEAD[6], HEAD[7], HEAD[8]
-local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), tonumber(HEAD[10]), tonumber(HEAD[11])
+-- DONE_TOKEN_MS stays a string: it only goes to PEXPIRE (see int()).
+local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(HEAD[9]), HEAD[10], tonumber(HEAD[11])
 local CLOCK_TOLERANCE = tonumber(HEAD[12])
 local TALLY, ROUTES = HEAD[13], HEAD[14]
 local COMMON_ARGS = 1
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
 -- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
+-- Read once per script call: a script is atomic, so one instant serves all of it
+-- (finish_and_claim's claim stamps the now its finish used).
+local clock_now
 local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if not clock_now then
+    local t = redis.call('TIME')
+    clock_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return clock_now
 end
 
 -- A time as stored in a hash or as a zset score (microseconds, like time.time()).
-local function fmt(t) return string.format('%.6f', t) end
+-- Remembered per script call: finish_and_claim formats its one now in finish's tally() and in claim.
+local formatted = {}
+local function fmt(t)
+  local text = formatted[t]
+  if not text then
+    text = string.format('%.6f', t)
+    if t ~= 0 and t == t then formatted[t] = text end  -- not 0 (-0 prints apart) nor NaN (no key)
+  end
+  return text
+end
+
+-- A whole number as redis.call's argument: Redis turns a Lua number into text with '%.17g',
+-- which costs several times '%d'; anything else (a fraction, huge) is left to Redis.
+local function int(n)
+  if n % 1 == 0 and n > -2^53 and n < 2^53 then return string.format('%d', n) end
+  return n
+end
 
 -- How far to move a time a client computed on its own clock (caller_now is its
 -- now) onto the store's: not at all while the clocks agree within
@@ -49,19 +90,14 @@ local function shift(caller_now, now)
   return 0
 end
 
-local function args()
-  local out, s, pos = {}, ARGV[COMMON_ARGS + 1] or '', 1
-  while pos <= #s do
-    local colon = string.find(s, ':', pos, true)
-    local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-    out[#out + 1] = string.sub(s, colon + 1, stop)
-    pos = stop + 1
-  end
-  return out
-end
+local function args() return unpack_items(ARGV[COMMON_ARGS + 1] or '') end
 
 -- keys.py's escape(): route and target names never contain the ':' separator.
-local function esc(s) return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end)) end
+-- (Most names have neither character: find() says so without gsub() building a copy.)
+local function esc(s)
+  if not find(s, '[%%:]') then return s end
+  return (string.gsub(s, '[%%:]', function(c) return c == '%' and '%25' or '%3A' end))
+end
 
 local function suffix(route, target)
   if target then return esc(route) .. ':' .. esc(target) end
@@ -73,14 +109,26 @@ local function notify_key(route, target) return NOTIFY .. suffix(route, target) 
 
 -- One "<length>:<bytes>" item of a packed string; returns it and the next position.
 local function take(s, pos)
-  local colon = string.find(s, ':', pos, true)
-  local stop = colon + tonumber(string.sub(s, pos, colon - 1))
-  return string.sub(s, colon + 1, stop), stop + 1
+  local colon = find(s, ':', pos, true)
+  local stop = colon + length_at(s, pos, colon)
+  return sub(s, colon + 1, stop), stop + 1
 end
 
+-- Each length is formatted once per script call ('%d', not the '%.14g' a number .. string costs),
+-- and each value is copied once, by table.concat.
+local length_prefixes = {}
 local function pack(flat)
-  local parts = {}
-  for i, v in ipairs(flat) do parts[i] = #v .. ':' .. v end
+  local parts, n = {}, 0
+  for _, v in ipairs(flat) do
+    local size = #v
+    local prefix = length_prefixes[size]
+    if not prefix then
+      prefix = string.format('%d:', size)
+      length_prefixes[size] = prefix
+    end
+    parts[n + 1], parts[n + 2] = prefix, v
+    n = n + 2
+  end
   return table.concat(parts)
 end
 
@@ -101,7 +149,7 @@ local function key_follows(id, k, ms)
   local kkey = KEYED .. k
   if redis.call('GET', kkey) ~= id then return end
   if ms == 0 then redis.call('DEL', kkey)  -- the record is gone now: so is its key
-  elseif ms then redis.call('PEXPIRE', kkey, ms) else redis.call('PERSIST', kkey) end
+  elseif ms then redis.call('PEXPIRE', kkey, int(ms)) else redis.call('PERSIST', kkey) end
 end
 
 -- The monitor's index (summary.lua reads it; keys.py spells it): per route, one zset per state

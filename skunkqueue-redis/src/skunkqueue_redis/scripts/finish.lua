@@ -14,8 +14,9 @@ local function finish(KEYS, ARGV)
   local ttl, state, dead = tonumber(ARGV[5]), ARGV[6], ARGV[7]
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
-  if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
-  local f = redis.call('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  -- pcall: an error (WRONGTYPE) means something other than a hash lives there, which holds nothing.
+  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  if f.err then return 0 end
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
   ttl = tonumber(f[7] or '') or ttl
   local now = clock()
@@ -28,16 +29,18 @@ local function finish(KEYS, ARGV)
   local zkey = due_key(route, target)
   redis.call('ZREM', zkey, id)
   redis.call('ZREM', KEYS[2], id)
-  redis.call('HSET', key, 'state', state, 'kill_requested', '0', 'dead', dead)
-  redis.call('HDEL', key, 'owner', 'lease_until')
-  if attempts then redis.call('HSET', key, 'attempts', attempts) end
-  if err then redis.call('HSET', key, 'error', err) else redis.call('HDEL', key, 'error') end
+  -- One HSET and one HDEL: the fields set and the fields dropped, gathered first.
+  local set, drop = {'state', state, 'kill_requested', '0', 'dead', dead}, {'owner', 'lease_until'}
+  if attempts then set[#set + 1] = 'attempts'; set[#set + 1] = attempts end
+  if err then set[#set + 1] = 'error'; set[#set + 1] = err else drop[#drop + 1] = 'error' end
   local done = DONE .. id
   redis.call('DEL', done)
   if state == 'pending' then
     due = due and fmt(tonumber(due) + moved) or fmt(now)
-    redis.call('HSET', key, 'due', due)
-    redis.call('HDEL', key, 'result', 'finished')
+    set[#set + 1] = 'due'; set[#set + 1] = due
+    drop[#drop + 1] = 'result'; drop[#drop + 1] = 'finished'
+    redis.call('HSET', key, unpack(set))
+    redis.call('HDEL', key, unpack(drop))
     redis.call('PERSIST', key)
     key_follows(id, f[6], nil)
     redis.call('ZADD', KEYS[3], '+inf', id)
@@ -46,12 +49,16 @@ local function finish(KEYS, ARGV)
     wake(notify_key(route, target), 1)
   else
     local at = finished and (tonumber(finished) + moved) or now
-    if result then redis.call('HSET', key, 'result', result) else redis.call('HDEL', key, 'result') end
-    redis.call('HSET', key, 'finished', fmt(at))
-    redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
-    key_follows(id, f[6], math.max(1, math.floor(ttl * 1000)))
-    redis.call('ZADD', KEYS[3], fmt(at + ttl), id)
-    tally(id, route, f[1], state, dead, fmt(at + ttl), now)
+    if result then set[#set + 1] = 'result'; set[#set + 1] = result else drop[#drop + 1] = 'result' end
+    set[#set + 1] = 'finished'; set[#set + 1] = fmt(at)
+    redis.call('HSET', key, unpack(set))
+    redis.call('HDEL', key, unpack(drop))
+    local ms = math.max(1, math.floor(ttl * 1000))
+    redis.call('PEXPIRE', key, int(ms))
+    key_follows(id, f[6], ms)
+    local expires = fmt(at + ttl)
+    redis.call('ZADD', KEYS[3], expires, id)
+    tally(id, route, f[1], state, dead, expires, now)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
   end

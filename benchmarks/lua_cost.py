@@ -1,0 +1,168 @@
+"""What one worker job's finish_and_claim costs inside Redis, for two or more copies of scripts/.
+
+    python -m benchmarks.lua_cost [-n JOBS] [-r ROUNDS] [--limit L] [--pin] DIR [DIR ...]
+    python -m benchmarks.lua_cost --callgrind [-n JOBS] [--limit L] DIR [DIR ...]
+
+Each DIR holds the .lua files (a copy of skunkqueue-redis/src/skunkqueue_redis/scripts). Per round,
+one queue per DIR gets JOBS records and one claim; then the queues' finish_and_claim calls alternate
+(A B B A ...), so load from elsewhere on the machine hits every variant alike. SLOWLOG (threshold 0)
+times each call inside Redis; per round the mean per variant is reported, and the paired
+difference against the first DIR. A private redis-server runs on a free port.
+
+Timings on a shared machine wander by several microseconds; --callgrind instead runs redis-server
+under valgrind and counts the instructions inside evalShaCommand over the JOBS calls (one server
+per DIR, one after another): deterministic, so a lever worth a microsecond shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from skunkqueue import policy
+from skunkqueue.testing.kit import free_port
+from skunkqueue.testing.suite_support import make_record
+from skunkqueue_redis import scripts
+from skunkqueue_redis.persistence import RedisPersistence
+
+
+def store_with(port: int, directory: Path, queue: str) -> RedisPersistence:
+    original = scripts.read
+    scripts.read = lambda name: (directory / f"{name}.lua").read_text(encoding="utf-8")  # type: ignore[assignment]
+    try:
+        return RedisPersistence(queue, url=f"127.0.0.1:{port}")
+    finally:
+        scripts.read = original  # type: ignore[assignment]
+
+
+def one_round(port: int, dirs: list[Path], jobs: int, limit: int, raw: redis.Redis, r: int) -> list[float]:
+    raw.flushall()
+    raw.script_flush()
+    stores, held, shas = [], [], []
+    for i, d in enumerate(dirs):
+        store = store_with(port, d, f"q{r}v{i}")
+        store.enqueue([make_record(store.queue) for _ in range(jobs + limit)])
+        held.append(store.claim("r", "w", 30, limit))
+        stores.append(store)
+        shas.append(store._script._loaded["finish_and_claim"].sha.encode())
+    times: dict[bytes, list[int]] = {sha: [] for sha in shas}
+
+    def drain() -> None:
+        for entry in raw.execute_command("SLOWLOG", "GET", "-1"):
+            args: Any = entry[3]
+            if args and args[0].upper() == b"EVALSHA" and args[1] in times:
+                times[args[1]].append(int(entry[2]))
+        raw.execute_command("SLOWLOG", "RESET")
+
+    raw.execute_command("SLOWLOG", "RESET")
+    for n in range(jobs):
+        for i in (range(len(stores)) if n % 2 == 0 else reversed(range(len(stores)))):  # ABBA: no place is favoured
+            store = stores[i]
+            job = held[i].pop(0)
+            if held[i]:
+                store.finish(job.id, job.token, policy.completed(b"1"))
+            else:
+                _, held[i] = store.finish_and_claim(job.id, job.token, policy.completed(b"1"), "r", "w", 30, limit)
+        if n % 200 == 199:
+            drain()
+    drain()
+    for store in stores:
+        store.close()
+    return [statistics.fmean(times[sha]) for sha in shas]
+
+
+def callgrind(directory: Path, jobs: int, limit: int, keep: Path | None = None) -> float:
+    """Instructions per finish_and_claim call inside evalShaCommand, redis-server under callgrind."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        server = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                   "--toggle-collect=evalShaCommand", f"--callgrind-out-file={out}",
+                                   "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", tmp],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            raw = redis.Redis(port=port)
+            for _ in range(600):
+                try:
+                    raw.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+            store = store_with(port, directory, "q")
+            store.enqueue([make_record(store.queue) for _ in range(jobs + limit)])
+            held = store.claim("r", "w", 30, limit)
+            subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+            for _ in range(jobs):
+                job = held.pop(0)
+                if held:
+                    store.finish(job.id, job.token, policy.completed(b"1"))
+                else:
+                    _, held = store.finish_and_claim(job.id, job.token, policy.completed(b"1"), "r", "w", 30, limit)
+            subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+            store.close()
+        finally:
+            server.terminate()
+            server.wait()
+        if keep:
+            shutil.copy(out, keep / f"callgrind.{directory.name}.out")
+        for line in out.read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1]) / jobs
+    raise RuntimeError("callgrind wrote no totals")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", "--jobs", type=int, default=1000)
+    parser.add_argument("-r", "--rounds", type=int, default=6)
+    parser.add_argument("--limit", type=int, default=1)
+    parser.add_argument("--pin", dest="prefix", action="store_const", default=[],
+                        const=["taskset", "-c", "1"], help="run redis-server on CPU 1 (run the client on 0)")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead of timing")
+    parser.add_argument("--keep", type=Path, help="with --callgrind: copy each callgrind.out into this folder")
+    parser.add_argument("dirs", nargs="+", type=Path)
+    opts = parser.parse_args()
+    if opts.callgrind:
+        base = None
+        for d in opts.dirs:
+            ir = callgrind(d, opts.jobs, opts.limit, opts.keep)
+            base = base or ir
+            print(f"{str(d):20s} {ir:10.0f} instructions per call ({(ir - base) / base:+.1%})")
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen([*opts.prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--dir", tmp,
+                                   "--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"],
+                                  stdout=subprocess.DEVNULL)
+        try:
+            raw = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    raw.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            rounds = [one_round(port, opts.dirs, opts.jobs, opts.limit, raw, r) for r in range(opts.rounds)]
+            for i, d in enumerate(opts.dirs):
+                values = [row[i] for row in rounds]
+                diffs = [row[i] - row[0] for row in rounds]
+                print(f"{str(d):20s} mean {statistics.fmean(values):7.2f} us  "
+                      f"paired diff {statistics.fmean(diffs):+6.2f} (median {statistics.median(diffs):+6.2f})  "
+                      f"rounds {' '.join(f'{v:.1f}' for v in values)}")
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
