@@ -1,0 +1,78 @@
+"""Processing on Redis, paired across source trees: ``python -m benchmarks.ab_processing PAIRS JOBS TREE:LEVEL ...``.
+
+Each TREE is an exported checkout (``git archive REV | tar -x -C TREE``); each run uses that tree's
+own packages and benchmark harness (``benchmarks.skunk.processing``, first claim to last result,
+read through handles) at ``--log-level`` LEVEL, on one redis-server for all. The trees alternate
+in order (A B C, then C B A, ...), so the machine's drift hits them alike. Per run it prints the
+rate, the CPU of the pool and its worker per job (``RUSAGE_CHILDREN``, start-up included) and
+redis-server's CPU per job (enqueueing included); then medians, and the paired rate ratio of each
+tree against the first. Used for issue 10's comparison with f86c638 (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from benchmarks.servers import RedisServer
+
+CHILD = r'''
+import json, resource, sys
+from pathlib import Path
+from benchmarks import skunk
+from benchmarks.common import Result, Sizes
+url, n, level = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+target = skunk.Target("redis", url=url, logdir=Path("/tmp"))
+if hasattr(target, "log_level"):  # older trees ran their workers at WARNING, fixed
+    target.log_level = level
+result = Result("redis")
+before = resource.getrusage(resource.RUSAGE_CHILDREN)
+skunk.processing(target, Sizes(process=n), result, 1)
+after = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+print(json.dumps({"rate": result.figures["process_1w"], "cpu_us": cpu / n * 1e6}))
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    pairs, jobs, trees = int(argv[0]), argv[1], argv[2:]
+    runs: dict[str, list[dict[str, float]]] = {spec: [] for spec in trees}
+    with RedisServer() as server:
+        redis_pid = server.starter.process.pid
+        for round_ in range(pairs):
+            for spec in trees if round_ % 2 == 0 else trees[::-1]:
+                tree, level = spec.rsplit(":", 1)
+                path = os.pathsep.join([tree, f"{tree}/skunkqueue-core/src", f"{tree}/skunkqueue-redis/src"])
+                before = cpu_seconds(redis_pid)
+                out = subprocess.run([sys.executable, "-c", CHILD, server.url, jobs, level], cwd=tree,
+                                     env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    return 1
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                run["redis_us"] = (cpu_seconds(redis_pid) - before) / int(jobs) * 1e6
+                runs[spec].append(run)
+                print(round_, spec, {k: round(v) for k, v in run.items()}, flush=True)
+    for spec, done in runs.items():
+        print(spec, *(f"{name} {statistics.median(r[name] for r in done):.0f}"
+                      for name in ("rate", "cpu_us", "redis_us")))
+    first = runs[trees[0]]
+    for spec in trees[1:]:
+        ratio = statistics.median(b["rate"] / a["rate"] for a, b in zip(first, runs[spec]))
+        print(f"{spec}: paired rate ratio against {trees[0]}: {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
