@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 
@@ -79,24 +79,34 @@ def one_round(port: int, dirs: list[Path], jobs: int, limit: int, raw: redis.Red
     return [statistics.fmean(times[sha]) for sha in shas]
 
 
+def start_server(prefix: list[str], port: int, directory: str, patience: float,
+                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """A private redis-server (run under ``prefix``, e.g. valgrind) and a client, once it answers."""
+    server = subprocess.Popen([*prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", directory, *extra],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    raw = redis.Redis(port=port)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            raw.ping()
+            return server, raw
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.05)
+
+
 def callgrind(directory: Path, jobs: int, limit: int, keep: Path | None = None) -> float:
     """Instructions per finish_and_claim call inside evalShaCommand, redis-server under callgrind."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        server = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                   "--toggle-collect=evalShaCommand", f"--callgrind-out-file={out}",
-                                   "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", tmp],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, raw = start_server(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                    "--toggle-collect=evalShaCommand", f"--callgrind-out-file={out}"],
+                                   port, tmp, patience=60.0)
         try:
-            raw = redis.Redis(port=port)
-            for _ in range(600):
-                try:
-                    raw.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
             store = store_with(port, directory, "q")
             store.enqueue([make_record(store.queue) for _ in range(jobs + limit)])
             held = store.claim("r", "w", 30, limit)
@@ -140,18 +150,9 @@ def main() -> None:
         return
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([*opts.prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no", "--dir", tmp,
-                                   "--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"],
-                                  stdout=subprocess.DEVNULL)
+        server, raw = start_server(opts.prefix, port, tmp, patience=5.0,
+                                   extra=["--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"])
         try:
-            raw = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    raw.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
             rounds = [one_round(port, opts.dirs, opts.jobs, opts.limit, raw, r) for r in range(opts.rounds)]
             for i, d in enumerate(opts.dirs):
                 values = [row[i] for row in rounds]

@@ -51,14 +51,17 @@ class SkunkQueue:
         self._backend_class = load(backend or "sqlite")
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
+    def _open(self) -> Persistence:
+        """A new connection to this queue's backend."""
+        return open_backend(self.name, self.backend, url=self.conn_url, db=self.dbname,
+                            result_ttl=self.result_ttl, **self.options)
+
     @property
     def persistence(self) -> Persistence:
         """This thread's connection to the backend (opened on first use)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = open_backend(self.name, self.backend, url=self.conn_url, db=self.dbname,
-                                result_ttl=self.result_ttl, **self.options)
-            self._local.conn = conn
+            conn = self._local.conn = self._open()
         return conn
 
     @property
@@ -66,8 +69,7 @@ class SkunkQueue:
         """The connection ``afire`` and ``aresult`` use: its own, so that it never
         shares one with this thread's synchronous calls (see Persistence.aenqueue)."""
         if self._async_conn is None:
-            self._async_conn = open_backend(self.name, self.backend, url=self.conn_url, db=self.dbname,
-                                            result_ttl=self.result_ttl, **self.options)
+            self._async_conn = self._open()
         return self._async_conn
 
     async def aopen(self) -> Persistence:
@@ -76,8 +78,7 @@ class SkunkQueue:
         if self._async_conn is None:
             import asyncio
 
-            conn = await asyncio.to_thread(open_backend, self.name, self.backend, url=self.conn_url,
-                                           db=self.dbname, result_ttl=self.result_ttl, **self.options)
+            conn = await asyncio.to_thread(self._open)
             if self._async_conn is None:
                 self._async_conn = conn
             else:  # another coroutine opened one meanwhile: keep that one

@@ -127,12 +127,10 @@ class NativeAsync(Persistence):
     async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         # As the sync _wait_for_finish: block on the job's done list (a connection of the
         # loop's pool is held meanwhile), not a polling back-off.
-        from skunkqueue_redis.persistence import MAX_BLOCK
+        await (await self._side()).client.blmove(*self.done_wait(job_id, left))
 
-        done = self.keys.done(job_id)
-        block = MAX_BLOCK if left is None else min(MAX_BLOCK, left)
-        client = (await self._side()).client
-        await client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")
+    def done_wait(self, job_id: str, left: float | None) -> tuple[str, str, float, str, str]:
+        raise NotImplementedError  # RedisPersistence's: the sync and async waits block alike
 
     def close_async_clients(self) -> None:
         sides = self.__dict__.pop("_loop_sides", None)

@@ -607,11 +607,15 @@ class RedisPersistence(NativeAsync, Persistence):
     @guarded
     def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         # finish pushes a token onto the job's done list: block on it instead of polling.
+        # Redis takes a fractional timeout; redis-py's stub says int.
+        self.client.blmove(*self.done_wait(job_id, left))  # type: ignore[arg-type]
+
+    def done_wait(self, job_id: str, left: float | None) -> tuple[str, str, float, str, str]:
+        """BLMOVE's arguments for a wait on ``job_id``'s done list: onto the same list, which
+        leaves the token for every other waiter, for at most ``left`` (and MAX_BLOCK) seconds."""
         done = self.keys.done(job_id)
         block = MAX_BLOCK if left is None else min(MAX_BLOCK, left)
-        # BLMOVE onto the same list leaves the token for every other waiter.
-        # Redis takes a fractional timeout; redis-py's stub says int.
-        self.client.blmove(done, done, max(block, 0.01), "RIGHT", "LEFT")  # type: ignore[arg-type]
+        return done, done, max(block, 0.01), "RIGHT", "LEFT"
 
     def close(self) -> None:
         self.close_async_clients()
