@@ -210,3 +210,25 @@ def test_aresult_blocks_on_the_done_list_instead_of_polling(redis_server: Any, q
     assert returned_at - finished_at[0] < 0.25  # woken by the finish, not by the next poll
     reads = raw.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
     assert reads <= 3, f"{reads} reads of the record in one second: aresult polled"
+
+
+def test_aresult_says_backend_unavailable_when_the_server_dies_during_the_wait(start_redis: Callable[..., Any],
+                                                                                 queue_name: str) -> None:
+    from skunkqueue import Job, SkunkQueue
+    from skunkqueue.testing import jobs
+
+    server = start_redis()
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=f"127.0.0.1:{server.port}", retries=1)
+
+    async def go() -> float:
+        handle = await Job(queue, jobs.add.func, ["r"]).afire(1, 2)   # nobody will run it
+        threading.Timer(0.5, server.kill).start()                     # the store dies mid-wait
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{server.port}"):
+            await handle.aresult(timeout=30)
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(go()) < 10  # one clear error, not a hang until the timeout
+    finally:
+        queue.close()
