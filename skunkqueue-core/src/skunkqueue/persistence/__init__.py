@@ -66,6 +66,12 @@ def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] 
                                      f"takes names up to {limit} bytes.")
 
 
+def finish_poll_pause(rounds: int, left: float | None) -> float:
+    """The pause between two looks at an unfinished record: 1 ms doubling to 100 ms, never past ``left``."""
+    pause = min(0.001 * 2 ** min(rounds, 7), 0.1)
+    return pause if left is None else min(pause, left)
+
+
 class Persistence(ABC):
     """Base class of every storage backend. See the module docstring."""
 
@@ -432,8 +438,7 @@ class Persistence(ABC):
         The default polls with a back-off from 1 ms to 100 ms (``rounds``: the
         pauses so far). It may return early: the record is looked at again.
         """
-        pause = 0.001 * 2 ** min(rounds, 7)
-        time.sleep(min(pause, 0.1) if left is None else min(pause, 0.1, left))
+        time.sleep(finish_poll_pause(rounds, left))
 
     # -- asyncio (override with the store's native async client where it has one) ---
 
@@ -501,8 +506,7 @@ class Persistence(ABC):
         """:meth:`_wait_for_finish` for :meth:`await_finished`; the default sleeps the same back-off."""
         import asyncio
 
-        pause = min(0.001 * 2 ** min(rounds, 7), 0.1)
-        await asyncio.sleep(pause if left is None else min(pause, left))
+        await asyncio.sleep(finish_poll_pause(rounds, left))
 
     async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
         """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
