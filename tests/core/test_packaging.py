@@ -41,3 +41,14 @@ def test_a_backend_installs_into_a_fresh_venv_with_only_its_own_driver(
         assert meta.startswith("MIT\n") and "LICENSE" in meta, meta
         if dist != "skunkqueue":
             assert "skunkqueue<0.3,>=0.2" in meta or "skunkqueue>=0.2,<0.3" in meta, meta
+
+
+@pytest.mark.parametrize("module", ["skunkqueue.testing.jobs", "skunkqueue.testing.periodic_jobs", "benchmarks.jobs"])
+def test_a_job_module_using_the_kits_helpers_does_not_load_pytest_into_the_worker(module: str) -> None:
+    # Workers of the kit and of make bench import these; pytest and the suites would add ~0.3 s and
+    # ~10 MB to every worker's start-up, and make bench's start-up and memory figures with them.
+    code = (f"import sys, {module}, skunkqueue.testing as t; loaded = 'pytest' in sys.modules; "
+            "t.ConformanceSuite; print(loaded, 'pytest' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]  # loaded only once the suites are asked for
