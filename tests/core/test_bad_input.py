@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -147,6 +149,34 @@ def test_arguments_are_checked_against_the_signature_at_fire(queue: SkunkQueue) 
         add.fire_at(timedelta(seconds=1), 1)
     assert queue.counts() == {}, "a refused call was stored"
     assert add.fire(1, second=2).id and add.fire_many([(1, 2), {"first": 1, "second": 2}])
+
+
+def _plain(a, b, c=1): ...  # type: ignore[no-untyped-def]
+def _star(a, *rest): ...  # type: ignore[no-untyped-def]
+def _kwonly(a, *, b): ...  # type: ignore[no-untyped-def]
+def _posonly(a, /, b=2): ...  # type: ignore[no-untyped-def]
+def _none(): ...  # type: ignore[no-untyped-def]
+
+
+@pytest.mark.parametrize("func", [_plain, _star, _kwonly, _posonly, _none])
+def test_fire_accepts_exactly_the_calls_the_signature_binds(queue: SkunkQueue, func: Any) -> None:
+    # fire counts positional arguments for plain signatures instead of binding: the two must agree.
+    job = queue.event(routes=["r"])(func)
+    shapes: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((), {}), ((1,), {}), ((1, 2), {}), ((1, 2, 3), {}), ((1, 2, 3, 4), {}),
+        ((1,), {"b": 2}), ((), {"a": 1}), ((1, 2), {"c": 3}), ((1,), {"zz": 1})]
+    for args, kwargs in shapes:
+        try:
+            inspect.signature(func).bind(*args, **kwargs)
+            binds = True
+        except TypeError:
+            binds = False
+        try:
+            job.check_arguments(args, kwargs)
+            accepted = True
+        except InvalidArguments:
+            accepted = False
+        assert accepted == binds, (func.__name__, args, kwargs)
 
 
 def test_work_refuses_a_path_that_does_not_exist(tmp_path: Path) -> None:

@@ -93,6 +93,14 @@ def due_time(when: timedelta | datetime | float | int) -> float:
     raise ConfigurationError(f"fire_at takes a timedelta or an aware datetime, not {type(when).__name__}.")
 
 
+def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
+    """(required, most) positional arguments, when every parameter is a plain one; else None."""
+    params = signature.parameters.values()
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return sum(p.default is inspect.Parameter.empty for p in params), len(params)
+
+
 class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
@@ -118,6 +126,7 @@ class Job:
         self.last: JobHandle | None = None
         self.schedule: Schedule | None = None  # set by SkunkQueue.periodic
         self._signature: inspect.Signature | None = None
+        self._positional: tuple[int, int] | None = None  # (required, most) when counting suffices
         functools.update_wrapper(self, func)
         trust.declare(self)
 
@@ -207,6 +216,11 @@ class Job:
                 self._signature = inspect.signature(self.func)
             except (TypeError, ValueError):  # some builtins have no signature: nothing to check
                 return
+            self._positional = _positional_range(self._signature)
+        # Positional arguments to a plain signature are checked by counting: Signature.bind costs
+        # ~5 us a call, a sixth of what fire_many spends per job.
+        if not kwargs and self._positional and self._positional[0] <= len(args) <= self._positional[1]:
+            return
         try:
             self._signature.bind(*args, **kwargs)
         except TypeError as exc:
