@@ -371,6 +371,20 @@ def test_hot_paths_never_scan_the_keyspace(store: RedisPersistence, raw: redis.R
     assert not {"cmdstat_keys", "cmdstat_scan"} & set(stats)
 
 
+def test_counts_read_no_record(store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:
+    # counts() answers from the per-route index: its cost does not grow with the number of records.
+    store.enqueue([record(queue_name, f"route{i % 3}") for i in range(300)])
+    [claimed] = store.claim("route1", "w", 10)
+    store.finish(claimed.id, claimed.token, policy.completed(b"1"))
+    store.counts()  # the first look at a queue builds the index once for records older than it
+    raw.config_resetstat()
+    assert store.counts() == {("route0", PENDING): 100, ("route1", PENDING): 99, ("route1", COMPLETE): 1,
+                              ("route2", PENDING): 100}
+    calls = _commandstats(raw)
+    assert not {name for name in calls if name.startswith("cmdstat_h")}, calls  # no HGET, HMGET, HGETALL
+    assert sum(calls.values()) < 40, calls
+
+
 def test_idle_worker_wakes_within_milliseconds(store: RedisPersistence, url: str, queue_name: str) -> None:
     delays = []
     with RedisPersistence(queue_name, url=url, db="5") as producer:
