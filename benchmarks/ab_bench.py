@@ -18,12 +18,14 @@ outside the spread the first tree shows between its own runs. Used for issue 10'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Iterator
 
 from benchmarks.servers import RedisServer
 
@@ -46,6 +48,21 @@ print(json.dumps({"figures": result.figures, "errors": result.errors,
 
 # Figures where lower is better; every other figure is a rate or a ratio, higher is better.
 LOWER_IS_BETTER = ("latency_p50_ms", "latency_p99_ms", "idle_rss_mb", "idle_cpu_pct", "startup_s")
+SIZE_FLAGS = ("fire", "batch", "process", "latency", "backlog", "claims")  # of benchmarks.common.Sizes
+PACKAGES = ("skunkqueue-core", "skunkqueue-redis", "skunkqueue-mongo", "skunkqueue-fdb")
+
+
+def tree_env(tree: str) -> dict[str, str]:
+    """The environment that runs ``tree``'s own packages and harness (no install needed)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([tree, *(f"{tree}/{p}/src" for p in PACKAGES)]))
+
+
+def alternating(rounds: int, specs: list[str]) -> Iterator[tuple[int, str, str, str]]:
+    """(round, spec, tree, level) for each run: A B C, then C B A, ..., so drift hits every tree alike."""
+    for round_ in range(rounds):
+        for spec in specs if round_ % 2 == 0 else specs[::-1]:
+            tree, level = spec.rsplit(":", 1)
+            yield round_, spec, tree, level
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,19 +70,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("backend", choices=("redis", "sqlite"))
     parser.add_argument("rounds", type=int)
     parser.add_argument("trees", nargs="+", metavar="TREE:LEVEL")
-    for name in ("fire", "batch", "process", "latency", "backlog", "claims"):
+    for name in SIZE_FLAGS:
         parser.add_argument(f"--{name}", type=int, help=f"Sizes.{name} (default: the tree's own)")
     return parser.parse_args(argv)
 
 
 def run_once(tree: str, level: str, backend: str, url: str, overrides: dict[str, int]) -> dict[str, object]:
-    path = os.pathsep.join([tree, *(f"{tree}/{p}/src" for p in
-                                    ("skunkqueue-core", "skunkqueue-redis", "skunkqueue-mongo", "skunkqueue-fdb"))])
     with tempfile.TemporaryDirectory(prefix="ab-bench-") as workdir:
         if backend == "sqlite":
             url = os.path.join(workdir, "skunq.db")
         out = subprocess.run([sys.executable, "-c", CHILD, backend, url, level, workdir, json.dumps(overrides)],
-                             cwd=tree, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
+                             cwd=tree, env=tree_env(tree), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -91,11 +106,9 @@ def report(trees: list[str], runs: dict[str, list[dict[str, float]]]) -> None:
         for spec in trees[1:]:
             paired = [better_ratio(name, a[name], b[name]) for a, b in zip(runs[first], runs[spec])]
             base_values = [r[name] for r in runs[first]]
-            # The first tree's own spread, as a ratio to its median: what its runs disagree by.
-            low = better_ratio(name, statistics.median(base_values),
-                               max(base_values) if name in LOWER_IS_BETTER else min(base_values))
-            high = better_ratio(name, statistics.median(base_values),
-                                min(base_values) if name in LOWER_IS_BETTER else max(base_values))
+            # The first tree's own spread, as ratios to its median: what its runs disagree by.
+            spread = [better_ratio(name, statistics.median(base_values), v) for v in base_values]
+            low, high = min(spread), max(spread)
             verdict = "within noise" if low <= statistics.median(paired) <= high else (
                 "better" if statistics.median(paired) > high else "WORSE")
             ratios.append(f"{statistics.median(paired):.3f} [noise {low:.2f}-{high:.2f}: {verdict}]")
@@ -104,21 +117,18 @@ def report(trees: list[str], runs: dict[str, list[dict[str, float]]]) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    overrides = {k: v for k in ("fire", "batch", "process", "latency", "backlog", "claims")
-                 if (v := getattr(args, k)) is not None}
+    overrides = {k: v for k in SIZE_FLAGS if (v := getattr(args, k)) is not None}
     runs: dict[str, list[dict[str, float]]] = {spec: [] for spec in args.trees}
-    with RedisServer() as server:
-        for round_ in range(args.rounds):
-            for spec in args.trees if round_ % 2 == 0 else args.trees[::-1]:
-                tree, level = spec.rsplit(":", 1)
-                if args.backend == "redis":
-                    server.flush()
-                outcome = run_once(tree, level, args.backend, server.url, overrides)
-                if outcome["errors"] or outcome["failed"]:
-                    print(f"{spec}: errors {outcome['errors']} failed checks {outcome['failed']}", file=sys.stderr)
-                figures: dict[str, float] = outcome["figures"]  # type: ignore[assignment]
-                runs[spec].append(figures)
-                print(round_, spec, json.dumps({k: round(v, 2) for k, v in figures.items()}), flush=True)
+    with RedisServer() if args.backend == "redis" else contextlib.nullcontext() as server:
+        for round_, spec, tree, level in alternating(args.rounds, args.trees):
+            if isinstance(server, RedisServer):
+                server.flush()
+            outcome = run_once(tree, level, args.backend, server.url if server else "", overrides)
+            if outcome["errors"] or outcome["failed"]:
+                print(f"{spec}: errors {outcome['errors']} failed checks {outcome['failed']}", file=sys.stderr)
+            figures: dict[str, float] = outcome["figures"]  # type: ignore[assignment]
+            runs[spec].append(figures)
+            print(round_, spec, json.dumps({k: round(v, 2) for k, v in figures.items()}), flush=True)
     report(args.trees, runs)
     return 0
 

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 
+from benchmarks.ab_bench import alternating, tree_env
 from benchmarks.servers import RedisServer
 
 CHILD = r'''
@@ -50,20 +51,17 @@ def main(argv: list[str]) -> int:
     runs: dict[str, list[dict[str, float]]] = {spec: [] for spec in trees}
     with RedisServer() as server:
         redis_pid = server.starter.process.pid
-        for round_ in range(pairs):
-            for spec in trees if round_ % 2 == 0 else trees[::-1]:
-                tree, level = spec.rsplit(":", 1)
-                path = os.pathsep.join([tree, f"{tree}/skunkqueue-core/src", f"{tree}/skunkqueue-redis/src"])
-                before = cpu_seconds(redis_pid)
-                out = subprocess.run([sys.executable, "-c", CHILD, server.url, jobs, level], cwd=tree,
-                                     env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True)
-                if out.returncode:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    return 1
-                run = json.loads(out.stdout.strip().splitlines()[-1])
-                run["redis_us"] = (cpu_seconds(redis_pid) - before) / int(jobs) * 1e6
-                runs[spec].append(run)
-                print(round_, spec, {k: round(v) for k, v in run.items()}, flush=True)
+        for round_, spec, tree, level in alternating(pairs, trees):
+            before = cpu_seconds(redis_pid)
+            out = subprocess.run([sys.executable, "-c", CHILD, server.url, jobs, level], cwd=tree,
+                                 env=tree_env(tree), capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            run = json.loads(out.stdout.strip().splitlines()[-1])
+            run["redis_us"] = (cpu_seconds(redis_pid) - before) / int(jobs) * 1e6
+            runs[spec].append(run)
+            print(round_, spec, {k: round(v) for k, v in run.items()}, flush=True)
     for spec, done in runs.items():
         print(spec, *(f"{name} {statistics.median(r[name] for r in done):.0f}"
                       for name in ("rate", "cpu_us", "redis_us")))
