@@ -21,14 +21,13 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import redis
 
+from benchmarks import servers
 from skunkqueue import policy
-from skunkqueue.testing.kit import free_port
 from skunkqueue.testing.suite_support import make_record
 from skunkqueue_redis import scripts
 from skunkqueue_redis.persistence import RedisPersistence
@@ -79,49 +78,37 @@ def one_round(port: int, dirs: list[Path], jobs: int, limit: int, raw: redis.Red
     return [statistics.fmean(times[sha]) for sha in shas]
 
 
-def start_server(prefix: list[str], port: int, directory: str, patience: float,
-                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], redis.Redis]:
-    """A private redis-server (run under ``prefix``, e.g. valgrind) and a client, once it answers."""
-    server = subprocess.Popen([*prefix, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", directory, *extra],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    raw = redis.Redis(port=port)
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            raw.ping()
-            return server, raw
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.05)
+def start_server(prefix: list[str], directory: str, patience: float,
+                 extra: Sequence[str] = ()) -> tuple[Any, redis.Redis]:
+    """A private redis-server (the tests' starter, run under ``prefix``, e.g. valgrind) and a client."""
+    server = servers.redis_servers.RedisServer(Path(directory), prefix=prefix, extra=list(extra))
+    server.start(timeout=patience)
+    return server, redis.Redis(port=server.port)
 
 
 def callgrind(directory: Path, jobs: int, limit: int, keep: Path | None = None) -> float:
     """Instructions per finish_and_claim call inside evalShaCommand, redis-server under callgrind."""
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        server, raw = start_server(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                    "--toggle-collect=evalShaCommand", f"--callgrind-out-file={out}"],
-                                   port, tmp, patience=60.0)
+        server, _ = start_server(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                  "--toggle-collect=evalShaCommand", f"--callgrind-out-file={out}"],
+                                 tmp, patience=60.0)
+        pid = str(server.process.pid)
         try:
-            store = store_with(port, directory, "q")
+            store = store_with(server.port, directory, "q")
             store.enqueue([make_record(store.queue) for _ in range(jobs + limit)])
             held = store.claim("r", "w", 30, limit)
-            subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["callgrind_control", "-i", "on", pid], check=True, stdout=subprocess.DEVNULL)
             for _ in range(jobs):
                 job = held.pop(0)
                 if held:
                     store.finish(job.id, job.token, policy.completed(b"1"))
                 else:
                     _, held = store.finish_and_claim(job.id, job.token, policy.completed(b"1"), "r", "w", 30, limit)
-            subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["callgrind_control", "-i", "off", pid], check=True, stdout=subprocess.DEVNULL)
             store.close()
         finally:
-            server.terminate()
-            server.wait()
+            server.stop()
         if keep:
             shutil.copy(out, keep / f"callgrind.{directory.name}.out")
         for line in out.read_text().splitlines():
@@ -148,12 +135,11 @@ def main() -> None:
             base = base or ir
             print(f"{str(d):20s} {ir:10.0f} instructions per call ({(ir - base) / base:+.1%})")
         return
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server, raw = start_server(opts.prefix, port, tmp, patience=5.0,
+        server, raw = start_server(opts.prefix, tmp, patience=5.0,
                                    extra=["--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"])
         try:
-            rounds = [one_round(port, opts.dirs, opts.jobs, opts.limit, raw, r) for r in range(opts.rounds)]
+            rounds = [one_round(server.port, opts.dirs, opts.jobs, opts.limit, raw, r) for r in range(opts.rounds)]
             for i, d in enumerate(opts.dirs):
                 values = [row[i] for row in rounds]
                 diffs = [row[i] - row[0] for row in rounds]
@@ -161,8 +147,7 @@ def main() -> None:
                       f"paired diff {statistics.fmean(diffs):+6.2f} (median {statistics.median(diffs):+6.2f})  "
                       f"rounds {' '.join(f'{v:.1f}' for v in values)}")
         finally:
-            server.terminate()
-            server.wait()
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class RedisServer:
     port: int = 0
     password: str | None = None
     extra: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # a command to run it under: valgrind, taskset
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,7 +50,7 @@ class RedisServer:
             args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args + self.extra, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self.prefix + args + self.extra, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
