@@ -142,7 +142,7 @@ class SkunkQueue:
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
-        live = self.live_workers() if self.queue_type == "broadcast" else None
+        live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         if keys is None or all(k is None for k in keys):
@@ -154,7 +154,7 @@ class SkunkQueue:
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
-        live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
+        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         if keys is None or all(k is None for k in keys):
@@ -172,10 +172,12 @@ class SkunkQueue:
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
+        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
+        result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
-            payload = serializer.dumps_call(args, kwargs, self.serializer)
+            payload = serializer.dumps_call(args, kwargs, declared.serializer)
             size = len(payload) + (signing.overhead() if secret else 0)
             if backend.max_payload is not None and size > backend.max_payload:
                 raise PayloadTooLarge(
@@ -186,10 +188,10 @@ class SkunkQueue:
             key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
-                          serializer=self.serializer, due=due, created=now, target=target,
+                          serializer=declared.serializer, due=due, created=now, target=target,
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
                           # The retention travels with the record: no worker needs to know it.
-                          result_ttl=job.result_ttl if job.result_ttl is not None else float(self.result_ttl),
+                          result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]
