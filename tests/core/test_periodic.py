@@ -202,3 +202,28 @@ def test_cron_slots_have_one_key_whatever_the_starting_point(queue: SkunkQueue) 
         slot = every_minute.next_slot((base + offset) / S)
         keys.add(every_minute.key(periodic.micros(slot)))
     assert keys == {every_minute.key(base + 60 * S)}
+
+
+def test_a_job_rebound_to_another_connection_keeps_every_option_of_its_declaration(tmp_path: Path) -> None:
+    """What a pool (or ``skunq periodic run``) rebuilds from a declaration carries all of it: the
+    queue's result_ttl, serializer and type, and the job's retries, back-off, timeout."""
+    url = str(tmp_path / "q.db")
+    declaring = SkunkQueue("rebound", conn_url=url, result_ttl=3, serializer="pickle")
+    job = declaring.periodic(routes=["r"], every=5, retries=2, retry_backoff=0.5, timeout=9)(jobs.whoami.func)
+    plain = SkunkQueue("rebound", conn_url=url)  # as a pool opens it: the connection only
+    handle = job.on(plain).fire()
+    record = plain.get(handle.id)
+    assert record is not None
+    assert (record.result_ttl, record.serializer, record.retries, record.retry_backoff, record.timeout) == \
+        (3.0, "pickle", 2, 0.5, 9)
+    assert job.schedule is not None
+    fired = periodic.fire_now(job.schedule, plain)  # skunq periodic run, the monitor's "run now"
+    again = plain.get(fired.id)
+    assert again is not None and (again.result_ttl, again.serializer) == (3.0, "pickle")
+    # A broadcast's deliveries follow the live workers: rebound, the job is still a broadcast.
+    shout = SkunkQueue("rebound", conn_url=url, queue_type="broadcast").event(routes=["r"])(jobs.add.func)
+    assert shout.on(plain).fire(1, 2).ids == []  # no live worker: no delivery, as on its own queue
+    with pytest.raises(ConfigurationError, match="is declared on queue 'rebound', not 'other'"):
+        job.on(SkunkQueue("other", conn_url=url))
+    with pytest.raises(ConfigurationError, match="Periodic jobs need a direct queue"):
+        SkunkQueue("b", conn_url=url, queue_type="broadcast").periodic(routes=["r"], every=5)(jobs.whoami.func)

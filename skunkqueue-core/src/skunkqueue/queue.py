@@ -124,6 +124,10 @@ class SkunkQueue:
         """
         from skunkqueue import periodic as schedules
 
+        if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
+            raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
+                                     "which workers are alive, so a slot could not be fired exactly once.")
+
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
                       result_ttl=result_ttl)
@@ -166,13 +170,13 @@ class SkunkQueue:
                  due: float, keys: list[str | None] | None,
                  live: list[WorkerInfo] | None) -> list[list[JobRecord]]:
         """The records of each call: one per route (a broadcast: one per live worker of the route)."""
+        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
-            _check_keys(self, backend, keys)
+            _check_keys(declared, backend, keys)
         targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
-        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
         per_call: list[list[JobRecord]] = []
