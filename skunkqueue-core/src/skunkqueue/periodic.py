@@ -9,11 +9,14 @@ the idempotency key ``"<job name>@<slot time>"``, and the store keeps exactly
 one record per key, however many schedulers race for it. The fired job gets
 retries, timeouts, dead letters and kill like any other.
 
-Slots are never fired early (a slot is fired once its time has come, due at
-that time) and never twice (the key). After downtime the most recent missed
-slot is fired if it is less than ``misfire_grace`` seconds old (default 60);
-older ones are skipped, unless ``catch_up=True``, which fires every slot
-missed since the last one fired.
+Slots are whole microseconds since the epoch (integers: one slot, one key,
+whoever reckons it), reckoned on the store's clock (``Persistence.now``), so
+that no pool's clock makes a slot early or makes another pool skip one.
+Slots are never fired early (a slot is fired once its time has come by the
+store's clock, due at that time) and never twice (the key). After downtime
+the most recent missed slot is fired if it is at most ``misfire_grace``
+seconds old (default 60); older ones are skipped, unless ``catch_up=True``,
+which fires every slot missed since the last one fired.
 
 Cron expressions are read by cronsim, in the schedule's time zone (``tz``,
 default UTC). Across a daylight-saving change a wall-clock time that does not
