@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -227,3 +228,15 @@ def test_a_job_rebound_to_another_connection_keeps_every_option_of_its_declarati
         job.on(SkunkQueue("other", conn_url=url))
     with pytest.raises(ConfigurationError, match="Periodic jobs need a direct queue"):
         SkunkQueue("b", conn_url=url, queue_type="broadcast").periodic(routes=["r"], every=5)(jobs.whoami.func)
+
+
+def test_a_tiny_interval_costs_one_step_per_check(queue: SkunkQueue) -> None:
+    """every=1 µs with a 60 s grace: the latest slot is computed, not walked to (60 million steps)."""
+    s = schedule(queue, every=timedelta(microseconds=1))
+    now = at("2026-11-28T10:00:00.123456+00:00")
+    started = time.perf_counter()
+    assert s.due_slots(now, None) == [now]
+    assert s.due_slots(now, now - 7) == [now]
+    assert s.due_slots(now, now) == []
+    assert time.perf_counter() - started < 0.1
+    assert s.key(now).endswith("@2026-11-28T10:00:00.123456+00:00")

@@ -161,11 +161,14 @@ class Schedule:
                 slots.append(slot)
             return slots
         latest = None
-        oldest = now - self.grace_us
-        for slot in self.slots_after(oldest - 1 if last is None else max(oldest - 1, last)):
-            if slot > now:
-                break
-            latest = slot
+        if self.every_us is not None:  # no walk: a tiny interval would mean millions of slots per check
+            latest = now // self.every_us * self.every_us
+        else:
+            oldest = now - self.grace_us
+            for slot in self.slots_after(oldest - 1 if last is None else max(oldest - 1, last)):
+                if slot > now:
+                    break
+                latest = slot
         if latest is None or (last is not None and latest <= last) or now - latest > self.grace_us:
             return []
         return [latest]
