@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 import time
@@ -101,6 +102,16 @@ def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in params), len(params)
 
 
+def check_result_ttl(seconds: float) -> None:
+    # inf reached the stores as an expiry they cannot hold (Redis: PEXPIRE inf).
+    try:
+        finite = 0 <= seconds < math.inf
+    except TypeError:
+        finite = False
+    if not finite:
+        raise ConfigurationError(f"result_ttl must be a finite number of seconds >= 0, not {seconds!r}.")
+
+
 class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
@@ -111,10 +122,10 @@ class Job:
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
         for route in routes:
             check_name(route, "route")
-        if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
-            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
-        if result_ttl is not None and not result_ttl >= 0:
-            raise ConfigurationError("result_ttl must be >= 0 seconds.")
+        if not (retries >= 0 and 0 <= retry_backoff < math.inf and (timeout is None or 0 < timeout < math.inf)):
+            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0 (finite numbers).")
+        if result_ttl is not None:
+            check_result_ttl(result_ttl)
         self.result_ttl = result_ttl  # None: the queue's
         self.queue = queue          # where it is fired (the connection)
         self.declared_on = queue    # whose options its records carry (type, serializer, retention)
