@@ -102,14 +102,19 @@ def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in params), len(params)
 
 
+# The longest retention: "keep it" needs no more, and a finished time plus much more is past what the
+# stores hold (Redis refuses PEXPIRE beyond 2**63 ms; dates end at year 9999).
+MAX_RESULT_TTL = 100 * 365.25 * 24 * 3600
+
+
 def check_result_ttl(seconds: float) -> None:
-    # inf reached the stores as an expiry they cannot hold (Redis: PEXPIRE inf).
     try:
-        finite = 0 <= seconds < math.inf
+        held = 0 <= seconds <= MAX_RESULT_TTL
     except TypeError:
-        finite = False
-    if not finite:
-        raise ConfigurationError(f"result_ttl must be a finite number of seconds >= 0, not {seconds!r}.")
+        held = False
+    if not held:
+        raise ConfigurationError(f"result_ttl must be a number of seconds from 0 to 100 years "
+                                 f"({MAX_RESULT_TTL:.0f}), not {seconds!r}.")
 
 
 class Job:
