@@ -69,6 +69,7 @@ def _zone(tz: str) -> timezone | object:
 
 
 MICRO = 1_000_000
+NEVER_TOO_LATE = 2**62  # microseconds: a grace past any slot since the epoch
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Slots are whole microseconds since EPOCH: integers, so that one slot is one
 # number (and one key) however it was reached; float seconds are not (1.1 s
@@ -113,9 +114,11 @@ class Schedule:
         self.every_us = None if self.every is None else round(Decimal(repr(self.every)) * MICRO)
         if self.every_us is not None and self.every_us < 1:
             raise ConfigurationError("every= must be at least one microsecond.")
-        if self.misfire_grace < 0:
+        if not self.misfire_grace >= 0:
             raise ConfigurationError("misfire_grace must be >= 0 seconds.")
-        self.grace_us = round(Decimal(repr(float(self.misfire_grace))) * MICRO)
+        # math.inf: however old, the latest missed slot fires.
+        self.grace_us = (NEVER_TOO_LATE if math.isinf(self.misfire_grace)
+                         else min(round(Decimal(repr(float(self.misfire_grace))) * MICRO), NEVER_TOO_LATE))
         self._zone = _zone(self.tz)
         if self.cron is not None:
             try:
@@ -141,8 +144,7 @@ class Schedule:
                 yield slot
                 slot += self.every_us
         # cronsim works in whole seconds: start from the second holding ``after``.
-        start = (EPOCH + timedelta(seconds=after // MICRO)).astimezone(self._zone)  # type: ignore[arg-type]
-        for moment in CronSim(self.cron or "", start):
+        for moment in CronSim(self.cron or "", self._moment(after // MICRO)):
             slot = micros_of(moment)
             if slot > after:
                 yield slot
@@ -160,18 +162,33 @@ class Schedule:
                     break
                 slots.append(slot)
             return slots
-        latest = None
-        if self.every_us is not None:  # no walk: a tiny interval would mean millions of slots per check
-            latest = now // self.every_us * self.every_us
-        else:
-            oldest = now - self.grace_us
-            for slot in self.slots_after(oldest - 1 if last is None else max(oldest - 1, last)):
-                if slot > now:
-                    break
-                latest = slot
+        latest = self.latest_slot(now)
         if latest is None or (last is not None and latest <= last) or now - latest > self.grace_us:
             return []
         return [latest]
+
+    def latest_slot(self, now: int) -> int | None:
+        """The latest slot at or before ``now`` (microseconds), found without walking from the past:
+        a tiny interval or a long grace would mean millions of steps per check."""
+        if self.every_us is not None:
+            return now // self.every_us * self.every_us
+        # cronsim walks back from the next whole second to two matches before it; the slots are then
+        # walked forward from the earlier one, so that the forward rules (daylight saving) decide.
+        back = CronSim(self.cron or "", self._moment(now // MICRO + 1), reverse=True)
+        try:
+            next(back)
+            before = micros_of(next(back))
+        except (StopIteration, OverflowError, ValueError):  # no match since year 1
+            return None
+        latest = None
+        for slot in self.slots_after(before - 1):
+            if slot > now:
+                break
+            latest = slot
+        return latest
+
+    def _moment(self, second: int) -> datetime:
+        return (EPOCH + timedelta(seconds=second)).astimezone(self._zone)  # type: ignore[arg-type]
 
     def key(self, slot: int) -> str:
         return f"{self.name}@{slot_label(slot)}"
