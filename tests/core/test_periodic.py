@@ -260,3 +260,17 @@ def test_an_infinite_grace_fires_the_latest_slot_however_old_and_nan_is_refused(
     minutely = schedule(queue, cron="* * * * *", misfire_grace=math.inf)
     assert minutely.due_slots(now, None) == [at("2026-11-28T10:00:00+00:00")]
     assert minutely.due_slots(now, last) == [at("2026-11-28T10:00:00+00:00")]
+
+
+def test_a_schedule_that_fails_its_check_does_not_stop_the_others(queue: SkunkQueue,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    broken, fine = schedule(queue, every=10), schedule(queue, cron="* * * * *")
+
+    def bind(sched: periodic.Schedule) -> Job:
+        if sched is broken:
+            raise RuntimeError("a bug in a schedule")
+        return sched.job.on(queue)
+
+    scheduler = periodic.Scheduler(queue.persistence, [broken, fine], bind)
+    assert scheduler.tick(at("2026-11-28T10:00:05+00:00") / S) == 1  # the pool's loop goes on
+    assert "a bug in a schedule" in caplog.text

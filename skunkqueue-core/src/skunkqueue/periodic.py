@@ -283,6 +283,8 @@ class Scheduler:
                 fired += self._check(schedule, micros(now), moved)
             except SkunkQueueError as exc:
                 log.warning("periodic %s: %s; trying again at the next check", schedule.name, exc)
+            except Exception:  # a schedule's fault must not stop the pool that runs the jobs
+                log.exception("periodic %s: the check failed; trying again at the next check", schedule.name)
         return fired
 
     def _check(self, schedule: Schedule, now: int, moved: float) -> int:
