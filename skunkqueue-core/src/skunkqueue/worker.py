@@ -391,6 +391,8 @@ class Worker:
     def _job(self, record: JobRecord) -> Job:
         # SKUNQ_SECRET: an unsigned or altered record runs nothing, and imports nothing.
         signing.verify(signing.key_from_env(), record)
+        # What the signature vouches for must be where this worker serves, not only self-consistent.
+        trust.check_address(record, self.config.queue, self.config.route, self.id)
         job = self._jobs.get(record.func)
         if job is None:
             job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,
