@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, hooks, policy, serializer, signing, trust
+from skunkqueue import channel, headers, hooks, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -160,6 +160,7 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -410,8 +411,10 @@ class Worker:
             self.current = None
         ran = time.monotonic() - started
         if outcome is None:
+            hooks.call("job_lost", record=record)
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
-                        record.id, record.func, record.route)
+                        record.id, record.func, record.route,
+                        extra=self.job_fields(record, "lost", ran))
             self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
             return
         done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
@@ -431,9 +434,27 @@ class Worker:
         log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route,
                  time.monotonic() - started, outcome.state,
                  f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                 "" if recorded else " (not recorded: lease lost)")
+                 "" if recorded else " (not recorded: lease lost)",
+                 extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
+
+    def job_fields(self, record: JobRecord, outcome: str, ran: float,
+                   error: dict[str, str] | None = None) -> dict[str, Any]:
+        """The fields of a job's log line (``--log-format json`` writes them as keys)."""
+        fields: dict[str, Any] = {
+            "job_id": record.id, "function": record.func, "queue": record.queue, "route": record.route,
+            "attempt": record.attempts, "outcome": outcome, "duration": round(ran, 6)}
+        if error:
+            fields["error_type"] = error.get("type", "")
+        # Only from a record this worker verified (its signature, with SKUNQ_SECRET): a forged
+        # trace context must not put a job into someone else's trace, not even in the log.
+        verified = record.id in self._verified
+        self._verified.discard(record.id)  # job_fields is called once per attempt, at its end
+        trace = headers.trace_id(record) if verified else None
+        if trace:
+            fields["trace_id"] = trace
+        return {logformat.JOB_FIELDS: fields}
 
     def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
@@ -477,6 +498,7 @@ class Worker:
                     "serializer='pickle', start the workers with: skunq work --allow-pickle"
                 )
             job = self._job(record)
+            self._verified.add(record.id)  # its signature (if any) holds; job_fields takes it out
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
@@ -559,8 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process started by the pool: ``python -m skunkqueue.worker CONFIG``."""
     argv = sys.argv[1:] if argv is None else argv
     config = WorkerConfig.from_json(argv[0])
-    logging.basicConfig(level=os.environ.get("SKUNQ_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
     if config.async_concurrency > 1:
         from skunkqueue.async_worker import AsyncWorker
         worker: Worker = AsyncWorker(config)
