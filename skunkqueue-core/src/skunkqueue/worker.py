@@ -247,8 +247,8 @@ class Worker:
         self._watch_parent()
         self._watch_pool()
         hooks.call("worker_started", worker=self.info)
-        log.info("worker %s: listening on queue %s route %s (%s backend)", self.id,
-                 self.config.queue, self.config.route, self.backend.name)
+        log.info("worker %s: listening on queue %s route %s; store %s", self.id,
+                 self.config.queue, self.config.route, self.backend.describe())
         try:
             self._loop()
         finally:
