@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, metrics, periodic, policy
+from skunkqueue import channel, interpreter, metrics, periodic, policy
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -121,7 +121,7 @@ class _Child:
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "skunkqueue.worker", config.to_json()],
+            interpreter.command("skunkqueue.worker", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()

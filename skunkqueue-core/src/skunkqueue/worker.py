@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, headers, hooks, logformat, policy, serializer, signing, trust
+from skunkqueue import channel, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -237,9 +237,7 @@ class Worker:
         return self.config.connect(lambda backend: backend.register_worker(self.info), f"worker {self.id}")
 
     def run(self) -> int:
-        for path in reversed([os.getcwd(), *self.config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         self.pool.send(f"h {channel.quote(self.id)}")
@@ -578,7 +576,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process started by the pool: ``python -m skunkqueue.worker CONFIG``."""
+    """Entry point of a worker process the pool starts with ``interpreter.command("skunkqueue.worker", CONFIG)``."""
     argv = sys.argv[1:] if argv is None else argv
     config = WorkerConfig.from_json(argv[0])
     logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
