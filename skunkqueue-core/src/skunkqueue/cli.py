@@ -413,7 +413,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     if not found:
         click.echo(f"No periodic jobs declared on queue {queue} in {', '.join(modules)}.")
         return
-    now = dt.datetime.now().timestamp()
+    now = store.now()  # the clock the schedulers reckon slots on
     for name, schedule in sorted(found.items()):
         last = schedules.last_slot(store, name)
         paused = schedules.is_paused(store, name)

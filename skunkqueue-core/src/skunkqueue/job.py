@@ -116,7 +116,8 @@ class Job:
         if result_ttl is not None and not result_ttl >= 0:
             raise ConfigurationError("result_ttl must be >= 0 seconds.")
         self.result_ttl = result_ttl  # None: the queue's
-        self.queue = queue
+        self.queue = queue          # where it is fired (the connection)
+        self.declared_on = queue    # whose options its records carry (type, serializer, retention)
         self.func = func
         self.routes = list(routes)
         self.retries = retries
@@ -132,6 +133,18 @@ class Job:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+    def on(self, queue: SkunkQueue) -> Job:
+        """This job, fired through ``queue``'s connection, with all of its declaration's options:
+        its own (retries, back-off, timeout, retention) and its declaring queue's (type,
+        serializer, retention). A pool firing a schedule rebuilds the job this way."""
+        if queue.name != self.queue.name:
+            raise ConfigurationError(f"{self.name} is declared on queue {self.queue.name!r}, not {queue.name!r}.")
+        job = Job(queue, self.func, self.routes, retries=self.retries, retry_backoff=self.retry_backoff,
+                  timeout=self.timeout, result_ttl=self.result_ttl)
+        job.declared_on = self.declared_on
+        job.schedule = self.schedule
+        return job
 
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"

@@ -129,6 +129,10 @@ class SkunkQueue:
         """
         from skunkqueue import periodic as schedules
 
+        if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
+            raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
+                                     "which workers are alive, so a slot could not be fired exactly once.")
+
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
                       result_ttl=result_ttl)
@@ -147,7 +151,7 @@ class SkunkQueue:
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
-        live = self.live_workers() if self.queue_type == "broadcast" else None
+        live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         observed = hooks.implemented("job_sending")
@@ -170,7 +174,7 @@ class SkunkQueue:
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
-        live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
+        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         observed = hooks.implemented("job_sending")
@@ -193,24 +197,26 @@ class SkunkQueue:
                  due: float, keys: list[str | None] | None,
                  live: list[WorkerInfo] | None) -> list[list[JobRecord]]:
         """The records of each call: one per route (a broadcast: one per live worker of the route)."""
+        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
-            _check_keys(self, backend, keys)
+            _check_keys(declared, backend, keys)
         targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
+        result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # signing adds to the size; _seal signs
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
-            payload = serializer.dumps_call(args, kwargs, self.serializer)
+            payload = serializer.dumps_call(args, kwargs, declared.serializer)
             _check_size(backend, job.name, len(payload) + (signing.overhead() if secret else 0))
             key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
-                          serializer=self.serializer, due=due, created=now, target=target,
+                          serializer=declared.serializer, due=due, created=now, target=target,
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
                           # The retention travels with the record: no worker needs to know it.
-                          result_ttl=job.result_ttl if job.result_ttl is not None else float(self.result_ttl),
+                          result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]

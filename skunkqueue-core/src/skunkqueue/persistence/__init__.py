@@ -45,6 +45,10 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 NOTIFY_LATENCY = 0.03
 
 # Statuses that :meth:`Persistence.renew` reports per job.
+# Seconds a producer's clock may differ from the clock of a store that has one
+# (Persistence.now) before the store moves the times it computed (due) onto its
+# own clock, keeping the delay meant; within it they are kept as written.
+CLOCK_TOLERANCE = 0.5
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
 LEASE_KILL = "kill"  # still ours, but someone asked to kill it

@@ -21,9 +21,10 @@ KIT_QUEUE_ENV = "SKUNQ_KIT_QUEUE"
 KIT_ROUTES_ENV = "SKUNQ_KIT_ROUTES"
 
 
-def kit_queue(default: str) -> SkunkQueue:
-    """The queue a test job module declares its jobs on: the test's queue inside a kit pool."""
-    return SkunkQueue(os.environ.get(KIT_QUEUE_ENV) or default)
+def kit_queue(default: str, **options: Any) -> SkunkQueue:
+    """The queue a test job module declares its jobs on: the test's queue inside a kit pool
+    (``options``: the queue's, e.g. ``result_ttl``)."""
+    return SkunkQueue(os.environ.get(KIT_QUEUE_ENV) or default, **options)
 
 
 def kit_routes(default: Sequence[str]) -> list[str]:
