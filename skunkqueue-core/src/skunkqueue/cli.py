@@ -212,7 +212,7 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
     return {
         "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
         "state": record.state, "dead": record.dead, "arguments": args,
-        "signed": signing.body(record.payload) != record.payload,
+        "signed": signing.body(record.payload) != record.payload, "signature": signing.signature(record),
         "result": _decoded(record.result, record, "result"), "error": record.error,
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,
@@ -262,7 +262,7 @@ def jobs_command(queue: str, route: str | None, state: str | None, limit: int, a
     """List a queue's jobs: id, function, route, state, due time, attempts."""
     records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
     if as_json:
-        keys = ("id", "function", "route", "state", "due", "attempts")
+        keys = ("id", "function", "route", "state", "due", "attempts", "signature")
         rows = [{k: v for k, v in _job_fields(r).items() if k in keys} for r in records]
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return

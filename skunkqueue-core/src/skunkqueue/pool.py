@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, metrics, periodic, policy
+from skunkqueue import channel, metrics, periodic, policy, signature_policy, signing
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -303,8 +303,11 @@ class WorkerPool:
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops the pool."""
         self._install_signal_handlers()
+        signing.verify_keys_from_env()  # SKUNQ_SECRET_PREVIOUS without SKUNQ_SECRET fails here, in one line
         self.check_backend()
         self.check_clock()
+        if self.store is not None:  # tell producers what the workers refuse, so they learn it at fire
+            self._store_call("publish the signing policy", signature_policy.publish, self.store)
         if self.store is not None:
             for warning in self._store_call("ask the store about durability", self.store.durability_warnings) or []:
                 log.warning("pool: %s", warning)

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, policy, serializer, signing
+from skunkqueue import config, policy, serializer, signature_policy, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -50,6 +50,7 @@ class SkunkQueue:
         self.result_ttl = result_ttl
         self.options = options
         self._local = threading.local()
+        self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
@@ -147,6 +148,8 @@ class SkunkQueue:
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
+        if self._signing_stale(backend):
+            self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
         live = self.live_workers() if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
@@ -159,6 +162,9 @@ class SkunkQueue:
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
+        if self._signing_stale(backend):
+            stored = await backend._in_thread(backend.get_setting, signature_policy.SETTING)
+            self._signing_notice = (time.monotonic(), stored)
         live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
@@ -178,6 +184,10 @@ class SkunkQueue:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
         secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
+        if self._signing_notice is not None:  # refuse here what the workers would refuse
+            problem = signature_policy.problem(self._signing_notice[1], secret, self.name)
+            if problem is not None:
+                raise ConfigurationError(problem)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
             payload = serializer.dumps_call(args, kwargs, self.serializer)
@@ -204,6 +214,12 @@ class SkunkQueue:
                 for record in records:
                     signing.sign(secret, record)
         return per_call
+
+    def _signing_stale(self, backend: Persistence) -> bool:
+        """True when the workers' signing policy (signature_policy) is due to be read again."""
+        if not backend.supports_settings:
+            return False
+        return self._signing_notice is None or time.monotonic() - self._signing_notice[0] > signature_policy.CHECK_EVERY
 
     def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
         """Handles for keyed records: a key already held points the handle at the existing job."""

@@ -39,6 +39,7 @@ from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
+    JobRefused,
     KillRequested,
     LeaseLost,
     PayloadTooLarge,
@@ -160,6 +161,7 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._refused: set[str] = set()  # functions whose refusal was logged (once each)
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -389,8 +391,8 @@ class Worker:
     # -- running one job ----------------------------------------------------------
 
     def _job(self, record: JobRecord) -> Job:
-        # SKUNQ_SECRET: an unsigned or altered record runs nothing, and imports nothing.
-        signing.verify(signing.key_from_env(), record)
+        # SKUNQ_SECRET (and _PREVIOUS): an unsigned or altered record runs nothing, and imports nothing.
+        signing.verify(signing.verify_keys_from_env(), record, accept_unsigned=signing.accepts_unsigned())
         job = self._jobs.get(record.func)
         if job is None:
             job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,
@@ -426,10 +428,11 @@ class Worker:
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
         error = outcome.error if outcome.state != "complete" and outcome.error else None
-        log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route,
-                 time.monotonic() - started, outcome.state,
-                 f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                 "" if recorded else " (not recorded: lease lost)")
+        refused = error is not None and error.get("type") == JobRefused.__name__
+        log.log(logging.DEBUG if refused else logging.INFO, "job %s %s route=%s %.3fs %s%s%s",
+                record.id, record.func, record.route, time.monotonic() - started, outcome.state,
+                f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
+                "" if recorded else " (not recorded: lease lost)")
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
 
@@ -476,6 +479,13 @@ class Worker:
                 )
             job = self._job(record)
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
+        except JobRefused as exc:
+            # One warning per function: a producer without the key would otherwise fill the log.
+            if record.func not in self._refused:
+                self._refused.add(record.func)
+                log.warning("worker %s: refusing jobs of %s: %s (further refusals of %s are logged at DEBUG; "
+                            "`skunq job ID` shows each)", self.id, record.func, exc, record.func)
+            return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except BaseException as exc:  # the job's module raised at import
