@@ -20,6 +20,6 @@ _kit = kit_queue("skunkqueue-testing-periodic")
 def tick() -> float:
     started = time.time()
     ctx = current_job()
-    slot = ctx.slot if ctx is not None else None
+    slot = ctx.slot.timestamp() if ctx is not None and ctx.slot is not None else None
     append_line(os.environ["SKUNQ_KIT_TICKS"], f"{slot!r} {started!r} {os.getpid()}")
     return started
