@@ -190,3 +190,36 @@ def test_previous_keys_without_a_current_one_stop_the_pool_in_one_line(
     assert pool.wait(30) == 1
     assert "SKUNQ_SECRET_PREVIOUS is set but SKUNQ_SECRET is not" in pool.log()
     assert "Traceback" not in pool.log()
+
+
+def test_an_async_producer_learns_at_afire_and_a_garbled_notice_blocks_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from skunkqueue import signature_policy
+
+    for name in SIGNING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    url = str(tmp_path / "q.db")
+    store = SkunkQueue("notice", conn_url=url).persistence
+    monkeypatch.setenv("SKUNQ_SECRET", K1)
+    signature_policy.publish(store)  # what a pool with K1 publishes at start
+    monkeypatch.delenv("SKUNQ_SECRET")
+
+    async def fire(secret: str | None) -> str:
+        if secret:
+            monkeypatch.setenv("SKUNQ_SECRET", secret)
+        else:
+            monkeypatch.delenv("SKUNQ_SECRET", raising=False)
+        add = SkunkQueue("notice", conn_url=url).event(routes=["r"])(jobs.add.func)
+        return (await add.afire(1, 2)).id
+
+    with pytest.raises(ConfigurationError, match="run only signed jobs"):
+        asyncio.run(fire(None))
+    with pytest.raises(ConfigurationError, match="do not accept"):
+        asyncio.run(fire(K2))
+    assert asyncio.run(fire(K1))
+    assert [r.id for r in store.list_jobs()] and len(store.list_jobs()) == 1  # the refused ones stored nothing
+    store.put_setting(signature_policy.SETTING, "{not json")  # a store writer's junk decides nothing
+    assert asyncio.run(fire(None))
+    store.close()
