@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, headers, hooks, policy, serializer, signing
+from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -50,6 +50,7 @@ class SkunkQueue:
         self.result_ttl = result_ttl
         self.options = options
         self._local = threading.local()
+        self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
@@ -151,6 +152,8 @@ class SkunkQueue:
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         backend = self.persistence
+        if self._signing_stale(backend):
+            self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
         live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
@@ -174,6 +177,9 @@ class SkunkQueue:
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
+        if self._signing_stale(backend):
+            stored = await backend._in_thread(backend.get_setting, signature_policy.SETTING)
+            self._signing_notice = (time.monotonic(), stored)
         live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
@@ -206,6 +212,10 @@ class SkunkQueue:
         now = time.time()
         result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # signing adds to the size; _seal signs
+        if self._signing_notice is not None:  # refuse here what the workers would refuse
+            problem = signature_policy.problem(self._signing_notice[1], secret, self.name)
+            if problem is not None:
+                raise ConfigurationError(problem)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
             payload = serializer.dumps_call(args, kwargs, declared.serializer)
@@ -238,6 +248,12 @@ class SkunkQueue:
         if secret:
             for record in records:
                 signing.sign(secret, record)
+
+    def _signing_stale(self, backend: Persistence) -> bool:
+        """True when the workers' signing policy (signature_policy) is due to be read again."""
+        if not backend.supports_settings:
+            return False
+        return self._signing_notice is None or time.monotonic() - self._signing_notice[0] > signature_policy.CHECK_EVERY
 
     def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
         """Handles for keyed records: a key already held points the handle at the existing job."""
