@@ -17,6 +17,7 @@ import pytest
 
 from skunkqueue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, RUNNING
+from skunkqueue_otel import tree
 
 BIN = Path(sys.executable).parent
 INSTRUMENT = BIN / "opentelemetry-instrument"
@@ -128,6 +129,11 @@ def test_opentelemetry_instrument_traces_a_real_pool_and_producer(tmp_path: Path
     # The job's own span nests under the consumer span, in the worker process.
     [inner] = [s for s in consumed if s["name"] == "inside the job"]
     assert inner["parent_id"] == attempts[ids["traced"]][0]["context"]["span_id"]
+
+    # The tree the README shows, drawn from the same output: request-less here, so the send span is a root.
+    drawn = tree.render(produced + consumed)
+    assert f"send {name}/r  [PRODUCER; producer" in drawn
+    assert f"└── process {name}/r  [CONSUMER; worker" in drawn and "ERROR: killed by request" in drawn
 
     # --log-format json: one object per line; a job's line names the trace it belongs to.
     lines = [json.loads(line) for line in work_err.read_text().splitlines() if line.strip()]
