@@ -148,3 +148,48 @@ def test_opentelemetry_instrument_traces_a_real_pool_and_producer(tmp_path: Path
     assert [j.get("trace_id") for j in jobs[ids["forged"]]] == [None]
     assert jobs[ids["sleepy"]][0]["outcome"] == KILLED
 
+
+
+@pytest.mark.skipif(not INSTRUMENT.exists(), reason="opentelemetry-instrument (opentelemetry-distro) is not installed")
+def test_an_attempt_whose_lease_was_lost_ends_its_span_saying_so(tmp_path: Path) -> None:
+    name = f"otel-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "SKUNQ_KIT_QUEUE": name, "OTEL_TRACES_EXPORTER": "console",
+           "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none", "OTEL_SERVICE_NAME": "worker"}
+    env.pop("SKUNQ_SECRET", None)
+    work_out = tmp_path / "work.out"
+    lease = 1.5
+    with open(work_out, "wb") as out:
+        pool = subprocess.Popen(
+            [str(INSTRUMENT), str(BIN / "skunq"), "work", "-q", name, "-r", "r", "--url", str(tmp_path / "q.db"),
+             "--import", "otel_jobs", "--path", str(JOBS_DIR), "--lease", str(lease)],
+            stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    queue = SkunkQueue(name, conn_url=str(tmp_path / "q.db"))
+    stopped = False
+    try:
+        sleepy = queue.event(routes=["r"])(otel_jobs.sleepy.func)
+        wait_for("the worker", lambda: pool.poll() is None and len(queue.workers()) == 1)
+        handle = sleepy.fire(4)
+        wait_for("the job to start", lambda: handle.state == RUNNING)
+        # The pool stops renewing the lease: the worker interrupts the job and drops its outcome.
+        os.kill(pool.pid, signal.SIGSTOP)
+        stopped = True
+        time.sleep(lease * 2 / 3 + 2.0)
+        os.kill(pool.pid, signal.SIGCONT)
+        stopped = False
+        wait_for("the job to complete on a later attempt", lambda: handle.state == COMPLETE, timeout=90,
+                 show=lambda: queue.get(handle.id))
+    finally:
+        if stopped:
+            os.kill(pool.pid, signal.SIGCONT)
+        queue.close()
+        pool.send_signal(signal.SIGTERM)
+        pool.wait(timeout=60)
+    attempts = sorted((s for s in console_spans(work_out.read_text()) if s["kind"] == "SpanKind.CONSUMER"
+                       and s["attributes"]["messaging.message.id"] == handle.id),
+                      key=lambda s: s["attributes"]["skunkqueue.job.attempt"])
+    assert len(attempts) >= 2
+    lost, last = attempts[0], attempts[-1]
+    assert lost["attributes"]["skunkqueue.job.outcome"] == "lost"
+    assert lost["status"]["status_code"] == "ERROR" and lost["status"]["description"].startswith("lease lost")
+    assert "skunkqueue.job.lease_lost" in [e["name"] for e in lost["events"]]
+    assert last["attributes"]["skunkqueue.job.outcome"] == COMPLETE
