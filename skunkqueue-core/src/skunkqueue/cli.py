@@ -15,6 +15,7 @@ import click
 
 from skunkqueue import backends as backend_registry
 from skunkqueue import headers, logformat, serializer, signing, trust
+from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
@@ -29,14 +30,16 @@ STALE_AFTER = 2 * HEARTBEAT_EVERY
 
 
 def _store_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--backend/--url/--db, with SKUNQ_* environment defaults, for every command."""
-    func = click.option("--db", envvar="SKUNQ_DB", show_envvar=True, help="Database name or number.")(func)
-    func = click.option("--url", envvar="SKUNQ_URL", show_envvar=True,
-                        help="Backend address (host:port, URL, or file path; sqlite: PATH or "
-                             "sqlite:///PATH).")(func)
-    func = click.option("--backend", envvar="SKUNQ_BACKEND", show_envvar=True,
-                        default=backend_registry.DEFAULT_BACKEND,
-                        show_default=True, help="Backend name (see `skunq backends`).")(func)
+    """--backend/--url/--db for every command. Not click's envvar: the SKUNQ_* variables are read by
+    skunkqueue.config, the one rule the library and the monitor follow too (an explicit --url must
+    not be paired with another backend's SKUNQ_BACKEND)."""
+    func = click.option("--db", help="Database name or number. [env var: SKUNQ_DB]")(func)
+    func = click.option("--url", help="Backend address: a URL whose scheme names the backend (redis://, "
+                                      "rediss://, redis+cluster://, unix://, mongodb://, mongodb+srv://, "
+                                      "sqlite:///PATH, fdb:///CLUSTER_FILE...), or with --backend also "
+                                      "host:port or a file path. [env var: SKUNQ_URL]")(func)
+    func = click.option("--backend", help="Backend name (see `skunq backends`); default: the one --url's "
+                                          "scheme names, else sqlite. [env var: SKUNQ_BACKEND]")(func)
     return func
 
 
@@ -63,7 +66,7 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _open(queue: str, backend: str, url: str | None, db: str | None) -> SkunkQueue:
+def _open(queue: str, backend: str | None, url: str | None, db: str | None) -> SkunkQueue:
     return SkunkQueue(queue, backend=backend, conn_url=url, dbname=db)
 
 
@@ -81,6 +84,12 @@ def main() -> None:
     SKUNQ_QUEUE, SKUNQ_BACKEND, SKUNQ_URL, SKUNQ_DB (all commands),
     SKUNQ_IMPORT, SKUNQ_LOG_LEVEL (skunq work), SKUNQ_SQLITE_PATH (where the
     default sqlite backend keeps its file when --url is not given).
+
+    \b
+    The store: --backend/--url if given, else SKUNQ_BACKEND/SKUNQ_URL, else the
+    embedded sqlite file; the same rule as SkunkQueue('q') in your code, so
+    producers and workers started in one shell share one store. A URL alone
+    names its backend by its scheme.
     """
 
 
@@ -124,7 +133,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
          grace: float, async_concurrency: int, no_schedule: bool,
          connect_attempts: int, log_level: str, log_format: str,
-         backend: str, url: str | None, db: str | None) -> None:
+         backend: str | None, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
 
     \b
@@ -133,6 +142,8 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     routes = list(route_opts) + list(more_routes)
     if not routes:
         raise click.UsageError("Name at least one route: skunq work -q QUEUE -r ROUTE [ROUTE ...]")
+    store = resolve_store(backend, url, db)
+    backend, url, db = store.backend, store.url, store.db
     backend_registry.load(backend)  # an unknown name fails here with the list of installed ones
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
     os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
@@ -167,7 +178,7 @@ def list_backends() -> None:
 @_queue_option
 @_store_options
 @_friendly
-def workers(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def workers(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """List the workers of a queue; `stale` marks one whose heartbeats stopped.
 
     A worker sends a heartbeat every few seconds. One silent for longer than two
@@ -223,7 +234,7 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (times in epoch seconds).")
 @_store_options
 @_friendly
-def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str | None, db: str | None) -> None:
+def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url: str | None, db: str | None) -> None:
     """Show one job: function, route, state, arguments, result or error, attempts, owner, times."""
     record = _open(queue, backend, url, db).get(job_id)
     if record is None:
@@ -255,7 +266,7 @@ def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str |
 @_store_options
 @_friendly
 def jobs_command(queue: str, route: str | None, state: str | None, limit: int, as_json: bool,
-                 backend: str, url: str | None, db: str | None) -> None:
+                 backend: str | None, url: str | None, db: str | None) -> None:
     """List a queue's jobs: id, function, route, state, due time, attempts."""
     records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
     if as_json:
@@ -276,7 +287,7 @@ def jobs_command(queue: str, route: str | None, state: str | None, limit: int, a
 @_queue_option
 @_store_options
 @_friendly
-def status(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def status(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Count a queue's jobs per route and state."""
     counts = _open(queue, backend, url, db).counts()
     if not counts:
@@ -292,7 +303,7 @@ def status(queue: str, backend: str, url: str | None, db: str | None) -> None:
 @_queue_option
 @_store_options
 @_friendly
-def kill(job_id: str, queue: str, backend: str, url: str | None, db: str | None) -> None:
+def kill(job_id: str, queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Kill a job: pending ones never run, running ones are interrupted."""
     state = _open(queue, backend, url, db).kill(job_id)
     if state is None:
@@ -306,7 +317,7 @@ def kill(job_id: str, queue: str, backend: str, url: str | None, db: str | None)
 @click.option("-r", "--route", required=True, help="Route whose pending jobs are deleted.")
 @_store_options
 @_friendly
-def purge(queue: str, route: str, backend: str, url: str | None, db: str | None) -> None:
+def purge(queue: str, route: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Delete the pending jobs of a route."""
     n = _open(queue, backend, url, db).purge(route)
     click.echo(f"Purged {n} pending job(s) from {queue}/{route}.")
@@ -316,7 +327,7 @@ def purge(queue: str, route: str, backend: str, url: str | None, db: str | None)
 @_queue_option
 @_store_options
 @_friendly
-def dead(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def dead(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """List the dead-letter jobs of a queue (failed after their last attempt)."""
     records = _open(queue, backend, url, db).dead_letters()
     if not records:
@@ -333,7 +344,7 @@ def dead(queue: str, backend: str, url: str | None, db: str | None) -> None:
 @click.option("--force", is_flag=True, help="Also requeue a complete or killed job (it runs again).")
 @_store_options
 @_friendly
-def retry(job_id: str, queue: str, force: bool, backend: str, url: str | None, db: str | None) -> None:
+def retry(job_id: str, queue: str, force: bool, backend: str | None, url: str | None, db: str | None) -> None:
     """Requeue a failed (e.g. dead-letter) job with fresh attempts."""
     if not _open(queue, backend, url, db).retry(job_id, force=force):
         raise click.ClickException(f"No finished job {job_id} on queue {queue} to retry.")
@@ -377,7 +388,7 @@ if __name__ == "__main__":
 @_store_options
 @click.pass_context
 @_friendly
-def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tuple[str, ...], backend: str,
+def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tuple[str, ...], backend: str | None,
              url: str | None, db: str | None) -> None:
     """List a queue's periodic jobs: spec, routes, last slot fired, next slot, paused.
 
@@ -397,7 +408,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     here = _open(queue, backend, url, db)
     store = here.persistence
     if not store.supports_settings:
-        raise click.ClickException(f"The {backend} backend keeps no schedule state yet: periodic jobs need "
+        raise click.ClickException(f"The {here.backend} backend keeps no schedule state yet: periodic jobs need "
                                    "a backend with idempotency keys and settings (sqlite).")
     found = {s.name: s for s in schedules.declared(queue)}
     ctx.obj = (store, found, here)

@@ -258,13 +258,14 @@ def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None
 class JobHandle:
     """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
 
-    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord]) -> None:
+    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord], serializer: str | None = None) -> None:
         self.queue = queue
         self.ids = [r.id for r in records]
         self.routes = [r.route for r in records]
         # What ``result`` is keyed by when there are several deliveries.
         self.keys = [r.target or r.route for r in records]
-        self._serializer = records[0].serializer if records else "json"
+        # Records read back from the store (queue.handle) must not choose their decoder: see _value.
+        self._serializer = serializer or (records[0].serializer if records else "json")
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id} {self.state}>"

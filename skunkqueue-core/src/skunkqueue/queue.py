@@ -9,9 +9,9 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import headers, hooks, policy, serializer, signing
+from skunkqueue import config, headers, hooks, policy, serializer, signing
 from skunkqueue.backends import open_backend
-from skunkqueue.errors import ConfigurationError, PayloadTooLarge
+from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
 from skunkqueue.job import Job, JobHandle, check_name
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
@@ -23,9 +23,13 @@ QUEUE_TYPES = ("direct", "broadcast")
 
 
 class SkunkQueue:
-    """A named queue on a backend. With no backend arguments it uses the embedded one.
+    """A named queue on a backend.
 
-    ``SkunkQueue('demo', backend='redis', conn_url='localhost:6379', dbname='0')``
+    ``SkunkQueue('demo', backend='redis', conn_url='localhost:6379', dbname='0')``, or
+    ``SkunkQueue('demo', conn_url='redis://localhost:6379/0')`` (the scheme names the
+    backend). Without ``backend`` and ``conn_url`` the store comes from ``SKUNQ_BACKEND``,
+    ``SKUNQ_URL`` and ``SKUNQ_DB``, else it is the embedded SQLite one: the rule
+    ``skunq work`` and ``skunq web`` follow too (:mod:`skunkqueue.config`).
     """
 
     def __init__(self, name: str, backend: str | None = None, conn_url: str | None = None,
@@ -37,9 +41,10 @@ class SkunkQueue:
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
         self.name = name
-        self.backend = backend
-        self.conn_url = conn_url
-        self.dbname = dbname
+        self.store = config.resolve(backend, conn_url, dbname)
+        self.backend = self.store.backend
+        self.conn_url = self.store.url
+        self.dbname = self.store.db
         self.queue_type = queue_type
         self.serializer = _check_serializer(serializer)
         self.result_ttl = result_ttl
@@ -48,7 +53,7 @@ class SkunkQueue:
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
-        self._backend_class = load(backend or "sqlite")
+        self._backend_class = load(self.backend)
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
     def _open(self) -> Persistence:
@@ -239,7 +244,36 @@ class SkunkQueue:
     # -- inspecting -----------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The raw stored record (``skunkqueue.record.JobRecord``) or None: its ``payload`` and
+        ``result`` are encoded bytes (a signed payload keeps its signature in front). To follow a
+        job and read its decoded result, use :meth:`handle`."""
         return self.persistence.get(job_id)
+
+    def handle(self, *job_ids: str) -> JobHandle:
+        """The :class:`JobHandle` of a job fired earlier, from its id (e.g. sent to a client that
+        polls): ``.state``, ``.result`` (decoded), ``.error``, ``.wait()``, ``await .aresult()``,
+        as ``fire`` returned it. A firing on several routes has one id per route
+        (``handle.ids``): pass them all to follow every delivery, as ``fire``'s handle does.
+
+        Raises JobNotFound if a job does not exist on this queue (never fired, or expired or
+        purged since). Results are decoded with this queue's serializer, never the one a
+        stored record names.
+        """
+        return self._handle(job_ids, [self.persistence.get(job_id) for job_id in job_ids])
+
+    async def ahandle(self, *job_ids: str) -> JobHandle:
+        """:meth:`handle` for asyncio code: reads the store without blocking the event loop."""
+        backend = await self.aopen()
+        return self._handle(job_ids, [await backend.aget(job_id) for job_id in job_ids])
+
+    def _handle(self, job_ids: Sequence[str], records: list[JobRecord | None]) -> JobHandle:
+        if not job_ids:
+            raise ConfigurationError("handle() needs a job id, e.g. queue.handle(job_id).")
+        for job_id, record in zip(job_ids, records):
+            if record is None:
+                raise JobNotFound(f"No job {job_id!r} on queue {self.name} (never fired, or expired "
+                                  "or purged since).")
+        return JobHandle(self, [r for r in records if r is not None], serializer=self.serializer)
 
     def jobs(self, *, route: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         """The queue's jobs (optionally of one route and/or state), ordered by due time."""

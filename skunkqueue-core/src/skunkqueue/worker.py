@@ -247,8 +247,8 @@ class Worker:
         self._watch_parent()
         self._watch_pool()
         hooks.call("worker_started", worker=self.info)
-        log.info("worker %s: listening on queue %s route %s (%s backend)", self.id,
-                 self.config.queue, self.config.route, self.backend.name)
+        log.info("worker %s: listening on queue %s route %s; store %s", self.id,
+                 self.config.queue, self.config.route, self.backend.describe())
         try:
             self._loop()
         finally:
@@ -392,6 +392,8 @@ class Worker:
     def _job(self, record: JobRecord) -> Job:
         # SKUNQ_SECRET: an unsigned or altered record runs nothing, and imports nothing.
         signing.verify(signing.key_from_env(), record)
+        # What the signature vouches for must be where this worker serves, not only self-consistent.
+        trust.check_address(record, self.config.queue, self.config.route, self.id)
         job = self._jobs.get(record.func)
         if job is None:
             job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,

@@ -93,6 +93,10 @@ class Persistence(ABC):
     #: True when :meth:`add_stats` keeps what it is given (the monitor's
     #: throughput charts and metrics need it); the defaults keep nothing.
     keeps_stats: ClassVar[bool] = False
+    #: The URL schemes this backend takes (``("redis", "rediss")``, lower case): an address
+    #: given without a backend name (``SKUNQ_URL=redis://...``) chooses the backend whose
+    #: :meth:`takes_url` says yes (see :mod:`skunkqueue.config`).
+    url_schemes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
@@ -101,6 +105,20 @@ class Persistence(ABC):
         self.db = db
         self.result_ttl = float(result_ttl)
         self.options = options
+
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        """True when ``url`` names a store of this backend: by default, its scheme is one of
+        :attr:`url_schemes`. A backend that also takes scheme-less addresses (a file path)
+        overrides this; it must not claim what another backend's scheme names."""
+        scheme, sep, _ = url.partition("://")
+        return bool(sep) and scheme.lower() in cls.url_schemes
+
+    def describe(self) -> str:
+        """The store this instance uses, for logs: backend, address (password ``***``), database."""
+        from skunkqueue.urls import redact
+
+        return f"{self.name} {redact(self.url)}" + (f" db {self.db}" if self.db else "")
 
     # -- producers -----------------------------------------------------------
 
