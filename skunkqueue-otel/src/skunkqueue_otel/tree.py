@@ -57,7 +57,7 @@ def render(spans: Iterable[dict[str, Any]]) -> str:
     roots = []
     for span in spans:
         parent = span.get("parent_id")
-        if parent in ids:
+        if isinstance(parent, str) and parent in ids:
             children.setdefault(parent, []).append(span)
         else:
             roots.append(span)
