@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fdb-real lint bench bench-web chaos servers clean
+.PHONY: demo test test-fdb-real lint bench bench-web bench-otel chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(STAMP) servers
 ## How fast skunq web answers with 100,000 jobs in SQLite and Redis.
 bench-web: $(STAMP) servers
 	$(BIN)/python -m benchmarks.web_overview $(BENCH_ARGS)
+
+## What OpenTelemetry tracing (skunkqueue-otel) costs per fire and per worker job, off / on / unsampled.
+bench-otel: $(STAMP)
+	$(BIN)/python -m benchmarks.otel_cost $(BENCH_ARGS)
 
 chaos: $(STAMP) servers
 	SKUNQ_CHAOS=long $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
