@@ -28,6 +28,7 @@ KNOWN_DISTRIBUTIONS = {
     "mongodb": "skunkqueue-mongo",
     "redis": "skunkqueue-redis",
     "fdb": "skunkqueue-fdb",
+    "postgres": "skunkqueue-postgres",
 }
 
 
