@@ -178,7 +178,11 @@ class PostgresServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self._alive(pid):
             time.sleep(0.05)
-        # The dead postmaster's shared memory and pid file stay behind; pg_ctl start copes with both.
+        # The dead postmaster may linger as a zombie (pg_ctl, its parent, exited long ago and nobody
+        # here reaps orphans): PostgreSQL would take its pid in the lock file for a live server.
+        if not self._alive(pid):
+            for lock in [self.data / "postmaster.pid", *self.folder.glob(".s.PGSQL.*")]:
+                lock.unlink(missing_ok=True)
 
     @staticmethod
     def _alive(pid: int) -> bool:
