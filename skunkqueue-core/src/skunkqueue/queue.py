@@ -140,11 +140,13 @@ class SkunkQueue:
         return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         backend = self.persistence
         live = self.live_workers() if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
+        if using is not None:  # in the caller's own transaction (fire(..., using=...))
+            return self._follow(per_call, backend.enqueue_in(using, flat))
         if keys is None or all(k is None for k in keys):
             backend.enqueue(flat)
             return [JobHandle(self, records) for records in per_call]
