@@ -251,3 +251,77 @@ def test_a_waiter_for_a_result_is_woken_by_the_finish(postgres: Any, opened: Cal
     assert record is not None and (record.state, record.result) == (COMPLETE, b"5")
     # Woken by the NOTIFY, not by its once-a-second look.
     assert woke - finished_at[0] < 0.2, woke - finished_at[0]
+
+
+# -- using=: the application's own connection ------------------------------------------------
+
+
+def test_fire_as_the_first_statement_of_a_transaction_is_rolled_back_with_it(postgres: Any,
+                                                                             queue_name: str) -> None:
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url) as conn:
+            first = add.fire(1, 2, using=conn)   # nothing else ran in this transaction yet
+            conn.rollback()
+            second = add.fire(3, 4, using=conn)  # the same connection again (its check is cached)
+            conn.rollback()
+        assert queue.get(first.id) is None and queue.get(second.id) is None
+        assert queue.persistence.counts() == {}
+    finally:
+        queue.close()
+
+
+def test_an_autocommit_connection_stores_at_once_and_a_failure_keeps_the_transaction_usable(
+        postgres: Any, queue_name: str) -> None:
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            stored = add.fire(1, 2, using=conn)
+        assert queue.get(stored.id) is not None
+        with psycopg.connect(postgres.url) as conn:
+            conn.execute("CREATE TEMP TABLE t (x int)")
+            with pytest.raises(ConfigurationError):
+                add.fire(1, 2, key="k" * 5000, using=conn)  # refused before anything reached the server
+            conn.execute("INSERT INTO t VALUES (1)")  # the application's transaction carries on
+            kept = add.fire(5, 6, using=conn)
+            conn.commit()
+        assert queue.get(kept.id) is not None
+    finally:
+        queue.close()
+
+
+def test_a_connection_to_another_database_is_refused_in_one_line(postgres: Any, queue_name: str) -> None:
+    database = f"other_{uuid.uuid4().hex[:8]}"
+    postgres.psql(f"CREATE DATABASE {database}")
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url.rsplit("/", 1)[0] + "/" + database) as conn:
+            with pytest.raises(ConfigurationError) as caught:
+                add.fire(1, 2, using=conn)
+        assert database in _one_line(caught.value)
+        assert queue.persistence.counts() == {}
+    finally:
+        queue.close()
+
+
+def test_an_asyncio_connection_is_refused_in_one_line(postgres: Any, queue_name: str) -> None:
+    import asyncio
+
+    async def refused() -> str:
+        conn = await psycopg.AsyncConnection.connect(postgres.url)
+        try:
+            with pytest.raises(ConfigurationError) as caught:
+                add.fire(1, 2, using=conn)
+            return _one_line(caught.value)
+        finally:
+            await conn.close()
+
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        assert "psycopg.AsyncConnection" in asyncio.run(refused())
+    finally:
+        queue.close()

@@ -41,10 +41,10 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors, pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
@@ -102,6 +102,14 @@ TIME_FIELDS = ("due", "created", "started", "finished", "lease_until")
 FINISHED = (COMPLETE, ERROR, KILLED)
 
 
+class _HolderVanished(Exception):
+    """A key was refused, but its holder was gone by the time we looked (it expired or was purged)."""
+
+
+# What runs the statements: this backend's connection, or a cursor on the application's (enqueue_in).
+Executor = Union[psycopg.Connection[dict[str, Any]], psycopg.Cursor[dict[str, Any]]]
+
+
 def _digest(*parts: str) -> str:
     # "\n" between the parts; surrogates were refused by check_names, NUL cannot be stored.
     return hashlib.md5("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
@@ -148,6 +156,7 @@ class PostgresPersistence(Persistence):
         self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._route_channels: dict[str, str] = {}
         self._statements: dict[str, sql.Composed] = {}
+        self._checked_handle: tuple[int, int] | None = None  # enqueue_in's last connection found to be ours
         self._call("connect", lambda conn: None)
 
     @classmethod
@@ -305,46 +314,110 @@ class PostgresPersistence(Persistence):
     def enqueue(self, records: Sequence[JobRecord]) -> None:
         self.enqueue_keyed(records)
 
+    def _prepared(self, records: Sequence[JobRecord]) -> tuple[list[Any], list[str]]:
+        """The INSERT's parameters for ``records``, and their keys."""
+        keys = [r.key for r in records if r.key is not None]
+        for key in keys:
+            size = len(key.encode("utf-8", "surrogatepass"))
+            if size > MAX_KEY_BYTES:
+                raise ConfigurationError(f"An idempotency key is {size} bytes long; the postgres backend takes "
+                                         f"keys up to {MAX_KEY_BYTES} bytes.")
+        channels = sorted({self.route_channel(r.route) for r in records if r.state == PENDING})
+        return [*self._columns(records, self._shift()), self.result_ttl, channels], keys
+
     def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
         if not records:
             return []
-        for record in records:
-            if record.key is not None and len(record.key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-                raise ConfigurationError(f"An idempotency key is {len(record.key.encode('utf-8', 'surrogatepass'))} "
-                                         f"bytes long; the postgres backend takes keys up to {MAX_KEY_BYTES} bytes.")
-        columns = self._columns(records, self._shift())
-        channels = sorted({self.route_channel(r.route) for r in records if r.state == PENDING})
-        insert = self._insert_statement()
-        keys = [r.key for r in records if r.key is not None]
+        params, keys = self._prepared(records)
 
         def store(conn: psycopg.Connection[dict[str, Any]]) -> list[str]:
             if not keys:
-                rows = conn.execute(insert, (*columns, self.result_ttl, channels)).fetchall()
-                missing = {r.id for r in records} - {row["id"] for row in rows}
-                if missing:  # a retry after a lost reply finds its own rows: stored, as asked
-                    self._own_rows(conn, missing)
+                # One statement, all or nothing. A repeat after a lost reply skips the rows the
+                # first try stored (ON CONFLICT on the primary key): stored, as asked.
+                conn.execute(self._insert_statement(), params)
                 return [r.id for r in records]
-            with conn.transaction():
-                return self._store_keyed(conn, records, columns, channels, keys)
+            for _ in range(KEY_ROUNDS):
+                try:
+                    with conn.transaction():
+                        return self._store_keyed(conn, records, params, keys)
+                except _HolderVanished:
+                    continue
+            raise BackendUnavailable(f"PostgreSQL at {self.address}: the keys of queue {self.queue!r} changed "
+                                     f"hands {KEY_ROUNDS} times while enqueueing; try again")
 
         return self._call("enqueue", store)
 
-    def _own_rows(self, conn: psycopg.Connection[dict[str, Any]], ids: Iterable[str]) -> set[str]:
-        rows = conn.execute(self._sql("own", "SELECT id FROM {jobs} WHERE queue = %s AND id = ANY(%s)"),
-                            (self.queue, list(ids))).fetchall()
-        return {row["id"] for row in rows}
+    supports_using = True
 
-    def _store_keyed(self, conn: psycopg.Connection[dict[str, Any]], records: Sequence[JobRecord],
-                     columns: list[list[Any]], channels: list[str], keys: list[str]) -> list[str]:
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records in the open transaction of ``handle``, the application's psycopg connection.
+
+        Inside a savepoint (a transaction of its own on an autocommit
+        connection), so that a failure here leaves the application's
+        transaction usable. The NOTIFY goes out when that transaction commits.
+        """
+        if not isinstance(handle, psycopg.Connection):
+            raise ConfigurationError(
+                f"using= takes a psycopg (3) Connection for the postgres backend, not {type(handle).__module__}."
+                f"{type(handle).__qualname__}; an asyncio one is not supported yet.")
+        if not records:
+            return []
+        params, keys = self._prepared(records)
+        self._check_same_database(handle)
+        cursor = handle.cursor(row_factory=dict_row)
+        if not handle.autocommit and handle.info.transaction_status == pq.TransactionStatus.IDLE:
+            # No statement yet in the application's transaction: psycopg's transaction() would make
+            # one of its own and commit it at once. A statement begins theirs, and ours is a savepoint in it.
+            cursor.execute("SELECT 1")
+        try:
+            for _ in range(KEY_ROUNDS):
+                try:
+                    with handle.transaction():
+                        if not keys:
+                            cursor.execute(self._insert_statement(), params)
+                            return [r.id for r in records]
+                        return self._store_keyed(cursor, records, params, keys)
+                except _HolderVanished:
+                    continue
+        except errors.InsufficientPrivilege as exc:
+            raise ConfigurationError(f"The connection given with using= may not write the queue's tables in schema "
+                                     f"{self.schema!r}: {self._scrub(exc)}; grant its user access to them.") from None
+        finally:
+            cursor.close()
+        raise BackendUnavailable(f"PostgreSQL at {self.address}: the keys of queue {self.queue!r} changed "
+                                 f"hands {KEY_ROUNDS} times while enqueueing; try again")
+
+    def _check_same_database(self, handle: psycopg.Connection[Any]) -> None:
+        """Refuse a connection to another server or database than this queue's (once per connection)."""
+        seen = (id(handle), handle.info.backend_pid)
+        if self._checked_handle == seen:
+            return
+        identity = "SELECT current_database() AS db, pg_postmaster_start_time() AS started, " \
+                   "inet_server_port() AS port, pg_backend_pid() AS pid"
+        with handle.cursor(row_factory=dict_row) as cursor:
+            theirs = cursor.execute(identity).fetchone()
+        ours = self._call("identify", lambda conn: conn.execute(identity).fetchone())
+        assert theirs is not None and ours is not None
+        if (theirs["db"], theirs["started"], theirs["port"]) != (ours["db"], ours["started"], ours["port"]):
+            raise ConfigurationError(
+                f"The connection given with using= reaches database {theirs['db']!r} on another server or "
+                f"database than the queue's ({ours['db']!r} at {self.address}); give one to the queue's database.")
+        self._checked_handle = seen
+
+    def _store_keyed(self, conn: Executor, records: Sequence[JobRecord], params: list[Any],
+                     keys: list[str]) -> list[str]:
         # A holder past its expiry is gone as far as get() goes, so its key is free: delete it first.
         conn.execute(self._sql("free keys", "DELETE FROM {jobs} WHERE queue = %s AND key = ANY(%s) "
                                             "AND expire_at < {now}"), (self.queue, keys))
-        rows = conn.execute(self._insert_statement(), (*columns, self.result_ttl, channels)).fetchall()
+        rows = conn.execute(self._insert_statement(), params).fetchall()
         stored = {row["id"] for row in rows if row["id"] is not None}
         refused = [r for r in records if r.id not in stored]
         if not refused:
             return [r.id for r in records]
-        stored |= self._own_rows(conn, [r.id for r in refused])  # a repeat of an interrupted enqueue
+        # A repeat of an interrupted enqueue finds the rows its first try stored.
+        own = conn.execute(self._sql("own", "SELECT id FROM {jobs} WHERE queue = %s AND id = ANY(%s)"),
+                           (self.queue, [r.id for r in refused])).fetchall()
+        stored |= {row["id"] for row in own}
         held = conn.execute(self._sql("holders", "SELECT key, id FROM {jobs} WHERE queue = %s AND key = ANY(%s)"),
                             (self.queue, [r.key for r in refused if r.key is not None])).fetchall()
         holders = {row["key"]: row["id"] for row in held}
@@ -355,9 +428,7 @@ class PostgresPersistence(Persistence):
             elif record.key in holders:
                 answer.append(holders[record.key])
             else:
-                # Refused for a key whose holder is gone again (deleted after our insert looked):
-                # roll back and try the whole batch again.
-                raise errors.SerializationFailure("a key's holder vanished")
+                raise _HolderVanished()  # deleted after the insert looked: roll back and try again
         return answer
 
     def get(self, job_id: str) -> JobRecord | None:
