@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 from benchmarks import async_rows, fdb_contention, huey_bench, skunk
 from benchmarks.common import Result, Sizes
-from benchmarks.servers import MongoServer, RedisServer, Server
+from benchmarks.servers import MongoServer, PostgresServer, RedisServer, Server
 from skunkqueue import backends as registry
 
-BACKENDS = ("sqlite", "redis", "mongodb")
+BACKENDS = ("sqlite", "redis", "mongodb", "postgres")
 
 # (key, label, format, higher is better)
 ROWS = [
@@ -238,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                     huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),
                                    sizes, results["huey-sqlite"], log)
                 continue
-            server_cls = RedisServer if name == "redis" else MongoServer
-            if not server_cls.available():
+            server_cls: type[Server] = {"redis": RedisServer, "mongodb": MongoServer, "postgres": PostgresServer}[name]
+            if not server_cls.available():  # type: ignore[attr-defined]
                 skipped[name] = f"no {server_cls.name} binary"
                 del results[name]
                 continue
-            server: Server = RedisServer() if name == "redis" else MongoServer(replset=not args.mongo_standalone)
+            server: Server = (MongoServer(replset=not args.mongo_standalone) if name == "mongodb"
+                              else server_cls())
             log(f"starting {server.name} on 127.0.0.1:{server.port}")
             with server:
                 reset = server.flush if isinstance(server, RedisServer) else None

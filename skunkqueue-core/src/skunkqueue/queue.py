@@ -150,7 +150,7 @@ class SkunkQueue:
         return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         backend = self.persistence
         if self._signing_stale(backend):
             self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
@@ -160,7 +160,9 @@ class SkunkQueue:
         observed = hooks.implemented("job_sending")
         try:
             self._seal(backend, flat, observed)
-            if keys is None or all(k is None for k in keys):
+            if using is not None:  # in the caller's own transaction (fire(..., using=...))
+                handles = self._follow(per_call, backend.enqueue_in(using, flat))
+            elif keys is None or all(k is None for k in keys):
                 backend.enqueue(flat)
                 handles = [JobHandle(self, records) for records in per_call]
             else:

@@ -152,6 +152,24 @@ class Persistence(ABC):
         """
         raise NotImplementedError(f"the {self.name} backend does not support idempotency keys")
 
+    #: True when the backend implements :meth:`enqueue_in` (``fire(..., using=handle)``).
+    supports_using: ClassVar[bool] = False
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records as :meth:`enqueue_keyed` does, inside the caller's open transaction on ``handle``.
+
+        ``handle`` is the store's native transactional handle, the application's
+        own (e.g. a psycopg connection). The records exist exactly if that
+        transaction commits: none after a rollback, and no worker sees them
+        before the commit; the workers' wake-up is sent on commit. Returns
+        what :meth:`enqueue_keyed` returns. A handle the backend cannot use
+        (another library's, another store's, another database's) is one
+        ConfigurationError, and nothing is stored. Backends that implement it
+        set ``supports_using = True``.
+        """
+        raise ConfigurationError(f"The {self.name} backend cannot store jobs in a transaction of yours "
+                                 f"(using=); fire after your transaction commits instead.")
+
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:
         """The record with this id, or None if it never existed or expired.
