@@ -165,29 +165,35 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"
 
-    def fire(self, *args: Any, key: str | None = None, **kwargs: Any) -> JobHandle:
+    def fire(self, *args: Any, key: str | None = None, using: Any = None, **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due now.
 
         With ``key``, the first firing with that key on this queue enqueues;
         a later one, while that job's record exists (pending, running, or
         finished and not yet expired), stores nothing and returns a handle to
         the existing job. ``key`` is therefore not passed to the function.
-        """
-        return self._fire([(args, kwargs)], time.time(), [key])[0]
 
-    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+        With ``using``, the store's own transactional handle of the caller's
+        (a psycopg connection on PostgreSQL), the job is stored in that
+        handle's open transaction: gone if it rolls back, claimable from its
+        commit on (see :meth:`Persistence.enqueue_in`). Not passed to the function either.
+        """
+        return self._fire([(args, kwargs)], time.time(), [key], using)[0]
+
+    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None, using: Any = None,
                 **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due after a delay or at an aware datetime (``key``: see fire)."""
-        return self._fire([(args, kwargs)], due_time(when), [key])[0]
+        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key], using)[0]
 
     def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
-                  keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+                  keys: Sequence[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict.
 
-        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``.
+        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``;
+        ``using``: see fire.
         """
         normalized, key_list = self._normalize_many(calls, keys)
-        return self._fire(normalized, time.time(), key_list)
+        return self._fire(normalized, time.time(), key_list, using)
 
     @staticmethod
     def _normalize_many(calls: Iterable[Sequence[Any] | dict[str, Any]], keys: Sequence[str | None] | None,
@@ -230,10 +236,10 @@ class Job:
         return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
-              keys: list[str | None] | None = None) -> list[JobHandle]:
+              keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = self.queue._enqueue(self, calls, due, keys)
+        handles = self.queue._enqueue(self, calls, due, keys, using)
         if handles:
             self.last = handles[-1]
         return handles
@@ -287,13 +293,14 @@ def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None
 class JobHandle:
     """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
 
-    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord]) -> None:
+    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord], serializer: str | None = None) -> None:
         self.queue = queue
         self.ids = [r.id for r in records]
         self.routes = [r.route for r in records]
         # What ``result`` is keyed by when there are several deliveries.
         self.keys = [r.target or r.route for r in records]
-        self._serializer = records[0].serializer if records else "json"
+        # Records read back from the store (queue.handle) must not choose their decoder: see _value.
+        self._serializer = serializer or (records[0].serializer if records else "json")
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id} {self.state}>"

@@ -237,6 +237,7 @@ def _to_record(doc: Mapping[str, Any]) -> JobRecord:
 
 class MongoPersistence(NativeAsync, Persistence):
     name = "mongodb"
+    url_schemes = ("mongodb", "mongodb+srv")
     # BSON documents are limited to 16 MiB; leave room for the record's other fields.
     max_payload = 15 * 1024 * 1024
     # A standalone cannot notify; an indexed claim is cheap, so poll it briskly.
