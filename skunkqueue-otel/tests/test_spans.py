@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from skunkqueue import SkunkQueue, headers, signing
+from skunkqueue import SkunkQueue, headers, periodic, signing
 from skunkqueue.record import COMPLETE, ERROR, new_id
 from skunkqueue.worker import Worker, WorkerConfig
 from skunkqueue_otel import SkunkQueueInstrumentor
@@ -183,7 +183,7 @@ def test_a_periodic_slot_is_on_the_spans(spans: InMemorySpanExporter, queue: Sku
     ticking = queue.periodic(routes=["r"], every=300)(otel_jobs.every_slot)
     assert ticking.schedule is not None
     slot = float(int(time.time()) // 300 * 300)  # the latest slot: due now
-    ticking._fire([((), {})], slot, [ticking.schedule.key(slot)])  # what the pool's scheduler does
+    ticking._fire([((), {})], slot, [ticking.schedule.key(periodic.micros(slot))])  # as the pool's scheduler
     run_all(queue)
     fired = of_kind(spans, SpanKind.PRODUCER) + of_kind(spans, SpanKind.CONSUMER)
     assert len(fired) == 2

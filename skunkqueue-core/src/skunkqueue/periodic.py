@@ -191,6 +191,8 @@ class Schedule:
         return (EPOCH + timedelta(seconds=second)).astimezone(self._zone)  # type: ignore[arg-type]
 
     def key(self, slot: int) -> str:
+        if not isinstance(slot, int):  # epoch seconds would name a slot in 1970
+            raise TypeError(f"a slot is whole microseconds since the epoch (periodic.micros), not {slot!r}")
         return f"{self.name}@{slot_label(slot)}"
 
 
@@ -201,17 +203,21 @@ def slot_label(slot: int) -> str:
     return moment.isoformat(timespec="milliseconds" if slot % 1000 == 0 else "microseconds")
 
 
-def slot_of(key: str | None, function: str) -> float | None:
-    """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
+def slot_moment(key: str | None, function: str) -> datetime | None:
+    """The slot a periodic job's key names, exactly, as an aware datetime in UTC (None for any other key)."""
     if not key or not key.startswith(function + "@"):
         return None
     try:
         moment = datetime.fromisoformat(key[len(function) + 1:])
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        return None
-    return seconds(micros_of(moment))
+    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def slot_of(key: str | None, function: str) -> float | None:
+    """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
+    moment = slot_moment(key, function)
+    return None if moment is None else seconds(micros_of(moment))
 
 
 def _setting(name: str, what: str) -> str:

@@ -51,7 +51,7 @@ from psycopg.rows import dict_row
 from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import (
     COMPLETE,
     ERROR,
@@ -78,8 +78,6 @@ DEFAULT_SCHEMA = "skunkqueue"
 CONNECT_DEFAULTS = {"connect_timeout": "5", "application_name": "skunkqueue"}
 # The server's clock in epoch seconds (microseconds), as of the statement's start.
 NOW = "extract(epoch FROM statement_timestamp())::float8"
-# Seconds a client's clock may differ from the server's before the times it computed are moved.
-CLOCK_TOLERANCE = 0.5
 # How often now()'s estimate of the server's clock is renewed.
 CLOCK_SYNC_EVERY = 30.0
 # Names are parts of index entries (a B-tree entry holds at most about 2.7 kB).
