@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import logging
+import select
 import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
 
@@ -154,6 +155,7 @@ class PostgresPersistence(Persistence):
         self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._route_channels: dict[str, str] = {}
         self._statements: dict[str, sql.Composed] = {}
+        self._notified = False  # set by _on_notify: a NOTIFY on a channel we listen on arrived
         self._checked_handle: tuple[int, int] | None = None  # enqueue_in's last connection found to be ours
         self._call("connect", lambda conn: None)
 
@@ -188,6 +190,7 @@ class PostgresPersistence(Persistence):
         except BaseException:
             conn.close()
             raise
+        conn.add_notify_handler(self._on_notify)
         self._conn, self._listening = conn, set()
         return conn
 
@@ -745,12 +748,18 @@ class PostgresPersistence(Persistence):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._listening.add(channel)
 
-    @staticmethod
-    def _heard(conn: psycopg.Connection[dict[str, Any]], timeout: float) -> bool:
-        """Whether a notification came (or had come, since the last look) within ``timeout`` seconds."""
-        for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1):
-            return True
-        return False
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        # A handler, not psycopg's notifies() generator: with a handler psycopg keeps no backlog,
+        # which would grow by one entry per enqueue while a worker is busy and never waits.
+        self._notified = True
+
+    def _wait_notified(self, conn: psycopg.Connection[dict[str, Any]], timeout: float) -> bool:
+        """Whether a notification came since ``_notified`` was cleared, waiting up to ``timeout`` seconds."""
+        if not self._notified and timeout > 0:
+            ready, _, _ = select.select([conn.fileno()], [], [], timeout)
+            if ready:
+                conn.execute("SELECT 1")  # psycopg reads what arrived and hands notifications to _on_notify
+        return self._notified
 
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -758,7 +767,7 @@ class PostgresPersistence(Persistence):
         def wait(conn: psycopg.Connection[dict[str, Any]]) -> None:
             # Listening before the look: work committed after it is notified, work committed before it is seen.
             self._listen(conn, self.route_channel(route))
-            self._heard(conn, 0)  # what was heard before this look is seen by it
+            self._notified = False  # what was heard before this look is seen by it
             row = conn.execute(self._sql("next due", """
                 SELECT due - {now} AS wait FROM {jobs}
                 WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
@@ -766,8 +775,7 @@ class PostgresPersistence(Persistence):
             left = deadline - time.monotonic()
             if row is not None:
                 left = min(left, float(row["wait"]))
-            if left > 0:
-                self._heard(conn, left)
+            self._wait_notified(conn, left)
 
         self._call("wait for work", wait)
 
@@ -777,6 +785,7 @@ class PostgresPersistence(Persistence):
 
         def listen(conn: psycopg.Connection[dict[str, Any]]) -> None:
             self._listen(conn, channel)
+            self._notified = False
 
         try:
             while True:
@@ -789,7 +798,7 @@ class PostgresPersistence(Persistence):
                     return record
                 # At most a second at a time: a notification lost with a connection costs no more.
                 pause = 1.0 if left is None else min(left, 1.0)
-                self._call("wait for result", functools.partial(self._heard, timeout=pause))
+                self._call("wait for result", functools.partial(self._wait_notified, timeout=pause))
         finally:
             if channel in self._listening and self._conn is not None:
                 self._listening.discard(channel)
