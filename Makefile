@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fdb-real lint bench bench-web chaos servers clean
@@ -36,7 +36,8 @@ servers:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
-		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-web/src/skunkqueue_web
+		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-web/src/skunkqueue_web \
+		skunkqueue-otel/src/skunkqueue_otel
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -150,14 +150,14 @@ def test_rolling_out_and_rotating_the_key_refuses_no_legitimate_job(
 
         # Rotation K1 -> K2. Jobs signed with K1 wait in the queue meanwhile.
         for i in range(3):
-            legit[f"d{i}"] = scene.fire(K1, f"d{i}", delay=5)
+            legit[f"d{i}"] = scene.fire(K1, f"d{i}", delay=8)
+        pending = scene.signatures(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0} {K1}")
+        assert sorted(pending[legit[f"d{i}"].id] for i in range(3)) == ["previous"] * 3
         # 1: workers sign with K2 and still verify K1 (and an older K0: several, comma or space).
         scene.start(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0}, {K1}")
         legit["old-producer"] = scene.fire(K1, "old-producer")
         # 2: producers move to K2.
         legit["s4"] = scene.fire(K2, "s4")
-        pending = scene.signatures(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0} {K1}")
-        assert sorted(pending[legit[f"d{i}"].id] for i in range(3)) == ["previous"] * 3
         for handle in legit.values():
             assert handle.wait(timeout=30) is not None
         # 3: no job signed with an old key is left, so the old keys go.
@@ -223,3 +223,20 @@ def test_an_async_producer_learns_at_afire_and_a_garbled_notice_blocks_nothing(
     store.put_setting(signature_policy.SETTING, "{not json")  # a store writer's junk decides nothing
     assert asyncio.run(fire(None))
     store.close()
+
+
+def test_signature_tells_which_key_signed_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    def record(key: str | None) -> JobRecord:
+        made = JobRecord(id=new_id(), queue="q", route="r", func=jobs.add.name,
+                         payload=serializer.dumps_call((1, 2), {}, "json"))
+        if key is not None:
+            signing.sign(key.encode(), made)
+        return made
+
+    monkeypatch.setenv("SKUNQ_SECRET", K2)
+    monkeypatch.setenv("SKUNQ_SECRET_PREVIOUS", f"{K0},{K1}")
+    assert [signing.signature(record(k)) for k in (None, K2, K1, K0, "other")] == [
+        "none", "current", "previous", "previous", "unknown"]
+    altered = record(K1)
+    altered.route = "elsewhere"
+    assert signing.signature(altered) == "unknown"

@@ -145,7 +145,9 @@ class AsyncWorker(Worker):
         ran = time.monotonic() - started
         try:
             if outcome is None:
-                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func)
+                hooks.call("job_lost", record=record)
+                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func,
+                            extra=self.job_fields(record, "lost", ran))
                 self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
                 return
             try:
@@ -158,6 +160,7 @@ class AsyncWorker(Worker):
             error = outcome.error if outcome.state != "complete" and outcome.error else None
             log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route, ran, outcome.state,
                      f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                     "" if recorded else " (not recorded: lease lost)")
+                     "" if recorded else " (not recorded: lease lost)",
+                     extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         finally:
             self._tasks.pop(record.id, None)

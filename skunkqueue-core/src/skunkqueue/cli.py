@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import serializer, signing, trust
+from skunkqueue import headers, logformat, serializer, signing, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
@@ -131,13 +131,17 @@ def main() -> None:
               help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", envvar=logformat.FORMAT_ENV, default="text", show_default=True,
+              type=click.Choice(logformat.FORMATS),
+              help="text lines, or json: one object per line (a job's carries job_id, function, route, "
+                   "attempt, outcome, duration, and trace_id when the job has one).")
 @_store_options
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
          grace: float, async_concurrency: int, no_schedule: bool, burst: bool,
          max_jobs_per_child: int | None, max_memory_per_child: float | None,
-         connect_attempts: int, log_level: str,
+         connect_attempts: int, log_level: str, log_format: str,
          backend: str | None, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
 
@@ -151,8 +155,8 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     backend, url, db = store.backend, store.url, store.db
     backend_registry.load(backend)  # an unknown name fails here with the list of installed ones
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
+    logformat.configure(log_level.upper(), log_format)
     modules = trust.split_imports(imports)
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
@@ -216,13 +220,18 @@ def _decoded(data: bytes | None, record: JobRecord, what: str) -> Any:
 
 
 def _job_fields(record: JobRecord) -> dict[str, Any]:
-    args = _decoded(signing.body(record.payload), record, "job arguments")
+    try:
+        args = _decoded(headers.arguments(record.payload), record, "job arguments")
+    except SkunkQueueError as exc:
+        args = f"<undecodable: {exc}>"
+
     if isinstance(args, list) and len(args) == 2:
         args = {"args": args[0], "kwargs": args[1]}
     return {
         "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
         "state": record.state, "dead": record.dead, "arguments": args,
         "signed": signing.body(record.payload) != record.payload, "signature": signing.signature(record),
+        "headers": headers.of(record),
         "result": _decoded(record.result, record, "result"), "error": record.error,
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, policy, serializer, signature_policy, signing
+from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -153,10 +153,21 @@ class SkunkQueue:
         live = self.live_workers() if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
-        if keys is None or all(k is None for k in keys):
-            backend.enqueue(flat)
-            return [JobHandle(self, records) for records in per_call]
-        return self._follow(per_call, backend.enqueue_keyed(flat))
+        observed = hooks.implemented("job_sending")
+        try:
+            self._seal(backend, flat, observed)
+            if keys is None or all(k is None for k in keys):
+                backend.enqueue(flat)
+                handles = [JobHandle(self, records) for records in per_call]
+            else:
+                handles = self._follow(per_call, backend.enqueue_keyed(flat))
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=flat, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=flat, error=None)
+        return handles
 
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
@@ -168,10 +179,21 @@ class SkunkQueue:
         live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
-        if keys is None or all(k is None for k in keys):
-            await backend.aenqueue(flat)
-            return [JobHandle(self, records) for records in per_call]
-        return self._follow(per_call, await backend.aenqueue_keyed(flat))
+        observed = hooks.implemented("job_sending")
+        try:
+            self._seal(backend, flat, observed)
+            if keys is None or all(k is None for k in keys):
+                await backend.aenqueue(flat)
+                handles = [JobHandle(self, records) for records in per_call]
+            else:
+                handles = self._follow(per_call, await backend.aenqueue_keyed(flat))
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=flat, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=flat, error=None)
+        return handles
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,
@@ -183,7 +205,7 @@ class SkunkQueue:
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
-        secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
+        secret = signing.key_from_env()  # signing adds to the size; _seal signs
         if self._signing_notice is not None:  # refuse here what the workers would refuse
             problem = signature_policy.problem(self._signing_notice[1], secret, self.name)
             if problem is not None:
@@ -191,13 +213,7 @@ class SkunkQueue:
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
             payload = serializer.dumps_call(args, kwargs, self.serializer)
-            size = len(payload) + (signing.overhead() if secret else 0)
-            if backend.max_payload is not None and size > backend.max_payload:
-                raise PayloadTooLarge(
-                    f"The arguments of {job.name} encode to {size} bytes; the "
-                    f"{backend.name} backend stores at most {backend.max_payload}. "
-                    "Store large data elsewhere and pass a reference to it."
-                )
+            _check_size(backend, job.name, len(payload) + (signing.overhead() if secret else 0))
             key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
@@ -209,10 +225,6 @@ class SkunkQueue:
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]
             ])
-        if secret:
-            for records in per_call:
-                for record in records:
-                    signing.sign(secret, record)
         return per_call
 
     def _signing_stale(self, backend: Persistence) -> bool:
@@ -220,6 +232,22 @@ class SkunkQueue:
         if not backend.supports_settings:
             return False
         return self._signing_notice is None or time.monotonic() - self._signing_notice[0] > signature_policy.CHECK_EVERY
+
+    @staticmethod
+    def _seal(backend: Persistence, records: list[JobRecord], observed: bool) -> None:
+        """Put the plugins' headers (``job_sending``) into the records, then sign them."""
+        secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
+        if observed:
+            extra: list[dict[str, str]] = [{} for _ in records]
+            hooks.call("job_sending", records=records, headers=extra)
+            for record, more in zip(records, extra):
+                if more:
+                    # Inside the payload: every backend keeps it, and the signature covers it.
+                    record.payload = headers.wrap(more, record.payload)
+                    _check_size(backend, record.func, len(record.payload) + (signing.overhead() if secret else 0))
+        if secret:
+            for record in records:
+                signing.sign(secret, record)
 
     def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
         """Handles for keyed records: a key already held points the handle at the existing job."""
@@ -356,6 +384,15 @@ def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None])
     for key in keys:
         if key is not None and (not isinstance(key, str) or not key):
             raise ConfigurationError(f"An idempotency key must be a non-empty string, not {key!r}.")
+
+
+def _check_size(backend: Persistence, function: str, size: int) -> None:
+    if backend.max_payload is not None and size > backend.max_payload:
+        raise PayloadTooLarge(
+            f"The arguments of {function} encode to {size} bytes; the "
+            f"{backend.name} backend stores at most {backend.max_payload}. "
+            "Store large data elsewhere and pass a reference to it."
+        )
 
 
 def _check_serializer(name: str) -> str:

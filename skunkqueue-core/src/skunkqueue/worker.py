@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, hooks, policy, serializer, signing, trust
+from skunkqueue import channel, headers, hooks, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -181,6 +181,7 @@ class Worker:
         self._jobs: dict[str, Job] = {}
         self._refused: set[str] = set()  # functions whose refusal was logged (once each)
         self._done = 0  # jobs run, for --max-jobs-per-child
+        self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -415,6 +416,8 @@ class Worker:
     def _job(self, record: JobRecord) -> Job:
         # SKUNQ_SECRET (and _PREVIOUS): an unsigned or altered record runs nothing, and imports nothing.
         signing.verify(signing.verify_keys_from_env(), record, accept_unsigned=signing.accepts_unsigned())
+        # What the signature vouches for must be where this worker serves, not only self-consistent.
+        trust.check_address(record, self.config.queue, self.config.route, self.id)
         job = self._jobs.get(record.func)
         if job is None:
             job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,
@@ -433,8 +436,10 @@ class Worker:
         self._count_done()  # before recording: a worker due for recycling claims nothing with it
         ran = time.monotonic() - started
         if outcome is None:
+            hooks.call("job_lost", record=record)
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
-                        record.id, record.func, record.route)
+                        record.id, record.func, record.route,
+                        extra=self.job_fields(record, "lost", ran))
             self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
             return
         done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
@@ -455,9 +460,27 @@ class Worker:
         log.log(logging.DEBUG if refused else logging.INFO, "job %s %s route=%s %.3fs %s%s%s",
                 record.id, record.func, record.route, time.monotonic() - started, outcome.state,
                 f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                "" if recorded else " (not recorded: lease lost)")
+                "" if recorded else " (not recorded: lease lost)",
+                extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
+
+    def job_fields(self, record: JobRecord, outcome: str, ran: float,
+                   error: dict[str, str] | None = None) -> dict[str, Any]:
+        """The fields of a job's log line (``--log-format json`` writes them as keys)."""
+        fields: dict[str, Any] = {
+            "job_id": record.id, "function": record.func, "queue": record.queue, "route": record.route,
+            "attempt": record.attempts, "outcome": outcome, "duration": round(ran, 6)}
+        if error:
+            fields["error_type"] = error.get("type", "")
+        # Only from a record this worker verified (its signature, with SKUNQ_SECRET): a forged
+        # trace context must not put a job into someone else's trace, not even in the log.
+        verified = record.id in self._verified
+        self._verified.discard(record.id)  # job_fields is called once per attempt, at its end
+        trace = headers.trace_id(record) if verified else None
+        if trace:
+            fields["trace_id"] = trace
+        return {logformat.JOB_FIELDS: fields}
 
     def _count_done(self) -> None:
         """After a job: stop (to be replaced by the pool) once --max-jobs/--max-memory-per-child is reached."""
@@ -515,6 +538,7 @@ class Worker:
                     "serializer='pickle', start the workers with: skunq work --allow-pickle"
                 )
             job = self._job(record)
+            self._verified.add(record.id)  # its signature (if any) holds; job_fields takes it out
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
         except JobRefused as exc:
             # One warning per function: a producer without the key would otherwise fill the log.
@@ -604,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process started by the pool: ``python -m skunkqueue.worker CONFIG``."""
     argv = sys.argv[1:] if argv is None else argv
     config = WorkerConfig.from_json(argv[0])
-    logging.basicConfig(level=os.environ.get("SKUNQ_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
     if config.async_concurrency > 1:
         from skunkqueue.async_worker import AsyncWorker
         worker: Worker = AsyncWorker(config)

@@ -425,8 +425,14 @@ class FDBPersistence(Persistence):
             # step: a concurrent enqueue of the same key conflicts and retries.
             holders: list[str] = []
             wakes: dict[tuple[str, str], int] = {}
+            # Keys this batch already stored: their holder's slot was written with a
+            # versionstamp, which this transaction cannot read back (error 1036).
+            taken: dict[str, str] = {}
             now = time.time()
             for position, record in enumerate(records):
+                if record.key is not None and record.key in taken:
+                    holders.append(taken[record.key])
+                    continue
                 if record.key is not None:
                     held = tr[self._keys.pack((record.key,))]
                     if held.present():
@@ -435,8 +441,10 @@ class FDBPersistence(Persistence):
                         meta = stored.meta() if stored else None
                         if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
                             holders.append(holder)
+                            taken[record.key] = holder
                             continue
                     tr[self._keys.pack((record.key,))] = record.id.encode()
+                    taken[record.key] = record.id
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,
                             wakes=wakes)
                 holders.append(record.id)

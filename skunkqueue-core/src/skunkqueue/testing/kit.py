@@ -93,6 +93,11 @@ class BackendUnderTest:
     writes something into the store, where the route's jobs live, that
     SkunkQueue did not write; the kit checks that workers survive it.
     ``label`` names the target in reports (say "stand-in" if it is one).
+    ``misfile(queue, job_id, to_queue, route, target)`` optionally moves a
+    pending record of ``queue``, as a store writer could, to where workers of
+    ``to_queue`` and ``route`` (and, with ``target``, only that worker) claim
+    it, changing as little of what the store holds as the store allows; the
+    kit checks that a signed record moved so never runs.
     """
 
     name: str
@@ -101,6 +106,7 @@ class BackendUnderTest:
     options: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     inject_foreign: Callable[[str, str], None] | None = None
+    misfile: Callable[[str, str, str, str, str | None], None] | None = None
     label: str = ""
 
     def new_queue_name(self) -> str:
