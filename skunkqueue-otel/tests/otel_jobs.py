@@ -33,3 +33,15 @@ def sleepy(seconds: float) -> str:
 def every_slot() -> str:
     """Declared periodic by the tests, on their own queues (a periodic job takes no arguments)."""
     return "ticked"
+
+
+@queue.event(routes=routes)
+async def traced_async(seconds: float) -> list[str]:
+    """Await with a span of its own open: concurrent tasks must each nest under their own consumer span."""
+    import asyncio
+
+    with trace.get_tracer("otel_jobs").start_as_current_span("inside the async job") as span:
+        await asyncio.sleep(seconds)
+        context = span.get_span_context()
+        parent = getattr(span, "parent", None)  # the SDK span knows its parent
+        return [format(context.trace_id, "032x"), format(parent.span_id if parent else 0, "016x")]

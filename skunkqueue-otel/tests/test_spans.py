@@ -248,16 +248,19 @@ import json, sys
 from skunkqueue import SkunkQueue, headers
 from skunkqueue.testing import jobs
 from skunkqueue.worker import Worker, WorkerConfig
-q = SkunkQueue("plain", conn_url={str(tmp_path / "plain.db")!r})
+# backend named: an address without a scheme may import other backends to find its own, and
+# redis-py (8.x) imports opentelemetry itself whenever that is installed.
+q = SkunkQueue("plain", backend="sqlite", conn_url={str(tmp_path / "plain.db")!r})
 add = q.event(routes=["r"])(jobs.add.func)
 handle = add.fire(2, 3)
-worker = Worker(WorkerConfig(queue="plain", route="r", url={str(tmp_path / "plain.db")!r}))
+worker = Worker(WorkerConfig(queue="plain", route="r", backend="sqlite", url={str(tmp_path / "plain.db")!r}))
 worker.backend = worker.config.open()
 for record in worker.backend.claim("r", worker.id, 30, limit=10):
     worker.execute(record)
 print(json.dumps({{"result": handle.result, "headers": headers.of(q.get(handle.id)),
-                   "otel": sorted(m for m in sys.modules if m.startswith("opentelemetry"))}}))
+                   "otel": sorted(m for m in sys.modules if m.startswith("opentelemetry")),
+                   "redis": "redis" in sys.modules}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == {"result": 5, "headers": {}, "otel": []}
+    assert seen == {"result": 5, "headers": {}, "otel": [], "redis": False}

@@ -31,7 +31,7 @@ def test_backends_lists_every_installed_backend_with_its_distribution() -> None:
     rows = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
     assert rows["sqlite"] == "skunkqueue"
     assert rows.get("redis") == "skunkqueue-redis" and rows.get("mongodb") == "skunkqueue-mongo"
-    assert rows.get("fdb") == "skunkqueue-fdb"
+    assert rows.get("fdb") == "skunkqueue-fdb" and rows.get("postgres") == "skunkqueue-postgres"
 
 
 def test_work_with_an_unknown_backend_lists_the_installed_ones() -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import headers, logformat, serializer, signing, trust
+from skunkqueue import headers, interpreter, logformat, serializer, signing, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
@@ -166,9 +166,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     if modules:
         # Import them here as well, so that a typo fails at once with one line
         # instead of in every worker, restarted over and over by the pool.
-        for path in reversed([os.getcwd(), *config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *config.paths])
         trust.import_allowed(modules)
     where = str(resolve_path(url)) if backend == "sqlite" else redact(url)
     logging.getLogger("skunkqueue.pool").info(
@@ -409,9 +407,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     modules = trust.split_imports(imports)
     if not modules:
         raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
-    for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    interpreter.add_roots([os.getcwd(), *paths])
     trust.import_allowed(modules)
     here = _open(queue, backend, url, db)
     store = here.persistence
@@ -425,7 +421,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     if not found:
         click.echo(f"No periodic jobs declared on queue {queue} in {', '.join(modules)}.")
         return
-    now = dt.datetime.now().timestamp()
+    now = store.now()  # the clock the schedulers reckon slots on
     for name, schedule in sorted(found.items()):
         last = schedules.last_slot(store, name)
         paused = schedules.is_paused(store, name)

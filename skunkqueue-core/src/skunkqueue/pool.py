@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, metrics, periodic, policy, signature_policy, signing
+from skunkqueue import channel, interpreter, metrics, periodic, policy, signature_policy, signing
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -130,7 +130,7 @@ class _Child:
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "skunkqueue.worker", config.to_json()],
+            interpreter.command("skunkqueue.worker", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()
@@ -292,18 +292,13 @@ class WorkerPool:
             log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
                         "%d schedule(s) not run", store.name, len(schedules))
             return
-        from skunkqueue.job import Job
         from skunkqueue.queue import SkunkQueue
 
+        # This pool's connection; what the records carry (retention, serializer, queue type,
+        # retries...) comes from each job's declaration (Job.on).
         here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,
                           dbname=self.config.db, **self.config.options)
-
-        def bind(schedule: periodic.Schedule) -> Job:  # the schedule's job, fired on this pool's store
-            job = schedule.job
-            return Job(here, job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
-                       timeout=job.timeout)
-
-        self.scheduler = periodic.Scheduler(store, schedules, bind)
+        self.scheduler = periodic.Scheduler(store, schedules, lambda schedule: schedule.job.on(here))
         log.info("pool: running %d schedule(s): %s", len(schedules),
                  ", ".join(f"{s.name} ({s.spec})" for s in schedules))
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, headers, hooks, logformat, policy, serializer, signing, trust
+from skunkqueue import channel, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -179,9 +179,9 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
         self._refused: set[str] = set()  # functions whose refusal was logged (once each)
         self._done = 0  # jobs run, for --max-jobs-per-child
-        self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -258,9 +258,7 @@ class Worker:
         return self.config.connect(lambda backend: backend.register_worker(self.info), f"worker {self.id}")
 
     def run(self) -> int:
-        for path in reversed([os.getcwd(), *self.config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         self.pool.send(f"h {channel.quote(self.id)}")
@@ -625,7 +623,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process started by the pool: ``python -m skunkqueue.worker CONFIG``."""
+    """Entry point of a worker process the pool starts with ``interpreter.command("skunkqueue.worker", CONFIG)``."""
     argv = sys.argv[1:] if argv is None else argv
     config = WorkerConfig.from_json(argv[0])
     logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
