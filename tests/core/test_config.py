@@ -183,8 +183,9 @@ def test_a_producer_worker_and_monitor_in_one_shell_share_the_store(
     (tmp_path / "cfgjobs.py").write_text(JOBS)
     runs = tmp_path / "runs"
     # No SKUNQ_BACKEND: the scheme names it. The SQLite default would live here, and must stay empty.
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     env = _env(SKUNQ_URL=redis_url(locked_redis, 3), CFG_RUNS=str(runs),
-               SKUNQ_SQLITE_PATH=str(tmp_path / "not-this.db"), PYTHONPATH=str(tmp_path))
+               SKUNQ_SQLITE_PATH=str(tmp_path / "not-this.db"), PYTHONPATH=path)
     log = tmp_path / "pool.log"
     with open(log, "wb") as out:
         pool = subprocess.Popen([sys.executable, "-m", "skunkqueue.cli", "work", "-q", "cfgq", "-r", "r",
