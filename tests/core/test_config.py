@@ -259,3 +259,20 @@ def test_a_postgresql_address_alone_reaches_postgres(tmp_path_factory: pytest.Te
         queue.close()
     finally:
         server.destroy()
+
+
+@pytest.mark.parametrize(("url", "backend", "drivers"), [
+    ("/var/lib/app/jobs.db", "sqlite", []),
+    ("sqlite:////var/lib/app/jobs.db", "sqlite", []),
+    ("redis://127.0.0.1:6379", "redis", ["redis"]),
+    ("mongodb+srv://h.example/app", "mongodb", ["pymongo"]),
+])
+def test_an_address_imports_only_its_own_backends_driver(url: str, backend: str, drivers: list[str]) -> None:
+    """Choosing by scheme must not import every backend (their drivers cost a second or more)."""
+    code = ("import sys\n"
+            "from skunkqueue import config\n"
+            f"print(config.resolve(url={url!r}).backend)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'pymongo', 'psycopg', 'fdb'}))\n")
+    done = _python(code, _env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [backend, repr(drivers)]
