@@ -125,6 +125,7 @@ def _shift_from(server_now: float) -> float:
 
 class PostgresPersistence(Persistence):
     name = "postgres"
+    url_schemes = ("postgresql", "postgres")  # an address alone chooses this backend (skunkqueue.config)
     # bytea holds up to 1 GB; a statement's parameters must fit one protocol message too.
     max_payload = 256 * 1024 * 1024
     notifies = True
