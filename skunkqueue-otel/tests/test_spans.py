@@ -264,3 +264,27 @@ print(json.dumps({{"result": handle.result, "headers": headers.of(q.get(handle.i
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen == {"result": 5, "headers": {}, "otel": [], "redis": False}
+
+
+def test_an_enqueue_that_fails_ends_its_producer_span_with_the_error(spans: InMemorySpanExporter,
+                                                                    tmp_path: Path) -> None:
+    from redis_servers import RedisServer
+
+    from skunkqueue.errors import BackendUnavailable
+
+    server = RedisServer(tmp_path / "redis").start()
+    queue = SkunkQueue(f"otel-{uuid.uuid4().hex[:8]}", backend="redis", conn_url=server.url)
+    try:
+        traced = declare(queue, otel_jobs.traced)
+        traced.fire(1)  # connected
+        server.kill()  # the store goes away between two fires
+        with pytest.raises(BackendUnavailable):
+            traced.fire(2)
+    finally:
+        queue.close()
+        server.stop()
+    ok, failed = sorted(of_kind(spans, SpanKind.PRODUCER), key=lambda s: s.start_time or 0)
+    assert ok.status.status_code == StatusCode.UNSET
+    assert failed.status.status_code == StatusCode.ERROR
+    assert dict(failed.attributes or {})["error.type"] == "BackendUnavailable"
+    assert [e.name for e in failed.events] == ["exception"]
