@@ -113,6 +113,11 @@ def test_arguments_win_as_a_whole_then_the_environment_then_the_default(clean_en
     clean_env.setenv("SKUNQ_BACKEND", "redis")
     clean_env.setenv("SKUNQ_URL", "127.0.0.1:6379")  # a backend named: host:port needs no scheme
     assert config.resolve() == config.Store("redis", "127.0.0.1:6379", "app", "environment")
+    # An explicit scheme-less address says where, SKUNQ_BACKEND (and SKUNQ_DB) which backend...
+    assert config.resolve(url="10.0.0.5:6379") == config.Store("redis", "10.0.0.5:6379", "app", "arguments")
+    # ...but an address with a scheme speaks for itself.
+    assert config.resolve(url="mongodb://10.0.0.5") == config.Store("mongodb", "mongodb://10.0.0.5", None,
+                                                                    "arguments")
 
 
 def test_a_queue_follows_the_environment(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

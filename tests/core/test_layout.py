@@ -15,8 +15,8 @@ from skunkqueue import backends
 
 CORE = Path(__file__).resolve().parents[2] / "skunkqueue-core" / "src" / "skunkqueue"
 # The other distributions' packages and their drivers: none may appear in a core import.
-FOREIGN = {"skunkqueue_redis", "skunkqueue_mongo", "skunkqueue_fdb", "skunkqueue_web",
-           "redis", "pymongo", "bson", "fdb"}
+FOREIGN = {"skunkqueue_redis", "skunkqueue_mongo", "skunkqueue_fdb", "skunkqueue_postgres", "skunkqueue_web",
+           "redis", "pymongo", "bson", "fdb", "psycopg"}
 SEED_PATHS = {"redis": "skunkqueue_redis", "mongodb": "skunkqueue_mongo", "fdb": "skunkqueue_fdb"}
 
 

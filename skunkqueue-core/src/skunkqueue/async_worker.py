@@ -82,6 +82,9 @@ class AsyncWorker(Worker):
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
+                    if self.config.burst and not self.held and not self._tasks:
+                        self.stopping = "drained"  # no due job and nothing running: --burst is done
+                        break
                 took_up = False
                 while self.held and len(self._tasks) < slots and self.stopping is None:
                     self._take_up(self.held.pop(0))
@@ -138,6 +141,7 @@ class AsyncWorker(Worker):
         if why is None and isinstance(raised, asyncio.CancelledError):
             why = JobKilled("cancelled")
         outcome = self._outcome(record, value, raised, why)
+        self._count_done()
         ran = time.monotonic() - started
         try:
             if outcome is None:

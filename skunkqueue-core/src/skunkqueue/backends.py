@@ -29,6 +29,7 @@ KNOWN_DISTRIBUTIONS = {
     "mongodb": "skunkqueue-mongo",
     "redis": "skunkqueue-redis",
     "fdb": "skunkqueue-fdb",
+    "postgres": "skunkqueue-postgres",
 }
 
 

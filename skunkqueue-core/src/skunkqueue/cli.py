@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import headers, logformat, serializer, signing, trust
+from skunkqueue import headers, interpreter, logformat, serializer, signing, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
@@ -119,6 +119,14 @@ def main() -> None:
               help="async def jobs each worker runs at once on its event loop (1: one job at a time).")
 @click.option("--no-schedule", is_flag=True,
               help="Do not fire the periodic jobs declared in the imported modules (other pools do).")
+@click.option("--burst", is_flag=True,
+              help="Run until the routes have no due job, then exit 0 (jobs due later stay queued; "
+                   "periodic jobs are not fired).")
+@click.option("--max-jobs-per-child", type=click.IntRange(1, None), default=None,
+              help="Replace a worker process after it ran this many jobs (after its current job: "
+                   "nothing lost, nothing charged).")
+@click.option("--max-memory-per-child", type=click.FloatRange(1, None), default=None, metavar="MB",
+              help="Replace a worker process once, after a job, its resident memory exceeds MB megabytes.")
 @click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
               help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
@@ -131,7 +139,8 @@ def main() -> None:
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
-         grace: float, async_concurrency: int, no_schedule: bool,
+         grace: float, async_concurrency: int, no_schedule: bool, burst: bool,
+         max_jobs_per_child: int | None, max_memory_per_child: float | None,
          connect_attempts: int, log_level: str, log_format: str,
          backend: str | None, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
@@ -152,13 +161,12 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
                           connect_attempts=connect_attempts,
-                          allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency)
+                          allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency,
+                          burst=burst, max_jobs=max_jobs_per_child, max_memory_mb=max_memory_per_child)
     if modules:
         # Import them here as well, so that a typo fails at once with one line
         # instead of in every worker, restarted over and over by the pool.
-        for path in reversed([os.getcwd(), *config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *config.paths])
         trust.import_allowed(modules)
     where = str(resolve_path(url)) if backend == "sqlite" else redact(url)
     logging.getLogger("skunkqueue.pool").info(
@@ -220,7 +228,8 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
     return {
         "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
         "state": record.state, "dead": record.dead, "arguments": args,
-        "signed": signing.body(record.payload) != record.payload, "headers": headers.of(record),
+        "signed": signing.body(record.payload) != record.payload, "signature": signing.signature(record),
+        "headers": headers.of(record),
         "result": _decoded(record.result, record, "result"), "error": record.error,
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,
@@ -270,7 +279,7 @@ def jobs_command(queue: str, route: str | None, state: str | None, limit: int, a
     """List a queue's jobs: id, function, route, state, due time, attempts."""
     records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
     if as_json:
-        keys = ("id", "function", "route", "state", "due", "attempts")
+        keys = ("id", "function", "route", "state", "due", "attempts", "signature")
         rows = [{k: v for k, v in _job_fields(r).items() if k in keys} for r in records]
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
@@ -375,9 +384,6 @@ def _plugin_commands() -> None:
 
 _plugin_commands()
 
-if __name__ == "__main__":
-    main()
-
 
 @main.group(invoke_without_command=True)
 @_queue_option
@@ -401,9 +407,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     modules = trust.split_imports(imports)
     if not modules:
         raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
-    for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    interpreter.add_roots([os.getcwd(), *paths])
     trust.import_allowed(modules)
     here = _open(queue, backend, url, db)
     store = here.persistence
@@ -417,7 +421,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     if not found:
         click.echo(f"No periodic jobs declared on queue {queue} in {', '.join(modules)}.")
         return
-    now = dt.datetime.now().timestamp()
+    now = store.now()  # the clock the schedulers reckon slots on
     for name, schedule in sorted(found.items()):
         last = schedules.last_slot(store, name)
         paused = schedules.is_paused(store, name)
@@ -426,18 +430,26 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
 
 
 def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
+    """The schedule ``name`` names: its full ``module:qualname``, or a short name (the qualname, or its
+    last part) that only one schedule has."""
     store, found, _ = ctx.obj
-    if name not in found:
-        raise click.ClickException(f"No periodic job {name}; known: {', '.join(sorted(found)) or 'none'}.")
-    return store, found[name]
+    if name in found:
+        return store, found[name]
+    matches = sorted(full for full in found
+                     if name in (full.partition(":")[2], full.partition(":")[2].rpartition(".")[2]))
+    if len(matches) == 1:
+        return store, found[matches[0]]
+    if matches:
+        raise click.ClickException(f"{name} names several periodic jobs: {', '.join(matches)}; give the full name.")
+    raise click.ClickException(f"No periodic job {name}; known: {', '.join(sorted(found)) or 'none'}.")
 
 
 def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:
     from skunkqueue import periodic as schedules
 
-    store, _ = _schedule(ctx, name)
-    schedules.set_paused(store, name, paused)
-    click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+    store, schedule = _schedule(ctx, name)
+    schedules.set_paused(store, schedule.name, paused)
+    click.echo(f"{schedule.name}: {'paused' if paused else 'resumed'}")
 
 
 @periodic.command("pause")
@@ -468,4 +480,8 @@ def periodic_run(ctx: click.Context, name: str) -> None:
 
     _, schedule = _schedule(ctx, name)
     handle = schedules.fire_now(schedule, ctx.obj[2])
-    click.echo(f"{name}: fired as {handle.id}")
+    click.echo(f"{schedule.name}: fired as {handle.id}")
+
+
+if __name__ == "__main__":  # last: `python -m skunkqueue.cli` must see every command defined above
+    main()

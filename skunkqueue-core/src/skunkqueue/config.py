@@ -6,7 +6,9 @@
 2. Else the environment: ``SKUNQ_BACKEND``, ``SKUNQ_URL``, ``SKUNQ_DB``.
 3. Else the embedded default: SQLite (``SKUNQ_SQLITE_PATH`` or its default file).
 
-``--db``/``dbname`` given alone refines the store of rule 2 or 3. Within a
+``--db``/``dbname`` given alone refines the store of rule 2 or 3, and an
+address without a scheme (``--url host:port``) takes its backend (and database)
+from ``SKUNQ_BACKEND`` (``SKUNQ_DB``) when that is set. Within a
 rule, an address without a backend name chooses its backend by its scheme
 (``redis://`` -> redis, ``mongodb://`` -> mongodb, ...): every installed
 backend declares the addresses it takes (:meth:`Persistence.takes_url`), so a
@@ -57,6 +59,12 @@ def resolve(backend: str | None = None, url: str | None = None, db: str | None =
     """The store named by the arguments, else by ``SKUNQ_*``, else the embedded default (see the module)."""
     env = os.environ if env is None else env
     backend, url, db = _set(backend), _set(url), _set(db)
+    if backend is None and url is not None and "://" not in url and _set(env.get(BACKEND_ENV)) is not None:
+        # A scheme-less address (host:port) says where, not which backend: SKUNQ_BACKEND says that,
+        # and SKUNQ_DB goes with it.
+        backend = env[BACKEND_ENV]
+        db = db if db is not None else _set(env.get(DB_ENV))
+        return Store(backend, url, db, "arguments")
     if backend is not None or url is not None:
         source = "arguments"
     else:

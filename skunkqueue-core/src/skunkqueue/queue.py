@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, headers, hooks, policy, serializer, signing
+from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -50,6 +50,7 @@ class SkunkQueue:
         self.result_ttl = result_ttl
         self.options = options
         self._local = threading.local()
+        self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
@@ -129,6 +130,10 @@ class SkunkQueue:
         """
         from skunkqueue import periodic as schedules
 
+        if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
+            raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
+                                     "which workers are alive, so a slot could not be fired exactly once.")
+
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
                       result_ttl=result_ttl)
@@ -145,15 +150,19 @@ class SkunkQueue:
         return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         backend = self.persistence
-        live = self.live_workers() if self.queue_type == "broadcast" else None
+        if self._signing_stale(backend):
+            self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
+        live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         observed = hooks.implemented("job_sending")
         try:
             self._seal(backend, flat, observed)
-            if keys is None or all(k is None for k in keys):
+            if using is not None:  # in the caller's own transaction (fire(..., using=...))
+                handles = self._follow(per_call, backend.enqueue_in(using, flat))
+            elif keys is None or all(k is None for k in keys):
                 backend.enqueue(flat)
                 handles = [JobHandle(self, records) for records in per_call]
             else:
@@ -170,7 +179,10 @@ class SkunkQueue:
                         due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
-        live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
+        if self._signing_stale(backend):
+            stored = await backend._in_thread(backend.get_setting, signature_policy.SETTING)
+            self._signing_notice = (time.monotonic(), stored)
+        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         observed = hooks.implemented("job_sending")
@@ -193,24 +205,30 @@ class SkunkQueue:
                  due: float, keys: list[str | None] | None,
                  live: list[WorkerInfo] | None) -> list[list[JobRecord]]:
         """The records of each call: one per route (a broadcast: one per live worker of the route)."""
+        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
-            _check_keys(self, backend, keys)
+            _check_keys(declared, backend, keys)
         targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
         now = time.time()
+        result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # signing adds to the size; _seal signs
+        if self._signing_notice is not None:  # refuse here what the workers would refuse
+            problem = signature_policy.problem(self._signing_notice[1], secret, self.name)
+            if problem is not None:
+                raise ConfigurationError(problem)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
-            payload = serializer.dumps_call(args, kwargs, self.serializer)
+            payload = serializer.dumps_call(args, kwargs, declared.serializer)
             _check_size(backend, job.name, len(payload) + (signing.overhead() if secret else 0))
             key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
-                          serializer=self.serializer, due=due, created=now, target=target,
+                          serializer=declared.serializer, due=due, created=now, target=target,
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
                           # The retention travels with the record: no worker needs to know it.
-                          result_ttl=job.result_ttl if job.result_ttl is not None else float(self.result_ttl),
+                          result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
                 for route in job.routes for target in targets[route]
@@ -232,6 +250,12 @@ class SkunkQueue:
         if secret:
             for record in records:
                 signing.sign(secret, record)
+
+    def _signing_stale(self, backend: Persistence) -> bool:
+        """True when the workers' signing policy (signature_policy) is due to be read again."""
+        if not backend.supports_settings:
+            return False
+        return self._signing_notice is None or time.monotonic() - self._signing_notice[0] > signature_policy.CHECK_EVERY
 
     def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
         """Handles for keyed records: a key already held points the handle at the existing job."""

@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
@@ -55,9 +55,6 @@ CLAIM_ROUNDS = 8
 ENQUEUE_CHUNK = 1000
 # Batch size of the non-hot-path scans (counts, list_jobs, purge).
 SCAN_BATCH = 1000
-# Seconds a client's clock may differ from the store's before the scripts move
-# the times it computed onto the store's clock (see scripts/common.lua shift()).
-CLOCK_TOLERANCE = 0.5
 # Longest queue or route name, in UTF-8 bytes: far below Redis' 512 MB, since
 # every key of the queue repeats its name.
 MAX_NAME_BYTES = 1024 * 1024

@@ -45,6 +45,10 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 NOTIFY_LATENCY = 0.03
 
 # Statuses that :meth:`Persistence.renew` reports per job.
+# Seconds a producer's clock may differ from the clock of a store that has one
+# (Persistence.now) before the store moves the times it computed (due) onto its
+# own clock, keeping the delay meant; within it they are kept as written.
+CLOCK_TOLERANCE = 0.5
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
 LEASE_KILL = "kill"  # still ours, but someone asked to kill it
@@ -147,6 +151,24 @@ class Persistence(ABC):
         Backends that implement this set ``supports_keys = True``.
         """
         raise NotImplementedError(f"the {self.name} backend does not support idempotency keys")
+
+    #: True when the backend implements :meth:`enqueue_in` (``fire(..., using=handle)``).
+    supports_using: ClassVar[bool] = False
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records as :meth:`enqueue_keyed` does, inside the caller's open transaction on ``handle``.
+
+        ``handle`` is the store's native transactional handle, the application's
+        own (e.g. a psycopg connection). The records exist exactly if that
+        transaction commits: none after a rollback, and no worker sees them
+        before the commit; the workers' wake-up is sent on commit. Returns
+        what :meth:`enqueue_keyed` returns. A handle the backend cannot use
+        (another library's, another store's, another database's) is one
+        ConfigurationError, and nothing is stored. Backends that implement it
+        set ``supports_using = True``.
+        """
+        raise ConfigurationError(f"The {self.name} backend cannot store jobs in a transaction of yours "
+                                 f"(using=); fire after your transaction commits instead.")
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from skunkqueue import policy
+from skunkqueue import interpreter, policy
 from skunkqueue.errors import BackendUnavailable
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
@@ -167,7 +166,7 @@ class KeysSuite:
         _needs_keys(store)
         spec = {"backend": backend.name, "url": backend.url, "db": backend.db, "options": backend.options,
                 "queue": queue.name, "key": "invoice-42", "times": 5, "start_at": time.time() + 2.0, "api": api}
-        procs = [subprocess.Popen([sys.executable, "-m", "skunkqueue.testing.firing", json.dumps(spec)],
+        procs = [subprocess.Popen(interpreter.command("skunkqueue.testing.firing", json.dumps(spec)),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=backend.process_env()) for _ in range(4)]
         outputs = [p.communicate(timeout=60) for p in procs]
