@@ -183,7 +183,8 @@ def test_a_periodic_slot_is_on_the_spans(spans: InMemorySpanExporter, queue: Sku
     ticking = queue.periodic(routes=["r"], every=300)(otel_jobs.every_slot)
     assert ticking.schedule is not None
     slot = float(int(time.time()) // 300 * 300)  # the latest slot: due now
-    ticking._fire([((), {})], slot, [ticking.schedule.key(slot)])  # what the pool's scheduler does
+    # What the pool's scheduler does (its slots are whole microseconds).
+    ticking._fire([((), {})], slot, [ticking.schedule.key(int(slot) * 1_000_000)])
     run_all(queue)
     fired = of_kind(spans, SpanKind.PRODUCER) + of_kind(spans, SpanKind.CONSUMER)
     assert len(fired) == 2
@@ -288,3 +289,22 @@ def test_an_enqueue_that_fails_ends_its_producer_span_with_the_error(spans: InMe
     assert failed.status.status_code == StatusCode.ERROR
     assert dict(failed.attributes or {})["error.type"] == "BackendUnavailable"
     assert [e.name for e in failed.events] == ["exception"]
+
+
+def test_an_unsigned_record_accepted_during_a_roll_out_names_no_parent(spans: InMemorySpanExporter,
+                                                                      queue: SkunkQueue,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # SKUNQ_ACCEPT_UNSIGNED: a worker with a key runs unsigned records too; their writer need not hold
+    # the key, so their trace context is not taken.
+    traced = declare(queue, otel_jobs.traced)
+    unsigned = traced.fire(1)  # no key yet: unsigned, with the producer's context
+    monkeypatch.setenv(signing.SECRET_ENV, "the right key")
+    monkeypatch.setenv(signing.ACCEPT_UNSIGNED_ENV, "1")
+    signed = traced.fire(2)
+    run_all(queue)
+    assert (unsigned.state, signed.state) == (COMPLETE, COMPLETE)
+    producers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.PRODUCER)}
+    consumers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.CONSUMER)}
+    assert consumers[unsigned.id].parent is None
+    assert hex_trace(consumers[unsigned.id]) != hex_trace(producers[unsigned.id])
+    assert hex_trace(consumers[signed.id]) == hex_trace(producers[signed.id])
