@@ -148,16 +148,18 @@ def test_rolling_out_and_rotating_the_key_refuses_no_legitimate_job(
         legit["s3"] = scene.fire(K1, "s3")
         assert legit["s3"].wait(timeout=30) is not None
 
-        # Rotation K1 -> K2. Jobs signed with K1 wait in the queue meanwhile.
+        # Rotation K1 -> K2. Jobs signed with K1 wait in the queue meanwhile (no worker runs
+        # while they are fired and judged, so a slow machine cannot run them early).
+        scene.stop()
         for i in range(3):
-            legit[f"d{i}"] = scene.fire(K1, f"d{i}", delay=5)
+            legit[f"d{i}"] = scene.fire(K1, f"d{i}")
+        pending = scene.signatures(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0} {K1}")
+        assert sorted(pending[legit[f"d{i}"].id] for i in range(3)) == ["previous"] * 3
         # 1: workers sign with K2 and still verify K1 (and an older K0: several, comma or space).
         scene.start(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0}, {K1}")
         legit["old-producer"] = scene.fire(K1, "old-producer")
         # 2: producers move to K2.
         legit["s4"] = scene.fire(K2, "s4")
-        pending = scene.signatures(SKUNQ_SECRET=K2, SKUNQ_SECRET_PREVIOUS=f"{K0} {K1}")
-        assert sorted(pending[legit[f"d{i}"].id] for i in range(3)) == ["previous"] * 3
         for handle in legit.values():
             assert handle.wait(timeout=30) is not None
         # 3: no job signed with an old key is left, so the old keys go.
