@@ -232,3 +232,187 @@ def test_aresult_says_backend_unavailable_when_the_server_dies_during_the_wait(s
         assert asyncio.run(go()) < 10  # one clear error, not a hang until the timeout
     finally:
         queue.close()
+
+
+def finish_all(store: RedisPersistence, count: int, stop: threading.Event) -> None:
+    """A worker, by hand: claim in batches, finish each with the sum of its arguments."""
+    import json
+
+    from skunkqueue import policy
+
+    done = 0
+    while done < count and not stop.is_set():
+        batch = store.claim("r", "w", 60, limit=50)
+        if not batch:
+            time.sleep(0.01)
+            continue
+        for claimed in batch:
+            (first, second), _ = json.loads(claimed.payload)
+            store.finish(claimed.id, claimed.token, policy.completed(str(first + second).encode()))
+            done += 1
+
+
+async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
+    """How late the loop wakes a 10 ms sleeper, counting only what the loop's thread spent.
+
+    The wall-clock lateness, but never more than the CPU time the loop's thread used meanwhile:
+    on a shared machine (2 cores, load 20+) the process is often not scheduled at all, which
+    says nothing about the loop. A turn of the loop that holds it shows up in both.
+    """
+    while not stop.is_set():
+        started, cpu = time.monotonic(), time.thread_time()
+        await asyncio.sleep(every)
+        late = time.monotonic() - started - every
+        lags.append(min(late, time.thread_time() - cpu))
+
+
+WORKER = """
+import json, sys, time
+from skunkqueue import policy
+from skunkqueue_redis.persistence import RedisPersistence
+store, left = RedisPersistence(sys.argv[1], url=sys.argv[2], db="3"), int(sys.argv[3])
+time.sleep(float(sys.argv[4]))  # until every waiter waits
+while left:
+    batch = store.claim("r", "w", 60, limit=50)
+    if not batch:
+        time.sleep(0.01)
+    for claimed in batch:
+        (first, second), _ = json.loads(claimed.payload)
+        store.finish(claimed.id, claimed.token, policy.completed(str(first + second).encode()))
+        left -= 1
+"""
+
+
+def test_2000_concurrent_aresult_share_one_listener(redis_server: Any, queue_name: str) -> None:
+    import gc
+    import sys
+
+    from skunkqueue import Job, SkunkQueue
+    from skunkqueue.testing import jobs
+
+    url = f"127.0.0.1:{redis_server.port}"
+    raw = redis.Redis(port=redis_server.port)
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=url, dbname="3")
+    count = 2000
+    lags: list[float] = []
+    clients: list[int] = []
+    sampling = threading.Event()
+
+    def sample_clients() -> None:  # beside the loop: a sync call on it would be lag of the test's making
+        while not sampling.is_set():
+            clients.append(len(raw.client_list()))
+            time.sleep(0.05)
+
+    async def go() -> list[int]:
+        job = Job(queue, jobs.add.func, ["r"])
+        handles = [await job.afire(i, 1000) for i in range(count)]
+        # Started before the ticker: Popen holds the loop until the child has exec'd.
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, queue_name, url, str(count), "1.5"])
+        ticking = asyncio.Event()
+        tick = asyncio.create_task(ticker(lags, ticking))
+        waits = []
+        for i, handle in enumerate(handles):  # as requests arrive: a hundred per turn of the loop
+            waits.append(asyncio.create_task(handle.aresult(timeout=120)))
+            if i % 100 == 99:
+                await asyncio.sleep(0)
+        try:
+            values = await asyncio.gather(*waits)
+        finally:
+            worker.kill()
+            worker.wait()
+        ticking.set()
+        await tick
+        return values
+
+    baseline = len(raw.client_list())
+    sampler = threading.Thread(target=sample_clients)
+    sampler.start()
+    # The test process's heap (pytest, every module imported by the suite) left out of the
+    # collector's full passes, as a latency-minded service does after start-up: a full pass
+    # over it alone held the loop 50-80 ms here. Collections of what the waiters make still count.
+    gc.freeze()
+    try:
+        values = asyncio.run(go())
+    finally:
+        gc.unfreeze()
+        sampling.set()
+        sampler.join()
+        queue.close()
+    assert values == [i + 1000 for i in range(count)]
+    # The loop's pool (50 by default), the worker's and the sampler's: never one per waiter.
+    assert max(clients) - baseline <= 55, (baseline, max(clients))
+    lags.sort()
+    assert len(lags) > 20 and lags[-1] < 0.05, \
+        f"loop lag max {lags[-1] * 1000:.1f} ms, p99 {lags[len(lags) * 99 // 100] * 1000:.1f} ms"
+
+
+def test_aresult_of_a_job_finished_before_the_wait_returns_at_once(redis_server: Any, queue_name: str) -> None:
+    from skunkqueue import Job, SkunkQueue
+    from skunkqueue.testing import jobs
+
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=f"127.0.0.1:{redis_server.port}", dbname="3")
+
+    async def go() -> tuple[int, float]:
+        handle = await Job(queue, jobs.add.func, ["r"]).afire(2, 3)
+        finish_all(queue.persistence, 1, threading.Event())
+        started = time.monotonic()
+        return await handle.aresult(timeout=30), time.monotonic() - started
+
+    try:
+        value, took = asyncio.run(go())
+    finally:
+        queue.close()
+    assert value == 5 and took < 1.0
+
+
+def test_aresult_hears_a_finish_after_its_subscription_is_killed(redis_server: Any, queue_name: str) -> None:
+    from skunkqueue import Job, SkunkQueue
+    from skunkqueue.testing import jobs
+
+    raw = redis.Redis(port=redis_server.port)
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=f"127.0.0.1:{redis_server.port}", dbname="3")
+
+    async def go() -> tuple[list[int], float]:
+        job = Job(queue, jobs.add.func, ["r"])
+        handles = [await job.afire(i, 1) for i in range(20)]
+        waits = [asyncio.create_task(h.aresult(timeout=30)) for h in handles]
+        await asyncio.sleep(0.3)
+        assert raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1  # the listener's connection
+        finish_all(queue.persistence, 20, threading.Event())
+        finished = time.monotonic()
+        values = await asyncio.gather(*waits)
+        return values, time.monotonic() - finished
+
+    try:
+        values, late = asyncio.run(go())
+    finally:
+        queue.close()
+    assert values == [i + 1 for i in range(20)]
+    assert late < 2.0, f"results came {late:.1f} s after the finishes"
+
+
+def test_a_spent_pool_says_so_and_how_to_grow_it(redis_server: Any, queue_name: str) -> None:
+    with RedisPersistence(queue_name, url=f"redis://127.0.0.1:{redis_server.port}/3?max_connections=1") as store:
+        held = store.client.connection_pool.get_connection()
+        try:
+            with pytest.raises(BackendUnavailable) as caught:
+                store.get("nothing")
+        finally:
+            store.client.connection_pool.release(held)
+    message = str(caught.value)
+    assert "pool" in message and "max_connections" in message and "Cannot reach" not in message, message
+
+
+def test_max_connections_option_sizes_the_async_pool(redis_server: Any, queue_name: str) -> None:
+    url = f"127.0.0.1:{redis_server.port}"
+    with RedisPersistence(queue_name, url=url, max_connections=7) as store:
+        _, client = round_trip(store)
+        assert client.connection_pool.max_connections == 7
+    with RedisPersistence(queue_name, url=f"redis://{url}/0?max_connections=9") as store:
+        _, client = round_trip(store)
+        assert client.connection_pool.max_connections == 9
+    with RedisPersistence(queue_name, url=url) as store:
+        _, client = round_trip(store)
+        assert client.connection_pool.max_connections == 50
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        RedisPersistence(queue_name, url=url, max_connections=0)

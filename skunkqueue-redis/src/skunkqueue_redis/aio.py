@@ -19,6 +19,7 @@ from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
 from skunkqueue_redis.codec import decode_record, num, text
 from skunkqueue_redis.connection import UNREACHABLE, aconnect, translate
+from skunkqueue_redis.finishes import FinishListener, wait
 
 if TYPE_CHECKING:
     pass
@@ -48,8 +49,12 @@ class _LoopSide:
         self.client = aconnect(owner.url, owner.db, **owner.connect_args)
         self.cluster = owner.cluster
         self.script = _Scripts(self.client, owner.keys)  # same scripts; calling one returns a coroutine
+        # The asyncio cluster client has no pub/sub: there, waiters poll (the core's back-off).
+        self.finishes = None if owner.cluster else FinishListener(self.client, owner.keys.done_prefix)
 
     async def aclose(self) -> None:
+        if self.finishes is not None:
+            await self.finishes.aclose()
         if self.cluster:
             await self.client.aclose()
         else:  # a pool handed to the client is not closed with it unless asked
@@ -123,14 +128,26 @@ class NativeAsync(Persistence):
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
         return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
-    @aguarded
-    async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
-        # As the sync _wait_for_finish: block on the job's done list (a connection of the
-        # loop's pool is held meanwhile), not a polling back-off.
-        await (await self._side()).client.blmove(*self.done_wait(job_id, left))
+    async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        # Not a connection per waiter (BLMOVE on each done list ran the loop's pool dry with a
+        # few hundred waiters): the loop's one subscription wakes the waiter (finishes.py). It
+        # looks at the record once subscribed, when woken, and every MAX_BLOCK seconds.
+        side = await self._side()
+        if side.finishes is None:
+            return await super().await_finished(job_id, timeout)
+        from skunkqueue_redis.persistence import MAX_BLOCK
 
-    def done_wait(self, job_id: str, left: float | None) -> tuple[str, str, float, str, str]:
-        raise NotImplementedError  # RedisPersistence's: the sync and async waits block alike
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with side.finishes.watch(job_id, MAX_BLOCK if timeout is None else min(MAX_BLOCK, timeout)) as woken:
+            while True:
+                woken.clear()
+                record = await self.aget(job_id)
+                if record is None or record.finished_state:
+                    return record
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return record
+                await wait(woken, MAX_BLOCK if left is None else min(MAX_BLOCK, left))
 
     def close_async_clients(self) -> None:
         sides = self.__dict__.pop("_loop_sides", None)

@@ -139,12 +139,29 @@ def _logging_retry(where: str, retries: int) -> Retry:
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The asyncio client's pool size when neither the URL (?max_connections=N) nor the option sets it.
+# Commands beyond it wait for a connection (up to POOL_WAIT seconds) instead of failing at once.
+ASYNC_MAX_CONNECTIONS = 50
+POOL_WAIT = 20.0
+# What redis-py's pools say when every connection is taken: the sync pool at once, the
+# blocking (asyncio) pool after POOL_WAIT. Both are ConnectionErrors, but nothing is unreachable.
+_POOL_EXHAUSTED = ("Too many connections", "No connection available")
+
+
+def pool_exhausted(exc: Exception) -> bool:
+    """Whether ``exc`` is a redis-py pool out of connections, not a connection that failed."""
+    return isinstance(exc, RedisConnectionError) and str(exc).startswith(_POOL_EXHAUSTED)
+
 
 def translate(exc: Exception, where: str, url: str | None) -> Exception | None:
     """SkunkQueue's error for one of redis-py's (sync or asyncio client alike), without secrets; None if not ours."""
     if isinstance(exc, AuthenticationError):
         return ConfigurationError(f"Redis at {where} refused the credentials: {scrub(str(exc), url)}. "
                                   "Check the user and password in the URL.")
+    if pool_exhausted(exc):
+        return BackendUnavailable(
+            f"The connection pool for Redis at {where} is exhausted (every connection is in use): "
+            "raise max_connections (?max_connections=N in the URL, or the max_connections option).")
     if isinstance(exc, UNREACHABLE):
         return BackendUnavailable(f"Cannot reach Redis at {where}: {scrub(str(exc), url) or type(exc).__name__}")
     return None
@@ -233,9 +250,11 @@ def _client_args(url: str | None, db: str | None, connect_timeout: float,
 
 
 def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
-            retries: int) -> tuple[redis.Redis | RedisCluster, bool]:
+            retries: int, max_connections: int | None = None) -> tuple[redis.Redis | RedisCluster, bool]:
     """A client for ``url``/``db`` (nothing is sent yet) and whether it is a cluster client."""
     where, spec, kwargs = _client_args(url, db, connect_timeout, socket_timeout)
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
     kwargs["retry"] = _logging_retry(where, retries)
     try:
         if spec.cluster:
@@ -246,7 +265,7 @@ def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_t
 
 
 def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
-             retries: int) -> Any:
+             retries: int, max_connections: int | None = None) -> Any:
     """The asyncio client (``redis.asyncio``) for what :func:`connect` connects to: same address, TLS,
     credentials, timeouts and retries. It belongs to the running event loop; nothing is sent yet."""
     import redis.asyncio
@@ -255,6 +274,8 @@ def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_
     import redis.asyncio.retry
 
     where, spec, kwargs = _client_args(url, db, connect_timeout, socket_timeout)
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
     kwargs["retry"] = redis.asyncio.retry.Retry(_LoggingBackoff(where), retries)
     sync_class = kwargs.pop("connection_class", None)
     if sync_class is not None:  # parse_url picked a sync class (TLS, unix socket): take its asyncio twin
@@ -262,4 +283,8 @@ def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_
     if spec.cluster:
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in spec.nodes]
         return redis.asyncio.RedisCluster(startup_nodes=nodes, **kwargs)
-    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(**kwargs))
+    # A blocking pool: a burst of commands (2,000 ``aresult`` looking at once) queues for the
+    # pool's connections rather than failing with "Too many connections".
+    kwargs.setdefault("max_connections", ASYNC_MAX_CONNECTIONS)
+    pool = redis.asyncio.BlockingConnectionPool(timeout=POOL_WAIT, **kwargs)
+    return redis.asyncio.Redis(connection_pool=pool)

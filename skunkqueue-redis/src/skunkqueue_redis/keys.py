@@ -10,7 +10,8 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:n:<route>[:<tgt>]   list    wake-up tokens idle workers block on (BLPOP)
     sq:{Q}:lease               zset    running records, score = lease_until
     sq:{Q}:jobs                zset    every record, score = +inf or when it expires (counts, list_jobs)
-    sq:{Q}:done:<id>           list    one token while a record is finished; waiters BLMOVE on it
+    sq:{Q}:done:<id>           list    one token while a record is finished; sync waiters BLMOVE on it
+    sq:{Q}:done:               channel finish publishes each finished id; one asyncio subscriber per loop
     sq:{Q}:workers, sq:{Q}:w:<id>      worker registry (set of ids, one hash per worker)
     sq:{Q}:k:<key>             string  id of the record holding an idempotency key (expires with it)
     sq:{Q}:settings            hash    the queue's settings (name -> value)

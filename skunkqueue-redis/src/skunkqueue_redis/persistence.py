@@ -27,7 +27,7 @@ from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
-from skunkqueue.errors import MalformedRecord
+from skunkqueue.errors import ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
@@ -102,11 +102,17 @@ class RedisPersistence(NativeAsync, Persistence):
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  connect_timeout: float = 3.0, socket_timeout: float = 15.0, retries: int = 3,
-                 **options: Any) -> None:
+                 max_connections: int | None = None, **options: Any) -> None:
         super().__init__(queue, url=url, db=db, **options)
         self.where = redact(url or DEFAULT_URL)
+        if isinstance(max_connections, str) and max_connections.strip().isdigit():  # from a command line
+            max_connections = int(max_connections)
+        if max_connections is not None and (isinstance(max_connections, bool) or not isinstance(max_connections, int)
+                                            or max_connections < 2):
+            # Two at least: an event loop's result listener holds one of the asyncio pool's.
+            raise ConfigurationError(f"max_connections must be a whole number of 2 or more, not {max_connections!r}.")
         self.connect_args = {"connect_timeout": connect_timeout, "socket_timeout": max(socket_timeout, MAX_BLOCK + 5),
-                             "retries": retries}
+                             "retries": retries, "max_connections": max_connections}
         self.client, self.cluster = connect(url, db, **self.connect_args)
         self.keys = Keys(queue)
         self._next_due: dict[str, float] = {}

@@ -61,6 +61,8 @@ local function finish(KEYS, ARGV)
     tally(id, route, f[1], state, dead, expires, now)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
+    -- For asyncio waiters: one subscription per event loop on the done prefix hears every finish.
+    redis.call('PUBLISH', DONE, id)
   end
   return 1
 end
