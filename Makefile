@@ -28,10 +28,11 @@ RUN_TESTS := TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python scripts/run-tests
 test: $(STAMP) servers
 	$(RUN_TESTS) $(PYTEST_ARGS)
 
-## The inner loop (a few minutes): every test that needs no server or browser -- the kit and the
-## reliability suite on SQLite, the core, the backends' unit tests. `make test` runs everything.
+## The inner loop: every test that needs no server or browser and is no benchmark -- the kit and the
+## reliability suite on SQLite, the core, the backends' unit tests -- with 10 rounds of group
+## signals instead of 50. `make test` runs everything.
 test-fast: $(STAMP) servers
-	$(RUN_TESTS) -m "not slow" $(PYTEST_ARGS)
+	SKUNQ_SIGNAL_ROUNDS=10 $(RUN_TESTS) -m "not slow" $(PYTEST_ARGS)
 
 ## The fdb tests against a real FoundationDB 7.3 cluster, step by step in skunkqueue-fdb/README.md:
 ## install libfdb_c 7.3.x (foundationdb-clients), then

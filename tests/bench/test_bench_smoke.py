@@ -8,9 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# A benchmark keeps both cores busy and times itself: alone, after the parallel pass (scripts/run-tests);
+# `make test` runs it, not the inner loop.
+@pytest.mark.serial
+@pytest.mark.slow
 def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
