@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-postgres skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-fdb-real lint bench bench-web chaos servers clean
+.PHONY: demo test test-fast test-fdb-real lint bench bench-web bench-otel chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 4
 RUN_TESTS := TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python scripts/run-tests
 
-## Run the whole test suite; the tests start their own redis-server and mongod.
+## Run the whole test suite; the tests start their own redis-server, mongod and PostgreSQL.
 test: $(STAMP) servers
 	$(RUN_TESTS) $(PYTEST_ARGS)
 
@@ -49,7 +49,8 @@ servers:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
-		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-web/src/skunkqueue_web
+		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-postgres/src/skunkqueue_postgres \
+		skunkqueue-web/src/skunkqueue_web skunkqueue-otel/src/skunkqueue_otel
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
@@ -57,6 +58,10 @@ bench: $(STAMP) servers
 ## How fast skunq web answers with 100,000 jobs in SQLite and Redis.
 bench-web: $(STAMP) servers
 	$(BIN)/python -m benchmarks.web_overview $(BENCH_ARGS)
+
+## What OpenTelemetry tracing (skunkqueue-otel) costs per fire and per worker job, off / on / unsampled.
+bench-otel: $(STAMP)
+	$(BIN)/python -m benchmarks.otel_cost $(BENCH_ARGS)
 
 chaos: $(STAMP) servers
 	SKUNQ_CHAOS=long $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)

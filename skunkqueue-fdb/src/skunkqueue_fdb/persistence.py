@@ -61,7 +61,7 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import fdb
 import fdb.tuple
@@ -126,6 +126,13 @@ def _translate(method: Callable[..., _T]) -> Callable[..., _T]:
             ) from None
 
     return wrapper
+
+
+def cluster_file(url: str | None) -> str | None:
+    """The cluster file an address names: ``fdb:///PATH`` or ``PATH``; ``fdb://`` is the client's default."""
+    if url is not None and url[:6].lower() == "fdb://":
+        return url[6:] or None
+    return url
 
 
 def _open_database(cluster_file: str | None) -> Any:
@@ -196,6 +203,7 @@ class FDBPersistence(Persistence):
     """A queue stored in FoundationDB. ``url`` is the cluster file, ``db`` the root name."""
 
     name = "fdb"
+    url_schemes = ("fdb",)
     # Payloads are split into chunks; 1 MB keeps a batch of them well inside a transaction.
     max_payload = 1_000_000
     notifies = True
@@ -205,10 +213,16 @@ class FDBPersistence(Persistence):
         # Keys hold the queue, route and target names, and FoundationDB keys stop at 10,000 bytes.
         refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        # fdb:///path/to/fdb.cluster, fdb:// (the client's default), or the cluster file's path itself.
+        return super().takes_url(url) or ("://" not in url and url.endswith(".cluster"))
+
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
         timeout_ms = int(options.pop("timeout_ms", DEFAULT_TIMEOUT_MS))
         super().__init__(queue, url=url, db=db, **options)
+        url = cluster_file(url)
         self.where = f"cluster file {url or '(default)'}"
         self.db = db or "skunkqueue"
         self._db = _open_database(url)
@@ -411,8 +425,14 @@ class FDBPersistence(Persistence):
             # step: a concurrent enqueue of the same key conflicts and retries.
             holders: list[str] = []
             wakes: dict[tuple[str, str], int] = {}
+            # Keys this batch already stored: their holder's slot was written with a
+            # versionstamp, which this transaction cannot read back (error 1036).
+            taken: dict[str, str] = {}
             now = time.time()
             for position, record in enumerate(records):
+                if record.key is not None and record.key in taken:
+                    holders.append(taken[record.key])
+                    continue
                 if record.key is not None:
                     held = tr[self._keys.pack((record.key,))]
                     if held.present():
@@ -421,8 +441,10 @@ class FDBPersistence(Persistence):
                         meta = stored.meta() if stored else None
                         if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
                             holders.append(holder)
+                            taken[record.key] = holder
                             continue
                     tr[self._keys.pack((record.key,))] = record.id.encode()
+                    taken[record.key] = record.id
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,
                             wakes=wakes)
                 holders.append(record.id)
@@ -499,14 +521,46 @@ class FDBPersistence(Persistence):
         found.sort(key=lambda r: (r.due, r.id))
         return found[:limit]
 
+    # Records one list_page call reads past its cursor, however few of them match its filters.
+    PAGE_SCAN = 1000
+
+    @_translate
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Keyset paging in id (creation) order over the job keys: a call reads at most PAGE_SCAN records
+        # past its cursor, however deep the page and however rarely the filters match; the default
+        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>".
+        if after is not None and not after.startswith("i:"):
+            raise ValueError(f"{after!r} is not a page cursor of this store")
+        begin = self._jobs.range((after[2:],)).stop if after else self._jobs.range().start
+        scan = max(limit, self.PAGE_SCAN)
+        found: list[JobRecord] = []
+        looked = 0
+        for stored in self._scan_from(begin):
+            looked += 1
+            try:
+                record = stored.record()
+            except MalformedRecord:
+                record = None
+            if record is not None and ((route is None or record.route == route)
+                                       and (state is None or record.state == state)
+                                       and (dead is None or record.dead == dead)):
+                found.append(record)
+            if len(found) == limit or looked == scan:
+                return found, f"i:{stored.id}"
+        return found, None
+
     def _scan(self) -> list[_Stored]:
-        """Every record of the queue, a page per transaction (one transaction must stay under 5 s).
+        """Every record of the queue (see :meth:`_scan_from`)."""
+        return list(self._scan_from(self._jobs.range().start))
+
+    def _scan_from(self, begin: bytes) -> Iterator[_Stored]:
+        """The queue's records from key ``begin`` on, a page per transaction (one must stay under 5 s).
 
         Values can be 90 kB each: the page's row count follows the bytes the
         last page held, so that a page stays near SCAN_PAGE_BYTES.
         """
-        begin, end = self._jobs.range().start, self._jobs.range().stop
-        everything: list[_Stored] = []
+        end = self._jobs.range().stop
         page = 20  # at most 20 values of 90 kB in the first page; later pages follow the bytes seen
         while True:
             kvs = fdb.transactional(lambda tr, b=begin, n=page: list(tr.snapshot.get_range(b, end, limit=n)))(
@@ -529,9 +583,9 @@ class FDBPersistence(Persistence):
                 stored = _Stored(job_id)
                 for kv in group:
                     stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
-                everything.append(stored)
+                yield stored
             if not full:
-                return everything
+                return
             page = max(10, min(2000, int(page * SCAN_PAGE_BYTES / max(size, 1))))
 
     @_translate

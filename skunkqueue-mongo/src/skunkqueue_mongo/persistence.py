@@ -82,7 +82,7 @@ from pymongo.read_concern import ReadConcern
 from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
@@ -125,9 +125,6 @@ STATS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
 _indexed: set[tuple[str, str]] = set()
 # Seconds between housekeeping's checks that the indexes still exist.
 INDEX_CHECK_EVERY = 5.0
-# Seconds a client's clock may differ from the server's before times it
-# computed are moved onto the server's clock.
-CLOCK_TOLERANCE = 0.5
 # How often the estimate of the server's clock is renewed, and how far past it
 # an index range reaches (the exact comparison is the $expr with $$NOW).
 CLOCK_SYNC_EVERY = 30.0
@@ -240,6 +237,7 @@ def _to_record(doc: Mapping[str, Any]) -> JobRecord:
 
 class MongoPersistence(NativeAsync, Persistence):
     name = "mongodb"
+    url_schemes = ("mongodb", "mongodb+srv")
     # BSON documents are limited to 16 MiB; leave room for the record's other fields.
     max_payload = 15 * 1024 * 1024
     # A standalone cannot notify; an indexed claim is cheap, so poll it briskly.
@@ -492,6 +490,47 @@ class MongoPersistence(NativeAsync, Persistence):
                     if len(records) >= limit:
                         break
             return records
+
+        return self._call("list jobs", read)
+
+    # Documents one list_page call looks at past its cursor, however few of them match its filters.
+    PAGE_SCAN = 1000
+
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Keyset paging in _id (creation) order on the _id index: a call looks at the filter fields of at
+        # most PAGE_SCAN documents and reads in full only those it returns, however deep the page and
+        # however rarely the filters match; the default offset cursor re-read every earlier page.
+        # The cursor is "i:<the last _id looked at>".
+        if after is not None and not after.startswith("i:"):
+            raise ValueError(f"{after!r} is not a page cursor of this store")
+        scan = max(limit, self.PAGE_SCAN)
+        query: dict[str, Any] = {"queue": self.queue, **_not_expired(self.now())}
+        if after:
+            query["_id"] = {"$gt": after[2:]}
+
+        def read() -> tuple[list[JobRecord], str | None]:
+            heads = list(self.jobs.find(query, {"route": 1, "state": 1, "dead": 1}, sort=[("_id", ASCENDING)],
+                                        limit=scan, hint=[("_id", ASCENDING)]))
+            chosen: list[Any] = []
+            more = len(heads) == scan
+            for n, head in enumerate(heads, 1):
+                if ((route is not None and head.get("route") != route)
+                        or (state is not None and head.get("state") != state)
+                        or (dead is not None and (head.get("dead") is True) != dead)):
+                    continue
+                chosen.append(head["_id"])
+                if len(chosen) == limit:
+                    more, heads = n < len(heads) or more, heads[:n]
+                    break
+            found = {doc["_id"]: doc for doc in self.jobs.find({"_id": {"$in": chosen}})} if chosen else {}
+            records = []
+            for job_id in chosen:
+                try:
+                    records.append(_to_record(found[job_id]))
+                except (KeyError, MalformedRecord):  # deleted since, or damaged
+                    continue
+            return records, (f"i:{heads[-1]['_id']}" if more and heads else None)
 
         return self._call("list jobs", read)
 
