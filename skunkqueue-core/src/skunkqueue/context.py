@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 
 from skunkqueue.record import JobRecord
 
@@ -35,18 +36,18 @@ class JobContext:
     lease_until: float | None      # epoch seconds, as claimed; the pool renews it while the job runs
     deadline: float | None         # epoch seconds when the time limit interrupts the job, or None
     key: str | None                # the idempotency key it was fired with, if any
-    slot: float | None = None      # a periodic job's slot (epoch seconds)
+    slot: datetime | None = None   # a periodic job's slot, an aware datetime in UTC
 
     @classmethod
     def of(cls, record: JobRecord, started: float) -> JobContext:
-        from skunkqueue.periodic import slot_of
+        from skunkqueue.periodic import slot_moment
 
         key = user_key(record.key)
         return cls(id=record.id, queue=record.queue, route=record.route, function=record.func,
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=key, slot=slot_of(key, record.func))
+                   key=key, slot=slot_moment(key, record.func))
 
 
 def user_key(stored: str | None) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 import time
@@ -101,6 +102,21 @@ def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in params), len(params)
 
 
+# The longest retention: "keep it" needs no more, and a finished time plus much more is past what the
+# stores hold (Redis refuses PEXPIRE beyond 2**63 ms; dates end at year 9999).
+MAX_RESULT_TTL = 100 * 365.25 * 24 * 3600
+
+
+def check_result_ttl(seconds: float) -> None:
+    try:
+        held = 0 <= seconds <= MAX_RESULT_TTL
+    except TypeError:
+        held = False
+    if not held:
+        raise ConfigurationError(f"result_ttl must be a number of seconds from 0 to 100 years "
+                                 f"({MAX_RESULT_TTL:.0f}), not {seconds!r}.")
+
+
 class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
@@ -111,12 +127,13 @@ class Job:
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
         for route in routes:
             check_name(route, "route")
-        if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
-            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
-        if result_ttl is not None and not result_ttl >= 0:
-            raise ConfigurationError("result_ttl must be >= 0 seconds.")
+        if not (retries >= 0 and 0 <= retry_backoff < math.inf and (timeout is None or 0 < timeout < math.inf)):
+            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0 (finite numbers).")
+        if result_ttl is not None:
+            check_result_ttl(result_ttl)
         self.result_ttl = result_ttl  # None: the queue's
-        self.queue = queue
+        self.queue = queue          # where it is fired (the connection)
+        self.declared_on = queue    # whose options its records carry (type, serializer, retention)
         self.func = func
         self.routes = list(routes)
         self.retries = retries
@@ -133,32 +150,50 @@ class Job:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
+    def on(self, queue: SkunkQueue) -> Job:
+        """This job, fired through ``queue``'s connection, with all of its declaration's options:
+        its own (retries, back-off, timeout, retention) and its declaring queue's (type,
+        serializer, retention). A pool firing a schedule rebuilds the job this way."""
+        if queue.name != self.queue.name:
+            raise ConfigurationError(f"{self.name} is declared on queue {self.queue.name!r}, not {queue.name!r}.")
+        job = Job(queue, self.func, self.routes, retries=self.retries, retry_backoff=self.retry_backoff,
+                  timeout=self.timeout, result_ttl=self.result_ttl)
+        job.declared_on = self.declared_on
+        job.schedule = self.schedule
+        return job
+
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"
 
-    def fire(self, *args: Any, key: str | None = None, **kwargs: Any) -> JobHandle:
+    def fire(self, *args: Any, key: str | None = None, using: Any = None, **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due now.
 
         With ``key``, the first firing with that key on this queue enqueues;
         a later one, while that job's record exists (pending, running, or
         finished and not yet expired), stores nothing and returns a handle to
         the existing job. ``key`` is therefore not passed to the function.
-        """
-        return self._fire([(args, kwargs)], time.time(), [key])[0]
 
-    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+        With ``using``, the store's own transactional handle of the caller's
+        (a psycopg connection on PostgreSQL), the job is stored in that
+        handle's open transaction: gone if it rolls back, claimable from its
+        commit on (see :meth:`Persistence.enqueue_in`). Not passed to the function either.
+        """
+        return self._fire([(args, kwargs)], time.time(), [key], using)[0]
+
+    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None, using: Any = None,
                 **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due after a delay or at an aware datetime (``key``: see fire)."""
-        return self._fire([(args, kwargs)], due_time(when), [key])[0]
+        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key], using)[0]
 
     def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
-                  keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+                  keys: Sequence[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict.
 
-        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``.
+        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``;
+        ``using``: see fire.
         """
         normalized, key_list = self._normalize_many(calls, keys)
-        return self._fire(normalized, time.time(), key_list)
+        return self._fire(normalized, time.time(), key_list, using)
 
     @staticmethod
     def _normalize_many(calls: Iterable[Sequence[Any] | dict[str, Any]], keys: Sequence[str | None] | None,
@@ -201,10 +236,10 @@ class Job:
         return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
-              keys: list[str | None] | None = None) -> list[JobHandle]:
+              keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = self.queue._enqueue(self, calls, due, keys)
+        handles = self.queue._enqueue(self, calls, due, keys, using)
         if handles:
             self.last = handles[-1]
         return handles
@@ -258,13 +293,14 @@ def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None
 class JobHandle:
     """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
 
-    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord]) -> None:
+    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord], serializer: str | None = None) -> None:
         self.queue = queue
         self.ids = [r.id for r in records]
         self.routes = [r.route for r in records]
         # What ``result`` is keyed by when there are several deliveries.
         self.keys = [r.target or r.route for r in records]
-        self._serializer = records[0].serializer if records else "json"
+        # Records read back from the store (queue.handle) must not choose their decoder: see _value.
+        self._serializer = serializer or (records[0].serializer if records else "json")
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id} {self.state}>"

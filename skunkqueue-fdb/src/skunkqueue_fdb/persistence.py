@@ -128,6 +128,13 @@ def _translate(method: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+def cluster_file(url: str | None) -> str | None:
+    """The cluster file an address names: ``fdb:///PATH`` or ``PATH``; ``fdb://`` is the client's default."""
+    if url is not None and url[:6].lower() == "fdb://":
+        return url[6:] or None
+    return url
+
+
 def _open_database(cluster_file: str | None) -> Any:
     try:
         if not fdb.is_api_version_selected():
@@ -196,6 +203,7 @@ class FDBPersistence(Persistence):
     """A queue stored in FoundationDB. ``url`` is the cluster file, ``db`` the root name."""
 
     name = "fdb"
+    url_schemes = ("fdb",)
     # Payloads are split into chunks; 1 MB keeps a batch of them well inside a transaction.
     max_payload = 1_000_000
     notifies = True
@@ -205,10 +213,16 @@ class FDBPersistence(Persistence):
         # Keys hold the queue, route and target names, and FoundationDB keys stop at 10,000 bytes.
         refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        # fdb:///path/to/fdb.cluster, fdb:// (the client's default), or the cluster file's path itself.
+        return super().takes_url(url) or ("://" not in url and url.endswith(".cluster"))
+
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
         timeout_ms = int(options.pop("timeout_ms", DEFAULT_TIMEOUT_MS))
         super().__init__(queue, url=url, db=db, **options)
+        url = cluster_file(url)
         self.where = f"cluster file {url or '(default)'}"
         self.db = db or "skunkqueue"
         self._db = _open_database(url)

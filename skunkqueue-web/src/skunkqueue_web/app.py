@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from skunkqueue import periodic, serializer
+from skunkqueue import headers, periodic, serializer
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.metrics import BUCKETS
 from skunkqueue.persistence import Persistence
@@ -207,7 +207,7 @@ class Monitor:
         record = self.queue.persistence.get(job_id)
         if record is None:
             return self.render(request, "missing.html", status=404, job_id=job_id)
-        return self.render(request, "job.html", live=True, r=record,
+        return self.render(request, "job.html", live=True, r=record, trace_id=headers.trace_id(record),
                            arguments=_decode(record.payload, record.serializer, call=True),
                            result=_decode(record.result, record.serializer, call=False))
 
@@ -235,9 +235,9 @@ class Monitor:
 
     def periodic_page(self, request: Request) -> Response:
         backend = self.queue.persistence
-        now = time.time()
         rows = []
         if backend.supports_settings:
+            now = backend.now()  # the clock the schedulers reckon slots on
             for name, schedule in sorted(self.schedules.items()):
                 # periodic.py reads the state the schedulers keep; the rules are spelled only there.
                 paused = periodic.is_paused(backend, name)

@@ -95,6 +95,9 @@ LOCK_TIMEOUT = 30.0
 LOCK_PAUSE = (0.00005, 0.002)
 _BUSY_TIMEOUT = f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}"
 
+# A scheme-less address with one of these suffixes chooses the sqlite backend (SKUNQ_URL=./jobs.db).
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -150,6 +153,20 @@ def _record_to_row(record: JobRecord, expire_at: float | None) -> dict[str, Any]
 
 class SQLitePersistence(Persistence):
     name = "sqlite"
+    url_schemes = ("sqlite",)
+
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        # sqlite:///PATH, or a scheme-less file path: one with a SQLite suffix or a "/" in it.
+        # Not host:port (no "/": it is a server's address), nor a FoundationDB cluster file.
+        if super().takes_url(url):
+            return True
+        if "://" in url or url.endswith(".cluster"):
+            return False
+        return url.lower().endswith(SQLITE_SUFFIXES) or "/" in url
+
+    def describe(self) -> str:
+        return f"sqlite {self.path}"
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
