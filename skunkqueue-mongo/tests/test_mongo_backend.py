@@ -337,6 +337,7 @@ def test_standalone_wait_polls_and_returns_when_work_appears(mongo_standalone: A
     assert 0.38 < time.monotonic() - idle < 0.6
 
 
+@pytest.mark.serial  # a pick-up latency bound: run alone, not beside other tests' pools
 def test_pick_up_latency_with_a_real_worker(mongo: Any, queue_name: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Fire -> claimed, measured from the record (created vs started) with an idle ``skunq work``."""

@@ -350,6 +350,7 @@ class ProtocolSuite(KitFixtures):
         assert [r.id for r in store.list_jobs(dead=True)] == [claimed.id]
         assert len(store.list_jobs(limit=2)) == 2
 
+    @pytest.mark.serial  # a wake-up bound in milliseconds: run alone, not beside other tests' pools
     def test_wait_for_work_wakes_within_what_the_backend_declares(self, store: Persistence,
                                                                   backend: BackendUnderTest,
                                                                   queue_name: str) -> None:
