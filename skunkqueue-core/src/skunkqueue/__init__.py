@@ -17,6 +17,7 @@ from skunkqueue.hooks import hookimpl
 from skunkqueue.job import Job, JobHandle
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING
+from skunkqueue.workflow import WorkflowHandle, chain, group
 
 __all__ = [
     "COMPLETE",
@@ -36,6 +37,9 @@ __all__ = [
     "SerializationError",
     "SkunkQueue",
     "SkunkQueueError",
+    "WorkflowHandle",
+    "chain",
     "current_job",
+    "group",
     "hookimpl",
 ]

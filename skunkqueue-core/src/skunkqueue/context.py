@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Mapping
 
 from skunkqueue.record import JobRecord
 
@@ -36,9 +37,13 @@ class JobContext:
     deadline: float | None         # epoch seconds when the time limit interrupts the job, or None
     key: str | None                # the idempotency key it was fired with, if any
     slot: float | None = None      # a periodic job's slot (epoch seconds)
+    # A workflow step or fire(after=...): each parent's id and how it ended ("complete", "error",
+    # "killed"); with on_failure="run", the parents that did not complete are the ones that failed.
+    dependencies: Mapping[str, str] | None = None
 
     @classmethod
-    def of(cls, record: JobRecord, started: float) -> JobContext:
+    def of(cls, record: JobRecord, started: float,
+           dependencies: Mapping[str, str] | None = None) -> JobContext:
         from skunkqueue.periodic import slot_of
 
         key = user_key(record.key)
@@ -46,7 +51,7 @@ class JobContext:
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=key, slot=slot_of(key, record.func))
+                   key=key, slot=slot_of(key, record.func), dependencies=dependencies)
 
 
 def user_key(stored: str | None) -> str | None:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, hooks, policy, serializer, signing, trust
+from skunkqueue import channel, dependencies, hooks, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -160,6 +160,7 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._dependencies: dict[str, dict[str, str]] = {}  # job id -> its parents' states, for its context
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -476,6 +477,14 @@ class Worker:
                 )
             job = self._job(record)
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
+            if record.parents or record.inputs is not None:
+                # A workflow step: its parents' results (read from the store) come first.
+                try:
+                    inputs, self._dependencies[record.id] = dependencies.gather(self.backend, record)
+                except BackendUnavailable:
+                    return policy.release(record)  # not started: handed back as it was
+                if record.inputs is not None:
+                    args = [inputs, *args]
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except BaseException as exc:  # the job's module raised at import
@@ -493,7 +502,7 @@ class Worker:
         value: Any = None
         if self.stopping == "rough":
             self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
-        context = _current_job.set(JobContext.of(record, time.time()))
+        context = _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
         try:
             self._in_job = True
             try:

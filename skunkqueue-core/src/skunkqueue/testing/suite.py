@@ -47,6 +47,7 @@ from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import Producer, declare, make_record, started, status_counts, wait_until
+from skunkqueue.testing.suite_workflows import WorkflowSuite
 from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
 
 __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
@@ -722,5 +723,5 @@ class LifecycleSuite(KitFixtures):
 
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
-                       AsyncSuite, NameSuite, SummarySuite):
+                       AsyncSuite, NameSuite, SummarySuite, WorkflowSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""
