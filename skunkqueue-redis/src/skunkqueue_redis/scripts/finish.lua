@@ -4,6 +4,7 @@
 --       own result_ttl field wins), 6 state, 7 dead ('0'/'1'),
 --       8 attempts, 9 error json, 10 result, 11 due, 12 finished
 --       (8-12 optional: '' for none, else '.' then the value; due and finished are on the caller's clock)
+-- A finished record counts for its dependents here (release.lua, which this script needs).
 -- Returns 1 if applied, 0 if the record is not in the expected state under this token.
 -- Outcome.apply_to's rules, with one more: a record whose kill was requested
 -- is never put back to pending; it ends killed (JobKilled) instead.
@@ -61,6 +62,8 @@ local function finish(KEYS, ARGV)
     tally(id, route, f[1], state, dead, expires, now)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
+    -- In the same atomic step: count it for the workflow steps waiting for it (release.lua).
+    settle_finished(id, state, now, ttl, ms)
   end
   return 1
 end
