@@ -91,3 +91,21 @@ def test_a_workflow_key_fires_the_workflow_once(queue: SkunkQueue) -> None:
     assert len(queue.jobs()) == 2
     stored = queue.get(first.jobs[1].id)
     assert stored is not None and stored.parents == [first.jobs[0].id] and stored.workflow == first.id
+
+
+def test_skunq_job_shows_parents_and_dependents(queue: SkunkQueue, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from skunkqueue.cli import main
+
+    add = queue.event(routes=["r"])(jobs.add.func)
+    handle = chain(add.s(1, 2), add.s(3)).fire()
+    first, second = (h.id for h in handle.jobs)
+    base = ["-q", "wf", "--url", str(tmp_path / "q.db")]
+    shown = CliRunner().invoke(main, ["job", second, *base])
+    assert shown.exit_code == 0, shown.output
+    assert f"parents:    {first}" in shown.output and f"workflow:   {handle.id}" in shown.output
+    assert "due:        when its parents have finished" in shown.output
+    parent = CliRunner().invoke(main, ["job", first, *base, "--json"])
+    assert parent.exit_code == 0, parent.output
+    assert '"dependents": [\n    "' + second + '"\n  ]' in parent.output

@@ -88,3 +88,19 @@ def test_dead_letters_one_selection_or_all_matching(sqlite_store: Store, start_w
     assert sqlite_store.queue_handle().counts() == {("fast", "pending"): 3, ("fast", "error"): 4}
     # A job that is not a dead letter is left alone.
     assert "not+a+dead+letter" in call(web, "POST", f"/jobs/{booms[1]}/dismiss", {}, headers=bearer)[1]["location"]
+
+
+def test_a_workflow_member_links_its_parents_and_dependents(store: Store, start_web: Callable[..., Web]) -> None:
+    from skunkqueue import chain
+
+    add = store.job("add")
+    handle = chain(add.s(1, 2), add.s(3)).fire()
+    first, second = (h.id for h in handle.jobs)
+    web = start_web(store)
+    status, _, page = call(web, "GET", f"/jobs/{second}")
+    assert status == 200
+    assert "when its parents have finished" in page and handle.id in page
+    assert re.search(rf'id="parents"><a class="mono" href="/jobs/{first}">{first}</a> '
+                     r'<span class="pill state-pending">pending</span>', page)
+    status, _, page = call(web, "GET", f"/jobs/{first}")
+    assert status == 200 and re.search(rf'id="dependents"><a class="mono" href="/jobs/{second}">', page)

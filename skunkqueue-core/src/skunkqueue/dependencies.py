@@ -23,9 +23,10 @@ from skunkqueue.record import COMPLETE, KILLED, JobRecord, Outcome
 if TYPE_CHECKING:
     from skunkqueue.persistence import Persistence
 
-# The ``due`` of a waiting record: far beyond any real time (year ~33,000), finite so that
-# every store and encoding (JSON, Lua numbers, sorted-set scores) keeps it exactly.
-WAITING_DUE = 1e12
+# The ``due`` of a waiting record: far beyond any real time (the year 5138), finite so that
+# every store and encoding (JSON, Lua numbers, sorted-set scores) keeps it exactly, and
+# within what datetime can show (the year 9999), so monitors and the CLI can print it.
+WAITING_DUE = 1e11
 
 #: ``on_failure`` values a producer may give: ``"kill"`` (the default, stored as None) or ``"run"``.
 ON_FAILURE = ("kill", "run")
