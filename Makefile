@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-web
+PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-postgres skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fdb-real lint bench bench-web chaos servers clean
+.PHONY: demo test test-fdb-real lint bench bench-web bench-otel chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" scripts/demo.sh
 
-## Run the whole test suite; the tests start their own redis-server and mongod.
+## Run the whole test suite; the tests start their own redis-server, mongod and PostgreSQL.
 test: $(STAMP) servers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -36,7 +36,8 @@ servers:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
-		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-web/src/skunkqueue_web
+		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-postgres/src/skunkqueue_postgres \
+		skunkqueue-web/src/skunkqueue_web skunkqueue-otel/src/skunkqueue_otel
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
@@ -44,6 +45,10 @@ bench: $(STAMP) servers
 ## How fast skunq web answers with 100,000 jobs in SQLite and Redis.
 bench-web: $(STAMP) servers
 	$(BIN)/python -m benchmarks.web_overview $(BENCH_ARGS)
+
+## What OpenTelemetry tracing (skunkqueue-otel) costs per fire and per worker job, off / on / unsampled.
+bench-otel: $(STAMP)
+	$(BIN)/python -m benchmarks.otel_cost $(BENCH_ARGS)
 
 chaos: $(STAMP) servers
 	SKUNQ_CHAOS=long $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The same workloads on Huey (RedisHuey or SqliteHuey, one ``huey_consumer -w 1 -k thread``)."""
+"""The same workloads on Huey (SqliteHuey in ``make bench``; RedisHuey is in ``benchmarks.peers``), one
+``huey_consumer -w 1 -k thread`` (its defaults), Huey's default set-up (no ``notify_result``)."""
 
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def startup(target: HueyTarget, sizes: Sizes, result: Result, repeats: int = 3) 
 
 def run(target: HueyTarget, sizes: Sizes, result: Result, log: Callable[[str], None]) -> None:
     result.notes.append("huey_consumer -w 1 -k thread" + (" -d 0.001 -b 2 -m 0.2" if target.kind == "sqlite"
-                                                                 else "; RedisHuey(notify_result=True)"))
+                                                                 else "; RedisHuey's defaults"))
     steps: list[tuple[str, Callable[[], None]]] = [
         ("enqueue", lambda: enqueue(target, sizes, result)),
         ("processing, 1 consumer", lambda: processing(target, sizes, result)),

@@ -1,7 +1,7 @@
-"""Throwaway redis-server and mongod processes for the benchmarks: the tests' own starters.
+"""Throwaway redis-server, mongod and PostgreSQL processes for the benchmarks: the tests' own starters.
 
 One set of server starters serves the tests and the benchmarks:
-``tests/redis_servers.py``, ``tests/mongo_servers.py`` (and, for
+``tests/redis_servers.py``, ``tests/mongo_servers.py``, ``tests/postgres_servers.py`` (and, for
 ``benchmarks.fdb_contention``, ``tests/fdb_servers.py``). This module gives
 them the shape the benchmark runner uses (a server picks its port when made,
 lives in a temporary directory that :meth:`Server.stop` removes, and works as
@@ -26,6 +26,7 @@ if _TESTS not in sys.path:
 
 import fdb_servers  # noqa: E402,F401 (benchmarks.fdb_contention starts the stand-in with it)
 import mongo_servers  # noqa: E402
+import postgres_servers  # noqa: E402
 import redis_servers  # noqa: E402
 
 
@@ -86,3 +87,20 @@ class MongoServer(Server):
     def available(cls) -> bool:
         binary = mongo_servers.mongod_binary()
         return binary is not None and os.access(binary, os.X_OK)
+
+
+class PostgresServer(Server):
+    name = "postgres"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # durable: fsync on, as servers are run (the tests' default turns it off).
+        self.starter = postgres_servers.PostgresServer(self.directory, port=self.port, durable=True)
+
+    @classmethod
+    def available(cls) -> bool:
+        return postgres_servers.available()
+
+    def stop(self) -> None:
+        self.starter.destroy()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -54,6 +54,13 @@ def run(target: Any, args: argparse.Namespace, result: Result, log: Callable[[st
         members: int = MEMBERS) -> None:
     if getattr(args, "no_workflows", False):
         return
+    probe = target.queue("workflow-probe")
+    try:
+        if not probe.persistence.supports_workflows:
+            result.notes.append(f"workflow row: the {target.backend} backend does not support workflows")
+            return
+    finally:
+        probe.close()
     log(f"  {result.system}: {members} independent jobs")
 
     def independent(queue: Any) -> Callable[[], bool]:

@@ -2,8 +2,18 @@
 # The seed's demo on the embedded SQLite backend: start a worker, fire, print, stop.
 set -euo pipefail
 cd "$(dirname "$0")/../examples"
-export SKUNQ_SQLITE_PATH="${SKUNQ_SQLITE_PATH:-$(mktemp -d)/demo.db}"
+scratch=""
+if [ -z "${SKUNQ_SQLITE_PATH:-}" ]; then
+    # Our own folder: the queue file, its WAL files and its wake folder all go with it at the end.
+    scratch="$(mktemp -d)"
+    export SKUNQ_SQLITE_PATH="$scratch/demo.db"
+fi
 skunq work -q demo -r foo --log-level WARNING &
 pool=$!
-trap 'kill -TERM $pool 2>/dev/null; wait $pool 2>/dev/null || true' EXIT
+cleanup() {
+    kill -TERM "$pool" 2>/dev/null || true
+    wait "$pool" 2>/dev/null || true
+    if [ -n "$scratch" ]; then rm -rf "$scratch"; fi
+}
+trap cleanup EXIT
 python demo.py

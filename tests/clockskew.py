@@ -2,15 +2,14 @@
 
 A store with a clock decides what is due and when a lease ran out, so a host
 whose clock is off must neither run a delayed job early nor take over a lease
-that is being renewed. The skew is simulated per process: ``sitecustomize.py``
-on the PYTHONPATH of a pool shifts its ``time.time``.
+that is being renewed. The skew is simulated per process: ``skewed``
+(from :mod:`skunkqueue.testing.clocks`) puts a ``sitecustomize.py`` that
+shifts ``time.time`` on a pool's PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,19 +22,10 @@ from skunkqueue.persistence import LEASE_OK, Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, WorkerInfo, new_id
 from skunkqueue.testing import BackendUnderTest, jobs
+from skunkqueue.testing.clocks import skewed
 from skunkqueue.testing.workers import PoolProcess
 
 SKEWS = [60.0, -60.0]
-
-_SITECUSTOMIZE = '''\
-import os
-import time
-
-_skew = float(os.environ.get("SKUNQ_TEST_CLOCK_SKEW", "0") or 0)
-if _skew:
-    _real = time.time
-    time.time = lambda: _real() + _skew
-'''
 
 
 @contextlib.contextmanager
@@ -45,17 +35,6 @@ def local_clock_off_by(seconds: float) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(time, "time", lambda: real() + seconds)
         yield
-
-
-def skewed(backend: BackendUnderTest, seconds: float, folder: Path) -> BackendUnderTest:
-    """``backend`` whose worker processes' clocks are off by ``seconds``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    # The backend's own path entries (the fdb stand-in's) stay behind the sitecustomize folder.
-    path = os.pathsep.join(filter(None, [str(folder), backend.env.get("PYTHONPATH", ""),
-                                         os.environ.get("PYTHONPATH", "")]))
-    env = {**backend.env, "PYTHONPATH": path, "SKUNQ_TEST_CLOCK_SKEW": repr(seconds)}
-    return dataclasses.replace(backend, env=env)
 
 
 def _first_log_time(log: str) -> float:

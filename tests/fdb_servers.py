@@ -65,6 +65,33 @@ class StandInCluster:
         self.process = None
 
 
+def misfile(cluster_file: str, root: str, queue: str, job_id: str, to_queue: str, route: str,
+            target: str | None) -> None:
+    """Move a pending record to ``to_queue``'s due index for ``route``/``target``; its fields stay
+    as they are. What a store writer could do (key layout: skunkqueue_fdb.persistence)."""
+    import fdb
+
+    source, dest = fdb.Subspace((root, queue)), fdb.Subspace((root, to_queue))
+
+    @fdb.transactional
+    def move(tr: Any) -> None:
+        slot = tr[source["job"].pack((job_id, "slot"))]
+        assert slot.present(), f"{job_id} is not pending"
+        _route, _target, due, stamp, _id = source["due"].unpack(bytes(slot))
+        del tr[bytes(slot)]
+        span = source["job"].range((job_id,))
+        for kv in list(tr.get_range(span.start, span.stop)):
+            del tr[kv.key]
+            tr[dest["job"].pack(source["job"].unpack(kv.key))] = kv.value
+        moved = dest["due"].pack((route, target or "", due, stamp, job_id))
+        tr[moved] = b""
+        tr[dest["job"].pack((job_id, "slot"))] = moved
+        if target:
+            tr.add(dest["nudge"].pack((target,)), (1).to_bytes(8, "little"))
+
+    move(fdb.open(cluster_file))
+
+
 def write_foreign_entries(cluster_file: str, root: str, queue: str, route: str) -> int:
     """Leave what another program could leave where a route's jobs live; return how many due entries.
 

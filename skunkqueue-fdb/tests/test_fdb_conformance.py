@@ -19,7 +19,8 @@ from skunkqueue.testing import BackendUnderTest, ConformanceSuite
 
 def _backend(cluster_file: str, root: str, env: dict[str, str], label: str) -> BackendUnderTest:
     return BackendUnderTest(name="fdb", url=cluster_file, db=root, env=env, label=label,
-                            inject_foreign=functools.partial(servers.write_foreign_entries, cluster_file, root))
+                            inject_foreign=functools.partial(servers.write_foreign_entries, cluster_file, root),
+                            misfile=functools.partial(servers.misfile, cluster_file, root))
 
 
 class TestFDBStandInConformance(ConformanceSuite):

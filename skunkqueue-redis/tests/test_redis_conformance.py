@@ -9,6 +9,8 @@ import pytest
 import redis
 
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
+from skunkqueue_redis.codec import decode_record
+from skunkqueue_redis.keys import Keys
 
 
 def _inject_foreign(client_factory: Callable[[], Any]) -> Callable[[str, str], None]:
@@ -30,6 +32,25 @@ def _inject_foreign(client_factory: Callable[[], Any]) -> Callable[[str, str], N
     return inject
 
 
+def _misfile(client_factory: Callable[[], Any]) -> Callable[[str, str, str, str, str | None], None]:
+    def misfile(queue: str, job_id: str, to_queue: str, route: str, target: str | None) -> None:
+        # The record's hash is copied as it is: only where its id is filed changes.
+        source, dest, client = Keys(queue), Keys(to_queue), client_factory()
+        fields = client.hgetall(source.job(job_id))
+        record = decode_record(fields, job_id)
+        client.zrem(source.due(record.route, record.target), job_id)
+        if to_queue != queue:
+            client.hset(dest.job(job_id), mapping=fields)
+            client.delete(source.job(job_id))
+            client.zrem(source.index, job_id)
+            client.zadd(dest.index, {job_id: "+inf"})
+        client.zadd(dest.due(route, target), {job_id: record.due})
+        client.rpush(dest.notify(route, target), "1")
+        client.close()
+
+    return misfile
+
+
 class TestRedisConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, redis_server: Any) -> BackendUnderTest:
@@ -37,6 +58,7 @@ class TestRedisConformance(ConformanceSuite):
         return BackendUnderTest(
             name="redis", url=url, db="3", label="redis-server 7 (standalone)",
             inject_foreign=_inject_foreign(lambda: redis.Redis(port=redis_server.port, db=3)),
+            misfile=_misfile(lambda: redis.Redis(port=redis_server.port, db=3)),
         )
 
 
@@ -47,4 +69,5 @@ class TestRedisClusterConformance(ConformanceSuite):
         return BackendUnderTest(
             name="redis", url=redis_cluster.url, db="0", label="Redis Cluster (3 masters)",
             inject_foreign=_inject_foreign(lambda: redis.RedisCluster(host="127.0.0.1", port=first.port)),
+            misfile=_misfile(lambda: redis.RedisCluster(host="127.0.0.1", port=first.port)),
         )

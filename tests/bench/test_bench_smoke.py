@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +40,66 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
         assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
     assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
     assert 1 < figures["idle_rss_mb"] < 1000
+
+
+def test_peer_rounds_alternate_and_ratios_favour_the_better() -> None:
+    from benchmarks.peers import PeerRuns, order, ratios
+
+    names = ["skunkqueue", "huey", "celery"]
+    assert [order(names, r) for r in range(3)] == [names, names[::-1], names]
+    ours = PeerRuns("skunkqueue", rounds=[{"enqueue_fire": 200.0, "latency_p50_ms": 2.0},
+                                          {"enqueue_fire": 100.0, "latency_p50_ms": 4.0}])
+    theirs = PeerRuns("huey", rounds=[{"enqueue_fire": 100.0, "latency_p50_ms": 1.0},
+                                      {"enqueue_fire": 100.0, "latency_p50_ms": 1.0}])
+    got = ratios({"skunkqueue": ours, "huey": theirs})["huey"]
+    # A rate: ours / theirs; a time: theirs / ours. Either way above 1 only when SkunkQueue is better.
+    assert got["enqueue_fire"] == {"ratio": 1.5, "low": 1.0, "high": 2.0}
+    assert got["latency_p50_ms"] == {"ratio": 1 / 3, "low": 0.25, "high": 0.5}
+
+
+def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
+    """One tiny round of SkunkQueue, Huey, Celery, RQ and Dramatiq, each through its own worker command."""
+    from benchmarks.peer_systems import PEERS
+
+    missing = [name for name, peer in PEERS.items() if not peer.available()]
+    assert not missing, f"pip install -r requirements-dev.txt: {missing} not installed"
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--rounds", "1", "--fire", "60",
+                           "--latency", "5", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Set-ups (each library's fastest documented one for each figure)" in done.stdout
+    assert "notify_result=True" in done.stdout and "SimpleWorker" in done.stdout and "-P solo" in done.stdout
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == set(PEERS)
+    for name, system in report["systems"].items():
+        assert system["errors"] == [], (name, system["errors"])
+        (figures,) = system["rounds"]
+        for key in ("enqueue_fire", "process_1w", "latency_p50_ms", "latency_p99_ms", "startup_s",
+                    "idle_rss_mb", "idle_rss_all_mb"):
+            assert math.isfinite(figures[key]) and figures[key] > 0, (name, key, figures[key])
+        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+        assert figures["idle_rss_mb"] <= figures["idle_rss_all_mb"]
+    assert set(report["ratios"]) == set(PEERS) - {"skunkqueue"}
+
+
+def test_peer_round_reports_wrong_results(monkeypatch: Any) -> None:
+    """A library that hands back a wrong result fails its round instead of adding figures."""
+    from benchmarks import peer_systems, peers
+    from benchmarks.common import Sizes
+    from benchmarks.servers import RedisServer
+
+    class OffByOne(peer_systems.HueyPeer):
+        name = "off-by-one"
+
+        def value(self, handle: Any) -> Any:
+            return super().value(handle) + 1
+
+    monkeypatch.setitem(peer_systems.PEERS, OffByOne.name, OffByOne)
+    with RedisServer() as server:
+        assert isinstance(server, RedisServer)
+        runs = peers.run(server.url, server.flush, Sizes(fire=10, latency=2), 1, [OffByOne.name],
+                         Path(server.directory), lambda line: None)
+    assert runs[OffByOne.name].rounds == []
+    (error,) = runs[OffByOne.name].errors
+    assert "processing: 11 of 11 results wrong" in error

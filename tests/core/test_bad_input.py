@@ -130,8 +130,11 @@ def test_the_default_sqlite_folder_is_the_only_one_created(tmp_path: Path,
 
 
 def test_the_cli_refuses_a_bad_sqlite_url_in_one_line(tmp_path: Path) -> None:
-    result = skunq("status", "-q", "q", "--url", "http://example/x", cwd=tmp_path)
+    result = skunq("status", "-q", "q", "--backend", "sqlite", "--url", "http://example/x", cwd=tmp_path)
     assert result.returncode == 1 and "file path or sqlite:///" in one_clear_line(result)
+    # Without --backend the address names the backend, and no backend takes http://.
+    result = skunq("status", "-q", "q", "--url", "http://example/x", cwd=tmp_path)
+    assert result.returncode == 1 and "No installed backend takes http:// addresses" in one_clear_line(result)
     assert os.listdir(tmp_path) == []
 
 

@@ -31,7 +31,7 @@ def test_backends_lists_every_installed_backend_with_its_distribution() -> None:
     rows = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
     assert rows["sqlite"] == "skunkqueue"
     assert rows.get("redis") == "skunkqueue-redis" and rows.get("mongodb") == "skunkqueue-mongo"
-    assert rows.get("fdb") == "skunkqueue-fdb"
+    assert rows.get("fdb") == "skunkqueue-fdb" and rows.get("postgres") == "skunkqueue-postgres"
 
 
 def test_work_with_an_unknown_backend_lists_the_installed_ones() -> None:
@@ -119,7 +119,7 @@ def test_jobs_lists_and_filters_by_route_and_state(tmp_path: Path) -> None:
     assert [(r["id"], r["state"], r["route"]) for r in rows] == [(ids["killed"], "killed", "r")]
     rows = json.loads(CliRunner().invoke(main, ["jobs", "--json", "-r", "s", *base]).output)
     assert [r["id"] for r in rows] == [ids["pending"]] and set(rows[0]) == {
-        "id", "function", "route", "state", "due", "attempts"}
+        "id", "function", "route", "state", "due", "attempts", "signature"}
     assert len(json.loads(CliRunner().invoke(main, ["jobs", "--json", "--limit", "2", *base]).output)) == 2
     bad = CliRunner().invoke(main, ["jobs", "--state", "done", *base])
     assert bad.exit_code == 2 and "'done' is not one of" in bad.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from skunkqueue import backends
 
 CORE = Path(__file__).resolve().parents[2] / "skunkqueue-core" / "src" / "skunkqueue"
 # The other distributions' packages and their drivers: none may appear in a core import.
-FOREIGN = {"skunkqueue_redis", "skunkqueue_mongo", "skunkqueue_fdb", "skunkqueue_web",
-           "redis", "pymongo", "bson", "fdb"}
+FOREIGN = {"skunkqueue_redis", "skunkqueue_mongo", "skunkqueue_fdb", "skunkqueue_postgres", "skunkqueue_web",
+           "redis", "pymongo", "bson", "fdb", "psycopg"}
 SEED_PATHS = {"redis": "skunkqueue_redis", "mongodb": "skunkqueue_mongo", "fdb": "skunkqueue_fdb"}
 
 
@@ -44,13 +45,14 @@ def test_the_seed_paths_import_no_driver_and_give_each_backends_own_default_cfg(
         "from skunkqueue.persistence.mongodb import default_cfg as mongo_cfg\n"
         "from skunkqueue.persistence.fdb import default_cfg as fdb_cfg\n"
         "import skunkqueue_redis, skunkqueue_mongo, skunkqueue_fdb\n"
-        "print(json.dumps({'same': [redis_cfg is skunkqueue_redis.default_cfg,\n"
-        "                           mongo_cfg is skunkqueue_mongo.default_cfg,\n"
-        "                           fdb_cfg is skunkqueue_fdb.default_cfg],\n"
+        "print(json.dumps({'same': [redis_cfg == skunkqueue_redis.default_cfg,\n"
+        "                           mongo_cfg == skunkqueue_mongo.default_cfg,\n"
+        "                           fdb_cfg == skunkqueue_fdb.default_cfg],\n"
         "                  'drivers': sorted({m.partition('.')[0] for m in sys.modules}\n"
         "                                    & {'redis', 'pymongo', 'fdb'})}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("SKUNQ_BACKEND", "SKUNQ_URL", "SKUNQ_DB")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"same": [True, True, True], "drivers": []}
 

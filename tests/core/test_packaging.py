@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVERS = {"redis": "redis", "mongodb": "pymongo", "fdb": "foundationdb"}
+DRIVERS = {"redis": "redis", "mongodb": "pymongo", "fdb": "foundationdb", "postgres": "psycopg"}
 
 
 @pytest.mark.parametrize(("backend", "folder"), [("redis", "skunkqueue-redis"),
                                                  ("mongodb", "skunkqueue-mongo"),
-                                                 ("fdb", "skunkqueue-fdb")])
+                                                 ("fdb", "skunkqueue-fdb"),
+                                                 ("postgres", "skunkqueue-postgres")])
 def test_a_backend_installs_into_a_fresh_venv_with_only_its_own_driver(
         backend: str, folder: str, tmp_path: Path) -> None:
     venv = tmp_path / "venv"

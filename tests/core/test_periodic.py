@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,12 +14,16 @@ from skunkqueue.job import Job
 from skunkqueue.testing import jobs
 
 
-def at(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
+def at(text: str) -> int:
+    """A moment as epoch microseconds, the unit of slots."""
+    return periodic.micros_of(datetime.fromisoformat(text))
 
 
-def utc(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def utc(slot: int) -> str:
+    return datetime.fromtimestamp(slot / 1e6, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+S = 1_000_000  # one second in microseconds
 
 
 @pytest.fixture
@@ -35,10 +40,11 @@ def schedule(queue: SkunkQueue, **spec: object) -> periodic.Schedule:
 def test_every_slots_are_whole_multiples_and_never_early(queue: SkunkQueue) -> None:
     s = schedule(queue, every=timedelta(seconds=30))
     now = at("2026-11-28T10:00:29+00:00")
-    assert utc(s.next_slot(now)) == "2026-11-28 10:00:30"
+    assert utc(int(s.next_slot(now / S) * S)) == "2026-11-28 10:00:30"
     assert s.due_slots(now, last=at("2026-11-28T10:00:00+00:00")) == []           # 10:00:30 not yet
-    assert s.due_slots(now + 1, last=at("2026-11-28T10:00:00+00:00")) == [now + 1]  # exactly at 10:00:30
-    assert s.due_slots(now + 1, last=now + 1) == []                                 # never twice
+    assert s.due_slots(now + S - 1, last=at("2026-11-28T10:00:00+00:00")) == []   # a microsecond before
+    assert s.due_slots(now + S, last=at("2026-11-28T10:00:00+00:00")) == [now + S]  # exactly at 10:00:30
+    assert s.due_slots(now + S, last=now + S) == []                                 # never twice
 
 
 def test_after_downtime_only_the_latest_slot_within_the_grace_fires(queue: SkunkQueue) -> None:
@@ -46,6 +52,8 @@ def test_after_downtime_only_the_latest_slot_within_the_grace_fires(queue: Skunk
     last = at("2026-11-28T10:00:00+00:00")
     assert [utc(x) for x in s.due_slots(at("2026-11-28T10:05:04+00:00"), last)] == ["2026-11-28 10:05:00"]
     assert s.due_slots(at("2026-11-28T10:05:09.5+00:00"), last) != []
+    assert s.due_slots(at("2026-11-28T10:05:15+00:00"), last) != []   # exactly the grace old
+    assert s.due_slots(at("2026-11-28T10:05:09.999999+00:00"), at("2026-11-28T10:05:00+00:00")) == []
     # The latest slot is older than the grace: nothing fires until the next one.
     tight = schedule(queue, every=60, misfire_grace=5)
     assert tight.due_slots(at("2026-11-28T10:05:06+00:00"), last) == []
@@ -95,7 +103,7 @@ def test_racing_schedulers_fire_each_slot_once_and_pause_holds(queue: SkunkQueue
         return Job(queue, sched.job.func, sched.job.routes)
 
     one, two = periodic.Scheduler(store, [s], bind), periodic.Scheduler(store, [s], bind)
-    start = at("2026-11-28T10:00:05+00:00")
+    start = at("2026-11-28T10:00:05+00:00") // S   # tick takes the store's clock in seconds
     for step in range(6):                       # 10:00:05 .. 10:00:55, both schedulers each time
         now = start + step * 10
         one.tick(now)
@@ -138,3 +146,84 @@ def test_skunq_periodic_lists_pauses_resumes_and_runs(tmp_path: Path, monkeypatc
     assert missing.exit_code == 1 and "No periodic job nope" in missing.output and "Traceback" not in missing.output
     bare = runner.invoke(main, ["periodic", "-q", "cli-periodic", "--url", str(tmp_path / "q.db")])
     assert bare.exit_code == 2 and "--import" in bare.output
+
+
+def test_a_fractional_interval_fires_each_slot_once_whoever_reckons_it(tmp_path: Path) -> None:
+    """every=1.1 s: a slot reached by a chain of float additions (the first check's walk from
+    the grace window) and the same slot reached by a multiplication (the next check's) were
+    different numbers (…27.299999 and …27.3), so it fired twice, under keys a millisecond apart.
+    (On de463b8, 28 of these 40 starting moments fired a slot twice.)"""
+    twice: dict[str, list[str]] = {}
+    for n in range(40):
+        queue = SkunkQueue(f"fraction-{n}", conn_url=str(tmp_path / "q.db"))
+        job = queue.periodic(routes=["r"], every=timedelta(seconds=1.1))(jobs.whoami.func)
+        assert job.schedule is not None
+        scheduler = periodic.Scheduler(queue.persistence, [job.schedule], lambda sched, q=queue: sched.job.on(q))
+        start = 1_764_300_000.0 + 13.37 * n
+        for step in range(80):  # 20 s of checks every 0.25 s
+            scheduler.tick(start + step * 0.25)
+        records = queue.persistence.list_jobs(limit=1000)
+        by_slot: dict[int, list[str]] = {}
+        for record in records:
+            by_slot.setdefault(round(record.due * 10), []).append(str(record.key))
+            assert record.key is not None
+            slot = periodic.slot_of(json.loads(record.key)[1], job.name)
+            # Every slot is a whole multiple of 1.1 s since the epoch, and its key names it exactly.
+            assert slot is not None and round(slot * 10) % 11 == 0 and slot == record.due
+        assert len(by_slot) >= 17
+        twice.update({f"{start}/{slot}": keys for slot, keys in by_slot.items() if len(keys) > 1})
+        queue.close()
+    assert not twice, f"slots fired more than once: {twice}"
+
+
+def test_one_slot_has_one_key_however_it_is_reached(queue: SkunkQueue) -> None:
+    tenth = schedule(queue, every=0.1)
+    third = schedule(queue, every=timedelta(microseconds=333_333))
+    for s in (tenth, third):
+        far = s.slots_after(0)  # 17 billion additions would take too long: start a day back
+        day_back = at("2026-11-27T10:00:00+00:00")
+        walked = s.slots_after(day_back)
+        targets = {next(walked) for _ in range(100_000)}
+        for slot in list(targets)[:2000]:
+            assert s.due_slots(slot, None) == [slot]
+            assert s.key(slot) == s.key(s.slots_after(slot - 1).__next__())
+        assert next(far) == s.every_us
+    # The text of a slot: milliseconds when exact (as before), microseconds when not.
+    assert tenth.key(at("2026-11-28T10:00:00.1+00:00")).endswith("@2026-11-28T10:00:00.100+00:00")
+    assert third.key(333_333).endswith("@1970-01-01T00:00:00.333333+00:00")
+    assert periodic.slot_of(third.key(333_333), third.name) == 0.333333
+
+
+def test_cron_slots_have_one_key_whatever_the_starting_point(queue: SkunkQueue) -> None:
+    every_minute = schedule(queue, cron="* * * * *", tz="Europe/Berlin")
+    base = at("2026-10-25T00:58:00+00:00")  # through the repeated hour
+    keys = set()
+    for offset in (0, 1, 999_999, 30 * S + 17, 59 * S):
+        slot = every_minute.next_slot((base + offset) / S)
+        keys.add(every_minute.key(periodic.micros(slot)))
+    assert keys == {every_minute.key(base + 60 * S)}
+
+
+def test_a_job_rebound_to_another_connection_keeps_every_option_of_its_declaration(tmp_path: Path) -> None:
+    """What a pool (or ``skunq periodic run``) rebuilds from a declaration carries all of it: the
+    queue's result_ttl, serializer and type, and the job's retries, back-off, timeout."""
+    url = str(tmp_path / "q.db")
+    declaring = SkunkQueue("rebound", conn_url=url, result_ttl=3, serializer="pickle")
+    job = declaring.periodic(routes=["r"], every=5, retries=2, retry_backoff=0.5, timeout=9)(jobs.whoami.func)
+    plain = SkunkQueue("rebound", conn_url=url)  # as a pool opens it: the connection only
+    handle = job.on(plain).fire()
+    record = plain.get(handle.id)
+    assert record is not None
+    assert (record.result_ttl, record.serializer, record.retries, record.retry_backoff, record.timeout) == \
+        (3.0, "pickle", 2, 0.5, 9)
+    assert job.schedule is not None
+    fired = periodic.fire_now(job.schedule, plain)  # skunq periodic run, the monitor's "run now"
+    again = plain.get(fired.id)
+    assert again is not None and (again.result_ttl, again.serializer) == (3.0, "pickle")
+    # A broadcast's deliveries follow the live workers: rebound, the job is still a broadcast.
+    shout = SkunkQueue("rebound", conn_url=url, queue_type="broadcast").event(routes=["r"])(jobs.add.func)
+    assert shout.on(plain).fire(1, 2).ids == []  # no live worker: no delivery, as on its own queue
+    with pytest.raises(ConfigurationError, match="is declared on queue 'rebound', not 'other'"):
+        job.on(SkunkQueue("other", conn_url=url))
+    with pytest.raises(ConfigurationError, match="Periodic jobs need a direct queue"):
+        SkunkQueue("b", conn_url=url, queue_type="broadcast").periodic(routes=["r"], every=5)(jobs.whoami.func)

@@ -45,6 +45,15 @@ def test_redact_and_scrub_agree_on_an_ordinary_address() -> None:
     assert scrub(f"error talking to {url}", url) == f"error talking to {redact(url)}"
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:p@ss:w@rd@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),  # unescaped @ and : inside
+    ("mongodb://app:s3cr3t@db1:27017,db2:27017/app?replicaSet=rs", "mongodb://app:***@db1:27017,db2:27017/app?replicaSet=rs"),
+    ("redis://user@host:6379", "redis://user@host:6379"),  # no password: nothing to hide
+])
+def test_redact_hides_the_whole_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
 def test_a_misspelt_state_is_a_type_error(tmp_path: Path) -> None:
     """States are a Literal type: mypy refuses a record or outcome in a state that does not exist."""
     from mypy import api

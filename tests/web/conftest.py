@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import postgres_servers
 import pytest
 import redis_servers
 
@@ -107,13 +108,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    server = postgres_servers.PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     queue = f"web{time.time_ns() % 10**9}"
     if request.param == "sqlite":
         return Store("sqlite", str(tmp_path / "queue.db"), queue, tmp_path / "runs.txt")
-    server = request.getfixturevalue("redis_server")
-    return Store("redis", server.url, queue, tmp_path / "runs.txt")
+    server = request.getfixturevalue(f"{request.param}_server")
+    return Store(request.param, server.url, queue, tmp_path / "runs.txt")
 
 
 @pytest.fixture

@@ -82,6 +82,9 @@ class AsyncWorker(Worker):
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
+                    if self.config.burst and not self.held and not self._tasks:
+                        self.stopping = "drained"  # no due job and nothing running: --burst is done
+                        break
                 took_up = False
                 while self.held and len(self._tasks) < slots and self.stopping is None:
                     self._take_up(self.held.pop(0))
@@ -139,10 +142,13 @@ class AsyncWorker(Worker):
         if why is None and isinstance(raised, asyncio.CancelledError):
             why = JobKilled("cancelled")
         outcome = self._outcome(record, value, raised, why)
+        self._count_done()
         ran = time.monotonic() - started
         try:
             if outcome is None:
-                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func)
+                hooks.call("job_lost", record=record)
+                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func,
+                            extra=self.job_fields(record, "lost", ran))
                 self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
                 return
             try:
@@ -155,6 +161,7 @@ class AsyncWorker(Worker):
             error = outcome.error if outcome.state != "complete" and outcome.error else None
             log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route, ran, outcome.state,
                      f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                     "" if recorded else " (not recorded: lease lost)")
+                     "" if recorded else " (not recorded: lease lost)",
+                     extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         finally:
             self._tasks.pop(record.id, None)

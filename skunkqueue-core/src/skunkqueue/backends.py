@@ -13,6 +13,7 @@ from typing import Any
 
 from skunkqueue.errors import BackendNotFound, ConfigurationError
 from skunkqueue.persistence import Persistence
+from skunkqueue.urls import redact
 
 if sys.version_info >= (3, 10):
     from importlib.metadata import EntryPoint, entry_points
@@ -28,6 +29,7 @@ KNOWN_DISTRIBUTIONS = {
     "mongodb": "skunkqueue-mongo",
     "redis": "skunkqueue-redis",
     "fdb": "skunkqueue-fdb",
+    "postgres": "skunkqueue-postgres",
 }
 
 
@@ -77,6 +79,39 @@ def load(name: str) -> type[Persistence]:
     return cls
 
 
+def backend_for_url(url: str) -> str:
+    """The name of the installed backend that takes ``url`` (by its scheme: see
+    ``Persistence.url_schemes``), or a ConfigurationError that says what to do.
+
+    Backends are imported one at a time until one takes the address, those whose
+    name is part of the scheme first (``redis+cluster`` -> ``redis``), then the
+    first-party ones, then the rest by name; so the usual address imports only its
+    own backend. A backend that cannot be imported is passed over.
+    """
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower() if sep else ""
+
+    def order(name: str) -> tuple[bool, bool, str]:
+        return (not (scheme and name in scheme), name not in KNOWN_DISTRIBUTIONS, name)
+
+    for name in sorted(_entry_points(), key=order):
+        try:
+            cls = load(name)
+        except BackendNotFound:
+            continue
+        if cls.takes_url(url):
+            return name
+    where = redact(url)
+    if sep:
+        raise ConfigurationError(
+            f"No installed backend takes {scheme}:// addresses ({where}); install the backend for it "
+            "(see `skunq backends`) or name one with --backend or SKUNQ_BACKEND.")
+    raise ConfigurationError(
+        f"The address {where} has no scheme, so it does not say which backend it is for: write it as a URL "
+        "(redis://HOST:PORT, mongodb://HOST:PORT, sqlite:///PATH, fdb:///CLUSTER_FILE...) or name the "
+        "backend with --backend or SKUNQ_BACKEND.")
+
+
 def seed_attribute(backend: str, name: str) -> Any:
     """``name`` from the seed's ``skunkqueue.persistence.<backend>`` module, found through the entry point.
 
@@ -94,15 +129,19 @@ def seed_attribute(backend: str, name: str) -> Any:
         return load(backend)
     package = importlib.import_module(ep.module.partition(".")[0])
     if name == "default_cfg" and hasattr(package, name):
-        return package.default_cfg
+        from skunkqueue.config import seed_cfg
+
+        return seed_cfg(backend, package.default_cfg)
     raise AttributeError(f"module 'skunkqueue.persistence.{backend}' has no attribute {name!r}")
 
 
 def open_backend(queue: str, backend: str | None = None, *, url: str | None = None,
                  db: str | None = None, **options: Any) -> Persistence:
-    """Open ``backend`` (default: the embedded one) for ``queue``."""
+    """Open ``backend`` for ``queue`` (no backend: the one ``url``'s scheme names, else the embedded one)."""
     if not queue or not isinstance(queue, str):
         raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
+    if backend is None and url:
+        backend = backend_for_url(url)
     cls = load(backend or DEFAULT_BACKEND)
     cls.check_names(queue)
     return cls(queue, url=url, db=db, **options)

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import dependencies, serializer, signing, trust
+from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
+from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
@@ -29,14 +30,16 @@ STALE_AFTER = 2 * HEARTBEAT_EVERY
 
 
 def _store_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--backend/--url/--db, with SKUNQ_* environment defaults, for every command."""
-    func = click.option("--db", envvar="SKUNQ_DB", show_envvar=True, help="Database name or number.")(func)
-    func = click.option("--url", envvar="SKUNQ_URL", show_envvar=True,
-                        help="Backend address (host:port, URL, or file path; sqlite: PATH or "
-                             "sqlite:///PATH).")(func)
-    func = click.option("--backend", envvar="SKUNQ_BACKEND", show_envvar=True,
-                        default=backend_registry.DEFAULT_BACKEND,
-                        show_default=True, help="Backend name (see `skunq backends`).")(func)
+    """--backend/--url/--db for every command. Not click's envvar: the SKUNQ_* variables are read by
+    skunkqueue.config, the one rule the library and the monitor follow too (an explicit --url must
+    not be paired with another backend's SKUNQ_BACKEND)."""
+    func = click.option("--db", help="Database name or number. [env var: SKUNQ_DB]")(func)
+    func = click.option("--url", help="Backend address: a URL whose scheme names the backend (redis://, "
+                                      "rediss://, redis+cluster://, unix://, mongodb://, mongodb+srv://, "
+                                      "sqlite:///PATH, fdb:///CLUSTER_FILE...), or with --backend also "
+                                      "host:port or a file path. [env var: SKUNQ_URL]")(func)
+    func = click.option("--backend", help="Backend name (see `skunq backends`); default: the one --url's "
+                                          "scheme names, else sqlite. [env var: SKUNQ_BACKEND]")(func)
     return func
 
 
@@ -63,7 +66,7 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _open(queue: str, backend: str, url: str | None, db: str | None) -> SkunkQueue:
+def _open(queue: str, backend: str | None, url: str | None, db: str | None) -> SkunkQueue:
     return SkunkQueue(queue, backend=backend, conn_url=url, dbname=db)
 
 
@@ -81,6 +84,12 @@ def main() -> None:
     SKUNQ_QUEUE, SKUNQ_BACKEND, SKUNQ_URL, SKUNQ_DB (all commands),
     SKUNQ_IMPORT, SKUNQ_LOG_LEVEL (skunq work), SKUNQ_SQLITE_PATH (where the
     default sqlite backend keeps its file when --url is not given).
+
+    \b
+    The store: --backend/--url if given, else SKUNQ_BACKEND/SKUNQ_URL, else the
+    embedded sqlite file; the same rule as SkunkQueue('q') in your code, so
+    producers and workers started in one shell share one store. A URL alone
+    names its backend by its scheme.
     """
 
 
@@ -110,17 +119,30 @@ def main() -> None:
               help="async def jobs each worker runs at once on its event loop (1: one job at a time).")
 @click.option("--no-schedule", is_flag=True,
               help="Do not fire the periodic jobs declared in the imported modules (other pools do).")
+@click.option("--burst", is_flag=True,
+              help="Run until the routes have no due job, then exit 0 (jobs due later stay queued; "
+                   "periodic jobs are not fired).")
+@click.option("--max-jobs-per-child", type=click.IntRange(1, None), default=None,
+              help="Replace a worker process after it ran this many jobs (after its current job: "
+                   "nothing lost, nothing charged).")
+@click.option("--max-memory-per-child", type=click.FloatRange(1, None), default=None, metavar="MB",
+              help="Replace a worker process once, after a job, its resident memory exceeds MB megabytes.")
 @click.option("--connect-attempts", default=5, show_default=True, type=click.IntRange(1, 100),
               help="Tries to reach the backend at start-up (with back-off) before giving up.")
 @click.option("--log-level", envvar="SKUNQ_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", envvar=logformat.FORMAT_ENV, default="text", show_default=True,
+              type=click.Choice(logformat.FORMATS),
+              help="text lines, or json: one object per line (a job's carries job_id, function, route, "
+                   "attempt, outcome, duration, and trace_id when the job has one).")
 @_store_options
 @_friendly
 def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], concurrency: int,
          paths: tuple[str, ...], imports: tuple[str, ...], lease: float, prefetch: int, allow_pickle: bool,
-         grace: float, async_concurrency: int, no_schedule: bool,
-         connect_attempts: int, log_level: str,
-         backend: str, url: str | None, db: str | None) -> None:
+         grace: float, async_concurrency: int, no_schedule: bool, burst: bool,
+         max_jobs_per_child: int | None, max_memory_per_child: float | None,
+         connect_attempts: int, log_level: str, log_format: str,
+         backend: str | None, url: str | None, db: str | None) -> None:
     """Start a WorkerPool: one worker process per route listed.
 
     \b
@@ -129,21 +151,22 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     routes = list(route_opts) + list(more_routes)
     if not routes:
         raise click.UsageError("Name at least one route: skunq work -q QUEUE -r ROUTE [ROUTE ...]")
+    store = resolve_store(backend, url, db)
+    backend, url, db = store.backend, store.url, store.db
     backend_registry.load(backend)  # an unknown name fails here with the list of installed ones
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
+    logformat.configure(log_level.upper(), log_format)
     modules = trust.split_imports(imports)
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
                           connect_attempts=connect_attempts,
-                          allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency)
+                          allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency,
+                          burst=burst, max_jobs=max_jobs_per_child, max_memory_mb=max_memory_per_child)
     if modules:
         # Import them here as well, so that a typo fails at once with one line
         # instead of in every worker, restarted over and over by the pool.
-        for path in reversed([os.getcwd(), *config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *config.paths])
         trust.import_allowed(modules)
     where = str(resolve_path(url)) if backend == "sqlite" else redact(url)
     logging.getLogger("skunkqueue.pool").info(
@@ -163,7 +186,7 @@ def list_backends() -> None:
 @_queue_option
 @_store_options
 @_friendly
-def workers(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def workers(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """List the workers of a queue; `stale` marks one whose heartbeats stopped.
 
     A worker sends a heartbeat every few seconds. One silent for longer than two
@@ -195,13 +218,18 @@ def _decoded(data: bytes | None, record: JobRecord, what: str) -> Any:
 
 
 def _job_fields(record: JobRecord) -> dict[str, Any]:
-    args = _decoded(signing.body(record.payload), record, "job arguments")
+    try:
+        args = _decoded(headers.arguments(record.payload), record, "job arguments")
+    except SkunkQueueError as exc:
+        args = f"<undecodable: {exc}>"
+
     if isinstance(args, list) and len(args) == 2:
         args = {"args": args[0], "kwargs": args[1]}
     return {
         "id": record.id, "queue": record.queue, "function": record.func, "route": record.route,
         "state": record.state, "dead": record.dead, "arguments": args,
-        "signed": signing.body(record.payload) != record.payload,
+        "signed": signing.body(record.payload) != record.payload, "signature": signing.signature(record),
+        "headers": headers.of(record),
         "result": _decoded(record.result, record, "result"), "error": record.error,
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,
@@ -215,7 +243,7 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (times in epoch seconds).")
 @_store_options
 @_friendly
-def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str | None, db: str | None) -> None:
+def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url: str | None, db: str | None) -> None:
     """Show one job: function, route, state, arguments, result or error, attempts, owner, times."""
     store = _open(queue, backend, url, db)
     record = store.get(job_id)
@@ -257,11 +285,11 @@ def job_command(job_id: str, queue: str, as_json: bool, backend: str, url: str |
 @_store_options
 @_friendly
 def jobs_command(queue: str, route: str | None, state: str | None, limit: int, as_json: bool,
-                 backend: str, url: str | None, db: str | None) -> None:
+                 backend: str | None, url: str | None, db: str | None) -> None:
     """List a queue's jobs: id, function, route, state, due time, attempts."""
     records = _open(queue, backend, url, db).jobs(route=route, state=state, limit=limit)
     if as_json:
-        keys = ("id", "function", "route", "state", "due", "attempts")
+        keys = ("id", "function", "route", "state", "due", "attempts", "signature")
         rows = [{k: v for k, v in _job_fields(r).items() if k in keys} for r in records]
         click.echo(json.dumps(rows, indent=2, sort_keys=True))
         return
@@ -278,7 +306,7 @@ def jobs_command(queue: str, route: str | None, state: str | None, limit: int, a
 @_queue_option
 @_store_options
 @_friendly
-def status(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def status(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Count a queue's jobs per route and state."""
     counts = _open(queue, backend, url, db).counts()
     if not counts:
@@ -294,7 +322,7 @@ def status(queue: str, backend: str, url: str | None, db: str | None) -> None:
 @_queue_option
 @_store_options
 @_friendly
-def kill(job_id: str, queue: str, backend: str, url: str | None, db: str | None) -> None:
+def kill(job_id: str, queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Kill a job: pending ones never run, running ones are interrupted."""
     state = _open(queue, backend, url, db).kill(job_id)
     if state is None:
@@ -308,7 +336,7 @@ def kill(job_id: str, queue: str, backend: str, url: str | None, db: str | None)
 @click.option("-r", "--route", required=True, help="Route whose pending jobs are deleted.")
 @_store_options
 @_friendly
-def purge(queue: str, route: str, backend: str, url: str | None, db: str | None) -> None:
+def purge(queue: str, route: str, backend: str | None, url: str | None, db: str | None) -> None:
     """Delete the pending jobs of a route."""
     n = _open(queue, backend, url, db).purge(route)
     click.echo(f"Purged {n} pending job(s) from {queue}/{route}.")
@@ -318,7 +346,7 @@ def purge(queue: str, route: str, backend: str, url: str | None, db: str | None)
 @_queue_option
 @_store_options
 @_friendly
-def dead(queue: str, backend: str, url: str | None, db: str | None) -> None:
+def dead(queue: str, backend: str | None, url: str | None, db: str | None) -> None:
     """List the dead-letter jobs of a queue (failed after their last attempt)."""
     records = _open(queue, backend, url, db).dead_letters()
     if not records:
@@ -335,7 +363,7 @@ def dead(queue: str, backend: str, url: str | None, db: str | None) -> None:
 @click.option("--force", is_flag=True, help="Also requeue a complete or killed job (it runs again).")
 @_store_options
 @_friendly
-def retry(job_id: str, queue: str, force: bool, backend: str, url: str | None, db: str | None) -> None:
+def retry(job_id: str, queue: str, force: bool, backend: str | None, url: str | None, db: str | None) -> None:
     """Requeue a failed (e.g. dead-letter) job with fresh attempts."""
     if not _open(queue, backend, url, db).retry(job_id, force=force):
         raise click.ClickException(f"No finished job {job_id} on queue {queue} to retry.")
@@ -366,9 +394,6 @@ def _plugin_commands() -> None:
 
 _plugin_commands()
 
-if __name__ == "__main__":
-    main()
-
 
 @main.group(invoke_without_command=True)
 @_queue_option
@@ -379,7 +404,7 @@ if __name__ == "__main__":
 @_store_options
 @click.pass_context
 @_friendly
-def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tuple[str, ...], backend: str,
+def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tuple[str, ...], backend: str | None,
              url: str | None, db: str | None) -> None:
     """List a queue's periodic jobs: spec, routes, last slot fired, next slot, paused.
 
@@ -392,14 +417,12 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     modules = trust.split_imports(imports)
     if not modules:
         raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
-    for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    interpreter.add_roots([os.getcwd(), *paths])
     trust.import_allowed(modules)
     here = _open(queue, backend, url, db)
     store = here.persistence
     if not store.supports_settings:
-        raise click.ClickException(f"The {backend} backend keeps no schedule state yet: periodic jobs need "
+        raise click.ClickException(f"The {here.backend} backend keeps no schedule state yet: periodic jobs need "
                                    "a backend with idempotency keys and settings (sqlite).")
     found = {s.name: s for s in schedules.declared(queue)}
     ctx.obj = (store, found, here)
@@ -408,7 +431,7 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     if not found:
         click.echo(f"No periodic jobs declared on queue {queue} in {', '.join(modules)}.")
         return
-    now = dt.datetime.now().timestamp()
+    now = store.now()  # the clock the schedulers reckon slots on
     for name, schedule in sorted(found.items()):
         last = schedules.last_slot(store, name)
         paused = schedules.is_paused(store, name)
@@ -417,18 +440,26 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
 
 
 def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
+    """The schedule ``name`` names: its full ``module:qualname``, or a short name (the qualname, or its
+    last part) that only one schedule has."""
     store, found, _ = ctx.obj
-    if name not in found:
-        raise click.ClickException(f"No periodic job {name}; known: {', '.join(sorted(found)) or 'none'}.")
-    return store, found[name]
+    if name in found:
+        return store, found[name]
+    matches = sorted(full for full in found
+                     if name in (full.partition(":")[2], full.partition(":")[2].rpartition(".")[2]))
+    if len(matches) == 1:
+        return store, found[matches[0]]
+    if matches:
+        raise click.ClickException(f"{name} names several periodic jobs: {', '.join(matches)}; give the full name.")
+    raise click.ClickException(f"No periodic job {name}; known: {', '.join(sorted(found)) or 'none'}.")
 
 
 def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:
     from skunkqueue import periodic as schedules
 
-    store, _ = _schedule(ctx, name)
-    schedules.set_paused(store, name, paused)
-    click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+    store, schedule = _schedule(ctx, name)
+    schedules.set_paused(store, schedule.name, paused)
+    click.echo(f"{schedule.name}: {'paused' if paused else 'resumed'}")
 
 
 @periodic.command("pause")
@@ -459,4 +490,8 @@ def periodic_run(ctx: click.Context, name: str) -> None:
 
     _, schedule = _schedule(ctx, name)
     handle = schedules.fire_now(schedule, ctx.obj[2])
-    click.echo(f"{name}: fired as {handle.id}")
+    click.echo(f"{schedule.name}: fired as {handle.id}")
+
+
+if __name__ == "__main__":  # last: `python -m skunkqueue.cli` must see every command defined above
+    main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Mapping
 
 from skunkqueue.record import JobRecord
@@ -36,7 +37,7 @@ class JobContext:
     lease_until: float | None      # epoch seconds, as claimed; the pool renews it while the job runs
     deadline: float | None         # epoch seconds when the time limit interrupts the job, or None
     key: str | None                # the idempotency key it was fired with, if any
-    slot: float | None = None      # a periodic job's slot (epoch seconds)
+    slot: datetime | None = None   # a periodic job's slot, an aware datetime in UTC
     # A workflow step or fire(after=...): each parent's id and how it ended ("complete", "error",
     # "killed"); with on_failure="run", the parents that did not complete are the ones that failed.
     dependencies: Mapping[str, str] | None = None
@@ -47,11 +48,13 @@ class JobContext:
         from skunkqueue.periodic import slot_of
 
         key = user_key(record.key)
+        slot = slot_of(key, record.func)
         return cls(id=record.id, queue=record.queue, route=record.route, function=record.func,
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=key, slot=slot_of(key, record.func), dependencies=dependencies)
+                   key=key, slot=None if slot is None else datetime.fromtimestamp(slot, timezone.utc),
+                   dependencies=dependencies)
 
 
 def user_key(stored: str | None) -> str | None:

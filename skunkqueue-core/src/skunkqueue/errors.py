@@ -39,6 +39,10 @@ class JobRefused(SkunkQueueError):
     """A record names a function this worker must not run (or must not import to find)."""
 
 
+class JobNotFound(SkunkQueueError, LookupError):
+    """``queue.handle(job_id)`` names no job of this queue (never fired, expired or purged)."""
+
+
 class InvalidArguments(SkunkQueueError, TypeError):
     """``fire`` was given arguments the job's function cannot take."""
 

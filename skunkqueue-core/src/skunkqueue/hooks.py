@@ -33,8 +33,24 @@ class Hooks:
         """A worker unregistered and is about to exit."""
 
     @hookspec
+    def job_sending(self, records: list[JobRecord], headers: list[dict[str, str]]) -> None:
+        """A producer is about to enqueue ``records`` (one ``fire``/``fire_many``/``afire`` call).
+
+        ``headers[i]`` starts empty and travels with ``records[i]`` (see :mod:`skunkqueue.headers`):
+        fill it in (e.g. with a trace context). Runs in the producer, before records are signed.
+        """
+
+    @hookspec
+    def job_sent(self, records: list[JobRecord], error: BaseException | None) -> None:
+        """The enqueue that ``job_sending`` announced is over: stored, or failed with ``error``.
+
+        Always follows ``job_sending``, with the same list; a record whose idempotency key
+        was already held now carries the existing job's id.
+        """
+
+    @hookspec
     def job_started(self, record: JobRecord) -> None:
-        """A worker is about to call the job's function."""
+        """A worker is about to call the job's function (its signature, if any, checked)."""
 
     @hookspec
     def job_finished(self, record: JobRecord, outcome: Outcome) -> None:
@@ -43,6 +59,11 @@ class Hooks:
     @hookspec
     def job_failed(self, record: JobRecord, error: dict[str, str]) -> None:
         """The job raised, timed out or could not be run."""
+
+    @hookspec
+    def job_lost(self, record: JobRecord) -> None:
+        """The attempt ended but its outcome was discarded: the worker lost the lease
+        (another worker may own the job now). No ``job_finished`` follows."""
 
     @hookspec
     def register_commands(self, cli: Any) -> None:
@@ -60,6 +81,11 @@ def plugin_manager() -> pluggy.PluginManager:
         pm.load_setuptools_entrypoints("skunkqueue.plugins")
         _pm = pm
     return _pm
+
+
+def implemented(name: str) -> bool:
+    """Whether any plugin implements hook ``name`` (lets callers skip preparing its arguments)."""
+    return bool(getattr(plugin_manager().hook, name).get_hookimpls())
 
 
 def call(name: str, **kwargs: Any) -> None:

@@ -117,7 +117,8 @@ class Job:
         if result_ttl is not None and not result_ttl >= 0:
             raise ConfigurationError("result_ttl must be >= 0 seconds.")
         self.result_ttl = result_ttl  # None: the queue's
-        self.queue = queue
+        self.queue = queue          # where it is fired (the connection)
+        self.declared_on = queue    # whose options its records carry (type, serializer, retention)
         self.func = func
         self.routes = list(routes)
         self.retries = retries
@@ -134,6 +135,18 @@ class Job:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
+    def on(self, queue: SkunkQueue) -> Job:
+        """This job, fired through ``queue``'s connection, with all of its declaration's options:
+        its own (retries, back-off, timeout, retention) and its declaring queue's (type,
+        serializer, retention). A pool firing a schedule rebuilds the job this way."""
+        if queue.name != self.queue.name:
+            raise ConfigurationError(f"{self.name} is declared on queue {self.queue.name!r}, not {queue.name!r}.")
+        job = Job(queue, self.func, self.routes, retries=self.retries, retry_backoff=self.retry_backoff,
+                  timeout=self.timeout, result_ttl=self.result_ttl)
+        job.declared_on = self.declared_on
+        job.schedule = self.schedule
+        return job
+
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"
 
@@ -146,7 +159,7 @@ class Job:
 
         return Signature(self, args, kwargs, route)
 
-    def fire(self, *args: Any, key: str | None = None, after: Sequence[Any] | None = None,
+    def fire(self, *args: Any, key: str | None = None, using: Any = None, after: Sequence[Any] | None = None,
              on_failure: str | None = None, **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due now.
 
@@ -155,26 +168,33 @@ class Job:
         finished and not yet expired), stores nothing and returns a handle to
         the existing job. ``key`` is therefore not passed to the function.
 
+        With ``using``, the store's own transactional handle of the caller's
+        (a psycopg connection on PostgreSQL), the job is stored in that
+        handle's open transaction: gone if it rolls back, claimable from its
+        commit on (see :meth:`Persistence.enqueue_in`). Not passed to the function either.
+
         With ``after`` (handles or ids), it runs once all of those jobs finished;
         if one of them failed or was killed it ends ``killed`` without running,
         unless ``on_failure="run"`` (then ``current_job().dependencies`` says
         how each ended). Neither reaches the function.
         """
-        return self._fire([(args, kwargs)], time.time(), [key], after, on_failure)[0]
+        return self._fire([(args, kwargs)], time.time(), [key], using, after, on_failure)[0]
 
-    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+    def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None, using: Any = None,
                 after: Sequence[Any] | None = None, on_failure: str | None = None, **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``after``: see fire)."""
-        return self._fire([(args, kwargs)], due_time(when), [key], after, on_failure)[0]
+        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``,
+        ``after``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key], using, after, on_failure)[0]
 
     def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
-                  keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+                  keys: Sequence[str | None] | None = None, using: Any = None) -> list[JobHandle]:
         """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict.
 
-        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``.
+        ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``;
+        ``using``: see fire.
         """
         normalized, key_list = self._normalize_many(calls, keys)
-        return self._fire(normalized, time.time(), key_list)
+        return self._fire(normalized, time.time(), key_list, using)
 
     @staticmethod
     def _normalize_many(calls: Iterable[Sequence[Any] | dict[str, Any]], keys: Sequence[str | None] | None,
@@ -220,11 +240,11 @@ class Job:
         return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
-              keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
+              keys: list[str | None] | None = None, using: Any = None, after: Sequence[Any] | None = None,
               on_failure: str | None = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = self.queue._enqueue(self, calls, due, keys, after, on_failure)
+        handles = self.queue._enqueue(self, calls, due, keys, using, after, on_failure)
         if handles:
             self.last = handles[-1]
         return handles
@@ -278,13 +298,14 @@ def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None
 class JobHandle:
     """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
 
-    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord]) -> None:
+    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord], serializer: str | None = None) -> None:
         self.queue = queue
         self.ids = [r.id for r in records]
         self.routes = [r.route for r in records]
         # What ``result`` is keyed by when there are several deliveries.
         self.keys = [r.target or r.route for r in records]
-        self._serializer = records[0].serializer if records else "json"
+        # Records read back from the store (queue.handle) must not choose their decoder: see _value.
+        self._serializer = serializer or (records[0].serializer if records else "json")
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id} {self.state}>"

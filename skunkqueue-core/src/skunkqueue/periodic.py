@@ -32,11 +32,13 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from cronsim import CronSim, CronSimError
 
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
+from skunkqueue.persistence import CLOCK_TOLERANCE
 
 if TYPE_CHECKING:
     from skunkqueue.job import Job, JobHandle
@@ -63,9 +65,34 @@ def _zone(tz: str) -> timezone | object:
         raise ConfigurationError(f"Unknown time zone {tz!r}; use an IANA name such as 'Europe/Berlin'.") from None
 
 
+MICRO = 1_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Slots are whole microseconds since EPOCH: integers, so that one slot is one
+# number (and one key) however it was reached; float seconds are not (1.1 s
+# steps reach 53.6 as 53.599999 by one chain of additions and 53.6 by another).
+
+
+def micros(stamp: float) -> int:
+    """Epoch seconds as whole microseconds, rounded down (a time is never taken for a later one)."""
+    return math.floor(Decimal(repr(stamp)) * MICRO)
+
+
+def micros_of(moment: datetime) -> int:
+    """An aware datetime as whole microseconds since the epoch, exactly."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def seconds(slot: int) -> float:
+    return slot / MICRO
+
+
 @dataclass
 class Schedule:
-    """When a periodic job's slots are. Build it with ``SkunkQueue.periodic``."""
+    """When a periodic job's slots are. Build it with ``SkunkQueue.periodic``.
+
+    Slots are whole microseconds since the Unix epoch (see :func:`micros`):
+    ``slots_after`` and ``due_slots`` take and give them.
+    """
 
     job: Job
     every: float | None = None      # seconds; slots at whole multiples of it since the epoch
@@ -79,8 +106,13 @@ class Schedule:
             raise ConfigurationError("A periodic job needs exactly one of every=timedelta(...) or cron='...'.")
         if self.every is not None and not (self.every > 0 and math.isfinite(self.every)):
             raise ConfigurationError("every= must be a positive interval, e.g. every=timedelta(seconds=30).")
+        # A whole number of microseconds: 1.1 (seconds) is 1_100_000, not 1.1 * 10**6 = 1100000.0000000002.
+        self.every_us = None if self.every is None else round(Decimal(repr(self.every)) * MICRO)
+        if self.every_us is not None and self.every_us < 1:
+            raise ConfigurationError("every= must be at least one microsecond.")
         if self.misfire_grace < 0:
             raise ConfigurationError("misfire_grace must be >= 0 seconds.")
+        self.grace_us = round(Decimal(repr(float(self.misfire_grace))) * MICRO)
         self._zone = _zone(self.tz)
         if self.cron is not None:
             try:
@@ -98,56 +130,65 @@ class Schedule:
             return f"every {self.every:g} s"
         return f"cron '{self.cron}' {self.tz}"
 
-    def slots_after(self, after: float) -> Iterator[float]:
-        """Slot times (epoch seconds) strictly after ``after``, in order."""
-        if self.every is not None:
-            slot = (math.floor(after / self.every) + 1) * self.every
+    def slots_after(self, after: int) -> Iterator[int]:
+        """Slot times (epoch microseconds) strictly after ``after`` (epoch microseconds), in order."""
+        if self.every_us is not None:
+            slot = (after // self.every_us + 1) * self.every_us
             while True:
                 yield slot
-                slot += self.every
-        start = datetime.fromtimestamp(after, self._zone)  # type: ignore[arg-type]
+                slot += self.every_us
+        # cronsim works in whole seconds: start from the second holding ``after``.
+        start = (EPOCH + timedelta(seconds=after // MICRO)).astimezone(self._zone)  # type: ignore[arg-type]
         for moment in CronSim(self.cron or "", start):
-            stamp = moment.timestamp()
-            if stamp > after:
-                yield stamp
+            slot = micros_of(moment)
+            if slot > after:
+                yield slot
 
     def next_slot(self, after: float) -> float:
-        return next(self.slots_after(after))
+        """The first slot after ``after``, both in epoch seconds (for display)."""
+        return seconds(next(self.slots_after(micros(after))))
 
-    def due_slots(self, now: float, last: float | None) -> list[float]:
-        """The slots to fire at ``now``, given the last slot fired (None: none yet)."""
+    def due_slots(self, now: int, last: int | None) -> list[int]:
+        """The slots to fire at ``now``, given the last slot fired (None: none yet); all in microseconds."""
         if last is not None and self.catch_up:
-            slots: list[float] = []
+            slots: list[int] = []
             for slot in self.slots_after(last):
                 if slot > now or len(slots) >= CATCH_UP_LIMIT:
                     break
                 slots.append(slot)
             return slots
         latest = None
-        for slot in self.slots_after(max(now - self.misfire_grace, last or -math.inf) - 1e-6):
+        oldest = now - self.grace_us
+        for slot in self.slots_after(oldest - 1 if last is None else max(oldest - 1, last)):
             if slot > now:
                 break
             latest = slot
-        if latest is None or (last is not None and latest <= last) or now - latest > self.misfire_grace:
+        if latest is None or (last is not None and latest <= last) or now - latest > self.grace_us:
             return []
         return [latest]
 
-    def key(self, slot: float) -> str:
+    def key(self, slot: int) -> str:
         return f"{self.name}@{slot_label(slot)}"
 
 
-def slot_label(slot: float) -> str:
-    return datetime.fromtimestamp(slot, timezone.utc).isoformat(timespec="milliseconds")
+def slot_label(slot: int) -> str:
+    """The one text of a slot: UTC, to the millisecond when that is exact (the keys of every
+    whole-millisecond slot read as before), else to the microsecond."""
+    moment = EPOCH + timedelta(microseconds=slot)
+    return moment.isoformat(timespec="milliseconds" if slot % 1000 == 0 else "microseconds")
 
 
 def slot_of(key: str | None, function: str) -> float | None:
-    """The slot a periodic job's key names (None for any other key)."""
+    """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
     if not key or not key.startswith(function + "@"):
         return None
     try:
-        return datetime.fromisoformat(key[len(function) + 1:]).timestamp()
+        moment = datetime.fromisoformat(key[len(function) + 1:])
     except ValueError:
         return None
+    if moment.tzinfo is None:
+        return None
+    return seconds(micros_of(moment))
 
 
 def _setting(name: str, what: str) -> str:
@@ -155,8 +196,25 @@ def _setting(name: str, what: str) -> str:
 
 
 def last_slot(store: Persistence, name: str) -> float | None:
+    """The last slot fired (epoch seconds, for display), or None."""
+    last = _last_micros(store, name)
+    return None if last is None else seconds(last)
+
+
+def _last_micros(store: Persistence, name: str) -> int | None:
     value = store.get_setting(_setting(name, "last"))
-    return float(value) if value else None
+    if not value:
+        return None
+    try:  # written as exact decimal seconds; older versions wrote repr(float), read the same way
+        return round(Decimal(value) * MICRO)
+    except ArithmeticError:
+        log.warning("periodic %s: unreadable last slot %r in the store; taken as none", name, value)
+        return None
+
+
+def _put_last_slot(store: Persistence, name: str, slot: int) -> None:
+    # Decimal seconds with six places: exact, and a float() to pools of older versions.
+    store.put_setting(_setting(name, "last"), f"{slot // MICRO}.{slot % MICRO:06d}")
 
 
 def is_paused(store: Persistence, name: str) -> bool:
@@ -171,38 +229,53 @@ class Scheduler:
     """Fires the slots of a queue's schedules; a pool calls :meth:`tick` about once a second.
 
     ``bind`` turns a schedule into the Job to fire on the pool's own store.
+    Slots are reckoned on the store's clock (``Persistence.now``), so that a
+    pool whose clock is off neither fires a slot early nor records a "last
+    fired" slot that is still in the future for the others (which would make
+    them skip every slot up to it).
     """
 
     def __init__(self, store: Persistence, schedules: list[Schedule], bind: Callable[[Schedule], Job]) -> None:
         self.store = store
         self.schedules = schedules
         self._bind = bind
-        self._memory: dict[str, float] = {}  # last slots, for stores that keep no settings
 
     def tick(self, now: float | None = None) -> int:
-        now = time.time() if now is None else now
+        """Fire the due slots; ``now`` (epoch seconds) stands for the store's clock in tests."""
+        ahead = 0.0  # how far this host's clock is ahead of the store's
+        if now is None:
+            try:
+                now = self.store.now()
+            except SkunkQueueError as exc:
+                log.warning("periodic: cannot read the store's clock: %s; trying again at the next check", exc)
+                return 0
+            ahead = time.time() - now
+        # A store keeps a producer's times as given while the clocks agree within CLOCK_TOLERANCE
+        # and moves them by the difference beyond it; move them back, so that a slot's job is due
+        # at its slot by the store's clock, whatever this host's clock says.
+        moved = ahead if abs(ahead) > CLOCK_TOLERANCE else 0.0
         fired = 0
         for schedule in self.schedules:
             try:
-                fired += self._check(schedule, now)
+                fired += self._check(schedule, micros(now), moved)
             except SkunkQueueError as exc:
                 log.warning("periodic %s: %s; trying again at the next check", schedule.name, exc)
         return fired
 
-    def _check(self, schedule: Schedule, now: float) -> int:
+    def _check(self, schedule: Schedule, now: int, moved: float) -> int:
         if is_paused(self.store, schedule.name):
             return 0
-        last = last_slot(self.store, schedule.name)
+        last = _last_micros(self.store, schedule.name)
         slots = schedule.due_slots(now, last)
         if not slots:
             return 0
         job = self._bind(schedule)
         for slot in slots:
             # Due at its slot: never early; the key makes a slot one record, whoever fires it.
-            job._fire([((), {})], slot, [schedule.key(slot)])
+            job._fire([((), {})], seconds(slot) + moved, [schedule.key(slot)])
             log.info("periodic %s: slot %s fired", schedule.name, slot_label(slot))
         if last is None or slots[-1] > last:
-            self.store.put_setting(_setting(schedule.name, "last"), repr(slots[-1]))
+            _put_last_slot(self.store, schedule.name, slots[-1])  # <= now: never ahead of the store's clock
         return len(slots)
 
 
@@ -211,11 +284,7 @@ def fire_now(schedule: Schedule, queue: SkunkQueue) -> JobHandle:
 
     ``skunq periodic run`` and the monitor's "run now" both call this.
     """
-    from skunkqueue.job import Job
-
-    job = schedule.job
-    return Job(queue, job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
-               timeout=job.timeout).fire()
+    return schedule.job.on(queue).fire()
 
 
 def every_seconds(every: timedelta | float | int) -> float:

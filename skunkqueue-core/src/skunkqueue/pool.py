@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, metrics, periodic, policy
+from skunkqueue import channel, interpreter, metrics, periodic, policy, signature_policy, signing
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -56,7 +56,15 @@ from skunkqueue.errors import (
 from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
 from skunkqueue.record import RUNNING, WorkerInfo
-from skunkqueue.worker import EXIT_UNREACHABLE, GENTLE_SIGNALS, INTERRUPT_SIGNAL, ROUGH_SIGNAL, WorkerConfig
+from skunkqueue.worker import (
+    EXIT_DRAINED,
+    EXIT_RECYCLE,
+    EXIT_UNREACHABLE,
+    GENTLE_SIGNALS,
+    INTERRUPT_SIGNAL,
+    ROUGH_SIGNAL,
+    WorkerConfig,
+)
 
 log = logging.getLogger("skunkqueue.pool")
 T = TypeVar("T")
@@ -115,13 +123,14 @@ class _Child:
     backoff: float = 0.5
     restart_at: float = 0.0
     told_never_start: set[str] = field(default_factory=set)
+    drained: bool = False                 # --burst: it found no due job and exited; not restarted
 
     def start(self) -> None:
         self.pipes = channel.PoolEnd()
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "skunkqueue.worker", config.to_json()],
+            interpreter.command("skunkqueue.worker", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()
@@ -276,25 +285,20 @@ class WorkerPool:
     def _start_scheduler(self) -> None:
         """Run the schedules declared on this queue by the modules the pool imported (--import)."""
         schedules = periodic.declared(self.config.queue)
-        if not schedules or not self.run_schedules or self.store is None:
-            return
+        if not schedules or not self.run_schedules or self.store is None or self.config.burst:
+            return  # a --burst pool drains the queue; it does not keep time
         store = self.store
         if not (store.supports_keys and store.supports_settings):
             log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
                         "%d schedule(s) not run", store.name, len(schedules))
             return
-        from skunkqueue.job import Job
         from skunkqueue.queue import SkunkQueue
 
+        # This pool's connection; what the records carry (retention, serializer, queue type,
+        # retries...) comes from each job's declaration (Job.on).
         here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,
                           dbname=self.config.db, **self.config.options)
-
-        def bind(schedule: periodic.Schedule) -> Job:  # the schedule's job, fired on this pool's store
-            job = schedule.job
-            return Job(here, job.func, job.routes, retries=job.retries, retry_backoff=job.retry_backoff,
-                       timeout=job.timeout)
-
-        self.scheduler = periodic.Scheduler(store, schedules, bind)
+        self.scheduler = periodic.Scheduler(store, schedules, lambda schedule: schedule.job.on(here))
         log.info("pool: running %d schedule(s): %s", len(schedules),
                  ", ".join(f"{s.name} ({s.spec})" for s in schedules))
 
@@ -303,8 +307,11 @@ class WorkerPool:
     def run(self) -> int:
         """Start the workers and supervise them until a signal stops the pool."""
         self._install_signal_handlers()
+        signing.verify_keys_from_env()  # SKUNQ_SECRET_PREVIOUS without SKUNQ_SECRET fails here, in one line
         self.check_backend()
         self.check_clock()
+        if self.store is not None:  # tell producers what the workers refuse, so they learn it at fire
+            self._store_call("publish the signing policy", signature_policy.publish, self.store)
         if self.store is not None:
             for warning in self._store_call("ask the store about durability", self.store.durability_warnings) or []:
                 log.warning("pool: %s", warning)
@@ -321,6 +328,10 @@ class WorkerPool:
                     self._read_events(child)
                     alive += self._supervise(child, now)
                 if self.stopping and alive == 0:
+                    break
+                if self.config.burst and all(c.drained for c in self.children):
+                    log.info("pool: --burst: no due job left on %s; exiting",
+                             " ".join(sorted({c.config.route for c in self.children})))
                     break
                 for child in self.children:
                     self._enforce(child, now)
@@ -376,10 +387,12 @@ class WorkerPool:
             self._read_events(child)
             ran_jobs = bool(child.running)
             self._settle(child, process.returncode)
-            if not self.stopping:
+            if process.returncode == EXIT_DRAINED and self.config.burst and not ran_jobs:
+                child.drained = True
+            if not self.stopping and not child.drained:
                 self._schedule_restart(child, process.returncode, now, ran_jobs)
             child.process = None
-        if self.stopping:
+        if self.stopping or child.drained:
             return 0
         if child.process is None and now >= child.restart_at:
             child.start()
@@ -389,6 +402,10 @@ class WorkerPool:
     def _schedule_restart(self, child: _Child, code: int | None, now: float, ran_jobs: bool) -> None:
         if child.killed_for is not None:
             child.restart_at = now  # the pool killed it on purpose: replace it at once
+            return
+        if code == EXIT_RECYCLE:  # it finished its share (--max-jobs/--max-memory-per-child): a fresh one
+            log.info("pool: worker for route %s recycled; starting a fresh one", child.config.route)
+            child.restart_at = now
             return
         if ran_jobs:
             # A job took it down (its attempt is charged, and capped): replace it

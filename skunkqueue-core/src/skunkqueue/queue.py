@@ -9,9 +9,9 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import policy, serializer, signing, workflow
+from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing, workflow
 from skunkqueue.backends import open_backend
-from skunkqueue.errors import ConfigurationError, PayloadTooLarge
+from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
 from skunkqueue.job import Job, JobHandle, check_name
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
@@ -23,9 +23,13 @@ QUEUE_TYPES = ("direct", "broadcast")
 
 
 class SkunkQueue:
-    """A named queue on a backend. With no backend arguments it uses the embedded one.
+    """A named queue on a backend.
 
-    ``SkunkQueue('demo', backend='redis', conn_url='localhost:6379', dbname='0')``
+    ``SkunkQueue('demo', backend='redis', conn_url='localhost:6379', dbname='0')``, or
+    ``SkunkQueue('demo', conn_url='redis://localhost:6379/0')`` (the scheme names the
+    backend). Without ``backend`` and ``conn_url`` the store comes from ``SKUNQ_BACKEND``,
+    ``SKUNQ_URL`` and ``SKUNQ_DB``, else it is the embedded SQLite one: the rule
+    ``skunq work`` and ``skunq web`` follow too (:mod:`skunkqueue.config`).
     """
 
     def __init__(self, name: str, backend: str | None = None, conn_url: str | None = None,
@@ -37,18 +41,20 @@ class SkunkQueue:
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
         self.name = name
-        self.backend = backend
-        self.conn_url = conn_url
-        self.dbname = dbname
+        self.store = config.resolve(backend, conn_url, dbname)
+        self.backend = self.store.backend
+        self.conn_url = self.store.url
+        self.dbname = self.store.db
         self.queue_type = queue_type
         self.serializer = _check_serializer(serializer)
         self.result_ttl = result_ttl
         self.options = options
         self._local = threading.local()
+        self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
         from skunkqueue.backends import load
-        self._backend_class = load(backend or "sqlite")
+        self._backend_class = load(self.backend)
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
     def _open(self) -> Persistence:
@@ -124,6 +130,10 @@ class SkunkQueue:
         """
         from skunkqueue import periodic as schedules
 
+        if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
+            raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
+                                     "which workers are alive, so a slot could not be fired exactly once.")
+
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
                       result_ttl=result_ttl)
@@ -140,34 +150,63 @@ class SkunkQueue:
         return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float, keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
-                 on_failure: str | None = None) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None, using: Any = None,
+                 after: Sequence[Any] | None = None, on_failure: str | None = None) -> list[JobHandle]:
         backend = self.persistence
-        live = self.live_workers() if self.queue_type == "broadcast" else None
+        if self._signing_stale(backend):
+            self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
+        live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
             workflow.depend(self, backend, flat, after or [], on_failure)
-        if keys is None or all(k is None for k in keys):
-            backend.enqueue(flat)
-            return [JobHandle(self, records) for records in per_call]
-        return self._follow(per_call, backend.enqueue_keyed(flat))
+        observed = hooks.implemented("job_sending")
+        try:
+            self._seal(backend, flat, observed)
+            if using is not None:  # in the caller's own transaction (fire(..., using=...))
+                handles = self._follow(per_call, backend.enqueue_in(using, flat))
+            elif keys is None or all(k is None for k in keys):
+                backend.enqueue(flat)
+                handles = [JobHandle(self, records) for records in per_call]
+            else:
+                handles = self._follow(per_call, backend.enqueue_keyed(flat))
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=flat, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=flat, error=None)
+        return handles
 
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                         due: float, keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
                         on_failure: str | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
-        live = await backend.aworkers(reap=True) if self.queue_type == "broadcast" else None
+        if self._signing_stale(backend):
+            stored = await backend._in_thread(backend.get_setting, signature_policy.SETTING)
+            self._signing_notice = (time.monotonic(), stored)
+        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
             # The parents' existence is checked with one read, on the store's thread.
             await backend._in_thread(workflow.depend, self, backend, flat, after or [], on_failure)
-        if keys is None or all(k is None for k in keys):
-            await backend.aenqueue(flat)
-            return [JobHandle(self, records) for records in per_call]
-        return self._follow(per_call, await backend.aenqueue_keyed(flat))
+        observed = hooks.implemented("job_sending")
+        try:
+            self._seal(backend, flat, observed)
+            if keys is None or all(k is None for k in keys):
+                await backend.aenqueue(flat)
+                handles = [JobHandle(self, records) for records in per_call]
+            else:
+                handles = self._follow(per_call, await backend.aenqueue_keyed(flat))
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=flat, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=flat, error=None)
+        return handles
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,
@@ -176,40 +215,58 @@ class SkunkQueue:
 
         ``routes``: only these of the job's routes (a workflow step runs on one).
         """
+        declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
-            _check_keys(self, backend, keys)
+            _check_keys(declared, backend, keys)
         routes = job.routes if routes is None else routes
         targets: dict[str, list[str | None]] = {route: [None] for route in routes}
         if live is not None:
             targets = {route: [w.id for w in live if w.route == route] for route in routes}
         now = time.time()
-        secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
+        result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
+        secret = signing.key_from_env()  # signing adds to the size; _seal signs
+        if self._signing_notice is not None:  # refuse here what the workers would refuse
+            problem = signature_policy.problem(self._signing_notice[1], secret, self.name)
+            if problem is not None:
+                raise ConfigurationError(problem)
         per_call: list[list[JobRecord]] = []
         for args, kwargs in calls:
-            payload = serializer.dumps_call(args, kwargs, self.serializer)
-            size = len(payload) + (signing.overhead() if secret else 0)
-            if backend.max_payload is not None and size > backend.max_payload:
-                raise PayloadTooLarge(
-                    f"The arguments of {job.name} encode to {size} bytes; the "
-                    f"{backend.name} backend stores at most {backend.max_payload}. "
-                    "Store large data elsewhere and pass a reference to it."
-                )
+            payload = serializer.dumps_call(args, kwargs, declared.serializer)
+            _check_size(backend, job.name, len(payload) + (signing.overhead() if secret else 0))
             key = keys[len(per_call)] if keys is not None else None
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
-                          serializer=self.serializer, due=due, created=now, target=target,
+                          serializer=declared.serializer, due=due, created=now, target=target,
                           retries=job.retries, retry_backoff=job.retry_backoff, timeout=job.timeout,
                           # The retention travels with the record: no worker needs to know it.
-                          result_ttl=job.result_ttl if job.result_ttl is not None else float(self.result_ttl),
+                          result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
                 for route in routes for target in targets[route]
             ])
-        if secret:
-            for records in per_call:
-                for record in records:
-                    signing.sign(secret, record)
         return per_call
+
+    @staticmethod
+    def _seal(backend: Persistence, records: list[JobRecord], observed: bool) -> None:
+        """Put the plugins' headers (``job_sending``) into the records, then sign them."""
+        secret = signing.key_from_env()  # SKUNQ_SECRET: sign every record (see skunkqueue.signing)
+        if observed:
+            extra: list[dict[str, str]] = [{} for _ in records]
+            hooks.call("job_sending", records=records, headers=extra)
+            for record, more in zip(records, extra):
+                if more:
+                    # Inside the payload: every backend keeps it, and the signature covers it.
+                    record.payload = headers.wrap(more, record.payload)
+                    _check_size(backend, record.func, len(record.payload) + (signing.overhead() if secret else 0))
+        if secret:
+            for record in records:
+                signing.sign(secret, record)
+
+    def _signing_stale(self, backend: Persistence) -> bool:
+        """True when the workers' signing policy (signature_policy) is due to be read again."""
+        if not backend.supports_settings:
+            return False
+        return self._signing_notice is None or time.monotonic() - self._signing_notice[0] > signature_policy.CHECK_EVERY
 
     def _follow(self, per_call: list[list[JobRecord]], holders: list[str]) -> list[JobHandle]:
         """Handles for keyed records: a key already held points the handle at the existing job."""
@@ -222,7 +279,36 @@ class SkunkQueue:
     # -- inspecting -----------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The raw stored record (``skunkqueue.record.JobRecord``) or None: its ``payload`` and
+        ``result`` are encoded bytes (a signed payload keeps its signature in front). To follow a
+        job and read its decoded result, use :meth:`handle`."""
         return self.persistence.get(job_id)
+
+    def handle(self, *job_ids: str) -> JobHandle:
+        """The :class:`JobHandle` of a job fired earlier, from its id (e.g. sent to a client that
+        polls): ``.state``, ``.result`` (decoded), ``.error``, ``.wait()``, ``await .aresult()``,
+        as ``fire`` returned it. A firing on several routes has one id per route
+        (``handle.ids``): pass them all to follow every delivery, as ``fire``'s handle does.
+
+        Raises JobNotFound if a job does not exist on this queue (never fired, or expired or
+        purged since). Results are decoded with this queue's serializer, never the one a
+        stored record names.
+        """
+        return self._handle(job_ids, [self.persistence.get(job_id) for job_id in job_ids])
+
+    async def ahandle(self, *job_ids: str) -> JobHandle:
+        """:meth:`handle` for asyncio code: reads the store without blocking the event loop."""
+        backend = await self.aopen()
+        return self._handle(job_ids, [await backend.aget(job_id) for job_id in job_ids])
+
+    def _handle(self, job_ids: Sequence[str], records: list[JobRecord | None]) -> JobHandle:
+        if not job_ids:
+            raise ConfigurationError("handle() needs a job id, e.g. queue.handle(job_id).")
+        for job_id, record in zip(job_ids, records):
+            if record is None:
+                raise JobNotFound(f"No job {job_id!r} on queue {self.name} (never fired, or expired "
+                                  "or purged since).")
+        return JobHandle(self, [r for r in records if r is not None], serializer=self.serializer)
 
     def jobs(self, *, route: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
         """The queue's jobs (optionally of one route and/or state), ordered by due time."""
@@ -324,6 +410,15 @@ def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None])
     for key in keys:
         if key is not None and (not isinstance(key, str) or not key):
             raise ConfigurationError(f"An idempotency key must be a non-empty string, not {key!r}.")
+
+
+def _check_size(backend: Persistence, function: str, size: int) -> None:
+    if backend.max_payload is not None and size > backend.max_payload:
+        raise PayloadTooLarge(
+            f"The arguments of {function} encode to {size} bytes; the "
+            f"{backend.name} backend stores at most {backend.max_payload}. "
+            "Store large data elsewhere and pass a reference to it."
+        )
 
 
 def _check_serializer(name: str) -> str:

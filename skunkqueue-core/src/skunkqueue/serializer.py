@@ -12,7 +12,7 @@ import pickle
 import sys
 from typing import Any
 
-from skunkqueue import signing
+from skunkqueue import headers
 from skunkqueue.errors import ConfigurationError, SerializationError
 
 SERIALIZERS = ("json", "pickle")
@@ -63,8 +63,8 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -
 
 
 def loads_call(data: bytes, serializer: str) -> tuple[list[Any], dict[str, Any]]:
-    # A signed payload carries its signature in front (checked by the worker before this).
-    value = loads(signing.body(data), serializer, what="job arguments")
+    # A payload may carry a signature (checked by the worker before this) and headers in front.
+    value = loads(headers.arguments(data), serializer, what="job arguments")
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not isinstance(value[0], (list, tuple)) or not isinstance(value[1], dict)):
         raise SerializationError("The stored job arguments are not [args, kwargs].")

@@ -32,6 +32,7 @@ from skunkqueue.errors import ConfigurationError, JobRefused
 
 if TYPE_CHECKING:
     from skunkqueue.job import Job
+    from skunkqueue.record import JobRecord
 
 IMPORT_ENV = "SKUNQ_IMPORT"
 
@@ -53,6 +54,28 @@ def declared(name: str, queue: str, route: str) -> Job | None:
 
 def _declared_elsewhere(name: str) -> list[tuple[str, str]]:
     return sorted({(q, r) for (n, q, r) in list(_declared.keys()) if n == name})
+
+
+def check_address(record: JobRecord, queue: str, route: str, worker_id: str) -> None:
+    """Refuse a record that is not addressed to this worker's queue, route (and, broadcast, itself).
+
+    The store decides which records a worker claims; the record's own fields
+    say (and its signature vouches for) where it was fired to. A copy moved
+    into another queue's or route's keys, or into another worker's broadcast,
+    keeps a valid signature, so the worker compares the two itself.
+    """
+    wrong = []
+    if record.queue != queue:
+        wrong.append(f"queue {record.queue!r}")
+    if record.route != route:
+        wrong.append(f"route {record.route!r}")
+    if record.target is not None and record.target != worker_id:
+        wrong.append(f"worker {record.target!r} (a broadcast)")
+    if wrong:
+        raise JobRefused(
+            f"Job {record.id} was fired for {', '.join(wrong)}, not for this worker's queue {queue!r}, "
+            f"route {route!r}: it was moved in the store. Nothing of it ran."
+        )
 
 
 def split_imports(values: Iterable[str]) -> list[str]:

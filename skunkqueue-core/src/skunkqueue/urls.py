@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*)(?::[^@/]*)?@", re.I)
+# The password runs to the last "@" before the path: an unescaped "@" inside it must not leave a piece behind.
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*)(?P<password>:[^/]*)?@", re.I)
 
 
 def redact(url: str | None) -> str:
     """The address with any password replaced by ``***``, safe for logs and errors."""
     if not url:
         return "(default address)"
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}{':***' if m['password'] else ''}@", url)
 
 
 def scrub(text: str, url: str | None) -> str:

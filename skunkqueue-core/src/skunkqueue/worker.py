@@ -32,13 +32,14 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, dependencies, hooks, policy, serializer, signing, trust
+from skunkqueue import channel, dependencies, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import (
     BackendUnavailable,
     JobKilled,
+    JobRefused,
     KillRequested,
     LeaseLost,
     PayloadTooLarge,
@@ -62,6 +63,9 @@ GENTLE_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT)
 ROUGH_SIGNAL = signal.SIGINT
 INTERRUPT_SIGNAL = signal.SIGUSR1  # pool -> worker: read the control pipe
 EXIT_UNREACHABLE = 3               # exit status: the backend could not be reached at start-up
+EXIT_RECYCLE = 4                   # exit status: done its --max-jobs/--max-memory-per-child share; replace it
+EXIT_DRAINED = 5                   # exit status (--burst): its route has no due job left
+_EXIT_FOR = {"recycle": EXIT_RECYCLE, "drained": EXIT_DRAINED}
 POOL_SILENT_PAUSE = 0.2            # seconds between looks at a silent pool before claiming again
 
 
@@ -80,6 +84,9 @@ class WorkerConfig:
     allow_pickle: bool = False  # run records whose arguments are pickled (trusted stores only)
     async_concurrency: int = 1  # async jobs run at once on the worker's event loop (1: one job at a time)
     imports: list[str] = field(default_factory=list)  # explicit mode: job modules imported at start
+    burst: bool = False                 # exit (EXIT_DRAINED) once a claim finds no due job
+    max_jobs: int | None = None         # exit (EXIT_RECYCLE) after this many jobs...
+    max_memory_mb: float | None = None  # ...or once a job leaves the process this big (resident)
     events_fd: int | None = None   # the pipes to the pool (set by the pool for each process)
     control_fd: int | None = None
     pulse_fd: int | None = None
@@ -132,6 +139,18 @@ def error_info(exc: BaseException, *, with_traceback: bool = True) -> dict[str, 
     return {"type": type(exc).__name__, "message": message, "traceback": text}
 
 
+def resident_mb() -> float:
+    """This process's resident memory now, in MB (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
 def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
     """The exception that stops a job for a reason the pool gave (see :data:`channel.REASONS`)."""
     if reason == channel.KILL:
@@ -161,6 +180,9 @@ class Worker:
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
         self._dependencies: dict[str, dict[str, str]] = {}  # job id -> its parents' states, for its context
+        self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
+        self._refused: set[str] = set()  # functions whose refusal was logged (once each)
+        self._done = 0  # jobs run, for --max-jobs-per-child
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
         self.backend: Persistence
         self._parent = os.getppid()
@@ -237,9 +259,7 @@ class Worker:
         return self.config.connect(lambda backend: backend.register_worker(self.info), f"worker {self.id}")
 
     def run(self) -> int:
-        for path in reversed([os.getcwd(), *self.config.paths]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
         self.pool.send(f"h {channel.quote(self.id)}")
@@ -247,8 +267,8 @@ class Worker:
         self._watch_parent()
         self._watch_pool()
         hooks.call("worker_started", worker=self.info)
-        log.info("worker %s: listening on queue %s route %s (%s backend)", self.id,
-                 self.config.queue, self.config.route, self.backend.name)
+        log.info("worker %s: listening on queue %s route %s; store %s", self.id,
+                 self.config.queue, self.config.route, self.backend.describe())
         try:
             self._loop()
         finally:
@@ -260,7 +280,7 @@ class Worker:
             hooks.call("worker_stopped", worker=self.info)
             log.info("worker %s: stopped (%s)", self.id, self.stopping or "done")
             self.backend.close()
-        return 0
+        return _EXIT_FOR.get(self.stopping or "", 0)
 
     def _watch_pool(self) -> None:
         """Stop running jobs when the pool falls silent for two thirds of the lease.
@@ -328,6 +348,9 @@ class Worker:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
                 self._found_nothing = False
+                if not self.held and self.config.burst:
+                    self.stopping = "drained"  # the claim found no due job: --burst is done
+                    break
                 if not self.held:
                     backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
                     continue
@@ -390,8 +413,10 @@ class Worker:
     # -- running one job ----------------------------------------------------------
 
     def _job(self, record: JobRecord) -> Job:
-        # SKUNQ_SECRET: an unsigned or altered record runs nothing, and imports nothing.
-        signing.verify(signing.key_from_env(), record)
+        # SKUNQ_SECRET (and _PREVIOUS): an unsigned or altered record runs nothing, and imports nothing.
+        signing.verify(signing.verify_keys_from_env(), record, accept_unsigned=signing.accepts_unsigned())
+        # What the signature vouches for must be where this worker serves, not only self-consistent.
+        trust.check_address(record, self.config.queue, self.config.route, self.id)
         job = self._jobs.get(record.func)
         if job is None:
             job = self._jobs[record.func] = resolve(record.func, queue=self.config.queue,
@@ -407,10 +432,13 @@ class Worker:
             outcome = self._run(record)
         finally:
             self.current = None
+        self._count_done()  # before recording: a worker due for recycling claims nothing with it
         ran = time.monotonic() - started
         if outcome is None:
+            hooks.call("job_lost", record=record)
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
-                        record.id, record.func, record.route)
+                        record.id, record.func, record.route,
+                        extra=self.job_fields(record, "lost", ran))
             self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
             return
         done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
@@ -427,12 +455,45 @@ class Worker:
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
         error = outcome.error if outcome.state != "complete" and outcome.error else None
-        log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route,
-                 time.monotonic() - started, outcome.state,
-                 f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                 "" if recorded else " (not recorded: lease lost)")
+        refused = error is not None and error.get("type") == JobRefused.__name__
+        log.log(logging.DEBUG if refused else logging.INFO, "job %s %s route=%s %.3fs %s%s%s",
+                record.id, record.func, record.route, time.monotonic() - started, outcome.state,
+                f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
+                "" if recorded else " (not recorded: lease lost)",
+                extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
+
+    def job_fields(self, record: JobRecord, outcome: str, ran: float,
+                   error: dict[str, str] | None = None) -> dict[str, Any]:
+        """The fields of a job's log line (``--log-format json`` writes them as keys)."""
+        fields: dict[str, Any] = {
+            "job_id": record.id, "function": record.func, "queue": record.queue, "route": record.route,
+            "attempt": record.attempts, "outcome": outcome, "duration": round(ran, 6)}
+        if error:
+            fields["error_type"] = error.get("type", "")
+        # Only from a record this worker verified (its signature, with SKUNQ_SECRET): a forged
+        # trace context must not put a job into someone else's trace, not even in the log.
+        verified = record.id in self._verified
+        self._verified.discard(record.id)  # job_fields is called once per attempt, at its end
+        trace = headers.trace_id(record) if verified else None
+        if trace:
+            fields["trace_id"] = trace
+        return {logformat.JOB_FIELDS: fields}
+
+    def _count_done(self) -> None:
+        """After a job: stop (to be replaced by the pool) once --max-jobs/--max-memory-per-child is reached."""
+        self._done += 1
+        why = None
+        if self.config.max_jobs is not None and self._done >= self.config.max_jobs:
+            why = f"ran {self._done} job(s), --max-jobs-per-child {self.config.max_jobs}"
+        elif self.config.max_memory_mb is not None:
+            size = resident_mb()
+            if size > self.config.max_memory_mb:
+                why = f"resident memory {size:.0f} MB over --max-memory-per-child {self.config.max_memory_mb:g}"
+        if why is not None and self.stopping is None:
+            log.info("worker %s: %s; the pool replaces it", self.id, why)
+            self.stopping = "recycle"
 
     def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
@@ -476,6 +537,7 @@ class Worker:
                     "serializer='pickle', start the workers with: skunq work --allow-pickle"
                 )
             job = self._job(record)
+            self._verified.add(record.id)  # its signature (if any) holds; job_fields takes it out
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
             if record.parents or record.inputs is not None:
                 # A workflow step: its parents' results (read from the store) come first.
@@ -485,6 +547,13 @@ class Worker:
                     return policy.release(record)  # not started: handed back as it was
                 if record.inputs is not None:
                     args = [inputs, *args]
+        except JobRefused as exc:
+            # One warning per function: a producer without the key would otherwise fill the log.
+            if record.func not in self._refused:
+                self._refused.add(record.func)
+                log.warning("worker %s: refusing jobs of %s: %s (further refusals of %s are logged at DEBUG; "
+                            "`skunq job ID` shows each)", self.id, record.func, exc, record.func)
+            return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except SkunkQueueError as exc:
             return policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
         except BaseException as exc:  # the job's module raised at import
@@ -563,11 +632,10 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process started by the pool: ``python -m skunkqueue.worker CONFIG``."""
+    """Entry point of a worker process the pool starts with ``interpreter.command("skunkqueue.worker", CONFIG)``."""
     argv = sys.argv[1:] if argv is None else argv
     config = WorkerConfig.from_json(argv[0])
-    logging.basicConfig(level=os.environ.get("SKUNQ_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
     if config.async_concurrency > 1:
         from skunkqueue.async_worker import AsyncWorker
         worker: Worker = AsyncWorker(config)

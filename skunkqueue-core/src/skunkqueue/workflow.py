@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from skunkqueue import dependencies
+from skunkqueue import dependencies, hooks
 from skunkqueue.errors import ConfigurationError, JobFailed
 from skunkqueue.job import JobHandle, _check_finished, due_time
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, new_id
@@ -69,9 +70,12 @@ class Workflow:
         plan = _Plan(queue, backend, due)
         output = plan.add(self, None)
         records, keyed = plan.keyed(key)
-        holders = await backend.aenqueue_keyed(records) if keyed else None
-        if not keyed:
-            await backend.aenqueue(records)
+        holders = None
+        with plan.sealed(records):
+            if keyed:
+                holders = await backend.aenqueue_keyed(records)
+            else:
+                await backend.aenqueue(records)
         return plan.handle(output, holders)
 
     def _signatures(self) -> Iterable[Signature]:
@@ -211,10 +215,25 @@ class _Plan:
 
     def store(self, key: str | None) -> list[str] | None:
         records, keyed = self.keyed(key)
-        if keyed:
-            return self.backend.enqueue_keyed(records)
-        self.backend.enqueue(records)
+        with self.sealed(records):
+            if keyed:
+                return self.backend.enqueue_keyed(records)
+            self.backend.enqueue(records)
         return None
+
+    @contextmanager
+    def sealed(self, records: list[JobRecord]) -> Iterator[None]:
+        """Headers and signatures as ``fire`` puts them on every record, and the plugins told the outcome."""
+        observed = hooks.implemented("job_sending")
+        self.queue._seal(self.backend, records, observed)
+        try:
+            yield
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=records, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=records, error=None)
 
     def handle(self, output: Any, holders: list[str] | None) -> WorkflowHandle:
         workflow_id = self.id

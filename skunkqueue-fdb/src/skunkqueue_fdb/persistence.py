@@ -131,6 +131,13 @@ def _translate(method: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+def cluster_file(url: str | None) -> str | None:
+    """The cluster file an address names: ``fdb:///PATH`` or ``PATH``; ``fdb://`` is the client's default."""
+    if url is not None and url[:6].lower() == "fdb://":
+        return url[6:] or None
+    return url
+
+
 def _open_database(cluster_file: str | None) -> Any:
     try:
         if not fdb.is_api_version_selected():
@@ -207,6 +214,7 @@ class FDBPersistence(Persistence):
     """A queue stored in FoundationDB. ``url`` is the cluster file, ``db`` the root name."""
 
     name = "fdb"
+    url_schemes = ("fdb",)
     # Payloads are split into chunks; 1 MB keeps a batch of them well inside a transaction.
     max_payload = 1_000_000
     notifies = True
@@ -216,10 +224,16 @@ class FDBPersistence(Persistence):
         # Keys hold the queue, route and target names, and FoundationDB keys stop at 10,000 bytes.
         refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        # fdb:///path/to/fdb.cluster, fdb:// (the client's default), or the cluster file's path itself.
+        return super().takes_url(url) or ("://" not in url and url.endswith(".cluster"))
+
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  **options: Any) -> None:
         timeout_ms = int(options.pop("timeout_ms", DEFAULT_TIMEOUT_MS))
         super().__init__(queue, url=url, db=db, **options)
+        url = cluster_file(url)
         self.where = f"cluster file {url or '(default)'}"
         self.db = db or "skunkqueue"
         self._db = _open_database(url)
@@ -453,8 +467,14 @@ class FDBPersistence(Persistence):
             # step: a concurrent enqueue of the same key conflicts and retries.
             holders: list[str] = []
             wakes: dict[tuple[str, str], int] = {}
+            # Keys this batch already stored: their holder's slot was written with a
+            # versionstamp, which this transaction cannot read back (error 1036).
+            taken: dict[str, str] = {}
             now = time.time()
             for position, record in enumerate(records):
+                if record.key is not None and record.key in taken:
+                    holders.append(taken[record.key])
+                    continue
                 if record.key is not None:
                     held = tr[self._keys.pack((record.key,))]
                     if held.present():
@@ -463,8 +483,10 @@ class FDBPersistence(Persistence):
                         meta = stored.meta() if stored else None
                         if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
                             holders.append(holder)
+                            taken[record.key] = holder
                             continue
                     tr[self._keys.pack((record.key,))] = record.id.encode()
+                    taken[record.key] = record.id
                 if record.parents:
                     record = self._attach(tr, record)
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,

@@ -82,7 +82,7 @@ from pymongo.read_concern import ReadConcern
 from skunkqueue import dependencies, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
@@ -144,9 +144,6 @@ STATS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
 _indexed: set[tuple[str, str]] = set()
 # Seconds between housekeeping's checks that the indexes still exist.
 INDEX_CHECK_EVERY = 5.0
-# Seconds a client's clock may differ from the server's before times it
-# computed are moved onto the server's clock.
-CLOCK_TOLERANCE = 0.5
 # How often the estimate of the server's clock is renewed, and how far past it
 # an index range reaches (the exact comparison is the $expr with $$NOW).
 CLOCK_SYNC_EVERY = 30.0
@@ -263,6 +260,7 @@ def _to_record(doc: Mapping[str, Any]) -> JobRecord:
 
 class MongoPersistence(NativeAsync, Persistence):
     name = "mongodb"
+    url_schemes = ("mongodb", "mongodb+srv")
     # BSON documents are limited to 16 MiB; leave room for the record's other fields.
     max_payload = 15 * 1024 * 1024
     # A standalone cannot notify; an indexed claim is cheap, so poll it briskly.

@@ -29,14 +29,14 @@ from redis.exceptions import ResponseError
 
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.aio import NativeAsync
 from skunkqueue_redis.codec import decode_record, num, opt, pack_record, text, unpack_fields
-from skunkqueue_redis.connection import DEFAULT_URL, HotLine, connect, guarded
+from skunkqueue_redis.connection import CLUSTER_SCHEMES, DEFAULT_URL, HotLine, connect, guarded
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
@@ -55,9 +55,6 @@ CLAIM_ROUNDS = 8
 ENQUEUE_CHUNK = 1000
 # Batch size of the non-hot-path scans (counts, list_jobs, purge).
 SCAN_BATCH = 1000
-# Seconds a client's clock may differ from the store's before the scripts move
-# the times it computed onto the store's clock (see scripts/common.lua shift()).
-CLOCK_TOLERANCE = 0.5
 # Longest queue or route name, in UTF-8 bytes: far below Redis' 512 MB, since
 # every key of the queue repeats its name.
 MAX_NAME_BYTES = 1024 * 1024
@@ -99,6 +96,7 @@ class RedisPersistence(NativeAsync, Persistence):
     """Redis and Redis Cluster; the key layout is in keys.py, the asyncio methods in aio.py."""
 
     name = "redis"
+    url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
     notifies = True
     max_payload = 512 * 1024 * 1024  # Redis' largest string
 

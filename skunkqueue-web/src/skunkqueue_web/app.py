@@ -241,9 +241,9 @@ class Monitor:
 
     def periodic_page(self, request: Request) -> Response:
         backend = self.queue.persistence
-        now = time.time()
         rows = []
         if backend.supports_settings:
+            now = backend.now()  # the clock the schedulers reckon slots on
             for name, schedule in sorted(self.schedules.items()):
                 # periodic.py reads the state the schedulers keep; the rules are spelled only there.
                 paused = periodic.is_paused(backend, name)

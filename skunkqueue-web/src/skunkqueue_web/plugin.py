@@ -17,10 +17,12 @@ DEFAULT_PORT = 8080
 def register_commands(cli: click.Group) -> None:
     @cli.command()
     @click.option("-q", "--queue", envvar="SKUNQ_QUEUE", required=True, help="Queue name.")
-    @click.option("--backend", envvar="SKUNQ_BACKEND", default="sqlite", show_default=True,
-                  help="Backend name (see `skunq backends`).")
-    @click.option("--url", envvar="SKUNQ_URL", help="Backend address (host:port, URL, or file path).")
-    @click.option("--db", envvar="SKUNQ_DB", help="Database name or number.")
+    # No envvar=: skunkqueue.config reads SKUNQ_BACKEND/SKUNQ_URL/SKUNQ_DB, as for skunq work and SkunkQueue().
+    @click.option("--backend", help="Backend name (see `skunq backends`); default: the one --url's scheme "
+                                    "names, else sqlite. [env var: SKUNQ_BACKEND]")
+    @click.option("--url", help="Backend address (a URL whose scheme names the backend; with --backend also "
+                                "host:port or a file path). [env var: SKUNQ_URL]")
+    @click.option("--db", help="Database name or number. [env var: SKUNQ_DB]")
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address to listen on. Anything but loopback exposes the monitor to the network.")
     @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
@@ -35,7 +37,7 @@ def register_commands(cli: click.Group) -> None:
                   help="Directory to import it from (repeatable; the current one is always used).")
     @click.option("--refresh", default=2.0, show_default=True, type=click.FloatRange(0.2, 3600),
                   help="Seconds between live updates while the page is visible.")
-    def web(queue: str, backend: str, url: str | None, db: str | None, host: str, port: int,
+    def web(queue: str, backend: str | None, url: str | None, db: str | None, host: str, port: int,
             token: str | None, imports: tuple[str, ...], paths: tuple[str, ...], refresh: float) -> None:
         """Monitor a queue in the browser, with Prometheus metrics at /metrics.
 

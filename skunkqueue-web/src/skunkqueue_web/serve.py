@@ -11,6 +11,7 @@ import click
 import uvicorn
 
 from skunkqueue import periodic, trust
+from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.urls import redact
@@ -19,9 +20,14 @@ from skunkqueue_web.app import create_app
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(*, queue: str, backend: str, url: str | None, db: str | None, host: str, port: int,
+def serve(*, queue: str, backend: str | None, url: str | None, db: str | None, host: str, port: int,
           token: str | None, refresh: float, imports: Sequence[str] = (), paths: Sequence[str] = ()) -> None:
-    store = f"{backend} {redact(url)}" + (f" db {db}" if db else "")
+    try:
+        resolved = resolve_store(backend, url, db)  # the rule SkunkQueue() and skunq work follow
+    except SkunkQueueError as exc:
+        raise click.ClickException(str(exc)) from None
+    backend, url, db = resolved.backend, resolved.url, resolved.db
+    store = resolved.describe()
     try:
         # The job modules are the operator's own code, imported as `skunq work --import` does (trust.py).
         modules = trust.split_imports(imports)

@@ -108,10 +108,15 @@ class Page:
     records: list[JobRecord]
     size: int
     next: str | None        # the cursor of the next page; None: this is the last
+    looked: int = 0         # records read from the store for this page (before the function filter)
+    partial: bool = False   # the scan budget ran out before the page was full: ``next`` continues the search
 
 
-# With a function filter, pages are read until the page is full or this many records were looked at.
-FUNC_SCAN_LIMIT = 50_000
+# Every page request stops reading the store once it has taken this long, or read this many
+# records, whatever the store holds: a filter that matches nothing among 100,000 jobs answers with
+# what it found so far and a cursor that continues the search, instead of reading them all.
+SCAN_SECONDS = 0.5
+SCAN_RECORDS = 5_000
 
 
 def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: str | None,
@@ -119,22 +124,23 @@ def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: 
     """One page of records, in the store's paging order (Persistence.list_page); ``func`` matches any part
     of the function's name, case-insensitively.
 
+    Reads the store's pages until this one is full or the scan budget is spent (then ``partial``).
     Raises ValueError for a cursor the store did not make.
     """
     backend = queue.persistence
-    if not func:
-        records, cursor = backend.list_page(route=route, state=state, dead=dead, limit=size, after=after)
-        return Page(records, size, cursor)
-    # The function filter runs here: read the store's pages until this one is full, asking each time
-    # only for as many records as are still missing, so the page ends exactly where a cursor can resume.
+    needle = func.lower() if func else None
+    started = time.monotonic()
     found: list[JobRecord] = []
     looked = 0
     cursor = after
-    while len(found) < size and looked < FUNC_SCAN_LIMIT:
+    while True:
+        # Ask each time only for as many records as are still missing, so the page ends exactly
+        # where a cursor can resume (a store may also return fewer, with a cursor, when few match).
         batch, cursor = backend.list_page(route=route, state=state, dead=dead, limit=size - len(found),
                                           after=cursor)
         looked += len(batch)
-        found += [r for r in batch if func.lower() in r.func.lower()]
-        if cursor is None:
-            break
-    return Page(found, size, cursor)
+        found += [r for r in batch if needle is None or needle in r.func.lower()]
+        if len(found) >= size or cursor is None:
+            return Page(found, size, cursor, looked)
+        if time.monotonic() - started >= SCAN_SECONDS or looked >= SCAN_RECORDS:
+            return Page(found, size, cursor, looked, partial=True)

@@ -68,6 +68,10 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 NOTIFY_LATENCY = 0.03
 
 # Statuses that :meth:`Persistence.renew` reports per job.
+# Seconds a producer's clock may differ from the clock of a store that has one
+# (Persistence.now) before the store moves the times it computed (due) onto its
+# own clock, keeping the delay meant; within it they are kept as written.
+CLOCK_TOLERANCE = 0.5
 LEASE_OK = "ok"      # lease extended
 LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
 LEASE_KILL = "kill"  # still ours, but someone asked to kill it
@@ -119,6 +123,10 @@ class Persistence(ABC):
     #: True when the backend counts dependents down as the module docstring says (workflows:
     #: ``chain``, ``group``, ``fire(after=...)``); ``fire`` refuses workflows otherwise.
     supports_workflows: ClassVar[bool] = False
+    #: The URL schemes this backend takes (``("redis", "rediss")``, lower case): an address
+    #: given without a backend name (``SKUNQ_URL=redis://...``) chooses the backend whose
+    #: :meth:`takes_url` says yes (see :mod:`skunkqueue.config`).
+    url_schemes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
                  result_ttl: float = DEFAULT_RESULT_TTL, **options: Any) -> None:
@@ -127,6 +135,20 @@ class Persistence(ABC):
         self.db = db
         self.result_ttl = float(result_ttl)
         self.options = options
+
+    @classmethod
+    def takes_url(cls, url: str) -> bool:
+        """True when ``url`` names a store of this backend: by default, its scheme is one of
+        :attr:`url_schemes`. A backend that also takes scheme-less addresses (a file path)
+        overrides this; it must not claim what another backend's scheme names."""
+        scheme, sep, _ = url.partition("://")
+        return bool(sep) and scheme.lower() in cls.url_schemes
+
+    def describe(self) -> str:
+        """The store this instance uses, for logs: backend, address (password ``***``), database."""
+        from skunkqueue.urls import redact
+
+        return f"{self.name} {redact(self.url)}" + (f" db {self.db}" if self.db else "")
 
     # -- producers -----------------------------------------------------------
 
@@ -155,6 +177,24 @@ class Persistence(ABC):
         Backends that implement this set ``supports_keys = True``.
         """
         raise NotImplementedError(f"the {self.name} backend does not support idempotency keys")
+
+    #: True when the backend implements :meth:`enqueue_in` (``fire(..., using=handle)``).
+    supports_using: ClassVar[bool] = False
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records as :meth:`enqueue_keyed` does, inside the caller's open transaction on ``handle``.
+
+        ``handle`` is the store's native transactional handle, the application's
+        own (e.g. a psycopg connection). The records exist exactly if that
+        transaction commits: none after a rollback, and no worker sees them
+        before the commit; the workers' wake-up is sent on commit. Returns
+        what :meth:`enqueue_keyed` returns. A handle the backend cannot use
+        (another library's, another store's, another database's) is one
+        ConfigurationError, and nothing is stored. Backends that implement it
+        set ``supports_using = True``.
+        """
+        raise ConfigurationError(f"The {self.name} backend cannot store jobs in a transaction of yours "
+                                 f"(using=); fire after your transaction commits instead.")
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None:

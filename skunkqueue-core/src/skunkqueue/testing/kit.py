@@ -21,9 +21,10 @@ KIT_QUEUE_ENV = "SKUNQ_KIT_QUEUE"
 KIT_ROUTES_ENV = "SKUNQ_KIT_ROUTES"
 
 
-def kit_queue(default: str) -> SkunkQueue:
-    """The queue a test job module declares its jobs on: the test's queue inside a kit pool."""
-    return SkunkQueue(os.environ.get(KIT_QUEUE_ENV) or default)
+def kit_queue(default: str, **options: Any) -> SkunkQueue:
+    """The queue a test job module declares its jobs on: the test's queue inside a kit pool
+    (``options``: the queue's, e.g. ``result_ttl``)."""
+    return SkunkQueue(os.environ.get(KIT_QUEUE_ENV) or default, **options)
 
 
 def kit_routes(default: Sequence[str]) -> list[str]:
@@ -81,6 +82,41 @@ def kit_env(queue: str, routes: Sequence[str]) -> dict[str, str]:
     return {KIT_QUEUE_ENV: queue, KIT_ROUTES_ENV: ",".join(dict.fromkeys(routes))}
 
 
+class AppTransactions:
+    """How the kit's TransactionalSuite acts as an application: its own handle, rows and commits.
+
+    A backend's tests subclass it for their store (e.g. a psycopg connection
+    and a table of rows) and pass an instance as ``BackendUnderTest.transactions``.
+    The instance travels to other processes, so it must pickle (plain fields).
+    ``scope`` keeps one test's rows apart from another's.
+    """
+
+    def open(self) -> Any:
+        """A new handle of the application's own, as ``fire(..., using=handle)`` takes it."""
+        raise NotImplementedError
+
+    def begin(self, handle: Any) -> None:
+        """Start a transaction on the handle (a no-op where the first write starts one)."""
+        raise NotImplementedError
+
+    def add_row(self, handle: Any, scope: str, tag: str) -> None:
+        """Write one application row in the handle's open transaction."""
+        raise NotImplementedError
+
+    def commit(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def rollback(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def close(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def rows(self, scope: str) -> list[str]:
+        """The tags of the committed rows of ``scope``, read through a handle of its own."""
+        raise NotImplementedError
+
+
 @dataclass
 class BackendUnderTest:
     """How to reach the backend under test.
@@ -93,6 +129,13 @@ class BackendUnderTest:
     writes something into the store, where the route's jobs live, that
     SkunkQueue did not write; the kit checks that workers survive it.
     ``label`` names the target in reports (say "stand-in" if it is one).
+    ``misfile(queue, job_id, to_queue, route, target)`` optionally moves a
+    pending record of ``queue``, as a store writer could, to where workers of
+    ``to_queue`` and ``route`` (and, with ``target``, only that worker) claim
+    it, changing as little of what the store holds as the store allows; the
+    kit checks that a signed record moved so never runs.
+    ``transactions`` (see :class:`AppTransactions`) lets the TransactionalSuite
+    fire jobs inside the store's own transactions (``fire(..., using=...)``).
     """
 
     name: str
@@ -101,7 +144,9 @@ class BackendUnderTest:
     options: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     inject_foreign: Callable[[str, str], None] | None = None
+    misfile: Callable[[str, str, str, str, str | None], None] | None = None
     label: str = ""
+    transactions: AppTransactions | None = None
 
     def new_queue_name(self) -> str:
         return f"kit-{uuid.uuid4().hex[:12]}"

@@ -1,25 +1,21 @@
 """A periodic job for the kit: pools that import this module (``--import``) fire it every second.
 
-Each run appends ``slot started-at pid`` to the file named by ``$SKUNQ_KIT_TICKS``,
-outside the queue, so the kit counts runs per slot on its own.
+Each run appends a line to the file named by ``$SKUNQ_KIT_TICKS``, outside the
+queue (see :mod:`skunkqueue.testing.periodic_runs`), so the kit counts runs per
+slot on its own. The other ``periodic_*`` modules declare the schedules of the
+kit's other periodic tests.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from datetime import timedelta
 
-from skunkqueue.context import current_job
-from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
+from skunkqueue.testing.kit import kit_queue, kit_routes
+from skunkqueue.testing.periodic_runs import note_run
 
 _kit = kit_queue("skunkqueue-testing-periodic")
 
 
 @_kit.periodic(every=timedelta(seconds=1), routes=kit_routes(["r"]), misfire_grace=5)
 def tick() -> float:
-    started = time.time()
-    ctx = current_job()
-    slot = ctx.slot if ctx is not None else None
-    append_line(os.environ["SKUNQ_KIT_TICKS"], f"{slot!r} {started!r} {os.getpid()}")
-    return started
+    return note_run()

@@ -4,7 +4,7 @@
 any OS); :class:`LifecycleSuite` runs the job lifecycle end to end with real
 ``skunq work`` processes and real signals (Linux). :class:`ConformanceSuite`
 is both plus the other parts (supervision, field rules, keys, periodic, async,
-names, summary); a backend may subclass the parts it wants instead.
+names, summary, trust, transactional enqueue); a backend may subclass the parts it wants instead.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from skunkqueue.testing.suite_periodic import PeriodicSuite
 from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import Producer, declare, make_record, started, status_counts, wait_until
+from skunkqueue.testing.suite_transactional import TransactionalSuite
+from skunkqueue.testing.suite_trust import TrustSuite
 from skunkqueue.testing.suite_workflows import WorkflowSuite
 from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
 
@@ -723,5 +725,5 @@ class LifecycleSuite(KitFixtures):
 
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
-                       AsyncSuite, NameSuite, SummarySuite, WorkflowSuite):
+                       AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from skunkqueue import housekeeping, policy
+from skunkqueue import headers, housekeeping, policy, signing
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import ERROR, KILLED, KILLED_BY_REQUEST, PENDING, RUNNING, JobRecord, Outcome
 from skunkqueue.testing.kit import BackendUnderTest
@@ -138,6 +138,25 @@ class FieldRulesSuite:
         assert store.finish(claimed.id, claimed.token, policy.completed(b"done"))
         done = store.get(record.id)
         assert done is not None and done.result == b"done" and done.payload == payload
+
+    def test_headers_travel_with_the_record(self, store: Persistence, queue_name: str) -> None:
+        # Headers (a trace context) ride in the payload, signed with it: the store must give
+        # back every byte, through enqueue, claim, a retry and a finish.
+        sent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "tracestate": "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", "odd": "{}:$.\u00e9"}
+        body = b'[[1,"two"],{}]'
+        record = make_record(queue_name, payload=signing.body(headers.wrap(sent, body)))
+        signing.sign(b"kit key", record)
+        store.enqueue([record])
+        [claimed] = store.claim("r", "w", 10)
+        assert headers.of(claimed) == sent and headers.arguments(claimed.payload) == body
+        signing.verify(b"kit key", claimed)
+        assert store.finish(claimed.id, claimed.token, Outcome(PENDING, due=0.0))
+        [again] = store.claim("r", "w", 10)
+        assert again.payload == record.payload
+        assert store.finish(again.id, again.token, policy.completed(b"done"))
+        done = store.get(record.id)
+        assert done is not None and headers.of(done) == sent
 
     def test_claiming_processes_get_each_record_once(self, backend: BackendUnderTest, store: Persistence,
                                                      queue_name: str) -> None:

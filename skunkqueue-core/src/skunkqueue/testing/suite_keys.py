@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from skunkqueue import policy
+from skunkqueue import interpreter, policy
 from skunkqueue.errors import BackendUnavailable
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
@@ -118,6 +117,34 @@ class KeysSuite:
         late.key = first.key
         assert store.enqueue_keyed([late]) == [first.id]
 
+    def test_a_key_repeated_in_one_batch_makes_one_record(self, store: Persistence, queue_name: str) -> None:
+        # The second record of a key must find the first one written in the same call.
+        _needs_keys(store)
+        first, again, other, third = (make_record(queue_name) for _ in range(4))
+        first.key = again.key = third.key = "twice"
+        other.key = "once"
+        assert store.enqueue_keyed([first, other, again, third]) == [first.id, other.id, first.id, first.id]
+        assert store.get(again.id) is None and store.get(third.id) is None
+        assert sorted(r.id for r in store.list_jobs()) == sorted([first.id, other.id])
+        late = make_record(queue_name)
+        late.key = "twice"
+        assert store.enqueue_keyed([late, late]) == [first.id, first.id]
+
+    def test_fire_many_with_a_key_repeated_returns_one_job_twice(self, queue: SkunkQueue, store: Persistence,
+                                                                 start_pool: Any, tmp_path: Path,
+                                                                 producer: Producer) -> None:
+        _needs_keys(store)
+        mark = declare(queue, jobs.mark)
+        log = tmp_path / "executions"
+        handles = producer.fire_many(mark, [(str(log), "a"), (str(log), "b"), (str(log), "c")],
+                                     keys=["dup", "other", "dup"])
+        assert handles[0].id == handles[2].id != handles[1].id
+        assert len(store.list_jobs()) == 2
+        start_pool(["r"])
+        for handle in handles:
+            producer.wait(handle, timeout=20)
+        assert sorted(log.read_text().split()) == ["a", "b"]
+
     def test_a_key_is_free_again_once_its_record_expired(self, backend: BackendUnderTest,
                                                          queue_name: str) -> None:
         with backend.open(queue_name, result_ttl=0.5) as store:
@@ -139,7 +166,7 @@ class KeysSuite:
         _needs_keys(store)
         spec = {"backend": backend.name, "url": backend.url, "db": backend.db, "options": backend.options,
                 "queue": queue.name, "key": "invoice-42", "times": 5, "start_at": time.time() + 2.0, "api": api}
-        procs = [subprocess.Popen([sys.executable, "-m", "skunkqueue.testing.firing", json.dumps(spec)],
+        procs = [subprocess.Popen(interpreter.command("skunkqueue.testing.firing", json.dumps(spec)),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=backend.process_env()) for _ in range(4)]
         outputs = [p.communicate(timeout=60) for p in procs]

@@ -206,6 +206,16 @@ class WorkflowSuite:
         assert [h.result for h in handle.jobs] == [3, 13, 113]
         assert len({h.id for h in handle.jobs}) == 3 and all(isinstance(h.id, str) for h in handle.jobs)
 
+    def test_a_signed_workflow_runs(self, queue: SkunkQueue, store: Persistence, tmp_path: Path,
+                                    start_pool: Callable[..., PoolProcess], monkeypatch: pytest.MonkeyPatch) -> None:
+        """Workflow records are signed as fire signs a job: workers holding SKUNQ_SECRET run them."""
+        _needs_workflows(store)
+        add = declare(queue, jobs.add)
+        monkeypatch.setenv("SKUNQ_SECRET", "workflow-secret-0123456789abcdef")
+        start_pool(["r"], env={"SKUNQ_SECRET": "workflow-secret-0123456789abcdef"})
+        handle = chain(add.s(1, 2), group(add.s(10), add.s(20))).fire()
+        assert handle.wait(timeout=60) == [13, 23]
+
     def test_groups_and_chains_nest(self, queue: SkunkQueue, store: Persistence,
                                     start_pool: Callable[..., PoolProcess]) -> None:
         _needs_workflows(store)

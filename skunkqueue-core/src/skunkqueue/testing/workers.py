@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from skunkqueue import interpreter
 from skunkqueue.testing.kit import BackendUnderTest, kit_env
 
 KIT_JOBS = "skunkqueue.testing.jobs"
@@ -32,7 +32,8 @@ class PoolProcess:
                  new_session: bool = False) -> None:
         self.backend = backend
         self.queue = queue
-        args = [sys.executable, "-m", "skunkqueue.cli", "work", "-q", queue, "-r", *routes,
+        # Started as the pool starts its workers: without the test's working directory on sys.path.
+        args = [*interpreter.command("skunkqueue.cli"), "work", "-q", queue, "-r", *routes,
                 "--concurrency", str(concurrency), "--lease", str(lease), *backend.cli_args(),
                 *(arg for name in imports for arg in ("--import", name)), *(extra or [])]
         self.log_path = log_path

@@ -1,0 +1,179 @@
+"""Transactional enqueue: ``fire(..., using=handle)`` stores the job in the application's own transaction.
+
+Mixed into ConformanceSuite. The tests that need a transaction run where the
+backend declares ``supports_using`` and its tests give
+``BackendUnderTest.transactions`` (an :class:`~skunkqueue.testing.kit.AppTransactions`);
+every backend must refuse a handle it cannot use with one ConfigurationError.
+Executions are counted outside the queue, in an append-only file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skunkqueue.errors import ConfigurationError
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, PENDING
+from skunkqueue.testing import jobs
+from skunkqueue.testing.kit import AppTransactions, BackendUnderTest
+from skunkqueue.testing.suite_support import declare, wait_until
+
+# The issue's figures: 8 processes, each committing 500 transactions of a row and a job.
+PROCESSES = 8
+TRANSACTIONS_EACH = 500
+# Every this many transactions a process rolls back instead (neither row nor job may remain).
+ROLLBACK_EVERY = 7
+
+
+def _needs_transactions(store: Persistence, backend: BackendUnderTest) -> AppTransactions:
+    if not store.supports_using:
+        pytest.skip(f"the {store.name} backend does not store jobs in the application's transactions "
+                    f"(supports_using = False)")
+    if backend.transactions is None:
+        pytest.skip(f"the {store.name} backend's tests give no AppTransactions (BackendUnderTest.transactions)")
+    return backend.transactions
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _commit_many(backend: BackendUnderTest, queue_name: str, transactions: AppTransactions, runs: str, me: int,
+                 count: int, out: Any) -> None:
+    """One application process: ``count`` transactions, each a row and a job fired in it."""
+    queue = SkunkQueue(queue_name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
+                       **backend.options)
+    mark = declare(queue, jobs.mark)
+    handle = transactions.open()
+    committed = []
+    try:
+        for i in range(count):
+            tag = f"p{me}-{i}"
+            transactions.begin(handle)
+            transactions.add_row(handle, queue_name, tag)
+            mark.fire(runs, tag, using=handle)
+            if i % ROLLBACK_EVERY == ROLLBACK_EVERY - 1:
+                transactions.rollback(handle)
+            else:
+                transactions.commit(handle)
+                committed.append(tag)
+    finally:
+        transactions.close(handle)
+        queue.close()
+    out.put(committed)
+
+
+class TransactionalSuite:
+    """Conformance tests of ``using=``; fixtures come from ConformanceSuite."""
+
+    processes = PROCESSES
+    transactions_each = TRANSACTIONS_EACH
+
+    def test_a_handle_the_backend_cannot_use_is_one_configuration_error(self, queue: SkunkQueue) -> None:
+        add = declare(queue, jobs.add)
+        for wrong in (object(), "a connection string", 42):
+            with pytest.raises(ConfigurationError) as caught:
+                add.fire(1, 2, using=wrong)
+            text = str(caught.value)
+            assert text and "\n" not in text, repr(text)
+            with pytest.raises(ConfigurationError):
+                add.fire_many([(1, 2), (3, 4)], using=wrong)
+        assert queue.persistence.counts() == {}
+
+    def test_rollback_leaves_no_job_and_commit_exactly_one(self, queue: SkunkQueue, store: Persistence,
+                                                           backend: BackendUnderTest) -> None:
+        app = _needs_transactions(store, backend)
+        add = declare(queue, jobs.add)
+        handle = app.open()
+        try:
+            app.begin(handle)
+            app.add_row(handle, queue.name, "rolled-back")
+            gone = add.fire(1, 2, using=handle)
+            gone_many = add.fire_many([(3, 4), (5, 6)], keys=["k-1", None], using=handle)
+            app.rollback(handle)
+            assert store.get(gone.id) is None and all(store.get(h.id) is None for h in gone_many)
+            assert store.counts() == {} and app.rows(queue.name) == []
+
+            app.begin(handle)
+            app.add_row(handle, queue.name, "committed")
+            kept = add.fire(1, 2, using=handle)
+            kept_many = add.fire_many([(3, 4), (5, 6)], keys=["k-1", None], using=handle)
+            again = add.fire(7, 8, key="k-1", using=handle)  # the key is held inside the same transaction
+            assert again.id == kept_many[0].id
+            # Nobody else sees any of it before the commit.
+            assert store.get(kept.id) is None and store.counts() == {}
+            app.commit(handle)
+        finally:
+            app.close(handle)
+        assert app.rows(queue.name) == ["committed"]
+        assert store.counts() == {("r", PENDING): 3}
+        for handle_ in (kept, *kept_many):
+            record = store.get(handle_.id)
+            assert record is not None and record.state == PENDING
+        # The key is held by the committed record for producers outside the transaction too.
+        assert add.fire(9, 9, key="k-1").id == kept_many[0].id
+
+    def test_a_worker_never_claims_a_job_of_an_open_transaction(self, queue: SkunkQueue, store: Persistence,
+                                                                backend: BackendUnderTest, start_pool: Any,
+                                                                tmp_path: Path) -> None:
+        app = _needs_transactions(store, backend)
+        runs = tmp_path / "runs"
+        mark = declare(queue, jobs.mark)
+        start_pool(["r"])
+        handle = app.open()
+        try:
+            app.begin(handle)
+            app.add_row(handle, queue.name, "slow")
+            fired = mark.fire(str(runs), "in-transaction", using=handle)
+            # A worker polls (and is woken by other work) while the transaction stays open.
+            for i in range(5):
+                mark.fire(str(runs), f"outside-{i}")
+                time.sleep(0.3)
+            wait_until(lambda: len(_lines(runs)) >= 5, timeout=20, what="the jobs fired outside the transaction")
+            assert "in-transaction" not in _lines(runs)
+            assert store.claim("r", "kit-claimer", 10) == []
+            app.commit(handle)
+            committed = time.monotonic()
+        finally:
+            app.close(handle)
+        wait_until(lambda: "in-transaction" in _lines(runs), timeout=20, what="the committed job to run")
+        took = time.monotonic() - committed
+        assert _lines(runs).count("in-transaction") == 1
+        record = store.get(fired.id)
+        assert record is not None and record.state in (COMPLETE, "running")
+        # Woken by the commit, not found by a poll a worker happened to make (a poll waits up to a second).
+        if store.notifies:
+            assert took < 0.9, f"the committed job started {took:.2f} s after the commit"
+
+    def test_processes_committing_rows_and_jobs_match_one_to_one(self, queue: SkunkQueue, store: Persistence,
+                                                                 backend: BackendUnderTest, start_pool: Any,
+                                                                 tmp_path: Path) -> None:
+        app = _needs_transactions(store, backend)
+        runs = tmp_path / "runs"
+        start_pool(["r"], concurrency=2)
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        plain = BackendUnderTest(name=backend.name, url=backend.url, db=backend.db, options=backend.options)
+        procs = [ctx.Process(target=_commit_many, args=(plain, queue.name, app, str(runs), me,
+                                                        self.transactions_each, out))
+                 for me in range(self.processes)]
+        for proc in procs:
+            proc.start()
+        committed = [tag for _ in procs for tag in out.get(timeout=600)]
+        for proc in procs:
+            proc.join(60)
+            assert proc.exitcode == 0
+        expected = self.processes * (self.transactions_each - self.transactions_each // ROLLBACK_EVERY)
+        assert len(committed) == len(set(committed)) == expected
+        assert sorted(app.rows(queue.name)) == sorted(committed)
+        wait_until(lambda: len(_lines(runs)) >= len(committed), timeout=600, what="every committed job to run")
+        time.sleep(0.5)  # a job run twice would show up now
+        ran = _lines(runs)
+        assert len(ran) == len(set(ran)) and sorted(ran) == sorted(committed)
+        assert store.counts() == {("r", COMPLETE): len(committed)}

@@ -1,0 +1,804 @@
+"""The PostgreSQL backend: the Persistence protocol translated to SQL on psycopg 3.
+
+One row per JobRecord in ``<schema>.jobs`` (see :mod:`.schema`), every field a
+typed column, so each protocol step is one SQL statement:
+
+* A claim is ``SELECT ... ORDER BY due, id LIMIT n FOR UPDATE SKIP LOCKED``
+  on a partial index of the pending rows, feeding an ``UPDATE``: concurrent
+  claimers skip each other's rows instead of queueing on them, and only
+  pending rows are indexed, so a million finished or running jobs cost a claim
+  nothing.
+* A finish is one ``UPDATE`` fenced on (id, state, token) that spells
+  :meth:`Outcome.apply_to`'s field rules (the kit compares the two), kill
+  requests included.
+* Idempotency keys are a unique partial index on (queue, key) and
+  ``INSERT ... ON CONFLICT DO NOTHING``.
+
+The server's clock decides: due times, leases, expiry and stamps compare with
+or are set from ``statement_timestamp()`` (the server's time when the
+statement began; being stable within a statement it can bound an index scan,
+which the volatile ``clock_timestamp()`` cannot). Times a client computed (a
+record's ``due``, a retry's back-off) are kept as written while the client's
+clock is within ``CLOCK_TOLERANCE`` of the server's, and moved onto the
+server's clock beyond that.
+
+Idle workers and result waiters sleep in ``LISTEN``: an enqueue ``NOTIFY``\\ s
+its route's channel and a finish its job's channel, in the same statement, so
+the wake-up is sent when (and only if) the write commits. Channel names are
+hashes of (schema, queue, route or job id): arbitrary names fit PostgreSQL's
+63-byte identifiers, and a collision could only cause a spurious wake-up.
+
+``url`` is a libpq connection string or URI (``postgresql://user:pw@host/db``,
+``?sslmode=`` and the other libpq options), passed to libpq unchanged; without
+one, libpq's defaults and ``PG*`` variables apply. ``db`` names the schema
+(default ``skunkqueue``), not the database, which the URL names.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
+
+import psycopg
+from psycopg import errors, pq, sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+
+from skunkqueue import policy
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
+from skunkqueue.metrics import RETENTION, RouteMinute
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.record import (
+    COMPLETE,
+    ERROR,
+    KILLED,
+    KILLED_BY_REQUEST,
+    PENDING,
+    RUNNING,
+    STATES,
+    JobRecord,
+    Outcome,
+    WorkerInfo,
+)
+from skunkqueue.summary import QueueSummary, RouteSummary
+from skunkqueue.urls import redact, scrub
+from skunkqueue_postgres import schema as schema_steps
+
+log = logging.getLogger("skunkqueue.postgres")
+
+T = TypeVar("T")
+
+DEFAULT_SCHEMA = "skunkqueue"
+# Fail in seconds when the server is down, not after libpq's default (forever). A URL that sets
+# either itself wins.
+CONNECT_DEFAULTS = {"connect_timeout": "5", "application_name": "skunkqueue"}
+# The server's clock in epoch seconds (microseconds), as of the statement's start.
+NOW = "extract(epoch FROM statement_timestamp())::float8"
+# Seconds a client's clock may differ from the server's before the times it computed are moved.
+CLOCK_TOLERANCE = 0.5
+# How often now()'s estimate of the server's clock is renewed.
+CLOCK_SYNC_EVERY = 30.0
+# Names are parts of index entries (a B-tree entry holds at most about 2.7 kB).
+MAX_NAME_BYTES = 1024
+MAX_KEY_BYTES = 1024
+# Rounds of delete-expired, insert, read-holders before enqueue_keyed gives up (a holder that keeps vanishing).
+KEY_ROUNDS = 20
+
+# JobRecord's fields and their column types, in the table's terms.
+FIELD_TYPES: dict[str, str] = {
+    "id": "text", "queue": "text", "route": "text", "func": "text", "payload": "bytea", "serializer": "text",
+    "state": "text", "due": "float8", "created": "float8", "target": "text", "attempts": "int4",
+    "retries": "int4", "retry_backoff": "float8", "timeout": "float8", "token": "int8", "owner": "text",
+    "lease_until": "float8", "kill_requested": "bool", "started": "float8", "finished": "float8",
+    "result": "bytea", "error": "jsonb", "dead": "bool", "key": "text", "result_ttl": "float8",
+}
+FIELDS = tuple(FIELD_TYPES)
+# Client-computed times that are moved onto the server's clock when the two disagree.
+TIME_FIELDS = ("due", "created", "started", "finished", "lease_until")
+FINISHED = (COMPLETE, ERROR, KILLED)
+
+
+class _HolderVanished(Exception):
+    """A key was refused, but its holder was gone by the time we looked (it expired or was purged)."""
+
+
+# What runs the statements: this backend's connection, or a cursor on the application's (enqueue_in).
+Executor = Union[psycopg.Connection[dict[str, Any]], psycopg.Cursor[dict[str, Any]]]
+
+
+def _digest(*parts: str) -> str:
+    # "\n" between the parts; surrogates were refused by check_names, NUL cannot be stored.
+    return hashlib.md5("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _to_record(row: dict[str, Any]) -> JobRecord:
+    return JobRecord.from_dict(row)
+
+
+def _shift_from(server_now: float) -> float:
+    moved = server_now - time.time()
+    return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
+
+
+class PostgresPersistence(Persistence):
+    name = "postgres"
+    # bytea holds up to 1 GB; a statement's parameters must fit one protocol message too.
+    max_payload = 256 * 1024 * 1024
+    notifies = True
+    supports_keys = True
+    supports_settings = True
+    keeps_stats = True
+
+    def __init__(self, queue: str, *, url: str | None = None, db: str | None = None, **options: Any) -> None:
+        super().__init__(queue, url=url, db=db, **options)
+        self.conninfo = url or ""
+        self.address = redact(url) if url else "(libpq's default address)"
+        if url and "://" in url and not url.lower().startswith(("postgresql://", "postgres://")):
+            raise ConfigurationError(f"The postgres backend takes a postgresql:// URL or a libpq connection "
+                                     f"string, not {redact(url)!r}.")
+        try:
+            given = conninfo_to_dict(self.conninfo)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(f"Bad PostgreSQL address {self.address}: {self._scrub(exc)}") from None
+        self._connect_kwargs: dict[str, Any] = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+        self.schema = db or DEFAULT_SCHEMA
+        if "\x00" in self.schema or len(self.schema.encode("utf-8", "surrogatepass")) > 63:
+            raise ConfigurationError(f"The schema name {self.schema!r} is not a PostgreSQL identifier "
+                                     f"(at most 63 bytes, no NUL); pass another with --db.")
+        self.s = sql.Identifier(self.schema)
+        self.jobs = sql.SQL("{}.jobs").format(self.s)
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._listening: set[str] = set()
+        self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
+        self._route_channels: dict[str, str] = {}
+        self._statements: dict[str, sql.Composed] = {}
+        self._checked_handle: tuple[int, int] | None = None  # enqueue_in's last connection found to be ours
+        self._call("connect", lambda conn: None)
+
+    @classmethod
+    def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
+        refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
+        for kind, name in (("queue", queue), *(("route", route) for route in routes)):
+            if "\x00" in name:
+                raise ConfigurationError(f"The {kind} name {name!r} contains a NUL character, which PostgreSQL "
+                                         f"text cannot hold; choose another name.")
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _scrub(self, exc: BaseException | str) -> str:
+        return scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.url)
+
+    def _connection(self) -> psycopg.Connection[dict[str, Any]]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True, row_factory=dict_row, **self._connect_kwargs)
+        except psycopg.OperationalError as exc:
+            raise BackendUnavailable(f"Cannot reach PostgreSQL at {self.address}: {self._scrub(exc)}") from None
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(f"Bad PostgreSQL address {self.address}: {self._scrub(exc)}") from None
+        try:
+            sent = time.monotonic()
+            row = conn.execute(f"SELECT {NOW} AS now").fetchone()
+            assert row is not None
+            self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
+            schema_steps.ensure(conn, self.schema)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._listening = conn, set()
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._listening = set()
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def _call(self, what: str, op: Callable[[psycopg.Connection[dict[str, Any]]], T], *,
+              idempotent: bool = True) -> T:
+        """Run ``op`` on the connection, reconnecting once if it broke; PostgreSQL's outages become
+        BackendUnavailable. ``op`` runs again after a reconnect only if it is safe to repeat (claim
+        and finish are not: their first try may have been applied)."""
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return op(conn)
+            except (errors.SerializationFailure, errors.DeadlockDetected):
+                if attempt == 2:
+                    raise
+                continue  # rolled back whole: nothing was applied, so any step may run again
+            except errors.ReadOnlySqlTransaction:
+                self._drop()
+                raise BackendUnavailable(f"PostgreSQL at {self.address} is read-only (a standby?) ({what})") from None
+            except errors.ProgramLimitExceeded as exc:
+                raise PayloadTooLarge(f"PostgreSQL refused the {what}: {self._scrub(exc)}") from None
+            except psycopg.OperationalError as exc:
+                lost = conn.closed or conn.broken
+                if lost:
+                    self._drop()
+                if lost and idempotent and attempt == 1:
+                    log.warning("postgres %s: %s was interrupted (%s); retrying", self.address, what,
+                                self._scrub(exc))
+                    continue
+                raise BackendUnavailable(f"PostgreSQL at {self.address} is unavailable ({what}): "
+                                         f"{self._scrub(exc)}") from None
+            except psycopg.InterfaceError as exc:
+                self._drop()
+                raise BackendUnavailable(f"Lost the connection to PostgreSQL at {self.address} ({what}): "
+                                         f"{self._scrub(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _sql(self, name: str, text: str) -> sql.Composed:
+        """A statement of this schema ({jobs}, {workers}, ... name its tables), composed once."""
+        found = self._statements.get(name)
+        if found is None:
+            tables = {t: sql.SQL("{}.{}").format(self.s, sql.Identifier(t))
+                      for t in ("jobs", "workers", "settings", "stats")}
+            found = self._statements[name] = sql.SQL(text.replace("{now}", NOW)).format(**tables)  # type: ignore[arg-type]
+        return found
+
+    def now(self) -> float:
+        """An estimate of the server's clock, renewed every CLOCK_SYNC_EVERY seconds.
+
+        Only waits and client-side times use it: decisions compare with the server's own clock in SQL.
+        """
+        clock = self._clock
+        if clock is None or time.monotonic() - clock[1] > CLOCK_SYNC_EVERY:
+            sent = time.monotonic()
+            row = self._call("clock", lambda conn: conn.execute(f"SELECT {NOW} AS now").fetchone())
+            assert row is not None
+            clock = self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
+        return clock[0] + time.monotonic() - clock[1]
+
+    def _shift(self) -> float:
+        return _shift_from(self.now())
+
+    def route_channel(self, route: str) -> str:
+        found = self._route_channels.get(route)
+        if found is None:
+            found = self._route_channels[route] = "skq_r_" + _digest(self.schema, self.queue, route)
+        return found
+
+    def done_channel(self, job_id: str) -> str:
+        return "skq_d_" + _digest(self.schema, self.queue, job_id)
+
+    def durability_warnings(self) -> list[str]:
+        warnings = []
+        rows = self._call("settings", lambda conn: conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')").fetchall())
+        for row in rows:
+            if row["setting"] == "off":
+                warnings.append(f"PostgreSQL at {self.address} runs with {row['name']}=off: jobs acknowledged "
+                                f"just before a crash may be lost")
+        return warnings
+
+    # -- producers -------------------------------------------------------------------
+
+    def _columns(self, records: Sequence[JobRecord], moved: float) -> list[list[Any]]:
+        """One list per field (the unnest arrays of an INSERT), times moved onto the server's clock."""
+        columns: list[list[Any]] = [[] for _ in FIELDS]
+        for record in records:
+            data = vars(record)
+            for i, name in enumerate(FIELDS):
+                value = data[name]
+                if name == "error":
+                    value = None if value is None else json.dumps(value)
+                elif moved and name in TIME_FIELDS and value is not None:
+                    value += moved
+                columns[i].append(value)
+        return columns
+
+    def _insert_statement(self) -> sql.Composed:
+        casts = ", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for t in FIELD_TYPES.values())
+        chosen = ", ".join("error::jsonb" if name == "error" else name for name in FIELDS)
+        return self._sql("insert", f"""
+            WITH incoming AS (SELECT * FROM unnest({casts}) AS t({', '.join(FIELDS)})),
+            stored AS (
+                INSERT INTO {{jobs}} ({', '.join(FIELDS)}, expire_at)
+                SELECT {chosen}, CASE WHEN state IN ('complete', 'error', 'killed')
+                                      THEN coalesce(finished, {{now}}) + coalesce(result_ttl, %s) END
+                FROM incoming
+                ON CONFLICT DO NOTHING
+                RETURNING id)
+            SELECT stored.id, NULL AS notified FROM stored
+            UNION ALL SELECT NULL, pg_notify(c, '')::text FROM unnest(%s::text[]) AS c""")
+
+    def enqueue(self, records: Sequence[JobRecord]) -> None:
+        self.enqueue_keyed(records)
+
+    def _prepared(self, records: Sequence[JobRecord]) -> tuple[list[Any], list[str]]:
+        """The INSERT's parameters for ``records``, and their keys."""
+        keys = [r.key for r in records if r.key is not None]
+        for key in keys:
+            size = len(key.encode("utf-8", "surrogatepass"))
+            if size > MAX_KEY_BYTES:
+                raise ConfigurationError(f"An idempotency key is {size} bytes long; the postgres backend takes "
+                                         f"keys up to {MAX_KEY_BYTES} bytes.")
+        channels = sorted({self.route_channel(r.route) for r in records if r.state == PENDING})
+        return [*self._columns(records, self._shift()), self.result_ttl, channels], keys
+
+    def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
+        if not records:
+            return []
+        params, keys = self._prepared(records)
+
+        def store(conn: psycopg.Connection[dict[str, Any]]) -> list[str]:
+            if not keys:
+                # One statement, all or nothing. A repeat after a lost reply skips the rows the
+                # first try stored (ON CONFLICT on the primary key): stored, as asked.
+                conn.execute(self._insert_statement(), params)
+                return [r.id for r in records]
+            for _ in range(KEY_ROUNDS):
+                try:
+                    with conn.transaction():
+                        return self._store_keyed(conn, records, params, keys)
+                except _HolderVanished:
+                    continue
+            raise BackendUnavailable(f"PostgreSQL at {self.address}: the keys of queue {self.queue!r} changed "
+                                     f"hands {KEY_ROUNDS} times while enqueueing; try again")
+
+        return self._call("enqueue", store)
+
+    supports_using = True
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records in the open transaction of ``handle``, the application's psycopg connection.
+
+        Inside a savepoint (a transaction of its own on an autocommit
+        connection), so that a failure here leaves the application's
+        transaction usable. The NOTIFY goes out when that transaction commits.
+        """
+        if not isinstance(handle, psycopg.Connection):
+            raise ConfigurationError(
+                f"using= takes a psycopg (3) Connection for the postgres backend, not {type(handle).__module__}."
+                f"{type(handle).__qualname__}; an asyncio one is not supported yet.")
+        if not records:
+            return []
+        params, keys = self._prepared(records)
+        self._check_same_database(handle)
+        cursor = handle.cursor(row_factory=dict_row)
+        if not handle.autocommit and handle.info.transaction_status == pq.TransactionStatus.IDLE:
+            # No statement yet in the application's transaction: psycopg's transaction() would make
+            # one of its own and commit it at once. A statement begins theirs, and ours is a savepoint in it.
+            cursor.execute("SELECT 1")
+        try:
+            for _ in range(KEY_ROUNDS):
+                try:
+                    with handle.transaction():
+                        if not keys:
+                            cursor.execute(self._insert_statement(), params)
+                            return [r.id for r in records]
+                        return self._store_keyed(cursor, records, params, keys)
+                except _HolderVanished:
+                    continue
+        except errors.InsufficientPrivilege as exc:
+            raise ConfigurationError(f"The connection given with using= may not write the queue's tables in schema "
+                                     f"{self.schema!r}: {self._scrub(exc)}; grant its user access to them.") from None
+        finally:
+            cursor.close()
+        raise BackendUnavailable(f"PostgreSQL at {self.address}: the keys of queue {self.queue!r} changed "
+                                 f"hands {KEY_ROUNDS} times while enqueueing; try again")
+
+    def _check_same_database(self, handle: psycopg.Connection[Any]) -> None:
+        """Refuse a connection to another server or database than this queue's (once per connection)."""
+        seen = (id(handle), handle.info.backend_pid)
+        if self._checked_handle == seen:
+            return
+        identity = "SELECT current_database() AS db, pg_postmaster_start_time() AS started, " \
+                   "inet_server_port() AS port, pg_backend_pid() AS pid"
+        with handle.cursor(row_factory=dict_row) as cursor:
+            theirs = cursor.execute(identity).fetchone()
+        ours = self._call("identify", lambda conn: conn.execute(identity).fetchone())
+        assert theirs is not None and ours is not None
+        if (theirs["db"], theirs["started"], theirs["port"]) != (ours["db"], ours["started"], ours["port"]):
+            raise ConfigurationError(
+                f"The connection given with using= reaches database {theirs['db']!r} on another server or "
+                f"database than the queue's ({ours['db']!r} at {self.address}); give one to the queue's database.")
+        self._checked_handle = seen
+
+    def _store_keyed(self, conn: Executor, records: Sequence[JobRecord], params: list[Any],
+                     keys: list[str]) -> list[str]:
+        # A holder past its expiry is gone as far as get() goes, so its key is free: delete it first.
+        conn.execute(self._sql("free keys", "DELETE FROM {jobs} WHERE queue = %s AND key = ANY(%s) "
+                                            "AND expire_at < {now}"), (self.queue, keys))
+        rows = conn.execute(self._insert_statement(), params).fetchall()
+        stored = {row["id"] for row in rows if row["id"] is not None}
+        refused = [r for r in records if r.id not in stored]
+        if not refused:
+            return [r.id for r in records]
+        # A repeat of an interrupted enqueue finds the rows its first try stored.
+        own = conn.execute(self._sql("own", "SELECT id FROM {jobs} WHERE queue = %s AND id = ANY(%s)"),
+                           (self.queue, [r.id for r in refused])).fetchall()
+        stored |= {row["id"] for row in own}
+        held = conn.execute(self._sql("holders", "SELECT key, id FROM {jobs} WHERE queue = %s AND key = ANY(%s)"),
+                            (self.queue, [r.key for r in refused if r.key is not None])).fetchall()
+        holders = {row["key"]: row["id"] for row in held}
+        answer = []
+        for record in records:
+            if record.id in stored:
+                answer.append(record.id)
+            elif record.key in holders:
+                answer.append(holders[record.key])
+            else:
+                raise _HolderVanished()  # deleted after the insert looked: roll back and try again
+        return answer
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._call("get", lambda conn: conn.execute(self._sql("get", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = %s
+            AND (expire_at IS NULL OR expire_at >= {{now}})"""), (self.queue, job_id)).fetchone())
+        return None if row is None else _to_record(row)
+
+    def _where(self, route: str | None, state: str | None, dead: bool | None) -> tuple[sql.Composable, list[Any]]:
+        clauses: list[sql.Composable] = [sql.SQL("queue = %s"), sql.SQL(f"(expire_at IS NULL OR expire_at >= {NOW})")]
+        args: list[Any] = [self.queue]
+        for column, value in (("route", route), ("state", state), ("dead", dead)):
+            if value is not None:
+                clauses.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+                args.append(value)
+        return sql.SQL(" AND ").join(clauses), args
+
+    def _records(self, rows: Iterable[dict[str, Any]]) -> list[JobRecord]:
+        found = []
+        for row in rows:
+            try:
+                found.append(_to_record(row))
+            except MalformedRecord:
+                continue
+        return found
+
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
+        where, args = self._where(route, state, dead)
+        query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY due, id LIMIT %s").format(
+            sql.SQL(", ".join(FIELDS)), self.jobs, where)
+        return self._records(self._call("list jobs", lambda conn: conn.execute(query, (*args, limit)).fetchall()))
+
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # By id: it never changes, so a page boundary holds while records move (due does not).
+        where, args = self._where(route, state, dead)
+        if after is not None:
+            if not after.startswith("id:"):
+                raise ValueError(f"{after!r} is not a page cursor of this store")
+            where = sql.SQL("{} AND id > %s").format(where)
+            args.append(after[3:])
+        query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY id LIMIT %s").format(
+            sql.SQL(", ".join(FIELDS)), self.jobs, where)
+        rows = self._call("list page", lambda conn: conn.execute(query, (*args, limit + 1)).fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return self._records(rows), f"id:{rows[-1]['id']}" if more and rows else None
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._call("counts", lambda conn: conn.execute(self._sql("counts", """
+            SELECT route, state, count(*) AS n FROM {jobs}
+            WHERE queue = %s AND (expire_at IS NULL OR expire_at >= {now}) GROUP BY route, state"""),
+            (self.queue,)).fetchall())
+        return {(row["route"], row["state"]): int(row["n"]) for row in rows}
+
+    def summary(self, now: float | None = None) -> QueueSummary:
+        # One GROUP BY (dead letters counted in it), then one index seek per route for the longest wait.
+        def read(conn: psycopg.Connection[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            groups = conn.execute(self._sql("summary", """
+                SELECT route, state, count(*) AS n, count(*) FILTER (WHERE dead AND state = 'error') AS dead,
+                       {now} AS server_now
+                FROM {jobs} WHERE queue = %s AND (expire_at IS NULL OR expire_at >= {now})
+                GROUP BY route, state"""), (self.queue,)).fetchall()
+            routes = sorted({row["route"] for row in groups if row["state"] == PENDING})
+            oldest = conn.execute(self._sql("oldest", """
+                SELECT r AS route, (SELECT due FROM {jobs} WHERE queue = %s AND route = r AND state = 'pending'
+                                    ORDER BY due, id LIMIT 1) AS due
+                FROM unnest(%s::text[]) AS r"""), (self.queue, routes)).fetchall() if routes else []
+            return groups, oldest
+
+        groups, oldest = self._call("summary", read)
+        if now is None:
+            now = float(groups[0]["server_now"]) if groups else self.now()
+        found: dict[str, tuple[dict[str, int], int]] = {}
+        for row in groups:
+            states, dead = found.get(row["route"], (dict.fromkeys(STATES, 0), 0))
+            if row["state"] in states:
+                states[row["state"]] = int(row["n"])
+            found[row["route"]] = (states, dead + int(row["dead"]))
+        first = {row["route"]: row["due"] for row in oldest}
+        summaries = []
+        for route, (states, dead) in sorted(found.items()):
+            due = first.get(route)
+            summaries.append(RouteSummary(route, states, dead, due if due is not None and due <= now else None))
+        return QueueSummary(summaries)
+
+    def purge(self, route: str, *, target: str | None = None) -> int:
+        def purge(conn: psycopg.Connection[dict[str, Any]]) -> int:
+            if target is None:
+                cur = conn.execute(self._sql("purge", "DELETE FROM {jobs} WHERE queue = %s AND route = %s "
+                                                      "AND state = 'pending'"), (self.queue, route))
+            else:
+                cur = conn.execute(self._sql("purge target", "DELETE FROM {jobs} WHERE queue = %s AND route = %s "
+                                                             "AND state = 'pending' AND target = %s"),
+                                   (self.queue, route, target))
+            return cur.rowcount
+
+        return self._call("purge", purge)
+
+    def request_kill(self, job_id: str) -> bool:
+        return self._call("kill", lambda conn: conn.execute(self._sql("kill", """
+            UPDATE {jobs} SET kill_requested = true WHERE queue = %s AND id = %s AND state = 'running'"""),
+            (self.queue, job_id)).rowcount == 1)
+
+    def delete_finished(self, job_ids: Sequence[str]) -> int:
+        if not job_ids:
+            return 0
+        return self._call("delete finished", lambda conn: conn.execute(self._sql("delete finished", """
+            DELETE FROM {jobs} WHERE queue = %s AND id = ANY(%s) AND state IN ('complete', 'error', 'killed')"""),
+            (self.queue, list(job_ids))).rowcount)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _claim_statement(self) -> sql.Composed:
+        return self._sql("claim", f"""
+            WITH picked AS (
+                SELECT queue, id FROM {{jobs}}
+                WHERE queue = %(queue)s AND route = %(route)s AND state = 'pending' AND due <= {{now}}
+                  AND (target IS NULL OR target = %(worker)s)
+                ORDER BY due, id LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED)
+            UPDATE {{jobs}} AS j SET state = 'running', owner = %(worker)s, lease_until = {{now}} + %(lease)s,
+                token = j.token + 1, attempts = j.attempts + 1, started = {{now}}, kill_requested = false
+            FROM picked WHERE j.queue = picked.queue AND j.id = picked.id
+            RETURNING {', '.join('j.' + f for f in FIELDS)}""")
+
+    def _claim(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
+               limit: int) -> list[JobRecord]:
+        rows = conn.execute(self._claim_statement(), {"queue": self.queue, "route": route, "worker": worker_id,
+                                                      "lease": float(lease), "limit": limit}).fetchall()
+        claimed = []
+        for row in rows:
+            try:
+                claimed.append(_to_record(row))
+            except MalformedRecord as exc:
+                self._quarantine(conn, row["id"], str(exc))
+        claimed.sort(key=lambda r: (r.due, r.id))
+        return claimed
+
+    def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        return self._call("claim", lambda conn: self._claim(conn, route, worker_id, lease, limit), idempotent=False)
+
+    def _quarantine(self, conn: psycopg.Connection[dict[str, Any]], job_id: str, why: str) -> None:
+        # Keep the damaged row for inspection but take it out of every route.
+        error = policy.quarantined(why).error
+        conn.execute(self._sql("quarantine", """
+            UPDATE {jobs} SET state = 'error', dead = true, error = %s::jsonb, owner = NULL, lease_until = NULL,
+                finished = {now}, expire_at = {now} + %s WHERE queue = %s AND id = %s"""),
+            (json.dumps(error), self.result_ttl, self.queue, job_id))
+        log.warning("postgres: quarantined record %r of queue %s: %s", job_id, self.queue, why)
+
+    def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
+        if not leases:
+            return {}
+        rows = self._call("renew", lambda conn: conn.execute(self._sql("renew", """
+            UPDATE {jobs} SET lease_until = {now} + %s
+            WHERE queue = %s AND owner = %s AND state = 'running'
+              AND (id, token) IN (SELECT * FROM unnest(%s::text[], %s::int8[]))
+            RETURNING id, kill_requested"""), (float(lease), self.queue, worker_id, [j for j, _ in leases],
+                                               [t for _, t in leases])).fetchall())
+        kept = {row["id"]: row["kill_requested"] for row in rows}
+        return {job_id: (LEASE_LOST if job_id not in kept else LEASE_KILL if kept[job_id] else LEASE_OK)
+                for job_id, _ in leases}
+
+    def _finish_statement(self, pending: bool) -> sql.Composed:
+        # Outcome.apply_to in SQL (the kit compares the two). Every right-hand side reads the row as
+        # it was, so "kill_requested" below is the flag before this update clears it.
+        if not pending:
+            sets = """state = %(state)s, result = %(result)s, error = %(error)s::jsonb,
+                finished = coalesce(%(finished)s, {now}),
+                expire_at = coalesce(%(finished)s, {now}) + coalesce(result_ttl, %(ttl)s),
+                dead = %(dead)s"""
+        else:
+            sets = """state = CASE WHEN kill_requested THEN 'killed' ELSE 'pending' END,
+                result = NULL,
+                error = CASE WHEN kill_requested THEN %(killed)s::jsonb ELSE %(error)s::jsonb END,
+                due = CASE WHEN kill_requested THEN due ELSE coalesce(%(due)s, {now}) END,
+                finished = CASE WHEN kill_requested THEN {now} END,
+                expire_at = CASE WHEN kill_requested THEN {now} + coalesce(result_ttl, %(ttl)s) END,
+                dead = CASE WHEN kill_requested THEN false ELSE %(dead)s END"""
+        return self._sql(f"finish {pending}", f"""
+            WITH done AS (
+                UPDATE {{jobs}} SET {sets}, owner = NULL, lease_until = NULL, kill_requested = false,
+                    attempts = coalesce(%(attempts)s, attempts)
+                WHERE queue = %(queue)s AND id = %(id)s AND state = %(expect)s AND token = %(token)s
+                RETURNING state, route)
+            SELECT state, route, CASE WHEN state <> 'pending' THEN pg_notify(%(channel)s, '')::text END AS notified
+            FROM done""")
+
+    def _finish(self, conn: psycopg.Connection[dict[str, Any]], job_id: str, token: int, outcome: Outcome,
+                expect: str) -> bool:
+        moved = self._shift()
+        pending = outcome.state == PENDING
+        params = {
+            "state": outcome.state, "result": outcome.result,
+            "error": None if outcome.error is None else json.dumps(outcome.error),
+            "killed": json.dumps(KILLED_BY_REQUEST), "dead": outcome.dead, "attempts": outcome.attempts,
+            "due": None if outcome.due is None else outcome.due + moved,
+            "finished": None if outcome.finished is None else outcome.finished + moved,
+            "ttl": self.result_ttl, "queue": self.queue, "id": job_id, "expect": expect, "token": token,
+            "channel": self.done_channel(job_id),
+        }
+        row = conn.execute(self._finish_statement(pending), params).fetchone()
+        if row is None:
+            return False
+        if row["state"] == PENDING:  # a retry or a hand-back: wake the route's workers
+            conn.execute("SELECT pg_notify(%s, '')", (self.route_channel(row["route"]),))
+        return True
+
+    def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
+        return self._call("finish", lambda conn: self._finish(conn, job_id, token, outcome, expect),
+                          idempotent=False)
+
+    def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
+                         lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
+        def both(conn: psycopg.Connection[dict[str, Any]]) -> tuple[bool, list[JobRecord]]:
+            return (self._finish(conn, job_id, token, outcome, RUNNING),
+                    self._claim(conn, route, worker_id, lease, limit))
+
+        return self._call("finish and claim", both, idempotent=False)
+
+    def delete_expired(self, now: float, limit: int = 1000) -> int:
+        # The server's clock decides, as it does for get(): ``now`` is the caller's.
+        return self._call("delete expired", lambda conn: conn.execute(self._sql("delete expired", """
+            DELETE FROM {jobs} WHERE queue = %s AND id IN (
+                SELECT id FROM {jobs} WHERE queue = %s AND expire_at < {now} LIMIT %s)"""),
+            (self.queue, self.queue, limit)).rowcount)
+
+    def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        # ``now`` is the caller's clock; the server's decides when a lease ran out.
+        rows = self._call("expired leases", lambda conn: conn.execute(self._sql("expired leases", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}}
+            WHERE queue = %s AND state = 'running' AND lease_until < {{now}} LIMIT %s"""),
+            (self.queue, limit)).fetchall())
+        return self._records(rows)
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        # Readers compare last_seen with the server's clock: a skewed worker's stamps are moved onto it.
+        moved = self._shift()
+        self._call("register worker", lambda conn: conn.execute(self._sql("register", """
+            INSERT INTO {workers} (queue, id, route, host, pid, state, started, last_seen)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (queue, id) DO UPDATE SET route = excluded.route, host = excluded.host, pid = excluded.pid,
+                state = excluded.state, started = excluded.started, last_seen = excluded.last_seen"""),
+            (self.queue, info.id, info.route, info.host, info.pid, info.state, info.started + moved,
+             info.last_seen + moved)))
+
+    def heartbeat(self, worker_id: str, state: str) -> bool:
+        return self._call("heartbeat", lambda conn: conn.execute(self._sql("heartbeat", """
+            UPDATE {workers} SET state = %s, last_seen = {now} WHERE queue = %s AND id = %s"""),
+            (state, self.queue, worker_id)).rowcount == 1)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._call("unregister worker", lambda conn: conn.execute(self._sql("unregister", """
+            DELETE FROM {workers} WHERE queue = %s AND id = %s"""), (self.queue, worker_id)))
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._call("workers", lambda conn: conn.execute(self._sql("workers", """
+            SELECT id, queue, route, host, pid, state, started, last_seen FROM {workers}
+            WHERE queue = %s ORDER BY id"""), (self.queue,)).fetchall())
+        return [WorkerInfo.from_dict(row) for row in rows]
+
+    # -- settings --------------------------------------------------------------------
+
+    def get_setting(self, name: str) -> str | None:
+        row = self._call("get setting", lambda conn: conn.execute(self._sql("get setting", """
+            SELECT value FROM {settings} WHERE queue = %s AND name = %s"""), (self.queue, name)).fetchone())
+        return None if row is None else str(row["value"])
+
+    def put_setting(self, name: str, value: str | None) -> None:
+        if value is None:
+            self._call("put setting", lambda conn: conn.execute(self._sql("delete setting", """
+                DELETE FROM {settings} WHERE queue = %s AND name = %s"""), (self.queue, name)))
+        else:
+            self._call("put setting", lambda conn: conn.execute(self._sql("put setting", """
+                INSERT INTO {settings} (queue, name, value) VALUES (%s, %s, %s)
+                ON CONFLICT (queue, name) DO UPDATE SET value = excluded.value"""), (self.queue, name, value)))
+
+    # -- throughput counters -------------------------------------------------------------
+
+    def add_stats(self, samples: Sequence[RouteMinute]) -> None:
+        rows = [(s.route, s.minute, name, int(value)) for s in samples for name, value in s.counts.items()]
+        if not rows:
+            return
+        oldest = int((time.time() - RETENTION) // 60)
+        routes, minutes, names, values = (list(column) for column in zip(*rows))
+
+        def add(conn: psycopg.Connection[dict[str, Any]]) -> None:
+            # One statement: each counter added atomically (ON CONFLICT locks its row), so pools on many
+            # hosts can add at once. Not repeated after a lost reply: it may have been applied.
+            conn.execute(self._sql("add stats", """
+                WITH old AS (DELETE FROM {stats} WHERE queue = %s AND minute < %s)
+                INSERT INTO {stats} (queue, route, minute, name, value)
+                SELECT %s, r, m, n, sum(v) FROM unnest(%s::text[], %s::int8[], %s::text[], %s::int8[]) AS t(r, m, n, v)
+                GROUP BY r, m, n
+                ON CONFLICT (queue, minute, route, name) DO UPDATE SET value = {stats}.value + excluded.value"""),
+                (self.queue, oldest, self.queue, routes, minutes, names, values))
+
+        self._call("add stats", add, idempotent=False)
+
+    def stats(self, since_minute: int) -> list[RouteMinute]:
+        rows = self._call("stats", lambda conn: conn.execute(self._sql("stats", """
+            SELECT route, minute, name, value FROM {stats} WHERE queue = %s AND minute >= %s
+            ORDER BY minute, route"""), (self.queue, since_minute)).fetchall())
+        found: dict[tuple[str, int], RouteMinute] = {}
+        for row in rows:
+            entry = found.setdefault((row["route"], int(row["minute"])), RouteMinute(row["route"], int(row["minute"])))
+            entry.counts[row["name"]] = int(row["value"])
+        return list(found.values())
+
+    # -- waiting ---------------------------------------------------------------------
+
+    def _listen(self, conn: psycopg.Connection[dict[str, Any]], channel: str) -> None:
+        if channel not in self._listening:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._listening.add(channel)
+
+    @staticmethod
+    def _heard(conn: psycopg.Connection[dict[str, Any]], timeout: float) -> bool:
+        """Whether a notification came (or had come, since the last look) within ``timeout`` seconds."""
+        for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1):
+            return True
+        return False
+
+    def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
+        deadline = time.monotonic() + max(timeout, 0.0)
+
+        def wait(conn: psycopg.Connection[dict[str, Any]]) -> None:
+            # Listening before the look: work committed after it is notified, work committed before it is seen.
+            self._listen(conn, self.route_channel(route))
+            self._heard(conn, 0)  # what was heard before this look is seen by it
+            row = conn.execute(self._sql("next due", """
+                SELECT due - {now} AS wait FROM {jobs}
+                WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
+                ORDER BY due, id LIMIT 1"""), (self.queue, route, worker_id)).fetchone()
+            left = deadline - time.monotonic()
+            if row is not None:
+                left = min(left, float(row["wait"]))
+            if left > 0:
+                self._heard(conn, left)
+
+        self._call("wait for work", wait)
+
+    def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self.done_channel(job_id)
+
+        def listen(conn: psycopg.Connection[dict[str, Any]]) -> None:
+            self._listen(conn, channel)
+
+        try:
+            while True:
+                self._call("wait for result", listen)
+                record = self.get(job_id)
+                if record is None or record.finished_state:
+                    return record
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return record
+                # At most a second at a time: a notification lost with a connection costs no more.
+                pause = 1.0 if left is None else min(left, 1.0)
+                self._call("wait for result", functools.partial(self._heard, timeout=pause))
+        finally:
+            if channel in self._listening and self._conn is not None:
+                self._listening.discard(channel)
+                try:
+                    self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+                except psycopg.Error:
+                    self._drop()
+
+    def close(self) -> None:
+        self._drop()

@@ -1,0 +1,327 @@
+"""What the kit does not cover: the schema's versions, the claim's index, addresses, the clock, restarts."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import clockskew
+import psycopg
+import pytest
+from skunkqueue_postgres import schema
+from skunkqueue_postgres.persistence import PostgresPersistence
+
+from skunkqueue import policy
+from skunkqueue.errors import BackendUnavailable, ConfigurationError
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import COMPLETE, PENDING, RUNNING
+from skunkqueue.testing import BackendUnderTest, jobs
+from skunkqueue.testing.kit import closed_port
+from skunkqueue.testing.suite_support import make_record
+from skunkqueue.testing.workers import PoolProcess
+
+
+def _schema() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, repr(text)
+    return text
+
+
+# -- the schema: made, upgraded, refused ------------------------------------------------
+
+
+def test_a_fresh_schema_is_made_at_the_current_version(postgres: Any, opened: Callable[..., Any]) -> None:
+    name = _schema()
+    opened("q", postgres.url, db=name)
+    with psycopg.connect(postgres.url) as conn:
+        assert schema.version_of(conn, name) == schema.VERSION
+
+
+def test_an_older_schema_is_upgraded_in_place_keeping_its_jobs(postgres: Any, opened: Callable[..., Any]) -> None:
+    name = _schema()
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        schema.ensure(conn, name, upto=1)  # what the first release made
+        assert schema.version_of(conn, name) == 1
+        assert conn.execute("SELECT to_regclass(%s)", (f"{name}.stats",)).fetchone() == (None,)
+        old = make_record("q")
+        columns = ("queue", "id", "route", "state", "due", "func", "payload", "serializer", "created")
+        conn.execute(f"INSERT INTO {name}.jobs ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+                     (old.queue, old.id, old.route, old.state, old.due, old.func, old.payload, old.serializer,
+                      old.created))
+    store = opened("q", postgres.url, db=name)
+    with psycopg.connect(postgres.url) as conn:
+        assert schema.version_of(conn, name) == schema.VERSION
+    [claimed] = store.claim("r", "w", 10)
+    assert claimed.id == old.id and claimed.payload == old.payload
+    assert store.finish(claimed.id, claimed.token, policy.completed(b"1"))
+    store.add_stats([])  # the table step 2 added is there
+
+
+def test_a_newer_schema_is_refused_with_one_line(postgres: Any) -> None:
+    name = _schema()
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        schema.ensure(conn, name)
+        conn.execute(f"UPDATE {name}.schema_version SET version = %s", (schema.VERSION + 1,))
+    with pytest.raises(ConfigurationError) as caught:
+        PostgresPersistence("q", url=postgres.url, db=name)
+    text = _one_line(caught.value)
+    assert f"version {schema.VERSION + 1}" in text and "upgrade skunkqueue-postgres" in text
+
+
+def test_processes_opening_a_fresh_schema_at_once_make_it_once(postgres: Any) -> None:
+    name = _schema()
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            PostgresPersistence("q", url=postgres.url, db=name).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with psycopg.connect(postgres.url) as conn:
+        assert schema.version_of(conn, name) == schema.VERSION
+
+
+def test_a_user_who_may_not_create_the_schema_is_told_so_in_one_line(postgres: Any) -> None:
+    user, password = f"u{uuid.uuid4().hex[:8]}", "Pw-limited-9c1d"
+    postgres.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'; REVOKE CREATE ON DATABASE postgres FROM PUBLIC")
+    with pytest.raises(ConfigurationError) as caught:
+        PostgresPersistence("q", url=postgres.url_for(user, password), db=_schema())
+    assert "grant this user CREATE" in _one_line(caught.value)
+
+
+# -- the claim's index --------------------------------------------------------------------
+
+
+def test_the_claim_reads_the_partial_index_bounded_by_the_server_clock(postgres: Any,
+                                                                      opened: Callable[..., Any]) -> None:
+    name = _schema()
+    store = opened("big", postgres.url, db=name)
+    now = time.time()
+    # A backlog of finished jobs and of jobs due later: neither may be read by a claim.
+    store.enqueue([make_record("big", due=now + 3600) for _ in range(5000)])
+    done = [make_record("big") for _ in range(5000)]
+    store.enqueue(done)
+    while store.claim("r", "w", 30, limit=1000):
+        pass
+    for record in store.list_jobs(state=RUNNING, limit=10_000):
+        store.finish(record.id, record.token, policy.completed(b"1"))
+    store.enqueue([make_record("big", due=now - 1)])
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"ANALYZE {name}.jobs")
+        statement = store._claim_statement().as_string(conn)
+        params = {"queue": "big", "route": "r", "worker": "w", "lease": 10.0, "limit": 1}
+        with conn.transaction(force_rollback=True):
+            plan = "\n".join(row[0] for row in conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS) " + statement, params).fetchall())
+    assert "Index Scan using jobs_claim" in plan, plan
+    assert "Index Cond: ((queue = 'big'::text) AND (route = 'r'::text) AND (due <=" in plan, plan
+    # The scan stopped at the one due row: it never walked the 5,000 due later.
+    assert "rows=1 loops=1" in plan.split("Index Scan using jobs_claim")[1].splitlines()[0], plan
+
+
+# -- addresses and credentials --------------------------------------------------------------
+
+
+def test_another_schemes_url_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        PostgresPersistence("q", url="redis://127.0.0.1:6379")
+    assert "postgresql://" in _one_line(caught.value)
+
+
+@pytest.mark.parametrize("url", ["host=127.0.0.1 nosuchoption=1", "host='127.0.0.1", "postgresql://[::1"])
+def test_a_bad_connection_string_is_a_configuration_error(url: str) -> None:
+    # libpq refuses these while parsing: nothing is contacted.
+    with pytest.raises(ConfigurationError) as caught:
+        PostgresPersistence("q", url=url)
+    _one_line(caught.value)
+
+
+def test_nothing_listening_is_backend_unavailable_naming_the_address() -> None:
+    port = closed_port()
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as caught:
+        PostgresPersistence("q", url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    assert f"127.0.0.1:{port}" in _one_line(caught.value)
+    assert time.monotonic() - started < 10
+
+
+def test_a_wrong_password_never_shows_the_password(make_postgres: Callable[..., Any]) -> None:
+    server = make_postgres(password="Right-Pw-31f7")
+    PostgresPersistence("q", url=server.url).close()  # the right one works
+    wrong = server.url.replace("Right-Pw-31f7", "Wrong-Pw-8e2a")
+    with pytest.raises(BackendUnavailable) as caught:
+        PostgresPersistence("q", url=wrong)
+    text = _one_line(caught.value)
+    assert "Wrong-Pw-8e2a" not in text and "Right-Pw-31f7" not in text and "***" in text
+    assert "password authentication failed" in text
+
+
+def test_names_postgres_cannot_hold_are_refused_before_connecting() -> None:
+    for queue, routes in (("a\x00b", ()), ("q", ("r\x00",)), ("x" * 2000, ())):
+        with pytest.raises(ConfigurationError) as caught:
+            PostgresPersistence.check_names(queue, routes)
+        _one_line(caught.value)
+
+
+def test_a_key_too_long_for_the_index_is_refused_in_one_line(postgres: Any, opened: Callable[..., Any]) -> None:
+    store = opened("q", postgres.url, db=_schema())
+    with pytest.raises(ConfigurationError) as caught:
+        store.enqueue_keyed([make_record("q", key="k" * 5000)])
+    assert "1024 bytes" in _one_line(caught.value)
+    assert store.counts() == {}
+
+
+# -- the clock ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_host_uses_the_servers_clock(postgres: Any, opened: Callable[..., Any], queue_name: str,
+                                              skew: float) -> None:
+    clockskew.check_protocol_uses_the_store_clock(opened(queue_name, postgres.url, db="skunkqueue_skew"), skew)
+
+
+@pytest.mark.parametrize("skew", clockskew.SKEWS)
+def test_a_skewed_worker_runs_a_delayed_job_on_time(postgres: Any, queue_name: str, skew: float,
+                                                    tmp_path: Path) -> None:
+    backend = BackendUnderTest(name="postgres", url=postgres.url, db="skunkqueue_skew")
+    clockskew.check_skewed_worker_runs_delayed_job_on_time(backend, queue_name, skew, tmp_path)
+
+
+# -- a server that goes away -------------------------------------------------------------------
+
+
+def test_workers_and_producers_carry_on_after_the_server_is_killed_and_restarted(
+        make_postgres: Callable[..., Any], queue_name: str, tmp_path: Path) -> None:
+    server = make_postgres(durable=True)
+    backend = BackendUnderTest(name="postgres", url=server.url)
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=server.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    pool = PoolProcess(backend, queue_name, ["r"], log_path=tmp_path / "pool.log")
+    try:
+        pool.wait_ready()
+        assert add.fire(1, 2).wait(timeout=20) == 3
+        acknowledged = add.fire_at(timedelta(hours=1), 5, 5)  # stored before the crash: must survive it
+        server.kill()
+        with pytest.raises(BackendUnavailable):
+            add.fire(2, 2)
+        server.start()
+        # The producer's and the idle worker's connections broke; each reconnects on its next call.
+        assert add.fire(3, 4).wait(timeout=30) == 7
+        kept = queue.get(acknowledged.id)
+        assert kept is not None and kept.state == PENDING
+        assert "Traceback" not in pool.log()
+    finally:
+        pool.stop()
+        queue.close()
+
+
+def test_a_waiter_for_a_result_is_woken_by_the_finish(postgres: Any, opened: Callable[..., Any],
+                                                      queue_name: str) -> None:
+    store = opened(queue_name, postgres.url)
+    other = opened(queue_name, postgres.url)
+    store.enqueue([make_record(queue_name)])
+    [claimed] = other.claim("r", "w", 10)
+    finished_at: list[float] = []
+
+    def finish() -> None:
+        time.sleep(0.3)
+        other.finish(claimed.id, claimed.token, policy.completed(b"5"))
+        finished_at.append(time.monotonic())
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    record = store.wait_finished(claimed.id, 10)
+    woke = time.monotonic()
+    thread.join()
+    assert record is not None and (record.state, record.result) == (COMPLETE, b"5")
+    # Woken by the NOTIFY, not by its once-a-second look.
+    assert woke - finished_at[0] < 0.2, woke - finished_at[0]
+
+
+# -- using=: the application's own connection ------------------------------------------------
+
+
+def test_fire_as_the_first_statement_of_a_transaction_is_rolled_back_with_it(postgres: Any,
+                                                                             queue_name: str) -> None:
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url) as conn:
+            first = add.fire(1, 2, using=conn)   # nothing else ran in this transaction yet
+            conn.rollback()
+            second = add.fire(3, 4, using=conn)  # the same connection again (its check is cached)
+            conn.rollback()
+        assert queue.get(first.id) is None and queue.get(second.id) is None
+        assert queue.persistence.counts() == {}
+    finally:
+        queue.close()
+
+
+def test_an_autocommit_connection_stores_at_once_and_a_failure_keeps_the_transaction_usable(
+        postgres: Any, queue_name: str) -> None:
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            stored = add.fire(1, 2, using=conn)
+        assert queue.get(stored.id) is not None
+        with psycopg.connect(postgres.url) as conn:
+            conn.execute("CREATE TEMP TABLE t (x int)")
+            with pytest.raises(ConfigurationError):
+                add.fire(1, 2, key="k" * 5000, using=conn)  # refused before anything reached the server
+            conn.execute("INSERT INTO t VALUES (1)")  # the application's transaction carries on
+            kept = add.fire(5, 6, using=conn)
+            conn.commit()
+        assert queue.get(kept.id) is not None
+    finally:
+        queue.close()
+
+
+def test_a_connection_to_another_database_is_refused_in_one_line(postgres: Any, queue_name: str) -> None:
+    database = f"other_{uuid.uuid4().hex[:8]}"
+    postgres.psql(f"CREATE DATABASE {database}")
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        with psycopg.connect(postgres.url.rsplit("/", 1)[0] + "/" + database) as conn:
+            with pytest.raises(ConfigurationError) as caught:
+                add.fire(1, 2, using=conn)
+        assert database in _one_line(caught.value)
+        assert queue.persistence.counts() == {}
+    finally:
+        queue.close()
+
+
+def test_an_asyncio_connection_is_refused_in_one_line(postgres: Any, queue_name: str) -> None:
+    import asyncio
+
+    async def refused() -> str:
+        conn = await psycopg.AsyncConnection.connect(postgres.url)
+        try:
+            with pytest.raises(ConfigurationError) as caught:
+                add.fire(1, 2, using=conn)
+            return _one_line(caught.value)
+        finally:
+            await conn.close()
+
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        assert "psycopg.AsyncConnection" in asyncio.run(refused())
+    finally:
+        queue.close()

@@ -1,0 +1,182 @@
+"""``skunq work --burst``, ``--max-jobs-per-child`` and ``--max-memory-per-child``, with real pools.
+
+Executions are counted in a file outside the queue (``token pid rss``): each job
+must run exactly once, none charged an extra attempt, whatever the recycling.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis_servers
+
+from skunkqueue import SkunkQueue
+from skunkqueue.record import COMPLETE, ERROR, PENDING
+from skunkqueue.testing import jobs
+from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.workers import PoolProcess
+
+JOB_MODULE = '''
+import os
+from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
+from skunkqueue.worker import resident_mb
+
+_queue = kit_queue("recycling")
+_kept = []  # what hoard() holds on to: the worker process keeps growing, as a leaky job would
+
+
+@_queue.event(routes=kit_routes(["r"]))
+def hoard(mb, path, token):
+    _kept.append(b"x" * (mb * 1_000_000))
+    append_line(path, f"{token} {os.getpid()} {resident_mb():.1f}")
+'''
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_servers.RedisServer]:
+    server = redis_servers.RedisServer(tmp_path_factory.mktemp("redis-recycling")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendUnderTest:
+    if request.param == "sqlite":
+        return BackendUnderTest(name="sqlite", url=str(tmp_path / "q.db"))
+    return BackendUnderTest(name="redis", url=request.getfixturevalue("redis_server").url, db="4")
+
+
+@pytest.fixture
+def hoard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The job module, written where the pools (and this process) import it from."""
+    (tmp_path / "recyclejobs.py").write_text(JOB_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("recyclejobs", None)
+    return tmp_path
+
+
+def _queue(backend: BackendUnderTest, name: str) -> SkunkQueue:
+    return SkunkQueue(name, backend=backend.name, conn_url=backend.url, dbname=backend.db)
+
+
+def _runs(path: Path) -> list[tuple[str, int, float]]:
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [(token, int(pid), float(rss)) for token, pid, rss in rows]
+
+
+def _pool(backend: BackendUnderTest, name: str, where: Path, extra: list[str],
+          concurrency: int = 2) -> PoolProcess:
+    return PoolProcess(backend, name, ["r"], concurrency=concurrency, log_path=where / "pool.log",
+                       imports=["recyclejobs", "skunkqueue.testing.jobs"], extra=extra, cwd=where,
+                       env={"PYTHONPATH": str(where)})
+
+
+def _fire_hoards(backend: BackendUnderTest, name: str, runs: Path, n: int, mb: int) -> list[str]:
+    import recyclejobs
+
+    job = _queue(backend, name).event(routes=["r"])(recyclejobs.hoard.func)
+    return [h.id for h in job.fire_many([(mb, str(runs), f"t{i:03}") for i in range(n)])]
+
+
+def _settled(backend: BackendUnderTest, name: str, ids: list[str], timeout: float = 60) -> None:
+    queue = _queue(backend, name)
+    for job_id in ids:
+        queue.handle(job_id).wait(timeout=timeout)
+
+
+def test_max_jobs_per_child_replaces_workers_and_loses_or_charges_nothing(
+        backend: BackendUnderTest, hoard: Path) -> None:
+    name, runs, limit, n = backend.new_queue_name(), hoard / "runs", 4, 30
+    ids = _fire_hoards(backend, name, runs, n, mb=0)
+    # --prefetch 3: a worker due for replacement still holds claimed jobs, which must go back uncharged.
+    pool = _pool(backend, name, hoard, ["--max-jobs-per-child", str(limit), "--prefetch", "3"])
+    try:
+        pool.wait_ready()
+        _settled(backend, name, ids)
+        pool.wait_ready()  # both workers replaced and registered again
+        assert pool.process.poll() is None
+    finally:
+        pool.stop()
+    rows = _runs(runs)
+    assert sorted(token for token, _, _ in rows) == [f"t{i:03}" for i in range(n)]  # each exactly once
+    per_pid = Counter(pid for _, pid, _ in rows)
+    assert max(per_pid.values()) <= limit and len(per_pid) >= math.ceil(n / limit), per_pid
+    store = backend.open(name)
+    records = [store.get(job_id) for job_id in ids]
+    store.close()
+    assert all(r is not None and r.state == COMPLETE and r.attempts == 1 for r in records), \
+        [(r.id, r.state, r.attempts) for r in records if r is not None and r.attempts != 1]
+    assert "recycled" in pool.log() and "exited with status" not in pool.log(), pool.log()
+
+
+def test_max_memory_per_child_replaces_a_worker_that_grew_past_it(backend: BackendUnderTest, hoard: Path) -> None:
+    name, runs, n, mb, limit = backend.new_queue_name(), hoard / "runs", 12, 25, 110.0
+    ids = _fire_hoards(backend, name, runs, n, mb=mb)
+    pool = _pool(backend, name, hoard, ["--max-memory-per-child", str(limit)], concurrency=1)
+    try:
+        pool.wait_ready()
+        _settled(backend, name, ids)
+    finally:
+        pool.stop()
+    rows = _runs(runs)
+    assert sorted(token for token, _, _ in rows) == [f"t{i:03}" for i in range(n)]
+    by_pid: dict[int, list[float]] = {}
+    for _, pid, rss in rows:
+        by_pid.setdefault(pid, []).append(rss)
+    assert len(by_pid) >= 2, by_pid
+    for sizes in by_pid.values():
+        # Replaced after the first job that left it over the limit, never before.
+        assert all(size <= limit for size in sizes[:-1]), by_pid
+    finished = [sizes for pid, sizes in by_pid.items() if pid != rows[-1][1]]
+    assert finished and all(sizes[-1] > limit for sizes in finished), by_pid
+    store = backend.open(name)
+    assert all((r := store.get(job_id)) is not None and r.attempts == 1 for job_id in ids)
+    store.close()
+
+
+def test_burst_runs_every_due_job_then_exits_0(backend: BackendUnderTest, hoard: Path) -> None:
+    name, runs = backend.new_queue_name(), hoard / "runs"
+    ids = _fire_hoards(backend, name, runs, 20, mb=0)
+    queue = _queue(backend, name)
+    # A failing job retried at once must use up its attempts before the pool is done;
+    # a long one on one worker keeps the pool until it ends; a job due later stays queued.
+    failing = queue.event(routes=["r"], retries=2, retry_backoff=0)(jobs.fail.func).fire("again")
+    napping = queue.event(routes=["r"])(jobs.nap.func).fire(1.5)
+    later = queue.event(routes=["r"])(jobs.add.func).fire_at(timedelta(seconds=120), 1, 2)
+    pool = _pool(backend, name, hoard, ["--burst"], concurrency=2)
+    started = time.monotonic()
+    assert pool.wait(60) == 0, pool.log()
+    took = time.monotonic() - started
+    assert sorted(token for token, _, _ in _runs(runs)) == [f"t{i:03}" for i in range(20)]
+    assert all(queue.handle(job_id).state == COMPLETE for job_id in ids)
+    assert napping.state == COMPLETE
+    failed = queue.get(failing.id)
+    assert failed is not None and failed.state == ERROR and failed.attempts == 3
+    assert failed.error is not None and failed.error["type"] == "ValueError"
+    assert later.state == PENDING
+    assert queue.workers() == []  # every worker unregistered
+    assert "no due job left" in pool.log() and took < 30, (took, pool.log())
+
+
+def test_burst_on_an_empty_queue_exits_at_once(backend: BackendUnderTest, hoard: Path) -> None:
+    pool = _pool(backend, backend.new_queue_name(), hoard, ["--burst"], concurrency=3)
+    started = time.monotonic()
+    assert pool.wait(30) == 0, pool.log()
+    assert time.monotonic() - started < 15
+
+
+def test_burst_with_async_jobs(backend: BackendUnderTest, hoard: Path, tmp_path: Path) -> None:
+    name = backend.new_queue_name()
+    anap = _queue(backend, name).event(routes=["r"])(jobs.anap.func)
+    handles = anap.fire_many([(0.3,) for _ in range(8)])
+    pool = PoolProcess(backend, name, ["r"], log_path=tmp_path / "async.log",
+                       extra=["--burst", "--async-concurrency", "4"])
+    assert pool.wait(60) == 0, pool.log()
+    assert [h.state for h in handles] == [COMPLETE] * 8
