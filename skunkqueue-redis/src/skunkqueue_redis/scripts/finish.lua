@@ -16,7 +16,8 @@ local function finish(KEYS, ARGV)
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
   -- pcall: an error (WRONGTYPE) means something other than a hash lives there, which holds nothing.
-  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl',
+    'has_deps', 'wait_left')
   if f.err then return 0 end
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
   ttl = tonumber(f[7] or '') or ttl
@@ -63,7 +64,8 @@ local function finish(KEYS, ARGV)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
     -- In the same atomic step: count it for the workflow steps waiting for it (release.lua).
-    settle_finished(id, state, now, ttl, ms)
+    -- Only a record with dependents, or one that waited itself, has anything to do here.
+    if f[8] or f[9] then settle_finished(id, state, now, ttl, ms, f[9]) end
   end
   return 1
 end
