@@ -237,6 +237,7 @@ def run_huey(url: str, args: argparse.Namespace, result: Result, logdir: Path,
         log(f"  {result.system}: 10 ms I/O jobs, {CONCURRENCY} {kind} workers")
         try:
             result.figures[key] = _huey_rate(url, kind, many, logdir)
+            result.check(f"io10_huey_{kind}", True)  # _huey_rate checked every task's result
         except Exception as exc:
             result.check(f"io10_huey_{kind}", False, f"{type(exc).__name__}: {exc}")
     result.notes.append(f"async rows: huey_consumer -w {CONCURRENCY} -k greenlet|thread, {many} tasks of "

@@ -290,4 +290,22 @@ class DramatiqPeer(Peer):
         return [binary("dramatiq"), "benchmarks.dramatiq_app", "-p", "1"], _env(SKUNQ_BENCH_REDIS=url)
 
 
-PEERS: dict[str, type[Peer]] = {p.name: p for p in (SkunkPeer, HueyPeer, CeleryPeer, RQPeer, DramatiqPeer)}
+class HueyNotifyPeer(HueyPeer):
+    """Huey with ``notify_result=True`` for every figure: how ``make bench`` ran it before issue 28.
+
+    Not a default peer; ``--peers huey,huey-notify-all`` measures what that set-up cost Huey."""
+
+    name = "huey-notify-all"
+    setup = {**HueyPeer.setup, "producer": "task(i) one call at a time; RedisHuey(notify_result=True) for "
+                                           "every figure (not its fastest set-up for throughput)"}
+
+    def open(self, url: str, latency: bool) -> None:
+        super().open(url, latency=True)
+
+    def command(self, url: str, latency: bool) -> tuple[list[str], dict[str, str]]:
+        return super().command(url, latency=True)
+
+
+PEERS: dict[str, type[Peer]] = {p.name: p for p in (SkunkPeer, HueyPeer, CeleryPeer, RQPeer, DramatiqPeer,
+                                                    HueyNotifyPeer)}
+DEFAULT = ["skunkqueue", "huey", "celery", "rq", "dramatiq"]  # in round order

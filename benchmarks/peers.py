@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import ROOT, BenchError, Sizes, children_of, percentile, rss_mb, stop_process, wait_until
-from benchmarks.peer_systems import PEERS, Peer
+from benchmarks.peer_systems import DEFAULT, PEERS, Peer
 
 # (key, label, format, higher is better)
 FIGURES = [
@@ -277,8 +277,9 @@ def wanted(spec: str, log: Callable[[str], None]) -> tuple[list[str], dict[str, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peers", default=",".join(PEERS),
-                        help="systems compared on Redis, in round order (default: %(default)s)")
+    parser.add_argument("--peers", default=",".join(DEFAULT),
+                        help=f"systems compared on Redis, in round order (default: %(default)s; also: "
+                             f"{', '.join(sorted(set(PEERS) - set(DEFAULT)))})")
     parser.add_argument("--rounds", type=int,
                         help=f"alternated rounds of the peer comparison (default {MIN_ROUNDS}, 1 with --quick; "
                              f"fewer than {MIN_ROUNDS} gives no meaningful spread)")

@@ -28,15 +28,28 @@ def foreign_writer(server: Any) -> Callable[[str, str], None]:
     return inject
 
 
+def misfiler(server: Any) -> Callable[[str, str, str, str, str | None], None]:
+    def misfile(queue: str, job_id: str, to_queue: str, route: str, target: str | None) -> None:
+        # A document's queue, route and target are what claims match on, and the record's fields too.
+        with MongoClient(server.url, serverSelectionTimeoutMS=5000) as client:
+            moved = client[DB]["jobs"].update_one({"_id": job_id, "queue": queue},
+                                                  {"$set": {"queue": to_queue, "route": route, "target": target}})
+            assert moved.modified_count == 1
+
+    return misfile
+
+
 class TestMongoStandaloneConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, mongo_standalone: Any) -> BackendUnderTest:
         return BackendUnderTest(name="mongodb", url=mongo_standalone.url, db=DB,
-                                inject_foreign=foreign_writer(mongo_standalone), label="mongod 6.0 standalone")
+                                inject_foreign=foreign_writer(mongo_standalone),
+                                misfile=misfiler(mongo_standalone), label="mongod 6.0 standalone")
 
 
 class TestMongoReplicaSetConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, mongo_replset: Any) -> BackendUnderTest:
         return BackendUnderTest(name="mongodb", url=mongo_replset.url, db=DB,
-                                inject_foreign=foreign_writer(mongo_replset), label="mongod 6.0 one-node replica set")
+                                inject_foreign=foreign_writer(mongo_replset),
+                                misfile=misfiler(mongo_replset), label="mongod 6.0 one-node replica set")

@@ -78,7 +78,7 @@ def test_opentelemetry_instrument_traces_a_real_pool_and_producer(tmp_path: Path
     with open(work_out, "wb") as out, open(work_err, "wb") as err:
         pool = subprocess.Popen(
             [str(INSTRUMENT), str(BIN / "skunq"), "work", "-q", name, "-r", "r", "--import", "otel_jobs",
-             "--path", str(JOBS_DIR), "--log-format", "json", "--grace", "10"],
+             "--path", str(JOBS_DIR), "--log-format", "json", "--log-level", "DEBUG", "--grace", "10"],
             stdout=out, stderr=err, env={**env, "OTEL_SERVICE_NAME": "worker"}, cwd=tmp_path)
     queue = SkunkQueue(name, conn_url=str(tmp_path / "q.db"))
     try:
@@ -145,7 +145,10 @@ def test_opentelemetry_instrument_traces_a_real_pool_and_producer(tmp_path: Path
     assert [(j["attempt"], j["outcome"]) for j in jobs[ids["fails"]]] == [(1, "pending"), (2, "pending"), (3, "error")]
     for job in ("traced", "fails", "sleepy"):
         assert {j["trace_id"] for j in jobs[ids[job]]} == {sent[ids[job]]["context"]["trace_id"][2:]}
-    assert [j.get("trace_id") for j in jobs[ids["forged"]]] == [None]
+    # A refused job's own line (at DEBUG: one warning per function) names no trace; no line names the victim.
+    assert [(j["level"], j["outcome"], j.get("trace_id")) for j in jobs[ids["forged"]]] == [("DEBUG", ERROR, None)]
+    assert VICTIM not in work_err.read_text()
+    assert any("refusing jobs of otel_jobs:traced" in line["message"] for line in lines)
     assert jobs[ids["sleepy"]][0]["outcome"] == KILLED
     assert "Failed to detach context" not in work_err.read_text()
 

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from skunkqueue import SkunkQueue, headers, signing
+from skunkqueue import SkunkQueue, headers, periodic, signing
 from skunkqueue.record import COMPLETE, ERROR, new_id
 from skunkqueue.worker import Worker, WorkerConfig
 from skunkqueue_otel import SkunkQueueInstrumentor
@@ -183,7 +183,7 @@ def test_a_periodic_slot_is_on_the_spans(spans: InMemorySpanExporter, queue: Sku
     ticking = queue.periodic(routes=["r"], every=300)(otel_jobs.every_slot)
     assert ticking.schedule is not None
     slot = float(int(time.time()) // 300 * 300)  # the latest slot: due now
-    ticking._fire([((), {})], slot, [ticking.schedule.key(slot)])  # what the pool's scheduler does
+    ticking._fire([((), {})], slot, [ticking.schedule.key(periodic.micros(slot))])  # as the pool's scheduler
     run_all(queue)
     fired = of_kind(spans, SpanKind.PRODUCER) + of_kind(spans, SpanKind.CONSUMER)
     assert len(fired) == 2
@@ -264,3 +264,46 @@ print(json.dumps({{"result": handle.result, "headers": headers.of(q.get(handle.i
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen == {"result": 5, "headers": {}, "otel": [], "redis": False}
+
+
+def test_an_enqueue_that_fails_ends_its_producer_span_with_the_error(spans: InMemorySpanExporter,
+                                                                    tmp_path: Path) -> None:
+    from redis_servers import RedisServer
+
+    from skunkqueue.errors import BackendUnavailable
+
+    server = RedisServer(tmp_path / "redis").start()
+    queue = SkunkQueue(f"otel-{uuid.uuid4().hex[:8]}", backend="redis", conn_url=server.url)
+    try:
+        traced = declare(queue, otel_jobs.traced)
+        traced.fire(1)  # connected
+        server.kill()  # the store goes away between two fires
+        with pytest.raises(BackendUnavailable):
+            traced.fire(2)
+    finally:
+        queue.close()
+        server.stop()
+    ok, failed = sorted(of_kind(spans, SpanKind.PRODUCER), key=lambda s: s.start_time or 0)
+    assert ok.status.status_code == StatusCode.UNSET
+    assert failed.status.status_code == StatusCode.ERROR
+    assert dict(failed.attributes or {})["error.type"] == "BackendUnavailable"
+    assert [e.name for e in failed.events] == ["exception"]
+
+
+def test_an_unsigned_record_accepted_during_a_roll_out_names_no_parent(spans: InMemorySpanExporter,
+                                                                      queue: SkunkQueue,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # SKUNQ_ACCEPT_UNSIGNED: a worker with a key runs unsigned records too; their writer need not hold
+    # the key, so their trace context is not taken.
+    traced = declare(queue, otel_jobs.traced)
+    unsigned = traced.fire(1)  # no key yet: unsigned, with the producer's context
+    monkeypatch.setenv(signing.SECRET_ENV, "the right key")
+    monkeypatch.setenv(signing.ACCEPT_UNSIGNED_ENV, "1")
+    signed = traced.fire(2)
+    run_all(queue)
+    assert (unsigned.state, signed.state) == (COMPLETE, COMPLETE)
+    producers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.PRODUCER)}
+    consumers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.CONSUMER)}
+    assert consumers[unsigned.id].parent is None
+    assert hex_trace(consumers[unsigned.id]) != hex_trace(producers[unsigned.id])
+    assert hex_trace(consumers[signed.id]) == hex_trace(producers[signed.id])

@@ -325,3 +325,17 @@ def test_an_asyncio_connection_is_refused_in_one_line(postgres: Any, queue_name:
         assert "psycopg.AsyncConnection" in asyncio.run(refused())
     finally:
         queue.close()
+
+
+def test_a_busy_worker_keeps_no_backlog_of_notifications(postgres: Any, opened: Callable[..., Any],
+                                                         queue_name: str) -> None:
+    worker = opened(queue_name, postgres.url)
+    producer = opened(queue_name, postgres.url)
+    worker.wait_for_work("r", "w", 0.01)  # now LISTENing on the route's channel
+    for _ in range(300):  # fired one by one while the worker is busy and never waits
+        producer.enqueue([make_record(queue_name)])
+    assert len(worker.claim("r", "w", 30, limit=300)) == 300  # the worker's connection read all 300 NOTIFYs
+    # psycopg keeps notifications that arrive outside its notifies() generator unless a handler takes
+    # them; the backend's handler does, so nothing piles up (a generator-only design grew by one per job).
+    assert worker._conn._notifies_backlog is not None, "psycopg changed: find where it keeps notifications"
+    assert len(worker._conn._notifies_backlog) == 0

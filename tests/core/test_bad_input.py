@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import signal
 import subprocess
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from skunkqueue import SkunkQueue
+from skunkqueue import SkunkQueue, policy
 from skunkqueue.cli import main
 from skunkqueue.errors import ConfigurationError, InvalidArguments, SerializationError
 from skunkqueue.persistence.sqlite import SQLitePersistence
+from skunkqueue.record import JobRecord, new_id
 from skunkqueue.testing import jobs
 
 
@@ -224,3 +226,29 @@ def test_the_pool_log_names_the_sqlite_file(tmp_path: Path) -> None:
         pool.send_signal(signal.SIGTERM)
         pool.communicate(timeout=30)
     assert f"on sqlite {db}" in line and "default address" not in line
+
+
+def test_times_that_are_not_finite_are_refused_in_one_line(tmp_path: Path) -> None:
+    queue = SkunkQueue("finite", conn_url=str(tmp_path / "q.db"))
+    for bad in (math.inf, math.nan, -1, "3", 1e16):  # Redis: PEXPIRE of 1e19 ms is out of range
+        with pytest.raises(ConfigurationError, match="result_ttl must be a number of seconds from 0 to 100 years"):
+            SkunkQueue("finite", conn_url=str(tmp_path / "q.db"), result_ttl=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="result_ttl must be a number of seconds from 0 to 100 years"):
+            queue.event(routes=["r"], result_ttl=bad)(jobs.add.func)  # type: ignore[arg-type]
+    for options in ({"retry_backoff": math.inf}, {"retry_backoff": math.nan}, {"timeout": math.inf},
+                    {"timeout": math.nan}):
+        with pytest.raises(ConfigurationError, match="finite numbers"):
+            queue.event(routes=["r"], **options)(jobs.add.func)  # type: ignore[arg-type]
+
+
+def test_exponential_back_off_stops_growing_and_never_overflows() -> None:
+    """retries=2000, retry_backoff=0: the 1025th attempt computed 0.0 * 2**1024, which is no float
+    (OverflowError in the worker); the delay is now capped at policy.MAX_RETRY_DELAY."""
+    record = JobRecord(id=new_id(), queue="q", route="r", func="m:f", payload=b"[[],{}]", due=0.0,
+                       created=0.0, retries=5000, retry_backoff=0.0)
+    for attempts, backoff in ((1025, 0.0), (4000, 1.0), (60, 1.0), (3, 1e300)):
+        record.attempts, record.retry_backoff = attempts, backoff
+        outcome = policy.failed(record, {"type": "E", "message": "m", "traceback": ""})
+        assert outcome.due is not None and outcome.due <= time.time() + policy.MAX_RETRY_DELAY
+    record.attempts, record.retry_backoff = 3, 1.0
+    assert 2.0 <= policy.backoff_delay(record) <= 4.0  # 1 * 2**2, scaled by 0.5-1.0: as before

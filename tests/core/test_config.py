@@ -20,6 +20,7 @@ import redis_servers
 from skunkqueue import SkunkQueue, backends, config
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.persistence.sqlite import SQLitePersistence
+from skunkqueue.testing import jobs
 
 PASSWORD = "pa55:w@rd-not-in-logs"
 STORE_ENV = ("SKUNQ_BACKEND", "SKUNQ_URL", "SKUNQ_DB", "SKUNQ_SQLITE_PATH")
@@ -58,6 +59,8 @@ def redis_url(server: redis_servers.RedisServer, db: int) -> str:
     ("./jobs.db", "sqlite"),
     ("jobs.sqlite3", "sqlite"),
     ("/var/lib/app/queue", "sqlite"),
+    ("postgresql://app:pw@db.example:5432/app", "postgres"),
+    ("postgres://127.0.0.1/app", "postgres"),
     ("fdb:///etc/foundationdb/fdb.cluster", "fdb"),
     ("fdb://", "fdb"),
     ("/etc/foundationdb/fdb.cluster", "fdb"),
@@ -68,20 +71,20 @@ def test_an_address_alone_names_its_backend(url: str, backend: str, clean_env: p
     assert config.resolve() == config.Store(backend, url, None, "environment")
 
 
-class PostgresLike(SQLitePersistence):
+class RoachLike(SQLitePersistence):
     """A stand-in third-party backend: all it adds is the schemes it declares."""
 
-    name = "pglike"
-    url_schemes = ("postgresql", "postgres")
+    name = "roachlike"
+    url_schemes = ("cockroachdb", "cockroach")
 
 
 def test_a_third_party_backend_joins_by_declaring_its_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
     found = dict(backends._entry_points())
-    fake = type(next(iter(found.values())))(name="pglike", value=f"{__name__}:PostgresLike",
+    fake = type(next(iter(found.values())))(name="roachlike", value=f"{__name__}:RoachLike",
                                             group=backends.GROUP)
-    monkeypatch.setattr(backends, "_entry_points", lambda: {**found, "pglike": fake})
-    assert config.resolve(url="postgresql://app:pw@127.0.0.1/app").backend == "pglike"
-    assert config.resolve(url="postgres://127.0.0.1/app").backend == "pglike"
+    monkeypatch.setattr(backends, "_entry_points", lambda: {**found, "roachlike": fake})
+    assert config.resolve(url="cockroachdb://app:pw@127.0.0.1/app").backend == "roachlike"
+    assert config.resolve(url="cockroach://127.0.0.1/app").backend == "roachlike"
     assert config.resolve(url="redis://127.0.0.1").backend == "redis"
 
 
@@ -180,8 +183,9 @@ def test_a_producer_worker_and_monitor_in_one_shell_share_the_store(
     (tmp_path / "cfgjobs.py").write_text(JOBS)
     runs = tmp_path / "runs"
     # No SKUNQ_BACKEND: the scheme names it. The SQLite default would live here, and must stay empty.
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     env = _env(SKUNQ_URL=redis_url(locked_redis, 3), CFG_RUNS=str(runs),
-               SKUNQ_SQLITE_PATH=str(tmp_path / "not-this.db"), PYTHONPATH=str(tmp_path))
+               SKUNQ_SQLITE_PATH=str(tmp_path / "not-this.db"), PYTHONPATH=path)
     log = tmp_path / "pool.log"
     with open(log, "wb") as out:
         pool = subprocess.Popen([sys.executable, "-m", "skunkqueue.cli", "work", "-q", "cfgq", "-r", "r",
@@ -235,3 +239,40 @@ def test_a_queue_opened_from_an_address_alone_reaches_redis(locked_redis: redis_
     assert queue.persistence.describe() == f"redis redis://:***@127.0.0.1:{locked_redis.port}/5"
     assert queue.persistence.workers() == []  # a round trip, with the password from the URL
     queue.close()
+
+
+def test_a_postgresql_address_alone_reaches_postgres(tmp_path_factory: pytest.TempPathFactory,
+                                                      clean_env: pytest.MonkeyPatch) -> None:
+    import postgres_servers
+
+    if not postgres_servers.available():
+        pytest.fail("PostgreSQL is not installed: run scripts/ensure-servers (apt-get install postgresql)")
+    server = postgres_servers.PostgresServer(tmp_path_factory.mktemp("postgres-config"),
+                                             password="pg-s3cret").start()
+    try:
+        clean_env.setenv("SKUNQ_URL", server.url)
+        queue = SkunkQueue("cfg-pg")  # no arguments: the scheme of SKUNQ_URL names the backend
+        assert queue.backend == "postgres"
+        fired = queue.event(routes=["r"])(jobs.add.func).fire(1, 2)
+        assert queue.handle(fired.id).state == "pending"
+        assert queue.persistence.describe() == f"postgres postgresql://postgres:***@127.0.0.1:{server.port}/postgres"
+        queue.close()
+    finally:
+        server.destroy()
+
+
+@pytest.mark.parametrize(("url", "backend", "drivers"), [
+    ("/var/lib/app/jobs.db", "sqlite", []),
+    ("sqlite:////var/lib/app/jobs.db", "sqlite", []),
+    ("redis://127.0.0.1:6379", "redis", ["redis"]),
+    ("mongodb+srv://h.example/app", "mongodb", ["pymongo"]),
+])
+def test_an_address_imports_only_its_own_backends_driver(url: str, backend: str, drivers: list[str]) -> None:
+    """Choosing by scheme must not import every backend (their drivers cost a second or more)."""
+    code = ("import sys\n"
+            "from skunkqueue import config\n"
+            f"print(config.resolve(url={url!r}).backend)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'pymongo', 'psycopg', 'fdb'}))\n")
+    done = _python(code, _env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [backend, repr(drivers)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -74,6 +76,9 @@ def test_cron_across_daylight_saving_changes_in_berlin(queue: SkunkQueue) -> Non
     # 2026-10-25: 02:30 happens twice (CEST, then CET): it fires once, at the first.
     autumn = daily.slots_after(at("2026-10-24T12:00:00+00:00"))
     assert [utc(next(autumn)) for _ in range(2)] == ["2026-10-25 00:30:00", "2026-10-26 01:30:00"]
+    # The latest slot, as a check finds it, agrees: 03:00 CEST on the spring day, the first 02:30 in autumn.
+    assert utc(daily.latest_slot(at("2026-03-29T01:00:30+00:00"))) == "2026-03-29 01:00:00"  # type: ignore[arg-type]
+    assert utc(daily.latest_slot(at("2026-10-25T01:30:30+00:00"))) == "2026-10-25 00:30:00"  # type: ignore[arg-type]
     # An interval-like cron keeps its real-time rhythm through the repeated hour.
     half_hourly = schedule(queue, cron="*/30 * * * *", tz="Europe/Berlin")
     slots = half_hourly.slots_after(at("2026-10-25T00:10:00+00:00"))
@@ -227,3 +232,45 @@ def test_a_job_rebound_to_another_connection_keeps_every_option_of_its_declarati
         job.on(SkunkQueue("other", conn_url=url))
     with pytest.raises(ConfigurationError, match="Periodic jobs need a direct queue"):
         SkunkQueue("b", conn_url=url, queue_type="broadcast").periodic(routes=["r"], every=5)(jobs.whoami.func)
+
+
+def test_a_tiny_interval_costs_one_step_per_check(queue: SkunkQueue) -> None:
+    """every=1 µs with a 60 s grace: the latest slot is computed, not walked to (60 million steps)."""
+    s = schedule(queue, every=timedelta(microseconds=1))
+    now = at("2026-11-28T10:00:00.123456+00:00")
+    started = time.perf_counter()
+    assert s.due_slots(now, None) == [now]
+    assert s.due_slots(now, now - 7) == [now]
+    assert s.due_slots(now, now) == []
+    assert time.perf_counter() - started < 0.1
+    assert s.key(now).endswith("@2026-11-28T10:00:00.123456+00:00")
+
+
+def test_an_infinite_grace_fires_the_latest_slot_however_old_and_nan_is_refused(queue: SkunkQueue) -> None:
+    s = schedule(queue, every=60, misfire_grace=math.inf)
+    last = at("2020-01-01T00:00:00+00:00")
+    now = at("2026-11-28T10:00:30+00:00")
+    assert [utc(x) for x in s.due_slots(now, last)] == ["2026-11-28 10:00:00"]
+    assert s.due_slots(now, None) == [at("2026-11-28T10:00:00+00:00")]
+    hourly = schedule(queue, cron="0 * * * *", misfire_grace=10**12)
+    assert [utc(x) for x in hourly.due_slots(now, now - 3600 * S)] == ["2026-11-28 10:00:00"]
+    with pytest.raises(ConfigurationError, match="misfire_grace"):
+        schedule(queue, every=60, misfire_grace=math.nan)
+    # No walk from the past: an infinite grace on a cron schedule fired nothing on de463b8 (OverflowError).
+    minutely = schedule(queue, cron="* * * * *", misfire_grace=math.inf)
+    assert minutely.due_slots(now, None) == [at("2026-11-28T10:00:00+00:00")]
+    assert minutely.due_slots(now, last) == [at("2026-11-28T10:00:00+00:00")]
+
+
+def test_a_schedule_that_fails_its_check_does_not_stop_the_others(queue: SkunkQueue,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    broken, fine = schedule(queue, every=10), schedule(queue, cron="* * * * *")
+
+    def bind(sched: periodic.Schedule) -> Job:
+        if sched is broken:
+            raise RuntimeError("a bug in a schedule")
+        return sched.job.on(queue)
+
+    scheduler = periodic.Scheduler(queue.persistence, [broken, fine], bind)
+    assert scheduler.tick(at("2026-11-28T10:00:05+00:00") / S) == 1  # the pool's loop goes on
+    assert "a bug in a schedule" in caplog.text

@@ -225,3 +225,20 @@ def test_an_async_producer_learns_at_afire_and_a_garbled_notice_blocks_nothing(
     store.put_setting(signature_policy.SETTING, "{not json")  # a store writer's junk decides nothing
     assert asyncio.run(fire(None))
     store.close()
+
+
+def test_signature_tells_which_key_signed_a_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    def record(key: str | None) -> JobRecord:
+        made = JobRecord(id=new_id(), queue="q", route="r", func=jobs.add.name,
+                         payload=serializer.dumps_call((1, 2), {}, "json"))
+        if key is not None:
+            signing.sign(key.encode(), made)
+        return made
+
+    monkeypatch.setenv("SKUNQ_SECRET", K2)
+    monkeypatch.setenv("SKUNQ_SECRET_PREVIOUS", f"{K0},{K1}")
+    assert [signing.signature(record(k)) for k in (None, K2, K1, K0, "other")] == [
+        "none", "current", "previous", "previous", "unknown"]
+    altered = record(K1)
+    altered.route = "elsewhere"
+    assert signing.signature(altered) == "unknown"

@@ -7,6 +7,7 @@ must run exactly once, none charged an extra attempt, whatever the recycling.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -75,7 +76,7 @@ def _pool(backend: BackendUnderTest, name: str, where: Path, extra: list[str],
           concurrency: int = 2) -> PoolProcess:
     return PoolProcess(backend, name, ["r"], concurrency=concurrency, log_path=where / "pool.log",
                        imports=["recyclejobs", "skunkqueue.testing.jobs"], extra=extra, cwd=where,
-                       env={"PYTHONPATH": str(where)})
+                       env={"PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")]))})
 
 
 def _fire_hoards(backend: BackendUnderTest, name: str, runs: Path, n: int, mb: int) -> list[str]:

@@ -1,9 +1,9 @@
 """The backends the reliability suite runs against, built from each backend's own test helpers.
 
-SQLite (embedded) always; Redis, MongoDB and the FoundationDB stand-in when
-their distribution is installed. Their servers are started with the helpers
-the backend's tests use (``tests/redis_servers.py``, ``tests/mongo_servers.py``,
-``tests/fdb_servers.py``).
+SQLite (embedded) always; Redis, MongoDB, PostgreSQL and the FoundationDB
+stand-in when their distribution is installed. Their servers are started with
+the helpers the backend's tests use (``tests/redis_servers.py``,
+``tests/mongo_servers.py``, ``tests/postgres_servers.py``, ``tests/fdb_servers.py``).
 
 A backend whose distribution is missing is skipped with a reason naming the
 distribution. When the distribution is installed, failing to start its server
@@ -27,9 +27,9 @@ import pytest
 
 from skunkqueue.testing.kit import BackendUnderTest, closed_port
 
-BACKENDS = ["sqlite", "redis", "mongodb", "fdb"]
+BACKENDS = ["sqlite", "redis", "mongodb", "postgres", "fdb"]
 DISTRIBUTIONS = {"sqlite": "skunkqueue", "redis": "skunkqueue-redis", "mongodb": "skunkqueue-mongo",
-                 "fdb": "skunkqueue-fdb"}
+                 "postgres": "skunkqueue-postgres", "fdb": "skunkqueue-fdb"}
 
 
 class Server:
@@ -78,7 +78,7 @@ def require_distribution(key: str) -> None:
 @contextlib.contextmanager
 def open_target(key: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     require_distribution(key)
-    opener = {"sqlite": _sqlite, "redis": _redis, "mongodb": _mongodb, "fdb": _fdb}[key]
+    opener = {"sqlite": _sqlite, "redis": _redis, "mongodb": _mongodb, "postgres": _postgres, "fdb": _fdb}[key]
     with opener(tmp_path_factory) as target:
         yield target
 
@@ -253,6 +253,77 @@ def _mongodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         )
     finally:
         server.stop()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+class _PostgresRestartable(Server):
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def down(self) -> None:
+        self.server.kill()  # SIGKILL: only what was committed (and so is in the WAL) survives
+
+    def up(self) -> None:
+        self.server.start()
+
+
+@contextlib.contextmanager
+def _postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    import postgres_servers as servers
+    import psycopg
+    from skunkqueue_postgres.persistence import PostgresPersistence
+
+    schema = "skunkqueue_reliability"
+    server = servers.PostgresServer(tmp_path_factory.mktemp("postgres-rel")).start()
+
+    def inject(queue: str, route: str) -> int:
+        # Rows another program could leave where the route's jobs are claimed from: a function
+        # that is not "module:name", and a state SkunkQueue never writes.
+        rows = [(f"foreign-func-{queue}", "not a function", "pending"), (f"foreign-state-{queue}", "x:y", "asleep")]
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            for job_id, func, state in rows:
+                conn.execute(f"INSERT INTO {schema}.jobs (queue, id, route, state, due, func, payload, serializer, "
+                             "created) VALUES (%s, %s, %s, %s, 0, %s, 'text', 'json', 0)",
+                             (queue, job_id, route, state, func))
+        return len(rows)
+
+    @contextlib.contextmanager
+    def restartable(where: Path) -> Iterator[tuple[BackendUnderTest, Server]]:
+        # fsync on, as servers are run: a crash keeps exactly what was committed.
+        own = servers.PostgresServer(where / "postgres-restart", durable=True).start()
+        try:
+            yield (BackendUnderTest(name="postgres", url=own.url, db=schema, label="PostgreSQL 15 (fsync on)"),
+                   _PostgresRestartable(own))
+        finally:
+            own.destroy()
+
+    @contextlib.contextmanager
+    def secured(where: Path) -> Iterator[list[Secured]]:
+        password = "Pw-postgres-scram-5e1f"
+        locked = servers.PostgresServer(where / "postgres-auth", password=password).start()
+        try:
+            wrong = locked.url.replace(password, "Wrong-" + password)
+            yield [Secured("scram-sha-256 password", BackendUnderTest(name="postgres", url=locked.url, db=schema),
+                           [password], BackendUnderTest(name="postgres", url=wrong, db=schema))]
+        finally:
+            locked.destroy()
+
+    port = closed_port()
+    try:
+        # The schema exists before inject() writes into it.
+        PostgresPersistence("setup", url=server.url, db=schema).close()
+        yield Target(
+            key="postgres", label="PostgreSQL",
+            backend=BackendUnderTest(name="postgres", url=server.url, db=schema, label="PostgreSQL 15"),
+            unreachable=BackendUnderTest(name="postgres", url=f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                                         db=schema),
+            address_hint=f"127.0.0.1:{port}",
+            inject_foreign=inject, restartable=restartable, secured=secured,
+        )
+    finally:
+        server.destroy()
 
 
 # -- FoundationDB stand-in ----------------------------------------------------------------

@@ -108,3 +108,25 @@ def test_a_workflow_member_links_its_parents_and_dependents(store: Store, start_
                      r'<span class="pill state-pending">pending</span>', page)
     status, _, page = call(web, "GET", f"/jobs/{first}")
     assert status == 200 and re.search(rf'id="dependents"><a class="mono" href="/jobs/{second}">', page)
+
+
+def test_a_jobs_page_shows_its_trace_id_and_its_arguments_without_headers(sqlite_store: Store,
+                                                                          start_web: Callable[..., Web]) -> None:
+    import dataclasses
+
+    from skunkqueue import headers as record_headers
+    from skunkqueue.record import new_id
+
+    handle = sqlite_store.job("add").fire(2, 3)
+    backend = sqlite_store.queue_handle().persistence
+    template = backend.get(handle.id)
+    assert template is not None
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = dataclasses.replace(template, id=new_id(), payload=record_headers.wrap(
+        {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}, template.payload))
+    backend.enqueue([traced])
+    web = start_web(sqlite_store)
+    page = call(web, "GET", f"/jobs/{traced.id}")[2]
+    assert 'id="trace-id"' in page and trace in page
+    assert re.search(r'id="arguments">[^<]*2,\s*3', unescape(page)), "the arguments lost to the headers"
+    assert 'id="trace-id"' not in call(web, "GET", f"/jobs/{handle.id}")[2]

@@ -83,16 +83,19 @@ def backend_for_url(url: str) -> str:
     """The name of the installed backend that takes ``url`` (by its scheme: see
     ``Persistence.url_schemes``), or a ConfigurationError that says what to do.
 
-    Backends are imported one at a time until one takes the address, those whose
-    name is part of the scheme first (``redis+cluster`` -> ``redis``), then the
-    first-party ones, then the rest by name; so the usual address imports only its
-    own backend. A backend that cannot be imported is passed over.
+    Backends are imported one at a time until one takes the address: those whose
+    name is part of the scheme first (``redis+cluster`` -> ``redis``), for an
+    address without a scheme (a file path) the embedded one first, then the other
+    first-party ones, then the rest by name. So the usual address imports only its
+    own backend (importing the others' drivers would cost a second). A backend that
+    cannot be imported is passed over.
     """
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower() if sep else ""
 
     def order(name: str) -> tuple[bool, bool, str]:
-        return (not (scheme and name in scheme), name not in KNOWN_DISTRIBUTIONS, name)
+        first = name in scheme if scheme else name == DEFAULT_BACKEND
+        return (not first, name not in KNOWN_DISTRIBUTIONS, name)
 
     for name in sorted(_entry_points(), key=order):
         try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Mapping
 
 from skunkqueue.record import JobRecord
@@ -45,16 +45,14 @@ class JobContext:
     @classmethod
     def of(cls, record: JobRecord, started: float,
            dependencies: Mapping[str, str] | None = None) -> JobContext:
-        from skunkqueue.periodic import slot_of
+        from skunkqueue.periodic import slot_moment
 
         key = user_key(record.key)
-        slot = slot_of(key, record.func)
         return cls(id=record.id, queue=record.queue, route=record.route, function=record.func,
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=key, slot=None if slot is None else datetime.fromtimestamp(slot, timezone.utc),
-                   dependencies=dependencies)
+                   key=key, slot=slot_moment(key, record.func), dependencies=dependencies)
 
 
 def user_key(stored: str | None) -> str | None:

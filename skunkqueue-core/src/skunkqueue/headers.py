@@ -64,9 +64,21 @@ def of(record: JobRecord) -> dict[str, str]:
         return {}
 
 
+def trusted(record: JobRecord) -> dict[str, str]:
+    """:func:`of`, as far as a worker that checked the record's signature may trust it.
+
+    A worker with a key that runs unsigned records too (``SKUNQ_ACCEPT_UNSIGNED``, during a
+    roll-out) gets {} for an unsigned one: whoever wrote it need not hold the key.
+    """
+    if signing.key_from_env() is not None and signing.body(record.payload) == record.payload:
+        return {}
+    return of(record)
+
+
 def trace_id(record: JobRecord) -> str | None:
-    """The trace id of the W3C ``traceparent`` header, if the record carries a well-formed one."""
-    parts = of(record).get("traceparent", "").split("-")
+    """The trace id of the W3C ``traceparent`` header, if the record carries a well-formed one
+    (and, as :func:`trusted` says, may be trusted)."""
+    parts = trusted(record).get("traceparent", "").split("-")
     if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
         try:
             int(parts[1], 16)

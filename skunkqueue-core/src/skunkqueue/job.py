@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 import time
@@ -102,6 +103,21 @@ def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
     return sum(p.default is inspect.Parameter.empty for p in params), len(params)
 
 
+# The longest retention: "keep it" needs no more, and a finished time plus much more is past what the
+# stores hold (Redis refuses PEXPIRE beyond 2**63 ms; dates end at year 9999).
+MAX_RESULT_TTL = 100 * 365.25 * 24 * 3600
+
+
+def check_result_ttl(seconds: float) -> None:
+    try:
+        held = 0 <= seconds <= MAX_RESULT_TTL
+    except TypeError:
+        held = False
+    if not held:
+        raise ConfigurationError(f"result_ttl must be a number of seconds from 0 to 100 years "
+                                 f"({MAX_RESULT_TTL:.0f}), not {seconds!r}.")
+
+
 class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
@@ -112,10 +128,10 @@ class Job:
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
         for route in routes:
             check_name(route, "route")
-        if retries < 0 or retry_backoff < 0 or (timeout is not None and timeout <= 0):
-            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0.")
-        if result_ttl is not None and not result_ttl >= 0:
-            raise ConfigurationError("result_ttl must be >= 0 seconds.")
+        if not (retries >= 0 and 0 <= retry_backoff < math.inf and (timeout is None or 0 < timeout < math.inf)):
+            raise ConfigurationError("retries and retry_backoff must be >= 0 and timeout > 0 (finite numbers).")
+        if result_ttl is not None:
+            check_result_ttl(result_ttl)
         self.result_ttl = result_ttl  # None: the queue's
         self.queue = queue          # where it is fired (the connection)
         self.declared_on = queue    # whose options its records carry (type, serializer, retention)

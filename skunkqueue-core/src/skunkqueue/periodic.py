@@ -9,11 +9,14 @@ the idempotency key ``"<job name>@<slot time>"``, and the store keeps exactly
 one record per key, however many schedulers race for it. The fired job gets
 retries, timeouts, dead letters and kill like any other.
 
-Slots are never fired early (a slot is fired once its time has come, due at
-that time) and never twice (the key). After downtime the most recent missed
-slot is fired if it is less than ``misfire_grace`` seconds old (default 60);
-older ones are skipped, unless ``catch_up=True``, which fires every slot
-missed since the last one fired.
+Slots are whole microseconds since the epoch (integers: one slot, one key,
+whoever reckons it), reckoned on the store's clock (``Persistence.now``), so
+that no pool's clock makes a slot early or makes another pool skip one.
+Slots are never fired early (a slot is fired once its time has come by the
+store's clock, due at that time) and never twice (the key). After downtime
+the most recent missed slot is fired if it is at most ``misfire_grace``
+seconds old (default 60); older ones are skipped, unless ``catch_up=True``,
+which fires every slot missed since the last one fired.
 
 Cron expressions are read by cronsim, in the schedule's time zone (``tz``,
 default UTC). Across a daylight-saving change a wall-clock time that does not
@@ -66,6 +69,7 @@ def _zone(tz: str) -> timezone | object:
 
 
 MICRO = 1_000_000
+NEVER_TOO_LATE = 2**62  # microseconds: a grace past any slot since the epoch
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Slots are whole microseconds since EPOCH: integers, so that one slot is one
 # number (and one key) however it was reached; float seconds are not (1.1 s
@@ -110,9 +114,11 @@ class Schedule:
         self.every_us = None if self.every is None else round(Decimal(repr(self.every)) * MICRO)
         if self.every_us is not None and self.every_us < 1:
             raise ConfigurationError("every= must be at least one microsecond.")
-        if self.misfire_grace < 0:
+        if not self.misfire_grace >= 0:
             raise ConfigurationError("misfire_grace must be >= 0 seconds.")
-        self.grace_us = round(Decimal(repr(float(self.misfire_grace))) * MICRO)
+        # math.inf: however old, the latest missed slot fires.
+        self.grace_us = (NEVER_TOO_LATE if math.isinf(self.misfire_grace)
+                         else min(round(Decimal(repr(float(self.misfire_grace))) * MICRO), NEVER_TOO_LATE))
         self._zone = _zone(self.tz)
         if self.cron is not None:
             try:
@@ -138,8 +144,7 @@ class Schedule:
                 yield slot
                 slot += self.every_us
         # cronsim works in whole seconds: start from the second holding ``after``.
-        start = (EPOCH + timedelta(seconds=after // MICRO)).astimezone(self._zone)  # type: ignore[arg-type]
-        for moment in CronSim(self.cron or "", start):
+        for moment in CronSim(self.cron or "", self._moment(after // MICRO)):
             slot = micros_of(moment)
             if slot > after:
                 yield slot
@@ -157,17 +162,37 @@ class Schedule:
                     break
                 slots.append(slot)
             return slots
-        latest = None
-        oldest = now - self.grace_us
-        for slot in self.slots_after(oldest - 1 if last is None else max(oldest - 1, last)):
-            if slot > now:
-                break
-            latest = slot
+        latest = self.latest_slot(now)
         if latest is None or (last is not None and latest <= last) or now - latest > self.grace_us:
             return []
         return [latest]
 
+    def latest_slot(self, now: int) -> int | None:
+        """The latest slot at or before ``now`` (microseconds), found without walking from the past:
+        a tiny interval or a long grace would mean millions of steps per check."""
+        if self.every_us is not None:
+            return now // self.every_us * self.every_us
+        # cronsim walks back from the next whole second to two matches before it; the slots are then
+        # walked forward from the earlier one, so that the forward rules (daylight saving) decide.
+        back = CronSim(self.cron or "", self._moment(now // MICRO + 1), reverse=True)
+        try:
+            next(back)
+            before = micros_of(next(back))
+        except (StopIteration, OverflowError, ValueError):  # no match since year 1
+            return None
+        latest = None
+        for slot in self.slots_after(before - 1):
+            if slot > now:
+                break
+            latest = slot
+        return latest
+
+    def _moment(self, second: int) -> datetime:
+        return (EPOCH + timedelta(seconds=second)).astimezone(self._zone)  # type: ignore[arg-type]
+
     def key(self, slot: int) -> str:
+        if not isinstance(slot, int):  # epoch seconds would name a slot in 1970
+            raise TypeError(f"a slot is whole microseconds since the epoch (periodic.micros), not {slot!r}")
         return f"{self.name}@{slot_label(slot)}"
 
 
@@ -178,17 +203,21 @@ def slot_label(slot: int) -> str:
     return moment.isoformat(timespec="milliseconds" if slot % 1000 == 0 else "microseconds")
 
 
-def slot_of(key: str | None, function: str) -> float | None:
-    """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
+def slot_moment(key: str | None, function: str) -> datetime | None:
+    """The slot a periodic job's key names, exactly, as an aware datetime in UTC (None for any other key)."""
     if not key or not key.startswith(function + "@"):
         return None
     try:
         moment = datetime.fromisoformat(key[len(function) + 1:])
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        return None
-    return seconds(micros_of(moment))
+    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def slot_of(key: str | None, function: str) -> float | None:
+    """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
+    moment = slot_moment(key, function)
+    return None if moment is None else seconds(micros_of(moment))
 
 
 def _setting(name: str, what: str) -> str:
@@ -260,6 +289,8 @@ class Scheduler:
                 fired += self._check(schedule, micros(now), moved)
             except SkunkQueueError as exc:
                 log.warning("periodic %s: %s; trying again at the next check", schedule.name, exc)
+            except Exception:  # a schedule's fault must not stop the pool that runs the jobs
+                log.exception("periodic %s: the check failed; trying again at the next check", schedule.name)
         return fired
 
     def _check(self, schedule: Schedule, now: int, moved: float) -> int:

@@ -20,10 +20,15 @@ from skunkqueue.record import (
     Outcome,
 )
 
+# The longest wait before a retry: past it, exponential back-off stops growing (2**1024 is no
+# float at all: the 1025th attempt of a job with retries=2000 raised OverflowError in the worker).
+MAX_RETRY_DELAY = 30 * 24 * 3600.0
+
 
 def backoff_delay(record: JobRecord) -> float:
-    """Exponential back-off with jitter: base * 2**(attempt-1), scaled by 0.5-1.0."""
-    delay = record.retry_backoff * (2 ** max(0, record.attempts - 1))
+    """Exponential back-off with jitter: base * 2**(attempt-1), at most MAX_RETRY_DELAY, scaled by 0.5-1.0."""
+    doublings = min(max(0, record.attempts - 1), 64)  # 2**64 s is far past the cap
+    delay = min(record.retry_backoff * 2.0 ** doublings, MAX_RETRY_DELAY)
     return delay * (0.5 + random.random() / 2)
 
 

@@ -13,7 +13,7 @@ from skunkqueue import config, headers, hooks, policy, serializer, signature_pol
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
-from skunkqueue.job import Job, JobHandle, check_name
+from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
 from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
 
@@ -38,6 +38,7 @@ class SkunkQueue:
         if not isinstance(name, str) or not name:
             raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
         check_name(name, "queue")
+        check_result_ttl(result_ttl)
         if queue_type not in QUEUE_TYPES:
             raise ConfigurationError(f"queue_type must be 'direct' or 'broadcast', not {queue_type!r}.")
         self.name = name

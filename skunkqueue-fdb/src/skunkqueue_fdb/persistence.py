@@ -62,7 +62,7 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import fdb
 import fdb.tuple
@@ -565,14 +565,46 @@ class FDBPersistence(Persistence):
         found.sort(key=lambda r: (r.due, r.id))
         return found[:limit]
 
+    # Records one list_page call reads past its cursor, however few of them match its filters.
+    PAGE_SCAN = 1000
+
+    @_translate
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Keyset paging in id (creation) order over the job keys: a call reads at most PAGE_SCAN records
+        # past its cursor, however deep the page and however rarely the filters match; the default
+        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>".
+        if after is not None and not after.startswith("i:"):
+            raise ValueError(f"{after!r} is not a page cursor of this store")
+        begin = self._jobs.range((after[2:],)).stop if after else self._jobs.range().start
+        scan = max(limit, self.PAGE_SCAN)
+        found: list[JobRecord] = []
+        looked = 0
+        for stored in self._scan_from(begin):
+            looked += 1
+            try:
+                record = stored.record()
+            except MalformedRecord:
+                record = None
+            if record is not None and ((route is None or record.route == route)
+                                       and (state is None or record.state == state)
+                                       and (dead is None or record.dead == dead)):
+                found.append(record)
+            if len(found) == limit or looked == scan:
+                return found, f"i:{stored.id}"
+        return found, None
+
     def _scan(self) -> list[_Stored]:
-        """Every record of the queue, a page per transaction (one transaction must stay under 5 s).
+        """Every record of the queue (see :meth:`_scan_from`)."""
+        return list(self._scan_from(self._jobs.range().start))
+
+    def _scan_from(self, begin: bytes) -> Iterator[_Stored]:
+        """The queue's records from key ``begin`` on, a page per transaction (one must stay under 5 s).
 
         Values can be 90 kB each: the page's row count follows the bytes the
         last page held, so that a page stays near SCAN_PAGE_BYTES.
         """
-        begin, end = self._jobs.range().start, self._jobs.range().stop
-        everything: list[_Stored] = []
+        end = self._jobs.range().stop
         page = 20  # at most 20 values of 90 kB in the first page; later pages follow the bytes seen
         while True:
             kvs = fdb.transactional(lambda tr, b=begin, n=page: list(tr.snapshot.get_range(b, end, limit=n)))(
@@ -595,9 +627,9 @@ class FDBPersistence(Persistence):
                 stored = _Stored(job_id)
                 for kv in group:
                     stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
-                everything.append(stored)
+                yield stored
             if not full:
-                return everything
+                return
             page = max(10, min(2000, int(page * SCAN_PAGE_BYTES / max(size, 1))))
 
     @_translate

@@ -523,6 +523,47 @@ class MongoPersistence(NativeAsync, Persistence):
 
         return self._call("list jobs", read)
 
+    # Documents one list_page call looks at past its cursor, however few of them match its filters.
+    PAGE_SCAN = 1000
+
+    def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
+                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+        # Keyset paging in _id (creation) order on the _id index: a call looks at the filter fields of at
+        # most PAGE_SCAN documents and reads in full only those it returns, however deep the page and
+        # however rarely the filters match; the default offset cursor re-read every earlier page.
+        # The cursor is "i:<the last _id looked at>".
+        if after is not None and not after.startswith("i:"):
+            raise ValueError(f"{after!r} is not a page cursor of this store")
+        scan = max(limit, self.PAGE_SCAN)
+        query: dict[str, Any] = {"queue": self.queue, **_not_expired(self.now())}
+        if after:
+            query["_id"] = {"$gt": after[2:]}
+
+        def read() -> tuple[list[JobRecord], str | None]:
+            heads = list(self.jobs.find(query, {"route": 1, "state": 1, "dead": 1}, sort=[("_id", ASCENDING)],
+                                        limit=scan, hint=[("_id", ASCENDING)]))
+            chosen: list[Any] = []
+            more = len(heads) == scan
+            for n, head in enumerate(heads, 1):
+                if ((route is not None and head.get("route") != route)
+                        or (state is not None and head.get("state") != state)
+                        or (dead is not None and (head.get("dead") is True) != dead)):
+                    continue
+                chosen.append(head["_id"])
+                if len(chosen) == limit:
+                    more, heads = n < len(heads) or more, heads[:n]
+                    break
+            found = {doc["_id"]: doc for doc in self.jobs.find({"_id": {"$in": chosen}})} if chosen else {}
+            records = []
+            for job_id in chosen:
+                try:
+                    records.append(_to_record(found[job_id]))
+                except (KeyError, MalformedRecord):  # deleted since, or damaged
+                    continue
+            return records, (f"i:{heads[-1]['_id']}" if more and heads else None)
+
+        return self._call("list jobs", read)
+
     def counts(self) -> dict[tuple[str, str], int]:
         pipeline = [{"$match": {"queue": self.queue, **_not_expired(self.now())}},
                     {"$group": {"_id": {"route": "$route", "state": "$state"}, "n": {"$sum": 1}}}]

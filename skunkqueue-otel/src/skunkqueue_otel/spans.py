@@ -99,8 +99,9 @@ class TracingPlugin:
 
     @hookimpl
     def job_started(self, record: JobRecord) -> None:
-        # The worker calls this only after the record's signature (if any) held.
-        parent = propagate.extract(headers.of(record))
+        # The worker calls this only after the record's signature (if any) held; an unsigned
+        # record that a worker with a key accepts (a roll-out) names no parent.
+        parent = propagate.extract(headers.trusted(record))
         producer = trace.get_current_span(parent).get_span_context()
         if self._link:
             links = [Link(producer)] if producer.is_valid else None

@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import logging
+import select
 import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
 
@@ -51,7 +52,7 @@ from psycopg.rows import dict_row
 from skunkqueue import policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import (
     COMPLETE,
     ERROR,
@@ -78,8 +79,6 @@ DEFAULT_SCHEMA = "skunkqueue"
 CONNECT_DEFAULTS = {"connect_timeout": "5", "application_name": "skunkqueue"}
 # The server's clock in epoch seconds (microseconds), as of the statement's start.
 NOW = "extract(epoch FROM statement_timestamp())::float8"
-# Seconds a client's clock may differ from the server's before the times it computed are moved.
-CLOCK_TOLERANCE = 0.5
 # How often now()'s estimate of the server's clock is renewed.
 CLOCK_SYNC_EVERY = 30.0
 # Names are parts of index entries (a B-tree entry holds at most about 2.7 kB).
@@ -126,6 +125,7 @@ def _shift_from(server_now: float) -> float:
 
 class PostgresPersistence(Persistence):
     name = "postgres"
+    url_schemes = ("postgresql", "postgres")  # an address alone chooses this backend (skunkqueue.config)
     # bytea holds up to 1 GB; a statement's parameters must fit one protocol message too.
     max_payload = 256 * 1024 * 1024
     notifies = True
@@ -156,6 +156,7 @@ class PostgresPersistence(Persistence):
         self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._route_channels: dict[str, str] = {}
         self._statements: dict[str, sql.Composed] = {}
+        self._notified = False  # set by _on_notify: a NOTIFY on a channel we listen on arrived
         self._checked_handle: tuple[int, int] | None = None  # enqueue_in's last connection found to be ours
         self._call("connect", lambda conn: None)
 
@@ -190,6 +191,7 @@ class PostgresPersistence(Persistence):
         except BaseException:
             conn.close()
             raise
+        conn.add_notify_handler(self._on_notify)
         self._conn, self._listening = conn, set()
         return conn
 
@@ -747,12 +749,18 @@ class PostgresPersistence(Persistence):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._listening.add(channel)
 
-    @staticmethod
-    def _heard(conn: psycopg.Connection[dict[str, Any]], timeout: float) -> bool:
-        """Whether a notification came (or had come, since the last look) within ``timeout`` seconds."""
-        for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1):
-            return True
-        return False
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        # A handler, not psycopg's notifies() generator: with a handler psycopg keeps no backlog,
+        # which would grow by one entry per enqueue while a worker is busy and never waits.
+        self._notified = True
+
+    def _wait_notified(self, conn: psycopg.Connection[dict[str, Any]], timeout: float) -> bool:
+        """Whether a notification came since ``_notified`` was cleared, waiting up to ``timeout`` seconds."""
+        if not self._notified and timeout > 0:
+            ready, _, _ = select.select([conn.fileno()], [], [], timeout)
+            if ready:
+                conn.execute("SELECT 1")  # psycopg reads what arrived and hands notifications to _on_notify
+        return self._notified
 
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         deadline = time.monotonic() + max(timeout, 0.0)
@@ -760,7 +768,7 @@ class PostgresPersistence(Persistence):
         def wait(conn: psycopg.Connection[dict[str, Any]]) -> None:
             # Listening before the look: work committed after it is notified, work committed before it is seen.
             self._listen(conn, self.route_channel(route))
-            self._heard(conn, 0)  # what was heard before this look is seen by it
+            self._notified = False  # what was heard before this look is seen by it
             row = conn.execute(self._sql("next due", """
                 SELECT due - {now} AS wait FROM {jobs}
                 WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
@@ -768,8 +776,7 @@ class PostgresPersistence(Persistence):
             left = deadline - time.monotonic()
             if row is not None:
                 left = min(left, float(row["wait"]))
-            if left > 0:
-                self._heard(conn, left)
+            self._wait_notified(conn, left)
 
         self._call("wait for work", wait)
 
@@ -779,6 +786,7 @@ class PostgresPersistence(Persistence):
 
         def listen(conn: psycopg.Connection[dict[str, Any]]) -> None:
             self._listen(conn, channel)
+            self._notified = False
 
         try:
             while True:
@@ -791,7 +799,7 @@ class PostgresPersistence(Persistence):
                     return record
                 # At most a second at a time: a notification lost with a connection costs no more.
                 pause = 1.0 if left is None else min(left, 1.0)
-                self._call("wait for result", functools.partial(self._heard, timeout=pause))
+                self._call("wait for result", functools.partial(self._wait_notified, timeout=pause))
         finally:
             if channel in self._listening and self._conn is not None:
                 self._listening.discard(channel)

@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from skunkqueue import dependencies, periodic, serializer
+from skunkqueue import dependencies, headers, periodic, serializer
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.metrics import BUCKETS
 from skunkqueue.persistence import Persistence
@@ -211,7 +211,7 @@ class Monitor:
         store = self.queue.persistence
         parents, dependents = (record.parents or [])[:100], store.dependents(job_id)[:100]
         related = dict(zip(parents + dependents, store.get_many(parents + dependents)))
-        return self.render(request, "job.html", live=True, r=record,
+        return self.render(request, "job.html", live=True, r=record, trace_id=headers.trace_id(record),
                            arguments=_decode(record.payload, record.serializer, call=True),
                            result=_decode(record.result, record.serializer, call=False),
                            waiting=dependencies.waiting(record), parents=parents, dependents=dependents,

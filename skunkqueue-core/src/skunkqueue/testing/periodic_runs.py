@@ -24,7 +24,8 @@ def note_run() -> float:
     ctx = current_job()
     if ctx is None:
         raise RuntimeError("note_run() is for the kit's periodic jobs, run by a worker")
-    append_line(os.environ[TICKS_ENV], f"{ctx.slot!r} {started!r} {os.getpid()} {ctx.id} {ctx.function}")
+    slot = None if ctx.slot is None else ctx.slot.timestamp()
+    append_line(os.environ[TICKS_ENV], f"{slot!r} {started!r} {os.getpid()} {ctx.id} {ctx.function}")
     return started
 
 

@@ -165,7 +165,7 @@ class FieldRulesSuite:
         # spawn: a fresh interpreter per claimer, as separate worker hosts would be.
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        plain = dataclasses.replace(backend, inject_foreign=None)  # a callable need not pickle
+        plain = dataclasses.replace(backend, inject_foreign=None, misfile=None)  # callables need not pickle
         procs = [ctx.Process(target=_claim_all, args=(plain, queue_name, f"w{i}", out)) for i in range(4)]
         for proc in procs:
             proc.start()

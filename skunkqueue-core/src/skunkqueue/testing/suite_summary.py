@@ -164,3 +164,34 @@ class SummarySuite:
             pass
         else:
             raise AssertionError("a foreign cursor was accepted")
+
+    def test_a_page_costs_the_same_however_many_jobs_come_before_it(self, backend: Any, store: Persistence) -> None:
+        # The monitor pages on a request at a time: a store that re-reads every earlier page (an offset
+        # cursor) or reads the whole queue for each page makes a filter that matches little unbounded.
+        jobs, size = 20_000, 100
+        for _ in range(jobs // 2000):
+            store.enqueue([make_record(store.queue, "a") for _ in range(2000)])
+        cursors: list[str | None] = [None]
+        seen = 0
+        while True:
+            page, cursor = store.list_page(limit=size, after=cursors[-1])
+            seen += len(page)
+            if cursor is None:
+                break
+            cursors.append(cursor)
+            assert len(cursors) <= 2 * jobs // size, "paging did not end"
+        assert seen == jobs
+        with backend.open(backend.new_queue_name()) as small:
+            small.enqueue([make_record(small.queue, "a") for _ in range(2 * size)])
+            # Interleaved, so that the machine's load weighs on each alike; medians, so one slow call is noise.
+            took: dict[str, list[float]] = {"small queue": [], "first page": [], "deep page": []}
+            for _ in range(15):
+                for name, where, after in (("small queue", small, None), ("first page", store, None),
+                                           ("deep page", store, cursors[-3])):
+                    started = time.perf_counter()
+                    where.list_page(limit=size, after=after)
+                    took[name].append(time.perf_counter() - started)
+        median = {name: sorted(times)[7] for name, times in took.items()}
+        shown = ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in median.items())
+        assert median["deep page"] < 4 * median["small queue"] + 0.01, f"a page of {jobs} jobs: {shown}"
+        assert median["first page"] < 4 * median["small queue"] + 0.01, f"a page of {jobs} jobs: {shown}"
