@@ -195,3 +195,12 @@ local function quarantine(id, why, now, ttl)
   redis.call('ZADD', INDEX, fmt(now + ttl), id)
   tally(id, was[2], was[1], 'error', '1', fmt(now + ttl), now)
 end
+
+-- A finished record's signal: a token on its done list (sync waiters BLMOVE on it) and its id
+-- published on the done prefix (one subscription per asyncio loop and queue hears it).
+local function signal_done(id)
+  local done = DONE .. id
+  redis.call('RPUSH', done, '1')
+  redis.call('PEXPIRE', done, DONE_TOKEN_MS)
+  redis.call('PUBLISH', DONE, id)
+end
