@@ -69,3 +69,27 @@ def test_a_workflow_survives_a_server_restart(start_redis: Any, queue_name: str)
         assert got is not None and store.finish(b.id, got.token, policy.completed(b"2"))
         assert [r.id for r in store.claim("r", "w", 30, limit=10)] == [c.id]
         assert store.claim("r", "w", 30, limit=10) == []
+
+
+def test_an_async_waiter_hears_a_step_killed_by_its_parent_at_once(store: Persistence, queue_name: str) -> None:
+    """release.lua ends the step, not finish: its done signal must reach the loop's listener too
+    (else the waiter only learns at its next 5 s look)."""
+    import asyncio
+    import time
+
+    parent = make_record(queue_name)
+    step = make_record(queue_name, parents=[parent.id], due=dependencies.WAITING_DUE)
+    store.enqueue([parent, step])
+
+    async def go() -> tuple[Any, float]:
+        waiting = asyncio.create_task(store.await_finished(step.id, 30))
+        await asyncio.sleep(0.3)
+        [claimed] = store.claim("r", "w", 30)
+        assert store.finish(parent.id, claimed.token, policy.killed("stop"))
+        killed_at = time.monotonic()
+        record = await waiting
+        return record, time.monotonic() - killed_at
+
+    record, late = asyncio.run(go())
+    assert record is not None and record.state == "killed", record
+    assert late < 1.0, f"heard {late:.1f} s after the parent was killed"
