@@ -33,6 +33,7 @@ log = logging.getLogger("skunkqueue.redis")
 
 DEFAULT_URL = "localhost:6379"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 
 
 @dataclass
@@ -41,7 +42,9 @@ class ConnSpec:
 
     cluster: bool
     kwargs: dict[str, Any] = field(default_factory=dict)          # for Redis / ConnectionPool
-    nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes
+    nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes, or the sentinels
+    service: str | None = None                                    # Sentinel: the monitored primary's name
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)  # Sentinel: for the sentinels themselves
 
 
 def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
@@ -49,7 +52,10 @@ def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
 
     Accepts ``host:port``, ``redis://[user:pass@]host:port[/db]``, ``rediss://``
     (TLS), ``unix:///path/to.sock`` and ``redis+cluster://host:port[,host:port]``
-    (or ``rediss+cluster://``). ``db`` overrides a database number in the URL.
+    (or ``rediss+cluster://``), and
+    ``redis+sentinel://host:port[,host:port]/service[/db][?db=N&sentinel_password=...]``
+    (or ``rediss+sentinel://``), whose primary is asked of the sentinels at every
+    (re)connection. ``db`` overrides a database number in the URL.
     """
     url = url or DEFAULT_URL
     where = redact(url)
@@ -88,15 +94,55 @@ def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
             kwargs["ssl"] = True
         return ConnSpec(cluster=True, kwargs=kwargs, nodes=nodes)
 
+    if scheme in SENTINEL_SCHEMES:
+        return _parse_sentinel(scheme, rest, where, db_number)
+
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(
             f"Redis address {where} has an unknown scheme; use host:port, redis://, rediss://, "
-            "unix:// or redis+cluster://."
+            "unix://, redis+cluster:// or redis+sentinel://."
         )
     kwargs = _parse(url, where)
     if db_number is not None:
         kwargs["db"] = db_number
     return ConnSpec(cluster=False, kwargs=kwargs)
+
+
+def _parse_sentinel(scheme: str, rest: str, where: str, db_number: int | None) -> ConnSpec:
+    """``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db][?query]``."""
+    userinfo, at, tail = rest.rpartition("@")
+    tail, _, query = tail.partition("?")
+    hosts, _, path = tail.partition("/")
+    service, _, db_path = path.strip("/").partition("/")
+    if not service:
+        raise ConfigurationError(f"Redis Sentinel address {where} names no primary; add its name as the "
+                                 "path, e.g. redis+sentinel://host:26379/mymaster.")
+    nodes = []
+    for hostport in filter(None, hosts.split(",")):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(f"Redis Sentinel address {where} needs host:port for every sentinel.")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ConfigurationError(f"Redis Sentinel address {where} names no sentinel.")
+    # The sentinels' own password (they rarely share the data nodes'); the rest of the query is parse_url's.
+    options = [pair for pair in query.split("&") if pair]
+    sentinel_password = [unquote(p.partition("=")[2]) for p in options if p.startswith("sentinel_password=")]
+    options = [p for p in options if not p.startswith("sentinel_password=")]
+    single = f"{SENTINEL_SCHEMES[scheme]}://{userinfo}{at}{hosts.split(',')[0]}"
+    if db_path:
+        single += f"/{db_path}"
+    kwargs = _parse(single + (f"?{'&'.join(options)}" if options else ""), where)
+    for name in ("host", "port", "path"):
+        kwargs.pop(name, None)
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True  # SentinelConnectionPool picks its TLS connection class from this
+    if db_number is not None:
+        kwargs["db"] = db_number
+    sentinel_kwargs: dict[str, Any] = {}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password[-1]
+    return ConnSpec(cluster=False, kwargs=kwargs, nodes=nodes, service=service, sentinel_kwargs=sentinel_kwargs)
 
 
 def _parse(url: str, where: str) -> dict[str, Any]:
@@ -193,6 +239,10 @@ class HotLine:
             conn = self._conn
             if conn is None or conn.pid != os.getpid():  # new, or inherited through a fork
                 conn = self._conn = self._pool.make_connection()
+                # Connect here, as the pool does before it lends one: a Sentinel-managed
+                # connection asks for the primary only in connect(); the send path's own
+                # implicit connect (redis-py 8) would go to its default, localhost:6379.
+                conn.connect()
             try:
                 return self._evalsha(conn, script, keys, args)
             except (RedisConnectionError, RedisTimeoutError, OSError):
@@ -232,6 +282,15 @@ def _client_args(url: str | None, db: str | None, connect_timeout: float,
     return redact(url or DEFAULT_URL), spec, {**common, **spec.kwargs}
 
 
+def _sentinel_kwargs(spec: ConnSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments for the connections to the sentinels: our timeouts and TLS, their own password."""
+    own: dict[str, Any] = {name: kwargs[name] for name in ("socket_connect_timeout", "socket_timeout")
+                           if name in kwargs}
+    if kwargs.get("ssl"):
+        own.update({k: v for k, v in kwargs.items() if k.startswith("ssl")})
+    return {**own, **spec.sentinel_kwargs}
+
+
 def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
             retries: int) -> tuple[redis.Redis | RedisCluster, bool]:
     """A client for ``url``/``db`` (nothing is sent yet) and whether it is a cluster client."""
@@ -240,6 +299,13 @@ def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_t
     try:
         if spec.cluster:
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes], **kwargs), True
+        if spec.service is not None:
+            from redis.sentinel import Sentinel
+
+            # Every new connection asks the sentinels for the current primary, so a failover
+            # costs the commands in flight (retried with back-off) and nothing else.
+            sentinel = Sentinel(spec.nodes, sentinel_kwargs=_sentinel_kwargs(spec, kwargs), **kwargs)
+            return sentinel.master_for(spec.service, redis_class=redis.Redis), False
         return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), False
     except (AuthenticationError, *UNREACHABLE) as exc:
         raise cast(Exception, translate(exc, where, url)) from None
@@ -262,4 +328,11 @@ def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_
     if spec.cluster:
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in spec.nodes]
         return redis.asyncio.RedisCluster(startup_nodes=nodes, **kwargs)
+    if spec.service is not None:
+        import redis.asyncio.sentinel
+
+        kwargs.pop("connection_class", None)  # the sentinel pool brings its own (TLS from ssl=True)
+        sentinel = redis.asyncio.sentinel.Sentinel(spec.nodes, sentinel_kwargs=_sentinel_kwargs(spec, kwargs),
+                                                   **kwargs)
+        return sentinel.master_for(spec.service, redis_class=redis.asyncio.Redis)
     return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(**kwargs))

@@ -36,7 +36,7 @@ from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.aio import NativeAsync
 from skunkqueue_redis.codec import decode_record, num, opt, pack_record, text, unpack_fields
-from skunkqueue_redis.connection import CLUSTER_SCHEMES, DEFAULT_URL, HotLine, connect, guarded
+from skunkqueue_redis.connection import CLUSTER_SCHEMES, DEFAULT_URL, SENTINEL_SCHEMES, HotLine, connect, guarded
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
@@ -96,7 +96,7 @@ class RedisPersistence(NativeAsync, Persistence):
     """Redis and Redis Cluster; the key layout is in keys.py, the asyncio methods in aio.py."""
 
     name = "redis"
-    url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+    url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
     notifies = True
     max_payload = 512 * 1024 * 1024  # Redis' largest string
 
