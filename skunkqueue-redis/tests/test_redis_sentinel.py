@@ -129,10 +129,12 @@ def _produce(job: Any, api: str, path: Path, stop: threading.Event, acked: list[
         through.close()
 
 
-def test_workers_and_producers_carry_on_through_a_failover(sentinels: Any, queue_name: str,
-                                                           tmp_path: Path) -> None:
-    backend = BackendUnderTest(name="redis", url=sentinels.url, db="0")
-    q = SkunkQueue(queue_name, backend="redis", conn_url=sentinels.url, dbname="0")
+@pytest.mark.parametrize("option", ["", "?wait_replicas=1"])
+def test_workers_and_producers_carry_on_through_a_failover(sentinels: Any, queue_name: str, tmp_path: Path,
+                                                           option: str) -> None:
+    url = sentinels.url + option
+    backend = BackendUnderTest(name="redis", url=url, db="0")
+    q = SkunkQueue(queue_name, backend="redis", conn_url=url, dbname="0")
     mark = declare(q, jobs.mark)
     ran = tmp_path / "ran.log"
     ran.touch()
@@ -155,6 +157,14 @@ def test_workers_and_producers_carry_on_through_a_failover(sentinels: Any, queue
             assert time.monotonic() < deadline, f"no failover: {sentinels.sentinel_log(0)}"
             time.sleep(0.1)
         promoted_at = time.monotonic()
+        if option:
+            # The new primary has no replica yet: no enqueue can be acknowledged (the price of
+            # the option) until the old primary is back, which the sentinels make its replica.
+            time.sleep(2.5)  # longer than wait_timeout_ms: fires on the new primary come back refused
+            assert not [t for a in acked.values() for _, t in a if t > promoted_at], \
+                "fires were acknowledged with no replica"
+            sentinels.primary.start()
+            promoted_at = time.monotonic()
         # The same producers go on: 200 more acknowledged fires each, after the promotion.
         while min(sum(1 for _, t in a if t > promoted_at) for a in acked.values()) < 200:
             assert time.monotonic() < promoted_at + 60, f"producers stuck: {refused}"
@@ -189,10 +199,82 @@ def test_workers_and_producers_carry_on_through_a_failover(sentinels: Any, queue
     lost = [token for token in acknowledged if token not in set(runs)]
     twice = len(runs) - len(set(runs))
     before = [token for a in acked.values() for token, t in a if t <= killed_at]
-    print(f"\nfailover: {len(acknowledged)} acknowledged fires ({len(before)} before the SIGKILL), "
+    print(f"\nfailover{option}: {len(acknowledged)} acknowledged fires ({len(before)} before the SIGKILL), "
           f"{sum(map(len, refused.values()))} refused while no primary, promotion after "
           f"{promoted_at - killed_at:.1f} s; lost {len(lost)} acknowledged, ran {twice} twice")
     # Asynchronous replication: what the primary acknowledged in its last moments may never have
     # reached the replica. Those can be lost; nothing acknowledged by the new primary can.
     assert not [token for token in lost if token in after]
     assert len(lost) <= len(before)
+    if option:  # acknowledged only once the replica had it: the promoted replica has every one
+        assert not lost
+
+
+# == ?wait_replicas=N: acknowledged once N replicas have the jobs ===================================
+
+
+@pytest.mark.parametrize("size", [1, 2500])  # one script call, and MULTI/EXEC of three
+def test_wait_replicas_acknowledges_only_what_the_replica_has(sentinels: Any, queue_name: str,
+                                                              size: int) -> None:
+    import asyncio
+
+    import redis
+
+    replica = redis.Redis(port=sentinels.replica.port, db=1)
+    with RedisPersistence(queue_name, url=sentinels.url + "?wait_replicas=1", db="1") as store:
+        assert (store.wait_replicas, store.wait_timeout_ms) == (1, 2000)
+        for api in ("sync", "async"):
+            batch = [make_record(queue_name) for _ in range(size)]
+            if api == "sync":
+                holders = store.enqueue_keyed(batch)
+            else:
+                holders = asyncio.run(store.aenqueue_keyed(batch))
+            assert holders == [r.id for r in batch]
+            # Read at once from the replica, without waiting for it: acknowledged means it is there.
+            with replica.pipeline(transaction=False) as pipe:
+                for r in batch:
+                    pipe.exists(store.keys.job(r.id))
+                assert all(pipe.execute()), api
+    replica.close()
+
+
+def test_too_few_replicas_is_a_refused_enqueue_that_says_so(sentinels: Any, queue_name: str) -> None:
+    import asyncio
+
+    url = sentinels.url + "?wait_replicas=2&wait_timeout_ms=200"  # there is one replica
+    with RedisPersistence(queue_name, url=url, db="1") as store:
+        for call in (lambda r: store.enqueue([r]), lambda r: asyncio.run(store.aenqueue([r]))):
+            job = make_record(queue_name)
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable) as caught:
+                call(job)
+            assert 0.15 < time.monotonic() - started < 5
+            message = str(caught.value)
+            assert "only 1 of 2 replica(s)" in message and "wait_timeout_ms" in message and "\n" not in message
+            assert store.get(job.id) is not None  # stored on the primary: refused is not "not written"
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("redis://127.0.0.1:1?wait_replicas=one", "must be a whole number"),
+    ("redis://127.0.0.1:1?wait_replicas=-1", "must be a whole number"),
+    ("redis://127.0.0.1:1?wait_replicas=1&wait_timeout_ms=0", "at least 1"),
+    ("redis+cluster://127.0.0.1:1?wait_replicas=1", "not supported on Redis Cluster"),
+])
+def test_a_bad_wait_option_is_one_clear_line(url: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=needle):
+        parse_conn_url(url, None)
+
+
+def test_what_wait_replicas_costs_a_producer(sentinels: Any, queue_name: str) -> None:
+    """Not a benchmark: the order of magnitude, printed, on this (shared, loaded) machine."""
+    rates = {}
+    for option in ("", "?wait_replicas=1"):
+        with RedisPersistence(queue_name, url=sentinels.url + option, db="3") as store:
+            store.enqueue([make_record(queue_name)])  # connect and load the script first
+            started, n = time.perf_counter(), 0
+            while time.perf_counter() - started < 2.0:
+                store.enqueue([make_record(queue_name)])
+                n += 1
+            rates[option or "default"] = n / (time.perf_counter() - started)
+            assert store.counts()[("r", PENDING)] >= n
+    print(f"\nsingle-job enqueues per second, one producer: {rates}")

@@ -45,6 +45,8 @@ class ConnSpec:
     nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes, or the sentinels
     service: str | None = None                                    # Sentinel: the monitored primary's name
     sentinel_kwargs: dict[str, Any] = field(default_factory=dict)  # Sentinel: for the sentinels themselves
+    wait_replicas: int = 0          # ?wait_replicas=N: an enqueue is acknowledged once N replicas have it
+    wait_timeout_ms: int = 2000     # ?wait_timeout_ms=: how long WAIT may take before the enqueue fails
 
 
 def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
@@ -59,6 +61,37 @@ def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
     """
     url = url or DEFAULT_URL
     where = redact(url)
+    url, wait_replicas = _take_option(url, "wait_replicas", where)
+    url, wait_timeout_ms = _take_option(url, "wait_timeout_ms", where)
+    spec = _parse_spec(url, where, db)
+    if wait_replicas is not None:
+        if spec.cluster:
+            raise ConfigurationError(f"wait_replicas is not supported on Redis Cluster ({where}).")
+        spec.wait_replicas = wait_replicas
+    if wait_timeout_ms is not None:
+        if wait_timeout_ms < 1:
+            raise ConfigurationError(f"wait_timeout_ms must be at least 1 ({where}).")
+        spec.wait_timeout_ms = wait_timeout_ms
+    return spec
+
+
+def _take_option(url: str, name: str, where: str) -> tuple[str, int | None]:
+    """``url`` without the query option ``name``, and its value (a whole number ≥ 0) if given."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    pairs = [pair for pair in query.split("&") if pair]
+    mine = [pair.partition("=")[2] for pair in pairs if pair.partition("=")[0] == name]
+    if not mine:
+        return url, None
+    rest = "&".join(pair for pair in pairs if pair.partition("=")[0] != name)
+    value = unquote(mine[-1])
+    if not value.isdigit():
+        raise ConfigurationError(f"{name}={value!r} in the Redis address {where} must be a whole number ≥ 0.")
+    return (f"{base}?{rest}" if rest else base), int(value)
+
+
+def _parse_spec(url: str, where: str, db: str | None) -> ConnSpec:
     scheme, sep, rest = url.partition("://")
     if not sep:
         url = f"redis://{url}"
