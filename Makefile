@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-postgres skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fdb-real lint bench bench-web bench-otel chaos servers clean
+.PHONY: demo test test-fast test-fdb-real lint bench bench-web bench-otel chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,22 @@ $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" scripts/demo.sh
 
+# The suite runs in two passes (scripts/run-tests): TEST_WORKERS processes side by side
+# (pytest-xdist; each starts its own servers on free ports), then the few `serial` tests, which
+# bound a wall-clock time in milliseconds, alone. The tests mostly wait on the pools and servers
+# they start, so twice the cores pays off (README "Running the tests" has the figures).
+TEST_WORKERS ?= 4
+RUN_TESTS := TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python scripts/run-tests
+
 ## Run the whole test suite; the tests start their own redis-server, mongod and PostgreSQL.
 test: $(STAMP) servers
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(RUN_TESTS) $(PYTEST_ARGS)
+
+## The inner loop: every test that needs no server or browser and is no benchmark -- the kit and the
+## reliability suite on SQLite, the core, the backends' unit tests -- with 10 rounds of group
+## signals instead of 50. `make test` runs everything.
+test-fast: $(STAMP) servers
+	SKUNQ_SIGNAL_ROUNDS=10 $(RUN_TESTS) -m "not slow" $(PYTEST_ARGS)
 
 ## The fdb tests against a real FoundationDB 7.3 cluster, step by step in skunkqueue-fdb/README.md:
 ## install libfdb_c 7.3.x (foundationdb-clients), then

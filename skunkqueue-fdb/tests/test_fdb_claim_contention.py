@@ -73,6 +73,7 @@ def test_one_claimer_keeps_strict_order(store: Persistence) -> None:
     assert [store.claim("r", "w", 30)[0].id for _ in range(30)] == [r.id for r in records]
 
 
+@pytest.mark.slow  # a benchmark run: `make test`, not the inner loop
 def test_the_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.fdb_contention", "--claimers", "1,2",

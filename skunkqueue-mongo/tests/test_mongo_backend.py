@@ -150,7 +150,8 @@ def test_indexes_are_created_once_per_process_and_idempotently(mongo: Any, opene
     assert created == [], "a second instance in the same process must not create indexes again"
     monkeypatch.setattr(mongo_persistence, "_indexed", set())
     opened("q3", mongo.url)
-    assert sorted(created) == ["claim", "expire", "key", "lease", "queue", "stats_expire", "stats_minute"]
+    assert sorted(created) == ["claim", "deps_expire", "deps_parent", "expire", "key", "lease", "queue", "settle",
+                               "settled_child", "settled_expire", "stats_expire", "stats_minute", "waits_expire"]
     assert first.jobs.index_information() == before
     assert before["claim"]["key"] == [("queue", 1), ("route", 1), ("state", 1), ("target", 1), ("due", 1),
                                       ("_id", 1)]
@@ -337,6 +338,7 @@ def test_standalone_wait_polls_and_returns_when_work_appears(mongo_standalone: A
     assert 0.38 < time.monotonic() - idle < 0.6
 
 
+@pytest.mark.serial  # a pick-up latency bound: run alone, not beside other tests' pools
 def test_pick_up_latency_with_a_real_worker(mongo: Any, queue_name: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Fire -> claimed, measured from the record (created vs started) with an idle ``skunq work``."""

@@ -9,9 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# A benchmark keeps both cores busy and times itself: alone, after the parallel pass (scripts/run-tests);
+# `make test` runs it, not the inner loop.
+@pytest.mark.serial
+@pytest.mark.slow
 def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -57,6 +63,8 @@ def test_peer_rounds_alternate_and_ratios_favour_the_better() -> None:
     assert got["latency_p50_ms"] == {"ratio": 1 / 3, "low": 0.25, "high": 0.5}
 
 
+@pytest.mark.serial  # five libraries' workers, timed, with read timeouts: alone, like the one above
+@pytest.mark.slow
 def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
     """One tiny round of SkunkQueue, Huey, Celery, RQ and Dramatiq, each through its own worker command."""
     from benchmarks.peer_systems import DEFAULT, PEERS

@@ -25,6 +25,9 @@ from skunkqueue.persistence import NOTIFY_LATENCY
 from skunkqueue.persistence.sqlite import SQLitePersistence
 from skunkqueue.testing.suite_support import make_record, wait_until
 
+# Every test here bounds a wake-up in milliseconds: they run alone, after the parallel run.
+pytestmark = pytest.mark.serial
+
 NOBODY = 65534
 SLACK = 0.3  # for a busy 2-core test machine
 

@@ -12,6 +12,7 @@ root, which ``scripts/reliability_report.py`` renders.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -42,6 +43,13 @@ _figures: dict[str, dict[str, dict[str, Any]]] = {}
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _figures:
         return
+    # Under pytest-xdist every worker merges its own figures: one at a time, or one's would be lost.
+    with open(RESULTS.with_name(RESULTS.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_figures()
+
+
+def _merge_figures() -> None:
     try:
         data = json.loads(RESULTS.read_text())
     except (OSError, ValueError):

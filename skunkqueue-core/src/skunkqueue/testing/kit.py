@@ -33,11 +33,27 @@ def kit_routes(default: Sequence[str]) -> list[str]:
     return routes or list(default)
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for outgoing connections and ``bind(0)`` (Linux: 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(also_free: int | None = None) -> int:
     """A free TCP port on 127.0.0.1 for a test server; with ``also_free``, port + also_free is free
-    too (a Redis Cluster node's bus listens at port + 10000)."""
+    too (a Redis Cluster node's bus listens at port + 10000).
+
+    Picked below the kernel's ephemeral range, so that a client's outgoing connection or a
+    :func:`closed_port` of another test process (pytest-xdist runs several) cannot take the
+    port between this check and the server's bind.
+    """
+    high = _ephemeral_low() - 1 - (also_free or 0)
+    low = 20000 if high - 20000 >= 1000 else 1024
     for _ in range(200):
-        port = random.randint(20000, 50000)
+        port = random.randint(low, high)
         if _port_is_free(port) and (also_free is None or _port_is_free(port + also_free)):
             return port
     raise RuntimeError("no free loopback port found")
@@ -56,8 +72,8 @@ def closed_port() -> int:
     """A loopback port nobody listens on, for "cannot reach the store" tests.
 
     The system hands out a port and the socket is closed at once, so nothing
-    else was using it; unlike :func:`free_port` it is not kept out of the
-    range test servers pick from, so use it only to be refused.
+    else was using it. It comes from the kernel's ephemeral range, which
+    :func:`free_port` keeps its servers out of; use it only to be refused.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -65,6 +65,7 @@ class AsyncSuite:
 
         asyncio.run(produce())
 
+    @pytest.mark.serial  # a 250 ms bound on the loop: run alone, not beside other tests' pools
     def test_afire_never_blocks_the_event_loop(self, queue: SkunkQueue, monkeypatch: pytest.MonkeyPatch) -> None:
         add = declare(queue, jobs.add)
         opened_on: list[int] = []

@@ -1,0 +1,81 @@
+"""Suite-wide rules that let `make test` run the tests in parallel processes (pytest-xdist).
+
+Every xdist worker is a pytest session of its own: the session-scoped server
+fixtures (redis-server, mongod, the FoundationDB stand-in) start once per
+worker on free loopback ports with their own temporary directories, and each
+test uses queue names of its own. What remains shared between the processes
+is handled here:
+
+- the default SQLite path (``$XDG_DATA_HOME/skunkqueue/skunkqueue.db``), which
+  a ``skunq`` started without ``--url`` would use: each process of the run
+  gets an empty data directory of its own, so no test touches another's (or
+  the developer's) default queue;
+- a fixture that must not be set up in every worker at once: a test using
+  one listed in :data:`GROUPS` is sent, with all tests using it, to a
+  single worker (``--dist loadgroup``).
+
+It also marks ``slow`` every test that needs a server or a browser, so that
+``make test-fast`` (``-m "not slow"``) is the inner loop: everything on the
+embedded SQLite backend and every test that needs no server. A test needs one
+when it uses a fixture named ``*_server`` or ``*_cluster`` (name a new
+backend's server fixtures so), one in :data:`SERVER_FIXTURES`, or is
+parametrized with the name of a backend other than SQLite (the reliability
+suite's ``target``, the monitor's ``store``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+
+import pytest
+
+# fixture name -> xdist group. One Chromium for the browser tests, not one per worker: two
+# browsers rendering at once on a 2-core machine only slow each other's page waits.
+GROUPS = {"browser": "chromium"}
+
+# Server and browser fixtures whose names do not end in _server or _cluster.
+SERVER_FIXTURES = {"start_redis", "mongo", "mongo_standalone", "mongo_replset", "mongo_auth", "make_mongo",
+                   "real_cluster_file", "fdb_root", "postgres", "make_postgres", "browser"}
+EMBEDDED_BACKENDS = {"sqlite"}
+
+_data_home: str | None = None
+
+
+def _server_backends() -> set[str]:
+    names = {ep.name for ep in importlib.metadata.entry_points(group="skunkqueue.backends")}
+    return names - EMBEDDED_BACKENDS
+
+
+def _needs_server(item: pytest.Item, server_backends: set[str]) -> bool:
+    names = getattr(item, "fixturenames", ())
+    if any(n in SERVER_FIXTURES or n.endswith(("_server", "_cluster")) for n in names):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(isinstance(v, str) and v in server_backends
+                                        for v in callspec.params.values())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _data_home
+    _data_home = tempfile.mkdtemp(prefix="skunq-test-data-")
+    os.environ["XDG_DATA_HOME"] = _data_home  # inherited by every worker process a test starts
+    os.environ.pop("SKUNQ_SQLITE_PATH", None)  # it would override the default path for all of them
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _data_home:
+        shutil.rmtree(_data_home, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    server_backends = _server_backends()
+    for item in items:
+        if _needs_server(item, server_backends):
+            item.add_marker(pytest.mark.slow)
+        for fixture, group in GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
