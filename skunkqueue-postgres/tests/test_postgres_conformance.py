@@ -27,6 +27,17 @@ def foreign_writer(server: Any) -> Callable[[str, str], None]:
     return inject
 
 
+def misfiler(server: Any) -> Callable[[str, str, str, str, str | None], None]:
+    def misfile(queue: str, job_id: str, to_queue: str, route: str, target: str | None) -> None:
+        # A row's queue, route and target are what claims match on; the columns are the record's fields.
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            moved = conn.execute(f"UPDATE {SCHEMA}.jobs SET queue = %s, route = %s, target = %s "
+                                 "WHERE queue = %s AND id = %s", (to_queue, route, target, queue, job_id))
+            assert moved.rowcount == 1
+
+    return misfile
+
+
 class PsycopgTransactions(AppTransactions):
     """An application on psycopg 3: its own connection (not autocommit) and a table of its own rows."""
 
@@ -63,5 +74,6 @@ class TestPostgresConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, postgres: Any) -> BackendUnderTest:
         return BackendUnderTest(name="postgres", url=postgres.url, db=SCHEMA,
-                                inject_foreign=foreign_writer(postgres), label="PostgreSQL 15",
+                                inject_foreign=foreign_writer(postgres), misfile=misfiler(postgres),
+                                label="PostgreSQL 15",
                                 transactions=PsycopgTransactions(postgres.url))
