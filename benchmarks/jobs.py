@@ -25,3 +25,9 @@ def noop(i: Any) -> Any:
 def bind(queue: SkunkQueue, job: Job, route: str) -> Job:
     """``job``'s function as a Job of ``queue`` on ``route``."""
     return Job(queue, job.func, [route])
+
+
+@_declared.event(routes=kit_routes(["bench"]))
+def count(results: list[Any]) -> int:
+    """A chord's callback: how many member results it was given (the workflow row checks it)."""
+    return len(results)

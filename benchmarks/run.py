@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import async_rows, fdb_contention, huey_bench, peers, skunk
+from benchmarks import async_rows, fdb_contention, huey_bench, peers, skunk, workflow_rows
 from benchmarks.common import Result, Sizes
 from benchmarks.servers import MongoServer, PostgresServer, RedisServer, Server
 from skunkqueue import backends as registry
@@ -37,6 +37,7 @@ ROWS = [
     ("idle_rss_mb", "idle worker RSS (MB)", "{:.1f}", False),
     ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
     *async_rows.ROWS,
+    *workflow_rows.ROWS,
 ]
 
 
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the FoundationDB claim contention run (on the stand-in)")
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
     async_rows.add_arguments(p)
+    workflow_rows.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                       prefetch=args.prefetch)
                 skunk.run(target, sizes, results[name], log)
                 async_rows.run(target, args, results[name], log)
+                workflow_rows.run(target, args, results[name], log)
                 if not args.no_huey and huey_bench.available():
                     results["huey-sqlite"] = Result("huey-sqlite")
                     huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),
@@ -279,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             else "one-member replica set (change streams)"))
                 skunk.run(target, sizes, results[name], log)
                 async_rows.run(target, args, results[name], log)
+                workflow_rows.run(target, args, results[name], log)
                 if isinstance(server, RedisServer) and not (args.no_huey or args.no_async) and huey_bench.available():
                     server.flush()
                     results["huey-redis"] = Result("huey-redis")

@@ -150,7 +150,8 @@ def test_indexes_are_created_once_per_process_and_idempotently(mongo: Any, opene
     assert created == [], "a second instance in the same process must not create indexes again"
     monkeypatch.setattr(mongo_persistence, "_indexed", set())
     opened("q3", mongo.url)
-    assert sorted(created) == ["claim", "expire", "key", "lease", "queue", "stats_expire", "stats_minute"]
+    assert sorted(created) == ["claim", "deps_expire", "deps_parent", "expire", "key", "lease", "queue", "settle",
+                               "settled_child", "settled_expire", "stats_expire", "stats_minute", "waits_expire"]
     assert first.jobs.index_information() == before
     assert before["claim"]["key"] == [("queue", 1), ("route", 1), ("state", 1), ("target", 1), ("due", 1),
                                       ("_id", 1)]

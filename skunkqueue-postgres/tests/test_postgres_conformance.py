@@ -29,7 +29,7 @@ def foreign_writer(server: Any) -> Callable[[str, str], None]:
 
 def misfiler(server: Any) -> Callable[[str, str, str, str, str | None], None]:
     def misfile(queue: str, job_id: str, to_queue: str, route: str, target: str | None) -> None:
-        # A row's queue, route and target are what claims match on; the columns are the record's fields.
+        # A row's queue, route and target are what claims match on, and the record's fields too.
         with psycopg.connect(server.url, autocommit=True) as conn:
             moved = conn.execute(f"UPDATE {SCHEMA}.jobs SET queue = %s, route = %s, target = %s "
                                  "WHERE queue = %s AND id = %s", (to_queue, route, target, queue, job_id))

@@ -93,3 +93,18 @@ def other_queue_job(path: str, token: str) -> None:
 def other_route_job(path: str, token: str) -> None:
     """Declared on the test's queue, for a route no test pool serves."""
     append_line(path, f"{token} ran-on-the-wrong-route")
+
+
+@_here.event(routes=_routes)
+def link(previous: object, path: str, token: str, pause: float = 0.0) -> str:
+    """A workflow step: log ``token``, a nonce and what it was given from its parents, then sleep.
+
+    Returns ``pid:nonce`` like ``mark``, so what a dependent received can be traced to a real run.
+    """
+    import json
+
+    execution = f"{os.getpid()}:{os.urandom(6).hex()}"
+    append_line(path, f"{token} {execution} {json.dumps(previous, separators=(',', ':'))}")
+    if pause:
+        time.sleep(pause)
+    return execution

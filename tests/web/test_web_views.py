@@ -90,6 +90,26 @@ def test_dead_letters_one_selection_or_all_matching(sqlite_store: Store, start_w
     assert "not+a+dead+letter" in call(web, "POST", f"/jobs/{booms[1]}/dismiss", {}, headers=bearer)[1]["location"]
 
 
+def test_a_workflow_member_links_its_parents_and_dependents(store: Store, start_web: Callable[..., Web]) -> None:
+    import pytest
+
+    from skunkqueue import chain
+
+    add = store.job("add")
+    if not add.queue.persistence.supports_workflows:
+        pytest.skip(f"the {store.backend} backend does not support workflows (supports_workflows = False)")
+    handle = chain(add.s(1, 2), add.s(3)).fire()
+    first, second = (h.id for h in handle.jobs)
+    web = start_web(store)
+    status, _, page = call(web, "GET", f"/jobs/{second}")
+    assert status == 200
+    assert "when its parents have finished" in page and handle.id in page
+    assert re.search(rf'id="parents"><a class="mono" href="/jobs/{first}">{first}</a> '
+                     r'<span class="pill state-pending">pending</span>', page)
+    status, _, page = call(web, "GET", f"/jobs/{first}")
+    assert status == 200 and re.search(rf'id="dependents"><a class="mono" href="/jobs/{second}">', page)
+
+
 def test_a_jobs_page_shows_its_trace_id_and_its_arguments_without_headers(sqlite_store: Store,
                                                                           start_web: Callable[..., Web]) -> None:
     import dataclasses

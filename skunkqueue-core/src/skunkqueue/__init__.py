@@ -21,6 +21,7 @@ from skunkqueue.hooks import hookimpl
 from skunkqueue.job import Job, JobHandle
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING
+from skunkqueue.workflow import WorkflowHandle, chain, group
 
 __all__ = [
     "COMPLETE",
@@ -44,6 +45,9 @@ __all__ = [
     "SerializationError",
     "SkunkQueue",
     "SkunkQueueError",
+    "WorkflowHandle",
+    "chain",
     "current_job",
+    "group",
     "hookimpl",
 ]

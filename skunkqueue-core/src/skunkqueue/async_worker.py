@@ -130,7 +130,8 @@ class AsyncWorker(Worker):
     async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
         started = time.monotonic()
         hooks.call("job_started", record=record)
-        _current_job.set(JobContext.of(record, time.time()))  # this task's own copy of the context
+        # This task's own copy of the context.
+        _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
         value: Any = None
         raised: BaseException | None = None
         try:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import headers, interpreter, logformat, serializer, signing, trust
+from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.persistence.sqlite import resolve_path
@@ -245,19 +245,29 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
 @_friendly
 def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url: str | None, db: str | None) -> None:
     """Show one job: function, route, state, arguments, result or error, attempts, owner, times."""
-    record = _open(queue, backend, url, db).get(job_id)
+    store = _open(queue, backend, url, db)
+    record = store.get(job_id)
     if record is None:
         raise click.ClickException(f"No job {job_id} on queue {queue} (never fired, or expired).")
     fields = _job_fields(record)
+    dependents = store.persistence.dependents(job_id)
+    if record.parents or record.workflow or dependents:
+        # Workflows: who it waits for (or waited for), and who waits for it.
+        fields.update(workflow=record.workflow, parents=record.parents or [], dependents=dependents)
+    waiting = dependencies.waiting(record)
     if as_json:
         click.echo(json.dumps(fields, indent=2, sort_keys=True, default=repr))
         return
     error = fields.pop("error") or {}
     for name in ("fired", "due", "started", "finished"):
         fields[name] = _when(fields[name])
+    if waiting:
+        fields["due"] = "when its parents have finished"
     for name, value in fields.items():
         if name in ("arguments", "result"):
             value = json.dumps(value, default=repr)
+        elif name in ("parents", "dependents"):
+            value = " ".join(value) or "-"
         click.echo(f"{name + ':':11} {value if value is not None else '-'}")
     if error:
         click.echo(f"{'error:':11} {error.get('type', '')}: {error.get('message', '')}")

@@ -20,6 +20,7 @@ import json
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Mapping
 
 from skunkqueue.record import JobRecord
 
@@ -37,9 +38,13 @@ class JobContext:
     deadline: float | None         # epoch seconds when the time limit interrupts the job, or None
     key: str | None                # the idempotency key it was fired with, if any
     slot: datetime | None = None   # a periodic job's slot, an aware datetime in UTC
+    # A workflow step or fire(after=...): each parent's id and how it ended ("complete", "error",
+    # "killed"); with on_failure="run", the parents that did not complete are the ones that failed.
+    dependencies: Mapping[str, str] | None = None
 
     @classmethod
-    def of(cls, record: JobRecord, started: float) -> JobContext:
+    def of(cls, record: JobRecord, started: float,
+           dependencies: Mapping[str, str] | None = None) -> JobContext:
         from skunkqueue.periodic import slot_moment
 
         key = user_key(record.key)
@@ -47,7 +52,7 @@ class JobContext:
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
                    lease_until=record.lease_until,
                    deadline=started + record.timeout if record.timeout else None,
-                   key=key, slot=slot_moment(key, record.func))
+                   key=key, slot=slot_moment(key, record.func), dependencies=dependencies)
 
 
 def user_key(stored: str | None) -> str | None:

@@ -18,6 +18,7 @@ from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING,
 if TYPE_CHECKING:
     from skunkqueue.periodic import Schedule
     from skunkqueue.queue import SkunkQueue
+    from skunkqueue.workflow import Signature
 
 
 def check_name(name: str, what: str) -> str:
@@ -165,7 +166,17 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.name} routes={self.routes}>"
 
-    def fire(self, *args: Any, key: str | None = None, using: Any = None, **kwargs: Any) -> JobHandle:
+    def s(self, *args: Any, route: str | None = None, **kwargs: Any) -> Signature:
+        """A signature for a workflow (``chain``, ``group``): this job with these arguments, nothing stored.
+
+        ``route`` picks one of the job's routes; a job declared on several needs it.
+        """
+        from skunkqueue.workflow import Signature
+
+        return Signature(self, args, kwargs, route)
+
+    def fire(self, *args: Any, key: str | None = None, using: Any = None, after: Sequence[Any] | None = None,
+             on_failure: str | None = None, **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due now.
 
         With ``key``, the first firing with that key on this queue enqueues;
@@ -177,13 +188,19 @@ class Job:
         (a psycopg connection on PostgreSQL), the job is stored in that
         handle's open transaction: gone if it rolls back, claimable from its
         commit on (see :meth:`Persistence.enqueue_in`). Not passed to the function either.
+
+        With ``after`` (handles or ids), it runs once all of those jobs finished;
+        if one of them failed or was killed it ends ``killed`` without running,
+        unless ``on_failure="run"`` (then ``current_job().dependencies`` says
+        how each ended). Neither reaches the function.
         """
-        return self._fire([(args, kwargs)], time.time(), [key], using)[0]
+        return self._fire([(args, kwargs)], time.time(), [key], using, after, on_failure)[0]
 
     def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None, using: Any = None,
-                **kwargs: Any) -> JobHandle:
-        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``: see fire)."""
-        return self._fire([(args, kwargs)], due_time(when), [key], using)[0]
+                after: Sequence[Any] | None = None, on_failure: str | None = None, **kwargs: Any) -> JobHandle:
+        """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``,
+        ``after``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key], using, after, on_failure)[0]
 
     def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
                   keys: Sequence[str | None] | None = None, using: Any = None) -> list[JobHandle]:
@@ -211,14 +228,16 @@ class Job:
                                      "give one key (or None) per call.")
         return normalized, list(keys) if keys is not None else None
 
-    async def afire(self, *args: Any, key: str | None = None, **kwargs: Any) -> JobHandle:
+    async def afire(self, *args: Any, key: str | None = None, after: Sequence[Any] | None = None,
+                    on_failure: str | None = None, **kwargs: Any) -> JobHandle:
         """``fire`` for asyncio code: awaits the store without blocking the event loop."""
-        return (await self._afire([(args, kwargs)], time.time(), [key]))[0]
+        return (await self._afire([(args, kwargs)], time.time(), [key], after, on_failure))[0]
 
     async def afire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
+                       after: Sequence[Any] | None = None, on_failure: str | None = None,
                        **kwargs: Any) -> JobHandle:
         """``fire_at`` for asyncio code."""
-        return (await self._afire([(args, kwargs)], due_time(when), [key]))[0]
+        return (await self._afire([(args, kwargs)], due_time(when), [key], after, on_failure))[0]
 
     async def afire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
                          keys: Sequence[str | None] | None = None) -> list[JobHandle]:
@@ -227,19 +246,21 @@ class Job:
         return await self._afire(normalized, time.time(), key_list)
 
     async def _afire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
-                     keys: list[str | None] | None) -> list[JobHandle]:
+                     keys: list[str | None] | None, after: Sequence[Any] | None = None,
+                     on_failure: str | None = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = await self.queue._aenqueue(self, calls, due, keys)
+        handles = await self.queue._aenqueue(self, calls, due, keys, after, on_failure)
         if handles:
             self.last = handles[-1]
         return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
-              keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
+              keys: list[str | None] | None = None, using: Any = None, after: Sequence[Any] | None = None,
+              on_failure: str | None = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = self.queue._enqueue(self, calls, due, keys, using)
+        handles = self.queue._enqueue(self, calls, due, keys, using, after, on_failure)
         if handles:
             self.last = handles[-1]
         return handles

@@ -542,6 +542,7 @@ class WorkerPool:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             self._store_call("recover expired leases", recover_expired_leases, store)
             self._store_call("delete expired results", delete_expired_results, store)
+            self._store_call("release stranded dependents", store.release_stranded)
         if now >= self._next_clock_check:
             self._next_clock_check = now + CLOCK_CHECK_EVERY
             problem = self._clock_problem()

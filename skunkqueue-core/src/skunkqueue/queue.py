@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing
+from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing, workflow
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
@@ -151,13 +151,16 @@ class SkunkQueue:
         return decorate
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                 due: float, keys: list[str | None] | None = None, using: Any = None) -> list[JobHandle]:
+                 due: float, keys: list[str | None] | None = None, using: Any = None,
+                 after: Sequence[Any] | None = None, on_failure: str | None = None) -> list[JobHandle]:
         backend = self.persistence
         if self._signing_stale(backend):
             self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
         live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
+        if after is not None or on_failure is not None:
+            workflow.depend(self, backend, flat, after or [], on_failure)
         observed = hooks.implemented("job_sending")
         try:
             self._seal(backend, flat, observed)
@@ -177,7 +180,8 @@ class SkunkQueue:
         return handles
 
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                        due: float, keys: list[str | None] | None = None) -> list[JobHandle]:
+                        due: float, keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
+                        on_failure: str | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
         if self._signing_stale(backend):
@@ -186,6 +190,9 @@ class SkunkQueue:
         live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
+        if after is not None or on_failure is not None:
+            # The parents' existence is checked with one read, on the store's thread.
+            await backend._in_thread(workflow.depend, self, backend, flat, after or [], on_failure)
         observed = hooks.implemented("job_sending")
         try:
             self._seal(backend, flat, observed)
@@ -204,14 +211,18 @@ class SkunkQueue:
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,
-                 live: list[WorkerInfo] | None) -> list[list[JobRecord]]:
-        """The records of each call: one per route (a broadcast: one per live worker of the route)."""
+                 live: list[WorkerInfo] | None, routes: Sequence[str] | None = None) -> list[list[JobRecord]]:
+        """The records of each call: one per route (a broadcast: one per live worker of the route).
+
+        ``routes``: only these of the job's routes (a workflow step runs on one).
+        """
         declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
             _check_keys(declared, backend, keys)
-        targets: dict[str, list[str | None]] = {route: [None] for route in job.routes}
+        routes = job.routes if routes is None else routes
+        targets: dict[str, list[str | None]] = {route: [None] for route in routes}
         if live is not None:
-            targets = {route: [w.id for w in live if w.route == route] for route in job.routes}
+            targets = {route: [w.id for w in live if w.route == route] for route in routes}
         now = time.time()
         result_ttl = job.result_ttl if job.result_ttl is not None else float(declared.result_ttl)
         secret = signing.key_from_env()  # signing adds to the size; _seal signs
@@ -232,7 +243,7 @@ class SkunkQueue:
                           result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
                           key=None if key is None else json.dumps([route, key]))
-                for route in job.routes for target in targets[route]
+                for route in routes for target in targets[route]
             ])
         return per_call
 
@@ -327,13 +338,20 @@ class SkunkQueue:
 
     # -- acting on jobs ---------------------------------------------------------
 
-    def kill(self, job_or_id: Job | JobHandle | str) -> str | None:
+    def kill(self, job_or_id: Job | JobHandle | workflow.WorkflowHandle | str) -> str | None:
         """Kill a job: a pending one never runs; a running one is interrupted.
+
+        A workflow's handle kills every member that has not finished, and returns the workflow's state.
 
         Takes an id, a handle, or a Job (its latest firing). Returns the
         resulting state (``killed``, or ``running`` while the worker is being
         told), or None if there is no such job.
         """
+        if isinstance(job_or_id, workflow.WorkflowHandle):
+            # Dependents first: a member killed before its parents is never released in between.
+            for handle in reversed(job_or_id.jobs):
+                self.kill(handle)
+            return job_or_id.state
         if isinstance(job_or_id, Job):
             job_or_id = job_or_id.last if job_or_id.last else ""
         if isinstance(job_or_id, JobHandle):

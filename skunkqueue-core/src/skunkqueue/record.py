@@ -85,6 +85,12 @@ class JobRecord:
     dead: bool = False              # in the dead-letter list: out of attempts
     key: str | None = None          # idempotency key: one record per key in a queue (see enqueue_keyed)
     result_ttl: float | None = None  # seconds the finished record is kept (None: the backend's default)
+    # Workflows (skunkqueue.workflow): a record with parents waits, pending but not claimable
+    # (due = dependencies.WAITING_DUE), until the store releases it once all parents finished.
+    parents: list[str] | None = None  # ids of the jobs it waits for
+    inputs: Any = None              # ids (nested lists) whose results are passed as the first argument
+    on_failure: str | None = None   # "run": run even if a parent failed; None: end killed
+    workflow: str | None = None     # the id of the workflow it belongs to
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +131,9 @@ class JobRecord:
             raise MalformedRecord("key is not a string")
         if self.result_ttl is not None:
             self.result_ttl = float(self.result_ttl)
+        if self.parents is not None and (not isinstance(self.parents, list)
+                                         or not all(isinstance(p, str) for p in self.parents)):
+            raise MalformedRecord("parents is not a list of job ids")
 
     def claim_by(self, worker_id: str, now: float, lease: float) -> None:
         """Turn a pending record into one ``worker_id`` runs under a fresh lease.

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
+from skunkqueue import channel, dependencies, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -179,6 +179,7 @@ class Worker:
         self._pool_silent = False  # set by the watchdog: the pool stopped renewing our leases
         self._last_pulse = time.monotonic()  # when the watchdog last heard the pool
         self._jobs: dict[str, Job] = {}
+        self._dependencies: dict[str, dict[str, str]] = {}  # job id -> its parents' states, for its context
         self._verified: set[str] = set()  # ids of the records whose signature (if any) was checked
         self._refused: set[str] = set()  # functions whose refusal was logged (once each)
         self._done = 0  # jobs run, for --max-jobs-per-child
@@ -538,6 +539,14 @@ class Worker:
             job = self._job(record)
             self._verified.add(record.id)  # its signature (if any) holds; job_fields takes it out
             args, kwargs = serializer.loads_call(record.payload, record.serializer)
+            if record.parents or record.inputs is not None:
+                # A workflow step: its parents' results (read from the store) come first.
+                try:
+                    inputs, self._dependencies[record.id] = dependencies.gather(self.backend, record)
+                except BackendUnavailable:
+                    return policy.release(record)  # not started: handed back as it was
+                if record.inputs is not None:
+                    args = [inputs, *args]
         except JobRefused as exc:
             # One warning per function: a producer without the key would otherwise fill the log.
             if record.func not in self._refused:
@@ -562,7 +571,7 @@ class Worker:
         value: Any = None
         if self.stopping == "rough":
             self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
-        context = _current_job.set(JobContext.of(record, time.time()))
+        context = _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
         try:
             self._in_job = True
             try:

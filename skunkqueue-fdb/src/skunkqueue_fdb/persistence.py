@@ -55,6 +55,7 @@ after commit, so it is also written into the record's ``slot`` with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -66,7 +67,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import fdb
 import fdb.tuple
 
-from skunkqueue import policy
+from skunkqueue import dependencies, policy
 from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -77,6 +78,8 @@ API_VERSION = 710
 CHUNK = 90_000
 # FoundationDB refuses transactions over 10 MB (and advises staying under 1 MB).
 TRANSACTION_BUDGET = 9_000_000
+# Records per transaction when a workflow too large for one is stored in several.
+WORKFLOW_BATCH = 1000
 # A transaction that cannot commit within this time (cluster down, endless
 # conflicts) fails with 1031 instead of retrying forever.
 DEFAULT_TIMEOUT_MS = 10_000
@@ -166,6 +169,7 @@ class _Stored:
         self.raw_meta: bytes | None = None
         self.payload: list[bytes] = []
         self.result: list[bytes] = []
+        self.links: list[bytes] = []  # a workflow step's parents and inputs, as JSON in chunks
         self.slot: bytes | None = None
 
     def add(self, part: tuple[Any, ...], value: bytes) -> None:
@@ -176,6 +180,8 @@ class _Stored:
             self.payload.append(value)
         elif part[:1] == ("result",):
             self.result.append(value)
+        elif part[:1] == ("links",):
+            self.links.append(value)
         elif part == ("slot",):
             self.slot = value
 
@@ -196,6 +202,11 @@ class _Stored:
             raise MalformedRecord(f"record {self.id!r} has missing or extra payload/result chunks")
         data["payload"] = b"".join(self.payload)
         data["result"] = None if data.get("result") is None else b"".join(self.result)
+        if self.links:
+            try:
+                data.update(json.loads(b"".join(self.links)))
+            except ValueError:
+                raise MalformedRecord(f"record {self.id!r} has unreadable parents") from None
         return JobRecord.from_dict(data)
 
 
@@ -241,6 +252,11 @@ class FDBPersistence(Persistence):
         self._settings = self.space["setting"]
         self._stats = self.space["stats"]       # (minute, route, counter) -> little-endian int64, atomic adds
         self._clocks = self.space["clock"]      # worker id -> (its host's time.time(), the read version then)
+        # Workflows (see the Persistence docstring): parent -> its dependents; a waiting record's set
+        # of finished parents (child, parent) -> how it ended; and what it still waits for.
+        self._deps = self.space["deps"]         # (parent, child) -> b""
+        self._settled = self.space["settled"]   # (child, parent) -> state
+        self._waits = self.space["waits"]       # (child,) -> {"left": n, "run": bool}
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
@@ -326,6 +342,8 @@ class FDBPersistence(Persistence):
         """Store ``record`` and put it in the indexes of its state (the old ones are already gone)."""
         data = record.to_dict()
         blob, outcome = data.pop("payload"), data.pop("result")
+        # A callback of 10,000 members names them all: kept in chunks beside the fields, written once.
+        links = {name: data.pop(name) for name in ("parents", "inputs")}
         data["payload"] = len(_chunks(blob))
         data["result"] = None if outcome is None else len(_chunks(outcome))
         data["_expire"] = None
@@ -341,7 +359,9 @@ class FDBPersistence(Persistence):
             tr.set_versionstamped_key(slot, b"")
             tr.set_versionstamped_value(self._jobs.pack((record.id, "slot")), slot)
             waiting_for = (record.route, record.target or "")
-            if wakes is None:
+            if record.due >= dependencies.WAITING_DUE:
+                pass  # a workflow step waiting for its parents: nobody to wake yet
+            elif wakes is None:
                 self._wake_idle(tr, {waiting_for: 1})
             else:  # the caller wakes workers once, for the whole batch
                 wakes[waiting_for] = wakes.get(waiting_for, 0) + 1
@@ -349,6 +369,10 @@ class FDBPersistence(Persistence):
         if payload:
             for n, chunk in enumerate(_chunks(blob)):
                 tr[self._jobs.pack((record.id, "payload", n))] = chunk
+            if any(value is not None for value in links.values()):
+                text = json.dumps(links, separators=(",", ":")).encode()
+                for n, chunk in enumerate(_chunks(text)):
+                    tr[self._jobs.pack((record.id, "links", n))] = chunk
         if result:
             span = self._jobs.range((record.id, "result"))
             tr.clear_range(span.start, span.stop)
@@ -378,6 +402,9 @@ class FDBPersistence(Persistence):
         self._unindex(tr, stored)
         span = self._jobs.range((stored.id,))
         tr.clear_range(span.start, span.stop)
+        for space in (self._deps, self._settled, self._waits):
+            span = space.range((stored.id,))
+            tr.clear_range(span.start, span.stop)
 
     def _quarantine(self, tr: Any, stored: _Stored, route: str, why: str) -> None:
         # Keep the damaged bytes for inspection, but take the record out of every route.
@@ -395,7 +422,20 @@ class FDBPersistence(Persistence):
 
     @_translate
     def enqueue(self, records: Sequence[JobRecord]) -> None:
-        size = sum(len(r.payload) + len(r.result or b"") + 1000 for r in records)
+        size = sum(_size(r) for r in records)
+        if size > TRANSACTION_BUDGET and len(records) > 1 and all(r.workflow for r in records):
+            # A workflow larger than a transaction (a group of 10,000) goes in several, in its order:
+            # parents before their dependents, so each dependent attaches to parents already stored.
+            # Not all-or-nothing: a failure part-way leaves the parts stored so far.
+            batch: list[JobRecord] = []
+            for record in records:
+                if batch and (len(batch) >= WORKFLOW_BATCH
+                              or sum(map(_size, batch)) + _size(record) > TRANSACTION_BUDGET // 2):
+                    self.enqueue(batch)
+                    batch = []
+                batch.append(record)
+            self.enqueue(batch)
+            return
         if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
             raise PayloadTooLarge(
                 f"These {len(records)} jobs take about {size} bytes; one FoundationDB transaction "
@@ -405,6 +445,8 @@ class FDBPersistence(Persistence):
         def store(tr: Any) -> tuple[None, None]:
             wakes: dict[tuple[str, str], int] = {}
             for position, record in enumerate(records):
+                if record.parents:
+                    record = self._attach(tr, record)
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,
                             wakes=wakes)
             self._wake_idle(tr, wakes)
@@ -445,6 +487,8 @@ class FDBPersistence(Persistence):
                             continue
                     tr[self._keys.pack((record.key,))] = record.id.encode()
                     taken[record.key] = record.id
+                if record.parents:
+                    record = self._attach(tr, record)
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,
                             wakes=wakes)
                 holders.append(record.id)
@@ -738,10 +782,117 @@ class FDBPersistence(Persistence):
             if record.state != expect or record.token != token:
                 return False, False
             self._unindex(tr, stored)
-            self._write(tr, outcome.apply_to(record, time.time()), result=True)
+            updated = outcome.apply_to(record, time.time())
+            self._write(tr, updated, result=True)
+            if updated.finished_state:
+                if record.parents:
+                    tr.clear(self._waits.pack((job_id,)))
+                self._settle(tr, job_id, updated.state)
             return True, True
 
         return self._once(apply, lambda _tr, memo: bool(memo))
+
+    # -- workflows: see the Persistence docstring (inside the transactions above) ---------------
+
+    supports_workflows = True
+
+    def _attach(self, tr: Any, record: JobRecord) -> JobRecord:
+        """A new waiting record as it must be stored: its parents that already finished (or no longer
+        exist: they count as killed) are counted now, so it may be stored released or ended at once.
+
+        Decided before the record is written: a record's slot written in this transaction cannot be
+        read back (a versionstamped key), so it is not written only to be moved at once.
+        """
+        parents = dependencies.unique(record.parents or ())
+        finished: dict[str, str] = {}
+        for parent in parents:
+            tr[self._deps.pack((parent, record.id))] = b""
+            meta = tr[self._jobs.pack((parent, "meta"))]
+            try:
+                state = json.loads(bytes(meta)).get("state") if meta.present() else None
+            except (ValueError, AttributeError):
+                state = None
+            if not meta.present():
+                finished[parent] = dependencies.missing_parent_state()
+            elif state in FINISHED_STATES:
+                finished[parent] = str(state)
+        for parent, state in finished.items():
+            tr[self._settled.pack((record.id, parent))] = state.encode()
+        run_anyway = dependencies.runs_anyway(record)
+        for parent, state in finished.items():
+            if dependencies.kills_dependent(state, run_anyway):
+                return dependencies.dependency_failed(parent, state).apply_to(record, time.time())
+        if len(finished) == len(parents):
+            return dataclasses.replace(record, due=time.time())
+        tr[self._waits.pack((record.id,))] = json.dumps(
+            {"left": len(parents) - len(finished), "run": run_anyway}).encode()
+        return record
+
+    def _settle(self, tr: Any, parent: str, state: str, children: list[str] | None = None) -> None:
+        """Count a finished parent into its dependents' sets; release or end those it completes.
+
+        A dependent ended here counts for its own dependents in turn (a worklist: a chain may be long).
+        """
+        work: list[tuple[str, str, list[str] | None]] = [(parent, state, children)]
+        while work:
+            parent, state, children = work.pop()
+            if children is None:
+                span = self._deps.range((parent,))
+                children = [self._deps.unpack(kv.key)[1] for kv in tr.get_range(span.start, span.stop)]
+            for child in children:
+                mark = self._settled.pack((child, parent))
+                if tr[mark].present():
+                    continue  # this parent was counted already
+                tr[mark] = state.encode()
+                raw = tr[self._waits.pack((child,))]
+                if not raw.present():
+                    continue  # released, or ended, already
+                wait = json.loads(bytes(raw))
+                if dependencies.kills_dependent(state, bool(wait.get("run"))):
+                    tr.clear(self._waits.pack((child,)))
+                    if self._end_waiting(tr, child, dependencies.dependency_failed(parent, state)):
+                        work.append((child, "killed", None))
+                elif int(wait["left"]) <= 1:
+                    tr.clear(self._waits.pack((child,)))
+                    self._release(tr, child)
+                else:
+                    wait["left"] = int(wait["left"]) - 1
+                    tr[self._waits.pack((child,))] = json.dumps(wait).encode()
+
+    def _release(self, tr: Any, child: str) -> None:
+        stored = self._read(tr, child)
+        record = stored.record() if stored is not None else None
+        if stored is None or record is None or not dependencies.waiting(record):
+            return  # killed or purged while it waited
+        self._unindex(tr, stored)
+        record.due = time.time()
+        self._write(tr, record)
+
+    def _end_waiting(self, tr: Any, child: str, outcome: Outcome) -> bool:
+        stored = self._read(tr, child)
+        record = stored.record() if stored is not None else None
+        if stored is None or record is None or record.state != PENDING:
+            return False
+        self._unindex(tr, stored)
+        self._write(tr, outcome.apply_to(record, time.time()), result=True)
+        return True
+
+    @_translate
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        @fdb.transactional
+        def read(tr: Any, ids: Sequence[str]) -> list[_Stored | None]:
+            return [self._read(tr, job_id) for job_id in ids]
+
+        found: list[JobRecord | None] = []
+        for start in range(0, len(job_ids), 500):  # a transaction per 500: well inside its five seconds
+            found += [None if s is None else s.record() for s in read(self._db, job_ids[start:start + 500])]
+        return found
+
+    @_translate
+    def dependents(self, job_id: str) -> list[str]:
+        span = self._deps.range((job_id,))
+        rows = fdb.transactional(lambda tr: list(tr.get_range(span.start, span.stop)))(self._db)
+        return sorted(self._deps.unpack(kv.key)[1] for kv in rows)
 
     @_translate
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
@@ -944,6 +1095,11 @@ class FDBPersistence(Persistence):
             # A watch may miss a change that is undone at once; look again now and then.
             left = None if deadline is None else deadline - time.monotonic()
             _wait_any([watch], 5.0 if left is None else min(left, 5.0))
+
+
+def _size(record: JobRecord) -> int:
+    """About what storing ``record`` adds to a transaction (a dependent: also its parents' entries)."""
+    return len(record.payload) + len(record.result or b"") + 1000 + 200 * len(record.parents or ())
 
 
 def _until(value: bytes) -> float:

@@ -88,6 +88,9 @@ class NativeAsync(Persistence):
 
         if not records:
             return []
+        if any(record.parents for record in records):
+            # Workflow steps attach to their parents after the insert: the sync path, on a thread.
+            return await super().aenqueue_keyed(records)
         holders = [record.id for record in records]
         docs = _docs(records, _shift_from(await self._anow()))
         for index in await self._ainsert(docs):

@@ -79,11 +79,11 @@ from pymongo.errors import (
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
-from skunkqueue import policy
+from skunkqueue import dependencies, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
 
@@ -114,7 +114,26 @@ INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     # One record per (queue, key); records without a key (key None) are not in it.
     "key": ([("queue", ASCENDING), ("key", ASCENDING)],
             {"unique": True, "partialFilterExpression": {"key": {"$type": "string"}}}),
+    # Workflows: finished records whose dependents may not all have been counted yet.
+    "settle": ([("queue", ASCENDING), ("settle_pending", ASCENDING)],
+               {"partialFilterExpression": {"settle_pending": True}}),
 }
+# Workflows, one small document per edge and per count (see "workflows" in MongoPersistence):
+# deps {_id: "parent/child"}, settled {_id: "child/parent"}, waits {_id: child}; each expires.
+DEPS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "deps_parent": ([("parent", ASCENDING)], {}),
+    "deps_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+}
+SETTLED_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "settled_child": ([("child", ASCENDING)], {}),
+    "settled_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+}
+WAITS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "waits_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+}
+# Seconds after its finish before housekeeping completes a finished parent's count-down
+# (the finishing worker normally did it at once; afterwards it presumably died on the way).
+SETTLE_GRACE = 5.0
 WORKER_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "queue": ([("queue", ASCENDING)], {}),
 }
@@ -182,6 +201,10 @@ def _transient(exc: OperationFailure) -> bool:
     return exc.has_error_label("RetryableWriteError") or exc.code in TRANSIENT_CODES
 
 
+# A finish leaves this mark on a record that has dependents, until they are counted.
+_SETTLE_PENDING = {"$cond": [{"$eq": ["$has_dependents", True]}, True, "$$REMOVE"]}
+
+
 def _to_doc(record: JobRecord) -> dict[str, Any]:
     doc = record.to_dict()
     doc["_id"] = doc.pop("id")
@@ -196,10 +219,10 @@ def _shift_from(server_now: float) -> float:
 def _docs(records: Sequence[JobRecord], moved: float) -> list[dict[str, Any]]:
     """The records as documents, their times moved by ``moved`` seconds onto the server's clock."""
     docs = [_to_doc(record) for record in records]
-    if moved:
-        for doc in docs:
+    for doc in docs:
+        if moved:
             for name in ("due", "created", "started", "finished", "lease_until"):
-                if isinstance(doc.get(name), (int, float)):
+                if isinstance(doc.get(name), (int, float)) and doc[name] < dependencies.WAITING_DUE:
                     doc[name] += moved
     return docs
 
@@ -265,6 +288,9 @@ class MongoPersistence(NativeAsync, Persistence):
         self.worker_docs: Collection[dict[str, Any]] = database["workers"]
         self.settings: Collection[dict[str, Any]] = database["settings"]
         self.stats_docs: Collection[dict[str, Any]] = database["stats"]
+        self.deps: Collection[dict[str, Any]] = database["deps"]
+        self.settled: Collection[dict[str, Any]] = database["settled"]
+        self.waits: Collection[dict[str, Any]] = database["waits"]
         try:
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
@@ -362,7 +388,8 @@ class MongoPersistence(NativeAsync, Persistence):
         raise exc
 
     def _indexed_collections(self) -> list[tuple[Collection[dict[str, Any]], dict[str, Any]]]:
-        return [(self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES), (self.stats_docs, STATS_INDEXES)]
+        return [(self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES), (self.stats_docs, STATS_INDEXES),
+                (self.deps, DEPS_INDEXES), (self.settled, SETTLED_INDEXES), (self.waits, WAITS_INDEXES)]
 
     def _check_indexes(self) -> None:
         """Re-create indexes someone dropped (a dropDatabase under live workers): housekeeping's part."""
@@ -419,6 +446,9 @@ class MongoPersistence(NativeAsync, Persistence):
         docs = _docs(records, self._shift())
         for index in self._insert(docs):
             holders[index] = self._key_holder(docs[index])
+        for record, holder in zip(records, holders):
+            if record.parents and holder == record.id:
+                self._attach(record)
         return holders
 
     def _insert(self, docs: list[dict[str, Any]]) -> list[int]:
@@ -631,12 +661,171 @@ class MongoPersistence(NativeAsync, Persistence):
             fields.update(result=_lit(outcome.result), finished=finished,
                           expire_at=_expire_at(finished, self._ttl()))
         fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
+        if outcome.state != PENDING:
+            # Its dependents are counted down next; until that is done the record says so, and
+            # housekeeping completes the count-down if this process dies first (release_stranded).
+            fields["settle_pending"] = _SETTLE_PENDING
         try:
             result = self._call("finish", lambda: self.jobs.update_one(fence, [{"$set": fields}]),
                                 idempotent=False)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
+        if result.matched_count == 1 and outcome.state != PENDING:
+            self._settle_finished(job_id)
         return result.matched_count == 1
+
+    # -- workflows (see the Persistence docstring) ----------------------------------------
+    #
+    # Without multi-document transactions (a standalone mongod has none) the count-down is
+    # idempotent step by step instead of atomic with the finish, one small document per edge
+    # and per count, so a parent's count costs the same whatever the fan-in:
+    #   deps    {_id: "parent/child"}  who waits for whom (the parent's doc says has_dependents)
+    #   settled {_id: "child/parent"}  the SET of a dependent's finished parents (a unique _id:
+    #                                  a repeat inserts nothing), with "counted" once its
+    #                                  decrement of waits.left is done
+    #   waits   {_id: child}           left (a hint: decremented once per counted parent) and need
+    # A dependent is released only when its settled set holds all its parents (counted from the
+    # set, so a decrement lost or doubled by a crash can delay the check, never pass it early),
+    # by an update that matches only a waiting record: once. A finish marks its record
+    # settle_pending in its own update; a worker that dies before counting leaves the mark, and
+    # housekeeping (release_stranded) counts again.
+
+    supports_workflows = True
+
+    def _edge_expiry(self) -> datetime:
+        return _date(self.now() + 2 * self.result_ttl + 86400)
+
+    def _attach(self, record: JobRecord) -> None:
+        """Make a stored waiting record a dependent of its parents; count those already finished."""
+        parents = dependencies.unique(record.parents or ())
+        expire = self._edge_expiry()
+        self._call("attach", partial(self.waits.replace_one, {"_id": record.id}, {
+            "queue": self.queue, "left": len(parents), "need": len(parents),
+            "run": dependencies.runs_anyway(record), "expire_at": expire}, upsert=True))
+        for start in range(0, len(parents), 1000):
+            batch = parents[start:start + 1000]
+            self._call("attach", partial(self.deps.bulk_write, [UpdateOne(
+                {"_id": f"{parent}/{record.id}"},
+                {"$set": {"queue": self.queue, "parent": parent, "child": record.id, "expire_at": expire}},
+                upsert=True) for parent in batch], ordered=False))
+            self._call("attach", partial(self.jobs.update_many, {"_id": {"$in": batch}, "queue": self.queue},
+                                         {"$set": {"has_dependents": True}}))
+        # Read after marking: a parent that finished before it had this dependent is counted here;
+        # one that finishes later counts it itself (both counting is harmless).
+        found: dict[str, Any] = {}
+        for start in range(0, len(parents), 1000):
+            query = {"_id": {"$in": parents[start:start + 1000]}, "queue": self.queue, **_not_expired(self.now())}
+            found.update((doc["_id"], doc.get("state")) for doc in self._call(
+                "attach", partial(self._find_all, self.jobs, query, {"state": 1})))
+        for parent in parents:
+            state = found.get(parent, dependencies.missing_parent_state())
+            if state in FINISHED_STATES:
+                for ended in self._settle(parent, str(state), [record.id]):
+                    self._settle_finished(ended)
+
+    def _settle_finished(self, job_id: str, repair: bool = False) -> None:
+        """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
+
+        ``repair`` (housekeeping, after a worker died part-way): also set each dependent's hint from
+        its set, since the dead worker may have counted a parent into the set without decrementing.
+        """
+        work = [job_id]
+        while work:  # a worklist, not recursion: a chain may be long
+            current = work.pop()
+            doc = self._call("settle", partial(self.jobs.find_one, {"_id": current, "queue": self.queue},
+                                               {"state": 1, "has_dependents": 1}))
+            if doc is None or doc.get("state") not in FINISHED_STATES:
+                continue
+            if doc.get("has_dependents"):
+                children = [str(d["child"]) for d in self._call("settle", partial(
+                    self._find_all, self.deps, {"parent": current, "queue": self.queue}, {"child": 1}))]
+                work += self._settle(current, str(doc["state"]), children, repair)
+            self._call("settle", partial(self.jobs.update_one, {"_id": current, "queue": self.queue},
+                                         {"$unset": {"settle_pending": ""}}))
+
+    def _settle(self, parent: str, state: str, children: list[str], repair: bool = False) -> list[str]:
+        """Count a finished parent into each dependent's set; release or end the dependents it completes.
+
+        Returns the dependents it ended (their own dependents are counted next).
+        """
+        ended_ids: list[str] = []
+        for child in children:
+            mark = {"_id": f"{child}/{parent}"}
+            try:
+                self._call("settle", partial(self.settled.insert_one, {
+                    **mark, "queue": self.queue, "child": child, "parent": parent, "state": state,
+                    "counted": False, "expire_at": self._edge_expiry()}))
+            except DuplicateKeyError:
+                pass  # counted into the set before (a repeat, or a retried insert that went in)
+            wait = self._call("settle", partial(self.waits.find_one, {"_id": child}))
+            if wait is None:
+                continue  # released, or ended, already
+            waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
+            if dependencies.kills_dependent(state, bool(wait.get("run"))):
+                outcome = dependencies.dependency_failed(parent, state)
+                ended = self._call("settle", partial(self.jobs.update_one, waiting, [{"$set": {
+                    "state": KILLED, "error": _lit(outcome.error), "finished": NOW, "dead": False,
+                    "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}]))
+                self._call("settle", partial(self.waits.delete_one, {"_id": child}))
+                if ended.modified_count:
+                    ended_ids.append(child)
+                continue
+            # Decrement once per parent: only the call that flips "counted" does it.
+            if self._call("settle", partial(self.settled.update_one, {**mark, "counted": False},
+                                            {"$set": {"counted": True}})).modified_count:
+                wait = self._call("settle", partial(self.waits.find_one_and_update, {"_id": child},
+                                                    {"$inc": {"left": -1}}, return_document=ReturnDocument.AFTER))
+            if wait is None:
+                continue
+            if int(wait.get("left", 1)) <= 0 or repair:
+                have = self._release_if_complete(child, int(wait.get("need", 0)))
+                if repair and have is not None:
+                    # A hint too high would keep the last parent from checking; one too low only makes
+                    # more checks. Live finishers decrementing after this count make it lower, never higher.
+                    self._call("settle", partial(self.waits.update_one, {"_id": child},
+                                                 {"$set": {"left": int(wait.get("need", 0)) - have}}))
+        return ended_ids
+
+    def _release_if_complete(self, child: str, need: int) -> int | None:
+        """Release ``child`` if its set holds every parent (the count, not the hint, decides).
+
+        Returns how many parents its set holds, or None once it is released.
+        """
+        have = int(self._call("settle", partial(self.settled.count_documents, {"child": child})))
+        if have < need:
+            return have
+        waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
+        self._call("settle", partial(self.jobs.update_one, waiting, [{"$set": {"due": NOW}}]))
+        self._call("settle", partial(self.waits.delete_one, {"_id": child}))
+        return None
+
+    def release_stranded(self, limit: int = 100) -> int:
+        query = {"queue": self.queue, "settle_pending": True, "finished": {"$lt": self.now() - SETTLE_GRACE}}
+        stranded = self._call("stranded", lambda: list(self.jobs.find(query, {"_id": 1}, limit=limit)))
+        for doc in stranded:
+            log.warning("job %s finished but its dependents were not all counted (its worker died?): "
+                        "counting them now", doc["_id"])
+            self._settle_finished(str(doc["_id"]), repair=True)
+        return len(stranded)
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        found: dict[str, JobRecord] = {}
+        for start in range(0, len(job_ids), 1000):
+            batch = list(job_ids[start:start + 1000])
+            query = {"_id": {"$in": batch}, "queue": self.queue, **_not_expired(self.now())}
+            for doc in self._call("get", partial(self._find_all, self.jobs, query)):
+                found[str(doc["_id"])] = _to_record(doc)
+        return [found.get(job_id) for job_id in job_ids]
+
+    @staticmethod
+    def _find_all(collection: Collection[dict[str, Any]], query: dict[str, Any],
+                  projection: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        return list(collection.find(query, projection))
+
+    def dependents(self, job_id: str) -> list[str]:
+        found = self._call("dependents", partial(self._find_all, self.deps, {"parent": job_id, "queue": self.queue},
+                                                 {"child": 1}))
+        return sorted(str(d["child"]) for d in found)
 
     def _ttl(self) -> dict[str, Any]:
         """The record's own result_ttl, else this backend's default (as a pipeline expression)."""

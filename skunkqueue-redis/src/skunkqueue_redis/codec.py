@@ -13,11 +13,12 @@ from typing import Any, Iterable, Sequence
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.record import JobRecord
 
-_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key")
+_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key", "on_failure", "workflow")
 _BYTES = ("payload", "result")
 _FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl")
 _INT = ("attempts", "retries", "token")
 _BOOL = ("kill_requested", "dead")
+_JSON = ("error", "parents", "inputs")  # parents: the scripts read it too (cjson)
 
 
 def _decode_value(name: str, raw: bytes) -> Any:
@@ -30,13 +31,13 @@ def _decode_value(name: str, raw: bytes) -> Any:
         return int(text)
     if name in _BOOL:
         return text == "1"
-    if name == "error":
+    if name in _JSON:
         return json.loads(text)
     return text
 
 
 _DECODERS: dict[bytes, str] = {
-    name.encode(): name for name in (*_STR, *_BYTES, *_FLOAT, *_INT, *_BOOL, "error")
+    name.encode(): name for name in (*_STR, *_BYTES, *_FLOAT, *_INT, *_BOOL, *_JSON)
 }
 
 
@@ -82,7 +83,7 @@ def encode_record(record: JobRecord) -> dict[str, bytes]:
             out[name] = repr(float(value)).encode()  # repr round-trips a float exactly
         elif name in _BOOL:
             out[name] = b"1" if value else b"0"
-        elif name == "error":
+        elif name in _JSON:
             out[name] = json.dumps(value).encode()
         else:
             out[name] = str(value).encode()

@@ -20,6 +20,9 @@ lives in one slot and every multi-key script works on a cluster)::
                                        score = due (pending), +inf (running), expiry (finished)
     sq:{Q}:routes              set     routes that ever had a record (the index's routes)
     sq:{Q}:tallied             string  set once the index covers records stored before it existed
+    sq:{Q}:deps:<id>           set     workflows: ids of the records waiting (or that waited) for <id>
+    sq:{Q}:settled:<id>        hash    workflows: the set of <id>'s finished parents, id -> how it ended
+                                       (scripts/release.lua names these two from the job prefix)
 
 An idempotency key's string only finds its holder; the holder's hash, while it
 exists and names the same key, is what holds the key (see scripts/enqueue.lua).
@@ -82,6 +85,7 @@ class Keys:
         self.tally_prefix = self.base + "c:"
         self.routes = self.base + "routes"
         self.tallied = self.base + "tallied"
+        self.deps_prefix = self.base + "deps:"
 
     def layout(self) -> list[str]:
         """The prefixes and keys every script receives first (see scripts/common.lua)."""
@@ -97,6 +101,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
+
+    def deps(self, job_id: str) -> str:
+        return self.deps_prefix + job_id
 
     def done(self, job_id: str) -> str:
         return self.done_prefix + job_id

@@ -203,6 +203,27 @@ class RedisPersistence(NativeAsync, Persistence):
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
         return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
+    @guarded
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        found: list[JobRecord | None] = []
+        for start in range(0, len(job_ids), SCAN_BATCH):
+            batch = job_ids[start:start + SCAN_BATCH]
+            pipe = self._pipeline()
+            for job_id in batch:
+                pipe.hgetall(self.keys.job(job_id))
+            for job_id, flat in zip(batch, pipe.execute(raise_on_error=False)):
+                if isinstance(flat, Exception):
+                    raise MalformedRecord(f"record {job_id!r} is not a hash: {flat}")
+                found.append(decode_record(flat, job_id) if flat else None)
+        return found
+
+    # Workflows: scripts/release.lua counts dependents down inside enqueue and finish.
+    supports_workflows = True
+
+    @guarded
+    def dependents(self, job_id: str) -> list[str]:
+        return sorted(text(child) for child in self.client.smembers(self.keys.deps(job_id)))
+
     def _scan_index(self, fields: Sequence[str]) -> Iterable[tuple[str, list[bytes | None]]]:
         """(id, [field values]) of every live record of the queue, in batches."""
         start = 0

@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from skunkqueue import headers, periodic, serializer
+from skunkqueue import dependencies, headers, periodic, serializer
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.metrics import BUCKETS
 from skunkqueue.persistence import Persistence
@@ -207,9 +207,15 @@ class Monitor:
         record = self.queue.persistence.get(job_id)
         if record is None:
             return self.render(request, "missing.html", status=404, job_id=job_id)
+        # A workflow member: its parents and dependents with their states, each a link (at most 100 of each).
+        store = self.queue.persistence
+        parents, dependents = (record.parents or [])[:100], store.dependents(job_id)[:100]
+        related = dict(zip(parents + dependents, store.get_many(parents + dependents)))
         return self.render(request, "job.html", live=True, r=record, trace_id=headers.trace_id(record),
                            arguments=_decode(record.payload, record.serializer, call=True),
-                           result=_decode(record.result, record.serializer, call=False))
+                           result=_decode(record.result, record.serializer, call=False),
+                           waiting=dependencies.waiting(record), parents=parents, dependents=dependents,
+                           related={i: (r.state if r else "expired") for i, r in related.items()})
 
     def dead(self, request: Request) -> Response:
         route = request.query_params.get("route") or None

@@ -10,7 +10,7 @@ from typing import Sequence
 import click
 import uvicorn
 
-from skunkqueue import periodic, trust
+from skunkqueue import interpreter, periodic, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.queue import SkunkQueue
@@ -31,9 +31,8 @@ def serve(*, queue: str, backend: str | None, url: str | None, db: str | None, h
     try:
         # The job modules are the operator's own code, imported as `skunq work --import` does (trust.py).
         modules = trust.split_imports(imports)
-        for path in reversed([os.getcwd(), *[os.path.abspath(p) for p in paths]]):
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        # After the standard library and site-packages, as for workers: see skunkqueue.interpreter.
+        interpreter.add_roots([os.getcwd(), *paths])
         trust.import_allowed(modules)
     except SkunkQueueError as exc:
         raise click.ClickException(str(exc)) from None

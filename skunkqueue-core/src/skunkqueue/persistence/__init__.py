@@ -20,6 +20,29 @@ out the core finds the record with :meth:`expired_leases` and puts it back with
 still the record's token and the record is in the expected state, a worker
 that lost its lease can never overwrite the outcome recorded by the worker
 that took over.
+
+Workflows (:mod:`skunkqueue.workflow`), for a backend that sets
+``supports_workflows = True``; the rules are in :mod:`skunkqueue.dependencies`:
+
+1. :meth:`enqueue` (and :meth:`enqueue_keyed`) stores a record with ``parents``
+   as given (pending, ``due = WAITING_DUE``: never claimed) and, in the same
+   atomic step, makes it a dependent of each parent; a parent that has already
+   finished (or no longer exists: it counts as ``killed``) counts at once.
+2. :meth:`finish`, when it ends a record (``complete``, ``error``,
+   ``killed``), counts that record into each dependent's set of finished
+   parents in the same atomic step (a set: a parent counts once however often
+   its finish is replayed; a fenced-off finish changes nothing, so it does not
+   count). A dependent whose set is complete is released: ``due`` set to now,
+   its route's waiters woken; only a waiting record is released, so exactly
+   once. A parent that did not complete ends the dependent ``killed`` with
+   ``dependencies.dependency_failed`` at once, unless the dependent has
+   ``on_failure == "run"``; that finish counts for the dependent's own
+   dependents in turn.
+3. :meth:`get_many` reads the parents of a released record (the worker passes
+   their results on); the default calls :meth:`get` per id.
+
+A store that cannot do 1 and 2 atomically must do them idempotently and let
+housekeeping complete an interrupted release (see :meth:`release_stranded`).
 """
 
 from __future__ import annotations
@@ -97,6 +120,9 @@ class Persistence(ABC):
     #: True when :meth:`add_stats` keeps what it is given (the monitor's
     #: throughput charts and metrics need it); the defaults keep nothing.
     keeps_stats: ClassVar[bool] = False
+    #: True when the backend counts dependents down as the module docstring says (workflows:
+    #: ``chain``, ``group``, ``fire(after=...)``); ``fire`` refuses workflows otherwise.
+    supports_workflows: ClassVar[bool] = False
     #: The URL schemes this backend takes (``("redis", "rediss")``, lower case): an address
     #: given without a backend name (``SKUNQ_URL=redis://...``) chooses the backend whose
     #: :meth:`takes_url` says yes (see :mod:`skunkqueue.config`).
@@ -176,6 +202,23 @@ class Persistence(ABC):
 
         A record that exists but cannot be decoded raises MalformedRecord.
         """
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """:meth:`get` for each id, in order (a workflow step reads its parents with it).
+
+        A store that can read many records in one round trip should override it.
+        """
+        return [self.get(job_id) for job_id in job_ids]
+
+    def dependents(self, job_id: str) -> list[str]:
+        """The ids of the records that wait (or waited) for this one; the default knows none."""
+        return []
+
+    def release_stranded(self, limit: int = 100) -> int:
+        """Complete releases that a crash interrupted, for stores that cannot count down in the
+        finish's atomic step; housekeeping calls it. Returns how many dependents it settled.
+        The default does nothing: a store that counts atomically never strands one."""
+        return 0
 
     @abstractmethod
     def list_jobs(self, *, route: str | None = None, state: str | None = None,

@@ -28,12 +28,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from skunkqueue import policy
+from skunkqueue import dependencies, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.persistence.wakefolder import WakeFolder, tag
-from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import (
+    ERROR,
+    FINISHED_STATES,
+    PENDING,
+    RUNNING,
+    STATES,
+    JobRecord,
+    Outcome,
+    WorkerInfo,
+)
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 
@@ -64,6 +73,29 @@ CREATE TABLE IF NOT EXISTS settings (
     name TEXT NOT NULL,
     value TEXT NOT NULL,
     PRIMARY KEY (queue, name)
+);
+-- Workflows: who waits for whom (deps), the set of each waiting record's finished parents
+-- (settled: a set, so a parent counts once), and what a waiting record still needs (waits;
+-- the row exists while the record waits, so deleting it is the one release).
+CREATE TABLE IF NOT EXISTS deps (
+    queue TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    child TEXT NOT NULL,
+    PRIMARY KEY (queue, parent, child)
+);
+CREATE TABLE IF NOT EXISTS settled (
+    queue TEXT NOT NULL,
+    child TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (queue, child, parent)
+);
+CREATE TABLE IF NOT EXISTS waits (
+    queue TEXT NOT NULL,
+    child TEXT NOT NULL,
+    left INTEGER NOT NULL,
+    run_anyway INTEGER NOT NULL,
+    PRIMARY KEY (queue, child)
 );
 CREATE TABLE IF NOT EXISTS stats (
     queue TEXT NOT NULL,
@@ -310,6 +342,9 @@ class SQLitePersistence(Persistence):
                         conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
                 self._store(conn, record)
                 holders.append(record.id)
+                if record.parents:
+                    self._attach(conn, record)
+                    continue
                 if record.state == PENDING:
                     where = (record.route, record.target)
                     stored[where] = stored.get(where, 0) + 1
@@ -320,6 +355,87 @@ class SQLitePersistence(Persistence):
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
         return _row_to_record(row) if row else None
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        found: dict[str, JobRecord] = {}
+        for start in range(0, len(job_ids), 500):  # under SQLite's limit on host parameters
+            chunk = list(job_ids[start:start + 500])
+            for row in self._db.execute(f"SELECT * FROM jobs WHERE queue=? AND id IN ({','.join('?' * len(chunk))})",
+                                        (self.queue, *chunk)):
+                found[row["id"]] = _row_to_record(row)
+        return [found.get(job_id) for job_id in job_ids]
+
+    # -- workflows: see the Persistence docstring -------------------------------------
+
+    supports_workflows = True
+
+    def dependents(self, job_id: str) -> list[str]:
+        return [child for (child,) in self._db.execute(
+            "SELECT child FROM deps WHERE queue=? AND parent=? ORDER BY child", (self.queue, job_id))]
+
+    def _attach(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+        """Make a stored waiting record a dependent of its parents; count those already finished."""
+        parents = dependencies.unique(record.parents or ())
+        conn.execute("INSERT OR REPLACE INTO waits (queue, child, left, run_anyway) VALUES (?, ?, ?, ?)",
+                     (self.queue, record.id, len(parents), int(dependencies.runs_anyway(record))))
+        conn.executemany("INSERT OR IGNORE INTO deps (queue, parent, child) VALUES (?, ?, ?)",
+                         [(self.queue, parent, record.id) for parent in parents])
+        for parent in parents:
+            row = conn.execute("SELECT state FROM jobs WHERE id=? AND queue=?", (parent, self.queue)).fetchone()
+            if row is None:
+                self._settle(conn, parent, dependencies.missing_parent_state(), [record.id])
+            elif row["state"] in FINISHED_STATES:
+                self._settle(conn, parent, row["state"], [record.id])
+
+    def _settle(self, conn: sqlite3.Connection, parent: str, state: str, children: list[str] | None = None) -> None:
+        """Count a finished parent into its dependents' sets; release or end those it completes.
+
+        Runs inside the write transaction of the parent's finish. A dependent
+        ended here counts for its own dependents in turn (a worklist, not
+        recursion: a chain may be long).
+        """
+        work: list[tuple[str, str, list[str] | None]] = [(parent, state, children)]
+        while work:
+            parent, state, children = work.pop()
+            if children is None:
+                children = [child for (child,) in conn.execute(
+                    "SELECT child FROM deps WHERE queue=? AND parent=?", (self.queue, parent))]
+            for child in children:
+                if not conn.execute("INSERT OR IGNORE INTO settled (queue, child, parent, state) VALUES (?, ?, ?, ?)",
+                                    (self.queue, child, parent, state)).rowcount:
+                    continue  # this parent was counted already
+                wait = conn.execute("SELECT left, run_anyway FROM waits WHERE queue=? AND child=?",
+                                    (self.queue, child)).fetchone()
+                if wait is None:
+                    continue  # released, or ended, already
+                if dependencies.kills_dependent(state, bool(wait["run_anyway"])):
+                    conn.execute("DELETE FROM waits WHERE queue=? AND child=?", (self.queue, child))
+                    if self._end_waiting(conn, child, dependencies.dependency_failed(parent, state)):
+                        work.append((child, "killed", None))
+                elif wait["left"] <= 1:
+                    conn.execute("DELETE FROM waits WHERE queue=? AND child=?", (self.queue, child))
+                    self._release(conn, child)
+                else:
+                    conn.execute("UPDATE waits SET left=left-1 WHERE queue=? AND child=?", (self.queue, child))
+
+    def _release(self, conn: sqlite3.Connection, child: str) -> None:
+        row = conn.execute("SELECT route, target FROM jobs WHERE id=? AND queue=? AND state=? AND due>=?",
+                           (child, self.queue, PENDING, dependencies.WAITING_DUE)).fetchone()
+        if row is None:
+            return  # killed or purged while it waited
+        conn.execute("UPDATE jobs SET due=? WHERE id=?", (time.time(), child))
+        self._poke_workers(row["route"], row["target"])
+
+    def _end_waiting(self, conn: sqlite3.Connection, child: str, outcome: Outcome) -> bool:
+        row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (child, self.queue)).fetchone()
+        if row is None:
+            return False
+        record = _row_to_record(row)
+        if record.state != PENDING:
+            return False
+        self._update(conn, outcome.apply_to(record, time.time()))
+        self._pokes.append((self._done_tag(child) + ".", None))
+        return True
 
     def list_jobs(self, *, route: str | None = None, state: str | None = None,
                   dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
@@ -479,6 +595,9 @@ class SQLitePersistence(Persistence):
         self._update(conn, record)
         if record.finished_state:
             self._pokes.append((self._done_tag(job_id) + ".", None))
+            if record.parents:
+                conn.execute("DELETE FROM waits WHERE queue=? AND child=?", (self.queue, job_id))
+            self._settle(conn, job_id, record.state)
         elif record.state == PENDING:  # a retry or a lease handed back
             self._poke_workers(record.route, record.target)
         return True
@@ -488,8 +607,13 @@ class SQLitePersistence(Persistence):
 
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         with self._write() as conn:
-            return conn.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE queue=? AND expire_at < ? "
-                                "LIMIT ?)", (self.queue, now, limit)).rowcount
+            ids = conn.execute("SELECT id FROM jobs WHERE queue=? AND expire_at < ? LIMIT ?",
+                               (self.queue, now, limit)).fetchall()
+            conn.executemany("DELETE FROM jobs WHERE id=?", ids)
+            # A finished record's workflow rows go with it (a finished parent's edges, its own set).
+            conn.executemany("DELETE FROM deps WHERE queue=? AND parent=?", [(self.queue, i) for (i,) in ids])
+            conn.executemany("DELETE FROM settled WHERE queue=? AND child=?", [(self.queue, i) for (i,) in ids])
+            return len(ids)
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         rows = self._db.execute(

@@ -76,3 +76,43 @@ async def anap(seconds: float, log: str | None = None, block: float = 0.0) -> st
         append_line(log, f"end {me} {time.time()!r} {os.getpid()}")
     ctx_after = current_job()
     return ctx_after.id if ctx_after is not None else "?"
+
+
+# -- workflow steps (suite_workflows) ----------------------------------------------------
+
+
+@_kit.event(routes=_routes)
+def step(previous: Any, path: str, token: str, seconds: float = 0.0) -> str:
+    """A workflow step: append ``token`` to ``path`` (executions are counted there), nap, return it."""
+    append_line(path, token)
+    if seconds:
+        time.sleep(seconds)
+    return token
+
+
+@_kit.event(routes=_routes)
+def total(values: Any, extra: int = 0) -> int:
+    """The sum of the numbers in a (nested) list of results, plus ``extra``."""
+    if isinstance(values, list):
+        return sum(total.func(v) for v in values) + extra
+    return int(values) + extra
+
+
+@_kit.event(routes=_routes)
+def gather(results: list[Any], path: str) -> list[Any]:
+    """A chord's callback: append one line (counted by the kit) and return the results it got."""
+    append_line(path, f"callback {len(results)}")
+    return results
+
+
+@_kit.event(routes=_routes)
+def report(path: str) -> dict[str, str]:
+    """Append and return how each parent ended (``current_job().dependencies``)."""
+    import json
+
+    from skunkqueue.context import current_job
+
+    ctx = current_job()
+    found = dict(ctx.dependencies or {}) if ctx is not None else {}
+    append_line(path, json.dumps(found, sort_keys=True))
+    return found

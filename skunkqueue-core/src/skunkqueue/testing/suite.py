@@ -49,6 +49,7 @@ from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import Producer, declare, make_record, started, status_counts, wait_until
 from skunkqueue.testing.suite_transactional import TransactionalSuite
 from skunkqueue.testing.suite_trust import TrustSuite
+from skunkqueue.testing.suite_workflows import WorkflowSuite
 from skunkqueue.testing.workers import KIT_JOBS, PoolProcess, pid_alive
 
 __all__ = ["ConformanceSuite", "make_record", "started", "wait_until"]
@@ -725,5 +726,5 @@ class LifecycleSuite(KitFixtures):
 
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
-                       AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite):
+                       AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""

@@ -14,9 +14,9 @@ from importlib.resources import files
 # Entry function -> the other functions it calls.
 NEEDS: dict[str, tuple[str, ...]] = {
     "claim": (),
-    "enqueue": (),
-    "finish": (),
-    "finish_and_claim": ("finish", "claim"),
+    "enqueue": ("release",),
+    "finish": ("release",),
+    "finish_and_claim": ("release", "finish", "claim"),
     "renew": (),
     "kill": (),
     "purge": (),

@@ -8,6 +8,7 @@
 -- while its hash exists (a finished record's hash expires at its expiry time)
 -- and still names that key. Checking the record, not the string, keeps a
 -- purged or expired holder from blocking the key.
+-- A record with parents (a workflow step) waits for them: see release.lua (attach).
 -- Returns {position, holder id, ...} for each record not stored because its
 -- key was held (positions from 1 in the batch); empty when every record was stored.
 local TIMES = {due = true, created = true, started = true, finished = true, lease_until = true}
@@ -28,9 +29,11 @@ local function store(f, fields, ttl, now, seen, woken)
     end
     redis.call('ZADD', names[1], f['due'], id)
     redis.call('ZADD', INDEX, '+inf', id)
-    woken[names[2]] = (woken[names[2]] or 0) + 1
+    if not f['parents'] then woken[names[2]] = (woken[names[2]] or 0) + 1 end
     if f['target'] then redis.call('SADD', TARGETS .. esc(f['route']), f['target']) end
     tally(id, f['route'], nil, 'pending', nil, f['due'], now)
+    -- A workflow step waits for its parents (release.lua); those already finished count now.
+    if f['parents'] then attach(f, now, ttl) end
   elseif f['state'] == 'running' then
     redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
     redis.call('ZADD', INDEX, '+inf', id)

@@ -4,6 +4,7 @@
 --       own result_ttl field wins), 6 state, 7 dead ('0'/'1'),
 --       8 attempts, 9 error json, 10 result, 11 due, 12 finished
 --       (8-12 optional: '' for none, else '.' then the value; due and finished are on the caller's clock)
+-- A finished record counts for its dependents here (release.lua, which this script needs).
 -- Returns 1 if applied, 0 if the record is not in the expected state under this token.
 -- Outcome.apply_to's rules, with one more: a record whose kill was requested
 -- is never put back to pending; it ends killed (JobKilled) instead.
@@ -15,7 +16,8 @@ local function finish(KEYS, ARGV)
   local attempts, err, result, due, finished = opt(ARGV[8]), opt(ARGV[9]), opt(ARGV[10]), opt(ARGV[11]), opt(ARGV[12])
   local key = KEYS[1]
   -- pcall: an error (WRONGTYPE) means something other than a hash lives there, which holds nothing.
-  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl')
+  local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl',
+    'has_deps', 'wait_left')
   if f.err then return 0 end
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
   ttl = tonumber(f[7] or '') or ttl
@@ -61,6 +63,9 @@ local function finish(KEYS, ARGV)
     tally(id, route, f[1], state, dead, expires, now)
     redis.call('RPUSH', done, '1')
     redis.call('PEXPIRE', done, DONE_TOKEN_MS)
+    -- In the same atomic step: count it for the workflow steps waiting for it (release.lua).
+    -- Only a record with dependents, or one that waited itself, has anything to do here.
+    if f[8] or f[9] then settle_finished(id, state, now, ttl, ms, f[9]) end
   end
   return 1
 end

@@ -1,0 +1,129 @@
+"""Workflows on a standalone mongod, which has no transactions: a count-down cut short is completed.
+
+A worker that dies after its finish's update and before its dependents are
+counted leaves the finished record marked ``settle_pending``; housekeeping
+(``release_stranded``) counts them, once, whether the worker died before
+counting, or after counting and before releasing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+import skunkqueue_mongo.persistence as mongo
+from skunkqueue import dependencies, policy
+from skunkqueue.backends import open_backend
+from skunkqueue.persistence import Persistence
+from skunkqueue.record import KILLED
+from skunkqueue.testing.suite_support import make_record
+
+
+@pytest.fixture
+def store(mongo_standalone: Any) -> Iterator[Persistence]:
+    opened = open_backend(f"wf-{uuid.uuid4().hex[:8]}", "mongodb", url=mongo_standalone.url, db="skunkqueue_wf")
+    yield opened
+    opened.close()
+
+
+def _waiting(store: Persistence, *parents: str) -> Any:
+    return make_record(store.queue, parents=list(parents), due=dependencies.WAITING_DUE)
+
+
+def _claim_ids(store: Persistence) -> list[str]:
+    return [r.id for r in store.claim("r", "w", 30, limit=10)]
+
+
+def _finish_and_die(store: Persistence, job_id: str, monkeypatch: pytest.MonkeyPatch, state: str = "ok") -> None:
+    """Finish as a worker that is SIGKILLed right after the finish's own update."""
+    [claimed] = store.claim("r", "w", 30)  # the oldest due record: the test's first
+    assert claimed.id == job_id
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_settle_finished", lambda job_id: None)
+        outcome = policy.completed(b"1") if state == "ok" else policy.failed(
+            claimed, {"type": "ValueError", "message": "x", "traceback": ""})
+        assert store.finish(job_id, claimed.token, outcome)
+
+
+def test_a_count_down_cut_short_after_the_finish_is_completed_by_housekeeping(
+        store: Persistence, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_record(store.queue), make_record(store.queue)
+    c = _waiting(store, a.id, b.id)
+    store.enqueue([a, b, c])
+    _finish_and_die(store, a.id, monkeypatch)
+    assert store.release_stranded() == 0, "counted while the finisher may still be at it"
+    monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+    assert store.release_stranded() == 1
+    assert store.release_stranded() == 0, "the mark was not cleared"
+    assert _claim_ids(store) == [b.id]
+    [running] = [r for r in [store.get(b.id)] if r is not None]
+    assert store.finish(b.id, running.token, policy.completed(b"2"))
+    assert _claim_ids(store) == [c.id]
+    assert _claim_ids(store) == []
+
+
+@pytest.mark.parametrize("cut", ["after the set", "after the mark", "after the decrement"])
+def test_a_count_cut_short_is_completed_and_not_counted_twice(store: Persistence, cut: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_record(store.queue), make_record(store.queue)
+    c = _waiting(store, a.id, b.id)
+    store.enqueue([a, b, c])
+    jobs, settled, waits = (store.jobs, store.settled, store.waits)  # type: ignore[attr-defined]
+    # a's worker died part-way through counting a into c (each step as _settle does it).
+    [claimed] = store.claim("r", "w", 30)
+    assert claimed.id == a.id
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        assert store.finish(a.id, claimed.token, policy.completed(b"1"))
+    settled.insert_one({"_id": f"{c.id}/{a.id}", "queue": store.queue, "child": c.id, "parent": a.id,
+                        "state": "complete", "counted": False})
+    if cut != "after the set":
+        settled.update_one({"_id": f"{c.id}/{a.id}"}, {"$set": {"counted": True}})
+    if cut == "after the decrement":
+        waits.update_one({"_id": c.id}, {"$inc": {"left": -1}})
+    assert jobs.find_one({"_id": a.id})["settle_pending"] is True
+    # b finishes normally before or after housekeeping comes by: c is released once, after both.
+    monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+    assert store.release_stranded() == 1
+    assert _claim_ids(store) == [b.id]
+    assert _claim_ids(store) == [], "released before its second parent finished"
+    got = store.get(b.id)
+    assert got is not None and store.finish(b.id, got.token, policy.completed(b"2"))
+    assert _claim_ids(store) == [c.id]
+    assert _claim_ids(store) == []
+    assert settled.count_documents({"child": c.id}) == 2 and waits.find_one({"_id": c.id}) is None
+
+
+def test_the_last_parent_after_housekeeping_still_releases(store: Persistence,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_record(store.queue), make_record(store.queue)
+    c = _waiting(store, a.id, b.id)
+    store.enqueue([a, b, c])
+    settled = store.settled  # type: ignore[attr-defined]
+    [claimed] = store.claim("r", "w", 30)
+    with monkeypatch.context() as patched:  # died after the mark, before the decrement
+        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        assert store.finish(a.id, claimed.token, policy.completed(b"1"))
+    settled.insert_one({"_id": f"{c.id}/{a.id}", "queue": store.queue, "child": c.id, "parent": a.id,
+                        "state": "complete", "counted": True})
+    monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+    assert store.release_stranded() == 1  # the hint is repaired from the set: 1 left
+    [running] = store.claim("r", "w", 30)
+    assert running.id == b.id and store.finish(b.id, running.token, policy.completed(b"2"))
+    assert _claim_ids(store) == [c.id]
+
+
+def test_a_failure_cut_short_still_ends_the_dependents(store: Persistence, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = make_record(store.queue)
+    b = _waiting(store, a.id)
+    c = _waiting(store, b.id)
+    store.enqueue([a, b, c])
+    _finish_and_die(store, a.id, monkeypatch, state="fail")
+    monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+    assert store.release_stranded() == 1
+    got_b, got_c = store.get(b.id), store.get(c.id)
+    assert got_b is not None and got_c is not None and (got_b.state, got_c.state) == (KILLED, KILLED)
+    assert got_c.error is not None and got_c.error["message"] == f"{b.id} ended killed"
+    assert store.release_stranded() == 0
