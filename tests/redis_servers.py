@@ -125,3 +125,85 @@ def scratch_dir(base: Path, name: str) -> Path:
     path = base / f"{name}-{os.getpid()}-{random.randint(0, 1 << 30):x}"
     path.mkdir(parents=True)
     return path
+
+
+REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+
+
+@dataclass
+class RedisSentinelServers:
+    """A primary, one replica and three redis-sentinel processes watching them as ``service``.
+
+    Both data nodes keep an append-only file (``appendfsync everysec``); replication is
+    Redis' usual asynchronous one. ``down-after-milliseconds 1000`` makes a failover take
+    a few seconds rather than the default half minute.
+    """
+
+    directory: Path
+    service: str = "mymaster"
+    primary: RedisServer | None = None
+    replica: RedisServer | None = None
+    sentinels: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    sentinel_ports: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self, timeout: float = 30.0) -> RedisSentinelServers:
+        durable = ["--appendonly", "yes", "--appendfsync", "everysec"]
+        self.primary = RedisServer(self.directory / "a", extra=durable).start()
+        self.replica = RedisServer(self.directory / "b", extra=[
+            *durable, "--replicaof", "127.0.0.1", str(self.primary.port)]).start()
+        for i in range(3):
+            where = self.directory / f"sentinel{i}"
+            where.mkdir(parents=True)
+            port = free_port()
+            conf = where / "sentinel.conf"  # sentinel rewrites its file: one each, writable
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {where}\nlogfile {where / 'sentinel.log'}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+            self.sentinels.append(subprocess.Popen([REDIS_SENTINEL, str(conf)], stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL))
+            self.sentinel_ports.append(port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Ready when every sentinel knows the replica and the other two sentinels.
+            if all(self._sentinel_sees(port) for port in self.sentinel_ports) and \
+                    "master_link_status:up" in self.replica.cli("INFO", "replication"):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"the sentinels never saw the replica and each other: {self.sentinel_log(0)}")
+
+    def _sentinel_sees(self, port: int) -> bool:
+        out = subprocess.run([REDIS_CLI, "-p", str(port), "SENTINEL", "MASTER", self.service],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        fields = dict(zip(out[::2], out[1::2]))
+        return fields.get("num-slaves") == "1" and fields.get("num-other-sentinels") == "2"
+
+    def current_primary_port(self) -> int:
+        out = subprocess.run([REDIS_CLI, "-p", str(self.sentinel_ports[0]), "SENTINEL",
+                              "GET-MASTER-ADDR-BY-NAME", self.service],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return int(out[1])
+
+    def sentinel_log(self, i: int) -> str:
+        path = self.directory / f"sentinel{i}" / "sentinel.log"
+        return path.read_text()[-2000:] if path.exists() else "(no log)"
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        for node in (self.primary, self.replica):
+            if node is not None:
+                node.stop()

@@ -52,6 +52,7 @@ def redis_url(server: redis_servers.RedisServer, db: int) -> str:
     ("REDIS://localhost:6379", "redis"),
     ("rediss://user:pw@cache.example:6380", "redis"),
     ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "redis"),
+    ("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster?db=0", "redis"),
     ("unix:///run/redis.sock", "redis"),
     ("mongodb://localhost:27017/app", "mongodb"),
     ("mongodb+srv://user:pw@cluster0.example.net/app", "mongodb"),

@@ -73,6 +73,12 @@ class NativeAsync(Persistence):
     cluster: bool
     connect_args: dict[str, Any]
 
+    wait_replicas: int
+    wait_timeout_ms: int
+
+    def replicas_confirmed(self, replies: list[Any], chunks: int) -> list[Any]:
+        raise NotImplementedError  # RedisPersistence's
+
     def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
         raise NotImplementedError  # RedisPersistence's: the sync and async enqueue send the same chunks
 
@@ -99,6 +105,17 @@ class NativeAsync(Persistence):
         side = await self._side()
         k = self.keys
         ttl, now = num(self.result_ttl), num(time.time())
+        if self.wait_replicas:
+            # As the sync replicated_enqueue: the enqueue, then WAIT, on one connection.
+            pipe = side.client.pipeline(transaction=False)
+            if len(chunks) > 1:
+                pipe.execute_command("MULTI")
+            for chunk in chunks:
+                await side.script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+            if len(chunks) > 1:
+                pipe.execute_command("EXEC")
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return self.holders(records, self.replicas_confirmed(await pipe.execute(), len(chunks)))
         if len(chunks) == 1:
             replies = [await side.script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
         else:

@@ -33,6 +33,7 @@ log = logging.getLogger("skunkqueue.redis")
 
 DEFAULT_URL = "localhost:6379"
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
 
 
 @dataclass
@@ -41,7 +42,11 @@ class ConnSpec:
 
     cluster: bool
     kwargs: dict[str, Any] = field(default_factory=dict)          # for Redis / ConnectionPool
-    nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes
+    nodes: list[tuple[str, int]] = field(default_factory=list)    # cluster start-up nodes, or the sentinels
+    service: str | None = None                                    # Sentinel: the monitored primary's name
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)  # Sentinel: for the sentinels themselves
+    wait_replicas: int = 0          # ?wait_replicas=N: an enqueue is acknowledged once N replicas have it
+    wait_timeout_ms: int = 2000     # ?wait_timeout_ms=: how long WAIT may take before the enqueue fails
 
 
 def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
@@ -49,10 +54,44 @@ def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
 
     Accepts ``host:port``, ``redis://[user:pass@]host:port[/db]``, ``rediss://``
     (TLS), ``unix:///path/to.sock`` and ``redis+cluster://host:port[,host:port]``
-    (or ``rediss+cluster://``). ``db`` overrides a database number in the URL.
+    (or ``rediss+cluster://``), and
+    ``redis+sentinel://host:port[,host:port]/service[/db][?db=N&sentinel_password=...]``
+    (or ``rediss+sentinel://``), whose primary is asked of the sentinels at every
+    (re)connection. ``db`` overrides a database number in the URL.
     """
     url = url or DEFAULT_URL
     where = redact(url)
+    url, wait_replicas = _take_option(url, "wait_replicas", where)
+    url, wait_timeout_ms = _take_option(url, "wait_timeout_ms", where)
+    spec = _parse_spec(url, where, db)
+    if wait_replicas is not None:
+        if spec.cluster:
+            raise ConfigurationError(f"wait_replicas is not supported on Redis Cluster ({where}).")
+        spec.wait_replicas = wait_replicas
+    if wait_timeout_ms is not None:
+        if wait_timeout_ms < 1:
+            raise ConfigurationError(f"wait_timeout_ms must be at least 1 ({where}).")
+        spec.wait_timeout_ms = wait_timeout_ms
+    return spec
+
+
+def _take_option(url: str, name: str, where: str) -> tuple[str, int | None]:
+    """``url`` without the query option ``name``, and its value (a whole number ≥ 0) if given."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    pairs = [pair for pair in query.split("&") if pair]
+    mine = [pair.partition("=")[2] for pair in pairs if pair.partition("=")[0] == name]
+    if not mine:
+        return url, None
+    rest = "&".join(pair for pair in pairs if pair.partition("=")[0] != name)
+    value = unquote(mine[-1])
+    if not value.isdigit():
+        raise ConfigurationError(f"{name}={value!r} in the Redis address {where} must be a whole number ≥ 0.")
+    return (f"{base}?{rest}" if rest else base), int(value)
+
+
+def _parse_spec(url: str, where: str, db: str | None) -> ConnSpec:
     scheme, sep, rest = url.partition("://")
     if not sep:
         url = f"redis://{url}"
@@ -88,15 +127,55 @@ def parse_conn_url(url: str | None, db: str | None) -> ConnSpec:
             kwargs["ssl"] = True
         return ConnSpec(cluster=True, kwargs=kwargs, nodes=nodes)
 
+    if scheme in SENTINEL_SCHEMES:
+        return _parse_sentinel(scheme, rest, where, db_number)
+
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(
             f"Redis address {where} has an unknown scheme; use host:port, redis://, rediss://, "
-            "unix:// or redis+cluster://."
+            "unix://, redis+cluster:// or redis+sentinel://."
         )
     kwargs = _parse(url, where)
     if db_number is not None:
         kwargs["db"] = db_number
     return ConnSpec(cluster=False, kwargs=kwargs)
+
+
+def _parse_sentinel(scheme: str, rest: str, where: str, db_number: int | None) -> ConnSpec:
+    """``redis+sentinel://[user:pass@]host:port[,host:port]/service[/db][?query]``."""
+    userinfo, at, tail = rest.rpartition("@")
+    tail, _, query = tail.partition("?")
+    hosts, _, path = tail.partition("/")
+    service, _, db_path = path.strip("/").partition("/")
+    if not service:
+        raise ConfigurationError(f"Redis Sentinel address {where} names no primary; add its name as the "
+                                 "path, e.g. redis+sentinel://host:26379/mymaster.")
+    nodes = []
+    for hostport in filter(None, hosts.split(",")):
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(f"Redis Sentinel address {where} needs host:port for every sentinel.")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ConfigurationError(f"Redis Sentinel address {where} names no sentinel.")
+    # The sentinels' own password (they rarely share the data nodes'); the rest of the query is parse_url's.
+    options = [pair for pair in query.split("&") if pair]
+    sentinel_password = [unquote(p.partition("=")[2]) for p in options if p.startswith("sentinel_password=")]
+    options = [p for p in options if not p.startswith("sentinel_password=")]
+    single = f"{SENTINEL_SCHEMES[scheme]}://{userinfo}{at}{hosts.split(',')[0]}"
+    if db_path:
+        single += f"/{db_path}"
+    kwargs = _parse(single + (f"?{'&'.join(options)}" if options else ""), where)
+    for name in ("host", "port", "path"):
+        kwargs.pop(name, None)
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True  # SentinelConnectionPool picks its TLS connection class from this
+    if db_number is not None:
+        kwargs["db"] = db_number
+    sentinel_kwargs: dict[str, Any] = {}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password[-1]
+    return ConnSpec(cluster=False, kwargs=kwargs, nodes=nodes, service=service, sentinel_kwargs=sentinel_kwargs)
 
 
 def _parse(url: str, where: str) -> dict[str, Any]:
@@ -210,6 +289,10 @@ class HotLine:
             conn = self._conn
             if conn is None or conn.pid != os.getpid():  # new, or inherited through a fork
                 conn = self._conn = self._pool.make_connection()
+                # Connect here, as the pool does before it lends one: a Sentinel-managed
+                # connection asks for the primary only in connect(); the send path's own
+                # implicit connect (redis-py 8) would go to its default, localhost:6379.
+                conn.connect()
             try:
                 return self._evalsha(conn, script, keys, args)
             except (RedisConnectionError, RedisTimeoutError, OSError):
@@ -249,6 +332,15 @@ def _client_args(url: str | None, db: str | None, connect_timeout: float,
     return redact(url or DEFAULT_URL), spec, {**common, **spec.kwargs}
 
 
+def _sentinel_kwargs(spec: ConnSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments for the connections to the sentinels: our timeouts and TLS, their own password."""
+    own: dict[str, Any] = {name: kwargs[name] for name in ("socket_connect_timeout", "socket_timeout")
+                           if name in kwargs}
+    if kwargs.get("ssl"):
+        own.update({k: v for k, v in kwargs.items() if k.startswith("ssl")})
+    return {**own, **spec.sentinel_kwargs}
+
+
 def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_timeout: float,
             retries: int, max_connections: int | None = None) -> tuple[redis.Redis | RedisCluster, bool]:
     """A client for ``url``/``db`` (nothing is sent yet) and whether it is a cluster client."""
@@ -259,6 +351,13 @@ def connect(url: str | None, db: str | None, *, connect_timeout: float, socket_t
     try:
         if spec.cluster:
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in spec.nodes], **kwargs), True
+        if spec.service is not None:
+            from redis.sentinel import Sentinel
+
+            # Every new connection asks the sentinels for the current primary, so a failover
+            # costs the commands in flight (retried with back-off) and nothing else.
+            sentinel = Sentinel(spec.nodes, sentinel_kwargs=_sentinel_kwargs(spec, kwargs), **kwargs)
+            return sentinel.master_for(spec.service, redis_class=redis.Redis), False
         return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), False
     except (AuthenticationError, *UNREACHABLE) as exc:
         raise cast(Exception, translate(exc, where, url)) from None
@@ -283,6 +382,14 @@ def aconnect(url: str | None, db: str | None, *, connect_timeout: float, socket_
     if spec.cluster:
         nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in spec.nodes]
         return redis.asyncio.RedisCluster(startup_nodes=nodes, **kwargs)
+    if spec.service is not None:
+        import redis.asyncio.sentinel
+
+        kwargs.pop("connection_class", None)  # the sentinel pool brings its own (TLS from ssl=True)
+        sentinel = redis.asyncio.sentinel.Sentinel(spec.nodes, sentinel_kwargs=_sentinel_kwargs(spec, kwargs),
+                                                   **kwargs)
+        return sentinel.master_for(spec.service, redis_class=redis.asyncio.Redis)
+    # (Sentinel's pool cannot block: there the pool is unbounded unless max_connections is given.)
     # A blocking pool: a burst of commands (2,000 ``aresult`` looking at once) queues for the
     # pool's connections rather than failing with "Too many connections".
     kwargs.setdefault("max_connections", ASYNC_MAX_CONNECTIONS)

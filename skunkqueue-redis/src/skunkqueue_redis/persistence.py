@@ -27,7 +27,7 @@ from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
-from skunkqueue.errors import ConfigurationError, MalformedRecord
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
@@ -36,7 +36,15 @@ from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
 from skunkqueue_redis.aio import NativeAsync
 from skunkqueue_redis.codec import decode_record, num, opt, pack_record, text, unpack_fields
-from skunkqueue_redis.connection import CLUSTER_SCHEMES, DEFAULT_URL, HotLine, connect, guarded
+from skunkqueue_redis.connection import (
+    CLUSTER_SCHEMES,
+    DEFAULT_URL,
+    SENTINEL_SCHEMES,
+    HotLine,
+    connect,
+    guarded,
+    parse_conn_url,
+)
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
@@ -96,7 +104,7 @@ class RedisPersistence(NativeAsync, Persistence):
     """Redis and Redis Cluster; the key layout is in keys.py, the asyncio methods in aio.py."""
 
     name = "redis"
-    url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+    url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
     notifies = True
     max_payload = 512 * 1024 * 1024  # Redis' largest string
 
@@ -114,6 +122,8 @@ class RedisPersistence(NativeAsync, Persistence):
         self.connect_args = {"connect_timeout": connect_timeout, "socket_timeout": max(socket_timeout, MAX_BLOCK + 5),
                              "retries": retries, "max_connections": max_connections}
         self.client, self.cluster = connect(url, db, **self.connect_args)
+        spec = parse_conn_url(url, db)
+        self.wait_replicas, self.wait_timeout_ms = spec.wait_replicas, spec.wait_timeout_ms
         self.keys = Keys(queue)
         self._next_due: dict[str, float] = {}
         self._script = _Scripts(self.client, self.keys)
@@ -176,6 +186,10 @@ class RedisPersistence(NativeAsync, Persistence):
         k = self.keys
         ttl, now = num(self.result_ttl), num(time.time())
         chunks = self.enqueue_chunks(records)
+        if self.wait_replicas:
+            pipe = self.client.pipeline(transaction=False)
+            self.replicated_enqueue(pipe, chunks, ttl, now)
+            return self.holders(records, self.replicas_confirmed(pipe.execute(), len(chunks)))
         if len(chunks) == 1:
             replies = [self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
         else:
@@ -190,6 +204,39 @@ class RedisPersistence(NativeAsync, Persistence):
                 self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
             replies = pipe.execute()
         return self.holders(records, replies)
+
+    def replicated_enqueue(self, pipe: Any, chunks: list[bytes], ttl: Any, now: Any) -> None:
+        """Queue on ``pipe`` (one connection, no transaction of redis-py's) the enqueue and a WAIT.
+
+        WAIT counts the replicas that have this connection's writes, so it must follow them on
+        the same connection; inside MULTI it would not block, so a transaction of several
+        chunks is MULTI…EXEC by hand with the WAIT after it.
+        """
+        k = self.keys
+        if len(chunks) > 1:
+            pipe.execute_command("MULTI")
+        for chunk in chunks:
+            self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+        if len(chunks) > 1:
+            pipe.execute_command("EXEC")
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+
+    def replicas_confirmed(self, replies: list[Any], chunks: int) -> list[Any]:
+        """The enqueue replies from :meth:`replicated_enqueue`'s; BackendUnavailable if too few replicas have them."""
+        confirmed = int(replies[-1])
+        if chunks > 1:
+            replies = replies[-2]
+            failed = [reply for reply in replies or () if isinstance(reply, Exception)]
+            if replies is None or failed:
+                raise ResponseError(f"the enqueue transaction failed: {failed[0] if failed else 'aborted'}")
+        else:
+            replies = replies[:1]
+        if confirmed < self.wait_replicas:
+            raise BackendUnavailable(
+                f"Redis at {self.where} stored the jobs but only {confirmed} of {self.wait_replicas} replica(s) "
+                f"confirmed them within {self.wait_timeout_ms} ms: not acknowledged (they may run, or be lost "
+                "in a failover). Check the replicas, or raise ?wait_timeout_ms=.")
+        return list(replies)
 
     def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
         """The enqueue script's record argument, one per call of at most ENQUEUE_CHUNK records.
