@@ -185,7 +185,7 @@ class SkunkQueue:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
         if self._signing_stale(backend):
-            stored = await backend._in_thread(backend.get_setting, signature_policy.SETTING)
+            stored = await backend.aget_setting(signature_policy.SETTING)
             self._signing_notice = (time.monotonic(), stored)
         live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
         per_call = self._records(backend, job, calls, due, keys, live)

@@ -150,6 +150,13 @@ class NativeAsync(Persistence):
                                                               **_not_expired(now)}))
         return None if doc is None else _to_record(doc)
 
+    async def aget_setting(self, name: str) -> str | None:
+        jobs = await self._ajobs()
+        settings = jobs.database["settings"]
+        doc = await self._acall("get setting", partial(settings.find_one, {"_id": {"q": self.queue, "n": name}}))
+        value = None if doc is None else doc.get("value")
+        return value if isinstance(value, str) else None
+
     def close_async_clients(self) -> None:
         clients = self.__dict__.pop("_loop_clients", None)
         if clients is not None:

@@ -145,6 +145,11 @@ class NativeAsync(Persistence):
             raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
         return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
+    @aguarded
+    async def aget_setting(self, name: str) -> str | None:
+        value = await (await self._side()).client.hget(self.keys.settings, name)
+        return None if value is None else text(value)
+
     async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         # Not a connection per waiter (BLMOVE on each done list ran the loop's pool dry with a
         # few hundred waiters): the loop's one subscription wakes the waiter (finishes.py). It

@@ -568,6 +568,10 @@ class Persistence(ABC):
         """:meth:`get`, awaitable."""
         return await self._in_thread(self.get, job_id)
 
+    async def aget_setting(self, name: str) -> str | None:
+        """:meth:`get_setting`, awaitable (``afire`` reads the workers' signing policy with it)."""
+        return await self._in_thread(self.get_setting, name)
+
     async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """:meth:`wait_finished` for asyncio code (``aresult``): the same looks, never blocking the loop.
 

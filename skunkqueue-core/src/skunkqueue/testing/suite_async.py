@@ -44,6 +44,19 @@ def _most_at_once(log: Path) -> int:
 class AsyncSuite:
     """Mixed into :class:`~skunkqueue.testing.ConformanceSuite`."""
 
+    def test_aget_setting_reads_what_put_setting_stored(self, queue: SkunkQueue) -> None:
+        """``afire`` reads the workers' signing policy with it: the same value, on the async side."""
+        store = queue.persistence
+        if not store.supports_settings:
+            pytest.skip(f"the {store.name} backend keeps no settings (supports_settings = False)")
+        store.put_setting("kit-setting {}:$.", "value {}:$.")
+
+        async def read() -> tuple[str | None, str | None]:
+            backend = await queue.aopen()
+            return await backend.aget_setting("kit-setting {}:$."), await backend.aget_setting("kit-absent")
+
+        assert asyncio.run(read()) == ("value {}:$.", None)
+
     def test_async_producers_fire_and_await(self, queue: SkunkQueue, start_pool: Any) -> None:
         add, fail = declare(queue, jobs.add), declare(queue, jobs.fail)
         start_pool(["r"])
