@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from skunkqueue import serializer, trust
+from skunkqueue import flow, serializer, trust
 from skunkqueue.errors import ConfigurationError, InvalidArguments, JobFailed, JobTimeout
 from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord
 
@@ -123,7 +123,7 @@ class Job:
 
     def __init__(self, queue: SkunkQueue, func: Callable[..., Any], routes: Sequence[str], *,
                  retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None,
-                 result_ttl: float | None = None) -> None:
+                 result_ttl: float | None = None, priority: int = 0, limit: flow.Limit | None = None) -> None:
         if isinstance(routes, str) or not routes or not all(isinstance(r, str) and r for r in routes):
             raise ConfigurationError("routes must be a non-empty list of route names, e.g. routes=['emails'].")
         for route in routes:
@@ -133,6 +133,10 @@ class Job:
         if result_ttl is not None:
             check_result_ttl(result_ttl)
         self.result_ttl = result_ttl  # None: the queue's
+        self.priority = flow.check_priority(priority)
+        if limit is not None and not isinstance(limit, flow.Limit):
+            raise ConfigurationError(f"limit= takes a skunkqueue.Limit(...), not {limit!r}.")
+        self.limit = limit
         self.queue = queue          # where it is fired (the connection)
         self.declared_on = queue    # whose options its records carry (type, serializer, retention)
         self.func = func
@@ -158,7 +162,7 @@ class Job:
         if queue.name != self.queue.name:
             raise ConfigurationError(f"{self.name} is declared on queue {self.queue.name!r}, not {queue.name!r}.")
         job = Job(queue, self.func, self.routes, retries=self.retries, retry_backoff=self.retry_backoff,
-                  timeout=self.timeout, result_ttl=self.result_ttl)
+                  timeout=self.timeout, result_ttl=self.result_ttl, priority=self.priority, limit=self.limit)
         job.declared_on = self.declared_on
         job.schedule = self.schedule
         return job
@@ -176,7 +180,7 @@ class Job:
         return Signature(self, args, kwargs, route)
 
     def fire(self, *args: Any, key: str | None = None, using: Any = None, after: Sequence[Any] | None = None,
-             on_failure: str | None = None, **kwargs: Any) -> JobHandle:
+             on_failure: str | None = None, priority: int | None = None, **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due now.
 
         With ``key``, the first firing with that key on this queue enqueues;
@@ -193,24 +197,29 @@ class Job:
         if one of them failed or was killed it ends ``killed`` without running,
         unless ``on_failure="run"`` (then ``current_job().dependencies`` says
         how each ended). Neither reaches the function.
+
+        ``priority`` overrides the declared one for this run (higher runs first
+        within a route; see :mod:`skunkqueue.flow`); not passed to the function.
         """
-        return self._fire([(args, kwargs)], time.time(), [key], using, after, on_failure)[0]
+        return self._fire([(args, kwargs)], time.time(), [key], using, after, on_failure, priority)[0]
 
     def fire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None, using: Any = None,
-                after: Sequence[Any] | None = None, on_failure: str | None = None, **kwargs: Any) -> JobHandle:
+                after: Sequence[Any] | None = None, on_failure: str | None = None, priority: int | None = None,
+                **kwargs: Any) -> JobHandle:
         """Enqueue one run per route, due after a delay or at an aware datetime (``key``, ``using``,
-        ``after``: see fire)."""
-        return self._fire([(args, kwargs)], due_time(when), [key], using, after, on_failure)[0]
+        ``after``, ``priority``: see fire)."""
+        return self._fire([(args, kwargs)], due_time(when), [key], using, after, on_failure, priority)[0]
 
     def fire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
-                  keys: Sequence[str | None] | None = None, using: Any = None) -> list[JobHandle]:
+                  keys: Sequence[str | None] | None = None, using: Any = None,
+                  priority: int | None = None) -> list[JobHandle]:
         """Enqueue many runs in one round trip: each item is an args tuple or a kwargs dict.
 
         ``keys``, if given, holds one idempotency key (or None) per call, as ``fire``'s ``key``;
-        ``using``: see fire.
+        ``using``, ``priority``: see fire.
         """
         normalized, key_list = self._normalize_many(calls, keys)
-        return self._fire(normalized, time.time(), key_list, using)
+        return self._fire(normalized, time.time(), key_list, using, priority=priority)
 
     @staticmethod
     def _normalize_many(calls: Iterable[Sequence[Any] | dict[str, Any]], keys: Sequence[str | None] | None,
@@ -229,38 +238,38 @@ class Job:
         return normalized, list(keys) if keys is not None else None
 
     async def afire(self, *args: Any, key: str | None = None, after: Sequence[Any] | None = None,
-                    on_failure: str | None = None, **kwargs: Any) -> JobHandle:
+                    on_failure: str | None = None, priority: int | None = None, **kwargs: Any) -> JobHandle:
         """``fire`` for asyncio code: awaits the store without blocking the event loop."""
-        return (await self._afire([(args, kwargs)], time.time(), [key], after, on_failure))[0]
+        return (await self._afire([(args, kwargs)], time.time(), [key], after, on_failure, priority))[0]
 
     async def afire_at(self, when: timedelta | datetime, *args: Any, key: str | None = None,
                        after: Sequence[Any] | None = None, on_failure: str | None = None,
-                       **kwargs: Any) -> JobHandle:
+                       priority: int | None = None, **kwargs: Any) -> JobHandle:
         """``fire_at`` for asyncio code."""
-        return (await self._afire([(args, kwargs)], due_time(when), [key], after, on_failure))[0]
+        return (await self._afire([(args, kwargs)], due_time(when), [key], after, on_failure, priority))[0]
 
     async def afire_many(self, calls: Iterable[Sequence[Any] | dict[str, Any]], *,
-                         keys: Sequence[str | None] | None = None) -> list[JobHandle]:
+                         keys: Sequence[str | None] | None = None, priority: int | None = None) -> list[JobHandle]:
         """``fire_many`` for asyncio code."""
         normalized, key_list = self._normalize_many(calls, keys)
-        return await self._afire(normalized, time.time(), key_list)
+        return await self._afire(normalized, time.time(), key_list, priority=priority)
 
     async def _afire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
                      keys: list[str | None] | None, after: Sequence[Any] | None = None,
-                     on_failure: str | None = None) -> list[JobHandle]:
+                     on_failure: str | None = None, priority: int | None = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = await self.queue._aenqueue(self, calls, due, keys, after, on_failure)
+        handles = await self.queue._aenqueue(self, calls, due, keys, after, on_failure, priority)
         if handles:
             self.last = handles[-1]
         return handles
 
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
               keys: list[str | None] | None = None, using: Any = None, after: Sequence[Any] | None = None,
-              on_failure: str | None = None) -> list[JobHandle]:
+              on_failure: str | None = None, priority: int | None = None) -> list[JobHandle]:
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
-        handles = self.queue._enqueue(self, calls, due, keys, using, after, on_failure)
+        handles = self.queue._enqueue(self, calls, due, keys, using, after, on_failure, priority)
         if handles:
             self.last = handles[-1]
         return handles

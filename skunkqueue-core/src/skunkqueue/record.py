@@ -91,6 +91,12 @@ class JobRecord:
     inputs: Any = None              # ids (nested lists) whose results are passed as the first argument
     on_failure: str | None = None   # "run": run even if a parent failed; None: end killed
     workflow: str | None = None     # the id of the workflow it belongs to
+    # Flow control (skunkqueue.flow; the store enforces it in claim, see Persistence):
+    priority: int = 0               # higher is claimed first within a route; FIFO among equals
+    limit_key: str | None = None    # jobs with equal keys share the limits below
+    limit_concurrency: int | None = None  # at most this many running (with a live lease) per key
+    limit_interval: float | None = None   # rate: seconds between starts per key (GCRA)...
+    limit_burst: int | None = None        # ...with this many at once after a quiet spell
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +137,15 @@ class JobRecord:
             raise MalformedRecord("key is not a string")
         if self.result_ttl is not None:
             self.result_ttl = float(self.result_ttl)
+        self.priority = int(self.priority)
+        if self.limit_key is not None and not isinstance(self.limit_key, str):
+            raise MalformedRecord("limit_key is not a string")
+        if self.limit_concurrency is not None:
+            self.limit_concurrency = int(self.limit_concurrency)
+        if self.limit_interval is not None:
+            self.limit_interval = float(self.limit_interval)
+        if self.limit_burst is not None:
+            self.limit_burst = int(self.limit_burst)
         if self.parents is not None and (not isinstance(self.parents, list)
                                          or not all(isinstance(p, str) for p in self.parents)):
             raise MalformedRecord("parents is not a list of job ids")

@@ -52,6 +52,12 @@ def declared(name: str, queue: str, route: str) -> Job | None:
     return _declared.get((name, queue, route))
 
 
+def declared_on(queue: str, routes: Iterable[str]) -> list[Job]:
+    """The jobs declared on ``queue`` for any of ``routes`` (a pool checks what it will serve)."""
+    wanted = set(routes)
+    return [job for (_, q, r), job in list(_declared.items()) if q == queue and r in wanted]
+
+
 def _declared_elsewhere(name: str) -> list[tuple[str, str]]:
     return sorted({(q, r) for (n, q, r) in list(_declared.keys()) if n == name})
 

@@ -43,6 +43,45 @@ Workflows (:mod:`skunkqueue.workflow`), for a backend that sets
 
 A store that cannot do 1 and 2 atomically must do them idempotently and let
 housekeeping complete an interrupted release (see :meth:`release_stranded`).
+
+Flow control (:mod:`skunkqueue.flow`): the rules are decided at fire time or
+stored as settings, and the store enforces them in :meth:`claim`'s atomic
+step, never by running user code. A backend declares what its claim does:
+
+* ``supports_priorities``: claimable records are handed out by ``priority``
+  descending, then ``due``, then ``id`` (FIFO among equal priorities).
+* ``supports_pause``: while the setting ``flow.pause_setting(route)`` exists,
+  a claim on that route takes nothing and changes nothing.
+* ``supports_limits``: a record with a ``limit_key`` K is taken only if
+  (a) ``limit_concurrency`` is None, or fewer than it of this queue's records
+  with ``limit_key`` K are ``running`` with ``lease_until`` after the store's
+  now (counting those this claim took already): a slot *is* a live lease, so
+  :meth:`renew` keeps it, :meth:`finish` frees it, an expired lease frees it,
+  and nothing else can leak or free one; and (b) ``limit_interval`` is None, or
+  ``flow.gcra(tat, now, limit_interval, limit_burst)`` allows it, where
+  ``tat`` is the store's value under ``flow.key_tat(K)``, set to the returned
+  value in the same atomic step. The route's own limit
+  (``flow.RouteLimit.from_json(get_setting(flow.limit_setting(route)))``)
+  applies the same way to all the route's records: its concurrency counts the
+  route's running records with a live lease, its rate is charged once per
+  record taken under ``flow.route_tat(route)``. A record that a limit stops is
+  skipped, not claimed: it stays ``pending`` with every field as it was (no
+  attempt, no token), keeps its place, and the claim goes on with the records
+  behind it (no head-of-line blocking), looking at no more than
+  ``flow.FLOW_SCAN`` records in all; once the route's limit stops one, the
+  claim ends. The claim may use route settings it read up to
+  ``flow.SETTINGS_TTL`` seconds earlier (a change takes effect within it).
+  :meth:`rate_times` reads the stored times, :meth:`flow_waiting` counts the
+  records a limit or a pause holds back (the monitor shows it).
+* Waking: a worker whose claim found only blocked records must not spin:
+  :meth:`wait_for_work` of a store that notifies must not return at once again
+  and again while the due records stay blocked. A finish that frees a slot, a
+  stored time that passes and a flow setting that changes should wake waiters
+  of the route; a store that cannot tell waits at most ``max_idle_poll``.
+
+:mod:`skunkqueue.flow` refuses (one line, at fire, ``queue.limit``,
+``queue.pause`` and pool start) a priority or limit that the backend does not
+declare it enforces, rather than ignore it.
 """
 
 from __future__ import annotations
@@ -123,6 +162,13 @@ class Persistence(ABC):
     #: True when the backend counts dependents down as the module docstring says (workflows:
     #: ``chain``, ``group``, ``fire(after=...)``); ``fire`` refuses workflows otherwise.
     supports_workflows: ClassVar[bool] = False
+    #: Flow control (see the module docstring): True when :meth:`claim` hands out records by
+    #: ``priority``; when it enforces records' ``limit_*`` fields and routes' stored limits; and
+    #: when it takes nothing from a paused route. ``fire``, ``queue.limit``/``pause`` and pools
+    #: refuse what the backend does not declare.
+    supports_priorities: ClassVar[bool] = False
+    supports_limits: ClassVar[bool] = False
+    supports_pause: ClassVar[bool] = False
     #: The URL schemes this backend takes (``("redis", "rediss")``, lower case): an address
     #: given without a backend name (``SKUNQ_URL=redis://...``) chooses the backend whose
     #: :meth:`takes_url` says yes (see :mod:`skunkqueue.config`).
@@ -408,6 +454,24 @@ class Persistence(ABC):
         Backends that implement both set ``supports_settings = True``.
         """
         raise NotImplementedError(f"the {self.name} backend keeps no settings")
+
+    # -- flow control (see the module docstring and skunkqueue.flow) -------------------
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        """The stored GCRA times (``flow.key_tat``/``flow.route_tat`` names) that are still ahead
+        of the store's now; names without one are left out. The monitor reads it; the default,
+        for a store without rates, knows none."""
+        return {}
+
+    def flow_waiting(self, route: str) -> int:
+        """How many due, pending records of ``route`` a claim would skip now for a pause or a limit.
+
+        Not on any hot path (``skunq limits``, the monitor). The default reads the route's
+        pending and running records (at most ``flow.FLOW_SCAN`` of each) and :meth:`rate_times`.
+        """
+        from skunkqueue.flow import count_waiting
+
+        return count_waiting(self, route)
 
     # -- throughput counters (see skunkqueue.metrics) -----------------------------
 
