@@ -276,8 +276,8 @@ def require(store: Persistence, *, priority: bool = False, limit: bool = False, 
     if missing:
         flag, name = missing[0]
         raise ConfigurationError(f"The {store.name} backend cannot enforce {name} ({flag} is False)"
-                                 f"{': ' + what if what else ''}; drop it or use a backend that does "
-                                 "(sqlite, postgres).")
+                                 f"{': ' + what if what else ''}; drop it, or use a backend that declares "
+                                 f"{flag}.")
 
 
 def check_jobs_enforceable(store: Persistence, queue: str, routes: list[str]) -> None:
