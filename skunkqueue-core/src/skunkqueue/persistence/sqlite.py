@@ -696,9 +696,12 @@ class SQLitePersistence(Persistence):
             (level,) = conn.execute(f"SELECT MAX(priority) {base} AND priority<?",
                                     (self.queue, route, PENDING, level)).fetchone()
 
-    def _rate_time(self, conn: sqlite3.Connection, name: str) -> float | None:
-        row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
-        return None if row is None else float(row[0])
+    def _rate_time(self, conn: sqlite3.Connection, name: str, times: dict[str, float | None]) -> float | None:
+        """A stored GCRA time, read once per claim (``times`` holds those read or set in it)."""
+        if name not in times:
+            row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
+            times[name] = None if row is None else float(row[0])
+        return times[name]
 
     def _claim(self, conn: sqlite3.Connection, route: str, worker_id: str, lease: float,
                limit: int) -> list[JobRecord]:
@@ -723,6 +726,8 @@ class SQLitePersistence(Persistence):
         blocked: set[str] = set()
         wake: float | None = None  # the earliest time a skipped record may become claimable
         held_back = False
+        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
+        changed: set[str] = set()
         for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8), 1):
             if looked > flow.FLOW_SCAN:
                 held_back = True
@@ -738,7 +743,7 @@ class SQLitePersistence(Persistence):
                     continue
                 free_at = self._key_blocked(conn, record, now)
                 if free_at is None and record.limit_interval:
-                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key)), now,
+                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key), times), now,
                                              record.limit_interval, record.limit_burst or 1)
                     free_at = None if ok else key_time
                 if free_at is not None:
@@ -747,22 +752,25 @@ class SQLitePersistence(Persistence):
                     wake = free_at if wake is None or (0 < free_at < wake) else wake
                     continue
             if route_rate is not None and route_limit is not None:
-                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route)), now, route_rate,
+                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route), times), now, route_rate,
                                            route_limit.burst)
                 if not ok:
                     held_back = True
                     wake = route_time if wake is None else min(wake, route_time)
                     break
-                conn.execute("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
-                             (self.queue, flow.route_tat(route), route_time))
+                times[flow.route_tat(route)] = route_time
+                changed.add(flow.route_tat(route))
             if key_time is not None and key is not None:
-                conn.execute("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
-                             (self.queue, flow.key_tat(key), key_time))
+                times[flow.key_tat(key)] = key_time
+                changed.add(flow.key_tat(key))
             record.claim_by(worker_id, now, lease)
             self._update(conn, record)
             claimed.append(record)
             if len(claimed) >= room:
                 break
+        if changed:
+            conn.executemany("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
+                             [(self.queue, name, times[name]) for name in changed])
         if held_back and len(claimed) < limit:
             self._held_back[route] = wake
         else:
@@ -826,7 +834,7 @@ class SQLitePersistence(Persistence):
         record = _row_to_record(row)
         if record.state != expect or record.token != token:
             return False
-        frees_slot = record.state == RUNNING and (record.limit_key is not None or self._limits_route(record.route))
+        frees_slot = record.state == RUNNING and self._was_full(conn, record)
         record = outcome.apply_to(record, time.time())
         self._update(conn, record)
         if frees_slot:  # a worker waiting on this slot's limit may claim now
@@ -840,10 +848,24 @@ class SQLitePersistence(Persistence):
             self._poke_workers(record.route, record.target)
         return True
 
-    def _limits_route(self, route: str) -> bool:
-        """True when this instance last saw a concurrency limit or a pause on the route."""
-        found = self._flows.get(route)
-        return found is not None and (found[1] or (found[2] is not None and found[2].concurrency is not None))
+    def _was_full(self, conn: sqlite3.Connection, record: JobRecord) -> bool:
+        """True when this running record holds one of the last slots of its key or its route: a worker
+        may be waiting for it. A poke costs more than this look, and most finishes free no one."""
+        now = time.time()
+        if record.limit_key is not None and record.limit_concurrency is not None:
+            (running,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE queue=? AND limit_key=? AND state=? AND lease_until>?",
+                (self.queue, record.limit_key, RUNNING, now)).fetchone()
+            if running >= record.limit_concurrency:
+                return True
+        found = self._flows.get(record.route)
+        limit = found[2] if found is not None else None
+        if limit is None or limit.concurrency is None:
+            return False
+        (running,) = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
+            (self.queue, record.route, RUNNING, now)).fetchone()
+        return bool(running >= limit.concurrency)
 
     def _done_tag(self, job_id: str) -> str:
         return "d" + tag(self.queue, job_id)
