@@ -54,13 +54,13 @@ class QueueCollector(Collector):
             rate = GaugeMetricFamily("skunkqueue_route_limit_rate_per_second",
                                      "The route's own rate limit (queue.limit), starts per second.",
                                      labels=["queue", "route"])
-            for route, state in sorted(snap.flows.items()):
-                paused.add_metric([name, route], 1 if state.paused else 0)
-                waiting.add_metric([name, route], state.waiting)
-                if state.limit is not None and state.limit.concurrency is not None:
-                    concurrency.add_metric([name, route], state.limit.concurrency)
-                if state.limit is not None and state.limit.rate is not None:
-                    rate.add_metric([name, route], state.limit.rate.count / state.limit.rate.period)
+            for route, shown in sorted(snap.flows.items()):
+                paused.add_metric([name, route], 1 if shown.paused else 0)
+                waiting.add_metric([name, route], shown.waiting)
+                if shown.limit is not None and shown.limit.concurrency is not None:
+                    concurrency.add_metric([name, route], shown.limit.concurrency)
+                if shown.limit is not None and shown.limit.rate is not None:
+                    rate.add_metric([name, route], shown.limit.rate.count / shown.limit.rate.period)
             yield paused
             yield waiting
             yield concurrency
