@@ -130,3 +130,18 @@ def test_a_pool_refuses_a_limit_its_store_cannot_enforce(tmp_path: Path, monkeyp
     assert all(child.process is None for child in pool.children), "workers started anyway"
     assert job.limit is not None
     queue.close()
+
+
+def prioritised(message: str, priority: str = "normal") -> str:
+    return f"{priority}: {message}"
+
+
+def test_a_job_with_its_own_priority_parameter_is_not_silently_given_the_queues(tmp_path: Path) -> None:
+    queue = SkunkQueue("flow-names", backend="sqlite", conn_url=str(tmp_path / "q.db"))
+    job = queue.event(routes=["r"])(prioritised)
+    with pytest.raises(ConfigurationError, match="parameter named priority") as info:
+        job.fire("hello", priority=5)
+    assert "\n" not in str(info.value)
+    record = queue.get(job.fire("hello", "high").id)  # positionally: the function's own argument
+    assert record is not None and record.priority == 0
+    queue.close()

@@ -125,12 +125,13 @@ class SkunkQueue:
     def periodic(self, *, routes: Sequence[str], every: timedelta | float | None = None,
                  cron: str | None = None, tz: str = "UTC", misfire_grace: float = 60.0,
                  catch_up: bool = False, retries: int = 0, retry_backoff: float = 1.0,
-                 timeout: float | None = None, result_ttl: float | None = None,
-                 ) -> Callable[[Callable[..., Any]], Job]:
+                 timeout: float | None = None, result_ttl: float | None = None, priority: int = 0,
+                 limit: flow.Limit | None = None) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: a Job that ``skunq work`` pools fire once per slot of a schedule.
 
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
-        ``tz``). See :mod:`skunkqueue.periodic`.
+        ``tz``). See :mod:`skunkqueue.periodic`. ``priority`` and ``limit``: as
+        for :meth:`event`.
         """
         from skunkqueue import periodic as schedules
 
@@ -140,7 +141,7 @@ class SkunkQueue:
 
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
-                      result_ttl=result_ttl)
+                      result_ttl=result_ttl, priority=priority, limit=limit)
             try:
                 job.check_arguments((), {})
             except TypeError:
