@@ -317,7 +317,7 @@ class FlowControlSuite:
         # Fired key after key, so that without the limit the nine workers would run one key's jobs
         # nine at a time; the first job of each key is long, so the stop and the kill catch jobs mid-run.
         per_key = CHAOS_JOBS // len(NASTY_KEYS)
-        handles = [job.fire(str(log), NASTY_KEYS[n // per_key], f"j{n}", 2.5 if n % per_key == 0 else 0.25)
+        handles = [job.fire(str(log), NASTY_KEYS[n // per_key], f"j{n}", 2.0 if n % per_key == 0 else 0.15)
                    for n in range(CHAOS_JOBS)]
 
         def running_on(pids: set[int]) -> bool:
