@@ -680,14 +680,25 @@ class SQLitePersistence(Persistence):
         priority's delayed ones) are never read.
         """
         base = "FROM jobs WHERE queue=? AND route=? AND state=?"
-        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
-        while level is not None:
+        top = f"(SELECT MAX(priority) {base})"
+        level: Any = None
+        while True:
             after: tuple[Any, ...] = ()
             while True:
+                # The first page names the top priority by a subquery: the common claim is one statement.
                 rows = conn.execute(
-                    f"SELECT * {base} AND priority=? AND due<=? AND (target IS NULL OR target=?)"
-                    + (" AND (due>? OR (due=? AND id>?))" if after else "") + " ORDER BY due, id LIMIT ?",
-                    (self.queue, route, PENDING, level, now, worker_id, *after, page)).fetchall()
+                    f"SELECT * {base} AND priority={top if level is None else '?'} AND due<=? "
+                    "AND (target IS NULL OR target=?)" + (" AND (due>? OR (due=? AND id>?))" if after else "")
+                    + " ORDER BY due, id LIMIT ?",
+                    (self.queue, route, PENDING, *((self.queue, route, PENDING) if level is None else (level,)),
+                     now, worker_id, *after, page)).fetchall()
+                if level is None:
+                    if not rows:
+                        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
+                        if level is None:
+                            return
+                        break  # the top priority has nothing due yet: on to the next
+                    level = rows[0]["priority"]
                 yield from rows
                 if len(rows) < page:
                     break
@@ -695,6 +706,8 @@ class SQLitePersistence(Persistence):
                 after = (last["due"], last["due"], last["id"])
             (level,) = conn.execute(f"SELECT MAX(priority) {base} AND priority<?",
                                     (self.queue, route, PENDING, level)).fetchone()
+            if level is None:
+                return
 
     def _rate_time(self, conn: sqlite3.Connection, name: str, times: dict[str, float | None]) -> float | None:
         """A stored GCRA time, read once per claim (``times`` holds those read or set in it)."""
@@ -714,20 +727,24 @@ class SQLitePersistence(Persistence):
             self._held_back[route] = None
             return claimed
         room = limit
-        if route_limit is not None and route_limit.concurrency is not None:
-            running, first_end = conn.execute(
-                "SELECT COUNT(*), MIN(lease_until) FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
-                (self.queue, route, RUNNING, now)).fetchone()
-            room = min(room, route_limit.concurrency - running)
-            if room <= 0:
-                self._held_back[route] = first_end
-                return claimed
+        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
+        changed: set[str] = set()
+        if route_limit is not None:
+            # The route's live leases and its rate's time in one statement: a claim is a few of them.
+            running, first_end, tat = conn.execute(
+                "SELECT COUNT(*), MIN(lease_until), (SELECT tat FROM flow_times WHERE queue=? AND name=?) "
+                "FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
+                (self.queue, flow.route_tat(route), self.queue, route, RUNNING, now)).fetchone()
+            times[flow.route_tat(route)] = None if tat is None else float(tat)
+            if route_limit.concurrency is not None:
+                room = min(room, route_limit.concurrency - running)
+                if room <= 0:
+                    self._held_back[route] = first_end
+                    return claimed
         route_rate = route_limit.interval if route_limit is not None else None
         blocked: set[str] = set()
         wake: float | None = None  # the earliest time a skipped record may become claimable
         held_back = False
-        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
-        changed: set[str] = set()
         for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8), 1):
             if looked > flow.FLOW_SCAN:
                 held_back = True
@@ -769,7 +786,8 @@ class SQLitePersistence(Persistence):
             if len(claimed) >= room:
                 break
         if changed:
-            conn.executemany("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
+            conn.executemany("INSERT INTO flow_times (queue, name, tat) VALUES (?, ?, ?) "
+                             "ON CONFLICT (queue, name) DO UPDATE SET tat=excluded.tat",
                              [(self.queue, name, times[name]) for name in changed])
         if held_back and len(claimed) < limit:
             self._held_back[route] = wake
@@ -828,13 +846,22 @@ class SQLitePersistence(Persistence):
 
     def _finish(self, conn: sqlite3.Connection, job_id: str, token: int, outcome: Outcome,
                 expect: str) -> bool:
-        row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+        # With the row, the live leases of its key (if it has one) and, where this instance saw a
+        # concurrency limit on a route, of its route: whether the finish frees a slot someone waits for.
+        now = time.time()
+        route_count = ("(SELECT COUNT(*) FROM jobs r WHERE r.queue=jobs.queue AND r.route=jobs.route AND "
+                       "r.state='running' AND r.lease_until>?)") if self._route_limits_seen() else "?"
+        row = conn.execute(
+            "SELECT *, CASE WHEN limit_key IS NULL OR state<>'running' THEN 0 ELSE (SELECT COUNT(*) FROM jobs k "
+            "WHERE k.queue=jobs.queue AND k.limit_key=jobs.limit_key AND k.state='running' AND k.lease_until>?) "
+            f"END AS key_slots, {route_count} AS route_slots FROM jobs WHERE id=? AND queue=?",
+            (now, now, job_id, self.queue)).fetchone()
         if row is None:
             return False
         record = _row_to_record(row)
         if record.state != expect or record.token != token:
             return False
-        frees_slot = record.state == RUNNING and self._was_full(conn, record)
+        frees_slot = record.state == RUNNING and self._was_full(record, row["key_slots"], row["route_slots"])
         record = outcome.apply_to(record, time.time())
         self._update(conn, record)
         if frees_slot:  # a worker waiting on this slot's limit may claim now
@@ -848,24 +875,18 @@ class SQLitePersistence(Persistence):
             self._poke_workers(record.route, record.target)
         return True
 
-    def _was_full(self, conn: sqlite3.Connection, record: JobRecord) -> bool:
-        """True when this running record holds one of the last slots of its key or its route: a worker
-        may be waiting for it. A poke costs more than this look, and most finishes free no one."""
-        now = time.time()
-        if record.limit_key is not None and record.limit_concurrency is not None:
-            (running,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE queue=? AND limit_key=? AND state=? AND lease_until>?",
-                (self.queue, record.limit_key, RUNNING, now)).fetchone()
-            if running >= record.limit_concurrency:
-                return True
+    def _route_limits_seen(self) -> bool:
+        return any(limit is not None and limit.concurrency is not None for _, _, limit in self._flows.values())
+
+    def _was_full(self, record: JobRecord, key_slots: Any, route_slots: Any) -> bool:
+        """True when this running record held one of the last slots of its key or its route (the live
+        leases counted with the row): a worker may be waiting for it. Most finishes free no one, and a
+        poke costs more than the count."""
+        if record.limit_concurrency is not None and (key_slots or 0) >= record.limit_concurrency:
+            return True
         found = self._flows.get(record.route)
         limit = found[2] if found is not None else None
-        if limit is None or limit.concurrency is None:
-            return False
-        (running,) = conn.execute(
-            "SELECT COUNT(*) FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
-            (self.queue, record.route, RUNNING, now)).fetchone()
-        return bool(running >= limit.concurrency)
+        return limit is not None and limit.concurrency is not None and (route_slots or 0) >= limit.concurrency
 
     def _done_tag(self, job_id: str) -> str:
         return "d" + tag(self.queue, job_id)
