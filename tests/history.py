@@ -278,20 +278,20 @@ def _check_slots(report: Report, attempts: Mapping[str, Sequence[Attempt]], sche
     for job_id, runs in attempts.items():
         for run in runs:
             if run.token and run.token.startswith("slot:"):
-                _, schedule, slot = run.token.split(":", 2)
-                slots[schedule][round(float(slot), 3)].add(job_id)
+                _, schedule, moment = run.token.split(":", 2)
+                slots[schedule][round(float(moment), 3)].add(job_id)
     for schedule, by_slot in slots.items():
-        for slot, ids in sorted(by_slot.items()):
+        for at, ids in sorted(by_slot.items()):
             if len(ids) > 1:
-                report.violations["slot-twice"].append(f"{schedule} slot {slot:.3f} fired as {len(ids)} jobs: "
+                report.violations["slot-twice"].append(f"{schedule} slot {at:.3f} fired as {len(ids)} jobs: "
                                                        f"{sorted(ids)}")
     for schedule, window in schedules.items():
         fired = slots.get(schedule, {})
         k = math.ceil(window.start / window.every - 1e-9)
         while k * window.every < window.stop:
-            slot = round(k * window.every, 3)
-            if slot not in fired:
-                report.violations["slot-skipped"].append(f"{schedule} slot {slot:.3f} never fired")
+            expected = round(k * window.every, 3)
+            if expected not in fired:
+                report.violations["slot-skipped"].append(f"{schedule} slot {expected:.3f} never fired")
             k += 1
 
 
