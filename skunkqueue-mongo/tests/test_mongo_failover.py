@@ -1,0 +1,108 @@
+"""MongoDB elections under load: a three-member replica set loses its primary while jobs flow.
+
+Three ``mongod`` members from the same wheel (``tests/mongo_servers.py``
+``MongoReplicaSet``, elections after 2 s of silence), a ``skunq work`` pool and
+two producers (``fire`` and ``afire``) on ``mongodb://a,b,c/?replicaSet=…``
+with SkunkQueue's defaults: MongoDB's default write concern, which for this set
+is ``majority``, and pymongo's retryable writes. The primary is SIGKILLed (and
+restarted, to rejoin as a secondary) or asked to step down. Every fire, start
+and end goes into a history outside the queue (``tests/history.py``), which the
+checker reads: nothing acknowledged lost, no two attempts of a job at once, no
+acknowledged job left unfinished, and the same pool, never restarted, runs the
+jobs fired after the election.
+
+The CI version strikes twice (a SIGKILL, then a step-down); ``make chaos`` (SKUNQ_CHAOS=long) runs
+eight alternating strikes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mongo_servers as servers
+import pytest
+from failover_load import Load
+from history import load
+
+from skunkqueue.testing.kit import BackendUnderTest
+
+LONG = os.environ.get("SKUNQ_CHAOS") == "long"
+
+
+@pytest.fixture
+def replset_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.MongoReplicaSet]:
+    started = servers.MongoReplicaSet(tmp_path_factory.mktemp("mongo-rs3"))
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+def strike(rs: servers.MongoReplicaSet, kind: str) -> tuple[int, int, float]:
+    """SIGKILL the primary (then restart it) or step it down; the old and new primaries' ports, seconds between."""
+    old = rs.wait_primary()
+    began = time.monotonic()
+    if kind == "sigkill":
+        old.stop(signal.SIGKILL)  # no shutdown, no step-down handshake, no last replication
+    else:
+        rs.step_down(old, seconds=10)
+    new = rs.wait_primary(other_than=old)
+    elected = time.monotonic() - began
+    if kind == "sigkill":
+        old.start()  # rejoins as a secondary; writes only it had (none were majority-acknowledged) roll back
+    return old.port, new.port, elected
+
+
+def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: list[str], per_phase: int) -> None:
+    backend = BackendUnderTest(name="mongodb", url=rs.url, db="failover")
+    load_ = Load(backend, queue_name, tmp_path, pause=0.01, every=0.01)
+    pool = load_.start_pool(concurrency=2)
+    elections: list[str] = []
+    try:
+        pool.wait_ready(60)
+        load_.start_producers()
+        since = 0.0
+        for kind in kinds:
+            load_.wait_acked(per_phase, since, what=f"before the {kind}")
+            old, new, took = strike(rs, kind)
+            since = time.monotonic()
+            elections.append(f"{kind} {old}->{new} in {took:.1f} s")
+            # The same producers and the same pool carry on against the new primary.
+            load_.wait_acked(per_phase, since, what=f"after the {kind}")
+            rs.wait_healthy(timeout=90)
+        load_.stop_producers()
+        load_.drain(timeout=120)
+        assert pool.process.poll() is None, f"the pool exited: {pool.log()}"
+    finally:
+        load_.close()
+    report = load_.report()
+    events = load(load_.history.path)
+    acked_at = {e["id"]: e["t"] for e in events if e["op"] == "ok"}
+    first_start: dict[str, float] = {}
+    for e in events:
+        if e["op"] == "start":
+            first_start.setdefault(e["id"], e["t"])
+    waits = [first_start[i] - t for i, t in acked_at.items() if i in first_start]
+    print(f"\nmongodb failover ({', '.join(elections)}): {report.summary()}; "
+          f"median fire-to-start {statistics.median(waits):.2f} s")
+    assert report.ok, report.explain()
+    assert not load_.unexpected_errors(), load_.unexpected_errors()[:5]
+
+
+def test_a_sigkill_and_a_step_down_under_load_lose_nothing_acknowledged(replset_cluster: Any, queue_name: str,
+                                                                       tmp_path: Path) -> None:
+    run(replset_cluster, queue_name, tmp_path, ["sigkill", "stepdown"], per_phase=100)
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not LONG, reason="long failover run: make chaos (SKUNQ_CHAOS=long)")
+def test_eight_elections_under_load(replset_cluster: Any, queue_name: str, tmp_path: Path) -> None:
+    kinds = [random.choice(["sigkill", "stepdown"]) for _ in range(8)]
+    run(replset_cluster, queue_name, tmp_path, kinds, per_phase=400)
