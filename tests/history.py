@@ -12,8 +12,10 @@ Events (``op``):
   the epoch it asked for, if any). Then either ``ok`` (acknowledged, with the
   job's ``id``) or ``fail`` (the fire raised: it may or may not have been
   written, so it may or may not run).
-- ``start`` / ``end``: an attempt of a job began / returned, written by the job
-  itself with its ``id``, ``attempt``, fencing ``fence`` token and ``pid``;
+- ``start`` / ``end``: an attempt of a job began / stopped, written by the job
+  itself with its ``id``, ``attempt``, fencing ``fence`` token and ``pid``; an
+  ``end`` whose ``outcome`` is not ``ok`` (interrupted: lease lost, killed) stopped
+  the attempt without completing the job;
   optionally ``slot`` and ``schedule`` (a periodic job) and ``parents`` (a
   workflow step: the ids it waited for).
 - ``kill``: ``kill(id)`` returned at ``t``: no attempt of ``id`` may start after it.
@@ -38,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 # Each kind of violation the checker reports, and what it means.
 KINDS = {
     "lost": "acknowledged by fire, never started",
-    "unfinished": "acknowledged and started, but no attempt ever returned",
+    "unfinished": "acknowledged and started, but no attempt ever completed",
     "concurrent": "two attempts of one job running at the same time (fencing broken)",
     "same-fence": "two attempts of one job given the same fencing token",
     "after-kill": "an attempt started after kill() had returned",
@@ -107,7 +109,8 @@ class Attempt:
     fence: int | None
     pid: int | None
     start: float
-    end: float | None = None   # when it returned, or None
+    end: float | None = None   # when it stopped (returned or was interrupted), or None
+    completed: bool = False    # it returned
     stop: float = math.inf     # when it stopped running: its end, its process's crash, or never
 
     def describe(self) -> str:
@@ -200,6 +203,7 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
             run_or_none = open_attempts.pop((event["id"], event.get("fence"), event.get("pid")), None)
             if run_or_none is not None:
                 run_or_none.end = run_or_none.stop = t
+                run_or_none.completed = event.get("outcome", "ok") == "ok"
     for run in open_attempts.values():
         if run.pid is not None and run.pid in crashes and crashes[run.pid] >= run.start:
             run.stop = crashes[run.pid]
@@ -217,8 +221,8 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
         runs = attempts.get(job_id, [])
         if not runs:
             report.violations["lost"].append(f"{token} (id {job_id}) acknowledged, never started")
-        elif drained and all(run.end is None for run in runs):
-            report.violations["unfinished"].append(f"{token} (id {job_id}): {len(runs)} attempt(s), none returned")
+        elif drained and not any(run.completed for run in runs):
+            report.violations["unfinished"].append(f"{token} (id {job_id}): {len(runs)} attempt(s), none completed")
     for job_id, runs in attempts.items():
         _check_overlaps(report, job_id, runs)
     _check_parents(report, events, attempts)

@@ -34,12 +34,23 @@ def _attempt(history: str, op: str, token: str, **extra: Any) -> None:
 
 @_here.event(routes=_routes)
 def step(history: str, token: str, pause: float = 0.0) -> str:
-    """Write ``start``, sleep ``pause`` in small steps, write ``end``."""
+    """Write ``start``, sleep ``pause`` in small steps, write ``end``.
+
+    An interruption (lease lost, kill: a ``BaseException`` raised in the job) still
+    writes ``end``, with the exception's name as ``outcome``: the attempt stopped
+    there, and the checker must not take it for one still running.
+    """
     _attempt(history, "start", token)
-    deadline = time.monotonic() + pause
-    while time.monotonic() < deadline:
-        time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
-    _attempt(history, "end", token)
+    outcome = "ok"
+    try:
+        deadline = time.monotonic() + pause
+        while time.monotonic() < deadline:
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        raise
+    finally:
+        _attempt(history, "end", token, outcome=outcome)
     return token
 
 

@@ -57,6 +57,14 @@ def test_started_but_never_returned_is_unfinished_only_when_the_run_was_drained(
     assert check(events, drained=False).ok
 
 
+def test_an_interrupted_attempt_stopped_but_did_not_complete() -> None:
+    interrupted = [*fired("a", "J1"), ev("start", 1, id="J1", token="a", fence=1, pid=1),
+                   ev("end", 2, id="J1", token="a", fence=1, pid=1, outcome="LeaseLost")]
+    assert check(interrupted).count("unfinished") == 1
+    retried = [*interrupted, *ran("J1", "a", 3, 4, fence=2, pid=2, attempt=2)]
+    assert check(retried).ok  # stopped at 2, the retry began at 3: no overlap, and it completed
+
+
 def test_overlapping_attempts_are_concurrent() -> None:
     events = [*fired("a", "J1"), *ran("J1", "a", 1, 5, pid=1), *ran("J1", "a", 4, 6, fence=2, pid=2, attempt=2)]
     report = check(events)
