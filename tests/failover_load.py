@@ -165,6 +165,6 @@ class Load:
     def report(self, **options: Any) -> Report:
         return check(load(self.history.path), **options)
 
-    def close(self) -> None:
-        self.stop_producers()
+    def close(self, timeout: float = 30.0) -> None:
+        self.stop_producers(timeout)
         self.stop_pools()

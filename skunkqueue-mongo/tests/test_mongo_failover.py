@@ -59,10 +59,13 @@ def strike(rs: servers.MongoReplicaSet, kind: str) -> tuple[int, int, float]:
     return old.port, new.port, elected
 
 
-def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: list[str], per_phase: int) -> None:
+def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: list[str], per_phase: int,
+        every: float = 0.02) -> None:
     backend = BackendUnderTest(name="mongodb", url=rs.url, db="failover")
-    load_ = Load(backend, queue_name, tmp_path, pause=0.01, every=0.01)
-    pool = load_.start_pool(concurrency=2)
+    # Producers paced (``every`` between fires) near what one pool of 3 runs on a loaded 2-core
+    # machine (~20-30 jobs/s), so the backlog, and the wait for it to drain, stays short.
+    load_ = Load(backend, queue_name, tmp_path, pause=0.01, every=every)
+    pool = load_.start_pool(concurrency=3)
     elections: list[str] = []
     try:
         pool.wait_ready(60)
@@ -77,7 +80,7 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
             load_.wait_acked(per_phase, since, what=f"after the {kind}")
             rs.wait_healthy(timeout=90)
         load_.stop_producers()
-        load_.drain(timeout=120)
+        load_.drain(timeout=60 + 0.1 * per_phase * len(kinds))
         assert pool.process.poll() is None, f"the pool exited: {pool.log()}"
     finally:
         load_.close()
@@ -105,4 +108,4 @@ def test_a_sigkill_and_a_step_down_under_load_lose_nothing_acknowledged(replset_
 @pytest.mark.skipif(not LONG, reason="long failover run: make chaos (SKUNQ_CHAOS=long)")
 def test_eight_elections_under_load(replset_cluster: Any, queue_name: str, tmp_path: Path) -> None:
     kinds = [random.choice(["sigkill", "stepdown"]) for _ in range(8)]
-    run(replset_cluster, queue_name, tmp_path, kinds, per_phase=400)
+    run(replset_cluster, queue_name, tmp_path, kinds, per_phase=300, every=0.05)

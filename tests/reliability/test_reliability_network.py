@@ -118,7 +118,7 @@ SKIP = {"postgres": {"half-open"}}
 
 
 def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int, scale: float,
-            per_phase: int, only: set[str] | None = None) -> None:
+            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0) -> None:
     name, server = store
     rng = random.Random(os.getpid())
     with FaultProxy("127.0.0.1", server.port, seed=1) as a, FaultProxy("127.0.0.1", server.port, seed=2) as b:
@@ -137,14 +137,14 @@ def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int
                     load.wait_acked(per_phase, time.monotonic() - 5, what=f"before {fault}")
                     act()
                     healed = time.monotonic()
-                    load.wait_acked(per_phase, healed, timeout=45, what=f"after {fault}")
+                    load.wait_acked(per_phase, healed, timeout=recover_within, what=f"after {fault}")
                     done.append(fault)
             load.stop_producers()
             load.drain(timeout=90)
             for pool in (pool_a, pool_b):
                 assert pool.process.poll() is None, f"a pool exited: {pool.log()}"
         finally:
-            load.close()
+            load.close(timeout=5)
     report = load.report()
     print(f"\n{name} through a faulty network ({len(done)} faults; proxy A {a.connections_made} connections, "
           f"{a.resets_sent} reset): {report.summary()}")
@@ -175,7 +175,8 @@ def test_postgres_half_open_connection(tmp_path_factory: pytest.TempPathFactory,
 
     server = postgres_servers.PostgresServer(tmp_path_factory.mktemp("net-pg-half-open")).start()
     try:
-        run_mix(("postgres", server), net_queue, tmp_path, rounds=1, scale=1.0, per_phase=10, only={"half-open"})
+        run_mix(("postgres", server), net_queue, tmp_path, rounds=1, scale=1.0, per_phase=10, only={"half-open"},
+                recover_within=20)
     finally:
         server.stop()
         server.destroy()
