@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 @dataclass
 class ProducerStats:
     api: str
-    acked: list[tuple[str, float]] = field(default_factory=list)  # (token, monotonic when acknowledged)
+    # (token, monotonic when fire was called): a fire called after a primary died cannot have been
+    # acknowledged by it, whereas the moment the reply was noted may come after a death it preceded.
+    acked: list[tuple[str, float]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (token, exception type)
 
 
@@ -98,6 +100,7 @@ class Load:
                 n += 1
                 token = f"{stats.api}-{n}"
                 self.history.invoke(token)
+                invoked = time.monotonic()
                 try:
                     handle = through.fire(step, history_path, token, self.pause)
                 except Exception as exc:
@@ -108,7 +111,7 @@ class Load:
                     time.sleep(0.05)
                     continue
                 self.history.ok(token, handle.id)
-                stats.acked.append((token, time.monotonic()))
+                stats.acked.append((token, invoked))
                 time.sleep(self.every)
         finally:
             through.close()
@@ -125,7 +128,7 @@ class Load:
         # saw it stuck has already failed, and closing a client under a live call could hang too.
 
     def acked_since(self, since: float) -> int:
-        """The fewest fires any one producer had acknowledged since monotonic ``since``."""
+        """The fewest fires called after monotonic ``since`` and acknowledged, of any one producer."""
         return min(sum(1 for _, t in s.acked if t > since) for s in self.stats.values())
 
     def wait_acked(self, n: int, since: float = 0.0, timeout: float = 60.0, what: str = "") -> None:
@@ -147,12 +150,13 @@ class Load:
 
     # -- the history -------------------------------------------------------------------
 
-    def drain(self, timeout: float = 90.0) -> None:
-        """Until every acknowledged job has an attempt that returned."""
+    def drain(self, timeout: float = 90.0, since: float | None = None) -> None:
+        """Until every acknowledged job (fired after monotonic ``since``, if given) has returned."""
         deadline = time.monotonic() + timeout
+        tokens = None if since is None else {tok for s in self.stats.values() for tok, t in s.acked if t > since}
         while True:
             events = load(self.history.path)
-            acked = {e["id"] for e in events if e["op"] == "ok"}
+            acked = {e["id"] for e in events if e["op"] == "ok" and (tokens is None or e["token"] in tokens)}
             ended = {e["id"] for e in events if e["op"] == "end"}
             missing = acked - ended
             if not missing:
