@@ -134,6 +134,7 @@ def test_a_promotion_under_load(replicated_cluster: tuple[str, Any, Any], tmp_pa
     assert not load.unexpected_errors(), load.unexpected_errors()[:5]
 
 
+@pytest.mark.slow  # starts its servers itself: conftest's marking sees no server fixture
 def test_what_synchronous_replication_costs_a_producer(tmp_path: Path) -> None:
     """Not a benchmark: the order of magnitude, printed, on this (shared, loaded) machine."""
     from skunkqueue_postgres.persistence import PostgresPersistence
