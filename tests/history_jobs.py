@@ -57,7 +57,8 @@ def step(history: str, token: str, pause: float = 0.0) -> str:
 if os.environ.get("SKUNQ_HISTORY") and os.environ.get("SKUNQ_HISTORY_EVERY"):
     _every = float(os.environ["SKUNQ_HISTORY_EVERY"])
 
-    @_here.periodic(every=timedelta(seconds=_every), routes=_routes, misfire_grace=30)
+    # catch_up: every slot missed while the store was away fires, so a skipped slot is a fault.
+    @_here.periodic(every=timedelta(seconds=_every), routes=_routes, misfire_grace=30, catch_up=True)
     def tick() -> None:
         ctx = current_job()
         assert ctx is not None and ctx.slot is not None

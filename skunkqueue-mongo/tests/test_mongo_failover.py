@@ -2,13 +2,13 @@
 
 Three ``mongod`` members from the same wheel (``tests/mongo_servers.py``
 ``MongoReplicaSet``, elections after 2 s of silence), a ``skunq work`` pool and
-two producers (``fire`` and ``afire``) on ``mongodb://a,b,c/?replicaSet=…``
+two producers (``fire`` and ``afire``), and a periodic job every second, on ``mongodb://a,b,c/?replicaSet=…``
 with SkunkQueue's defaults: MongoDB's default write concern, which for this set
 is ``majority``, and pymongo's retryable writes. The primary is SIGKILLed (and
 restarted, to rejoin as a secondary) or asked to step down. Every fire, start
 and end goes into a history outside the queue (``tests/history.py``), which the
 checker reads: nothing acknowledged lost, no two attempts of a job at once, no
-acknowledged job left unfinished, and the same pool, never restarted, runs the
+acknowledged job left unfinished, every periodic slot fired exactly once, and the same pool, never restarted, runs the
 jobs fired after the election.
 
 The CI version strikes twice (a SIGKILL, then a step-down); ``make chaos`` (SKUNQ_CHAOS=long) runs
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import mongo_servers as servers
 import pytest
 from failover_load import Load
-from history import load
+from history import Schedule, load
 
 from skunkqueue.testing.kit import BackendUnderTest
 
@@ -65,10 +65,12 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
     # Producers paced (``every`` between fires) near what one pool of 3 runs on a loaded 2-core
     # machine (~20-30 jobs/s), so the backlog, and the wait for it to drain, stays short.
     load_ = Load(backend, queue_name, tmp_path, pause=0.01, every=every)
-    pool = load_.start_pool(concurrency=3)
+    # The pool also runs a periodic job every second: each slot must fire once, elections or not.
+    pool = load_.start_pool(concurrency=3, env={"SKUNQ_HISTORY": load_.history.path, "SKUNQ_HISTORY_EVERY": "1"})
     elections: list[str] = []
     try:
         pool.wait_ready(60)
+        window_start = time.time() + 3
         load_.start_producers()
         since = 0.0
         for kind in kinds:
@@ -79,12 +81,14 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
             # The same producers and the same pool carry on against the new primary.
             load_.wait_acked(per_phase, since, what=f"after the {kind}")
             rs.wait_healthy(timeout=90)
+        window_stop = time.time() - 3
         load_.stop_producers()
         load_.drain(timeout=60 + 0.1 * per_phase * len(kinds))
         assert pool.process.poll() is None, f"the pool exited: {pool.log()}"
     finally:
         load_.close()
-    report = load_.report()
+    report = load_.report(schedules={"tick": Schedule(every=1.0, start=window_start, stop=window_stop)})
+    slots = sum(1 for e in load(load_.history.path) if e["op"] == "start" and e["token"].startswith("slot:"))
     events = load(load_.history.path)
     acked_at = {e["id"]: e["t"] for e in events if e["op"] == "ok"}
     first_start: dict[str, float] = {}
@@ -93,7 +97,7 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
             first_start.setdefault(e["id"], e["t"])
     waits = [first_start[i] - t for i, t in acked_at.items() if i in first_start]
     print(f"\nmongodb failover ({', '.join(elections)}): {report.summary()}; "
-          f"median fire-to-start {statistics.median(waits):.2f} s")
+          f"median fire-to-start {statistics.median(waits):.2f} s; {slots} periodic slots fired")
     assert report.ok, report.explain()
     assert not load_.unexpected_errors(), load_.unexpected_errors()[:5]
 
