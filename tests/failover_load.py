@@ -141,6 +141,29 @@ class Load:
                                      f"last refused {refused}\n{self.pool_logs()}")
             time.sleep(0.02)
 
+    def kill_latest(self, n: int) -> int:
+        """``kill`` the ``n`` jobs acknowledged last (likely still pending); each kill that returned goes
+        into the history. Returns how many returned (one refused during a failover is not counted)."""
+        backend = self._producer_backend
+        q = SkunkQueue(self.queue_name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
+                       **backend.options)
+        acked = sorted((t, tok) for s in self.stats.values() for tok, t in s.acked)[-n:]
+        ids = {e["token"]: e["id"] for e in load(self.history.path) if e["op"] == "ok"}
+        killed = 0
+        try:
+            for _, token in acked:
+                try:
+                    state = q.kill(ids[token])
+                except Exception as exc:
+                    # Not acknowledged: the job may or may not have been killed (so may or may not run).
+                    self.history.write("kill-fail", id=ids[token], error=f"{type(exc).__name__}: {exc}"[:200])
+                    continue
+                self.history.kill(ids[token], state)
+                killed += 1
+        finally:
+            q.close()
+        return killed
+
     def unexpected_errors(self) -> list[tuple[str, str]]:
         """Refused fires whose exception was not one of SkunkQueue's (each one is a defect)."""
         import skunkqueue.errors as errors
@@ -151,13 +174,13 @@ class Load:
     # -- the history -------------------------------------------------------------------
 
     def drain(self, timeout: float = 90.0, since: float | None = None) -> None:
-        """Until every acknowledged job (fired after monotonic ``since``, if given) has returned."""
+        """Until every acknowledged job (fired after monotonic ``since``, if given) returned or was killed."""
         deadline = time.monotonic() + timeout
         tokens = None if since is None else {tok for s in self.stats.values() for tok, t in s.acked if t > since}
         while True:
             events = load(self.history.path)
             acked = {e["id"] for e in events if e["op"] == "ok" and (tokens is None or e["token"] in tokens)}
-            ended = {e["id"] for e in events if e["op"] == "end"}
+            ended = {e["id"] for e in events if e["op"] in ("end", "kill", "kill-fail")}
             missing = acked - ended
             if not missing:
                 return

@@ -18,7 +18,9 @@ Events (``op``):
   the attempt without completing the job;
   optionally ``slot`` and ``schedule`` (a periodic job) and ``parents`` (a
   workflow step: the ids it waited for).
-- ``kill``: ``kill(id)`` returned at ``t``: no attempt of ``id`` may start after it.
+- ``kill``: ``kill(id)`` returned at ``t``: no attempt of ``id`` may start after it;
+  ``kill-fail``: it raised (the job may or may not have been killed). Either way
+  the job is not counted lost or unfinished.
 - ``crash``: the test SIGKILLed process ``pid`` at ``t``: its unfinished attempt
   stopped running then. An attempt with no ``end`` and no ``crash`` is taken to
   run until the end of the history (it may still be running).
@@ -179,6 +181,7 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
     refused: set[str] = set()
     crashes: dict[int, float] = {}
     kills: dict[str, float] = {}
+    kill_tried: set[str] = set()
     attempts: dict[str, list[Attempt]] = defaultdict(list)
     open_attempts: dict[tuple[str, int | None, int | None], Attempt] = {}
     for event in events:
@@ -191,6 +194,9 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
             refused.add(event["token"])
         elif op == "kill":
             kills.setdefault(event["id"], t)
+            kill_tried.add(event["id"])
+        elif op == "kill-fail":
+            kill_tried.add(event["id"])
         elif op == "crash":
             crashes.setdefault(int(event["pid"]), t)
         elif op == "start":
@@ -218,6 +224,8 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
     report.attempts = sum(len(runs) for runs in attempts.values())
     report.reruns = sum(1 for runs in attempts.values() if len(runs) > 1)
     for token, job_id in acked.items():
+        if job_id in kill_tried:
+            continue  # killed: never running, or stopping short, is what it was asked to do
         runs = attempts.get(job_id, [])
         if not runs:
             report.violations["lost"].append(f"{token} (id {job_id}) acknowledged, never started")

@@ -68,6 +68,7 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
     # The pool also runs a periodic job every second: each slot must fire once, elections or not.
     pool = load_.start_pool(concurrency=3, env={"SKUNQ_HISTORY": load_.history.path, "SKUNQ_HISTORY_EVERY": "1"})
     elections: list[str] = []
+    kills = 0
     try:
         pool.wait_ready(60)
         window_start = time.time() + 3
@@ -78,6 +79,8 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
             old, new, took = strike(rs, kind)
             since = time.monotonic()
             elections.append(f"{kind} {old}->{new} in {took:.1f} s")
+            # Kills right after the election: none of those jobs may start once kill() returned.
+            kills += load_.kill_latest(5)
             # The same producers and the same pool carry on against the new primary.
             load_.wait_acked(per_phase, since, what=f"after the {kind}")
             rs.wait_healthy(timeout=90)
@@ -97,8 +100,9 @@ def run(rs: servers.MongoReplicaSet, queue_name: str, tmp_path: Path, kinds: lis
             first_start.setdefault(e["id"], e["t"])
     waits = [first_start[i] - t for i, t in acked_at.items() if i in first_start]
     print(f"\nmongodb failover ({', '.join(elections)}): {report.summary()}; "
-          f"median fire-to-start {statistics.median(waits):.2f} s; {slots} periodic slots fired")
+          f"median fire-to-start {statistics.median(waits):.2f} s; {slots} periodic slots fired; {kills} killed")
     assert report.ok, report.explain()
+    assert kills, "no kill returned: the after-kill check saw nothing"
     assert not load_.unexpected_errors(), load_.unexpected_errors()[:5]
 
 

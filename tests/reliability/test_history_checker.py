@@ -95,6 +95,15 @@ def test_a_start_after_kill_returned() -> None:
     assert check([*fired("a", "J1"), *ran("J1", "a", 1, 4), ev("kill", 2, id="J1", state="running")]).ok
 
 
+def test_a_killed_job_is_neither_lost_nor_unfinished() -> None:
+    events = [*fired("a", "J1"), ev("kill", 1, id="J1", state="killed"),
+              *fired("b", "J2"), *ran("J2", "b", 1, None), ev("kill", 1.5, id="J2", state="running"),
+              *fired("c", "J3"), ev("kill-fail", 1, id="J3", error="BackendUnavailable")]
+    assert check(events).ok
+    # A kill that raised does not make a later start a violation: it may not have happened.
+    assert check([*fired("d", "J4"), ev("kill-fail", 1, id="J4"), *ran("J4", "d", 2, 3)]).ok
+
+
 def test_a_job_started_before_it_was_due() -> None:
     events = [*fired("a", "J1", 0, due=10.0), *ran("J1", "a", 9.0, 9.5),
               *fired("b", "J2", 0, due=10.0), *ran("J2", "b", 9.99, 10.5)]  # within the slack
