@@ -81,18 +81,18 @@ def test_it_forwards_bytes_both_ways_in_order(proxy: FaultProxy) -> None:
 def test_latency_and_jitter_delay_each_exchange(proxy: FaultProxy) -> None:
     with connect(proxy) as sock:
         roundtrip(sock, b"warm")
-        proxy.set(latency=0.1, jitter=0.05)
+        proxy.set(latency=0.3, jitter=0.05)
         took = []
-        for i in range(5):
+        for i in range(3):
             started = time.monotonic()
             assert roundtrip(sock, f"ping {i}".encode()) == f"ping {i}".encode()
             took.append(time.monotonic() - started)
-        # Held 0.1-0.15 s each way: never faster than 0.2 s a round trip.
-        assert min(took) >= 0.2
+        # Held 0.3-0.35 s each way: never faster than 0.6 s a round trip.
+        assert min(took) >= 0.6
         proxy.clear()
         started = time.monotonic()
         roundtrip(sock, b"fast")
-        assert time.monotonic() - started < min(took)
+        assert time.monotonic() - started < 0.6  # nothing held any more (a loose bound: a loaded machine)
 
 
 def test_bandwidth_limits_throughput(proxy: FaultProxy) -> None:
