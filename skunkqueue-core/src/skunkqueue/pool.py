@@ -463,6 +463,7 @@ class WorkerPool:
             why = claim.interrupt[0]  # it died of the interrupt itself (e.g. the job reset SIGUSR1)
         if why is not None:
             outcome = policy.interrupted(record, why)
+            outcome = outcome.ending(record) if outcome is not None else None
         else:
             outcome = policy.worker_died(record, "WorkerDied",
                                          f"worker {child.worker_id} exited with status {code} while running it")

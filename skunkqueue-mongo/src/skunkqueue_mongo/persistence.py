@@ -83,7 +83,17 @@ from skunkqueue import dependencies, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import (
+    ERROR,
+    FINISHED_STATES,
+    HISTORY_LIMIT,
+    KILLED,
+    PENDING,
+    RUNNING,
+    JobRecord,
+    Outcome,
+    WorkerInfo,
+)
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
 
@@ -660,6 +670,14 @@ class MongoPersistence(NativeAsync, Persistence):
             finished = NOW if outcome.finished is None else outcome.finished + moved
             fields.update(result=_lit(outcome.result), finished=finished,
                           expire_at=_expire_at(finished, self._ttl()))
+        if outcome.attempt is not None:
+            # The ended attempt's entry, stamped with the server's clock, on the end of the history,
+            # of which the last HISTORY_LIMIT stay (every right-hand side reads the record as it was).
+            entry = {"$mergeObjects": [_lit(outcome.attempt), {"finished": NOW}]}
+            longer = {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}
+            fields["history"] = {"$slice": [longer, -HISTORY_LIMIT]}
+            fields["history_dropped"] = {"$add": [{"$ifNull": ["$history_dropped", 0]}, {"$max": [
+                0, {"$subtract": [{"$size": {"$ifNull": ["$history", []]}}, HISTORY_LIMIT - 1]}]}]}
         fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
         if outcome.state != PENDING:
             # Its dependents are counted down next; until that is done the record says so, and

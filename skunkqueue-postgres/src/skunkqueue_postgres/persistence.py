@@ -56,6 +56,7 @@ from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEAS
 from skunkqueue.record import (
     COMPLETE,
     ERROR,
+    HISTORY_LIMIT,
     KILLED,
     KILLED_BY_REQUEST,
     PENDING,
@@ -94,6 +95,7 @@ FIELD_TYPES: dict[str, str] = {
     "retries": "int4", "retry_backoff": "float8", "timeout": "float8", "token": "int8", "owner": "text",
     "lease_until": "float8", "kill_requested": "bool", "started": "float8", "finished": "float8",
     "result": "bytea", "error": "jsonb", "dead": "bool", "key": "text", "result_ttl": "float8",
+    "history": "jsonb", "history_dropped": "int4",
 }
 FIELDS = tuple(FIELD_TYPES)
 # Client-computed times that are moved onto the server's clock when the two disagree.
@@ -291,7 +293,7 @@ class PostgresPersistence(Persistence):
             data = vars(record)
             for i, name in enumerate(FIELDS):
                 value = data[name]
-                if name == "error":
+                if FIELD_TYPES[name] == "jsonb":
                     value = None if value is None else json.dumps(value)
                 elif moved and name in TIME_FIELDS and value is not None:
                     value += moved
@@ -300,7 +302,7 @@ class PostgresPersistence(Persistence):
 
     def _insert_statement(self) -> sql.Composed:
         casts = ", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for t in FIELD_TYPES.values())
-        chosen = ", ".join("error::jsonb" if name == "error" else name for name in FIELDS)
+        chosen = ", ".join(f"{name}::jsonb" if FIELD_TYPES[name] == "jsonb" else name for name in FIELDS)
         return self._sql("insert", f"""
             WITH incoming AS (SELECT * FROM unnest({casts}) AS t({', '.join(FIELDS)})),
             stored AS (
@@ -622,9 +624,18 @@ class PostgresPersistence(Persistence):
         return {job_id: (LEASE_LOST if job_id not in kept else LEASE_KILL if kept[job_id] else LEASE_OK)
                 for job_id, _ in leases}
 
-    def _finish_statement(self, pending: bool) -> sql.Composed:
+    def _finish_statement(self, pending: bool, attempt: bool) -> sql.Composed:
         # Outcome.apply_to in SQL (the kit compares the two). Every right-hand side reads the row as
         # it was, so "kill_requested" below is the flag before this update clears it.
+        # With ``attempt``: the ended attempt's entry, stamped with the server's clock, goes on the end of
+        # the history, of which the last %(keep)s entries stay; the rest are counted in history_dropped.
+        history = """, history = (
+                SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)
+                FROM jsonb_array_elements(history || jsonb_build_array(
+                    %(attempt)s::jsonb || jsonb_build_object('finished', {now}))) WITH ORDINALITY AS t(e, n)
+                WHERE n > jsonb_array_length(history) + 1 - %(keep)s),
+            history_dropped = history_dropped + greatest(0, jsonb_array_length(history) + 1 - %(keep)s)""" \
+            if attempt else ""
         if not pending:
             sets = """state = %(state)s, result = %(result)s, error = %(error)s::jsonb,
                 finished = coalesce(%(finished)s, {now}),
@@ -638,9 +649,9 @@ class PostgresPersistence(Persistence):
                 finished = CASE WHEN kill_requested THEN {now} END,
                 expire_at = CASE WHEN kill_requested THEN {now} + coalesce(result_ttl, %(ttl)s) END,
                 dead = CASE WHEN kill_requested THEN false ELSE %(dead)s END"""
-        return self._sql(f"finish {pending}", f"""
+        return self._sql(f"finish {pending} {attempt}", f"""
             WITH done AS (
-                UPDATE {{jobs}} SET {sets}, owner = NULL, lease_until = NULL, kill_requested = false,
+                UPDATE {{jobs}} SET {sets}{history}, owner = NULL, lease_until = NULL, kill_requested = false,
                     attempts = coalesce(%(attempts)s, attempts)
                 WHERE queue = %(queue)s AND id = %(id)s AND state = %(expect)s AND token = %(token)s
                 RETURNING state, route)
@@ -659,8 +670,9 @@ class PostgresPersistence(Persistence):
             "finished": None if outcome.finished is None else outcome.finished + moved,
             "ttl": self.result_ttl, "queue": self.queue, "id": job_id, "expect": expect, "token": token,
             "channel": self.done_channel(job_id),
+            "attempt": None if outcome.attempt is None else json.dumps(outcome.attempt), "keep": HISTORY_LIMIT,
         }
-        row = conn.execute(self._finish_statement(pending), params).fetchone()
+        row = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params).fetchone()
         if row is None:
             return False
         if row["state"] == PENDING:  # a retry or a hand-back: wake the route's workers

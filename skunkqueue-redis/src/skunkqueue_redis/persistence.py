@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import ERROR, HISTORY_LIMIT, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
@@ -538,9 +538,11 @@ class RedisPersistence(NativeAsync, Persistence):
         attempts = str(outcome.attempts) if outcome.attempts is not None else None
         due = num(outcome.due) if outcome.due is not None else None
         finished = num(outcome.finished) if outcome.finished is not None else None
+        entry = json.dumps(outcome.attempt) if outcome.attempt else None
         return [k.job(job_id), k.lease, k.index], [
             job_id, int(token), expect, num(time.time()), num(self.result_ttl), outcome.state,
-            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished)]
+            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished),
+            opt(entry), HISTORY_LIMIT]
 
     @guarded
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
