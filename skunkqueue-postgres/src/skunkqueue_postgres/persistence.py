@@ -469,15 +469,22 @@ class PostgresPersistence(Persistence):
     # Rows of the primary key one list_page call looks at, at most (the monitor's scan budget).
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in id order (ids never change, so a page boundary holds while records move):
         # a call looks at most PAGE_SCAN rows of the primary key past the cursor, however deep the page
         # and however rarely the filters match, and may come back short with a cursor. The cursor is
-        # "id:<the last id looked at>".
-        if after is not None and not after.startswith("id:"):
+        # "id:<the last id looked at>" ("nd:" newest first: the primary key read backwards).
+        mark = "nd:" if newest else "id:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
         scan = max(limit, self.PAGE_SCAN)
+        past, order = ("id < %s", "DESC") if newest else ("id > %s", "")
+        if newest and after is None:
+            past = "true"
 
         def look(conn: psycopg.Connection[dict[str, Any]]) -> list[dict[str, Any]]:
             with conn.transaction():
@@ -485,26 +492,26 @@ class PostgresPersistence(Persistence):
                 # bitmap scan of another (queue, ...) index and a sort of the whole queue (50 ms at
                 # 20,000 jobs, growing with the queue) to the primary key's order.
                 conn.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
-                return conn.execute(self._sql("page window", """
-                    SELECT id, route, state, dead, (expire_at IS NULL OR expire_at >= {now}) AS live FROM {jobs}
-                    WHERE queue = %s AND id > %s ORDER BY queue, id LIMIT %s"""),
-                    (self.queue, after[3:] if after else "", scan)).fetchall()
+                return conn.execute(self._sql(f"page window {past} {order}", f"""
+                    SELECT id, route, state, dead, (expire_at IS NULL OR expire_at >= {{now}}) AS live FROM {{jobs}}
+                    WHERE queue = %s AND {past} ORDER BY queue {order}, id {order} LIMIT %s"""),
+                    (self.queue, *([] if past == "true" else [after[3:] if after else ""]), scan)).fetchall()
 
         window = self._call("list page", look)
         chosen: list[str] = []
-        cursor = f"id:{window[-1]['id']}" if len(window) == scan else None
+        cursor = f"{mark}{window[-1]['id']}" if len(window) == scan else None
         for n, row in enumerate(window, 1):
             if not row["live"] or (route is not None and row["route"] != route) or \
                     (state is not None and row["state"] != state) or (dead is not None and row["dead"] != dead):
                 continue
             chosen.append(row["id"])
             if len(chosen) == limit:
-                cursor = f"id:{row['id']}" if n < len(window) or len(window) == scan else None
+                cursor = f"{mark}{row['id']}" if n < len(window) or len(window) == scan else None
                 break
         if not chosen:
             return [], cursor
-        rows = self._call("list page", lambda conn: conn.execute(self._sql("page rows", f"""
-            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s) ORDER BY id"""),
+        rows = self._call("list page", lambda conn: conn.execute(self._sql(f"page rows {order}", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s) ORDER BY id {order}"""),
             (self.queue, chosen)).fetchall())
         return self._records(rows), cursor
 
