@@ -594,5 +594,6 @@ class WorkerPool:
             log.warning("pool: worker %s was presumed dead and reaped; registering it again", child.worker_id)
             self._store_call("register a worker", store.register_worker, WorkerInfo(
                 id=child.worker_id, queue=child.config.queue, route=child.config.route,
-                host=socket.gethostname(), pid=child.process.pid, state=state))
+                host=socket.gethostname(), pid=child.process.pid, state=state,
+                concurrency=child.config.async_concurrency))
 

@@ -294,6 +294,7 @@ class WorkerInfo:
     state: str = "idle"             # idle | busy | stopping
     started: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    concurrency: int = 1            # async jobs it runs at once (--async-concurrency)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,4 +302,6 @@ class WorkerInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerInfo:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        info = cls(**{k: v for k, v in data.items() if k in names})
+        info.concurrency = int(info.concurrency or 1)  # stores that keep text give it back as text
+        return info

@@ -165,7 +165,7 @@ class Worker:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
-                               host=socket.gethostname(), pid=os.getpid())
+                               host=socket.gethostname(), pid=os.getpid(), concurrency=config.async_concurrency)
         self.stopping: str | None = None     # None, "gentle" or "rough"; set by signal handlers
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)

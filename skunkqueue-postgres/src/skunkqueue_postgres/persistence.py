@@ -717,12 +717,13 @@ class PostgresPersistence(Persistence):
         # Readers compare last_seen with the server's clock: a skewed worker's stamps are moved onto it.
         moved = self._shift()
         self._call("register worker", lambda conn: conn.execute(self._sql("register", """
-            INSERT INTO {workers} (queue, id, route, host, pid, state, started, last_seen)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            INSERT INTO {workers} (queue, id, route, host, pid, state, started, last_seen, concurrency)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (queue, id) DO UPDATE SET route = excluded.route, host = excluded.host, pid = excluded.pid,
-                state = excluded.state, started = excluded.started, last_seen = excluded.last_seen"""),
+                state = excluded.state, started = excluded.started, last_seen = excluded.last_seen,
+                concurrency = excluded.concurrency"""),
             (self.queue, info.id, info.route, info.host, info.pid, info.state, info.started + moved,
-             info.last_seen + moved)))
+             info.last_seen + moved, info.concurrency)))
 
     def heartbeat(self, worker_id: str, state: str) -> bool:
         return self._call("heartbeat", lambda conn: conn.execute(self._sql("heartbeat", """
@@ -735,7 +736,7 @@ class PostgresPersistence(Persistence):
 
     def workers(self) -> list[WorkerInfo]:
         rows = self._call("workers", lambda conn: conn.execute(self._sql("workers", """
-            SELECT id, queue, route, host, pid, state, started, last_seen FROM {workers}
+            SELECT id, queue, route, host, pid, state, started, last_seen, concurrency FROM {workers}
             WHERE queue = %s ORDER BY id"""), (self.queue,)).fetchall())
         return [WorkerInfo.from_dict(row) for row in rows]
 

@@ -9,7 +9,7 @@ import pytest
 
 from skunkqueue import housekeeping, policy
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, STATES, Outcome
+from skunkqueue.record import COMPLETE, ERROR, KILLED, STATES, Outcome, WorkerInfo
 from skunkqueue.testing.suite_support import make_record
 
 
@@ -166,6 +166,12 @@ class SummarySuite:
             pass
         else:
             raise AssertionError("a foreign cursor was accepted")
+
+    def test_the_registry_keeps_a_workers_async_concurrency(self, store: Persistence) -> None:
+        store.register_worker(WorkerInfo(id="h:1:r:a", queue=store.queue, route="r", host="h", pid=1, concurrency=7))
+        store.register_worker(WorkerInfo(id="h:2:r:b", queue=store.queue, route="r", host="h", pid=2))
+        assert store.heartbeat("h:1:r:a", "busy")
+        assert {w.id: w.concurrency for w in store.workers()} == {"h:1:r:a": 7, "h:2:r:b": 1}
 
     def test_pages_newest_first_list_every_match_once_newest_first(self, store: Persistence) -> None:
         if not store.pages_newest_first:
