@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import pytest
 from conftest import Store, Web
+from skunkqueue_web.app import _age
 from test_web_security import TOKEN, call
 from test_web_views import rows
 
 from skunkqueue.errors import JobFailed
-from skunkqueue_web.app import _age
 
 
 def cells(page: str, table: str, key: str) -> dict[str, dict[str, str]]:
@@ -111,8 +111,9 @@ def test_functions_workers_error_search_and_icon(store: Store, start_web: Callab
 
 def test_the_figures_say_when_the_scan_budget_cut_them_short(sqlite_store: Store,
                                                              start_web: Callable[..., Web]) -> None:
-    from skunkqueue.testing.suite_support import make_record
     from skunkqueue_web.snapshot import SCAN_RECORDS
+
+    from skunkqueue.testing.suite_support import make_record
 
     backend = sqlite_store.queue_handle().persistence
     for _ in range(3):
