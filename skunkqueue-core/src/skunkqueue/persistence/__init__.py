@@ -294,6 +294,14 @@ class Persistence(ABC):
         ``killed`` instead, with the error ``record.KILLED_BY_REQUEST``
         (exactly what :meth:`Outcome.apply_to` does), so a killed job never
         runs again after a retry, a hand-back or a lost lease.
+
+        History: when ``outcome.attempt`` is set (the entry of the attempt this
+        finish ends, built by the core with ``record.attempt_entry``), the same
+        atomic step appends it to the record's ``history`` with ``"finished"``
+        set to the store's now, keeps the last ``record.HISTORY_LIMIT`` entries
+        and adds the number it dropped to ``history_dropped``. A finish that
+        does not apply appends nothing, so a stale or replayed finish cannot
+        add an entry.
         """
 
     def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
