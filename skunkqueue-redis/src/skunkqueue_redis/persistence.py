@@ -308,8 +308,10 @@ class RedisPersistence(NativeAsync, Persistence):
         records: list[JobRecord] = []
         looked, cursor = 0, None
         while looked < scan and len(records) < limit:
-            ids = [text(i) for i in self.client.zrevrangebylex(k.fired, top, "-", start=0,
-                                                                 num=min(SCAN_BATCH, scan - looked))]
+            # As many as are still missing (at least 100: a filter may skip many), not a whole batch
+            # read in full for a page of 50.
+            want = min(SCAN_BATCH, scan - looked, max(limit - len(records), 100))
+            ids = [text(i) for i in self.client.zrevrangebylex(k.fired, top, "-", start=0, num=want)]
             if not ids:
                 return records, None
             pipe = self._pipeline()
