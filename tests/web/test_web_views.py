@@ -75,6 +75,7 @@ def test_dead_letters_one_selection_or_all_matching(sqlite_store: Store, start_w
     web = start_web(sqlite_store, token=TOKEN)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     assert sorted(rows(call(web, "GET", "/dead")[2])) == sorted(booms + files)
+    assert rows(call(web, "GET", "/dead?sort=newest")[2]) == (booms + files)[::-1]  # ids follow firing order
     # One: remove it from the list (the record stays until it expires).
     assert call(web, "POST", f"/jobs/{booms[0]}/dismiss", {}, headers=bearer)[0] == 303
     record = sqlite_store.queue_handle().get(booms[0])

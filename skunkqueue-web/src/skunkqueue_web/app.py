@@ -206,10 +206,13 @@ class Monitor:
                            route=route, state=state, func=func, error=error, sort=sort, size=size, filters=filters,
                            urlencode=urlencode)
 
-    def _sort(self, asked: str | None) -> str:
-        """The listing order asked for, if this store offers it; else its default."""
+    def _sort(self, asked: str | None, default: str | None = None) -> str:
+        """The listing order asked for, if this store offers it; else ``default`` (the newest first, where
+        the store can)."""
         offered = [value for value, _ in self.sorts]
-        return asked if asked is not None and asked in offered else self.default_sort
+        if asked is not None and asked in offered:
+            return asked
+        return default if default in offered else self.default_sort
 
     def _stale_cursor(self, request: Request, path: str, filters: dict[str, str]) -> Response:
         # A hand-edited or foreign "after" value: one line, and the first page.
@@ -234,7 +237,9 @@ class Monitor:
     def dead(self, request: Request) -> Response:
         q = request.query_params
         route, func, error = q.get("route") or None, q.get("func") or None, q.get("error") or None
-        sort = self._sort(q.get("sort"))
+        # The store's order by default: a store may index its dead letters apart (Redis does), where a
+        # newest-first read of every job would look through thousands to find a few.
+        sort = self._sort(q.get("sort"), snapshot.STORE_ORDER)
         size = 100
         page_no = max(1, _int(q.get("page"), 1))
         filters = {k: v for k, v in (("route", route), ("func", func), ("error", error), ("sort", sort)) if v}
