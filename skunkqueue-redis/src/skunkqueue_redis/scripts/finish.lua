@@ -16,12 +16,16 @@ local function opt(v) if v == '' then return nil end return string.sub(v, 2) end
 
 -- The packed history with `entry` appended and the oldest dropped past `keep`; and how many were dropped.
 local function appended(history, entry, keep)
-  history = (history or '') .. #entry .. ':' .. entry
+  local item = #entry .. ':' .. entry
+  history = (history or '') .. item
   local starts, pos = {}, 1
   while pos <= #history do
     starts[#starts + 1] = pos
     local colon = string.find(history, ':', pos, true)
-    pos = colon + 1 + tonumber(string.sub(history, pos, colon - 1))
+    local size = colon and tonumber(string.sub(history, pos, colon - 1))
+    -- Not what this script wrote (a foreign write): the finish still applies, with a fresh history.
+    if not size or colon + size > #history then return item, 0 end
+    pos = colon + 1 + size
   end
   local dropped = math.max(0, #starts - keep)
   if dropped > 0 then history = string.sub(history, starts[dropped + 1]) end
