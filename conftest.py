@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import resource
 import shutil
 import tempfile
 
 import pytest
 
 # fixture name -> xdist group. One Chromium for the browser tests, not one per worker: two
-# browsers rendering at once on a 2-core machine only slow each other's page waits.
-GROUPS = {"browser": "chromium"}
+# browsers rendering at once on a 2-core machine only slow each other's page waits. The packaging
+# tests' wheels are built once, in the one process that installs them into fresh venvs.
+GROUPS = {"browser": "chromium", "built_wheels": "packaging"}
 
 # Server and browser fixtures whose names do not end in _server or _cluster.
 SERVER_FIXTURES = {"start_redis", "mongo", "mongo_standalone", "mongo_replset", "mongo_auth", "make_mongo",
@@ -42,6 +44,10 @@ SERVER_FIXTURES = {"start_redis", "mongo", "mongo_standalone", "mongo_replset", 
 EMBEDDED_BACKENDS = {"sqlite"}
 
 _data_home: str | None = None
+
+# --durations-cpu: nodeid -> CPU seconds (this process and the children it reaped: pools, workers).
+_cpu_started: dict[str, float] = {}
+_cpu_used: dict[str, float] = {}
 
 
 def _server_backends() -> set[str]:
@@ -79,3 +85,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--durations-cpu", type=int, default=None, metavar="N",
+                     help="list the N tests that used the most CPU time (the test process and the pools and "
+                          "workers it started; 0 for all): on a shared machine CPU time, unlike wall time, "
+                          "hardly depends on what else runs")
+
+
+def _cpu_now() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    if call.when == "setup":
+        _cpu_started[item.nodeid] = _cpu_now()
+    outcome = yield
+    if call.when == "teardown" and item.nodeid in _cpu_started:
+        # Travels with the report to the xdist controller, which lists the figures.
+        outcome.get_result().user_properties.append(("cpu_s", _cpu_now() - _cpu_started.pop(item.nodeid)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        for name, value in report.user_properties:
+            if name == "cpu_s":
+                _cpu_used[report.nodeid] = float(value)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    count = config.getoption("durations_cpu", None)
+    if count is None or not _cpu_used:
+        return
+    ranked = sorted(_cpu_used.items(), key=lambda kv: -kv[1])
+    terminalreporter.write_sep("=", f"CPU time: {sum(_cpu_used.values()):.1f} s in {len(ranked)} tests"
+                                    + (f", the {count} most" if count else ""))
+    for nodeid, seconds in ranked[:count or None]:
+        terminalreporter.write_line(f"{seconds:8.2f}s cpu  {nodeid}")
