@@ -87,6 +87,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 break
 
 
+# How long the longest tests take (seconds, on the 2-core machine with `make test`'s four processes):
+# the first of these that a test's id contains. Tests are handed to the xdist processes in order,
+# so the long ones go first (longest first) and no process is left with one at the end while
+# the others stand idle; the rest keep pytest's order. Figures from the runs' --durations.
+LONG_TESTS: list[tuple[str, float]] = [
+    ("MongoReplicaSetConformance::test_a_large_group_and_its_callback", 140),
+    ("FDBStandInConformance::test_a_large_group_and_its_callback", 75),
+    ("MongoStandaloneConformance::test_a_large_group_and_its_callback", 60),
+    ("test_group_signals_never_hang_the_pool[sqlite]", 45),
+    ("::test_a_pool_whose_clock_is_a_minute_ahead_fires_nothing_early_and_skips_nothing", 30),
+    ("::test_every_slot_fires_once_with_three_schedulers_and_a_crash", 25),
+    ("::test_group_signals_never_hang_the_pool", 25),
+    ("::test_a_large_group_and_its_callback", 20),
+    ("::test_slots_of_intervals_that_are_not_whole_seconds_fire_once", 20),
+    ("::test_sigkill_leaves_no_orphans_and_a_new_pool_finishes_the_job", 15),
+    ("::test_a_job_blocking_the_loop_keeps_leases_and_meets_its_time_limit", 11),
+]
+
+
+def _expected_seconds(nodeid: str) -> float:
+    return next((seconds for part, seconds in LONG_TESTS if part in nodeid), 0.0)
+
+
+# After pytest has grouped the tests by their fixtures' parameters (and after the marks above).
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_long_tests_first(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist process: in one process the order would change nothing but set-ups
+    items.sort(key=lambda item: -_expected_seconds(item.nodeid))  # stable: the rest keep their order
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--durations-cpu", type=int, default=None, metavar="N",
                      help="list the N tests that used the most CPU time (the test process and the pools and "
