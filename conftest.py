@@ -46,8 +46,8 @@ EMBEDDED_BACKENDS = {"sqlite"}
 _data_home: str | None = None
 
 # --durations-cpu: nodeid -> CPU seconds (this process and the children it reaped: pools, workers).
-_cpu_started: dict[str, float] = {}
-_cpu_used: dict[str, float] = {}
+_cpu_started: dict[str, tuple[float, float]] = {}
+_cpu_used: dict[str, tuple[float, float]] = {}
 
 
 def _server_backends() -> set[str]:
@@ -125,34 +125,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "hardly depends on what else runs")
 
 
-def _cpu_now() -> float:
+def _cpu_now() -> tuple[float, float]:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _cpu_started[item.nodeid] = _cpu_now()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    if call.when == "setup":
-        _cpu_started[item.nodeid] = _cpu_now()
     outcome = yield
     if call.when == "teardown" and item.nodeid in _cpu_started:
+        (own0, children0), (own1, children1) = _cpu_started.pop(item.nodeid), _cpu_now()
         # Travels with the report to the xdist controller, which lists the figures.
-        outcome.get_result().user_properties.append(("cpu_s", _cpu_now() - _cpu_started.pop(item.nodeid)))
+        outcome.get_result().user_properties.append(("cpu_s", (own1 - own0, children1 - children0)))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "teardown":
         for name, value in report.user_properties:
             if name == "cpu_s":
-                _cpu_used[report.nodeid] = float(value)
+                _cpu_used[report.nodeid] = (float(value[0]), float(value[1]))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     count = config.getoption("durations_cpu", None)
     if count is None or not _cpu_used:
         return
-    ranked = sorted(_cpu_used.items(), key=lambda kv: -kv[1])
-    terminalreporter.write_sep("=", f"CPU time: {sum(_cpu_used.values()):.1f} s in {len(ranked)} tests"
+    ranked = sorted(_cpu_used.items(), key=lambda kv: -sum(kv[1]))
+    own = sum(o for o, _ in _cpu_used.values())
+    children = sum(c for _, c in _cpu_used.values())
+    terminalreporter.write_sep("=", f"CPU time: {own + children:.1f} s in {len(ranked)} tests (test processes "
+                                    f"{own:.1f} s, their children {children:.1f} s)"
                                     + (f", the {count} most" if count else ""))
-    for nodeid, seconds in ranked[:count or None]:
-        terminalreporter.write_line(f"{seconds:8.2f}s cpu  {nodeid}")
+    for nodeid, (own, children) in ranked[:count or None]:
+        terminalreporter.write_line(f"{own + children:8.2f}s cpu ({own:6.2f} test, {children:6.2f} children)  {nodeid}")
