@@ -40,7 +40,8 @@ GROUPS = {"browser": "chromium", "built_wheels": "packaging"}
 
 # Server and browser fixtures whose names do not end in _server or _cluster.
 SERVER_FIXTURES = {"start_redis", "mongo", "mongo_standalone", "mongo_replset", "mongo_auth", "make_mongo",
-                   "real_cluster_file", "fdb_root", "postgres", "make_postgres", "browser"}
+                   "real_cluster_file", "fdb_root", "postgres", "make_postgres", "browser", "sentinels",
+                   "locked_redis"}
 EMBEDDED_BACKENDS = {"sqlite"}
 
 _data_home: str | None = None
