@@ -103,7 +103,10 @@ LONG_TESTS: list[tuple[str, float]] = [
     ("::test_a_large_group_and_its_callback", 20),
     ("::test_slots_of_intervals_that_are_not_whole_seconds_fire_once", 20),
     ("::test_sigkill_leaves_no_orphans_and_a_new_pool_finishes_the_job", 15),
+    ("FDBStandInConformance::test_a_page_costs_the_same_however_many_jobs_come_before_it", 15),
+    ("::test_a_chord_callback_runs_once_when_a_pool_is_killed_mid_group", 12),
     ("::test_a_job_blocking_the_loop_keeps_leases_and_meets_its_time_limit", 11),
+    ("::test_kill_then_lost_lease_never_runs_again", 10),
 ]
 
 
