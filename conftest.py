@@ -140,7 +140,8 @@ def _cpu_now() -> tuple[float, float]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    _cpu_started[item.nodeid] = _cpu_now()
+    if item.config.getoption("durations_cpu", None) is not None:  # else no figure in any report
+        _cpu_started[item.nodeid] = _cpu_now()
 
 
 @pytest.hookimpl(hookwrapper=True)
