@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from skunkqueue import channel, hooks
+from skunkqueue import hooks
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import BackendUnavailable, JobKilled, RoughStop
@@ -35,6 +35,10 @@ log = logging.getLogger("skunkqueue.worker")
 
 class AsyncWorker(Worker):
     """A :class:`~skunkqueue.worker.Worker` whose main loop is an asyncio event loop."""
+
+    # The loop claims for its free slots itself; a claim made while recording
+    # one task's outcome would hold jobs no slot is free for.
+    claims_on_finish = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -112,13 +116,24 @@ class AsyncWorker(Worker):
             await asyncio.wait([t for t, _ in self._tasks.values()])
 
     def execute(self, record: JobRecord) -> None:
-        """Start an async job as a task; run a sync one right here (blocking the loop)."""
-        prepared = self._prepare(record)
+        """Start an async job as a task; run a sync one right here (blocking the loop).
+
+        The attempt is the sync worker's (prepared once, recorded by the same
+        steps): only the running of an async job's code differs.
+        """
+        started = time.monotonic()
+        if self.current is not record:  # called directly, not through _take_up
+            self.current, self._interrupted = record, None
+        try:
+            prepared = self._prepare(record)
+        except BaseException:
+            self.current = None
+            raise
         if isinstance(prepared, Outcome) or not inspect.iscoroutinefunction(prepared[0].func):
-            super().execute(record)
+            self._attempt(record, prepared, started)
             return
         job, args, kwargs = prepared
-        task = asyncio.get_running_loop().create_task(self._run_task(record, job.func, args, kwargs))
+        task = asyncio.get_running_loop().create_task(self._run_task(record, job.func, args, kwargs, started))
         self._tasks[record.id] = (task, record)
         # Async jobs are tasks, not "the current job"; an interrupt that came
         # while it was being taken up stops the task before its first step.
@@ -127,41 +142,21 @@ class AsyncWorker(Worker):
             self._task_interrupts[record.id] = early
             task.cancel()
 
-    async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
-        started = time.monotonic()
-        hooks.call("job_started", record=record)
-        # This task's own copy of the context.
-        _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
-        value: Any = None
-        raised: BaseException | None = None
+    async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any],
+                        started: float) -> None:
         try:
-            value = await func(*args, **kwargs)
-        except BaseException as exc:  # CancelledError included: the interrupt below says why
-            raised = exc
-        why = self._task_interrupts.pop(record.id, None)
-        if why is None and isinstance(raised, asyncio.CancelledError):
-            why = JobKilled("cancelled")
-        outcome = self._outcome(record, value, raised, why)
-        self._count_done()
-        ran = time.monotonic() - started
-        try:
-            if outcome is None:
-                hooks.call("job_lost", record=record)
-                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func,
-                            extra=self.job_fields(record, "lost", ran))
-                self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
-                return
+            hooks.call("job_started", record=record)
+            # This task's own copy of the context.
+            _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
+            value: Any = None
+            raised: BaseException | None = None
             try:
-                recorded = self.backend.finish(record.id, record.token, outcome)
-            except BackendUnavailable:
-                recorded = self._finish_when_back(record, outcome, f"d {record.id} {outcome.state} {ran:.6f}")
-            else:
-                self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
-            hooks.call("job_finished", record=record, outcome=outcome)
-            error = outcome.error if outcome.state != "complete" and outcome.error else None
-            log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route, ran, outcome.state,
-                     f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                     "" if recorded else " (not recorded: lease lost)",
-                     extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
+                value = await func(*args, **kwargs)
+            except BaseException as exc:  # CancelledError included: the interrupt below says why
+                raised = exc
+            why = self._task_interrupts.pop(record.id, None)
+            if why is None and isinstance(raised, asyncio.CancelledError):
+                why = JobKilled("cancelled")
+            self._conclude(record, self._outcome(record, value, raised, why), started)
         finally:
             self._tasks.pop(record.id, None)

@@ -50,7 +50,7 @@ from skunkqueue.errors import (
 )
 from skunkqueue.job import Job, resolve
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import ERROR, KILLED, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import COMPLETE, ERROR, KILLED, JobRecord, Outcome, WorkerInfo
 
 log = logging.getLogger("skunkqueue.worker")
 
@@ -67,6 +67,8 @@ EXIT_RECYCLE = 4                   # exit status: done its --max-jobs/--max-memo
 EXIT_DRAINED = 5                   # exit status (--burst): its route has no due job left
 _EXIT_FOR = {"recycle": EXIT_RECYCLE, "drained": EXIT_DRAINED}
 POOL_SILENT_PAUSE = 0.2            # seconds between looks at a silent pool before claiming again
+
+Prepared = tuple[Job, list[Any], dict[str, Any]]  # a job ready to run: its function and arguments
 
 
 @dataclass
@@ -161,6 +163,9 @@ def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
 
 
 class Worker:
+    #: Claim the next jobs in the round trip that records an outcome (see _finish).
+    claims_on_finish = True
+
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
@@ -424,14 +429,32 @@ class Worker:
                                                     paths=self.config.paths)
         return job
 
+    # -- one attempt: prepare -> run -> outcome -> record ---------------------------------
+    # Both workers take every attempt through these steps; the async worker
+    # only changes how an async job's code is awaited (as a task, see async_worker).
+
     def execute(self, record: JobRecord) -> None:
+        """One attempt of ``record``, in this thread."""
         started = time.monotonic()
         if self.current is not record:  # called directly, not through _take_up
             self.current, self._interrupted = record, None
         try:
-            outcome = self._run(record)
+            prepared = self._prepare(record)
+        except BaseException:
+            self.current = None
+            raise
+        self._attempt(record, prepared, started)
+
+    def _attempt(self, record: JobRecord, prepared: Prepared | Outcome, started: float) -> None:
+        """Run what was prepared (unless it is already the outcome), then record the outcome."""
+        try:
+            outcome = prepared if isinstance(prepared, Outcome) else self._run(record, *prepared)
         finally:
             self.current = None
+        self._conclude(record, outcome, started)
+
+    def _conclude(self, record: JobRecord, outcome: Outcome | None, started: float) -> None:
+        """Record the attempt's outcome (None: the lease was lost), tell the pool, fire the hooks, log."""
         self._count_done()  # before recording: a worker due for recycling claims nothing with it
         ran = time.monotonic() - started
         if outcome is None:
@@ -439,22 +462,24 @@ class Worker:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route,
                         extra=self.job_fields(record, "lost", ran))
-            self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
+            self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
             return
-        done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
         try:
-            recorded = self._finish(record, outcome, done)
+            recorded = self._finish(record, outcome, ran)
         except BackendUnavailable:
-            recorded = self._finish_when_back(record, outcome, done)
+            recorded = self._finish_when_back(record, outcome, ran)
         except SkunkQueueError as exc:
             # The store refused this outcome (e.g. a size limit): record why instead.
             outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
-            recorded = self.backend.finish(record.id, record.token, outcome)
-            self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
+            try:
+                recorded = self.backend.finish(record.id, record.token, outcome)
+                self.pool.send(self._done_event(record, outcome, ran))
+            except BackendUnavailable:
+                recorded = self._finish_when_back(record, outcome, ran)
         hooks.call("job_finished", record=record, outcome=outcome)
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
-        error = outcome.error if outcome.state != "complete" and outcome.error else None
+        error = outcome.error if outcome.state != COMPLETE and outcome.error else None
         refused = error is not None and error.get("type") == JobRefused.__name__
         log.log(logging.DEBUG if refused else logging.INFO, "job %s %s route=%s %.3fs %s%s%s",
                 record.id, record.func, record.route, time.monotonic() - started, outcome.state,
@@ -463,6 +488,10 @@ class Worker:
                 extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
+
+    @staticmethod
+    def _done_event(record: JobRecord, outcome: Outcome, ran: float) -> str:
+        return f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
 
     def job_fields(self, record: JobRecord, outcome: str, ran: float,
                    error: dict[str, str] | None = None) -> dict[str, Any]:
@@ -495,9 +524,10 @@ class Worker:
             log.info("worker %s: %s; the pool replaces it", self.id, why)
             self.stopping = "recycle"
 
-    def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
+    def _finish(self, record: JobRecord, outcome: Outcome, ran: float) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
-        if self.held or self.stopping is not None or not self.may_claim():
+        done = self._done_event(record, outcome, ran)
+        if not self.claims_on_finish or self.held or self.stopping is not None or not self.may_claim():
             recorded = self.backend.finish(record.id, record.token, outcome)
             self.pool.send(done)
             return recorded
@@ -510,7 +540,7 @@ class Worker:
         self._found_nothing = not claimed
         return recorded
 
-    def _finish_when_back(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
+    def _finish_when_back(self, record: JobRecord, outcome: Outcome, ran: float) -> bool:
         # The result exists only in this process. The pool keeps renewing the
         # lease until it hears "done", so keep trying for a lease's length.
         deadline = time.monotonic() + self.config.lease
@@ -522,10 +552,10 @@ class Worker:
                 break
             except BackendUnavailable as exc:
                 log.warning("job %s: cannot record the outcome yet: %s", record.id, exc)
-        self.pool.send(done)
+        self.pool.send(self._done_event(record, outcome, ran))
         return recorded
 
-    def _prepare(self, record: JobRecord) -> tuple[Job, list[Any], dict[str, Any]] | Outcome:
+    def _prepare(self, record: JobRecord) -> Prepared | Outcome:
         """The job and its arguments, or the outcome that says why it cannot run."""
         try:
             if record.serializer == "pickle" and not self.config.allow_pickle:
@@ -560,12 +590,8 @@ class Worker:
             return policy.failed(record, error_info(exc))
         return job, args, kwargs
 
-    def _run(self, record: JobRecord) -> Outcome | None:
-        """Run the job; whatever its code raises becomes the attempt's outcome."""
-        prepared = self._prepare(record)
-        if isinstance(prepared, Outcome):
-            return prepared
-        job, args, kwargs = prepared
+    def _run(self, record: JobRecord, job: Job, args: list[Any], kwargs: dict[str, Any]) -> Outcome | None:
+        """Run the job in this thread; whatever its code raises becomes the attempt's outcome."""
         hooks.call("job_started", record=record)
         raised: BaseException | None = None
         value: Any = None
