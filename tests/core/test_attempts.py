@@ -29,11 +29,11 @@ ASYNC_TWINS = {"aadd", "aboom", "astopped", "abig"}
 _running: list[tuple[Worker, channel.PoolEnd]] = []  # the worker a job may interrupt, and its pool end
 
 
-def _interrupt_me(reason: str) -> None:
+def _interrupt_me(reason: channel.Reason) -> None:
     """What the pool does to the running job: the command down the pipe, then the signal's handler."""
     worker, pool = _running[-1]
     job_id = worker.current.id if worker.current is not None else next(iter(worker._tasks))  # type: ignore[attr-defined]
-    assert pool.command(f"i {channel.quote(job_id)} {reason}")
+    assert pool.send(channel.Interrupt(job_id, reason))
     worker._read_commands()  # what SIGUSR1's handler runs
 
 
@@ -56,13 +56,13 @@ async def aboom(message: str) -> None:
 
 
 def stopped(reason: str) -> str:
-    _interrupt_me(reason)
+    _interrupt_me(channel.Reason(reason))
     time.sleep(5)  # never reached: the interrupt raises into the job
     return "finished anyway"
 
 
 async def astopped(reason: str) -> str:
-    _interrupt_me(reason)
+    _interrupt_me(channel.Reason(reason))
     await asyncio.sleep(5)  # cancelled at this await
     return "finished anyway"
 
@@ -194,7 +194,7 @@ class Bench:
 
     def done(self) -> list[str]:
         """The outcomes the pool heard, in order."""
-        return [event.state for event in self.events if event.kind == "d"]
+        return [event.state for event in self.events if isinstance(event, channel.Done)]
 
 
 @pytest.fixture(params=KINDS)
@@ -251,7 +251,7 @@ def test_a_lost_lease_records_nothing_and_fires_lost(bench: Bench, seen: Seen) -
     record = bench.queue.get(handle.id)
     assert record is not None and record.state == "running"  # another worker's now; this one wrote nothing
     assert seen.jobs() == [("job_started", "stopped"), ("job_lost", "stopped")]
-    assert bench.done() == [channel.LOST]
+    assert bench.done() == ["lost"]
 
 
 def test_an_outcome_the_store_refuses_is_recorded_as_that_refusal(bench: Bench, seen: Seen) -> None:

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from skunkqueue import hooks
+from skunkqueue import channel, hooks
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import BackendUnavailable, JobKilled, RoughStop
@@ -48,7 +48,7 @@ class AsyncWorker(Worker):
 
     # -- stopping tasks (signal handlers hand the work to the loop) ---------------
 
-    def _stop_task(self, job_id: str, reason: str) -> None:
+    def _stop_task(self, job_id: str, reason: channel.Reason) -> None:
         if self._loop_ref is not None:
             self._loop_ref.call_soon_threadsafe(self._cancel, job_id, reason, None)
 
@@ -59,17 +59,17 @@ class AsyncWorker(Worker):
     def _busy(self) -> bool:
         return bool(self._tasks) or self.current is not None
 
-    def _cancel(self, job_id: str, reason: str, why: JobKilled | None) -> None:
+    def _cancel(self, job_id: str, reason: channel.Reason | None, why: JobKilled | None) -> None:
         entry = self._tasks.get(job_id)
         if entry is None or job_id in self._task_interrupts:
             return
         task, record = entry
-        self._task_interrupts[job_id] = why or interrupt_for(reason, record)
+        self._task_interrupts[job_id] = why or interrupt_for(reason or channel.Reason.KILL, record)
         task.cancel()
 
     def _cancel_all(self, why: JobKilled) -> None:
         for job_id in list(self._tasks):
-            self._cancel(job_id, "", why)
+            self._cancel(job_id, None, why)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -83,6 +83,7 @@ class AsyncWorker(Worker):
         busy_at = time.monotonic()  # when a job last ran: the store's idle back-off grows from there
         while self.stopping is None:
             try:
+                channel.log_unreadable(self.pool.unreadable, f"worker {self.id}")
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
@@ -110,7 +111,7 @@ class AsyncWorker(Worker):
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
                 await asyncio.sleep(1.0)
         log.info("worker %s: stopping (%s); %d async job(s) running", self.id, self.stopping, len(self._tasks))
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._cancel_all(RoughStop("worker stopped roughly (SIGINT)"))
         while self._tasks:
             await asyncio.wait([t for t, _ in self._tasks.values()])

@@ -153,11 +153,11 @@ def resident_mb() -> float:
         return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
 
 
-def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
-    """The exception that stops a job for a reason the pool gave (see :data:`channel.REASONS`)."""
-    if reason == channel.KILL:
+def interrupt_for(reason: channel.Reason, record: JobRecord) -> JobKilled:
+    """The exception that stops a job for a reason the pool gave."""
+    if reason == channel.Reason.KILL:
         return KillRequested("killed by request")
-    if reason == channel.TIME:
+    if reason == channel.Reason.TIME:
         return TimeLimit(f"job exceeded its time limit of {record.timeout or 0:g} s")
     return LeaseLost("lease lost")
 
@@ -171,7 +171,8 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
                                host=socket.gethostname(), pid=os.getpid())
-        self.stopping: str | None = None     # None, "gentle" or "rough"; set by signal handlers
+        # None, a StopMode (set by signal handlers or the pool), "recycle" or "drained"
+        self.stopping: str | None = None
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)
         self._claimed_at: dict[str, float] = {}  # job id -> time.monotonic() of its claim
@@ -207,10 +208,10 @@ class Worker:
 
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping is None:
-            self.stopping = "gentle"
+            self.stopping = channel.StopMode.GENTLE
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping = "rough"
+        self.stopping = channel.StopMode.ROUGH
         self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
         self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
 
@@ -223,15 +224,15 @@ class Worker:
         stop_current: JobKilled | None = None
         current = self.current
         for command in self.pool.commands():
-            if command.kind == "x":
+            if isinstance(command, channel.NeverStart):
                 self._never_start.add(command.job_id)
-            elif command.kind == "t":
-                self.stopping = self.stopping or command.reason
+            elif isinstance(command, channel.Stop):
+                self.stopping = self.stopping or command.how
             elif current is not None and command.job_id == current.id:
                 stop_current = stop_current or interrupt_for(command.reason, current)
             else:
                 self._stop_task(command.job_id, command.reason)
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
             stop_current = stop_current or RoughStop("worker stopped roughly (SIGINT)")
         if self._pool_silent:
@@ -242,7 +243,7 @@ class Worker:
             self._raise_into_job(stop_current)
 
     # Async workers (skunkqueue.async_worker) run jobs as tasks and stop them here.
-    def _stop_task(self, job_id: str, reason: str) -> None:
+    def _stop_task(self, job_id: str, reason: channel.Reason) -> None:
         """Stop the task running ``job_id`` for ``reason`` (called from a signal handler)."""
 
     def _stop_tasks(self, why: JobKilled) -> None:
@@ -267,7 +268,7 @@ class Worker:
         interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
-        self.pool.send(f"h {channel.quote(self.id)}")
+        self.pool.send(channel.Hello(self.id))
         self._last_pulse = time.monotonic()  # connecting may have taken a while; the pool pulses from now
         self._watch_parent()
         self._watch_pool()
@@ -344,6 +345,7 @@ class Worker:
         while self.stopping is None:
             try:
                 self._read_commands()  # a stop the pool also sends through the pipe
+                channel.log_unreadable(self.pool.unreadable, f"worker {self.id}")
                 if self.stopping is not None:
                     break
                 if not self.held and not self.may_claim():
@@ -377,7 +379,7 @@ class Worker:
         except BlockingIOError:
             pass
 
-    def _took(self, claimed: list[JobRecord], *before: str) -> None:
+    def _took(self, claimed: list[JobRecord], *before: channel.Event) -> None:
         """Hold the jobs claimed and tell the pool, after the lines ``before``, in one write."""
         if not claimed:
             self.pool.send(*before)
@@ -386,8 +388,7 @@ class Worker:
         for record in claimed:
             self._claimed_at[record.id] = now
         self.held.extend(claimed)
-        self.pool.send(*before, *(f"c {now:.6f} {channel.quote(r.id)} {r.token} {r.timeout or 0:g}"
-                                  for r in claimed))
+        self.pool.send(*before, *(channel.Claimed(now, r.id, r.token, r.timeout or 0) for r in claimed))
 
     def _take_up(self, record: JobRecord) -> None:
         """Start a held job, unless the pool may already have handed it back or it was killed."""
@@ -398,7 +399,7 @@ class Worker:
         self.current, self._interrupted = record, None
         # Announce the start before the last checks (see channel.py): a pool
         # that has not read it yet can trust that the job has not started.
-        self.pool.send(f"s {time.monotonic():.6f} {channel.quote(record.id)}")
+        self.pool.send(channel.Starting(time.monotonic(), record.id))
         self._read_commands()
         claimed_at = self._claimed_at.pop(record.id, time.monotonic())
         skip = record.id in self._never_start or time.monotonic() - claimed_at > channel.START_WITHIN
@@ -406,14 +407,14 @@ class Worker:
         if skip:
             self.current = None
             log.debug("job %s: killed or held too long since its claim; handing it back", record.id)
-            self.pool.send(f"k {channel.quote(record.id)}")
+            self.pool.send(channel.HandBack(record.id))
         else:
             self.execute(record)
 
     def _skip_held(self) -> None:
         """The pool hands back the jobs this worker claimed and will not start."""
         held, self.held = self.held, []
-        self.pool.send(*(f"k {channel.quote(r.id)}" for r in held))
+        self.pool.send(*(channel.HandBack(r.id) for r in held))
 
     # -- running one job ----------------------------------------------------------
 
@@ -462,7 +463,7 @@ class Worker:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route,
                         extra=self.job_fields(record, "lost", ran))
-            self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
+            self.pool.send(channel.Done(record.id, channel.Reason.LOST.value, ran))
             return
         try:
             recorded = self._finish(record, outcome, ran)
@@ -490,8 +491,8 @@ class Worker:
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
 
     @staticmethod
-    def _done_event(record: JobRecord, outcome: Outcome, ran: float) -> str:
-        return f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
+    def _done_event(record: JobRecord, outcome: Outcome, ran: float) -> channel.Done:
+        return channel.Done(record.id, outcome.state, ran)
 
     def job_fields(self, record: JobRecord, outcome: str, ran: float,
                    error: dict[str, str] | None = None) -> dict[str, Any]:
@@ -595,7 +596,7 @@ class Worker:
         hooks.call("job_started", record=record)
         raised: BaseException | None = None
         value: Any = None
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
         context = _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
         try:

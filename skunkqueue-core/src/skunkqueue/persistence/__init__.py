@@ -55,7 +55,7 @@ from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
-from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import JobRecord, LeaseStatus, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, summarize
 
 T = TypeVar("T")
@@ -67,14 +67,15 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 # after new work is stored (the kit checks it, with some slack for a busy machine).
 NOTIFY_LATENCY = 0.03
 
-# Statuses that :meth:`Persistence.renew` reports per job.
 # Seconds a producer's clock may differ from the clock of a store that has one
 # (Persistence.now) before the store moves the times it computed (due) onto its
 # own clock, keeping the delay meant; within it they are kept as written.
 CLOCK_TOLERANCE = 0.5
-LEASE_OK = "ok"      # lease extended
-LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
-LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+# Statuses that :meth:`Persistence.renew` reports per job.
+LEASE_OK = LeaseStatus.OK      # lease extended
+LEASE_LOST = LeaseStatus.LOST  # the record is no longer ours: stop, record nothing
+LEASE_KILL = LeaseStatus.KILL  # still ours, but someone asked to kill it
 
 
 def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
@@ -619,6 +620,7 @@ __all__ = [
     "LEASE_KILL",
     "LEASE_LOST",
     "LEASE_OK",
+    "LeaseStatus",
     "JobRecord",
     "Outcome",
     "Persistence",
