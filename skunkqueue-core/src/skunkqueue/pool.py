@@ -131,7 +131,7 @@ class _Child:
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            interpreter.command("skunkqueue.worker", config.to_json()),
+            interpreter.command("skunkqueue.worker_main", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()

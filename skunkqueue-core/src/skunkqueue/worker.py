@@ -656,28 +656,3 @@ class Worker:
             )
             return policy.failed(record, error_info(too_large, with_traceback=False), retryable=False)
         return policy.completed(data)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process the pool starts with ``interpreter.command("skunkqueue.worker", CONFIG)``."""
-    argv = sys.argv[1:] if argv is None else argv
-    config = WorkerConfig.from_json(argv[0])
-    logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
-    if config.async_concurrency > 1:
-        from skunkqueue.async_worker import AsyncWorker
-        worker: Worker = AsyncWorker(config)
-    else:
-        worker = Worker(config)
-    worker.install_signal_handlers()
-    try:
-        return worker.run()
-    except BackendUnavailable as exc:
-        log.error("worker for route %s cannot reach the backend: %s", config.route, exc)
-        return EXIT_UNREACHABLE
-    except SkunkQueueError as exc:
-        log.error("worker for route %s: %s", config.route, exc)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
