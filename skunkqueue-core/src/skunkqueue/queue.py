@@ -9,10 +9,10 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing, workflow
+from skunkqueue import config, headers, hooks, housekeeping, policy, serializer, signature_policy, signing, workflow
 from skunkqueue.backends import open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
-from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
+from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
 from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
@@ -187,7 +187,8 @@ class SkunkQueue:
         if self._signing_stale(backend):
             stored = await backend.aget_setting(signature_policy.SETTING)
             self._signing_notice = (time.monotonic(), stored)
-        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
+        live = (await backend._in_thread(housekeeping.live_workers, backend)
+                if job.declared_on.queue_type == "broadcast" else None)
         per_call = self._records(backend, job, calls, due, keys, live)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
@@ -323,12 +324,11 @@ class SkunkQueue:
 
     def live_workers(self) -> list[WorkerInfo]:
         """Workers with a recent heartbeat; dead ones are reaped on the way."""
-        self.reap_workers()
-        return self.persistence.workers()
+        return housekeeping.live_workers(self.persistence)
 
     def reap_workers(self, ttl: float = WORKER_TTL) -> list[str]:
         """Unregister workers that stopped sending heartbeats, and drop their broadcasts."""
-        return reap_dead_workers(self.persistence, ttl)
+        return housekeeping.reap_dead_workers(self.persistence, ttl)
 
     def counts(self) -> dict[tuple[str, str], int]:
         return self.persistence.counts()

@@ -596,14 +596,9 @@ class Persistence(ABC):
 
         await asyncio.sleep(finish_poll_pause(rounds, left))
 
-    async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
-        """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
-        def workers() -> list[WorkerInfo]:
-            if reap:
-                from skunkqueue.housekeeping import reap_dead_workers
-                reap_dead_workers(self)
-            return self.workers()
-        return await self._in_thread(workers)
+    async def aworkers(self) -> list[WorkerInfo]:
+        """:meth:`workers`, awaitable."""
+        return await self._in_thread(self.workers)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The instance is not used afterwards."""
