@@ -68,7 +68,10 @@ def resolve(name: str, *, queue: str, route: str, imports: Sequence[str] = (),
     route is runnable, and a record never makes the worker import a module
     the operator did not allow: see :mod:`skunkqueue.trust`.
     """
-    return trust.resolve(name, queue, route, imports=imports, paths=paths)
+    job = trust.resolve(name, queue, route, imports=imports, paths=paths)
+    if not isinstance(job, Job):  # only Job.__init__ declares
+        raise TypeError(f"{name!r} was declared as a {type(job).__name__}, not a Job")
+    return job
 
 
 def due_time(when: timedelta | datetime | float | int) -> float:
@@ -146,7 +149,7 @@ class Job:
         self._signature: inspect.Signature | None = None
         self._positional: tuple[int, int] | None = None  # (required, most) when counting suffices
         functools.update_wrapper(self, func)
-        trust.declare(self)
+        trust.declare(self, queue.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
