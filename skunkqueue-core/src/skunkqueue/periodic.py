@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from cronsim import CronSim, CronSimError
 
+from skunkqueue.context import slot_moment
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
 from skunkqueue.persistence import CLOCK_TOLERANCE
 
@@ -201,17 +202,6 @@ def slot_label(slot: int) -> str:
     whole-millisecond slot read as before), else to the microsecond."""
     moment = EPOCH + timedelta(microseconds=slot)
     return moment.isoformat(timespec="milliseconds" if slot % 1000 == 0 else "microseconds")
-
-
-def slot_moment(key: str | None, function: str) -> datetime | None:
-    """The slot a periodic job's key names, exactly, as an aware datetime in UTC (None for any other key)."""
-    if not key or not key.startswith(function + "@"):
-        return None
-    try:
-        moment = datetime.fromisoformat(key[len(function) + 1:])
-    except ValueError:
-        return None
-    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def slot_of(key: str | None, function: str) -> float | None:
