@@ -56,6 +56,7 @@ from skunkqueue.errors import (
 )
 from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
 from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import RUNNING, LeaseStatus, WorkerInfo
 from skunkqueue.worker import (
     EXIT_DRAINED,
@@ -293,8 +294,6 @@ class WorkerPool:
             log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
                         "%d schedule(s) not run", store.name, len(schedules))
             return
-        from skunkqueue.queue import SkunkQueue
-
         # This pool's connection; what the records carry (retention, serializer, queue type,
         # retries...) comes from each job's declaration (Job.on).
         here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 from skunkqueue import config, headers, hooks, housekeeping, policy, serializer, signature_policy, signing, workflow
-from skunkqueue.backends import open_backend
+from skunkqueue.backends import load, open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
 from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
@@ -54,7 +54,6 @@ class SkunkQueue:
         self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
-        from skunkqueue.backends import load
         self._backend_class = load(self.backend)
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 

@@ -57,6 +57,7 @@ from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
 from skunkqueue.record import JobRecord, LeaseStatus, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, summarize
+from skunkqueue.urls import redact
 
 T = TypeVar("T")
 
@@ -147,8 +148,6 @@ class Persistence(ABC):
 
     def describe(self) -> str:
         """The store this instance uses, for logs: backend, address (password ``***``), database."""
-        from skunkqueue.urls import redact
-
         return f"{self.name} {redact(self.url)}" + (f" db {self.db}" if self.db else "")
 
     # -- producers -----------------------------------------------------------
