@@ -36,18 +36,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from cronsim import CronSim, CronSimError
 
 from skunkqueue.context import slot_moment
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
-from skunkqueue.persistence import CLOCK_TOLERANCE
-
-if TYPE_CHECKING:
-    from skunkqueue.job import Job, JobHandle
-    from skunkqueue.persistence import Persistence
-    from skunkqueue.queue import SkunkQueue
+from skunkqueue.handle import QueueLike
+from skunkqueue.job import Job, JobHandle
+from skunkqueue.persistence import CLOCK_TOLERANCE, Persistence
 
 log = logging.getLogger("skunkqueue.periodic")
 
@@ -300,7 +297,7 @@ class Scheduler:
         return len(slots)
 
 
-def fire_now(schedule: Schedule, queue: SkunkQueue) -> JobHandle:
+def fire_now(schedule: Schedule, queue: QueueLike) -> JobHandle:
     """Fire ``schedule``'s job once now on ``queue``, outside its slot sequence (no slot key: it is extra).
 
     ``skunq periodic run`` and the monitor's "run now" both call this.

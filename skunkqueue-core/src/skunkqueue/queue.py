@@ -9,9 +9,21 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from skunkqueue import config, headers, hooks, housekeeping, policy, serializer, signature_policy, signing, workflow
+from skunkqueue import (
+    config,
+    headers,
+    hooks,
+    housekeeping,
+    periodic,
+    policy,
+    serializer,
+    signature_policy,
+    signing,
+    workflow,
+)
 from skunkqueue.backends import load, open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
+from skunkqueue.handle import QueueLike
 from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
@@ -128,8 +140,6 @@ class SkunkQueue:
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
         ``tz``). See :mod:`skunkqueue.periodic`.
         """
-        from skunkqueue import periodic as schedules
-
         if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
             raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
                                      "which workers are alive, so a slot could not be fired exactly once.")
@@ -142,10 +152,10 @@ class SkunkQueue:
             except TypeError:
                 raise ConfigurationError(f"{job.name} is periodic, so it is fired with no arguments; "
                                          "give its parameters defaults.") from None
-            job.schedule = schedules.Schedule(
-                job, every=None if every is None else schedules.every_seconds(every), cron=cron, tz=tz,
+            job.schedule = periodic.Schedule(
+                job, every=None if every is None else periodic.every_seconds(every), cron=cron, tz=tz,
                 misfire_grace=misfire_grace, catch_up=catch_up)
-            schedules.declare(job.schedule)
+            periodic.declare(job.schedule)
             return job
         return decorate
 
@@ -401,7 +411,7 @@ class SkunkQueue:
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
 
 
-def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None]) -> None:
+def _check_keys(queue: QueueLike, backend: Persistence, keys: list[str | None]) -> None:
     if queue.queue_type == "broadcast":
         raise ConfigurationError("Idempotency keys need a direct queue: a broadcast's deliveries depend on "
                                  "which workers are alive when it is fired.")
