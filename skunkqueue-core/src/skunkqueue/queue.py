@@ -14,7 +14,6 @@ from skunkqueue import (
     headers,
     hooks,
     housekeeping,
-    periodic,
     policy,
     serializer,
     signature_policy,
@@ -140,6 +139,9 @@ class SkunkQueue:
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
         ``tz``). See :mod:`skunkqueue.periodic`.
         """
+        # Here, not at the top: a producer that declares no schedule never loads cronsim.
+        from skunkqueue import periodic as schedules
+
         if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
             raise ConfigurationError("Periodic jobs need a direct queue: a broadcast's deliveries depend on "
                                      "which workers are alive, so a slot could not be fired exactly once.")
@@ -152,10 +154,10 @@ class SkunkQueue:
             except TypeError:
                 raise ConfigurationError(f"{job.name} is periodic, so it is fired with no arguments; "
                                          "give its parameters defaults.") from None
-            job.schedule = periodic.Schedule(
-                job, every=None if every is None else periodic.every_seconds(every), cron=cron, tz=tz,
+            job.schedule = schedules.Schedule(
+                job, every=None if every is None else schedules.every_seconds(every), cron=cron, tz=tz,
                 misfire_grace=misfire_grace, catch_up=catch_up)
-            periodic.declare(job.schedule)
+            schedules.declare(job.schedule)
             return job
         return decorate
 
