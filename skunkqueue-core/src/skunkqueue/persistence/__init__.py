@@ -73,10 +73,11 @@ NOTIFY_LATENCY = 0.03
 # own clock, keeping the delay meant; within it they are kept as written.
 CLOCK_TOLERANCE = 0.5
 
-# Statuses that :meth:`Persistence.renew` reports per job.
-LEASE_OK = LeaseStatus.OK      # lease extended
-LEASE_LOST = LeaseStatus.LOST  # the record is no longer ours: stop, record nothing
-LEASE_KILL = LeaseStatus.KILL  # still ours, but someone asked to kill it
+# Statuses that :meth:`Persistence.renew` reports per job. Typed as plain strings, as
+# renew's answer is: a backend's dict of them stays a dict[str, str].
+LEASE_OK: str = LeaseStatus.OK      # lease extended
+LEASE_LOST: str = LeaseStatus.LOST  # the record is no longer ours: stop, record nothing
+LEASE_KILL: str = LeaseStatus.KILL  # still ours, but someone asked to kill it
 
 
 def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
