@@ -8,6 +8,7 @@ and declares schedules), so they know it by this protocol, not by its class.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, Sequence
 
@@ -56,7 +57,7 @@ class QueueLike(Protocol):
                  due: float, keys: list[str | None] | None, live: list[WorkerInfo] | None,
                  routes: Sequence[str] | None = None) -> list[list[JobRecord]]: ...
 
-    def _seal(self, backend: Persistence, records: list[JobRecord], observed: bool) -> None: ...
+    def _sending(self, backend: Persistence, records: list[JobRecord]) -> AbstractContextManager[None]: ...
 
 
 def due_time(when: timedelta | datetime | float | int) -> float:
