@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, c
 
 from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
-from skunkqueue.errors import BackendUnavailable, PayloadTooLarge
+from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
 from skunkqueue.loopclients import PerLoop
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
@@ -173,11 +173,10 @@ class NativeAsync(Persistence):
 
     def _new_finish_poller(self) -> Any:
         from skunkqueue_mongo.finishes import FinishPoller
-        from skunkqueue_mongo.persistence import MalformedRecord, _not_expired, _to_record
 
         async def find(ids: list[str], fields: dict[str, int] | None) -> list[dict[str, Any]]:
             jobs = await self._ajobs()
-            query = {"_id": {"$in": ids}, "queue": self.queue, **_not_expired(await self._anow())}
+            query = {"_id": {"$in": ids}, "queue": self.queue, **documents.not_expired(await self._anow())}
             return cast("list[dict[str, Any]]",
                         await self._acall("look for finishes", lambda: jobs.find(query, fields).to_list()))
 
@@ -188,7 +187,7 @@ class NativeAsync(Persistence):
             found: dict[str, Any] = {}
             for doc in await find(ids, None):
                 try:
-                    found[doc["_id"]] = _to_record(doc)
+                    found[doc["_id"]] = documents.to_record(doc)
                 except MalformedRecord as exc:  # that waiter meets it, as its own aget would
                     found[doc["_id"]] = exc
             return found
