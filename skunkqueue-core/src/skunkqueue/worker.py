@@ -170,7 +170,7 @@ class Worker:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
-                               host=socket.gethostname(), pid=os.getpid())
+                               host=socket.gethostname(), pid=os.getpid(), concurrency=config.async_concurrency)
         # None, a StopMode (set by signal handlers or the pool), "recycle" or "drained"
         self.stopping: str | None = None
         self.current: JobRecord | None = None
@@ -465,13 +465,14 @@ class Worker:
                         extra=self.job_fields(record, "lost", ran))
             self.pool.send(channel.Done(record.id, channel.Reason.LOST.value, ran))
             return
+        outcome = outcome.ending(record)  # the history entry, written by the same finish
         try:
             recorded = self._finish(record, outcome, ran)
         except BackendUnavailable:
             recorded = self._finish_when_back(record, outcome, ran)
         except SkunkQueueError as exc:
             # The store refused this outcome (e.g. a size limit): record why instead.
-            outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+            outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False).ending(record)
             try:
                 recorded = self.backend.finish(record.id, record.token, outcome)
                 self.pool.send(self._done_event(record, outcome, ran))
