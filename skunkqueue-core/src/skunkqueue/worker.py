@@ -439,7 +439,7 @@ class Worker:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route,
                         extra=self.job_fields(record, "lost", ran))
-            self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
+            self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
             return
         done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
         try:
