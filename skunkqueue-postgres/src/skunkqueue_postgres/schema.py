@@ -92,7 +92,14 @@ STEPS: list[str] = [
     );
     CREATE INDEX jobs_state ON {s}.jobs (queue, state, route);
     """,
-    # 3: workflows. A record's parents, inputs, on_failure and workflow; who waits for whom (deps);
+    # 3: a job's history: one entry per ended attempt (the last 20), and how many were dropped;
+    # a worker's async concurrency.
+    """
+    ALTER TABLE {s}.jobs ADD COLUMN history jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN history_dropped int4 NOT NULL DEFAULT 0;
+    ALTER TABLE {s}.workers ADD COLUMN concurrency int4 NOT NULL DEFAULT 1;
+    """,
+    # 4: workflows. A record's parents, inputs, on_failure and workflow; who waits for whom (deps);
     # each waiting record's SET of finished parents (settled: a parent counts once however often
     # its finish is replayed); and what a waiting record still needs (waits: the row exists while
     # the record waits, so deleting it is the one release). The columns are nullable without a
