@@ -118,6 +118,9 @@ class _Child:
     pipes: channel.PoolEnd | None = None
     worker_id: str | None = None
     claims: dict[str, _Claim] = field(default_factory=dict)  # held and running jobs
+    # Jobs it started and then gave up on without an outcome ("d ID lost"): the store may
+    # still hold them under its token, so they are never taken for claims it did not report.
+    gave_up: dict[str, _Claim] = field(default_factory=dict)
     killed_for: JobKilled | None = None   # the pool SIGKILLed it for this reason...
     killed_job: str | None = None         # ...which concerns this job (None: all it ran)
     settled: bool = True                  # the dead process's jobs were dealt with
@@ -137,7 +140,7 @@ class _Child:
         )
         self.pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
-        self.claims, self.told_never_start = {}, set()
+        self.claims, self.told_never_start, self.gave_up = {}, set(), {}
         self.settled = False
         self.started = time.monotonic()
 
@@ -373,7 +376,9 @@ class WorkerPool:
                     claim.started_at = event.at
             elif isinstance(event, channel.Done):
                 self.tally.add(child.config.route, event.state, event.seconds)
-                child.claims.pop(event.job_id, None)
+                claim = child.claims.pop(event.job_id, None)
+                if claim is not None and event.state == channel.Reason.LOST.value:
+                    child.gave_up[event.job_id] = claim
             else:  # HandBack
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
@@ -431,27 +436,39 @@ class WorkerPool:
         if child.pipes is not None:
             child.pipes.close()
             child.pipes = None
+        started = {job_id: claim.token for job_id, claim in {**child.gave_up, **child.claims}.items()
+                   if claim.started_at is not None}
         for job_id, claim in list(child.claims.items()):
             if claim.started_at is None:
                 self._hand_back(child, job_id)
             else:
                 self._record_death(child, job_id, claim, code)
-        child.claims = {}
+        child.claims, child.gave_up = {}, {}
         if child.worker_id is not None and self.store is not None:
-            self._hand_back_unreported(self.store, child.worker_id)
+            self._hand_back_unreported(self.store, child.worker_id, started, code)
             self._store_call("unregister a dead worker", self.store.unregister_worker, child.worker_id)
 
-    def _hand_back_unreported(self, store: Persistence, worker_id: str) -> None:
+    def _hand_back_unreported(self, store: Persistence, worker_id: str, started: dict[str, int],
+                              code: int | None) -> None:
         """A worker killed between a claim and its report leaves jobs only the store knows of.
 
         It never started them (it reports a claim before starting anything), so they
-        go back uncharged now instead of waiting out their lease.
+        go back uncharged now instead of waiting out their lease. A job it did start
+        and left running in the store (``started``: id -> token; it gave up on the job
+        when the pool fell silent, or a lease-lost interrupt recorded nothing) is not
+        one of them: handed back uncharged it would run again on the same attempt.
         """
         running = self._store_call("list running jobs",
                                    lambda: store.list_jobs(state=RUNNING, limit=100_000)) or []
         for record in running:
-            if record.owner == worker_id:
-                self._store_call("hand back a job", store.finish, record.id, record.token, policy.release(record))
+            if record.owner != worker_id:
+                continue
+            if started.get(record.id) == record.token:
+                outcome = policy.worker_died(record, "WorkerDied", f"worker {worker_id} exited with status {code} "
+                                             "after it had started the job")
+            else:
+                outcome = policy.release(record)
+            self._store_call("hand back a job", store.finish, record.id, record.token, outcome)
 
     def _record_death(self, child: _Child, job_id: str, claim: _Claim, code: int | None) -> None:
         store = self.store

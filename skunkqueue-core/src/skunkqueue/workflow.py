@@ -260,7 +260,7 @@ def _rename(structure: Any, moved: dict[str, str]) -> Any:
 def check_supported(queue: QueueLike, backend: Persistence) -> None:
     if not backend.supports_workflows:
         raise ConfigurationError(f"The {backend.name} backend does not support workflows (chain, group, "
-                                 "fire(after=...)); use sqlite, redis, mongodb or fdb.")
+                                 "fire(after=...)); use sqlite, redis, mongodb, postgres or fdb.")
     if queue.queue_type == "broadcast":
         raise ConfigurationError("Workflows need a direct queue: a broadcast's deliveries depend on which workers "
                                  "are alive when it is fired.")

@@ -747,8 +747,9 @@ class MongoPersistence(NativeAsync, Persistence):
     def _settle_finished(self, job_id: str, repair: bool = False) -> None:
         """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
 
-        ``repair`` (housekeeping, after a worker died part-way): also set each dependent's hint from
-        its set, since the dead worker may have counted a parent into the set without decrementing.
+        ``repair`` (housekeeping, after a worker died part-way): also make every later count of each
+        dependent look at its set, since the dead worker may have counted a parent into the set
+        without decrementing the hint.
         """
         work = [job_id]
         while work:  # a worklist, not recursion: a chain may be long
@@ -798,13 +799,18 @@ class MongoPersistence(NativeAsync, Persistence):
                                                     {"$inc": {"left": -1}}, return_document=ReturnDocument.AFTER))
             if wait is None:
                 continue
-            if int(wait.get("left", 1)) <= 0 or repair:
-                have = self._release_if_complete(child, int(wait.get("need", 0)))
-                if repair and have is not None:
-                    # A hint too high would keep the last parent from checking; one too low only makes
-                    # more checks. Live finishers decrementing after this count make it lower, never higher.
-                    self._call("settle", partial(self.waits.update_one, {"_id": child},
-                                                 {"$set": {"left": int(wait.get("need", 0)) - have}}))
+            if repair:
+                # The dead worker may have marked its parent counted without decrementing: the hint
+                # is too high, and the last parent would not look at the set. A hint too low only
+                # makes more looks, so from now on every parent looks (left stays <= 0), and this
+                # looks once more after that: a parent whose decrement came before the $min was
+                # in the set before it, and one whose decrement comes after it looks itself.
+                # (Writing the hint from a count instead undid a decrement made between the count
+                # and the write, and the dependent waited forever.)
+                self._call("settle", partial(self.waits.update_one, {"_id": child}, {"$min": {"left": 0}}))
+                self._release_if_complete(child, int(wait.get("need", 0)))
+            elif int(wait.get("left", 1)) <= 0:
+                self._release_if_complete(child, int(wait.get("need", 0)))
         return ended_ids
 
     def _release_if_complete(self, child: str, need: int) -> int | None:
