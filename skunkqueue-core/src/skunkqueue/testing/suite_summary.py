@@ -207,6 +207,7 @@ class SummarySuite:
             else:
                 raise AssertionError(f"the cursor {foreign!r} was accepted for newest first")
 
+    @pytest.mark.serial  # compares wall-clock medians of millisecond calls: run alone, not beside other pools
     def test_a_page_costs_the_same_however_many_jobs_come_before_it(self, backend: Any, store: Persistence) -> None:
         # The monitor pages on a request at a time: a store that re-reads every earlier page (an offset
         # cursor) or reads the whole queue for each page makes a filter that matches little unbounded.
