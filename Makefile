@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := skunkqueue-core skunkqueue-redis skunkqueue-mongo skunkqueue-fdb skunkqueue-postgres skunkqueue-web skunkqueue-otel
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-fdb-real lint bench bench-web bench-otel chaos servers clean
+.PHONY: demo test test-fast test-fdb-real lint docs bench bench-web bench-otel chaos servers clean
 
 $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ lint: $(STAMP)
 	$(BIN)/mypy --ignore-missing-imports skunkqueue-core/src/skunkqueue skunkqueue-redis/src/skunkqueue_redis \
 		skunkqueue-mongo/src/skunkqueue_mongo skunkqueue-fdb/src/skunkqueue_fdb skunkqueue-postgres/src/skunkqueue_postgres \
 		skunkqueue-web/src/skunkqueue_web skunkqueue-otel/src/skunkqueue_otel
+
+## The documentation site (mkdocs.yml, pages in docs/) into site/. Strict: a broken link or anchor, a page
+## left out of the nav or a docstring the API reference cannot read fails the build (CI runs it).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --clean
 
 bench: $(STAMP) servers
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
