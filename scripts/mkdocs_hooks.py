@@ -7,12 +7,17 @@ than leaving a row out.
 
 The command-line reference (mkdocs-click) copies each command's help into the page as Markdown. A
 paragraph that click prints as written, marked by a ``\b`` line, would be reflowed there and its
-``[--port 8080]`` read as links: those paragraphs are fenced as code before mkdocs-click reads them.
+``[--port 8080]`` read as links: those paragraphs are fenced as code before mkdocs-click reads them,
+and its option tables get the environment variable each option reads.
+
+The docstrings use Sphinx's roles (``:meth:`claim```), which mkdocstrings leaves as text: the
+rendered pages keep the code and drop the role, as Sphinx would show it.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import click
@@ -74,19 +79,42 @@ def _verbatim(help_text: str) -> str:
     return "\n".join(out)
 
 
-def _fence_verbatim_help(command: click.Command) -> None:
+def _for_the_table(command: click.Command) -> None:
+    """What mkdocs-click's option tables cannot say by themselves, said on these objects."""
     if command.help:
         command.help = _verbatim(command.help)
+    # --help is made on first use and then kept (click 8.2+): make it now, to fix its default too.
+    for param in command.get_params(click.Context(command, info_name=command.name)):
+        if not isinstance(param, click.Option):
+            continue
+        # Click 8.2+ marks "no default given" with a sentinel, which the table would print as such.
+        if repr(param.default) == "Sentinel.UNSET":
+            param.default = False if param.is_flag and not param.multiple else None
+        if param.envvar and param.help and "env var" not in param.help:
+            names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
+            param.help += " Environment: " + ", ".join(f"`{name}`" for name in names) + "."
     for sub in getattr(command, "commands", {}).values():
-        _fence_verbatim_help(sub)
+        _for_the_table(sub)
 
 
 def on_config(config: Any) -> Any:
     # mkdocs-click reads the help from these same objects (it imports skunkqueue.cli by name).
     from skunkqueue.cli import main
 
-    _fence_verbatim_help(main)
+    _for_the_table(main)
     return config
+
+
+ROLE = re.compile(r":(?:py:)?(?:mod|attr|class|meth|func|data|exc|obj):<code>(~?)([^<]*)</code>")
+
+
+def _unrole(match: re.Match[str]) -> str:
+    tilde, target = match.groups()
+    return f"<code>{target.rpartition('.')[2] if tilde else target}</code>"
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    return ROLE.sub(_unrole, html)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
