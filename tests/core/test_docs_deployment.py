@@ -9,11 +9,11 @@ environment file's variables set as systemd would set them.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -128,7 +128,7 @@ def test_the_dockerfile_command_parses(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def hadolint() -> str | None:
     found = shutil.which("hadolint")
-    beside = Path(os.sys.executable).parent / "hadolint"
+    beside = Path(sys.executable).parent / "hadolint"
     return found or (str(beside) if beside.exists() else None)
 
 
