@@ -13,6 +13,9 @@ at a time and then runs them with an in-process worker (claim, ``Worker.execute`
 - ``on, unsampled``: enabled, the SDK's sampler saying no (spans are not recorded; the trace
   context still travels).
 
+``make bench`` shows the first two as rows on SQLite (``ROWS``, ``run``: 1,000 jobs x 3 rounds);
+this module alone runs all three modes longer.
+
 Modes alternate within each round (and their order flips every round), so load from elsewhere on
 the machine hits them alike. Reported: per mode, the median over rounds of microseconds per job,
 and the difference to ``off``.
@@ -39,6 +42,12 @@ from skunkqueue.worker import Worker, WorkerConfig
 from skunkqueue_otel import SkunkQueueInstrumentor
 
 MODES = ("off", "on", "on, unsampled")
+
+# Rows of ``make bench`` (key, label, format, higher is better): what enabling tracing adds.
+ROWS = [
+    ("otel_fire_us", "tracing on: fire() cost added (us/job)", "{:+.0f}", False),
+    ("otel_worker_us", "tracing on: worker cost added (us/job)", "{:+.0f}", False),
+]
 
 
 class Discard(SpanExporter):
@@ -96,6 +105,45 @@ def one_round(directory: Path, jobs_n: int, mode: str, made: dict[str, tuple[Tra
     return fire_us, process_us
 
 
+def measure(jobs_n: int, rounds: int, modes: Sequence[str] = MODES,
+            log: Any = None) -> tuple[dict[str, list[tuple[float, float]]], dict[str, tuple[TracerProvider, Discard]]]:
+    """Per mode, one (fire, process) microseconds-per-job pair per round; modes alternate."""
+    made = providers()
+    timings: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in range(rounds):
+            order = tuple(modes) if number % 2 == 0 else tuple(reversed(modes))
+            for mode in order:
+                timings[mode].append(one_round(Path(tmp), jobs_n, mode, made))
+            if log is not None:
+                log(f"round {number + 1}/{rounds} done")
+    for provider, _ in made.values():
+        provider.shutdown()
+    return timings, made
+
+
+def run(args: argparse.Namespace, result: Any, log: Any, jobs_n: int = 1000, rounds: int = 3) -> None:
+    """The ``make bench`` rows, into ``result`` (the SQLite column)."""
+    if getattr(args, "no_otel", False):
+        return
+    import logging
+
+    log(f"  tracing cost: {jobs_n} jobs x {rounds} rounds, off and on")
+    logging.disable(logging.INFO)
+    try:
+        timings, made = measure(jobs_n, rounds, MODES[:2])
+    finally:
+        logging.disable(logging.NOTSET)
+    expected = 2 * (jobs_n + 1) * rounds
+    result.check("otel_spans", made["on"][1].spans == expected,
+                 f"tracing on exported {made['on'][1].spans} spans, expected {expected}")
+    fire = {mode: statistics.median(t[0] for t in timings[mode]) for mode in MODES[:2]}
+    work = {mode: statistics.median(t[1] for t in timings[mode]) for mode in MODES[:2]}
+    result.figures.update(otel_fire_us=fire["on"] - fire["off"], otel_worker_us=work["on"] - work["off"])
+    result.notes.append(f"tracing rows: SDK recording every span into a BatchSpanProcessor that discards them; "
+                        f"in-process worker, medians of {rounds} alternated rounds of {jobs_n} jobs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--jobs", type=int, default=2000)
@@ -104,16 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.disable(logging.INFO)  # the worker's line per job is not what is measured here
-    made = providers()
-    timings: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
-    with tempfile.TemporaryDirectory() as tmp:
-        for number in range(args.rounds):
-            order = MODES if number % 2 == 0 else tuple(reversed(MODES))
-            for mode in order:
-                timings[mode].append(one_round(Path(tmp), args.jobs, mode, made))
-            print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
-    for provider, _ in made.values():
-        provider.shutdown()
+    timings, made = measure(args.jobs, args.rounds, MODES,
+                            log=lambda message: print(message, file=sys.stderr))
     recorded = made["on"][1].spans
     expected = 2 * (args.jobs + 1) * args.rounds
     print(f"\n{args.jobs} jobs x {args.rounds} rounds, SQLite, in-process worker; "

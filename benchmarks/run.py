@@ -19,6 +19,12 @@ from benchmarks.common import Result, Sizes
 from benchmarks.servers import MongoServer, PostgresServer, RedisServer, Server
 from skunkqueue import backends as registry
 
+try:
+    from benchmarks import otel_cost
+except ImportError:  # skunkqueue-otel (and the OpenTelemetry SDK) not installed: no tracing rows
+    otel_cost = None  # type: ignore[assignment]
+OTEL_ROWS = otel_cost.ROWS if otel_cost is not None else []
+
 BACKENDS = ("sqlite", "redis", "mongodb", "postgres")
 
 # (key, label, format, higher is better)
@@ -38,6 +44,7 @@ ROWS = [
     ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
     *async_rows.ROWS,
     *workflow_rows.ROWS,
+    *OTEL_ROWS,
 ]
 
 
@@ -66,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
     async_rows.add_arguments(p)
     workflow_rows.add_arguments(p)
+    p.add_argument("--no-otel", action="store_true", help="skip the tracing-cost rows (SQLite)")
     return p.parse_args(argv)
 
 
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 skunk.run(target, sizes, results[name], log)
                 async_rows.run(target, args, results[name], log)
                 workflow_rows.run(target, args, results[name], log)
+                if otel_cost is not None:
+                    otel_cost.run(args, results[name], log, jobs_n=min(1000, sizes.fire))
                 if not args.no_huey and huey_bench.available():
                     results["huey-sqlite"] = Result("huey-sqlite")
                     huey_bench.run(huey_bench.HueyTarget("sqlite", str(workdir / "huey.db"), workdir),

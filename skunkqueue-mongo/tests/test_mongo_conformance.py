@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 import pytest
 from pymongo import MongoClient
+from pymongo.client_session import ClientSession
 
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
+from skunkqueue.testing.kit import AppTransactions
 
 DB = "skunkqueue_kit"
 
@@ -39,6 +41,38 @@ def misfiler(server: Any) -> Callable[[str, str, str, str, str | None], None]:
     return misfile
 
 
+class SessionTransactions(AppTransactions):
+    """An application on pymongo: its own client, a session per handle, a collection of its own rows."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def open(self) -> ClientSession:
+        client: MongoClient[dict[str, Any]] = MongoClient(self.url, serverSelectionTimeoutMS=10000)
+        return client.start_session()
+
+    def begin(self, handle: ClientSession) -> None:
+        handle.start_transaction()
+
+    def add_row(self, handle: ClientSession, scope: str, tag: str) -> None:
+        handle.client["app"]["rows"].insert_one({"scope": scope, "tag": tag}, session=handle)
+
+    def commit(self, handle: ClientSession) -> None:
+        handle.commit_transaction()
+
+    def rollback(self, handle: ClientSession) -> None:
+        handle.abort_transaction()
+
+    def close(self, handle: ClientSession) -> None:
+        client = handle.client
+        handle.end_session()
+        client.close()
+
+    def rows(self, scope: str) -> list[str]:
+        with MongoClient(self.url, serverSelectionTimeoutMS=10000) as client:
+            return sorted(doc["tag"] for doc in client["app"]["rows"].find({"scope": scope}))
+
+
 class TestMongoStandaloneConformance(ConformanceSuite):
     @pytest.fixture
     def backend(self, mongo_standalone: Any) -> BackendUnderTest:
@@ -52,4 +86,5 @@ class TestMongoReplicaSetConformance(ConformanceSuite):
     def backend(self, mongo_replset: Any) -> BackendUnderTest:
         return BackendUnderTest(name="mongodb", url=mongo_replset.url, db=DB,
                                 inject_foreign=foreign_writer(mongo_replset),
-                                misfile=misfiler(mongo_replset), label="mongod 6.0 one-node replica set")
+                                misfile=misfiler(mongo_replset), label="mongod 6.0 one-node replica set",
+                                transactions=SessionTransactions(mongo_replset.url))

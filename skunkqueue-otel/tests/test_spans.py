@@ -20,11 +20,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from skunkqueue import SkunkQueue, headers, periodic, signing
+from skunkqueue import SkunkQueue, chain, group, headers, periodic, signing
 from skunkqueue.record import COMPLETE, ERROR, new_id
 from skunkqueue.worker import Worker, WorkerConfig
 from skunkqueue_otel import SkunkQueueInstrumentor
-from skunkqueue_otel.spans import DEAD_EVENT, RETRY_EVENT
+from skunkqueue_otel.spans import DEAD_EVENT, PARENTS_HEADER, RETRY_EVENT
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +145,67 @@ def test_link_mode_starts_a_trace_per_attempt_linked_to_the_producer(spans: InMe
     assert [(link.context.trace_id, link.context.span_id) for link in consumer.links] == [
         (producer.context.trace_id, producer.context.span_id)]
     assert handle.result == hex_trace(consumer)
+
+
+def span_ids(links: Any) -> set[int]:
+    return {link.context.span_id for link in links}
+
+
+def test_workflow_steps_link_to_their_parents_producer_spans(spans: InMemorySpanExporter,
+                                                             queue: SkunkQueue) -> None:
+    traced = declare(queue, otel_jobs.traced)
+    handle = group(traced.s(1), traced.s(2)).then(traced.s()).fire()
+    left, right, last = [h.id for h in handle.jobs]
+    run_all(queue)
+    assert handle.state == COMPLETE
+    producers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.PRODUCER)}
+    consumers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.CONSUMER)}
+    parents = {producers[left].context.span_id, producers[right].context.span_id}  # type: ignore[union-attr]
+    # The fan-in callback's send and process spans both link to each member's send span.
+    assert span_ids(producers[last].links) == parents
+    assert span_ids(consumers[last].links) == parents
+    # Members without parents carry no link (and no header).
+    assert not producers[left].links and not consumers[left].links
+    assert PARENTS_HEADER not in headers.of(queue.get(left))  # type: ignore[arg-type]
+    assert PARENTS_HEADER in headers.of(queue.get(last))  # type: ignore[arg-type]
+
+
+def test_a_dependency_fired_by_an_earlier_call_is_linked_too(spans: InMemorySpanExporter,
+                                                             queue: SkunkQueue) -> None:
+    traced = declare(queue, otel_jobs.traced)
+    parent = traced.fire(1)
+    step = chain(traced.s(2), traced.s()).fire()
+    report = traced.fire(3, after=[parent, step])
+    run_all(queue)
+    assert report.state == COMPLETE
+    producers = {dict(s.attributes or {})["messaging.message.id"]: s for s in of_kind(spans, SpanKind.PRODUCER)}
+    [consumer] = [s for s in of_kind(spans, SpanKind.CONSUMER)
+                  if dict(s.attributes or {})["messaging.message.id"] == report.id]
+    expected = {producers[parent.id].context.span_id,  # type: ignore[union-attr]
+                producers[step.jobs[-1].id].context.span_id}  # type: ignore[union-attr]
+    assert span_ids(consumer.links) == expected
+
+
+def test_a_forged_parents_header_in_a_signed_record_links_nothing(spans: InMemorySpanExporter,
+                                                                  queue: SkunkQueue,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(signing.SECRET_ENV, "the right key")
+    traced = declare(queue, otel_jobs.traced)
+    genuine = traced.fire(1)
+    template = queue.get(genuine.id)
+    assert template is not None
+    victim_span = "00f067aa0ba902b7"  # a span of someone else's trace
+    evil = {PARENTS_HEADER: f"00-4bf92f3577b34da6a3ce929d0e0e4736-{victim_span}-01"}
+    signature = template.payload[:signing.overhead()]
+    forged = dataclasses.replace(template, id=new_id(),
+                                 payload=signature + headers.wrap(evil, headers.arguments(template.payload)))
+    queue.persistence.enqueue([forged])
+    run_all(queue)
+    stored = queue.get(forged.id)
+    assert stored is not None and stored.state == ERROR and genuine.state == COMPLETE
+    assert stored.error is not None and stored.error["type"] == "JobRefused"
+    linked = {link.context.span_id for span in spans.get_finished_spans() for link in span.links}
+    assert int(victim_span, 16) not in linked
 
 
 def test_fire_many_afire_and_several_routes_make_one_producer_span_per_record(

@@ -339,3 +339,103 @@ def test_a_busy_worker_keeps_no_backlog_of_notifications(postgres: Any, opened: 
     # them; the backend's handler does, so nothing piles up (a generator-only design grew by one per job).
     assert worker._conn._notifies_backlog is not None, "psycopg changed: find where it keeps notifications"
     assert len(worker._conn._notifies_backlog) == 0
+
+
+# -- a commit that fails: before applying (a deferred constraint), and after (the answer lost) ----
+
+
+def test_a_commit_refused_by_a_deferred_constraint_leaves_no_job(postgres: Any, queue_name: str,
+                                                                 tmp_path: Path) -> None:
+    """The COMMIT itself fails (a deferred check runs only then): the job goes with the row."""
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    mark = queue.event(routes=["r"])(jobs.mark.func)
+    table = f"orders_{uuid.uuid4().hex[:8]}"
+    runs = tmp_path / "runs"
+    try:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {table} (id text PRIMARY KEY, "
+                         f"parent text REFERENCES {table} (id) DEFERRABLE INITIALLY DEFERRED)")
+        with psycopg.connect(postgres.url) as conn:
+            conn.execute(f"INSERT INTO {table} VALUES ('o1', 'no such order')")  # checked at COMMIT
+            doomed = mark.fire(str(runs), "o1", using=conn)
+            with pytest.raises(psycopg.errors.ForeignKeyViolation):
+                conn.commit()
+        assert queue.get(doomed.id) is None and queue.persistence.counts() == {}
+        pool = PoolProcess(BackendUnderTest(name="postgres", url=postgres.url), queue_name, ["r"],
+                           log_path=tmp_path / "pool.log")
+        try:
+            pool.wait_ready()
+            time.sleep(1.0)  # a worker had the time to claim it, were it there
+        finally:
+            pool.stop()
+        assert not runs.exists()
+    finally:
+        queue.close()
+
+
+def test_a_commit_applied_whose_answer_is_lost_keeps_row_and_job_together(
+        make_postgres: Callable[..., Any], queue_name: str, tmp_path: Path) -> None:
+    """The server commits, then the app's connection dies before the answer reaches it.
+
+    Made real with synchronous replication to a standby that never comes: the app's COMMIT is
+    applied locally and then waits; a second session terminates it, and the app gets an error for
+    a transaction that did commit. The recipe the README gives — retry the whole transaction with
+    the same idempotency key and an idempotent row write — must end with one row, one job, one run.
+    """
+    # Every session but the app's commits without waiting for a standby (synchronous_commit=local).
+    server = make_postgres(settings={"synchronous_standby_names": "'ghost'", "synchronous_commit": "local"})
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=server.url)
+    mark = queue.event(routes=["r"])(jobs.mark.func)
+    runs = tmp_path / "runs"
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id text PRIMARY KEY)")
+
+    def place_order(order: str, wait_for_standby: bool) -> None:
+        with psycopg.connect(server.url) as conn:
+            if wait_for_standby:
+                conn.execute("SET synchronous_commit = on")
+            conn.execute("INSERT INTO orders VALUES (%s) ON CONFLICT DO NOTHING", (order,))
+            mark.fire(str(runs), order, key=f"order-{order}", using=conn)
+            conn.commit()
+
+    failures: list[BaseException] = []
+
+    def doomed() -> None:
+        try:
+            place_order("o1", wait_for_standby=True)
+        except BaseException as exc:  # the test inspects it
+            failures.append(exc)
+
+    app = threading.Thread(target=doomed)
+    try:
+        app.start()
+        with psycopg.connect(server.url, autocommit=True) as admin:
+            deadline = time.monotonic() + 30
+            while not admin.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchall():
+                assert time.monotonic() < deadline, "the app's COMMIT never reached the wait for the standby"
+                time.sleep(0.02)
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        app.join(30)
+        assert len(failures) == 1 and isinstance(failures[0], psycopg.OperationalError), failures
+        # The app was told "failed", yet the transaction is there: row and job both.
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+        assert sum(queue.persistence.counts().values()) == 1
+        place_order("o1", wait_for_standby=False)  # the app retries, as the README says
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
+        assert sum(queue.persistence.counts().values()) == 1
+        pool = PoolProcess(BackendUnderTest(name="postgres", url=server.url), queue_name, ["r"],
+                           log_path=tmp_path / "pool.log")
+        try:
+            pool.wait_ready()
+            deadline = time.monotonic() + 30
+            while not runs.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # a second run, were there one, has had the time to start
+        finally:
+            pool.stop()
+        assert runs.read_text().split() == ["o1"]
+    finally:
+        app.join(5)
+        queue.close()

@@ -46,6 +46,10 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
         assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
     assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
     assert 1 < figures["idle_rss_mb"] < 1000
+    # The tracing rows: both modes ran, and "on" exported a span per fire and per attempt.
+    assert sqlite["checks"]["otel_spans"] is True
+    assert math.isfinite(figures["otel_fire_us"]) and math.isfinite(figures["otel_worker_us"])
+    assert "tracing on: worker cost added (us/job)" in done.stdout
 
 
 def test_peer_rounds_alternate_and_ratios_favour_the_better() -> None:

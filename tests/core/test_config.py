@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -277,3 +278,55 @@ def test_an_address_imports_only_its_own_backends_driver(url: str, backend: str,
     done = _python(code, _env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == [backend, repr(drivers)]
+
+
+def test_the_configured_store_failing_under_json_logs_stays_json_and_keeps_the_password(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """SKUNQ_URL alone, --log-format json, and the store SIGKILLed mid-run then restarted.
+
+    While it is down a producer gets one line saying what to do; every line the pool writes is
+    one JSON object (no bare traceback); the password appears nowhere; the pool carries on.
+    """
+    server = redis_servers.RedisServer(tmp_path_factory.mktemp("redis-fault"), password=PASSWORD).start()
+    (tmp_path / "cfgjobs.py").write_text(JOBS)
+    runs = tmp_path / "runs"
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = _env(SKUNQ_URL=redis_url(server, 5), CFG_RUNS=str(runs), PYTHONPATH=path,
+               SKUNQ_SQLITE_PATH=str(tmp_path / "not-this.db"))
+    err = tmp_path / "pool.err"
+    fire = ("import sys, cfgjobs\n"
+            "try:\n"
+            "    print(cfgjobs.note.fire(sys.argv[1]).wait(timeout=60))\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc, sep=': ')\n")
+    with open(err, "wb") as stderr:
+        pool = subprocess.Popen([sys.executable, "-m", "skunkqueue.cli", "work", "-q", "cfgq", "-r", "r",
+                                 "--import", "cfgjobs", "--log-format", "json"], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        before = subprocess.run([sys.executable, "-c", fire, "before"], capture_output=True, text=True,
+                                timeout=90, env=env, cwd=tmp_path)
+        assert before.stdout.split() == ["BEFORE"], before.stdout + before.stderr + err.read_text()
+        server.kill()
+        down = subprocess.run([sys.executable, "-c", fire, "down"], capture_output=True, text=True, timeout=90,
+                              env=env, cwd=tmp_path)
+        [line] = down.stdout.splitlines()
+        assert line.startswith("BackendUnavailable: ") and f"127.0.0.1:{server.port}" in line, down.stdout
+        assert PASSWORD not in line and down.stderr == "", down.stderr
+        time.sleep(3)  # the pool's workers meet the dead store for a while
+        assert pool.poll() is None, err.read_text()
+        server.start()  # the same port, empty: redis keeps nothing on disk here
+        after = subprocess.run([sys.executable, "-c", fire, "after"], capture_output=True, text=True, timeout=90,
+                               env=env, cwd=tmp_path)
+        assert after.stdout.split() == ["AFTER"], after.stdout + after.stderr + err.read_text()
+    finally:
+        pool.terminate()
+        pool.wait(60)
+        server.stop()
+    text = err.read_text()
+    assert runs.read_text().split() == ["before", "after"]
+    lines = [json.loads(line) for line in text.splitlines()]  # raises on any line that is not JSON
+    assert len(lines) == len(text.splitlines()) and lines
+    assert PASSWORD not in text and "pa55" not in text
+    assert any(line["level"] in ("WARNING", "ERROR") for line in lines), "the outage went unlogged"
+    assert not (tmp_path / "not-this.db").exists()

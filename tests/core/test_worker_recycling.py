@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from skunkqueue.testing.workers import PoolProcess
 
 JOB_MODULE = '''
 import os
+import time
 from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 from skunkqueue.worker import resident_mb
 
@@ -37,6 +39,13 @@ _kept = []  # what hoard() holds on to: the worker process keeps growing, as a l
 def hoard(mb, path, token):
     _kept.append(b"x" * (mb * 1_000_000))
     append_line(path, f"{token} {os.getpid()} {resident_mb():.1f}")
+
+
+@_queue.event(routes=kit_routes(["r"]))
+def span(path, token, seconds):
+    append_line(path, f"start {token} {os.getpid()} {time.time():.6f}")
+    time.sleep(seconds)
+    append_line(path, f"end {token} {os.getpid()} {time.time():.6f}")
 '''
 
 
@@ -73,8 +82,10 @@ def _runs(path: Path) -> list[tuple[str, int, float]]:
 
 
 def _pool(backend: BackendUnderTest, name: str, where: Path, extra: list[str],
-          concurrency: int = 2) -> PoolProcess:
-    return PoolProcess(backend, name, ["r"], concurrency=concurrency, log_path=where / "pool.log",
+          concurrency: int = 2, lease: float = 30.0, new_session: bool = False,
+          log: str = "pool.log") -> PoolProcess:
+    return PoolProcess(backend, name, ["r"], concurrency=concurrency, log_path=where / log, lease=lease,
+                       new_session=new_session,
                        imports=["recyclejobs", "skunkqueue.testing.jobs"], extra=extra, cwd=where,
                        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")]))})
 
@@ -115,6 +126,85 @@ def test_max_jobs_per_child_replaces_workers_and_loses_or_charges_nothing(
     assert all(r is not None and r.state == COMPLETE and r.attempts == 1 for r in records), \
         [(r.id, r.state, r.attempts) for r in records if r is not None and r.attempts != 1]
     assert "recycled" in pool.log() and "exited with status" not in pool.log(), pool.log()
+
+
+def _running_on(runs: Path, pids: set[int]) -> set[int]:
+    """The pids among ``pids`` that wrote a start line with no end line after it."""
+    open_on: set[int] = set()
+    for line in (runs.read_text().splitlines() if runs.exists() else []):
+        kind, _, pid, _ = line.split()
+        (open_on.add if kind == "start" else open_on.discard)(int(pid))
+    return open_on & pids
+
+
+def test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group(
+        backend: BackendUnderTest, hoard: Path) -> None:
+    """SIGKILL each replacement worker as it appears, then SIGTERM the whole process group (a
+    terminal's gentle stop) mid-recycling; a second pool finishes. Runs are stamped in a file."""
+    import recyclejobs
+
+    name, runs, n = backend.new_queue_name(), hoard / "runs", 24
+    job = _queue(backend, name).event(routes=["r"])(recyclejobs.span.func)
+    ids = [h.id for h in job.fire_many([(str(runs), f"t{i:03}", 0.15) for i in range(n)])]
+    pool = _pool(backend, name, hoard, ["--max-jobs-per-child", "2", "--prefetch", "2"], lease=2.0,
+                 new_session=True)
+    killed: set[int] = set()
+    seen: set[int] = set()
+    try:
+        pool.wait_ready(60)
+        seen.update(pool.worker_pids())
+        # Kill each replacement as it appears (4 of them), for at most 30 s on a loaded machine.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(killed) < 4:
+            fresh = [pid for pid in pool.worker_pids() if pid not in seen]
+            seen.update(fresh)
+            if fresh:  # a replacement, just forked: kill it before or while it takes its first job
+                os.kill(fresh[0], signal.SIGKILL)
+                killed.add(fresh[0])
+            time.sleep(0.02)
+        # Then the group signal while jobs run: longer ones fired now, and a start in the file with
+        # no end yet on a worker still alive.
+        ids += [h.id for h in job.fire_many([(str(runs), f"u{i:03}", 1.0) for i in range(4)])]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _running_on(runs, set(pool.worker_pids()) - killed):
+            time.sleep(0.01)
+        stopping = _running_on(runs, set(pool.worker_pids()) - killed)
+        assert stopping, "no job was running when the group signal was due: " + pool.log()
+        pool.signal_group(signal.SIGTERM)
+        assert pool.wait(30) == 0, pool.log()
+    finally:
+        pool.stop()
+    assert killed, "no replacement worker appeared to kill: --max-jobs-per-child did not recycle"
+    assert "Traceback" not in pool.log(), pool.log()
+    finisher = _pool(backend, name, hoard, [], lease=2.0, log="finisher.log")
+    try:
+        _settled(backend, name, ids, timeout=90)
+    finally:
+        finisher.stop()
+    starts: dict[str, list[tuple[float, int]]] = {}
+    ends: dict[str, list[tuple[float, int]]] = {}
+    for kind, token, pid, moment in (line.split() for line in runs.read_text().splitlines()):
+        (starts if kind == "start" else ends).setdefault(token, []).append((float(moment), int(pid)))
+    assert sorted(ends) == [f"t{i:03}" for i in range(n)] + [f"u{i:03}" for i in range(4)], \
+        "a job never ran to its end"
+    stopped_in_time: set[int] = set()
+    for token, attempts in starts.items():
+        finished = dict((pid, moment) for moment, pid in ends.get(token, []))
+        for moment, pid in attempts:
+            # An attempt that never ended was on a worker this test SIGKILLed; the gentle stop
+            # let every other running job finish.
+            assert pid in finished or pid in killed, (token, pid, killed, stopping)
+            stopped_in_time.update({pid} & stopping & set(finished))
+            for other, other_pid in attempts:  # never two attempts of one job at once
+                if (other, other_pid) != (moment, pid) and pid in finished:
+                    assert not moment < other < finished[pid], (token, attempts, ends.get(token))
+        # A job runs to its end twice only if the first end was on a killed worker (its finish lost).
+        assert all(pid in killed for _, pid in sorted(ends[token])[:-1]), (token, ends[token], killed)
+    assert stopped_in_time == stopping  # the jobs running at the group signal finished
+    store = backend.open(name)
+    records = [store.get(job_id) for job_id in ids]
+    store.close()
+    assert all(r is not None and r.state == COMPLETE for r in records)
 
 
 def test_max_memory_per_child_replaces_a_worker_that_grew_past_it(backend: BackendUnderTest, hoard: Path) -> None:

@@ -283,6 +283,7 @@ class MongoPersistence(NativeAsync, Persistence):
         except (MongoConfigurationError, ValueError, TypeError) as exc:
             raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
         self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
+        self._checked_client: MongoClient[dict[str, Any]] | None = None  # using=: a client known to reach us
         self._indexes_checked = time.monotonic()
         self.jobs: Collection[dict[str, Any]] = database["jobs"]
         self.worker_docs: Collection[dict[str, Any]] = database["workers"]
@@ -450,6 +451,75 @@ class MongoPersistence(NativeAsync, Persistence):
             if record.parents and holder == record.id:
                 self._attach(record)
         return holders
+
+    supports_using = True
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records with ``handle``, the application's pymongo ``ClientSession``.
+
+        In the session's transaction when one is open (``session.start_transaction()`` or
+        ``with_transaction``): the jobs exist exactly if it commits, and the change stream that
+        wakes workers sees them at the commit. A session with no transaction open stores them at
+        once. Transactions need a replica set (or a sharded cluster). MongoDB has no savepoints,
+        so a failure here aborts the application's transaction; a key taken by a transaction that
+        commits first is a write conflict whose error carries ``TransientTransactionError``, which
+        ``with_transaction`` retries.
+        """
+        if not isinstance(handle, ClientSession):
+            raise ConfigurationError(
+                f"using= takes a pymongo ClientSession for the mongodb backend (client.start_session()), not "
+                f"{type(handle).__module__}.{type(handle).__qualname__}.")
+        if any(record.parents for record in records):
+            raise ConfigurationError("using= and after= (or a workflow) together are not supported on MongoDB yet; "
+                                     "fire the workflow after your transaction commits.")
+        if not records:
+            return []
+        self._check_same_cluster(handle)
+        if handle.in_transaction and not self.notifies:
+            raise ConfigurationError(f"MongoDB at {self.address} is standalone: it has no transactions; "
+                                     "run a replica set, or fire after your writes.")
+        jobs = handle.client[self.jobs.database.name][self.jobs.name]
+        docs = _docs(records, self._shift())
+        holders = [record.id for record in records]
+        try:
+            for index, doc in enumerate(docs):
+                if doc.get("key") is None:
+                    jobs.insert_one(doc, session=handle)
+                    continue
+                holder = jobs.find_one({"queue": self.queue, "key": doc["key"]}, {"_id": 1, "expire_at": 1},
+                                       session=handle)
+                if holder is not None and not _holder_expired(holder, self.now()):
+                    holders[index] = str(holder["_id"])
+                    continue
+                if holder is not None:  # past its expiry, waiting for the TTL monitor: the key is free
+                    jobs.delete_one({"_id": holder["_id"], "key": doc["key"]}, session=handle)
+                jobs.insert_one(doc, session=handle)
+        except DocumentTooLarge as exc:
+            raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
+        except OperationFailure as exc:
+            if exc.code == 20 or "Transaction numbers" in str(exc):  # IllegalOperation: no transactions here
+                raise ConfigurationError(f"MongoDB at {self.address} cannot run transactions: {self._scrub(exc)}; "
+                                         "run a replica set, or fire after your writes.") from None
+            raise
+        return holders
+
+    def _check_same_cluster(self, handle: ClientSession) -> None:
+        """Refuse a session of a client that reaches another deployment than the queue's (once per client)."""
+        theirs_client = handle.client
+        if self._checked_client is theirs_client:
+            return
+
+        def process(client: MongoClient[dict[str, Any]]) -> Any:
+            hello = client.admin.command("hello")
+            return hello.get("setName"), (hello.get("topologyVersion") or {}).get("processId")
+
+        theirs = process(theirs_client)
+        ours = self._call("identify", lambda: process(self.client))
+        if theirs != ours:
+            raise ConfigurationError(
+                f"The session given with using= belongs to a client of another MongoDB deployment than the "
+                f"queue's ({self.address}); start it from a client of the queue's.")
+        self._checked_client = theirs_client
 
     def _insert(self, docs: list[dict[str, Any]]) -> list[int]:
         """Insert every document; return the positions of those refused because their key is held."""

@@ -5,12 +5,18 @@ A PRODUCER span ``send <queue>/<route>`` per record a ``fire``/``fire_many``/
 signature when records are signed). A CONSUMER span ``process <queue>/<route>``
 per attempt, child of (or linked to) that context, current while the job runs,
 so the job's own spans (HTTP calls, queries) nest under it.
+
+Workflows: a step's spans link to its parents' producer spans. The producer knows
+them (parents are sent before their dependents, in the same call, or in an earlier
+one of this process: a bounded memory of recent sends), and writes their contexts
+into the step's headers, so the worker's link is as trustworthy as the record.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Optional
 
 from opentelemetry import context, propagate, trace
@@ -31,6 +37,26 @@ KILLED_EVENT = "skunkqueue.job.killed"
 RETRY_EVENT = "skunkqueue.job.retry_scheduled"
 DEAD_EVENT = "skunkqueue.job.dead_lettered"
 LOST_EVENT = "skunkqueue.job.lease_lost"
+
+# The header that carries a workflow step's parents' producer contexts (W3C traceparents).
+PARENTS_HEADER = "skunkqueue-parents"
+# How many recent producer contexts a process keeps, for ``fire(after=handle)`` of a parent
+# sent by an earlier call; an older parent is simply not linked.
+REMEMBERED_SENDS = 10_000
+
+
+def traceparent(span_context: trace.SpanContext) -> str:
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{int(span_context.trace_flags):02x}"
+
+
+def parent_links(carrier: dict[str, str]) -> list[Link]:
+    """Links to the producer spans named in a step's (verified) headers; malformed entries are skipped."""
+    links = []
+    for value in carrier.get(PARENTS_HEADER, "").split(","):
+        parent = trace.get_current_span(propagate.extract({"traceparent": value})).get_span_context()
+        if parent.is_valid:
+            links.append(Link(parent, {"skunkqueue.link": "workflow.parent"}))
+    return links
 
 
 def destination(record: JobRecord) -> str:
@@ -67,6 +93,7 @@ class TracingPlugin:
         self._lock = threading.Lock()  # producers fire from many threads at once
         self._sending: dict[int, list[tuple[Span, str]]] = {}
         self._running: dict[tuple[str, int], tuple[Span, Optional[object]]] = {}
+        self._sent: OrderedDict[str, trace.SpanContext] = OrderedDict()  # job id -> its producer span
 
     # -- producer ---------------------------------------------------------------
 
@@ -74,12 +101,29 @@ class TracingPlugin:
     def job_sending(self, records: list[JobRecord], headers: list[dict[str, str]]) -> None:
         spans = []
         for record, carrier in zip(records, headers):
+            parents = self._parents(record)
+            links = [Link(parent, {"skunkqueue.link": "workflow.parent"}) for parent in parents]
             span = self._tracer.start_span(f"send {destination(record)}", kind=SpanKind.PRODUCER,
-                                           attributes=_attributes(record, "send"))
+                                           attributes=_attributes(record, "send"), links=links or None)
             propagate.inject(carrier, context=trace.set_span_in_context(span))
+            if parents:
+                carrier[PARENTS_HEADER] = ",".join(traceparent(parent) for parent in parents)
             spans.append((span, record.id))
+            self._remember(record.id, span.get_span_context())
         with self._lock:
             self._sending[id(records)] = spans
+
+    def _parents(self, record: JobRecord) -> list[trace.SpanContext]:
+        """The producer contexts of ``record``'s workflow parents that this process sent."""
+        with self._lock:
+            found = (self._sent.get(parent) for parent in record.parents or ())
+            return [parent for parent in found if parent is not None and parent.is_valid]
+
+    def _remember(self, job_id: str, span_context: trace.SpanContext) -> None:
+        with self._lock:
+            self._sent[job_id] = span_context
+            while len(self._sent) > REMEMBERED_SENDS:
+                self._sent.popitem(last=False)
 
     @hookimpl
     def job_sent(self, records: list[JobRecord], error: BaseException | None) -> None:
@@ -101,13 +145,15 @@ class TracingPlugin:
     def job_started(self, record: JobRecord) -> None:
         # The worker calls this only after the record's signature (if any) held; an unsigned
         # record that a worker with a key accepts (a roll-out) names no parent.
-        parent = propagate.extract(headers.trusted(record))
+        carrier = headers.trusted(record)
+        parent = propagate.extract(carrier)
         producer = trace.get_current_span(parent).get_span_context()
+        steps = parent_links(carrier)
         if self._link:
-            links = [Link(producer)] if producer.is_valid else None
-            span = self._start(record, context.Context(), links)
+            links = ([Link(producer)] if producer.is_valid else []) + steps
+            span = self._start(record, context.Context(), links or None)
         else:
-            span = self._start(record, parent, None)
+            span = self._start(record, parent, steps or None)
         token = context.attach(trace.set_span_in_context(span))
         with self._lock:
             self._running[(record.id, record.token)] = (span, token)
