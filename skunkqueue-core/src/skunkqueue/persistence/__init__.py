@@ -180,6 +180,9 @@ class Persistence(ABC):
 
     #: True when the backend implements :meth:`enqueue_in` (``fire(..., using=handle)``).
     supports_using: ClassVar[bool] = False
+    #: True when the application's open transaction (``using=``) holds the store's only write lock,
+    #: so that workers and other producers wait for its end (SQLite: one writer per file).
+    using_blocks_writers: ClassVar[bool] = False
 
     def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
         """Store the records as :meth:`enqueue_keyed` does, inside the caller's open transaction on ``handle``.

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,6 +212,10 @@ class SQLitePersistence(Persistence):
             )
         self._wake = WakeFolder(self.path)
         self._pokes: list[tuple[str, int | None]] = []  # sent once the write that calls for them commits
+        self._wake_lock = threading.Lock()  # a poke round lists the folder once: one round at a time
+        self._watched: list[tuple[sqlite3.Connection, list[tuple[str, int | None]]]] = []  # using=: see enqueue_in
+        self._watching = threading.Lock()
+        self._watcher_runs = False
         self._route_tags: dict[str, str] = {}
         try:
             if creates_folder:
@@ -253,10 +258,13 @@ class SQLitePersistence(Persistence):
             # released: inside the transaction nothing waits for a lock any more.
             self._db.execute(_BUSY_TIMEOUT)
         if self._pokes:
-            with self._wake.round():
-                for prefix, wanted in self._pokes:
-                    self._wake.poke(prefix, wanted)
+            self._send_pokes(self._pokes)
             self._pokes.clear()
+
+    def _send_pokes(self, pokes: Sequence[tuple[str, int | None]]) -> None:
+        with self._wake_lock, self._wake.round():
+            for prefix, wanted in pokes:
+                self._wake.poke(prefix, wanted)
 
     def _begin(self) -> None:
         """BEGIN IMMEDIATE, trying for the lock again every 50 µs or so instead of SQLite's 1 ms and more."""
@@ -287,8 +295,11 @@ class SQLitePersistence(Persistence):
     def _poke_workers(self, route: str, target: str | None, records: int = 1) -> None:
         # Only as many waiters as there are records: waking them all would
         # have every idle worker race for the write lock to find nothing.
+        self._pokes.append((self._poke_prefix(route, target), records))
+
+    def _poke_prefix(self, route: str, target: str | None) -> str:
         prefix = self._route_tag(route) + "."
-        self._pokes.append((prefix + tag(target) + "." if target else prefix, records))
+        return prefix + tag(target) + "." if target else prefix
 
     def _store(self, conn: sqlite3.Connection, record: JobRecord) -> None:
         expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
@@ -327,30 +338,113 @@ class SQLitePersistence(Persistence):
     supports_keys = True
 
     def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
-        holders = []
-        now = time.time()
         with self._write() as conn:  # the write lock makes check-and-insert one step
-            stored: dict[tuple[str, str | None], int] = {}
-            for record in records:
-                if record.key is not None:
-                    row = conn.execute("SELECT id, expire_at FROM jobs WHERE queue=? AND key=?",
-                                       (self.queue, record.key)).fetchone()
-                    if row is not None and (row["expire_at"] is None or row["expire_at"] >= now):
-                        holders.append(row["id"])
-                        continue
-                    if row is not None:  # expired, not yet deleted: the key is free
-                        conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
-                self._store(conn, record)
-                holders.append(record.id)
-                if record.parents:
-                    self._attach(conn, record)
-                    continue
-                if record.state == PENDING:
-                    where = (record.route, record.target)
-                    stored[where] = stored.get(where, 0) + 1
+            holders, stored = self._store_all(conn, records)
             for (route, target), n in stored.items():
                 self._poke_workers(route, target, n)
         return holders
+
+    def _store_all(self, conn: Any, records: Sequence[JobRecord]
+                   ) -> tuple[list[str], dict[tuple[str, str | None], int]]:
+        """Store ``records`` in ``conn``'s open write transaction (a key held returns its holder);
+        also how many claimable records went to each (route, target), for the pokes."""
+        holders = []
+        now = time.time()
+        stored: dict[tuple[str, str | None], int] = {}
+        for record in records:
+            if record.key is not None:
+                row = conn.execute("SELECT id, expire_at FROM jobs WHERE queue=? AND key=?",
+                                   (self.queue, record.key)).fetchone()
+                if row is not None and (row["expire_at"] is None or row["expire_at"] >= now):
+                    holders.append(row["id"])
+                    continue
+                if row is not None:  # expired, not yet deleted: the key is free
+                    conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
+            self._store(conn, record)
+            holders.append(record.id)
+            if record.parents:
+                self._attach(conn, record)
+                continue
+            if record.state == PENDING:
+                where = (record.route, record.target)
+                stored[where] = stored.get(where, 0) + 1
+        return holders, stored
+
+    supports_using = True
+    using_blocks_writers = True  # SQLite has one writer per file: the app's transaction holds it
+
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records in the open transaction of ``handle``, an ``sqlite3.Connection`` to this
+        queue's own file.
+
+        Inside a savepoint, so a failure here leaves the application's transaction usable. A
+        connection with no transaction open gets one begun, as the ``sqlite3`` module itself
+        would begin one before a write (in autocommit mode, ``isolation_level=None``, the jobs
+        are stored at once). Python's ``sqlite3`` has no commit hook, so the idle workers' wake-up
+        is sent by a watcher thread within a few milliseconds of the transaction's end.
+        """
+        if not isinstance(handle, sqlite3.Connection):
+            raise ConfigurationError(
+                f"using= takes an sqlite3.Connection to the queue's file ({self.path}) for the sqlite backend, not "
+                f"{type(handle).__module__}.{type(handle).__qualname__}.")
+        if not records:
+            return []
+        try:
+            main = next((row[2] for row in handle.execute("PRAGMA database_list") if row[1] == "main"), "")
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"The connection given with using= cannot be used: {exc}.") from None
+        if not main or not os.path.exists(main) or not os.path.samefile(main, self.path):
+            raise ConfigurationError(f"The connection given with using= is to {main or 'a memory database'!r}, "
+                                     f"not the queue's file {str(self.path)!r}; connect to that file.")
+        if handle.isolation_level is not None and not handle.in_transaction:
+            handle.execute("BEGIN")  # the application's transaction; ours is a savepoint in it
+        cursor = handle.cursor()
+        cursor.row_factory = sqlite3.Row
+        cursor.execute("SAVEPOINT skunq_enqueue")
+        try:
+            holders, stored = self._store_all(cursor, records)
+        except BaseException:
+            cursor.execute("ROLLBACK TO skunq_enqueue")
+            cursor.execute("RELEASE skunq_enqueue")
+            raise
+        finally:
+            cursor.row_factory = None
+        cursor.execute("RELEASE skunq_enqueue")
+        cursor.close()
+        pokes: list[tuple[str, int | None]] = [(self._poke_prefix(route, target), n)
+                                               for (route, target), n in stored.items()]
+        if pokes:
+            self._poke_after(handle, pokes)
+        return holders
+
+    def _poke_after(self, handle: sqlite3.Connection, pokes: list[tuple[str, int | None]]) -> None:
+        """Send ``pokes`` once ``handle``'s transaction has ended (committed, rolled back or closed)."""
+        with self._watching:
+            self._watched.append((handle, pokes))
+            if self._watcher_runs:
+                return
+            self._watcher_runs = True
+        threading.Thread(target=self._watch, name="skunq-sqlite-using", daemon=True).start()
+
+    def _watch(self) -> None:
+        # in_transaction may be read from any thread (it asks SQLite, which keeps it per connection).
+        while True:
+            with self._watching:
+                if not self._watched:
+                    self._watcher_runs = False
+                    return
+                ended: list[tuple[sqlite3.Connection, list[tuple[str, int | None]]]] = []
+                open_: list[tuple[sqlite3.Connection, list[tuple[str, int | None]]]] = []
+                for handle, pokes in self._watched:
+                    try:
+                        (open_ if handle.in_transaction else ended).append((handle, pokes))
+                    except sqlite3.ProgrammingError:  # closed: its transaction is over
+                        ended.append((handle, pokes))
+                self._watched = open_
+            if ended:
+                self._send_pokes([poke for _, pokes in ended for poke in pokes])
+            else:
+                time.sleep(0.002)
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()

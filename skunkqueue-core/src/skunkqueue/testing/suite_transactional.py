@@ -10,6 +10,7 @@ Executions are counted outside the queue, in an append-only file.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import COMPLETE, PENDING
+from skunkqueue.record import COMPLETE, PENDING, Outcome
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import AppTransactions, BackendUnderTest
 from skunkqueue.testing.suite_support import declare, wait_until
@@ -123,6 +124,8 @@ class TransactionalSuite:
                                                                 backend: BackendUnderTest, start_pool: Any,
                                                                 tmp_path: Path) -> None:
         app = _needs_transactions(store, backend)
+        if store.using_blocks_writers:
+            return self._claims_wait_for_the_open_transaction(queue, store, backend, app, start_pool, tmp_path)
         runs = tmp_path / "runs"
         mark = declare(queue, jobs.mark)
         start_pool(["r"])
@@ -150,6 +153,51 @@ class TransactionalSuite:
         # Woken by the commit, not found by a poll a worker happened to make (a poll waits up to a second).
         if store.notifies:
             assert took < 0.9, f"the committed job started {took:.2f} s after the commit"
+
+    def _claims_wait_for_the_open_transaction(self, queue: SkunkQueue, store: Persistence,
+                                              backend: BackendUnderTest, app: AppTransactions, start_pool: Any,
+                                              tmp_path: Path) -> None:
+        """Where the application's transaction holds the only write lock (``using_blocks_writers``), claims
+        made while it is open come back empty or wait for it: none comes back with the job before the
+        commit, and the running pool runs the job exactly once after it."""
+        runs = tmp_path / "runs"
+        mark = declare(queue, jobs.mark)
+        start_pool(["r"])
+        claimer = backend.open(queue.name)
+        claimed: list[tuple[float, list[Any]]] = []
+        stop = threading.Event()
+
+        def claim_repeatedly() -> None:
+            while not stop.is_set():
+                records = claimer.claim("r", "kit-claimer", 10)
+                claimed.append((time.monotonic(), records))
+                for record in records:  # give it back for the pool to run
+                    claimer.finish(record.id, record.token, Outcome(state=PENDING, due=0.0))
+                time.sleep(0.05)
+
+        handle = app.open()
+        thread = threading.Thread(target=claim_repeatedly)
+        try:
+            app.begin(handle)
+            app.add_row(handle, queue.name, "slow")
+            fired = mark.fire(str(runs), "in-transaction", using=handle)
+            thread.start()
+            time.sleep(1.5)  # the pool's workers and these claims all try while the transaction is open
+            assert "in-transaction" not in _lines(runs)
+            committed = time.monotonic()
+            app.commit(handle)
+        finally:
+            app.close(handle)
+            stop.set()
+            thread.join(60)
+            claimer.close()
+        assert claimed, "no claim came back at all"
+        early = [records for moment, records in claimed if moment < committed]
+        assert all(records == [] for records in early), "a claim returned the job before its transaction committed"
+        assert {r.id for moment, records in claimed if moment >= committed for r in records} <= {fired.id}
+        wait_until(lambda: "in-transaction" in _lines(runs), timeout=30, what="the committed job to run")
+        time.sleep(0.5)
+        assert _lines(runs).count("in-transaction") == 1
 
     def test_processes_committing_rows_and_jobs_match_one_to_one(self, queue: SkunkQueue, store: Persistence,
                                                                  backend: BackendUnderTest, start_pool: Any,
