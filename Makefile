@@ -20,7 +20,7 @@ demo: $(STAMP)
 # The suite runs in two passes (scripts/run-tests): TEST_WORKERS processes side by side
 # (pytest-xdist; each starts its own servers on free ports), then the few `serial` tests, which
 # bound a wall-clock time in milliseconds, alone. The tests mostly wait on the pools and servers
-# they start, so twice the cores pays off (README "Running the tests" has the figures).
+# they start, so twice the cores pays off (docs/development.md, "Running the tests", has the figures).
 TEST_WORKERS ?= 4
 RUN_TESTS := TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python scripts/run-tests
 
