@@ -29,6 +29,7 @@ COLUMNS = (
     ("supports_workflows", "workflows"),
     ("supports_using", "`fire(using=...)`"),
     ("keeps_stats", "throughput counters"),
+    ("pages_newest_first", "newest-first pages"),
 )
 
 

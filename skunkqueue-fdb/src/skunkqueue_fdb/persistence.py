@@ -62,13 +62,14 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import fdb
 import fdb.tuple
 
 from skunkqueue import dependencies, policy
-from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, FINISHED_STATES, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
@@ -260,6 +261,8 @@ class FDBPersistence(Persistence):
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
+        self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
+        self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
 
     # -- one protocol step, applied once however its commit fails ----------------------------
 
@@ -380,15 +383,20 @@ class FDBPersistence(Persistence):
                 tr[self._jobs.pack((record.id, "result", n))] = chunk
         tr.add(self._count.pack((record.route, record.state)), _COUNTER_ONE)
 
-    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int]) -> None:
-        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target)."""
+    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int], snapshot: bool = False) -> None:
+        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target).
+
+        ``snapshot``: read the idle registry without a conflict range (an application's long
+        transaction, ``using=``, must not conflict with every worker going idle meanwhile).
+        """
         now = None
+        reader = tr.snapshot if snapshot else tr
         for (route, target), n in wakes.items():
             if target:  # only that worker may take it
                 tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
                 continue
             span = self._idle.range((route,))
-            entries = list(tr.get_range(span.start, span.stop))
+            entries = list(reader.get_range(span.start, span.stop))
             if not entries:
                 continue
             now = tr.get_read_version().wait() if now is None else now
@@ -463,39 +471,109 @@ class FDBPersistence(Persistence):
             return [r.id for r in records]
 
         def store(tr: Any) -> tuple[list[str], list[str]]:
-            # Reading the key's entry in the same transaction makes check-and-insert one
-            # step: a concurrent enqueue of the same key conflicts and retries.
-            holders: list[str] = []
-            wakes: dict[tuple[str, str], int] = {}
-            # Keys this batch already stored: their holder's slot was written with a
-            # versionstamp, which this transaction cannot read back (error 1036).
-            taken: dict[str, str] = {}
-            now = time.time()
-            for position, record in enumerate(records):
-                if record.key is not None and record.key in taken:
-                    holders.append(taken[record.key])
-                    continue
-                if record.key is not None:
-                    held = tr[self._keys.pack((record.key,))]
-                    if held.present():
-                        holder = bytes(held).decode()
-                        stored = self._read_meta(tr, holder)
-                        meta = stored.meta() if stored else None
-                        if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
-                            holders.append(holder)
-                            taken[record.key] = holder
-                            continue
-                    tr[self._keys.pack((record.key,))] = record.id.encode()
-                    taken[record.key] = record.id
-                if record.parents:
-                    record = self._attach(tr, record)
-                self._write(tr, record, payload=True, result=record.result is not None, position=position,
-                            wakes=wakes)
-                holders.append(record.id)
-            self._wake_idle(tr, wakes)
+            holders = self._store_keyed(tr, records)
             return holders, holders
 
         return self._once(store, lambda _tr, memo: [str(h) for h in memo])
+
+    def _store_keyed(self, tr: Any, records: Sequence[JobRecord], snapshot_wakes: bool = False,
+                     taken: dict[str, str] | None = None) -> list[str]:
+        """Store ``records`` in ``tr``; a key already held returns its holder's id.
+
+        ``taken``: the keys this transaction already stored, and their holders (kept across calls
+        in one application transaction by ``enqueue_in``).
+        """
+        # Reading the key's entry in the same transaction makes check-and-insert one
+        # step: a concurrent enqueue of the same key conflicts and retries.
+        holders: list[str] = []
+        wakes: dict[tuple[str, str], int] = {}
+        # Keys this transaction already stored: their holder's slot was written with a
+        # versionstamp, which this transaction cannot read back (error 1036).
+        taken = {} if taken is None else taken
+        now = time.time()
+        for position, record in enumerate(records):
+            if record.key is not None and record.key in taken:
+                holders.append(taken[record.key])
+                continue
+            if record.key is not None:
+                held = tr[self._keys.pack((record.key,))]
+                if held.present():
+                    holder = bytes(held).decode()
+                    stored = self._read_meta(tr, holder)
+                    meta = stored.meta() if stored else None
+                    if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
+                        holders.append(holder)
+                        taken[record.key] = holder
+                        continue
+                tr[self._keys.pack((record.key,))] = record.id.encode()
+                taken[record.key] = record.id
+            if record.parents:
+                record = self._attach(tr, record)
+            self._write(tr, record, payload=True, result=record.result is not None, position=position,
+                        wakes=wakes)
+            holders.append(record.id)
+        self._wake_idle(tr, wakes, snapshot=snapshot_wakes)
+        return holders
+
+    supports_using = True
+
+    # Not @_translate: an error of the application's transaction (a conflict, a retryable read)
+    # must reach the application's retry loop as the FDBError it is.
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records in ``handle``, the application's ``fdb.Transaction`` on the queue's cluster.
+
+        The records exist exactly if that transaction commits, and the idle workers' wake-up key is
+        written in it, so their watches fire at the commit. One transaction holds them all (no
+        batches: a workflow over the transaction's size is refused). Retrying the transaction is
+        the application's (``@fdb.transactional`` does it); after ``commit_unknown_result`` a
+        retry may store the jobs again unless they have keys.
+        """
+        transaction_type = getattr(getattr(fdb, "impl", None), "Transaction", None)
+        if transaction_type is None or not isinstance(handle, transaction_type):
+            raise ConfigurationError(
+                f"using= takes an fdb.Transaction for the fdb backend (what @fdb.transactional passes), not "
+                f"{type(handle).__module__}.{type(handle).__qualname__}.")
+        if not records:
+            return []
+        size = sum(_size(r) for r in records)
+        if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
+            raise PayloadTooLarge(
+                f"These {len(records)} jobs take about {size} bytes; one FoundationDB transaction "
+                f"holds at most {TRANSACTION_BUDGET} (and 65535 jobs), and using= puts them in yours.")
+        self._check_same_cluster(handle)
+        # The keys stored earlier in this same transaction (a reset or committed transaction
+        # object gets a new read version, so it starts afresh).
+        version = handle.get_read_version().wait()
+        seen = self._taken_in.get(handle)
+        if seen is None or seen[0] != version:
+            seen = self._taken_in[handle] = (version, {})
+        return self._store_keyed(handle, records, snapshot_wakes=True, taken=seen[1])
+
+    def _check_same_cluster(self, tr: Any) -> None:
+        """Refuse a transaction on another cluster than the queue's (once per database object).
+
+        The queue keeps a random identity under its root; the caller's transaction must read the same.
+        """
+        database = getattr(tr, "db", None)
+        if database is not None and database is self._checked_database:
+            return
+        key = fdb.Subspace((self.db,)).pack(("~cluster",))
+
+        def identity(t: Any) -> tuple[bytes, None]:
+            found = t[key]
+            if found.present():
+                return bytes(found), None
+            made = uuid.uuid4().bytes
+            t[key] = made
+            return made, None
+
+        ours = _translate(lambda _self: self._once(identity, None))(self)
+        theirs = tr.snapshot[key]  # a snapshot read: no conflict with the queue's own writes
+        if not theirs.present() or bytes(theirs) != ours:
+            raise ConfigurationError(
+                f"The transaction given with using= is on another FoundationDB cluster than the queue's "
+                f"({self.where}); open it from the queue's cluster file.")
+        self._checked_database = database
 
     # -- settings and throughput counters --------------------------------------------
 
@@ -568,19 +646,28 @@ class FDBPersistence(Persistence):
     # Records one list_page call reads past its cursor, however few of them match its filters.
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     @_translate
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in id (creation) order over the job keys: a call reads at most PAGE_SCAN records
         # past its cursor, however deep the page and however rarely the filters match; the default
-        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>".
-        if after is not None and not after.startswith("i:"):
+        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>"
+        # ("n:" newest first: the job keys read backwards).
+        mark = "n:" if newest else "i:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
-        begin = self._jobs.range((after[2:],)).stop if after else self._jobs.range().start
         scan = max(limit, self.PAGE_SCAN)
+        if newest:
+            records: Iterator[_Stored] = self._scan_back_from(
+                self._jobs.range((after[2:],)).start if after else self._jobs.range().stop)
+        else:
+            records = self._scan_from(self._jobs.range((after[2:],)).stop if after else self._jobs.range().start)
         found: list[JobRecord] = []
         looked = 0
-        for stored in self._scan_from(begin):
+        for stored in records:
             looked += 1
             try:
                 record = stored.record()
@@ -591,8 +678,41 @@ class FDBPersistence(Persistence):
                                        and (dead is None or record.dead == dead)):
                 found.append(record)
             if len(found) == limit or looked == scan:
-                return found, f"i:{stored.id}"
+                return found, f"{mark}{stored.id}"
         return found, None
+
+    # Records read backwards per transaction: each is found with a one-key reverse read, then read whole.
+    BACK_BATCH = 50
+
+    def _scan_back_from(self, end: bytes) -> Iterator[_Stored]:
+        """The queue's records whose keys lie before ``end``, newest id first, a batch per transaction."""
+        start = self._jobs.range().start
+
+        def batch(tr: Any, before: bytes) -> list[_Stored]:
+            out: list[_Stored] = []
+            while len(out) < self.BACK_BATCH:
+                last = list(tr.snapshot.get_range(start, before, limit=1, reverse=True))
+                if not last:
+                    break
+                try:
+                    job_id = self._jobs.unpack(last[0].key)[0]
+                except ValueError:  # not a tuple: nothing SkunkQueue wrote
+                    before = last[0].key
+                    continue
+                span = self._jobs.range((job_id,))
+                stored = _Stored(job_id)
+                for kv in tr.snapshot.get_range(span.start, span.stop):
+                    stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
+                out.append(stored)
+                before = span.start
+            return out
+
+        while True:
+            stored_batch = fdb.transactional(lambda tr, b=end: batch(tr, b))(self._db)
+            if not stored_batch:
+                return
+            yield from stored_batch
+            end = self._jobs.range((stored_batch[-1].id,)).start
 
     def _scan(self) -> list[_Stored]:
         """Every record of the queue (see :meth:`_scan_from`)."""
