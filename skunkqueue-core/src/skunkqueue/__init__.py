@@ -17,6 +17,7 @@ from skunkqueue.errors import (
     SerializationError,
     SkunkQueueError,
 )
+from skunkqueue.flow import Limit
 from skunkqueue.hooks import hookimpl
 from skunkqueue.job import Job, JobHandle
 from skunkqueue.queue import SkunkQueue
@@ -40,6 +41,7 @@ __all__ = [
     "JobNotFound",
     "JobRefused",
     "JobTimeout",
+    "Limit",
     "MalformedRecord",
     "PayloadTooLarge",
     "SerializationError",

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, interpreter, metrics, periodic, policy, signature_policy, signing
+from skunkqueue import channel, flow, interpreter, metrics, periodic, policy, signature_policy, signing
+from skunkqueue.channel import Reason, StopMode
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -54,8 +55,9 @@ from skunkqueue.errors import (
     TimeLimit,
 )
 from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
-from skunkqueue.record import RUNNING, WorkerInfo
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import RUNNING, LeaseStatus, WorkerInfo
 from skunkqueue.worker import (
     EXIT_DRAINED,
     EXIT_RECYCLE,
@@ -130,7 +132,7 @@ class _Child:
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            interpreter.command("skunkqueue.worker", config.to_json()),
+            interpreter.command("skunkqueue.worker_main", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()
@@ -162,7 +164,7 @@ class WorkerPool:
         self.children = [_Child(replace(base, route=route)) for route in routes for _ in range(concurrency)]
         self.config = base
         self.grace = grace
-        self.stopping: str | None = None
+        self.stopping: StopMode | None = None
         self.store: Persistence | None = None
         self._gentle_signal: int | None = None   # set by handlers, acted on by the loop
         self._rough_signals = 0
@@ -201,7 +203,7 @@ class WorkerPool:
             if first:
                 log.info("pool: SIGINT, stopping workers roughly (a second SIGINT, or %g s, kills them)",
                          self.grace)
-                self.stopping = "rough"
+                self.stopping = StopMode.ROUGH
                 self._rough_deadline = now + self.grace
                 self._signal_all(signal.SIGINT)
             else:
@@ -209,18 +211,18 @@ class WorkerPool:
                 self._kill_all()
         elif self._gentle_signal is not None and self.stopping is None:
             log.info("pool: %s, stopping workers gently", signal.Signals(self._gentle_signal).name)
-            self.stopping = "gentle"
+            self.stopping = StopMode.GENTLE
             self._signal_all(signal.SIGTERM)
-        if self.stopping == "rough" and now >= self._rough_deadline and any(c.alive for c in self.children):
+        if self.stopping == StopMode.ROUGH and now >= self._rough_deadline and any(c.alive for c in self.children):
             log.warning("pool: workers still running %g s after SIGINT; killing them", self.grace)
             self._kill_all()
 
     def _signal_all(self, sig: int) -> None:
-        how = "rough" if sig == signal.SIGINT else "gentle"
+        how = StopMode.ROUGH if sig == signal.SIGINT else StopMode.GENTLE
         for child in self.children:
             if child.alive and child.process is not None:
                 if child.pipes is not None:  # also through the pipe: a job may ignore the signal
-                    child.pipes.command(f"t {how}")
+                    child.pipes.send(channel.Stop(how))
                 try:
                     os.kill(child.process.pid, sig)
                 except ProcessLookupError:
@@ -292,8 +294,6 @@ class WorkerPool:
             log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
                         "%d schedule(s) not run", store.name, len(schedules))
             return
-        from skunkqueue.queue import SkunkQueue
-
         # This pool's connection; what the records carry (retention, serializer, queue type,
         # retries...) comes from each job's declaration (Job.on).
         here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,
@@ -310,6 +310,8 @@ class WorkerPool:
         signing.verify_keys_from_env()  # SKUNQ_SECRET_PREVIOUS without SKUNQ_SECRET fails here, in one line
         self.check_backend()
         self.check_clock()
+        if self.store is not None:  # a limit or priority the store would ignore: refuse, in one line
+            flow.check_jobs_enforceable(self.store, self.config.queue, sorted({c.config.route for c in self.children}))
         if self.store is not None:  # tell producers what the workers refuse, so they learn it at fire
             self._store_call("publish the signing policy", signature_policy.publish, self.store)
         if self.store is not None:
@@ -348,7 +350,7 @@ class WorkerPool:
         for sig in (*GENTLE_SIGNALS, ROUGH_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         log.info("pool %d: all workers stopped", os.getpid())
-        return EXIT_ROUGH if self.stopping == "rough" else 0
+        return EXIT_ROUGH if self.stopping == StopMode.ROUGH else 0
 
     def _sleep(self, seconds: float) -> None:
         select.select([self._wakeup_read], [], [], seconds)
@@ -361,18 +363,18 @@ class WorkerPool:
         if child.pipes is None:
             return
         for event in child.pipes.events():
-            if event.kind == "h":
-                child.worker_id = event.job_id
-            elif event.kind == "c":
+            if isinstance(event, channel.Hello):
+                child.worker_id = event.worker_id
+            elif isinstance(event, channel.Claimed):
                 child.claims[event.job_id] = _Claim(event.token, event.timeout, event.at)
-            elif event.kind == "s":
+            elif isinstance(event, channel.Starting):
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
                     claim.started_at = event.at
-            elif event.kind == "d":
+            elif isinstance(event, channel.Done):
                 self.tally.add(child.config.route, event.state, event.seconds)
                 child.claims.pop(event.job_id, None)
-            elif event.kind == "k":
+            else:  # HandBack
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
                     claim.started_at = None
@@ -498,7 +500,7 @@ class WorkerPool:
             assert claim.started_at is not None
             if claim.interrupt is None:
                 if claim.timeout and now >= claim.started_at + claim.timeout:
-                    self._interrupt(child, job_id, channel.TIME, TimeLimit(
+                    self._interrupt(child, job_id, Reason.TIME, TimeLimit(
                         f"job exceeded its time limit of {claim.timeout:g} s "
                         f"and did not stop within {self.grace:g} s; its worker was killed"))
                 continue
@@ -509,12 +511,12 @@ class WorkerPool:
                 child.kill(why, job_id)
                 return
 
-    def _interrupt(self, child: _Child, job_id: str, reason: str, why: JobKilled) -> None:
+    def _interrupt(self, child: _Child, job_id: str, reason: Reason, why: JobKilled) -> None:
         claim = child.claims.get(job_id)
         if claim is None or claim.interrupt is not None or child.pipes is None or child.process is None:
             return
         claim.interrupt = (why, time.monotonic())
-        child.pipes.command(f"i {channel.quote(job_id)} {reason}")
+        child.pipes.send(channel.Interrupt(job_id, reason))
         try:
             os.kill(child.process.pid, INTERRUPT_SIGNAL)
         except ProcessLookupError:
@@ -565,20 +567,26 @@ class WorkerPool:
             return  # no pulse: a worker that hears none for long stops its jobs
         if child.pipes is not None:
             child.pipes.pulse()
-        for job_id, status in statuses.items():
+        for job_id, answer in statuses.items():
             claim = child.claims.get(job_id)
-            if claim is None or status not in (LEASE_KILL, LEASE_LOST):
+            try:
+                status = LeaseStatus(answer)
+            except ValueError:
+                log.error("pool: the %s backend answered %r for the lease of job %s; expected one of %s",
+                          store.name, answer, job_id, ", ".join(s.value for s in LeaseStatus))
+                continue
+            if claim is None or status is LeaseStatus.OK:
                 continue
             if claim.started_at is not None:
-                if status == LEASE_KILL:
-                    self._interrupt(child, job_id, channel.KILL, KillRequested(
+                if status is LeaseStatus.KILL:
+                    self._interrupt(child, job_id, Reason.KILL, KillRequested(
                         "killed by request; the job did not stop, so its worker was killed"))
                 else:
-                    self._interrupt(child, job_id, channel.LOST, LeaseLost("lease lost"))
+                    self._interrupt(child, job_id, Reason.LOST, LeaseLost("lease lost"))
             elif claim.started_at is None and job_id not in child.told_never_start:
-                if status == LEASE_LOST:
+                if status is LeaseStatus.LOST:
                     child.claims.pop(job_id, None)  # someone else's now: never start it
-                if child.pipes is not None and child.pipes.command(f"x {channel.quote(job_id)}"):
+                if child.pipes is not None and child.pipes.send(channel.NeverStart(job_id)):
                     child.told_never_start.add(job_id)
 
     def _flush_stats(self, store: Persistence) -> None:

@@ -10,10 +10,22 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
-from skunkqueue import config, headers, hooks, policy, serializer, signature_policy, signing, workflow
-from skunkqueue.backends import open_backend
+from skunkqueue import (
+    config,
+    flow,
+    headers,
+    hooks,
+    housekeeping,
+    policy,
+    serializer,
+    signature_policy,
+    signing,
+    workflow,
+)
+from skunkqueue.backends import load, open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
-from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
+from skunkqueue.handle import QueueLike
+from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
 from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
@@ -55,7 +67,6 @@ class SkunkQueue:
         self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
-        from skunkqueue.backends import load
         self._backend_class = load(self.backend)
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
@@ -105,17 +116,20 @@ class SkunkQueue:
     # -- declaring and firing ---------------------------------------------------
 
     def event(self, routes: Sequence[str], *, retries: int = 0, retry_backoff: float = 1.0,
-              timeout: float | None = None, result_ttl: float | None = None) -> Callable[[Callable[..., Any]], Job]:
+              timeout: float | None = None, result_ttl: float | None = None, priority: int = 0,
+              limit: flow.Limit | None = None) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: make a function a Job that workers on ``routes`` run.
 
         ``result_ttl`` (seconds) overrides the queue's for this job's finished records.
+        ``priority`` (default 0; higher runs first within a route) and ``limit``
+        (a :class:`skunkqueue.Limit`): see :mod:`skunkqueue.flow`.
         """
         if not isinstance(routes, str):
             self._backend_class.check_names(self.name, list(routes or []))
 
         def decorate(func: Callable[..., Any]) -> Job:
             return Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
-                       result_ttl=result_ttl)
+                       result_ttl=result_ttl, priority=priority, limit=limit)
         return decorate
 
     job = event
@@ -123,13 +137,15 @@ class SkunkQueue:
     def periodic(self, *, routes: Sequence[str], every: timedelta | float | None = None,
                  cron: str | None = None, tz: str = "UTC", misfire_grace: float = 60.0,
                  catch_up: bool = False, retries: int = 0, retry_backoff: float = 1.0,
-                 timeout: float | None = None, result_ttl: float | None = None,
-                 ) -> Callable[[Callable[..., Any]], Job]:
+                 timeout: float | None = None, result_ttl: float | None = None, priority: int = 0,
+                 limit: flow.Limit | None = None) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: a Job that ``skunq work`` pools fire once per slot of a schedule.
 
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
-        ``tz``). See :mod:`skunkqueue.periodic`.
+        ``tz``). See :mod:`skunkqueue.periodic`. ``priority`` and ``limit``: as
+        for :meth:`event`.
         """
+        # Here, not at the top: a producer that declares no schedule never loads cronsim.
         from skunkqueue import periodic as schedules
 
         if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
@@ -138,7 +154,7 @@ class SkunkQueue:
 
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
-                      result_ttl=result_ttl)
+                      result_ttl=result_ttl, priority=priority, limit=limit)
             try:
                 job.check_arguments((), {})
             except TypeError:
@@ -153,12 +169,13 @@ class SkunkQueue:
 
     def _enqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None = None, using: Any = None,
-                 after: Sequence[Any] | None = None, on_failure: str | None = None) -> list[JobHandle]:
+                 after: Sequence[Any] | None = None, on_failure: str | None = None,
+                 priority: int | None = None) -> list[JobHandle]:
         backend = self.persistence
         if self._signing_stale(backend):
             self._signing_notice = (time.monotonic(), backend.get_setting(signature_policy.SETTING))
         live = self.live_workers() if job.declared_on.queue_type == "broadcast" else None
-        per_call = self._records(backend, job, calls, due, keys, live)
+        per_call = self._records(backend, job, calls, due, keys, live, priority=priority)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
             workflow.depend(self, backend, flat, after or [], on_failure)
@@ -170,14 +187,15 @@ class SkunkQueue:
 
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                         due: float, keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
-                        on_failure: str | None = None) -> list[JobHandle]:
+                        on_failure: str | None = None, priority: int | None = None) -> list[JobHandle]:
         """``_enqueue`` for ``afire``: the store's async methods, never blocking the event loop."""
         backend = await self.aopen()
         if self._signing_stale(backend):
             stored = await backend.aget_setting(signature_policy.SETTING)
             self._signing_notice = (time.monotonic(), stored)
-        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
-        per_call = self._records(backend, job, calls, due, keys, live)
+        live = (await backend._in_thread(housekeeping.live_workers, backend)
+                if job.declared_on.queue_type == "broadcast" else None)
+        per_call = self._records(backend, job, calls, due, keys, live, priority=priority)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
             # The parents' existence is checked with one read, on the store's thread.
@@ -190,14 +208,21 @@ class SkunkQueue:
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,
-                 live: list[WorkerInfo] | None, routes: Sequence[str] | None = None) -> list[list[JobRecord]]:
+                 live: list[WorkerInfo] | None, routes: Sequence[str] | None = None,
+                 priority: int | None = None) -> list[list[JobRecord]]:
         """The records of each call: one per route (a broadcast: one per live worker of the route).
 
-        ``routes``: only these of the job's routes (a workflow step runs on one).
+        ``routes``: only these of the job's routes (a workflow step runs on one). ``priority``:
+        this firing's (None: the job's declared one).
         """
         declared = job.declared_on  # a job rebound to this connection (Job.on) keeps its queue's options
         if keys is not None and any(k is not None for k in keys):
             _check_keys(declared, backend, keys)
+        priority = job.priority if priority is None else flow.check_priority(priority)
+        if priority:
+            flow.require(backend, priority=True, what=f"{job.name} fired with priority={priority}")
+        if job.limit is not None:
+            flow.require(backend, limit=True, what=f"{job.name} is declared with {job.limit!r}")
         routes = job.routes if routes is None else routes
         targets: dict[str, list[str | None]] = {route: [None] for route in routes}
         if live is not None:
@@ -214,6 +239,7 @@ class SkunkQueue:
             payload = serializer.dumps_call(args, kwargs, declared.serializer)
             _check_size(backend, job.name, len(payload) + (signing.overhead() if secret else 0))
             key = keys[len(per_call)] if keys is not None else None
+            limits = job.limit.fields(job.name, args, kwargs) if job.limit is not None else {}
             per_call.append([
                 JobRecord(id=new_id(), queue=self.name, route=route, func=job.name, payload=payload,
                           serializer=declared.serializer, due=due, created=now, target=target,
@@ -221,7 +247,8 @@ class SkunkQueue:
                           # The retention travels with the record: no worker needs to know it.
                           result_ttl=result_ttl,
                           # One key per delivery; JSON keeps (route, key) pairs from colliding.
-                          key=None if key is None else json.dumps([route, key]))
+                          key=None if key is None else json.dumps([route, key]),
+                          priority=priority, **limits)
                 for route in routes for target in targets[route]
             ])
         return per_call
@@ -317,12 +344,11 @@ class SkunkQueue:
 
     def live_workers(self) -> list[WorkerInfo]:
         """Workers with a recent heartbeat; dead ones are reaped on the way."""
-        self.reap_workers()
-        return self.persistence.workers()
+        return housekeeping.live_workers(self.persistence)
 
     def reap_workers(self, ttl: float = WORKER_TTL) -> list[str]:
         """Unregister workers that stopped sending heartbeats, and drop their broadcasts."""
-        return reap_dead_workers(self.persistence, ttl)
+        return housekeeping.reap_dead_workers(self.persistence, ttl)
 
     def counts(self) -> dict[tuple[str, str], int]:
         return self.persistence.counts()
@@ -377,6 +403,46 @@ class SkunkQueue:
         """Delete the route's pending jobs (running and finished ones stay)."""
         return self.persistence.purge(route)
 
+    # -- flow control (skunkqueue.flow) ------------------------------------------------
+
+    def limit(self, route: str, *, concurrency: int | None = None, rate: str | None = None,
+              burst: int | None = None) -> None:
+        """Limit a whole route, for every pool on every host: at most ``concurrency`` of its jobs
+        running at once and ``rate`` (``"50/s"``) starting, with ``burst`` at once (default 1).
+
+        Stored in the store; the claims obey it within a second. The arguments replace the route's
+        limit; with neither ``concurrency`` nor ``rate`` the route has none any more.
+        """
+        check_name(route, "route")
+        self._backend_class.check_names(self.name, [route])
+        backend = self.persistence
+        value = flow.make_route_limit(concurrency, rate, burst)
+        flow.require(backend, limit=True, what=f"queue.limit on route {route!r}")
+        backend.put_setting(flow.limit_setting(route), None if value is None else value.to_json())
+
+    def pause(self, route: str) -> None:
+        """Stop the claims of ``route`` (running jobs finish; new ones wait, pending) until :meth:`resume`."""
+        check_name(route, "route")
+        self._backend_class.check_names(self.name, [route])
+        backend = self.persistence
+        flow.require(backend, pause=True, what=f"queue.pause on route {route!r}")
+        backend.put_setting(flow.pause_setting(route), "1")
+
+    def resume(self, route: str) -> None:
+        """Let the claims of a paused ``route`` go on (a route that is not paused stays as it is)."""
+        check_name(route, "route")
+        self._backend_class.check_names(self.name, [route])
+        backend = self.persistence
+        flow.require(backend, pause=True, what=f"queue.resume on route {route!r}")
+        backend.put_setting(flow.pause_setting(route), None)
+
+    def limits(self, routes: Sequence[str] | None = None) -> dict[str, flow.RouteFlow]:
+        """Per route: paused, its limit and how many due jobs wait on a limit (``skunq limits``).
+
+        Without ``routes``: every route that holds jobs or has a flow setting.
+        """
+        return flow.describe(self.persistence, routes)
+
     def retry(self, job_id: str, *, force: bool = False) -> bool:
         """Requeue a finished (e.g. dead-lettered) job with fresh attempts.
 
@@ -396,7 +462,7 @@ class SkunkQueue:
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
 
 
-def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None]) -> None:
+def _check_keys(queue: QueueLike, backend: Persistence, keys: list[str | None]) -> None:
     if queue.queue_type == "broadcast":
         raise ConfigurationError("Idempotency keys need a direct queue: a broadcast's deliveries depend on "
                                  "which workers are alive when it is fired.")

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Final, Literal, Mapping, get_args
 
 from skunkqueue.errors import MalformedRecord
@@ -35,6 +36,22 @@ FINISHED_STATES: frozenset[str] = frozenset({COMPLETE, ERROR, KILLED})
 # started this many times, even with ``retries=0``: a crash must not lose work,
 # but a job that kills every worker that runs it must not loop forever either.
 MIN_ATTEMPTS_ON_LOST_LEASE = 5
+
+
+
+class LeaseStatus(str, Enum):
+    """What :meth:`Persistence.renew <skunkqueue.persistence.Persistence.renew>` says of one lease.
+
+    A str, so a backend may answer with the plain words (``"ok"``...).
+    """
+
+    OK = "ok"      # lease extended
+    LOST = "lost"  # the record is no longer ours: stop, record nothing
+    KILL = "kill"  # still ours, but someone asked to kill it
+
+    def __str__(self) -> str:  # the word itself on every Python (3.12 changed what str() gives)
+        return str(self.value)
+
 
 # What a job killed on request says about itself.
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
@@ -105,6 +122,12 @@ class JobRecord:
     inputs: Any = None              # ids (nested lists) whose results are passed as the first argument
     on_failure: str | None = None   # "run": run even if a parent failed; None: end killed
     workflow: str | None = None     # the id of the workflow it belongs to
+    # Flow control (skunkqueue.flow; the store enforces it in claim, see Persistence):
+    priority: int = 0               # higher is claimed first within a route; FIFO among equals
+    limit_key: str | None = None    # jobs with equal keys share the limits below
+    limit_concurrency: int | None = None  # at most this many running (with a live lease) per key
+    limit_interval: float | None = None   # rate: seconds between starts per key (GCRA)...
+    limit_burst: int | None = None        # ...with this many at once after a quiet spell
     # One entry per ended attempt, oldest first, at most HISTORY_LIMIT (see attempt_entry); each is
     # appended by the finish that ends the attempt, in the same atomic step.
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -149,6 +172,15 @@ class JobRecord:
             raise MalformedRecord("key is not a string")
         if self.result_ttl is not None:
             self.result_ttl = float(self.result_ttl)
+        self.priority = int(self.priority)
+        if self.limit_key is not None and not isinstance(self.limit_key, str):
+            raise MalformedRecord("limit_key is not a string")
+        if self.limit_concurrency is not None:
+            self.limit_concurrency = int(self.limit_concurrency)
+        if self.limit_interval is not None:
+            self.limit_interval = float(self.limit_interval)
+        if self.limit_burst is not None:
+            self.limit_burst = int(self.limit_burst)
         if self.history is None:
             self.history = []
         if not isinstance(self.history, list) or not all(isinstance(e, dict) for e in self.history):

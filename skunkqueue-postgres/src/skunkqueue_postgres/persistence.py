@@ -13,6 +13,14 @@ typed column, so each protocol step is one SQL statement:
   requests included.
 * Idempotency keys are a unique partial index on (queue, key) and
   ``INSERT ... ON CONFLICT DO NOTHING``.
+* Flow control (see :mod:`skunkqueue.flow`): the claim's statement takes one
+  priority at a time, highest first (a recursive seek of the distinct
+  priorities), and claims nothing when a row it picked has a limit key; then,
+  and on a route with a pause or a limit, the claim runs in a transaction of
+  its own that counts a key's live leases and keeps its rate's time under a
+  transaction-scoped advisory lock of the key (tried, never waited for: a key
+  another claim is deciding on is skipped this time, so two claims can never
+  deadlock), so that concurrent claims never both take a key's last slot.
 
 The server's clock decides: due times, leases, expiry and stamps compare with
 or are set from ``statement_timestamp()`` (the server's time when the
@@ -42,14 +50,14 @@ import json
 import logging
 import select
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import psycopg
 from psycopg import errors, pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from skunkqueue import policy
+from skunkqueue import flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -85,6 +93,10 @@ CLOCK_SYNC_EVERY = 30.0
 # Names are parts of index entries (a B-tree entry holds at most about 2.7 kB).
 MAX_NAME_BYTES = 1024
 MAX_KEY_BYTES = 1024
+# The class (first key) of the transaction-scoped advisory locks of limit keys and routes ("QF").
+FLOW_LOCK = 0x5146
+# How soon a claim that found a key locked by another claim may look at that key again (seconds).
+BUSY_KEY_PAUSE = 0.05
 # Rounds of delete-expired, insert, read-holders before enqueue_keyed gives up (a holder that keeps vanishing).
 KEY_ROUNDS = 20
 
@@ -96,6 +108,8 @@ FIELD_TYPES: dict[str, str] = {
     "lease_until": "float8", "kill_requested": "bool", "started": "float8", "finished": "float8",
     "result": "bytea", "error": "jsonb", "dead": "bool", "key": "text", "result_ttl": "float8",
     "history": "jsonb", "history_dropped": "int4",
+    "priority": "int4", "limit_key": "text", "limit_concurrency": "int4", "limit_interval": "float8",
+    "limit_burst": "int4",
 }
 FIELDS = tuple(FIELD_TYPES)
 # Client-computed times that are moved onto the server's clock when the two disagree.
@@ -160,6 +174,11 @@ class PostgresPersistence(Persistence):
         self._statements: dict[str, sql.Composed] = {}
         self._notified = False  # set by _on_notify: a NOTIFY on a channel we listen on arrived
         self._checked_handle: tuple[int, int] | None = None  # enqueue_in's last connection found to be ours
+        # Per route: (monotonic time read, paused, limit): the flow settings the claim uses.
+        self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
+        # Per route whose last claim here left due rows behind for a limit or a pause: when one may be
+        # claimable (None: when a finish or a setting notifies, or on a timeout). See wait_for_work.
+        self._held_back: dict[str, float | None] = {}
         self._call("connect", lambda conn: None)
 
     @classmethod
@@ -245,7 +264,7 @@ class PostgresPersistence(Persistence):
         found = self._statements.get(name)
         if found is None:
             tables = {t: sql.SQL("{}.{}").format(self.s, sql.Identifier(t))
-                      for t in ("jobs", "workers", "settings", "stats")}
+                      for t in ("jobs", "workers", "settings", "stats", "flow_times")}
             found = self._statements[name] = sql.SQL(text.replace("{now}", NOW)).format(**tables)  # type: ignore[arg-type]
         return found
 
@@ -580,31 +599,232 @@ class PostgresPersistence(Persistence):
 
     # -- workers ---------------------------------------------------------------------
 
+    supports_priorities = True
+    supports_limits = True
+    supports_pause = True
+
     def _claim_statement(self) -> sql.Composed:
+        # Levels: the route's distinct pending priorities, highest first, one index seek each; each
+        # is walked in (due, id) order only as far as the claim needs. A picked row with a limit key
+        # makes the statement claim nothing and return one row of NULLs with flow_blocked set: the
+        # claim then decides in _claim_flow. (The recursive CTE yields its rows in the order it
+        # makes them and the nested loop reads them lazily; the result is sorted again anyway.)
+        nulls = ", ".join(f"NULL::{kind}" for kind in FIELD_TYPES.values())
         return self._sql("claim", f"""
-            WITH picked AS (
-                SELECT queue, id FROM {{jobs}}
-                WHERE queue = %(queue)s AND route = %(route)s AND state = 'pending' AND due <= {{now}}
-                  AND (target IS NULL OR target = %(worker)s)
-                ORDER BY due, id LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED)
-            UPDATE {{jobs}} AS j SET state = 'running', owner = %(worker)s, lease_until = {{now}} + %(lease)s,
-                token = j.token + 1, attempts = j.attempts + 1, started = {{now}}, kill_requested = false
-            FROM picked WHERE j.queue = picked.queue AND j.id = picked.id
-            RETURNING {', '.join('j.' + f for f in FIELDS)}""")
+            WITH RECURSIVE levels(p) AS (
+                SELECT max(priority) FROM {{jobs}} WHERE queue = %(queue)s AND route = %(route)s AND state = 'pending'
+              UNION ALL
+                SELECT (SELECT max(priority) FROM {{jobs}} WHERE queue = %(queue)s AND route = %(route)s
+                        AND state = 'pending' AND priority < levels.p)
+                FROM levels WHERE levels.p IS NOT NULL),
+            picked AS (
+                SELECT c.queue, c.id, c.limit_key FROM levels CROSS JOIN LATERAL (
+                    SELECT queue, id, limit_key FROM {{jobs}}
+                    WHERE queue = %(queue)s AND route = %(route)s AND state = 'pending' AND priority = levels.p
+                      AND due <= {{now}} AND (target IS NULL OR target = %(worker)s)
+                    ORDER BY due, id LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED) AS c
+                LIMIT %(limit)s),
+            limited AS (SELECT EXISTS (SELECT 1 FROM picked WHERE limit_key IS NOT NULL) AS yes),
+            taken AS (
+                UPDATE {{jobs}} AS j SET state = 'running', owner = %(worker)s, lease_until = {{now}} + %(lease)s,
+                    token = j.token + 1, attempts = j.attempts + 1, started = {{now}}, kill_requested = false
+                FROM picked WHERE j.queue = picked.queue AND j.id = picked.id AND NOT (SELECT yes FROM limited)
+                RETURNING {', '.join('j.' + f for f in FIELDS)})
+            SELECT *, false AS flow_blocked FROM taken
+            UNION ALL SELECT {nulls}, true WHERE (SELECT yes FROM limited)""")
 
     def _claim(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
                limit: int) -> list[JobRecord]:
+        paused, route_limit = self._route_flow(conn, route)
+        if paused or route_limit is not None:
+            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit)
         rows = conn.execute(self._claim_statement(), {"queue": self.queue, "route": route, "worker": worker_id,
                                                       "lease": float(lease), "limit": limit}).fetchall()
+        if any(row["flow_blocked"] for row in rows):
+            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit)
+        self._held_back.pop(route, None)
+        return self._taken(conn, rows)
+
+    def _taken(self, conn: psycopg.Connection[dict[str, Any]], rows: list[dict[str, Any]]) -> list[JobRecord]:
         claimed = []
         for row in rows:
+            row.pop("flow_blocked", None)
             try:
                 claimed.append(_to_record(row))
             except MalformedRecord as exc:
                 self._quarantine(conn, row["id"], str(exc))
-        claimed.sort(key=lambda r: (r.due, r.id))
+        claimed.sort(key=lambda r: (-r.priority, r.due, r.id))
         return claimed
+
+    def _route_flow(self, conn: psycopg.Connection[dict[str, Any]], route: str) -> tuple[bool, flow.RouteLimit | None]:
+        """The route's paused flag and limit, read at most SETTINGS_TTL seconds ago."""
+        now = time.monotonic()
+        found = self._flows.get(route)
+        if found is None or now - found[0] > flow.SETTINGS_TTL:
+            names = [flow.pause_setting(route), flow.limit_setting(route)]
+            values = {row["name"]: row["value"] for row in conn.execute(self._sql("flow settings", """
+                SELECT name, value FROM {settings} WHERE queue = %s AND name = ANY(%s)"""),
+                (self.queue, names)).fetchall()}
+            found = self._flows[route] = (now, names[0] in values, flow.RouteLimit.from_json(values.get(names[1])))
+        return found[1], found[2]
+
+    def _flow_lock(self, conn: psycopg.Connection[dict[str, Any]], kind: str, name: str, *, wait: bool) -> bool:
+        """A transaction-scoped advisory lock of a key ("k") or a route ("r") of this queue."""
+        function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        row = conn.execute(f"SELECT {function}(%s, hashtext(%s))::text AS ok",
+                           (FLOW_LOCK, "\n".join((self.schema, self.queue, kind, name)))).fetchone()
+        return wait or (row is not None and row["ok"] == "true")
+
+    def _claim_flow(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
+                    limit: int, paused: bool, route_limit: flow.RouteLimit | None) -> list[JobRecord]:
+        """The claim of a route with a pause or a limit, or with limited jobs due: the rules of the
+        Persistence docstring, in one transaction."""
+        if paused:
+            self._held_back[route] = None
+            return []
+        with conn.transaction():
+            row = conn.execute(f"SELECT {NOW} AS now").fetchone()
+            assert row is not None
+            now = float(row["now"])
+            room = limit
+            if route_limit is not None:
+                self._flow_lock(conn, "r", route, wait=True)  # the one lock waited for: no deadlock
+                if route_limit.concurrency is not None:
+                    found = conn.execute(self._sql("route slots", """
+                        SELECT count(*) AS n, min(lease_until) AS first FROM {jobs}
+                        WHERE queue = %s AND route = %s AND state = 'running' AND lease_until > %s"""),
+                        (self.queue, route, now)).fetchone()
+                    assert found is not None
+                    room = min(room, route_limit.concurrency - int(found["n"]))
+                    if room <= 0:
+                        self._held_back[route] = found["first"]
+                        return []
+            taken: list[str] = []
+            times: dict[str, float | None] = {}   # rate times read or set in this claim
+            slots: dict[str, int] = {}            # live leases per key, this claim's included
+            blocked: set[str] = set()
+            wake: float | None = None
+            held_back = False
+            looked = 0
+            for row in self._flow_candidates(conn, route, worker_id, now, limit + 8):
+                looked += 1
+                if looked > flow.FLOW_SCAN:
+                    held_back = True
+                    break
+                key = row["limit_key"]
+                key_time = None
+                if key is not None:
+                    if key in blocked:
+                        continue
+                    free_at = self._key_blocked(conn, row, now, slots)
+                    if free_at is None and row["limit_interval"]:
+                        name = flow.key_tat(key)
+                        if name not in times:
+                            times[name] = self._stored_time(conn, name)
+                        ok, key_time = flow.gcra(times[name], now, float(row["limit_interval"]),
+                                                 int(row["limit_burst"] or 1))
+                        free_at = None if ok else key_time
+                    if free_at is not None:
+                        blocked.add(key)
+                        held_back = True
+                        wake = free_at if wake is None or (0 < free_at < wake) else wake
+                        continue
+                if route_limit is not None and route_limit.interval is not None:
+                    name = flow.route_tat(route)
+                    if name not in times:
+                        times[name] = self._stored_time(conn, name)
+                    ok, route_time = flow.gcra(times[name], now, route_limit.interval, route_limit.burst)
+                    if not ok:
+                        held_back = True
+                        wake = route_time if wake is None else min(wake, route_time)
+                        break
+                    times[name] = route_time
+                if key is not None:
+                    slots[key] = slots.get(key, 0) + 1
+                    if key_time is not None:
+                        times[flow.key_tat(key)] = key_time
+                taken.append(row["id"])
+                if len(taken) >= room:
+                    break
+            written = [(name, at) for name, at in times.items() if at is not None and at > now]
+            if written:
+                conn.execute(self._sql("rate times", """
+                    INSERT INTO {flow_times} (queue, name, tat) SELECT %s, n, t FROM unnest(%s::text[], %s::float8[])
+                        AS x(n, t)
+                    ON CONFLICT (queue, name) DO UPDATE SET tat = excluded.tat"""),
+                    (self.queue, [n for n, _ in written], [t for _, t in written]))
+            rows = conn.execute(self._sql("claim taken", f"""
+                UPDATE {{jobs}} SET state = 'running', owner = %s, lease_until = %s + %s, token = token + 1,
+                    attempts = attempts + 1, started = %s, kill_requested = false
+                WHERE queue = %s AND id = ANY(%s) AND state = 'pending'
+                RETURNING {', '.join(FIELDS)}"""),
+                (worker_id, now, float(lease), now, self.queue, taken)).fetchall() if taken else []
+        if held_back and len(taken) < limit:
+            self._held_back[route] = wake
+        else:
+            self._held_back.pop(route, None)
+        return self._taken(conn, rows)
+
+    def _flow_candidates(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, now: float,
+                         page: int) -> Iterator[dict[str, Any]]:
+        """Due pending rows of the route, locked (SKIP LOCKED), by priority, then due, then id."""
+        level_sql = self._sql("next level", """
+            SELECT max(priority) AS p FROM {jobs} WHERE queue = %s AND route = %s AND state = 'pending'
+                AND priority < %s""")
+        page_sql = self._sql("flow page", """
+            SELECT id, due, limit_key, limit_concurrency, limit_interval, limit_burst FROM {jobs}
+            WHERE queue = %s AND route = %s AND state = 'pending' AND priority = %s AND due <= %s
+              AND (target IS NULL OR target = %s) AND (due, id) > (%s, %s)
+            ORDER BY due, id LIMIT %s FOR UPDATE SKIP LOCKED""")
+        found = conn.execute(level_sql, (self.queue, route, flow.MAX_PRIORITY + 1)).fetchone()
+        level = None if found is None else found["p"]
+        while level is not None:
+            after: tuple[float, str] = (float("-inf"), "")
+            while True:
+                rows = conn.execute(page_sql, (self.queue, route, level, now, worker_id, *after, page)).fetchall()
+                yield from rows
+                if len(rows) < page:
+                    break
+                after = (rows[-1]["due"], rows[-1]["id"])
+            found = conn.execute(level_sql, (self.queue, route, level)).fetchone()
+            level = None if found is None else found["p"]
+
+    def _key_blocked(self, conn: psycopg.Connection[dict[str, Any]], row: dict[str, Any], now: float,
+                     slots: dict[str, int]) -> float | None:
+        """None if the row's key has a free slot (and this claim holds the key's lock); else when to look again."""
+        key = row["limit_key"]
+        if key not in slots:
+            if not self._flow_lock(conn, "k", key, wait=False):
+                return now + BUSY_KEY_PAUSE  # another claim is deciding on this key right now
+            found = conn.execute(self._sql("key slots", """
+                SELECT count(*) AS n FROM {jobs}
+                WHERE queue = %s AND limit_key = %s AND state = 'running' AND lease_until > %s"""),
+                (self.queue, key, now)).fetchone()
+            slots[key] = 0 if found is None else int(found["n"])
+        if row["limit_concurrency"] is None or slots[key] < row["limit_concurrency"]:
+            return None
+        first = conn.execute(self._sql("key first end", """
+            SELECT min(lease_until) AS first FROM {jobs}
+            WHERE queue = %s AND limit_key = %s AND state = 'running' AND lease_until > %s"""),
+            (self.queue, key, now)).fetchone()
+        return float(first["first"]) if first is not None and first["first"] is not None else 0.0
+
+    def _stored_time(self, conn: psycopg.Connection[dict[str, Any]], name: str) -> float | None:
+        row = conn.execute(self._sql("rate time", "SELECT tat FROM {flow_times} WHERE queue = %s AND name = %s"),
+                           (self.queue, name)).fetchone()
+        return None if row is None else float(row["tat"])
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        rows = self._call("rate times", lambda conn: conn.execute(self._sql("read rate times", """
+            SELECT name, tat FROM {flow_times} WHERE queue = %s AND name = ANY(%s) AND tat > {now}"""),
+            (self.queue, list(names))).fetchall())
+        return {row["name"]: float(row["tat"]) for row in rows}
+
+    def _limits_route(self, route: str) -> bool:
+        """True when this instance last saw a pause or a concurrency limit on the route."""
+        found = self._flows.get(route)
+        return found is not None and (found[1] or (found[2] is not None and found[2].concurrency is not None))
 
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
         return self._call("claim", lambda conn: self._claim(conn, route, worker_id, lease, limit), idempotent=False)
@@ -661,8 +881,9 @@ class PostgresPersistence(Persistence):
                 UPDATE {{jobs}} SET {sets}{history}, owner = NULL, lease_until = NULL, kill_requested = false,
                     attempts = coalesce(%(attempts)s, attempts)
                 WHERE queue = %(queue)s AND id = %(id)s AND state = %(expect)s AND token = %(token)s
-                RETURNING state, route)
-            SELECT state, route, CASE WHEN state <> 'pending' THEN pg_notify(%(channel)s, '')::text END AS notified
+                RETURNING state, route, limit_key)
+            SELECT state, route, limit_key,
+                CASE WHEN state <> 'pending' THEN pg_notify(%(channel)s, '')::text END AS notified
             FROM done""")
 
     def _finish(self, conn: psycopg.Connection[dict[str, Any]], job_id: str, token: int, outcome: Outcome,
@@ -682,7 +903,8 @@ class PostgresPersistence(Persistence):
         row = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params).fetchone()
         if row is None:
             return False
-        if row["state"] == PENDING:  # a retry or a hand-back: wake the route's workers
+        frees_slot = expect == RUNNING and (row["limit_key"] is not None or self._limits_route(row["route"]))
+        if row["state"] == PENDING or frees_slot:  # a retry, a hand-back, or a slot freed: wake the route's workers
             conn.execute("SELECT pg_notify(%s, '')", (self.route_channel(row["route"]),))
         return True
 
@@ -700,10 +922,14 @@ class PostgresPersistence(Persistence):
 
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         # The server's clock decides, as it does for get(): ``now`` is the caller's.
-        return self._call("delete expired", lambda conn: conn.execute(self._sql("delete expired", """
+        deleted = self._call("delete expired", lambda conn: conn.execute(self._sql("delete expired", """
             DELETE FROM {jobs} WHERE queue = %s AND id IN (
                 SELECT id FROM {jobs} WHERE queue = %s AND expire_at < {now} LIMIT %s)"""),
             (self.queue, self.queue, limit)).rowcount)
+        # A rate's time in the past means what no time means.
+        self._call("delete old rate times", lambda conn: conn.execute(self._sql("old rate times", """
+            DELETE FROM {flow_times} WHERE queue = %s AND tat < {now} - 60"""), (self.queue,)))
+        return deleted
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # ``now`` is the caller's clock; the server's decides when a lease ran out.
@@ -755,6 +981,10 @@ class PostgresPersistence(Persistence):
             self._call("put setting", lambda conn: conn.execute(self._sql("put setting", """
                 INSERT INTO {settings} (queue, name, value) VALUES (%s, %s, %s)
                 ON CONFLICT (queue, name) DO UPDATE SET value = excluded.value"""), (self.queue, name, value)))
+        route = flow.route_of_setting(name)
+        if route is not None:  # a resume or a new limit: the route's waiters look again
+            self._flows.pop(route, None)
+            self._call("notify", lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.route_channel(route),)))
 
     # -- throughput counters -------------------------------------------------------------
 
@@ -815,10 +1045,26 @@ class PostgresPersistence(Persistence):
             # Listening before the look: work committed after it is notified, work committed before it is seen.
             self._listen(conn, self.route_channel(route))
             self._notified = False  # what was heard before this look is seen by it
-            row = conn.execute(self._sql("next due", """
-                SELECT due - {now} AS wait FROM {jobs}
-                WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
-                ORDER BY due, id LIMIT 1"""), (self.queue, route, worker_id)).fetchone()
+            if route in self._held_back:
+                # The due rows were left behind by a limit or a pause: no reason to return at once.
+                # Wait for a notification, the time the claim named, or a row due later.
+                row = conn.execute(self._sql("next due later", """
+                    SELECT due - {now} AS wait, {now} AS now FROM {jobs}
+                    WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
+                      AND due > {now} ORDER BY due, id LIMIT 1"""), (self.queue, route, worker_id)).fetchone()
+                left = deadline - time.monotonic()
+                if row is not None:
+                    left = min(left, float(row["wait"]))
+                held = self._held_back[route]
+                if held:
+                    left = min(left, held - float(row["now"]) if row is not None else held - self.now())
+                self._wait_notified(conn, left)
+                return
+            else:
+                row = conn.execute(self._sql("next due", """
+                    SELECT due - {now} AS wait FROM {jobs}
+                    WHERE queue = %s AND route = %s AND state = 'pending' AND (target IS NULL OR target = %s)
+                    ORDER BY due, id LIMIT 1"""), (self.queue, route, worker_id)).fetchone()
             left = deadline - time.monotonic()
             if row is not None:
                 left = min(left, float(row["wait"]))

@@ -99,6 +99,24 @@ STEPS: list[str] = [
         ADD COLUMN history_dropped int4 NOT NULL DEFAULT 0;
     ALTER TABLE {s}.workers ADD COLUMN concurrency int4 NOT NULL DEFAULT 1;
     """,
+    # 4: flow control (skunkqueue.flow): priorities, limit keys and their rates' times.
+    """
+    ALTER TABLE {s}.jobs ADD COLUMN priority int4 NOT NULL DEFAULT 0,
+        ADD COLUMN limit_key text COLLATE "C", ADD COLUMN limit_concurrency int4,
+        ADD COLUMN limit_interval float8, ADD COLUMN limit_burst int4;
+    -- The claim seeks one priority at a time (highest first) and walks it in (due, id) order, so
+    -- that a priority's jobs due later are never read; pending rows only, as jobs_claim, which
+    -- stays for the looks at a route's next due time.
+    CREATE INDEX jobs_order ON {s}.jobs (queue, route, priority, due, id) WHERE state = 'pending';
+    -- A key's slots: its running rows (those with a live lease count).
+    CREATE INDEX jobs_limit ON {s}.jobs (queue, limit_key) WHERE state = 'running' AND limit_key IS NOT NULL;
+    CREATE TABLE {s}.flow_times (
+        queue text COLLATE "C" NOT NULL,
+        name text COLLATE "C" NOT NULL,
+        tat float8 NOT NULL,
+        PRIMARY KEY (queue, name)
+    );
+    """,
 ]
 VERSION = len(STEPS)
 

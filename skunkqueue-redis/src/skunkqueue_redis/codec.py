@@ -13,10 +13,12 @@ from typing import Any, Iterable, Sequence
 from skunkqueue.errors import MalformedRecord
 from skunkqueue.record import JobRecord
 
-_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key", "on_failure", "workflow")
+_STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner", "key", "on_failure", "workflow",
+        "limit_key")
 _BYTES = ("payload", "result")
-_FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl")
-_INT = ("attempts", "retries", "token", "history_dropped")
+_FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl",
+          "limit_interval")
+_INT = ("attempts", "retries", "token", "history_dropped", "priority", "limit_concurrency", "limit_burst")
 _BOOL = ("kill_requested", "dead")
 _JSON = ("error", "parents", "inputs")  # parents: the scripts read it too (cjson)
 # The attempts' entries, packed as "<length>:<json>" items (finish.lua appends and drops without decoding).
@@ -73,7 +75,7 @@ def decode_record(flat: dict[bytes, bytes] | Sequence[bytes], job_id: str = "?")
 # Fields left out while they hold their zero value: a fresh record is then ten
 # fields, and the scripts read a missing token or attempts as 0.
 _OMIT_ZERO: dict[str, Any] = {"token": 0, "attempts": 0, "retries": 0, "kill_requested": False, "dead": False,
-                              "history": [], "history_dropped": 0}
+                              "history": [], "history_dropped": 0, "priority": 0}
 
 
 def encode_record(record: JobRecord) -> dict[str, bytes]:

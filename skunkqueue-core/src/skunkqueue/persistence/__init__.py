@@ -43,6 +43,45 @@ Workflows (:mod:`skunkqueue.workflow`), for a backend that sets
 
 A store that cannot do 1 and 2 atomically must do them idempotently and let
 housekeeping complete an interrupted release (see :meth:`release_stranded`).
+
+Flow control (:mod:`skunkqueue.flow`): the rules are decided at fire time or
+stored as settings, and the store enforces them in :meth:`claim`'s atomic
+step, never by running user code. A backend declares what its claim does:
+
+* ``supports_priorities``: claimable records are handed out by ``priority``
+  descending, then ``due``, then ``id`` (FIFO among equal priorities).
+* ``supports_pause``: while the setting ``flow.pause_setting(route)`` exists,
+  a claim on that route takes nothing and changes nothing.
+* ``supports_limits``: a record with a ``limit_key`` K is taken only if
+  (a) ``limit_concurrency`` is None, or fewer than it of this queue's records
+  with ``limit_key`` K are ``running`` with ``lease_until`` after the store's
+  now (counting those this claim took already): a slot *is* a live lease, so
+  :meth:`renew` keeps it, :meth:`finish` frees it, an expired lease frees it,
+  and nothing else can leak or free one; and (b) ``limit_interval`` is None, or
+  ``flow.gcra(tat, now, limit_interval, limit_burst)`` allows it, where
+  ``tat`` is the store's value under ``flow.key_tat(K)``, set to the returned
+  value in the same atomic step. The route's own limit
+  (``flow.RouteLimit.from_json(get_setting(flow.limit_setting(route)))``)
+  applies the same way to all the route's records: its concurrency counts the
+  route's running records with a live lease, its rate is charged once per
+  record taken under ``flow.route_tat(route)``. A record that a limit stops is
+  skipped, not claimed: it stays ``pending`` with every field as it was (no
+  attempt, no token), keeps its place, and the claim goes on with the records
+  behind it (no head-of-line blocking), looking at no more than
+  ``flow.FLOW_SCAN`` records in all; once the route's limit stops one, the
+  claim ends. The claim may use route settings it read up to
+  ``flow.SETTINGS_TTL`` seconds earlier (a change takes effect within it).
+  :meth:`rate_times` reads the stored times, :meth:`flow_waiting` counts the
+  records a limit or a pause holds back (the monitor shows it).
+* Waking: a worker whose claim found only blocked records must not spin:
+  :meth:`wait_for_work` of a store that notifies must not return at once again
+  and again while the due records stay blocked. A finish that frees a slot, a
+  stored time that passes and a flow setting that changes should wake waiters
+  of the route; a store that cannot tell waits at most ``max_idle_poll``.
+
+:mod:`skunkqueue.flow` refuses (one line, at fire, ``queue.limit``,
+``queue.pause`` and pool start) a priority or limit that the backend does not
+declare it enforces, rather than ignore it.
 """
 
 from __future__ import annotations
@@ -53,10 +92,12 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
+from skunkqueue import flow
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
-from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import JobRecord, LeaseStatus, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, summarize
+from skunkqueue.urls import redact
 
 T = TypeVar("T")
 
@@ -67,14 +108,16 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 # after new work is stored (the kit checks it, with some slack for a busy machine).
 NOTIFY_LATENCY = 0.03
 
-# Statuses that :meth:`Persistence.renew` reports per job.
 # Seconds a producer's clock may differ from the clock of a store that has one
 # (Persistence.now) before the store moves the times it computed (due) onto its
 # own clock, keeping the delay meant; within it they are kept as written.
 CLOCK_TOLERANCE = 0.5
-LEASE_OK = "ok"      # lease extended
-LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
-LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+# Statuses that :meth:`Persistence.renew` reports per job. Typed as plain strings, as
+# renew's answer is: a backend's dict of them stays a dict[str, str].
+LEASE_OK: str = LeaseStatus.OK      # lease extended
+LEASE_LOST: str = LeaseStatus.LOST  # the record is no longer ours: stop, record nothing
+LEASE_KILL: str = LeaseStatus.KILL  # still ours, but someone asked to kill it
 
 
 def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
@@ -123,6 +166,13 @@ class Persistence(ABC):
     #: True when the backend counts dependents down as the module docstring says (workflows:
     #: ``chain``, ``group``, ``fire(after=...)``); ``fire`` refuses workflows otherwise.
     supports_workflows: ClassVar[bool] = False
+    #: Flow control (see the module docstring): True when :meth:`claim` hands out records by
+    #: ``priority``; when it enforces records' ``limit_*`` fields and routes' stored limits; and
+    #: when it takes nothing from a paused route. ``fire``, ``queue.limit``/``pause`` and pools
+    #: refuse what the backend does not declare.
+    supports_priorities: ClassVar[bool] = False
+    supports_limits: ClassVar[bool] = False
+    supports_pause: ClassVar[bool] = False
     #: The URL schemes this backend takes (``("redis", "rediss")``, lower case): an address
     #: given without a backend name (``SKUNQ_URL=redis://...``) chooses the backend whose
     #: :meth:`takes_url` says yes (see :mod:`skunkqueue.config`).
@@ -146,8 +196,6 @@ class Persistence(ABC):
 
     def describe(self) -> str:
         """The store this instance uses, for logs: backend, address (password ``***``), database."""
-        from skunkqueue.urls import redact
-
         return f"{self.name} {redact(self.url)}" + (f" db {self.db}" if self.db else "")
 
     # -- producers -----------------------------------------------------------
@@ -434,6 +482,22 @@ class Persistence(ABC):
         """
         raise NotImplementedError(f"the {self.name} backend keeps no settings")
 
+    # -- flow control (see the module docstring and skunkqueue.flow) -------------------
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        """The stored GCRA times (``flow.key_tat``/``flow.route_tat`` names) that are still ahead
+        of the store's now; names without one are left out. The monitor reads it; the default,
+        for a store without rates, knows none."""
+        return {}
+
+    def flow_waiting(self, route: str) -> int:
+        """How many due, pending records of ``route`` a claim would skip now for a pause or a limit.
+
+        Not on any hot path (``skunq limits``, the monitor). The default reads the route's
+        pending and running records (at most ``flow.FLOW_SCAN`` of each) and :meth:`rate_times`.
+        """
+        return flow.count_waiting(self, route)
+
     # -- throughput counters (see skunkqueue.metrics) -----------------------------
 
     def add_stats(self, samples: Sequence[RouteMinute]) -> None:  # noqa: B027 - optional
@@ -631,14 +695,9 @@ class Persistence(ABC):
 
         await asyncio.sleep(finish_poll_pause(rounds, left))
 
-    async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
-        """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
-        def workers() -> list[WorkerInfo]:
-            if reap:
-                from skunkqueue.housekeeping import reap_dead_workers
-                reap_dead_workers(self)
-            return self.workers()
-        return await self._in_thread(workers)
+    async def aworkers(self) -> list[WorkerInfo]:
+        """:meth:`workers`, awaitable."""
+        return await self._in_thread(self.workers)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The instance is not used afterwards."""
@@ -655,6 +714,7 @@ __all__ = [
     "LEASE_KILL",
     "LEASE_LOST",
     "LEASE_OK",
+    "LeaseStatus",
     "JobRecord",
     "Outcome",
     "Persistence",

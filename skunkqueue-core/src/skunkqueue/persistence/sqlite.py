@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from skunkqueue import dependencies, policy
+from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
@@ -98,6 +98,13 @@ CREATE TABLE IF NOT EXISTS waits (
     run_anyway INTEGER NOT NULL,
     PRIMARY KEY (queue, child)
 );
+-- Flow control: the GCRA time of each rate-limited key and route (skunkqueue.flow).
+CREATE TABLE IF NOT EXISTS flow_times (
+    queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tat REAL NOT NULL,
+    PRIMARY KEY (queue, name)
+);
 CREATE TABLE IF NOT EXISTS stats (
     queue TEXT NOT NULL,
     route TEXT NOT NULL,
@@ -109,7 +116,8 @@ CREATE TABLE IF NOT EXISTS stats (
 """
 
 # Columns kept outside the JSON blob, because queries filter or order on them.
-_COLUMNS = ("id", "queue", "route", "target", "state", "due", "lease_until", "payload", "result")
+_COLUMNS = ("id", "queue", "route", "target", "state", "due", "lease_until", "payload", "result", "priority",
+            "limit_key")
 
 
 def default_path() -> Path:
@@ -217,6 +225,11 @@ class SQLitePersistence(Persistence):
         self._watching = threading.Lock()
         self._watcher_runs = False
         self._route_tags: dict[str, str] = {}
+        # Per route: (monotonic time read, paused, limit): the flow settings the claim uses.
+        self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
+        # Per route whose last claim here left due records behind for a limit or a pause: when
+        # one of them may be claimable (None: when a finish or a setting pokes, or on a timeout).
+        self._held_back: dict[str, float | None] = {}
         try:
             if creates_folder:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +252,19 @@ class SQLitePersistence(Persistence):
                 if "key" not in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}:
                     conn.execute("ALTER TABLE jobs ADD COLUMN key TEXT")
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key) WHERE key IS NOT NULL")
+        # Flow control: a priority and a limit key per row (older files: 0 and none).
+        if "priority" not in columns:
+            with self._write() as conn:
+                present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+                if "priority" not in present:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+                if "limit_key" not in present:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN limit_key TEXT")
+        # The claim walks one priority at a time (highest first), in (due, id) order within it.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_order ON jobs (queue, route, state, priority, due, id)")
+        # A key's slots: its running rows with a live lease.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_limit ON jobs (queue, limit_key, state, lease_until) "
+                         "WHERE limit_key IS NOT NULL")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -641,25 +667,166 @@ class SQLitePersistence(Persistence):
         with self._write() as conn:
             return self._claim(conn, route, worker_id, lease, limit)
 
+    supports_priorities = True
+    supports_limits = True
+    supports_pause = True
+
+    def _route_flow(self, route: str) -> tuple[bool, flow.RouteLimit | None]:
+        """The route's paused flag and limit, read at most SETTINGS_TTL seconds ago."""
+        now = time.monotonic()
+        found = self._flows.get(route)
+        if found is None or now - found[0] > flow.SETTINGS_TTL:
+            names = (flow.pause_setting(route), flow.limit_setting(route))
+            values = dict(self._db.execute("SELECT name, value FROM settings WHERE queue=? AND name IN (?, ?)",
+                                           (self.queue, *names)).fetchall())
+            found = self._flows[route] = (now, names[0] in values, flow.RouteLimit.from_json(values.get(names[1])))
+        return found[1], found[2]
+
+    def _candidates(self, conn: sqlite3.Connection, route: str, worker_id: str, now: float,
+                    page: int) -> Iterator[sqlite3.Row]:
+        """Due pending rows of the route in claim order: priority descending, then due, then id.
+
+        One priority at a time, each found with an index seek, so that records due later (a
+        priority's delayed ones) are never read.
+        """
+        base = "FROM jobs WHERE queue=? AND route=? AND state=?"
+        top = f"(SELECT MAX(priority) {base})"
+        level: Any = None
+        while True:
+            after: tuple[Any, ...] = ()
+            while True:
+                # The first page names the top priority by a subquery: the common claim is one statement.
+                rows = conn.execute(
+                    f"SELECT * {base} AND priority={top if level is None else '?'} AND due<=? "
+                    "AND (target IS NULL OR target=?)" + (" AND (due>? OR (due=? AND id>?))" if after else "")
+                    + " ORDER BY due, id LIMIT ?",
+                    (self.queue, route, PENDING, *((self.queue, route, PENDING) if level is None else (level,)),
+                     now, worker_id, *after, page)).fetchall()
+                if level is None:
+                    if not rows:
+                        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
+                        if level is None:
+                            return
+                        break  # the top priority has nothing due yet: on to the next
+                    level = rows[0]["priority"]
+                yield from rows
+                if len(rows) < page:
+                    break
+                last = rows[-1]
+                after = (last["due"], last["due"], last["id"])
+            (level,) = conn.execute(f"SELECT MAX(priority) {base} AND priority<?",
+                                    (self.queue, route, PENDING, level)).fetchone()
+            if level is None:
+                return
+
+    def _rate_time(self, conn: sqlite3.Connection, name: str, times: dict[str, float | None]) -> float | None:
+        """A stored GCRA time, read once per claim (``times`` holds those read or set in it)."""
+        if name not in times:
+            row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
+            times[name] = None if row is None else float(row[0])
+        return times[name]
+
     def _claim(self, conn: sqlite3.Connection, route: str, worker_id: str, lease: float,
                limit: int) -> list[JobRecord]:
+        # The flow rules are the Persistence docstring's; the common case (no limit anywhere)
+        # costs two index seeks more than a plain (due, id) read.
         claimed: list[JobRecord] = []
         now = time.time()
-        rows = conn.execute(
-            "SELECT * FROM jobs WHERE queue=? AND route=? AND state=? AND due<=? "
-            "AND (target IS NULL OR target=?) ORDER BY due, id LIMIT ?",
-            (self.queue, route, PENDING, now, worker_id, limit),
-        ).fetchall()
-        for row in rows:
+        paused, route_limit = self._route_flow(route)
+        if paused:
+            self._held_back[route] = None
+            return claimed
+        room = limit
+        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
+        changed: set[str] = set()
+        if route_limit is not None:
+            # The route's live leases and its rate's time in one statement: a claim is a few of them.
+            running, first_end, tat = conn.execute(
+                "SELECT COUNT(*), MIN(lease_until), (SELECT tat FROM flow_times WHERE queue=? AND name=?) "
+                "FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
+                (self.queue, flow.route_tat(route), self.queue, route, RUNNING, now)).fetchone()
+            times[flow.route_tat(route)] = None if tat is None else float(tat)
+            if route_limit.concurrency is not None:
+                room = min(room, route_limit.concurrency - running)
+                if room <= 0:
+                    self._held_back[route] = first_end
+                    return claimed
+        route_rate = route_limit.interval if route_limit is not None else None
+        blocked: set[str] = set()
+        wake: float | None = None  # the earliest time a skipped record may become claimable
+        held_back = False
+        for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8), 1):
+            if looked > flow.FLOW_SCAN:
+                held_back = True
+                break
             try:
                 record = _row_to_record(row)
             except MalformedRecord as exc:
                 self._quarantine(conn, row["id"], str(exc))
                 continue
+            key, key_time = record.limit_key, None
+            if key is not None:
+                if key in blocked:
+                    continue
+                free_at = self._key_blocked(conn, record, now)
+                if free_at is None and record.limit_interval:
+                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key), times), now,
+                                             record.limit_interval, record.limit_burst or 1)
+                    free_at = None if ok else key_time
+                if free_at is not None:
+                    blocked.add(key)
+                    held_back = True
+                    wake = free_at if wake is None or (0 < free_at < wake) else wake
+                    continue
+            if route_rate is not None and route_limit is not None:
+                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route), times), now, route_rate,
+                                           route_limit.burst)
+                if not ok:
+                    held_back = True
+                    wake = route_time if wake is None else min(wake, route_time)
+                    break
+                times[flow.route_tat(route)] = route_time
+                changed.add(flow.route_tat(route))
+            if key_time is not None and key is not None:
+                times[flow.key_tat(key)] = key_time
+                changed.add(flow.key_tat(key))
             record.claim_by(worker_id, now, lease)
             self._update(conn, record)
             claimed.append(record)
+            if len(claimed) >= room:
+                break
+        if changed:
+            conn.executemany("INSERT INTO flow_times (queue, name, tat) VALUES (?, ?, ?) "
+                             "ON CONFLICT (queue, name) DO UPDATE SET tat=excluded.tat",
+                             [(self.queue, name, times[name]) for name in changed])
+        if held_back and len(claimed) < limit:
+            self._held_back[route] = wake
+        else:
+            self._held_back.pop(route, None)
         return claimed
+
+    def _key_blocked(self, conn: sqlite3.Connection, record: JobRecord, now: float) -> float | None:
+        """None if the record's key has a free slot; else when the first slot's lease runs out (0: unknown)."""
+        if record.limit_concurrency is None:
+            return None
+        running, first_end = conn.execute(
+            "SELECT COUNT(*), MIN(lease_until) FROM jobs WHERE queue=? AND limit_key=? AND state=? "
+            "AND lease_until>?", (self.queue, record.limit_key, RUNNING, now)).fetchone()
+        if running < record.limit_concurrency:
+            return None
+        return float(first_end) if first_end is not None else 0.0
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        now = time.time()
+        found: dict[str, float] = {}
+        for start in range(0, len(names), 500):
+            chunk = list(names[start:start + 500])
+            for name, tat in self._db.execute(
+                    f"SELECT name, tat FROM flow_times WHERE queue=? AND name IN ({','.join('?' * len(chunk))})",
+                    (self.queue, *chunk)):
+                if tat > now:
+                    found[name] = float(tat)
+        return found
 
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
         statuses: dict[str, str] = {}
@@ -689,14 +856,26 @@ class SQLitePersistence(Persistence):
 
     def _finish(self, conn: sqlite3.Connection, job_id: str, token: int, outcome: Outcome,
                 expect: str) -> bool:
-        row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+        # With the row, the live leases of its key (if it has one) and, where this instance saw a
+        # concurrency limit on a route, of its route: whether the finish frees a slot someone waits for.
+        now = time.time()
+        route_count = ("(SELECT COUNT(*) FROM jobs r WHERE r.queue=jobs.queue AND r.route=jobs.route AND "
+                       "r.state='running' AND r.lease_until>?)") if self._route_limits_seen() else "?"
+        row = conn.execute(
+            "SELECT *, CASE WHEN limit_key IS NULL OR state<>'running' THEN 0 ELSE (SELECT COUNT(*) FROM jobs k "
+            "WHERE k.queue=jobs.queue AND k.limit_key=jobs.limit_key AND k.state='running' AND k.lease_until>?) "
+            f"END AS key_slots, {route_count} AS route_slots FROM jobs WHERE id=? AND queue=?",
+            (now, now, job_id, self.queue)).fetchone()
         if row is None:
             return False
         record = _row_to_record(row)
         if record.state != expect or record.token != token:
             return False
+        frees_slot = record.state == RUNNING and self._was_full(record, row["key_slots"], row["route_slots"])
         record = outcome.apply_to(record, time.time())
         self._update(conn, record)
+        if frees_slot:  # a worker waiting on this slot's limit may claim now
+            self._poke_workers(record.route, None)
         if record.finished_state:
             self._pokes.append((self._done_tag(job_id) + ".", None))
             if record.parents:
@@ -705,6 +884,19 @@ class SQLitePersistence(Persistence):
         elif record.state == PENDING:  # a retry or a lease handed back
             self._poke_workers(record.route, record.target)
         return True
+
+    def _route_limits_seen(self) -> bool:
+        return any(limit is not None and limit.concurrency is not None for _, _, limit in self._flows.values())
+
+    def _was_full(self, record: JobRecord, key_slots: Any, route_slots: Any) -> bool:
+        """True when this running record held one of the last slots of its key or its route (the live
+        leases counted with the row): a worker may be waiting for it. Most finishes free no one, and a
+        poke costs more than the count."""
+        if record.limit_concurrency is not None and (key_slots or 0) >= record.limit_concurrency:
+            return True
+        found = self._flows.get(record.route)
+        limit = found[2] if found is not None else None
+        return limit is not None and limit.concurrency is not None and (route_slots or 0) >= limit.concurrency
 
     def _done_tag(self, job_id: str) -> str:
         return "d" + tag(self.queue, job_id)
@@ -717,6 +909,8 @@ class SQLitePersistence(Persistence):
             # A finished record's workflow rows go with it (a finished parent's edges, its own set).
             conn.executemany("DELETE FROM deps WHERE queue=? AND parent=?", [(self.queue, i) for (i,) in ids])
             conn.executemany("DELETE FROM settled WHERE queue=? AND child=?", [(self.queue, i) for (i,) in ids])
+            # A rate's time in the past means what no time means.
+            conn.execute("DELETE FROM flow_times WHERE queue=? AND tat < ?", (self.queue, now - 60))
             return len(ids)
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
@@ -768,6 +962,10 @@ class SQLitePersistence(Persistence):
             else:
                 conn.execute("INSERT OR REPLACE INTO settings (queue, name, value) VALUES (?, ?, ?)",
                              (self.queue, name, value))
+            route = flow.route_of_setting(name)
+            if route is not None:  # a resume or a new limit: every waiter of the route looks again
+                self._flows.pop(route, None)
+                self._pokes.append((self._route_tag(route) + ".", None))
 
     # -- throughput counters ------------------------------------------------------
 
@@ -802,11 +1000,26 @@ class SQLitePersistence(Persistence):
             "ORDER BY due LIMIT 1", (self.queue, route, PENDING, worker_id)).fetchone()
         return None if row is None else float(row[0] or 0)
 
+    def _next_due_after(self, route: str, worker_id: str, now: float) -> float | None:
+        row = self._db.execute(
+            "SELECT due FROM jobs WHERE queue=? AND route=? AND state=? AND due>? AND (target IS NULL OR target=?) "
+            "ORDER BY due LIMIT 1", (self.queue, route, PENDING, now, worker_id)).fetchone()
+        return None if row is None else float(row[0])
+
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         # The FIFO exists before the look at the table: work committed after
         # the look is poked, work committed before it is seen by it.
         with self._wake.listen(f"{self._route_tag(route)}.{tag(worker_id)}") as ear:
-            due = self._next_due(route, worker_id)
+            if route in self._held_back:
+                # The due records were left behind by a limit or a pause: they are no reason to
+                # return at once. Wait for a poke (a finish, a setting, new work), for the time the
+                # claim said one may be claimable, or for a record due later.
+                held = self._held_back[route]
+                due = self._next_due_after(route, worker_id, time.time())
+                if held:
+                    due = held if due is None else min(due, held)
+            else:
+                due = self._next_due(route, worker_id)
             # Without a FIFO, the polling back-off; with one, a poke that never
             # comes (a producer that may not open it) costs at most max_idle_poll.
             block = min(timeout, self.max_idle_poll, max(idle, 0.001) if ear is None else timeout)

@@ -127,3 +127,27 @@ def report(path: str) -> dict[str, str]:
     found = dict(ctx.dependencies or {}) if ctx is not None else {}
     append_line(path, json.dumps(found, sort_keys=True))
     return found
+
+
+# -- flow control (suite_flow) ------------------------------------------------------------
+
+
+@_kit.event(routes=_routes)
+def stamp(path: str, tenant: str, name: str, seconds: float = 0.0) -> str:
+    """Append ``start``/``end`` lines (name, time, pid) around a nap; the end even when interrupted.
+
+    ``tenant`` is there for a limit's key function to read; it is not written (it may hold anything).
+    """
+    append_line(path, f"start {name} {time.time()!r} {os.getpid()}")
+    try:
+        if seconds:
+            time.sleep(seconds)
+    finally:
+        append_line(path, f"end {name} {time.time()!r} {os.getpid()}")
+    return name
+
+
+@_kit.event(routes=_routes)
+def stamped_step(previous: Any, path: str, tenant: str, name: str, seconds: float = 0.0) -> str:
+    """:func:`stamp` as a workflow step (its first argument is what the step before returned)."""
+    return stamp.func(path, tenant, name, seconds)
