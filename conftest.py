@@ -111,6 +111,8 @@ LONG_TESTS: list[tuple[str, float]] = [
     ("::test_a_chord_callback_runs_once_when_a_pool_is_killed_mid_group", 12),
     ("::test_a_job_blocking_the_loop_keeps_leases_and_meets_its_time_limit", 11),
     ("::test_kill_then_lost_lease_never_runs_again", 10),
+    # A fresh venv and pip install, then a pool: 9-10 s on an idle machine.
+    ("test_docs_getting_started.py::test_every_block_of_getting_started_runs", 10),
 ]
 
 

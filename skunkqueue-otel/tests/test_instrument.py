@@ -130,7 +130,7 @@ def test_opentelemetry_instrument_traces_a_real_pool_and_producer(tmp_path: Path
     [inner] = [s for s in consumed if s["name"] == "inside the job"]
     assert inner["parent_id"] == attempts[ids["traced"]][0]["context"]["span_id"]
 
-    # The tree the README shows, drawn from the same output: request-less here, so the send span is a root.
+    # The tree docs/guides/tracing.md shows, drawn from the same output: request-less here, so the send span is a root.
     drawn = tree.render(produced + consumed)
     assert f"send {name}/r  [PRODUCER; producer" in drawn
     assert f"└── process {name}/r  [CONSUMER; worker" in drawn and "ERROR: killed by request" in drawn

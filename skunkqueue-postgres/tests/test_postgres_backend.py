@@ -379,7 +379,7 @@ def test_a_commit_applied_whose_answer_is_lost_keeps_row_and_job_together(
 
     Made real with synchronous replication to a standby that never comes: the app's COMMIT is
     applied locally and then waits; a second session terminates it, and the app gets an error for
-    a transaction that did commit. The recipe the README gives — retry the whole transaction with
+    a transaction that did commit. The recipe docs/guides/transactional.md gives — retry the whole transaction with
     the same idempotency key and an idempotent row write — must end with one row, one job, one run.
     """
     # Every session but the app's commits without waiting for a standby (synchronous_commit=local).
@@ -421,7 +421,7 @@ def test_a_commit_applied_whose_answer_is_lost_keeps_row_and_job_together(
         with psycopg.connect(server.url) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
         assert sum(queue.persistence.counts().values()) == 1
-        place_order("o1", wait_for_standby=False)  # the app retries, as the README says
+        place_order("o1", wait_for_standby=False)  # the app retries, as docs/guides/transactional.md says
         with psycopg.connect(server.url) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone() == (1,)
         assert sum(queue.persistence.counts().values()) == 1

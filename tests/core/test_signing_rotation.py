@@ -1,7 +1,7 @@
 """Rolling out SKUNQ_SECRET and rotating it with zero refused jobs, end to end with real pools.
 
 Every legitimate job is counted in a file outside the queue (one line per execution);
-forged ones never appear there. The README's "Rolling out and rotating the key" is
+forged ones never appear there. docs/guides/signing.md ("Rolling out signing", "Rotating the key") is
 the procedure these tests follow step by step.
 """
 

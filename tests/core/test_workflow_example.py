@@ -1,4 +1,4 @@
-"""examples/workflows.py end to end, as the README tells it: a pool in the folder, then the script."""
+"""examples/workflows.py end to end, as docs/guides/workflows.md tells it: a pool in the folder, then the script."""
 
 from __future__ import annotations
 

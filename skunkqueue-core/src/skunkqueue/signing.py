@@ -16,7 +16,7 @@ or more, separated by spaces or commas, so no key may contain either), so
 records signed with the old key still run while producers move to the new
 one. Roll-out: ``SKUNQ_ACCEPT_UNSIGNED=1`` makes a worker with a key run
 unsigned records too (a record that carries a signature must still verify).
-README "Signed records" has the procedures.
+docs/guides/signing.md ("Rolling out signing", "Rotating the key") has the procedures.
 """
 
 from __future__ import annotations
