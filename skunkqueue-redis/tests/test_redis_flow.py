@@ -98,3 +98,14 @@ def test_a_retry_keeps_its_priority(store: RedisPersistence, queue_name: str) ->
     assert first.priority == 4
     assert store.finish(first.id, first.token, Outcome(state="pending", due=time.time() - 1))
     assert [r.id for r in store.claim("r", "w", 30.0, limit=2)][0] == first.id
+
+
+def test_a_claim_pages_past_many_blocked_records(store: RedisPersistence, queue_name: str) -> None:
+    # More blocked records than one page of the claim holds, then free ones, across two priorities.
+    blocked = [_limited(queue_name) for _ in range(60)]
+    free = [make_record(queue_name) for _ in range(5)]
+    low = [make_record(queue_name, priority=-1) for _ in range(3)]
+    store.enqueue([*blocked, *free, *low])
+    assert [r.id for r in store.claim("r", "w", 30.0, limit=3)] == [blocked[0].id, free[0].id, free[1].id]
+    assert [r.id for r in store.claim("r", "w", 30.0, limit=10)] == [r.id for r in free[2:] + low]
+    assert store.claim("r", "w", 30.0, limit=10) == []

@@ -3,7 +3,7 @@
 -- Flow control (the Persistence docstring's rules): nothing from a paused route; a record whose
 -- key has no free slot (a slot is a live lease in the key's slots zset) or whose key's or route's
 -- rate (GCRA on TIME) does not allow a start yet is skipped, left where it is, unchanged, and the
--- claim goes on behind it, looking at no more than FLOW_SCAN records.
+-- claim goes on behind it, looking at no more than FLOW_SCAN records past those it takes.
 -- KEYS: 1 route zset (priority 0), 2 (route, worker) zset, 3 route notify list, 4 (route, worker) notify list
 --       (the priority zsets, slots, GCRA times and settings share the queue's hash tag: common.lua)
 -- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records), 5 route,
@@ -110,7 +110,7 @@ local function claim(KEYS, ARGV)
     out[#out + 1] = pack(redis.call('HGETALL', key))
     return true
   end
-  -- One entry of a due zset: taken, skipped (true: it stays, the next page starts after it), or dropped.
+  -- One entry of a due zset: 'taken', 'skipped' (it stays: the next page starts after it), or dropped.
   local function visit(id, zkey)
     local key = JOB .. id
     -- pcall: an error (WRONGTYPE) means the key is not a hash; no field at all, a hash
@@ -123,7 +123,8 @@ local function claim(KEYS, ARGV)
       local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
       if f[1] == 'pending' and token and attempts then
         f[2], f[3] = token, attempts
-        if not try(id, key, f) then return true end
+        if try(id, key, f) then return 'taken' end
+        return 'skipped'
       elseif f[1] == 'pending' then
         quarantine(id, 'token or attempts is not a number', nownum, ttl)
       elseif f[1] ~= 'running' and f[1] ~= 'complete' and f[1] ~= 'error' and f[1] ~= 'killed' then
@@ -132,7 +133,7 @@ local function claim(KEYS, ARGV)
       -- a known non-pending state is a stale index entry: dropping it was all there was to do
     end
     redis.call('ZREM', zkey, id)
-    return false
+    return 'dropped'
   end
 
   for _, source in ipairs(sources) do
@@ -149,7 +150,8 @@ local function claim(KEYS, ARGV)
       -- Merge the shared and the broadcast zset in (due, id) order: as many entries as a page
       -- holds, so neither page runs out before a record of its zset that sorts earlier.
       local i, j, n = 1, 1, 0
-      while n < room - #out + 16 and (i <= #a or j <= #b) and #out < room and not stop do
+      local size = room - #out + 16
+      while n < size and (i <= #a or j <= #b) and #out < room and not stop do
         local from_a
         if i > #a then from_a = false
         elseif j > #b then from_a = true
@@ -158,14 +160,18 @@ local function claim(KEYS, ARGV)
           from_a = sa < sb or (sa == sb and a[i] < b[j])
         end
         n = n + 1
-        looked = looked + 1
+        local seen
         if from_a then
-          if visit(a[i], a_key) then a_skip = a_skip + 1 end
+          seen = visit(a[i], a_key)
+          if seen == 'skipped' then a_skip = a_skip + 1 end
           i = i + 2
         else
-          if visit(b[j], b_key) then b_skip = b_skip + 1 end
+          seen = visit(b[j], b_key)
+          if seen == 'skipped' then b_skip = b_skip + 1 end
           j = j + 2
         end
+        -- FLOW_SCAN bounds the records looked at past those taken.
+        if seen ~= 'taken' then looked = looked + 1 end
         if looked >= scan then break end
       end
     end
