@@ -770,7 +770,7 @@ class FDBPersistence(Persistence):
             for looked, key in enumerate(itertools.chain(candidates, ordered), 1):
                 if len(claimed) >= room:
                     break
-                if looked > flow.FLOW_SCAN:
+                if looked - len(claimed) > flow.FLOW_SCAN:  # looked at past those taken
                     held = True
                     break
                 index = self._pdue if self._pdue.contains(key) else self._due
