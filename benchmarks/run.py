@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import async_rows, fdb_contention, huey_bench, peers, skunk, workflow_rows
+from benchmarks import async_rows, fdb_contention, flow_rows, huey_bench, peers, skunk, workflow_rows
 from benchmarks.common import Result, Sizes
 from benchmarks.servers import MongoServer, PostgresServer, RedisServer, Server
 from skunkqueue import backends as registry
@@ -44,6 +44,7 @@ ROWS = [
     ("idle_cpu_pct", "idle worker CPU (%)", "{:.2f}", False),
     *async_rows.ROWS,
     *workflow_rows.ROWS,
+    *flow_rows.ROWS,
     *OTEL_ROWS,
 ]
 
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default="bench-results.json", help="where to write the figures (%(default)s)")
     async_rows.add_arguments(p)
     workflow_rows.add_arguments(p)
+    flow_rows.add_arguments(p)
     p.add_argument("--no-otel", action="store_true", help="skip the tracing-cost rows (SQLite)")
     return p.parse_args(argv)
 
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 skunk.run(target, sizes, results[name], log)
                 async_rows.run(target, args, results[name], log)
                 workflow_rows.run(target, args, results[name], log)
+                flow_rows.run(target, args, results[name], log)
                 if otel_cost is not None:
                     otel_cost.run(args, results[name], log, jobs_n=min(1000, sizes.fire))
                 if not args.no_huey and huey_bench.available():
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 skunk.run(target, sizes, results[name], log)
                 async_rows.run(target, args, results[name], log)
                 workflow_rows.run(target, args, results[name], log)
+                flow_rows.run(target, args, results[name], log)
                 if isinstance(server, RedisServer) and not (args.no_huey or args.no_async) and huey_bench.available():
                     server.flush()
                     results["huey-redis"] = Result("huey-redis")

@@ -209,3 +209,35 @@ def test_missing_client_library_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("a FoundationDB client library is installed here")
     assert out.startswith("UNAVAILABLE FoundationDB client library not found: install the FoundationDB client")
     assert "Traceback" not in out
+
+
+# -- using=: the application's own transaction ---------------------------------------------
+
+
+def test_a_transaction_on_another_cluster_is_refused_in_one_line(standin_cluster: Any, fdb_root: str,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    import fdb
+    import fdb_servers as servers
+
+    from skunkqueue import SkunkQueue
+    from skunkqueue.errors import ConfigurationError
+    from skunkqueue.testing import jobs
+
+    other = servers.StandInCluster(tmp_path_factory.mktemp("fdb-other")).start()
+    if not fdb.is_api_version_selected():
+        fdb.api_version(710)
+    queue = SkunkQueue("using-other", backend="fdb", conn_url=standin_cluster.cluster_file, dbname=fdb_root)
+    add = queue.event(routes=["r"])(jobs.add.func)
+    try:
+        theirs = fdb.open(other.cluster_file).create_transaction()
+        with pytest.raises(ConfigurationError) as caught:
+            add.fire(1, 2, using=theirs)
+        assert "another FoundationDB cluster" in str(caught.value) and "\n" not in str(caught.value)
+        ours = fdb.open(standin_cluster.cluster_file).create_transaction()
+        kept = add.fire(3, 4, using=ours)  # the queue's own cluster: stored, once committed
+        assert queue.get(kept.id) is None
+        ours.commit().wait()
+        assert queue.get(kept.id) is not None
+    finally:
+        queue.close()
+        other.stop()

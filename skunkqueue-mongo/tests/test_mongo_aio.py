@@ -196,14 +196,10 @@ def test_2000_concurrent_aresult_poll_on_pooled_connections(mongo_standalone: An
     assert extra_connections <= 110, extra_connections
 
 
-# A known gap, tracked here rather than hidden: each waiter polls its own record (aget, backing off
-# to 100 ms), ~20,000 reads a second on one loop. Measured alone on an idle 2-core machine: max lag
-# 88-183 ms, p99 61-69 ms; once, in CI's parallel pass, under 50 ms. Not strict, because that
-# margin is the machine's, not the code's; one poller per loop reading every awaited id at once is
-# the fix (issue 27 item 4).
+# Each waiter used to poll its own record (aget, backing off to 100 ms): ~20,000 reads a second on
+# one loop, max lag 88-183 ms alone on an idle machine. Now one look-out per loop reads every awaited
+# id at once (skunkqueue_mongo.finishes). Serial: the bound is the loop's, measured alone.
 @pytest.mark.serial
-@pytest.mark.xfail(strict=False, reason="MongoDB aresult polls per waiter: loop lag 60-180 ms with 2,000 "
-                   "waiters (issue 27 item 4, open)")
 def test_2000_concurrent_aresult_keep_the_loop_lag_under_50ms(mongo_standalone: Any, queue_name: str) -> None:
     values, _, lags = run_2000_waiters(mongo_standalone.url, queue_name)
     assert values == [i + 1000 for i in range(2000)]

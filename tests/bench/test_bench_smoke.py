@@ -50,6 +50,9 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     assert sqlite["checks"]["otel_spans"] is True
     assert math.isfinite(figures["otel_fire_us"]) and math.isfinite(figures["otel_worker_us"])
     assert "tracing on: worker cost added (us/job)" in done.stdout
+    # The flow-control rows: a limit set but not reached, against none.
+    for key in ("flow_plain", "flow_route_limit", "flow_route_ratio", "flow_key_limit", "flow_key_ratio"):
+        assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
 
 
 def test_peer_rounds_alternate_and_ratios_favour_the_better() -> None:

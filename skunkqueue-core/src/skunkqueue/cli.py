@@ -370,6 +370,71 @@ def retry(job_id: str, queue: str, force: bool, backend: str | None, url: str | 
     click.echo(f"{job_id}: requeued")
 
 
+# -- flow control (skunkqueue.flow) ----------------------------------------------
+
+
+@main.command("pause")
+@_queue_option
+@click.option("-r", "--route", required=True, help="Route whose claims stop (running jobs finish).")
+@_store_options
+@_friendly
+def pause_command(queue: str, route: str, backend: str | None, url: str | None, db: str | None) -> None:
+    """Pause a route: every pool stops claiming its jobs, which wait pending, until `skunq resume`."""
+    _open(queue, backend, url, db).pause(route)
+    click.echo(f"{queue}/{route}: paused; workers claim none of its jobs from within a second")
+
+
+@main.command("resume")
+@_queue_option
+@click.option("-r", "--route", required=True, help="Route whose claims go on.")
+@_store_options
+@_friendly
+def resume_command(queue: str, route: str, backend: str | None, url: str | None, db: str | None) -> None:
+    """Resume a paused route."""
+    _open(queue, backend, url, db).resume(route)
+    click.echo(f"{queue}/{route}: resumed")
+
+
+@main.command("limit")
+@_queue_option
+@click.option("-r", "--route", required=True, help="Route to limit.")
+@click.option("--concurrency", type=int, default=None, help="At most this many of its jobs running at once.")
+@click.option("--rate", default=None, help="At most this many starting per period, e.g. 50/s, 100/m.")
+@click.option("--burst", type=int, default=None, help="With --rate: this many may start at once (default 1).")
+@_store_options
+@_friendly
+def limit_command(queue: str, route: str, concurrency: int | None, rate: str | None, burst: int | None,
+                  backend: str | None, url: str | None, db: str | None) -> None:
+    """Set a route's limits for every pool (neither --concurrency nor --rate: remove them)."""
+    q = _open(queue, backend, url, db)
+    q.limit(route, concurrency=concurrency, rate=rate, burst=burst)
+    shown = q.limits([route])[route]
+    click.echo(f"{queue}/{route}: limit {shown.limit or 'none'}")
+
+
+@main.command("limits")
+@_queue_option
+@click.option("-r", "--route", "routes", multiple=True, help="Only this route (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@_store_options
+@_friendly
+def limits_command(queue: str, routes: tuple[str, ...], as_json: bool, backend: str | None, url: str | None,
+                   db: str | None) -> None:
+    """Per route: paused, its limits, and the due jobs a pause or a limit holds back."""
+    flows = _open(queue, backend, url, db).limits(list(routes) or None)
+    if as_json:
+        click.echo(json.dumps([f.to_dict() for f in flows.values()], indent=2))
+        return
+    if not flows:
+        click.echo(f"Queue {queue} has no routes with jobs or workers.")
+        return
+    click.echo(f"{'route':20} {'paused':6} {'concurrency':>11} {'rate':>10} {'burst':>5} {'waiting':>8}")
+    for f in flows.values():
+        shown = f.to_dict()
+        click.echo(f"{f.route:20} {'yes' if f.paused else 'no':6} {shown['concurrency'] or '-'!s:>11} "
+                   f"{shown['rate'] or '-':>10} {shown['burst'] or '-'!s:>5} {f.waiting:>8}")
+
+
 # -- commands from plugins (kept last: they may build on everything above) ----
 
 def _plugin_commands() -> None:

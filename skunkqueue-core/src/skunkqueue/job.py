@@ -257,6 +257,7 @@ class Job:
     async def _afire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
                      keys: list[str | None] | None, after: Sequence[Any] | None = None,
                      on_failure: str | None = None, priority: int | None = None) -> list[JobHandle]:
+        self._check_priority_name(priority)
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
         handles = await self.queue._aenqueue(self, calls, due, keys, after, on_failure, priority)
@@ -264,9 +265,23 @@ class Job:
             self.last = handles[-1]
         return handles
 
+    def _check_priority_name(self, priority: int | None) -> None:
+        """``fire(priority=)`` is the queue's; a function with a ``priority`` parameter of its own would
+        silently lose its argument to it, so that case is refused, saying how to pass it."""
+        if priority is None:
+            return
+        try:
+            own = "priority" in inspect.signature(self.func).parameters
+        except (TypeError, ValueError):
+            own = False
+        if own:
+            raise ConfigurationError(f"{self.name} has a parameter named priority, and fire(priority=...) sets "
+                                     "the job's queue priority: pass your argument positionally, or rename it.")
+
     def _fire(self, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], due: float,
               keys: list[str | None] | None = None, using: Any = None, after: Sequence[Any] | None = None,
               on_failure: str | None = None, priority: int | None = None) -> list[JobHandle]:
+        self._check_priority_name(priority)
         for args, kwargs in calls:
             self.check_arguments(args, kwargs)
         handles = self.queue._enqueue(self, calls, due, keys, using, after, on_failure, priority)

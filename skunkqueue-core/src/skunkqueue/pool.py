@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Callable, TypeVar
 
-from skunkqueue import channel, interpreter, metrics, periodic, policy, signature_policy, signing
+from skunkqueue import channel, flow, interpreter, metrics, periodic, policy, signature_policy, signing
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -310,6 +310,8 @@ class WorkerPool:
         signing.verify_keys_from_env()  # SKUNQ_SECRET_PREVIOUS without SKUNQ_SECRET fails here, in one line
         self.check_backend()
         self.check_clock()
+        if self.store is not None:  # a limit or priority the store would ignore: refuse, in one line
+            flow.check_jobs_enforceable(self.store, self.config.queue, sorted({c.config.route for c in self.children}))
         if self.store is not None:  # tell producers what the workers refuse, so they learn it at fire
             self._store_call("publish the signing policy", signature_policy.publish, self.store)
         if self.store is not None:

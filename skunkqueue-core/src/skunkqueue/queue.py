@@ -6,8 +6,9 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from skunkqueue import config, flow, headers, hooks, policy, serializer, signature_policy, signing, workflow
 from skunkqueue.backends import open_backend
@@ -125,12 +126,13 @@ class SkunkQueue:
     def periodic(self, *, routes: Sequence[str], every: timedelta | float | None = None,
                  cron: str | None = None, tz: str = "UTC", misfire_grace: float = 60.0,
                  catch_up: bool = False, retries: int = 0, retry_backoff: float = 1.0,
-                 timeout: float | None = None, result_ttl: float | None = None,
-                 ) -> Callable[[Callable[..., Any]], Job]:
+                 timeout: float | None = None, result_ttl: float | None = None, priority: int = 0,
+                 limit: flow.Limit | None = None) -> Callable[[Callable[..., Any]], Job]:
         """Decorator: a Job that ``skunq work`` pools fire once per slot of a schedule.
 
         Exactly one of ``every`` (a timedelta or seconds) and ``cron`` (in
-        ``tz``). See :mod:`skunkqueue.periodic`.
+        ``tz``). See :mod:`skunkqueue.periodic`. ``priority`` and ``limit``: as
+        for :meth:`event`.
         """
         from skunkqueue import periodic as schedules
 
@@ -140,7 +142,7 @@ class SkunkQueue:
 
         def decorate(func: Callable[..., Any]) -> Job:
             job = Job(self, func, routes, retries=retries, retry_backoff=retry_backoff, timeout=timeout,
-                      result_ttl=result_ttl)
+                      result_ttl=result_ttl, priority=priority, limit=limit)
             try:
                 job.check_arguments((), {})
             except TypeError:
@@ -165,23 +167,11 @@ class SkunkQueue:
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
             workflow.depend(self, backend, flat, after or [], on_failure)
-        observed = hooks.implemented("job_sending")
-        try:
-            self._seal(backend, flat, observed)
-            if using is not None:  # in the caller's own transaction (fire(..., using=...))
-                handles = self._follow(per_call, backend.enqueue_in(using, flat))
-            elif keys is None or all(k is None for k in keys):
-                backend.enqueue(flat)
-                handles = [JobHandle(self, records) for records in per_call]
-            else:
-                handles = self._follow(per_call, backend.enqueue_keyed(flat))
-        except BaseException as exc:
-            if observed:
-                hooks.call("job_sent", records=flat, error=exc)
-            raise
-        if observed:
-            hooks.call("job_sent", records=flat, error=None)
-        return handles
+        keyed = keys is not None and any(k is not None for k in keys)
+        with self._sending(backend, flat):  # job_sent sees the holders' ids: followed inside
+            holders = backend.store(flat, keyed=keyed, using=using)
+            return [JobHandle(self, records) for records in per_call] if holders is None else \
+                self._follow(per_call, holders)
 
     async def _aenqueue(self, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                         due: float, keys: list[str | None] | None = None, after: Sequence[Any] | None = None,
@@ -197,21 +187,11 @@ class SkunkQueue:
         if after is not None or on_failure is not None:
             # The parents' existence is checked with one read, on the store's thread.
             await backend._in_thread(workflow.depend, self, backend, flat, after or [], on_failure)
-        observed = hooks.implemented("job_sending")
-        try:
-            self._seal(backend, flat, observed)
+        with self._sending(backend, flat):
             if keys is None or all(k is None for k in keys):
                 await backend.aenqueue(flat)
-                handles = [JobHandle(self, records) for records in per_call]
-            else:
-                handles = self._follow(per_call, await backend.aenqueue_keyed(flat))
-        except BaseException as exc:
-            if observed:
-                hooks.call("job_sent", records=flat, error=exc)
-            raise
-        if observed:
-            hooks.call("job_sent", records=flat, error=None)
-        return handles
+                return [JobHandle(self, records) for records in per_call]
+            return self._follow(per_call, await backend.aenqueue_keyed(flat))
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,
@@ -259,6 +239,21 @@ class SkunkQueue:
                 for route in routes for target in targets[route]
             ])
         return per_call
+
+    @contextmanager
+    def _sending(self, backend: Persistence, records: list[JobRecord]) -> Iterator[None]:
+        """Around storing ``records``: the plugins' headers and the signature put on every record
+        first, and the plugins told how the enqueue ended (``job_sent`` always follows ``job_sending``)."""
+        observed = hooks.implemented("job_sending")
+        try:
+            self._seal(backend, records, observed)
+            yield
+        except BaseException as exc:
+            if observed:
+                hooks.call("job_sent", records=records, error=exc)
+            raise
+        if observed:
+            hooks.call("job_sent", records=records, error=None)
 
     @staticmethod
     def _seal(backend: Persistence, records: list[JobRecord], observed: bool) -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from skunkqueue import dependencies, hooks
+from skunkqueue import dependencies
 from skunkqueue.errors import ConfigurationError, JobFailed
 from skunkqueue.job import JobHandle, _check_finished, due_time
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, new_id
@@ -37,17 +36,19 @@ class Workflow:
         """This, then ``step`` (with this one's result, or the group's list of results, first)."""
         return Chain([self, _node(step)])
 
-    def fire(self, *, key: str | None = None) -> WorkflowHandle:
+    def fire(self, *, key: str | None = None, using: Any = None) -> WorkflowHandle:
         """Store every step (the first ones due now) and return the workflow's handle.
 
         With ``key``, a second firing with the same key (while the first one's
-        records exist) stores nothing and returns a handle to the first.
+        records exist) stores nothing and returns a handle to the first. With
+        ``using``, every step is stored in the caller's open transaction, as
+        ``Job.fire(..., using=...)`` stores one job.
         """
-        return self._fire(time.time(), key)
+        return self._fire(time.time(), key, using)
 
-    def fire_at(self, when: timedelta | datetime, *, key: str | None = None) -> WorkflowHandle:
+    def fire_at(self, when: timedelta | datetime, *, key: str | None = None, using: Any = None) -> WorkflowHandle:
         """``fire``, with the first steps due after a delay or at an aware datetime."""
-        return self._fire(due_time(when), key)
+        return self._fire(due_time(when), key, using)
 
     async def afire(self, *, key: str | None = None) -> WorkflowHandle:
         """``fire`` for asyncio code."""
@@ -57,11 +58,11 @@ class Workflow:
         """``fire_at`` for asyncio code."""
         return await self._afire(due_time(when), key)
 
-    def _fire(self, due: float, key: str | None) -> WorkflowHandle:
+    def _fire(self, due: float, key: str | None, using: Any = None) -> WorkflowHandle:
         queue = self._queue()
         plan = _Plan(queue, queue.persistence, due)
         output = plan.add(self, None)
-        holders = plan.store(key)
+        holders = plan.store(key, using)
         return plan.handle(output, holders)
 
     async def _afire(self, due: float, key: str | None) -> WorkflowHandle:
@@ -71,7 +72,7 @@ class Workflow:
         output = plan.add(self, None)
         records, keyed = plan.keyed(key)
         holders = None
-        with plan.sealed(records):
+        with queue._sending(backend, records):
             if keyed:
                 holders = await backend.aenqueue_keyed(records)
             else:
@@ -213,27 +214,10 @@ class _Plan:
             record.key = json.dumps([record.route, key if index == 0 else f"{key}#{index}"])
         return self.records, True
 
-    def store(self, key: str | None) -> list[str] | None:
+    def store(self, key: str | None, using: Any = None) -> list[str] | None:
         records, keyed = self.keyed(key)
-        with self.sealed(records):
-            if keyed:
-                return self.backend.enqueue_keyed(records)
-            self.backend.enqueue(records)
-        return None
-
-    @contextmanager
-    def sealed(self, records: list[JobRecord]) -> Iterator[None]:
-        """Headers and signatures as ``fire`` puts them on every record, and the plugins told the outcome."""
-        observed = hooks.implemented("job_sending")
-        self.queue._seal(self.backend, records, observed)
-        try:
-            yield
-        except BaseException as exc:
-            if observed:
-                hooks.call("job_sent", records=records, error=exc)
-            raise
-        if observed:
-            hooks.call("job_sent", records=records, error=None)
+        with self.queue._sending(self.backend, records):
+            return self.backend.store(records, keyed=keyed, using=using)
 
     def handle(self, output: Any, holders: list[str] | None) -> WorkflowHandle:
         workflow_id = self.id

@@ -78,13 +78,14 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import fdb
 import fdb.tuple
 
 from skunkqueue import dependencies, flow, policy
-from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
+from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import ERROR, FINISHED_STATES, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
@@ -283,6 +284,8 @@ class FDBPersistence(Persistence):
         # Per route whose last claim here left due records behind for a limit or a pause: when
         # one of them may be claimable (None: when a finish or a setting nudges, or on a timeout).
         self._held_back: dict[str, float | None] = {}
+        self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
+        self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
 
     # -- one protocol step, applied once however its commit fails ----------------------------
 
@@ -417,15 +420,20 @@ class FDBPersistence(Persistence):
                 tr[self._jobs.pack((record.id, "result", n))] = chunk
         tr.add(self._count.pack((record.route, record.state)), _COUNTER_ONE)
 
-    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int]) -> None:
-        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target)."""
+    def _wake_idle(self, tr: Any, wakes: dict[tuple[str, str], int], snapshot: bool = False) -> None:
+        """Nudge idle workers for new pending records: ``wakes`` counts them per (route, target).
+
+        ``snapshot``: read the idle registry without a conflict range (an application's long
+        transaction, ``using=``, must not conflict with every worker going idle meanwhile).
+        """
         now = None
+        reader = tr.snapshot if snapshot else tr
         for (route, target), n in wakes.items():
             if target:  # only that worker may take it
                 tr.add(self._nudge.pack((target,)), _COUNTER_ONE)
                 continue
             span = self._idle.range((route,))
-            entries = list(tr.get_range(span.start, span.stop))
+            entries = list(reader.get_range(span.start, span.stop))
             if not entries:
                 continue
             now = tr.get_read_version().wait() if now is None else now
@@ -500,39 +508,109 @@ class FDBPersistence(Persistence):
             return [r.id for r in records]
 
         def store(tr: Any) -> tuple[list[str], list[str]]:
-            # Reading the key's entry in the same transaction makes check-and-insert one
-            # step: a concurrent enqueue of the same key conflicts and retries.
-            holders: list[str] = []
-            wakes: dict[tuple[str, str], int] = {}
-            # Keys this batch already stored: their holder's slot was written with a
-            # versionstamp, which this transaction cannot read back (error 1036).
-            taken: dict[str, str] = {}
-            now = time.time()
-            for position, record in enumerate(records):
-                if record.key is not None and record.key in taken:
-                    holders.append(taken[record.key])
-                    continue
-                if record.key is not None:
-                    held = tr[self._keys.pack((record.key,))]
-                    if held.present():
-                        holder = bytes(held).decode()
-                        stored = self._read_meta(tr, holder)
-                        meta = stored.meta() if stored else None
-                        if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
-                            holders.append(holder)
-                            taken[record.key] = holder
-                            continue
-                    tr[self._keys.pack((record.key,))] = record.id.encode()
-                    taken[record.key] = record.id
-                if record.parents:
-                    record = self._attach(tr, record)
-                self._write(tr, record, payload=True, result=record.result is not None, position=position,
-                            wakes=wakes)
-                holders.append(record.id)
-            self._wake_idle(tr, wakes)
+            holders = self._store_keyed(tr, records)
             return holders, holders
 
         return self._once(store, lambda _tr, memo: [str(h) for h in memo])
+
+    def _store_keyed(self, tr: Any, records: Sequence[JobRecord], snapshot_wakes: bool = False,
+                     taken: dict[str, str] | None = None) -> list[str]:
+        """Store ``records`` in ``tr``; a key already held returns its holder's id.
+
+        ``taken``: the keys this transaction already stored, and their holders (kept across calls
+        in one application transaction by ``enqueue_in``).
+        """
+        # Reading the key's entry in the same transaction makes check-and-insert one
+        # step: a concurrent enqueue of the same key conflicts and retries.
+        holders: list[str] = []
+        wakes: dict[tuple[str, str], int] = {}
+        # Keys this transaction already stored: their holder's slot was written with a
+        # versionstamp, which this transaction cannot read back (error 1036).
+        taken = {} if taken is None else taken
+        now = time.time()
+        for position, record in enumerate(records):
+            if record.key is not None and record.key in taken:
+                holders.append(taken[record.key])
+                continue
+            if record.key is not None:
+                held = tr[self._keys.pack((record.key,))]
+                if held.present():
+                    holder = bytes(held).decode()
+                    stored = self._read_meta(tr, holder)
+                    meta = stored.meta() if stored else None
+                    if meta is not None and (meta.get("_expire") is None or meta["_expire"] >= now):
+                        holders.append(holder)
+                        taken[record.key] = holder
+                        continue
+                tr[self._keys.pack((record.key,))] = record.id.encode()
+                taken[record.key] = record.id
+            if record.parents:
+                record = self._attach(tr, record)
+            self._write(tr, record, payload=True, result=record.result is not None, position=position,
+                        wakes=wakes)
+            holders.append(record.id)
+        self._wake_idle(tr, wakes, snapshot=snapshot_wakes)
+        return holders
+
+    supports_using = True
+
+    # Not @_translate: an error of the application's transaction (a conflict, a retryable read)
+    # must reach the application's retry loop as the FDBError it is.
+    def enqueue_in(self, handle: Any, records: Sequence[JobRecord]) -> list[str]:
+        """Store the records in ``handle``, the application's ``fdb.Transaction`` on the queue's cluster.
+
+        The records exist exactly if that transaction commits, and the idle workers' wake-up key is
+        written in it, so their watches fire at the commit. One transaction holds them all (no
+        batches: a workflow over the transaction's size is refused). Retrying the transaction is
+        the application's (``@fdb.transactional`` does it); after ``commit_unknown_result`` a
+        retry may store the jobs again unless they have keys.
+        """
+        transaction_type = getattr(getattr(fdb, "impl", None), "Transaction", None)
+        if transaction_type is None or not isinstance(handle, transaction_type):
+            raise ConfigurationError(
+                f"using= takes an fdb.Transaction for the fdb backend (what @fdb.transactional passes), not "
+                f"{type(handle).__module__}.{type(handle).__qualname__}.")
+        if not records:
+            return []
+        size = sum(_size(r) for r in records)
+        if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
+            raise PayloadTooLarge(
+                f"These {len(records)} jobs take about {size} bytes; one FoundationDB transaction "
+                f"holds at most {TRANSACTION_BUDGET} (and 65535 jobs), and using= puts them in yours.")
+        self._check_same_cluster(handle)
+        # The keys stored earlier in this same transaction (a reset or committed transaction
+        # object gets a new read version, so it starts afresh).
+        version = handle.get_read_version().wait()
+        seen = self._taken_in.get(handle)
+        if seen is None or seen[0] != version:
+            seen = self._taken_in[handle] = (version, {})
+        return self._store_keyed(handle, records, snapshot_wakes=True, taken=seen[1])
+
+    def _check_same_cluster(self, tr: Any) -> None:
+        """Refuse a transaction on another cluster than the queue's (once per database object).
+
+        The queue keeps a random identity under its root; the caller's transaction must read the same.
+        """
+        database = getattr(tr, "db", None)
+        if database is not None and database is self._checked_database:
+            return
+        key = fdb.Subspace((self.db,)).pack(("~cluster",))
+
+        def identity(t: Any) -> tuple[bytes, None]:
+            found = t[key]
+            if found.present():
+                return bytes(found), None
+            made = uuid.uuid4().bytes
+            t[key] = made
+            return made, None
+
+        ours = _translate(lambda _self: self._once(identity, None))(self)
+        theirs = tr.snapshot[key]  # a snapshot read: no conflict with the queue's own writes
+        if not theirs.present() or bytes(theirs) != ours:
+            raise ConfigurationError(
+                f"The transaction given with using= is on another FoundationDB cluster than the queue's "
+                f"({self.where}); open it from the queue's cluster file.")
+        self._checked_database = database
 
     # -- settings and throughput counters --------------------------------------------
 

@@ -150,6 +150,54 @@ class NativeAsync(Persistence):
                                                               **_not_expired(now)}))
         return None if doc is None else _to_record(doc)
 
+    async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait on this loop's one look-out (``finishes``), which reads every awaited record at once."""
+        from skunkqueue_mongo.finishes import wait
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = await self._afinish_poller()
+        async with poller.watch(job_id) as slot:
+            while not slot.filled:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return await self.aget(job_id)  # the last record seen, unfinished
+                slot.event.clear()
+                await wait(slot.event, left if left is not None else 60.0)
+        if slot.error is not None:
+            raise slot.error
+        return cast("JobRecord | None", slot.record)
+
+    async def _afinish_poller(self) -> Any:
+        """This loop's FinishPoller for this queue (made on the loop's first wait, stopped with the loop)."""
+        pollers = self.__dict__.get("_finish_pollers")
+        if pollers is None:  # setdefault: loops in two threads may make their first wait at once
+            pollers = self.__dict__.setdefault("_finish_pollers", PerLoop(self._new_finish_poller, _astop))
+        return await cast("PerLoop[Any]", pollers).get()
+
+    def _new_finish_poller(self) -> Any:
+        from skunkqueue_mongo.finishes import FinishPoller
+        from skunkqueue_mongo.persistence import MalformedRecord, _not_expired, _to_record
+
+        async def find(ids: list[str], fields: dict[str, int] | None) -> list[dict[str, Any]]:
+            jobs = await self._ajobs()
+            query = {"_id": {"$in": ids}, "queue": self.queue, **_not_expired(await self._anow())}
+            return cast("list[dict[str, Any]]",
+                        await self._acall("look for finishes", lambda: jobs.find(query, fields).to_list()))
+
+        async def states(ids: list[str]) -> dict[str, Any]:
+            return {doc["_id"]: doc.get("state") for doc in await find(ids, {"state": 1})}
+
+        async def records(ids: list[str]) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for doc in await find(ids, None):
+                try:
+                    found[doc["_id"]] = _to_record(doc)
+                except MalformedRecord as exc:  # that waiter meets it, as its own aget would
+                    found[doc["_id"]] = exc
+            return found
+
+        return FinishPoller(states, records)
+
     async def aget_setting(self, name: str) -> str | None:
         jobs = await self._ajobs()
         settings = jobs.database["settings"]
@@ -158,13 +206,18 @@ class NativeAsync(Persistence):
         return value if isinstance(value, str) else None
 
     def close_async_clients(self) -> None:
-        clients = self.__dict__.pop("_loop_clients", None)
-        if clients is not None:
-            clients.close_all()
+        for name in ("_finish_pollers", "_loop_clients"):
+            held = self.__dict__.pop(name, None)
+            if held is not None:
+                held.close_all()
 
 
 async def _aclose(client: Any) -> None:
     await client.close()
+
+
+async def _astop(poller: Any) -> None:
+    await poller.aclose()
 
 
 __all__ = ["NativeAsync"]

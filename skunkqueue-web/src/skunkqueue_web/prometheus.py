@@ -43,6 +43,28 @@ class QueueCollector(Collector):
         yield jobs
         yield dead
         yield oldest
+        if snap.flows:
+            paused = GaugeMetricFamily("skunkqueue_route_paused", "1 while the route is paused (skunq pause).",
+                                       labels=["queue", "route"])
+            waiting = GaugeMetricFamily("skunkqueue_jobs_waiting_on_limit",
+                                        "Due jobs that a pause or a limit holds back.", labels=["queue", "route"])
+            concurrency = GaugeMetricFamily("skunkqueue_route_limit_concurrency",
+                                            "The route's own concurrency limit (queue.limit).",
+                                            labels=["queue", "route"])
+            rate = GaugeMetricFamily("skunkqueue_route_limit_rate_per_second",
+                                     "The route's own rate limit (queue.limit), starts per second.",
+                                     labels=["queue", "route"])
+            for route, shown in sorted(snap.flows.items()):
+                paused.add_metric([name, route], 1 if shown.paused else 0)
+                waiting.add_metric([name, route], shown.waiting)
+                if shown.limit is not None and shown.limit.concurrency is not None:
+                    concurrency.add_metric([name, route], shown.limit.concurrency)
+                if shown.limit is not None and shown.limit.rate is not None:
+                    rate.add_metric([name, route], shown.limit.rate.count / shown.limit.rate.period)
+            yield paused
+            yield waiting
+            yield concurrency
+            yield rate
         alive = GaugeMetricFamily("skunkqueue_workers", "Registered workers by route and liveness.",
                                   labels=["queue", "route", "alive"])
         by_route: dict[tuple[str, str], int] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from skunkqueue import flow
 from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.metrics import BUCKETS, COUNTED, RouteMinute, bucket_name
 from skunkqueue.queue import SkunkQueue
@@ -48,6 +49,9 @@ class Overview:
     workers: list[WorkerInfo]
     throughput: Throughput | None
     totals: dict[str, int] = field(default_factory=dict)
+    # Per route: paused, its own limit, and the due jobs a pause or a limit holds back (flow control);
+    # empty on a store that keeps no settings.
+    flows: dict[str, flow.RouteFlow] = field(default_factory=dict)
 
     @property
     def dead(self) -> int:
@@ -70,9 +74,13 @@ def overview(queue: SkunkQueue, *, now: float | None = None) -> Overview:
     rows = [RouteRow(r.route, r.states, r.dead, None if r.oldest_due is None else now - r.oldest_due)
             for r in summary.routes]
     totals = {state: sum(r.states[state] for r in rows) for state in STATES}
-    return Overview(taken=now, rows=rows, dead_capped=summary.dead_capped,
-                    workers=sorted(backend.workers(), key=lambda w: (w.route, w.host, w.pid)),
-                    throughput=throughput(queue, now), totals=totals)
+    workers = sorted(backend.workers(), key=lambda w: (w.route, w.host, w.pid))
+    flows: dict[str, flow.RouteFlow] = {}
+    if backend.supports_settings:
+        routes = sorted({r.route for r in rows} | {w.route for w in workers})
+        flows = flow.describe(backend, routes)
+    return Overview(taken=now, rows=rows, dead_capped=summary.dead_capped, workers=workers,
+                    throughput=throughput(queue, now), totals=totals, flows=flows)
 
 
 def throughput(queue: SkunkQueue, now: float) -> Throughput | None:

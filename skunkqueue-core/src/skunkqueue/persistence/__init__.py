@@ -224,6 +224,20 @@ class Persistence(ABC):
         """
         raise NotImplementedError(f"the {self.name} backend does not support idempotency keys")
 
+    def store(self, records: Sequence[JobRecord], *, keyed: bool, using: Any = None) -> list[str] | None:
+        """Store records as ``fire`` does: in the caller's transaction (``using``, :meth:`enqueue_in`),
+        by key (:meth:`enqueue_keyed`), or plainly (:meth:`enqueue`).
+
+        Returns the holders' ids where keys or a transaction decide them (a key already held names
+        the existing job), None when every record was stored under its own id.
+        """
+        if using is not None:
+            return self.enqueue_in(using, records)
+        if keyed:
+            return self.enqueue_keyed(records)
+        self.enqueue(records)
+        return None
+
     #: True when the backend implements :meth:`enqueue_in` (``fire(..., using=handle)``).
     supports_using: ClassVar[bool] = False
     #: True when the application's open transaction (``using=``) holds the store's only write lock,

@@ -680,14 +680,25 @@ class SQLitePersistence(Persistence):
         priority's delayed ones) are never read.
         """
         base = "FROM jobs WHERE queue=? AND route=? AND state=?"
-        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
-        while level is not None:
+        top = f"(SELECT MAX(priority) {base})"
+        level: Any = None
+        while True:
             after: tuple[Any, ...] = ()
             while True:
+                # The first page names the top priority by a subquery: the common claim is one statement.
                 rows = conn.execute(
-                    f"SELECT * {base} AND priority=? AND due<=? AND (target IS NULL OR target=?)"
-                    + (" AND (due>? OR (due=? AND id>?))" if after else "") + " ORDER BY due, id LIMIT ?",
-                    (self.queue, route, PENDING, level, now, worker_id, *after, page)).fetchall()
+                    f"SELECT * {base} AND priority={top if level is None else '?'} AND due<=? "
+                    "AND (target IS NULL OR target=?)" + (" AND (due>? OR (due=? AND id>?))" if after else "")
+                    + " ORDER BY due, id LIMIT ?",
+                    (self.queue, route, PENDING, *((self.queue, route, PENDING) if level is None else (level,)),
+                     now, worker_id, *after, page)).fetchall()
+                if level is None:
+                    if not rows:
+                        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
+                        if level is None:
+                            return
+                        break  # the top priority has nothing due yet: on to the next
+                    level = rows[0]["priority"]
                 yield from rows
                 if len(rows) < page:
                     break
@@ -695,10 +706,15 @@ class SQLitePersistence(Persistence):
                 after = (last["due"], last["due"], last["id"])
             (level,) = conn.execute(f"SELECT MAX(priority) {base} AND priority<?",
                                     (self.queue, route, PENDING, level)).fetchone()
+            if level is None:
+                return
 
-    def _rate_time(self, conn: sqlite3.Connection, name: str) -> float | None:
-        row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
-        return None if row is None else float(row[0])
+    def _rate_time(self, conn: sqlite3.Connection, name: str, times: dict[str, float | None]) -> float | None:
+        """A stored GCRA time, read once per claim (``times`` holds those read or set in it)."""
+        if name not in times:
+            row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
+            times[name] = None if row is None else float(row[0])
+        return times[name]
 
     def _claim(self, conn: sqlite3.Connection, route: str, worker_id: str, lease: float,
                limit: int) -> list[JobRecord]:
@@ -711,14 +727,20 @@ class SQLitePersistence(Persistence):
             self._held_back[route] = None
             return claimed
         room = limit
-        if route_limit is not None and route_limit.concurrency is not None:
-            running, first_end = conn.execute(
-                "SELECT COUNT(*), MIN(lease_until) FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
-                (self.queue, route, RUNNING, now)).fetchone()
-            room = min(room, route_limit.concurrency - running)
-            if room <= 0:
-                self._held_back[route] = first_end
-                return claimed
+        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
+        changed: set[str] = set()
+        if route_limit is not None:
+            # The route's live leases and its rate's time in one statement: a claim is a few of them.
+            running, first_end, tat = conn.execute(
+                "SELECT COUNT(*), MIN(lease_until), (SELECT tat FROM flow_times WHERE queue=? AND name=?) "
+                "FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
+                (self.queue, flow.route_tat(route), self.queue, route, RUNNING, now)).fetchone()
+            times[flow.route_tat(route)] = None if tat is None else float(tat)
+            if route_limit.concurrency is not None:
+                room = min(room, route_limit.concurrency - running)
+                if room <= 0:
+                    self._held_back[route] = first_end
+                    return claimed
         route_rate = route_limit.interval if route_limit is not None else None
         blocked: set[str] = set()
         wake: float | None = None  # the earliest time a skipped record may become claimable
@@ -738,7 +760,7 @@ class SQLitePersistence(Persistence):
                     continue
                 free_at = self._key_blocked(conn, record, now)
                 if free_at is None and record.limit_interval:
-                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key)), now,
+                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key), times), now,
                                              record.limit_interval, record.limit_burst or 1)
                     free_at = None if ok else key_time
                 if free_at is not None:
@@ -747,22 +769,26 @@ class SQLitePersistence(Persistence):
                     wake = free_at if wake is None or (0 < free_at < wake) else wake
                     continue
             if route_rate is not None and route_limit is not None:
-                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route)), now, route_rate,
+                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route), times), now, route_rate,
                                            route_limit.burst)
                 if not ok:
                     held_back = True
                     wake = route_time if wake is None else min(wake, route_time)
                     break
-                conn.execute("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
-                             (self.queue, flow.route_tat(route), route_time))
+                times[flow.route_tat(route)] = route_time
+                changed.add(flow.route_tat(route))
             if key_time is not None and key is not None:
-                conn.execute("INSERT OR REPLACE INTO flow_times (queue, name, tat) VALUES (?, ?, ?)",
-                             (self.queue, flow.key_tat(key), key_time))
+                times[flow.key_tat(key)] = key_time
+                changed.add(flow.key_tat(key))
             record.claim_by(worker_id, now, lease)
             self._update(conn, record)
             claimed.append(record)
             if len(claimed) >= room:
                 break
+        if changed:
+            conn.executemany("INSERT INTO flow_times (queue, name, tat) VALUES (?, ?, ?) "
+                             "ON CONFLICT (queue, name) DO UPDATE SET tat=excluded.tat",
+                             [(self.queue, name, times[name]) for name in changed])
         if held_back and len(claimed) < limit:
             self._held_back[route] = wake
         else:
@@ -820,13 +846,22 @@ class SQLitePersistence(Persistence):
 
     def _finish(self, conn: sqlite3.Connection, job_id: str, token: int, outcome: Outcome,
                 expect: str) -> bool:
-        row = conn.execute("SELECT * FROM jobs WHERE id=? AND queue=?", (job_id, self.queue)).fetchone()
+        # With the row, the live leases of its key (if it has one) and, where this instance saw a
+        # concurrency limit on a route, of its route: whether the finish frees a slot someone waits for.
+        now = time.time()
+        route_count = ("(SELECT COUNT(*) FROM jobs r WHERE r.queue=jobs.queue AND r.route=jobs.route AND "
+                       "r.state='running' AND r.lease_until>?)") if self._route_limits_seen() else "?"
+        row = conn.execute(
+            "SELECT *, CASE WHEN limit_key IS NULL OR state<>'running' THEN 0 ELSE (SELECT COUNT(*) FROM jobs k "
+            "WHERE k.queue=jobs.queue AND k.limit_key=jobs.limit_key AND k.state='running' AND k.lease_until>?) "
+            f"END AS key_slots, {route_count} AS route_slots FROM jobs WHERE id=? AND queue=?",
+            (now, now, job_id, self.queue)).fetchone()
         if row is None:
             return False
         record = _row_to_record(row)
         if record.state != expect or record.token != token:
             return False
-        frees_slot = record.state == RUNNING and (record.limit_key is not None or self._limits_route(record.route))
+        frees_slot = record.state == RUNNING and self._was_full(record, row["key_slots"], row["route_slots"])
         record = outcome.apply_to(record, time.time())
         self._update(conn, record)
         if frees_slot:  # a worker waiting on this slot's limit may claim now
@@ -840,10 +875,18 @@ class SQLitePersistence(Persistence):
             self._poke_workers(record.route, record.target)
         return True
 
-    def _limits_route(self, route: str) -> bool:
-        """True when this instance last saw a concurrency limit or a pause on the route."""
-        found = self._flows.get(route)
-        return found is not None and (found[1] or (found[2] is not None and found[2].concurrency is not None))
+    def _route_limits_seen(self) -> bool:
+        return any(limit is not None and limit.concurrency is not None for _, _, limit in self._flows.values())
+
+    def _was_full(self, record: JobRecord, key_slots: Any, route_slots: Any) -> bool:
+        """True when this running record held one of the last slots of its key or its route (the live
+        leases counted with the row): a worker may be waiting for it. Most finishes free no one, and a
+        poke costs more than the count."""
+        if record.limit_concurrency is not None and (key_slots or 0) >= record.limit_concurrency:
+            return True
+        found = self._flows.get(record.route)
+        limit = found[2] if found is not None else None
+        return limit is not None and limit.concurrency is not None and (route_slots or 0) >= limit.concurrency
 
     def _done_tag(self, job_id: str) -> str:
         return "d" + tag(self.queue, job_id)

@@ -194,6 +194,32 @@ class FlowControlSuite:
                 assert store.finish(record.id, record.token, policy.completed(b"1"))
             store.purge("r")
 
+    def test_an_idle_worker_waits_on_blocked_jobs_instead_of_spinning(self, backend: BackendUnderTest,
+                                                                        store: Persistence, queue_name: str) -> None:
+        _needs(store, "supports_limits")
+        key = '["f", "spin"]'
+        first, second = _limited(queue_name, key, concurrency=1), _limited(queue_name, key, concurrency=1)
+        store.enqueue([first, second])
+        [held] = store.claim("r", "holder", 30)
+        waiter = backend.open(queue_name)
+        try:
+            claims, started = 0, time.monotonic()
+            while time.monotonic() - started < 1.5:
+                assert waiter.claim("r", "waiter", 30) == []
+                claims += 1
+                waiter.wait_for_work("r", "waiter", 1.0, time.monotonic() - started)
+            # A spinning worker makes thousands of claims in 1.5 s; one that waits, a few dozen at most.
+            assert claims <= 40, f"{claims} claims in 1.5 s on a blocked key"
+            assert store.finish(held.id, held.token, policy.completed(b"1"))
+            freed = time.monotonic()
+            taken: list[Any] = []
+            while not taken and time.monotonic() - freed < 5:
+                waiter.wait_for_work("r", "waiter", 1.0, time.monotonic() - started)
+                taken = waiter.claim("r", "waiter", 30)
+            assert _ids(taken) == [second.id], "the freed slot was not taken"
+        finally:
+            waiter.close()
+
     def test_rate_is_gcra_on_the_stores_clock(self, store: Persistence, queue_name: str) -> None:
         _needs(store, "supports_limits")
         key, interval, burst = '["f", "rate"]', 0.1, 3
@@ -291,7 +317,7 @@ class FlowControlSuite:
         # Fired key after key, so that without the limit the nine workers would run one key's jobs
         # nine at a time; the first job of each key is long, so the stop and the kill catch jobs mid-run.
         per_key = CHAOS_JOBS // len(NASTY_KEYS)
-        handles = [job.fire(str(log), NASTY_KEYS[n // per_key], f"j{n}", 2.5 if n % per_key == 0 else 0.25)
+        handles = [job.fire(str(log), NASTY_KEYS[n // per_key], f"j{n}", 2.0 if n % per_key == 0 else 0.15)
                    for n in range(CHAOS_JOBS)]
 
         def running_on(pids: set[int]) -> bool:

@@ -24,6 +24,7 @@ from skunkqueue.record import COMPLETE, PENDING, Outcome
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import AppTransactions, BackendUnderTest
 from skunkqueue.testing.suite_support import declare, wait_until
+from skunkqueue.workflow import chain, group
 
 # The figures: 8 processes, each committing 500 transactions of a row and a job.
 PROCESSES = 8
@@ -198,6 +199,35 @@ class TransactionalSuite:
         wait_until(lambda: "in-transaction" in _lines(runs), timeout=30, what="the committed job to run")
         time.sleep(0.5)
         assert _lines(runs).count("in-transaction") == 1
+
+    def test_a_workflow_in_a_transaction_exists_exactly_if_it_commits(self, queue: SkunkQueue, store: Persistence,
+                                                                      backend: BackendUnderTest,
+                                                                      start_pool: Any) -> None:
+        app = _needs_transactions(store, backend)
+        if not store.supports_workflows:
+            pytest.skip(f"the {store.name} backend does not support workflows (supports_workflows = False)")
+        add, total = declare(queue, jobs.add), declare(queue, jobs.total)
+        handle = app.open()
+        try:
+            app.begin(handle)
+            app.add_row(handle, queue.name, "workflow-rolled-back")
+            try:
+                gone = chain(add.s(1, 2), add.s(10)).fire(using=handle)
+            except ConfigurationError as exc:
+                app.rollback(handle)
+                pytest.skip(f"the {store.name} backend refuses a workflow in a transaction of yours: {exc}")
+            app.rollback(handle)
+            assert all(store.get(job_id) is None for job_id in gone.ids)
+            app.begin(handle)
+            app.add_row(handle, queue.name, "workflow-committed")
+            kept = group(add.s(1, 2), add.s(3, 4)).then(total.s(100)).fire(using=handle)
+            app.commit(handle)
+        finally:
+            app.close(handle)
+        assert all(store.get(job_id) is not None for job_id in kept.ids)
+        start_pool(["r"])
+        assert kept.wait(timeout=60) == 3 + 7 + 100  # the callback ran after both members, with their results
+        assert sorted(app.rows(queue.name)) == ["workflow-committed"]
 
     def test_processes_committing_rows_and_jobs_match_one_to_one(self, queue: SkunkQueue, store: Persistence,
                                                                  backend: BackendUnderTest, start_pool: Any,
