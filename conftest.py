@@ -27,21 +27,28 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import resource
 import shutil
 import tempfile
 
 import pytest
 
 # fixture name -> xdist group. One Chromium for the browser tests, not one per worker: two
-# browsers rendering at once on a 2-core machine only slow each other's page waits.
-GROUPS = {"browser": "chromium"}
+# browsers rendering at once on a 2-core machine only slow each other's page waits. The packaging
+# tests' wheels are built once, in the one process that installs them into fresh venvs.
+GROUPS = {"browser": "chromium", "built_wheels": "packaging"}
 
 # Server and browser fixtures whose names do not end in _server or _cluster.
 SERVER_FIXTURES = {"start_redis", "mongo", "mongo_standalone", "mongo_replset", "mongo_auth", "make_mongo",
-                   "real_cluster_file", "fdb_root", "postgres", "make_postgres", "browser"}
+                   "real_cluster_file", "fdb_root", "postgres", "make_postgres", "browser", "sentinels",
+                   "locked_redis"}
 EMBEDDED_BACKENDS = {"sqlite"}
 
 _data_home: str | None = None
+
+# --durations-cpu: nodeid -> CPU seconds (this process and the children it reaped: pools, workers).
+_cpu_started: dict[str, tuple[float, float]] = {}
+_cpu_used: dict[str, tuple[float, float]] = {}
 
 
 def _server_backends() -> set[str]:
@@ -79,3 +86,89 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+
+
+# How long the longest tests take (seconds, on the 2-core machine with `make test`'s four processes):
+# the first of these that a test's id contains. Tests are handed to the xdist processes in order,
+# so the long ones go first (longest first) and no process is left with one at the end while
+# the others stand idle; the rest keep pytest's order. Figures from the runs' --durations.
+LONG_TESTS: list[tuple[str, float]] = [
+    ("MongoReplicaSetConformance::test_a_large_group_and_its_callback", 140),
+    ("FDBStandInConformance::test_a_large_group_and_its_callback", 75),
+    ("MongoStandaloneConformance::test_a_large_group_and_its_callback", 60),
+    ("test_group_signals_never_hang_the_pool[sqlite]", 45),
+    ("test_web_scan_budget.py::test_a_filter_matching_almost_nothing_answers_in_bounded_time", 45),
+    ("::test_processes_committing_rows_and_jobs_match_one_to_one", 30),
+    ("::test_a_pool_whose_clock_is_a_minute_ahead_fires_nothing_early_and_skips_nothing", 30),
+    ("::test_every_slot_fires_once_with_three_schedulers_and_a_crash", 25),
+    ("::test_group_signals_never_hang_the_pool", 25),
+    ("::test_a_large_group_and_its_callback", 20),
+    ("::test_slots_of_intervals_that_are_not_whole_seconds_fire_once", 20),
+    ("::test_sigkill_leaves_no_orphans_and_a_new_pool_finishes_the_job", 15),
+    ("::test_rolling_out_and_rotating_the_key_refuses_no_legitimate_job", 15),
+    ("::test_workflows_under_sigkill_and_sigstop", 15),
+    ("FDBStandInConformance::test_a_page_costs_the_same_however_many_jobs_come_before_it", 15),
+    ("::test_a_chord_callback_runs_once_when_a_pool_is_killed_mid_group", 12),
+    ("::test_a_job_blocking_the_loop_keeps_leases_and_meets_its_time_limit", 11),
+    ("::test_kill_then_lost_lease_never_runs_again", 10),
+]
+
+
+def _expected_seconds(nodeid: str) -> float:
+    return next((seconds for part, seconds in LONG_TESTS if part in nodeid), 0.0)
+
+
+# After pytest has grouped the tests by their fixtures' parameters (and after the marks above).
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_long_tests_first(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist process: in one process the order would change nothing but set-ups
+    items.sort(key=lambda item: -_expected_seconds(item.nodeid))  # stable: the rest keep their order
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--durations-cpu", type=int, default=None, metavar="N",
+                     help="list the N tests that used the most CPU time (the test process and the pools and "
+                          "workers it started; 0 for all): on a shared machine CPU time, unlike wall time, "
+                          "hardly depends on what else runs")
+
+
+def _cpu_now() -> tuple[float, float]:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.config.getoption("durations_cpu", None) is not None:  # else no figure in any report
+        _cpu_started[item.nodeid] = _cpu_now()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    if call.when == "teardown" and item.nodeid in _cpu_started:
+        (own0, children0), (own1, children1) = _cpu_started.pop(item.nodeid), _cpu_now()
+        # Travels with the report to the xdist controller, which lists the figures.
+        outcome.get_result().user_properties.append(("cpu_s", (own1 - own0, children1 - children0)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        for name, value in report.user_properties:
+            if name == "cpu_s":
+                _cpu_used[report.nodeid] = (float(value[0]), float(value[1]))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    count = config.getoption("durations_cpu", None)
+    if count is None or not _cpu_used:
+        return
+    ranked = sorted(_cpu_used.items(), key=lambda kv: -sum(kv[1]))
+    own = sum(o for o, _ in _cpu_used.values())
+    children = sum(c for _, c in _cpu_used.values())
+    terminalreporter.write_sep("=", f"CPU time: {own + children:.1f} s in {len(ranked)} tests (test processes "
+                                    f"{own:.1f} s, their children {children:.1f} s)"
+                                    + (f", the {count} most" if count else ""))
+    for nodeid, (own, children) in ranked[:count or None]:
+        terminalreporter.write_line(f"{own + children:8.2f}s cpu ({own:6.2f} test, {children:6.2f} children)  {nodeid}")

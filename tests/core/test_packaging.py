@@ -10,22 +10,41 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVERS = {"redis": "redis", "mongodb": "pymongo", "fdb": "foundationdb", "postgres": "psycopg"}
+BACKENDS = [("redis", "skunkqueue-redis"), ("mongodb", "skunkqueue-mongo"), ("fdb", "skunkqueue-fdb"),
+            ("postgres", "skunkqueue-postgres")]
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 
 
-@pytest.mark.parametrize(("backend", "folder"), [("redis", "skunkqueue-redis"),
-                                                 ("mongodb", "skunkqueue-mongo"),
-                                                 ("fdb", "skunkqueue-fdb"),
-                                                 ("postgres", "skunkqueue-postgres")])
+@pytest.fixture(scope="session")
+def built_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The core's and the four backends' wheels, built once from the working tree (what PyPI would
+    serve); the root conftest.py sends every test using this to one pytest-xdist process."""
+    folder = tmp_path_factory.mktemp("wheels")
+    built = subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
+                            str(ROOT / "skunkqueue-core"), *(str(ROOT / f) for _, f in BACKENDS)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return folder
+
+
+def _wheel(folder: Path, distribution: str) -> str:
+    [wheel] = folder.glob(distribution.replace("-", "_") + "-*.whl")
+    return str(wheel)
+
+
+@pytest.mark.parametrize(("backend", "folder"), BACKENDS)
 def test_a_backend_installs_into_a_fresh_venv_with_only_its_own_driver(
-        backend: str, folder: str, tmp_path: Path) -> None:
+        backend: str, folder: str, tmp_path: Path, built_wheels: Path) -> None:
+    # A fresh venv each, so that no other backend's driver can be there; this interpreter's pip
+    # installs into it (--python), which spares each venv a copy of pip of its own.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                              str(ROOT / "skunkqueue-core"), str(ROOT / folder)],
+    install = subprocess.run([*PIP, "--python", str(python), "install", "--quiet",
+                              _wheel(built_wheels, "skunkqueue"), _wheel(built_wheels, folder)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
-    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"],
+    listed = subprocess.run([*PIP, "--python", str(python), "list", "--format=freeze"],
                             capture_output=True, text=True, check=True).stdout.lower()
     installed = {line.split("==")[0] for line in listed.split()}
     assert DRIVERS[backend] in installed

@@ -42,12 +42,12 @@ class Store:
         from skunkqueue import SkunkQueue
         return SkunkQueue(self.queue, backend=self.backend, conn_url=self.url)
 
-    def job(self, name: str, retries: int = 0) -> Any:
+    def job(self, name: str, retries: int = 0, **options: Any) -> Any:
         """``webjobs.<name>`` declared on this store's queue, to fire from the test process."""
         import webjobs
 
         from skunkqueue.job import Job
-        return Job(self.queue_handle(), getattr(webjobs, name).func, ["fast"], retries=retries)
+        return Job(self.queue_handle(), getattr(webjobs, name).func, ["fast"], retries=retries, **options)
 
     def runs_of(self, name: str) -> int:
         if not self.runs.exists():
@@ -162,13 +162,13 @@ def start_web(tmp_path: Path) -> Iterator[Callable[..., Web]]:
 
 
 @pytest.fixture
-def start_pool(tmp_path: Path) -> Iterator[Callable[[Store], subprocess.Popen[str]]]:
+def start_pool(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     pools: list[subprocess.Popen[str]] = []
 
-    def start(store: Store) -> subprocess.Popen[str]:
+    def start(store: Store, *extra: str) -> subprocess.Popen[str]:
         log = open(tmp_path / f"pool-{len(pools)}.log", "w")
-        pool = subprocess.Popen([*SKUNQ, "work", "-r", "fast", "--path", str(HERE)], env=store.env, stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+        pool = subprocess.Popen([*SKUNQ, "work", "-r", "fast", "--path", str(HERE), *extra], env=store.env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
         pools.append(pool)
         return pool
 

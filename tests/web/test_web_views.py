@@ -40,21 +40,29 @@ def test_jobs_are_paged_filtered_and_found_by_id(sqlite_store: Store, start_web:
     handles = sqlite_store.job("add").fire_many([(i, i) for i in range(120)])
     booms = [sqlite_store.job("boom").fire(str(i)).ids[0] for i in range(5)]
     web = start_web(sqlite_store)
+    fired = [h.id for h in handles] + booms
+    newest = fired[::-1]
     first = call(web, "GET", "/jobs?size=50")[2]
-    assert rows(first) == [h.id for h in handles[:50]]  # (due, id) order: firing order
+    assert rows(first) == newest[:50]  # newest fired first, unless asked otherwise
     assert 'id="next-page"' in first
     second = call(web, "GET", next_page(first))[2]
-    assert rows(second) == [h.id for h in handles[50:100]]
+    assert rows(second) == newest[50:100]
     last = call(web, "GET", next_page(second))[2]
-    assert rows(last) == [h.id for h in handles[100:]] + booms and 'id="next-page"' not in last
+    assert rows(last) == newest[100:] and 'id="next-page"' not in last
     assert 'id="first-page"' in last
+    in_order = call(web, "GET", "/jobs?size=50&sort=store")[2]
+    assert rows(in_order) == fired[:50]  # SQLite's own order: firing order
+    assert rows(call(web, "GET", next_page(in_order))[2]) == fired[50:100]
+    # A cursor of the other order is not this order's: the first page again.
+    status, headers, _ = call(web, "GET", next_page(in_order).replace("sort=store", "sort=newest"))
+    assert status == 303 and "not+valid" in headers["location"]
     # A cursor the store did not make: one line, and the first page.
     status, headers, _ = call(web, "GET", "/jobs?size=50&after=bogus")
     assert status == 303 and "not+valid" in headers["location"] and "after" not in headers["location"]
-    assert rows(call(web, "GET", "/jobs?func=BOOM")[2]) == booms        # any part, any case
+    assert rows(call(web, "GET", "/jobs?func=BOOM")[2]) == booms[::-1]        # any part, any case
     assert rows(call(web, "GET", "/jobs?state=complete")[2]) == []
     assert rows(call(web, "GET", "/jobs?route=nosuch")[2]) == []
-    assert rows(call(web, "GET", "/jobs?state=bogus&size=7")[2])[:2] == [h.id for h in handles[:2]]  # ignored
+    assert rows(call(web, "GET", "/jobs?state=bogus&size=7&sort=bogus")[2])[:2] == newest[:2]  # ignored
     status, headers, _ = call(web, "GET", f"/jobs?id={booms[2]}")
     assert status == 303 and headers["location"] == f"/jobs/{booms[2]}"
     status, _, missing = call(web, "GET", "/jobs/ffffffffffffffffffffffffff")
@@ -67,6 +75,7 @@ def test_dead_letters_one_selection_or_all_matching(sqlite_store: Store, start_w
     web = start_web(sqlite_store, token=TOKEN)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     assert sorted(rows(call(web, "GET", "/dead")[2])) == sorted(booms + files)
+    assert rows(call(web, "GET", "/dead?sort=newest")[2]) == (booms + files)[::-1]  # ids follow firing order
     # One: remove it from the list (the record stays until it expires).
     assert call(web, "POST", f"/jobs/{booms[0]}/dismiss", {}, headers=bearer)[0] == 303
     record = sqlite_store.queue_handle().get(booms[0])

@@ -39,3 +39,30 @@ def needs_file(path: str) -> str:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} is not there yet")
     return "fixed"
+
+
+@queue.event(routes=["fast"])
+def flaky(name: str, failures: int) -> int:
+    """Fails its first ``failures`` runs (counted in $WEBTEST_RUNS under ``name``), then returns the run's number."""
+    _ran(name)
+    path = os.environ.get("WEBTEST_RUNS", "")
+    runs = sum(1 for line in Path(path).read_text().splitlines() if line.split()[0] == name) if path else 0
+    if runs <= failures:
+        raise TimeoutError(f"{name}: run {runs} timed out")
+    return runs
+
+
+@queue.event(routes=["fast"])
+async def asleep(seconds: float) -> float:
+    import asyncio
+
+    _ran("asleep")
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@queue.event(routes=["fast"])
+def slow(seconds: float) -> float:
+    _ran("slow")
+    time.sleep(seconds)
+    return seconds

@@ -142,6 +142,8 @@ class AsyncWorker(Worker):
         if why is None and isinstance(raised, asyncio.CancelledError):
             why = JobKilled("cancelled")
         outcome = self._outcome(record, value, raised, why)
+        if outcome is not None:
+            outcome = outcome.ending(record)  # the history entry, written by the same finish
         self._count_done()
         ran = time.monotonic() - started
         try:

@@ -234,7 +234,23 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
         "attempts": record.attempts, "retries": record.retries, "token": record.token,
         "owner": record.owner, "target": record.target, "fired": record.created, "due": record.due,
         "started": record.started, "finished": record.finished, "timeout": record.timeout,
+        "history": record.history, "history_dropped": record.history_dropped,
     }
+
+
+def _history_lines(history: list[dict[str, Any]], dropped: int) -> list[str]:
+    """``skunq job``'s table of attempts, oldest first; each error's traceback is in ``--json``."""
+    lines = [f"{'attempt':>7}  {'outcome':8} {'started':19} {'took':>9}  {'worker':30} error"]
+    if dropped:
+        lines.append(f"{'':7}  ({dropped} earlier attempt(s) dropped: the last {len(history)} are kept)")
+    for entry in history:
+        started, finished = entry.get("started"), entry.get("finished")
+        took = f"{finished - started:.3f} s" if isinstance(started, (int, float)) and \
+            isinstance(finished, (int, float)) else "-"
+        error = f"{entry.get('error_type')}: {entry.get('message', '')}" if entry.get("error_type") else ""
+        lines.append(f"{entry.get('attempt', '?')!s:>7}  {entry.get('outcome', '?')!s:8} {_when(started):19} "
+                     f"{took:>9}  {entry.get('worker') or '-'!s:30} {error}".rstrip())
+    return lines
 
 
 @main.command("job")
@@ -244,7 +260,8 @@ def _job_fields(record: JobRecord) -> dict[str, Any]:
 @_store_options
 @_friendly
 def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url: str | None, db: str | None) -> None:
-    """Show one job: function, route, state, arguments, result or error, attempts, owner, times."""
+    """Show one job: function, route, state, arguments, result or error, attempts, owner, times,
+    and its history: each attempt's worker, outcome, times and error (the last 20)."""
     store = _open(queue, backend, url, db)
     record = store.get(job_id)
     if record is None:
@@ -259,6 +276,7 @@ def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url
         click.echo(json.dumps(fields, indent=2, sort_keys=True, default=repr))
         return
     error = fields.pop("error") or {}
+    history, dropped = fields.pop("history"), fields.pop("history_dropped")
     for name in ("fired", "due", "started", "finished"):
         fields[name] = _when(fields[name])
     if waiting:
@@ -273,6 +291,10 @@ def job_command(job_id: str, queue: str, as_json: bool, backend: str | None, url
         click.echo(f"{'error:':11} {error.get('type', '')}: {error.get('message', '')}")
         if error.get("traceback"):
             click.echo(error["traceback"].rstrip())
+    if history:
+        click.echo("history:")
+        for line in _history_lines(history, dropped):
+            click.echo(f"  {line}")
 
 
 @main.command("jobs")

@@ -14,6 +14,7 @@ from skunkqueue.record import (
     COMPLETE,
     ERROR,
     KILLED,
+    LOST,
     MIN_ATTEMPTS_ON_LOST_LEASE,
     PENDING,
     JobRecord,
@@ -83,15 +84,16 @@ def lease_lost(record: JobRecord) -> Outcome:
 def worker_died(record: JobRecord, kind: str, message: str) -> Outcome:
     """The process running the job is gone (crashed, or stopped renewing its lease).
 
-    Counts as an attempt; handed out again up to MIN_ATTEMPTS_ON_LOST_LEASE
-    starts even with ``retries=0``, then dead-lettered.
+    Counts as an attempt, which the job's history shows as ``lost``; handed out
+    again up to MIN_ATTEMPTS_ON_LOST_LEASE starts even with ``retries=0``, then
+    dead-lettered.
     """
     limit = max(record.retries + 1, MIN_ATTEMPTS_ON_LOST_LEASE)
     error = {"type": kind, "message": f"{message} (attempt {record.attempts})", "traceback": ""}
     if record.attempts < limit:
-        return Outcome(PENDING, error=error, due=time.time())
+        return Outcome(PENDING, error=error, due=time.time()).ending(record, LOST)
     error["message"] += f"; gave up after {record.attempts} attempts"
-    return Outcome(ERROR, error=error, dead=True)
+    return Outcome(ERROR, error=error, dead=True).ending(record, LOST)
 
 
 def release(record: JobRecord) -> Outcome:

@@ -465,6 +465,7 @@ class WorkerPool:
             why = claim.interrupt[0]  # it died of the interrupt itself (e.g. the job reset SIGUSR1)
         if why is not None:
             outcome = policy.interrupted(record, why)
+            outcome = outcome.ending(record) if outcome is not None else None
         else:
             outcome = policy.worker_died(record, "WorkerDied",
                                          f"worker {child.worker_id} exited with status {code} while running it")
@@ -595,5 +596,6 @@ class WorkerPool:
             log.warning("pool: worker %s was presumed dead and reaped; registering it again", child.worker_id)
             self._store_call("register a worker", store.register_worker, WorkerInfo(
                 id=child.worker_id, queue=child.config.queue, route=child.config.route,
-                host=socket.gethostname(), pid=child.process.pid, state=state))
+                host=socket.gethostname(), pid=child.process.pid, state=state,
+                concurrency=child.config.async_concurrency))
 

@@ -39,6 +39,20 @@ MIN_ATTEMPTS_ON_LOST_LEASE = 5
 # What a job killed on request says about itself.
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
 
+# A record's history keeps the entries of its last HISTORY_LIMIT attempts (``history``) and counts
+# those dropped to make room (``history_dropped``). Each entry keeps the first ATTEMPT_MESSAGE_CHARS
+# of its error message and the last ATTEMPT_TRACEBACK_CHARS of its traceback (where the error was
+# raised): twenty entries then stay far below the smallest value a store takes (FoundationDB's 100 kB).
+HISTORY_LIMIT: Final = 20
+ATTEMPT_MESSAGE_CHARS: Final = 500
+ATTEMPT_TRACEBACK_CHARS: Final = 2000
+
+# How an attempt ended, as its history entry says. "lost": its worker vanished (killed, crashed,
+# or stopped renewing the lease) and the job was taken back; the others as the job states.
+AttemptOutcome = Literal["complete", "error", "killed", "lost"]
+LOST: Final = "lost"
+ATTEMPT_OUTCOMES: tuple[str, ...] = get_args(AttemptOutcome)
+
 _id_lock = threading.Lock()
 _last_id_ns = 0
 
@@ -97,6 +111,10 @@ class JobRecord:
     limit_concurrency: int | None = None  # at most this many running (with a live lease) per key
     limit_interval: float | None = None   # rate: seconds between starts per key (GCRA)...
     limit_burst: int | None = None        # ...with this many at once after a quiet spell
+    # One entry per ended attempt, oldest first, at most HISTORY_LIMIT (see attempt_entry); each is
+    # appended by the finish that ends the attempt, in the same atomic step.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_dropped: int = 0        # older entries dropped to keep HISTORY_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,6 +164,11 @@ class JobRecord:
             self.limit_interval = float(self.limit_interval)
         if self.limit_burst is not None:
             self.limit_burst = int(self.limit_burst)
+        if self.history is None:
+            self.history = []
+        if not isinstance(self.history, list) or not all(isinstance(e, dict) for e in self.history):
+            raise MalformedRecord("history is not a list of attempt entries")
+        self.history_dropped = int(self.history_dropped or 0)
         if self.parents is not None and (not isinstance(self.parents, list)
                                          or not all(isinstance(p, str) for p in self.parents)):
             raise MalformedRecord("parents is not a list of job ids")
@@ -186,6 +209,16 @@ class Outcome:
     dead: bool = False
     attempts: int | None = None     # set to reset the attempt counter (dead-letter retry)
     finished: float | None = None
+    # The history entry of the attempt this outcome ends (attempt_entry; the store adds "finished"),
+    # or None when no attempt ends (a hand-back, a requeue, a kill before the job ran).
+    attempt: dict[str, Any] | None = None
+
+    def ending(self, record: JobRecord, how: str | None = None) -> Outcome:
+        """This outcome, ending ``record``'s current attempt: with its history entry (``how`` it ended;
+        by default complete, killed or error as the state says)."""
+        if how is None:
+            how = self.state if self.state in (COMPLETE, KILLED) else ERROR
+        return dataclasses.replace(self, attempt=attempt_entry(record, how, self.error))
 
     def apply_to(self, record: JobRecord, now: float) -> JobRecord:
         """Return a copy of ``record`` with this outcome applied.
@@ -199,8 +232,12 @@ class Outcome:
         job never runs again once ``kill`` has returned.
         """
         if self.state == PENDING and record.kill_requested:
-            return Outcome(KILLED, error=dict(KILLED_BY_REQUEST), attempts=self.attempts).apply_to(record, now)
+            return Outcome(KILLED, error=dict(KILLED_BY_REQUEST), attempts=self.attempts,
+                           attempt=self.attempt).apply_to(record, now)
         updated = dataclasses.replace(record)
+        if self.attempt is not None:
+            updated.history, dropped = appended(record.history, {**self.attempt, "finished": now})
+            updated.history_dropped = record.history_dropped + dropped
         updated.state = self.state
         updated.owner = None
         updated.lease_until = None
@@ -220,6 +257,46 @@ class Outcome:
         return updated
 
 
+def _clip_head(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _clip_tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def worker_address(worker_id: str | None) -> tuple[str | None, int | None]:
+    """(host, pid) of a worker id as workers make them (``host:pid:route:nonce``); Nones if it is not one."""
+    host, _, rest = (worker_id or "").partition(":")
+    pid, _, _ = rest.partition(":")
+    return (host, int(pid)) if host and pid.isdigit() else (None, None)
+
+
+def attempt_entry(record: JobRecord, how: str, error: Mapping[str, str] | None) -> dict[str, Any]:
+    """The history entry of ``record``'s current attempt ending ``how`` (one of ATTEMPT_OUTCOMES).
+
+    Plain JSON: ``attempt`` (its number), ``worker``, ``host``, ``pid``, ``started``, ``outcome``,
+    ``error_type``, ``message``, ``traceback``; the store adds ``finished`` (its clock) when it
+    applies the finish. Message and traceback are clipped (ATTEMPT_MESSAGE_CHARS, ATTEMPT_TRACEBACK_CHARS).
+    """
+    if how not in ATTEMPT_OUTCOMES:
+        raise ValueError(f"an attempt ends {' or '.join(ATTEMPT_OUTCOMES)}, not {how!r}")
+    host, pid = worker_address(record.owner)
+    err = error or {}
+    return {"attempt": record.attempts, "worker": record.owner, "host": host, "pid": pid,
+            "started": record.started, "outcome": how,
+            "error_type": str(err["type"]) if err.get("type") else None,
+            "message": _clip_head(str(err.get("message") or ""), ATTEMPT_MESSAGE_CHARS),
+            "traceback": _clip_tail(str(err.get("traceback") or ""), ATTEMPT_TRACEBACK_CHARS)}
+
+
+def appended(history: list[dict[str, Any]] | None, entry: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """``history`` with ``entry`` added, cut to its last HISTORY_LIMIT entries; and how many were cut."""
+    longer = [*(history or []), entry]
+    dropped = max(0, len(longer) - HISTORY_LIMIT)
+    return longer[dropped:], dropped
+
+
 @dataclass
 class WorkerInfo:
     """A live worker as the registry knows it."""
@@ -232,6 +309,7 @@ class WorkerInfo:
     state: str = "idle"             # idle | busy | stopping
     started: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    concurrency: int = 1            # async jobs it runs at once (--async-concurrency)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,4 +317,6 @@ class WorkerInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerInfo:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        info = cls(**{k: v for k, v in data.items() if k in names})
+        info.concurrency = int(info.concurrency or 1)  # stores that keep text give it back as text
+        return info

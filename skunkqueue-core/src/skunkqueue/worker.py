@@ -165,7 +165,7 @@ class Worker:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
-                               host=socket.gethostname(), pid=os.getpid())
+                               host=socket.gethostname(), pid=os.getpid(), concurrency=config.async_concurrency)
         self.stopping: str | None = None     # None, "gentle" or "rough"; set by signal handlers
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)
@@ -442,13 +442,14 @@ class Worker:
             self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
             return
         done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
+        outcome = outcome.ending(record)  # the history entry, written by the same finish
         try:
             recorded = self._finish(record, outcome, done)
         except BackendUnavailable:
             recorded = self._finish_when_back(record, outcome, done)
         except SkunkQueueError as exc:
             # The store refused this outcome (e.g. a size limit): record why instead.
-            outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False)
+            outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False).ending(record)
             recorded = self.backend.finish(record.id, record.token, outcome)
             self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
         hooks.call("job_finished", record=record, outcome=outcome)

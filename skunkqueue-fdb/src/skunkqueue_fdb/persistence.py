@@ -686,19 +686,28 @@ class FDBPersistence(Persistence):
     # Records one list_page call reads past its cursor, however few of them match its filters.
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     @_translate
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in id (creation) order over the job keys: a call reads at most PAGE_SCAN records
         # past its cursor, however deep the page and however rarely the filters match; the default
-        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>".
-        if after is not None and not after.startswith("i:"):
+        # offset cursor read the whole queue for every page. The cursor is "i:<the last id looked at>"
+        # ("n:" newest first: the job keys read backwards).
+        mark = "n:" if newest else "i:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
-        begin = self._jobs.range((after[2:],)).stop if after else self._jobs.range().start
         scan = max(limit, self.PAGE_SCAN)
+        if newest:
+            records: Iterator[_Stored] = self._scan_back_from(
+                self._jobs.range((after[2:],)).start if after else self._jobs.range().stop)
+        else:
+            records = self._scan_from(self._jobs.range((after[2:],)).stop if after else self._jobs.range().start)
         found: list[JobRecord] = []
         looked = 0
-        for stored in self._scan_from(begin):
+        for stored in records:
             looked += 1
             try:
                 record = stored.record()
@@ -709,8 +718,41 @@ class FDBPersistence(Persistence):
                                        and (dead is None or record.dead == dead)):
                 found.append(record)
             if len(found) == limit or looked == scan:
-                return found, f"i:{stored.id}"
+                return found, f"{mark}{stored.id}"
         return found, None
+
+    # Records read backwards per transaction: each is found with a one-key reverse read, then read whole.
+    BACK_BATCH = 50
+
+    def _scan_back_from(self, end: bytes) -> Iterator[_Stored]:
+        """The queue's records whose keys lie before ``end``, newest id first, a batch per transaction."""
+        start = self._jobs.range().start
+
+        def batch(tr: Any, before: bytes) -> list[_Stored]:
+            out: list[_Stored] = []
+            while len(out) < self.BACK_BATCH:
+                last = list(tr.snapshot.get_range(start, before, limit=1, reverse=True))
+                if not last:
+                    break
+                try:
+                    job_id = self._jobs.unpack(last[0].key)[0]
+                except ValueError:  # not a tuple: nothing SkunkQueue wrote
+                    before = last[0].key
+                    continue
+                span = self._jobs.range((job_id,))
+                stored = _Stored(job_id)
+                for kv in tr.snapshot.get_range(span.start, span.stop):
+                    stored.add(self._jobs.unpack(kv.key)[1:], kv.value)
+                out.append(stored)
+                before = span.start
+            return out
+
+        while True:
+            stored_batch = fdb.transactional(lambda tr, b=end: batch(tr, b))(self._db)
+            if not stored_batch:
+                return
+            yield from stored_batch
+            end = self._jobs.range((stored_batch[-1].id,)).start
 
     def _scan(self) -> list[_Stored]:
         """Every record of the queue (see :meth:`_scan_from`)."""

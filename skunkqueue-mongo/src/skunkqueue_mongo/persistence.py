@@ -84,7 +84,17 @@ from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import (
+    ERROR,
+    FINISHED_STATES,
+    HISTORY_LIMIT,
+    KILLED,
+    PENDING,
+    RUNNING,
+    JobRecord,
+    Outcome,
+    WorkerInfo,
+)
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
 
@@ -630,21 +640,26 @@ class MongoPersistence(NativeAsync, Persistence):
     # Documents one list_page call looks at past its cursor, however few of them match its filters.
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in _id (creation) order on the _id index: a call looks at the filter fields of at
         # most PAGE_SCAN documents and reads in full only those it returns, however deep the page and
         # however rarely the filters match; the default offset cursor re-read every earlier page.
-        # The cursor is "i:<the last _id looked at>".
-        if after is not None and not after.startswith("i:"):
+        # The cursor is "i:<the last _id looked at>" ("n:" newest first: the _id index read backwards).
+        mark = "n:" if newest else "i:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
         scan = max(limit, self.PAGE_SCAN)
         query: dict[str, Any] = {"queue": self.queue, **_not_expired(self.now())}
         if after:
-            query["_id"] = {"$gt": after[2:]}
+            query["_id"] = {"$lt" if newest else "$gt": after[2:]}
+        direction = DESCENDING if newest else ASCENDING
 
         def read() -> tuple[list[JobRecord], str | None]:
-            heads = list(self.jobs.find(query, {"route": 1, "state": 1, "dead": 1}, sort=[("_id", ASCENDING)],
+            heads = list(self.jobs.find(query, {"route": 1, "state": 1, "dead": 1}, sort=[("_id", direction)],
                                         limit=scan, hint=[("_id", ASCENDING)]))
             chosen: list[Any] = []
             more = len(heads) == scan
@@ -664,7 +679,7 @@ class MongoPersistence(NativeAsync, Persistence):
                     records.append(_to_record(found[job_id]))
                 except (KeyError, MalformedRecord):  # deleted since, or damaged
                     continue
-            return records, (f"i:{heads[-1]['_id']}" if more and heads else None)
+            return records, (f"{mark}{heads[-1]['_id']}" if more and heads else None)
 
         return self._call("list jobs", read)
 
@@ -980,6 +995,14 @@ class MongoPersistence(NativeAsync, Persistence):
             finished = NOW if outcome.finished is None else outcome.finished + moved
             fields.update(result=_lit(outcome.result), finished=finished,
                           expire_at=_expire_at(finished, self._ttl()))
+        if outcome.attempt is not None:
+            # The ended attempt's entry, stamped with the server's clock, on the end of the history,
+            # of which the last HISTORY_LIMIT stay (every right-hand side reads the record as it was).
+            entry = {"$mergeObjects": [_lit(outcome.attempt), {"finished": NOW}]}
+            longer = {"$concatArrays": [{"$ifNull": ["$history", []]}, [entry]]}
+            fields["history"] = {"$slice": [longer, -HISTORY_LIMIT]}
+            fields["history_dropped"] = {"$add": [{"$ifNull": ["$history_dropped", 0]}, {"$max": [
+                0, {"$subtract": [{"$size": {"$ifNull": ["$history", []]}}, HISTORY_LIMIT - 1]}]}]}
         fence = {"_id": job_id, "queue": self.queue, "state": expect, "token": token}
         if outcome.state != PENDING:
             # Its dependents are counted down next; until that is done the record says so, and

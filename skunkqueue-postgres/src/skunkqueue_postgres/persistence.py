@@ -64,6 +64,7 @@ from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEAS
 from skunkqueue.record import (
     COMPLETE,
     ERROR,
+    HISTORY_LIMIT,
     KILLED,
     KILLED_BY_REQUEST,
     PENDING,
@@ -106,6 +107,7 @@ FIELD_TYPES: dict[str, str] = {
     "retries": "int4", "retry_backoff": "float8", "timeout": "float8", "token": "int8", "owner": "text",
     "lease_until": "float8", "kill_requested": "bool", "started": "float8", "finished": "float8",
     "result": "bytea", "error": "jsonb", "dead": "bool", "key": "text", "result_ttl": "float8",
+    "history": "jsonb", "history_dropped": "int4",
     "priority": "int4", "limit_key": "text", "limit_concurrency": "int4", "limit_interval": "float8",
     "limit_burst": "int4",
 }
@@ -310,7 +312,7 @@ class PostgresPersistence(Persistence):
             data = vars(record)
             for i, name in enumerate(FIELDS):
                 value = data[name]
-                if name == "error":
+                if FIELD_TYPES[name] == "jsonb":
                     value = None if value is None else json.dumps(value)
                 elif moved and name in TIME_FIELDS and value is not None:
                     value += moved
@@ -319,7 +321,7 @@ class PostgresPersistence(Persistence):
 
     def _insert_statement(self) -> sql.Composed:
         casts = ", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for t in FIELD_TYPES.values())
-        chosen = ", ".join("error::jsonb" if name == "error" else name for name in FIELDS)
+        chosen = ", ".join(f"{name}::jsonb" if FIELD_TYPES[name] == "jsonb" else name for name in FIELDS)
         return self._sql("insert", f"""
             WITH incoming AS (SELECT * FROM unnest({casts}) AS t({', '.join(FIELDS)})),
             stored AS (
@@ -486,15 +488,22 @@ class PostgresPersistence(Persistence):
     # Rows of the primary key one list_page call looks at, at most (the monitor's scan budget).
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in id order (ids never change, so a page boundary holds while records move):
         # a call looks at most PAGE_SCAN rows of the primary key past the cursor, however deep the page
         # and however rarely the filters match, and may come back short with a cursor. The cursor is
-        # "id:<the last id looked at>".
-        if after is not None and not after.startswith("id:"):
+        # "id:<the last id looked at>" ("nd:" newest first: the primary key read backwards).
+        mark = "nd:" if newest else "id:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
         scan = max(limit, self.PAGE_SCAN)
+        past, order = ("id < %s", "DESC") if newest else ("id > %s", "")
+        if newest and after is None:
+            past = "true"
 
         def look(conn: psycopg.Connection[dict[str, Any]]) -> list[dict[str, Any]]:
             with conn.transaction():
@@ -502,26 +511,26 @@ class PostgresPersistence(Persistence):
                 # bitmap scan of another (queue, ...) index and a sort of the whole queue (50 ms at
                 # 20,000 jobs, growing with the queue) to the primary key's order.
                 conn.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
-                return conn.execute(self._sql("page window", """
-                    SELECT id, route, state, dead, (expire_at IS NULL OR expire_at >= {now}) AS live FROM {jobs}
-                    WHERE queue = %s AND id > %s ORDER BY queue, id LIMIT %s"""),
-                    (self.queue, after[3:] if after else "", scan)).fetchall()
+                return conn.execute(self._sql(f"page window {past} {order}", f"""
+                    SELECT id, route, state, dead, (expire_at IS NULL OR expire_at >= {{now}}) AS live FROM {{jobs}}
+                    WHERE queue = %s AND {past} ORDER BY queue {order}, id {order} LIMIT %s"""),
+                    (self.queue, *([] if past == "true" else [after[3:] if after else ""]), scan)).fetchall()
 
         window = self._call("list page", look)
         chosen: list[str] = []
-        cursor = f"id:{window[-1]['id']}" if len(window) == scan else None
+        cursor = f"{mark}{window[-1]['id']}" if len(window) == scan else None
         for n, row in enumerate(window, 1):
             if not row["live"] or (route is not None and row["route"] != route) or \
                     (state is not None and row["state"] != state) or (dead is not None and row["dead"] != dead):
                 continue
             chosen.append(row["id"])
             if len(chosen) == limit:
-                cursor = f"id:{row['id']}" if n < len(window) or len(window) == scan else None
+                cursor = f"{mark}{row['id']}" if n < len(window) or len(window) == scan else None
                 break
         if not chosen:
             return [], cursor
-        rows = self._call("list page", lambda conn: conn.execute(self._sql("page rows", f"""
-            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s) ORDER BY id"""),
+        rows = self._call("list page", lambda conn: conn.execute(self._sql(f"page rows {order}", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s) ORDER BY id {order}"""),
             (self.queue, chosen)).fetchall())
         return self._records(rows), cursor
 
@@ -842,9 +851,18 @@ class PostgresPersistence(Persistence):
         return {job_id: (LEASE_LOST if job_id not in kept else LEASE_KILL if kept[job_id] else LEASE_OK)
                 for job_id, _ in leases}
 
-    def _finish_statement(self, pending: bool) -> sql.Composed:
+    def _finish_statement(self, pending: bool, attempt: bool) -> sql.Composed:
         # Outcome.apply_to in SQL (the kit compares the two). Every right-hand side reads the row as
         # it was, so "kill_requested" below is the flag before this update clears it.
+        # With ``attempt``: the ended attempt's entry, stamped with the server's clock, goes on the end of
+        # the history, of which the last %(keep)s entries stay; the rest are counted in history_dropped.
+        history = """, history = (
+                SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)
+                FROM jsonb_array_elements(history || jsonb_build_array(
+                    %(attempt)s::jsonb || jsonb_build_object('finished', {now}))) WITH ORDINALITY AS t(e, n)
+                WHERE n > jsonb_array_length(history) + 1 - %(keep)s),
+            history_dropped = history_dropped + greatest(0, jsonb_array_length(history) + 1 - %(keep)s)""" \
+            if attempt else ""
         if not pending:
             sets = """state = %(state)s, result = %(result)s, error = %(error)s::jsonb,
                 finished = coalesce(%(finished)s, {now}),
@@ -858,9 +876,9 @@ class PostgresPersistence(Persistence):
                 finished = CASE WHEN kill_requested THEN {now} END,
                 expire_at = CASE WHEN kill_requested THEN {now} + coalesce(result_ttl, %(ttl)s) END,
                 dead = CASE WHEN kill_requested THEN false ELSE %(dead)s END"""
-        return self._sql(f"finish {pending}", f"""
+        return self._sql(f"finish {pending} {attempt}", f"""
             WITH done AS (
-                UPDATE {{jobs}} SET {sets}, owner = NULL, lease_until = NULL, kill_requested = false,
+                UPDATE {{jobs}} SET {sets}{history}, owner = NULL, lease_until = NULL, kill_requested = false,
                     attempts = coalesce(%(attempts)s, attempts)
                 WHERE queue = %(queue)s AND id = %(id)s AND state = %(expect)s AND token = %(token)s
                 RETURNING state, route, limit_key)
@@ -880,8 +898,9 @@ class PostgresPersistence(Persistence):
             "finished": None if outcome.finished is None else outcome.finished + moved,
             "ttl": self.result_ttl, "queue": self.queue, "id": job_id, "expect": expect, "token": token,
             "channel": self.done_channel(job_id),
+            "attempt": None if outcome.attempt is None else json.dumps(outcome.attempt), "keep": HISTORY_LIMIT,
         }
-        row = conn.execute(self._finish_statement(pending), params).fetchone()
+        row = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params).fetchone()
         if row is None:
             return False
         frees_slot = expect == RUNNING and (row["limit_key"] is not None or self._limits_route(row["route"]))
@@ -924,12 +943,13 @@ class PostgresPersistence(Persistence):
         # Readers compare last_seen with the server's clock: a skewed worker's stamps are moved onto it.
         moved = self._shift()
         self._call("register worker", lambda conn: conn.execute(self._sql("register", """
-            INSERT INTO {workers} (queue, id, route, host, pid, state, started, last_seen)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            INSERT INTO {workers} (queue, id, route, host, pid, state, started, last_seen, concurrency)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (queue, id) DO UPDATE SET route = excluded.route, host = excluded.host, pid = excluded.pid,
-                state = excluded.state, started = excluded.started, last_seen = excluded.last_seen"""),
+                state = excluded.state, started = excluded.started, last_seen = excluded.last_seen,
+                concurrency = excluded.concurrency"""),
             (self.queue, info.id, info.route, info.host, info.pid, info.state, info.started + moved,
-             info.last_seen + moved)))
+             info.last_seen + moved, info.concurrency)))
 
     def heartbeat(self, worker_id: str, state: str) -> bool:
         return self._call("heartbeat", lambda conn: conn.execute(self._sql("heartbeat", """
@@ -942,7 +962,7 @@ class PostgresPersistence(Persistence):
 
     def workers(self) -> list[WorkerInfo]:
         rows = self._call("workers", lambda conn: conn.execute(self._sql("workers", """
-            SELECT id, queue, route, host, pid, state, started, last_seen FROM {workers}
+            SELECT id, queue, route, host, pid, state, started, last_seen, concurrency FROM {workers}
             WHERE queue = %s ORDER BY id"""), (self.queue,)).fetchall())
         return [WorkerInfo.from_dict(row) for row in rows]
 

@@ -92,7 +92,14 @@ STEPS: list[str] = [
     );
     CREATE INDEX jobs_state ON {s}.jobs (queue, state, route);
     """,
-    # 3: flow control (skunkqueue.flow): priorities, limit keys and their rates' times.
+    # 3: a job's history: one entry per ended attempt (the last 20), and how many were dropped;
+    # a worker's async concurrency.
+    """
+    ALTER TABLE {s}.jobs ADD COLUMN history jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN history_dropped int4 NOT NULL DEFAULT 0;
+    ALTER TABLE {s}.workers ADD COLUMN concurrency int4 NOT NULL DEFAULT 1;
+    """,
+    # 4: flow control (skunkqueue.flow): priorities, limit keys and their rates' times.
     """
     ALTER TABLE {s}.jobs ADD COLUMN priority int4 NOT NULL DEFAULT 0,
         ADD COLUMN limit_key text COLLATE "C", ADD COLUMN limit_concurrency int4,

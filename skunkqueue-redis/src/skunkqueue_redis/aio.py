@@ -111,17 +111,17 @@ class NativeAsync(Persistence):
             if len(chunks) > 1:
                 pipe.execute_command("MULTI")
             for chunk in chunks:
-                await side.script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+                await side.script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunk], client=pipe)
             if len(chunks) > 1:
                 pipe.execute_command("EXEC")
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             return self.holders(records, self.replicas_confirmed(await pipe.execute(), len(chunks)))
         if len(chunks) == 1:
-            replies = [await side.script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
+            replies = [await side.script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunks[0]])]
         else:
             pipe = side.client.pipeline(transaction=True)
             for chunk in chunks:
-                await side.script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+                await side.script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunk], client=pipe)
             replies = await pipe.execute()
         return self.holders(records, replies)
 

@@ -18,9 +18,12 @@ _STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner"
 _BYTES = ("payload", "result")
 _FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl",
           "limit_interval")
-_INT = ("attempts", "retries", "token", "priority", "limit_concurrency", "limit_burst")
+_INT = ("attempts", "retries", "token", "history_dropped", "priority", "limit_concurrency",
+        "limit_burst")
 _BOOL = ("kill_requested", "dead")
 _JSON = ("error", "parents", "inputs")  # parents: the scripts read it too (cjson)
+# The attempts' entries, packed as "<length>:<json>" items (finish.lua appends and drops without decoding).
+_PACKED_JSON = ("history",)
 
 
 def _decode_value(name: str, raw: bytes) -> Any:
@@ -35,11 +38,13 @@ def _decode_value(name: str, raw: bytes) -> Any:
         return text == "1"
     if name in _JSON:
         return json.loads(text)
+    if name in _PACKED_JSON:
+        return [json.loads(item) for item in unpack_items(raw)]
     return text
 
 
 _DECODERS: dict[bytes, str] = {
-    name.encode(): name for name in (*_STR, *_BYTES, *_FLOAT, *_INT, *_BOOL, *_JSON)
+    name.encode(): name for name in (*_STR, *_BYTES, *_FLOAT, *_INT, *_BOOL, *_JSON, *_PACKED_JSON)
 }
 
 
@@ -70,7 +75,8 @@ def decode_record(flat: dict[bytes, bytes] | Sequence[bytes], job_id: str = "?")
 
 # Fields left out while they hold their zero value: a fresh record is then ten
 # fields, and the scripts read a missing token or attempts as 0.
-_OMIT_ZERO = {"token": 0, "attempts": 0, "retries": 0, "kill_requested": False, "dead": False, "priority": 0}
+_OMIT_ZERO: dict[str, Any] = {"token": 0, "attempts": 0, "retries": 0, "kill_requested": False, "dead": False,
+                              "history": [], "history_dropped": 0, "priority": 0}
 
 
 def encode_record(record: JobRecord) -> dict[str, bytes]:
@@ -87,6 +93,8 @@ def encode_record(record: JobRecord) -> dict[str, bytes]:
             out[name] = b"1" if value else b"0"
         elif name in _JSON:
             out[name] = json.dumps(value).encode()
+        elif name in _PACKED_JSON:
+            out[name] = pack_items(json.dumps(item).encode() for item in value)
         else:
             out[name] = str(value).encode()
     return out
@@ -103,6 +111,19 @@ def pack_record(record: JobRecord) -> bytes:
     """encode_record, packed as name/value items; on the enqueue hot path, hence unrolled."""
     return b"".join(_NAME_ITEMS[name] + b"%d:%s" % (len(value), value)
                     for name, value in encode_record(record).items())
+
+
+def unpack_items(blob: bytes) -> list[bytes]:
+    """The items packed by pack_items."""
+    out: list[bytes] = []
+    pos, end = 0, len(blob)
+    while pos < end:
+        colon = blob.index(b":", pos)
+        pos = colon + 1 + int(blob[pos:colon])
+        if pos > end:
+            raise ValueError("a packed item runs past the end")
+        out.append(blob[colon + 1:pos])
+    return out
 
 
 def unpack_fields(blob: bytes) -> dict[bytes, bytes]:

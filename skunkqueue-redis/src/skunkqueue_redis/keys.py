@@ -10,6 +10,9 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:n:<route>[:<tgt>]   list    wake-up tokens idle workers block on (BLPOP)
     sq:{Q}:lease               zset    running records, score = lease_until
     sq:{Q}:jobs                zset    every record, score = +inf or when it expires (counts, list_jobs)
+    sq:{Q}:fired               zset    every record, score 0: lexical order is id (fired) order, for the
+                                       monitor's newest-first pages (list_page(newest=True))
+    sq:{Q}:fired_indexed       string  set once "fired" covers records stored before it existed
     sq:{Q}:done:<id>           list    one token while a record is finished; sync waiters BLMOVE on it
     sq:{Q}:done:               channel finish publishes each finished id; one asyncio subscriber per loop
     sq:{Q}:workers, sq:{Q}:w:<id>      worker registry (set of ids, one hash per worker)
@@ -88,6 +91,8 @@ class Keys:
         self.done_prefix = self.base + "done:"
         self.lease = self.base + "lease"
         self.index = self.base + "jobs"
+        self.fired = self.base + "fired"
+        self.fired_indexed = self.base + "fired_indexed"
         self.workers = self.base + "workers"
         self.key_prefix = self.base + "k:"
         self.settings = self.base + "settings"

@@ -31,7 +31,7 @@ from skunkqueue import flow
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
-from skunkqueue.record import ERROR, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import ERROR, HISTORY_LIMIT, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact
 from skunkqueue_redis import scripts
@@ -193,7 +193,7 @@ class RedisPersistence(NativeAsync, Persistence):
             self.replicated_enqueue(pipe, chunks, ttl, now)
             return self.holders(records, self.replicas_confirmed(pipe.execute(), len(chunks)))
         if len(chunks) == 1:
-            replies = [self._script("enqueue", [k.index, k.lease], [ttl, now, chunks[0]])]
+            replies = [self._script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunks[0]])]
         else:
             # MULTI/EXEC keeps a batch of several chunks all-or-nothing. redis-py's
             # cluster pipeline refuses scripts, but every key of the queue lives on
@@ -203,7 +203,7 @@ class RedisPersistence(NativeAsync, Persistence):
                 client = client.get_node_from_key(k.index).redis_connection
             pipe = client.pipeline(transaction=True)
             for chunk in chunks:
-                self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+                self._script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunk], client=pipe)
             replies = pipe.execute()
         return self.holders(records, replies)
 
@@ -218,7 +218,7 @@ class RedisPersistence(NativeAsync, Persistence):
         if len(chunks) > 1:
             pipe.execute_command("MULTI")
         for chunk in chunks:
-            self._script("enqueue", [k.index, k.lease], [ttl, now, chunk], client=pipe)
+            self._script("enqueue", [k.index, k.lease, k.fired], [ttl, now, chunk], client=pipe)
         if len(chunks) > 1:
             pipe.execute_command("EXEC")
         pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -293,6 +293,66 @@ class RedisPersistence(NativeAsync, Persistence):
             for raw_id, values in zip(ids, pipe.execute(raise_on_error=False)):
                 if isinstance(values, list) and values[0] is not None:
                     yield text(raw_id), values
+
+    # Ids of the fired index one newest-first page looks at, at most (the monitor's scan budget).
+    PAGE_SCAN = 1000
+
+    def _newest_page(self, route: str | None, state: str | None, dead: bool | None, limit: int,
+                     after: str | None) -> tuple[list[JobRecord], str | None]:
+        # The fired index read backwards from the cursor ("n:<the last id looked at>"): at most
+        # PAGE_SCAN ids per call, a page may come back short with a cursor when few records match.
+        if after is not None and not after.startswith("n:"):
+            raise ValueError(f"{after!r} is not a page cursor of this store")
+        self._ensure_fired()
+        k = self.keys
+        scan = max(limit, self.PAGE_SCAN)
+        top = f"({after[2:]}" if after else "+"
+        records: list[JobRecord] = []
+        looked, cursor = 0, None
+        while looked < scan and len(records) < limit:
+            # As many as are still missing (at least 100: a filter may skip many), not a whole batch
+            # read in full for a page of 50.
+            want = min(SCAN_BATCH, scan - looked, max(limit - len(records), 100))
+            ids = [text(i) for i in self.client.zrevrangebylex(k.fired, top, "-", start=0, num=want)]
+            if not ids:
+                return records, None
+            pipe = self._pipeline()
+            for job_id in ids:
+                pipe.hgetall(k.job(job_id))
+            gone = []
+            for job_id, flat in zip(ids, pipe.execute(raise_on_error=False)):
+                looked += 1
+                cursor = f"n:{job_id}"
+                if isinstance(flat, dict) and not flat:
+                    gone.append(job_id)  # expired or deleted since it was indexed
+                    continue
+                try:
+                    record = decode_record(flat, job_id) if isinstance(flat, dict) else None
+                except MalformedRecord:
+                    record = None
+                if record is not None and (route is None or record.route == route) and \
+                        (state is None or record.state == state) and (dead is None or record.dead == dead):
+                    records.append(record)
+                    if len(records) == limit:
+                        break
+            if gone:
+                self.client.zrem(k.fired, *gone)
+            top = f"({ids[-1]}" if cursor is None else f"({cursor[2:]}"
+        return records, cursor
+
+    def _ensure_fired(self) -> None:
+        """Index, once, the records stored before the fired index existed (enqueue.lua keeps it since)."""
+        k = self.keys
+        if self.client.exists(k.fired_indexed):
+            return
+        start = 0
+        while True:
+            ids = self.client.zrange(k.index, start, start + SCAN_BATCH - 1)
+            if not ids:
+                break
+            start += len(ids)
+            self.client.zadd(k.fired, {text(i): 0 for i in ids})
+        self.client.set(k.fired_indexed, "1")
 
     def _ensure_tallied(self) -> None:
         """Build the monitor's index once for records stored before it existed (see scripts/reindex.lua)."""
@@ -390,9 +450,14 @@ class RedisPersistence(NativeAsync, Persistence):
                     return records
         return records
 
+    pages_newest_first = True
+
     @guarded
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
+        if newest:
+            return self._newest_page(route, state, dead, limit, after)
         # Walks the monitor's index zsets one after another (per route, per state), each in its own
         # order (pending by due, running by id, finished by expiry): O(page), not O(queue).
         # The cursor is "<which zset>:<rank in it>".
@@ -456,7 +521,7 @@ class RedisPersistence(NativeAsync, Persistence):
         deleted = 0
         for zkey in zsets:
             while True:
-                n, examined = self._script("purge", [zkey, k.index], [SCAN_BATCH])
+                n, examined = self._script("purge", [zkey, k.index, k.fired], [SCAN_BATCH])
                 deleted += int(n)
                 if int(examined) < SCAN_BATCH:
                     break
@@ -466,7 +531,8 @@ class RedisPersistence(NativeAsync, Persistence):
     def delete_finished(self, job_ids: Sequence[str]) -> int:
         deleted = 0
         for start in range(0, len(job_ids), SCAN_BATCH):
-            deleted += int(self._script("delete", [self.keys.index], list(job_ids[start:start + SCAN_BATCH])))
+            batch = list(job_ids[start:start + SCAN_BATCH])
+            deleted += int(self._script("delete", [self.keys.index, self.keys.fired], batch))
         return deleted
 
     @guarded
@@ -541,15 +607,17 @@ class RedisPersistence(NativeAsync, Persistence):
         attempts = str(outcome.attempts) if outcome.attempts is not None else None
         due = num(outcome.due) if outcome.due is not None else None
         finished = num(outcome.finished) if outcome.finished is not None else None
+        entry = json.dumps(outcome.attempt) if outcome.attempt else None
         return [k.job(job_id), k.lease, k.index], [
             job_id, int(token), expect, num(time.time()), num(self.result_ttl), outcome.state,
-            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished)]
+            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished),
+            opt(entry), HISTORY_LIMIT]
 
     @guarded
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # ``now`` is the caller's clock; the store's decides when a lease ran out.
         k = self.keys
-        ids, _ = self._script("expired", [k.lease, k.index], [int(limit)])
+        ids, _ = self._script("expired", [k.lease, k.index, k.fired], [int(limit)])
         if not ids:
             return []
         pipe = self._pipeline()

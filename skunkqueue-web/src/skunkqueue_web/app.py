@@ -120,6 +120,12 @@ class Monitor:
                                autoescape=select_autoescape(["html"], default=True))
         self.env.filters.update(when=_when, short=_short, age=_age)
         self.env.globals.update(STATES=STATES, PAGE_SIZES=PAGE_SIZES)
+        # "Newest first" only where the store pages that way (Persistence.pages_newest_first).
+        newest = queue.persistence.pages_newest_first
+        self.default_sort = snapshot.NEWEST if newest else snapshot.STORE_ORDER
+        self.sorts: list[tuple[str, str]] = ([(snapshot.NEWEST, "newest fired first")] if newest else []) + [
+            (snapshot.STORE_ORDER, "the store's order")]
+        self.env.globals["SORT_LABELS"] = self.sorts
 
     # -- rendering -------------------------------------------------------------
 
@@ -183,19 +189,30 @@ class Monitor:
         if job_id:
             return RedirectResponse(f"/jobs/{job_id}", status_code=303)
         route, state, func = q.get("route") or None, q.get("state") or None, q.get("func") or None
+        error, sort = q.get("error") or None, self._sort(q.get("sort"))
         if state is not None and state not in STATES:
             state = None
         size = _int(q.get("size"), 50)
         size = size if size in PAGE_SIZES else 50
         page_no = max(1, _int(q.get("page"), 1))
-        filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("size", str(size))) if v}
+        filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("error", error),
+                                     ("sort", sort), ("size", str(size))) if v}
         try:
             page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, after=q.get("after") or None,
-                                      size=size)
+                                      size=size, error=error, sort=sort)
         except ValueError:
             return self._stale_cursor(request, "/jobs", filters)
         return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=self._routes(),
-                           route=route, state=state, func=func, size=size, filters=filters, urlencode=urlencode)
+                           route=route, state=state, func=func, error=error, sort=sort, size=size, filters=filters,
+                           urlencode=urlencode)
+
+    def _sort(self, asked: str | None, default: str | None = None) -> str:
+        """The listing order asked for, if this store offers it; else ``default`` (the newest first, where
+        the store can)."""
+        offered = [value for value, _ in self.sorts]
+        if asked is not None and asked in offered:
+            return asked
+        return default if default in offered else self.default_sort
 
     def _stale_cursor(self, request: Request, path: str, filters: dict[str, str]) -> Response:
         # A hand-edited or foreign "after" value: one line, and the first page.
@@ -218,18 +235,26 @@ class Monitor:
                            related={i: (r.state if r else "expired") for i, r in related.items()})
 
     def dead(self, request: Request) -> Response:
-        route = request.query_params.get("route") or None
-        func = request.query_params.get("func") or None
+        q = request.query_params
+        route, func, error = q.get("route") or None, q.get("func") or None, q.get("error") or None
+        # The store's order by default: a store may index its dead letters apart (Redis does), where a
+        # newest-first read of every job would look through thousands to find a few.
+        sort = self._sort(q.get("sort"), snapshot.STORE_ORDER)
         size = 100
-        page_no = max(1, _int(request.query_params.get("page"), 1))
-        filters = {k: v for k, v in (("route", route), ("func", func)) if v}
+        page_no = max(1, _int(q.get("page"), 1))
+        filters = {k: v for k, v in (("route", route), ("func", func), ("error", error), ("sort", sort)) if v}
         try:
             page = snapshot.jobs_page(self.queue, route=route, state=ERROR, func=func, size=size, dead=True,
-                                      after=request.query_params.get("after") or None)
+                                      after=q.get("after") or None, error=error, sort=sort)
         except ValueError:
             return self._stale_cursor(request, "/dead", filters)
         return self.render(request, "dead.html", live=True, page=page, page_no=page_no, routes=self._routes(),
-                           route=route, func=func, filters=filters, urlencode=urlencode)
+                           route=route, func=func, error=error, sort=sort, filters=filters, urlencode=urlencode)
+
+    def functions(self, request: Request) -> Response:
+        found = snapshot.sample(self.queue)
+        return self.render(request, "functions.html", live=True, found=found, rows=snapshot.functions(found),
+                           urlencode=urlencode)
 
     def workers(self, request: Request) -> Response:
         now = time.time()
@@ -237,7 +262,10 @@ class Monitor:
         stale = {w.id: snapshot.is_stale(w, now) for w in rows}
         # The registry does not say what a worker runs; the running records name their lease holder.
         current = {r.owner: r for r in self.queue.persistence.list_jobs(state="running", limit=10_000) if r.owner}
-        return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current)
+        found = snapshot.sample(self.queue) if rows else None
+        counts = snapshot.worker_counts(found) if found is not None else {}
+        return self.render(request, "workers.html", live=True, workers=rows, stale=stale, taken=now, current=current,
+                           found=found, counts=counts)
 
     def periodic_page(self, request: Request) -> Response:
         backend = self.queue.persistence
@@ -351,8 +379,10 @@ class Monitor:
         if (form.get("scope") or [""])[0] == "matching":
             route = (form.get("route") or [""])[0] or None
             func = ((form.get("func") or [""])[0] or "").lower()
+            error = ((form.get("error") or [""])[0] or "").lower()
             records = [r for r in backend.list_jobs(route=route, state=ERROR, dead=True, limit=BULK_LIMIT)
-                       if func in r.func.lower()]
+                       if func in r.func.lower() and (not error or any(error in t.lower()
+                                                                       for t in snapshot.error_types(r)))]
         else:
             records = [r for r in (backend.get(i) for i in form.get("ids", [])[:BULK_LIMIT]) if r is not None]
         if action == "retry":
@@ -385,6 +415,12 @@ def _int(text: str | None, default: int) -> int:
         return default
 
 
+def favicon(request: Request) -> Response:
+    # Browsers ask for /favicon.ico whatever the page links to; the same picture, kept a day.
+    return Response((HERE / "static" / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
 async def _store_error(request: Request, exc: Exception) -> Response:
     # A store that is down or refuses us: one clear line, no traceback in the page.
     return PlainTextResponse(f"The store did not answer: {exc}", status_code=503)
@@ -397,6 +433,7 @@ def create_app(queue: SkunkQueue, *, store: str, token: str | None, refresh: flo
     routes = [
         Route("/", m.overview), Route("/jobs", m.jobs), Route("/jobs/{job_id}", m.job),
         Route("/dead", m.dead), Route("/workers", m.workers), Route("/metrics", m.metrics),
+        Route("/functions", m.functions), Route("/favicon.ico", favicon),
         Route("/purge", m.purge_confirm), Route("/login", m.login_page),
         Route("/login", m.login, methods=["POST"]), Route("/logout", m.logout, methods=["POST"]),
         Route("/jobs/{job_id}/kill", m.kill, methods=["POST"]),

@@ -357,6 +357,14 @@ class Persistence(ABC):
         ``killed`` instead, with the error ``record.KILLED_BY_REQUEST``
         (exactly what :meth:`Outcome.apply_to` does), so a killed job never
         runs again after a retry, a hand-back or a lost lease.
+
+        History: when ``outcome.attempt`` is set (the entry of the attempt this
+        finish ends, built by the core with ``record.attempt_entry``), the same
+        atomic step appends it to the record's ``history`` with ``"finished"``
+        set to the store's now, keeps the last ``record.HISTORY_LIMIT`` entries
+        and adds the number it dropped to ``history_dropped``. A finish that
+        does not apply appends nothing, so a stale or replayed finish cannot
+        add an entry.
         """
 
     def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
@@ -517,8 +525,12 @@ class Persistence(ABC):
         """
         return summarize(self, now)
 
+    #: True when :meth:`list_page` takes ``newest=True`` (the monitor's "newest first").
+    pages_newest_first: ClassVar[bool] = False
+
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         """Up to ``limit`` records matching the filters (as :meth:`list_jobs`), and the cursor of the next page.
 
         ``after`` is a cursor this method returned (None: the first page); the
@@ -526,8 +538,15 @@ class Persistence(ABC):
         store's own, stable while paging; the default is :meth:`list_jobs`'s
         (due, id) order with the offset as cursor, so it reads every earlier
         page again: a store with indexes should override it. A cursor this
-        store did not make raises ValueError.
+        store did not make raises ValueError (also one made for the other
+        ``newest``).
+
+        With ``newest``, the order is descending ``id``: the newest fired first
+        (ids sort by creation time). A store that can set ``pages_newest_first``;
+        a page may then come back short, with a cursor, as with the store's order.
         """
+        if newest:
+            raise NotImplementedError(f"the {self.name} backend lists in its own order only")
         offset = 0
         if after:
             if not after.isdigit():

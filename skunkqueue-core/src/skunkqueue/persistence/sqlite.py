@@ -579,18 +579,28 @@ class SQLitePersistence(Persistence):
     # Rows one list_page call reads past its cursor, however few of them match its filters.
     PAGE_SCAN = 1000
 
+    pages_newest_first = True
+
     def list_page(self, *, route: str | None = None, state: str | None = None, dead: bool | None = None,
-                  limit: int = 100, after: str | None = None) -> tuple[list[JobRecord], str | None]:
+                  limit: int = 100, after: str | None = None,
+                  newest: bool = False) -> tuple[list[JobRecord], str | None]:
         # Keyset paging in id (creation) order on the primary key: a call reads at most PAGE_SCAN rows,
         # however deep the page and however rarely its filters match. The default offset cursor re-read
         # every earlier page (105,000 jobs: 459 s for the monitor's function filter). The cursor is
-        # "i:<the last id looked at>"; a page may come back short, with a cursor, when few rows match.
-        if after is not None and not after.startswith("i:"):
+        # "i:<the last id looked at>" ("n:" newest first); a page may come back short, with a cursor,
+        # when few rows match.
+        mark = "n:" if newest else "i:"
+        if after is not None and not after.startswith(mark):
             raise ValueError(f"{after!r} is not a page cursor of this store")
         scan = max(limit, self.PAGE_SCAN)
         # +queue: without it the planner takes the claim index for queue=? and sorts the whole queue.
-        rows = self._db.execute("SELECT * FROM jobs WHERE +queue=? AND id>? ORDER BY id LIMIT ?",
-                                (self.queue, after[2:] if after else "", scan)).fetchall()
+        if newest:
+            below = "AND id<?" if after else ""
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE +queue=? {below} ORDER BY id DESC LIMIT ?",
+                                    (self.queue, *([after[2:]] if after else []), scan)).fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM jobs WHERE +queue=? AND id>? ORDER BY id LIMIT ?",
+                                    (self.queue, after[2:] if after else "", scan)).fetchall()
         records: list[JobRecord] = []
         for n, row in enumerate(rows, 1):
             if (route is not None and row["route"] != route) or (state is not None and row["state"] != state):
@@ -603,8 +613,8 @@ class SQLitePersistence(Persistence):
                 records.append(record)
                 if len(records) == limit:
                     more = n < len(rows) or len(rows) == scan
-                    return records, f"i:{row['id']}" if more else None
-        return records, f"i:{rows[-1]['id']}" if len(rows) == scan else None
+                    return records, f"{mark}{row['id']}" if more else None
+        return records, f"{mark}{rows[-1]['id']}" if len(rows) == scan else None
 
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._db.execute(

@@ -16,7 +16,7 @@ The kit is in parts, each usable alone with the same fixture:
 :class:`LifecycleSuite` (real worker processes and signals, Linux), and the
 mixins in ``suite_supervision``, ``suite_fields``, ``suite_keys``,
 ``suite_periodic``, ``suite_async``, ``suite_names``, ``suite_summary`` and
-``suite_trust`` and ``suite_transactional``.
+``suite_trust``, ``suite_transactional`` and ``suite_history``.
 Optional features are skipped, saying why, unless the backend class
 declares them (``supports_keys``, ``supports_settings``, ``keeps_stats``,
 ``notifies``, ``max_payload``).

@@ -31,6 +31,17 @@ def fail(message: str) -> None:
 
 
 @_kit.event(routes=_routes)
+def flaky(path: str, failures: int) -> int:
+    """Append a line to ``path`` (counts attempts outside the queue); raise while it has at most ``failures``."""
+    append_line(path, f"attempt {os.getpid()}")
+    with open(path) as fh:
+        attempts = sum(1 for _ in fh)
+    if attempts <= failures:
+        raise ValueError(f"failure {attempts} of {failures}")
+    return attempts
+
+
+@_kit.event(routes=_routes)
 def nap(seconds: float, marker: str | None = None) -> str:
     """Sleep; with ``marker``, append a line to that file first (counts starts)."""
     if marker:

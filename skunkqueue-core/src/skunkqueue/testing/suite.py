@@ -4,7 +4,8 @@
 any OS); :class:`LifecycleSuite` runs the job lifecycle end to end with real
 ``skunq work`` processes and real signals (Linux). :class:`ConformanceSuite`
 is both plus the other parts (supervision, field rules, keys, periodic, async,
-names, summary, trust, transactional enqueue, flow control); a backend may subclass the parts it wants instead.
+names, summary, trust, transactional enqueue, flow control, attempt history); a backend
+may subclass the parts it wants instead.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_async import AsyncSuite
 from skunkqueue.testing.suite_fields import FieldRulesSuite
 from skunkqueue.testing.suite_flow import FlowControlSuite
+from skunkqueue.testing.suite_history import HistorySuite
 from skunkqueue.testing.suite_keys import KeysSuite
 from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
@@ -728,5 +730,5 @@ class LifecycleSuite(KitFixtures):
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
                        AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite,
-                       FlowControlSuite):
+                       FlowControlSuite, HistorySuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""

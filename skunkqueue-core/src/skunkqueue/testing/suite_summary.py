@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from skunkqueue import housekeeping, policy
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import COMPLETE, ERROR, KILLED, STATES, Outcome
+from skunkqueue.record import COMPLETE, ERROR, KILLED, STATES, Outcome, WorkerInfo
 from skunkqueue.testing.suite_support import make_record
 
 
@@ -164,6 +166,46 @@ class SummarySuite:
             pass
         else:
             raise AssertionError("a foreign cursor was accepted")
+
+    def test_the_registry_keeps_a_workers_async_concurrency(self, store: Persistence) -> None:
+        store.register_worker(WorkerInfo(id="h:1:r:a", queue=store.queue, route="r", host="h", pid=1, concurrency=7))
+        store.register_worker(WorkerInfo(id="h:2:r:b", queue=store.queue, route="r", host="h", pid=2))
+        assert store.heartbeat("h:1:r:a", "busy")
+        assert {w.id: w.concurrency for w in store.workers()} == {"h:1:r:a": 7, "h:2:r:b": 1}
+
+    def test_pages_newest_first_list_every_match_once_newest_first(self, store: Persistence) -> None:
+        if not store.pages_newest_first:
+            pytest.skip(f"the {store.name} backend lists pages in its own order only (pages_newest_first)")
+        error = {"type": "ValueError", "message": "no", "traceback": ""}
+        store.enqueue([make_record(store.queue, route) for route in ("a", "b", "a", "c") * 5])
+        # Claimed and finished in an order unlike their firing: the newest fired comes first all the same.
+        taken = store.claim("a", "w", 30, limit=10)
+        for record in reversed(taken[:6]):
+            assert store.finish(record.id, record.token, Outcome(ERROR, error=error, dead=True))
+        gone = store.list_jobs(route="c", limit=1)[0]
+        assert store.purge("c") == 5  # deleted records leave no gap in the paging
+        for where in ({}, {"route": "a"}, {"state": ERROR, "dead": True}, {"state": "pending"}, {"route": "c"}):
+            expected = sorted((r.id for r in store.list_jobs(**where, limit=10_000)), reverse=True)
+            for size in (1, 3, 100):
+                seen: list[str] = []
+                cursor = None
+                for _ in range(100):
+                    page, cursor = store.list_page(**where, limit=size, after=cursor, newest=True)
+                    assert len(page) <= size
+                    seen += [r.id for r in page]
+                    if cursor is None:
+                        break
+                assert cursor is None, "paging did not end"
+                assert seen == expected, f"newest first {where} by {size}: {seen} != {expected}"
+                assert gone.id not in seen
+        oldest_cursor = store.list_page(limit=1)[1]
+        for foreign in ("not a cursor", oldest_cursor):
+            try:
+                store.list_page(after=foreign, newest=True)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError(f"the cursor {foreign!r} was accepted for newest first")
 
     def test_a_page_costs_the_same_however_many_jobs_come_before_it(self, backend: Any, store: Persistence) -> None:
         # The monitor pages on a request at a time: a store that re-reads every earlier page (an offset

@@ -1,5 +1,6 @@
 -- enqueue: store a batch of new records and wake their routes' idle workers.
--- KEYS: 1 index zset, 2 lease zset (declared for the cluster; the names come from common.lua)
+-- KEYS: 1 index zset, 2 lease zset (declared for the cluster; the names come from common.lua),
+--       3 fired zset (every record at score 0, in id order: the monitor's newest-first pages)
 -- ARGV: 1 default result ttl (s; a record's result_ttl field wins), 2 the caller's now, 3 records (each packed, then packed together)
 -- A caller whose clock is off by more than CLOCK_TOLERANCE has its records'
 -- times moved onto the store's clock (see shift()): a delay stays a delay.
@@ -13,11 +14,12 @@
 -- key was held (positions from 1 in the batch); empty when every record was stored.
 local TIMES = {due = true, created = true, started = true, finished = true, lease_until = true}
 
-local function store(f, fields, ttl, now, seen, woken)
+local function store(f, fields, ttl, now, seen, woken, fired)
   ttl = tonumber(f['result_ttl'] or '') or ttl  -- the record's own retention wins
   local id = f['id']
   local key = JOB .. id
   redis.call('HSET', key, unpack(fields))
+  redis.call('ZADD', fired, 0, id)
   if f['key'] then redis.call('SET', KEYED .. f['key'], id) end
   if f['state'] == 'pending' then
     -- A batch usually has one route: build its key names once.
@@ -75,7 +77,7 @@ local function enqueue(KEYS, ARGV)
       held[#held + 1] = tostring(n)
       held[#held + 1] = holder
     else
-      store(f, fields, ttl, now, seen, woken)
+      store(f, fields, ttl, now, seen, woken, KEYS[3])
     end
   end
   for nkey, count in pairs(woken) do wake(nkey, count) end

@@ -1,5 +1,5 @@
 -- purge: delete up to `batch` pending records listed in a due zset.
--- KEYS: 1 a due zset, 2 index zset
+-- KEYS: 1 a due zset, 2 index zset, 3 fired zset
 -- ARGV: 1 batch
 -- Returns {deleted, examined}; the caller repeats while examined == batch.
 local function purge(KEYS, ARGV)
@@ -13,6 +13,7 @@ local function purge(KEYS, ARGV)
       key_follows(id, redis.call('HGET', key, 'key'), 0)  -- the key is free: its string goes too
       redis.call('DEL', key)
       redis.call('ZREM', KEYS[2], id)
+      redis.call('ZREM', KEYS[3], id)
       tally(id, f[2], 'pending', nil)
       deleted = deleted + 1
     end

@@ -1,7 +1,8 @@
 // skunq web: live updates without reloading the page.
 // Polls the page's own address with fragment=1 while the tab is visible and
 // swaps the #live region; stops while hidden, and skips while the user is
-// choosing rows or typing inside it, so nothing they are doing is thrown away.
+// choosing rows, typing or reading an unfolded traceback inside it, so nothing
+// they are doing is thrown away.
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -12,7 +13,8 @@
   function userIsWorking() {
     if (!live) return false;
     if (live.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return true;
-    return live.querySelector("input[type=checkbox]:checked") !== null;
+    // An open traceback of the job's history: a swap would fold it while it is being read.
+    return live.querySelector("input[type=checkbox]:checked, details[open]") !== null;
   }
 
   function setState(name) {
