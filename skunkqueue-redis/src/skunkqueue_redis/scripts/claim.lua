@@ -142,7 +142,10 @@ local function claim(KEYS, ARGV)
     while not stop and #out < room do
       if looked >= scan then held = true; stop = true; break end
       -- A page of each zset, past the records skipped so far (those taken or dropped are gone).
-      local page = int(room - #out + 16)
+      -- Exactly what is wanted until a record is skipped (the common case reads no more), then more.
+      local extra = 0
+      if a_skip + b_skip > 0 then extra = 16 end
+      local page = int(room - #out + extra)
       local a = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'WITHSCORES', 'LIMIT', a_skip, page)
       local b = {}
       if b_key then b = redis.call('ZRANGEBYSCORE', b_key, '-inf', now, 'WITHSCORES', 'LIMIT', b_skip, page) end
@@ -150,7 +153,7 @@ local function claim(KEYS, ARGV)
       -- Merge the shared and the broadcast zset in (due, id) order: as many entries as a page
       -- holds, so neither page runs out before a record of its zset that sorts earlier.
       local i, j, n = 1, 1, 0
-      local size = room - #out + 16
+      local size = room - #out + extra
       while n < size and (i <= #a or j <= #b) and #out < room and not stop do
         local from_a
         if i > #a then from_a = false
