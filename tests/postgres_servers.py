@@ -220,3 +220,38 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr}")
         return done.stdout
+
+
+@dataclass
+class PostgresReplica(PostgresServer):
+    """A streaming replica of ``primary``: ``pg_basebackup -R`` of its data, started in standby mode.
+
+    ``name`` is the ``application_name`` it streams as, which the primary's
+    ``synchronous_standby_names`` may list. :meth:`promote` makes it a primary.
+    """
+
+    primary: PostgresServer | None = None
+    name: str = "replica1"
+
+    def init(self) -> None:
+        assert self.primary is not None
+        self._give_to_owner(self.folder)
+        conninfo = f"host=127.0.0.1 port={self.primary.port} user={SUPERUSER} application_name={self.name}"
+        done = self._run("pg_basebackup", "-D", str(self.data), "-d", conninfo, "-R", "-X", "stream",
+                         "--no-sync", "-c", "fast")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {done.stdout}{done.stderr}")
+
+    def promote(self, timeout: float = 60.0) -> None:
+        done = self._run("pg_ctl", "-D", str(self.data), "-w", "-t", str(int(timeout)), "promote",
+                         timeout=timeout + 10)
+        if done.returncode != 0:
+            raise RuntimeError(f"promotion failed: {done.stdout}{done.stderr}{self.log()}")
+
+    def streaming(self) -> bool:
+        assert self.primary is not None
+        try:
+            return self.name in self.primary.psql("SELECT application_name FROM pg_stat_replication "
+                                                  "WHERE state = 'streaming'")
+        except RuntimeError:
+            return False

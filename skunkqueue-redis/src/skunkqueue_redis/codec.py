@@ -18,8 +18,7 @@ _STR = ("id", "queue", "route", "func", "serializer", "state", "target", "owner"
 _BYTES = ("payload", "result")
 _FLOAT = ("due", "created", "retry_backoff", "timeout", "lease_until", "started", "finished", "result_ttl",
           "limit_interval")
-_INT = ("attempts", "retries", "token", "history_dropped", "priority", "limit_concurrency",
-        "limit_burst")
+_INT = ("attempts", "retries", "token", "history_dropped", "priority", "limit_concurrency", "limit_burst")
 _BOOL = ("kill_requested", "dead")
 _JSON = ("error", "parents", "inputs")  # parents: the scripts read it too (cjson)
 # The attempts' entries, packed as "<length>:<json>" items (finish.lua appends and drops without decoding).

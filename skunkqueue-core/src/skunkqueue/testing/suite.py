@@ -4,8 +4,8 @@
 any OS); :class:`LifecycleSuite` runs the job lifecycle end to end with real
 ``skunq work`` processes and real signals (Linux). :class:`ConformanceSuite`
 is both plus the other parts (supervision, field rules, keys, periodic, async,
-names, summary, trust, transactional enqueue, flow control, attempt history); a backend
-may subclass the parts it wants instead.
+names, summary, trust, transactional enqueue, attempt history, flow control); a backend may subclass
+the parts it wants instead.
 """
 
 from __future__ import annotations
@@ -730,5 +730,5 @@ class LifecycleSuite(KitFixtures):
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
                        AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite,
-                       FlowControlSuite, HistorySuite):
+                       HistorySuite, FlowControlSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""

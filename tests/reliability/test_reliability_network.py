@@ -1,0 +1,182 @@
+"""A misbehaving network between the workers, the producers and the store (tests/faultproxy.py).
+
+Per backend (Redis, MongoDB as a one-node replica set, PostgreSQL), each its own
+server: two producers (``fire``, ``afire``) and pool A talk to the store through
+proxy A; pool B through proxy B, so that B alone can be cut off. Leases are 4 s.
+The faults, in turn, while jobs flow: latency with jitter; every connection
+reset; a blackhole that heals; half-open connections (the store's side closed,
+the client's left silent); then pool B partitioned for longer than a lease while
+it runs jobs. Every fire, start and end goes into the history; the checker must
+find nothing lost, no two attempts of a job at once, no job unfinished, and
+both pools, never restarted, still working at the end.
+
+The CI mix runs each fault once (~30-60 s a backend); ``make chaos``
+(SKUNQ_CHAOS=long) runs four rounds with random durations.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from failover_load import Load
+from faultproxy import FaultProxy
+
+from skunkqueue.testing.kit import BackendUnderTest
+
+LONG = os.environ.get("SKUNQ_CHAOS") == "long"
+LEASE = 4.0
+
+
+@pytest.fixture(params=["redis", "mongodb", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """(backend name, a server with .port) started for this test alone."""
+    name = request.param
+    where = tmp_path_factory.mktemp(f"net-{name}")
+    if name == "redis":
+        redis_servers = pytest.importorskip("redis_servers")
+        pytest.importorskip("skunkqueue_redis", reason="skunkqueue-redis is not installed")
+        server: Any = redis_servers.RedisServer(where).start()
+        yield name, server
+        server.stop()
+    elif name == "mongodb":
+        pytest.importorskip("skunkqueue_mongo", reason="skunkqueue-mongo is not installed")
+        import mongo_servers
+
+        server = mongo_servers.MongoServer(where, replset=True).start()
+        yield name, server
+        server.stop()
+    else:
+        pytest.importorskip("skunkqueue_postgres", reason="skunkqueue-postgres is not installed")
+        import postgres_servers
+
+        server = postgres_servers.PostgresServer(where).start()
+        yield name, server
+        server.stop()
+        server.destroy()
+
+
+@pytest.fixture
+def net_queue() -> str:
+    # Not the suite's queue_name: that one is tied to its per-backend ``target`` servers.
+    return f"net-{uuid.uuid4().hex[:10]}"
+
+
+def through(name: str, proxy: FaultProxy) -> BackendUnderTest:
+    """The backend, addressed at ``proxy``."""
+    if name == "redis":
+        return BackendUnderTest(name="redis", url=f"redis://127.0.0.1:{proxy.port}", db="0")
+    if name == "mongodb":
+        # directConnection: a replica set's members would otherwise be reached at the addresses
+        # they announce, around the proxy.
+        return BackendUnderTest(name="mongodb", url=f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true",
+                                db="netfaults")
+    return BackendUnderTest(name="postgres", url=f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
+                            db="netfaults")
+
+
+def fault_mix(a: FaultProxy, b: FaultProxy, rng: random.Random, scale: float) -> list[tuple[str, Callable[[], Any]]]:
+    """The faults, in order: (name, the action; it returns when the fault is over)."""
+    def latency() -> None:
+        a.set(latency=0.05 * scale, jitter=0.1 * scale)
+        time.sleep(3 * scale)
+        a.set(latency=0.0, jitter=0.0)
+
+    def resets() -> None:
+        for _ in range(3):
+            a.reset()
+            time.sleep(0.5 + rng.random())
+
+    def blackhole() -> None:
+        seconds = 2 + rng.random() * 2 * scale
+        a.blackhole(seconds)
+        time.sleep(seconds)
+
+    def half_open() -> None:
+        a.half_open()
+        time.sleep(1)
+
+    def partition_b() -> None:
+        seconds = LEASE * (1.5 + rng.random() * scale)
+        b.blackhole(seconds)
+        time.sleep(seconds)
+
+    return [("latency", latency), ("resets", resets), ("blackhole", blackhole), ("half-open", half_open),
+            ("partition of pool B", partition_b)]
+
+
+# A half-open connection (the store's side closed, the client's peer still acknowledging, as a
+# stuck middlebox or a frozen server process does) hangs the PostgreSQL backend's producers for
+# good: psycopg waits on the socket with no read timeout (found by this test; see
+# test_postgres_half_open_connection). TCP keepalives cannot notice: the peer answers them.
+SKIP = {"postgres": {"half-open"}}
+
+
+def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int, scale: float,
+            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0) -> None:
+    name, server = store
+    rng = random.Random(os.getpid())
+    with FaultProxy("127.0.0.1", server.port, seed=1) as a, FaultProxy("127.0.0.1", server.port, seed=2) as b:
+        load = Load(through(name, a), queue_name, tmp_path, pause=0.2, lease=LEASE, every=0.1)
+        pool_a = load.start_pool(concurrency=2)
+        pool_b = load.start_pool(concurrency=2, on=through(name, b))
+        done: list[str] = []
+        try:
+            pool_a.wait_ready(60)
+            pool_b.wait_ready(60)
+            load.start_producers()
+            for _ in range(rounds):
+                for fault, act in fault_mix(a, b, rng, scale):
+                    if fault in SKIP.get(name, set()) if only is None else fault not in only:
+                        continue
+                    load.wait_acked(per_phase, time.monotonic() - 5, what=f"before {fault}")
+                    act()
+                    healed = time.monotonic()
+                    load.wait_acked(per_phase, healed, timeout=recover_within, what=f"after {fault}")
+                    done.append(fault)
+            load.stop_producers()
+            load.drain(timeout=90)
+            for pool in (pool_a, pool_b):
+                assert pool.process.poll() is None, f"a pool exited: {pool.log()}"
+        finally:
+            load.close(timeout=5)
+    report = load.report()
+    print(f"\n{name} through a faulty network ({len(done)} faults; proxy A {a.connections_made} connections, "
+          f"{a.resets_sent} reset): {report.summary()}")
+    assert report.ok, report.explain()
+    assert not load.unexpected_errors(), load.unexpected_errors()[:5]
+    assert done, "no fault was injected"
+
+
+def test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once(store: tuple[str, Any], net_queue: str,
+                                                                   tmp_path: Path) -> None:
+    run_mix(store, net_queue, tmp_path, rounds=1, scale=1.0, per_phase=20)
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not LONG, reason="long network fault mix: make chaos (SKUNQ_CHAOS=long)")
+def test_four_rounds_of_network_faults(store: tuple[str, Any], net_queue: str, tmp_path: Path) -> None:
+    run_mix(store, net_queue, tmp_path, rounds=4, scale=2.0, per_phase=60)
+
+
+@pytest.mark.slow  # starts a server (conftest's marking cannot see it: no server fixture)
+@pytest.mark.xfail(reason="PostgreSQL backend: a half-open connection hangs fire() with no read timeout "
+                          "(psycopg has none; issue 30's network tests found it)", strict=False)
+def test_postgres_half_open_connection(tmp_path_factory: pytest.TempPathFactory, net_queue: str,
+                                       tmp_path: Path) -> None:
+    pytest.importorskip("skunkqueue_postgres", reason="skunkqueue-postgres is not installed")
+    import postgres_servers
+
+    server = postgres_servers.PostgresServer(tmp_path_factory.mktemp("net-pg-half-open")).start()
+    try:
+        run_mix(("postgres", server), net_queue, tmp_path, rounds=1, scale=1.0, per_phase=10, only={"half-open"},
+                recover_within=20)
+    finally:
+        server.stop()
+        server.destroy()
