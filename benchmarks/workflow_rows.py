@@ -3,7 +3,7 @@
 
 The issue's goal: the group and its callback finish within 1.5x the time of the independent jobs
 (on Redis). Timed from the pool's start to the last result (the callback's, for the group).
-Run alone: ``python -m benchmarks.workflow_rows [--backends sqlite,redis] [--members N]``.
+Run alone: ``python -m benchmarks.workflow_rows [--backends sqlite,redis,postgres] [--members N]``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def run(target: Any, args: argparse.Namespace, result: Result, log: Callable[[st
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks import skunk
-    from benchmarks.servers import RedisServer
+    from benchmarks.servers import PostgresServer, RedisServer
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.workflow_rows", description=__doc__)
     parser.add_argument("--backends", default="sqlite,redis")
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sqlite":
             run(skunk.Target("sqlite", url=str(workdir / "wf.db"), logdir=workdir, log_level="WARNING"),
                 args, result, log, args.members)
-        elif name == "redis":
-            with RedisServer() as server:
-                run(skunk.Target("redis", url=server.url, logdir=workdir, log_level="WARNING"), args, result, log,
+        elif name in ("redis", "postgres"):
+            with (RedisServer() if name == "redis" else PostgresServer()) as server:
+                run(skunk.Target(name, url=server.url, logdir=workdir, log_level="WARNING"), args, result, log,
                     args.members)
         else:
             raise SystemExit(f"unknown backend {name}")

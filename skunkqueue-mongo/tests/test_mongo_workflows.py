@@ -109,7 +109,7 @@ def test_the_last_parent_after_housekeeping_still_releases(store: Persistence,
     settled.insert_one({"_id": f"{c.id}/{a.id}", "queue": store.queue, "child": c.id, "parent": a.id,
                         "state": "complete", "counted": True})
     monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
-    assert store.release_stranded() == 1  # the hint is repaired from the set: 1 left
+    assert store.release_stranded() == 1  # from now on each parent of c looks at its set
     [running] = store.claim("r", "w", 30)
     assert running.id == b.id and store.finish(b.id, running.token, policy.completed(b"2"))
     assert _claim_ids(store) == [c.id]
@@ -127,3 +127,72 @@ def test_a_failure_cut_short_still_ends_the_dependents(store: Persistence, monke
     assert got_b is not None and got_c is not None and (got_b.state, got_c.state) == (KILLED, KILLED)
     assert got_c.error is not None and got_c.error["message"] == f"{b.id} ended killed"
     assert store.release_stranded() == 0
+
+
+@pytest.mark.parametrize("parents", [2, 3])
+def test_a_parent_finishing_while_housekeeping_repairs_still_releases(
+        store: Persistence, mongo_standalone: Any, monkeypatch: pytest.MonkeyPatch, parents: int) -> None:
+    # The worst moment for the repair: the first parent's worker died after its mark and before
+    # its decrement (the hint is one too high); housekeeping has counted the set; then another
+    # parent's worker counts and decrements in full, before housekeeping writes the hint. A hint
+    # written from that stale count undid the live decrement, and nobody looked at the set again:
+    # the dependent waited forever with every parent finished.
+    first, *others = [make_record(store.queue) for _ in range(parents)]
+    child = _waiting(store, first.id, *(o.id for o in others))
+    store.enqueue([first, *others, child])
+    settled = store.settled  # type: ignore[attr-defined]
+    [claimed] = store.claim("r", "w", 30)
+    with monkeypatch.context() as patched:  # died after the mark, before the decrement
+        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        assert store.finish(first.id, claimed.token, policy.completed(b"1"))
+    settled.insert_one({"_id": f"{child.id}/{first.id}", "queue": store.queue, "child": child.id,
+                        "parent": first.id, "state": "complete", "counted": True})
+    # The other parents' worker: a second client, as another process would be.
+    live = open_backend(store.queue, "mongodb", url=mongo_standalone.url, db="skunkqueue_wf")
+    try:
+        running = live.claim("r", "w2", 30, limit=parents)
+        assert [r.id for r in running] == [o.id for o in others]
+        between = running[:1]  # finishes while housekeeping is between its count and its hint
+        later = running[1:]    # finishes after housekeeping is done
+        count = store._release_if_complete  # type: ignore[attr-defined]
+
+        def count_then_a_parent_finishes(job_id: str, need: int) -> int | None:
+            have = count(job_id, need)
+            while between:
+                record = between.pop()
+                assert live.finish(record.id, record.token, policy.completed(b"2"))
+            return have
+
+        monkeypatch.setattr(store, "_release_if_complete", count_then_a_parent_finishes)
+        monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+        assert store.release_stranded() == 1
+        assert not between, "the interleaving did not happen"
+        for record in later:
+            assert live.finish(record.id, record.token, policy.completed(b"3"))
+    finally:
+        live.close()
+    assert store.release_stranded() == 0
+    assert _claim_ids(store) == [child.id], "every parent finished, yet the dependent still waits"
+    assert _claim_ids(store) == []
+
+
+def test_a_late_count_down_leaves_a_released_and_claimed_dependent_alone(
+        store: Persistence, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Housekeeping (or a slow worker) counting a parent again after its dependent was released and
+    # claimed must neither put the dependent back nor let it be claimed a second time.
+    a = make_record(store.queue)
+    b = _waiting(store, a.id)
+    store.enqueue([a, b])
+    [running_a] = store.claim("r", "w", 30)
+    assert store.finish(a.id, running_a.token, policy.completed(b"1"))
+    [running_b] = store.claim("r", "w", 30)
+    assert running_b.id == b.id and running_b.attempts == 1
+    jobs = store.jobs  # type: ignore[attr-defined]
+    jobs.update_one({"_id": a.id}, {"$set": {"settle_pending": True}})  # as if a's worker died counting
+    monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
+    assert store.release_stranded() == 1
+    store._settle_finished(a.id, repair=True)  # type: ignore[attr-defined]
+    store._attach(b)  # type: ignore[attr-defined]  # a producer's attach replayed, the worst case
+    again = store.get(b.id)
+    assert again is not None and (again.state, again.token, again.attempts) == ("running", running_b.token, 1)
+    assert _claim_ids(store) == []

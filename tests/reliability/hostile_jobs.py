@@ -110,6 +110,26 @@ def context_log(path: str, fail_first: int = 0, pause: float = 0.0) -> int:
 
 
 @_here.event(routes=_routes)
+def stall_first_start(path: str, seconds: float) -> int:
+    """Append this attempt's ``current_job()`` as JSON; the first start recorded in ``path`` then stalls.
+
+    Later starts (counted in the file, not by the queue) return at once, with the attempt number.
+    """
+    import dataclasses
+    import json
+
+    import skunkqueue
+
+    ctx = skunkqueue.current_job()
+    assert ctx is not None
+    append_line(path, json.dumps({**dataclasses.asdict(ctx), "pid": os.getpid()}))
+    with open(path) as fh:
+        if len(fh.read().splitlines()) == 1:
+            time.sleep(seconds)
+    return ctx.attempt
+
+
+@_here.event(routes=_routes)
 def fenced_write(log: str, db_path: str, invoice: str, pause: float) -> int:
     """Log the context, stall, then write through examples/fencing.py's token guard."""
     import sqlite3

@@ -99,11 +99,15 @@ def other_route_job(path: str, token: str) -> None:
 def link(previous: object, path: str, token: str, pause: float = 0.0) -> str:
     """A workflow step: log ``token``, a nonce and what it was given from its parents, then sleep.
 
-    Returns ``pid:nonce`` like ``mark``, so what a dependent received can be traced to a real run.
+    Returns ``pid:nonce:aN`` (N: the attempt), so what a dependent received can be traced to a real run.
     """
     import json
 
-    execution = f"{os.getpid()}:{os.urandom(6).hex()}"
+    from skunkqueue import current_job
+
+    context = current_job()
+    # The attempt number travels with the execution: two runs on one attempt show as such.
+    execution = f"{os.getpid()}:{os.urandom(6).hex()}:a{context.attempt if context else 0}"
     append_line(path, f"{token} {execution} {json.dumps(previous, separators=(',', ':'))}")
     if pause:
         time.sleep(pause)

@@ -17,6 +17,7 @@ Executions are counted in a file outside the queue.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -352,3 +353,35 @@ def test_the_worker_of_a_stopped_pool_claims_nothing(queue: SkunkQueue, start_po
     assert attempts == [1] * len(handles), attempts
     assert "lease lost" not in first.log(), first.log()
     figures.record("stopped-pool-idle", fired=len(handles), runs=len(handles), charged_without_running=0)
+
+
+def test_a_job_its_worker_gave_up_on_is_charged_when_that_worker_dies(
+        queue: SkunkQueue, start_pool: PoolStarter, tmp_path: Path, figures: Figures) -> None:
+    # Found in the workflow chaos run (issue 24): a pool too busy to renew for two thirds of the
+    # lease makes its worker stop the job and discard the outcome ("lease lost") although the
+    # store still holds the job under that worker's token. When the worker then died, the pool
+    # took the job for one claimed and never reported, and handed it back without charging the
+    # attempt: it ran twice with attempts == 1 ("w42.b2 ran 2 times, claimed 1").
+    # Here the pool is SIGSTOPped (silent) instead of busy, and resumed only after its worker is
+    # SIGKILLed, so it learns of the discarded run and of the death in the same look.
+    lease = 9.0  # the worker gives up after 6 s of silence; the lease lasts at least 8 s after the stop
+    log = tmp_path / "executions"
+    pool = start_pool(["a"], lease=lease)
+    [worker] = pool.worker_pids()
+    handle = queue.event(routes=["a"])(hostile_jobs.stall_first_start.func).fire(str(log), 120.0)
+    wait_until(log.exists, what="the first start")
+    os.kill(pool.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "outcome discarded" in pool.log(), timeout=lease * 2,
+                   what="the worker of the silent pool to give up on the job")
+        record = queue.get(handle.id)
+        assert record is not None and record.state == "running" and record.attempts == 1, record
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        os.kill(pool.pid, signal.SIGCONT)
+    assert handle.wait(timeout=60) == 2, "the second start was not counted as the second attempt"
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    record = queue.get(handle.id)
+    assert record is not None
+    assert [s["attempt"] for s in starts] == [1, 2] and record.attempts == 2, (starts, record.attempts)
+    figures.record("gave-up-job", fired=1, runs=len(starts), attempts=record.attempts, worker_kills=1)

@@ -5,9 +5,10 @@ nonce and the value it was given to a file outside the queue. Afterwards every
 workflow completed (no dependent lost), every dependent was given exactly what
 its parents' records hold (so none ran before its parents finished: a parent
 without a recorded result would have given None), and no step ran more often
-than it was claimed. Callbacks run more than once are counted and reported;
-with at-least-once delivery that happens only to a callback whose own worker
-died, which its record shows as a second attempt.
+than it was claimed, nor twice on one attempt (each run logs its attempt
+number). Callbacks run more than once are counted and reported; with
+at-least-once delivery that happens only to a callback whose own worker died,
+which its record shows as a second attempt.
 """
 
 from __future__ import annotations
@@ -45,14 +46,12 @@ def _runs(log: Path) -> dict[str, list[tuple[str, object]]]:
     return runs
 
 
+# Its own waits are bounded (300 s a workflow); the suite's 300 s for the whole test was not enough on
+# a shared machine at a load average of 30-60: one MongoDB run was stopped at 300 s while its pools
+# were still completing about 290 steps a minute (700 of 1,000 done).
+@pytest.mark.timeout(900)
 def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_name: str, tmp_path: Path,
-                                             figures: Figures, request: pytest.FixtureRequest) -> None:
-    if backend.name == "mongodb":
-        # A found bug, tracked rather than hidden: in one of three full runs (6 December) a MongoDB
-        # step ran twice under one claim ("w42.b2 ran 2 times, claimed 1"); the count-down path
-        # without a transaction is the suspect. Not strict: most runs pass.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="MongoDB workflows: a step once ran "
-                                              "twice under one claim (issue 24, open)"))
+                                             figures: Figures) -> None:
     q = open_queue(backend, queue_name)
     if not q.persistence.supports_workflows:
         q.close()
@@ -101,13 +100,16 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
             if not pids:
                 continue
             pid = rng.choice(pids)
-            if rng.random() < 0.3:
-                os.kill(pid, signal.SIGSTOP)  # longer than the lease: its jobs go to others
-                stopped.append((time.monotonic() + LEASE * 2, pid))
-                stops += 1
-            else:
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
+            try:
+                if rng.random() < 0.3:
+                    os.kill(pid, signal.SIGSTOP)  # longer than the lease: its jobs go to others
+                    stopped.append((time.monotonic() + LEASE * 2, pid))
+                    stops += 1
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+            except ProcessLookupError:
+                continue  # it exited between the listing and the signal (a MongoDB run once saw that)
         producer.join()
         for _, pid in stopped:
             try:
@@ -133,6 +135,10 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
                 done = runs.get(token, [])
                 assert values[record.id] in [e for e, _ in done], f"{token}: result from no logged run"
                 assert len(done) <= record.attempts, f"{token} ran {len(done)} times, claimed {record.attempts}"
+                # Each run is its own attempt: a run the queue forgot to charge shows here even when
+                # later claims make up the count (the pool once handed back a started job uncharged).
+                on_attempt = [execution.rsplit(":a", 1)[1] for execution, _ in done]
+                assert len(set(on_attempt)) == len(on_attempt), f"{token} ran twice on one attempt: {on_attempt}"
             for j, b in enumerate(bs):
                 assert b is not None
                 given = {json.dumps(g) for _, g in runs[f"w{i}.b{j}"]}

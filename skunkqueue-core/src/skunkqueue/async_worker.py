@@ -36,6 +36,10 @@ log = logging.getLogger("skunkqueue.worker")
 class AsyncWorker(Worker):
     """A :class:`~skunkqueue.worker.Worker` whose main loop is an asyncio event loop."""
 
+    # The loop claims for its free slots itself; a claim made while recording
+    # one task's outcome would hold jobs no slot is free for.
+    claims_on_finish = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loop_ref: asyncio.AbstractEventLoop | None = None
@@ -44,7 +48,7 @@ class AsyncWorker(Worker):
 
     # -- stopping tasks (signal handlers hand the work to the loop) ---------------
 
-    def _stop_task(self, job_id: str, reason: str) -> None:
+    def _stop_task(self, job_id: str, reason: channel.Reason) -> None:
         if self._loop_ref is not None:
             self._loop_ref.call_soon_threadsafe(self._cancel, job_id, reason, None)
 
@@ -55,17 +59,17 @@ class AsyncWorker(Worker):
     def _busy(self) -> bool:
         return bool(self._tasks) or self.current is not None
 
-    def _cancel(self, job_id: str, reason: str, why: JobKilled | None) -> None:
+    def _cancel(self, job_id: str, reason: channel.Reason | None, why: JobKilled | None) -> None:
         entry = self._tasks.get(job_id)
         if entry is None or job_id in self._task_interrupts:
             return
         task, record = entry
-        self._task_interrupts[job_id] = why or interrupt_for(reason, record)
+        self._task_interrupts[job_id] = why or interrupt_for(reason or channel.Reason.KILL, record)
         task.cancel()
 
     def _cancel_all(self, why: JobKilled) -> None:
         for job_id in list(self._tasks):
-            self._cancel(job_id, "", why)
+            self._cancel(job_id, None, why)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class AsyncWorker(Worker):
         busy_at = time.monotonic()  # when a job last ran: the store's idle back-off grows from there
         while self.stopping is None:
             try:
+                channel.log_unreadable(self.pool.unreadable, f"worker {self.id}")
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
@@ -106,19 +111,30 @@ class AsyncWorker(Worker):
                 log.warning("worker %s: %s; retrying in 1 s", self.id, exc)
                 await asyncio.sleep(1.0)
         log.info("worker %s: stopping (%s); %d async job(s) running", self.id, self.stopping, len(self._tasks))
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._cancel_all(RoughStop("worker stopped roughly (SIGINT)"))
         while self._tasks:
             await asyncio.wait([t for t, _ in self._tasks.values()])
 
     def execute(self, record: JobRecord) -> None:
-        """Start an async job as a task; run a sync one right here (blocking the loop)."""
-        prepared = self._prepare(record)
+        """Start an async job as a task; run a sync one right here (blocking the loop).
+
+        The attempt is the sync worker's (prepared once, recorded by the same
+        steps): only the running of an async job's code differs.
+        """
+        started = time.monotonic()
+        if self.current is not record:  # called directly, not through _take_up
+            self.current, self._interrupted = record, None
+        try:
+            prepared = self._prepare(record)
+        except BaseException:
+            self.current = None
+            raise
         if isinstance(prepared, Outcome) or not inspect.iscoroutinefunction(prepared[0].func):
-            super().execute(record)
+            self._attempt(record, prepared, started)
             return
         job, args, kwargs = prepared
-        task = asyncio.get_running_loop().create_task(self._run_task(record, job.func, args, kwargs))
+        task = asyncio.get_running_loop().create_task(self._run_task(record, job.func, args, kwargs, started))
         self._tasks[record.id] = (task, record)
         # Async jobs are tasks, not "the current job"; an interrupt that came
         # while it was being taken up stops the task before its first step.
@@ -127,43 +143,21 @@ class AsyncWorker(Worker):
             self._task_interrupts[record.id] = early
             task.cancel()
 
-    async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
-        started = time.monotonic()
-        hooks.call("job_started", record=record)
-        # This task's own copy of the context.
-        _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
-        value: Any = None
-        raised: BaseException | None = None
+    async def _run_task(self, record: JobRecord, func: Any, args: list[Any], kwargs: dict[str, Any],
+                        started: float) -> None:
         try:
-            value = await func(*args, **kwargs)
-        except BaseException as exc:  # CancelledError included: the interrupt below says why
-            raised = exc
-        why = self._task_interrupts.pop(record.id, None)
-        if why is None and isinstance(raised, asyncio.CancelledError):
-            why = JobKilled("cancelled")
-        outcome = self._outcome(record, value, raised, why)
-        if outcome is not None:
-            outcome = outcome.ending(record)  # the history entry, written by the same finish
-        self._count_done()
-        ran = time.monotonic() - started
-        try:
-            if outcome is None:
-                hooks.call("job_lost", record=record)
-                log.warning("job %s %s: lease lost, outcome discarded", record.id, record.func,
-                            extra=self.job_fields(record, "lost", ran))
-                self.pool.send(f"d {channel.quote(record.id)} {channel.LOST} {ran:.6f}")
-                return
+            hooks.call("job_started", record=record)
+            # This task's own copy of the context.
+            _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
+            value: Any = None
+            raised: BaseException | None = None
             try:
-                recorded = self.backend.finish(record.id, record.token, outcome)
-            except BackendUnavailable:
-                recorded = self._finish_when_back(record, outcome, f"d {record.id} {outcome.state} {ran:.6f}")
-            else:
-                self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
-            hooks.call("job_finished", record=record, outcome=outcome)
-            error = outcome.error if outcome.state != "complete" and outcome.error else None
-            log.info("job %s %s route=%s %.3fs %s%s%s", record.id, record.func, record.route, ran, outcome.state,
-                     f" ({error.get('type', '')}: {error.get('message', '')})" if error else "",
-                     "" if recorded else " (not recorded: lease lost)",
-                     extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
+                value = await func(*args, **kwargs)
+            except BaseException as exc:  # CancelledError included: the interrupt below says why
+                raised = exc
+            why = self._task_interrupts.pop(record.id, None)
+            if why is None and isinstance(raised, asyncio.CancelledError):
+                why = JobKilled("cancelled")
+            self._conclude(record, self._outcome(record, value, raised, why), started)
         finally:
             self._tasks.pop(record.id, None)

@@ -6,7 +6,6 @@ cannot slow down or break the others.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,11 @@ def _entry_points() -> dict[str, EntryPoint]:
     for ep in entry_points(group=GROUP):
         found.setdefault(ep.name, ep)
     return found
+
+
+def entry_point(name: str) -> EntryPoint | None:
+    """The entry point registered for backend ``name``, without importing anything of it."""
+    return _entry_points().get(name)
 
 
 def installed() -> list[BackendEntry]:
@@ -113,29 +117,6 @@ def backend_for_url(url: str) -> str:
         f"The address {where} has no scheme, so it does not say which backend it is for: write it as a URL "
         "(redis://HOST:PORT, mongodb://HOST:PORT, sqlite:///PATH, fdb:///CLUSTER_FILE...) or name the "
         "backend with --backend or SKUNQ_BACKEND.")
-
-
-def seed_attribute(backend: str, name: str) -> Any:
-    """``name`` from the seed's ``skunkqueue.persistence.<backend>`` module, found through the entry point.
-
-    Core never imports a backend package by name: the shim modules ask here,
-    and the package is whatever the ``backend`` entry point lives in. The
-    seed's ``default_cfg`` comes from that package's top level (cheap: no
-    driver import); the entry point's own attribute (e.g. ``RedisPersistence``)
-    loads the class.
-    """
-    ep = _entry_points().get(backend)
-    if ep is None:
-        distribution = KNOWN_DISTRIBUTIONS.get(backend, f"a distribution registering {backend!r}")
-        raise ImportError(f"The {backend} backend is not installed: pip install {distribution}")
-    if name == ep.attr:
-        return load(backend)
-    package = importlib.import_module(ep.module.partition(".")[0])
-    if name == "default_cfg" and hasattr(package, name):
-        from skunkqueue.config import seed_cfg
-
-        return seed_cfg(backend, package.default_cfg)
-    raise AttributeError(f"module 'skunkqueue.persistence.{backend}' has no attribute {name!r}")
 
 
 def open_backend(queue: str, backend: str | None = None, *, url: str | None = None,

@@ -31,7 +31,7 @@ less than ``PIPE_BUF`` bytes (so it arrives whole):
 
 ``i JOB_ID REASON``
     interrupt the running job if it is JOB_ID (followed by SIGUSR1); REASON
-    is one of :data:`REASONS`.
+    is one of :class:`Reason`.
 ``x JOB_ID``
     a kill was requested for a held job: never start it.
 ``t HOW``
@@ -46,40 +46,223 @@ them over.
 
 Ids are percent-encoded (they come from the store, and a route may hold a
 space or a newline); the job ids SkunkQueue makes are hex and pass unchanged.
+
+Each line is one of the dataclasses below: :data:`Event` one way,
+:data:`Command` the other. Both sides hand objects to :meth:`WorkerEnd.send`
+and :meth:`PoolEnd.send`; :func:`encode` and :func:`decode_event` /
+:func:`decode_command` are the only places that know the letters. A line
+neither decoder can read raises :class:`ChannelError`; the ends log it as one
+error and read on.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import select
 from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, TypeVar, Union
 from urllib.parse import quote as _quote
 from urllib.parse import unquote
+
+log = logging.getLogger("skunkqueue.channel")
+T = TypeVar("T")
 
 # A held job is started only within this many seconds of its claim; after
 # that the pool may hand it back to the queue (a little later, see pool.py),
 # so a prefetched job never waits long behind a slow or stuck job.
 START_WITHIN = 1.0
 
-KILL, TIME, LOST = "kill", "time", "lost"
-REASONS = (KILL, TIME, LOST)
+
+
+class Word(str, Enum):
+    """A str enum that prints as its value on every Python (3.12 changed what format() gives)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Reason(Word):
+    """Why the pool interrupts a running job."""
+
+    KILL = "kill"  # a kill was requested
+    TIME = "time"  # its time limit passed
+    LOST = "lost"  # its lease is lost: another worker may own it now
+
+
+class StopMode(Word):
+    """How the pool tells a worker to stop (the signal's meaning, see :mod:`skunkqueue.worker`)."""
+
+    GENTLE = "gentle"  # finish the current job, then stop
+    ROUGH = "rough"    # interrupt the current job (killed), then stop
+
+
+class ChannelError(ValueError):
+    """A line on a pipe that is no event or command of this module."""
+
+
+# -- worker -> pool ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Registered under this id; sent once, before any job."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """Claimed (held, not started) at monotonic time ``at``; ``timeout`` 0 for none."""
+
+    at: float
+    job_id: str
+    token: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Starting:
+    """About to start the job, before the worker's last checks."""
+
+    at: float
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The attempt is over: ``state`` is the outcome recorded, or ``lost``."""
+
+    job_id: str
+    state: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HandBack:
+    """The worker will not start this held job."""
+
+    job_id: str
+
+
+Event = Union[Hello, Claimed, Starting, Done, HandBack]
+
+
+# -- pool -> worker ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Interrupt the running job if it is ``job_id`` (followed by SIGUSR1)."""
+
+    job_id: str
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class NeverStart:
+    """A kill was requested for a held job: never start it."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop (sent with the signal, in case a job ignored or swallowed the signal)."""
+
+    how: StopMode
+
+
+Command = Union[Interrupt, NeverStart, Stop]
+
+
+def encode(message: Event | Command) -> str:
+    """The line (without its newline) that carries ``message``."""
+    if isinstance(message, Hello):
+        return f"h {quote(message.worker_id)}"
+    if isinstance(message, Claimed):
+        return f"c {message.at:.6f} {quote(message.job_id)} {message.token} {message.timeout:g}"
+    if isinstance(message, Starting):
+        return f"s {message.at:.6f} {quote(message.job_id)}"
+    if isinstance(message, Done):
+        return f"d {quote(message.job_id)} {quote(message.state)} {message.seconds:.6f}"
+    if isinstance(message, HandBack):
+        return f"k {quote(message.job_id)}"
+    if isinstance(message, Interrupt):
+        return f"i {quote(message.job_id)} {message.reason.value}"
+    if isinstance(message, NeverStart):
+        return f"x {quote(message.job_id)}"
+    if isinstance(message, Stop):
+        return f"t {message.how.value}"
+    raise TypeError(f"{type(message).__name__} is no event or command of the channel")
+
+
+def decode_event(line: str) -> Event:
+    """The event a worker wrote as ``line``; :class:`ChannelError` if it is none."""
+    parts = line.split()
+    try:
+        tag, fields = parts[0], parts[1:]
+        if tag == "h" and len(fields) == 1:
+            return Hello(unquote(fields[0]))
+        if tag == "c" and len(fields) == 4:
+            return Claimed(float(fields[0]), unquote(fields[1]), int(fields[2]), float(fields[3]))
+        if tag == "s" and len(fields) == 2:
+            return Starting(float(fields[0]), unquote(fields[1]))
+        if tag == "d" and len(fields) == 3:
+            return Done(unquote(fields[0]), unquote(fields[1]), float(fields[2]))
+        if tag == "k" and len(fields) == 1:
+            return HandBack(unquote(fields[0]))
+    except (IndexError, ValueError):
+        pass
+    raise ChannelError(f"not an event of the worker channel: {line[:120]!r}")
+
+
+def decode_command(line: str) -> Command:
+    """The command the pool wrote as ``line``; :class:`ChannelError` if it is none."""
+    parts = line.split()
+    try:
+        tag, fields = parts[0], parts[1:]
+        if tag == "i" and len(fields) == 2:
+            return Interrupt(unquote(fields[0]), Reason(fields[1]))
+        if tag == "x" and len(fields) == 1:
+            return NeverStart(unquote(fields[0]))
+        if tag == "t" and len(fields) == 1:
+            return Stop(StopMode(fields[0]))
+    except (IndexError, ValueError):
+        pass
+    raise ChannelError(f"not a command of the pool channel: {line[:120]!r}")
+
+
+def _decoded(lines: list[str], decode: Callable[[str], T], unreadable: list[str]) -> list[T]:
+    """Every line that decodes; why each other one does not goes to ``unreadable``."""
+    found: list[T] = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            found.append(decode(line))
+        except ChannelError as exc:
+            unreadable.append(str(exc))
+    return found
+
+
+def log_unreadable(unreadable: list[str], who: str) -> None:
+    """One error line for each line that did not decode, then forget them."""
+    while unreadable:
+        log.error("%s: %s; line ignored (a worker and a pool of different SkunkQueue versions?)",
+                  who, unreadable.pop(0))
 
 _READ_SIZE = 65536  # a pipe's whole buffer: one read returns whole writes
 
 
 def _set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
-
-
-@dataclass
-class Command:
-    """Something the pool told the worker."""
-
-    kind: str        # "i" (interrupt the running job) or "x" (never start this held job)
-    job_id: str
-    reason: str = ""
 
 
 class WorkerEnd:
@@ -91,6 +274,7 @@ class WorkerEnd:
         self.events_fd = events_fd
         self.control_fd = control_fd
         self.pulse_fd = pulse_fd
+        self.unreadable: list[str] = []  # why a command line did not decode (see log_unreadable)
         if control_fd is not None:
             _set_nonblocking(control_fd)
 
@@ -106,10 +290,11 @@ class WorkerEnd:
         except OSError:
             return False
 
-    def send(self, *lines: str) -> None:
-        if self.events_fd is None or not lines:
+    def send(self, *events: Event) -> None:
+        """Tell the pool ``events``, in one write."""
+        if self.events_fd is None or not events:
             return
-        data = ("\n".join(lines) + "\n").encode()
+        data = "".join(encode(event) + "\n" for event in events).encode()
         while data:
             try:
                 written = os.write(self.events_fd, data)
@@ -140,27 +325,8 @@ class WorkerEnd:
                 raise
             if not chunk:
                 return found
-            for line in chunk.decode(errors="replace").splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[0] == "i":
-                    found.append(Command("i", unquote(parts[1]), parts[2]))
-                elif len(parts) == 2 and parts[0] == "x":
-                    found.append(Command("x", unquote(parts[1])))
-                elif len(parts) == 2 and parts[0] == "t" and parts[1] in ("gentle", "rough"):
-                    found.append(Command("t", "", parts[1]))
-
-
-@dataclass
-class Event:
-    """Something a worker told the pool."""
-
-    kind: str            # h, c, s, d or k
-    job_id: str = ""     # for h: the worker id
-    at: float = 0.0      # monotonic time (c, s)
-    token: int = 0       # c
-    timeout: float = 0.0  # c
-    state: str = ""      # d: the outcome's state
-    seconds: float = 0.0  # d: how long the job ran
+            # Called from a signal handler: what does not decode is kept, and logged by the loop.
+            found += _decoded(chunk.decode(errors="replace").splitlines(), decode_command, self.unreadable)
 
 
 class PoolEnd:
@@ -203,12 +369,15 @@ class PoolEnd:
                 break
             data += chunk
         *lines, self._partial = data.split(b"\n")
-        return [event for event in map(_parse_event, lines) if event is not None]
+        unreadable: list[str] = []
+        events = _decoded([line.decode(errors="replace") for line in lines], decode_event, unreadable)
+        log_unreadable(unreadable, "pool")
+        return events
 
-    def command(self, line: str) -> bool:
+    def send(self, command: Command) -> bool:
         """Send one command; False if the worker's pipe is full (it is stuck) or gone."""
         try:
-            os.write(self.control_write, (line + "\n").encode())
+            os.write(self.control_write, (encode(command) + "\n").encode())
             return True
         except (BlockingIOError, BrokenPipeError):
             return False
@@ -232,22 +401,3 @@ def quote(text: str) -> str:
     """An id as one space-free, newline-free word (hex ids come out unchanged)."""
     # The ids SkunkQueue makes are plain: skip urllib's per-character work (three ids a job).
     return text if _PLAIN(text) else _quote(text, safe="")
-
-
-def _parse_event(raw: bytes) -> Event | None:
-    parts = raw.decode(errors="replace").split()
-    try:
-        if parts[0] == "h" and len(parts) == 2:
-            return Event("h", unquote(parts[1]))
-        if parts[0] == "c" and len(parts) == 5:
-            return Event("c", unquote(parts[2]), at=float(parts[1]), token=int(parts[3]),
-                         timeout=float(parts[4]))
-        if parts[0] == "s" and len(parts) == 3:
-            return Event("s", unquote(parts[2]), at=float(parts[1]))
-        if parts[0] == "d" and len(parts) == 4:
-            return Event("d", unquote(parts[1]), state=parts[2], seconds=float(parts[3]))
-        if parts[0] == "k" and len(parts) == 2:
-            return Event("k", unquote(parts[1]))
-    except (IndexError, ValueError):
-        pass
-    return None

@@ -17,6 +17,7 @@ from skunkqueue import backends as backend_registry
 from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
+from skunkqueue.hooks import plugin_manager
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
 from skunkqueue.queue import SkunkQueue
@@ -461,7 +462,6 @@ def limits_command(queue: str, routes: tuple[str, ...], as_json: bool, backend: 
 
 def _plugin_commands() -> None:
     """Let installed plugins add commands; a broken plugin must not take the whole CLI down."""
-    from skunkqueue.hooks import plugin_manager
     try:
         impls = plugin_manager().hook.register_commands.get_hookimpls()
     except Exception as exc:  # a plugin that cannot even be imported

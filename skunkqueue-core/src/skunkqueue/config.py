@@ -20,6 +20,7 @@ in one shell reach the same store, whatever that shell sets.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -100,3 +101,24 @@ def seed_cfg(backend: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
                     "skunkqueue.persistence.%s.default_cfg: it uses %s %s", store.backend,
                     redact(store.url), backend, backend, redact(cfg.get("conn_url")))
     return cfg
+
+
+def seed_attribute(backend: str, name: str) -> Any:
+    """``name`` from the seed's ``skunkqueue.persistence.<backend>`` module, found through the entry point.
+
+    Core never imports a backend package by name: the shim modules ask here,
+    and the package is whatever the ``backend`` entry point lives in. The
+    seed's ``default_cfg`` comes from that package's top level (cheap: no
+    driver import); the entry point's own attribute (e.g. ``RedisPersistence``)
+    loads the class.
+    """
+    ep = backends.entry_point(backend)
+    if ep is None:
+        distribution = backends.KNOWN_DISTRIBUTIONS.get(backend, f"a distribution registering {backend!r}")
+        raise ImportError(f"The {backend} backend is not installed: pip install {distribution}")
+    if name == ep.attr:
+        return backends.load(backend)
+    package = importlib.import_module(ep.module.partition(".")[0])
+    if name == "default_cfg" and hasattr(package, name):
+        return seed_cfg(backend, package.default_cfg)
+    raise AttributeError(f"module 'skunkqueue.persistence.{backend}' has no attribute {name!r}")

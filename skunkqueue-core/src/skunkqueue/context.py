@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Mapping
 
 from skunkqueue.record import JobRecord
@@ -45,8 +45,6 @@ class JobContext:
     @classmethod
     def of(cls, record: JobRecord, started: float,
            dependencies: Mapping[str, str] | None = None) -> JobContext:
-        from skunkqueue.periodic import slot_moment
-
         key = user_key(record.key)
         return cls(id=record.id, queue=record.queue, route=record.route, function=record.func,
                    attempt=record.attempts, attempts_allowed=record.retries + 1, token=record.token,
@@ -72,3 +70,15 @@ _current: ContextVar[JobContext | None] = ContextVar("skunkqueue_current_job", d
 def current_job() -> JobContext | None:
     """The context of the job running in this thread (or task); None outside a job."""
     return _current.get()
+
+
+def slot_moment(key: str | None, function: str) -> datetime | None:
+    """The slot a periodic job's key (``FUNCTION@ISO-TIME``, made by :mod:`skunkqueue.periodic`) names,
+    exactly, as an aware datetime in UTC (None for any other key)."""
+    if not key or not key.startswith(function + "@"):
+        return None
+    try:
+        moment = datetime.fromisoformat(key[len(function) + 1:])
+    except ValueError:
+        return None
+    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)

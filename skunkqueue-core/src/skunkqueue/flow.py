@@ -35,12 +35,40 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
+from skunkqueue import trust
 from skunkqueue.errors import ConfigurationError
+from skunkqueue.record import PENDING, RUNNING
 
 if TYPE_CHECKING:
-    from skunkqueue.persistence import Persistence
+    from skunkqueue.record import JobRecord, WorkerInfo
+
+
+class Persistence(Protocol):
+    """What these rules read of a store (a :class:`skunkqueue.persistence.Persistence`, which
+    stands on this module: its claims use the rules)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def supports_settings(self) -> bool: ...
+
+    def get_setting(self, name: str) -> str | None: ...
+
+    def counts(self) -> dict[tuple[str, str], int]: ...
+
+    def workers(self) -> list[WorkerInfo]: ...
+
+    def flow_waiting(self, route: str) -> int: ...
+
+    def now(self) -> float: ...
+
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> list[JobRecord]: ...
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]: ...
 
 MIN_PRIORITY = -1000
 MAX_PRIORITY = 1000
@@ -282,8 +310,6 @@ def require(store: Persistence, *, priority: bool = False, limit: bool = False, 
 
 def check_jobs_enforceable(store: Persistence, queue: str, routes: list[str]) -> None:
     """A pool refuses to serve jobs declared with a limit or priority its store cannot enforce."""
-    from skunkqueue import trust
-
     for job in trust.declared_on(queue, routes):
         if job.limit is not None:
             require(store, limit=True, what=f"{job.name} is declared with {job.limit!r}")
@@ -333,8 +359,6 @@ def describe(store: Persistence, routes: Sequence[str] | None = None) -> dict[st
 
 def count_waiting(store: Persistence, route: str) -> int:
     """:meth:`Persistence.flow_waiting` from the route's records, as any store can read them."""
-    from skunkqueue.record import PENDING, RUNNING
-
     now = store.now()
     due = [r for r in store.list_jobs(route=route, state=PENDING, limit=FLOW_SCAN) if r.due <= now]
     if not due:

@@ -7,6 +7,7 @@ import time
 
 from skunkqueue import policy
 from skunkqueue.persistence import Persistence
+from skunkqueue.record import WorkerInfo
 
 log = logging.getLogger("skunkqueue.housekeeping")
 
@@ -44,3 +45,9 @@ def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str
                         worker.id, worker.pid, worker.host, worker.route, dropped)
             reaped.append(worker.id)
     return reaped
+
+
+def live_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[WorkerInfo]:
+    """The registered workers with a recent heartbeat; the dead ones are reaped on the way."""
+    reap_dead_workers(backend, ttl)
+    return backend.workers()

@@ -8,17 +8,14 @@ import math
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Sequence
 
-from skunkqueue import flow, serializer, trust
-from skunkqueue.errors import ConfigurationError, InvalidArguments, JobFailed, JobTimeout
-from skunkqueue.record import COMPLETE, ERROR, FINISHED_STATES, KILLED, PENDING, RUNNING, JobRecord
-
-if TYPE_CHECKING:
-    from skunkqueue.periodic import Schedule
-    from skunkqueue.queue import SkunkQueue
-    from skunkqueue.workflow import Signature
+from skunkqueue import flow, trust
+from skunkqueue.errors import ConfigurationError, InvalidArguments
+from skunkqueue.handle import JobHandle, QueueLike, due_time
+from skunkqueue.handle import check_finished as _check_finished  # noqa: F401 - its old home, for importers
+from skunkqueue.workflow import Signature
 
 
 def check_name(name: str, what: str) -> str:
@@ -68,31 +65,10 @@ def resolve(name: str, *, queue: str, route: str, imports: Sequence[str] = (),
     route is runnable, and a record never makes the worker import a module
     the operator did not allow: see :mod:`skunkqueue.trust`.
     """
-    return trust.resolve(name, queue, route, imports=imports, paths=paths)
-
-
-def due_time(when: timedelta | datetime | float | int) -> float:
-    """Epoch seconds for ``fire_at``'s ``when``: a delay or an aware datetime.
-
-    A negative delay is refused (it is almost always a bug). A datetime in the
-    past is due now: it runs after the jobs already due, never ahead of them,
-    so a producer cannot jump the queue by naming an old time.
-    """
-    now = time.time()
-    if isinstance(when, timedelta):
-        if when < timedelta(0):
-            raise ConfigurationError(
-                f"fire_at got a negative delay ({when.total_seconds():g} s); use fire() to run now."
-            )
-        return now + when.total_seconds()
-    if isinstance(when, datetime):
-        if when.tzinfo is None:
-            raise ConfigurationError(
-                "fire_at needs an aware datetime (e.g. datetime.now(timezone.utc) + ...) "
-                "or a timedelta; a naive datetime has no unambiguous time."
-            )
-        return max(now, when.astimezone(timezone.utc).timestamp())
-    raise ConfigurationError(f"fire_at takes a timedelta or an aware datetime, not {type(when).__name__}.")
+    job = trust.resolve(name, queue, route, imports=imports, paths=paths)
+    if not isinstance(job, Job):  # only Job.__init__ declares
+        raise TypeError(f"{name!r} was declared as a {type(job).__name__}, not a Job")
+    return job
 
 
 def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
@@ -121,7 +97,7 @@ def check_result_ttl(seconds: float) -> None:
 class Job:
     """A function that can be fired onto a queue. Calling it still calls the function."""
 
-    def __init__(self, queue: SkunkQueue, func: Callable[..., Any], routes: Sequence[str], *,
+    def __init__(self, queue: QueueLike, func: Callable[..., Any], routes: Sequence[str], *,
                  retries: int = 0, retry_backoff: float = 1.0, timeout: float | None = None,
                  result_ttl: float | None = None, priority: int = 0, limit: flow.Limit | None = None) -> None:
         if isinstance(routes, str) or not routes or not all(isinstance(r, str) and r for r in routes):
@@ -146,16 +122,17 @@ class Job:
         self.timeout = timeout
         self.name = function_name(func)
         self.last: JobHandle | None = None
-        self.schedule: Schedule | None = None  # set by SkunkQueue.periodic
+        # Its periodic.Schedule, set by SkunkQueue.periodic (periodic stands above this module).
+        self.schedule: Any = None
         self._signature: inspect.Signature | None = None
         self._positional: tuple[int, int] | None = None  # (required, most) when counting suffices
         functools.update_wrapper(self, func)
-        trust.declare(self)
+        trust.declare(self, queue.name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
 
-    def on(self, queue: SkunkQueue) -> Job:
+    def on(self, queue: QueueLike) -> Job:
         """This job, fired through ``queue``'s connection, with all of its declaration's options:
         its own (retries, back-off, timeout, retention) and its declaring queue's (type,
         serializer, retention). A pool firing a schedule rebuilds the job this way."""
@@ -175,8 +152,6 @@ class Job:
 
         ``route`` picks one of the job's routes; a job declared on several needs it.
         """
-        from skunkqueue.workflow import Signature
-
         return Signature(self, args, kwargs, route)
 
     def fire(self, *args: Any, key: str | None = None, using: Any = None, after: Sequence[Any] | None = None,
@@ -317,126 +292,3 @@ class Job:
     def result(self) -> Any:
         """The result of the latest firing (None until it completes)."""
         return self.last.result if self.last else None
-
-
-def _check_finished(job_id: str, record: JobRecord | None, timeout: float | None) -> None:
-    """Raise as ``wait`` does unless ``record`` completed."""
-    if record is None:
-        raise JobFailed(f"Job {job_id} no longer exists (expired or purged).", job_id=job_id, state=ERROR)
-    if record.state not in FINISHED_STATES:
-        raise JobTimeout(f"Job {job_id} is still {record.state} after {timeout} s.")
-    if record.state != COMPLETE:
-        err = record.error or {}
-        raise JobFailed(
-            f"Job {job_id} ({record.func}) ended {record.state}: "
-            f"{err.get('type', '')}: {err.get('message', '')}".rstrip(": "),
-            job_id=job_id, state=record.state, error_type=err.get("type"),
-            remote_traceback=err.get("traceback"),
-        )
-
-
-class JobHandle:
-    """What ``fire`` returns: one firing, delivered to one record per route (or worker)."""
-
-    def __init__(self, queue: SkunkQueue, records: Sequence[JobRecord], serializer: str | None = None) -> None:
-        self.queue = queue
-        self.ids = [r.id for r in records]
-        self.routes = [r.route for r in records]
-        # What ``result`` is keyed by when there are several deliveries.
-        self.keys = [r.target or r.route for r in records]
-        # Records read back from the store (queue.handle) must not choose their decoder: see _value.
-        self._serializer = serializer or (records[0].serializer if records else "json")
-
-    def __repr__(self) -> str:
-        return f"<JobHandle {self.id} {self.state}>"
-
-    @property
-    def id(self) -> str:
-        """The id of the (first) delivery; ``ids`` has one per route."""
-        return self.ids[0] if self.ids else ""
-
-    def records(self) -> list[JobRecord | None]:
-        return [self.queue.get(job_id) for job_id in self.ids]
-
-    @property
-    def state(self) -> str:
-        """``pending``, ``running``, ``complete``, ``error`` or ``killed``.
-
-        For a firing with several deliveries: the least advanced one, and once
-        all are finished, ``error`` if any failed, ``killed`` if any was killed.
-        """
-        states = [r.state if r else ERROR for r in self.records()]
-        for state in (RUNNING, PENDING):
-            if state in states:
-                return RUNNING if RUNNING in states else PENDING
-        for state in (ERROR, KILLED):
-            if state in states:
-                return state
-        return COMPLETE
-
-    def _value(self, record: JobRecord | None) -> Any:
-        if record is None or record.state != COMPLETE or record.result is None:
-            return None
-        # Decode with the serializer this queue fired with, never the one the
-        # stored record claims: a record rewritten to say "pickle" must not
-        # make the producer unpickle (run) whatever its result holds.
-        return serializer.loads(record.result, self._serializer, what="result")
-
-    @property
-    def result(self) -> Any:
-        """The return value once complete, else None.
-
-        With several deliveries: ``{route: value}``, or ``{worker_id: value}``
-        on a broadcast queue.
-        """
-        return self._result_of(self.records())
-
-    def _result_of(self, records: Sequence[JobRecord | None]) -> Any:
-        if len(records) == 1:
-            return self._value(records[0])
-        return {key: self._value(r) for key, r in zip(self.keys, records)}
-
-    @property
-    def error(self) -> dict[str, str] | None:
-        """``{"type", "message", "traceback"}`` of the (first) failed delivery."""
-        for record in self.records():
-            if record is not None and record.error and record.state in (ERROR, KILLED):
-                return record.error
-        return None
-
-    def wait(self, timeout: float | None = None) -> Any:
-        """Block until every delivery has finished; return ``result``.
-
-        Raises JobTimeout if ``timeout`` passes first and JobFailed (with the
-        remote traceback) if a delivery ended in ``error`` or ``killed``.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        backend = self.queue.persistence
-        records: list[JobRecord | None] = []
-        for job_id in self.ids:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            record = backend.wait_finished(job_id, left)
-            _check_finished(job_id, record, timeout)
-            records.append(record)
-        # The finished records already hold the results: no second read.
-        return self._result_of(records)
-
-    async def aresult(self, timeout: float | None = None) -> Any:
-        """``wait`` for asyncio code: waits on the store without blocking the event loop."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        backend = await self.queue.aopen()
-        records: list[JobRecord | None] = []
-        for job_id in self.ids:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            record = await backend.await_finished(job_id, left)
-            _check_finished(job_id, record, timeout)
-            records.append(record)
-        return self._result_of(records)
-
-    def __await__(self) -> Any:
-        return self.aresult().__await__()
-
-    def kill(self) -> None:
-        """Kill every delivery of this firing (see ``SkunkQueue.kill``)."""
-        for job_id in self.ids:
-            self.queue.kill(job_id)

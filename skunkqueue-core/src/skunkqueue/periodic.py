@@ -36,17 +36,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from cronsim import CronSim, CronSimError
 
+from skunkqueue.context import slot_moment
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
-from skunkqueue.persistence import CLOCK_TOLERANCE
-
-if TYPE_CHECKING:
-    from skunkqueue.job import Job, JobHandle
-    from skunkqueue.persistence import Persistence
-    from skunkqueue.queue import SkunkQueue
+from skunkqueue.handle import QueueLike
+from skunkqueue.job import Job, JobHandle
+from skunkqueue.persistence import CLOCK_TOLERANCE, Persistence
 
 log = logging.getLogger("skunkqueue.periodic")
 
@@ -203,17 +201,6 @@ def slot_label(slot: int) -> str:
     return moment.isoformat(timespec="milliseconds" if slot % 1000 == 0 else "microseconds")
 
 
-def slot_moment(key: str | None, function: str) -> datetime | None:
-    """The slot a periodic job's key names, exactly, as an aware datetime in UTC (None for any other key)."""
-    if not key or not key.startswith(function + "@"):
-        return None
-    try:
-        moment = datetime.fromisoformat(key[len(function) + 1:])
-    except ValueError:
-        return None
-    return None if moment.tzinfo is None else moment.astimezone(timezone.utc)
-
-
 def slot_of(key: str | None, function: str) -> float | None:
     """The slot a periodic job's key names, in epoch seconds (None for any other key)."""
     moment = slot_moment(key, function)
@@ -310,7 +297,7 @@ class Scheduler:
         return len(slots)
 
 
-def fire_now(schedule: Schedule, queue: SkunkQueue) -> JobHandle:
+def fire_now(schedule: Schedule, queue: QueueLike) -> JobHandle:
     """Fire ``schedule``'s job once now on ``queue``, outside its slot sequence (no slot key: it is extra).
 
     ``skunq periodic run`` and the monitor's "run now" both call this.

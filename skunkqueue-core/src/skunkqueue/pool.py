@@ -44,6 +44,7 @@ from types import FrameType
 from typing import Callable, TypeVar
 
 from skunkqueue import channel, flow, interpreter, metrics, periodic, policy, signature_policy, signing
+from skunkqueue.channel import Reason, StopMode
 from skunkqueue.errors import (
     ConfigurationError,
     JobKilled,
@@ -54,8 +55,9 @@ from skunkqueue.errors import (
     TimeLimit,
 )
 from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, Persistence
-from skunkqueue.record import RUNNING, WorkerInfo
+from skunkqueue.persistence import Persistence
+from skunkqueue.queue import SkunkQueue
+from skunkqueue.record import RUNNING, LeaseStatus, WorkerInfo
 from skunkqueue.worker import (
     EXIT_DRAINED,
     EXIT_RECYCLE,
@@ -116,6 +118,9 @@ class _Child:
     pipes: channel.PoolEnd | None = None
     worker_id: str | None = None
     claims: dict[str, _Claim] = field(default_factory=dict)  # held and running jobs
+    # Jobs it started and then gave up on without an outcome ("d ID lost"): the store may
+    # still hold them under its token, so they are never taken for claims it did not report.
+    gave_up: dict[str, _Claim] = field(default_factory=dict)
     killed_for: JobKilled | None = None   # the pool SIGKILLed it for this reason...
     killed_job: str | None = None         # ...which concerns this job (None: all it ran)
     settled: bool = True                  # the dead process's jobs were dealt with
@@ -130,12 +135,12 @@ class _Child:
         events_fd, control_fd, pulse_fd = self.pipes.child_fds()
         config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
         self.process = subprocess.Popen(
-            interpreter.command("skunkqueue.worker", config.to_json()),
+            interpreter.command("skunkqueue.worker_main", config.to_json()),
             preexec_fn=_die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
         )
         self.pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
-        self.claims, self.told_never_start = {}, set()
+        self.claims, self.told_never_start, self.gave_up = {}, set(), {}
         self.settled = False
         self.started = time.monotonic()
 
@@ -162,7 +167,7 @@ class WorkerPool:
         self.children = [_Child(replace(base, route=route)) for route in routes for _ in range(concurrency)]
         self.config = base
         self.grace = grace
-        self.stopping: str | None = None
+        self.stopping: StopMode | None = None
         self.store: Persistence | None = None
         self._gentle_signal: int | None = None   # set by handlers, acted on by the loop
         self._rough_signals = 0
@@ -201,7 +206,7 @@ class WorkerPool:
             if first:
                 log.info("pool: SIGINT, stopping workers roughly (a second SIGINT, or %g s, kills them)",
                          self.grace)
-                self.stopping = "rough"
+                self.stopping = StopMode.ROUGH
                 self._rough_deadline = now + self.grace
                 self._signal_all(signal.SIGINT)
             else:
@@ -209,18 +214,18 @@ class WorkerPool:
                 self._kill_all()
         elif self._gentle_signal is not None and self.stopping is None:
             log.info("pool: %s, stopping workers gently", signal.Signals(self._gentle_signal).name)
-            self.stopping = "gentle"
+            self.stopping = StopMode.GENTLE
             self._signal_all(signal.SIGTERM)
-        if self.stopping == "rough" and now >= self._rough_deadline and any(c.alive for c in self.children):
+        if self.stopping == StopMode.ROUGH and now >= self._rough_deadline and any(c.alive for c in self.children):
             log.warning("pool: workers still running %g s after SIGINT; killing them", self.grace)
             self._kill_all()
 
     def _signal_all(self, sig: int) -> None:
-        how = "rough" if sig == signal.SIGINT else "gentle"
+        how = StopMode.ROUGH if sig == signal.SIGINT else StopMode.GENTLE
         for child in self.children:
             if child.alive and child.process is not None:
                 if child.pipes is not None:  # also through the pipe: a job may ignore the signal
-                    child.pipes.command(f"t {how}")
+                    child.pipes.send(channel.Stop(how))
                 try:
                     os.kill(child.process.pid, sig)
                 except ProcessLookupError:
@@ -292,8 +297,6 @@ class WorkerPool:
             log.warning("pool: the %s backend lacks idempotency keys or settings, which periodic jobs need; "
                         "%d schedule(s) not run", store.name, len(schedules))
             return
-        from skunkqueue.queue import SkunkQueue
-
         # This pool's connection; what the records carry (retention, serializer, queue type,
         # retries...) comes from each job's declaration (Job.on).
         here = SkunkQueue(self.config.queue, backend=self.config.backend, conn_url=self.config.url,
@@ -350,7 +353,7 @@ class WorkerPool:
         for sig in (*GENTLE_SIGNALS, ROUGH_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         log.info("pool %d: all workers stopped", os.getpid())
-        return EXIT_ROUGH if self.stopping == "rough" else 0
+        return EXIT_ROUGH if self.stopping == StopMode.ROUGH else 0
 
     def _sleep(self, seconds: float) -> None:
         select.select([self._wakeup_read], [], [], seconds)
@@ -363,18 +366,20 @@ class WorkerPool:
         if child.pipes is None:
             return
         for event in child.pipes.events():
-            if event.kind == "h":
-                child.worker_id = event.job_id
-            elif event.kind == "c":
+            if isinstance(event, channel.Hello):
+                child.worker_id = event.worker_id
+            elif isinstance(event, channel.Claimed):
                 child.claims[event.job_id] = _Claim(event.token, event.timeout, event.at)
-            elif event.kind == "s":
+            elif isinstance(event, channel.Starting):
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
                     claim.started_at = event.at
-            elif event.kind == "d":
+            elif isinstance(event, channel.Done):
                 self.tally.add(child.config.route, event.state, event.seconds)
-                child.claims.pop(event.job_id, None)
-            elif event.kind == "k":
+                claim = child.claims.pop(event.job_id, None)
+                if claim is not None and event.state == channel.Reason.LOST.value:
+                    child.gave_up[event.job_id] = claim
+            else:  # HandBack
                 claim = child.claims.get(event.job_id)
                 if claim is not None:
                     claim.started_at = None
@@ -431,27 +436,39 @@ class WorkerPool:
         if child.pipes is not None:
             child.pipes.close()
             child.pipes = None
+        started = {job_id: claim.token for job_id, claim in {**child.gave_up, **child.claims}.items()
+                   if claim.started_at is not None}
         for job_id, claim in list(child.claims.items()):
             if claim.started_at is None:
                 self._hand_back(child, job_id)
             else:
                 self._record_death(child, job_id, claim, code)
-        child.claims = {}
+        child.claims, child.gave_up = {}, {}
         if child.worker_id is not None and self.store is not None:
-            self._hand_back_unreported(self.store, child.worker_id)
+            self._hand_back_unreported(self.store, child.worker_id, started, code)
             self._store_call("unregister a dead worker", self.store.unregister_worker, child.worker_id)
 
-    def _hand_back_unreported(self, store: Persistence, worker_id: str) -> None:
+    def _hand_back_unreported(self, store: Persistence, worker_id: str, started: dict[str, int],
+                              code: int | None) -> None:
         """A worker killed between a claim and its report leaves jobs only the store knows of.
 
         It never started them (it reports a claim before starting anything), so they
-        go back uncharged now instead of waiting out their lease.
+        go back uncharged now instead of waiting out their lease. A job it did start
+        and left running in the store (``started``: id -> token; it gave up on the job
+        when the pool fell silent, or a lease-lost interrupt recorded nothing) is not
+        one of them: handed back uncharged it would run again on the same attempt.
         """
         running = self._store_call("list running jobs",
                                    lambda: store.list_jobs(state=RUNNING, limit=100_000)) or []
         for record in running:
-            if record.owner == worker_id:
-                self._store_call("hand back a job", store.finish, record.id, record.token, policy.release(record))
+            if record.owner != worker_id:
+                continue
+            if started.get(record.id) == record.token:
+                outcome = policy.worker_died(record, "WorkerDied", f"worker {worker_id} exited with status {code} "
+                                             "after it had started the job")
+            else:
+                outcome = policy.release(record)
+            self._store_call("hand back a job", store.finish, record.id, record.token, outcome)
 
     def _record_death(self, child: _Child, job_id: str, claim: _Claim, code: int | None) -> None:
         store = self.store
@@ -500,7 +517,7 @@ class WorkerPool:
             assert claim.started_at is not None
             if claim.interrupt is None:
                 if claim.timeout and now >= claim.started_at + claim.timeout:
-                    self._interrupt(child, job_id, channel.TIME, TimeLimit(
+                    self._interrupt(child, job_id, Reason.TIME, TimeLimit(
                         f"job exceeded its time limit of {claim.timeout:g} s "
                         f"and did not stop within {self.grace:g} s; its worker was killed"))
                 continue
@@ -511,12 +528,12 @@ class WorkerPool:
                 child.kill(why, job_id)
                 return
 
-    def _interrupt(self, child: _Child, job_id: str, reason: str, why: JobKilled) -> None:
+    def _interrupt(self, child: _Child, job_id: str, reason: Reason, why: JobKilled) -> None:
         claim = child.claims.get(job_id)
         if claim is None or claim.interrupt is not None or child.pipes is None or child.process is None:
             return
         claim.interrupt = (why, time.monotonic())
-        child.pipes.command(f"i {channel.quote(job_id)} {reason}")
+        child.pipes.send(channel.Interrupt(job_id, reason))
         try:
             os.kill(child.process.pid, INTERRUPT_SIGNAL)
         except ProcessLookupError:
@@ -567,20 +584,26 @@ class WorkerPool:
             return  # no pulse: a worker that hears none for long stops its jobs
         if child.pipes is not None:
             child.pipes.pulse()
-        for job_id, status in statuses.items():
+        for job_id, answer in statuses.items():
             claim = child.claims.get(job_id)
-            if claim is None or status not in (LEASE_KILL, LEASE_LOST):
+            try:
+                status = LeaseStatus(answer)
+            except ValueError:
+                log.error("pool: the %s backend answered %r for the lease of job %s; expected one of %s",
+                          store.name, answer, job_id, ", ".join(s.value for s in LeaseStatus))
+                continue
+            if claim is None or status is LeaseStatus.OK:
                 continue
             if claim.started_at is not None:
-                if status == LEASE_KILL:
-                    self._interrupt(child, job_id, channel.KILL, KillRequested(
+                if status is LeaseStatus.KILL:
+                    self._interrupt(child, job_id, Reason.KILL, KillRequested(
                         "killed by request; the job did not stop, so its worker was killed"))
                 else:
-                    self._interrupt(child, job_id, channel.LOST, LeaseLost("lease lost"))
+                    self._interrupt(child, job_id, Reason.LOST, LeaseLost("lease lost"))
             elif claim.started_at is None and job_id not in child.told_never_start:
-                if status == LEASE_LOST:
+                if status is LeaseStatus.LOST:
                     child.claims.pop(job_id, None)  # someone else's now: never start it
-                if child.pipes is not None and child.pipes.command(f"x {channel.quote(job_id)}"):
+                if child.pipes is not None and child.pipes.send(channel.NeverStart(job_id)):
                     child.told_never_start.add(job_id)
 
     def _flush_stats(self, store: Persistence) -> None:

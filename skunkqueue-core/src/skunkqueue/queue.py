@@ -10,10 +10,22 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
-from skunkqueue import config, flow, headers, hooks, policy, serializer, signature_policy, signing, workflow
-from skunkqueue.backends import open_backend
+from skunkqueue import (
+    config,
+    flow,
+    headers,
+    hooks,
+    housekeeping,
+    policy,
+    serializer,
+    signature_policy,
+    signing,
+    workflow,
+)
+from skunkqueue.backends import load, open_backend
 from skunkqueue.errors import ConfigurationError, JobNotFound, PayloadTooLarge
-from skunkqueue.housekeeping import WORKER_TTL, reap_dead_workers
+from skunkqueue.handle import QueueLike
+from skunkqueue.housekeeping import WORKER_TTL
 from skunkqueue.job import Job, JobHandle, check_name, check_result_ttl
 from skunkqueue.persistence import DEFAULT_RESULT_TTL, Persistence
 from skunkqueue.record import COMPLETE, FINISHED_STATES, KILLED, PENDING, RUNNING, STATES, JobRecord, WorkerInfo, new_id
@@ -55,7 +67,6 @@ class SkunkQueue:
         self._signing_notice: tuple[float, str | None] | None = None  # (read at, stored policy)
         self._async_conn: Persistence | None = None
         # Fail fast on an unknown backend name, before any job is declared.
-        from skunkqueue.backends import load
         self._backend_class = load(self.backend)
         self._backend_class.check_names(name)  # a name the store cannot hold fails here, not at a write
 
@@ -134,6 +145,7 @@ class SkunkQueue:
         ``tz``). See :mod:`skunkqueue.periodic`. ``priority`` and ``limit``: as
         for :meth:`event`.
         """
+        # Here, not at the top: a producer that declares no schedule never loads cronsim.
         from skunkqueue import periodic as schedules
 
         if self.queue_type == "broadcast":  # a slot is one record, by its idempotency key
@@ -181,7 +193,8 @@ class SkunkQueue:
         if self._signing_stale(backend):
             stored = await backend.aget_setting(signature_policy.SETTING)
             self._signing_notice = (time.monotonic(), stored)
-        live = await backend.aworkers(reap=True) if job.declared_on.queue_type == "broadcast" else None
+        live = (await backend._in_thread(housekeeping.live_workers, backend)
+                if job.declared_on.queue_type == "broadcast" else None)
         per_call = self._records(backend, job, calls, due, keys, live, priority=priority)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
@@ -331,12 +344,11 @@ class SkunkQueue:
 
     def live_workers(self) -> list[WorkerInfo]:
         """Workers with a recent heartbeat; dead ones are reaped on the way."""
-        self.reap_workers()
-        return self.persistence.workers()
+        return housekeeping.live_workers(self.persistence)
 
     def reap_workers(self, ttl: float = WORKER_TTL) -> list[str]:
         """Unregister workers that stopped sending heartbeats, and drop their broadcasts."""
-        return reap_dead_workers(self.persistence, ttl)
+        return housekeeping.reap_dead_workers(self.persistence, ttl)
 
     def counts(self) -> dict[tuple[str, str], int]:
         return self.persistence.counts()
@@ -450,7 +462,7 @@ class SkunkQueue:
         return backend.finish(record.id, record.token, policy.requeue(record), expect=record.state)
 
 
-def _check_keys(queue: SkunkQueue, backend: Persistence, keys: list[str | None]) -> None:
+def _check_keys(queue: QueueLike, backend: Persistence, keys: list[str | None]) -> None:
     if queue.queue_type == "broadcast":
         raise ConfigurationError("Idempotency keys need a direct queue: a broadcast's deliveries depend on "
                                  "which workers are alive when it is fired.")

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Final, Literal, Mapping, get_args
 
 from skunkqueue.errors import MalformedRecord
@@ -35,6 +36,22 @@ FINISHED_STATES: frozenset[str] = frozenset({COMPLETE, ERROR, KILLED})
 # started this many times, even with ``retries=0``: a crash must not lose work,
 # but a job that kills every worker that runs it must not loop forever either.
 MIN_ATTEMPTS_ON_LOST_LEASE = 5
+
+
+
+class LeaseStatus(str, Enum):
+    """What :meth:`Persistence.renew <skunkqueue.persistence.Persistence.renew>` says of one lease.
+
+    A str, so a backend may answer with the plain words (``"ok"``...).
+    """
+
+    OK = "ok"      # lease extended
+    LOST = "lost"  # the record is no longer ours: stop, record nothing
+    KILL = "kill"  # still ours, but someone asked to kill it
+
+    def __str__(self) -> str:  # the word itself on every Python (3.12 changed what str() gives)
+        return str(self.value)
+
 
 # What a job killed on request says about itself.
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}

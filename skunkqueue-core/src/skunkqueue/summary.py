@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
-from skunkqueue.record import ERROR, PENDING, STATES
-
-if TYPE_CHECKING:
-    from skunkqueue.persistence import Persistence
+from skunkqueue.record import ERROR, PENDING, STATES, JobRecord
 
 # Dead letters are counted by reading them; past this many a summary says "at least".
 DEAD_COUNT_CAP = 10_000
@@ -35,7 +32,19 @@ class QueueSummary:
     dead_capped: bool = False       # True: some route has at least DEAD_COUNT_CAP dead letters in all
 
 
-def summarize(backend: Persistence, now: float | None = None) -> QueueSummary:
+class Readable(Protocol):
+    """What :func:`summarize` reads of a store: a :class:`~skunkqueue.persistence.Persistence` has it.
+
+    Named here rather than imported, since the Persistence protocol itself uses summarize.
+    """
+
+    def counts(self) -> dict[tuple[str, str], int]: ...
+
+    def list_jobs(self, *, route: str | None = None, state: str | None = None,
+                  dead: bool | None = None, limit: int = 1000) -> Sequence[JobRecord]: ...
+
+
+def summarize(backend: Readable, now: float | None = None) -> QueueSummary:
     """The default :meth:`Persistence.summary`: one ``counts()``, one dead-letter listing, one listing per route."""
     now = time.time() if now is None else now
     counts = backend.counts()

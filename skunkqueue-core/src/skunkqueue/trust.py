@@ -26,33 +26,49 @@ import sysconfig
 import weakref
 from importlib.machinery import BuiltinImporter, FrozenImporter, ModuleSpec, PathFinder
 from types import ModuleType
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from skunkqueue.errors import ConfigurationError, JobRefused
-
-if TYPE_CHECKING:
-    from skunkqueue.job import Job
-    from skunkqueue.record import JobRecord
+from skunkqueue.record import JobRecord
 
 IMPORT_ENV = "SKUNQ_IMPORT"
+
+
+
+class Declared(Protocol):
+    """What this module reads of a job declared with ``@queue.event`` (a :class:`skunkqueue.job.Job`,
+    which stands on this module and hands itself in)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def routes(self) -> Sequence[str]: ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def limit(self) -> Any: ...  # a skunkqueue.flow.Limit or None (flow stands above this module)
+
 
 # (job name, queue, route) -> the Job declared for it. Weak: a Job that nobody
 # holds any more (a producer's throwaway declaration) is not kept alive, nor
 # is the queue and connection it references.
-_declared: weakref.WeakValueDictionary[tuple[str, str, str], Job] = weakref.WeakValueDictionary()
+_declared: weakref.WeakValueDictionary[tuple[str, str, str], Declared] = weakref.WeakValueDictionary()
 
 
-def declare(job: Job) -> None:
-    """Called by ``@queue.event``: ``job`` may run on its queue, for its routes."""
+def declare(job: Declared, queue: str) -> None:
+    """Called by ``@queue.event``: ``job`` may run on ``queue``, for its routes."""
     for route in job.routes:
-        _declared[(job.name, job.queue.name, route)] = job
+        _declared[(job.name, queue, route)] = job
 
 
-def declared(name: str, queue: str, route: str) -> Job | None:
+def declared(name: str, queue: str, route: str) -> Declared | None:
     return _declared.get((name, queue, route))
 
 
-def declared_on(queue: str, routes: Iterable[str]) -> list[Job]:
+def declared_on(queue: str, routes: Iterable[str]) -> list[Declared]:
     """The jobs declared on ``queue`` for any of ``routes`` (a pool checks what it will serve)."""
     wanted = set(routes)
     return [job for (_, q, r), job in list(_declared.items()) if q == queue and r in wanted]
@@ -110,7 +126,7 @@ def import_allowed(modules: Sequence[str]) -> None:
 
 
 def resolve(name: str, queue: str, route: str, *, imports: Sequence[str] = (),
-            paths: Sequence[str] = ()) -> Job:
+            paths: Sequence[str] = ()) -> Declared:
     """The Job that a worker of ``queue``/``route`` runs for a record naming ``name``.
 
     ``imports`` non-empty is explicit mode (nothing is imported here);

@@ -50,7 +50,7 @@ from skunkqueue.errors import (
 )
 from skunkqueue.job import Job, resolve
 from skunkqueue.persistence import Persistence
-from skunkqueue.record import ERROR, KILLED, JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import COMPLETE, ERROR, KILLED, JobRecord, Outcome, WorkerInfo
 
 log = logging.getLogger("skunkqueue.worker")
 
@@ -67,6 +67,8 @@ EXIT_RECYCLE = 4                   # exit status: done its --max-jobs/--max-memo
 EXIT_DRAINED = 5                   # exit status (--burst): its route has no due job left
 _EXIT_FOR = {"recycle": EXIT_RECYCLE, "drained": EXIT_DRAINED}
 POOL_SILENT_PAUSE = 0.2            # seconds between looks at a silent pool before claiming again
+
+Prepared = tuple[Job, list[Any], dict[str, Any]]  # a job ready to run: its function and arguments
 
 
 @dataclass
@@ -151,22 +153,26 @@ def resident_mb() -> float:
         return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
 
 
-def interrupt_for(reason: str, record: JobRecord) -> JobKilled:
-    """The exception that stops a job for a reason the pool gave (see :data:`channel.REASONS`)."""
-    if reason == channel.KILL:
+def interrupt_for(reason: channel.Reason, record: JobRecord) -> JobKilled:
+    """The exception that stops a job for a reason the pool gave."""
+    if reason == channel.Reason.KILL:
         return KillRequested("killed by request")
-    if reason == channel.TIME:
+    if reason == channel.Reason.TIME:
         return TimeLimit(f"job exceeded its time limit of {record.timeout or 0:g} s")
     return LeaseLost("lease lost")
 
 
 class Worker:
+    #: Claim the next jobs in the round trip that records an outcome (see _finish).
+    claims_on_finish = True
+
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.id = f"{socket.gethostname()}:{os.getpid()}:{config.route}:{os.urandom(3).hex()}"
         self.info = WorkerInfo(id=self.id, queue=config.queue, route=config.route,
                                host=socket.gethostname(), pid=os.getpid(), concurrency=config.async_concurrency)
-        self.stopping: str | None = None     # None, "gentle" or "rough"; set by signal handlers
+        # None, a StopMode (set by signal handlers or the pool), "recycle" or "drained"
+        self.stopping: str | None = None
         self.current: JobRecord | None = None
         self.held: list[JobRecord] = []      # claimed, not yet started (prefetch)
         self._claimed_at: dict[str, float] = {}  # job id -> time.monotonic() of its claim
@@ -202,10 +208,10 @@ class Worker:
 
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping is None:
-            self.stopping = "gentle"
+            self.stopping = channel.StopMode.GENTLE
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping = "rough"
+        self.stopping = channel.StopMode.ROUGH
         self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
         self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
 
@@ -218,15 +224,15 @@ class Worker:
         stop_current: JobKilled | None = None
         current = self.current
         for command in self.pool.commands():
-            if command.kind == "x":
+            if isinstance(command, channel.NeverStart):
                 self._never_start.add(command.job_id)
-            elif command.kind == "t":
-                self.stopping = self.stopping or command.reason
+            elif isinstance(command, channel.Stop):
+                self.stopping = self.stopping or command.how
             elif current is not None and command.job_id == current.id:
                 stop_current = stop_current or interrupt_for(command.reason, current)
             else:
                 self._stop_task(command.job_id, command.reason)
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
             stop_current = stop_current or RoughStop("worker stopped roughly (SIGINT)")
         if self._pool_silent:
@@ -237,7 +243,7 @@ class Worker:
             self._raise_into_job(stop_current)
 
     # Async workers (skunkqueue.async_worker) run jobs as tasks and stop them here.
-    def _stop_task(self, job_id: str, reason: str) -> None:
+    def _stop_task(self, job_id: str, reason: channel.Reason) -> None:
         """Stop the task running ``job_id`` for ``reason`` (called from a signal handler)."""
 
     def _stop_tasks(self, why: JobKilled) -> None:
@@ -262,7 +268,7 @@ class Worker:
         interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()
-        self.pool.send(f"h {channel.quote(self.id)}")
+        self.pool.send(channel.Hello(self.id))
         self._last_pulse = time.monotonic()  # connecting may have taken a while; the pool pulses from now
         self._watch_parent()
         self._watch_pool()
@@ -339,6 +345,7 @@ class Worker:
         while self.stopping is None:
             try:
                 self._read_commands()  # a stop the pool also sends through the pipe
+                channel.log_unreadable(self.pool.unreadable, f"worker {self.id}")
                 if self.stopping is not None:
                     break
                 if not self.held and not self.may_claim():
@@ -372,7 +379,7 @@ class Worker:
         except BlockingIOError:
             pass
 
-    def _took(self, claimed: list[JobRecord], *before: str) -> None:
+    def _took(self, claimed: list[JobRecord], *before: channel.Event) -> None:
         """Hold the jobs claimed and tell the pool, after the lines ``before``, in one write."""
         if not claimed:
             self.pool.send(*before)
@@ -381,8 +388,7 @@ class Worker:
         for record in claimed:
             self._claimed_at[record.id] = now
         self.held.extend(claimed)
-        self.pool.send(*before, *(f"c {now:.6f} {channel.quote(r.id)} {r.token} {r.timeout or 0:g}"
-                                  for r in claimed))
+        self.pool.send(*before, *(channel.Claimed(now, r.id, r.token, r.timeout or 0) for r in claimed))
 
     def _take_up(self, record: JobRecord) -> None:
         """Start a held job, unless the pool may already have handed it back or it was killed."""
@@ -393,7 +399,7 @@ class Worker:
         self.current, self._interrupted = record, None
         # Announce the start before the last checks (see channel.py): a pool
         # that has not read it yet can trust that the job has not started.
-        self.pool.send(f"s {time.monotonic():.6f} {channel.quote(record.id)}")
+        self.pool.send(channel.Starting(time.monotonic(), record.id))
         self._read_commands()
         claimed_at = self._claimed_at.pop(record.id, time.monotonic())
         skip = record.id in self._never_start or time.monotonic() - claimed_at > channel.START_WITHIN
@@ -401,14 +407,14 @@ class Worker:
         if skip:
             self.current = None
             log.debug("job %s: killed or held too long since its claim; handing it back", record.id)
-            self.pool.send(f"k {channel.quote(record.id)}")
+            self.pool.send(channel.HandBack(record.id))
         else:
             self.execute(record)
 
     def _skip_held(self) -> None:
         """The pool hands back the jobs this worker claimed and will not start."""
         held, self.held = self.held, []
-        self.pool.send(*(f"k {channel.quote(r.id)}" for r in held))
+        self.pool.send(*(channel.HandBack(r.id) for r in held))
 
     # -- running one job ----------------------------------------------------------
 
@@ -424,14 +430,32 @@ class Worker:
                                                     paths=self.config.paths)
         return job
 
+    # -- one attempt: prepare -> run -> outcome -> record ---------------------------------
+    # Both workers take every attempt through these steps; the async worker
+    # only changes how an async job's code is awaited (as a task, see async_worker).
+
     def execute(self, record: JobRecord) -> None:
+        """One attempt of ``record``, in this thread."""
         started = time.monotonic()
         if self.current is not record:  # called directly, not through _take_up
             self.current, self._interrupted = record, None
         try:
-            outcome = self._run(record)
+            prepared = self._prepare(record)
+        except BaseException:
+            self.current = None
+            raise
+        self._attempt(record, prepared, started)
+
+    def _attempt(self, record: JobRecord, prepared: Prepared | Outcome, started: float) -> None:
+        """Run what was prepared (unless it is already the outcome), then record the outcome."""
+        try:
+            outcome = prepared if isinstance(prepared, Outcome) else self._run(record, *prepared)
         finally:
             self.current = None
+        self._conclude(record, outcome, started)
+
+    def _conclude(self, record: JobRecord, outcome: Outcome | None, started: float) -> None:
+        """Record the attempt's outcome (None: the lease was lost), tell the pool, fire the hooks, log."""
         self._count_done()  # before recording: a worker due for recycling claims nothing with it
         ran = time.monotonic() - started
         if outcome is None:
@@ -439,23 +463,25 @@ class Worker:
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
                         record.id, record.func, record.route,
                         extra=self.job_fields(record, "lost", ran))
-            self.pool.send(f"d {channel.quote(record.id)} lost {ran:.6f}")
+            self.pool.send(channel.Done(record.id, channel.Reason.LOST.value, ran))
             return
-        done = f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}"
         outcome = outcome.ending(record)  # the history entry, written by the same finish
         try:
-            recorded = self._finish(record, outcome, done)
+            recorded = self._finish(record, outcome, ran)
         except BackendUnavailable:
-            recorded = self._finish_when_back(record, outcome, done)
+            recorded = self._finish_when_back(record, outcome, ran)
         except SkunkQueueError as exc:
             # The store refused this outcome (e.g. a size limit): record why instead.
             outcome = policy.failed(record, error_info(exc, with_traceback=False), retryable=False).ending(record)
-            recorded = self.backend.finish(record.id, record.token, outcome)
-            self.pool.send(f"d {channel.quote(record.id)} {outcome.state} {ran:.6f}")
+            try:
+                recorded = self.backend.finish(record.id, record.token, outcome)
+                self.pool.send(self._done_event(record, outcome, ran))
+            except BackendUnavailable:
+                recorded = self._finish_when_back(record, outcome, ran)
         hooks.call("job_finished", record=record, outcome=outcome)
         if outcome.state == ERROR or (outcome.error and outcome.state != KILLED):
             hooks.call("job_failed", record=record, error=outcome.error or {})
-        error = outcome.error if outcome.state != "complete" and outcome.error else None
+        error = outcome.error if outcome.state != COMPLETE and outcome.error else None
         refused = error is not None and error.get("type") == JobRefused.__name__
         log.log(logging.DEBUG if refused else logging.INFO, "job %s %s route=%s %.3fs %s%s%s",
                 record.id, record.func, record.route, time.monotonic() - started, outcome.state,
@@ -464,6 +490,10 @@ class Worker:
                 extra=self.job_fields(record, outcome.state if recorded else "lost", ran, error))
         if error and error.get("traceback"):
             log.debug("job %s traceback:\n%s", record.id, error["traceback"])
+
+    @staticmethod
+    def _done_event(record: JobRecord, outcome: Outcome, ran: float) -> channel.Done:
+        return channel.Done(record.id, outcome.state, ran)
 
     def job_fields(self, record: JobRecord, outcome: str, ran: float,
                    error: dict[str, str] | None = None) -> dict[str, Any]:
@@ -496,9 +526,10 @@ class Worker:
             log.info("worker %s: %s; the pool replaces it", self.id, why)
             self.stopping = "recycle"
 
-    def _finish(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
+    def _finish(self, record: JobRecord, outcome: Outcome, ran: float) -> bool:
         """Record the outcome; with nothing else held, claim the next jobs in the same round trip."""
-        if self.held or self.stopping is not None or not self.may_claim():
+        done = self._done_event(record, outcome, ran)
+        if not self.claims_on_finish or self.held or self.stopping is not None or not self.may_claim():
             recorded = self.backend.finish(record.id, record.token, outcome)
             self.pool.send(done)
             return recorded
@@ -511,7 +542,7 @@ class Worker:
         self._found_nothing = not claimed
         return recorded
 
-    def _finish_when_back(self, record: JobRecord, outcome: Outcome, done: str) -> bool:
+    def _finish_when_back(self, record: JobRecord, outcome: Outcome, ran: float) -> bool:
         # The result exists only in this process. The pool keeps renewing the
         # lease until it hears "done", so keep trying for a lease's length.
         deadline = time.monotonic() + self.config.lease
@@ -523,10 +554,10 @@ class Worker:
                 break
             except BackendUnavailable as exc:
                 log.warning("job %s: cannot record the outcome yet: %s", record.id, exc)
-        self.pool.send(done)
+        self.pool.send(self._done_event(record, outcome, ran))
         return recorded
 
-    def _prepare(self, record: JobRecord) -> tuple[Job, list[Any], dict[str, Any]] | Outcome:
+    def _prepare(self, record: JobRecord) -> Prepared | Outcome:
         """The job and its arguments, or the outcome that says why it cannot run."""
         try:
             if record.serializer == "pickle" and not self.config.allow_pickle:
@@ -561,16 +592,12 @@ class Worker:
             return policy.failed(record, error_info(exc))
         return job, args, kwargs
 
-    def _run(self, record: JobRecord) -> Outcome | None:
-        """Run the job; whatever its code raises becomes the attempt's outcome."""
-        prepared = self._prepare(record)
-        if isinstance(prepared, Outcome):
-            return prepared
-        job, args, kwargs = prepared
+    def _run(self, record: JobRecord, job: Job, args: list[Any], kwargs: dict[str, Any]) -> Outcome | None:
+        """Run the job in this thread; whatever its code raises becomes the attempt's outcome."""
         hooks.call("job_started", record=record)
         raised: BaseException | None = None
         value: Any = None
-        if self.stopping == "rough":
+        if self.stopping == channel.StopMode.ROUGH:
             self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
         context = _current_job.set(JobContext.of(record, time.time(), self._dependencies.pop(record.id, None)))
         try:
@@ -630,28 +657,3 @@ class Worker:
             )
             return policy.failed(record, error_info(too_large, with_traceback=False), retryable=False)
         return policy.completed(data)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process the pool starts with ``interpreter.command("skunkqueue.worker", CONFIG)``."""
-    argv = sys.argv[1:] if argv is None else argv
-    config = WorkerConfig.from_json(argv[0])
-    logformat.configure(os.environ.get("SKUNQ_LOG_LEVEL", "INFO"))
-    if config.async_concurrency > 1:
-        from skunkqueue.async_worker import AsyncWorker
-        worker: Worker = AsyncWorker(config)
-    else:
-        worker = Worker(config)
-    worker.install_signal_handlers()
-    try:
-        return worker.run()
-    except BackendUnavailable as exc:
-        log.error("worker for route %s cannot reach the backend: %s", config.route, exc)
-        return EXIT_UNREACHABLE
-    except SkunkQueueError as exc:
-        log.error("worker for route %s: %s", config.route, exc)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,17 +16,33 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from skunkqueue import dependencies
 from skunkqueue.errors import ConfigurationError, JobFailed
-from skunkqueue.job import JobHandle, _check_finished, due_time
+from skunkqueue.handle import JobHandle, QueueLike, due_time
+from skunkqueue.handle import check_finished as _check_finished
+from skunkqueue.persistence import Persistence
 from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, new_id
 
-if TYPE_CHECKING:
-    from skunkqueue.job import Job
-    from skunkqueue.persistence import Persistence
-    from skunkqueue.queue import SkunkQueue
+
+class Step(Protocol):
+    """What a workflow reads of a job (a :class:`skunkqueue.job.Job`, whose ``s()`` makes a Signature
+    here: the job model stands on this module)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def routes(self) -> Sequence[str]: ...
+
+    @property
+    def func(self) -> Callable[..., Any]: ...
+
+    @property
+    def queue(self) -> QueueLike: ...
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
 
 
 class Workflow:
@@ -82,7 +98,7 @@ class Workflow:
     def _signatures(self) -> Iterable[Signature]:
         raise NotImplementedError
 
-    def _queue(self) -> SkunkQueue:
+    def _queue(self) -> QueueLike:
         signatures = list(self._signatures())
         if not signatures:
             raise ConfigurationError("This workflow has no steps; give chain() or group() at least one job.s(...).")
@@ -97,7 +113,7 @@ class Workflow:
 class Signature(Workflow):
     """A job with arguments, not stored yet: what ``job.s(...)`` returns."""
 
-    def __init__(self, job: Job, args: tuple[Any, ...], kwargs: dict[str, Any], route: str | None = None) -> None:
+    def __init__(self, job: Step, args: tuple[Any, ...], kwargs: dict[str, Any], route: str | None = None) -> None:
         if route is None and len(job.routes) != 1:
             raise ConfigurationError(f"{job.name} is declared on the routes {job.routes}; inside a workflow name "
                                      f"one: {job.func.__name__}.s(..., route={job.routes[0]!r}).")
@@ -170,7 +186,7 @@ def group(*members: Workflow | Iterable[Workflow]) -> Group:
 class _Plan:
     """The records of one firing, built depth first: parents always before their dependents."""
 
-    def __init__(self, queue: SkunkQueue, backend: Persistence, due: float) -> None:
+    def __init__(self, queue: QueueLike, backend: Persistence, due: float) -> None:
         check_supported(queue, backend)
         self.queue, self.backend, self.due = queue, backend, due
         self.id = new_id()
@@ -241,16 +257,16 @@ def _rename(structure: Any, moved: dict[str, str]) -> Any:
     return [_rename(item, moved) for item in structure]
 
 
-def check_supported(queue: SkunkQueue, backend: Persistence) -> None:
+def check_supported(queue: QueueLike, backend: Persistence) -> None:
     if not backend.supports_workflows:
         raise ConfigurationError(f"The {backend.name} backend does not support workflows (chain, group, "
-                                 "fire(after=...)); use sqlite, redis, mongodb or fdb.")
+                                 "fire(after=...)); use sqlite, redis, mongodb, postgres or fdb.")
     if queue.queue_type == "broadcast":
         raise ConfigurationError("Workflows need a direct queue: a broadcast's deliveries depend on which workers "
                                  "are alive when it is fired.")
 
 
-def parent_ids(queue: SkunkQueue, after: Sequence[Any]) -> list[str]:
+def parent_ids(queue: QueueLike, after: Sequence[Any]) -> list[str]:
     """The job ids ``fire(after=[...])`` waits for: job handles, workflow handles (their last steps) or ids."""
     if isinstance(after, (str, JobHandle, WorkflowHandle)) or not isinstance(after, Iterable):
         raise ConfigurationError("after= takes a list of handles (or job ids), e.g. after=[h1, h2].")
@@ -273,7 +289,7 @@ def parent_ids(queue: SkunkQueue, after: Sequence[Any]) -> list[str]:
     return dependencies.unique(ids)
 
 
-def depend(queue: SkunkQueue, backend: Persistence, records: Sequence[JobRecord], after: Sequence[Any],
+def depend(queue: QueueLike, backend: Persistence, records: Sequence[JobRecord], after: Sequence[Any],
            on_failure: str | None) -> None:
     """Make ``records`` wait for the jobs ``after`` names (``fire(after=..., on_failure=...)``)."""
     check_supported(queue, backend)
@@ -294,7 +310,7 @@ def depend(queue: SkunkQueue, backend: Persistence, records: Sequence[JobRecord]
 class WorkflowHandle:
     """What firing a workflow returns: ``.id``, ``.jobs`` (every member's handle), ``.state``, ``.wait``."""
 
-    def __init__(self, queue: SkunkQueue, workflow_id: str, jobs: list[JobHandle], output: Any) -> None:
+    def __init__(self, queue: QueueLike, workflow_id: str, jobs: list[JobHandle], output: Any) -> None:
         self.queue = queue
         self.id = workflow_id
         self.jobs = jobs

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, c
 
 from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
-from skunkqueue.errors import BackendUnavailable, PayloadTooLarge
+from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
 from skunkqueue.loopclients import PerLoop
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
+from skunkqueue_mongo import documents
 
 if TYPE_CHECKING:
 
@@ -84,7 +85,6 @@ class NativeAsync(Persistence):
         await self.aenqueue_keyed(records)
 
     async def aenqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
-        from skunkqueue_mongo.persistence import _docs, _shift_from
 
         if not records:
             return []
@@ -92,14 +92,13 @@ class NativeAsync(Persistence):
             # Workflow steps attach to their parents after the insert: the sync path, on a thread.
             return await super().aenqueue_keyed(records)
         holders = [record.id for record in records]
-        docs = _docs(records, _shift_from(await self._anow()))
+        docs = documents.docs(records, documents.shift_from(await self._anow()))
         for index in await self._ainsert(docs):
             holders[index] = await self._akey_holder(docs[index])
         return holders
 
     async def _ainsert(self, docs: list[dict[str, Any]]) -> list[int]:
         """Insert every document; return the positions of those refused because their key is held."""
-        from skunkqueue_mongo.persistence import _refused_by_key
 
         jobs = await self._ajobs()
         attempts = 0
@@ -111,7 +110,7 @@ class NativeAsync(Persistence):
                 await jobs.insert_many(docs, ordered=False)
                 return []
             except BulkWriteError as exc:
-                return _refused_by_key(exc, attempts)
+                return documents.refused_by_key(exc, attempts)
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
@@ -119,14 +118,13 @@ class NativeAsync(Persistence):
 
     async def _akey_holder(self, doc: dict[str, Any]) -> str:
         """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored."""
-        from skunkqueue_mongo.persistence import KEY_ROUNDS, _holder_expired
 
         jobs, key = await self._ajobs(), doc["key"]
-        for _ in range(KEY_ROUNDS):
+        for _ in range(documents.KEY_ROUNDS):
             holder = await self._acall("find key holder", partial(
                 jobs.find_one, {"queue": self.queue, "key": key}, {"_id": 1, "expire_at": 1}))
             if holder is not None:
-                if not _holder_expired(holder, await self._anow()):
+                if not documents.holder_expired(holder, await self._anow()):
                     return str(holder["_id"])
                 # Expired but not yet swept: the key is free (see MongoPersistence._key_holder).
                 await self._acall("drop expired key holder", partial(
@@ -140,15 +138,14 @@ class NativeAsync(Persistence):
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
         raise BackendUnavailable(f"MongoDB at {self.address}: the key {key!r} of queue {self.queue!r} changed "
-                                 f"hands {KEY_ROUNDS} times while enqueueing; try again")
+                                 f"hands {documents.KEY_ROUNDS} times while enqueueing; try again")
 
     async def aget(self, job_id: str) -> JobRecord | None:
-        from skunkqueue_mongo.persistence import _not_expired, _to_record
 
         jobs, now = await self._ajobs(), await self._anow()
         doc = await self._acall("get", partial(jobs.find_one, {"_id": job_id, "queue": self.queue,
-                                                              **_not_expired(now)}))
-        return None if doc is None else _to_record(doc)
+                                                              **documents.not_expired(now)}))
+        return None if doc is None else documents.to_record(doc)
 
     async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait on this loop's one look-out (``finishes``), which reads every awaited record at once."""
@@ -176,11 +173,10 @@ class NativeAsync(Persistence):
 
     def _new_finish_poller(self) -> Any:
         from skunkqueue_mongo.finishes import FinishPoller
-        from skunkqueue_mongo.persistence import MalformedRecord, _not_expired, _to_record
 
         async def find(ids: list[str], fields: dict[str, int] | None) -> list[dict[str, Any]]:
             jobs = await self._ajobs()
-            query = {"_id": {"$in": ids}, "queue": self.queue, **_not_expired(await self._anow())}
+            query = {"_id": {"$in": ids}, "queue": self.queue, **documents.not_expired(await self._anow())}
             return cast("list[dict[str, Any]]",
                         await self._acall("look for finishes", lambda: jobs.find(query, fields).to_list()))
 
@@ -191,7 +187,7 @@ class NativeAsync(Persistence):
             found: dict[str, Any] = {}
             for doc in await find(ids, None):
                 try:
-                    found[doc["_id"]] = _to_record(doc)
+                    found[doc["_id"]] = documents.to_record(doc)
                 except MalformedRecord as exc:  # that waiter meets it, as its own aget would
                     found[doc["_id"]] = exc
             return found

@@ -83,7 +83,7 @@ from pymongo.read_concern import ReadConcern
 from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
-from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import (
     ERROR,
     FINISHED_STATES,
@@ -97,6 +97,14 @@ from skunkqueue.record import (
 )
 from skunkqueue.urls import redact, scrub
 from skunkqueue_mongo.aio import NativeAsync
+from skunkqueue_mongo.documents import KEY_ROUNDS
+from skunkqueue_mongo.documents import date as _date
+from skunkqueue_mongo.documents import docs as _docs
+from skunkqueue_mongo.documents import holder_expired as _holder_expired
+from skunkqueue_mongo.documents import not_expired as _not_expired
+from skunkqueue_mongo.documents import refused_by_key as _refused_by_key
+from skunkqueue_mongo.documents import shift_from as _shift_from
+from skunkqueue_mongo.documents import to_record as _to_record
 
 log = logging.getLogger("skunkqueue.mongodb")
 
@@ -105,7 +113,6 @@ DEFAULT_DB = "skunkqueue"
 # Fail in seconds, not pymongo's default 30 s, when the server is down. A URI
 # that sets one of these (or appName) itself wins.
 TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
-DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 # $inc or $add on a token that is not a number
 TYPE_MISMATCH = {14, 16554}
@@ -183,8 +190,6 @@ CLOCK_SLACK = 0.25
 # A name is stored in every record; max_payload leaves about 1 MiB of the
 # 16 MiB document for everything else.
 MAX_NAME_BYTES = 64 * 1024
-# Rounds of insert, find the holder, drop an expired holder, before enqueue_keyed gives up.
-KEY_ROUNDS = 20
 # The server's clock in epoch seconds (ms resolution), inside pipelines and $expr.
 NOW = {"$divide": [{"$toLong": "$$NOW"}, 1000]}
 KILLED_BY_REQUEST = {"type": "JobKilled", "message": "killed by request", "traceback": ""}
@@ -192,10 +197,6 @@ _indexed_lock = threading.Lock()
 
 
 T = TypeVar("T")
-
-
-def _date(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
 
 
 def _lit(value: Any) -> dict[str, Any]:
@@ -208,26 +209,6 @@ def _expire_at(finished: Any, ttl: Any) -> dict[str, Any]:
     return {"$toDate": {"$multiply": [{"$add": [finished, ttl]}, 1000]}}
 
 
-def _not_expired(now: float) -> dict[str, Any]:
-    # The TTL monitor lags up to a minute; a record past expire_at is gone as far as callers know.
-    return {"expire_at": {"$not": {"$lte": _date(now)}}}
-
-
-def _aware(when: datetime) -> datetime:
-    """pymongo returns naive UTC datetimes unless the client asks for tz-aware ones."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _on_key_index(error: Mapping[str, Any]) -> bool:
-    """Whether a bulk write error is a duplicate in the ``key`` index (not of an ``_id``)."""
-    if error.get("code") != DUPLICATE_KEY:
-        return False
-    pattern = error.get("keyPattern")
-    if isinstance(pattern, Mapping):
-        return "key" in pattern
-    return " index: key dup key" in str(error.get("errmsg", ""))
-
-
 def _transient(exc: OperationFailure) -> bool:
     """A server-side error that a reconnect or a new primary cures (shutdown, step-down)."""
     return exc.has_error_label("RetryableWriteError") or exc.code in TRANSIENT_CODES
@@ -235,59 +216,6 @@ def _transient(exc: OperationFailure) -> bool:
 
 # A finish leaves this mark on a record that has dependents, until they are counted.
 _SETTLE_PENDING = {"$cond": [{"$eq": ["$has_dependents", True]}, True, "$$REMOVE"]}
-
-
-def _to_doc(record: JobRecord) -> dict[str, Any]:
-    doc = record.to_dict()
-    doc["_id"] = doc.pop("id")
-    return doc
-
-
-def _shift_from(server_now: float) -> float:
-    moved = server_now - time.time()
-    return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
-
-
-def _docs(records: Sequence[JobRecord], moved: float) -> list[dict[str, Any]]:
-    """The records as documents, their times moved by ``moved`` seconds onto the server's clock."""
-    docs = [_to_doc(record) for record in records]
-    for doc in docs:
-        if moved:
-            for name in ("due", "created", "started", "finished", "lease_until"):
-                if isinstance(doc.get(name), (int, float)) and doc[name] < dependencies.WAITING_DUE:
-                    doc[name] += moved
-    return docs
-
-
-def _refused_by_key(exc: BulkWriteError, attempts: int) -> list[int]:
-    """The positions an ``insert_many`` refused because their key is held; raises for any other failure."""
-    errors = exc.details.get("writeErrors", [])
-    held = [e for e in errors if _on_key_index(e)]
-    others = [e for e in errors if not _on_key_index(e)]
-    # A repeat of an interrupted insert finds the records that made
-    # it the first time: they are stored, which is what we wanted.
-    # (A keyed one that made it finds itself as its key's holder.)
-    repeated = attempts > 1 and all(e.get("code") == DUPLICATE_KEY for e in others)
-    if others and not repeated:
-        raise exc
-    concern = exc.details.get("writeConcernErrors")
-    if concern:
-        # Written, but not acknowledged as durable (the server is
-        # shutting down or stepping down): the same as a lost reply.
-        raise AutoReconnect(f"write concern failed: {concern[0].get('errmsg')}") from None
-    return sorted(e["index"] for e in held)
-
-
-def _holder_expired(holder: Mapping[str, Any], server_now: float) -> bool:
-    """Whether a key's holder is past its expiry, waiting for the TTL monitor (gone, as far as get() goes)."""
-    expire_at = holder.get("expire_at")
-    return isinstance(expire_at, datetime) and _aware(expire_at) <= _date(server_now)
-
-
-def _to_record(doc: Mapping[str, Any]) -> JobRecord:
-    data = dict(doc)
-    data["id"] = data.pop("_id", None)
-    return JobRecord.from_dict(data)
 
 
 class MongoPersistence(NativeAsync, Persistence):
@@ -1069,8 +997,9 @@ class MongoPersistence(NativeAsync, Persistence):
     def _settle_finished(self, job_id: str, repair: bool = False) -> None:
         """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
 
-        ``repair`` (housekeeping, after a worker died part-way): also set each dependent's hint from
-        its set, since the dead worker may have counted a parent into the set without decrementing.
+        ``repair`` (housekeeping, after a worker died part-way): also make every later count of each
+        dependent look at its set, since the dead worker may have counted a parent into the set
+        without decrementing the hint.
         """
         work = [job_id]
         while work:  # a worklist, not recursion: a chain may be long
@@ -1120,13 +1049,18 @@ class MongoPersistence(NativeAsync, Persistence):
                                                     {"$inc": {"left": -1}}, return_document=ReturnDocument.AFTER))
             if wait is None:
                 continue
-            if int(wait.get("left", 1)) <= 0 or repair:
-                have = self._release_if_complete(child, int(wait.get("need", 0)))
-                if repair and have is not None:
-                    # A hint too high would keep the last parent from checking; one too low only makes
-                    # more checks. Live finishers decrementing after this count make it lower, never higher.
-                    self._call("settle", partial(self.waits.update_one, {"_id": child},
-                                                 {"$set": {"left": int(wait.get("need", 0)) - have}}))
+            if repair:
+                # The dead worker may have marked its parent counted without decrementing: the hint
+                # is too high, and the last parent would not look at the set. A hint too low only
+                # makes more looks, so from now on every parent looks (left stays <= 0), and this
+                # looks once more after that: a parent whose decrement came before the $min was
+                # in the set before it, and one whose decrement comes after it looks itself.
+                # (Writing the hint from a count instead undid a decrement made between the count
+                # and the write, and the dependent waited forever.)
+                self._call("settle", partial(self.waits.update_one, {"_id": child}, {"$min": {"left": 0}}))
+                self._release_if_complete(child, int(wait.get("need", 0)))
+            elif int(wait.get("left", 1)) <= 0:
+                self._release_if_complete(child, int(wait.get("need", 0)))
         return ended_ids
 
     def _release_if_complete(self, child: str, need: int) -> int | None:

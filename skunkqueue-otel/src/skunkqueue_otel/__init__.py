@@ -5,7 +5,6 @@
 under the ``opentelemetry_instrumentor`` entry point group). See README.md.
 """
 
-from skunkqueue_otel.instrumentor import CONSUMER_CONTEXT_ENV, SkunkQueueInstrumentor
+from skunkqueue_otel.instrumentor import CONSUMER_CONTEXT_ENV, SkunkQueueInstrumentor, __version__
 
-__all__ = ["CONSUMER_CONTEXT_ENV", "SkunkQueueInstrumentor"]
-__version__ = "0.2.0"
+__all__ = ["CONSUMER_CONTEXT_ENV", "SkunkQueueInstrumentor", "__version__"]

@@ -19,6 +19,7 @@ from skunkqueue_otel.spans import CONSUMER_CONTEXTS, SCHEMA_URL, TracingPlugin
 # click to the job) or "link" (a trace of its own per attempt, linked to the producer).
 CONSUMER_CONTEXT_ENV = "OTEL_PYTHON_SKUNKQUEUE_CONSUMER_CONTEXT"
 _PLUGIN_NAME = "skunkqueue_otel"
+__version__ = "0.2.0"  # the package's (it re-exports it); kept here so that this module needs nothing of its package
 
 
 class SkunkQueueInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -33,8 +34,6 @@ class SkunkQueueInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         mode = kwargs.get("consumer_context") or os.environ.get(CONSUMER_CONTEXT_ENV) or "parent"
         if mode not in CONSUMER_CONTEXTS:
             raise ValueError(f"consumer_context ({CONSUMER_CONTEXT_ENV}) must be 'parent' or 'link', not {mode!r}.")
-        from skunkqueue_otel import __version__
-
         tracer = trace.get_tracer(__name__.rsplit(".", 1)[0], __version__, kwargs.get("tracer_provider"),
                                   schema_url=SCHEMA_URL)
         self._plugin = TracingPlugin(tracer, link=mode == "link")

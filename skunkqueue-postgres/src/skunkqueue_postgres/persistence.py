@@ -21,6 +21,9 @@ typed column, so each protocol step is one SQL statement:
   transaction-scoped advisory lock of the key (tried, never waited for: a key
   another claim is deciding on is skipped this time, so two claims can never
   deadlock), so that concurrent claims never both take a key's last slot.
+* Workflows: a finish and the count-down of its dependents are one
+  transaction (the finish's statement and the first count pipelined in one
+  round trip); see "workflows" below.
 
 The server's clock decides: due times, leases, expiry and stamps compare with
 or are set from ``statement_timestamp()`` (the server's time when the
@@ -57,7 +60,7 @@ from psycopg import errors, pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from skunkqueue import flow, policy
+from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -110,8 +113,10 @@ FIELD_TYPES: dict[str, str] = {
     "history": "jsonb", "history_dropped": "int4",
     "priority": "int4", "limit_key": "text", "limit_concurrency": "int4", "limit_interval": "float8",
     "limit_burst": "int4",
+    "parents": "jsonb", "inputs": "jsonb", "on_failure": "text", "workflow": "text",
 }
 FIELDS = tuple(FIELD_TYPES)
+JSON_FIELDS = frozenset(name for name, kind in FIELD_TYPES.items() if kind == "jsonb")
 # Client-computed times that are moved onto the server's clock when the two disagree.
 TIME_FIELDS = ("due", "created", "started", "finished", "lease_until")
 FINISHED = (COMPLETE, ERROR, KILLED)
@@ -264,7 +269,7 @@ class PostgresPersistence(Persistence):
         found = self._statements.get(name)
         if found is None:
             tables = {t: sql.SQL("{}.{}").format(self.s, sql.Identifier(t))
-                      for t in ("jobs", "workers", "settings", "stats", "flow_times")}
+                      for t in ("jobs", "workers", "settings", "stats", "flow_times", "deps", "settled", "waits")}
             found = self._statements[name] = sql.SQL(text.replace("{now}", NOW)).format(**tables)  # type: ignore[arg-type]
         return found
 
@@ -312,7 +317,7 @@ class PostgresPersistence(Persistence):
             data = vars(record)
             for i, name in enumerate(FIELDS):
                 value = data[name]
-                if FIELD_TYPES[name] == "jsonb":
+                if name in JSON_FIELDS:
                     value = None if value is None else json.dumps(value)
                 elif moved and name in TIME_FIELDS and value is not None:
                     value += moved
@@ -321,7 +326,7 @@ class PostgresPersistence(Persistence):
 
     def _insert_statement(self) -> sql.Composed:
         casts = ", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for t in FIELD_TYPES.values())
-        chosen = ", ".join(f"{name}::jsonb" if FIELD_TYPES[name] == "jsonb" else name for name in FIELDS)
+        chosen = ", ".join(f"{name}::jsonb" if name in JSON_FIELDS else name for name in FIELDS)
         return self._sql("insert", f"""
             WITH incoming AS (SELECT * FROM unnest({casts}) AS t({', '.join(FIELDS)})),
             stored AS (
@@ -357,7 +362,11 @@ class PostgresPersistence(Persistence):
             if not keys:
                 # One statement, all or nothing. A repeat after a lost reply skips the rows the
                 # first try stored (ON CONFLICT on the primary key): stored, as asked.
-                conn.execute(self._insert_statement(), params)
+                if not any(r.parents for r in records):
+                    conn.execute(self._insert_statement(), params)
+                    return [r.id for r in records]
+                with conn.transaction():  # a waiting record is stored with its edges, or not at all
+                    self._insert_and_attach(conn, records, params)
                 return [r.id for r in records]
             for _ in range(KEY_ROUNDS):
                 try:
@@ -397,7 +406,7 @@ class PostgresPersistence(Persistence):
                 try:
                     with handle.transaction():
                         if not keys:
-                            cursor.execute(self._insert_statement(), params)
+                            self._insert_and_attach(cursor, records, params)
                             return [r.id for r in records]
                         return self._store_keyed(cursor, records, params, keys)
                 except _HolderVanished:
@@ -432,8 +441,7 @@ class PostgresPersistence(Persistence):
         # A holder past its expiry is gone as far as get() goes, so its key is free: delete it first.
         conn.execute(self._sql("free keys", "DELETE FROM {jobs} WHERE queue = %s AND key = ANY(%s) "
                                             "AND expire_at < {now}"), (self.queue, keys))
-        rows = conn.execute(self._insert_statement(), params).fetchall()
-        stored = {row["id"] for row in rows if row["id"] is not None}
+        stored = self._insert_and_attach(conn, records, params)
         refused = [r for r in records if r.id not in stored]
         if not refused:
             return [r.id for r in records]
@@ -453,6 +461,17 @@ class PostgresPersistence(Persistence):
             else:
                 raise _HolderVanished()  # deleted after the insert looked: roll back and try again
         return answer
+
+    def _insert_and_attach(self, conn: Executor, records: Sequence[JobRecord], params: list[Any]) -> set[str]:
+        """Insert the records (inside a transaction where any waits); return the ids this insert stored.
+
+        Only those are attached: a row a repeated enqueue found stored was attached by the
+        transaction that stored it, and a record whose key was held is not stored at all.
+        """
+        rows = conn.execute(self._insert_statement(), params).fetchall()
+        stored = {row["id"] for row in rows if row["id"] is not None}
+        self._attach(conn, [r for r in records if r.parents and r.id in stored])
+        return stored
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._call("get", lambda conn: conn.execute(self._sql("get", f"""
@@ -573,15 +592,17 @@ class PostgresPersistence(Persistence):
         return QueueSummary(summaries)
 
     def purge(self, route: str, *, target: str | None = None) -> int:
+        # A purged waiting record's workflow rows go with it (a parent finishing later counts nothing).
         def purge(conn: psycopg.Connection[dict[str, Any]]) -> int:
-            if target is None:
-                cur = conn.execute(self._sql("purge", "DELETE FROM {jobs} WHERE queue = %s AND route = %s "
-                                                      "AND state = 'pending'"), (self.queue, route))
-            else:
-                cur = conn.execute(self._sql("purge target", "DELETE FROM {jobs} WHERE queue = %s AND route = %s "
-                                                             "AND state = 'pending' AND target = %s"),
-                                   (self.queue, route, target))
-            return cur.rowcount
+            row = conn.execute(self._sql("purge", """
+                WITH gone AS (
+                    DELETE FROM {jobs} WHERE queue = %(queue)s AND route = %(route)s AND state = 'pending'
+                      AND (%(target)s::text IS NULL OR target = %(target)s::text)
+                    RETURNING id),
+                waiting AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child IN (SELECT id FROM gone)),
+                sets AS (DELETE FROM {settled} WHERE queue = %(queue)s AND child IN (SELECT id FROM gone))
+                SELECT count(*) AS n FROM gone"""), {"queue": self.queue, "route": route, "target": target}).fetchone()
+            return 0 if row is None else int(row["n"])
 
         return self._call("purge", purge)
 
@@ -881,8 +902,8 @@ class PostgresPersistence(Persistence):
                 UPDATE {{jobs}} SET {sets}{history}, owner = NULL, lease_until = NULL, kill_requested = false,
                     attempts = coalesce(%(attempts)s, attempts)
                 WHERE queue = %(queue)s AND id = %(id)s AND state = %(expect)s AND token = %(token)s
-                RETURNING state, route, limit_key)
-            SELECT state, route, limit_key,
+                RETURNING state, route, limit_key, (parents IS NOT NULL AND due >= %(waiting)s) AS waited)
+            SELECT state, route, limit_key, waited,
                 CASE WHEN state <> 'pending' THEN pg_notify(%(channel)s, '')::text END AS notified
             FROM done""")
 
@@ -897,15 +918,26 @@ class PostgresPersistence(Persistence):
             "due": None if outcome.due is None else outcome.due + moved,
             "finished": None if outcome.finished is None else outcome.finished + moved,
             "ttl": self.result_ttl, "queue": self.queue, "id": job_id, "expect": expect, "token": token,
-            "channel": self.done_channel(job_id),
+            "channel": self.done_channel(job_id), "waiting": dependencies.WAITING_DUE,
             "attempt": None if outcome.attempt is None else json.dumps(outcome.attempt), "keep": HISTORY_LIMIT,
         }
-        row = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params).fetchone()
-        if row is None:
-            return False
-        frees_slot = expect == RUNNING and (row["limit_key"] is not None or self._limits_route(row["route"]))
-        if row["state"] == PENDING or frees_slot:  # a retry, a hand-back, or a slot freed: wake the route's workers
-            conn.execute("SELECT pg_notify(%s, '')", (self.route_channel(row["route"]),))
+        # The finish and its count-down commit together: one transaction, and one round trip for
+        # the finish and the first count (pipelined; the count reads the parent's state as this
+        # transaction left it, so it counts nothing when the finish was fenced off or is a retry).
+        with conn.pipeline(), conn.transaction():
+            done = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params)
+            counted = conn.execute(self._count_statement(), {"queue": self.queue, "parent": job_id, "children": None})
+            row = done.fetchone()
+            # Acted on even after a fenced-off finish: whatever a count decremented is released here.
+            self._settle(conn, job_id, counted.fetchall())
+            if row is None:
+                return False
+            frees_slot = expect == RUNNING and (row["limit_key"] is not None or self._limits_route(row["route"]))
+            if row["state"] == PENDING or frees_slot:  # a retry, a hand-back, or a slot freed: wake the route
+                conn.execute("SELECT pg_notify(%s, '')", (self.route_channel(row["route"]),))
+            if row["state"] != PENDING and row["waited"]:  # a waiting record killed by request: it waits no more
+                conn.execute(self._sql("unwait", "DELETE FROM {waits} WHERE queue = %s AND child = %s"),
+                             (self.queue, job_id))
         return True
 
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
@@ -920,16 +952,168 @@ class PostgresPersistence(Persistence):
 
         return self._call("finish and claim", both, idempotent=False)
 
+    # -- workflows (see the Persistence docstring) ---------------------------------------
+    #
+    # As SQLite does it, in PostgreSQL: deps (parent, child) says who waits for whom; settled
+    # (child, parent) is the SET of a waiting record's finished parents, whose primary key makes
+    # a repeated count insert nothing; waits (child) holds how many parents are still to come,
+    # decremented once per row that went into the set, and exists while the record waits.
+    # A count-down runs in the transaction of the parent's finish. A dependent attached while
+    # its parent finishes cannot be missed by both: the attach locks the parent rows FOR SHARE
+    # before reading their states, so a finish either committed first (the attach reads it
+    # finished and counts it) or waits for the attach to commit and then reads its deps rows
+    # (each statement reads the data committed before it began).
+
+    supports_workflows = True
+
+    # What a count statement returns for each dependent it counted a parent into.
+    _COUNTED = "RETURNING w.child, w.remaining, w.run_anyway, counted.state"
+
+    def _count_statement(self) -> sql.Composed:
+        # Counts the parent into the set of each of its dependents (or of those in %(children)s) if
+        # it is finished as this transaction sees it, and decrements what each newly counted one
+        # waits for. A parent not (or not yet) finished, or counted before, counts nothing.
+        return self._sql("count down", f"""
+            WITH parent AS (
+                SELECT id, state FROM {{jobs}}
+                WHERE queue = %(queue)s AND id = %(parent)s AND state IN ('complete', 'error', 'killed')),
+            counted AS (
+                INSERT INTO {{settled}} (queue, child, parent, state)
+                SELECT %(queue)s, d.child, parent.id, parent.state FROM {{deps}} d, parent
+                WHERE d.queue = %(queue)s AND d.parent = parent.id
+                  AND (%(children)s::text[] IS NULL OR d.child = ANY(%(children)s::text[]))
+                ON CONFLICT DO NOTHING
+                RETURNING child, state)
+            UPDATE {{waits}} w SET remaining = w.remaining - 1 FROM counted
+            WHERE w.queue = %(queue)s AND w.child = counted.child
+            {self._COUNTED}""")
+
+    def _count(self, conn: Executor, parent: str, children: list[str] | None = None) -> list[dict[str, Any]]:
+        return conn.execute(self._count_statement(), {"queue": self.queue, "parent": parent,
+                                                      "children": children}).fetchall()
+
+    def _count_missing(self, conn: Executor, parent: str, children: list[str]) -> list[dict[str, Any]]:
+        """Count a parent that has no row (expired, purged, never stored) as it cannot be shown to
+        have completed (``dependencies.missing_parent_state``)."""
+        return conn.execute(self._sql("count missing", f"""
+            WITH counted AS (
+                INSERT INTO {{settled}} (queue, child, parent, state)
+                SELECT %(queue)s, c, %(parent)s, %(state)s FROM unnest(%(children)s::text[]) AS c
+                ON CONFLICT DO NOTHING
+                RETURNING child, state)
+            UPDATE {{waits}} w SET remaining = w.remaining - 1 FROM counted
+            WHERE w.queue = %(queue)s AND w.child = counted.child
+            {self._COUNTED}"""), {"queue": self.queue, "parent": parent, "children": children,
+                                  "state": dependencies.missing_parent_state()}).fetchall()
+
+    def _attach(self, conn: Executor, records: Sequence[JobRecord]) -> None:
+        """Make stored waiting records dependents of their parents; count the parents already finished.
+
+        Runs in the transaction that stored them. Batched: a group of 10,000 members attaches
+        in three statements, not 30,000.
+        """
+        if not records:
+            return
+        edges = [(parent, r.id) for r in records for parent in dependencies.unique(r.parents or ())]
+        conn.execute(self._sql("wait", """
+            INSERT INTO {waits} (queue, child, remaining, run_anyway)
+            SELECT %s, c, n, a FROM unnest(%s::text[], %s::int4[], %s::bool[]) AS t(c, n, a)
+            ON CONFLICT DO NOTHING"""),
+            (self.queue, [r.id for r in records], [len(dependencies.unique(r.parents or ())) for r in records],
+             [dependencies.runs_anyway(r) for r in records]))
+        conn.execute(self._sql("depend", """
+            INSERT INTO {deps} (queue, parent, child) SELECT %s, p, c FROM unnest(%s::text[], %s::text[]) AS t(p, c)
+            ON CONFLICT DO NOTHING"""), (self.queue, [p for p, _ in edges], [c for _, c in edges]))
+        # In id order, as every attach locks them: two attaches never wait for each other in a circle.
+        parents = sorted({p for p, _ in edges})
+        rows = conn.execute(self._sql("lock parents", """
+            SELECT id, state, (expire_at IS NULL OR expire_at >= {now}) AS live FROM {jobs}
+            WHERE queue = %s AND id = ANY(%s) ORDER BY id FOR SHARE"""), (self.queue, parents)).fetchall()
+        found = {row["id"]: row["state"] for row in rows if row["live"]}
+        children: dict[str, list[str]] = {}
+        for parent, child in edges:
+            children.setdefault(parent, []).append(child)
+        for parent in parents:
+            state = found.get(parent)
+            if state is None:
+                self._settle(conn, parent, self._count_missing(conn, parent, children[parent]))
+            elif state in FINISHED:
+                self._settle(conn, parent, self._count(conn, parent, children[parent]))
+
+    def _settle(self, conn: Executor, parent: str, counts: list[dict[str, Any]]) -> None:
+        """Release or end the dependents ``parent`` was just counted for (what a count returned).
+
+        Those it ends are counted for in turn: a worklist, not recursion, since a chain may be long.
+        """
+        work = [(parent, counts)]
+        while work:
+            parent, counts = work.pop()
+            if not counts:
+                continue
+            state = str(counts[0]["state"])
+            ended = [c["child"] for c in counts if dependencies.kills_dependent(state, bool(c["run_anyway"]))]
+            ready = [c["child"] for c in counts if c["remaining"] <= 0 and c["child"] not in ended]
+            if ready:
+                routes = conn.execute(self._sql("release", """
+                    WITH gone AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child = ANY(%(ids)s) RETURNING child)
+                    UPDATE {jobs} j SET due = {now} FROM gone
+                    WHERE j.queue = %(queue)s AND j.id = gone.child AND j.state = 'pending' AND j.due >= %(waiting)s
+                    RETURNING j.route"""),
+                    {"queue": self.queue, "ids": ready, "waiting": dependencies.WAITING_DUE}).fetchall()
+                channels = sorted({self.route_channel(row["route"]) for row in routes})
+                if channels:  # sent when (and only if) the release commits
+                    conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c", (channels,))
+            if ended:
+                error = dependencies.dependency_failed(parent, state).error
+                rows = conn.execute(self._sql("end waiting", """
+                    WITH gone AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child = ANY(%(ids)s) RETURNING child)
+                    UPDATE {jobs} j SET state = 'killed', error = %(error)s::jsonb, result = NULL, finished = {now},
+                        expire_at = {now} + coalesce(j.result_ttl, %(ttl)s), dead = false, owner = NULL,
+                        lease_until = NULL, kill_requested = false
+                    FROM gone WHERE j.queue = %(queue)s AND j.id = gone.child AND j.state = 'pending'
+                    RETURNING j.id"""),
+                    {"queue": self.queue, "ids": ended, "error": json.dumps(error), "ttl": self.result_ttl}).fetchall()
+                ids = [row["id"] for row in rows]
+                if ids:
+                    conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c",
+                                 ([self.done_channel(i) for i in ids],))
+                work += [(child, self._count(conn, child)) for child in ids]
+
+    def dependents(self, job_id: str) -> list[str]:
+        rows = self._call("dependents", lambda conn: conn.execute(self._sql("dependents", """
+            SELECT child FROM {deps} WHERE queue = %s AND parent = %s ORDER BY child"""),
+            (self.queue, job_id)).fetchall())
+        return [row["child"] for row in rows]
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        rows = self._call("get", lambda conn: conn.execute(self._sql("get many", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s)
+            AND (expire_at IS NULL OR expire_at >= {{now}})"""), (self.queue, list(job_ids))).fetchall())
+        found = {row["id"]: row for row in rows}
+        return [None if job_id not in found else _to_record(found[job_id]) for job_id in job_ids]
+
     def delete_expired(self, now: float, limit: int = 1000) -> int:
-        # The server's clock decides, as it does for get(): ``now`` is the caller's.
-        deleted = self._call("delete expired", lambda conn: conn.execute(self._sql("delete expired", """
-            DELETE FROM {jobs} WHERE queue = %s AND id IN (
-                SELECT id FROM {jobs} WHERE queue = %s AND expire_at < {now} LIMIT %s)"""),
-            (self.queue, self.queue, limit)).rowcount)
+        # The server's clock decides, as it does for get(): ``now`` is the caller's. A finished
+        # record's workflow rows go with it: its edges to its dependents, and its own set.
+        # The expired ids are looked up once (MATERIALIZED) and the statement is planned afresh
+        # each time (prepare=False): a plan psycopg had prepared while the tables were nearly
+        # empty rescanned the whole queue for every row of it, and kept a pool's housekeeping
+        # (and so its workers, which it no longer pulsed) busy for five minutes at 20,000 rows.
+        row = self._call("delete expired", lambda conn: conn.execute(self._sql("delete expired", """
+            WITH expired AS MATERIALIZED (
+                SELECT id FROM {jobs} WHERE queue = %(queue)s AND expire_at < {now} LIMIT %(limit)s),
+            gone AS (
+                DELETE FROM {jobs} j USING expired WHERE j.queue = %(queue)s AND j.id = expired.id
+                RETURNING j.id),
+            edges AS (DELETE FROM {deps} WHERE queue = %(queue)s AND parent IN (SELECT id FROM gone)),
+            sets AS (DELETE FROM {settled} WHERE queue = %(queue)s AND child IN (SELECT id FROM gone))
+            SELECT count(*) AS n FROM gone"""), {"queue": self.queue, "limit": limit}, prepare=False).fetchone())
         # A rate's time in the past means what no time means.
         self._call("delete old rate times", lambda conn: conn.execute(self._sql("old rate times", """
             DELETE FROM {flow_times} WHERE queue = %s AND tat < {now} - 60"""), (self.queue,)))
-        return deleted
+        return 0 if row is None else int(row["n"])
 
     def expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         # ``now`` is the caller's clock; the server's decides when a lease ran out.

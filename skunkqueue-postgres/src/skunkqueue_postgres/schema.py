@@ -117,6 +117,35 @@ STEPS: list[str] = [
         PRIMARY KEY (queue, name)
     );
     """,
+    # 5: workflows. A record's parents, inputs, on_failure and workflow; who waits for whom (deps);
+    # each waiting record's SET of finished parents (settled: a parent counts once however often
+    # its finish is replayed); and what a waiting record still needs (waits: the row exists while
+    # the record waits, so deleting it is the one release). The columns are nullable without a
+    # default: adding them to a full table rewrites nothing.
+    """
+    ALTER TABLE {s}.jobs ADD COLUMN parents jsonb, ADD COLUMN inputs jsonb, ADD COLUMN on_failure text,
+        ADD COLUMN workflow text COLLATE "C";
+    CREATE TABLE {s}.deps (
+        queue text COLLATE "C" NOT NULL,
+        parent text COLLATE "C" NOT NULL,
+        child text COLLATE "C" NOT NULL,
+        PRIMARY KEY (queue, parent, child)
+    );
+    CREATE TABLE {s}.settled (
+        queue text COLLATE "C" NOT NULL,
+        child text COLLATE "C" NOT NULL,
+        parent text COLLATE "C" NOT NULL,
+        state text NOT NULL,
+        PRIMARY KEY (queue, child, parent)
+    );
+    CREATE TABLE {s}.waits (
+        queue text COLLATE "C" NOT NULL,
+        child text COLLATE "C" NOT NULL,
+        remaining int4 NOT NULL,
+        run_anyway bool NOT NULL,
+        PRIMARY KEY (queue, child)
+    );
+    """,
 ]
 VERSION = len(STEPS)
 

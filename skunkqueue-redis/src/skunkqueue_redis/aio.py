@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, cast
+from typing import Any, Awaitable, Callable, Sequence, TypeVar, cast
 
 from redis.exceptions import AuthenticationError, ResponseError
 
@@ -19,10 +19,7 @@ from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
 from skunkqueue_redis.codec import decode_record, num, text
 from skunkqueue_redis.connection import UNREACHABLE, aconnect, translate
-from skunkqueue_redis.finishes import FinishListener, wait
-
-if TYPE_CHECKING:
-    pass
+from skunkqueue_redis.finishes import MAX_BLOCK, FinishListener, wait
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -44,11 +41,9 @@ class _LoopSide:
     """One event loop's client and scripts."""
 
     def __init__(self, owner: NativeAsync) -> None:
-        from skunkqueue_redis.persistence import _Scripts
-
         self.client = aconnect(owner.url, owner.db, **owner.connect_args)
         self.cluster = owner.cluster
-        self.script = _Scripts(self.client, owner.keys)  # same scripts; calling one returns a coroutine
+        self.script = owner.scripts_on(self.client)  # same scripts; calling one returns a coroutine
         # The asyncio cluster client has no pub/sub: there, waiters poll (the core's back-off).
         self.finishes = None if owner.cluster else FinishListener(self.client, owner.keys.done_prefix)
 
@@ -65,7 +60,7 @@ class NativeAsync(Persistence):
     """Mixed into RedisPersistence: the async producer methods on ``redis.asyncio``.
 
     Relies on RedisPersistence's ``keys``, ``where``, ``cluster``,
-    ``connect_args`` and ``enqueue_chunks``.
+    ``connect_args``, ``scripts_on``, ``enqueue_chunks`` and ``enqueue_chunk``.
     """
 
     keys: Any
@@ -81,6 +76,12 @@ class NativeAsync(Persistence):
 
     def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
         raise NotImplementedError  # RedisPersistence's: the sync and async enqueue send the same chunks
+
+    def enqueue_chunk(self) -> int:
+        raise NotImplementedError  # RedisPersistence's: records per chunk of enqueue_chunks
+
+    def scripts_on(self, client: Any) -> Any:
+        raise NotImplementedError  # RedisPersistence's: its scripts, called through another client
 
     async def _side(self) -> _LoopSide:
         """This loop's client and scripts (made on the loop's first call, closed when it ends)."""
@@ -125,14 +126,11 @@ class NativeAsync(Persistence):
             replies = await pipe.execute()
         return self.holders(records, replies)
 
-    @staticmethod
-    def holders(records: Sequence[JobRecord], replies: Sequence[Any]) -> list[str]:
+    def holders(self, records: Sequence[JobRecord], replies: Sequence[Any]) -> list[str]:
         """Each record's key holder, from the enqueue script's replies (one per chunk)."""
-        from skunkqueue_redis import persistence
-
         holders = [record.id for record in records]
         # Each reply lists (position in its chunk, holder) for the records whose key was held.
-        for offset, held in zip(range(0, len(records), persistence.ENQUEUE_CHUNK), replies):
+        for offset, held in zip(range(0, len(records), self.enqueue_chunk()), replies):
             for position, holder in zip(held[::2], held[1::2]):
                 holders[offset + int(position) - 1] = text(holder)
         return holders
@@ -157,8 +155,6 @@ class NativeAsync(Persistence):
         side = await self._side()
         if side.finishes is None:
             return await super().await_finished(job_id, timeout)
-        from skunkqueue_redis.persistence import MAX_BLOCK
-
         deadline = None if timeout is None else time.monotonic() + timeout
         async with side.finishes.watch(job_id, MAX_BLOCK if timeout is None else min(MAX_BLOCK, timeout)) as woken:
             while True:

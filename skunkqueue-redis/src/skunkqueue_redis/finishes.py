@@ -21,6 +21,9 @@ log = logging.getLogger("skunkqueue.redis")
 
 # Waiters woken (or messages read) per turn of the loop before the listener yields.
 WAKE_BATCH = 64
+# Longest single server-side block; a longer wait is several blocks, so the
+# socket timeout never fires on a healthy connection.
+MAX_BLOCK = 5.0
 
 
 async def wait(event: asyncio.Event, timeout: float) -> None:

@@ -46,6 +46,7 @@ from skunkqueue_redis.connection import (
     guarded,
     parse_conn_url,
 )
+from skunkqueue_redis.finishes import MAX_BLOCK
 from skunkqueue_redis.keys import Keys, parse_stat_field, stat_field
 
 log = logging.getLogger("skunkqueue.redis")
@@ -55,9 +56,6 @@ log = logging.getLogger("skunkqueue.redis")
 NOTIFY_CAP = 256
 # How long a finished record's wake-up token lives (ms); later waiters read the record itself.
 DONE_TOKEN_MS = 60_000
-# Longest single server-side block; a longer wait is several blocks, so the
-# socket timeout never fires on a healthy connection.
-MAX_BLOCK = 5.0
 # Claim gives up after this many rounds of stale index entries in one call.
 CLAIM_ROUNDS = 8
 # Records per enqueue script call.
@@ -239,6 +237,12 @@ class RedisPersistence(NativeAsync, Persistence):
                 f"confirmed them within {self.wait_timeout_ms} ms: not acknowledged (they may run, or be lost "
                 "in a failover). Check the replicas, or raise ?wait_timeout_ms=.")
         return list(replies)
+
+    def enqueue_chunk(self) -> int:
+        return ENQUEUE_CHUNK
+
+    def scripts_on(self, client: Any) -> _Scripts:
+        return _Scripts(client, self.keys)
 
     def enqueue_chunks(self, records: Sequence[JobRecord]) -> list[bytes]:
         """The enqueue script's record argument, one per call of at most ENQUEUE_CHUNK records.

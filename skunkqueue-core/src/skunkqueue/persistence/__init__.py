@@ -92,10 +92,12 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
+from skunkqueue import flow
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.metrics import RouteMinute
-from skunkqueue.record import JobRecord, Outcome, WorkerInfo
+from skunkqueue.record import JobRecord, LeaseStatus, Outcome, WorkerInfo
 from skunkqueue.summary import QueueSummary, summarize
+from skunkqueue.urls import redact
 
 T = TypeVar("T")
 
@@ -106,14 +108,16 @@ DEFAULT_RESULT_TTL = 7 * 24 * 3600
 # after new work is stored (the kit checks it, with some slack for a busy machine).
 NOTIFY_LATENCY = 0.03
 
-# Statuses that :meth:`Persistence.renew` reports per job.
 # Seconds a producer's clock may differ from the clock of a store that has one
 # (Persistence.now) before the store moves the times it computed (due) onto its
 # own clock, keeping the delay meant; within it they are kept as written.
 CLOCK_TOLERANCE = 0.5
-LEASE_OK = "ok"      # lease extended
-LEASE_LOST = "lost"  # the record is no longer ours: stop, record nothing
-LEASE_KILL = "kill"  # still ours, but someone asked to kill it
+
+# Statuses that :meth:`Persistence.renew` reports per job. Typed as plain strings, as
+# renew's answer is: a backend's dict of them stays a dict[str, str].
+LEASE_OK: str = LeaseStatus.OK      # lease extended
+LEASE_LOST: str = LeaseStatus.LOST  # the record is no longer ours: stop, record nothing
+LEASE_KILL: str = LeaseStatus.KILL  # still ours, but someone asked to kill it
 
 
 def refuse_names_over(limit: int, store: str, queue: str, routes: Sequence[str] = ()) -> None:
@@ -192,8 +196,6 @@ class Persistence(ABC):
 
     def describe(self) -> str:
         """The store this instance uses, for logs: backend, address (password ``***``), database."""
-        from skunkqueue.urls import redact
-
         return f"{self.name} {redact(self.url)}" + (f" db {self.db}" if self.db else "")
 
     # -- producers -----------------------------------------------------------
@@ -494,9 +496,7 @@ class Persistence(ABC):
         Not on any hot path (``skunq limits``, the monitor). The default reads the route's
         pending and running records (at most ``flow.FLOW_SCAN`` of each) and :meth:`rate_times`.
         """
-        from skunkqueue.flow import count_waiting
-
-        return count_waiting(self, route)
+        return flow.count_waiting(self, route)
 
     # -- throughput counters (see skunkqueue.metrics) -----------------------------
 
@@ -695,14 +695,9 @@ class Persistence(ABC):
 
         await asyncio.sleep(finish_poll_pause(rounds, left))
 
-    async def aworkers(self, *, reap: bool = False) -> list[WorkerInfo]:
-        """:meth:`workers`, awaitable; with ``reap``, dead workers are reaped first."""
-        def workers() -> list[WorkerInfo]:
-            if reap:
-                from skunkqueue.housekeeping import reap_dead_workers
-                reap_dead_workers(self)
-            return self.workers()
-        return await self._in_thread(workers)
+    async def aworkers(self) -> list[WorkerInfo]:
+        """:meth:`workers`, awaitable."""
+        return await self._in_thread(self.workers)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The instance is not used afterwards."""
@@ -719,6 +714,7 @@ __all__ = [
     "LEASE_KILL",
     "LEASE_LOST",
     "LEASE_OK",
+    "LeaseStatus",
     "JobRecord",
     "Outcome",
     "Persistence",

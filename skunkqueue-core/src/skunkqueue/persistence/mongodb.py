@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from skunkqueue.config import seed_attribute
+
 
 def __getattr__(name: str) -> Any:
-    from skunkqueue.backends import seed_attribute
-
     return seed_attribute("mongodb", name)

@@ -36,6 +36,7 @@ from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import declare, make_record, wait_until
 from skunkqueue.testing.workers import pid_alive
+from skunkqueue.workflow import chain, group
 
 # Keys full of what breaks naive key building: braces (Redis hash tags), colons, $ and dots (Mongo).
 NASTY_KEYS = ["t{0}", "t:1:", "$t.2", "t.{3}$", "t 4 :{}"]
@@ -452,7 +453,6 @@ class FlowControlSuite:
         _needs(store, "supports_limits")
         if not store.supports_workflows:
             pytest.skip(f"the {store.name} backend does not run workflows (supports_workflows = False)")
-        from skunkqueue.workflow import chain, group
 
         log = tmp_path / "stamps"
         add = declare(queue, jobs.add)

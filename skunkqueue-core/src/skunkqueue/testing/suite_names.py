@@ -18,6 +18,7 @@ from skunkqueue.errors import ConfigurationError
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import COMPLETE, PENDING
 from skunkqueue.testing.kit import BackendUnderTest
+from skunkqueue.testing.suite_support import make_record
 
 HOSTILE = {
     "colon": "a:b",
@@ -55,8 +56,6 @@ class NameSuite:
 
     @pytest.mark.parametrize("kind", sorted(HOSTILE))
     def test_hostile_queue_name_round_trips(self, backend: BackendUnderTest, kind: str) -> None:
-        from skunkqueue.testing.suite import make_record
-
         # The hostile part first: a name that starts with '}' is what broke Redis Cluster's hash tag.
         name = f"{HOSTILE[kind]}-{uuid.uuid4().hex[:8]}"
         try:
@@ -82,8 +81,6 @@ class NameSuite:
     @pytest.mark.parametrize("kind", sorted(HOSTILE))
     def test_hostile_route_and_target_names_round_trip(self, store: Persistence, queue_name: str,
                                                        kind: str) -> None:
-        from skunkqueue.testing.suite import make_record
-
         route = HOSTILE[kind]
         try:
             type(store).check_names(queue_name, [route])
@@ -109,8 +106,6 @@ class NameSuite:
     @pytest.mark.parametrize("pair", sorted(COLLIDING))
     def test_names_that_could_collide_stay_apart(self, backend: BackendUnderTest, queue_name: str,
                                                  pair: str) -> None:
-        from skunkqueue.testing.suite import make_record
-
         stores, records = [], []
         try:
             for queue_suffix, route, target in COLLIDING[pair]:
