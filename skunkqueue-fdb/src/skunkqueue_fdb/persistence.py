@@ -11,6 +11,10 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("job", id, "result", n)     the result, likewise
     ("job", id, "slot")          a pending record's key in the due index
     ("due", route, target, due, versionstamp, id)   claimable records, in claim order
+    ("pdue", route, -priority, due, versionstamp, id)  shared ones of a priority other than 0
+    ("kslot", limit_key, id)     flow: a running record of a limited key -> its lease_until
+    ("rslot", route, id)         flow: every running record of the route -> its lease_until
+    ("rate", name)               flow: a GCRA time (skunkqueue.flow.key_tat/route_tat names)
     ("lease", lease_until, id)   running records, oldest lease first
     ("expire", expire_at, id)    finished records, deleted after result_ttl
     ("count", route, state)      record counts (atomic adds: no conflicts)
@@ -51,12 +55,24 @@ commit order (within one enqueue, in the order given) without a shared
 counter that every producer would conflict on. Its exact key is only known
 after commit, so it is also written into the record's ``slot`` with
 ``set_versionstamped_value``.
+
+Flow control (the Persistence docstring's rules) lives in the claim's
+transaction: priorities by reading ``pdue`` level by level around the
+``due`` index (priority 0 and broadcasts), a key's slots and a route's as
+conflicting reads of ``kslot``/``rslot`` (two claimers racing for the last
+slot conflict, and the retry sees the winner), GCRA times read and written
+in it. A slot is a running record's entry with its lease: renew rewrites it,
+finish and hand-back clear it with the record, and it stops counting when
+the lease runs out. The stand-in's "now" is this host's clock, as elsewhere.
 """
+
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
+import itertools
 import json
 import random
 import threading
@@ -68,7 +84,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import fdb
 import fdb.tuple
 
-from skunkqueue import dependencies, policy
+from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -242,6 +258,10 @@ class FDBPersistence(Persistence):
         self.space = fdb.Subspace((self.db, queue))
         self._jobs = self.space["job"]
         self._due = self.space["due"]
+        self._pdue = self.space["pdue"]
+        self._kslot = self.space["kslot"]
+        self._rslot = self.space["rslot"]
+        self._rate = self.space["rate"]
         self._lease = self.space["lease"]
         self._expire = self.space["expire"]
         self._count = self.space["count"]
@@ -261,6 +281,9 @@ class FDBPersistence(Persistence):
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
+        # Per route whose last claim here left due records behind for a limit or a pause: when
+        # one of them may be claimable (None: when a finish or a setting nudges, or on a timeout).
+        self._held_back: dict[str, float | None] = {}
         self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
         self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
 
@@ -332,13 +355,18 @@ class FDBPersistence(Persistence):
         meta = stored.meta() or {}
         if meta.get("state") == RUNNING and isinstance(meta.get("lease_until"), (int, float)):
             tr.clear(self._lease.pack((float(meta["lease_until"]), stored.id)))
+            if isinstance(meta.get("route"), str):
+                tr.clear(self._rslot.pack((meta["route"], stored.id)))
+            if isinstance(meta.get("limit_key"), str):
+                tr.clear(self._kslot.pack((meta["limit_key"], stored.id)))
         if isinstance(meta.get("_expire"), (int, float)):
             tr.clear(self._expire.pack((float(meta["_expire"]), stored.id)))
         if isinstance(meta.get("route"), str) and meta.get("state") in STATES:
             tr.add(self._count.pack((meta["route"], meta["state"])), _COUNTER_MINUS_ONE)
         elif stored.slot is not None:
             # Damaged fields, but the slot proves it was a pending record we counted.
-            tr.add(self._count.pack((self._due.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
+            index = self._pdue if self._pdue.contains(stored.slot) else self._due
+            tr.add(self._count.pack((index.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
 
     def _write(self, tr: Any, record: JobRecord, *, payload: bool = False, result: bool = False,
                position: int = 0, wakes: dict[tuple[str, str], int] | None = None) -> None:
@@ -355,10 +383,19 @@ class FDBPersistence(Persistence):
             tr[self._expire.pack((data["_expire"], record.id))] = b""
         elif record.state == RUNNING and record.lease_until is not None:
             tr[self._lease.pack((float(record.lease_until), record.id))] = b""
+            # The slots are the lease: counted while it is live (see the claim).
+            until = fdb.tuple.pack((float(record.lease_until),))
+            tr[self._rslot.pack((record.route, record.id))] = until
+            if record.limit_key is not None:
+                tr[self._kslot.pack((record.limit_key, record.id))] = until
         elif record.state == PENDING:
-            slot = self._due.pack_with_versionstamp(
-                (record.route, record.target or "", float(record.due),
-                 fdb.tuple.Versionstamp(user_version=position), record.id))
+            stamp = fdb.tuple.Versionstamp(user_version=position)
+            if record.priority and not record.target:
+                slot = self._pdue.pack_with_versionstamp(
+                    (record.route, -record.priority, float(record.due), stamp, record.id))
+            else:
+                slot = self._due.pack_with_versionstamp(
+                    (record.route, record.target or "", float(record.due), stamp, record.id))
             tr.set_versionstamped_key(slot, b"")
             tr.set_versionstamped_value(self._jobs.pack((record.id, "slot")), slot)
             waiting_for = (record.route, record.target or "")
@@ -592,6 +629,9 @@ class FDBPersistence(Persistence):
                 tr.clear(self._settings.pack((name,)))
             else:
                 tr[self._settings.pack((name,))] = value.encode()
+            route = flow.route_of_setting(name)
+            if route is not None:  # a resume or a new limit: the route's idle workers look again
+                self._wake_idle(tr, {(route, ""): 10_000})
             return None, None
 
         self._once(put, None)  # putting the same value again changes nothing
@@ -766,13 +806,16 @@ class FDBPersistence(Persistence):
 
     @_translate
     def purge(self, route: str, *, target: str | None = None) -> int:
-        span = self._due.range((route,) if target is None else (route, target))
+        spans = [(self._due, self._due.range((route,) if target is None else (route, target)))]
+        if target is None:
+            spans.append((self._pdue, self._pdue.range((route,))))
 
         def purge_some(tr: Any) -> tuple[tuple[int, bool], list[Any]]:
-            entries = list(tr.snapshot.get_range(span.start, span.stop, limit=200))
+            entries = [(index, kv) for index, span in spans
+                       for kv in tr.snapshot.get_range(span.start, span.stop, limit=100)]
             deleted = 0
-            for kv in entries:
-                job_id = self._due.unpack(kv.key)[-1]
+            for index, kv in entries:
+                job_id = index.unpack(kv.key)[-1]
                 stored = self._read_meta(tr, job_id)
                 meta = stored.meta() if stored else None
                 if stored is None or stored.slot != kv.key:
@@ -780,7 +823,7 @@ class FDBPersistence(Persistence):
                 elif meta is None or meta.get("state") == PENDING:
                     self._delete(tr, stored)
                     deleted += 1
-            done = (deleted, len(entries) == 200)
+            done = (deleted, len(entries) > 0)
             return done, list(done)
 
         total, more = 0, True
@@ -819,22 +862,39 @@ class FDBPersistence(Persistence):
                 self._spread[route] = min(CLAIM_SPREAD_MAX, self._spread.get(route, 1.0) * 2)
             now = time.time()
             window = max(limit, int(limit * self._spread.get(route, 1.0)))
-            candidates: list[tuple[bytes, bytes]] = []
-            for target in ("", worker_id):
-                prefix = self._due.pack((route, target))
-                # A snapshot read: a producer adding work, or another claimer taking a
-                # different record of this window, must not abort this claim. What makes
-                # the claim exclusive is the conflicting read of each chosen record below.
-                for kv in tr.snapshot.get_range(prefix, self._due.pack((route, target, now)) + b"\xff",
-                                                limit=window):
-                    candidates.append((kv.key[len(prefix):], kv.key))
-            candidates.sort()
-            candidates = candidates[:window]
+            paused, route_limit = self._route_flow(tr, route)
+            if paused:
+                self._held_back[route] = None
+                return [], []
+            room = limit
+            if route_limit is not None and route_limit.concurrency is not None:
+                live = self._live_slots(tr, self._rslot.range((route,)), now)
+                room = min(room, route_limit.concurrency - len(live))
+                if room <= 0:
+                    self._held_back[route] = min(live)
+                    return [], []
+            # A snapshot read: a producer adding work, or another claimer taking a
+            # different record of this window, must not abort this claim. What makes
+            # the claim exclusive is the conflicting read of each chosen record below.
+            ordered = self._ordered(tr, route, worker_id, now, window)
+            candidates = [key for _, key in zip(range(window), ordered)]
             if len(candidates) > limit:
-                candidates = sorted(random.sample(candidates, limit))
-            claimed = []
-            for _order, key in candidates:
-                job_id = self._due.unpack(key)[-1]
+                picked = set(random.sample(candidates, limit))
+                # The window's others, then the records behind it, are looked at only if
+                # a limit skips some of the picked ones.
+                rest = [key for key in candidates if key not in picked]
+                candidates = [key for key in candidates if key in picked] + rest
+            claimed: list[JobRecord] = []
+            blocked: set[str] = set()
+            held, wake = False, None
+            for looked, key in enumerate(itertools.chain(candidates, ordered), 1):
+                if len(claimed) >= room:
+                    break
+                if looked - len(claimed) > flow.FLOW_SCAN:  # looked at past those taken
+                    held = True
+                    break
+                index = self._pdue if self._pdue.contains(key) else self._due
+                job_id = index.unpack(key)[-1]
                 stored = self._read(tr, job_id)
                 if stored is None or stored.slot != key:
                     tr.clear(key)  # stale or foreign index entry
@@ -844,10 +904,23 @@ class FDBPersistence(Persistence):
                 except MalformedRecord as exc:
                     self._quarantine(tr, stored, route, str(exc))
                     continue
+                free_at = self._stopped_by_limit(tr, record, route_limit, blocked, now)
+                if free_at is not None:
+                    held = True
+                    at = abs(free_at)
+                    if at > 0:
+                        wake = at if wake is None else min(wake, at)
+                    if free_at < 0:
+                        break  # the route's own rate: the claim ends
+                    continue
                 self._unindex(tr, stored)
                 record.claim_by(worker_id, now, lease)
                 self._write(tr, record)
                 claimed.append(record)
+            if held and len(claimed) < limit:
+                self._held_back[route] = wake
+            else:
+                self._held_back.pop(route, None)
             return claimed, [[r.id, r.token] for r in claimed]
 
         def replay(tr: Any, memo: list[list[Any]]) -> list[JobRecord]:
@@ -869,6 +942,101 @@ class FDBPersistence(Persistence):
             # No conflict: drift back towards strict order.
             self._spread[route] = max(1.0, self._spread[route] * 0.97)
         return claimed
+
+    # -- flow control (inside the claim's transaction; see the module docstring) ------------------
+
+    supports_priorities = True
+    supports_limits = True
+    supports_pause = True
+
+    def _route_flow(self, tr: Any, route: str) -> tuple[bool, flow.RouteLimit | None]:
+        """The route's paused flag and limit (snapshot reads: a setting may be a second old)."""
+        paused = tr.snapshot[self._settings.pack((flow.pause_setting(route),))]
+        limit = tr.snapshot[self._settings.pack((flow.limit_setting(route),))]
+        return paused.present(), flow.RouteLimit.from_json(bytes(limit).decode() if limit.present() else None)
+
+    def _live_slots(self, tr: Any, span: Any, now: float) -> list[float]:
+        """The live leases among a key's or route's slots: a conflicting read, so that two claims
+        racing for the last slot conflict and the retry sees the winner."""
+        return [until for until in (_until(kv.value) for kv in tr.get_range(span.start, span.stop)) if until > now]
+
+    def _ordered(self, tr: Any, route: str, worker_id: str, now: float, page: int) -> Iterator[bytes]:
+        """Due keys of the route in claim order: priority descending, then (due, versionstamp);
+        priority 0 merges the shared and the worker's broadcast records. Snapshot reads."""
+        begin = self._pdue.range((route,)).start
+        stop = self._pdue.range((route,)).stop
+        zero_done = False
+        while True:
+            first = list(tr.snapshot.get_range(begin, stop, limit=1))
+            level = self._pdue.unpack(first[0].key)[1] if first else None
+            if not zero_done and (level is None or level > 0):
+                yield from self._level_zero(tr, route, worker_id, now, page)
+                zero_done = True
+            if level is None:
+                return
+            prefix = self._pdue.pack((route, level))
+            yield from self._paged(tr, prefix, self._pdue.pack((route, level, now)) + b"\xff", page)
+            begin = self._pdue.range((route, level)).stop
+
+    def _paged(self, tr: Any, begin: bytes, end: bytes, page: int) -> Iterator[bytes]:
+        while True:
+            kvs = list(tr.snapshot.get_range(begin, end, limit=page))
+            for kv in kvs:
+                yield kv.key
+            if len(kvs) < page:
+                return
+            begin = kvs[-1].key + b"\x00"  # the key right after the last one
+
+    def _level_zero(self, tr: Any, route: str, worker_id: str, now: float, page: int) -> Iterator[bytes]:
+        def stream(target: str) -> Iterator[tuple[bytes, bytes]]:
+            prefix = self._due.pack((route, target))
+            for key in self._paged(tr, prefix, self._due.pack((route, target, now)) + b"\xff", page):
+                yield key[len(prefix):], key  # (due, versionstamp, id) order across both
+
+        for _order, key in heapq.merge(stream(""), stream(worker_id)):
+            yield key
+
+    def _stopped_by_limit(self, tr: Any, record: JobRecord, route_limit: flow.RouteLimit | None,
+                          blocked: set[str], now: float) -> float | None:
+        """None if ``record`` may start now (its rates are charged); else when it may
+        (0: not known; negative: the route's rate stops the whole claim, at minus that time)."""
+        key, key_time = record.limit_key, None
+        if key is not None:
+            if key in blocked:
+                return 0.0
+            if record.limit_concurrency is not None:
+                live = self._live_slots(tr, self._kslot.range((key,)), now)
+                if len(live) >= record.limit_concurrency:
+                    blocked.add(key)
+                    return min(live)
+            if record.limit_interval:
+                ok, key_time = flow.gcra(self._rate_time(tr, flow.key_tat(key)), now, record.limit_interval,
+                                         record.limit_burst or 1)
+                if not ok:
+                    blocked.add(key)
+                    return key_time
+        if route_limit is not None and route_limit.interval is not None:
+            ok, route_time = flow.gcra(self._rate_time(tr, flow.route_tat(record.route)), now,
+                                       route_limit.interval, route_limit.burst)
+            if not ok:
+                return -route_time
+            tr[self._rate.pack((flow.route_tat(record.route),))] = fdb.tuple.pack((route_time,))
+        if key is not None and key_time is not None:
+            tr[self._rate.pack((flow.key_tat(key),))] = fdb.tuple.pack((key_time,))
+        return None
+
+    def _rate_time(self, tr: Any, name: str) -> float | None:
+        value = tr[self._rate.pack((name,))]
+        return _until(bytes(value)) if value.present() else None
+
+    @_translate
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        def read(tr: Any) -> dict[str, float]:
+            values = [(name, tr.snapshot[self._rate.pack((name,))]) for name in names]
+            return {name: _until(bytes(v)) for name, v in values if v.present()}
+
+        now = time.time()
+        return {name: at for name, at in fdb.transactional(read)(self._db).items() if at > now}
 
     @_translate
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
@@ -904,6 +1072,10 @@ class FDBPersistence(Persistence):
             self._unindex(tr, stored)
             updated = outcome.apply_to(record, time.time())
             self._write(tr, updated, result=True)
+            if record.state == RUNNING and updated.state != PENDING and (
+                    record.limit_key is not None
+                    or tr.snapshot[self._settings.pack((flow.limit_setting(record.route),))].present()):
+                self._wake_idle(tr, {(record.route, ""): 1})  # its slot is free: a waiter may claim
             if updated.finished_state:
                 if record.parents:
                     tr.clear(self._waits.pack((job_id,)))
@@ -1147,13 +1319,17 @@ class FDBPersistence(Persistence):
         def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
             now = time.time()
             next_due = None
-            for target in ("", worker_id):
-                span = self._due.range((route, target))
-                # A conflicting read: a job enqueued while this commits makes it retry and see it.
-                for kv in tr.get_range(span.start, span.stop, limit=1):
-                    due = self._due.unpack(kv.key)[2]
-                    next_due = due if next_due is None else min(next_due, due)
-            if next_due is not None and next_due <= now:
+            held = route in self._held_back
+            for due in self._first_dues(tr, route, worker_id, now if held else None):
+                next_due = due if next_due is None else min(next_due, due)
+            if held:
+                # The due records were left behind by a limit or a pause: no reason to return at
+                # once. Wait for a nudge (a finish, a setting, new work), for the time the claim
+                # said one may be claimable, or for a record due later.
+                at = self._held_back.get(route)
+                if at is not None:
+                    next_due = at if next_due is None else min(next_due, at)
+            elif next_due is not None and next_due <= now:
                 return (next_due, None, []), None
             # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
             # Measured in the cluster's versions, not in this machine's clock: producers on
@@ -1186,6 +1362,27 @@ class FDBPersistence(Persistence):
             if pause <= 0:
                 return
             time.sleep(pause)
+
+    def _first_dues(self, tr: Any, route: str, worker_id: str, after: float | None) -> list[float]:
+        """The first due time of each of the route's due streams (later than ``after``, if given).
+        Conflicting reads: a job enqueued while the caller commits makes it retry and see it."""
+        streams: list[tuple[Any, tuple[Any, ...]]] = [(self._due, (route, target)) for target in ("", worker_id)]
+        span = self._pdue.range((route,))
+        begin = span.start
+        while True:  # one stream per priority level
+            first = list(tr.snapshot.get_range(begin, span.stop, limit=1))
+            if not first:
+                break
+            level = self._pdue.unpack(first[0].key)[1]
+            streams.append((self._pdue, (route, level)))
+            begin = self._pdue.range((route, level)).stop
+        found = []
+        for index, prefix in streams:
+            whole = index.range(prefix)
+            start = whole.start if after is None else index.pack((*prefix, after)) + b"\xff"
+            for kv in tr.get_range(start, whole.stop, limit=1):
+                found.append(float(index.unpack(kv.key)[2]))
+        return found
 
     @_translate
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:

@@ -27,6 +27,16 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:deps:<id>           set     workflows: ids of the records waiting (or that waited) for <id>
     sq:{Q}:settled:<id>        hash    workflows: the set of <id>'s finished parents, id -> how it ended
                                        (scripts/release.lua names these two from the job prefix)
+    sq:{Q}:p:<route>           zset    flow: the priorities other than 0 that the route's shared pending
+                                       records have or had, member = score = the priority
+    sq:{Q}:dp:<route>:<prio>   zset    flow: pending records of one priority other than 0, score = due
+                                       (priority 0 stays in d:<route>; broadcasts ignore priority)
+    sq:{Q}:lk:<limit key>      zset    flow: running records holding a slot of the key, score = lease_until
+                                       (a slot is a live lease: renew and finish keep it right)
+    sq:{Q}:rt:<name>           string  flow: a GCRA time (skunkqueue.flow.key_tat/route_tat names)
+
+The monitor's running index (c:<route>:running) is scored by lease_until, so
+it also counts a route's live leases for the route's own concurrency limit.
 
 An idempotency key's string only finds its holder; the holder's hash, while it
 exists and names the same key, is what holds the key (see scripts/enqueue.lua).
@@ -92,6 +102,10 @@ class Keys:
         self.routes = self.base + "routes"
         self.tallied = self.base + "tallied"
         self.deps_prefix = self.base + "deps:"
+        self.levels_prefix = self.base + "p:"
+        self.level_due_prefix = self.base + "dp:"
+        self.slots_prefix = self.base + "lk:"
+        self.rate_prefix = self.base + "rt:"
 
     def layout(self) -> list[str]:
         """The prefixes and keys every script receives first (see scripts/common.lua)."""
@@ -101,6 +115,25 @@ class Keys:
     def tally_layout(self) -> list[str]:
         """The monitor's index names every script receives after layout()'s and the constants."""
         return [self.tally_prefix, self.routes]
+
+    def flow_layout(self) -> list[str]:
+        """The flow control names every script receives after tally_layout()'s."""
+        return [self.levels_prefix, self.level_due_prefix, self.slots_prefix, self.rate_prefix, self.settings]
+
+    def levels(self, route: str) -> str:
+        return self.levels_prefix + escape(route)
+
+    def level_due(self, route: str, priority: int) -> str:
+        """The due zset of the route's shared records of ``priority`` (0: :meth:`due`)."""
+        if priority == 0:
+            return self.due(route)
+        return f"{self.level_due_prefix}{escape(route)}:{priority}"
+
+    def slots(self, limit_key: str) -> str:
+        return self.slots_prefix + limit_key
+
+    def rate(self, name: str) -> str:
+        return self.rate_prefix + name
 
     def tally(self, route: str, state: str) -> str:
         return f"{self.tally_prefix}{escape(route)}:{state}"

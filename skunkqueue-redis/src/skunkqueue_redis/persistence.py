@@ -27,6 +27,7 @@ from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
+from skunkqueue import flow
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import CLOCK_TOLERANCE, LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -71,7 +72,8 @@ class _Scripts:
 
     def __init__(self, client: Any, keys: Keys) -> None:
         # The arguments every script receives first (see scripts/common.lua).
-        head = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE, *keys.tally_layout()]
+        head = [*keys.layout(), NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS, CLOCK_TOLERANCE, *keys.tally_layout(),
+                *keys.flow_layout()]
         self._head: list[bytes] = [str(item).encode() for item in head]
         self._loaded: dict[str, Script] = {name: client.register_script(scripts.compose(name))
                                            for name in scripts.NEEDS}
@@ -518,7 +520,8 @@ class RedisPersistence(NativeAsync, Persistence):
             zsets = [k.due(route, target)]
         else:
             names = sorted(text(t) for t in self.client.smembers(k.targets(route)))
-            zsets = [k.due(route)] + [k.due(route, t) for t in names]
+            levels = sorted(int(text(p)) for p in self.client.zrange(k.levels(route), 0, -1))
+            zsets = [k.due(route)] + [k.level_due(route, p) for p in levels] + [k.due(route, t) for t in names]
         deleted = 0
         for zkey in zsets:
             while True:
@@ -550,7 +553,7 @@ class RedisPersistence(NativeAsync, Persistence):
     def _claim_call(self, route: str, worker_id: str, lease: float, limit: int) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [k.due(route), k.due(route, worker_id), k.notify(route), k.notify(route, worker_id)]
-        return keys, [num(lease), worker_id, int(limit), num(self.result_ttl)]
+        return keys, [num(lease), worker_id, int(limit), num(self.result_ttl), route, flow.FLOW_SCAN]
 
     def _claimed(self, route: str, reply: Any) -> list[JobRecord]:
         """Decode claim's reply; quarantine what does not decode."""
@@ -696,6 +699,32 @@ class RedisPersistence(NativeAsync, Persistence):
             self.client.hdel(self.keys.settings, name)
         else:
             self.client.hset(self.keys.settings, name, value)
+        route = flow.route_of_setting(name)
+        if route is not None:
+            # A resume or a changed limit: the route's idle workers, waiting on what a claim told
+            # them, look again now (one token each, as many as the wake-up list holds).
+            notify = self.keys.notify(route)
+            pipe = self._pipeline()
+            pipe.rpush(notify, *(["1"] * NOTIFY_CAP))
+            pipe.ltrim(notify, -NOTIFY_CAP, -1)
+            pipe.execute()
+
+    # -- flow control (the claim script enforces it; see scripts/claim.lua) ---------
+
+    supports_priorities = True
+    supports_limits = True
+    supports_pause = True
+
+    @guarded
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        if not names:
+            return {}
+        now = self.now()
+        found: dict[str, float] = {}
+        for name, value in zip(names, self.client.mget([self.keys.rate(n) for n in names])):
+            if value is not None and float(value) > now:
+                found[name] = float(value)
+        return found
 
     # -- throughput counters -----------------------------------------------------------
 

@@ -7,7 +7,10 @@
 --   (keys.py spells these names)
 --   9 NOTIFY_CAP  10 DONE_TOKEN_MS  11 CLAIM_ROUNDS  12 CLOCK_TOLERANCE (s)  (constants of persistence.py)
 --   13 tally prefix "sq:{Q}:c:"  14 routes set "sq:{Q}:routes"  (the monitor's index: tally() below)
--- ARGV[15..]: the script's own arguments; args() returns them as a list from 1.
+--   15 priority levels prefix "sq:{Q}:p:"  16 priority due prefix "sq:{Q}:dp:"
+--   17 key slots prefix "sq:{Q}:lk:"  18 GCRA times prefix "sq:{Q}:rt:"  19 settings hash "sq:{Q}:settings"
+--   (flow control: see the helpers at the end)
+-- ARGV[20..]: the script's own arguments; args() returns them as a list from 1.
 -- Each is an argument of its own, not one packed string: Redis makes ARGV's strings in C,
 -- where parsing a packed one in Lua cost ~100,000 instructions per job (15% of finish_and_claim).
 -- Every key of a queue shares the {Q} hash tag, so keys built here are in the
@@ -32,7 +35,8 @@ local LEASE, INDEX, KEYED = ARGV[6], ARGV[7], ARGV[8]
 local NOTIFY_CAP, DONE_TOKEN_MS, CLAIM_ROUNDS = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
 local CLOCK_TOLERANCE = tonumber(ARGV[12])
 local TALLY, ROUTES = ARGV[13], ARGV[14]
-local COMMON_ARGS = 14
+local LEVELS, LEVEL_DUE, SLOTS, RATES, SETTINGS = ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]
+local COMMON_ARGS = 19
 
 -- The store's clock decides every time comparison, so hosts' clocks may differ.
 -- (Redis 7 replicates a script's effects, not the script, so TIME is allowed before writes.)
@@ -94,7 +98,19 @@ local function suffix(route, target)
   return esc(route)
 end
 
-local function due_key(route, target) return DUE .. suffix(route, target) end
+-- A pending record's zset: priority 0 (nil) and broadcasts in d:, another priority in its own
+-- dp:<route>:<priority> (listed in p:<route>, see levels_add), so that each zset stays (due, id) ordered.
+local function due_key(route, target, priority)
+  local p = tonumber(priority or '0') or 0
+  if target or p == 0 then return DUE .. suffix(route, target) end
+  return LEVEL_DUE .. esc(route) .. ':' .. string.format('%d', p)
+end
+-- Note a priority other than 0 among the route's zsets (the claim walks them highest first).
+local function levels_add(route, target, priority)
+  local p = tonumber(priority or '0') or 0
+  if target or p == 0 then return end
+  redis.call('ZADD', LEVELS .. esc(route), p, string.format('%d', p))
+end
 local function notify_key(route, target) return NOTIFY .. suffix(route, target) end
 
 -- One "<length>:<bytes>" item of a packed string; returns it and the next position.
@@ -144,7 +160,8 @@ end
 
 -- The monitor's index (summary.lua reads it; keys.py spells it): per route, one zset per state
 -- and one ('dead') for dead letters, so a summary counts without reading any record.
--- Scores: pending = due (the first member is the longest wait), running = +inf, finished
+-- Scores: pending = due (the first member is the longest wait), running = lease_until (renew
+-- keeps it: a route's live leases are those above now, which its concurrency limit counts), finished
 -- states and dead = when the record expires, so counting scores above now stays right while
 -- Redis expires the records themselves. ZADD/ZREM are idempotent: replaying a move cannot drift.
 local FINISHED = {complete = true, error = true, killed = true}
@@ -185,11 +202,12 @@ end
 -- (ttl: the result TTL in seconds).
 local function quarantine(id, why, now, ttl)
   local key = JOB .. id
-  local was = redis.call('HMGET', key, 'state', 'route')
+  local was = redis.call('HMGET', key, 'state', 'route', 'limit_key')
   redis.call('HSET', key, 'state', 'error', 'dead', '1', 'finished', fmt(now),
     'error', cjson.encode({type = 'MalformedRecord', message = why, traceback = ''}))
   redis.call('HDEL', key, 'owner', 'lease_until')
   redis.call('ZREM', LEASE, id)
+  if was[3] then redis.call('ZREM', SLOTS .. was[3], id) end
   redis.call('PEXPIRE', key, math.max(1, math.floor(ttl * 1000)))
   key_follows(id, redis.call('HGET', key, 'key'), math.max(1, math.floor(ttl * 1000)))
   redis.call('ZADD', INDEX, fmt(now + ttl), id)
@@ -203,4 +221,28 @@ local function signal_done(id)
   redis.call('RPUSH', done, '1')
   redis.call('PEXPIRE', done, DONE_TOKEN_MS)
   redis.call('PUBLISH', DONE, id)
+end
+
+-- Flow control (skunkqueue.flow; the Persistence docstring holds the rules).
+-- The settings' names: flow.py's limit_setting() and pause_setting() (test_redis_flow checks them).
+local LIMIT_SETTING, PAUSE_SETTING = 'flow.limit:', 'flow.paused:'
+-- GCRA: (true, the key's new time) if one start is allowed now, else (false, when it will be).
+local function gcra(tat, now, interval, burst)
+  local at = now
+  if tat and tat > now then at = tat end
+  local tolerance = (burst - 1) * interval
+  if at - now > tolerance + 1e-9 then return false, at - tolerance end
+  return true, at + interval
+end
+
+local function rate_time(name) return tonumber(redis.call('GET', RATES .. name) or '') end
+
+-- A time in the past means what no time means, so the string may expire once it passed.
+local function set_rate_time(name, tat, now)
+  redis.call('SET', RATES .. name, fmt(tat), 'PX', int(math.floor((tat - now) * 1000) + 1000))
+end
+
+-- A running record leaves its key's slots (finish, quarantine); the renew and the claim ZADD it.
+local function slot_free(limit_key, id)
+  if limit_key then redis.call('ZREM', SLOTS .. limit_key, id) end
 end

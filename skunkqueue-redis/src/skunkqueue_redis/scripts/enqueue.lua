@@ -23,23 +23,26 @@ local function store(f, fields, ttl, now, seen, woken, fired)
   if f['key'] then redis.call('SET', KEYED .. f['key'], id) end
   if f['state'] == 'pending' then
     -- A batch usually has one route: build its key names once.
-    local where = f['route'] .. '\0' .. (f['target'] or '')
+    local where = f['route'] .. '\0' .. (f['target'] or '') .. '\0' .. (f['priority'] or '')
     local names = seen[where]
     if not names then
-      names = {due_key(f['route'], f['target']), notify_key(f['route'], f['target'])}
+      names = {due_key(f['route'], f['target'], f['priority']), notify_key(f['route'], f['target'])}
       seen[where] = names
+      levels_add(f['route'], f['target'], f['priority'])
     end
     redis.call('ZADD', names[1], f['due'], id)
     redis.call('ZADD', INDEX, '+inf', id)
     if not f['parents'] then woken[names[2]] = (woken[names[2]] or 0) + 1 end
     if f['target'] then redis.call('SADD', TARGETS .. esc(f['route']), f['target']) end
     tally(id, f['route'], nil, 'pending', nil, f['due'], now)
-    -- A workflow step waits for its parents (release.lua); those already finished count now.
+    -- A record's priority picks its due zset (common.lua's due_key).
+-- A workflow step waits for its parents (release.lua); those already finished count now.
     if f['parents'] then attach(f, now, ttl) end
   elseif f['state'] == 'running' then
     redis.call('ZADD', LEASE, f['lease_until'] or '0', id)
     redis.call('ZADD', INDEX, '+inf', id)
-    tally(id, f['route'], nil, 'running', nil, '+inf', now)
+    if f['limit_key'] then redis.call('ZADD', SLOTS .. f['limit_key'], f['lease_until'] or '0', id) end
+    tally(id, f['route'], nil, 'running', nil, f['lease_until'] or '0', now)
   else
     local ms = math.max(1, math.floor(ttl * 1000))
     redis.call('PEXPIRE', key, ms)

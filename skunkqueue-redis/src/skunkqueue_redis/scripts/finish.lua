@@ -8,6 +8,7 @@
 --       which this script adds from the store's clock), 14 how many entries the history keeps
 -- The history field holds the entries packed ("<length>:<json>" each, oldest first), so dropping the
 -- oldest is cutting the string, and no entry is decoded here (cjson would round its numbers).
+-- A running record's flow slot (common.lua's slot_free) is freed here, with its lease.
 -- A finished record counts for its dependents here (release.lua, which this script needs).
 -- Returns 1 if applied, 0 if the record is not in the expected state under this token.
 -- Outcome.apply_to's rules, with one more: a record whose kill was requested
@@ -40,7 +41,7 @@ local function finish(KEYS, ARGV)
   local key = KEYS[1]
   -- pcall: an error (WRONGTYPE) means something other than a hash lives there, which holds nothing.
   local f = redis.pcall('HMGET', key, 'state', 'token', 'route', 'target', 'kill_requested', 'key', 'result_ttl',
-    'has_deps', 'wait_left', entry and 'history' or 'state')
+    'has_deps', 'wait_left', entry and 'history' or 'state', 'priority', 'limit_key')
   if f.err then return 0 end
   if f[1] ~= expect or tonumber(f[2] or '0') ~= tonumber(token) or not f[3] then return 0 end
   ttl = tonumber(f[7] or '') or ttl
@@ -51,9 +52,17 @@ local function finish(KEYS, ARGV)
     err = cjson.encode({type = 'JobKilled', message = 'killed by request', traceback = ''})
   end
   local route, target = f[3], f[4] or nil
-  local zkey = due_key(route, target)
+  local zkey = due_key(route, target, f[11])
   redis.call('ZREM', zkey, id)
   redis.call('ZREM', KEYS[2], id)
+  if f[1] == 'running' then
+    -- The slot goes with the lease, in this step; a worker waiting on the key's or the route's
+    -- concurrency limit may claim now (a route without limits pays the HEXISTS).
+    slot_free(f[12], id)
+    if state ~= 'pending' and (f[12] or redis.call('HEXISTS', SETTINGS, LIMIT_SETTING .. route) == 1) then
+      wake(notify_key(route, nil), 1)
+    end
+  end
   -- One HSET and one HDEL: the fields set and the fields dropped, gathered first.
   local set, drop = {'state', state, 'kill_requested', '0', 'dead', dead}, {'owner', 'lease_until'}
   if entry then  -- the attempt this finish ends, in the same step: a fenced-off finish got no further
@@ -75,6 +84,7 @@ local function finish(KEYS, ARGV)
     key_follows(id, f[6], nil)
     redis.call('ZADD', KEYS[3], '+inf', id)
     redis.call('ZADD', zkey, due, id)
+    levels_add(route, target, f[11])
     tally(id, route, f[1], 'pending', nil, due, now)
     wake(notify_key(route, target), 1)
   else

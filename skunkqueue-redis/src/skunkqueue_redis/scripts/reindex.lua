@@ -12,9 +12,9 @@ local function reindex(KEYS, ARGV)
     local id, expires = entries[i], entries[i + 1]
     local key = JOB .. id
     if redis.call('TYPE', key)['ok'] == 'hash' then
-      local f = redis.call('HMGET', key, 'state', 'route', 'dead', 'due')
+      local f = redis.call('HMGET', key, 'state', 'route', 'dead', 'due', 'lease_until')
       if f[1] == 'pending' then tally(id, f[2], nil, 'pending', nil, f[4] or '0', now)
-      elseif f[1] == 'running' then tally(id, f[2], nil, 'running', nil, '+inf', now)
+      elseif f[1] == 'running' then tally(id, f[2], nil, 'running', nil, f[5] or '0', now)
       elseif FINISHED[f[1]] then tally(id, f[2], nil, f[1], f[3], expires, now) end
     end
   end

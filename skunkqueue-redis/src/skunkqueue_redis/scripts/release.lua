@@ -20,10 +20,10 @@ end
 -- End a waiting record killed (a parent failed); false if it is not pending any more.
 local function end_waiting(id, err, now, default_ttl)
   local key = JOB .. id
-  local f = redis.call('HMGET', key, 'state', 'route', 'target', 'key', 'result_ttl')
+  local f = redis.call('HMGET', key, 'state', 'route', 'target', 'key', 'result_ttl', 'priority')
   if f[1] ~= 'pending' or not f[2] then return false end
   local ttl = tonumber(f[5] or '') or default_ttl
-  redis.call('ZREM', due_key(f[2], f[3] or nil), id)
+  redis.call('ZREM', due_key(f[2], f[3] or nil, f[6]), id)
   redis.call('HSET', key, 'state', 'killed', 'error', err, 'finished', fmt(now), 'dead', '0', 'kill_requested', '0')
   redis.call('HDEL', key, 'owner', 'lease_until', 'result', 'wait_left')
   redis.call('DEL', SETTLED .. id)
@@ -42,13 +42,14 @@ end
 -- Make a waiting record claimable now, and wake its route.
 local function release_now(id, now)
   local key = JOB .. id
-  local f = redis.call('HMGET', key, 'state', 'route', 'target')
+  local f = redis.call('HMGET', key, 'state', 'route', 'target', 'priority')
   if f[1] ~= 'pending' or not f[2] then return end
   local due = fmt(now)
   redis.call('HSET', key, 'due', due)
   redis.call('HDEL', key, 'wait_left')
   redis.call('DEL', SETTLED .. id)
-  redis.call('ZADD', due_key(f[2], f[3] or nil), due, id)
+  redis.call('ZADD', due_key(f[2], f[3] or nil, f[4]), due, id)
+  levels_add(f[2], f[3] or nil, f[4])
   tally(id, f[2], 'pending', 'pending', nil, due, now)
   wake(notify_key(f[2], f[3] or nil), 1)
 end
