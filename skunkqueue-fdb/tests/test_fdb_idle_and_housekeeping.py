@@ -47,8 +47,9 @@ def test_idle_wait_backs_off_instead_of_spinning(store: Persistence, faults: Any
     started = time.monotonic()
     store.wait_for_work("r", "w", 2.0)
     assert 1.9 < time.monotonic() - started < 3.0  # nothing arrived: it waited its time
-    # Backing off 0.05, 0.1, 0.2 ... 1 s: a handful of rounds of a few requests each, not thousands.
-    assert faults.stats["requests"] - before < 60, faults.stats
+    # Backing off 0.05, 0.1, 0.2 ... 1 s: a handful of rounds of a few requests each, not thousands
+    # (each round also reads the route's flow settings and priority levels: 61 seen in CI).
+    assert faults.stats["requests"] - before < 100, faults.stats
 
 
 def test_work_still_wakes_an_idle_worker_among_spurious_fires(store: Persistence, faults: Any) -> None:

@@ -68,7 +68,13 @@ def test_a_key_held_outside_the_transaction_returns_its_holder_and_rollback_keep
             fresh = add.fire(5, 6, key="order-8", using=session)
             assert again.id == first.id
             session.abort_transaction()
-        assert queue.get(first.id) is not None and queue.get(fresh.id) is None
+            assert queue.get(first.id) is not None and queue.get(fresh.id) is None
+            session.start_transaction()
+            client["app"]["rows"].insert_one({"order": 8}, session=session)
+            kept = add.fire(5, 6, key="order-8", using=session)
+            assert queue.get(kept.id) is None  # nobody sees it before the commit
+            session.commit_transaction()
+        assert queue.get(kept.id) is not None and sum(queue.persistence.counts().values()) == 2
     finally:
         queue.close()
 
