@@ -307,6 +307,9 @@ class WorkflowSuite:
         with pytest.raises(JobFailed):
             handle.wait(timeout=5)
 
+    # Its own wait is bounded (LARGE_GROUP_TIMEOUT); the suite's 300 s default is not enough for
+    # MongoDB's replica set beside three other test processes on two cores (83 s alone, idle).
+    @pytest.mark.timeout(LARGE_GROUP_TIMEOUT + 120)
     def test_a_large_group_and_its_callback(self, queue: SkunkQueue, store: Persistence,
                                             start_pool: Callable[..., PoolProcess]) -> None:
         _needs_workflows(store)
