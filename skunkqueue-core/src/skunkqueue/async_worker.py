@@ -123,13 +123,7 @@ class AsyncWorker(Worker):
         steps): only the running of an async job's code differs.
         """
         started = time.monotonic()
-        if self.current is not record:  # called directly, not through _take_up
-            self.current, self._interrupted = record, None
-        try:
-            prepared = self._prepare(record)
-        except BaseException:
-            self.current = None
-            raise
+        prepared = self._begin(record)
         if isinstance(prepared, Outcome) or not inspect.iscoroutinefunction(prepared[0].func):
             self._attempt(record, prepared, started)
             return

@@ -437,14 +437,17 @@ class Worker:
     def execute(self, record: JobRecord) -> None:
         """One attempt of ``record``, in this thread."""
         started = time.monotonic()
+        self._attempt(record, self._begin(record), started)
+
+    def _begin(self, record: JobRecord) -> Any:
+        """Make ``record`` current and prepare it (both workers' first step of an attempt)."""
         if self.current is not record:  # called directly, not through _take_up
             self.current, self._interrupted = record, None
         try:
-            prepared = self._prepare(record)
+            return self._prepare(record)
         except BaseException:
             self.current = None
             raise
-        self._attempt(record, prepared, started)
 
     def _attempt(self, record: JobRecord, prepared: Prepared | Outcome, started: float) -> None:
         """Run what was prepared (unless it is already the outcome), then record the outcome."""
