@@ -283,6 +283,7 @@ while left:
 """
 
 
+@pytest.mark.serial  # a 50 ms bound on the loop's lag: run alone, not beside other tests' pools
 def test_2000_concurrent_aresult_share_one_listener(redis_server: Any, queue_name: str) -> None:
     import gc
     import sys
