@@ -439,7 +439,8 @@ class ProtocolSuite(KitFixtures):
     def test_stats_add_up_per_route_and_minute(self, store: Persistence, backend: BackendUnderTest,
                                                queue_name: str) -> None:
         if not store.keeps_stats:
-            pytest.skip(f"the {store.name} backend keeps no throughput counters (keeps_stats = False)")
+            pytest.skip(f"the {store.name} backend keeps no throughput counters "
+                        "(it does not implement add_stats and stats)")
         minute = int(time.time() // 60)
         store.add_stats([RouteMinute("r", minute, {"completed": 2, "duration_us": 10}),
                          RouteMinute("s", minute, {"failed": 1})])
