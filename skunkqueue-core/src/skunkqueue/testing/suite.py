@@ -26,7 +26,7 @@ from skunkqueue.cli import main as cli_main
 from skunkqueue.errors import JobFailed, JobTimeout, SerializationError
 from skunkqueue.job import Job
 from skunkqueue.metrics import RouteMinute
-from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, NOTIFY_LATENCY, Persistence
+from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, NOTIFY_LATENCY, Persistence, roles
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import (
     COMPLETE,
@@ -733,3 +733,24 @@ class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRul
                        AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite,
                        HistorySuite, FlowControlSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""
+
+
+# Which roles of skunkqueue.persistence.roles each part of the kit holds a backend to (its tests
+# call that role's methods and check what they guarantee). docs/writing-a-backend.md shows it as
+# a table, and tests/core/test_roles.py keeps the two the same.
+PROVES: dict[type, tuple[type, ...]] = {
+    ProtocolSuite: (roles.JobStore, roles.WorkerRegistry, roles.MonitorView, roles.Stats),
+    FieldRulesSuite: (roles.JobStore,),
+    LifecycleSuite: (roles.JobStore, roles.WorkerRegistry, roles.MonitorView, roles.Stats),
+    SupervisionSuite: (roles.JobStore, roles.WorkerRegistry),
+    HistorySuite: (roles.JobStore,),
+    NameSuite: (roles.JobStore, roles.MonitorView),
+    TrustSuite: (roles.JobStore,),
+    SummarySuite: (roles.MonitorView, roles.WorkerRegistry),
+    KeysSuite: (roles.KeyedEnqueue,),
+    TransactionalSuite: (roles.TransactionalEnqueue,),
+    WorkflowSuite: (roles.Workflows,),
+    PeriodicSuite: (roles.KeyedEnqueue, roles.Settings),
+    FlowControlSuite: (roles.JobStore, roles.Settings, roles.MonitorView),
+    AsyncSuite: (roles.AsyncAdapter, roles.Settings),
+}
