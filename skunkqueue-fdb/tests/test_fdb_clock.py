@@ -157,8 +157,8 @@ def test_a_running_pool_logs_an_error_when_a_peer_drifts_past_the_bound(
     pool.check_clock()  # alone: nothing to compare with
     _register(store, "drifted", monkeypatch, -12.0)
     now = time.monotonic()
-    pool.upkeep.tick(store, pool.children, now, stopping=False)
+    pool._upkeep(now)
     assert "clock" not in caplog.text, "not before CLOCK_CHECK_EVERY seconds have passed"
-    pool.upkeep.tick(store, pool.children, now + pool_module.CLOCK_CHECK_EVERY + 1, stopping=False)
+    pool._upkeep(now + pool_module.CLOCK_CHECK_EVERY + 1)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("12." in e and "at most 9 s" in e and "run twice" in e for e in errors), errors
