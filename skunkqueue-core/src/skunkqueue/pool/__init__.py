@@ -7,8 +7,9 @@ four jobs, one module each, composed here; read them in this order:
   worker process and a ``Claim`` per job it holds (the worker reports its
   claims through a pipe, see :mod:`skunkqueue.channel`);
 * :mod:`~skunkqueue.pool.supervisor` - the processes, the signals and the grace:
-  starts the workers, settles a dead one's jobs and replaces it, and turns
-  SIGTERM and friends into a gentle stop (exit 0) and SIGINT into a rough one (exit 130);
+  starts the workers, replaces a dead one once :mod:`~skunkqueue.pool.settlement`
+  has settled its jobs, and turns SIGTERM and friends into a gentle stop (exit 0)
+  and SIGINT into a rough one (exit 130);
 * :mod:`~skunkqueue.pool.leases` - the lease keeper: renews the leases of the jobs
   the workers hold, enforces time limits, acts on kill requests and lost leases
   (interrupt, then kill after ``grace``), hands back held jobs that never started;

@@ -7,10 +7,8 @@ What it guarantees:
   ``--max-memory-per-child``) or a job took it down, otherwise after a back-off
   that doubles up to :data:`RESTART_BACKOFF_MAX` seconds; under ``--burst`` a
   worker that found no due job is not replaced;
-* when a worker dies its jobs are settled at once instead of waiting for their
-  leases: the running one is charged an attempt (``killed`` or a time limit if
-  the pool killed it for that, else ``WorkerDied``), the held ones go back
-  uncharged, and so do the jobs it claimed in the store but had not yet reported;
+* when a worker dies, its last events are read and its jobs settled at once
+  (:mod:`skunkqueue.pool.settlement`) before it is replaced;
 * signals. Gentle (SIGHUP, SIGABRT, SIGQUIT, SIGTERM) become SIGTERM to every
   worker: each finishes its job, unregisters, and the pool exits 0. SIGINT is
   rough: the workers interrupt their jobs (state ``killed``); a worker still
@@ -31,15 +29,14 @@ import logging
 import os
 import select
 import signal
-import time
 from types import FrameType
 
-from skunkqueue import channel, metrics, policy
+from skunkqueue import channel, metrics
 from skunkqueue.channel import StopMode
-from skunkqueue.errors import JobKilled, RoughStop
+from skunkqueue.errors import RoughStop
 from skunkqueue.persistence import Persistence
-from skunkqueue.pool.children import Child, Claim, store_call
-from skunkqueue.record import RUNNING
+from skunkqueue.pool.children import Child, Claim
+from skunkqueue.pool.settlement import settle
 from skunkqueue.worker import EXIT_DRAINED, EXIT_RECYCLE, EXIT_UNREACHABLE, GENTLE_SIGNALS, ROUGH_SIGNAL, WorkerConfig
 
 log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as its log always read
@@ -186,7 +183,7 @@ class Supervisor:
         if process is not None and not child.settled:
             self._read_events(store, child)
             ran_jobs = bool(child.running)
-            self._settle(store, child, process.returncode)
+            settle(store, child, process.returncode, self.tally)
             if process.returncode == EXIT_DRAINED and self.config.burst and not ran_jobs:
                 child.drained = True
             if not self.stopping and not child.drained:
@@ -222,69 +219,3 @@ class Supervisor:
             child.backoff = 0.5
         child.restart_at = now + child.backoff
         child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
-
-    # -- a dead worker's jobs --------------------------------------------------------
-
-    def _settle(self, store: Persistence | None, child: Child, code: int | None) -> None:
-        """A worker process is gone: record its running job's attempt, hand back the rest."""
-        child.settled = True
-        if child.pipes is not None:
-            child.pipes.close()
-            child.pipes = None
-        started = {job_id: claim.token for job_id, claim in {**child.gave_up, **child.claims}.items()
-                   if claim.started_at is not None}
-        for job_id, claim in list(child.claims.items()):
-            if claim.started_at is None:
-                child.hand_back(store, job_id)
-            else:
-                self._record_death(store, child, job_id, claim, code)
-        child.claims, child.gave_up = {}, {}
-        if child.worker_id is not None and store is not None:
-            self._hand_back_unreported(store, child.worker_id, started, code)
-            store_call("unregister a dead worker", store.unregister_worker, child.worker_id)
-
-    def _hand_back_unreported(self, store: Persistence, worker_id: str, started: dict[str, int],
-                              code: int | None) -> None:
-        """A worker killed between a claim and its report leaves jobs only the store knows of.
-
-        It never started them (it reports a claim before starting anything), so they
-        go back uncharged now instead of waiting out their lease. A job it did start
-        and left running in the store (``started``: id -> token; it gave up on the job
-        when the pool fell silent, or a lease-lost interrupt recorded nothing) is not
-        one of them: handed back uncharged it would run again on the same attempt.
-        """
-        running = store_call("list running jobs", lambda: store.list_jobs(state=RUNNING, limit=100_000)) or []
-        for record in running:
-            if record.owner != worker_id:
-                continue
-            if started.get(record.id) == record.token:
-                outcome = policy.worker_died(record, "WorkerDied", f"worker {worker_id} exited with status {code} "
-                                             "after it had started the job")
-            else:
-                outcome = policy.release(record)
-            store_call("hand back a job", store.finish, record.id, record.token, outcome)
-
-    def _record_death(self, store: Persistence | None, child: Child, job_id: str, claim: Claim,
-                      code: int | None) -> None:
-        if store is None:
-            return
-        record = store_call("read a job", store.get, job_id)
-        if record is None or record.state != RUNNING or record.token != claim.token:
-            return
-        why: JobKilled | None = child.killed_for if child.killed_job in (None, job_id) else None
-        if why is None and claim.interrupt is not None:
-            why = claim.interrupt[0]  # it died of the interrupt itself (e.g. the job reset SIGUSR1)
-        if why is not None:
-            outcome = policy.interrupted(record, why)
-            outcome = outcome.ending(record) if outcome is not None else None
-        else:
-            outcome = policy.worker_died(record, "WorkerDied",
-                                         f"worker {child.worker_id} exited with status {code} while running it")
-        if outcome is None:
-            return
-        if store_call("record a job's outcome", store.finish, job_id, claim.token, outcome):
-            ran = time.monotonic() - claim.started_at if claim.started_at is not None else 0.0
-            self.tally.add(child.config.route, outcome.state, ran)
-            log.warning("job %s: its worker %s; now %s",
-                        job_id, f"was killed ({why.reason})" if why else f"exited with status {code}",
-                        outcome.state)
