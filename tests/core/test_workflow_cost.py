@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from skunkqueue import SkunkQueue, dependencies
-from skunkqueue.record import PENDING, JobRecord, new_id
+from skunkqueue import SkunkQueue, dependencies, group, serializer
+from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, new_id
+from skunkqueue.testing import jobs
 
 
 class CountingList(list):  # type: ignore[type-arg]
@@ -34,5 +35,30 @@ def test_gathering_a_callbacks_inputs_walks_its_parents_a_fixed_number_of_times(
         # None of them exists: each counts as killed and gives None.
         assert inputs == [None] * len(ids)
         assert states == dict.fromkeys(ids, dependencies.missing_parent_state())
+    finally:
+        queue.close()
+
+
+def test_waiting_for_a_finished_group_reads_its_members_in_one_batch(tmp_path: Path) -> None:
+    # One look per member was a store round trip each: 10,000 of them to read a finished group.
+    queue = SkunkQueue("wf-wait", conn_url=str(tmp_path / "q.db"))
+    try:
+        add = queue.event(routes=["r"])(jobs.add.func)
+        handle = group(add.s(i, 1) for i in range(200)).fire()
+        backend = queue.persistence
+        while claimed := backend.claim("r", "w1", 30.0, limit=50):
+            for record in claimed:
+                args, _ = serializer.loads_call(record.payload, record.serializer)
+                backend.finish(record.id, record.token, Outcome(COMPLETE, result=serializer.dumps(sum(args), "json")))
+        looks: list[str] = []
+        for name in ("get", "get_many", "wait_finished"):
+            method = getattr(backend, name)
+
+            def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
+                looks.append(_name)
+                return _method(*args)
+            setattr(backend, name, counted)
+        assert handle.wait(timeout=10) == [i + 1 for i in range(200)]
+        assert looks == ["get_many"]
     finally:
         queue.close()
