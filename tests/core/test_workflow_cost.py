@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from skunkqueue import SkunkQueue, dependencies, group, serializer
+from skunkqueue import SkunkQueue, dependencies, group, policy, serializer
+from skunkqueue.persistence.sqlite import SQLitePersistence
 from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, new_id
 from skunkqueue.testing import jobs
+from skunkqueue.testing.suite_support import make_record
 
 
 class CountingList(list):  # type: ignore[type-arg]
@@ -62,3 +64,33 @@ def test_waiting_for_a_finished_group_reads_its_members_in_one_batch(tmp_path: P
         assert looks == ["get_many"]
     finally:
         queue.close()
+
+
+def _statements_per_member_finish(backend: SQLitePersistence, members: int) -> float:
+    group_ = [make_record(backend.queue) for _ in range(members)]
+    callback = make_record(backend.queue, parents=[r.id for r in group_], inputs=[r.id for r in group_],
+                           due=dependencies.WAITING_DUE)
+    backend.enqueue([*group_, callback])
+    claimed = backend.claim("r", "w", 30.0, limit=members)
+    assert len(claimed) == members
+    statements: list[str] = []
+    backend._db.set_trace_callback(statements.append)
+    try:
+        for record in claimed:
+            assert backend.finish(record.id, record.token, policy.completed(b"1"))
+    finally:
+        backend._db.set_trace_callback(None)
+    [released] = backend.claim("r", "w", 30.0)
+    assert released.id == callback.id
+    return len(statements) / members
+
+
+def test_a_members_finish_costs_the_same_whatever_the_groups_size(tmp_path: Path) -> None:
+    # The contract: releasing a dependent is O(1) store work per finished parent.
+    backend = SQLitePersistence("wf-finish", url=str(tmp_path / "q.db"))
+    try:
+        small = _statements_per_member_finish(backend, 20)
+        large = _statements_per_member_finish(backend, 400)
+        assert large <= small + 0.5, f"{large:.2f} statements per finish at 400 members, {small:.2f} at 20"
+    finally:
+        backend.close()
