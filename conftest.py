@@ -96,7 +96,7 @@ LONG_TESTS: list[tuple[str, float]] = [
     ("MongoReplicaSetConformance::test_a_large_group_and_its_callback", 140),
     ("FDBStandInConformance::test_a_large_group_and_its_callback", 75),
     ("MongoStandaloneConformance::test_a_large_group_and_its_callback", 60),
-    ("test_group_signals_never_hang_the_pool[sqlite]", 45),
+    ("test_group_signals_never_hang_the_pool[sqlite]", 50),
     ("test_web_scan_budget.py::test_a_filter_matching_almost_nothing_answers_in_bounded_time", 45),
     ("::test_processes_committing_rows_and_jobs_match_one_to_one", 30),
     ("::test_a_pool_whose_clock_is_a_minute_ahead_fires_nothing_early_and_skips_nothing", 30),
