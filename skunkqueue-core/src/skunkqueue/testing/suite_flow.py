@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -447,6 +448,46 @@ class FlowControlSuite:
         ended = {ident: float(at) for what, ident, at, _ in lines if what == "end"}
         assert len(begun) == len(ended) == 8
         assert most_at_once([(begun[i], ended[i]) for i in begun]) == 2
+
+    @pytest.mark.parametrize("loop", ["sync", "async"])
+    def test_burst_waits_for_limited_jobs_but_not_for_paused_or_later_ones(
+            self, loop: str, queue: SkunkQueue, store: Persistence, start_pool: Any, tmp_path: Path) -> None:
+        """``--burst`` runs until nothing is due or waiting on a limit: jobs a limit holds back will
+        become claimable, so the pool waits for them; a paused route's and a later job do not keep it."""
+        _needs(store, "supports_limits")
+        _needs(store, "supports_pause")
+        log, marks = tmp_path / "stamps", tmp_path / "marks"
+        keyed = declare(queue, jobs.stamp, limit=Limit(key=lambda path, tenant, name, seconds: tenant,
+                                                       concurrency=1))
+        rated = declare(queue, jobs.mark, limit=Limit(rate="4/s"))
+        held_back = [keyed.fire(str(log), "k{}:$.", f"k{n}", 0.05) for n in range(4)]
+        spaced = [rated.fire(str(marks), f"m{n}") for n in range(4)]
+        later = declare(queue, jobs.add).fire_at(timedelta(seconds=120), 1, 2)
+        queue.pause("p")
+        paused = [declare(queue, jobs.mark, route="p").fire(str(marks), f"p{n}") for n in range(2)]
+        # The key's one slot is taken by a claim of this test, so the pool finds k1..k3 blocked.
+        [held] = store.claim("r", "holder", 60, limit=1)
+        assert held.id == held_back[0].id
+        extra = ["--burst"] + (["--async-concurrency", "2"] if loop == "async" else [])
+        pool = start_pool(["r", "p"], concurrency=2, extra=extra, ready=False)
+        wait_until(lambda: pool.process.poll() is not None or (marks.exists() and len(marks.read_text().split()) == 4),
+                   timeout=60, what="the rate-limited jobs")
+        time.sleep(1.5)  # a pool that gave up on the blocked key has exited by now
+        assert pool.process.poll() is None, f"--burst exited with due jobs waiting on a limit: {pool.log()}"
+        released = time.time()
+        assert store.finish(held.id, held.token, policy.completed(b"3"))
+        assert pool.wait(60) == 0, pool.log()
+        assert "no due job left" in pool.log()
+        for handle in [*held_back[1:], *spaced]:
+            record = store.get(handle.id)
+            assert record is not None and (record.state, record.attempts) == (COMPLETE, 1), record
+        starts = {name: at for what, name, at, _ in read_stamps(log) if what == "start"}
+        assert sorted(starts) == ["k1", "k2", "k3"] and min(starts.values()) >= released
+        for handle in [later, *paused]:  # not due, or paused: left for another run
+            record = store.get(handle.id)
+            assert record is not None and (record.state, record.attempts) == (PENDING, 0), record
+        assert sorted(marks.read_text().split()) == [f"m{n}" for n in range(4)]
+        queue.resume("p")
 
     def test_a_workflow_step_obeys_its_limit(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
                                              tmp_path: Path) -> None:
