@@ -284,6 +284,8 @@ class FDBPersistence(Persistence):
         # Per route whose last claim here left due records behind for a limit or a pause: when
         # one of them may be claimable (None: when a finish or a setting nudges, or on a timeout).
         self._held_back: dict[str, float | None] = {}
+        # Per route: (when read, monotonic; paused; its limit), reused for flow.SETTINGS_TTL seconds.
+        self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
         self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
 
@@ -631,6 +633,7 @@ class FDBPersistence(Persistence):
                 tr[self._settings.pack((name,))] = value.encode()
             route = flow.route_of_setting(name)
             if route is not None:  # a resume or a new limit: the route's idle workers look again
+                self._flows.pop(route, None)
                 self._wake_idle(tr, {(route, ""): 10_000})
             return None, None
 
@@ -950,10 +953,19 @@ class FDBPersistence(Persistence):
     supports_pause = True
 
     def _route_flow(self, tr: Any, route: str) -> tuple[bool, flow.RouteLimit | None]:
-        """The route's paused flag and limit (snapshot reads: a setting may be a second old)."""
-        paused = tr.snapshot[self._settings.pack((flow.pause_setting(route),))]
-        limit = tr.snapshot[self._settings.pack((flow.limit_setting(route),))]
-        return paused.present(), flow.RouteLimit.from_json(bytes(limit).decode() if limit.present() else None)
+        """The route's paused flag and limit, read at most SETTINGS_TTL seconds ago.
+
+        Snapshot reads, kept per route: an idle worker claims once per round, and two reads of
+        settings that hardly ever change were a quarter of an empty claim's requests.
+        """
+        now = time.monotonic()
+        found = self._flows.get(route)
+        if found is None or now - found[0] > flow.SETTINGS_TTL:
+            paused = tr.snapshot[self._settings.pack((flow.pause_setting(route),))]
+            limit = tr.snapshot[self._settings.pack((flow.limit_setting(route),))]
+            found = self._flows[route] = (now, paused.present(), flow.RouteLimit.from_json(
+                bytes(limit).decode() if limit.present() else None))
+        return found[1], found[2]
 
     def _live_slots(self, tr: Any, span: Any, now: float) -> list[float]:
         """The live leases among a key's or route's slots: a conflicting read, so that two claims
@@ -1073,8 +1085,7 @@ class FDBPersistence(Persistence):
             updated = outcome.apply_to(record, time.time())
             self._write(tr, updated, result=True)
             if record.state == RUNNING and updated.state != PENDING and (
-                    record.limit_key is not None
-                    or tr.snapshot[self._settings.pack((flow.limit_setting(record.route),))].present()):
+                    record.limit_key is not None or self._route_flow(tr, record.route)[1] is not None):
                 self._wake_idle(tr, {(record.route, ""): 1})  # its slot is free: a waiter may claim
             if updated.finished_state:
                 if record.parents:
@@ -1315,8 +1326,14 @@ class FDBPersistence(Persistence):
     @_translate
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         nudge = self._nudge.pack((worker_id,))
+        # The nudge counter's value the last watch was armed on, once one fired (it may have
+        # fired for a nudge, for nothing, or with an error: the next arm reads the counter anyway).
+        fired_on: list[bytes | None] = []
 
-        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
+        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any], bool], None]:
+            seen = _raw(tr.snapshot[nudge])
+            if fired_on and seen != fired_on[0]:
+                return (None, seen, [], True), None  # nudged: the caller claims
             now = time.time()
             next_due = None
             held = route in self._held_back
@@ -1330,38 +1347,42 @@ class FDBPersistence(Persistence):
                 if at is not None:
                     next_due = at if next_due is None else min(next_due, at)
             elif next_due is not None and next_due <= now:
-                return (next_due, None, []), None
+                return (next_due, seen, [], False), None
             # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
             # Measured in the cluster's versions, not in this machine's clock: producers on
             # machines whose clocks differ from this one's by seconds still see it live.
             until = fdb.tuple.pack((tr.get_read_version().wait() + int((timeout + 0.1) * VERSIONS_PER_SECOND),))
             tr[self._idle.pack((route, worker_id))] = until
-            return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
+            return (next_due, seen, [tr.watch(nudge)], False), None
 
         deadline = time.monotonic() + timeout
         while True:
-            (next_due, seen, watches) = self._once(arm, None)
+            (next_due, seen, watches, nudged) = self._once(arm, None)
+            if nudged:
+                self._watch_backoff = 0.0
+                return
             if not watches:
                 return  # work is due now
+            if fired_on:
+                # The last watch fired with an error (too many watches, a cluster hiccup) or
+                # without a change: wait before waiting on this one, so that the worker does not
+                # spin. (A nudge meanwhile fires this watch: it is seen when the pause ends.)
+                self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
+                pause = min(self._watch_backoff, deadline - time.monotonic())
+                if pause <= 0:
+                    for watch in watches:
+                        watch.cancel()
+                    return
+                time.sleep(pause)
             left = deadline - time.monotonic()
             if next_due is not None:
                 # A watch fires on new work, not when scheduled work becomes due.
                 left = min(left, next_due - time.time())
-            fired = _wait_any(watches, left)
-            if fired is None:
+            if _wait_any(watches, left) is None:
                 return
-            if _succeeded(fired):
-                now = fdb.transactional(lambda tr: _raw(tr.snapshot[nudge]))(self._db)
-                if now != seen:
-                    self._watch_backoff = 0.0
-                    return
-            # An error (too many watches, a cluster hiccup) or a fire without a change:
-            # wait before watching again, so that the worker does not spin.
-            self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
-            pause = min(self._watch_backoff, deadline - time.monotonic())
-            if pause <= 0:
-                return
-            time.sleep(pause)
+            # Fired: the next arm compares the counter with the value this watch was armed on,
+            # in the same read (one transaction where a separate look and a new arm took two).
+            fired_on[:] = [seen]
 
     def _first_dues(self, tr: Any, route: str, worker_id: str, after: float | None) -> list[float]:
         """The first due time of each of the route's due streams (later than ``after``, if given).
@@ -1429,14 +1450,6 @@ def _until(value: bytes) -> float:
 
 def _raw(value: Any) -> bytes | None:
     return bytes(value) if value.present() else None
-
-
-def _succeeded(future: Any) -> bool:
-    try:
-        future.wait()
-    except fdb.FDBError:
-        return False
-    return True
 
 
 def _wait_any(watches: list[Any], timeout: float) -> Any | None:
