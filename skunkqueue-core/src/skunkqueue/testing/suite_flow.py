@@ -34,9 +34,10 @@ from skunkqueue.persistence import LEASE_OK, Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, PENDING, RUNNING
 from skunkqueue.testing import jobs
+from skunkqueue.testing.clocks import skewed
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import declare, make_record, wait_until
-from skunkqueue.testing.workers import pid_alive
+from skunkqueue.testing.workers import PoolProcess, pid_alive
 from skunkqueue.workflow import chain, group
 
 # Keys full of what breaks naive key building: braces (Redis hash tags), colons, $ and dots (Mongo).
@@ -45,6 +46,9 @@ CHAOS_JOBS = 60
 CHAOS_LEASE = 2.0
 RATE_JOBS = 100
 RATE = 20  # per second
+CLOCK_SKEW = 60.0  # seconds a pool's clock is ahead in the skewed-clock test
+SKEWED_JOBS = 30
+SKEWED_RATE = 10  # per second
 
 
 def _needs(store: Persistence, capability: str) -> None:
@@ -381,6 +385,55 @@ class FlowControlSuite:
         spread = max(lags) - min(lags)
         assert most_in_window(list(starts.values()), 1.0) <= int(RATE * (1.0 + spread)) + 1, spread
         assert max(claimed) - min(claimed) >= (RATE_JOBS - 1) / RATE * 0.95, "faster than the rate"
+
+    def test_a_pool_whose_clock_is_a_minute_ahead_starts_no_faster_than_the_rate(
+            self, backend: BackendUnderTest, queue: SkunkQueue, store: Persistence, queue_name: str,
+            start_pool: Any, tmp_path: Path) -> None:
+        """The bucket is kept on the store's clock: a pool whose clock is 60 s ahead takes its share
+        of the starts, and with a pool on the right clock starts no faster than the rate. A bucket
+        on the claimer's clock would let the pool ahead move it a minute on, locking the other out."""
+        _needs(store, "supports_limits")
+        has_clock = type(store).now is not Persistence.now
+        checks_clocks = type(store).clock_offsets is not Persistence.clock_offsets
+        if not (has_clock or checks_clocks):
+            pytest.skip(f"the {store.name} backend has no clock of its own and compares no clocks: its "
+                        "pools share one host's clock (as SQLite's do), so no pool's clock can be off")
+        start_pool(["r"], concurrency=2)
+        ahead = PoolProcess(skewed(backend, CLOCK_SKEW, tmp_path / "skew"), queue_name, ["r"], concurrency=2,
+                            log_path=tmp_path / "ahead.log")
+        log = tmp_path / "stamps"
+        try:
+            if not has_clock:  # hosts' clocks time the leases and rates: the pool must refuse to start
+                assert ahead.wait(60) != 0, ahead.log()
+                assert "clock" in ahead.log() and "NTP" in ahead.log(), ahead.log()
+                return
+            ahead.wait_ready()
+            ahead_pids = set(ahead.worker_pids())
+            job = declare(queue, jobs.stamp, limit=Limit(rate=f"{SKEWED_RATE}/s"))
+            handles = job.fire_many([(str(log), "all", f"j{n}") for n in range(SKEWED_JOBS)])
+            for handle in handles:
+                assert handle.wait(timeout=60)
+        finally:
+            ahead.stop()
+        claimed = [record.started or 0.0 for record in (store.get(h.id) for h in handles) if record is not None]
+        started = {name: (at, pid) for what, name, at, pid in read_stamps(log) if what == "start"}
+        assert len(claimed) == len(started) == SKEWED_JOBS
+        # The store's claim times: burst 1, so starts are 1/SKEWED_RATE apart at least.
+        assert most_in_window(claimed, 1.0 - 1e-6) <= SKEWED_RATE
+        assert max(claimed) - min(claimed) >= (SKEWED_JOBS - 1) / SKEWED_RATE * 0.95, "faster than the rate"
+        # The stamps, on the host's true clock whichever pool wrote them: the rate, allowing for the
+        # spread of the lags between a claim and its start.
+        lags = [started[f"j{n}"][0] - claimed[n] for n in range(SKEWED_JOBS)]
+        spread = max(lags) - min(lags)
+        assert most_in_window([at for at, _ in started.values()], 1.0) <= int(SKEWED_RATE * (1.0 + spread)) + 1
+        starts = sorted(started.values())
+        # Each pool's two workers race the other's for every start: about half each (30 and 28 of
+        # 60 on Redis and PostgreSQL). With the bucket on the claimer's clock, the pool ahead took
+        # all 30 (tried on Redis with the claim's now passed in from the client).
+        mine = [pid in ahead_pids for _, pid in starts]
+        assert mine.count(True) >= 4, f"the pool ahead started {mine.count(True)} jobs: the test shows little"
+        assert mine.count(False) >= 4 and not all(mine[mine.index(True):]), \
+            f"the pool on the right clock was locked out once the pool ahead started a job: {mine}"
 
     def test_higher_priority_runs_first(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
                                         tmp_path: Path) -> None:
