@@ -132,6 +132,26 @@ class FlowControlSuite:
         record = store.get(later.id)
         assert record is not None and record.state == PENDING, "a job due later ran early for its priority"
 
+    def test_a_broadcast_is_claimed_by_priority_like_a_shared_record(self, store: Persistence,
+                                                                     queue_name: str) -> None:
+        """A broadcast queue's records (each for one worker: ``target``) go by priority too, merged
+        with the route's shared records: priority descending, then due, then id."""
+        _needs(store, "supports_priorities")
+        base = time.time() - 10
+        kinds = [("w", -3), (None, -3), (None, 0), ("w", 0), ("other", 9), ("w", 5), (None, 5), ("w", 5),
+                 ("w", -1)]
+        records = [make_record(queue_name, target=target, priority=priority, due=base + n * 0.01)
+                   for n, (target, priority) in enumerate(kinds)]
+        store.enqueue(records)
+        expected = [records[n] for n in (5, 6, 7, 2, 3, 8, 0, 1)]
+        assert _ids(store.claim("r", "w", 30, limit=3)) == _ids(expected[:3])
+        assert _ids(store.claim("r", "w", 30, limit=10)) == _ids(expected[3:])
+        assert _ids(store.claim("r", "other", 30, limit=10)) == [records[4].id], "another worker's broadcast"
+        # Housekeeping purges a dead worker's broadcasts by target: those of a priority too.
+        store.enqueue([make_record(queue_name, target="gone", priority=3), make_record(queue_name, target="gone")])
+        assert store.purge("r", target="gone") == 2
+        assert store.claim("r", "gone", 30, limit=10) == []
+
     def test_a_full_key_is_skipped_not_charged_and_keeps_its_place(self, store: Persistence,
                                                                    queue_name: str) -> None:
         _needs(store, "supports_limits")
