@@ -89,7 +89,7 @@ class AsyncWorker(Worker):
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
                     if self.config.burst and not self.held and not self._tasks \
                             and not flow.burst_waits(backend, self.config.route):
-                        self.stopping = "drained"  # nothing due, held back by a limit or running: --burst is done
+                        self.stopping = "drained"  # nothing due or held back by a limit, none running: --burst is done
                         break
                 took_up = False
                 while self.held and len(self._tasks) < slots and self.stopping is None:
