@@ -139,17 +139,20 @@ def test_indexes_are_created_once_per_process_and_idempotently(mongo: Any, opene
     first = opened("q", mongo.url)
     before = first.jobs.index_information()
     created: list[str] = []
-    original = Collection.create_index
+    commands: list[str] = []
+    original = Collection.create_indexes
 
-    def counting(self: Collection[Any], keys: Any, **kwargs: Any) -> str:
-        created.append(str(kwargs.get("name")))
-        return original(self, keys, **kwargs)
+    def counting(self: Collection[Any], indexes: Any, **kwargs: Any) -> list[str]:
+        commands.append(self.name)
+        created.extend(str(model.document["name"]) for model in indexes)
+        return original(self, indexes, **kwargs)
 
-    monkeypatch.setattr(Collection, "create_index", counting)
+    monkeypatch.setattr(Collection, "create_indexes", counting)
     opened("q2", mongo.url)
     assert created == [], "a second instance in the same process must not create indexes again"
     monkeypatch.setattr(mongo_persistence, "_indexed", set())
     opened("q3", mongo.url)
+    assert sorted(commands) == sorted(set(commands)), "one command per collection"
     assert sorted(created) == ["claim_priority", "deps_expire", "deps_parent", "expire", "flow_expire", "flow_slot",
                                "key", "lease", "limit_key", "queue", "route_slot", "settle", "settled_child",
                                "settled_expire", "stats_expire", "stats_minute", "waits_expire"]

@@ -66,7 +66,7 @@ from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -165,6 +165,9 @@ HELD_POLL = 0.25
 # Tries of one record's slot before it is left for the next claim (each lost try is another claim
 # that took a slot of the key meanwhile).
 SLOT_TRIES = 4
+# How long one claim goes on deciding its rates at the store time of its first decision (seconds):
+# starts are stamped that much early at most.
+MOMENT_KEPT = 0.5
 SETTLED_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "settled_child": ([("child", ASCENDING)], {}),
     "settled_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
@@ -384,10 +387,11 @@ class MongoPersistence(NativeAsync, Persistence):
             if key in _indexed and not force:
                 return
             for collection, indexes in self._indexed_collections():
-                for index_name, (keys, index_options) in indexes.items():
-                    # create_index is a no-op when an identical index exists.
-                    self._call("create index", partial(collection.create_index, keys, name=index_name,
-                                                       **index_options))
+                # One command per collection (every worker process starts with these); creating an
+                # index that exists as it is changes nothing.
+                models = [IndexModel(keys, name=index_name, **index_options)
+                          for index_name, (keys, index_options) in indexes.items()]
+                self._call("create index", partial(collection.create_indexes, models))
             if "claim" in self._call("list indexes", self.jobs.index_information):
                 # Left by a version before priorities, whose records have no priority field and would
                 # sort after every priority: they get 0, the default, before claim_priority takes
@@ -775,6 +779,9 @@ class MongoPersistence(NativeAsync, Persistence):
         scan = flow.FLOW_SCAN + limit  # FLOW_SCAN past those taken
         cursor = self.jobs.find(query, fields, sort=self.CLAIM_ORDER, limit=scan, batch_size=limit + 16)
         looked = 0
+        # The store time this claim decides its rates on, from its first grant, and when that was
+        # read on this host's monotonic clock (see _claim_one).
+        moment: list[float] = []
         with cursor:
             while len(claimed) < limit:
                 cand = self._call("claim", lambda: next(cursor, None), idempotent=False)
@@ -786,7 +793,7 @@ class MongoPersistence(NativeAsync, Persistence):
                 key = cand.get("limit_key") if isinstance(cand.get("limit_key"), str) else None
                 if key is not None and key in blocked:
                     continue
-                taken, stop, at = self._claim_one(route, worker_id, lease, cand, key, route_limit, query)
+                taken, stop, at = self._claim_one(route, worker_id, lease, cand, key, route_limit, query, moment)
                 if taken is not None:
                     claimed.append(taken)
                     continue
@@ -803,10 +810,20 @@ class MongoPersistence(NativeAsync, Persistence):
         return claimed
 
     def _claim_one(self, route: str, worker_id: str, lease: float, cand: dict[str, Any], key: str | None,
-                   route_limit: flow.RouteLimit | None,
-                   query: dict[str, Any]) -> tuple[JobRecord | None, bool, float | None]:
+                   route_limit: flow.RouteLimit | None, query: dict[str, Any],
+                   moment: list[float]) -> tuple[JobRecord | None, bool, float | None]:
         """(the record, if taken; whether the route's limit stops the claim; when a limit may let
-        it start, 0 when not known, None when nothing stopped it and it was simply gone)."""
+        it start, 0 when not known, None when nothing stopped it and it was simply gone).
+
+        ``moment`` holds the store time of this claim's first rate decision once there is one.
+        Later decisions of the claim are made at that time (for MOMENT_KEPT seconds), and the
+        records it takes are stamped with it: GCRA's bound holds for the times its decisions
+        used, whatever their order (each time is at least the previous start's tat less the
+        tolerance), and a decision at an earlier time is only stricter. So the starts as stored
+        keep every rate exactly, and a burst starts at one time however many round trips its
+        records take, as in one transaction of a SQL store."""
+        if moment and time.monotonic() - moment[1] > MOMENT_KEPT:
+            moment.clear()  # a long claim: its later starts get a time of their own
         cap = cand.get("limit_concurrency") if key is not None else None
         interval = cand.get("limit_interval") if key is not None else None
         for _ in range(SLOT_TRIES):
@@ -822,26 +839,28 @@ class MongoPersistence(NativeAsync, Persistence):
                     return None, False, min(float(d["lease_until"]) for d in live)
                 extra["flow_slot"] = self._free_slot("flow_slot", str(key), cap, live)
             grants: list[tuple[str, str]] = []
-            # The store's time of the first grant: the second is decided at it too, and the record's
-            # start is stamped with it, so that the starts as stored keep every rate exactly (GCRA's
-            # bound holds for the times its decisions used, whatever their order), not only
-            # approximately, a round trip or a loaded moment later.
-            charged: float | None = None
+            charged = False
             if route_limit is not None and route_limit.interval is not None:
-                ok, at, grant, charged = self._grant(flow.route_tat(route), route_limit.interval, route_limit.burst)
+                ok, at, grant, decided = self._grant(flow.route_tat(route), route_limit.interval, route_limit.burst,
+                                                     moment[0] if moment else None)
+                moment[:] = moment or [decided, time.monotonic()]
                 if not ok:
                     return None, True, at
                 grants.append(grant)
+                charged = True
             if isinstance(interval, (int, float)) and key is not None:
                 burst = cand.get("limit_burst")
-                ok, at, grant, charged = self._grant(flow.key_tat(key), float(interval),
-                                                     burst if isinstance(burst, int) else 1, charged)
+                ok, at, grant, decided = self._grant(flow.key_tat(key), float(interval),
+                                                     burst if isinstance(burst, int) else 1,
+                                                     moment[0] if moment else None)
+                moment[:] = moment or [decided, time.monotonic()]
                 if not ok:
                     self._ungrant(grants)
                     return None, False, at
                 grants.append(grant)
-            if charged is not None:
-                extra["started"] = charged
+                charged = True
+            if charged:
+                extra["started"] = moment[0]
             update = self._claim_update(worker_id, lease, {name: _lit(v) for name, v in extra.items()})
             try:
                 doc = self._call("claim", partial(
