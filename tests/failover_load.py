@@ -158,7 +158,9 @@ class Load:
                     # Not acknowledged: the job may or may not have been killed (so may or may not run).
                     self.history.write("kill-fail", id=ids[token], error=f"{type(exc).__name__}: {exc}"[:200])
                     continue
-                self.history.kill(ids[token], state)
+                # kill() said running: the attempt claimed then may still begin, and is interrupted.
+                record = q.persistence.get(ids[token]) if state == "running" else None
+                self.history.kill(ids[token], state, record.token if record is not None else None)
                 killed += 1
         finally:
             q.close()

@@ -18,7 +18,9 @@ Events (``op``):
   the attempt without completing the job;
   optionally ``slot`` and ``schedule`` (a periodic job) and ``parents`` (a
   workflow step: the ids it waited for).
-- ``kill``: ``kill(id)`` returned at ``t``: no attempt of ``id`` may start after it;
+- ``kill``: ``kill(id)`` returned at ``t``: no attempt of ``id`` may start after it, but for the
+  one already claimed when ``kill`` returned ``running`` (its fencing token is the event's
+  ``fence``: that attempt's job may begin a moment later, and is then interrupted);
   ``kill-fail``: it raised (the job may or may not have been killed). Either way
   the job is not counted lost or unfinished.
 - ``crash``: the test SIGKILLed process ``pid`` at ``t``: its unfinished attempt
@@ -72,8 +74,8 @@ class History:
     def fail(self, token: str, error: BaseException | str) -> None:
         self.write("fail", token=token, error=str(error)[:200])
 
-    def kill(self, job_id: str, state: str | None) -> None:
-        self.write("kill", id=job_id, state=state)
+    def kill(self, job_id: str, state: str | None, fence: int | None = None) -> None:
+        self.write("kill", id=job_id, state=state, **({"fence": fence} if fence is not None else {}))
 
     def crash(self, pid: int) -> None:
         self.write("crash", pid=pid)
@@ -180,7 +182,7 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
     acked: dict[str, str] = {}        # token -> id
     refused: set[str] = set()
     crashes: dict[int, float] = {}
-    kills: dict[str, float] = {}
+    kills: dict[str, tuple[float, int | None]] = {}   # id -> when kill() returned, the claimed attempt's fence
     kill_tried: set[str] = set()
     attempts: dict[str, list[Attempt]] = defaultdict(list)
     open_attempts: dict[tuple[str, int | None, int | None], Attempt] = {}
@@ -193,7 +195,7 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
         elif op == "fail":
             refused.add(event["token"])
         elif op == "kill":
-            kills.setdefault(event["id"], t)
+            kills.setdefault(event["id"], (t, event.get("fence") if event.get("state") == "running" else None))
             kill_tried.add(event["id"])
         elif op == "kill-fail":
             kill_tried.add(event["id"])
@@ -239,9 +241,10 @@ def check(events: Iterable[Mapping[str, Any]], *, drained: bool = True, early_sl
 
 
 def _check_start(report: Report, event: Mapping[str, Any], run: Attempt, invoked: Mapping[str, Mapping[str, Any]],
-                 kills: Mapping[str, float], early_slack: float) -> None:
-    killed_at = kills.get(run.id)
-    if killed_at is not None and run.start > killed_at:
+                 kills: Mapping[str, tuple[float, int | None]], early_slack: float) -> None:
+    killed_at, claimed = kills.get(run.id, (None, None))
+    already_claimed = claimed is not None and run.fence is not None and run.fence <= claimed
+    if killed_at is not None and run.start > killed_at and not already_claimed:
         report.violations["after-kill"].append(
             f"{run.id}: {run.describe()} started {run.start - killed_at:.3f} s after kill() returned")
     due = event.get("due")

@@ -41,7 +41,7 @@ def _finish_and_die(store: Persistence, job_id: str, monkeypatch: pytest.MonkeyP
     [claimed] = store.claim("r", "w", 30)  # the oldest due record: the test's first
     assert claimed.id == job_id
     with monkeypatch.context() as patched:
-        patched.setattr(store, "_settle_finished", lambda job_id: None)
+        patched.setattr(store, "_settle_finished", lambda job_id, **_: None)
         outcome = policy.completed(b"1") if state == "ok" else policy.failed(
             claimed, {"type": "ValueError", "message": "x", "traceback": ""})
         assert store.finish(job_id, claimed.token, outcome)
@@ -75,7 +75,7 @@ def test_a_count_cut_short_is_completed_and_not_counted_twice(store: Persistence
     [claimed] = store.claim("r", "w", 30)
     assert claimed.id == a.id
     with monkeypatch.context() as patched:
-        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        patched.setattr(store, "_settle_finished", lambda job_id, **_: None)
         assert store.finish(a.id, claimed.token, policy.completed(b"1"))
     settled.insert_one({"_id": f"{c.id}/{a.id}", "queue": store.queue, "child": c.id, "parent": a.id,
                         "state": "complete", "counted": False})
@@ -104,7 +104,7 @@ def test_the_last_parent_after_housekeeping_still_releases(store: Persistence,
     settled = store.settled  # type: ignore[attr-defined]
     [claimed] = store.claim("r", "w", 30)
     with monkeypatch.context() as patched:  # died after the mark, before the decrement
-        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        patched.setattr(store, "_settle_finished", lambda job_id, **_: None)
         assert store.finish(a.id, claimed.token, policy.completed(b"1"))
     settled.insert_one({"_id": f"{c.id}/{a.id}", "queue": store.queue, "child": c.id, "parent": a.id,
                         "state": "complete", "counted": True})
@@ -143,7 +143,7 @@ def test_a_parent_finishing_while_housekeeping_repairs_still_releases(
     settled = store.settled  # type: ignore[attr-defined]
     [claimed] = store.claim("r", "w", 30)
     with monkeypatch.context() as patched:  # died after the mark, before the decrement
-        patched.setattr(store, "_settle_finished", lambda job_id, repair=False: None)
+        patched.setattr(store, "_settle_finished", lambda job_id, **_: None)
         assert store.finish(first.id, claimed.token, policy.completed(b"1"))
     settled.insert_one({"_id": f"{child.id}/{first.id}", "queue": store.queue, "child": child.id,
                         "parent": first.id, "state": "complete", "counted": True})
@@ -196,3 +196,49 @@ def test_a_late_count_down_leaves_a_released_and_claimed_dependent_alone(
     again = store.get(b.id)
     assert again is not None and (again.state, again.token, again.attempts) == ("running", running_b.token, 1)
     assert _claim_ids(store) == []
+
+
+class _Counting:
+    """A collection whose calls are noted (name of the collection, method) before they run."""
+
+    def __init__(self, name: str, inner: Any, calls: list[tuple[str, str]]) -> None:
+        self._name, self._inner, self._calls = name, inner, calls
+
+    def __getattr__(self, attr: str) -> Any:
+        found = getattr(self._inner, attr)
+        if not callable(found):
+            return found
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append((self._name, attr))
+            return found(*args, **kwargs)
+        return call
+
+
+def test_a_finish_counts_dependents_down_only_when_there_are_some(
+        store: Persistence, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Most records have no dependents: their finish is one round trip (the fenced update), as
+    # before workflows. A parent's finish counts its dependent down without reading itself again.
+    plain, parent = make_record(store.queue), make_record(store.queue)
+    child = _waiting(store, parent.id)
+    store.enqueue([plain, parent, child])
+    calls: list[tuple[str, str]] = []
+    for name in ("jobs", "deps", "settled", "waits"):
+        monkeypatch.setattr(store, name, _Counting(name, getattr(store, name), calls))
+    for record in (plain, parent):
+        [running] = store.claim("r", "w", 30)
+        assert running.id == record.id
+        calls.clear()
+        assert store.finish(record.id, running.token, policy.completed(b"1"))
+        if record is plain:
+            assert calls == [("jobs", "find_one_and_update")]
+        else:
+            assert calls[0] == ("jobs", "find_one_and_update") and ("jobs", "find_one") not in calls
+            assert ("deps", "find") in calls and calls[-1] == ("jobs", "update_one")  # the mark cleared
+    calls.clear()
+    assert store.finish(plain.id, 1, policy.completed(b"1")) is False  # fenced off: changes nothing
+    assert calls == [("jobs", "find_one_and_update")]
+    assert _claim_ids(store) == [child.id]
+    for record in (plain, parent):
+        doc = store.jobs.find_one({"_id": record.id})  # type: ignore[attr-defined]
+        assert doc is not None and "settle_pending" not in doc

@@ -79,6 +79,20 @@ def test_imports_inside_functions_have_a_reason(core_imports: list[object]) -> N
     assert unexplained == [], f"imports inside functions with no reason in IMPORTS_IN_FUNCTIONS: {unexplained}"
 
 
+def test_the_pools_roles_stand_on_their_table_alone(core_imports: list[object]) -> None:
+    """docs/architecture.md, inside the pool part: only WorkerPool imports the roles (no role another),
+    and the scheduler fires through a callable, never holding a SkunkQueue."""
+    roles = {f"skunkqueue.pool.{role}" for role in ("supervisor", "leases", "upkeep", "scheduler")}
+    assert all(arch.core_modules().count(role) == 1 for role in roles), "a role's module was renamed: say so here"
+    crossing = [f"{imp.source}:{imp.line} imports {imp.target}" for imp in core_imports  # type: ignore[attr-defined]
+                if imp.source.startswith("skunkqueue.pool.")  # type: ignore[attr-defined]
+                and (imp.target in roles or imp.target == "skunkqueue.pool")]  # type: ignore[attr-defined]
+    queue = [f"{imp.source}:{imp.line} imports {imp.target}" for imp in core_imports  # type: ignore[attr-defined]
+             if imp.source == "skunkqueue.pool.scheduler"  # type: ignore[attr-defined]
+             and imp.target in ("skunkqueue", "skunkqueue.queue")]  # type: ignore[attr-defined]
+    assert crossing == [] and queue == [], "\n".join(crossing + queue)
+
+
 @pytest.mark.parametrize("package", sorted(arch.distribution_sources()))
 def test_a_distribution_imports_only_what_it_may(house: object, package: str) -> None:
     rule = next(d for d in house.distributions if d.package == package)  # type: ignore[attr-defined]

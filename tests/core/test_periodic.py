@@ -104,10 +104,10 @@ def test_racing_schedulers_fire_each_slot_once_and_pause_holds(queue: SkunkQueue
     s = schedule(queue, every=10)
     store = queue.persistence
 
-    def bind(sched: periodic.Schedule) -> Job:
-        return Job(queue, sched.job.func, sched.job.routes)
+    def enqueue(sched: periodic.Schedule, due: float, key: str) -> None:
+        Job(queue, sched.job.func, sched.job.routes)._fire([((), {})], due, [key])
 
-    one, two = periodic.Scheduler(store, [s], bind), periodic.Scheduler(store, [s], bind)
+    one, two = periodic.Scheduler(store, [s], enqueue), periodic.Scheduler(store, [s], enqueue)
     start = at("2026-11-28T10:00:05+00:00") // S   # tick takes the store's clock in seconds
     for step in range(6):                       # 10:00:05 .. 10:00:55, both schedulers each time
         now = start + step * 10
@@ -163,7 +163,7 @@ def test_a_fractional_interval_fires_each_slot_once_whoever_reckons_it(tmp_path:
         queue = SkunkQueue(f"fraction-{n}", conn_url=str(tmp_path / "q.db"))
         job = queue.periodic(routes=["r"], every=timedelta(seconds=1.1))(jobs.whoami.func)
         assert job.schedule is not None
-        scheduler = periodic.Scheduler(queue.persistence, [job.schedule], lambda sched, q=queue: sched.job.on(q))
+        scheduler = periodic.Scheduler(queue.persistence, [job.schedule], periodic.enqueue_on(queue))
         start = 1_764_300_000.0 + 13.37 * n
         for step in range(80):  # 20 s of checks every 0.25 s
             scheduler.tick(start + step * 0.25)
@@ -266,11 +266,11 @@ def test_a_schedule_that_fails_its_check_does_not_stop_the_others(queue: SkunkQu
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     broken, fine = schedule(queue, every=10), schedule(queue, cron="* * * * *")
 
-    def bind(sched: periodic.Schedule) -> Job:
+    def enqueue(sched: periodic.Schedule, due: float, key: str) -> None:
         if sched is broken:
             raise RuntimeError("a bug in a schedule")
-        return sched.job.on(queue)
+        periodic.enqueue_on(queue)(sched, due, key)
 
-    scheduler = periodic.Scheduler(queue.persistence, [broken, fine], bind)
+    scheduler = periodic.Scheduler(queue.persistence, [broken, fine], enqueue)
     assert scheduler.tick(at("2026-11-28T10:00:05+00:00") / S) == 1  # the pool's loop goes on
     assert "a bug in a schedule" in caplog.text

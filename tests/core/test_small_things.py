@@ -52,7 +52,8 @@ def test_a_periodic_jobs_slot_is_an_aware_datetime(tmp_path: Path) -> None:
     # The job bound to this test's store is declared too (replacing the module's in the weak registry):
     # keep it alive while the worker runs.
     bound = Job(queue, slot_seen.func, ["r"])
-    ticker = periodic.Scheduler(queue.persistence, [job.schedule], lambda s: bound)
+    ticker = periodic.Scheduler(queue.persistence, [job.schedule],
+                                lambda s, due, key: bound._fire([((), {})], due, [key]))
     assert ticker.tick(slot + 1) == 1
     worker = Worker(WorkerConfig(queue="slots", route="r", url=str(tmp_path / "q.db")))
     worker.backend = worker.config.open()

@@ -96,3 +96,34 @@ def test_the_idle_workers_are_poked_when_the_transaction_ends_not_before(tmp_pat
         assert [r.state for r in store.list_jobs()] == ["pending"]  # only the committed one is there
     finally:
         queue.close()
+
+
+def test_afire_refuses_using_in_one_line_and_stores_nothing(tmp_path: Path) -> None:
+    import asyncio
+
+    queue = _queue(tmp_path / "q.db")
+    takes_anything = queue.event(routes=["r"])(takes_keywords)
+    conn = sqlite3.connect(tmp_path / "q.db")
+    try:
+        async def fire_all() -> list[str]:
+            refusals = []
+            for fire in (lambda: takes_anything.afire(1, using=conn),
+                         lambda: takes_anything.afire_at(60, 1, using=conn),
+                         lambda: takes_anything.afire_many([(1,)], using=conn)):
+                with pytest.raises(ConfigurationError) as refused:
+                    await fire()
+                refusals.append(str(refused.value))
+            return refusals
+
+        for message in asyncio.run(fire_all()):
+            # Not the serializer failing on a connection passed on as the job's own argument.
+            assert "\n" not in message and "afire(using=...) is not supported" in message and "fire(" in message
+        assert queue.persistence.list_jobs(limit=10) == []
+    finally:
+        conn.close()
+        queue.close()
+
+
+def takes_keywords(x: int, **extra: object) -> int:
+    """A job whose **extra would swallow using= as its own argument, were using= not reserved."""
+    return x

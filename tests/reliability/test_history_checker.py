@@ -95,6 +95,17 @@ def test_a_start_after_kill_returned() -> None:
     assert check([*fired("a", "J1"), *ran("J1", "a", 1, 4), ev("kill", 2, id="J1", state="running")]).ok
 
 
+def test_the_attempt_claimed_when_kill_returned_running_may_begin_after_it() -> None:
+    # Claimed (fence 1) before kill(), the job's own first line a moment after: it is then interrupted.
+    claimed = [*fired("a", "J1"), ev("kill", 1.0, id="J1", state="running", fence=1),
+               *ran("J1", "a", 1.027, 1.5, fence=1)]
+    assert check(claimed).ok
+    # A later attempt (fence 2) is a violation, and so is any start after kill() said killed.
+    assert check([*claimed, *ran("J1", "a", 2, 3, fence=2, pid=2)]).count("after-kill") == 1
+    assert check([*fired("a", "J1"), ev("kill", 1.0, id="J1", state="killed", fence=1),
+                  *ran("J1", "a", 1.027, 1.5, fence=1)]).count("after-kill") == 1
+
+
 def test_a_killed_job_is_neither_lost_nor_unfinished() -> None:
     events = [*fired("a", "J1"), ev("kill", 1, id="J1", state="killed"),
               *fired("b", "J2"), *ran("J2", "b", 1, None), ev("kill", 1.5, id="J2", state="running"),

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import history
 import pytest
 from failover_load import Load
 from faultproxy import FaultProxy
@@ -98,7 +99,7 @@ def fault_mix(a: FaultProxy, b: FaultProxy, rng: random.Random, scale: float) ->
         time.sleep(seconds)
 
     def half_open() -> None:
-        a.half_open()
+        assert a.half_open() > 0, "no open connection to half-open"
         time.sleep(1)
 
     def partition_b() -> None:
@@ -110,15 +111,8 @@ def fault_mix(a: FaultProxy, b: FaultProxy, rng: random.Random, scale: float) ->
             ("partition of pool B", partition_b)]
 
 
-# A half-open connection (the store's side closed, the client's peer still acknowledging, as a
-# stuck middlebox or a frozen server process does) hangs the PostgreSQL backend's producers for
-# good: psycopg waits on the socket with no read timeout (found by this test; see
-# test_postgres_half_open_connection). TCP keepalives cannot notice: the peer answers them.
-SKIP = {"postgres": {"half-open"}}
-
-
 def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int, scale: float,
-            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0) -> None:
+            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0) -> Load:
     name, server = store
     rng = random.Random(os.getpid())
     with FaultProxy("127.0.0.1", server.port, seed=1) as a, FaultProxy("127.0.0.1", server.port, seed=2) as b:
@@ -132,7 +126,7 @@ def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int
             load.start_producers()
             for _ in range(rounds):
                 for fault, act in fault_mix(a, b, rng, scale):
-                    if fault in SKIP.get(name, set()) if only is None else fault not in only:
+                    if only is not None and fault not in only:
                         continue
                     load.wait_acked(per_phase, time.monotonic() - 5, what=f"before {fault}")
                     act()
@@ -151,6 +145,19 @@ def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int
     assert report.ok, report.explain()
     assert not load.unexpected_errors(), load.unexpected_errors()[:5]
     assert done, "no fault was injected"
+    return load
+
+
+def longest_fire(load: Load) -> float:
+    """Seconds from a fire's call to its answer (acknowledged or raised), the longest of the run."""
+    called: dict[str, float] = {}
+    longest = 0.0
+    for event in history.load(load.history.path):
+        if event["op"] == "invoke":
+            called[event["token"]] = event["t"]
+        elif event["op"] in ("ok", "fail"):
+            longest = max(longest, event["t"] - called[event["token"]])
+    return longest
 
 
 def test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once(store: tuple[str, Any], net_queue: str,
@@ -166,17 +173,26 @@ def test_four_rounds_of_network_faults(store: tuple[str, Any], net_queue: str, t
 
 
 @pytest.mark.slow  # starts a server (conftest's marking cannot see it: no server fixture)
-@pytest.mark.xfail(reason="PostgreSQL backend: a half-open connection hangs fire() with no read timeout "
-                          "(psycopg has none; issue 30's network tests found it)", strict=False)
 def test_postgres_half_open_connection(tmp_path_factory: pytest.TempPathFactory, net_queue: str,
                                        tmp_path: Path) -> None:
+    """A half-open connection (the store's side closed, the client's peer still acknowledging, as a
+    stuck middlebox does) hung the PostgreSQL backend's producers and workers for good: psycopg has
+    no read timeout, and TCP keepalives cannot notice (the peer answers them). Each call now has a
+    deadline (call_timeout, 15 s by default) past which its socket is shut down: a fire stuck on a
+    dead connection is retried on a new one and acknowledged, after the deadline and not much more."""
     pytest.importorskip("skunkqueue_postgres", reason="skunkqueue-postgres is not installed")
     import postgres_servers
+    from skunkqueue_postgres.persistence import DEFAULT_CALL_TIMEOUT
 
     server = postgres_servers.PostgresServer(tmp_path_factory.mktemp("net-pg-half-open")).start()
     try:
-        run_mix(("postgres", server), net_queue, tmp_path, rounds=1, scale=1.0, per_phase=10, only={"half-open"},
-                recover_within=20)
+        load = run_mix(("postgres", server), net_queue, tmp_path, rounds=1, scale=1.0, per_phase=10,
+                       only={"half-open"}, recover_within=DEFAULT_CALL_TIMEOUT + 5)
+        longest = longest_fire(load)
+        print(f"longest fire: {longest:.2f} s")
+        # At least the deadline: the producers' connections were cut off, and the deadline is what
+        # ended their wait (before it, they waited for good).
+        assert DEFAULT_CALL_TIMEOUT - 0.5 <= longest <= DEFAULT_CALL_TIMEOUT + 5
     finally:
         server.stop()
         server.destroy()

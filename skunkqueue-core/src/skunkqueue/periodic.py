@@ -241,20 +241,33 @@ def set_paused(store: Persistence, name: str, paused: bool) -> None:
     store.put_setting(_setting(name, "paused"), "1" if paused else None)
 
 
+# What a scheduler needs of a queue: fire one run of ``schedule``'s job, due at ``due``
+# (epoch seconds), under the idempotency key ``key``. See :func:`enqueue_on`.
+Enqueue = Callable[[Schedule, float, str], object]
+
+
+def enqueue_on(queue: QueueLike) -> Enqueue:
+    """The :data:`Enqueue` of a pool: each slot's job is its schedule's, fired through ``queue``'s connection
+    with all of its declaration's options (:meth:`Job.on`)."""
+    def enqueue(schedule: Schedule, due: float, key: str) -> None:
+        schedule.job.on(queue)._fire([((), {})], due, [key])
+    return enqueue
+
+
 class Scheduler:
     """Fires the slots of a queue's schedules; a pool calls :meth:`tick` about once a second.
 
-    ``bind`` turns a schedule into the Job to fire on the pool's own store.
+    ``enqueue`` fires one slot's job (on the pool's own store, :func:`enqueue_on`).
     Slots are reckoned on the store's clock (``Persistence.now``), so that a
     pool whose clock is off neither fires a slot early nor records a "last
     fired" slot that is still in the future for the others (which would make
     them skip every slot up to it).
     """
 
-    def __init__(self, store: Persistence, schedules: list[Schedule], bind: Callable[[Schedule], Job]) -> None:
+    def __init__(self, store: Persistence, schedules: list[Schedule], enqueue: Enqueue) -> None:
         self.store = store
         self.schedules = schedules
-        self._bind = bind
+        self._enqueue = enqueue
 
     def tick(self, now: float | None = None) -> int:
         """Fire the due slots; ``now`` (epoch seconds) stands for the store's clock in tests."""
@@ -287,10 +300,9 @@ class Scheduler:
         slots = schedule.due_slots(now, last)
         if not slots:
             return 0
-        job = self._bind(schedule)
         for slot in slots:
             # Due at its slot: never early; the key makes a slot one record, whoever fires it.
-            job._fire([((), {})], seconds(slot) + moved, [schedule.key(slot)])
+            self._enqueue(schedule, seconds(slot) + moved, schedule.key(slot))
             log.info("periodic %s: slot %s fired", schedule.name, slot_label(slot))
         if last is None or slots[-1] > last:
             _put_last_slot(self.store, schedule.name, slots[-1])  # <= now: never ahead of the store's clock

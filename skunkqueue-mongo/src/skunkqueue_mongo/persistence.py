@@ -994,13 +994,19 @@ class MongoPersistence(NativeAsync, Persistence):
             # housekeeping completes the count-down if this process dies first (release_stranded).
             fields["settle_pending"] = _SETTLE_PENDING
         try:
-            result = self._call("finish", lambda: self.jobs.update_one(fence, [{"$set": fields}]),
-                                idempotent=False)
+            # The same round trip tells whether the record has dependents to count down: most
+            # records have none, and a read and a write more per finish (the settle's find_one and
+            # $unset) were half of a plain job's round trips.
+            before = self._call("finish", lambda: self.jobs.find_one_and_update(
+                fence, [{"$set": fields}], projection={"has_dependents": 1}), idempotent=False)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
-        if result.matched_count == 1 and outcome.state != PENDING:
-            self._settle_finished(job_id)
-        return result.matched_count == 1
+        if before is None:
+            return False
+        # A dependent attached after this update finds the record finished and counts it itself.
+        if outcome.state != PENDING and before.get("has_dependents"):
+            self._settle_finished(job_id, state=outcome.state)
+        return True
 
     # -- workflows (see the Persistence docstring) ----------------------------------------
     #
@@ -1051,24 +1057,27 @@ class MongoPersistence(NativeAsync, Persistence):
                 for ended in self._settle(parent, str(state), [record.id]):
                     self._settle_finished(ended)
 
-    def _settle_finished(self, job_id: str, repair: bool = False) -> None:
+    def _settle_finished(self, job_id: str, repair: bool = False, state: str | None = None) -> None:
         """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
 
         ``repair`` (housekeeping, after a worker died part-way): also make every later count of each
         dependent look at its set, since the dead worker may have counted a parent into the set
-        without decrementing the hint.
+        without decrementing the hint. ``state``: the finish that just ended ``job_id`` so, with
+        dependents, says it (no read of the record).
         """
-        work = [job_id]
+        work: list[tuple[str, str | None]] = [(job_id, state)]
         while work:  # a worklist, not recursion: a chain may be long
-            current = work.pop()
-            doc = self._call("settle", partial(self.jobs.find_one, {"_id": current, "queue": self.queue},
-                                               {"state": 1, "has_dependents": 1}))
-            if doc is None or doc.get("state") not in FINISHED_STATES:
-                continue
-            if doc.get("has_dependents"):
+            current, known = work.pop()
+            if known is None:
+                doc = self._call("settle", partial(self.jobs.find_one, {"_id": current, "queue": self.queue},
+                                                   {"state": 1, "has_dependents": 1}))
+                if doc is None or doc.get("state") not in FINISHED_STATES:
+                    continue
+                known = str(doc["state"]) if doc.get("has_dependents") else None
+            if known is not None:
                 children = [str(d["child"]) for d in self._call("settle", partial(
                     self._find_all, self.deps, {"parent": current, "queue": self.queue}, {"child": 1}))]
-                work += self._settle(current, str(doc["state"]), children, repair)
+                work += [(ended, None) for ended in self._settle(current, known, children, repair)]
             self._call("settle", partial(self.jobs.update_one, {"_id": current, "queue": self.queue},
                                          {"$unset": {"settle_pending": ""}}))
 

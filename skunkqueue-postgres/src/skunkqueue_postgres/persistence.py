@@ -39,21 +39,35 @@ the wake-up is sent when (and only if) the write commits. Channel names are
 hashes of (schema, queue, route or job id): arbitrary names fit PostgreSQL's
 63-byte identifiers, and a collision could only cause a spurious wake-up.
 
+Every call on the backend's connection has a deadline (``call_timeout``
+seconds, default ``DEFAULT_CALL_TIMEOUT``; see :mod:`.deadline`): past it the
+socket is shut down, the connection discarded, and the call raises
+``BackendUnavailable`` (one that is safe to repeat first tries once more on a
+new connection), as a Redis or MongoDB call does when its socket times out.
+A silent server, or a half-open link to it, would otherwise hold the caller
+forever: psycopg has no read timeout.
+
 ``url`` is a libpq connection string or URI (``postgresql://user:pw@host/db``,
-``?sslmode=`` and the other libpq options), passed to libpq unchanged; without
-one, libpq's defaults and ``PG*`` variables apply. ``db`` names the schema
+``?sslmode=`` and the other libpq options), passed to libpq unchanged but for
+``call_timeout`` (``?call_timeout=30``, or ``call_timeout=30`` in a key=value
+string; ``0`` turns the deadline off), which is this backend's; without a
+URL, libpq's defaults and ``PG*`` variables apply. ``db`` names the schema
 (default ``skunkqueue``), not the database, which the URL names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import math
+import re
 import select
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import errors, pq, sql
@@ -80,6 +94,7 @@ from skunkqueue.record import (
 from skunkqueue.summary import QueueSummary, RouteSummary
 from skunkqueue.urls import redact, scrub
 from skunkqueue_postgres import schema as schema_steps
+from skunkqueue_postgres.deadline import SocketDeadline
 
 log = logging.getLogger("skunkqueue.postgres")
 
@@ -89,6 +104,13 @@ DEFAULT_SCHEMA = "skunkqueue"
 # Fail in seconds when the server is down, not after libpq's default (forever). A URL that sets
 # either itself wins.
 CONNECT_DEFAULTS = {"connect_timeout": "5", "application_name": "skunkqueue"}
+# Seconds a call on the connection may go unanswered before its socket is shut down (?call_timeout=).
+# Every statement of this backend takes milliseconds; 15 s, like the Redis backend's socket timeout,
+# leaves room for a loaded server and lock waits while still ending a hang.
+DEFAULT_CALL_TIMEOUT = 15.0
+CALL_TIMEOUT = "call_timeout"
+# call_timeout=... in a key=value connection string (a value may be quoted, as libpq allows).
+_KV_CALL_TIMEOUT = re.compile(r"(?:^|\s)call_timeout\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
 # The server's clock in epoch seconds (microseconds), as of the statement's start.
 NOW = "extract(epoch FROM statement_timestamp())::float8"
 # How often now()'s estimate of the server's clock is renewed.
@@ -139,6 +161,33 @@ def _to_record(row: dict[str, Any]) -> JobRecord:
     return JobRecord.from_dict(row)
 
 
+def take_call_timeout(url: str, where: str) -> tuple[str, float | None]:
+    """``url`` without its ``call_timeout`` option, and that option's value in seconds (0: none) if given.
+
+    libpq refuses options it does not know, so this backend's own is taken out before libpq sees it.
+    """
+    if "://" in url:
+        base, sep, query = url.partition("?")
+        pairs = [pair for pair in query.split("&") if pair]
+        given = [unquote(pair.partition("=")[2]) for pair in pairs if unquote(pair.partition("=")[0]) == CALL_TIMEOUT]
+        rest = "&".join(pair for pair in pairs if unquote(pair.partition("=")[0]) != CALL_TIMEOUT)
+        url = f"{base}?{rest}" if rest else base
+    else:
+        given = [m.group(1).strip("'") for m in _KV_CALL_TIMEOUT.finditer(url)]
+        url = _KV_CALL_TIMEOUT.sub("", url).strip()
+    if not given:
+        return url, None
+    value = given[-1]
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(f"call_timeout={value!r} in the PostgreSQL address {where} must be a number of "
+                                 f"seconds (0 for no deadline).")
+    return url, seconds
+
+
 def _shift_from(server_now: float) -> float:
     moved = server_now - time.time()
     return moved if abs(moved) > CLOCK_TOLERANCE else 0.0
@@ -156,11 +205,12 @@ class PostgresPersistence(Persistence):
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None, **options: Any) -> None:
         super().__init__(queue, url=url, db=db, **options)
-        self.conninfo = url or ""
         self.address = redact(url) if url else "(libpq's default address)"
         if url and "://" in url and not url.lower().startswith(("postgresql://", "postgres://")):
             raise ConfigurationError(f"The postgres backend takes a postgresql:// URL or a libpq connection "
                                      f"string, not {redact(url)!r}.")
+        self.conninfo, call_timeout = take_call_timeout(url or "", self.address)
+        self.call_timeout = DEFAULT_CALL_TIMEOUT if call_timeout is None else call_timeout
         try:
             given = conninfo_to_dict(self.conninfo)
         except psycopg.ProgrammingError as exc:
@@ -173,6 +223,7 @@ class PostgresPersistence(Persistence):
         self.s = sql.Identifier(self.schema)
         self.jobs = sql.SQL("{}.jobs").format(self.s)
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._deadline: SocketDeadline | None = None  # the current connection's
         self._listening: set[str] = set()
         self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._route_channels: dict[str, str] = {}
@@ -208,37 +259,76 @@ class PostgresPersistence(Persistence):
             raise BackendUnavailable(f"Cannot reach PostgreSQL at {self.address}: {self._scrub(exc)}") from None
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(f"Bad PostgreSQL address {self.address}: {self._scrub(exc)}") from None
+        deadline = SocketDeadline(conn.fileno())
         try:
-            sent = time.monotonic()
-            row = conn.execute(f"SELECT {NOW} AS now").fetchone()
-            assert row is not None
-            self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
-            schema_steps.ensure(conn, self.schema)
-        except BaseException:
+            with self._within(deadline):
+                sent = time.monotonic()
+                row = conn.execute(f"SELECT {NOW} AS now").fetchone()
+                assert row is not None
+                self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
+                current = schema_steps.version_of(conn, self.schema) == schema_steps.VERSION
+            if not current:
+                # Not under the deadline: an upgrade may build an index over a large table, and cutting
+                # it short would only roll it back for the next opener to start over.
+                schema_steps.ensure(conn, self.schema)
+        except BaseException as exc:
             conn.close()
+            deadline.close()
+            if isinstance(exc, psycopg.OperationalError):
+                raise BackendUnavailable(f"PostgreSQL at {self.address} is unavailable (connect): "
+                                         f"{self._lost_why(exc, deadline)}") from None
             raise
         conn.add_notify_handler(self._on_notify)
-        self._conn, self._listening = conn, set()
+        self._conn, self._deadline, self._listening = conn, deadline, set()
         return conn
+
+    def _within(self, deadline: SocketDeadline | None, wait: float = 0.0) -> Any:
+        """The deadline of one call on the connection (``wait``: seconds it means to sit idle, on top)."""
+        if deadline is None or not self.call_timeout:
+            return contextlib.nullcontext(None)
+        return deadline.within(self.call_timeout + wait)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        deadline, self._deadline = self._deadline, None
         self._listening = set()
+        if deadline is not None:
+            deadline.close()
         if conn is not None:
             try:
                 conn.close()
             except psycopg.Error:
                 pass
 
+    def _lost_why(self, exc: BaseException, deadline: SocketDeadline | None) -> str:
+        if deadline is not None and deadline.expired:
+            return f"no reply within {self.call_timeout:g} s (call_timeout), connection dropped"
+        return self._scrub(exc)
+
     def _call(self, what: str, op: Callable[[psycopg.Connection[dict[str, Any]]], T], *,
-              idempotent: bool = True) -> T:
+              idempotent: bool = True, wait: float = 0.0) -> T:
         """Run ``op`` on the connection, reconnecting once if it broke; PostgreSQL's outages become
         BackendUnavailable. ``op`` runs again after a reconnect only if it is safe to repeat (claim
-        and finish are not: their first try may have been applied)."""
+        and finish are not: their first try may have been applied).
+
+        ``op`` has ``call_timeout`` seconds (plus ``wait``, the time it means to sit idle waiting
+        for a notification): past that the connection's socket is shut down, and the call ends as
+        one whose connection broke."""
         for attempt in (1, 2):
             conn = self._connection()
+            deadline = self._deadline
             try:
-                return op(conn)
+                try:
+                    with self._within(deadline, wait):
+                        result = op(conn)
+                except psycopg.Error as exc:
+                    if deadline is not None and deadline.expired and not isinstance(exc, psycopg.OperationalError):
+                        # Whatever psycopg made of the shut-down socket: a connection lost.
+                        raise psycopg.OperationalError(str(exc)) from None
+                    raise
+                if deadline is not None and deadline.expired:
+                    self._drop()  # the reply came just as the deadline passed: the answer stands, the socket not
+                return result
             except (errors.SerializationFailure, errors.DeadlockDetected):
                 if attempt == 2:
                     raise
@@ -249,15 +339,14 @@ class PostgresPersistence(Persistence):
             except errors.ProgramLimitExceeded as exc:
                 raise PayloadTooLarge(f"PostgreSQL refused the {what}: {self._scrub(exc)}") from None
             except psycopg.OperationalError as exc:
-                lost = conn.closed or conn.broken
+                why = self._lost_why(exc, deadline)
+                lost = conn.closed or conn.broken or (deadline is not None and deadline.expired)
                 if lost:
                     self._drop()
                 if lost and idempotent and attempt == 1:
-                    log.warning("postgres %s: %s was interrupted (%s); retrying", self.address, what,
-                                self._scrub(exc))
+                    log.warning("postgres %s: %s was interrupted (%s); retrying", self.address, what, why)
                     continue
-                raise BackendUnavailable(f"PostgreSQL at {self.address} is unavailable ({what}): "
-                                         f"{self._scrub(exc)}") from None
+                raise BackendUnavailable(f"PostgreSQL at {self.address} is unavailable ({what}): {why}") from None
             except psycopg.InterfaceError as exc:
                 self._drop()
                 raise BackendUnavailable(f"Lost the connection to PostgreSQL at {self.address} ({what}): "
@@ -1254,7 +1343,7 @@ class PostgresPersistence(Persistence):
                 left = min(left, float(row["wait"]))
             self._wait_notified(conn, left)
 
-        self._call("wait for work", wait)
+        self._call("wait for work", wait, wait=max(timeout, 0.0))
 
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1275,12 +1364,15 @@ class PostgresPersistence(Persistence):
                     return record
                 # At most a second at a time: a notification lost with a connection costs no more.
                 pause = 1.0 if left is None else min(left, 1.0)
-                self._call("wait for result", functools.partial(self._wait_notified, timeout=pause))
+                self._call("wait for result", functools.partial(self._wait_notified, timeout=pause), wait=pause)
         finally:
             if channel in self._listening and self._conn is not None:
                 self._listening.discard(channel)
                 try:
-                    self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+                    with self._within(self._deadline):
+                        self._conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+                    if self._deadline is not None and self._deadline.expired:
+                        self._drop()
                 except psycopg.Error:
                     self._drop()
 

@@ -119,7 +119,8 @@ class Monitor:
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"], default=True))
         self.env.filters.update(when=_when, short=_short, age=_age)
-        self.env.globals.update(STATES=STATES, PAGE_SIZES=PAGE_SIZES)
+        # WAITING_DUE: a dependent's due until its parents release it, a date in the year 5138 if shown.
+        self.env.globals.update(STATES=STATES, PAGE_SIZES=PAGE_SIZES, WAITING_DUE=dependencies.WAITING_DUE)
         # "Newest first" only where the store pages that way (Persistence.pages_newest_first).
         newest = queue.persistence.pages_newest_first
         self.default_sort = snapshot.NEWEST if newest else snapshot.STORE_ORDER
@@ -190,21 +191,22 @@ class Monitor:
             return RedirectResponse(f"/jobs/{job_id}", status_code=303)
         route, state, func = q.get("route") or None, q.get("state") or None, q.get("func") or None
         error, sort = q.get("error") or None, self._sort(q.get("sort"))
+        workflow = q.get("workflow", "").strip() or None
         if state is not None and state not in STATES:
             state = None
         size = _int(q.get("size"), 50)
         size = size if size in PAGE_SIZES else 50
         page_no = max(1, _int(q.get("page"), 1))
         filters = {k: v for k, v in (("route", route), ("state", state), ("func", func), ("error", error),
-                                     ("sort", sort), ("size", str(size))) if v}
+                                     ("workflow", workflow), ("sort", sort), ("size", str(size))) if v}
         try:
             page = snapshot.jobs_page(self.queue, route=route, state=state, func=func, after=q.get("after") or None,
-                                      size=size, error=error, sort=sort)
+                                      size=size, error=error, sort=sort, workflow=workflow)
         except ValueError:
             return self._stale_cursor(request, "/jobs", filters)
         return self.render(request, "jobs.html", live=True, page=page, page_no=page_no, routes=self._routes(),
                            route=route, state=state, func=func, error=error, sort=sort, size=size, filters=filters,
-                           urlencode=urlencode)
+                           workflow=workflow, urlencode=urlencode)
 
     def _sort(self, asked: str | None, default: str | None = None) -> str:
         """The listing order asked for, if this store offers it; else ``default`` (the newest first, where

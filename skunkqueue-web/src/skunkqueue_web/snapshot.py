@@ -142,8 +142,11 @@ def error_types(record: JobRecord) -> list[str]:
     return found
 
 
-def _matches(record: JobRecord, func: str | None, error: str | None) -> bool:
-    """``func``, ``error``: lower-case parts of the function's name and of one of its error types."""
+def _matches(record: JobRecord, func: str | None, error: str | None, workflow: str | None = None) -> bool:
+    """``func``, ``error``: lower-case parts of the function's name and of one of its error types;
+    ``workflow``: the exact id of the workflow the record belongs to."""
+    if workflow is not None and record.workflow != workflow:
+        return False
     if func is not None and func not in record.func.lower():
         return False
     return error is None or any(error in name.lower() for name in error_types(record))
@@ -151,10 +154,12 @@ def _matches(record: JobRecord, func: str | None, error: str | None) -> bool:
 
 def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: str | None,
               after: str | None, size: int, dead: bool | None = None, error: str | None = None,
-              sort: str = NEWEST) -> Page:
+              sort: str = NEWEST, workflow: str | None = None) -> Page:
     """One page of records, newest fired first (``sort``; where the store cannot, or with ``store``: in its
     paging order, Persistence.list_page); ``func`` matches any part of the function's name, ``error``
-    any part of an error type the record names (its last error's or an attempt's), case-insensitively.
+    any part of an error type the record names (its last error's or an attempt's), case-insensitively;
+    ``workflow`` keeps the members of one workflow (the stores index no workflow ids: it is a scan
+    like the others, and the members of a workflow were fired together, so they sit side by side).
 
     Reads the store's pages until this one is full or the scan budget is spent (then ``partial``).
     Raises ValueError for a cursor the store did not make.
@@ -176,7 +181,7 @@ def jobs_page(queue: SkunkQueue, *, route: str | None, state: str | None, func: 
                          backend.list_page(route=route, state=state, dead=dead, limit=size - len(found),
                                            after=cursor))
         looked += len(batch)
-        found += [r for r in batch if _matches(r, needle, wanted_error)]
+        found += [r for r in batch if _matches(r, needle, wanted_error, workflow)]
         if len(found) >= size or cursor is None:
             return Page(found, size, cursor, looked)
         if time.monotonic() - started >= SCAN_SECONDS or looked >= SCAN_RECORDS:
