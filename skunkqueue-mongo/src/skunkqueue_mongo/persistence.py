@@ -9,6 +9,9 @@ Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
     settings one document per queue setting: _id = {q: queue, n: name}, value
     stats    throughput counters of one route and minute: _id = {q, r, m},
              queue, route, minute, counts {counter: int}, expire_at (TTL)
+    flow     one document per rate (a limit key's or a route's): _id = {q, n},
+             tat (GCRA's time), the last grant's nonce and the tat before it,
+             expire_at (TTL, a minute after the rate is idle again)
 
 Every queue shares the ``jobs`` collection and is told apart by its ``queue``
 field, the first field of every index. Queue names are arbitrary user strings
