@@ -109,3 +109,19 @@ def test_a_claim_pages_past_many_blocked_records(store: RedisPersistence, queue_
     assert [r.id for r in store.claim("r", "w", 30.0, limit=3)] == [blocked[0].id, free[0].id, free[1].id]
     assert [r.id for r in store.claim("r", "w", 30.0, limit=10)] == [r.id for r in free[2:] + low]
     assert store.claim("r", "w", 30.0, limit=10) == []
+
+
+def test_a_broadcasts_priority_levels_are_its_workers_own_and_purged_with_it(
+        store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:
+    keys = Keys(queue_name)
+    store.enqueue([make_record(queue_name, target="w{1}:", priority=4) for _ in range(2)]
+                  + [make_record(queue_name, target="v", priority=-2), make_record(queue_name, priority=4)])
+    assert raw.zrange(keys.levels("r", "w{1}:"), 0, -1) == [b"4"]
+    assert raw.zcard(keys.level_due("r", 4, "w{1}:")) == 2 and raw.zcard(keys.level_due("r", 4)) == 1
+    # A dead worker's broadcasts are purged by target (housekeeping), priorities included.
+    assert store.purge("r", target="w{1}:") == 2
+    assert raw.zcard(keys.level_due("r", 4, "w{1}:")) == 0
+    assert [r.priority for r in store.claim("r", "v", 30.0, limit=5)] == [4, -2]
+    assert raw.zcard(keys.levels("r", "v")) == 0, "an emptied level of a worker stays listed"
+    store.enqueue([make_record(queue_name, target="u", priority=7), make_record(queue_name, priority=7)])
+    assert store.purge("r") == 2

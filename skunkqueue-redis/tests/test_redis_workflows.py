@@ -93,3 +93,30 @@ def test_an_async_waiter_hears_a_step_killed_by_its_parent_at_once(store: Persis
     record, late = asyncio.run(go())
     assert record is not None and record.state == "killed", record
     assert late < 1.0, f"heard {late:.1f} s after the parent was killed"
+
+
+def _commands_per_member_finish(store: Persistence, raw: redis.Redis, queue_name: str, members: int) -> float:
+    """Redis commands (scripts' included) per finish of a member of a ``members``-member chord."""
+    group = [make_record(queue_name) for _ in range(members)]
+    callback = make_record(queue_name, parents=[r.id for r in group], inputs=[r.id for r in group],
+                           due=dependencies.WAITING_DUE)
+    store.enqueue([*group, callback])
+    claimed = store.claim("r", "w", 30, limit=members)
+    assert len(claimed) == members
+    raw.config_resetstat()
+    for record in claimed:
+        assert store.finish(record.id, record.token, policy.completed(b"1"))
+    calls = sum(stat["calls"] for name, stat in raw.info("commandstats").items()
+                if not name.startswith(("cmdstat_config", "cmdstat_info")))
+    [released] = store.claim("r", "w", 30)
+    assert released.id == callback.id
+    return calls / members
+
+
+def test_a_members_finish_costs_the_same_whatever_the_groups_size(
+        store: Persistence, raw: redis.Redis, queue_name: str) -> None:
+    # The issue's contract: releasing a dependent is O(1) store work per finished parent. A
+    # count-down that read the callback's parents or its set of finished ones would grow here.
+    small = _commands_per_member_finish(store, raw, queue_name, 20)
+    large = _commands_per_member_finish(store, raw, queue_name, 400)
+    assert large <= small + 0.5, f"{large:.2f} commands per finish at 400 members, {small:.2f} at 20"

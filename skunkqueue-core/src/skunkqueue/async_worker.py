@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from skunkqueue import channel, hooks
+from skunkqueue import channel, flow, hooks
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
 from skunkqueue.errors import BackendUnavailable, JobKilled, RoughStop
@@ -87,8 +87,9 @@ class AsyncWorker(Worker):
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
-                    if self.config.burst and not self.held and not self._tasks:
-                        self.stopping = "drained"  # no due job and nothing running: --burst is done
+                    if self.config.burst and not self.held and not self._tasks \
+                            and not flow.burst_waits(backend, self.config.route):
+                        self.stopping = "drained"  # nothing due or held back by a limit, none running: --burst is done
                         break
                 took_up = False
                 while self.held and len(self._tasks) < slots and self.stopping is None:

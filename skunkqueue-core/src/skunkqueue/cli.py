@@ -121,8 +121,8 @@ def main() -> None:
 @click.option("--no-schedule", is_flag=True,
               help="Do not fire the periodic jobs declared in the imported modules (other pools do).")
 @click.option("--burst", is_flag=True,
-              help="Run until the routes have no due job, then exit 0 (jobs due later stay queued; "
-                   "periodic jobs are not fired).")
+              help="Run until the routes have no due job, then exit 0 (jobs held back by a limit count as "
+                   "due; jobs due later or on a paused route stay queued; periodic jobs are not fired).")
 @click.option("--max-jobs-per-child", type=click.IntRange(1, None), default=None,
               help="Replace a worker process after it ran this many jobs (after its current job: "
                    "nothing lost, nothing charged).")

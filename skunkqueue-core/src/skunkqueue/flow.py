@@ -55,6 +55,12 @@ class Persistence(Protocol):
     @property
     def supports_settings(self) -> bool: ...
 
+    @property
+    def supports_limits(self) -> bool: ...
+
+    @property
+    def supports_pause(self) -> bool: ...
+
     def get_setting(self, name: str) -> str | None: ...
 
     def counts(self) -> dict[tuple[str, str], int]: ...
@@ -323,6 +329,21 @@ def route_flow(store: Persistence, route: str) -> tuple[bool, RouteLimit | None]
         return False, None
     return store.get_setting(pause_setting(route)) is not None, RouteLimit.from_json(
         store.get_setting(limit_setting(route)))
+
+
+def burst_waits(store: Persistence, route: str) -> bool:
+    """Whether a ``--burst`` worker whose claim found nothing should wait instead of exiting.
+
+    It waits while due jobs of the route are held back by a concurrency or rate
+    limit: a finish or the passing of time makes them claimable, so "nothing is
+    due" is not true yet. A paused route's jobs wait on an operator, and jobs due
+    later on their time: neither keeps a burst run alive.
+    """
+    if not store.supports_limits:
+        return False
+    if store.supports_pause and route_flow(store, route)[0]:
+        return False
+    return store.flow_waiting(route) > 0
 
 
 # -- what the monitor and ``skunq limits`` show ------------------------------------------

@@ -32,7 +32,19 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
-from skunkqueue import channel, dependencies, headers, hooks, interpreter, logformat, policy, serializer, signing, trust
+from skunkqueue import (
+    channel,
+    dependencies,
+    flow,
+    headers,
+    hooks,
+    interpreter,
+    logformat,
+    policy,
+    serializer,
+    signing,
+    trust,
+)
 from skunkqueue.backends import open_backend
 from skunkqueue.context import JobContext
 from skunkqueue.context import _current as _current_job
@@ -355,8 +367,8 @@ class Worker:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self.config.prefetch))
                 self._found_nothing = False
-                if not self.held and self.config.burst:
-                    self.stopping = "drained"  # the claim found no due job: --burst is done
+                if not self.held and self.config.burst and not flow.burst_waits(backend, self.config.route):
+                    self.stopping = "drained"  # no due job, none held back by a limit: --burst is done
                     break
                 if not self.held:
                     backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)

@@ -346,10 +346,18 @@ class WorkflowHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         backend = self.queue.persistence
-        finished: dict[str, JobRecord | None] = {}
-        for job_id in dependencies.unique(dependencies.flatten(self.output)):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            record = finished[job_id] = backend.wait_finished(job_id, left)
+        ids = dependencies.unique(dependencies.flatten(self.output))
+        # One batched look first: a group's members have mostly (after a callback, all) finished,
+        # and a look per member was a round trip each (10,000 members: 1.9 s on Redis).
+        finished: dict[str, JobRecord | None] = {
+            job_id: record for job_id, record in zip(ids, backend.get_many(ids))
+            if record is None or record.finished_state}
+        for job_id in ids:
+            if job_id in finished:
+                record = finished[job_id]
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                record = finished[job_id] = backend.wait_finished(job_id, left)
             if record is not None and record.state not in (COMPLETE, PENDING, RUNNING):
                 self._raise_failure(backend.get_many(self.ids), job_id, record, timeout)
             _check_finished(job_id, record, timeout)

@@ -12,6 +12,8 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("job", id, "slot")          a pending record's key in the due index
     ("due", route, target, due, versionstamp, id)   claimable records, in claim order
     ("pdue", route, -priority, due, versionstamp, id)  shared ones of a priority other than 0
+    ("pdue", route, -priority, target, due, versionstamp, id)  a worker's broadcasts of one (strings
+                                 sort before floats: each level holds its broadcasts, then its shared)
     ("kslot", limit_key, id)     flow: a running record of a limited key -> its lease_until
     ("rslot", route, id)         flow: every running record of the route -> its lease_until
     ("rate", name)               flow: a GCRA time (skunkqueue.flow.key_tat/route_tat names)
@@ -58,7 +60,8 @@ after commit, so it is also written into the record's ``slot`` with
 
 Flow control (the Persistence docstring's rules) lives in the claim's
 transaction: priorities by reading ``pdue`` level by level around the
-``due`` index (priority 0 and broadcasts), a key's slots and a route's as
+``due`` index (priority 0), each level's shared records merged with the
+claiming worker's broadcasts, a key's slots and a route's as
 conflicting reads of ``kslot``/``rslot`` (two claimers racing for the last
 slot conflict, and the retry sees the winner), GCRA times read and written
 in it. A slot is a running record's entry with its lease: renew rewrites it,
@@ -74,6 +77,7 @@ import functools
 import heapq
 import itertools
 import json
+import math
 import random
 import threading
 import time
@@ -284,6 +288,8 @@ class FDBPersistence(Persistence):
         # Per route whose last claim here left due records behind for a limit or a pause: when
         # one of them may be claimable (None: when a finish or a setting nudges, or on a timeout).
         self._held_back: dict[str, float | None] = {}
+        # Per route: (when read, monotonic; paused; its limit), reused for flow.SETTINGS_TTL seconds.
+        self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
         self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
 
@@ -390,7 +396,10 @@ class FDBPersistence(Persistence):
                 tr[self._kslot.pack((record.limit_key, record.id))] = until
         elif record.state == PENDING:
             stamp = fdb.tuple.Versionstamp(user_version=position)
-            if record.priority and not record.target:
+            if record.priority and record.target:
+                slot = self._pdue.pack_with_versionstamp(
+                    (record.route, -record.priority, record.target, float(record.due), stamp, record.id))
+            elif record.priority:
                 slot = self._pdue.pack_with_versionstamp(
                     (record.route, -record.priority, float(record.due), stamp, record.id))
             else:
@@ -631,6 +640,7 @@ class FDBPersistence(Persistence):
                 tr[self._settings.pack((name,))] = value.encode()
             route = flow.route_of_setting(name)
             if route is not None:  # a resume or a new limit: the route's idle workers look again
+                self._flows.pop(route, None)
                 self._wake_idle(tr, {(route, ""): 10_000})
             return None, None
 
@@ -809,6 +819,9 @@ class FDBPersistence(Persistence):
         spans = [(self._due, self._due.range((route,) if target is None else (route, target)))]
         if target is None:
             spans.append((self._pdue, self._pdue.range((route,))))
+        else:  # the target's broadcasts of each priority (housekeeping purges a dead worker's)
+            levels = fdb.transactional(lambda tr: list(self._levels(tr, route)))(self._db)
+            spans += [(self._pdue, self._pdue.range((route, level, target))) for level in levels]
 
         def purge_some(tr: Any) -> tuple[tuple[int, bool], list[Any]]:
             entries = [(index, kv) for index, span in spans
@@ -950,33 +963,58 @@ class FDBPersistence(Persistence):
     supports_pause = True
 
     def _route_flow(self, tr: Any, route: str) -> tuple[bool, flow.RouteLimit | None]:
-        """The route's paused flag and limit (snapshot reads: a setting may be a second old)."""
-        paused = tr.snapshot[self._settings.pack((flow.pause_setting(route),))]
-        limit = tr.snapshot[self._settings.pack((flow.limit_setting(route),))]
-        return paused.present(), flow.RouteLimit.from_json(bytes(limit).decode() if limit.present() else None)
+        """The route's paused flag and limit, read at most SETTINGS_TTL seconds ago.
+
+        Snapshot reads, kept per route: an idle worker claims once per round, and two reads of
+        settings that hardly ever change were a quarter of an empty claim's requests.
+        """
+        now = time.monotonic()
+        found = self._flows.get(route)
+        if found is None or now - found[0] > flow.SETTINGS_TTL:
+            paused = tr.snapshot[self._settings.pack((flow.pause_setting(route),))]
+            limit = tr.snapshot[self._settings.pack((flow.limit_setting(route),))]
+            found = self._flows[route] = (now, paused.present(), flow.RouteLimit.from_json(
+                bytes(limit).decode() if limit.present() else None))
+        return found[1], found[2]
 
     def _live_slots(self, tr: Any, span: Any, now: float) -> list[float]:
         """The live leases among a key's or route's slots: a conflicting read, so that two claims
         racing for the last slot conflict and the retry sees the winner."""
         return [until for until in (_until(kv.value) for kv in tr.get_range(span.start, span.stop)) if until > now]
 
+    def _levels(self, tr: Any, route: str) -> Iterator[int]:
+        """The route's priority levels other than 0 as stored (-priority, so highest first), found
+        one by one with snapshot reads: those of shared records and of any worker's broadcasts."""
+        span = self._pdue.range((route,))
+        begin = span.start
+        while True:
+            first = list(tr.snapshot.get_range(begin, span.stop, limit=1))
+            if not first:
+                return
+            level = self._pdue.unpack(first[0].key)[1]
+            yield level
+            begin = self._pdue.range((route, level)).stop
+
+    def _streams(self, route: str, worker_id: str, level: int | None) -> list[tuple[Any, tuple[Any, ...], bytes]]:
+        """(index, prefix, first key) of the due streams of one level (None: priority 0) that a
+        claim of ``worker_id`` merges: the shared records' and the worker's broadcasts'."""
+        if level is None:
+            return [(self._due, (route, target), self._due.range((route, target)).start) for target in ("", worker_id)]
+        # Shared records follow the level's broadcasts (a float sorts after every string).
+        return [(self._pdue, (route, level), self._pdue.pack((route, level, -math.inf))),
+                (self._pdue, (route, level, worker_id), self._pdue.range((route, level, worker_id)).start)]
+
     def _ordered(self, tr: Any, route: str, worker_id: str, now: float, page: int) -> Iterator[bytes]:
         """Due keys of the route in claim order: priority descending, then (due, versionstamp);
-        priority 0 merges the shared and the worker's broadcast records. Snapshot reads."""
-        begin = self._pdue.range((route,)).start
-        stop = self._pdue.range((route,)).stop
+        each priority merges the shared and the worker's broadcast records. Snapshot reads."""
         zero_done = False
-        while True:
-            first = list(tr.snapshot.get_range(begin, stop, limit=1))
-            level = self._pdue.unpack(first[0].key)[1] if first else None
-            if not zero_done and (level is None or level > 0):
-                yield from self._level_zero(tr, route, worker_id, now, page)
+        for level in self._levels(tr, route):
+            if not zero_done and level > 0:
+                yield from self._merged(tr, self._streams(route, worker_id, None), now, page)
                 zero_done = True
-            if level is None:
-                return
-            prefix = self._pdue.pack((route, level))
-            yield from self._paged(tr, prefix, self._pdue.pack((route, level, now)) + b"\xff", page)
-            begin = self._pdue.range((route, level)).stop
+            yield from self._merged(tr, self._streams(route, worker_id, level), now, page)
+        if not zero_done:
+            yield from self._merged(tr, self._streams(route, worker_id, None), now, page)
 
     def _paged(self, tr: Any, begin: bytes, end: bytes, page: int) -> Iterator[bytes]:
         while True:
@@ -987,13 +1025,14 @@ class FDBPersistence(Persistence):
                 return
             begin = kvs[-1].key + b"\x00"  # the key right after the last one
 
-    def _level_zero(self, tr: Any, route: str, worker_id: str, now: float, page: int) -> Iterator[bytes]:
-        def stream(target: str) -> Iterator[tuple[bytes, bytes]]:
-            prefix = self._due.pack((route, target))
-            for key in self._paged(tr, prefix, self._due.pack((route, target, now)) + b"\xff", page):
-                yield key[len(prefix):], key  # (due, versionstamp, id) order across both
+    def _merged(self, tr: Any, streams: list[tuple[Any, tuple[Any, ...], bytes]], now: float,
+                page: int) -> Iterator[bytes]:
+        def stream(index: Any, prefix: tuple[Any, ...], begin: bytes) -> Iterator[tuple[bytes, bytes]]:
+            packed = index.pack(prefix)
+            for key in self._paged(tr, begin, index.pack((*prefix, now)) + b"\xff", page):
+                yield key[len(packed):], key  # (due, versionstamp, id) order across both
 
-        for _order, key in heapq.merge(stream(""), stream(worker_id)):
+        for _order, key in heapq.merge(*(stream(*s) for s in streams)):
             yield key
 
     def _stopped_by_limit(self, tr: Any, record: JobRecord, route_limit: flow.RouteLimit | None,
@@ -1073,8 +1112,7 @@ class FDBPersistence(Persistence):
             updated = outcome.apply_to(record, time.time())
             self._write(tr, updated, result=True)
             if record.state == RUNNING and updated.state != PENDING and (
-                    record.limit_key is not None
-                    or tr.snapshot[self._settings.pack((flow.limit_setting(record.route),))].present()):
+                    record.limit_key is not None or self._route_flow(tr, record.route)[1] is not None):
                 self._wake_idle(tr, {(record.route, ""): 1})  # its slot is free: a waiter may claim
             if updated.finished_state:
                 if record.parents:
@@ -1315,8 +1353,14 @@ class FDBPersistence(Persistence):
     @_translate
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         nudge = self._nudge.pack((worker_id,))
+        # The nudge counter's value the last watch was armed on, once one fired (it may have
+        # fired for a nudge, for nothing, or with an error: the next arm reads the counter anyway).
+        fired_on: list[bytes | None] = []
 
-        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any]], None]:
+        def arm(tr: Any) -> tuple[tuple[float | None, bytes | None, list[Any], bool], None]:
+            seen = _raw(tr.snapshot[nudge])
+            if fired_on and seen != fired_on[0]:
+                return (None, seen, [], True), None  # nudged: the caller claims
             now = time.time()
             next_due = None
             held = route in self._held_back
@@ -1330,58 +1374,54 @@ class FDBPersistence(Persistence):
                 if at is not None:
                     next_due = at if next_due is None else min(next_due, at)
             elif next_due is not None and next_due <= now:
-                return (next_due, None, []), None
+                return (next_due, seen, [], False), None
             # Lapses just after this wait ends, so a worker that turned busy is not nudged for long.
             # Measured in the cluster's versions, not in this machine's clock: producers on
             # machines whose clocks differ from this one's by seconds still see it live.
             until = fdb.tuple.pack((tr.get_read_version().wait() + int((timeout + 0.1) * VERSIONS_PER_SECOND),))
             tr[self._idle.pack((route, worker_id))] = until
-            return (next_due, _raw(tr.snapshot[nudge]), [tr.watch(nudge)]), None
+            return (next_due, seen, [tr.watch(nudge)], False), None
 
         deadline = time.monotonic() + timeout
         while True:
-            (next_due, seen, watches) = self._once(arm, None)
+            (next_due, seen, watches, nudged) = self._once(arm, None)
+            if nudged:
+                self._watch_backoff = 0.0
+                return
             if not watches:
                 return  # work is due now
+            if fired_on:
+                # The last watch fired with an error (too many watches, a cluster hiccup) or
+                # without a change: wait before waiting on this one, so that the worker does not
+                # spin. (A nudge meanwhile fires this watch: it is seen when the pause ends.)
+                self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
+                pause = min(self._watch_backoff, deadline - time.monotonic())
+                if pause <= 0:
+                    for watch in watches:
+                        watch.cancel()
+                    return
+                time.sleep(pause)
             left = deadline - time.monotonic()
             if next_due is not None:
                 # A watch fires on new work, not when scheduled work becomes due.
                 left = min(left, next_due - time.time())
-            fired = _wait_any(watches, left)
-            if fired is None:
+            if _wait_any(watches, left) is None:
                 return
-            if _succeeded(fired):
-                now = fdb.transactional(lambda tr: _raw(tr.snapshot[nudge]))(self._db)
-                if now != seen:
-                    self._watch_backoff = 0.0
-                    return
-            # An error (too many watches, a cluster hiccup) or a fire without a change:
-            # wait before watching again, so that the worker does not spin.
-            self._watch_backoff = min(WATCH_BACKOFF[1], max(WATCH_BACKOFF[0], self._watch_backoff * 2))
-            pause = min(self._watch_backoff, deadline - time.monotonic())
-            if pause <= 0:
-                return
-            time.sleep(pause)
+            # Fired: the next arm compares the counter with the value this watch was armed on,
+            # in the same read (one transaction where a separate look and a new arm took two).
+            fired_on[:] = [seen]
 
     def _first_dues(self, tr: Any, route: str, worker_id: str, after: float | None) -> list[float]:
         """The first due time of each of the route's due streams (later than ``after``, if given).
         Conflicting reads: a job enqueued while the caller commits makes it retry and see it."""
-        streams: list[tuple[Any, tuple[Any, ...]]] = [(self._due, (route, target)) for target in ("", worker_id)]
-        span = self._pdue.range((route,))
-        begin = span.start
-        while True:  # one stream per priority level
-            first = list(tr.snapshot.get_range(begin, span.stop, limit=1))
-            if not first:
-                break
-            level = self._pdue.unpack(first[0].key)[1]
-            streams.append((self._pdue, (route, level)))
-            begin = self._pdue.range((route, level)).stop
+        streams = self._streams(route, worker_id, None)
+        for level in self._levels(tr, route):  # one pair of streams per priority level
+            streams += self._streams(route, worker_id, level)
         found = []
-        for index, prefix in streams:
-            whole = index.range(prefix)
-            start = whole.start if after is None else index.pack((*prefix, after)) + b"\xff"
-            for kv in tr.get_range(start, whole.stop, limit=1):
-                found.append(float(index.unpack(kv.key)[2]))
+        for index, prefix, begin in streams:
+            start = begin if after is None else index.pack((*prefix, after)) + b"\xff"
+            for kv in tr.get_range(start, index.range(prefix).stop, limit=1):
+                found.append(float(index.unpack(kv.key)[len(prefix)]))
         return found
 
     @_translate
@@ -1429,14 +1469,6 @@ def _until(value: bytes) -> float:
 
 def _raw(value: Any) -> bytes | None:
     return bytes(value) if value.present() else None
-
-
-def _succeeded(future: Any) -> bool:
-    try:
-        future.wait()
-    except fdb.FDBError:
-        return False
-    return True
 
 
 def _wait_any(watches: list[Any], timeout: float) -> Any | None:

@@ -27,10 +27,11 @@ lives in one slot and every multi-key script works on a cluster)::
     sq:{Q}:deps:<id>           set     workflows: ids of the records waiting (or that waited) for <id>
     sq:{Q}:settled:<id>        hash    workflows: the set of <id>'s finished parents, id -> how it ended
                                        (scripts/release.lua names these two from the job prefix)
-    sq:{Q}:p:<route>           zset    flow: the priorities other than 0 that the route's shared pending
-                                       records have or had, member = score = the priority
-    sq:{Q}:dp:<route>:<prio>   zset    flow: pending records of one priority other than 0, score = due
-                                       (priority 0 stays in d:<route>; broadcasts ignore priority)
+    sq:{Q}:p:<route>[:<tgt>]   zset    flow: the priorities other than 0 that the route's shared (or one
+                                       worker's broadcast) pending records have or had, member = score =
+                                       the priority
+    sq:{Q}:dp:<route>:<prio>[:<tgt>]  zset  flow: pending records of one priority other than 0, score =
+                                       due (priority 0 stays in d:<route>[:<target>])
     sq:{Q}:lk:<limit key>      zset    flow: running records holding a slot of the key, score = lease_until
                                        (a slot is a live lease: renew and finish keep it right)
     sq:{Q}:rt:<name>           string  flow: a GCRA time (skunkqueue.flow.key_tat/route_tat names)
@@ -120,14 +121,16 @@ class Keys:
         """The flow control names every script receives after tally_layout()'s."""
         return [self.levels_prefix, self.level_due_prefix, self.slots_prefix, self.rate_prefix, self.settings]
 
-    def levels(self, route: str) -> str:
-        return self.levels_prefix + escape(route)
+    def levels(self, route: str, target: str | None = None) -> str:
+        return self.levels_prefix + self._suffix(route, target)
 
-    def level_due(self, route: str, priority: int) -> str:
-        """The due zset of the route's shared records of ``priority`` (0: :meth:`due`)."""
+    def level_due(self, route: str, priority: int, target: str | None = None) -> str:
+        """The due zset of the route's shared (or ``target``'s broadcast) records of ``priority``
+        (0: :meth:`due`)."""
         if priority == 0:
-            return self.due(route)
-        return f"{self.level_due_prefix}{escape(route)}:{priority}"
+            return self.due(route, target)
+        key = f"{self.level_due_prefix}{escape(route)}:{priority}"
+        return key if target is None else f"{key}:{escape(target)}"
 
     def slots(self, limit_key: str) -> str:
         return self.slots_prefix + limit_key

@@ -516,12 +516,16 @@ class RedisPersistence(NativeAsync, Persistence):
     @guarded
     def purge(self, route: str, *, target: str | None = None) -> int:
         k = self.keys
+
+        def of(target: str | None) -> list[str]:  # the due zsets of the shared records or one target's
+            levels = sorted(int(text(p)) for p in self.client.zrange(k.levels(route, target), 0, -1))
+            return [k.due(route, target)] + [k.level_due(route, p, target) for p in levels]
+
         if target is not None:
-            zsets = [k.due(route, target)]
+            zsets = of(target)
         else:
             names = sorted(text(t) for t in self.client.smembers(k.targets(route)))
-            levels = sorted(int(text(p)) for p in self.client.zrange(k.levels(route), 0, -1))
-            zsets = [k.due(route)] + [k.level_due(route, p) for p in levels] + [k.due(route, t) for t in names]
+            zsets = of(None) + [zset for name in names for zset in of(name)]
         deleted = 0
         for zkey in zsets:
             while True:

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from skunkqueue.testing.clocks import true_time
 from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 _kit = kit_queue("skunkqueue-testing")
@@ -138,12 +139,13 @@ def stamp(path: str, tenant: str, name: str, seconds: float = 0.0) -> str:
 
     ``tenant`` is there for a limit's key function to read; it is not written (it may hold anything).
     """
-    append_line(path, f"start {name} {time.time()!r} {os.getpid()}")
+    # The host's true time, also in a pool whose clock a test skewed: stamps compare on one clock.
+    append_line(path, f"start {name} {true_time()!r} {os.getpid()}")
     try:
         if seconds:
             time.sleep(seconds)
     finally:
-        append_line(path, f"end {name} {time.time()!r} {os.getpid()}")
+        append_line(path, f"end {name} {true_time()!r} {os.getpid()}")
     return name
 
 

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,9 +34,10 @@ from skunkqueue.persistence import LEASE_OK, Persistence
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import COMPLETE, PENDING, RUNNING
 from skunkqueue.testing import jobs
+from skunkqueue.testing.clocks import skewed
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import declare, make_record, wait_until
-from skunkqueue.testing.workers import pid_alive
+from skunkqueue.testing.workers import PoolProcess, pid_alive
 from skunkqueue.workflow import chain, group
 
 # Keys full of what breaks naive key building: braces (Redis hash tags), colons, $ and dots (Mongo).
@@ -44,6 +46,9 @@ CHAOS_JOBS = 60
 CHAOS_LEASE = 2.0
 RATE_JOBS = 100
 RATE = 20  # per second
+CLOCK_SKEW = 60.0  # seconds a pool's clock is ahead in the skewed-clock test
+SKEWED_JOBS = 30
+SKEWED_RATE = 10  # per second
 
 
 def _needs(store: Persistence, capability: str) -> None:
@@ -126,6 +131,26 @@ class FlowControlSuite:
         assert _ids(store.claim("r", "w", 30, limit=10)) == _ids(plain[1:]) + _ids(low)
         record = store.get(later.id)
         assert record is not None and record.state == PENDING, "a job due later ran early for its priority"
+
+    def test_a_broadcast_is_claimed_by_priority_like_a_shared_record(self, store: Persistence,
+                                                                     queue_name: str) -> None:
+        """A broadcast queue's records (each for one worker: ``target``) go by priority too, merged
+        with the route's shared records: priority descending, then due, then id."""
+        _needs(store, "supports_priorities")
+        base = time.time() - 10
+        kinds = [("w", -3), (None, -3), (None, 0), ("w", 0), ("other", 9), ("w", 5), (None, 5), ("w", 5),
+                 ("w", -1)]
+        records = [make_record(queue_name, target=target, priority=priority, due=base + n * 0.01)
+                   for n, (target, priority) in enumerate(kinds)]
+        store.enqueue(records)
+        expected = [records[n] for n in (5, 6, 7, 2, 3, 8, 0, 1)]
+        assert _ids(store.claim("r", "w", 30, limit=3)) == _ids(expected[:3])
+        assert _ids(store.claim("r", "w", 30, limit=10)) == _ids(expected[3:])
+        assert _ids(store.claim("r", "other", 30, limit=10)) == [records[4].id], "another worker's broadcast"
+        # Housekeeping purges a dead worker's broadcasts by target: those of a priority too.
+        store.enqueue([make_record(queue_name, target="gone", priority=3), make_record(queue_name, target="gone")])
+        assert store.purge("r", target="gone") == 2
+        assert store.claim("r", "gone", 30, limit=10) == []
 
     def test_a_full_key_is_skipped_not_charged_and_keeps_its_place(self, store: Persistence,
                                                                    queue_name: str) -> None:
@@ -381,6 +406,55 @@ class FlowControlSuite:
         assert most_in_window(list(starts.values()), 1.0) <= int(RATE * (1.0 + spread)) + 1, spread
         assert max(claimed) - min(claimed) >= (RATE_JOBS - 1) / RATE * 0.95, "faster than the rate"
 
+    def test_a_pool_whose_clock_is_a_minute_ahead_starts_no_faster_than_the_rate(
+            self, backend: BackendUnderTest, queue: SkunkQueue, store: Persistence, queue_name: str,
+            start_pool: Any, tmp_path: Path) -> None:
+        """The bucket is kept on the store's clock: a pool whose clock is 60 s ahead takes its share
+        of the starts, and with a pool on the right clock starts no faster than the rate. A bucket
+        on the claimer's clock would let the pool ahead move it a minute on, locking the other out."""
+        _needs(store, "supports_limits")
+        has_clock = type(store).now is not Persistence.now
+        checks_clocks = type(store).clock_offsets is not Persistence.clock_offsets
+        if not (has_clock or checks_clocks):
+            pytest.skip(f"the {store.name} backend has no clock of its own and compares no clocks: its "
+                        "pools share one host's clock (as SQLite's do), so no pool's clock can be off")
+        start_pool(["r"], concurrency=2)
+        ahead = PoolProcess(skewed(backend, CLOCK_SKEW, tmp_path / "skew"), queue_name, ["r"], concurrency=2,
+                            log_path=tmp_path / "ahead.log")
+        log = tmp_path / "stamps"
+        try:
+            if not has_clock:  # hosts' clocks time the leases and rates: the pool must refuse to start
+                assert ahead.wait(60) != 0, ahead.log()
+                assert "clock" in ahead.log() and "NTP" in ahead.log(), ahead.log()
+                return
+            ahead.wait_ready()
+            ahead_pids = set(ahead.worker_pids())
+            job = declare(queue, jobs.stamp, limit=Limit(rate=f"{SKEWED_RATE}/s"))
+            handles = job.fire_many([(str(log), "all", f"j{n}") for n in range(SKEWED_JOBS)])
+            for handle in handles:
+                assert handle.wait(timeout=60)
+        finally:
+            ahead.stop()
+        claimed = [record.started or 0.0 for record in (store.get(h.id) for h in handles) if record is not None]
+        started = {name: (at, pid) for what, name, at, pid in read_stamps(log) if what == "start"}
+        assert len(claimed) == len(started) == SKEWED_JOBS
+        # The store's claim times: burst 1, so starts are 1/SKEWED_RATE apart at least.
+        assert most_in_window(claimed, 1.0 - 1e-6) <= SKEWED_RATE
+        assert max(claimed) - min(claimed) >= (SKEWED_JOBS - 1) / SKEWED_RATE * 0.95, "faster than the rate"
+        # The stamps, on the host's true clock whichever pool wrote them: the rate, allowing for the
+        # spread of the lags between a claim and its start.
+        lags = [started[f"j{n}"][0] - claimed[n] for n in range(SKEWED_JOBS)]
+        spread = max(lags) - min(lags)
+        assert most_in_window([at for at, _ in started.values()], 1.0) <= int(SKEWED_RATE * (1.0 + spread)) + 1
+        starts = sorted(started.values())
+        # Each pool's two workers race the other's for every start: about half each (30 and 28 of
+        # 60 on Redis and PostgreSQL). With the bucket on the claimer's clock, the pool ahead took
+        # all 30 (tried on Redis with the claim's now passed in from the client).
+        mine = [pid in ahead_pids for _, pid in starts]
+        assert mine.count(True) >= 4, f"the pool ahead started {mine.count(True)} jobs: the test shows little"
+        assert mine.count(False) >= 4 and not all(mine[mine.index(True):]), \
+            f"the pool on the right clock was locked out once the pool ahead started a job: {mine}"
+
     def test_higher_priority_runs_first(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
                                         tmp_path: Path) -> None:
         _needs(store, "supports_priorities")
@@ -447,6 +521,46 @@ class FlowControlSuite:
         ended = {ident: float(at) for what, ident, at, _ in lines if what == "end"}
         assert len(begun) == len(ended) == 8
         assert most_at_once([(begun[i], ended[i]) for i in begun]) == 2
+
+    @pytest.mark.parametrize("loop", ["sync", "async"])
+    def test_burst_waits_for_limited_jobs_but_not_for_paused_or_later_ones(
+            self, loop: str, queue: SkunkQueue, store: Persistence, start_pool: Any, tmp_path: Path) -> None:
+        """``--burst`` runs until nothing is due or waiting on a limit: jobs a limit holds back will
+        become claimable, so the pool waits for them; a paused route's and a later job do not keep it."""
+        _needs(store, "supports_limits")
+        _needs(store, "supports_pause")
+        log, marks = tmp_path / "stamps", tmp_path / "marks"
+        keyed = declare(queue, jobs.stamp, limit=Limit(key=lambda path, tenant, name, seconds: tenant,
+                                                       concurrency=1))
+        rated = declare(queue, jobs.mark, limit=Limit(rate="4/s"))
+        held_back = [keyed.fire(str(log), "k{}:$.", f"k{n}", 0.05) for n in range(4)]
+        spaced = [rated.fire(str(marks), f"m{n}") for n in range(4)]
+        later = declare(queue, jobs.add).fire_at(timedelta(seconds=120), 1, 2)
+        queue.pause("p")
+        paused = [declare(queue, jobs.mark, route="p").fire(str(marks), f"p{n}") for n in range(2)]
+        # The key's one slot is taken by a claim of this test, so the pool finds k1..k3 blocked.
+        [held] = store.claim("r", "holder", 60, limit=1)
+        assert held.id == held_back[0].id
+        extra = ["--burst"] + (["--async-concurrency", "2"] if loop == "async" else [])
+        pool = start_pool(["r", "p"], concurrency=2, extra=extra, ready=False)
+        wait_until(lambda: pool.process.poll() is not None or (marks.exists() and len(marks.read_text().split()) == 4),
+                   timeout=60, what="the rate-limited jobs")
+        time.sleep(1.5)  # a pool that gave up on the blocked key has exited by now
+        assert pool.process.poll() is None, f"--burst exited with due jobs waiting on a limit: {pool.log()}"
+        released = time.time()
+        assert store.finish(held.id, held.token, policy.completed(b"3"))
+        assert pool.wait(60) == 0, pool.log()
+        assert "no due job left" in pool.log()
+        for handle in [*held_back[1:], *spaced]:
+            record = store.get(handle.id)
+            assert record is not None and (record.state, record.attempts) == (COMPLETE, 1), record
+        starts = {name: at for what, name, at, _ in read_stamps(log) if what == "start"}
+        assert sorted(starts) == ["k1", "k2", "k3"] and min(starts.values()) >= released
+        for handle in [later, *paused]:  # not due, or paused: left for another run
+            record = store.get(handle.id)
+            assert record is not None and (record.state, record.attempts) == (PENDING, 0), record
+        assert sorted(marks.read_text().split()) == [f"m{n}" for n in range(4)]
+        queue.resume("p")
 
     def test_a_workflow_step_obeys_its_limit(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
                                              tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 -- claim: take up to `limit` records of a route that are due by the store's clock: priority
--- descending, then (due, id); within a level, broadcasts to this worker merge with shared records.
+-- descending, then (due, id); within each level, broadcasts to this worker merge with shared records.
 -- Flow control (the Persistence docstring's rules): nothing from a paused route; a record whose
 -- key has no free slot (a slot is a live lease in the key's slots zset) or whose key's or route's
 -- rate (GCRA on TIME) does not allow a start yet is skipped, left where it is, unchanged, and the
@@ -20,7 +20,7 @@ local function claim(KEYS, ARGV)
   local nownum = clock()
   local now, until_ = fmt(nownum), fmt(nownum + lease)
   local out, foreign = {}, {}
-  -- A route without flow settings and priorities pays this HMGET and the ZREVRANGE below.
+  -- A route without flow settings and priorities pays this HMGET and the two ZRANGEs below.
   local setting = redis.call('HMGET', SETTINGS, PAUSE_SETTING .. route, LIMIT_SETTING .. route)
   if setting[1] then
     redis.call('DEL', KEYS[3], KEYS[4])
@@ -44,17 +44,29 @@ local function claim(KEYS, ARGV)
       route_burst = tonumber(data['burst']) or 1
     end
   end
-  -- The levels, highest first, with 0 (and the broadcasts) in its place.
-  local levels_key = LEVELS .. esc(route)
+  -- The levels of the route's shared records and of this worker's broadcasts, highest first, with
+  -- 0 in its place; each level is a pair (shared zset, this worker's zset), merged like level 0.
+  local levels_key, mine_key = LEVELS .. esc(route), LEVELS .. suffix(route, worker)
+  local found, listed = {}, {}
+  for _, key in ipairs({levels_key, mine_key}) do
+    for _, p in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      local level = tonumber(p)
+      if level and level ~= 0 and not listed[level] then
+        listed[level] = true
+        found[#found + 1] = level
+      end
+    end
+  end
+  table.sort(found, function(x, y) return x > y end)
   local sources = {}
   local zero_done = false
-  for _, p in ipairs(redis.call('ZREVRANGE', levels_key, 0, -1)) do
-    local level = tonumber(p)
-    if level and level < 0 and not zero_done then
+  for _, level in ipairs(found) do
+    if level < 0 and not zero_done then
       sources[#sources + 1] = {KEYS[1], KEYS[2]}
       zero_done = true
     end
-    if level and level ~= 0 then sources[#sources + 1] = {due_key(route, nil, p), level = p} end
+    local p = string.format('%d', level)
+    sources[#sources + 1] = {due_key(route, nil, p), due_key(route, worker, p), level = p}
   end
   if not zero_done then sources[#sources + 1] = {KEYS[1], KEYS[2]} end
 
@@ -195,8 +207,9 @@ local function claim(KEYS, ARGV)
       else first = redis.call('ZRANGE', zkey, '0', '0', 'WITHSCORES') end
       consider(first[2])
     end
-    if source.level and redis.call('EXISTS', source[1]) == 0 then
-      redis.call('ZREM', levels_key, source.level)  -- an emptied level is looked at no more
+    if source.level then  -- an emptied level is looked at no more
+      if redis.call('EXISTS', source[1]) == 0 then redis.call('ZREM', levels_key, source.level) end
+      if redis.call('EXISTS', source[2]) == 0 then redis.call('ZREM', mine_key, source.level) end
     end
   end
   if held and wake_at then consider(fmt(wake_at)) end

@@ -98,18 +98,22 @@ local function suffix(route, target)
   return esc(route)
 end
 
--- A pending record's zset: priority 0 (nil) and broadcasts in d:, another priority in its own
--- dp:<route>:<priority> (listed in p:<route>, see levels_add), so that each zset stays (due, id) ordered.
+-- A pending record's zset: priority 0 (nil) in d:<route>[:<target>], another priority in its own
+-- dp:<route>:<priority>[:<target>] (listed in p:<route>[:<target>], see levels_add), so that each
+-- zset stays (due, id) ordered. A broadcast (target) goes by priority like a shared record.
 local function due_key(route, target, priority)
   local p = tonumber(priority or '0') or 0
-  if target or p == 0 then return DUE .. suffix(route, target) end
-  return LEVEL_DUE .. esc(route) .. ':' .. string.format('%d', p)
+  if p == 0 then return DUE .. suffix(route, target) end
+  local key = LEVEL_DUE .. esc(route) .. ':' .. string.format('%d', p)
+  if target then return key .. ':' .. esc(target) end
+  return key
 end
--- Note a priority other than 0 among the route's zsets (the claim walks them highest first).
+-- Note a priority other than 0 among the route's (or one worker's) zsets (the claim walks them
+-- highest first).
 local function levels_add(route, target, priority)
   local p = tonumber(priority or '0') or 0
-  if target or p == 0 then return end
-  redis.call('ZADD', LEVELS .. esc(route), p, string.format('%d', p))
+  if p == 0 then return end
+  redis.call('ZADD', LEVELS .. suffix(route, target), p, string.format('%d', p))
 end
 local function notify_key(route, target) return NOTIFY .. suffix(route, target) end
 
