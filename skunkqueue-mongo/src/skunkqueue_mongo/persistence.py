@@ -424,10 +424,6 @@ class MongoPersistence(NativeAsync, Persistence):
 
     # -- producers -----------------------------------------------------------------
 
-    supports_keys = True
-    supports_settings = True
-    keeps_stats = True
-
     def enqueue(self, records: Sequence[JobRecord]) -> None:
         self.enqueue_keyed(records)
 
