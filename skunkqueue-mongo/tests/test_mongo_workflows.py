@@ -156,8 +156,8 @@ def test_a_parent_finishing_while_housekeeping_repairs_still_releases(
         later = running[1:]    # finishes after housekeeping is done
         count = store._release_if_complete  # type: ignore[attr-defined]
 
-        def count_then_a_parent_finishes(job_id: str, need: int) -> int | None:
-            have = count(job_id, need)
+        def count_then_a_parent_finishes(job_id: str, need: int, **options: Any) -> int | None:
+            have = count(job_id, need, **options)
             while between:
                 record = between.pop()
                 assert live.finish(record.id, record.token, policy.completed(b"2"))

@@ -178,7 +178,7 @@ class SkunkQueue:
         per_call = self._records(backend, job, calls, due, keys, live, priority=priority)
         flat = [record for records in per_call for record in records]
         if after is not None or on_failure is not None:
-            workflow.depend(self, backend, flat, after or [], on_failure)
+            workflow.depend(self, backend, flat, after or [], on_failure, using)
         keyed = keys is not None and any(k is not None for k in keys)
         with self._sending(backend, flat):  # job_sent sees the holders' ids: followed inside
             holders = backend.store(flat, keyed=keyed, using=using)

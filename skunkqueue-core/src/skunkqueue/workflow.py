@@ -290,14 +290,18 @@ def parent_ids(queue: QueueLike, after: Sequence[Any]) -> list[str]:
 
 
 def depend(queue: QueueLike, backend: Persistence, records: Sequence[JobRecord], after: Sequence[Any],
-           on_failure: str | None) -> None:
-    """Make ``records`` wait for the jobs ``after`` names (``fire(after=..., on_failure=...)``)."""
+           on_failure: str | None, using: Any = None) -> None:
+    """Make ``records`` wait for the jobs ``after`` names (``fire(after=..., on_failure=...)``).
+
+    With ``using``, the parents are looked up in that transaction, where a parent fired in it exists.
+    """
     check_supported(queue, backend)
     if on_failure is not None and on_failure not in dependencies.ON_FAILURE:
         raise ConfigurationError(f"on_failure takes {' or '.join(map(repr, dependencies.ON_FAILURE))}, "
                                  f"not {on_failure!r}.")
     parents = parent_ids(queue, after)
-    missing = [pid for pid, found in zip(parents, backend.get_many(parents)) if found is None]
+    stored = backend.get_many(parents) if using is None else backend.get_many_in(using, parents)
+    missing = [pid for pid, found in zip(parents, stored) if found is None]
     if missing:
         raise ConfigurationError(f"after=: no job {missing[0]} in the queue {queue.name!r} (never fired, "
                                  "expired or purged).")

@@ -64,6 +64,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -229,6 +230,27 @@ SLOTS_GONE = {"flow_slot": "$$REMOVE", "route_slot": "$$REMOVE", "slot_lost": "$
 _SETTLE_PENDING = {"$cond": [{"$eq": ["$has_dependents", True]}, True, "$$REMOVE"]}
 
 
+@dataclass(frozen=True)
+class _Via:
+    """Where the workflow documents are read and written: the queue's own client, or an application's session.
+
+    A session's operations must go through its own client (``session.client``), with the session, to be in
+    its transaction; inside a transaction ``call`` runs each operation once, since a failed operation has
+    aborted the transaction (``with_transaction`` retries the whole of it).
+    """
+
+    jobs: Collection[dict[str, Any]]
+    deps: Collection[dict[str, Any]]
+    settled: Collection[dict[str, Any]]
+    waits: Collection[dict[str, Any]]
+    session: ClientSession | None
+    call: Callable[[str, Callable[[], Any]], Any]
+
+
+def _once(what: str, op: Callable[[], T]) -> T:
+    return op()
+
+
 class MongoPersistence(NativeAsync, Persistence):
     name = "mongodb"
     url_schemes = ("mongodb", "mongodb+srv")
@@ -264,6 +286,7 @@ class MongoPersistence(NativeAsync, Persistence):
         self.settled: Collection[dict[str, Any]] = database["settled"]
         self.waits: Collection[dict[str, Any]] = database["waits"]
         self.flow_times: Collection[dict[str, Any]] = database["flow"]
+        self._own = _Via(self.jobs, self.deps, self.settled, self.waits, None, self._call)
         # Per route: (monotonic time read, paused, limit): the flow settings the claim uses.
         self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         # Per route whose last claim here left due records behind for a limit or a pause: when
@@ -451,21 +474,19 @@ class MongoPersistence(NativeAsync, Persistence):
         so a failure here aborts the application's transaction; a key taken by a transaction that
         commits first is a write conflict whose error carries ``TransientTransactionError``, which
         ``with_transaction`` retries.
+
+        Workflows (``after=``, ``chain``, ``group``): the dependency documents (waits, deps) and the
+        parents' ``has_dependents`` marks are written in the same transaction, and a parent found
+        finished in it is counted in it, so an abort leaves no trace on a parent either. Marking a
+        parent writes its document: a worker claiming, renewing or finishing that parent meanwhile
+        waits for the transaction's end, and a parent that changed since the transaction began
+        makes it a write conflict (``TransientTransactionError``, which ``with_transaction`` retries).
         """
-        if not isinstance(handle, ClientSession):
-            raise ConfigurationError(
-                f"using= takes a pymongo ClientSession for the mongodb backend (client.start_session()), not "
-                f"{type(handle).__module__}.{type(handle).__qualname__}.")
-        if any(record.parents for record in records):
-            raise ConfigurationError("using= and after= (or a workflow) together are not supported on MongoDB yet; "
-                                     "fire the workflow after your transaction commits.")
         if not records:
+            self._check_session(handle, reach=False)
             return []
-        self._check_same_cluster(handle)
-        if handle.in_transaction and not self.notifies:
-            raise ConfigurationError(f"MongoDB at {self.address} is standalone: it has no transactions; "
-                                     "run a replica set, or fire after your writes.")
-        jobs = handle.client[self.jobs.database.name][self.jobs.name]
+        via = self._check_session(handle)
+        jobs = via.jobs
         docs = _docs(records, self._shift())
         holders = [record.id for record in records]
         try:
@@ -481,6 +502,9 @@ class MongoPersistence(NativeAsync, Persistence):
                 if holder is not None:  # past its expiry, waiting for the TTL monitor: the key is free
                     jobs.delete_one({"_id": holder["_id"], "key": doc["key"]}, session=handle)
                 jobs.insert_one(doc, session=handle)
+            for record, held_by in zip(records, holders):
+                if record.parents and held_by == record.id:
+                    self._attach(record, via)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
         except OperationFailure as exc:
@@ -489,6 +513,36 @@ class MongoPersistence(NativeAsync, Persistence):
                                          "run a replica set, or fire after your writes.") from None
             raise
         return holders
+
+    def get_many_in(self, handle: Any, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        via = self._check_session(handle)
+        found: dict[str, JobRecord] = {}
+        for start in range(0, len(job_ids), 1000):
+            query = {"_id": {"$in": list(job_ids[start:start + 1000])}, "queue": self.queue,
+                     **_not_expired(self.now())}
+            for doc in via.call("get", partial(self._find_all, via.jobs, query, None, handle)):
+                found[str(doc["_id"])] = _to_record(doc)
+        return [found.get(job_id) for job_id in job_ids]
+
+    def _check_session(self, handle: Any, reach: bool = True) -> _Via:
+        """Refuse a handle that is no session of the queue's deployment, or a transaction a standalone
+        cannot run, in one line; return the documents as the session reaches them."""
+        if not isinstance(handle, ClientSession):
+            raise ConfigurationError(
+                f"using= takes a pymongo ClientSession for the mongodb backend (client.start_session()), not "
+                f"{type(handle).__module__}.{type(handle).__qualname__}.")
+        if reach:
+            self._check_same_cluster(handle)
+            if handle.in_transaction and not self.notifies:
+                raise ConfigurationError(f"MongoDB at {self.address} is standalone: it has no transactions; "
+                                         "run a replica set, or fire after your writes.")
+        return self._via(handle)
+
+    def _via(self, handle: ClientSession) -> _Via:
+        """The workflow documents as ``handle`` reaches them: through its client, with it."""
+        database = handle.client[self.jobs.database.name]
+        return _Via(database[self.jobs.name], database[self.deps.name], database[self.settled.name],
+                    database[self.waits.name], handle, _once if handle.in_transaction else self._call)
 
     def _check_same_cluster(self, handle: ClientSession) -> None:
         """Refuse a session of a client that reaches another deployment than the queue's (once per client)."""
@@ -1028,90 +1082,113 @@ class MongoPersistence(NativeAsync, Persistence):
     def _edge_expiry(self) -> datetime:
         return _date(self.now() + 2 * self.result_ttl + 86400)
 
-    def _attach(self, record: JobRecord) -> None:
-        """Make a stored waiting record a dependent of its parents; count those already finished."""
+    def _attach(self, record: JobRecord, via: _Via | None = None) -> None:
+        """Make a stored waiting record a dependent of its parents; count those already finished.
+
+        ``via``: an application's session (see :meth:`enqueue_in`), else the queue's own client.
+        """
+        at = via or self._own
         parents = dependencies.unique(record.parents or ())
         expire = self._edge_expiry()
-        self._call("attach", partial(self.waits.replace_one, {"_id": record.id}, {
+        at.call("attach", partial(at.waits.replace_one, {"_id": record.id}, {
             "queue": self.queue, "left": len(parents), "need": len(parents),
-            "run": dependencies.runs_anyway(record), "expire_at": expire}, upsert=True))
+            "run": dependencies.runs_anyway(record), "expire_at": expire}, upsert=True, session=at.session))
+        mark: dict[str, Any] = {"$set": {"has_dependents": True}}
+        if at.session is not None:
+            # The mark must change the document even when it is there already: an update that
+            # changes nothing writes nothing, and only a write makes a finish committed since the
+            # transaction's snapshot a write conflict (read below, the parent would still look
+            # running) and makes a later finish wait for the commit (and see the dependent then).
+            mark["$inc"] = {"attach_writes": 1}
         for start in range(0, len(parents), 1000):
             batch = parents[start:start + 1000]
-            self._call("attach", partial(self.deps.bulk_write, [UpdateOne(
+            at.call("attach", partial(at.deps.bulk_write, [UpdateOne(
                 {"_id": f"{parent}/{record.id}"},
                 {"$set": {"queue": self.queue, "parent": parent, "child": record.id, "expire_at": expire}},
-                upsert=True) for parent in batch], ordered=False))
-            self._call("attach", partial(self.jobs.update_many, {"_id": {"$in": batch}, "queue": self.queue},
-                                         {"$set": {"has_dependents": True}}))
+                upsert=True) for parent in batch], ordered=False, session=at.session))
+            at.call("attach", partial(at.jobs.update_many, {"_id": {"$in": batch}, "queue": self.queue}, mark,
+                                      session=at.session))
         # Read after marking: a parent that finished before it had this dependent is counted here;
         # one that finishes later counts it itself (both counting is harmless).
         found: dict[str, Any] = {}
         for start in range(0, len(parents), 1000):
             query = {"_id": {"$in": parents[start:start + 1000]}, "queue": self.queue, **_not_expired(self.now())}
-            found.update((doc["_id"], doc.get("state")) for doc in self._call(
-                "attach", partial(self._find_all, self.jobs, query, {"state": 1})))
+            found.update((doc["_id"], doc.get("state")) for doc in at.call(
+                "attach", partial(self._find_all, at.jobs, query, {"state": 1}, at.session)))
         for parent in parents:
             state = found.get(parent, dependencies.missing_parent_state())
             if state in FINISHED_STATES:
-                for ended in self._settle(parent, str(state), [record.id]):
-                    self._settle_finished(ended)
+                for ended in self._settle(parent, str(state), [record.id], via=at):
+                    self._settle_finished(ended, via=at)
 
-    def _settle_finished(self, job_id: str, repair: bool = False, state: str | None = None) -> None:
+    def _settle_finished(self, job_id: str, repair: bool = False, state: str | None = None, *,
+                         via: _Via | None = None) -> None:
         """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
 
         ``repair`` (housekeeping, after a worker died part-way): also make every later count of each
         dependent look at its set, since the dead worker may have counted a parent into the set
         without decrementing the hint. ``state``: the finish that just ended ``job_id`` so, with
-        dependents, says it (no read of the record).
+        dependents, says it (no read of the record). ``via``: as in :meth:`_attach`.
         """
+        at = via or self._own
         work: list[tuple[str, str | None]] = [(job_id, state)]
         while work:  # a worklist, not recursion: a chain may be long
             current, known = work.pop()
             if known is None:
-                doc = self._call("settle", partial(self.jobs.find_one, {"_id": current, "queue": self.queue},
-                                                   {"state": 1, "has_dependents": 1}))
+                doc = at.call("settle", partial(at.jobs.find_one, {"_id": current, "queue": self.queue},
+                                                {"state": 1, "has_dependents": 1}, session=at.session))
                 if doc is None or doc.get("state") not in FINISHED_STATES:
                     continue
                 known = str(doc["state"]) if doc.get("has_dependents") else None
             if known is not None:
-                children = [str(d["child"]) for d in self._call("settle", partial(
-                    self._find_all, self.deps, {"parent": current, "queue": self.queue}, {"child": 1}))]
-                work += [(ended, None) for ended in self._settle(current, known, children, repair)]
-            self._call("settle", partial(self.jobs.update_one, {"_id": current, "queue": self.queue},
-                                         {"$unset": {"settle_pending": ""}}))
+                children = [str(d["child"]) for d in at.call("settle", partial(
+                    self._find_all, at.deps, {"parent": current, "queue": self.queue}, {"child": 1}, at.session))]
+                work += [(ended, None) for ended in self._settle(current, known, children, repair, via=at)]
+            at.call("settle", partial(at.jobs.update_one, {"_id": current, "queue": self.queue},
+                                      {"$unset": {"settle_pending": ""}}, session=at.session))
 
-    def _settle(self, parent: str, state: str, children: list[str], repair: bool = False) -> list[str]:
+    def _settle(self, parent: str, state: str, children: list[str], repair: bool = False, *,
+                via: _Via | None = None) -> list[str]:
         """Count a finished parent into each dependent's set; release or end the dependents it completes.
 
-        Returns the dependents it ended (their own dependents are counted next).
+        Returns the dependents it ended (their own dependents are counted next). ``via``: as in
+        :meth:`_attach`.
         """
+        at = via or self._own
+        session = at.session
         ended_ids: list[str] = []
         for child in children:
             mark = {"_id": f"{child}/{parent}"}
-            try:
-                self._call("settle", partial(self.settled.insert_one, {
-                    **mark, "queue": self.queue, "child": child, "parent": parent, "state": state,
-                    "counted": False, "expire_at": self._edge_expiry()}))
-            except DuplicateKeyError:
-                pass  # counted into the set before (a repeat, or a retried insert that went in)
-            wait = self._call("settle", partial(self.waits.find_one, {"_id": child}))
+            counted = {**mark, "queue": self.queue, "child": child, "parent": parent, "state": state,
+                       "counted": False, "expire_at": self._edge_expiry()}
+            if session is not None:
+                # A duplicate key would abort the application's transaction: insert only if absent.
+                at.call("settle", partial(at.settled.update_one, mark, {"$setOnInsert": counted}, upsert=True,
+                                          session=session))
+            else:
+                try:
+                    at.call("settle", partial(at.settled.insert_one, counted))
+                except DuplicateKeyError:
+                    pass  # counted into the set before (a repeat, or a retried insert that went in)
+            wait = at.call("settle", partial(at.waits.find_one, {"_id": child}, session=session))
             if wait is None:
                 continue  # released, or ended, already
             waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
             if dependencies.kills_dependent(state, bool(wait.get("run"))):
                 outcome = dependencies.dependency_failed(parent, state)
-                ended = self._call("settle", partial(self.jobs.update_one, waiting, [{"$set": {
+                ended = at.call("settle", partial(at.jobs.update_one, waiting, [{"$set": {
                     "state": KILLED, "error": _lit(outcome.error), "finished": NOW, "dead": False,
-                    "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}]))
-                self._call("settle", partial(self.waits.delete_one, {"_id": child}))
+                    "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}],
+                    session=session))
+                at.call("settle", partial(at.waits.delete_one, {"_id": child}, session=session))
                 if ended.modified_count:
                     ended_ids.append(child)
                 continue
             # Decrement once per parent: only the call that flips "counted" does it.
-            if self._call("settle", partial(self.settled.update_one, {**mark, "counted": False},
-                                            {"$set": {"counted": True}})).modified_count:
-                wait = self._call("settle", partial(self.waits.find_one_and_update, {"_id": child},
-                                                    {"$inc": {"left": -1}}, return_document=ReturnDocument.AFTER))
+            if at.call("settle", partial(at.settled.update_one, {**mark, "counted": False},
+                                         {"$set": {"counted": True}}, session=session)).modified_count:
+                wait = at.call("settle", partial(at.waits.find_one_and_update, {"_id": child}, {"$inc": {"left": -1}},
+                                                 return_document=ReturnDocument.AFTER, session=session))
             if wait is None:
                 continue
             if repair:
@@ -1122,23 +1199,25 @@ class MongoPersistence(NativeAsync, Persistence):
                 # in the set before it, and one whose decrement comes after it looks itself.
                 # (Writing the hint from a count instead undid a decrement made between the count
                 # and the write, and the dependent waited forever.)
-                self._call("settle", partial(self.waits.update_one, {"_id": child}, {"$min": {"left": 0}}))
-                self._release_if_complete(child, int(wait.get("need", 0)))
+                at.call("settle", partial(at.waits.update_one, {"_id": child}, {"$min": {"left": 0}},
+                                          session=session))
+                self._release_if_complete(child, int(wait.get("need", 0)), via=at)
             elif int(wait.get("left", 1)) <= 0:
-                self._release_if_complete(child, int(wait.get("need", 0)))
+                self._release_if_complete(child, int(wait.get("need", 0)), via=at)
         return ended_ids
 
-    def _release_if_complete(self, child: str, need: int) -> int | None:
+    def _release_if_complete(self, child: str, need: int, *, via: _Via | None = None) -> int | None:
         """Release ``child`` if its set holds every parent (the count, not the hint, decides).
 
         Returns how many parents its set holds, or None once it is released.
         """
-        have = int(self._call("settle", partial(self.settled.count_documents, {"child": child})))
+        at = via or self._own
+        have = int(at.call("settle", partial(at.settled.count_documents, {"child": child}, session=at.session)))
         if have < need:
             return have
         waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
-        self._call("settle", partial(self.jobs.update_one, waiting, [{"$set": {"due": NOW}}]))
-        self._call("settle", partial(self.waits.delete_one, {"_id": child}))
+        at.call("settle", partial(at.jobs.update_one, waiting, [{"$set": {"due": NOW}}], session=at.session))
+        at.call("settle", partial(at.waits.delete_one, {"_id": child}, session=at.session))
         return None
 
     def release_stranded(self, limit: int = 100) -> int:
@@ -1161,8 +1240,9 @@ class MongoPersistence(NativeAsync, Persistence):
 
     @staticmethod
     def _find_all(collection: Collection[dict[str, Any]], query: dict[str, Any],
-                  projection: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        return list(collection.find(query, projection))
+                  projection: dict[str, Any] | None = None,
+                  session: ClientSession | None = None) -> list[dict[str, Any]]:
+        return list(collection.find(query, projection, session=session))
 
     def dependents(self, job_id: str) -> list[str]:
         found = self._call("dependents", partial(self._find_all, self.deps, {"parent": job_id, "queue": self.queue},

@@ -358,6 +358,13 @@ class TransactionalEnqueue(Protocol):
         raise ConfigurationError(f"The {self.name} backend cannot store jobs in a transaction of "
                                  f"yours (using=); fire after your transaction commits instead.")
 
+    def get_many_in(self, handle: Any, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """:meth:`JobStore.get_many` as the caller's open transaction on ``handle`` sees the records,
+        those stored in it and not committed yet included (``fire(..., after=[h], using=handle)``
+        checks that the parents exist through it). The default reads outside the transaction.
+        """
+        return self.get_many(job_ids)  # type: ignore[attr-defined]
+
 
 class Workflows(Protocol):
     """Dependents counted down with the finish (``chain``, ``group``, ``fire(after=...)``).
