@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -220,3 +221,41 @@ def client_count(server: Any, queue: SkunkQueue) -> dict[str, int]:
     with MongoClient(server.url) as client:
         return {"rows": client["app"]["rows"].count_documents({"scope": queue.name}),
                 "jobs": client[DB]["jobs"].count_documents({"queue": queue.name})}
+
+
+@pytest.mark.parametrize("end", ["commit", "abort"])
+def test_a_parent_finishing_during_the_transaction_waits_for_it_then_counts_the_dependent(
+        mongo_replset: Any, replset_queue: SkunkQueue, end: str) -> None:
+    queue = replset_queue
+    add = declare(queue, jobs.add)
+    parent = add.fire(1, 1)
+    [claimed] = queue.persistence.claim("r", "test-worker", 30)
+    finished: list[float] = []
+
+    def finish() -> None:
+        outcome = policy.completed(serializer.dumps(2, claimed.serializer))
+        assert queue.persistence.finish(parent.id, claimed.token, outcome)
+        finished.append(time.monotonic())
+
+    worker = threading.Thread(target=finish)
+    with MongoClient(mongo_replset.url) as client, client.start_session() as session:
+        session.start_transaction()
+        child = add.fire(5, 6, after=[parent], using=session)
+        worker.start()
+        time.sleep(1.0)
+        # The finish would otherwise have settled with no dependent in sight, and the child, committed
+        # afterwards, would wait for a parent that had already counted itself out.
+        assert not finished, "the parent's finish did not wait for the transaction that marked it"
+        ended = time.monotonic()
+        if end == "commit":
+            session.commit_transaction()
+        else:
+            session.abort_transaction()
+    worker.join(timeout=30)
+    assert finished and finished[0] >= ended
+    assert queue.get(parent.id).state == COMPLETE  # type: ignore[union-attr]
+    if end == "commit":
+        assert [r.id for r in queue.persistence.claim("r", "test-worker", 30)] == [child.id]
+    else:
+        assert queue.get(child.id) is None and queue.persistence.dependents(parent.id) == []
+        assert queue.persistence.claim("r", "test-worker", 30) == []
