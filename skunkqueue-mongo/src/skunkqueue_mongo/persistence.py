@@ -286,7 +286,6 @@ class MongoPersistence(NativeAsync, Persistence):
         self.settled: Collection[dict[str, Any]] = database["settled"]
         self.waits: Collection[dict[str, Any]] = database["waits"]
         self.flow_times: Collection[dict[str, Any]] = database["flow"]
-        self._own = _Via(self.jobs, self.deps, self.settled, self.waits, None, self._call)
         # Per route: (monotonic time read, paused, limit): the flow settings the claim uses.
         self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         # Per route whose last claim here left due records behind for a limit or a pause: when
@@ -1078,6 +1077,11 @@ class MongoPersistence(NativeAsync, Persistence):
     # housekeeping (release_stranded) counts again.
 
     supports_workflows = True
+
+    @property
+    def _own(self) -> _Via:
+        """The workflow documents through the queue's own client (read each time: tests wrap them)."""
+        return _Via(self.jobs, self.deps, self.settled, self.waits, None, self._call)
 
     def _edge_expiry(self) -> datetime:
         return _date(self.now() + 2 * self.result_ttl + 86400)
