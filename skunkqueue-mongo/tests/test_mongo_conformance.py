@@ -7,7 +7,7 @@ from typing import Any, Callable
 import pytest
 from pymongo import MongoClient
 from pymongo.client_session import ClientSession
-from pymongo.errors import CollectionInvalid
+from pymongo.errors import OperationFailure
 
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
 from skunkqueue.testing.kit import AppTransactions
@@ -15,6 +15,7 @@ from skunkqueue.testing.suite import KitFixtures
 from skunkqueue.testing.suite_transactional import TransactionalSuite
 
 DB = "skunkqueue_kit"
+NAMESPACE_EXISTS = 48
 
 
 def foreign_writer(server: Any) -> Callable[[str, str], None]:
@@ -58,8 +59,9 @@ class SessionTransactions(AppTransactions):
             # 8-process test, run first on a fresh server, lost its processes to that.
             try:
                 client["app"].create_collection("rows")
-            except CollectionInvalid:
-                pass  # another process made it first
+            except OperationFailure as exc:
+                if exc.code != NAMESPACE_EXISTS:  # not: another process made it first
+                    raise
         return client.start_session()
 
     def begin(self, handle: ClientSession) -> None:

@@ -52,8 +52,12 @@ def _commit_many(backend: BackendUnderTest, queue_name: str, transactions: AppTr
     queue = SkunkQueue(queue_name, backend=backend.name, conn_url=backend.url, dbname=backend.db,
                        **backend.options)
     mark = declare(queue, jobs.mark)
-    handle = transactions.open()
-    committed = []
+    committed: list[str] = []
+    try:
+        handle = transactions.open()
+    except BaseException as exc:
+        out.put(f"process {me} could not open a transaction: {exc!r}")  # fail the test now, not at its timeout
+        raise
     try:
         for i in range(count):
             tag = f"p{me}-{i}"
@@ -65,10 +69,14 @@ def _commit_many(backend: BackendUnderTest, queue_name: str, transactions: AppTr
             else:
                 transactions.commit(handle)
                 committed.append(tag)
+    except BaseException as exc:
+        out.put(f"process {me} failed after {len(committed)} commits: {exc!r}")
+        raise
+    else:
+        out.put(committed)
     finally:
         transactions.close(handle)
         queue.close()
-    out.put(committed)
 
 
 class TransactionalSuite:
@@ -243,7 +251,10 @@ class TransactionalSuite:
                  for me in range(self.processes)]
         for proc in procs:
             proc.start()
-        committed = [tag for _ in procs for tag in out.get(timeout=600)]
+        reports = [out.get(timeout=600) for _ in procs]
+        failed = [report for report in reports if isinstance(report, str)]
+        assert not failed, failed[0]
+        committed = [tag for report in reports for tag in report]
         for proc in procs:
             proc.join(60)
             assert proc.exitcode == 0
