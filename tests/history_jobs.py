@@ -16,6 +16,7 @@ from typing import Any
 from history import append_event, slot_token
 
 from skunkqueue.context import current_job
+from skunkqueue.testing.clocks import true_time
 from skunkqueue.testing.kit import kit_queue, kit_routes
 
 _here = kit_queue("skunkqueue-history")
@@ -23,10 +24,13 @@ _routes = kit_routes(["h"])
 
 
 def _attempt(history: str, op: str, token: str, **extra: Any) -> None:
+    # Stamped with the host's true time: in a pool whose clock is skewed (testing.clocks) time.time()
+    # is off, and the checker compares these stamps with the producers' and with due times set by
+    # the store's clock, so a skewed stamp would read as an early (or late) start that never happened.
     ctx = current_job()
     assert ctx is not None, "a history job runs inside a worker"
     fields: dict[str, Any] = {"id": ctx.id, "token": token, "attempt": ctx.attempt, "fence": ctx.token,
-                              "pid": os.getpid(), **extra}
+                              "pid": os.getpid(), "t": true_time(), **extra}
     if op == "start" and ctx.dependencies:
         fields["parents"] = sorted(ctx.dependencies)
     append_event(history, op, **fields)
