@@ -54,7 +54,14 @@ def step(history: str, token: str, pause: float = 0.0) -> str:
         outcome = type(exc).__name__
         raise
     finally:
-        _attempt(history, "end", token, outcome=outcome)
+        # A worker raises its interrupt (lease lost, kill) into the job from a signal handler, so it
+        # can land here too, before the line is written; the attempt then looked open for good to the
+        # checker (a false "concurrent" with the retry). A worker raises one interrupt per attempt.
+        try:
+            _attempt(history, "end", token, outcome=outcome)
+        except BaseException as exc:
+            _attempt(history, "end", token, outcome=type(exc).__name__)
+            raise
     return token
 
 
