@@ -139,39 +139,57 @@ def test_indexes_are_created_once_per_process_and_idempotently(mongo: Any, opene
     first = opened("q", mongo.url)
     before = first.jobs.index_information()
     created: list[str] = []
-    original = Collection.create_index
+    commands: list[str] = []
+    original = Collection.create_indexes
 
-    def counting(self: Collection[Any], keys: Any, **kwargs: Any) -> str:
-        created.append(str(kwargs.get("name")))
-        return original(self, keys, **kwargs)
+    def counting(self: Collection[Any], indexes: Any, **kwargs: Any) -> list[str]:
+        commands.append(self.name)
+        created.extend(str(model.document["name"]) for model in indexes)
+        return original(self, indexes, **kwargs)
 
-    monkeypatch.setattr(Collection, "create_index", counting)
+    monkeypatch.setattr(Collection, "create_indexes", counting)
     opened("q2", mongo.url)
     assert created == [], "a second instance in the same process must not create indexes again"
     monkeypatch.setattr(mongo_persistence, "_indexed", set())
     opened("q3", mongo.url)
-    assert sorted(created) == ["claim", "deps_expire", "deps_parent", "expire", "key", "lease", "queue", "settle",
-                               "settled_child", "settled_expire", "stats_expire", "stats_minute", "waits_expire"]
+    assert sorted(commands) == sorted(set(commands)), "one command per collection"
+    assert sorted(created) == ["claim_priority", "deps_expire", "deps_parent", "expire", "flow_expire", "flow_slot",
+                               "key", "lease", "limit_key", "queue", "route_slot", "settle", "settled_child",
+                               "settled_expire", "stats_expire", "stats_minute", "waits_expire"]
     assert first.jobs.index_information() == before
-    assert before["claim"]["key"] == [("queue", 1), ("route", 1), ("state", 1), ("target", 1), ("due", 1),
-                                      ("_id", 1)]
+    assert before["claim_priority"]["key"] == [("queue", 1), ("route", 1), ("state", 1), ("target", 1),
+                                               ("priority", -1), ("due", 1), ("_id", 1)]
     assert before["expire"]["key"] == [("expire_at", 1)] and before["expire"]["expireAfterSeconds"] == 0
 
 
-def test_claim_reads_one_index_entry_without_sorting(mongo: Any, opened: Any, queue_name: str) -> None:
+def _explain_claim(store: MongoPersistence) -> dict[str, Any]:
+    query = store.claim_filter("r", "w")
+    explained = store.jobs.database.command(
+        "explain", {"find": "jobs", "filter": query, "sort": dict(store.CLAIM_ORDER), "limit": 1},
+        verbosity="executionStats")
+    plan = str(explained["queryPlanner"]["winningPlan"])
+    assert "'indexName': 'claim_priority'" in plan
+    assert "'stage': 'SORT'" not in plan and "COLLSCAN" not in plan
+    return dict(explained["executionStats"])
+
+
+def test_claim_reads_a_few_index_entries_without_sorting(mongo: Any, opened: Any, queue_name: str) -> None:
     store = opened(queue_name, mongo.url)
     now = time.time()
     # Broadcasts for another worker sit at the head of the route; they must not be scanned.
     store.enqueue([make_record(queue_name, due=now - 100, target="someone-else") for _ in range(300)])
     store.enqueue([make_record(queue_name, due=now - 50) for _ in range(700)])
-    query = store.claim_filter("r", "w")
-    explained = store.jobs.database.command(
-        "explain", {"find": "jobs", "filter": query, "sort": {"due": 1, "_id": 1}, "limit": 1},
-        verbosity="executionStats")
-    plan = str(explained["queryPlanner"]["winningPlan"])
-    assert "'indexName': 'claim'" in plan and "'stage': 'SORT'" not in plan
-    assert explained["executionStats"]["totalKeysExamined"] <= 3
-    assert explained["executionStats"]["totalDocsExamined"] == 1
+    small = _explain_claim(store)
+    assert small["totalKeysExamined"] <= 3 and small["totalDocsExamined"] == 1
+    # Higher priorities whose records are not due yet come first in the index: each such level costs one
+    # index seek past it, not a read of its records.
+    store.enqueue([make_record(queue_name, due=now + 600, priority=level) for level in (1, 2, 3) for _ in range(300)])
+    assert _explain_claim(store)["totalKeysExamined"] <= 3 + 3
+    # Ten times the backlog, due and not due: the claim reads as few entries as before.
+    store.enqueue([make_record(queue_name, due=now - 50 + n / 1000) for n in range(7000)])
+    store.enqueue([make_record(queue_name, due=now + 600, priority=level) for level in (1, 2, 3) for _ in range(3000)])
+    large = _explain_claim(store)
+    assert large["totalKeysExamined"] <= 3 + 3 and large["totalDocsExamined"] == 1
 
 
 def test_finished_records_get_expire_at_and_the_ttl_monitor_deletes_them(mongo: Any, opened: Any,
@@ -240,7 +258,9 @@ def test_undecodable_record_is_quarantined_not_returned(mongo: Any, opened: Any,
                            "due": 0.0, "func": "no colon", "payload": b""})
     good = make_record(queue_name)
     store.enqueue([good])
-    assert [r.id for r in store.claim("r", "w", 10)] == [good.id]
+    # A document without a priority (a foreign one, or one an older version stored before start-up
+    # gave them 0) sorts after every priority: the good record comes first, then bad-1 is quarantined.
+    assert [r.id for r in store.claim("r", "w", 10, limit=5)] == [good.id]
     bad = store.jobs.find_one({"_id": "bad-1"})
     assert (bad["state"], bad["dead"], bad["error"]["type"]) == (ERROR, True, "MalformedRecord")
     assert "module:name" in bad["error"]["message"] and "expire_at" in bad
@@ -490,13 +510,14 @@ def test_housekeeping_recreates_indexes_after_drop_database(mongo_standalone: An
         pool.wait_ready()
         add = queue.event(routes=["r"])(jobs.add.func)
         assert add.fire(1, 1).wait(timeout=20) == 2
-        assert {"claim", "lease", "expire"} <= set(client[db]["jobs"].index_information())
+        assert {"claim_priority", "lease", "expire"} <= set(client[db]["jobs"].index_information())
         client.drop_database(db)
         assert set(client[db]["jobs"].index_information()) <= {"_id_"}
         # Jobs keep flowing, and the worker's housekeeping puts the indexes back.
         handles = [add.fire(i, 1) for i in range(5)]
         assert [h.wait(timeout=20) for h in handles] == [i + 1 for i in range(5)]
-        wait_until(lambda: {"claim", "lease", "expire", "key"} <= set(client[db]["jobs"].index_information())
+        wait_until(lambda: {"claim_priority", "lease", "expire", "key", "flow_slot"}
+                   <= set(client[db]["jobs"].index_information())
                    and "queue" in client[db]["workers"].index_information()
                    and "stats_expire" in client[db]["stats"].index_information(),
                    timeout=mongo_persistence.INDEX_CHECK_EVERY + 10, what="the indexes to be re-created")

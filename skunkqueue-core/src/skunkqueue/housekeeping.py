@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from skunkqueue import policy
-from skunkqueue.persistence import Persistence
+from skunkqueue.persistence.roles import JobStore, WorkerRegistry
 from skunkqueue.record import WorkerInfo
 
 log = logging.getLogger("skunkqueue.housekeeping")
@@ -15,7 +16,11 @@ log = logging.getLogger("skunkqueue.housekeeping")
 WORKER_TTL = 15.0
 
 
-def recover_expired_leases(backend: Persistence, now: float | None = None) -> int:
+class Registry(JobStore, WorkerRegistry, Protocol):
+    """What reaping reads and changes: the registry, and the store's clock and broadcasts."""
+
+
+def recover_expired_leases(backend: JobStore, now: float | None = None) -> int:
     """Hand out again (or dead-letter) every job whose worker stopped renewing its lease."""
     recovered = 0
     for record in backend.expired_leases(time.time() if now is None else now):
@@ -28,12 +33,12 @@ def recover_expired_leases(backend: Persistence, now: float | None = None) -> in
     return recovered
 
 
-def delete_expired_results(backend: Persistence) -> int:
+def delete_expired_results(backend: JobStore) -> int:
     """Delete finished records past their ``result_ttl`` (a no-op where the store expires them itself)."""
     return backend.delete_expired(backend.now())
 
 
-def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str]:
+def reap_dead_workers(backend: Registry, ttl: float = WORKER_TTL) -> list[str]:
     """Unregister workers that stopped sending heartbeats, and drop broadcasts meant for them."""
     cutoff = backend.now() - ttl  # last_seen is on the store's clock where it has one
     reaped = []
@@ -47,7 +52,7 @@ def reap_dead_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[str
     return reaped
 
 
-def live_workers(backend: Persistence, ttl: float = WORKER_TTL) -> list[WorkerInfo]:
+def live_workers(backend: Registry, ttl: float = WORKER_TTL) -> list[WorkerInfo]:
     """The registered workers with a recent heartbeat; the dead ones are reaped on the way."""
     reap_dead_workers(backend, ttl)
     return backend.workers()

@@ -508,8 +508,6 @@ class FDBPersistence(Persistence):
 
         self._once(store, lambda _tr, _memo: None)
 
-    supports_keys = True
-
     @_translate
     def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
         if not any(r.key is not None for r in records):
@@ -622,9 +620,6 @@ class FDBPersistence(Persistence):
         self._checked_database = database
 
     # -- settings and throughput counters --------------------------------------------
-
-    supports_settings = True
-    keeps_stats = True
 
     @_translate
     def get_setting(self, name: str) -> str | None:

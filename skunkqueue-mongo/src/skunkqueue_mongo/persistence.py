@@ -9,6 +9,9 @@ Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
     settings one document per queue setting: _id = {q: queue, n: name}, value
     stats    throughput counters of one route and minute: _id = {q, r, m},
              queue, route, minute, counts {counter: int}, expire_at (TTL)
+    flow     one document per rate (a limit key's or a route's): _id = {q, n},
+             tat (GCRA's time), the last grant's nonce and the tat before it,
+             expire_at (TTL, a minute after the rate is idle again)
 
 Every queue shares the ``jobs`` collection and is told apart by its ``queue``
 field, the first field of every index. Queue names are arbitrary user strings
@@ -16,9 +19,11 @@ while collection names are not (no ``$``, a length limit); a shared collection
 makes a new queue free, creates each index once per database rather than once
 per queue, and lets one TTL index serve them all.
 
-A claim is one ``find_one_and_update`` on the ``claim`` index ordered by
-(due, _id); ids sort by creation time, so that is the protocol's FIFO order,
-and the server's document-level atomicity hands each record to one caller.
+A claim is one ``find_one_and_update`` on the ``claim_priority`` index ordered
+by (priority descending, due, _id); ids sort by creation time, so that is the
+protocol's FIFO order among equal priorities, and the server's document-level
+atomicity hands each record to one caller. A limited record's concurrency slot
+is a field written by that same one-document update (see ``claim``).
 Finishing is one ``update_one`` filtered on (_id, state, token): the fence.
 Finished records carry ``expire_at`` and MongoDB's TTL monitor deletes them
 (it runs once a minute, so reads also hide records already past it).
@@ -58,12 +63,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from bson.timestamp import Timestamp
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -79,7 +85,7 @@ from pymongo.errors import (
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
-from skunkqueue import dependencies, policy
+from skunkqueue import dependencies, flow, policy
 from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
@@ -112,6 +118,7 @@ DEFAULT_DB = "skunkqueue"
 # Fail in seconds, not pymongo's default 30 s, when the server is down. A URI
 # that sets one of these (or appName) itself wins.
 TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000}
+INDEX_NOT_FOUND = 27
 # $inc or $add on a token that is not a number
 TYPE_MISMATCH = {14, 16554}
 ACCESS_DENIED = {13, 18}  # Unauthorized, AuthenticationFailed
@@ -124,13 +131,23 @@ INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     # Equality on queue/route/state/target, then (due, _id) in order: with
     # target $in [None, worker] the planner merges two ordered ranges, so a
     # claim reads the first matching entry instead of sorting.
-    "claim": ([("queue", ASCENDING), ("route", ASCENDING), ("state", ASCENDING), ("target", ASCENDING),
-               ("due", ASCENDING), ("_id", ASCENDING)], {}),
+    # (priority descending first: flow control's order; see claim.)
+    "claim_priority": ([("queue", ASCENDING), ("route", ASCENDING), ("state", ASCENDING), ("target", ASCENDING),
+                        ("priority", DESCENDING), ("due", ASCENDING), ("_id", ASCENDING)], {}),
     "lease": ([("queue", ASCENDING), ("state", ASCENDING), ("lease_until", ASCENDING)], {}),
     "expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
     # One record per (queue, key); records without a key (key None) are not in it.
     "key": ([("queue", ASCENDING), ("key", ASCENDING)],
             {"unique": True, "partialFilterExpression": {"key": {"$type": "string"}}}),
+    # Flow control: a running record of a limited key or route holds one numbered slot ("<key>#<n>",
+    # n below the limit) while it runs; two claims for one slot cannot both write it.
+    "flow_slot": ([("queue", ASCENDING), ("flow_slot", ASCENDING)],
+                  {"unique": True, "partialFilterExpression": {"flow_slot": {"$type": "string"}}}),
+    "route_slot": ([("queue", ASCENDING), ("route_slot", ASCENDING)],
+                   {"unique": True, "partialFilterExpression": {"route_slot": {"$type": "string"}}}),
+    # A key's running records, for counting its live leases.
+    "limit_key": ([("queue", ASCENDING), ("limit_key", ASCENDING), ("state", ASCENDING), ("lease_until", ASCENDING)],
+                  {"partialFilterExpression": {"limit_key": {"$type": "string"}}}),
     # Workflows: finished records whose dependents may not all have been counted yet.
     "settle": ([("queue", ASCENDING), ("settle_pending", ASCENDING)],
                {"partialFilterExpression": {"settle_pending": True}}),
@@ -141,6 +158,19 @@ DEPS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "deps_parent": ([("parent", ASCENDING)], {}),
     "deps_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
+# Flow control's GCRA times: {_id: {q, n}, tat, grant, prev, expire_at} (see _grant).
+FLOW_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
+    "flow_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
+}
+# How often an idle worker on a standalone looks again at a route whose due records a limit holds
+# back (a standalone has no change stream to tell it that a slot came free).
+HELD_POLL = 0.25
+# Tries of one record's slot before it is left for the next claim (each lost try is another claim
+# that took a slot of the key meanwhile).
+SLOT_TRIES = 4
+# How long one claim goes on deciding its rates at the store time of its first decision (seconds):
+# starts are stamped that much early at most.
+MOMENT_KEPT = 0.5
 SETTLED_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "settled_child": ([("child", ASCENDING)], {}),
     "settled_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
@@ -193,6 +223,9 @@ def _transient(exc: OperationFailure) -> bool:
 
 
 # A finish leaves this mark on a record that has dependents, until they are counted.
+# What a finish (or a quarantine) drops with the lease: the flow slots it held, and the mark that
+# another claim took one of them from it.
+SLOTS_GONE = {"flow_slot": "$$REMOVE", "route_slot": "$$REMOVE", "slot_lost": "$$REMOVE"}
 _SETTLE_PENDING = {"$cond": [{"$eq": ["$has_dependents", True]}, True, "$$REMOVE"]}
 
 
@@ -230,6 +263,12 @@ class MongoPersistence(NativeAsync, Persistence):
         self.deps: Collection[dict[str, Any]] = database["deps"]
         self.settled: Collection[dict[str, Any]] = database["settled"]
         self.waits: Collection[dict[str, Any]] = database["waits"]
+        self.flow_times: Collection[dict[str, Any]] = database["flow"]
+        # Per route: (monotonic time read, paused, limit): the flow settings the claim uses.
+        self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
+        # Per route whose last claim here left due records behind for a limit or a pause: when
+        # one of them may be claimable (None: not known).
+        self._held_back: dict[str, float | None] = {}
         try:
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
@@ -328,7 +367,8 @@ class MongoPersistence(NativeAsync, Persistence):
 
     def _indexed_collections(self) -> list[tuple[Collection[dict[str, Any]], dict[str, Any]]]:
         return [(self.jobs, INDEXES), (self.worker_docs, WORKER_INDEXES), (self.stats_docs, STATS_INDEXES),
-                (self.deps, DEPS_INDEXES), (self.settled, SETTLED_INDEXES), (self.waits, WAITS_INDEXES)]
+                (self.deps, DEPS_INDEXES), (self.settled, SETTLED_INDEXES), (self.waits, WAITS_INDEXES),
+                (self.flow_times, FLOW_INDEXES)]
 
     def _check_indexes(self) -> None:
         """Re-create indexes someone dropped (a dropDatabase under live workers): housekeeping's part."""
@@ -350,10 +390,23 @@ class MongoPersistence(NativeAsync, Persistence):
             if key in _indexed and not force:
                 return
             for collection, indexes in self._indexed_collections():
-                for index_name, (keys, index_options) in indexes.items():
-                    # create_index is a no-op when an identical index exists.
-                    self._call("create index", partial(collection.create_index, keys, name=index_name,
-                                                       **index_options))
+                # One command per collection (every worker process starts with these); creating an
+                # index that exists as it is changes nothing.
+                models = [IndexModel(keys, name=index_name, **index_options)
+                          for index_name, (keys, index_options) in indexes.items()]
+                self._call("create index", partial(collection.create_indexes, models))
+            if "claim" in self._call("list indexes", self.jobs.index_information):
+                # Left by a version before priorities, whose records have no priority field and would
+                # sort after every priority: they get 0, the default, before claim_priority takes
+                # over. Done again if this process dies before the drop (then the index is still there).
+                self._call("give priorities", partial(
+                    self.jobs.update_many, {"priority": {"$exists": False}, "state": {"$nin": list(FINISHED_STATES)}},
+                    {"$set": {"priority": 0}}))
+                try:
+                    self._call("drop index", partial(self.jobs.drop_index, "claim"))
+                except OperationFailure as exc:
+                    if exc.code != INDEX_NOT_FOUND:  # another process dropped it first
+                        raise
             _indexed.add(key)
 
     def _claimable(self, routes: Sequence[str], worker_id: str) -> dict[str, Any]:
@@ -366,14 +419,10 @@ class MongoPersistence(NativeAsync, Persistence):
         self._call("quarantine", lambda: self.jobs.update_one(
             {"_id": job_id, **(only_if or {})},
             [{"$set": {"state": ERROR, "dead": True, "error": _lit(error), "owner": None, "lease_until": None,
-                       "finished": NOW, "expire_at": _expire_at(NOW, self.result_ttl)}}]))
+                       "finished": NOW, "expire_at": _expire_at(NOW, self.result_ttl), **SLOTS_GONE}}]))
         log.warning("mongodb: quarantined record %r of queue %s: %s", job_id, self.queue, why)
 
     # -- producers -----------------------------------------------------------------
-
-    supports_keys = True
-    supports_settings = True
-    keeps_stats = True
 
     def enqueue(self, records: Sequence[JobRecord]) -> None:
         self.enqueue_keyed(records)
@@ -597,36 +646,290 @@ class MongoPersistence(NativeAsync, Persistence):
 
     # -- workers -------------------------------------------------------------------
 
+    # Flow control: claimable records go by (priority descending, due, _id). A record with a
+    # limit_key, or any record of a route with its own limit, is taken by _claim_held: it counts
+    # the live leases (lease_until after $$NOW) of its key or route, and takes a free numbered
+    # slot (flow_slot / route_slot, unique indexes) with the record, in the record's one update:
+    # two claims racing for a slot cannot both write it, and a slot whose holder's lease ran out
+    # is taken from it (the holder is marked slot_lost, and renew refuses it from then on).
+    #
+    # No transactions are needed, so a standalone mongod enforces all of it: a slot is a field of
+    # the record that holds it, written by the claim's update and dropped by the finish's, one
+    # document each time. A finish repeated after a lost reply is fenced by the token and drops
+    # nothing twice; a worker that dies leaves a slot whose lease runs out, which frees it for
+    # counting at once, is taken over by the next claim that needs it, and goes for good when
+    # housekeeping hands the record back (a finish). Rates are GCRA times in the flow
+    # collection, charged by one upsert before the record's update (see _grant); a process that
+    # dies between the two leaves one start unused: fewer starts than allowed, never more.
+    supports_priorities = True
+    supports_limits = True
+    supports_pause = True
+    CLAIM_ORDER = [("priority", DESCENDING), ("due", ASCENDING), ("_id", ASCENDING)]
+
+    def _claim_update(self, worker_id: str, lease: float, extra: Mapping[str, Any] | None = None,
+                      only_if: Any = None) -> list[dict[str, Any]]:
+        fields: dict[str, Any] = {
+            "state": RUNNING, "owner": _lit(worker_id), "lease_until": {"$add": [NOW, lease]},
+            "started": NOW, "kill_requested": False,
+            "token": {"$add": [{"$ifNull": ["$token", 0]}, 1]},
+            "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}, **(extra or {})}
+        if only_if is not None:
+            # Leave the document as it is (no write) unless only_if holds.
+            fields = {name: {"$cond": [only_if, value, "$" + name]} for name, value in fields.items()}
+        return [{"$set": fields}]
+
+    def _route_flow(self, route: str) -> tuple[bool, flow.RouteLimit | None]:
+        """The route's paused flag and limit, read at most SETTINGS_TTL seconds ago."""
+        now = time.monotonic()
+        found = self._flows.get(route)
+        if found is None or now - found[0] > flow.SETTINGS_TTL:
+            names = [flow.pause_setting(route), flow.limit_setting(route)]
+            docs = self._call("flow settings", lambda: list(self.settings.find(
+                {"_id": {"$in": [self._setting_id(n) for n in names]}})))
+            values = {doc["_id"].get("n"): doc.get("value") for doc in docs if isinstance(doc.get("_id"), dict)}
+            limit = values.get(names[1])
+            found = self._flows[route] = (now, names[0] in values,
+                                          flow.RouteLimit.from_json(limit if isinstance(limit, str) else None))
+        return found[1], found[2]
+
     def claim(self, route: str, worker_id: str, lease: float, limit: int = 1) -> list[JobRecord]:
+        paused, route_limit = self._route_flow(route)
+        if paused:
+            self._held_back[route] = None
+            return []
         query = self.claim_filter(route, worker_id)
-        order = [("due", ASCENDING), ("_id", ASCENDING)]
-        update = [{"$set": {"state": RUNNING, "owner": _lit(worker_id), "lease_until": {"$add": [NOW, lease]},
-                            "started": NOW, "kill_requested": False,
-                            "token": {"$add": [{"$ifNull": ["$token", 0]}, 1]},
-                            "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}}]
         claimed: list[JobRecord] = []
-        while len(claimed) < limit:
+        if route_limit is None:
+            # The common case: one update per record, which takes the head unless it has a limit key.
+            plain = {"$ne": [{"$type": "$limit_key"}, "string"]}
+            update = self._claim_update(worker_id, lease, only_if=plain)
+            while len(claimed) < limit:
+                try:
+                    doc = self._call("claim", lambda: self.jobs.find_one_and_update(
+                        query, update, sort=self.CLAIM_ORDER, return_document=ReturnDocument.AFTER),
+                        idempotent=False)
+                except OperationFailure as exc:
+                    if exc.code not in TYPE_MISMATCH:
+                        raise
+                    self._quarantine_head(query, exc)
+                    continue
+                if doc is None:
+                    self._held_back.pop(route, None)
+                    return claimed
+                if doc.get("state") != RUNNING:
+                    break  # a limited record at the head: the careful way from here
+                try:
+                    claimed.append(_to_record(doc))
+                except MalformedRecord as exc:
+                    self._quarantine(doc["_id"], str(exc))
+            else:
+                self._held_back.pop(route, None)
+                return claimed
+        return claimed + self._claim_held(route, worker_id, lease, limit - len(claimed), route_limit, query)
+
+    def _quarantine_head(self, query: dict[str, Any], exc: OperationFailure) -> None:
+        # A foreign document whose counters are not numbers refuses $add and would block the
+        # head of the route: quarantine it and go on.
+        head = self._call("claim", lambda: self.jobs.find_one(query, {"_id": 1}, sort=self.CLAIM_ORDER))
+        if head is None:
+            return
+        self._quarantine(head["_id"], f"cannot be claimed: {self._scrub(exc)}", only_if={"$or": [
+            {name: {"$exists": True, "$not": {"$type": "number"}}} for name in ("token", "attempts")]})
+
+    def _live(self, query: dict[str, Any]) -> list[dict[str, Any]]:
+        """Running records matching ``query`` whose lease is live by the server's clock."""
+        return self._call("count slots", lambda: list(self.jobs.find(
+            {"queue": self.queue, "state": RUNNING, **query, "$expr": {"$gt": ["$lease_until", NOW]}},
+            {"lease_until": 1, "flow_slot": 1, "route_slot": 1})))
+
+    def _free_slot(self, field: str, prefix: str, cap: int, live: list[dict[str, Any]]) -> str:
+        """A slot number below ``cap`` that no live record holds (a lapsed holder's is taken from it)."""
+        held = {doc.get(field) for doc in live}
+        for n in range(cap):
+            slot = f"{prefix}#{n}"
+            if slot not in held:
+                # A record whose lease ran out keeps the field until housekeeping hands it back:
+                # the slot is free now, so drop it there (only while that lease is still out), and
+                # mark the record slot_lost: its lease is gone for good (renew refuses it), or a
+                # late renewal of the lapsed lease would run it beside the slot's new holder.
+                self._call("free slot", partial(
+                    self.jobs.update_many,
+                    {"queue": self.queue, field: slot, "$expr": {"$lte": ["$lease_until", NOW]}},
+                    [{"$set": {field: "$$REMOVE", "slot_lost": True}}]))
+                return slot
+        raise AssertionError("fewer live leases than slots, yet no free slot")  # pragma: no cover
+
+    def _claim_held(self, route: str, worker_id: str, lease: float, limit: int,
+                    route_limit: flow.RouteLimit | None, query: dict[str, Any]) -> list[JobRecord]:
+        """Claim in order, skipping records a limit stops (no head-of-line blocking), looking at
+        no more than FLOW_SCAN records."""
+        claimed: list[JobRecord] = []
+        blocked: set[str] = set()
+        held, wake = False, None
+
+        def later(at: float | None) -> None:
+            nonlocal held, wake
+            held = True
+            if at is not None:
+                wake = at if wake is None else min(wake, at)
+
+        fields = {"_id": 1, "limit_key": 1, "limit_concurrency": 1, "limit_interval": 1, "limit_burst": 1}
+        # Read as far as needed: a batch at a time, FLOW_SCAN at most.
+        scan = flow.FLOW_SCAN + limit  # FLOW_SCAN past those taken
+        cursor = self.jobs.find(query, fields, sort=self.CLAIM_ORDER, limit=scan, batch_size=limit + 16)
+        looked = 0
+        # The store time this claim decides its rates on, from its first grant, and when that was
+        # read on this host's monotonic clock (see _claim_one).
+        moment: list[float] = []
+        with cursor:
+            while len(claimed) < limit:
+                cand = self._call("claim", lambda: next(cursor, None), idempotent=False)
+                if cand is None:
+                    if looked >= scan:
+                        held = True  # records past the scan may be claimable: look again soon
+                    break
+                looked += 1
+                key = cand.get("limit_key") if isinstance(cand.get("limit_key"), str) else None
+                if key is not None and key in blocked:
+                    continue
+                taken, stop, at = self._claim_one(route, worker_id, lease, cand, key, route_limit, query, moment)
+                if taken is not None:
+                    claimed.append(taken)
+                    continue
+                if at is not None or stop:
+                    later(at if at is not None and at > 0 else None)
+                if stop:
+                    break  # the route's own limit stops the claim
+                if key is not None and at is not None:
+                    blocked.add(key)
+        if held and len(claimed) < limit:
+            self._held_back[route] = wake
+        else:
+            self._held_back.pop(route, None)
+        return claimed
+
+    def _claim_one(self, route: str, worker_id: str, lease: float, cand: dict[str, Any], key: str | None,
+                   route_limit: flow.RouteLimit | None, query: dict[str, Any],
+                   moment: list[float]) -> tuple[JobRecord | None, bool, float | None]:
+        """(the record, if taken; whether the route's limit stops the claim; when a limit may let
+        it start, 0 when not known, None when nothing stopped it and it was simply gone).
+
+        ``moment`` holds the store time of this claim's first rate decision once there is one.
+        Later decisions of the claim are made at that time (for MOMENT_KEPT seconds), and the
+        records it takes are stamped with it: GCRA's bound holds for the times its decisions
+        used, whatever their order (each time is at least the previous start's tat less the
+        tolerance), and a decision at an earlier time is only stricter. So the starts as stored
+        keep every rate exactly, and a burst starts at one time however many round trips its
+        records take, as in one transaction of a SQL store."""
+        if moment and time.monotonic() - moment[1] > MOMENT_KEPT:
+            moment.clear()  # a long claim: its later starts get a time of their own
+        cap = cand.get("limit_concurrency") if key is not None else None
+        interval = cand.get("limit_interval") if key is not None else None
+        for _ in range(SLOT_TRIES):
+            extra: dict[str, Any] = {}
+            if route_limit is not None and route_limit.concurrency is not None:
+                live = self._live({"route": route})
+                if len(live) >= route_limit.concurrency:
+                    return None, True, min(float(d["lease_until"]) for d in live)
+                extra["route_slot"] = self._free_slot("route_slot", route, route_limit.concurrency, live)
+            if isinstance(cap, int):
+                live = self._live({"limit_key": key})
+                if len(live) >= cap:
+                    return None, False, min(float(d["lease_until"]) for d in live)
+                extra["flow_slot"] = self._free_slot("flow_slot", str(key), cap, live)
+            grants: list[tuple[str, str]] = []
+            charged = False
+            if route_limit is not None and route_limit.interval is not None:
+                ok, at, grant, decided = self._grant(flow.route_tat(route), route_limit.interval, route_limit.burst,
+                                                     moment[0] if moment else None)
+                moment[:] = moment or [decided, time.monotonic()]
+                if not ok:
+                    return None, True, at
+                grants.append(grant)
+                charged = True
+            if isinstance(interval, (int, float)) and key is not None:
+                burst = cand.get("limit_burst")
+                ok, at, grant, decided = self._grant(flow.key_tat(key), float(interval),
+                                                     burst if isinstance(burst, int) else 1,
+                                                     moment[0] if moment else None)
+                moment[:] = moment or [decided, time.monotonic()]
+                if not ok:
+                    self._ungrant(grants)
+                    return None, False, at
+                grants.append(grant)
+                charged = True
+            if charged:
+                extra["started"] = moment[0]
+            update = self._claim_update(worker_id, lease, {name: _lit(v) for name, v in extra.items()})
             try:
-                doc = self._call("claim", lambda: self.jobs.find_one_and_update(
-                    query, update, sort=order, return_document=ReturnDocument.AFTER), idempotent=False)
+                doc = self._call("claim", partial(
+                    self.jobs.find_one_and_update, {**query, "_id": cand["_id"]}, update,
+                    return_document=ReturnDocument.AFTER), idempotent=False)
+            except DuplicateKeyError:
+                self._ungrant(grants)
+                continue  # another claim took that slot meanwhile: count again
             except OperationFailure as exc:
+                self._ungrant(grants)
                 if exc.code not in TYPE_MISMATCH:
                     raise
-                # A foreign document whose counters are not numbers refuses $inc
-                # and would block the head of the route: quarantine it and go on.
-                head = self._call("claim", lambda: self.jobs.find_one(query, {"_id": 1}, sort=order))
-                if head is None:
-                    continue
-                self._quarantine(head["_id"], f"cannot be claimed: {self._scrub(exc)}", only_if={"$or": [
-                    {name: {"$exists": True, "$not": {"$type": "number"}}} for name in ("token", "attempts")]})
-                continue
+                self._quarantine_head({**query, "_id": cand["_id"]}, exc)
+                return None, False, None
             if doc is None:
-                break
+                self._ungrant(grants)
+                return None, False, None  # taken by another claim (or no longer due)
             try:
-                claimed.append(_to_record(doc))
+                return _to_record(doc), False, None
             except MalformedRecord as exc:
                 self._quarantine(doc["_id"], str(exc))
-        return claimed
+                return None, False, None
+        return None, False, 0.0
+
+    def _grant(self, name: str, interval: float, burst: int,
+               at_time: float | None = None) -> tuple[bool, float, tuple[str, str], float]:
+        """One start against a rate, decided and charged by the server in one update (flow.gcra's
+        rule) on $$NOW, or on ``at_time``, a time this claim read from the server a moment ago:
+        (allowed, when it would be, (name, this grant's nonce), the time it was decided on)."""
+        nonce = uuid.uuid4().hex
+        tolerance = (burst - 1) * interval
+        at = {"$max": [{"$ifNull": ["$tat", 0]}, "$$n"]}
+        ok = {"$lte": [{"$subtract": [at, "$$n"]}, tolerance + 1e-9]}
+        now: Any = NOW if at_time is None else _lit(at_time)
+        pipeline: list[dict[str, Any]] = [{"$set": {"_c": {"$let": {"vars": {"n": now}, "in": {
+            "ok": ok, "at": at, "now": "$$n"}}}}},
+            {"$set": {
+                "prev": {"$cond": ["$_c.ok", {"$ifNull": ["$tat", None]}, "$prev"]},
+                "grant": {"$cond": ["$_c.ok", nonce, {"$ifNull": ["$grant", None]}]},
+                "tat": {"$cond": ["$_c.ok", {"$add": ["$_c.at", interval]}, "$tat"]},
+                "when": {"$subtract": ["$_c.at", tolerance]},
+                "decided": "$_c.now",
+                "expire_at": {"$toDate": {"$multiply": [{"$add": ["$_c.at", interval, 60]}, 1000]}}}},
+            {"$unset": "_c"}]
+        doc = self._call("rate", lambda: self.flow_times.find_one_and_update(
+            {"_id": {"q": self.queue, "n": name}}, pipeline, upsert=True, return_document=ReturnDocument.AFTER),
+            idempotent=False)
+        granted = doc is not None and doc.get("grant") == nonce
+        decided = (doc or {}).get("decided")
+        return (granted, float((doc or {}).get("when") or 0.0), (name, nonce),
+                float(decided) if isinstance(decided, (int, float)) else self.now())
+
+    def _ungrant(self, grants: list[tuple[str, str]]) -> None:
+        """Give back starts charged for a record that was then not taken, unless another start was
+        charged since (then the rate stays charged: fewer starts than allowed, never more)."""
+        for name, nonce in grants:
+            self._call("rate", partial(
+                self.flow_times.update_one, {"_id": {"q": self.queue, "n": name}, "grant": nonce},
+                [{"$set": {"tat": "$prev", "grant": None}}]))
+
+    def rate_times(self, names: Sequence[str]) -> dict[str, float]:
+        now = self.now()
+        docs = self._call("rate times", lambda: list(self.flow_times.find(
+            {"_id": {"$in": [{"q": self.queue, "n": name} for name in names]}})))
+        found = {}
+        for doc in docs:
+            tat = doc.get("tat")
+            if isinstance(tat, (int, float)) and tat > now:
+                found[doc["_id"]["n"]] = float(tat)
+        return found
 
     def claim_filter(self, route: str, worker_id: str) -> dict[str, Any]:
         """Due by the server's clock; the estimate only bounds the index range.
@@ -643,7 +946,8 @@ class MongoPersistence(NativeAsync, Persistence):
         for job_id, token in leases:
             doc = self._call("renew", partial(
                 self.jobs.find_one_and_update,
-                {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id},
+                {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id,
+                 "slot_lost": {"$ne": True}},
                 [{"$set": {"lease_until": {"$add": [NOW, lease]}}}], projection={"kill_requested": 1}))
             if doc is None:
                 statuses[job_id] = LEASE_LOST
@@ -656,8 +960,10 @@ class MongoPersistence(NativeAsync, Persistence):
         # server's clock for "now", and one more rule: a record whose kill was requested never
         # goes back to pending; it ends killed instead.
         moved = self._shift()
+        # The flow slots go with the lease, in this update (one document: atomic on a standalone too).
         fields: dict[str, Any] = {"state": outcome.state, "owner": None, "lease_until": None,
-                                  "kill_requested": False, "dead": outcome.dead, "error": _lit(outcome.error)}
+                                  "kill_requested": False, "dead": outcome.dead, "error": _lit(outcome.error),
+                                  **SLOTS_GONE}
         if outcome.attempts is not None:
             fields["attempts"] = outcome.attempts
         if outcome.state == PENDING:
@@ -918,6 +1224,9 @@ class MongoPersistence(NativeAsync, Persistence):
         return value if isinstance(value, str) else None
 
     def put_setting(self, name: str, value: str | None) -> None:
+        route = flow.route_of_setting(name)
+        if route is not None:
+            self._flows.pop(route, None)
         if value is None:
             self._call("put setting", lambda: self.settings.delete_one({"_id": self._setting_id(name)}))
         else:
@@ -974,6 +1283,19 @@ class MongoPersistence(NativeAsync, Persistence):
 
     def wait_for_work(self, route: str, worker_id: str, timeout: float, idle: float = 0.0) -> None:
         deadline = time.monotonic() + max(timeout, 0.0)
+        if route in self._held_back:
+            # The due records were left behind by a limit or a pause: no reason to return at once.
+            # Wait for the time the claim said one may be claimable, for a finish (which may free
+            # a slot) or new work on a change stream, or HELD_POLL on a standalone.
+            at = self._held_back[route]
+            if at is not None:
+                deadline = min(deadline, time.monotonic() + max(at - self.now(), 0.0))
+            if self.notifies:
+                self._call("wait for work", lambda: self._wait_on_stream([route], worker_id, deadline, held=True),
+                           idempotent=False)
+            else:
+                time.sleep(max(0.0, min(deadline - time.monotonic(), HELD_POLL)))
+            return
         if self.notifies:
             self._call("wait for work", lambda: self._wait_on_stream([route], worker_id, deadline),
                        idempotent=False)
@@ -992,7 +1314,7 @@ class MongoPersistence(NativeAsync, Persistence):
             time.sleep(min(pause, left, until_due if until_due is not None else left))
             pause = min(pause * 2, self.max_idle_poll)
 
-    def _wait_on_stream(self, routes: Sequence[str], worker_id: str, deadline: float) -> None:
+    def _wait_on_stream(self, routes: Sequence[str], worker_id: str, deadline: float, held: bool = False) -> None:
         # A fresh stream per wait, started just after the snapshot of the read
         # that found nothing due: whatever is written after it is in the stream,
         # whatever was written before it was seen by the read. A majority read
@@ -1000,7 +1322,10 @@ class MongoPersistence(NativeAsync, Persistence):
         # starting one tick later neither misses a write nor replays the last
         # one (which would spin the worker). No backlog of stale events either.
         with self.client.start_session(causal_consistency=False) as session:
-            due = self._next_due(routes, worker_id, session)
+            due = None if held else self._next_due(routes, worker_id, session)
+            if held:  # the snapshot to start the stream after; its due records are held back
+                self.jobs.with_options(read_concern=ReadConcern("majority")).find_one(
+                    {"_id": None}, {"_id": 1}, session=session)
             read_at = session.operation_time
             if due is not None:
                 until_due = due - self.now()
@@ -1017,6 +1342,9 @@ class MongoPersistence(NativeAsync, Persistence):
                 # A retry or release turns a record back to pending; an update
                 # event does not say which queue, so these wakes may be spurious.
                 {"operationType": "update", "updateDescription.updatedFields.state": PENDING},
+                # Held back by a limit: a finish may free a slot (spurious wakes cost one claim).
+                *([{"operationType": "update",
+                    "updateDescription.updatedFields.state": {"$in": list(FINISHED_STATES)}}] if held else []),
             ]}}]
             start = None if read_at is None else Timestamp(read_at.time, read_at.inc + 1)
             with self.jobs.watch(pipeline, max_await_time_ms=left_ms, start_at_operation_time=start,

@@ -199,9 +199,6 @@ class PostgresPersistence(Persistence):
     # bytea holds up to 1 GB; a statement's parameters must fit one protocol message too.
     max_payload = 256 * 1024 * 1024
     notifies = True
-    supports_keys = True
-    supports_settings = True
-    keeps_stats = True
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None, **options: Any) -> None:
         super().__init__(queue, url=url, db=db, **options)

@@ -172,10 +172,6 @@ class RedisPersistence(NativeAsync, Persistence):
 
     # -- producers -----------------------------------------------------------------
 
-    supports_keys = True
-    supports_settings = True
-    keeps_stats = True
-
     def enqueue(self, records: Sequence[JobRecord]) -> None:
         self.enqueue_keyed(records)
 

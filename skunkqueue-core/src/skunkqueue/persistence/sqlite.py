@@ -361,8 +361,6 @@ class SQLitePersistence(Persistence):
     def enqueue(self, records: Sequence[JobRecord]) -> None:
         self.enqueue_keyed(records)
 
-    supports_keys = True
-
     def enqueue_keyed(self, records: Sequence[JobRecord]) -> list[str]:
         with self._write() as conn:  # the write lock makes check-and-insert one step
             holders, stored = self._store_all(conn, records)
@@ -949,8 +947,6 @@ class SQLitePersistence(Persistence):
 
     # -- settings -------------------------------------------------------------------
 
-    supports_settings = True
-
     def get_setting(self, name: str) -> str | None:
         row = self._db.execute("SELECT value FROM settings WHERE queue=? AND name=?", (self.queue, name)).fetchone()
         return None if row is None else str(row["value"])
@@ -968,8 +964,6 @@ class SQLitePersistence(Persistence):
                 self._pokes.append((self._route_tag(route) + ".", None))
 
     # -- throughput counters ------------------------------------------------------
-
-    keeps_stats = True
 
     def add_stats(self, samples: Sequence[RouteMinute]) -> None:
         rows = [(self.queue, s.route, s.minute, name, value) for s in samples for name, value in s.counts.items()]

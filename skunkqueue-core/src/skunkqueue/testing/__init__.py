@@ -17,9 +17,12 @@ The kit is in parts, each usable alone with the same fixture:
 mixins in ``suite_supervision``, ``suite_fields``, ``suite_keys``,
 ``suite_periodic``, ``suite_async``, ``suite_names``, ``suite_summary`` and
 ``suite_trust``, ``suite_transactional`` and ``suite_history``.
-Optional features are skipped, saying why, unless the backend class
-declares them (``supports_keys``, ``supports_settings``, ``keeps_stats``,
-``notifies``, ``max_payload``).
+Optional roles (see :mod:`skunkqueue.persistence.roles`) are skipped, saying
+why, unless the backend class implements them (``enqueue_keyed``, the
+settings, the stats) or declares them (``supports_workflows``,
+``supports_using``, the flow-control flags, ``pages_newest_first``);
+``notifies`` and ``max_payload`` set what the kit expects. ``suite.PROVES``
+says which roles each part holds a backend to.
 
 Every test uses a fresh queue name, so one server can serve the whole run.
 The kit starts real ``skunq work`` processes against the backend, so the

@@ -48,7 +48,8 @@ class AsyncSuite:
         """``afire`` reads the workers' signing policy with it: the same value, on the async side."""
         store = queue.persistence
         if not store.supports_settings:
-            pytest.skip(f"the {store.name} backend keeps no settings (supports_settings = False)")
+            pytest.skip(f"the {store.name} backend keeps no settings "
+                        "(it does not implement get_setting and put_setting)")
         store.put_setting("kit-setting {}:$.", "value {}:$.")
 
         async def read() -> tuple[str | None, str | None]:

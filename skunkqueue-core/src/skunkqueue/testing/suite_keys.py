@@ -92,7 +92,7 @@ def keys_through_a_restart(open_store: Callable[[], Persistence], restart: Calla
 
 def _needs_keys(store: Persistence) -> None:
     if not store.supports_keys:
-        pytest.skip(f"the {store.name} backend does not implement enqueue_keyed (supports_keys = False)")
+        pytest.skip(f"the {store.name} backend does not implement enqueue_keyed (idempotency keys)")
 
 
 class KeysSuite:
