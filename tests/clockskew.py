@@ -37,7 +37,7 @@ def local_clock_off_by(seconds: float) -> Iterator[None]:
         yield
 
 
-def _first_log_time(log: str) -> float:
+def first_log_time(log: str) -> float:
     """The time of the first line of a pool's log ("2026-11-28 08:53:40,223 INFO ...")."""
     stamp = " ".join(log.split()[:2]).replace(",", ".")
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
@@ -123,7 +123,7 @@ def check_skewed_worker_steals_no_live_lease(backend: BackendUnderTest, queue_na
                                  log_path=tmp_path / "skewed.log"))
         pools[1].wait_ready()
         # The skewed pool is really skewed: its log lines carry its own clock.
-        assert abs(_first_log_time(pools[1].log()) - time.time() - skew) < 10, pools[1].log()
+        assert abs(first_log_time(pools[1].log()) - time.time() - skew) < 10, pools[1].log()
         assert len(queue.workers()) == 2, "a skewed worker is not reaped as dead"
         assert handle.wait(timeout=30) == "rested"
         record = queue.get(handle.id)

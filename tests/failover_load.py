@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +40,8 @@ class Load:
 
     def __init__(self, backend: BackendUnderTest, queue: str, tmp: Path, *, route: str = "h",
                  pause: float = 0.05, lease: float = 30.0, apis: Sequence[str] = ("sync", "async"),
-                 every: float = 0.002, producer_backend: BackendUnderTest | None = None) -> None:
+                 every: float = 0.002, producer_backend: BackendUnderTest | None = None,
+                 delayed: int = 0, delay: float = 1.5) -> None:
         self.backend = backend
         self.queue_name = queue
         self.tmp = tmp
@@ -47,6 +49,11 @@ class Load:
         self.pause = pause
         self.lease = lease
         self.every = every
+        # Every ``delayed``-th fire (0: none) is a fire_at ``delay`` seconds ahead, with its due time in
+        # the history: the checker's "early" check then has something to catch (a pool whose clock
+        # runs ahead, deciding what is due by its own clock, would start those early).
+        self.delayed = delayed
+        self.delay = delay
         self.history = History(tmp / "history.jsonl")
         self.pools: list[PoolProcess] = []
         self.stats = {api: ProducerStats(api) for api in apis}
@@ -99,10 +106,17 @@ class Load:
             while not self._stop.is_set():
                 n += 1
                 token = f"{stats.api}-{n}"
-                self.history.invoke(token)
+                later = self.delayed > 0 and n % self.delayed == 0
+                # The due time noted before the call: the one the store sets counts from a later now, so
+                # a start before this one is early beyond doubt.
+                self.history.invoke(token, due=time.time() + self.delay if later else None)
                 invoked = time.monotonic()
                 try:
-                    handle = through.fire(step, history_path, token, self.pause)
+                    if later:
+                        handle = through.fire_at(step, timedelta(seconds=self.delay), history_path, token,
+                                                 self.pause)
+                    else:
+                        handle = through.fire(step, history_path, token, self.pause)
                 except Exception as exc:
                     # Not acknowledged: it may or may not have been written. Anything but one of
                     # SkunkQueue's errors is counted (unexpected_errors) and fails the test.

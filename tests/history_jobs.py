@@ -16,6 +16,7 @@ from typing import Any
 from history import append_event, slot_token
 
 from skunkqueue.context import current_job
+from skunkqueue.testing.clocks import true_time
 from skunkqueue.testing.kit import kit_queue, kit_routes
 
 _here = kit_queue("skunkqueue-history")
@@ -23,10 +24,13 @@ _routes = kit_routes(["h"])
 
 
 def _attempt(history: str, op: str, token: str, **extra: Any) -> None:
+    # Stamped with the host's true time: in a pool whose clock is skewed (testing.clocks) time.time()
+    # is off, and the checker compares these stamps with the producers' and with due times set by
+    # the store's clock, so a skewed stamp would read as an early (or late) start that never happened.
     ctx = current_job()
     assert ctx is not None, "a history job runs inside a worker"
     fields: dict[str, Any] = {"id": ctx.id, "token": token, "attempt": ctx.attempt, "fence": ctx.token,
-                              "pid": os.getpid(), **extra}
+                              "pid": os.getpid(), "t": true_time(), **extra}
     if op == "start" and ctx.dependencies:
         fields["parents"] = sorted(ctx.dependencies)
     append_event(history, op, **fields)
@@ -50,7 +54,14 @@ def step(history: str, token: str, pause: float = 0.0) -> str:
         outcome = type(exc).__name__
         raise
     finally:
-        _attempt(history, "end", token, outcome=outcome)
+        # A worker raises its interrupt (lease lost, kill) into the job from a signal handler, so it
+        # can land here too, before the line is written; the attempt then looked open for good to the
+        # checker (a false "concurrent" with the retry). A worker raises one interrupt per attempt.
+        try:
+            _attempt(history, "end", token, outcome=outcome)
+        except BaseException as exc:
+            _attempt(history, "end", token, outcome=type(exc).__name__)
+            raise
     return token
 
 

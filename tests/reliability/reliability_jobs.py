@@ -15,6 +15,7 @@ import signal
 import time
 
 from skunkqueue.queue import SkunkQueue
+from skunkqueue.testing.clocks import true_time
 from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
 _here = kit_queue("skunkqueue-reliability")
@@ -22,13 +23,16 @@ _routes = kit_routes(["a"])
 
 
 @_here.event(routes=_routes)
-def mark(path: str, token: str, pause: float = 0.0) -> str:
+def mark(path: str, token: str, pause: float = 0.0, stamps: str | None = None) -> str:
     """Record one execution of ``token`` (with a nonce), then sleep ``pause``.
 
     Returns ``pid:nonce``, so a test can check that the recorded outcome came
-    from an execution that really happened.
+    from an execution that really happened. With ``stamps``, also log there when
+    it started, by the host's true clock (this worker's may be skewed on purpose).
     """
     execution = f"{os.getpid()}:{os.urandom(6).hex()}"
+    if stamps:
+        append_line(stamps, f"{token} {true_time()!r}")
     append_line(path, f"{token} {execution}")
     if pause:
         time.sleep(pause)

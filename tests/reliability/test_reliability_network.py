@@ -10,6 +10,12 @@ it runs jobs. Every fire, start and end goes into the history; the checker must
 find nothing lost, no two attempts of a job at once, no job unfinished, and
 both pools, never restarted, still working at the end.
 
+Clocks: pool B's host clock runs 60 s ahead (``skunkqueue.testing.clocks``), so the
+partitioned pool is also the one whose clock is wrong; under ``make chaos`` a third
+pool, through proxy A, runs 60 s behind. Every 20th fire is delayed 1.5 s, and
+every pool runs a periodic job each second: the checker also finds no job started
+before it was due and every periodic slot fired exactly once.
+
 The CI mix runs each fault once (~30-60 s a backend); ``make chaos``
 (SKUNQ_CHAOS=long) runs four rounds with random durations.
 """
@@ -25,9 +31,11 @@ from typing import Any, Callable, Iterator
 
 import history
 import pytest
+from clockskew import first_log_time
 from failover_load import Load
 from faultproxy import FaultProxy
 
+from skunkqueue.testing.clocks import skewed
 from skunkqueue.testing.kit import BackendUnderTest
 
 LONG = os.environ.get("SKUNQ_CHAOS") == "long"
@@ -112,17 +120,32 @@ def fault_mix(a: FaultProxy, b: FaultProxy, rng: random.Random, scale: float) ->
 
 
 def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int, scale: float,
-            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0) -> Load:
+            per_phase: int, only: set[str] | None = None, recover_within: float = 45.0,
+            skew_b: float = 0.0, skew_c: float | None = None) -> Load:
+    """``skew_b``: pool B's clock offset (s); ``skew_c``: if given, a third pool (through proxy A)
+    with that offset. Every pool also runs the periodic ``tick`` each second."""
     name, server = store
     rng = random.Random(os.getpid())
     with FaultProxy("127.0.0.1", server.port, seed=1) as a, FaultProxy("127.0.0.1", server.port, seed=2) as b:
-        load = Load(through(name, a), queue_name, tmp_path, pause=0.2, lease=LEASE, every=0.1)
-        pool_a = load.start_pool(concurrency=2)
-        pool_b = load.start_pool(concurrency=2, on=through(name, b))
+        load = Load(through(name, a), queue_name, tmp_path, pause=0.2, lease=LEASE, every=0.1, delayed=20)
+        ticking = {"SKUNQ_HISTORY": load.history.path, "SKUNQ_HISTORY_EVERY": "1"}
+
+        def clock(backend: BackendUnderTest, skew: float, folder: str) -> BackendUnderTest:
+            return skewed(backend, skew, tmp_path / folder) if skew else backend
+
+        pools = [load.start_pool(concurrency=2, env=ticking),
+                 load.start_pool(concurrency=2, on=clock(through(name, b), skew_b, "skew-b"), env=ticking)]
+        if skew_c is not None:
+            pools.append(load.start_pool(concurrency=2, on=clock(through(name, a), skew_c, "skew-c"), env=ticking))
         done: list[str] = []
         try:
-            pool_a.wait_ready(60)
-            pool_b.wait_ready(60)
+            for pool in pools:
+                pool.wait_ready(60)
+            for pool, skew in zip(pools[1:], [skew_b, skew_c or 0.0]):
+                # The pool is really skewed: its log lines carry its own clock.
+                assert abs(first_log_time(pool.log()) - time.time() - skew) < 10, pool.log()
+            # Periodic slots from here to the last fault's recovery must each fire once.
+            window_start = time.time() + 3
             load.start_producers()
             for _ in range(rounds):
                 for fault, act in fault_mix(a, b, rng, scale):
@@ -133,15 +156,23 @@ def run_mix(store: tuple[str, Any], queue_name: str, tmp_path: Path, rounds: int
                     healed = time.monotonic()
                     load.wait_acked(per_phase, healed, timeout=recover_within, what=f"after {fault}")
                     done.append(fault)
+            window_stop = time.time() - 3
             load.stop_producers()
             load.drain(timeout=90)
-            for pool in (pool_a, pool_b):
+            for pool in pools:
                 assert pool.process.poll() is None, f"a pool exited: {pool.log()}"
         finally:
             load.close(timeout=5)
-    report = load.report()
+    report = load.report(schedules={"tick": history.Schedule(every=1.0, start=window_start, stop=window_stop)})
+    events = history.load(load.history.path)
+    slots = sum(1 for e in events if e["op"] == "start" and e["token"].startswith("slot:"))
+    delayed = sum(1 for e in events if e["op"] == "invoke" and "due" in e)
+    clocks = ", ".join(f"{s:+.0f} s" for s in [0.0, skew_b] + ([] if skew_c is None else [skew_c]))
     print(f"\n{name} through a faulty network ({len(done)} faults; proxy A {a.connections_made} connections, "
-          f"{a.resets_sent} reset): {report.summary()}")
+          f"{a.resets_sent} reset; pool clocks {clocks}; {delayed} fires delayed, {slots} periodic slots): "
+          f"{report.summary()}")
+    assert slots >= window_stop - window_start - 1, "the periodic job hardly ran: the slot check saw nothing"
+    assert delayed, "no delayed fire: the early check saw nothing"
     assert report.ok, report.explain()
     assert not load.unexpected_errors(), load.unexpected_errors()[:5]
     assert done, "no fault was injected"
@@ -162,14 +193,14 @@ def longest_fire(load: Load) -> float:
 
 def test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once(store: tuple[str, Any], net_queue: str,
                                                                    tmp_path: Path) -> None:
-    run_mix(store, net_queue, tmp_path, rounds=1, scale=1.0, per_phase=20)
+    run_mix(store, net_queue, tmp_path, rounds=1, scale=1.0, per_phase=20, skew_b=60.0)
 
 
 @pytest.mark.chaos
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not LONG, reason="long network fault mix: make chaos (SKUNQ_CHAOS=long)")
 def test_four_rounds_of_network_faults(store: tuple[str, Any], net_queue: str, tmp_path: Path) -> None:
-    run_mix(store, net_queue, tmp_path, rounds=4, scale=2.0, per_phase=60)
+    run_mix(store, net_queue, tmp_path, rounds=4, scale=2.0, per_phase=60, skew_b=60.0, skew_c=-60.0)
 
 
 @pytest.mark.slow  # starts a server (conftest's marking cannot see it: no server fixture)
