@@ -292,6 +292,10 @@ class FDBPersistence(Persistence):
         self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
         self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
+        # The records stored in an application's transaction, by its read version: their keys are
+        # unreadable in it (versionstamped, error 1036), and a dependent fired next looks them up.
+        self._stored_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, JobRecord]]] = \
+            weakref.WeakKeyDictionary()
 
     # -- one protocol step, applied once however its commit fails ----------------------------
 
@@ -591,7 +595,12 @@ class FDBPersistence(Persistence):
         seen = self._taken_in.get(handle)
         if seen is None or seen[0] != version:
             seen = self._taken_in[handle] = (version, {})
-        return self._store_keyed(handle, records, snapshot_wakes=True, taken=seen[1])
+        holders = self._store_keyed(handle, records, snapshot_wakes=True, taken=seen[1])
+        stored = self._stored_in.get(handle)
+        if stored is None or stored[0] != version:
+            stored = self._stored_in[handle] = (version, {})
+        stored[1].update((record.id, record) for record, holder in zip(records, holders) if holder == record.id)
+        return holders
 
     def _check_same_cluster(self, tr: Any) -> None:
         """Refuse a transaction on another cluster than the queue's (once per database object).
@@ -1211,6 +1220,25 @@ class FDBPersistence(Persistence):
         found: list[JobRecord | None] = []
         for start in range(0, len(job_ids), 500):  # a transaction per 500: well inside its five seconds
             found += [None if s is None else s.record() for s in read(self._db, job_ids[start:start + 500])]
+        return found
+
+    def get_many_in(self, handle: Any, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Read through the application's transaction, so that jobs stored in it count. Not translated:
+        its errors (a conflict, a retryable one) go to the application's retry loop, as enqueue_in's do."""
+        transaction_type = getattr(getattr(fdb, "impl", None), "Transaction", None)
+        if transaction_type is None or not isinstance(handle, transaction_type):
+            return self.get_many(job_ids)  # enqueue_in refuses such a handle, in one line
+        self._check_same_cluster(handle)
+        version = handle.get_read_version().wait()
+        stored = self._stored_in.get(handle)
+        mine = stored[1] if stored is not None and stored[0] == version else {}
+        found: list[JobRecord | None] = []
+        for job_id in job_ids:
+            if job_id in mine:
+                found.append(mine[job_id])
+            else:
+                read = self._read(handle, job_id)
+                found.append(None if read is None else read.record())
         return found
 
     @_translate

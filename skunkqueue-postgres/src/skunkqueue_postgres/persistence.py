@@ -1174,11 +1174,33 @@ class PostgresPersistence(Persistence):
     def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         if not job_ids:
             return []
-        rows = self._call("get", lambda conn: conn.execute(self._sql("get many", f"""
-            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s)
-            AND (expire_at IS NULL OR expire_at >= {{now}})"""), (self.queue, list(job_ids))).fetchall())
+        rows = self._call("get", lambda conn: conn.execute(self._get_many_sql(),
+                                                           (self.queue, list(job_ids))).fetchall())
         found = {row["id"]: row for row in rows}
         return [None if job_id not in found else _to_record(found[job_id]) for job_id in job_ids]
+
+    def get_many_in(self, handle: Any, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Read through the application's connection, so that jobs stored in its open transaction count."""
+        if not isinstance(handle, psycopg.Connection) or not job_ids:
+            return self.get_many(job_ids)  # enqueue_in refuses such a handle, in one line
+        self._check_same_database(handle)
+        with handle.cursor(row_factory=dict_row) as cursor:
+            if not handle.autocommit and handle.info.transaction_status == pq.TransactionStatus.IDLE:
+                cursor.execute("SELECT 1")  # begins the application's transaction, as enqueue_in does
+            try:
+                with handle.transaction():  # a savepoint: a refused read leaves their transaction usable
+                    rows = cursor.execute(self._get_many_sql(), (self.queue, list(job_ids))).fetchall()
+            except errors.InsufficientPrivilege as exc:
+                raise ConfigurationError(f"The connection given with using= may not read the queue's tables in "
+                                         f"schema {self.schema!r}: {self._scrub(exc)}; grant its user access to "
+                                         f"them.") from None
+        found = {row["id"]: row for row in rows}
+        return [None if job_id not in found else _to_record(found[job_id]) for job_id in job_ids]
+
+    def _get_many_sql(self) -> Any:
+        return self._sql("get many", f"""
+            SELECT {', '.join(FIELDS)} FROM {{jobs}} WHERE queue = %s AND id = ANY(%s)
+            AND (expire_at IS NULL OR expire_at >= {{now}})""")
 
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         # The server's clock decides, as it does for get(): ``now`` is the caller's. A finished

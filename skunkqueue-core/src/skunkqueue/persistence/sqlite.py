@@ -475,11 +475,26 @@ class SQLitePersistence(Persistence):
         return _row_to_record(row) if row else None
 
     def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        return self._get_many(self._db.cursor(), job_ids)
+
+    def get_many_in(self, handle: Any, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        if not isinstance(handle, sqlite3.Connection):
+            return self.get_many(job_ids)  # enqueue_in refuses such a handle, in one line
+        cursor = handle.cursor()
+        cursor.row_factory = sqlite3.Row
+        try:
+            return self._get_many(cursor, job_ids)
+        except sqlite3.OperationalError:  # a connection to another file (no jobs table): enqueue_in says so
+            return [None] * len(job_ids)
+        finally:
+            cursor.close()
+
+    def _get_many(self, cursor: sqlite3.Cursor, job_ids: Sequence[str]) -> list[JobRecord | None]:
         found: dict[str, JobRecord] = {}
         for start in range(0, len(job_ids), 500):  # under SQLite's limit on host parameters
             chunk = list(job_ids[start:start + 500])
-            for row in self._db.execute(f"SELECT * FROM jobs WHERE queue=? AND id IN ({','.join('?' * len(chunk))})",
-                                        (self.queue, *chunk)):
+            for row in cursor.execute(f"SELECT * FROM jobs WHERE queue=? AND id IN ({','.join('?' * len(chunk))})",
+                                      (self.queue, *chunk)):
                 found[row["id"]] = _row_to_record(row)
         return [found.get(job_id) for job_id in job_ids]
 

@@ -237,6 +237,35 @@ class TransactionalSuite:
         assert kept.wait(timeout=60) == 3 + 7 + 100  # the callback ran after both members, with their results
         assert sorted(app.rows(queue.name)) == ["workflow-committed"]
 
+    def test_a_dependent_of_a_job_fired_in_the_same_transaction(self, queue: SkunkQueue, store: Persistence,
+                                                                 backend: BackendUnderTest, start_pool: Any,
+                                                                 tmp_path: Path) -> None:
+        """``fire(after=[h], using=handle)`` where ``h`` was fired in the same open transaction: the parent
+        is found through it (not reported missing), and both exist exactly if it commits."""
+        app = _needs_transactions(store, backend)
+        if not store.supports_workflows:
+            pytest.skip(f"the {store.name} backend does not support workflows (supports_workflows = False)")
+        runs = tmp_path / "runs"
+        mark = declare(queue, jobs.mark)
+        handle = app.open()
+        try:
+            app.begin(handle)
+            gone = mark.fire(str(runs), "gone-parent", using=handle)
+            gone_child = mark.fire(str(runs), "gone-child", after=[gone], using=handle)
+            app.rollback(handle)
+            app.begin(handle)
+            parent = mark.fire(str(runs), "parent", using=handle)
+            child = mark.fire(str(runs), "child", after=[parent], using=handle)
+            app.commit(handle)
+        finally:
+            app.close(handle)
+        assert store.get(gone.id) is None and store.get(gone_child.id) is None
+        stored = store.get(child.id)
+        assert stored is not None and stored.parents == [parent.id]
+        start_pool(["r"])
+        assert child.wait(timeout=60) is not None
+        assert _lines(runs) == ["parent", "child"]  # once each, the dependent after its parent
+
     def test_processes_committing_rows_and_jobs_match_one_to_one(self, queue: SkunkQueue, store: Persistence,
                                                                  backend: BackendUnderTest, start_pool: Any,
                                                                  tmp_path: Path) -> None:
