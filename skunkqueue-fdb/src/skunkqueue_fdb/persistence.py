@@ -231,6 +231,17 @@ class _Stored:
         return JobRecord.from_dict(data)
 
 
+
+@dataclasses.dataclass
+class _InTransaction:
+    """What one queue stored in one read version of an application's transaction (``using=``)."""
+
+    version: int
+    # Its keys, to their holders: a key stored earlier in the transaction is unreadable there (1036).
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Its records, by id: their keys are versionstamped, unreadable there too, and ``after=`` looks.
+    records: dict[str, JobRecord] = dataclasses.field(default_factory=dict)
+
 class FDBPersistence(Persistence):
     """A queue stored in FoundationDB. ``url`` is the cluster file, ``db`` the root name."""
 
@@ -291,11 +302,9 @@ class FDBPersistence(Persistence):
         # Per route: (when read, monotonic; paused; its limit), reused for flow.SETTINGS_TTL seconds.
         self._flows: dict[str, tuple[float, bool, flow.RouteLimit | None]] = {}
         self._checked_database: Any = None  # using=: a database object known to be the queue's cluster
-        self._taken_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
-        # The records stored in an application's transaction, by its read version: their keys are
-        # unreadable in it (versionstamped, error 1036), and a dependent fired next looks them up.
-        self._stored_in: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, JobRecord]]] = \
-            weakref.WeakKeyDictionary()
+        # using=: what this queue stored in an application's transaction so far, by its read version
+        # (a reset or committed transaction object gets a new one, and starts afresh).
+        self._in_transaction: weakref.WeakKeyDictionary[Any, _InTransaction] = weakref.WeakKeyDictionary()
 
     # -- one protocol step, applied once however its commit fails ----------------------------
 
@@ -589,18 +598,18 @@ class FDBPersistence(Persistence):
                 f"These {len(records)} jobs take about {size} bytes; one FoundationDB transaction "
                 f"holds at most {TRANSACTION_BUDGET} (and 65535 jobs), and using= puts them in yours.")
         self._check_same_cluster(handle)
-        # The keys stored earlier in this same transaction (a reset or committed transaction
-        # object gets a new read version, so it starts afresh).
-        version = handle.get_read_version().wait()
-        seen = self._taken_in.get(handle)
-        if seen is None or seen[0] != version:
-            seen = self._taken_in[handle] = (version, {})
-        holders = self._store_keyed(handle, records, snapshot_wakes=True, taken=seen[1])
-        stored = self._stored_in.get(handle)
-        if stored is None or stored[0] != version:
-            stored = self._stored_in[handle] = (version, {})
-        stored[1].update((record.id, record) for record, holder in zip(records, holders) if holder == record.id)
+        mine = self._stored_in_transaction(handle)
+        holders = self._store_keyed(handle, records, snapshot_wakes=True, taken=mine.keys)
+        mine.records.update((record.id, record) for record, holder in zip(records, holders) if holder == record.id)
         return holders
+
+    def _stored_in_transaction(self, handle: Any) -> _InTransaction:
+        """What this queue stored in ``handle``'s transaction so far (nothing, for a new read version)."""
+        version = handle.get_read_version().wait()
+        mine = self._in_transaction.get(handle)
+        if mine is None or mine.version != version:
+            mine = self._in_transaction[handle] = _InTransaction(version)
+        return mine
 
     def _check_same_cluster(self, tr: Any) -> None:
         """Refuse a transaction on another cluster than the queue's (once per database object).
@@ -1229,9 +1238,7 @@ class FDBPersistence(Persistence):
         if transaction_type is None or not isinstance(handle, transaction_type):
             return self.get_many(job_ids)  # enqueue_in refuses such a handle, in one line
         self._check_same_cluster(handle)
-        version = handle.get_read_version().wait()
-        stored = self._stored_in.get(handle)
-        mine = stored[1] if stored is not None and stored[0] == version else {}
+        mine = self._stored_in_transaction(handle).records
         found: list[JobRecord | None] = []
         for job_id in job_ids:
             if job_id in mine:
