@@ -35,14 +35,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from skunkqueue import trust
 from skunkqueue.errors import ConfigurationError
-from skunkqueue.record import PENDING, RUNNING
-
-if TYPE_CHECKING:
-    from skunkqueue.record import JobRecord, WorkerInfo
+from skunkqueue.record import PENDING, RUNNING, JobRecord, WorkerInfo
 
 
 class Persistence(Protocol):
