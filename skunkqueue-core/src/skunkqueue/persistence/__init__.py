@@ -236,6 +236,14 @@ class Persistence(JobStore, WorkerRegistry, MonitorView, KeyedEnqueue, Transacti
         self.enqueue(records)
         return None
 
+    async def astore(self, records: Sequence[JobRecord], *, keyed: bool) -> list[str] | None:
+        """:meth:`store` for ``afire``, through the async adapter (:meth:`aenqueue_keyed` or
+        :meth:`aenqueue`); an application's transaction is never async here."""
+        if keyed:
+            return await self.aenqueue_keyed(records)
+        await self.aenqueue(records)
+        return None
+
     def flow_waiting(self, route: str) -> int:
         """How many due, pending records of ``route`` a claim would skip now for a pause or a limit.
 
