@@ -16,8 +16,8 @@ the monitor's read side, and the optional ones (idempotency keys, the
 application's transactions, workflows, settings, stats), plus the async
 adapter. Each role's methods say what they guarantee. What spans roles is
 here: the workflow and flow-control rules below, and the defaults that need
-more than one role (:meth:`Persistence.store`, :meth:`Persistence.flow_waiting`,
-the async adapter's thread).
+more than one role (:meth:`Persistence.store` and :meth:`Persistence.astore`,
+:meth:`Persistence.flow_waiting`, the async adapter's thread).
 
 Workflows (:mod:`skunkqueue.workflow`), for a backend that sets
 ``supports_workflows = True``; the rules are in :mod:`skunkqueue.dependencies`:
