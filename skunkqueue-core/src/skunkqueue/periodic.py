@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Callable, Iterator, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
@@ -57,10 +58,6 @@ CATCH_UP_LIMIT = 1000  # slots fired at most per check with catch_up, so a long 
 
 
 def _zone(tz: str) -> timezone | object:
-    try:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-    except ImportError as exc:  # pragma: no cover - Python < 3.9
-        raise ConfigurationError("Time zones need Python 3.9 or newer.") from exc
     try:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):

@@ -95,7 +95,7 @@ class SkunkQueue:
         """:attr:`apersistence` for coroutines: the first call opens it (a connect and a ping) on a
         thread, so that not even that blocks the event loop."""
         if self._async_conn is None:
-            import asyncio
+            import asyncio  # here: a producer that never awaits never loads it
 
             conn = await asyncio.to_thread(self._open)
             if self._async_conn is None:

@@ -298,7 +298,7 @@ class Persistence(JobStore, WorkerRegistry, MonitorView, KeyedEnqueue, Transacti
 
     async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         """:meth:`_wait_for_finish` for :meth:`await_finished`; the default sleeps the same back-off."""
-        import asyncio
+        import asyncio  # as in _in_thread: only async callers load it
 
         await asyncio.sleep(finish_poll_pause(rounds, left))
 
