@@ -23,7 +23,7 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--backends", "sqlite", "--no-huey", "--jobs", "200",
          "--fire", "200", "--batch", "1000", "--latency", "20", "--backlog", "2000", "--backlog-small", "200",
-         "--json", str(out)],
+         "--members", "500", "--flow-rounds", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
