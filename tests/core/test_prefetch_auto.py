@@ -84,9 +84,10 @@ class Stamps:
         self.job = self.queue.event(routes=["r"])(prefetchjobs.stamp.func)
         self.path = where / "runs"
 
-    def fire(self, prefix: str, n: int, seconds: float = 0.0, **options: object) -> list[str]:
-        if options:
-            return [self.job.fire(str(self.path), f"{prefix}{i:03}", seconds, **options).id for i in range(n)]
+    def fire(self, prefix: str, n: int, seconds: float = 0.0, priority: int | None = None) -> list[str]:
+        if priority is not None:
+            return [self.job.fire(str(self.path), f"{prefix}{i:03}", seconds, priority=priority).id
+                    for i in range(n)]
         return [h.id for h in self.job.fire_many([(str(self.path), f"{prefix}{i:03}", seconds) for i in range(n)])]
 
     def settle(self, ids: list[str], timeout: float = 90) -> None:
