@@ -295,6 +295,9 @@ class MongoPersistence(NativeAsync, Persistence):
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
             self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
+            # Multi-document transactions need the same (a replica set, or a mongos): there a parent's
+            # finish counts its dependents down in one transaction with it (see finish).
+            self.transactions = self.notifies
             self._ensure_indexes()
             self.now()
         except BaseException:
@@ -1045,6 +1048,8 @@ class MongoPersistence(NativeAsync, Persistence):
             # Its dependents are counted down next; until that is done the record says so, and
             # housekeeping completes the count-down if this process dies first (release_stranded).
             fields["settle_pending"] = _SETTLE_PENDING
+            if self.transactions:
+                return self._finish_counting(job_id, fence, fields, outcome.state)
         try:
             # The same round trip tells whether the record has dependents to count down: most
             # records have none, and a read and a write more per finish (the settle's find_one and
@@ -1059,6 +1064,46 @@ class MongoPersistence(NativeAsync, Persistence):
         if outcome.state != PENDING and before.get("has_dependents"):
             self._settle_finished(job_id, state=outcome.state)
         return True
+
+    def _finish_counting(self, job_id: str, fence: dict[str, Any], fields: dict[str, Any], state: str) -> bool:
+        """A replica set's (or mongos's) final finish: with dependents, one transaction with their count-down.
+
+        A record without dependents (nearly all) keeps the one round trip: the fenced update also
+        requires ``has_dependents`` unset. When it matches nothing, the record is stale, gone, or
+        has dependents; then the same fenced update runs again inside a transaction with the
+        count-down and release of its dependents (``_settle_finished`` through the session), so the
+        parent is finished and counted together or not at all (``settle_pending`` is set and
+        cleared inside it, never seen outside). Every count writes the dependent's ``waits``
+        document, so two parents counting one dependent at once are a write conflict, and the
+        later one runs again and sees the other's count (no write skew). ``with_transaction``
+        repeats the whole of it after a transient error (that conflict, an election) and only the
+        commit when its result is unknown; a finish repeated after a commit that did apply (the
+        worker's ``_finish_when_back``) finds the token fenced off and counts nothing. A stale
+        finish costs a transaction that writes nothing.
+        """
+        plain = {**fence, "has_dependents": {"$ne": True}}
+        try:
+            done = self._call("finish", lambda: self.jobs.find_one_and_update(
+                plain, [{"$set": fields}], projection={"_id": 1}), idempotent=False)
+        except DocumentTooLarge as exc:
+            raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
+        if done is not None:
+            return True
+
+        def body(session: ClientSession) -> bool:
+            before = self.jobs.find_one_and_update(fence, [{"$set": fields}], projection={"has_dependents": 1},
+                                                   session=session)
+            if before is None:
+                return False
+            if before.get("has_dependents"):
+                self._settle_finished(job_id, state=state, via=self._via(session))
+            return True
+
+        def run() -> bool:
+            with self.client.start_session(causal_consistency=False) as session:
+                return bool(session.with_transaction(body))
+
+        return self._call("finish", run, idempotent=False)
 
     # -- workflows (see the Persistence docstring) ----------------------------------------
     #
