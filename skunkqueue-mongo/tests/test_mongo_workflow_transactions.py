@@ -24,7 +24,7 @@ import pytest
 from pymongo import MongoClient
 
 from skunkqueue import dependencies, policy
-from skunkqueue.errors import BackendUnavailable
+from skunkqueue.errors import BackendUnavailable, RecordHeld
 from skunkqueue.record import COMPLETE, PENDING, RUNNING, JobRecord, Outcome
 from skunkqueue.testing.suite_support import make_record
 from skunkqueue_mongo.persistence import MongoPersistence
@@ -348,3 +348,104 @@ def test_a_standalone_keeps_the_idempotent_count_down(mongo_standalone: Any, que
     finally:
         store.close()
 
+
+
+# -- a worker SIGKILLed inside the transaction ------------------------------------------------------
+
+FINISH_THEN_HANG = """
+import sys
+from skunkqueue import policy
+from skunkqueue_mongo.persistence import MongoPersistence
+store = MongoPersistence(sys.argv[1], url=sys.argv[2], db=sys.argv[3])
+print("ready", flush=True)
+store.finish(sys.argv[4], int(sys.argv[5]), policy.completed(b"1"))
+print("finished", flush=True)
+"""
+
+
+@pytest.fixture
+def short_transactions(admin: MongoClient[dict[str, Any]]) -> Iterator[int]:
+    """MongoDB aborts a transaction left open this many seconds (default 60; the test waits it out)."""
+    old = admin.admin.command("getParameter", 1, transactionLifetimeLimitSeconds=1)["transactionLifetimeLimitSeconds"]
+    admin.admin.command("setParameter", 1, transactionLifetimeLimitSeconds=10)
+    yield 10
+    admin.admin.command("setParameter", 1, transactionLifetimeLimitSeconds=old)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("killed_in", ["count-down", "parent-write", "commit"])
+def test_a_worker_sigkilled_inside_the_transaction_leaves_all_or_nothing(
+        store: MongoPersistence, admin: MongoClient[dict[str, Any]], app: str, claims: Claims,
+        short_transactions: int, mongo_replset: Any, killed_in: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    a, b = make_record(store.queue), make_record(store.queue)
+    c = _waiting(store.queue, a.id, b.id)
+    store.enqueue([a, b, c])
+    claimed = {r.id: r for r in claims.claim(store, limit=2)}
+    ra, rb = claimed[a.id], claimed[b.id]
+    assert store.finish(rb.id, rb.token, policy.completed(b"2"))
+    # The victim's commands (its appName) stall on the server at the chosen point; it is SIGKILLed
+    # there. findAndModify: the plain try (1), the count's decrement (2), the parent's write (3).
+    if killed_in == "count-down":
+        _fail(admin, app, ["update"], blockConnection=True, blockTimeMS=3000)  # the set's upsert
+    elif killed_in == "parent-write":
+        admin.admin.command("configureFailPoint", "failCommand", mode={"skip": 2}, data={
+            "failCommands": ["findAndModify"], "appName": app, "blockConnection": True, "blockTimeMS": 3000})
+    else:
+        _fail(admin, app, ["commitTransaction"], blockConnection=True, blockTimeMS=3000)
+    victim = subprocess.Popen([sys.executable, "-c", FINISH_THEN_HANG, store.queue,
+                               _with_app(mongo_replset.url, app), DB, a.id, str(ra.token)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        time.sleep(2.0)  # inside the stalled command by now
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(10) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    admin.admin.command("configureFailPoint", "failCommand", mode="off")
+    record = store.get(a.id)
+    assert record is not None
+    if killed_in == "parent-write":
+        assert record.owner is not None
+        time.sleep(1.5)  # the stalled write has run inside the dead transaction by now
+        # The pool renewing the dead worker's lease is told nothing of it instead of waiting.
+        began = time.monotonic()
+        assert store.renew(record.owner, [(a.id, ra.token)], 30) == {}
+        assert time.monotonic() - began < 10
+    # The pool (or housekeeping) hands the dead worker's job back (WorkerDied: retried). While the
+    # dead transaction holds the parent each try gives up after LOCK_WAIT_MS (RecordHeld); once
+    # MongoDB has aborted the transaction, the hand-back goes through.
+    tries: list[float] = []
+    began = time.monotonic()
+    while True:
+        tried = time.monotonic()
+        try:
+            handed_back = store.finish(a.id, ra.token, policy.worker_died(record, "WorkerDied", "SIGKILL"))
+            break
+        except RecordHeld:
+            tries.append(time.monotonic() - tried)
+            assert time.monotonic() - began < short_transactions + 60, "held past the transaction's lifetime"
+            time.sleep(0.5)
+    print(f"{killed_in}: the hand-back was held {len(tries)} times, {time.monotonic() - began:.1f} s")
+    assert all(t < 10 for t in tries), f"a try waited for the transaction: {tries}"
+    if killed_in == "parent-write":
+        assert tries, "the dead transaction did not hold the parent"
+    if killed_in == "commit":
+        # The commit reached the server before the kill: all of it is done, the hand-back fenced off.
+        assert not handed_back and _state(store, a.id)[0] == COMPLETE and _counted(store, c.id) == 2
+    else:
+        # Nothing of it is left: a is pending again (charged), c waits with b alone in its set.
+        assert handed_back and _state(store, a.id)[0] == PENDING
+        assert _counted(store, c.id) == 1 and _state(store, c.id)[2]
+        [again] = claims.claim(store)
+        assert again.id == a.id
+        assert store.finish(a.id, again.token, policy.completed(b"1"))
+    assert [r.id for r in claims.claim(store)] == [c.id]
+    assert claims.claim(store) == [] and claims.count(c.id) == 1
+    assert _counted(store, c.id) == 2
+    assert store.release_stranded() == 0
