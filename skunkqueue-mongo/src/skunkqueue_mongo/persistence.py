@@ -500,8 +500,9 @@ class MongoPersistence(NativeAsync, Persistence):
         Workflows (``after=``, ``chain``, ``group``): the dependency documents (waits, deps) and the
         parents' ``has_dependents`` marks are written in the same transaction, and a parent found
         finished in it is counted in it, so an abort leaves no trace on a parent either. Marking a
-        parent writes its document: a worker claiming, renewing or finishing that parent meanwhile
-        waits for the transaction's end, and a parent that changed since the transaction began
+        parent writes its document: a worker claiming that parent meanwhile waits for the
+        transaction's end (renewing or finishing it waits ``LOCK_WAIT_MS`` at a time, then skips the
+        renewal or raises ``RecordHeld`` and tries again), and a parent that changed since the transaction began
         makes it a write conflict (``TransientTransactionError``, which ``with_transaction`` retries).
         """
         if not records:
