@@ -183,7 +183,10 @@ local function claim(KEYS, ARGV)
       local extra = 0
       if a_skip + b_skip > 0 then extra = 16 end
       local page = int(room - #out + extra)
-      local a = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'WITHSCORES', 'LIMIT', a_skip, page)
+      -- Scores only to merge with a second zset (Redis formats each with '%.17g', Lua reads it back).
+      local a, step = nil, 2
+      if b_key then a = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'WITHSCORES', 'LIMIT', a_skip, page)
+      else a, step = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'LIMIT', a_skip, page), 1 end
       local b = {}
       if b_key then b = redis.call('ZRANGEBYSCORE', b_key, '-inf', now, 'WITHSCORES', 'LIMIT', b_skip, page) end
       if #a == 0 and #b == 0 then break end
@@ -204,7 +207,7 @@ local function claim(KEYS, ARGV)
         if from_a then
           seen = visit(a[i], a_key)
           if seen == 'skipped' then a_skip = a_skip + 1 end
-          i = i + 2
+          i = i + step
         else
           seen = visit(b[j], b_key)
           if seen == 'skipped' then b_skip = b_skip + 1 end
