@@ -8,7 +8,8 @@
 --       (the priority zsets, slots, GCRA times and settings share the queue's hash tag: common.lua)
 -- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records), 5 route,
 --       6 FLOW_SCAN
--- Returns {claimed records (each a flat list of field names and values, like HGETALL's), next due score or '', foreign keys skipped, the store's now}.
+-- Returns {claimed records (each a flat list of field names and values, like HGETALL's), next due score
+-- or '', foreign keys skipped, the store's now}.
 -- A claim that filled its limit skips looking for the next due and returns the store's now for it
 -- (look again at once): its worker is busy and claims again before it waits, and that claim,
 -- if it comes back short, finds the next due and drops stale wake-up tokens. A claim that left
