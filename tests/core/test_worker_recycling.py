@@ -26,13 +26,24 @@ from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.workers import PoolProcess
 
 JOB_MODULE = '''
+import atexit
 import os
+import signal
 import time
 from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 from skunkqueue.worker import resident_mb
 
 _queue = kit_queue("recycling")
 _kept = []  # what hoard() holds on to: the worker process keeps growing, as a leaky job would
+
+
+def _note_interrupt_disposition():
+    path = os.environ.get("RECYCLE_DISPOSITION")
+    if path:
+        append_line(path, f"{os.getpid()} {signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}")
+
+
+atexit.register(_note_interrupt_disposition)
 
 
 @_queue.event(routes=kit_routes(["r"]))
@@ -273,3 +284,27 @@ def test_burst_with_async_jobs(backend: BackendUnderTest, hoard: Path, tmp_path:
                        extra=["--burst", "--async-concurrency", "4"])
     assert pool.wait(60) == 0, pool.log()
     assert [h.state for h in handles] == [COMPLETE] * 8
+
+
+def test_a_worker_that_stopped_ignores_a_late_interrupt(hoard: Path) -> None:
+    """The pool may interrupt a job it still thinks is running after the worker finished it and
+    stopped (a renewal answered "lost" before the pool read the finish). CPython puts SIGUSR1 back
+    to its default action while it shuts down, so that late interrupt killed a recycled worker
+    (status -10, logged as a crash and restarted). A worker ignores it once its loop is over."""
+    backend = BackendUnderTest(name="sqlite", url=str(hoard / "q.db"))
+    name, runs, disposition = backend.new_queue_name(), hoard / "runs", hoard / "disposition"
+    ids = _fire_hoards(backend, name, runs, 6, mb=0)
+    path = os.pathsep.join(filter(None, [str(hoard), os.environ.get("PYTHONPATH")]))
+    pool = PoolProcess(backend, name, ["r"], concurrency=2, log_path=hoard / "pool.log",
+                       imports=["recyclejobs", "skunkqueue.testing.jobs"],
+                       extra=["--max-jobs-per-child", "1"], cwd=hoard,
+                       env={"PYTHONPATH": path, "RECYCLE_DISPOSITION": str(disposition)})
+    try:
+        pool.wait_ready()
+        _settled(backend, name, ids)
+    finally:
+        pool.stop()
+    workers = {pid for _, pid, _ in _runs(runs)}
+    seen = dict(line.split() for line in disposition.read_text().splitlines())
+    assert len(workers) >= 6 and all(seen.get(str(pid)) == "True" for pid in workers), (workers, seen)
+    assert "exited with status" not in pool.log(), pool.log()

@@ -292,6 +292,11 @@ class Worker:
         try:
             self._loop()
         finally:
+            if self._wakeup_read is not None:
+                # No job runs any more, so an interrupt has nothing to stop; and once the
+                # interpreter shuts down, CPython puts SIGUSR1 back to its default action,
+                # which would kill this process (-10) if the pool's late interrupt came then.
+                signal.signal(INTERRUPT_SIGNAL, signal.SIG_IGN)
             self._skip_held()
             try:
                 self.backend.unregister_worker(self.id)
