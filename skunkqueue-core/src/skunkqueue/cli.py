@@ -15,6 +15,7 @@ import click
 
 from skunkqueue import backends as backend_registry
 from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
+from skunkqueue import periodic as schedules  # the command group is named periodic
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.hooks import plugin_manager
@@ -499,8 +500,6 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     skunq periodic -q QUEUE --import myapp.jobs
     skunq periodic -q QUEUE --import myapp.jobs pause|resume|run NAME
     """
-    from skunkqueue import periodic as schedules
-
     modules = trust.split_imports(imports)
     if not modules:
         raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
@@ -542,8 +541,6 @@ def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
 
 
 def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:
-    from skunkqueue import periodic as schedules
-
     store, schedule = _schedule(ctx, name)
     schedules.set_paused(store, schedule.name, paused)
     click.echo(f"{schedule.name}: {'paused' if paused else 'resumed'}")
@@ -573,8 +570,6 @@ def periodic_resume(ctx: click.Context, name: str) -> None:
 @_friendly
 def periodic_run(ctx: click.Context, name: str) -> None:
     """Fire NAME once now, outside its slot sequence."""
-    from skunkqueue import periodic as schedules
-
     _, schedule = _schedule(ctx, name)
     handle = schedules.fire_now(schedule, ctx.obj[2])
     click.echo(f"{schedule.name}: fired as {handle.id}")

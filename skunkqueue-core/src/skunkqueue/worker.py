@@ -601,7 +601,7 @@ class Worker:
                 )
             job = self._job(record)
             self._verified.add(record.id)  # its signature (if any) holds; job_fields takes it out
-            args, kwargs = serializer.loads_call(record.payload, record.serializer)
+            args, kwargs = serializer.loads_arguments(headers.arguments(record.payload), record.serializer)
             if record.parents or record.inputs is not None:
                 # A workflow step: its parents' results (read from the store) come first.
                 try:
