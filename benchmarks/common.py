@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import signal
 import subprocess
@@ -22,8 +23,6 @@ def compile_sources() -> None:
     per ``skunq work`` start-up measured here, which the peers, installed from wheels, do not pay.
     A source changed since is still read fresh (Python checks each file's mtime).
     """
-    import compileall
-
     for src in sorted(ROOT.glob("skunkqueue-*/src")):
         compileall.compile_dir(str(src), quiet=2, workers=0)
     compileall.compile_dir(str(ROOT / "benchmarks"), quiet=2, workers=0)
