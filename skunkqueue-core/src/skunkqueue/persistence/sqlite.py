@@ -757,6 +757,11 @@ class SQLitePersistence(Persistence):
                      "(SELECT tat FROM flow_times WHERE queue=? AND name=?) AS flow_route_tat")
             extra_args = (self.queue, route, RUNNING, now, self.queue, admission.route_name)
         room = limit
+        rated = route_limit is not None and route_limit.interval is not None
+
+        def key_full(key: str, cap: int | None) -> float | None:
+            return self._key_blocked(conn, key, cap, now)
+
         for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8, extra, extra_args), 1):
             if looked == 1 and route_limit is not None:
                 tat = row["flow_route_tat"]
@@ -774,19 +779,20 @@ class SQLitePersistence(Persistence):
             except MalformedRecord as exc:
                 self._quarantine(conn, row["id"], str(exc))
                 continue
-            decision = admission.admit(record.limit_key, record.limit_concurrency, record.limit_interval,
-                                       record.limit_burst, lambda key, cap: self._key_blocked(conn, key, cap, now))
-            if decision == flow.STOP:
-                break
-            if decision == flow.SKIP:
-                continue
+            if record.limit_key is not None or rated:  # else nothing can stop it
+                decision = admission.admit(record.limit_key, record.limit_concurrency, record.limit_interval,
+                                           record.limit_burst, key_full)
+                if decision == flow.STOP:
+                    break
+                if decision == flow.SKIP:
+                    continue
             record.claim_by(worker_id, now, lease)
             self._update(conn, record)
             claimed.append(record)
             if len(claimed) >= room:
                 break
         # Read last, under the write lock: every later claim's now comes after it.
-        written = admission.to_write(time.time())
+        written = admission.to_write(time.time()) if admission.changed else []
         if written:
             conn.executemany("INSERT INTO flow_times (queue, name, tat) VALUES (?, ?, ?) "
                              "ON CONFLICT (queue, name) DO UPDATE SET tat=excluded.tat",
