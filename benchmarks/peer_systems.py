@@ -1,4 +1,5 @@
-"""SkunkQueue and its peers (Huey, Celery, RQ, Dramatiq) behind one small interface, for ``benchmarks.peers``.
+"""SkunkQueue and its peers (Huey, Celery, RQ, Dramatiq on Redis; Procrastinate on PostgreSQL) behind one
+small interface, for ``benchmarks.peers``.
 
 Each :class:`Peer` fires the same no-op job through its library's public API, starts its library's
 own worker command (one process that runs jobs), and reads results the way its documentation
@@ -42,6 +43,7 @@ class Peer:
     distribution = ""       # what to pip install when it is missing
     module = ""             # importable when installed
     stop_signal = signal.SIGTERM
+    store = "redis"         # the server it runs on: "redis" or "postgres"
     setup: dict[str, str] = {}
 
     @classmethod
@@ -80,8 +82,9 @@ class SkunkPeer(Peer):
     name = "skunkqueue"
     distribution = "skunkqueue-redis"
     module = "skunkqueue_redis"
+    backend = "redis"
     setup = {
-        "worker": "skunq work -q Q -r R -c 1, its defaults (INFO log, a line per job; --prefetch 1): "
+        "worker": "skunq work -q Q -r R -c 1, its defaults (INFO log, a line per job; --prefetch auto): "
                   "a pool process and one worker process",
         "producer": "job.fire(i) one call at a time",
         "results": "handle.state / handle.result polled for processing and start-up; handle.wait() for latency",
@@ -95,7 +98,7 @@ class SkunkPeer(Peer):
         from benchmarks import jobs
         from skunkqueue import SkunkQueue
 
-        self.queue = SkunkQueue(f"bench-peers-{uuid.uuid4().hex[:8]}", backend="redis", conn_url=url)
+        self.queue = SkunkQueue(f"bench-peers-{uuid.uuid4().hex[:8]}", backend=self.backend, conn_url=url)
         self.job = jobs.bind(self.queue, jobs.noop, self.route)
 
     def close(self) -> None:
@@ -121,7 +124,7 @@ class SkunkPeer(Peer):
         from skunkqueue.testing.kit import kit_env
 
         cmd = [binary("skunq"), "work", "-q", self.queue.name, "-r", self.route, "-c", "1",
-               "--backend", "redis", "--url", url, "--path", str(ROOT), "--import", "benchmarks.jobs"]
+               "--backend", self.backend, "--url", url, "--path", str(ROOT), "--import", "benchmarks.jobs"]
         return cmd, _env(**kit_env(self.queue.name, [self.route]))
 
 
@@ -306,6 +309,86 @@ class HueyNotifyPeer(HueyPeer):
         return super().command(url, latency=True)
 
 
+class SkunkPostgresPeer(SkunkPeer):
+    """SkunkQueue on PostgreSQL: the same worker command and handles, ``--backend postgres``."""
+
+    name = "skunkqueue-pg"
+    distribution = "skunkqueue-postgres"
+    module = "skunkqueue_postgres"
+    backend = "postgres"
+    store = "postgres"
+    setup = {
+        "worker": "skunq work -q Q -r R -c 1 --backend postgres, its defaults (INFO log, a line per job; "
+                  "--prefetch 1; LISTEN/NOTIFY wake-ups): a pool process and one worker process",
+        "producer": "job.fire(i) one call at a time (one transaction each)",
+        "results": "handle.state / handle.result polled for processing and start-up; handle.wait() for latency",
+    }
+
+
+class ProcrastinatePeer(Peer):
+    """Procrastinate: PostgreSQL only, async worker; it keeps no return value, only each job's status."""
+
+    name = "procrastinate"
+    distribution = "procrastinate"
+    module = "procrastinate"
+    store = "postgres"
+    CONCURRENCY = 10
+    setup = {
+        "worker": f"procrastinate --app benchmarks.procrastinate_app.app worker -q Q -c {CONCURRENCY} (one "
+                  f"process, an asyncio loop; -c: jobs fetched and run at once on its connection pool, "
+                  f"the default 1 fetches one job at a time; LISTEN/NOTIFY on, its default, so a deferred job "
+                  f"wakes it at once instead of the 5 s poll; default log: warnings only); the task is an "
+                  f"async def (a plain def runs in a thread per job)",
+        "producer": "task.defer(i=i) one call at a time, App(PsycopgConnector) opened synchronously",
+        "results": "Procrastinate stores no return value: a job is done when job_manager.get_job_status(id) "
+                   "says succeeded, polled for processing and start-up, and polled every 2 ms for latency "
+                   "(it has no blocking wait); the check reads each job back (list_jobs) and wants "
+                   "status succeeded with its own argument",
+    }
+
+    def open(self, url: str, latency: bool) -> None:
+        from benchmarks.procrastinate_app import make_procrastinate
+
+        self.app, self.task = make_procrastinate(url)
+        self.app.open()
+        # A fresh database each round (the bench's flush): the schema is the user's one-time set-up.
+        found = self.app.connector.get_sync_connector().execute_query_one(
+            "SELECT to_regclass('procrastinate_jobs') AS t")
+        if found["t"] is None:
+            self.app.schema_manager.apply_schema()
+        self.args: dict[int, int] = {}
+
+    def close(self) -> None:
+        self.app.close()
+
+    def fire(self, i: int) -> Any:
+        job_id = self.task.defer(i=i)
+        self.args[job_id] = i
+        return job_id
+
+    def done(self, handle: Any) -> bool:
+        from procrastinate.jobs import Status
+
+        return bool(self.app.job_manager.get_job_status(handle) == Status.SUCCEEDED)
+
+    def value(self, handle: Any) -> Any:
+        (job,) = self.app.job_manager.list_jobs(id=handle)
+        return job.task_kwargs.get("i") if job.status == "succeeded" else f"status {job.status}"
+
+    def wait(self, handle: Any) -> Any:
+        from benchmarks.common import wait_until
+
+        wait_until(lambda: self.done(handle), LATENCY_TIMEOUT, f"procrastinate job {handle}")
+        return self.args[handle]
+
+    def command(self, url: str, latency: bool) -> tuple[list[str], dict[str, str]]:
+        from benchmarks.procrastinate_app import QUEUE
+
+        return [binary("procrastinate"), "--app", "benchmarks.procrastinate_app.app", "worker", "-q", QUEUE,
+                "-c", str(self.CONCURRENCY)], _env(SKUNQ_BENCH_PG=url)
+
+
 PEERS: dict[str, type[Peer]] = {p.name: p for p in (SkunkPeer, HueyPeer, CeleryPeer, RQPeer, DramatiqPeer,
-                                                    HueyNotifyPeer)}
-DEFAULT = ["skunkqueue", "huey", "celery", "rq", "dramatiq"]  # in round order
+                                                    HueyNotifyPeer, SkunkPostgresPeer, ProcrastinatePeer)}
+DEFAULT = ["skunkqueue", "huey", "celery", "rq", "dramatiq"]  # in round order, on Redis
+DEFAULT_POSTGRES = ["skunkqueue-pg", "procrastinate"]  # on PostgreSQL

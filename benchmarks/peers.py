@@ -1,5 +1,6 @@
-"""SkunkQueue against Huey, Celery, RQ and Dramatiq on one redis-server, in alternated rounds:
-``python -m benchmarks.peers [--rounds N] [--quick]`` (``make bench`` runs it too).
+"""SkunkQueue against Huey, Celery, RQ and Dramatiq on one redis-server, or against Procrastinate on one
+PostgreSQL server (``--store postgres``), in alternated rounds:
+``python -m benchmarks.peers [--store redis|postgres] [--rounds N] [--quick]`` (``make bench`` runs both).
 
 Each round runs every system once, in order on even rounds and reversed on odd ones (A B C D E,
 E D C B A, ...), so the machine's drift hits them alike; each figure is printed as the median and
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import ROOT, BenchError, Sizes, children_of, percentile, rss_mb, stop_process, wait_until
-from benchmarks.peer_systems import DEFAULT, PEERS, Peer
+from benchmarks.peer_systems import DEFAULT, DEFAULT_POSTGRES, PEERS, Peer
 
 # (key, label, format, higher is better)
 FIGURES = [
@@ -44,6 +45,8 @@ FIGURES = [
 ]
 LOWER_IS_BETTER = {key for key, _, _, higher in FIGURES if not higher}
 MIN_ROUNDS = 3
+STORES = {"redis": "Redis", "postgres": "PostgreSQL"}
+PG_DATABASE = "skunqpeers"  # dropped and made anew before each workload (the PostgreSQL flush)
 
 
 @dataclass
@@ -171,7 +174,7 @@ def order(names: list[str], round_: int) -> list[str]:
 
 def run(url: str, flush: Callable[[], None], sizes: Sizes, rounds: int, names: list[str], logdir: Path,
         log: Callable[[str], None]) -> dict[str, PeerRuns]:
-    """``rounds`` alternated rounds of every system in ``names`` on the redis at ``url``."""
+    """``rounds`` alternated rounds of every system in ``names`` on the store at ``url`` (``flush`` empties it)."""
     runs = {name: PeerRuns(name) for name in names}
     for round_ in range(rounds):
         for name in order(names, round_):
@@ -190,9 +193,11 @@ def better_ratio(key: str, ours: float, theirs: float) -> float:
     return top / bottom if bottom else float("inf")
 
 
-def ratios(runs: dict[str, PeerRuns], ours: str = "skunkqueue") -> dict[str, dict[str, dict[str, float]]]:
-    """Per peer and figure: the ratio of medians and the lowest-highest ratio of the same round's runs."""
+def ratios(runs: dict[str, PeerRuns], ours: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per peer and figure: the ratio of medians and the lowest-highest ratio of the same round's runs
+    (``ours``: SkunkQueue's system, by default the first whose name starts with "skunkqueue")."""
     out: dict[str, dict[str, dict[str, float]]] = {}
+    ours = ours or next((n for n in runs if n.startswith("skunkqueue")), "skunkqueue")
     base = runs.get(ours)
     if base is None:
         return out
@@ -222,7 +227,8 @@ def table(runs: dict[str, PeerRuns], rounds: int) -> str:
                 f"{form.format(statistics.median(values))} ({form.format(min(values))}-{form.format(max(values))})"
                 if values else "-")
     cols = [max(len(n), *(len(cells[k][i]) for k, *_ in FIGURES)) + 2 for i, n in enumerate(names)]
-    lines = [f"Redis, one worker process each; median (lowest-highest) of {rounds} alternated rounds",
+    store = STORES.get(PEERS[names[0]].store if names and names[0] in PEERS else "redis", "Redis")
+    lines = [f"{store}, one worker process each; median (lowest-highest) of {rounds} alternated rounds",
              f"{'':{width}}" + "".join(f"{n:>{c}}" for n, c in zip(names, cols))]
     lines.append("-" * len(lines[-1]))
     for key, label, _, _ in FIGURES:
@@ -262,12 +268,13 @@ def to_json(runs: dict[str, PeerRuns], rounds: int) -> dict[str, Any]:
     }
 
 
-def wanted(spec: str, log: Callable[[str], None]) -> tuple[list[str], dict[str, str]]:
+def wanted(spec: str, log: Callable[[str], None], store: str = "redis") -> tuple[list[str], dict[str, str]]:
     """The systems named in ``spec`` that are installed, and why each other one is skipped."""
     names, skipped = [], {}
     for name in (n.strip() for n in spec.split(",") if n.strip()):
-        if name not in PEERS:
-            raise SystemExit(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
+        choices = [n for n, p in PEERS.items() if p.store == store]
+        if name not in choices:
+            raise SystemExit(f"unknown peer {name!r} on {STORES[store]}; choose from {', '.join(choices)}")
         if PEERS[name].available():
             names.append(name)
         else:
@@ -277,9 +284,12 @@ def wanted(spec: str, log: Callable[[str], None]) -> tuple[list[str], dict[str, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    redis_more = sorted(n for n, p in PEERS.items() if p.store == "redis" and n not in DEFAULT)
     parser.add_argument("--peers", default=",".join(DEFAULT),
                         help=f"systems compared on Redis, in round order (default: %(default)s; also: "
-                             f"{', '.join(sorted(set(PEERS) - set(DEFAULT)))})")
+                             f"{', '.join(redis_more)})")
+    parser.add_argument("--pg-peers", default=",".join(DEFAULT_POSTGRES),
+                        help="systems compared on PostgreSQL, in round order (default: %(default)s)")
     parser.add_argument("--rounds", type=int,
                         help=f"alternated rounds of the peer comparison (default {MIN_ROUNDS}, 1 with --quick; "
                              f"fewer than {MIN_ROUNDS} gives no meaningful spread)")
@@ -293,10 +303,12 @@ def rounds_from(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.servers import RedisServer
+    from benchmarks.servers import PostgresServer, RedisServer
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--store", choices=list(STORES), default="redis",
+                        help="the server the systems share: redis (--peers) or postgres (--pg-peers)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke test")
     parser.add_argument("--fire", type=int, help="jobs fired one by one, then processed (default 5000)")
     parser.add_argument("--latency", type=int, help="idle round trips (default 300)")
@@ -310,12 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    names, skipped = wanted(args.peers, log)
+    names, skipped = wanted(args.peers if args.store == "redis" else args.pg_peers, log, args.store)
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="skunqbench-peers-") as logdir, RedisServer() as server:
-        assert isinstance(server, RedisServer)
-        runs = run(server.url, server.flush, sizes, rounds, names, Path(logdir), log)
+    server = RedisServer() if args.store == "redis" else PostgresServer()
+    with tempfile.TemporaryDirectory(prefix="skunqbench-peers-") as logdir, server:
+        if isinstance(server, RedisServer):
+            runs = run(server.url, server.flush, sizes, rounds, names, Path(logdir), log)
+        else:
+            assert isinstance(server, PostgresServer)
+            runs = run(server.database_url(PG_DATABASE), partial(server.recreate, PG_DATABASE), sizes, rounds,
+                       names, Path(logdir), log)
         print(table(runs, rounds))
         print(setups(names))
         for name, why in skipped.items():

@@ -1,5 +1,6 @@
 """``python -m benchmarks``: run every workload on every installed backend, print one table; then SkunkQueue
-against Huey, Celery, RQ and Dramatiq on one redis-server in alternated rounds (``benchmarks.peers``)."""
+against Huey, Celery, RQ and Dramatiq on one redis-server, and against Procrastinate on one PostgreSQL
+server, in alternated rounds (``benchmarks.peers``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated backends to run, if installed (default: %(default)s)")
     p.add_argument("--no-huey", action="store_true", help="skip SqliteHuey and Huey's async rows")
     p.add_argument("--no-peers", action="store_true",
-                   help="skip the alternated comparison with Huey, Celery, RQ and Dramatiq on Redis")
+                   help="skip the alternated comparisons with Huey, Celery, RQ and Dramatiq on Redis and "
+                        "with Procrastinate on PostgreSQL")
     peers.add_arguments(p)
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a fast look (1,000 jobs, 10,000 backlog; peers: 1 round unless --rounds)")
@@ -133,9 +136,10 @@ def figure(results: dict[str, Result], peer_runs: dict[str, peers.PeerRuns], sys
     return None if r is None else r.figures.get(key)
 
 
-def ratios(results: dict[str, Result], peer_runs: dict[str, peers.PeerRuns]) -> dict[str, dict[str, float]]:
+def ratios(results: dict[str, Result], peer_runs: dict[str, peers.PeerRuns],
+           pg_peer_runs: dict[str, peers.PeerRuns] | None = None) -> dict[str, dict[str, float]]:
     """SkunkQueue / a peer, per comparable figure (>1: SkunkQueue is better): SQLite against SqliteHuey
-    in the table, Redis against every peer from the medians of the alternated rounds."""
+    in the table, Redis and PostgreSQL against every peer from the medians of the alternated rounds."""
     out: dict[str, dict[str, float]] = {}
     a, b = results.get("sqlite"), results.get("huey-sqlite")
     if a is not None and b is not None:
@@ -149,6 +153,8 @@ def ratios(results: dict[str, Result], peer_runs: dict[str, peers.PeerRuns]) -> 
         out["sqlite vs huey-sqlite"] = pair
     for peer, per in peers.ratios(peer_runs).items():
         out[f"redis vs {peer}"] = {key: r["ratio"] for key, r in per.items()}
+    for peer, per in peers.ratios(pg_peer_runs or {}).items():
+        out[f"postgres vs {peer}"] = {key: r["ratio"] for key, r in per.items()}
     return out
 
 
@@ -170,6 +176,8 @@ def targets(results: dict[str, Result], rat: dict[str, dict[str, float]],
     add("redis idle p50 vs Huey notify_result (theirs/ours)", rh.get("latency_p50_ms"), ">= 1x",
         lambda v: v >= 1)
     add("redis fire() vs Dramatiq (issue 28)", rd.get("enqueue_fire"), ">= 1x", lambda v: v >= 1)
+    add("postgres processing vs Procrastinate, 1 worker process (issue 28)",
+        rat.get("postgres vs procrastinate", {}).get("process_1w"), ">= 2x", lambda v: v >= 2)
     add("redis fire_many jobs/s", fig("redis", "enqueue_batch"), ">= 50,000", lambda v: v >= 50_000)
     add("redis idle latency p50 ms", fig("redis", "latency_p50_ms"), "<= 1", lambda v: v <= 1)
     add("redis idle latency p99 ms", fig("redis", "latency_p99_ms"), "<= 3", lambda v: v <= 3)
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     skipped: dict[str, str] = {}
     peer_runs: dict[str, peers.PeerRuns] = {}
+    pg_peer_runs: dict[str, peers.PeerRuns] = {}
     started = time.time()
     log(f"benchmark sizes: {sizes}; scratch directory {workdir}")
     try:
@@ -308,12 +317,18 @@ def main(argv: list[str] | None = None) -> int:
                     server.flush()
                     peer_runs = peers.run(server.url, server.flush, sizes, peers.rounds_from(args), names,
                                           workdir, log)
+                if isinstance(server, PostgresServer) and not args.no_peers:
+                    names, skipped_peers = peers.wanted(args.pg_peers, log, "postgres")
+                    skipped.update({f"peer {k}": v for k, v in skipped_peers.items()})
+                    pg_peer_runs = peers.run(server.database_url(peers.PG_DATABASE),
+                                             partial(server.recreate, peers.PG_DATABASE), sizes,
+                                             peers.rounds_from(args), names, workdir, log)
         for r in results.values():
             if "process_1w" in r.figures and "process_2w" in r.figures:
                 r.figures["scaling_2w"] = r.figures["process_2w"] / r.figures["process_1w"]
         order = [n for n in (*BACKENDS, "huey-redis", "huey-sqlite") if n in results]
         ordered = [results[n] for n in order]
-        rat = ratios(results, peer_runs)
+        rat = ratios(results, peer_runs, pg_peer_runs)
         goals = targets(results, rat, peer_runs)
         rounds = peers.rounds_from(args)
         print(table(ordered))
@@ -323,20 +338,22 @@ def main(argv: list[str] | None = None) -> int:
         if "sqlite vs huey-sqlite" in rat:
             print("\nSkunkQueue sqlite vs huey-sqlite (x > 1: SkunkQueue better): " +
                   ", ".join(f"{k} {v:.2f}x" for k, v in rat["sqlite vs huey-sqlite"].items()))
-        if peer_runs:
-            print("\n" + peers.table(peer_runs, rounds))
-            print(peers.setups(list(peer_runs)))
+        for runs in (peer_runs, pg_peer_runs):
+            if runs:
+                print("\n" + peers.table(runs, rounds))
+                print(peers.setups(list(runs)))
         print("\nThe issues' goals (17 and 28), Huey in this run" +
               (" (Redis: medians of the alternated rounds):" if peer_runs else ":"))
         print(goals_table(results, peer_runs))
         print("\nTargets:")
         for row in goals:
-            if row["met"] is not None or row["target"].startswith(("redis", "mongodb")):
+            if row["met"] is not None or row["target"].startswith(("redis", "mongodb", "postgres")):
                 print(_format_target(row))
         for name, why in skipped.items():
             print(f"(skipped {name}: {why})")
         failures = [f"{r.system}: {e}" for r in ordered for e in r.errors]
-        failures += [f"peer {name}: {e}" for name, r in peer_runs.items() for e in r.errors]
+        failures += [f"peer {name}: {e}" for runs in (peer_runs, pg_peer_runs) for name, r in runs.items()
+                     for e in r.errors]
         for failure in failures:
             print(f"CHECK FAILED {failure}")
         report = {
@@ -349,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": {r.system: r.to_json() for r in ordered},
             "ratios": rat,
             "peers": peers.to_json(peer_runs, rounds) if peer_runs else None,
+            "peers_postgres": peers.to_json(pg_peer_runs, rounds) if pg_peer_runs else None,
             "targets": goals,
             "skipped": skipped,
             "all_checks_passed": not failures,
@@ -361,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"worker logs kept in {workdir}")
             return 1
     finally:
-        if not any(r.errors for r in results.values()) and not any(r.errors for r in peer_runs.values()):
+        if not any(r.errors for r in results.values()) and not any(
+                r.errors for runs in (peer_runs, pg_peer_runs) for r in runs.values()):
             shutil.rmtree(workdir, ignore_errors=True)
     return 0

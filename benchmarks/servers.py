@@ -101,6 +101,18 @@ class PostgresServer(Server):
     def available(cls) -> bool:
         return postgres_servers.available()
 
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` on this server (see :meth:`recreate`)."""
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+    def recreate(self, name: str) -> None:
+        """Drop database ``name`` (whoever is connected) and make it anew: the peers' flush."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+
     def stop(self) -> None:
         self.starter.destroy()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -30,6 +30,9 @@ WORKERS = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-workflows", action="store_true", help="skip the workflow row")
+    parser.add_argument("--members", type=int, default=None,
+                        help=f"members of the workflow row's group, and independent jobs beside it "
+                             f"(default {MEMBERS:,}; the rows keep their 10k names)")
 
 
 def _timed(target: Any, fire: Callable[[Any], Callable[[], bool]]) -> float:
@@ -51,9 +54,12 @@ def _timed(target: Any, fire: Callable[[Any], Callable[[], bool]]) -> float:
 
 
 def run(target: Any, args: argparse.Namespace, result: Result, log: Callable[[str], None],
-        members: int = MEMBERS) -> None:
+        members: int | None = None) -> None:
     if getattr(args, "no_workflows", False):
         return
+    members = members or getattr(args, "members", None) or MEMBERS
+    if members < 1:
+        raise SystemExit("--members must be at least 1")
     probe = target.queue("workflow-probe")
     try:
         if not probe.persistence.supports_workflows:

@@ -10,6 +10,7 @@ SKUNKQUEUE_FDB_CLUSTER_FILE names a real cluster.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,7 +101,10 @@ def test_a_pool_whose_clock_is_off_by_more_than_the_lease_allows_refuses_to_star
         assert "Traceback" not in log, log
         [line] = [x for x in log.splitlines() if x.startswith("Error:")]  # one clear line
         direction = "ahead of" if skew > 0 else "behind"
-        assert "clock is 6" in line and direction in line and "at most 29 s" in line and "NTP" in line, line
+        # The offset is measured through the store, so on a loaded machine it reads 59.9 as well as 60.1.
+        offset = re.search(r"clock is (\d+\.\d) s", line)
+        assert offset is not None and 55 <= float(offset.group(1)) <= 65, line
+        assert direction in line and "at most 29 s" in line and "NTP" in line, line
         # The running pool is unharmed: it still runs jobs, once each.
         handle = mark.fire(str(ran), "after")
         assert isinstance(handle.wait(timeout=20), int)

@@ -23,7 +23,7 @@ def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--backends", "sqlite", "--no-huey", "--jobs", "200",
          "--fire", "200", "--batch", "1000", "--latency", "20", "--backlog", "2000", "--backlog-small", "200",
-         "--json", str(out)],
+         "--members", "500", "--flow-rounds", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -96,6 +96,67 @@ def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
         assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
         assert figures["idle_rss_mb"] <= figures["idle_rss_all_mb"]
     assert list(report["ratios"]) == DEFAULT[1:]
+
+
+@pytest.mark.serial  # two systems' workers on one PostgreSQL server, timed: alone, like the one above
+@pytest.mark.slow
+def test_postgres_peers_tiny_round(tmp_path: Path) -> None:
+    """One tiny round of SkunkQueue on PostgreSQL and of Procrastinate, each through its own worker command."""
+    from benchmarks.peer_systems import DEFAULT_POSTGRES, PEERS
+    from benchmarks.servers import PostgresServer
+
+    if not PostgresServer.available():
+        pytest.skip("no PostgreSQL binaries: scripts/ensure-servers installs them")
+    missing = [name for name in DEFAULT_POSTGRES if not PEERS[name].available()]
+    assert not missing, f"pip install -r requirements-dev.txt: {missing} not installed"
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--store", "postgres", "--rounds", "1",
+                           "--fire", "30", "--latency", "5", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PostgreSQL, one worker process each" in done.stdout
+    assert "procrastinate --app benchmarks.procrastinate_app.app worker" in done.stdout
+    report = json.loads(out.read_text())
+    assert list(report["systems"]) == DEFAULT_POSTGRES
+    for name, system in report["systems"].items():
+        assert system["errors"] == [], (name, system["errors"])
+        (figures,) = system["rounds"]
+        for key in ("enqueue_fire", "process_1w", "latency_p50_ms", "latency_p99_ms", "startup_s",
+                    "idle_rss_mb", "idle_rss_all_mb"):
+            assert math.isfinite(figures[key]) and figures[key] > 0, (name, key, figures[key])
+        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    assert list(report["ratios"]) == ["procrastinate"]
+    assert set(report["ratios"]["procrastinate"]) >= {"enqueue_fire", "process_1w", "latency_p50_ms"}
+
+
+def test_procrastinate_round_reports_unfinished_jobs(monkeypatch: Any) -> None:
+    """Procrastinate keeps no results: a job that did not succeed must fail the round, not pass the check."""
+    from benchmarks import peer_systems, peers
+    from benchmarks.common import Sizes
+    from benchmarks.servers import PostgresServer
+
+    if not PostgresServer.available():
+        pytest.skip("no PostgreSQL binaries: scripts/ensure-servers installs them")
+
+    class Failing(peer_systems.ProcrastinatePeer):
+        name = "procrastinate-failing"
+
+        def fire(self, i: int) -> Any:  # to a queue no worker takes: the jobs stay "todo"
+            job_id = self.task.configure(queue="elsewhere").defer(i=i)
+            self.args[job_id] = i
+            return job_id
+
+        def done(self, handle: Any) -> bool:  # counts a job as done when it was not run at all
+            return True
+
+    monkeypatch.setitem(peer_systems.PEERS, Failing.name, Failing)
+    with PostgresServer() as server:
+        assert isinstance(server, PostgresServer)
+        runs = peers.run(server.database_url(peers.PG_DATABASE), lambda: server.recreate(peers.PG_DATABASE),
+                         Sizes(fire=5, latency=2), 1, [Failing.name], Path(server.directory), lambda line: None)
+    assert runs[Failing.name].rounds == []
+    (error,) = runs[Failing.name].errors
+    assert "processing: 6 of 6 results wrong" in error
 
 
 def test_peer_round_reports_wrong_results(monkeypatch: Any) -> None:

@@ -28,10 +28,8 @@ arch = _load()
 # an import hidden in a function to dodge a cycle is a cycle all the same.
 IMPORTS_IN_FUNCTIONS = {
     ("skunkqueue.worker_main", "skunkqueue.async_worker"): "a worker of sync jobs never loads asyncio",
-    ("skunkqueue.cli", "skunkqueue.periodic"): "skunq starts without cronsim unless it handles schedules",
     ("skunkqueue.queue", "skunkqueue.periodic"): "a producer that declares no schedule never loads cronsim",
     ("skunkqueue.testing", "skunkqueue.testing.suite"): "the kit's lazy attributes: importing it loads no pytest",
-    ("skunkqueue.testing.jobs", "skunkqueue.context"): "a kit job reads its context only when it runs",
     ("skunkqueue.testing.suite_periodic", "skunkqueue.testing.periodic_retention"):
         "that job module is imported in the test, as a worker imports it",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from skunkqueue import SkunkQueue, headers, hookimpl, hooks
+from skunkqueue import SkunkQueue, chain, headers, hookimpl, hooks
 from skunkqueue.cli import main
+from skunkqueue.errors import ConfigurationError
 from skunkqueue.record import COMPLETE, ERROR, JobRecord, new_id
 from skunkqueue.testing import jobs
 from skunkqueue.worker import Worker, WorkerConfig
@@ -98,3 +100,44 @@ def test_damaged_headers_end_the_job_with_one_clear_error(tmp_path: Path, payloa
     assert headers.of(stored) == {}
     shown = CliRunner().invoke(main, ["job", damaged.id, "-q", "h", "--url", str(tmp_path / "q.db"), "--json"])
     assert shown.exit_code == 0 and "undecodable" in json.loads(shown.output)["arguments"]
+
+
+FIRINGS = ["fire", "afire", "fire a key", "afire a key", "chain.fire", "chain.afire"]
+
+
+@pytest.mark.parametrize("how", FIRINGS)
+def test_the_producer_hooks_fire_the_same_way_on_every_path(tmp_path: Path, stamp: Stamp, how: str) -> None:
+    """job_sending once before the store and job_sent once after it, with the stored ids: sync and
+    async, plain and keyed (a repeated key names the holder), single jobs and workflows."""
+    queue = SkunkQueue("h", conn_url=str(tmp_path / "q.db"))
+    add = queue.event(routes=["r"])(jobs.add.func)
+    key = "k {}:$." if "key" in how else None
+    fired: list[Any] = []
+    for _ in range(2 if key else 1):
+        if how.startswith("chain"):
+            flow = chain(add.s(1, 2), add.s(3))
+            fired.append(flow.fire() if how == "chain.fire" else asyncio.run(flow.afire()))
+        else:
+            fired.append(add.fire(1, 2, key=key) if how.startswith("fire") else
+                         asyncio.run(add.afire(1, 2, key=key)))
+    run_all(queue)
+    if how.startswith("chain"):
+        [handle] = fired
+        assert handle.wait(timeout=5) == 6
+        assert [len(ids) for ids, _ in stamp.sent] == [2] and stamp.sent[0][1] is None
+        assert len(stamp.started) == 2
+    else:
+        assert {h.id for h in fired} == {fired[0].id} and fired[0].result == 3
+        assert [error for _, error in stamp.sent] == [None] * len(fired)
+        assert stamp.sent[0][0] == [fired[0].id]  # the ids as stored (a held key: the holder's)
+        assert stamp.started == [{"x-route": "r", "x-odd": 'line\nbreak "quoted" {}:$.'}]
+
+
+def test_job_sent_hears_why_the_store_refused(tmp_path: Path, stamp: Stamp) -> None:
+    queue = SkunkQueue("h", conn_url=str(tmp_path / "q.db"))
+    add = queue.event(routes=["r"])(jobs.add.func)
+    with pytest.raises(ConfigurationError):
+        add.fire(1, 2, using=object())  # no connection of the store's: refused, nothing stored
+    [(ids, error)] = stamp.sent
+    assert len(ids) == 1 and isinstance(error, ConfigurationError)
+    assert queue.persistence.counts() == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,15 @@ def built_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The core's and the four backends' wheels, built once from the working tree (what PyPI would
     serve); the root conftest.py sends every test using this to one pytest-xdist process."""
     folder = tmp_path_factory.mktemp("wheels")
-    built = subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
-                            str(ROOT / "skunkqueue-core"), *(str(ROOT / f) for _, f in BACKENDS)],
+    # Built from copies: setuptools rewrites a tree's *.egg-info while it builds, and the editable
+    # installs put those trees on sys.path, so a build in place made other test processes see a
+    # half-written entry_points.txt ("No SkunkQueue backend named 'sqlite' is installed").
+    sources = tmp_path_factory.mktemp("sources")
+    trees = []
+    for name in ["skunkqueue-core", *(f for _, f in BACKENDS)]:
+        trees.append(str(shutil.copytree(ROOT / name, sources / name, ignore=shutil.ignore_patterns(
+            "*.egg-info", "build", "__pycache__", "tests"))))
+    built = subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder), *trees],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     return folder

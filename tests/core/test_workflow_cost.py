@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from skunkqueue import SkunkQueue, dependencies, group, policy, serializer
+from skunkqueue import SkunkQueue, dependencies, group, headers, policy, serializer
 from skunkqueue.persistence.sqlite import SQLitePersistence
 from skunkqueue.record import COMPLETE, PENDING, JobRecord, Outcome, new_id
 from skunkqueue.testing import jobs
@@ -50,7 +50,7 @@ def test_waiting_for_a_finished_group_reads_its_members_in_one_batch(tmp_path: P
         backend = queue.persistence
         while claimed := backend.claim("r", "w1", 30.0, limit=50):
             for record in claimed:
-                args, _ = serializer.loads_call(record.payload, record.serializer)
+                args, _ = serializer.loads_arguments(headers.arguments(record.payload), record.serializer)
                 backend.finish(record.id, record.token, Outcome(COMPLETE, result=serializer.dumps(sum(args), "json")))
         looks: list[str] = []
         for name in ("get", "get_many", "wait_finished"):

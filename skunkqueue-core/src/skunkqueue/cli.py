@@ -14,7 +14,8 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
+from skunkqueue import dependencies, headers, interpreter, logformat, prefetch, serializer, signing, trust
+from skunkqueue import periodic as schedules  # the command group is named periodic
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.hooks import plugin_manager
@@ -94,6 +95,13 @@ def main() -> None:
     """
 
 
+def _prefetch(value: str | int) -> int:
+    try:
+        return prefetch.parse(str(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--prefetch takes "), param_hint="'--prefetch'") from None
+
+
 @main.command()
 @_queue_option
 @click.option("-r", "--route", "route_opts", multiple=True, help="Route to work on (repeatable).")
@@ -108,8 +116,11 @@ def main() -> None:
                    "directory and --path.")
 @click.option("--lease", default=30.0, show_default=True, type=click.FloatRange(0.5, 3600),
               help="Seconds a job stays claimed without a renewal before another worker may take it.")
-@click.option("--prefetch", default=1, show_default=True, type=click.IntRange(1, 1000),
-              help="Jobs claimed per round trip.")
+@click.option("--prefetch", default="auto", show_default=True, metavar="auto|N",
+              callback=lambda ctx, param, value: _prefetch(value),
+              help="Jobs claimed per round trip: N (1-1000), or auto: one until the recent jobs "
+                   f"prove short, then as many as start within {prefetch.HELD_WAIT * 1000:g} ms by "
+                   f"their pace (at most {prefetch.AUTO_MAX}).")
 @click.option("--allow-pickle", is_flag=True,
               help="Run jobs of queues created with serializer='pickle' (only if nobody untrusted can write "
                    "to the store: unpickling runs code).")
@@ -499,8 +510,6 @@ def periodic(ctx: click.Context, queue: str, imports: tuple[str, ...], paths: tu
     skunq periodic -q QUEUE --import myapp.jobs
     skunq periodic -q QUEUE --import myapp.jobs pause|resume|run NAME
     """
-    from skunkqueue import periodic as schedules
-
     modules = trust.split_imports(imports)
     if not modules:
         raise click.UsageError("Name the module that declares the schedules: --import MODULE (or SKUNQ_IMPORT).")
@@ -542,8 +551,6 @@ def _schedule(ctx: click.Context, name: str) -> tuple[Any, Any]:
 
 
 def _set_paused(ctx: click.Context, name: str, paused: bool) -> None:
-    from skunkqueue import periodic as schedules
-
     store, schedule = _schedule(ctx, name)
     schedules.set_paused(store, schedule.name, paused)
     click.echo(f"{schedule.name}: {'paused' if paused else 'resumed'}")
@@ -573,8 +580,6 @@ def periodic_resume(ctx: click.Context, name: str) -> None:
 @_friendly
 def periodic_run(ctx: click.Context, name: str) -> None:
     """Fire NAME once now, outside its slot sequence."""
-    from skunkqueue import periodic as schedules
-
     _, schedule = _schedule(ctx, name)
     handle = schedules.fire_now(schedule, ctx.obj[2])
     click.echo(f"{schedule.name}: fired as {handle.id}")

@@ -15,13 +15,10 @@ counts down its own dependents in turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from skunkqueue import serializer
 from skunkqueue.record import COMPLETE, KILLED, JobRecord, Outcome
-
-if TYPE_CHECKING:
-    from skunkqueue.persistence import Persistence
 
 # The ``due`` of a waiting record: far beyond any real time (the year 5138), finite so that
 # every store and encoding (JSON, Lua numbers, sorted-set scores) keeps it exactly, and
@@ -77,7 +74,14 @@ def unique(ids: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def gather(backend: Persistence, record: JobRecord) -> tuple[Any, dict[str, str]]:
+class Parents(Protocol):
+    """What :func:`gather` reads of a store: the parents' records (``JobStore.get_many``). Stated here,
+    not imported: the stores stand on this module (their finish applies its rules)."""
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]: ...
+
+
+def gather(backend: Parents, record: JobRecord) -> tuple[Any, dict[str, str]]:
     """What a released record gets from its parents: (the value of its ``inputs``, {parent id: state}).
 
     Results are read from the store (the producer may be gone) and decoded with the

@@ -35,14 +35,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from skunkqueue import trust
 from skunkqueue.errors import ConfigurationError
-from skunkqueue.record import PENDING, RUNNING
-
-if TYPE_CHECKING:
-    from skunkqueue.record import JobRecord, WorkerInfo
+from skunkqueue.record import PENDING, RUNNING, JobRecord, WorkerInfo
 
 
 class Persistence(Protocol):
@@ -398,9 +394,23 @@ def require(store: Persistence, *, priority: bool = False, limit: bool = False, 
                                  f"{flag}.")
 
 
-def check_jobs_enforceable(store: Persistence, queue: str, routes: list[str]) -> None:
-    """A pool refuses to serve jobs declared with a limit or priority its store cannot enforce."""
-    for job in trust.declared_on(queue, routes):
+class DeclaredJob(Protocol):
+    """What :func:`check_jobs_enforceable` reads of a declared job (a :class:`skunkqueue.job.Job`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def limit(self) -> Limit | None: ...
+
+
+def check_jobs_enforceable(store: Persistence, jobs: Iterable[DeclaredJob]) -> None:
+    """A pool refuses to serve jobs declared with a limit or priority its store cannot enforce
+    (``jobs``: those it will serve, ``trust.declared_on(queue, routes)``)."""
+    for job in jobs:
         if job.limit is not None:
             require(store, limit=True, what=f"{job.name} is declared with {job.limit!r}")
         if job.priority:

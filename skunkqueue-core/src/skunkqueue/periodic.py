@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
@@ -44,7 +45,8 @@ from skunkqueue.context import slot_moment
 from skunkqueue.errors import ConfigurationError, SkunkQueueError
 from skunkqueue.handle import QueueLike
 from skunkqueue.job import Job, JobHandle
-from skunkqueue.persistence import CLOCK_TOLERANCE, Persistence
+from skunkqueue.persistence import CLOCK_TOLERANCE
+from skunkqueue.persistence.roles import JobStore, Settings
 
 log = logging.getLogger("skunkqueue.periodic")
 
@@ -56,10 +58,6 @@ CATCH_UP_LIMIT = 1000  # slots fired at most per check with catch_up, so a long 
 
 
 def _zone(tz: str) -> timezone | object:
-    try:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-    except ImportError as exc:  # pragma: no cover - Python < 3.9
-        raise ConfigurationError("Time zones need Python 3.9 or newer.") from exc
     try:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -211,13 +209,13 @@ def _setting(name: str, what: str) -> str:
     return f"periodic:{name}:{what}"
 
 
-def last_slot(store: Persistence, name: str) -> float | None:
+def last_slot(store: Settings, name: str) -> float | None:
     """The last slot fired (epoch seconds, for display), or None."""
     last = _last_micros(store, name)
     return None if last is None else seconds(last)
 
 
-def _last_micros(store: Persistence, name: str) -> int | None:
+def _last_micros(store: Settings, name: str) -> int | None:
     value = store.get_setting(_setting(name, "last"))
     if not value:
         return None
@@ -228,16 +226,16 @@ def _last_micros(store: Persistence, name: str) -> int | None:
         return None
 
 
-def _put_last_slot(store: Persistence, name: str, slot: int) -> None:
+def _put_last_slot(store: Settings, name: str, slot: int) -> None:
     # Decimal seconds with six places: exact, and a float() to pools of older versions.
     store.put_setting(_setting(name, "last"), f"{slot // MICRO}.{slot % MICRO:06d}")
 
 
-def is_paused(store: Persistence, name: str) -> bool:
+def is_paused(store: Settings, name: str) -> bool:
     return store.get_setting(_setting(name, "paused")) == "1"
 
 
-def set_paused(store: Persistence, name: str, paused: bool) -> None:
+def set_paused(store: Settings, name: str, paused: bool) -> None:
     store.put_setting(_setting(name, "paused"), "1" if paused else None)
 
 
@@ -254,6 +252,11 @@ def enqueue_on(queue: QueueLike) -> Enqueue:
     return enqueue
 
 
+class ScheduleStore(JobStore, Settings, Protocol):
+    """What a scheduler uses of its store: the clock slots are reckoned on (:meth:`JobStore.now`)
+    and the settings that keep each schedule's last slot and pause."""
+
+
 class Scheduler:
     """Fires the slots of a queue's schedules; a pool calls :meth:`tick` about once a second.
 
@@ -264,7 +267,7 @@ class Scheduler:
     them skip every slot up to it).
     """
 
-    def __init__(self, store: Persistence, schedules: list[Schedule], enqueue: Enqueue) -> None:
+    def __init__(self, store: ScheduleStore, schedules: list[Schedule], enqueue: Enqueue) -> None:
         self.store = store
         self.schedules = schedules
         self._enqueue = enqueue

@@ -95,7 +95,7 @@ class SkunkQueue:
         """:attr:`apersistence` for coroutines: the first call opens it (a connect and a ping) on a
         thread, so that not even that blocks the event loop."""
         if self._async_conn is None:
-            import asyncio
+            import asyncio  # here: a producer that never awaits never loads it
 
             conn = await asyncio.to_thread(self._open)
             if self._async_conn is None:
@@ -180,6 +180,11 @@ class SkunkQueue:
         if after is not None or on_failure is not None:
             workflow.depend(self, backend, flat, after or [], on_failure, using)
         keyed = keys is not None and any(k is not None for k in keys)
+        if not hooks.implemented("job_sending"):  # no plugin to tell: _sending's work without its context
+            self._seal(backend, flat, False)
+            holders = backend.store(flat, keyed=keyed, using=using)
+            return [JobHandle(self, records) for records in per_call] if holders is None else \
+                self._follow(per_call, holders)
         with self._sending(backend, flat):  # job_sent sees the holders' ids: followed inside
             holders = backend.store(flat, keyed=keyed, using=using)
             return [JobHandle(self, records) for records in per_call] if holders is None else \
@@ -200,11 +205,11 @@ class SkunkQueue:
         if after is not None or on_failure is not None:
             # The parents' existence is checked with one read, on the store's thread.
             await backend._in_thread(workflow.depend, self, backend, flat, after or [], on_failure)
+        keyed = keys is not None and any(k is not None for k in keys)
         with self._sending(backend, flat):
-            if keys is None or all(k is None for k in keys):
-                await backend.aenqueue(flat)
-                return [JobHandle(self, records) for records in per_call]
-            return self._follow(per_call, await backend.aenqueue_keyed(flat))
+            holders = await backend.astore(flat, keyed=keyed)
+            return [JobHandle(self, records) for records in per_call] if holders is None else \
+                self._follow(per_call, holders)
 
     def _records(self, backend: Persistence, job: Job, calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                  due: float, keys: list[str | None] | None,

@@ -12,7 +12,6 @@ import pickle
 import sys
 from typing import Any
 
-from skunkqueue import headers
 from skunkqueue.errors import ConfigurationError, SerializationError
 
 SERIALIZERS = ("json", "pickle")
@@ -62,9 +61,11 @@ def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], serializer: str) -
     return dumps([list(args), kwargs], serializer, what="job arguments")
 
 
-def loads_call(data: bytes, serializer: str) -> tuple[list[Any], dict[str, Any]]:
-    # A payload may carry a signature (checked by the worker before this) and headers in front.
-    value = loads(headers.arguments(data), serializer, what="job arguments")
+def loads_arguments(data: bytes, serializer: str) -> tuple[list[Any], dict[str, Any]]:
+    """``(args, kwargs)`` from the encoded arguments: a stored payload's are
+    ``headers.arguments(payload)``, without the signature and headers in front (the framing is
+    :mod:`skunkqueue.headers`'s business, the encoding this module's)."""
+    value = loads(data, serializer, what="job arguments")
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not isinstance(value[0], (list, tuple)) or not isinstance(value[1], dict)):
         raise SerializationError("The stored job arguments are not [args, kwargs].")

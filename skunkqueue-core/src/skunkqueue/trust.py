@@ -49,7 +49,7 @@ class Declared(Protocol):
     def priority(self) -> int: ...
 
     @property
-    def limit(self) -> Any: ...  # a skunkqueue.flow.Limit or None (flow stands above this module)
+    def limit(self) -> Any: ...  # a skunkqueue.flow.Limit or None
 
 
 # (job name, queue, route) -> the Job declared for it. Weak: a Job that nobody

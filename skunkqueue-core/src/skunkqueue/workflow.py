@@ -87,12 +87,8 @@ class Workflow:
         plan = _Plan(queue, backend, due)
         output = plan.add(self, None)
         records, keyed = plan.keyed(key)
-        holders = None
         with queue._sending(backend, records):
-            if keyed:
-                holders = await backend.aenqueue_keyed(records)
-            else:
-                await backend.aenqueue(records)
+            holders = await backend.astore(records, keyed=keyed)
         return plan.handle(output, holders)
 
     def _signatures(self) -> Iterable[Signature]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence, TypeVar, cast
+from typing import Any, Awaitable, Callable, Sequence, TypeVar, cast
 
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DocumentTooLarge, DuplicateKeyError, PyMongoError
 
 from skunkqueue.errors import BackendUnavailable, MalformedRecord, PayloadTooLarge
@@ -19,10 +21,7 @@ from skunkqueue.loopclients import PerLoop
 from skunkqueue.persistence import Persistence
 from skunkqueue.record import JobRecord
 from skunkqueue_mongo import documents
-
-if TYPE_CHECKING:
-
-    from pymongo.asynchronous.collection import AsyncCollection
+from skunkqueue_mongo.finishes import FinishPoller, wait
 
 T = TypeVar("T")
 
@@ -57,8 +56,6 @@ class NativeAsync(Persistence):
         return client[self.jobs.database.name]["jobs"]
 
     def _aclient(self) -> Any:
-        from pymongo import AsyncMongoClient
-
         return AsyncMongoClient(self.conn_url, **self.client_options)
 
     async def _acall(self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
@@ -149,8 +146,6 @@ class NativeAsync(Persistence):
 
     async def await_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait on this loop's one look-out (``finishes``), which reads every awaited record at once."""
-        from skunkqueue_mongo.finishes import wait
-
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = await self._afinish_poller()
         async with poller.watch(job_id) as slot:
@@ -172,8 +167,6 @@ class NativeAsync(Persistence):
         return await cast("PerLoop[Any]", pollers).get()
 
     def _new_finish_poller(self) -> Any:
-        from skunkqueue_mongo.finishes import FinishPoller
-
         async def find(ids: list[str], fields: dict[str, int] | None) -> list[dict[str, Any]]:
             jobs = await self._ajobs()
             query = {"_id": {"$in": ids}, "queue": self.queue, **documents.not_expired(await self._anow())}

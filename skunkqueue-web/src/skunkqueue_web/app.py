@@ -75,7 +75,7 @@ def _decode(data: bytes | None, kind: str, *, call: bool) -> str:
     if kind != "json":
         return f"({kind}-encoded, {len(data)} bytes: not decoded here, because decoding {kind} runs code)"
     try:
-        value: Any = serializer.loads_call(data, kind) if call else serializer.loads(data, kind)
+        value: Any = serializer.loads_arguments(headers.arguments(data), kind) if call else serializer.loads(data, kind)
     except Exception as exc:  # damaged data is shown, not fatal
         return f"(cannot decode: {exc})"
     if call:

@@ -16,8 +16,8 @@ the monitor's read side, and the optional ones (idempotency keys, the
 application's transactions, workflows, settings, stats), plus the async
 adapter. Each role's methods say what they guarantee. What spans roles is
 here: the workflow and flow-control rules below, and the defaults that need
-more than one role (:meth:`Persistence.store`, :meth:`Persistence.flow_waiting`,
-the async adapter's thread).
+more than one role (:meth:`Persistence.store` and :meth:`Persistence.astore`,
+:meth:`Persistence.flow_waiting`, the async adapter's thread).
 
 Workflows (:mod:`skunkqueue.workflow`), for a backend that sets
 ``supports_workflows = True``; the rules are in :mod:`skunkqueue.dependencies`:
@@ -236,6 +236,14 @@ class Persistence(JobStore, WorkerRegistry, MonitorView, KeyedEnqueue, Transacti
         self.enqueue(records)
         return None
 
+    async def astore(self, records: Sequence[JobRecord], *, keyed: bool) -> list[str] | None:
+        """:meth:`store` for ``afire``, through the async adapter (:meth:`aenqueue_keyed` or
+        :meth:`aenqueue`); an application's transaction is never async here."""
+        if keyed:
+            return await self.aenqueue_keyed(records)
+        await self.aenqueue(records)
+        return None
+
     def flow_waiting(self, route: str) -> int:
         """How many due, pending records of ``route`` a claim would skip now for a pause or a limit.
 
@@ -290,7 +298,7 @@ class Persistence(JobStore, WorkerRegistry, MonitorView, KeyedEnqueue, Transacti
 
     async def _await_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         """:meth:`_wait_for_finish` for :meth:`await_finished`; the default sleeps the same back-off."""
-        import asyncio
+        import asyncio  # as in _in_thread: only async callers load it
 
         await asyncio.sleep(finish_poll_pause(rounds, left))
 

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import replace
 
-from skunkqueue import flow, metrics, periodic, signature_policy, signing
+from skunkqueue import flow, metrics, periodic, signature_policy, signing, trust
 from skunkqueue.channel import StopMode
 from skunkqueue.persistence import Persistence
 from skunkqueue.pool.children import Child, store_call
@@ -102,7 +102,8 @@ class WorkerPool:
         self.check_backend()
         self.check_clock()
         if self.store is not None:  # a limit or priority the store would ignore: refuse, in one line
-            flow.check_jobs_enforceable(self.store, self.config.queue, sorted({c.config.route for c in self.children}))
+            routes = sorted({c.config.route for c in self.children})
+            flow.check_jobs_enforceable(self.store, trust.declared_on(self.config.queue, routes))
         if self.store is not None:  # tell producers what the workers refuse, so they learn it at fire
             store_call("publish the signing policy", signature_policy.publish, self.store)
         if self.store is not None:

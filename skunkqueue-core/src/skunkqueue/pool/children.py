@@ -28,7 +28,7 @@ from typing import Callable, TypeVar
 
 from skunkqueue import channel, interpreter, policy
 from skunkqueue.errors import JobKilled, SkunkQueueError
-from skunkqueue.persistence import Persistence
+from skunkqueue.persistence.roles import JobStore
 from skunkqueue.record import RUNNING
 from skunkqueue.worker import WorkerConfig
 
@@ -119,7 +119,7 @@ class Child:
             self.killed_for, self.killed_job = why, job_id
             self.process.kill()
 
-    def hand_back(self, store: Persistence | None, job_id: str) -> None:
+    def hand_back(self, store: JobStore | None, job_id: str) -> None:
         """Put a claimed job that never started back in the queue, without charging an attempt."""
         claim = self.claims.pop(job_id, None)
         if claim is None or store is None:

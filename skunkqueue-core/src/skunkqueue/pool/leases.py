@@ -25,7 +25,7 @@ import time
 from skunkqueue import channel
 from skunkqueue.channel import Reason
 from skunkqueue.errors import JobKilled, KillRequested, LeaseLost, TimeLimit
-from skunkqueue.persistence import Persistence
+from skunkqueue.persistence.roles import JobStore
 from skunkqueue.pool.children import Child, stopped, store_call
 from skunkqueue.record import LeaseStatus
 from skunkqueue.worker import INTERRUPT_SIGNAL, WorkerConfig
@@ -51,14 +51,14 @@ class LeaseKeeper:
         """Seconds between lease renewals."""
         return min(1.0, self.config.lease / 3)
 
-    def tick(self, store: Persistence, children: list[Child], now: float) -> None:
+    def tick(self, store: JobStore, children: list[Child], now: float) -> None:
         """Renew every worker's leases when it is time to."""
         if now >= self._next_renew:
             self._next_renew = now + self.renew_every
             for child in children:
                 self._renew(store, child)
 
-    def enforce(self, store: Persistence | None, child: Child, now: float) -> None:
+    def enforce(self, store: JobStore | None, child: Child, now: float) -> None:
         """Hand back the held jobs it will not start; interrupt, then kill, the ones out of time."""
         if not child.alive:
             return
@@ -91,7 +91,7 @@ class LeaseKeeper:
         except ProcessLookupError:
             pass
 
-    def _renew(self, store: Persistence, child: Child) -> None:
+    def _renew(self, store: JobStore, child: Child) -> None:
         # A stopped worker (SIGSTOP, a debugger) keeps nothing: its leases run
         # out and other workers take its jobs; it is fenced off when it resumes.
         if child.worker_id is None or not child.alive or child.process is None or stopped(child.process.pid):

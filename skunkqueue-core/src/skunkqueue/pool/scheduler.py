@@ -28,7 +28,10 @@ log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as it
 
 
 def schedules_to_run(config: WorkerConfig, store: Persistence) -> list[periodic.Schedule]:
-    """The schedules this pool runs: those declared on its queue by the modules it imported, if it may."""
+    """The schedules this pool runs: those declared on its queue by the modules it imported, if it may.
+
+    It takes the whole backend: whether it has keys and settings is read from its class
+    (``Persistence.supports_keys``/``supports_settings``), which no single role carries."""
     schedules = periodic.declared(config.queue)
     if not schedules or config.burst:
         return []  # a --burst pool drains the queue; it does not keep time
@@ -42,7 +45,8 @@ def schedules_to_run(config: WorkerConfig, store: Persistence) -> list[periodic.
 class Scheduler:
     """Checks the schedules for due slots every ``periodic.CHECK_EVERY`` seconds and fires them."""
 
-    def __init__(self, store: Persistence, schedules: list[periodic.Schedule], enqueue: periodic.Enqueue) -> None:
+    def __init__(self, store: periodic.ScheduleStore, schedules: list[periodic.Schedule],
+                 enqueue: periodic.Enqueue) -> None:
         self.slots = periodic.Scheduler(store, schedules, enqueue)
         self._next_check = 0.0
         log.info("pool: running %d schedule(s): %s", len(schedules),

@@ -22,17 +22,23 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from skunkqueue import metrics, policy
 from skunkqueue.errors import JobKilled
-from skunkqueue.persistence import Persistence
+from skunkqueue.persistence.roles import JobStore, MonitorView, WorkerRegistry
 from skunkqueue.pool.children import Child, Claim, store_call
 from skunkqueue.record import RUNNING
 
 log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as its log always read
 
 
-def settle(store: Persistence | None, child: Child, code: int | None, tally: metrics.Tally) -> None:
+class Settling(JobStore, MonitorView, WorkerRegistry, Protocol):
+    """What settling a dead worker reads and writes: its records (the job store), the running records
+    the store holds under its id (listed as the monitor lists them), and its registration."""
+
+
+def settle(store: Settling | None, child: Child, code: int | None, tally: metrics.Tally) -> None:
     """A worker process is gone: record its running job's attempt, hand back the rest."""
     child.settled = True
     if child.pipes is not None:
@@ -51,7 +57,7 @@ def settle(store: Persistence | None, child: Child, code: int | None, tally: met
         store_call("unregister a dead worker", store.unregister_worker, child.worker_id)
 
 
-def _hand_back_unreported(store: Persistence, worker_id: str, started: dict[str, int], code: int | None) -> None:
+def _hand_back_unreported(store: Settling, worker_id: str, started: dict[str, int], code: int | None) -> None:
     """A worker killed between a claim and its report leaves jobs only the store knows of.
 
     It never started them (it reports a claim before starting anything), so they
@@ -72,7 +78,7 @@ def _hand_back_unreported(store: Persistence, worker_id: str, started: dict[str,
         store_call("hand back a job", store.finish, record.id, record.token, outcome)
 
 
-def _record_death(store: Persistence | None, child: Child, job_id: str, claim: Claim, code: int | None,
+def _record_death(store: JobStore | None, child: Child, job_id: str, claim: Claim, code: int | None,
                   tally: metrics.Tally) -> None:
     if store is None:
         return

@@ -34,9 +34,9 @@ from types import FrameType
 from skunkqueue import channel, metrics
 from skunkqueue.channel import StopMode
 from skunkqueue.errors import RoughStop
-from skunkqueue.persistence import Persistence
+from skunkqueue.persistence.roles import JobStore
 from skunkqueue.pool.children import Child, Claim
-from skunkqueue.pool.settlement import settle
+from skunkqueue.pool.settlement import Settling, settle
 from skunkqueue.worker import EXIT_DRAINED, EXIT_RECYCLE, EXIT_UNREACHABLE, GENTLE_SIGNALS, ROUGH_SIGNAL, WorkerConfig
 
 log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as its log always read
@@ -134,7 +134,7 @@ class Supervisor:
         for child in self.children:
             child.start()
 
-    def watch(self, store: Persistence | None, now: float) -> int:
+    def watch(self, store: Settling | None, now: float) -> int:
         """Hear every worker, settle and restart the dead ones; how many are running."""
         alive = 0
         for child in self.children:
@@ -152,7 +152,7 @@ class Supervisor:
             if child.pipes is not None:
                 child.pipes.close()
 
-    def _read_events(self, store: Persistence | None, child: Child) -> None:
+    def _read_events(self, store: JobStore | None, child: Child) -> None:
         if child.pipes is None:
             return
         for event in child.pipes.events():
@@ -175,7 +175,7 @@ class Supervisor:
                     claim.started_at = None
                     child.hand_back(store, event.job_id)
 
-    def _supervise(self, store: Persistence | None, child: Child, now: float) -> int:
+    def _supervise(self, store: Settling | None, child: Child, now: float) -> int:
         """1 if the child is running; settles and restarts a dead child unless the pool is stopping."""
         if child.alive:
             return 1

@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import Protocol
 
 from skunkqueue import metrics
 from skunkqueue.errors import ConfigurationError
-from skunkqueue.housekeeping import delete_expired_results, reap_dead_workers, recover_expired_leases
-from skunkqueue.persistence import Persistence
+from skunkqueue.housekeeping import Registry, delete_expired_results, reap_dead_workers, recover_expired_leases
+from skunkqueue.persistence.roles import Stats, WorkerRegistry, Workflows
 from skunkqueue.pool.children import Child, stopped, store_call
 from skunkqueue.record import WorkerInfo
 from skunkqueue.worker import WorkerConfig
@@ -37,6 +38,11 @@ log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as it
 HEARTBEAT_EVERY = 2.0      # seconds between registry heartbeats
 HOUSEKEEPING_EVERY = 1.0   # seconds between recoveries of expired leases
 CLOCK_CHECK_EVERY = 60.0   # seconds between comparisons of this host's clock with peers' (FoundationDB)
+
+
+class Chores(Registry, Workflows, Stats, Protocol):
+    """What the chores use: the job store (leases, expiry) and the registry (heartbeats, reaping,
+    clocks), workflows' stranded releases, and the stats the tally is flushed to."""
 
 
 class Upkeep:
@@ -49,7 +55,7 @@ class Upkeep:
         self._next_heartbeat = self._next_housekeeping = 0.0
         self._next_clock_check = time.monotonic() + CLOCK_CHECK_EVERY  # the first check is at start
 
-    def tick(self, store: Persistence, children: list[Child], now: float, stopping: bool) -> None:
+    def tick(self, store: Chores, children: list[Child], now: float, stopping: bool) -> None:
         """Do the chores that are due."""
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_EVERY
@@ -68,12 +74,12 @@ class Upkeep:
             if problem is not None:
                 log.error("pool: %s Jobs may run twice at once until the clocks are synchronised.", problem)
 
-    def flush_stats(self, store: Persistence) -> None:
+    def flush_stats(self, store: Stats) -> None:
         if self.tally:
             # On failure this interval's counts are lost: they are statistics, not jobs.
             store_call("add throughput counters", store.add_stats, self.tally.drain())
 
-    def _heartbeat(self, store: Persistence, child: Child, stopping: bool) -> None:
+    def _heartbeat(self, store: WorkerRegistry, child: Child, stopping: bool) -> None:
         if child.worker_id is None or not child.alive or child.process is None or stopped(child.process.pid):
             return
         state = "stopping" if stopping else ("busy" if child.running else "idle")
@@ -86,7 +92,7 @@ class Upkeep:
 
     # -- the clocks --------------------------------------------------------------------
 
-    def check_clock(self, store: Persistence | None) -> None:
+    def check_clock(self, store: Registry | None) -> None:
         """Refuse to start when a peer's clock is further from ours than the lease tolerates.
 
         On a store that stamps leases with hosts' clocks (FoundationDB), a host
@@ -99,7 +105,7 @@ class Upkeep:
         if problem is not None:
             raise ConfigurationError(f"{problem} Synchronise the clocks (NTP) or raise --lease.")
 
-    def _clock_problem(self, store: Persistence | None) -> str | None:
+    def _clock_problem(self, store: Registry | None) -> str | None:
         if store is None:
             return None
         offsets = store_call("compare clocks with peers", store.clock_offsets) or []

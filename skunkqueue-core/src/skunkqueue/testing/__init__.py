@@ -16,7 +16,7 @@ The kit is in parts, each usable alone with the same fixture:
 :class:`LifecycleSuite` (real worker processes and signals, Linux), and the
 mixins in ``suite_supervision``, ``suite_fields``, ``suite_keys``,
 ``suite_periodic``, ``suite_async``, ``suite_names``, ``suite_summary`` and
-``suite_trust``, ``suite_transactional`` and ``suite_history``.
+``suite_trust``, ``suite_transactional``, ``suite_history`` and ``suite_settings``.
 Optional roles (see :mod:`skunkqueue.persistence.roles`) are skipped, saying
 why, unless the backend class implements them (``enqueue_keyed``, the
 settings, the stats) or declares them (``supports_workflows``,

@@ -10,10 +10,12 @@ still refuses a record of any other queue or route.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
+from skunkqueue.context import current_job
 from skunkqueue.testing.clocks import true_time
 from skunkqueue.testing.kit import append_line, kit_queue, kit_routes
 
@@ -73,9 +75,7 @@ def unserializable() -> Any:
 @_kit.event(routes=_routes)
 async def anap(seconds: float, log: str | None = None, block: float = 0.0) -> str:
     """An async job: log start and end times around an awaited sleep; ``block`` first blocks the loop."""
-    import asyncio
-
-    from skunkqueue.context import current_job
+    import asyncio  # here: a worker process that runs no async job never loads asyncio
 
     ctx = current_job()
     me = ctx.id if ctx is not None else "?"
@@ -120,10 +120,6 @@ def gather(results: list[Any], path: str) -> list[Any]:
 @_kit.event(routes=_routes)
 def report(path: str) -> dict[str, str]:
     """Append and return how each parent ended (``current_job().dependencies``)."""
-    import json
-
-    from skunkqueue.context import current_job
-
     ctx = current_job()
     found = dict(ctx.dependencies or {}) if ctx is not None else {}
     append_line(path, json.dumps(found, sort_keys=True))

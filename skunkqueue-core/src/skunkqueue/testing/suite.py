@@ -4,7 +4,7 @@
 any OS); :class:`LifecycleSuite` runs the job lifecycle end to end with real
 ``skunq work`` processes and real signals (Linux). :class:`ConformanceSuite`
 is both plus the other parts (supervision, field rules, keys, periodic, async,
-names, summary, trust, transactional enqueue, attempt history, flow control); a backend may subclass
+names, summary, trust, transactional enqueue, attempt history, flow control, settings); a backend may subclass
 the parts it wants instead.
 """
 
@@ -47,6 +47,7 @@ from skunkqueue.testing.suite_history import HistorySuite
 from skunkqueue.testing.suite_keys import KeysSuite
 from skunkqueue.testing.suite_names import NameSuite
 from skunkqueue.testing.suite_periodic import PeriodicSuite
+from skunkqueue.testing.suite_settings import SettingsSuite
 from skunkqueue.testing.suite_summary import SummarySuite
 from skunkqueue.testing.suite_supervision import SupervisionSuite
 from skunkqueue.testing.suite_support import Producer, declare, make_record, started, status_counts, wait_until
@@ -734,7 +735,7 @@ class LifecycleSuite(KitFixtures):
 
 class ConformanceSuite(ProtocolSuite, LifecycleSuite, SupervisionSuite, FieldRulesSuite, KeysSuite, PeriodicSuite,
                        AsyncSuite, NameSuite, SummarySuite, TrustSuite, TransactionalSuite, WorkflowSuite,
-                       HistorySuite, FlowControlSuite):
+                       HistorySuite, FlowControlSuite, SettingsSuite):
     """Behavioural tests every SkunkQueue backend must pass: every part of the kit in one class."""
 
 
@@ -751,6 +752,7 @@ PROVES: dict[type, tuple[type, ...]] = {
     TrustSuite: (roles.JobStore,),
     SummarySuite: (roles.MonitorView, roles.WorkerRegistry),
     KeysSuite: (roles.KeyedEnqueue,),
+    SettingsSuite: (roles.Settings,),
     TransactionalSuite: (roles.TransactionalEnqueue,),
     WorkflowSuite: (roles.Workflows,),
     PeriodicSuite: (roles.KeyedEnqueue, roles.Settings),

@@ -163,6 +163,7 @@ class PeriodicSuite:
         """``kit_queue(..., result_ttl=3)``: the pool fires through its own connection, and the
         records still expire 3 s after they finish (not the default 7 days)."""
         _needs_periodic(store)
+        # Here, as the pool imports it: importing the module declares its periodic job.
         from skunkqueue.testing.periodic_retention import RESULT_TTL
 
         ticks = tmp_path / "ticks"
