@@ -14,7 +14,6 @@ from skunkqueue.errors import (
     JobTimeout,
     MalformedRecord,
     PayloadTooLarge,
-    RecordHeld,
     SerializationError,
     SkunkQueueError,
 )
@@ -45,7 +44,6 @@ __all__ = [
     "Limit",
     "MalformedRecord",
     "PayloadTooLarge",
-    "RecordHeld",
     "SerializationError",
     "SkunkQueue",
     "SkunkQueueError",
