@@ -87,13 +87,7 @@ def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
     assert "notify_result=True" in done.stdout and "SimpleWorker" in done.stdout and "-P solo" in done.stdout
     report = json.loads(out.read_text())
     assert list(report["systems"]) == DEFAULT
-    for name, system in report["systems"].items():
-        assert system["errors"] == [], (name, system["errors"])
-        (figures,) = system["rounds"]
-        for key in ("enqueue_fire", "process_1w", "latency_p50_ms", "latency_p99_ms", "startup_s",
-                    "idle_rss_mb", "idle_rss_all_mb"):
-            assert math.isfinite(figures[key]) and figures[key] > 0, (name, key, figures[key])
-        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    for figures in _round_figures(report):
         assert figures["idle_rss_mb"] <= figures["idle_rss_all_mb"]
     assert list(report["ratios"]) == DEFAULT[1:]
 
@@ -118,13 +112,7 @@ def test_postgres_peers_tiny_round(tmp_path: Path) -> None:
     assert "procrastinate --app benchmarks.procrastinate_app.app worker" in done.stdout
     report = json.loads(out.read_text())
     assert list(report["systems"]) == DEFAULT_POSTGRES
-    for name, system in report["systems"].items():
-        assert system["errors"] == [], (name, system["errors"])
-        (figures,) = system["rounds"]
-        for key in ("enqueue_fire", "process_1w", "latency_p50_ms", "latency_p99_ms", "startup_s",
-                    "idle_rss_mb", "idle_rss_all_mb"):
-            assert math.isfinite(figures[key]) and figures[key] > 0, (name, key, figures[key])
-        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    _round_figures(report)
     assert list(report["ratios"]) == ["procrastinate"]
     assert set(report["ratios"]["procrastinate"]) >= {"enqueue_fire", "process_1w", "latency_p50_ms"}
 
@@ -179,3 +167,17 @@ def test_peer_round_reports_wrong_results(monkeypatch: Any) -> None:
     assert runs[OffByOne.name].rounds == []
     (error,) = runs[OffByOne.name].errors
     assert "processing: 11 of 11 results wrong" in error
+
+
+def _round_figures(report: dict[str, Any]) -> list[dict[str, float]]:
+    """Each system's one round, checked: no errors, every figure finite and positive, p50 <= p99."""
+    rounds = []
+    for name, system in report["systems"].items():
+        assert system["errors"] == [], (name, system["errors"])
+        (figures,) = system["rounds"]
+        for key in ("enqueue_fire", "process_1w", "latency_p50_ms", "latency_p99_ms", "startup_s",
+                    "idle_rss_mb", "idle_rss_all_mb"):
+            assert math.isfinite(figures[key]) and figures[key] > 0, (name, key, figures[key])
+        assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+        rounds.append(figures)
+    return rounds
