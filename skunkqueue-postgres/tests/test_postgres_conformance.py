@@ -46,6 +46,9 @@ class PsycopgTransactions(AppTransactions):
 
     def open(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self.url)
+        # CREATE TABLE IF NOT EXISTS is not safe against itself: two processes opening at once can
+        # both pass the check and one fails on pg_type's unique index. The lock lines them up.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('skunq-test-app-rows'))")
         conn.execute("CREATE TABLE IF NOT EXISTS app_rows (scope text NOT NULL, tag text NOT NULL)")
         conn.commit()
         return conn

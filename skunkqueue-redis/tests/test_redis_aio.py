@@ -186,28 +186,32 @@ def test_aresult_blocks_on_the_done_list_instead_of_polling(redis_server: Any, q
     url = f"127.0.0.1:{redis_server.port}"
     raw = redis.Redis(port=redis_server.port, db=3)
     queue = SkunkQueue(queue_name, backend="redis", conn_url=url, dbname="3")
-    finished_at: list[float] = []
+    finishing_at: list[float] = []
 
     def finish_later() -> None:  # a worker, by hand: claim now, finish a second later
         store = queue.persistence
         [claimed] = store.claim("r", "w", 30)
         time.sleep(1.0)
+        # Stamped before the finish: the waiter may wake and return before this thread runs again.
+        finishing_at.append(time.monotonic())
         store.finish(claimed.id, claimed.token, policy.completed(b"3"))
-        finished_at.append(time.monotonic())
 
     async def go() -> tuple[Any, float]:
         handle = await Job(queue, jobs.add.func, ["r"]).afire(1, 2)
         raw.config_resetstat()
-        threading.Thread(target=finish_later).start()
+        worker = threading.Thread(target=finish_later)
+        worker.start()
         value = await handle.aresult(timeout=10)
-        return value, time.monotonic()
+        returned_at = time.monotonic()
+        worker.join(timeout=10)
+        return value, returned_at
 
     try:
         value, returned_at = asyncio.run(go())
     finally:
         queue.close()
     assert value == 3
-    assert returned_at - finished_at[0] < 0.25  # woken by the finish, not by the next poll
+    assert returned_at - finishing_at[0] < 0.25  # woken by the finish, not by the next poll
     reads = raw.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
     assert reads <= 3, f"{reads} reads of the record in one second: aresult polled"
 
