@@ -449,3 +449,48 @@ def test_a_worker_sigkilled_inside_the_transaction_leaves_all_or_nothing(
     assert claims.claim(store) == [] and claims.count(c.id) == 1
     assert _counted(store, c.id) == 2
     assert store.release_stranded() == 0
+
+
+# -- a dependent attached while its parent's finishing transaction is open ------------------------
+
+
+def test_a_dependent_attached_during_its_parents_transaction_is_counted(
+        mongo_replset: Any, store: MongoPersistence, claims: Claims, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer attaches a second dependent between the transaction's snapshot and its commit.
+
+    ``fire()`` stores a workflow's records first and attaches the dependents one by one after, so
+    a parent that already has one dependent can be claimed, run and finished while the next is
+    being attached. The finish's transaction read the parent's edges at its snapshot, before the
+    new edge; the producer's read of the parent, after its mark, still sees it running (the
+    transaction has not committed). Unless the mark is a write that the transaction's own write
+    of the parent then conflicts with, neither side counts the new dependent and it waits forever
+    (CI: "a job still pending" in chains and groups on the replica set, under load).
+    """
+    parent = make_record(store.queue)
+    first = _waiting(store.queue, parent.id)
+    second = _waiting(store.queue, parent.id)
+    store.enqueue([parent, first])
+    [running] = claims.claim(store)
+    assert running.id == parent.id
+    producer = MongoPersistence(store.queue, url=mongo_replset.url, db=DB)
+    attached: list[str] = []
+    settle = store._settle_finished
+
+    def settle_then_attach(job_id: str, *args: Any, **kwargs: Any) -> None:
+        settle(job_id, *args, **kwargs)
+        if job_id == parent.id and not attached:
+            # Inside the transaction, after it read the parent and its edges, before it writes the
+            # parent: the producer's whole attach (edge, mark, read of the parent) runs now.
+            producer.enqueue([second])
+            attached.append(second.id)
+
+    monkeypatch.setattr(store, "_settle_finished", settle_then_attach)
+    try:
+        assert store.finish(parent.id, running.token, policy.completed(b"1"))
+    finally:
+        producer.close()
+    assert attached == [second.id], "the attach did not run inside the transaction"
+    assert _state(store, parent.id)[0] == COMPLETE
+    released = sorted(r.id for r in claims.claim(store))
+    assert released == sorted([first.id, second.id]), "a dependent attached mid-transaction was never counted"
+    assert claims.count(first.id) == claims.count(second.id) == 1

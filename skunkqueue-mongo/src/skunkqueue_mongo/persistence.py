@@ -1189,11 +1189,18 @@ class MongoPersistence(NativeAsync, Persistence):
             "queue": self.queue, "left": len(parents), "need": len(parents),
             "run": dependencies.runs_anyway(record), "expire_at": expire}, upsert=True, session=at.session))
         mark: dict[str, Any] = {"$set": {"has_dependents": True}}
-        if at.session is not None:
+        if at.session is not None or self.transactions:
             # The mark must change the document even when it is there already: an update that
-            # changes nothing writes nothing, and only a write makes a finish committed since the
-            # transaction's snapshot a write conflict (read below, the parent would still look
-            # running) and makes a later finish wait for the commit (and see the dependent then).
+            # changes nothing writes nothing, and only a write orders this attach against a
+            # finish that is a transaction. In the application's transaction: a finish committed
+            # since its snapshot becomes a write conflict (read below, the parent would still look
+            # running), and a later finish waits for the commit (and sees the dependent then).
+            # Through our own client on a replica set: a parent's finishing transaction read its
+            # edges at its snapshot, maybe before the edge above, and the read below sees the
+            # parent running until that transaction commits; neither would count this dependent.
+            # Written, the mark makes that transaction's own (last) write of the parent a write
+            # conflict, so it runs again and sees the edge; once the transaction has written the
+            # parent, the mark waits for its commit and the read below sees the parent finished.
             mark["$inc"] = {"attach_writes": 1}
         for start in range(0, len(parents), 1000):
             batch = parents[start:start + 1000]
