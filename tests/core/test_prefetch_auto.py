@@ -14,13 +14,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 import redis_servers
 from click.testing import CliRunner
 
-from skunkqueue import SkunkQueue, prefetch
+from skunkqueue import SkunkQueue, channel, prefetch
 from skunkqueue.cli import main
 from skunkqueue.pool import HAND_BACK_AFTER
 from skunkqueue.record import COMPLETE
@@ -68,11 +68,11 @@ def where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _pool(backend: BackendUnderTest, name: str, where: Path, concurrency: int, lease: float = 30.0,
-          new_session: bool = False, log: str = "pool.log") -> PoolProcess:
-    # No --prefetch: the default is what these tests are about.
+          new_session: bool = False, log: str = "pool.log", extra: Sequence[str] = ()) -> PoolProcess:
+    # No --prefetch unless a test gives one: the default is what these tests are about.
     return PoolProcess(backend, name, ["r"], concurrency=concurrency, log_path=where / log, lease=lease,
                        new_session=new_session, imports=["prefetchjobs"], cwd=where,
-                       extra=["--log-level", "WARNING"],
+                       extra=["--log-level", "WARNING", *extra],
                        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")]))})
 
 
@@ -288,3 +288,27 @@ def test_jobs_that_are_not_short_are_claimed_one_at_a_time(backend: BackendUnder
     order = [token for kind, token, _, _ in stamps.rows() if kind == "start"]
     # 20 ms jobs: one claimed at a time, so only the running one (and one claim in flight) come first.
     assert order.index("h000") - before <= 1, (order.index("h000"), before)
+
+
+def test_a_burst_pool_runs_a_job_handed_back_behind_a_slow_one_before_it_exits(
+        backend: BackendUnderTest, where: Path) -> None:
+    """``--burst`` with two jobs claimed together, the first slower than ``channel.START_WITHIN``:
+    the worker hands the second back instead of starting it late, and its next claim comes before
+    the pool has put that job back in the queue (the pool reads its workers' lines every tick), so
+    it finds nothing and exits as drained. The pool must not take that for an empty queue: it used
+    to exit 0 with the job handed back and never run."""
+    name = backend.new_queue_name()
+    stamps = Stamps(backend, name, where)
+    ids = stamps.fire("L", 1, seconds=channel.START_WITHIN + 0.3) + stamps.fire("s", 1)
+    # A fixed claim of 2 makes the hold certain; auto holds jobs behind another only once they are short.
+    pool = _pool(backend, name, where, concurrency=1, extra=["--burst", "--prefetch", "2"])
+    assert pool.wait(60) == 0, pool.log()
+    store = backend.open(name)
+    try:
+        slow, quick = (store.get(job_id) for job_id in ids)
+    finally:
+        store.close()
+    assert slow is not None and slow.state == COMPLETE, slow
+    assert quick is not None and quick.state == COMPLETE, f"--burst exited with a handed-back job un-run: {quick}"
+    assert quick.attempts == 1, "the hand-back charged an attempt"
+    assert quick.token >= 2, "the short job was not held behind the slow one: the test proved nothing"
