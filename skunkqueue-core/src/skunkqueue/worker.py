@@ -389,7 +389,7 @@ class Worker:
                         # The claim rides on the wait: it runs in the store the moment the wait returns.
                         # A stop meanwhile hands back what it took (the loop looks next, _skip_held).
                         self._took(backend.wait_and_claim(self.config.route, self.id, WAIT_ROUND, idle,
-                                                          self.config.lease, self._claim_size()))
+                                                          self.config.lease, self.config.prefetch))
                         self._found_nothing = not self.held
                     else:
                         backend.wait_for_work(self.config.route, self.id, WAIT_ROUND, idle)
