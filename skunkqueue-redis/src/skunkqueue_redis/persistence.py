@@ -615,12 +615,14 @@ class RedisPersistence(NativeAsync, Persistence):
         k = self.keys
         error = json.dumps(outcome.error) if outcome.error is not None else None
         attempts = str(outcome.attempts) if outcome.attempts is not None else None
-        due = num(outcome.due) if outcome.due is not None else None
+        due = opt(num(outcome.due) if outcome.due is not None else None)
+        if outcome.due_from_store and outcome.due is not None:
+            due = b"=" + due[1:]  # on the store's clock already: finish.lua keeps it as it is
         finished = num(outcome.finished) if outcome.finished is not None else None
         entry = json.dumps(outcome.attempt) if outcome.attempt else None
         return [k.job(job_id), k.lease, k.index], [
             job_id, int(token), expect, num(time.time()), num(self.result_ttl), outcome.state,
-            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), opt(due), opt(finished),
+            "1" if outcome.dead else "0", opt(attempts), opt(error), opt(outcome.result), due, opt(finished),
             opt(entry), HISTORY_LIMIT]
 
     @guarded
