@@ -285,6 +285,31 @@ def test_a_result_over_max_payload_is_refused_at_finish(mongo_standalone: Any, o
 
 # == Waiting ============================================================================
 
+def test_a_waiter_polls_the_state_and_reads_the_record_once_it_finished(mongo_standalone: Any, opened: Any,
+                                                                        queue_name: str) -> None:
+    # A callback's record names all its parents (10,000 ids for the kit's large group): a waiter
+    # that read it whole every 100 ms made most of that test's CPU time, mongod's and its own.
+    waiter, worker = opened(queue_name, mongo_standalone.url), opened(queue_name, mongo_standalone.url)
+    record = make_record(queue_name)
+    waiter.enqueue([record])
+    [claimed] = worker.claim("r", "w", 10)
+    full_reads: list[str] = []
+    state_reads: list[str] = []
+    get, look_again = waiter.get, waiter._look_again
+    waiter.get = lambda job_id: full_reads.append(job_id) or get(job_id)  # type: ignore[method-assign]
+    waiter._look_again = (  # type: ignore[method-assign]
+        lambda job_id, last: state_reads.append(job_id) or look_again(job_id, last))
+    still = waiter.wait_finished(record.id, 0.5)
+    assert still is not None and still.state == RUNNING
+    assert len(full_reads) == 1, "the first look only: the state stayed running"
+    assert len(state_reads) >= 3
+    full_reads.clear()
+    threading.Timer(0.5, lambda: worker.finish(claimed.id, claimed.token, policy.completed(b"42"))).start()
+    done = waiter.wait_finished(record.id, 10)
+    assert done is not None and (done.state, done.result) == (COMPLETE, b"42")
+    assert len(full_reads) == 2, "the first look and the one after the state changed"
+
+
 def test_change_stream_wakes_an_idle_waiter_at_once(mongo_replset: Any, opened: Any, queue_name: str) -> None:
     waiter, producer = opened(queue_name, mongo_replset.url), opened(queue_name, mongo_replset.url)
     assert waiter.notifies

@@ -609,6 +609,15 @@ class MongoPersistence(NativeAsync, Persistence):
             {"_id": job_id, "queue": self.queue, **_not_expired(self.now())}))
         return None if doc is None else _to_record(doc)
 
+    def _look_again(self, job_id: str, last: JobRecord) -> JobRecord | None:
+        # The state alone while it stays what the last look saw: a callback's record holds all its
+        # parents' ids, and the whole of it was most of the large-group test's reads.
+        doc = self._call("get", lambda: self.jobs.find_one(
+            {"_id": job_id, "queue": self.queue, **_not_expired(self.now())}, {"state": 1}))
+        if doc is None:
+            return None
+        return last if doc.get("state") == last.state else self.get(job_id)
+
     def list_jobs(self, *, route: str | None = None, state: str | None = None,
                   dead: bool | None = None, limit: int = 1000) -> list[JobRecord]:
         query: dict[str, Any] = {"queue": self.queue, **_not_expired(self.now())}

@@ -793,7 +793,7 @@ class RedisPersistence(NativeAsync, Persistence):
         return self._claimed(route, self._script.after(blpop, "claim", keys, args)[1])
 
     @guarded
-    def _wait_then_get(self, job_id: str, left: float | None, rounds: int) -> JobRecord | None:
+    def _wait_then_get(self, job_id: str, left: float | None, rounds: int, last: JobRecord) -> JobRecord | None:
         # The BLMOVE on the done list, then the HGETALL in the same write: the record is read
         # the moment the finish's token arrives, without a round trip of its own.
         done, _, block, whence, where = self.done_wait(job_id, left)

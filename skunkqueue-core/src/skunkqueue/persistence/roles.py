@@ -299,9 +299,9 @@ class JobStore(Protocol):
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Block until the record is finished or ``timeout`` passes; return it.
 
-        Looks with :meth:`get` and, between looks, waits in
-        :meth:`_wait_for_finish` (a store that can be woken overrides only that,
-        or :meth:`_wait_then_get` to wait and look again in one round trip).
+        Looks with :meth:`get`, then after each wait in :meth:`_wait_for_finish` with
+        :meth:`_look_again` (a store that can be woken overrides only the wait, or
+        :meth:`_wait_then_get` to wait and look again in one round trip).
         Returns the last record seen (possibly unfinished) or None if missing.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -313,13 +313,22 @@ class JobStore(Protocol):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return record
-            record = self._wait_then_get(job_id, left, rounds)
+            record = self._wait_then_get(job_id, left, rounds, record)
             rounds += 1
 
-    def _wait_then_get(self, job_id: str, left: float | None, rounds: int) -> JobRecord | None:
-        """:meth:`_wait_for_finish`, then :meth:`get` the record again."""
-        self._wait_for_finish(job_id, left, rounds)
+    def _look_again(self, job_id: str, last: JobRecord) -> JobRecord | None:
+        """The record as it is now, for :meth:`wait_finished`; ``last``: the previous look (unfinished).
+
+        The default reads it whole. A store that can read one field may read the state alone and
+        return ``last`` while the state is unchanged: a workflow callback's record names every
+        parent (a 10,000-member group's: 10,000 ids, ~400 kB), and a waiter looks every 100 ms.
+        """
         return self.get(job_id)
+
+    def _wait_then_get(self, job_id: str, left: float | None, rounds: int, last: JobRecord) -> JobRecord | None:
+        """:meth:`_wait_for_finish`, then :meth:`_look_again` (``last``: the previous look)."""
+        self._wait_for_finish(job_id, left, rounds)
+        return self._look_again(job_id, last)
 
     def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         """Pause between two looks at an unfinished record; ``left``: seconds until the caller's deadline.

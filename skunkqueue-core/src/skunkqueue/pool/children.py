@@ -90,6 +90,7 @@ class Child:
     restart_at: float = 0.0
     told_never_start: set[str] = field(default_factory=set)
     drained: bool = False                 # --burst: it found no due job and exited; not restarted
+    handed_back: int = 0                  # jobs of this process put back in the queue (see hand_back)
 
     def start(self) -> None:
         self.pipes = channel.PoolEnd()
@@ -102,7 +103,7 @@ class Child:
         self.pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start, self.gave_up = {}, set(), {}
-        self.settled = False
+        self.settled, self.handed_back = False, 0
         self.started = time.monotonic()
 
     @property
@@ -126,4 +127,5 @@ class Child:
             return
         record = store_call("read a job", store.get, job_id)
         if record is not None and record.state == RUNNING and record.token == claim.token:
-            store_call("hand back a job", store.finish, job_id, claim.token, policy.release(record))
+            if store_call("hand back a job", store.finish, job_id, claim.token, policy.release(record)):
+                self.handed_back += 1

@@ -185,7 +185,10 @@ class Supervisor:
             ran_jobs = bool(child.running)
             settle(store, child, process.returncode, self.tally)
             if process.returncode == EXIT_DRAINED and self.config.burst and not ran_jobs:
-                child.drained = True
+                # A job it handed back (held past channel.START_WITHIN) may have gone back to the
+                # queue after its last claim looked, so that "nothing due" is not to be trusted:
+                # a fresh worker claims it, or finds the queue drained for certain.
+                child.drained = not child.handed_back
             if not self.stopping and not child.drained:
                 self._schedule_restart(child, process.returncode, now, ran_jobs)
             child.process = None
@@ -199,6 +202,11 @@ class Supervisor:
     def _schedule_restart(self, child: Child, code: int | None, now: float, ran_jobs: bool) -> None:
         if child.killed_for is not None:
             child.restart_at = now  # the pool killed it on purpose: replace it at once
+            return
+        if code == EXIT_DRAINED and child.handed_back:  # --burst, see _supervise
+            log.info("pool: --burst: a worker for route %s exited with %d job(s) it handed back; "
+                     "starting another to run them", child.config.route, child.handed_back)
+            child.restart_at = now
             return
         if code == EXIT_RECYCLE:  # it finished its share (--max-jobs/--max-memory-per-child): a fresh one
             log.info("pool: worker for route %s recycled; starting a fresh one", child.config.route)
