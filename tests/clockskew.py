@@ -99,6 +99,20 @@ def check_protocol_uses_the_store_clock(store: Persistence, skew: float) -> None
     assert housekeeping.reap_dead_workers(store) == []
     [beat] = store.workers()
     assert beat.state == "busy" and abs(beat.last_seen - store.now()) < 2
+    # A job handed back unstarted (a stopping worker's held job) keeps the due it had: that time was
+    # read from the record, on the store's clock, so moving it by this host's skew would put a
+    # periodic slot's job a minute off its slot (CI, issue 28) or behind jobs fired after it.
+    held = _record(store.queue, time.time() - 5)
+    store.enqueue([held])
+    stored = store.get(held.id)
+    assert stored is not None
+    with local_clock_off_by(skew):
+        [claimed] = store.claim("r", "w", 30)
+        assert claimed.id == held.id
+        assert store.finish(claimed.id, claimed.token, policy.release(claimed))
+    back = store.get(held.id)
+    assert back is not None and back.state == PENDING
+    assert back.due == stored.due, f"handed back {back.due - stored.due:+.3f} s off its due"
 
 
 # -- real worker processes whose clocks are off ---------------------------------------------
@@ -123,7 +137,7 @@ def check_skewed_worker_steals_no_live_lease(backend: BackendUnderTest, queue_na
                                  log_path=tmp_path / "skewed.log"))
         pools[1].wait_ready()
         # The skewed pool is really skewed: its log lines carry its own clock.
-        assert abs(first_log_time(pools[1].log()) - time.time() - skew) < 10, pools[1].log()
+        assert abs(first_log_time(pools[1].log_head()) - time.time() - skew) < 10, pools[1].log_head()
         assert len(queue.workers()) == 2, "a skewed worker is not reaped as dead"
         assert handle.wait(timeout=30) == "rested"
         record = queue.get(handle.id)

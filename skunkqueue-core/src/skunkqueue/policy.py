@@ -97,8 +97,13 @@ def worker_died(record: JobRecord, kind: str, message: str) -> Outcome:
 
 
 def release(record: JobRecord) -> Outcome:
-    """Hand back a prefetched job that was never started (the worker is stopping)."""
-    return Outcome(PENDING, due=record.due, attempts=max(0, record.attempts - 1), error=record.error)
+    """Hand back a prefetched job that was never started (the worker is stopping).
+
+    Due as it was (the store's own time, not moved by the caller's clock): a periodic slot's job
+    stays due at its slot, and the job keeps its place ahead of those fired after it.
+    """
+    return Outcome(PENDING, due=record.due, attempts=max(0, record.attempts - 1), error=record.error,
+                   due_from_store=True)
 
 
 def requeue(record: JobRecord) -> Outcome:

@@ -229,6 +229,10 @@ class Outcome:
     # The history entry of the attempt this outcome ends (attempt_entry; the store adds "finished"),
     # or None when no attempt ends (a hand-back, a requeue, a kill before the job ran).
     attempt: dict[str, Any] | None = None
+    # ``due`` was read from the record (a hand-back's: the due it had), so it is on the store's
+    # clock already: kept as it is. Otherwise it is on the caller's clock, and a store with a clock
+    # of its own moves it by the difference beyond CLOCK_TOLERANCE, as it moves an enqueue's times.
+    due_from_store: bool = False
 
     def ending(self, record: JobRecord, how: str | None = None) -> Outcome:
         """This outcome, ending ``record``'s current attempt: with its history entry (``how`` it ended;

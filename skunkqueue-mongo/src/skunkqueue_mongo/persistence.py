@@ -1066,8 +1066,8 @@ class MongoPersistence(NativeAsync, Persistence):
         if outcome.attempts is not None:
             fields["attempts"] = outcome.attempts
         if outcome.state == PENDING:
-            fields.update(due=NOW if outcome.due is None else outcome.due + moved, result=None, finished=None,
-                          expire_at="$$REMOVE")
+            due = NOW if outcome.due is None else outcome.due + (0.0 if outcome.due_from_store else moved)
+            fields.update(due=due, result=None, finished=None, expire_at="$$REMOVE")
             killed = {"state": KILLED, "dead": False, "error": _lit(KILLED_BY_REQUEST),
                       "attempts": "$attempts" if outcome.attempts is None else outcome.attempts,
                       "due": "$due", "finished": NOW, "expire_at": _expire_at(NOW, self._ttl())}

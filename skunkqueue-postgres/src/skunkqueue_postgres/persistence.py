@@ -1001,7 +1001,7 @@ class PostgresPersistence(Persistence):
             "state": outcome.state, "result": outcome.result,
             "error": None if outcome.error is None else json.dumps(outcome.error),
             "killed": json.dumps(KILLED_BY_REQUEST), "dead": outcome.dead, "attempts": outcome.attempts,
-            "due": None if outcome.due is None else outcome.due + moved,
+            "due": None if outcome.due is None else outcome.due + (0.0 if outcome.due_from_store else moved),
             "finished": None if outcome.finished is None else outcome.finished + moved,
             "ttl": self.result_ttl, "queue": self.queue, "id": job_id, "expect": expect, "token": token,
             "channel": self.done_channel(job_id), "waiting": dependencies.WAITING_DUE,

@@ -90,8 +90,15 @@ class PoolProcess:
                 self.process.wait(5)
 
     def log(self) -> str:
+        """The log's last 4,000 characters (for a failure's message)."""
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def log_head(self) -> str:
+        """The log's first 4,000 characters: its first line, however long the log has grown."""
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[:4000]
         return ""
 
 

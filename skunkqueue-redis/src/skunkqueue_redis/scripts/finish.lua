@@ -3,7 +3,8 @@
 -- ARGV: 1 id, 2 token, 3 expected state, 4 the caller's now, 5 default result ttl (s; the record's
 --       own result_ttl field wins), 6 state, 7 dead ('0'/'1'),
 --       8 attempts, 9 error json, 10 result, 11 due, 12 finished
---       (8-12 optional: '' for none, else '.' then the value; due and finished are on the caller's clock),
+--       (8-12 optional: '' for none, else '.' then the value; due and finished are on the caller's clock,
+--       but a due given as '=' then the value was read from the record, on the store's clock: kept as is),
 --       13 the ended attempt's history entry (optional as 8-12: JSON of an object without "finished",
 --       which this script adds from the store's clock), 14 how many entries the history keeps
 -- The history field holds the entries packed ("<length>:<json>" each, oldest first), so dropping the
@@ -47,6 +48,8 @@ local function finish(KEYS, ARGV)
   ttl = tonumber(f[7] or '') or ttl
   local now = clock()
   local moved = shift(ARGV[4], now)
+  -- '=': a hand-back's due, read from the record: written back as it came, not moved nor rounded.
+  local due_kept = byte(ARGV[11]) == 61
   if state == 'pending' and f[5] == '1' then
     state, dead, result, finished = 'killed', '0', nil, nil  -- attempts as given (a hand-back's)
     err = cjson.encode({type = 'JobKilled', message = 'killed by request', traceback = ''})
@@ -57,9 +60,10 @@ local function finish(KEYS, ARGV)
   redis.call('ZREM', KEYS[2], id)
   if f[1] == 'running' then
     -- The slot goes with the lease, in this step; a worker waiting on the key's or the route's
-    -- concurrency limit may claim now (a route without limits pays the HEXISTS).
+    -- concurrency limit may claim now (a route without limits pays the settings' HMGET, which
+    -- finish_and_claim's claim reuses).
     slot_free(f[12], id)
-    if state ~= 'pending' and (f[12] or redis.call('HEXISTS', SETTINGS, LIMIT_SETTING .. route) == 1) then
+    if state ~= 'pending' and (f[12] or flow_settings(route)[2]) then
       wake(notify_key(route, nil), 1)
     end
   end
@@ -72,10 +76,9 @@ local function finish(KEYS, ARGV)
   end
   if attempts then set[#set + 1] = 'attempts'; set[#set + 1] = attempts end
   if err then set[#set + 1] = 'error'; set[#set + 1] = err else drop[#drop + 1] = 'error' end
-  local done = DONE .. id
-  redis.call('DEL', done)
   if state == 'pending' then
-    due = due and fmt(tonumber(due) + moved) or fmt(now)
+    redis.call('DEL', DONE .. id)  -- a stale token (signal_done keeps one token when it ends)
+    if not due then due = fmt(now) elseif not due_kept then due = fmt(tonumber(due) + moved) end
     set[#set + 1] = 'due'; set[#set + 1] = due
     drop[#drop + 1] = 'result'; drop[#drop + 1] = 'finished'
     redis.call('HSET', key, unpack(set))
