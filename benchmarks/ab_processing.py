@@ -1,5 +1,7 @@
 """Processing on Redis, paired across source trees: ``python -m benchmarks.ab_processing PAIRS JOBS TREE:LEVEL ...``.
 
+``--sqlite`` first: on SQLite instead (a new database file per run; no server CPU column).
+
 Each TREE is an exported checkout (``git archive REV | tar -x -C TREE``); each run uses that tree's
 own packages and benchmark harness (``benchmarks.skunk.processing``, first claim to last result,
 read through handles) at ``--log-level`` LEVEL, on one redis-server for all. The trees alternate
@@ -11,11 +13,13 @@ tree against the first. Used for issue 10's comparison with f86c638 (docs/perfor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from benchmarks.ab_bench import alternating, tree_env
 from benchmarks.servers import RedisServer
@@ -26,10 +30,11 @@ from pathlib import Path
 from benchmarks import skunk
 from benchmarks.common import Result, Sizes
 url, n, level = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-target = skunk.Target("redis", url=url, logdir=Path("/tmp"))
+backend = "sqlite" if not url.startswith("redis") else "redis"
+target = skunk.Target(backend, url=url, logdir=Path("/tmp"))
 if hasattr(target, "log_level"):  # older trees ran their workers at WARNING, fixed
     target.log_level = level
-result = Result("redis")
+result = Result(backend)
 before = resource.getrusage(resource.RUSAGE_CHILDREN)
 skunk.processing(target, Sizes(process=n), result, 1)
 after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -47,24 +52,30 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(__doc__.splitlines()[0], file=sys.stderr)
         return 2
+    sqlite = argv[0] == "--sqlite"
+    argv = argv[1:] if sqlite else argv
     pairs, jobs, trees = int(argv[0]), argv[1], argv[2:]
     runs: dict[str, list[dict[str, float]]] = {spec: [] for spec in trees}
-    with RedisServer() as server:
-        redis_pid = server.starter.process.pid
+    with contextlib.ExitStack() as stack:
+        server = None if sqlite else stack.enter_context(RedisServer())
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="ab-processing-"))
         for round_, spec, tree, level in alternating(pairs, trees):
-            before = cpu_seconds(redis_pid)
-            out = subprocess.run([sys.executable, "-c", CHILD, server.url, jobs, level], cwd=tree,
+            url = f"{scratch}/run{round_}-{len(runs[spec])}-{abs(hash(spec))}.db" if server is None else server.url
+            before = cpu_seconds(server.starter.process.pid) if server is not None else 0.0
+            out = subprocess.run([sys.executable, "-c", CHILD, url, jobs, level], cwd=tree,
                                  env=tree_env(tree), capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 return 1
             run = json.loads(out.stdout.strip().splitlines()[-1])
-            run["redis_us"] = (cpu_seconds(redis_pid) - before) / int(jobs) * 1e6
+            if server is not None:
+                run["redis_us"] = (cpu_seconds(server.starter.process.pid) - before) / int(jobs) * 1e6
             runs[spec].append(run)
             print(round_, spec, {k: round(v) for k, v in run.items()}, flush=True)
     for spec, done in runs.items():
-        print(spec, *(f"{name} {statistics.median(r[name] for r in done):.0f}"
-                      for name in ("rate", "cpu_us", "redis_us")))
+        print(spec, *(f"{name} {statistics.median(r[name] for r in done):.0f} "
+                      f"({min(r[name] for r in done):.0f}-{max(r[name] for r in done):.0f})"
+                      for name in ("rate", "cpu_us", "redis_us") if name in done[0]))
     first = runs[trees[0]]
     for spec in trees[1:]:
         ratio = statistics.median(b["rate"] / a["rate"] for a, b in zip(first, runs[spec]))

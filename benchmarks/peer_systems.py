@@ -84,7 +84,7 @@ class SkunkPeer(Peer):
     module = "skunkqueue_redis"
     backend = "redis"
     setup = {
-        "worker": "skunq work -q Q -r R -c 1, its defaults (INFO log, a line per job; --prefetch 1): "
+        "worker": "skunq work -q Q -r R -c 1, its defaults (INFO log, a line per job; --prefetch auto): "
                   "a pool process and one worker process",
         "producer": "job.fire(i) one call at a time",
         "results": "handle.state / handle.result polled for processing and start-up; handle.wait() for latency",

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import dependencies, headers, interpreter, logformat, serializer, signing, trust
+from skunkqueue import dependencies, headers, interpreter, logformat, prefetch, serializer, signing, trust
 from skunkqueue import periodic as schedules  # the command group is named periodic
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
@@ -95,6 +95,13 @@ def main() -> None:
     """
 
 
+def _prefetch(value: str | int) -> int:
+    try:
+        return prefetch.parse(str(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--prefetch takes "), param_hint="'--prefetch'") from None
+
+
 @main.command()
 @_queue_option
 @click.option("-r", "--route", "route_opts", multiple=True, help="Route to work on (repeatable).")
@@ -109,8 +116,11 @@ def main() -> None:
                    "directory and --path.")
 @click.option("--lease", default=30.0, show_default=True, type=click.FloatRange(0.5, 3600),
               help="Seconds a job stays claimed without a renewal before another worker may take it.")
-@click.option("--prefetch", default=1, show_default=True, type=click.IntRange(1, 1000),
-              help="Jobs claimed per round trip.")
+@click.option("--prefetch", default="auto", show_default=True, metavar="auto|N",
+              callback=lambda ctx, param, value: _prefetch(value),
+              help="Jobs claimed per round trip: N (1-1000), or auto: one until the recent jobs "
+                   f"prove short, then as many as start within {prefetch.HELD_WAIT * 1000:g} ms by "
+                   f"their pace (at most {prefetch.AUTO_MAX}).")
 @click.option("--allow-pickle", is_flag=True,
               help="Run jobs of queues created with serializer='pickle' (only if nobody untrusted can write "
                    "to the store: unpickling runs code).")

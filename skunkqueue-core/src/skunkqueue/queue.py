@@ -180,6 +180,11 @@ class SkunkQueue:
         if after is not None or on_failure is not None:
             workflow.depend(self, backend, flat, after or [], on_failure, using)
         keyed = keys is not None and any(k is not None for k in keys)
+        if not hooks.implemented("job_sending"):  # no plugin to tell: _sending's work without its context
+            self._seal(backend, flat, False)
+            holders = backend.store(flat, keyed=keyed, using=using)
+            return [JobHandle(self, records) for records in per_call] if holders is None else \
+                self._follow(per_call, holders)
         with self._sending(backend, flat):  # job_sent sees the holders' ids: followed inside
             holders = backend.store(flat, keyed=keyed, using=using)
             return [JobHandle(self, records) for records in per_call] if holders is None else \

@@ -62,6 +62,7 @@ from skunkqueue.errors import (
 )
 from skunkqueue.job import Job, resolve
 from skunkqueue.persistence import Persistence
+from skunkqueue.prefetch import Prefetch
 from skunkqueue.record import COMPLETE, ERROR, KILLED, JobRecord, Outcome, WorkerInfo
 
 log = logging.getLogger("skunkqueue.worker")
@@ -91,7 +92,7 @@ class WorkerConfig:
     url: str | None = None
     db: str | None = None
     lease: float = 30.0
-    prefetch: int = 1
+    prefetch: int = 0  # jobs claimed per round trip; prefetch.AUTO (0): adapted to the jobs' time
     paths: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     connect_attempts: int = 5
@@ -202,6 +203,7 @@ class Worker:
         self._refused: set[str] = set()  # functions whose refusal was logged (once each)
         self._done = 0  # jobs run, for --max-jobs-per-child
         self._found_nothing = False  # the last finish_and_claim claimed nothing: no need to look again
+        self._prefetch = Prefetch(config.prefetch)
         self.backend: Persistence
         self._parent = os.getppid()
 
@@ -370,7 +372,7 @@ class Worker:
                     continue
                 if not self.held and not self._found_nothing:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
-                                             self.config.prefetch))
+                                             self._claim_size()))
                 self._found_nothing = False
                 if not self.held and self.config.burst and not flow.burst_waits(backend, self.config.route):
                     self.stopping = "drained"  # no due job, none held back by a limit: --burst is done
@@ -428,6 +430,12 @@ class Worker:
         else:
             self.execute(record)
 
+    def _claim_size(self) -> int:
+        """Jobs to claim now: --prefetch, or what auto makes of the recent jobs; no more than
+        --max-jobs-per-child leaves this worker to run."""
+        left = None if self.config.max_jobs is None else self.config.max_jobs - self._done
+        return self._prefetch.size(left)
+
     def _skip_held(self) -> None:
         """The pool hands back the jobs this worker claimed and will not start."""
         held, self.held = self.held, []
@@ -478,6 +486,7 @@ class Worker:
         """Record the attempt's outcome (None: the lease was lost), tell the pool, fire the hooks, log."""
         self._count_done()  # before recording: a worker due for recycling claims nothing with it
         ran = time.monotonic() - started
+        self._prefetch.ran(ran)  # before recording: the finish claims the next jobs by it
         if outcome is None:
             hooks.call("job_lost", record=record)
             log.warning("job %s %s route=%s: lease lost, outcome discarded (another worker owns it)",
@@ -555,7 +564,7 @@ class Worker:
             return recorded
         recorded, claimed = self.backend.finish_and_claim(
             record.id, record.token, outcome, self.config.route, self.id, self.config.lease,
-            self.config.prefetch)
+            self._claim_size())
         # One pipe write for the outcome and the next claims: the pool reads them together anyway.
         self._took(claimed, done)
         # That claim found nothing: the loop waits for work next instead of asking the store again.

@@ -27,6 +27,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from skunkqueue.errors import BackendUnavailable, ConfigurationError
+
+try:  # redis[hiredis] brings it; without it, redis-py's own packer
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - a redis-py installed without its extra
+    _hiredis_pack = None  # type: ignore[assignment]
 from skunkqueue.urls import redact, scrub
 
 log = logging.getLogger("skunkqueue.redis")
@@ -306,13 +311,17 @@ class HotLine:
 
     @staticmethod
     def _evalsha(conn: Any, script: Script, keys: list[Any], args: list[Any]) -> Any:
+        # Packed by hiredis in one C call: redis-py's packer encodes each argument in Python
+        # (~15 us a call for the ~30 arguments of a script call; the bytes sent are the same).
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        packed = [_hiredis_pack(command)] if _hiredis_pack is not None else conn.pack_command(*command)
         try:
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            conn.send_packed_command(packed)
             return conn.read_response()
         except NoScriptError:  # a restarted or flushed server: load it, once
             conn.send_command("SCRIPT", "LOAD", script.script)
             conn.read_response()
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            conn.send_packed_command(packed)
             return conn.read_response()
 
     def close(self) -> None:
