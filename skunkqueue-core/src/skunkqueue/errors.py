@@ -23,6 +23,11 @@ class BackendUnavailable(SkunkQueueError):
     """The backend's server could not be reached (after retrying)."""
 
 
+class RecordHeld(BackendUnavailable):
+    """One record is held for now by another operation (e.g. a transaction a dead worker left open
+    on MongoDB, until the server aborts it); the store is up, and the write can be tried again later."""
+
+
 class SerializationError(SkunkQueueError):
     """Arguments or a result cannot be encoded with the queue's serializer."""
 

@@ -7,6 +7,7 @@ import time
 from typing import Protocol
 
 from skunkqueue import policy
+from skunkqueue.errors import RecordHeld
 from skunkqueue.persistence.roles import JobStore, WorkerRegistry
 from skunkqueue.record import WorkerInfo
 
@@ -26,7 +27,14 @@ def recover_expired_leases(backend: JobStore, now: float | None = None) -> int:
     for record in backend.expired_leases(time.time() if now is None else now):
         outcome = policy.lease_lost(record)
         # Guarded by the token: a renewal or another recoverer in between wins.
-        if backend.finish(record.id, record.token, outcome):
+        try:
+            finished = backend.finish(record.id, record.token, outcome)
+        except RecordHeld as exc:
+            # Held for now (MongoDB: a transaction a dead worker left open): the others are
+            # recovered now, this one on a later round.
+            log.warning("job %s: cannot hand it back yet: %s", record.id, exc)
+            continue
+        if finished:
             recovered += 1
             log.warning("job %s (%s) lost its lease held by %s: now %s",
                         record.id, record.func, record.owner, outcome.state)

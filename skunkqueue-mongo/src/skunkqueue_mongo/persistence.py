@@ -24,7 +24,9 @@ by (priority descending, due, _id); ids sort by creation time, so that is the
 protocol's FIFO order among equal priorities, and the server's document-level
 atomicity hands each record to one caller. A limited record's concurrency slot
 is a field written by that same one-document update (see ``claim``).
-Finishing is one ``update_one`` filtered on (_id, state, token): the fence.
+Finishing is one ``find_one_and_update`` filtered on (_id, state, token): the fence.
+On a replica set or sharded cluster (``transactions``) a record with dependents
+is finished in one transaction with their count-down (see ``_finish_counting``).
 Finished records carry ``expire_at`` and MongoDB's TTL monitor deletes them
 (it runs once a minute, so reads also hide records already past it).
 
@@ -87,7 +89,13 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.read_concern import ReadConcern
 
 from skunkqueue import dependencies, flow, policy
-from skunkqueue.errors import BackendUnavailable, ConfigurationError, MalformedRecord, PayloadTooLarge
+from skunkqueue.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    MalformedRecord,
+    PayloadTooLarge,
+    RecordHeld,
+)
 from skunkqueue.metrics import RETENTION, RouteMinute
 from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence, refuse_names_over
 from skunkqueue.record import (
@@ -126,6 +134,14 @@ ACCESS_DENIED = {13, 18}  # Unauthorized, AuthenticationFailed
 # ShutdownInProgress, InterruptedAtShutdown, InterruptedDueToReplStateChange,
 # NotWritablePrimary, NotPrimaryNoSecondaryOk, PrimarySteppedDown
 TRANSIENT_CODES = {91, 11600, 11602, 10107, 13435, 189}
+MAX_TIME_EXPIRED = 50
+# How long (server time) a worker's or pool's write to a running record waits on a replica set for a
+# transaction that holds it: one a SIGKILLed worker left open holds it until MongoDB aborts it
+# (transactionLifetimeLimitSeconds, 60 s by default), and a pool waiting that long renews none of
+# its other leases. Past it the finish raises RecordHeld, a BackendUnavailable (the worker tries again, and
+# housekeeping after the lease) and the renewal skips that one record. A write that waits for nothing
+# takes milliseconds.
+LOCK_WAIT_MS = 1000
 
 # Index name -> (keys, options). Created once per process and database.
 INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
@@ -295,6 +311,10 @@ class MongoPersistence(NativeAsync, Persistence):
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
             self.notifies = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
+            # Multi-document transactions need the same (a replica set, or a mongos): there a parent's
+            # finish counts its dependents down in one transaction with it (see finish).
+            self.transactions = self.notifies
+            self._lock_wait: dict[str, Any] = {"maxTimeMS": LOCK_WAIT_MS} if self.transactions else {}
             self._ensure_indexes()
             self.now()
         except BaseException:
@@ -375,6 +395,9 @@ class MongoPersistence(NativeAsync, Persistence):
             raise BackendUnavailable(f"Cannot reach MongoDB at {self.address} ({what}): "
                                      f"{self._scrub(exc)}") from None
         if isinstance(exc, OperationFailure):
+            if exc.code == MAX_TIME_EXPIRED:
+                raise RecordHeld(f"MongoDB at {self.address}: {what} waited over {LOCK_WAIT_MS} ms for a record "
+                                 "an unfinished transaction holds; try again") from None
             if _transient(exc):
                 if last:
                     raise BackendUnavailable(f"MongoDB at {self.address} is unavailable ({what}): "
@@ -477,8 +500,9 @@ class MongoPersistence(NativeAsync, Persistence):
         Workflows (``after=``, ``chain``, ``group``): the dependency documents (waits, deps) and the
         parents' ``has_dependents`` marks are written in the same transaction, and a parent found
         finished in it is counted in it, so an abort leaves no trace on a parent either. Marking a
-        parent writes its document: a worker claiming, renewing or finishing that parent meanwhile
-        waits for the transaction's end, and a parent that changed since the transaction began
+        parent writes its document: a worker claiming that parent meanwhile waits for the
+        transaction's end (renewing or finishing it waits ``LOCK_WAIT_MS`` at a time, then skips the
+        renewal or raises ``RecordHeld`` and tries again), and a parent that changed since the transaction began
         makes it a write conflict (``TransientTransactionError``, which ``with_transaction`` retries).
         """
         if not records:
@@ -996,12 +1020,25 @@ class MongoPersistence(NativeAsync, Persistence):
 
     def renew(self, worker_id: str, leases: Sequence[tuple[str, int]], lease: float) -> dict[str, str]:
         statuses: dict[str, str] = {}
+        held: dict[str, Any] = {}  # a record a transaction holds: neither renewed nor lost (see LOCK_WAIT_MS)
+
+        def renew_one(job_id: str, token: int) -> Any:
+            try:
+                return self.jobs.find_one_and_update(
+                    {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id,
+                     "slot_lost": {"$ne": True}},
+                    [{"$set": {"lease_until": {"$add": [NOW, lease]}}}], projection={"kill_requested": 1},
+                    **self._lock_wait)
+            except OperationFailure as exc:
+                if exc.code != MAX_TIME_EXPIRED:
+                    raise
+                return held
+
         for job_id, token in leases:
-            doc = self._call("renew", partial(
-                self.jobs.find_one_and_update,
-                {"_id": job_id, "queue": self.queue, "state": RUNNING, "token": token, "owner": worker_id,
-                 "slot_lost": {"$ne": True}},
-                [{"$set": {"lease_until": {"$add": [NOW, lease]}}}], projection={"kill_requested": 1}))
+            doc = self._call("renew", partial(renew_one, job_id, token))
+            if doc is held:
+                log.warning("job %s: its lease was not renewed: a transaction holds the record", job_id)
+                continue
             if doc is None:
                 statuses[job_id] = LEASE_LOST
             else:
@@ -1045,12 +1082,14 @@ class MongoPersistence(NativeAsync, Persistence):
             # Its dependents are counted down next; until that is done the record says so, and
             # housekeeping completes the count-down if this process dies first (release_stranded).
             fields["settle_pending"] = _SETTLE_PENDING
+            if self.transactions:
+                return self._finish_counting(job_id, fence, fields, outcome.state)
         try:
             # The same round trip tells whether the record has dependents to count down: most
             # records have none, and a read and a write more per finish (the settle's find_one and
             # $unset) were half of a plain job's round trips.
             before = self._call("finish", lambda: self.jobs.find_one_and_update(
-                fence, [{"$set": fields}], projection={"has_dependents": 1}), idempotent=False)
+                fence, [{"$set": fields}], projection={"has_dependents": 1}, **self._lock_wait), idempotent=False)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
         if before is None:
@@ -1060,11 +1099,62 @@ class MongoPersistence(NativeAsync, Persistence):
             self._settle_finished(job_id, state=outcome.state)
         return True
 
+    def _finish_counting(self, job_id: str, fence: dict[str, Any], fields: dict[str, Any], state: str) -> bool:
+        """A replica set's (or mongos's) final finish: with dependents, one transaction with their count-down.
+
+        A record without dependents (nearly all) keeps the one round trip: the fenced update also
+        requires ``has_dependents`` unset. When it matches nothing, the record is stale, gone, or
+        has dependents; then one transaction reads it under the fence, counts its dependents down
+        and releases or ends them (``_settle_finished`` through the session), and writes the
+        finish last, so the parent is finished and counted together or not at all, and no mark
+        (``settle_pending``) is needed. Written last, because a worker SIGKILLed inside a
+        transaction leaves it open on the server, holding what it wrote until MongoDB aborts it
+        (``transactionLifetimeLimitSeconds``, 60 s by default): meanwhile the pool's or
+        housekeeping's hand-back of that parent would wait. The parent's document is held only
+        between its write and the commit.
+
+        Every count writes the dependent's ``waits`` document, so two parents counting one
+        dependent at once are a write conflict, and the later one runs again and sees the other's
+        count (no write skew); a parent changed since the read (a new dependent, a hand-back) is
+        a write conflict too. ``with_transaction`` repeats the whole of it after a transient
+        error (those conflicts, an election) and only the commit when its result is unknown; a
+        finish repeated after a commit that did apply (the worker's ``_finish_when_back``) finds
+        the token fenced off and counts nothing. A stale finish costs a read in a transaction that
+        writes nothing.
+        """
+        plain = {**fence, "has_dependents": {"$ne": True}}
+        try:
+            done = self._call("finish", lambda: self.jobs.find_one_and_update(
+                plain, [{"$set": fields}], projection={"_id": 1}, **self._lock_wait), idempotent=False)
+        except DocumentTooLarge as exc:
+            raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
+        if done is not None:
+            return True
+        last = {name: value for name, value in fields.items() if name != "settle_pending"}
+
+        def body(session: ClientSession) -> bool:
+            found = self.jobs.find_one(fence, {"has_dependents": 1}, session=session)
+            if found is None:
+                return False  # stale or gone: nothing written, nothing counted
+            if found.get("has_dependents"):
+                self._settle_finished(job_id, state=state, via=self._via(session), unmark=False)
+            if self.jobs.find_one_and_update(fence, [{"$set": last}], projection={"_id": 1},
+                                             session=session) is None:
+                raise AssertionError(f"job {job_id} left the fence inside a transaction")  # pragma: no cover
+            return True
+
+        def run() -> bool:
+            with self.client.start_session(causal_consistency=False) as session:
+                return bool(session.with_transaction(body))
+
+        return self._call("finish", run, idempotent=False)
+
     # -- workflows (see the Persistence docstring) ----------------------------------------
     #
-    # Without multi-document transactions (a standalone mongod has none) the count-down is
-    # idempotent step by step instead of atomic with the finish, one small document per edge
-    # and per count, so a parent's count costs the same whatever the fan-in:
+    # One small document per edge and per count, so a parent's count costs the same whatever the
+    # fan-in. On a replica set (or mongos) a parent's finish and this count-down are one
+    # transaction (_finish_counting). On a standalone, which has no multi-document transactions,
+    # the count-down is idempotent step by step instead of atomic with the finish:
     #   deps    {_id: "parent/child"}  who waits for whom (the parent's doc says has_dependents)
     #   settled {_id: "child/parent"}  the SET of a dependent's finished parents (a unique _id:
     #                                  a repeat inserts nothing), with "counted" once its
@@ -1074,7 +1164,8 @@ class MongoPersistence(NativeAsync, Persistence):
     # set, so a decrement lost or doubled by a crash can delay the check, never pass it early),
     # by an update that matches only a waiting record: once. A finish marks its record
     # settle_pending in its own update; a worker that dies before counting leaves the mark, and
-    # housekeeping (release_stranded) counts again.
+    # housekeeping (release_stranded) counts again. (Inside a transaction the mark is set and
+    # cleared before the commit; housekeeping's look finds none.)
 
     supports_workflows = True
 
@@ -1126,13 +1217,14 @@ class MongoPersistence(NativeAsync, Persistence):
                     self._settle_finished(ended, via=at)
 
     def _settle_finished(self, job_id: str, repair: bool = False, state: str | None = None, *,
-                         via: _Via | None = None) -> None:
+                         via: _Via | None = None, unmark: bool = True) -> None:
         """Count a finished record for its dependents, then clear its mark; those it ends count in turn.
 
         ``repair`` (housekeeping, after a worker died part-way): also make every later count of each
         dependent look at its set, since the dead worker may have counted a parent into the set
         without decrementing the hint. ``state``: the finish that just ended ``job_id`` so, with
-        dependents, says it (no read of the record). ``via``: as in :meth:`_attach`.
+        dependents, says it (no read of the record). ``via``: as in :meth:`_attach`. ``unmark``:
+        False leaves ``job_id``'s own document alone (a transaction that writes it last).
         """
         at = via or self._own
         work: list[tuple[str, str | None]] = [(job_id, state)]
@@ -1148,8 +1240,9 @@ class MongoPersistence(NativeAsync, Persistence):
                 children = [str(d["child"]) for d in at.call("settle", partial(
                     self._find_all, at.deps, {"parent": current, "queue": self.queue}, {"child": 1}, at.session))]
                 work += [(ended, None) for ended in self._settle(current, known, children, repair, via=at)]
-            at.call("settle", partial(at.jobs.update_one, {"_id": current, "queue": self.queue},
-                                      {"$unset": {"settle_pending": ""}}, session=at.session))
+            if unmark or current != job_id:
+                at.call("settle", partial(at.jobs.update_one, {"_id": current, "queue": self.queue},
+                                          {"$unset": {"settle_pending": ""}}, session=at.session))
 
     def _settle(self, parent: str, state: str, children: list[str], repair: bool = False, *,
                 via: _Via | None = None) -> list[str]:
