@@ -14,6 +14,7 @@ from skunkqueue.errors import (
     JobTimeout,
     MalformedRecord,
     PayloadTooLarge,
+    RecordHeld,
     SerializationError,
     SkunkQueueError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Limit",
     "MalformedRecord",
     "PayloadTooLarge",
+    "RecordHeld",
     "SerializationError",
     "SkunkQueue",
     "SkunkQueueError",
