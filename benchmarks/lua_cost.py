@@ -2,6 +2,7 @@
 
     python -m benchmarks.lua_cost [-n JOBS] [-r ROUNDS] [--limit L] [--pin] DIR [DIR ...]
     python -m benchmarks.lua_cost --callgrind [-n JOBS] [--limit L] DIR [DIR ...]
+    python -m benchmarks.lua_cost --commands [-n JOBS] [--limit L] DIR [DIR ...]
 
 Each DIR holds the .lua files (a copy of skunkqueue-redis/src/skunkqueue_redis/scripts). Per round,
 one queue per DIR gets JOBS records and one claim; then the queues' finish_and_claim calls alternate
@@ -12,6 +13,8 @@ difference against the first DIR. A private redis-server runs on a free port.
 Timings on a shared machine wander by several microseconds; --callgrind instead runs redis-server
 under valgrind and counts the instructions inside evalShaCommand over the JOBS calls (one server
 per DIR, one after another): deterministic, so a lever worth a microsecond shows.
+--commands counts the Redis commands per job (`INFO commandstats` before and after JOBS calls,
+the script's own calls and the EVALSHA itself), each command's count listed.
 """
 
 from __future__ import annotations
@@ -117,6 +120,35 @@ def callgrind(directory: Path, jobs: int, limit: int, keep: Path | None = None) 
     raise RuntimeError("callgrind wrote no totals")
 
 
+def commands(directory: Path, jobs: int, limit: int) -> tuple[float, dict[str, float]]:
+    """Redis commands per job (claim+finish) over JOBS finish_and_claim calls, and per command."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server, raw = start_server([], tmp, patience=5.0)
+        try:
+            store = store_with(server.port, directory, "q")
+            store.enqueue([make_record(store.queue) for _ in range(jobs + limit)])
+            held = store.claim("r", "w", 30, limit)
+
+            def stats() -> dict[str, int]:
+                return {name.removeprefix("cmdstat_"): int(value["calls"])
+                        for name, value in raw.info("commandstats").items()}
+
+            before = stats()
+            for _ in range(jobs):
+                job = held.pop(0)
+                if held:
+                    store.finish(job.id, job.token, policy.completed(b"1"))
+                else:
+                    _, held = store.finish_and_claim(job.id, job.token, policy.completed(b"1"), "r", "w", 30, limit)
+            after = stats()
+            store.close()
+        finally:
+            server.stop()
+    per = {name: (calls - before.get(name, 0)) / jobs for name, calls in after.items()}
+    per = {name: n for name, n in per.items() if n > 0 and name != "info"}
+    return sum(per.values()), per
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", "--jobs", type=int, default=1000)
@@ -125,9 +157,16 @@ def main() -> None:
     parser.add_argument("--pin", dest="prefix", action="store_const", default=[],
                         const=["taskset", "-c", "1"], help="run redis-server on CPU 1 (run the client on 0)")
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead of timing")
+    parser.add_argument("--commands", action="store_true", help="count Redis commands per job")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy each callgrind.out into this folder")
     parser.add_argument("dirs", nargs="+", type=Path)
     opts = parser.parse_args()
+    if opts.commands:
+        for d in opts.dirs:
+            total, per = commands(d, opts.jobs, opts.limit)
+            listed = " ".join(f"{name}={n:g}" for name, n in sorted(per.items(), key=lambda item: -item[1]))
+            print(f"{str(d):20s} {total:6.2f} commands per job: {listed}")
+        return
     if opts.callgrind:
         base = None
         for d in opts.dirs:

@@ -565,8 +565,9 @@ class RedisPersistence(NativeAsync, Persistence):
             log.warning("queue %s route %s: skipped %s, which is not a SkunkQueue record",
                         self.queue, route, key.decode(errors="replace"))
         claimed = []
-        for packed in hashes:
-            fields = unpack_fields(packed)
+        for item in hashes:
+            # A flat list of names and values (HGETALL's); scripts before it packed them in one string.
+            fields = unpack_fields(item) if isinstance(item, bytes) else dict(zip(item[::2], item[1::2]))
             job_id = fields.get(b"id", b"?").decode(errors="replace")
             try:
                 claimed.append(decode_record(fields, job_id))

@@ -8,20 +8,26 @@
 --       (the priority zsets, slots, GCRA times and settings share the queue's hash tag: common.lua)
 -- ARGV: 1 lease (s), 2 worker id, 3 limit, 4 result ttl (s, for quarantined records), 5 route,
 --       6 FLOW_SCAN
--- Returns {claimed records (each packed), next due score or '', foreign keys skipped, the store's now}.
+-- Returns {claimed records (each a flat list of field names and values, like HGETALL's), next due score
+-- or '', foreign keys skipped, the store's now}.
 -- A claim that filled its limit skips looking for the next due and returns the store's now for it
 -- (look again at once): its worker is busy and claims again before it waits, and that claim,
 -- if it comes back short, finds the next due and drops stale wake-up tokens. A claim that left
 -- due records behind for a limit returns when one may be claimable instead ('' : not known; a
 -- finish that frees a slot or a changed setting pushes a wake-up token), so its worker waits.
+-- The fields claim looks at, by their place in visit()'s f.
+local CLAIM_FIELDS = {state = 1, token = 2, attempts = 3, route = 4, limit_key = 5, limit_concurrency = 6,
+  limit_interval = 7, limit_burst = 8}
+
 local function claim(KEYS, ARGV)
   local lease, worker, limit, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
   local route, scan = ARGV[5], tonumber(ARGV[6])
   local nownum = clock()
   local now, until_ = fmt(nownum), fmt(nownum + lease)
   local out, foreign = {}, {}
-  -- A route without flow settings and priorities pays this HMGET and the two ZRANGEs below.
-  local setting = redis.call('HMGET', SETTINGS, PAUSE_SETTING .. route, LIMIT_SETTING .. route)
+  -- A route without flow settings, priorities and broadcasts pays this HMGET (once per script call:
+  -- finish_and_claim's finish read it) and the EXISTS below.
+  local setting = flow_settings(route)
   if setting[1] then
     redis.call('DEL', KEYS[3], KEYS[4])
     return {out, '', foreign, now}
@@ -48,7 +54,9 @@ local function claim(KEYS, ARGV)
   -- 0 in its place; each level is a pair (shared zset, this worker's zset), merged like level 0.
   local levels_key, mine_key = LEVELS .. esc(route), LEVELS .. suffix(route, worker)
   local found, listed = {}, {}
-  for _, key in ipairs({levels_key, mine_key}) do
+  -- No level listed and no broadcast for this worker (one EXISTS): only the route's zset of level 0.
+  local plain = redis.call('EXISTS', levels_key, mine_key, KEYS[2]) == 0
+  for _, key in ipairs(plain and {} or {levels_key, mine_key}) do
     for _, p in ipairs(redis.call('ZRANGE', key, 0, -1)) do
       local level = tonumber(p)
       if level and level ~= 0 and not listed[level] then
@@ -68,7 +76,8 @@ local function claim(KEYS, ARGV)
     local p = string.format('%d', level)
     sources[#sources + 1] = {due_key(route, nil, p), due_key(route, worker, p), level = p}
   end
-  if not zero_done then sources[#sources + 1] = {KEYS[1], KEYS[2]} end
+  if plain then sources[1] = {KEYS[1]}  -- (no second zset: nothing to merge)
+  elseif not zero_done then sources[#sources + 1] = {KEYS[1], KEYS[2]} end
 
   local looked, held, wake_at, stop = 0, false, nil, false
   local blocked = {}
@@ -114,24 +123,41 @@ local function claim(KEYS, ARGV)
     end
     if key_time then set_rate_time('k:' .. limit_key, key_time, nownum) end
     local token, attempts = tonumber(f[2]), tonumber(f[3])
-    redis.call('HSET', key, 'state', 'running', 'owner', worker, 'lease_until', until_,
-      'token', int(token + 1), 'attempts', int(attempts + 1), 'started', now, 'kill_requested', '0')
+    local set = {'state', 'running', 'owner', worker, 'lease_until', until_,
+      'token', int(token + 1), 'attempts', int(attempts + 1), 'started', now, 'kill_requested', '0'}
+    redis.call('HSET', key, unpack(set))
     redis.call('ZADD', LEASE, until_, id)
     if limit_key then redis.call('ZADD', SLOTS .. limit_key, until_, id) end
     tally(id, f[4], 'pending', 'running', nil, until_, nownum)
-    out[#out + 1] = pack(redis.call('HGETALL', key))
+    -- The record as claimed: what HGETALL read, with the fields just set (no second read).
+    local flat, at = f.flat, f.at
+    for i = 1, #set, 2 do
+      local name = set[i]
+      local pos = at[name]
+      if pos then flat[pos] = set[i + 1]
+      else flat[#flat + 1] = name; flat[#flat + 1] = set[i + 1] end
+    end
+    out[#out + 1] = flat
     return true
   end
   -- One entry of a due zset: 'taken', 'skipped' (it stays: the next page starts after it), or dropped.
   local function visit(id, zkey)
     local key = JOB .. id
-    -- pcall: an error (WRONGTYPE) means the key is not a hash; no field at all, a hash
-    -- without them (quarantined below) or no key (a stale entry: EXISTS tells them apart).
-    local f = redis.pcall('HMGET', key, 'state', 'token', 'attempts', 'route', 'limit_key', 'limit_concurrency',
-      'limit_interval', 'limit_burst')
-    if f.err then
+    -- pcall: an error (WRONGTYPE) means the key is not a hash; no field at all is no key
+    -- (a stale entry), a hash without the fields is quarantined below.
+    -- The whole record is read once: a claim returns it (try() patches what it sets).
+    local flat = redis.pcall('HGETALL', key)
+    if flat.err then
       foreign[#foreign + 1] = key
-    elseif (f[1] or f[2] or f[3] or f[4]) or redis.call('EXISTS', key) == 1 then
+    elseif #flat > 0 then
+      local f, at = {flat = flat}, {}
+      for i = 1, #flat, 2 do
+        local name = flat[i]
+        local slot = CLAIM_FIELDS[name]
+        if slot then f[slot] = flat[i + 1] end
+        at[name] = i + 1
+      end
+      f.at = at
       local token, attempts = tonumber(f[2] or '0'), tonumber(f[3] or '0')
       if f[1] == 'pending' and token and attempts then
         f[2], f[3] = token, attempts
@@ -158,7 +184,10 @@ local function claim(KEYS, ARGV)
       local extra = 0
       if a_skip + b_skip > 0 then extra = 16 end
       local page = int(room - #out + extra)
-      local a = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'WITHSCORES', 'LIMIT', a_skip, page)
+      -- Scores only to merge with a second zset (Redis formats each with '%.17g', Lua reads it back).
+      local a, step = nil, 2
+      if b_key then a = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'WITHSCORES', 'LIMIT', a_skip, page)
+      else a, step = redis.call('ZRANGEBYSCORE', a_key, '-inf', now, 'LIMIT', a_skip, page), 1 end
       local b = {}
       if b_key then b = redis.call('ZRANGEBYSCORE', b_key, '-inf', now, 'WITHSCORES', 'LIMIT', b_skip, page) end
       if #a == 0 and #b == 0 then break end
@@ -179,7 +208,7 @@ local function claim(KEYS, ARGV)
         if from_a then
           seen = visit(a[i], a_key)
           if seen == 'skipped' then a_skip = a_skip + 1 end
-          i = i + 2
+          i = i + step
         else
           seen = visit(b[j], b_key)
           if seen == 'skipped' then b_skip = b_skip + 1 end

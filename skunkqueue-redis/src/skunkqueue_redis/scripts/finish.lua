@@ -57,9 +57,10 @@ local function finish(KEYS, ARGV)
   redis.call('ZREM', KEYS[2], id)
   if f[1] == 'running' then
     -- The slot goes with the lease, in this step; a worker waiting on the key's or the route's
-    -- concurrency limit may claim now (a route without limits pays the HEXISTS).
+    -- concurrency limit may claim now (a route without limits pays the settings' HMGET, which
+    -- finish_and_claim's claim reuses).
     slot_free(f[12], id)
-    if state ~= 'pending' and (f[12] or redis.call('HEXISTS', SETTINGS, LIMIT_SETTING .. route) == 1) then
+    if state ~= 'pending' and (f[12] or flow_settings(route)[2]) then
       wake(notify_key(route, nil), 1)
     end
   end
@@ -72,9 +73,8 @@ local function finish(KEYS, ARGV)
   end
   if attempts then set[#set + 1] = 'attempts'; set[#set + 1] = attempts end
   if err then set[#set + 1] = 'error'; set[#set + 1] = err else drop[#drop + 1] = 'error' end
-  local done = DONE .. id
-  redis.call('DEL', done)
   if state == 'pending' then
+    redis.call('DEL', DONE .. id)  -- a stale token (signal_done keeps one token when it ends)
     due = due and fmt(tonumber(due) + moved) or fmt(now)
     set[#set + 1] = 'due'; set[#set + 1] = due
     drop[#drop + 1] = 'result'; drop[#drop + 1] = 'finished'

@@ -4,9 +4,7 @@
 -- Returns {finish's result, claim's result}.
 local function finish_and_claim(KEYS, ARGV)
   local n = tonumber(ARGV[1])
-  local fa, ca = {}, {}
-  for i = 2, n + 1 do fa[#fa + 1] = ARGV[i] end
-  for i = n + 2, #ARGV do ca[#ca + 1] = ARGV[i] end
+  local fa, ca = {unpack(ARGV, 2, n + 1)}, {unpack(ARGV, n + 2)}
   local applied = finish({KEYS[1], KEYS[2], KEYS[3]}, fa)
   return {applied, claim({KEYS[4], KEYS[5], KEYS[6], KEYS[7]}, ca)}
 end
