@@ -30,7 +30,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import ROOT, BenchError, Sizes, children_of, percentile, rss_mb, stop_process, wait_until
+from benchmarks.common import (
+    ROOT,
+    BenchError,
+    Sizes,
+    children_of,
+    compile_sources,
+    percentile,
+    rss_mb,
+    stop_process,
+    wait_until,
+)
 from benchmarks.peer_systems import DEFAULT, DEFAULT_POSTGRES, PEERS, Peer
 
 # (key, label, format, higher is better)
@@ -315,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="where to write the figures")
     args = parser.parse_args(argv)
     sizes = Sizes(fire=500, latency=50) if args.quick else Sizes()
+    compile_sources()
     sizes.fire = args.fire or sizes.fire
     sizes.latency = args.latency or sizes.latency
     rounds = rounds_from(args)

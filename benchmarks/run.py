@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import async_rows, fdb_contention, flow_rows, huey_bench, peers, skunk, workflow_rows
-from benchmarks.common import Result, Sizes
+from benchmarks.common import Result, Sizes, compile_sources
 from benchmarks.servers import MongoServer, PostgresServer, RedisServer, Server
 from skunkqueue import backends as registry
 
@@ -254,6 +254,7 @@ def _format_target(row: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = sizes_from(args)
+    compile_sources()
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in BACKENDS]
     if unknown:

@@ -355,6 +355,119 @@ def test_wait_on_a_finished_job_reads_it_once(url: str, queue_name: str, round_t
         queue.close()
 
 
+@pytest.fixture
+def sent_by(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Requests written to any Redis connection (a pipeline is one write), by thread id."""
+    sent: dict[int, int] = {}
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent[threading.get_ident()] = sent.get(threading.get_ident(), 0) + 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+class _Counted(threading.Thread):
+    """A thread that runs ``target`` and keeps its return value."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.call, self.value = target, None
+
+    def run(self) -> None:
+        self.value = self.call()
+
+    def until_blocked(self, raw: redis.Redis) -> None:
+        deadline = time.monotonic() + 10
+        while not int(raw.info("clients")["blocked_clients"]):
+            assert time.monotonic() < deadline, "the waiter never blocked on the server"
+            time.sleep(0.005)
+
+
+def test_a_wait_reads_the_record_in_the_round_trip_that_hears_the_finish(
+        url: str, raw: redis.Redis, queue_name: str, sent_by: dict[int, int]) -> None:
+    # Issue 28's latency path: the BLMOVE on the done list and the HGETALL go in one write, so the
+    # waiter's look after the finish costs no round trip of its own (one to look, one to wait-and-read).
+    queue = SkunkQueue(queue_name, backend="redis", conn_url=url, dbname="5")
+    try:
+        add = Job(queue, jobs.add.func, ["r"])
+        handle = add.fire(1, 2)
+        [claimed] = queue.persistence.claim("r", "w", 10)
+
+        def wait() -> tuple[Any, int]:
+            queue.persistence.wait_finished(claimed.id, 0.05)  # connects (not counted)
+            before = sent_by[threading.get_ident()]
+            return handle.wait(timeout=20), sent_by[threading.get_ident()] - before
+
+        waiter = _Counted(wait)
+        waiter.start()
+        time.sleep(0.1)
+        waiter.until_blocked(raw)
+        queue.persistence.finish(claimed.id, claimed.token, policy.completed(b"3"))
+        waiter.join(20)
+        assert waiter.value == (3, 2)  # the first look, then the wait and the read together
+    finally:
+        queue.close()
+
+
+def test_a_wait_that_times_out_returns_the_unfinished_record(store: RedisPersistence, queue_name: str) -> None:
+    job = record(queue_name)
+    store.enqueue([job])
+    started = time.monotonic()
+    found = store.wait_finished(job.id, 0.3)
+    assert found is not None and found.state == PENDING
+    assert 0.25 < time.monotonic() - started < 3
+
+
+def test_a_wait_on_something_else_than_a_record_says_so(store: RedisPersistence, raw: redis.Redis,
+                                                        queue_name: str) -> None:
+    job = record(queue_name)
+    store.enqueue([job])
+    key = f"sq:{{{queue_name}}}:j:{job.id}"
+    threading.Timer(0.2, lambda: (raw.delete(key), raw.set(key, "not a hash"),
+                                  raw.rpush(f"sq:{{{queue_name}}}:done:{job.id}", "1"))).start()
+    with pytest.raises(MalformedRecord):
+        store.wait_finished(job.id, 5)
+    job2 = record(queue_name)  # the connection is still in step afterwards
+    store.enqueue([job2])
+    assert store.get(job2.id) is not None
+
+
+def test_an_idle_worker_claims_in_the_round_trip_that_wakes_it(store: RedisPersistence, url: str, raw: redis.Redis,
+                                                               queue_name: str, sent_by: dict[int, int]) -> None:
+    assert store.claims_on_wake
+    assert store.wait_and_claim("r", "w", 0.01, 0.0, 10) == []
+    store.client.ping()  # the pool's connection, which the waiter takes next, is made (not counted)
+    waiter = _Counted(lambda: store.wait_and_claim("r", "w", 5.0, 0.0, 10))
+    waiter.start()
+    waiter.until_blocked(raw)
+    job = record(queue_name)
+    with RedisPersistence(queue_name, url=url, db="5") as producer:
+        producer.enqueue([job])
+    waiter.join(10)
+    [claimed] = waiter.value or [None]
+    assert claimed is not None and claimed.id == job.id and claimed.state == RUNNING and claimed.token
+    assert sent_by[waiter.ident or 0] == 1  # the claim rode on the wake-up
+    fields = raw.hmget(f"sq:{{{queue_name}}}:j:{job.id}", "state", "owner", "attempts")
+    assert fields == [b"running", b"w", b"1"]
+
+
+def test_a_claim_on_wake_runs_when_the_wait_times_out_and_after_a_script_flush(
+        store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:
+    started = time.monotonic()
+    assert store.wait_and_claim("r", "w", 0.2, 0.0, 10) == []
+    assert 0.15 < time.monotonic() - started < 3
+    job = record(queue_name, due=time.time() + 0.3)  # falls due while the worker waits: no wake-up token
+    store.enqueue([job])
+    raw.script_flush()  # the claim after the wait finds no script: it is loaded and run, once
+    assert store.claim("r", "w", 10) == []
+    [claimed] = store.wait_and_claim("r", "w", 3.0, 0.0, 10)
+    assert claimed.id == job.id
+    assert raw.hget(f"sq:{{{queue_name}}}:j:{job.id}", "attempts") == b"1"
+
+
 def test_hot_paths_never_scan_the_keyspace(store: RedisPersistence, raw: redis.Redis, queue_name: str) -> None:
     raw.config_resetstat()
     store.enqueue([record(queue_name, f"route{i % 3}") for i in range(300)])

@@ -39,6 +39,7 @@ class AsyncWorker(Worker):
     # The loop claims for its free slots itself; a claim made while recording
     # one task's outcome would hold jobs no slot is free for.
     claims_on_finish = False
+    claims_on_wake = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

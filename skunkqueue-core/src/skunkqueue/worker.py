@@ -79,6 +79,7 @@ EXIT_UNREACHABLE = 3               # exit status: the backend could not be reach
 EXIT_RECYCLE = 4                   # exit status: done its --max-jobs/--max-memory-per-child share; replace it
 EXIT_DRAINED = 5                   # exit status (--burst): its route has no due job left
 _EXIT_FOR = {"recycle": EXIT_RECYCLE, "drained": EXIT_DRAINED}
+WAIT_ROUND = 1.0                   # longest wait for work (s) before the loop looks at its pipe again
 POOL_SILENT_PAUSE = 0.2            # seconds between looks at a silent pool before claiming again
 
 Prepared = tuple[Job, list[Any], dict[str, Any]]  # a job ready to run: its function and arguments
@@ -178,6 +179,7 @@ def interrupt_for(reason: channel.Reason, record: JobRecord) -> JobKilled:
 class Worker:
     #: Claim the next jobs in the round trip that records an outcome (see _finish).
     claims_on_finish = True
+    claims_on_wake = True  # see Persistence.wait_and_claim
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -335,6 +337,12 @@ class Worker:
     def _busy(self) -> bool:
         return self.current is not None
 
+    def _may_claim_after(self, seconds: float) -> bool:
+        """:meth:`may_claim` will still hold ``seconds`` from now, unless the pool speaks first."""
+        if self.config.pulse_fd is None:
+            return True
+        return time.monotonic() + seconds - self._last_pulse <= self.config.lease * 2 / 3
+
     def may_claim(self) -> bool:
         """False while the pool has been silent for two thirds of the lease.
 
@@ -378,7 +386,15 @@ class Worker:
                     self.stopping = "drained"  # no due job, none held back by a limit: --burst is done
                     break
                 if not self.held:
-                    backend.wait_for_work(self.config.route, self.id, 1.0, time.monotonic() - busy_at)
+                    idle = time.monotonic() - busy_at
+                    if self.claims_on_wake and backend.claims_on_wake and self._may_claim_after(WAIT_ROUND):
+                        # The claim rides on the wait: it runs in the store the moment the wait returns.
+                        # A stop meanwhile hands back what it took (the loop looks next, _skip_held).
+                        self._took(backend.wait_and_claim(self.config.route, self.id, WAIT_ROUND, idle,
+                                                          self.config.lease, self._claim_size()))
+                        self._found_nothing = not self.held
+                    else:
+                        backend.wait_for_work(self.config.route, self.id, WAIT_ROUND, idle)
                     continue
                 busy_at = time.monotonic()
                 self._take_up(self.held.pop(0))

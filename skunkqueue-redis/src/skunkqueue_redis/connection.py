@@ -282,14 +282,70 @@ class HotLine:
 
     def __init__(self, client: Any) -> None:
         # Only the sync single-server client: asyncio clients have their own path (aio.py).
+        self._client = client
         self._pool = client.connection_pool if isinstance(client, redis.Redis) else None
         self._conn: Any = None
         self._busy = threading.Lock()
 
     def run(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns."""
-        if self._pool is None or not self._busy.acquire(blocking=False):
+        conn = self._take()
+        if conn is None:
             return script(keys=keys, args=args)
+        try:
+            return self._evalsha(conn, script, keys, args)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            # Like a failed attempt of redis-py's retry loop (which would also send it
+            # again): the rest of the attempts, with back-off, on the pool's connections.
+            self._drop(conn)
+        finally:
+            self._busy.release()
+        return script(keys=keys, args=args)
+
+    def then(self, command: tuple[Any, ...], second: Script | tuple[Any, ...], keys: list[Any] | None = None,
+             args: list[Any] | None = None) -> tuple[Any, Any]:
+        """``command``'s reply and ``second``'s (a command, or a script with ``keys`` and ``args``),
+        both sent in one write: Redis runs ``second`` as soon as ``command`` returns, in the same
+        round trip even when ``command`` blocks (a client's next command waits for its blocked one).
+        On a connection of the pool, not the line: a blocking ``command`` would hold the line for
+        other threads' calls. The replies are raw (no response callbacks). A connection that fails
+        goes to redis-py's path, one command after the other, with its retries."""
+        if self._pool is None:
+            return self._client_then(command, second, keys, args)
+        later = ("EVALSHA", second.sha, len(keys or ()), *(keys or ()), *(args or ())) \
+            if isinstance(second, Script) else second
+        conn = self._pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands([command, later]))
+            try:
+                first = conn.read_response()
+            except BaseException:
+                conn.disconnect()  # the second reply is still on the way: this connection is out of step
+                raise
+            try:
+                return first, conn.read_response()
+            except NoScriptError:  # a restarted or flushed server: ``command`` ran; run the script alone
+                assert isinstance(second, Script)
+                return first, self._evalsha(conn, second, keys or [], args or [])
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            conn.disconnect()
+        finally:
+            self._pool.release(conn)
+        return self._client_then(command, second, keys, args)
+
+    def _client_then(self, command: tuple[Any, ...], second: Script | tuple[Any, ...], keys: list[Any] | None,
+                     args: list[Any] | None) -> tuple[Any, Any]:
+        # redis-py's path, one command after the other, with its retries (no line, or the line busy or broken).
+        client = self._client
+        first = client.execute_command(*command)
+        if isinstance(second, Script):
+            return first, second(keys=keys, args=args)
+        return first, client.execute_command(*second)
+
+    def _take(self) -> Any:
+        """The line's connection, locked for the caller (release ``_busy`` after); None if not free."""
+        if self._pool is None or not self._busy.acquire(blocking=False):
+            return None
         try:
             conn = self._conn
             if conn is None or conn.pid != os.getpid():  # new, or inherited through a fork
@@ -298,16 +354,14 @@ class HotLine:
                 # connection asks for the primary only in connect(); the send path's own
                 # implicit connect (redis-py 8) would go to its default, localhost:6379.
                 conn.connect()
-            try:
-                return self._evalsha(conn, script, keys, args)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                # Like a failed attempt of redis-py's retry loop (which would also send it
-                # again): the rest of the attempts, with back-off, on the pool's connections.
-                conn.disconnect()
-                self._conn = None
-        finally:
+            return conn
+        except BaseException:
             self._busy.release()
-        return script(keys=keys, args=args)
+            raise
+
+    def _drop(self, conn: Any) -> None:
+        conn.disconnect()
+        self._conn = None
 
     @staticmethod
     def _evalsha(conn: Any, script: Script, keys: list[Any], args: list[Any]) -> Any:

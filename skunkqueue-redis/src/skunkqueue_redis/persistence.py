@@ -88,6 +88,10 @@ class _Scripts:
             return self._loaded[name](keys=keys, args=argv, client=client)
         return self.line.run(self._loaded[name], keys, argv)
 
+    def after(self, command: tuple[Any, ...], name: str, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
+        """``command``'s reply and script ``name``'s, sent together (``HotLine.then``)."""
+        return self.line.then(command, self._loaded[name], keys, [*self._head, *map(_arg, args)])
+
 
 def _arg(value: Any) -> bytes:
     """One script argument as redis-py would send it (str, bytes, int; floats go through num())."""
@@ -106,6 +110,7 @@ class RedisPersistence(NativeAsync, Persistence):
     name = "redis"
     url_schemes = ("redis", "rediss", "unix", *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
     notifies = True
+    claims_on_wake = True
     max_payload = 512 * 1024 * 1024  # Redis' largest string
 
     def __init__(self, queue: str, *, url: str | None = None, db: str | None = None,
@@ -772,6 +777,32 @@ class RedisPersistence(NativeAsync, Persistence):
         if timeout < 0.001:
             return
         self.client.blpop([self.keys.notify(route), self.keys.notify(route, worker_id)], timeout=timeout)
+
+    @guarded
+    def wait_and_claim(self, route: str, worker_id: str, timeout: float, idle: float, lease: float,
+                       limit: int = 1) -> list[JobRecord]:
+        # BLPOP, then the claim script in the same write: Redis runs the claim as soon as the
+        # BLPOP returns (woken or timed out), and both replies come back in one round trip.
+        timeout = min(timeout, self._next_due.get(route, math.inf) - time.monotonic(), MAX_BLOCK)
+        keys, args = self._claim_call(route, worker_id, lease, limit)
+        if timeout < 0.001:
+            return self._claimed(route, self._script("claim", keys, args))
+        blpop = ("BLPOP", self.keys.notify(route), self.keys.notify(route, worker_id), timeout)
+        return self._claimed(route, self._script.after(blpop, "claim", keys, args)[1])
+
+    @guarded
+    def _wait_then_get(self, job_id: str, left: float | None, rounds: int) -> JobRecord | None:
+        # The BLMOVE on the done list, then the HGETALL in the same write: the record is read
+        # the moment the finish's token arrives, without a round trip of its own.
+        done, _, block, whence, where = self.done_wait(job_id, left)
+        blmove = ("BLMOVE", done, done, whence, where, block)
+        try:
+            _, flat = self._script.line.then(blmove, ("HGETALL", self.keys.job(job_id)))
+        except ResponseError as exc:  # WRONGTYPE: something else lives under the key
+            raise MalformedRecord(f"record {job_id!r} is not a hash: {exc}") from None
+        if isinstance(flat, list):  # RESP2's flat list, without redis-py's response callback
+            flat = dict(zip(flat[::2], flat[1::2]))
+        return decode_record(cast("dict[bytes, bytes]", flat), job_id) if flat else None
 
     @guarded
     def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:

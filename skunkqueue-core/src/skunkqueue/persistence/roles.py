@@ -84,6 +84,8 @@ class JobStore(Protocol):
     #: False when it polls, so that new work waits up to ``max_idle_poll``. Read by the
     #: conformance kit. A backend may set it per instance (e.g. change streams only on a replica set).
     notifies: bool = False
+    #: True when :meth:`wait_and_claim` sends the claim with the wait (one round trip): workers use it.
+    claims_on_wake: ClassVar[bool] = False
     #: Longest sleep of the default :meth:`wait_for_work`'s back-off, in seconds.
     max_idle_poll: ClassVar[float] = 0.2
     #: Flow control: True when :meth:`claim` hands out records by ``priority``; when it enforces
@@ -282,24 +284,42 @@ class JobStore(Protocol):
         """
         time.sleep(max(0.0, min(timeout, self.max_idle_poll, max(idle, 0.001))))
 
+    def wait_and_claim(self, route: str, worker_id: str, timeout: float, idle: float, lease: float,
+                       limit: int = 1) -> list[JobRecord]:
+        """:meth:`wait_for_work`, then :meth:`claim`: what a worker whose claim found nothing does next.
+
+        Workers call it only where the backend sets ``claims_on_wake`` (and
+        nothing in between would stop them claiming): a store that can send
+        the claim with its wait, to run the moment the wait returns, saves a
+        round trip on every idle job's path. The default makes the two calls.
+        """
+        self.wait_for_work(route, worker_id, timeout, idle)
+        return self.claim(route, worker_id, lease, limit)
+
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Block until the record is finished or ``timeout`` passes; return it.
 
         Looks with :meth:`get` and, between looks, waits in
-        :meth:`_wait_for_finish` (a store that can be woken overrides only that).
+        :meth:`_wait_for_finish` (a store that can be woken overrides only that,
+        or :meth:`_wait_then_get` to wait and look again in one round trip).
         Returns the last record seen (possibly unfinished) or None if missing.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         rounds = 0
+        record = self.get(job_id)
         while True:
-            record = self.get(job_id)
             if record is None or record.finished_state:
                 return record
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return record
-            self._wait_for_finish(job_id, left, rounds)
+            record = self._wait_then_get(job_id, left, rounds)
             rounds += 1
+
+    def _wait_then_get(self, job_id: str, left: float | None, rounds: int) -> JobRecord | None:
+        """:meth:`_wait_for_finish`, then :meth:`get` the record again."""
+        self._wait_for_finish(job_id, left, rounds)
+        return self.get(job_id)
 
     def _wait_for_finish(self, job_id: str, left: float | None, rounds: int) -> None:
         """Pause between two looks at an unfinished record; ``left``: seconds until the caller's deadline.
