@@ -425,19 +425,32 @@ def route_flow(store: Persistence, route: str) -> tuple[bool, RouteLimit | None]
         store.get_setting(limit_setting(route)))
 
 
-def burst_waits(store: Persistence, route: str) -> bool:
+def burst_waits(store: Persistence, route: str, worker_id: str) -> bool:
     """Whether a ``--burst`` worker whose claim found nothing should wait instead of exiting.
 
-    It waits while due jobs of the route are held back by a concurrency or rate
-    limit: a finish or the passing of time makes them claimable, so "nothing is
-    due" is not true yet. A paused route's jobs wait on an operator, and jobs due
-    later on their time: neither keeps a burst run alive.
+    It waits while the route has a due, pending record it may claim. Most are
+    held back by a concurrency or rate limit: a finish or the passing of time
+    makes them claimable, so "nothing is due" is not true yet. The others were
+    passed over by a claim that is a moment old by now: a rate's time came
+    since, or a PostgreSQL claim skipped a key whose lock another claim held
+    while that claim still counted a slot that a finish has freed since. Those
+    are claimable now; counting only what a limit holds back
+    (:meth:`Persistence.flow_waiting`), two workers of one pool once both took
+    such an empty claim for the end and the pool exited with the job pending.
+    A paused route's jobs wait on an operator, and jobs due later on their
+    time: neither keeps a burst run alive.
     """
     if not store.supports_limits:
-        return False
+        return False  # nothing is held back, so an empty claim means nothing is due
     if store.supports_pause and route_flow(store, route)[0]:
         return False
-    return store.flow_waiting(route) > 0
+    now = store.now()
+    for record in store.list_jobs(route=route, state=PENDING, limit=FLOW_SCAN):  # by due
+        if record.due > now:
+            return False
+        if record.target is None or record.target == worker_id:
+            return True
+    return False
 
 
 # -- what the monitor and ``skunq limits`` show ------------------------------------------
