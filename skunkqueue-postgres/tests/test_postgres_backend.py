@@ -439,3 +439,54 @@ def test_a_commit_applied_whose_answer_is_lost_keeps_row_and_job_together(
     finally:
         app.join(5)
         queue.close()
+
+
+# -- flow control: what the kit's burst test can only meet by chance ------------------------
+
+
+def test_burst_waits_while_another_claim_decides_on_the_key(postgres: Any, opened: Callable[..., Any],
+                                                            queue_name: str, tmp_path: Path) -> None:
+    """A claim that finds a key's lock taken (another claim is deciding on that key) skips the
+    key's jobs for BUSY_KEY_PAUSE rather than wait inside its transaction. The job is due and
+    free all along, so flow_waiting does not count it: a ``--burst`` worker must not take the
+    empty claim for "nothing due" and exit. In the kit's burst test two workers of one pool meet
+    this way under load (one finishing k1 and claiming, the other woken by that finish, still
+    counting k1 as running while it holds the key's lock), and the pool exited with k2 pending."""
+    from skunkqueue_postgres.persistence import FLOW_LOCK
+
+    from skunkqueue.flow import Limit
+
+    backend = BackendUnderTest(name="postgres", url=postgres.url)
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=postgres.url)
+    store = opened(queue_name, postgres.url)
+    add = queue.event(routes=["r"], limit=Limit(concurrency=1))(jobs.add.func)
+    handle = add.fire(1, 2)
+    record = store.get(handle.id)
+    assert record is not None and record.limit_key is not None
+    lock = (FLOW_LOCK, "\n".join((store.schema, queue_name, "k", record.limit_key)))
+    pool = None
+    try:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            # Held as a deciding claim holds it (the same lock, taken for longer).
+            conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
+            pool = PoolProcess(backend, queue_name, ["r"], extra=["--burst"], log_path=tmp_path / "pool.log")
+            # Its worker registers, then claims: a worker that exits on the empty claim does so
+            # well within 2 s of registering (unfixed, it did at once).
+            started = time.monotonic()
+            while pool.process.poll() is None and not store.workers() and time.monotonic() - started < 30:
+                time.sleep(0.05)
+            assert store.workers() or pool.process.poll() is not None, "the pool's worker never registered"
+            deadline = time.monotonic() + 2.0
+            while pool.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pool.process.poll() is None, f"--burst exited with a due job on a busy key: {pool.log()}"
+            conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+        assert pool.wait(60) == 0, pool.log()
+        assert "no due job left" in pool.log()
+        assert handle.wait(timeout=5) == 3
+        done = store.get(handle.id)
+        assert done is not None and (done.state, done.attempts) == (COMPLETE, 1)
+    finally:
+        if pool is not None:
+            pool.stop()
+        queue.close()

@@ -89,7 +89,7 @@ class AsyncWorker(Worker):
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))
                     if self.config.burst and not self.held and not self._tasks \
-                            and not flow.burst_waits(backend, self.config.route):
+                            and not flow.burst_waits(backend, self.config.route, self.id):
                         self.stopping = "drained"  # nothing due or held back by a limit, none running: --burst is done
                         break
                 took_up = False

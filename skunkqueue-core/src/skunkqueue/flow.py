@@ -218,6 +218,90 @@ def gcra(tat: float | None, now: float, interval: float, burst: int) -> tuple[bo
     return True, at + interval
 
 
+# What Admission.admit decides for one record.
+TAKE, SKIP, STOP = "take", "skip", "stop"
+
+
+class Admission:
+    """One claim's flow-control decisions, in claim order: the rule of the Persistence docstring,
+    once for every backend whose claim runs in Python (SQLite, PostgreSQL, FDB).
+
+    The backend reads its store; this decides. ``read_time(name)`` returns a stored GCRA time
+    (:func:`key_tat`/:func:`route_tat` names; called at most once per name and claim).
+    :meth:`admit` is asked about each candidate record in claim order, with ``key_full(key, cap)``
+    telling whether the key's live leases (those this claim took included) fill its ``cap`` (None:
+    no concurrency limit; it is asked anyway, before the key's rate, so that a store may take the
+    key's lock there): None if a slot is free, else when the first lease runs out (0: not known). It answers
+    :data:`TAKE` (the rates are charged), :data:`SKIP` (a limit of the record's key stops it: the
+    claim goes on behind it) or :data:`STOP` (the route's rate: the claim ends). The new times
+    are in :attr:`changed`, to be written in the claim's atomic step (see :meth:`to_write`);
+    :attr:`held_back` and :attr:`wake` say whether a limit left records behind and when the
+    first of them may be claimable.
+    """
+
+    def __init__(self, now: float, route: str, route_limit: RouteLimit | None,
+                 read_time: Callable[[str], float | None]) -> None:
+        self.now = now
+        self.route_limit = route_limit
+        self.route_name = route_tat(route)
+        self._read_time = read_time
+        self.times: dict[str, float | None] = {}  # read or set in this claim
+        self.changed: dict[str, float] = {}  # set in this claim
+        self.blocked: set[str] = set()  # keys a limit stopped in this claim
+        self.held_back = False
+        self.wake: float | None = None
+
+    def known(self, name: str, tat: float | None) -> None:
+        """A stored time the backend read with another statement (no separate read then)."""
+        self.times.setdefault(name, tat)
+
+    def stored_time(self, name: str) -> float | None:
+        if name not in self.times:
+            self.times[name] = self._read_time(name)
+        return self.times[name]
+
+    def hold(self, at: float | None) -> None:
+        """Records are left behind; one may become claimable at ``at`` (None or 0: not known)."""
+        self.held_back = True
+        if at is not None and at > 0:
+            self.wake = at if self.wake is None else min(self.wake, at)
+
+    def admit(self, key: str | None, concurrency: int | None, interval: float | None, burst: int | None,
+              key_full: Callable[[str, int | None], float | None]) -> str:
+        """TAKE, SKIP or STOP for one record with these limit fields (see the class)."""
+        key_time = None
+        if key is not None:
+            if key in self.blocked:
+                return SKIP
+            free_at = key_full(key, concurrency)
+            if free_at is None and interval:
+                ok, key_time = gcra(self.stored_time(key_tat(key)), self.now, interval, burst or 1)
+                free_at = None if ok else key_time
+            if free_at is not None:
+                self.blocked.add(key)
+                self.hold(free_at)
+                return SKIP
+        limit = self.route_limit
+        if limit is not None and limit.interval is not None:
+            ok, route_time = gcra(self.stored_time(self.route_name), self.now, limit.interval, limit.burst)
+            if not ok:
+                self.hold(route_time)
+                return STOP
+            self.times[self.route_name] = self.changed[self.route_name] = route_time
+        if key is not None and key_time is not None:
+            name = key_tat(key)
+            self.times[name] = self.changed[name] = key_time
+        return TAKE
+
+    def to_write(self, horizon: float) -> list[tuple[str, float]]:
+        """The changed times to store, leaving out those not after ``horizon``: a time no later
+        claim's now can precede. A time in the past means what no time means (:func:`gcra`), so
+        such a write changes no later decision: with a rate far from reached (its interval
+        shorter than the claim), a store whose claims run one at a time on one clock (SQLite,
+        ``horizon`` read at the claim's end) skips it; others pass the claim's now."""
+        return [(name, at) for name, at in self.changed.items() if at > horizon]
+
+
 @dataclass(frozen=True)
 class RouteLimit:
     """A route's own limits (``queue.limit``), over every job of the route."""
@@ -341,19 +425,32 @@ def route_flow(store: Persistence, route: str) -> tuple[bool, RouteLimit | None]
         store.get_setting(limit_setting(route)))
 
 
-def burst_waits(store: Persistence, route: str) -> bool:
+def burst_waits(store: Persistence, route: str, worker_id: str) -> bool:
     """Whether a ``--burst`` worker whose claim found nothing should wait instead of exiting.
 
-    It waits while due jobs of the route are held back by a concurrency or rate
-    limit: a finish or the passing of time makes them claimable, so "nothing is
-    due" is not true yet. A paused route's jobs wait on an operator, and jobs due
-    later on their time: neither keeps a burst run alive.
+    It waits while the route has a due, pending record it may claim. Most are
+    held back by a concurrency or rate limit: a finish or the passing of time
+    makes them claimable, so "nothing is due" is not true yet. The others were
+    passed over by a claim that is a moment old by now: a rate's time came
+    since, or a PostgreSQL claim skipped a key whose lock another claim held
+    while that claim still counted a slot that a finish has freed since. Those
+    are claimable now; counting only what a limit holds back
+    (:meth:`Persistence.flow_waiting`), two workers of one pool once both took
+    such an empty claim for the end and the pool exited with the job pending.
+    A paused route's jobs wait on an operator, and jobs due later on their
+    time: neither keeps a burst run alive.
     """
     if not store.supports_limits:
-        return False
+        return False  # nothing is held back, so an empty claim means nothing is due
     if store.supports_pause and route_flow(store, route)[0]:
         return False
-    return store.flow_waiting(route) > 0
+    now = store.now()
+    for record in store.list_jobs(route=route, state=PENDING, limit=FLOW_SCAN):  # by due
+        if record.due > now:
+            return False
+        if record.target is None or record.target == worker_id:
+            return True
+    return False
 
 
 # -- what the monitor and ``skunq limits`` show ------------------------------------------

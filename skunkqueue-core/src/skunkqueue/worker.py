@@ -382,7 +382,7 @@ class Worker:
                     self._took(backend.claim(self.config.route, self.id, self.config.lease,
                                              self._claim_size()))
                 self._found_nothing = False
-                if not self.held and self.config.burst and not flow.burst_waits(backend, self.config.route):
+                if not self.held and self.config.burst and not flow.burst_waits(backend, self.config.route, self.id):
                     self.stopping = "drained"  # no due job, none held back by a limit: --burst is done
                     break
                 if not self.held:

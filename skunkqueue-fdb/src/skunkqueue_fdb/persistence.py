@@ -911,13 +911,12 @@ class FDBPersistence(Persistence):
                 rest = [key for key in candidates if key not in picked]
                 candidates = [key for key in candidates if key in picked] + rest
             claimed: list[JobRecord] = []
-            blocked: set[str] = set()
-            held, wake = False, None
+            admission = flow.Admission(now, route, route_limit, lambda name: self._rate_time(tr, name))
             for looked, key in enumerate(itertools.chain(candidates, ordered), 1):
                 if len(claimed) >= room:
                     break
                 if looked - len(claimed) > flow.FLOW_SCAN:  # looked at past those taken
-                    held = True
+                    admission.hold(None)
                     break
                 index = self._pdue if self._pdue.contains(key) else self._due
                 job_id = index.unpack(key)[-1]
@@ -930,21 +929,20 @@ class FDBPersistence(Persistence):
                 except MalformedRecord as exc:
                     self._quarantine(tr, stored, route, str(exc))
                     continue
-                free_at = self._stopped_by_limit(tr, record, route_limit, blocked, now)
-                if free_at is not None:
-                    held = True
-                    at = abs(free_at)
-                    if at > 0:
-                        wake = at if wake is None else min(wake, at)
-                    if free_at < 0:
-                        break  # the route's own rate: the claim ends
+                decision = admission.admit(record.limit_key, record.limit_concurrency, record.limit_interval,
+                                           record.limit_burst, lambda key, cap: self._key_full(tr, key, cap, now))
+                if decision == flow.STOP:
+                    break  # the route's own rate: the claim ends
+                if decision == flow.SKIP:
                     continue
                 self._unindex(tr, stored)
                 record.claim_by(worker_id, now, lease)
                 self._write(tr, record)
                 claimed.append(record)
-            if held and len(claimed) < limit:
-                self._held_back[route] = wake
+            for name, at in admission.to_write(now):
+                tr[self._rate.pack((name,))] = fdb.tuple.pack((at,))
+            if admission.held_back and len(claimed) < limit:
+                self._held_back[route] = admission.wake
             else:
                 self._held_back.pop(route, None)
             return claimed, [[r.id, r.token] for r in claimed]
@@ -1048,34 +1046,12 @@ class FDBPersistence(Persistence):
         for _order, key in heapq.merge(*(stream(*s) for s in streams)):
             yield key
 
-    def _stopped_by_limit(self, tr: Any, record: JobRecord, route_limit: flow.RouteLimit | None,
-                          blocked: set[str], now: float) -> float | None:
-        """None if ``record`` may start now (its rates are charged); else when it may
-        (0: not known; negative: the route's rate stops the whole claim, at minus that time)."""
-        key, key_time = record.limit_key, None
-        if key is not None:
-            if key in blocked:
-                return 0.0
-            if record.limit_concurrency is not None:
-                live = self._live_slots(tr, self._kslot.range((key,)), now)
-                if len(live) >= record.limit_concurrency:
-                    blocked.add(key)
-                    return min(live)
-            if record.limit_interval:
-                ok, key_time = flow.gcra(self._rate_time(tr, flow.key_tat(key)), now, record.limit_interval,
-                                         record.limit_burst or 1)
-                if not ok:
-                    blocked.add(key)
-                    return key_time
-        if route_limit is not None and route_limit.interval is not None:
-            ok, route_time = flow.gcra(self._rate_time(tr, flow.route_tat(record.route)), now,
-                                       route_limit.interval, route_limit.burst)
-            if not ok:
-                return -route_time
-            tr[self._rate.pack((flow.route_tat(record.route),))] = fdb.tuple.pack((route_time,))
-        if key is not None and key_time is not None:
-            tr[self._rate.pack((flow.key_tat(key),))] = fdb.tuple.pack((key_time,))
-        return None
+    def _key_full(self, tr: Any, key: str, cap: int | None, now: float) -> float | None:
+        """None if the key has a free slot, else when its first live lease runs out."""
+        if cap is None:
+            return None
+        live = self._live_slots(tr, self._kslot.range((key,)), now)
+        return min(live) if len(live) >= cap else None
 
     def _rate_time(self, tr: Any, name: str) -> float | None:
         value = tr[self._rate.pack((name,))]

@@ -62,6 +62,7 @@ have stored some of them; it raises either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -69,7 +70,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Generator, Mapping, Sequence, TypeVar
 
 from bson.timestamp import Timestamp
 from pymongo import ASCENDING, DESCENDING, IndexModel, MongoClient, ReturnDocument, UpdateOne
@@ -822,18 +823,27 @@ class MongoPersistence(NativeAsync, Persistence):
         self._quarantine(head["_id"], f"cannot be claimed: {self._scrub(exc)}", only_if={"$or": [
             {name: {"$exists": True, "$not": {"$type": "number"}}} for name in ("token", "attempts")]})
 
-    def _live(self, query: dict[str, Any]) -> list[dict[str, Any]]:
-        """Running records matching ``query`` whose lease is live by the server's clock."""
-        return self._call("count slots", lambda: list(self.jobs.find(
-            {"queue": self.queue, "state": RUNNING, **query, "$expr": {"$gt": ["$lease_until", NOW]}},
-            {"lease_until": 1, "flow_slot": 1, "route_slot": 1})))
+    def _live(self, query: dict[str, Any], field: str) -> tuple[list[dict[str, Any]], set[str]]:
+        """Running records matching ``query`` whose lease is live by the server's clock, and the
+        ``field`` slots that the others (their lease ran out) still hold."""
+        docs = self._call("count slots", lambda: list(self.jobs.find(
+            {"queue": self.queue, "state": RUNNING, **query},
+            {"lease_until": 1, field: 1, "live": {"$gt": ["$lease_until", NOW]}})))
+        live = [doc for doc in docs if doc.get("live") is True]
+        lapsed = {doc[field] for doc in docs if doc.get("live") is not True and isinstance(doc.get(field), str)}
+        return live, lapsed
 
-    def _free_slot(self, field: str, prefix: str, cap: int, live: list[dict[str, Any]]) -> str:
-        """A slot number below ``cap`` that no live record holds (a lapsed holder's is taken from it)."""
+    def _free_slot(self, field: str, prefix: str, cap: int, live: list[dict[str, Any]], lapsed: set[str],
+                   sweep: bool) -> str:
+        """A slot number below ``cap`` that no live record holds (a lapsed holder's is taken from
+        it: one more round trip, only when a lapsed running record holds it, or with ``sweep``, after
+        the slot's unique index refused a claim: any other record that may hold it)."""
         held = {doc.get(field) for doc in live}
         for n in range(cap):
             slot = f"{prefix}#{n}"
             if slot not in held:
+                if not sweep and slot not in lapsed:
+                    return slot
                 # A record whose lease ran out keeps the field until housekeeping hands it back:
                 # the slot is free now, so drop it there (only while that lease is still out), and
                 # mark the record slot_lost: its lease is gone for good (renew refuses it), or a
@@ -862,14 +872,14 @@ class MongoPersistence(NativeAsync, Persistence):
         fields = {"_id": 1, "limit_key": 1, "limit_concurrency": 1, "limit_interval": 1, "limit_burst": 1}
         # Read as far as needed: a batch at a time, FLOW_SCAN at most.
         scan = flow.FLOW_SCAN + limit  # FLOW_SCAN past those taken
-        cursor = self.jobs.find(query, fields, sort=self.CLAIM_ORDER, limit=scan, batch_size=limit + 16)
+        candidates = self._candidates(query, fields, limit + 16, scan)
         looked = 0
         # The store time this claim decides its rates on, from its first grant, and when that was
         # read on this host's monotonic clock (see _claim_one).
         moment: list[float] = []
-        with cursor:
+        with contextlib.closing(candidates):
             while len(claimed) < limit:
-                cand = self._call("claim", lambda: next(cursor, None), idempotent=False)
+                cand = next(candidates, None)
                 if cand is None:
                     if looked >= scan:
                         held = True  # records past the scan may be claimable: look again soon
@@ -894,6 +904,28 @@ class MongoPersistence(NativeAsync, Persistence):
             self._held_back.pop(route, None)
         return claimed
 
+    def _candidates(self, query: dict[str, Any], fields: dict[str, Any], first: int,
+                    scan: int) -> Generator[dict[str, Any], None, None]:
+        """Up to ``scan`` claimable records in claim order: ``first`` of them by one find that
+        leaves no cursor open (the common claim needs no more, and closing a cursor is one more
+        round trip), then, only if the claim looks further, the rest by a cursor."""
+        batch = self._call("claim", lambda: list(self.jobs.find(query, fields, sort=self.CLAIM_ORDER,
+                                                                limit=first)), idempotent=False)
+        yield from batch
+        if len(batch) < first:
+            return
+        seen = {doc["_id"] for doc in batch}  # those still pending come again: the order starts over
+        cursor = self.jobs.find(query, fields, sort=self.CLAIM_ORDER, limit=scan + len(batch), batch_size=first)
+        with cursor:
+            given = len(batch)
+            while given < scan:
+                cand = self._call("claim", lambda: next(cursor, None), idempotent=False)
+                if cand is None:
+                    return
+                if cand["_id"] not in seen:
+                    given += 1
+                    yield cand
+
     def _claim_one(self, route: str, worker_id: str, lease: float, cand: dict[str, Any], key: str | None,
                    route_limit: flow.RouteLimit | None, query: dict[str, Any],
                    moment: list[float]) -> tuple[JobRecord | None, bool, float | None]:
@@ -911,18 +943,20 @@ class MongoPersistence(NativeAsync, Persistence):
             moment.clear()  # a long claim: its later starts get a time of their own
         cap = cand.get("limit_concurrency") if key is not None else None
         interval = cand.get("limit_interval") if key is not None else None
+        sweep = False
         for _ in range(SLOT_TRIES):
             extra: dict[str, Any] = {}
             if route_limit is not None and route_limit.concurrency is not None:
-                live = self._live({"route": route})
+                live, lapsed = self._live({"route": route}, "route_slot")
                 if len(live) >= route_limit.concurrency:
                     return None, True, min(float(d["lease_until"]) for d in live)
-                extra["route_slot"] = self._free_slot("route_slot", route, route_limit.concurrency, live)
+                extra["route_slot"] = self._free_slot("route_slot", route, route_limit.concurrency, live, lapsed,
+                                                      sweep)
             if isinstance(cap, int):
-                live = self._live({"limit_key": key})
+                live, lapsed = self._live({"limit_key": key}, "flow_slot")
                 if len(live) >= cap:
                     return None, False, min(float(d["lease_until"]) for d in live)
-                extra["flow_slot"] = self._free_slot("flow_slot", str(key), cap, live)
+                extra["flow_slot"] = self._free_slot("flow_slot", str(key), cap, live, lapsed, sweep)
             grants: list[tuple[str, str]] = []
             charged = False
             if route_limit is not None and route_limit.interval is not None:
@@ -953,7 +987,8 @@ class MongoPersistence(NativeAsync, Persistence):
                     return_document=ReturnDocument.AFTER), idempotent=False)
             except DuplicateKeyError:
                 self._ungrant(grants)
-                continue  # another claim took that slot meanwhile: count again
+                sweep = True
+                continue  # another claim took that slot meanwhile (or a record left it): count again
             except OperationFailure as exc:
                 self._ungrant(grants)
                 if exc.code not in TYPE_MISMATCH:

@@ -808,53 +808,31 @@ class PostgresPersistence(Persistence):
                         self._held_back[route] = found["first"]
                         return []
             taken: list[str] = []
-            times: dict[str, float | None] = {}   # rate times read or set in this claim
             slots: dict[str, int] = {}            # live leases per key, this claim's included
-            blocked: set[str] = set()
-            wake: float | None = None
-            held_back = False
+            admission = flow.Admission(now, route, route_limit, lambda name: self._stored_time(conn, name))
             looked = 0
             for row in self._flow_candidates(conn, route, worker_id, now, limit + 8):
                 looked += 1
                 if looked > flow.FLOW_SCAN:
-                    held_back = True
+                    admission.hold(None)
                     break
                 key = row["limit_key"]
-                key_time = None
-                if key is not None:
-                    if key in blocked:
-                        continue
-                    free_at = self._key_blocked(conn, row, now, slots)
-                    if free_at is None and row["limit_interval"]:
-                        name = flow.key_tat(key)
-                        if name not in times:
-                            times[name] = self._stored_time(conn, name)
-                        ok, key_time = flow.gcra(times[name], now, float(row["limit_interval"]),
-                                                 int(row["limit_burst"] or 1))
-                        free_at = None if ok else key_time
-                    if free_at is not None:
-                        blocked.add(key)
-                        held_back = True
-                        wake = free_at if wake is None or (0 < free_at < wake) else wake
-                        continue
-                if route_limit is not None and route_limit.interval is not None:
-                    name = flow.route_tat(route)
-                    if name not in times:
-                        times[name] = self._stored_time(conn, name)
-                    ok, route_time = flow.gcra(times[name], now, route_limit.interval, route_limit.burst)
-                    if not ok:
-                        held_back = True
-                        wake = route_time if wake is None else min(wake, route_time)
-                        break
-                    times[name] = route_time
+                interval = row["limit_interval"]
+                decision = admission.admit(
+                    key, row["limit_concurrency"], None if interval is None else float(interval),
+                    None if row["limit_burst"] is None else int(row["limit_burst"]),
+                    lambda key, cap: self._key_blocked(conn, key, cap, now, slots))
+                if decision == flow.STOP:
+                    break
+                if decision == flow.SKIP:
+                    continue
                 if key is not None:
                     slots[key] = slots.get(key, 0) + 1
-                    if key_time is not None:
-                        times[flow.key_tat(key)] = key_time
                 taken.append(row["id"])
                 if len(taken) >= room:
                     break
-            written = [(name, at) for name, at in times.items() if at is not None and at > now]
+            # The claim's now is its transaction's start: a later claim may have started earlier.
+            written = admission.to_write(now)
             if written:
                 conn.execute(self._sql("rate times", """
                     INSERT INTO {flow_times} (queue, name, tat) SELECT %s, n, t FROM unnest(%s::text[], %s::float8[])
@@ -867,8 +845,8 @@ class PostgresPersistence(Persistence):
                 WHERE queue = %s AND id = ANY(%s) AND state = 'pending'
                 RETURNING {', '.join(FIELDS)}"""),
                 (worker_id, now, float(lease), now, self.queue, taken)).fetchall() if taken else []
-        if held_back and len(taken) < limit:
-            self._held_back[route] = wake
+        if admission.held_back and len(taken) < limit:
+            self._held_back[route] = admission.wake
         else:
             self._held_back.pop(route, None)
         return self._taken(conn, rows)
@@ -897,10 +875,9 @@ class PostgresPersistence(Persistence):
             found = conn.execute(level_sql, (self.queue, route, level)).fetchone()
             level = None if found is None else found["p"]
 
-    def _key_blocked(self, conn: psycopg.Connection[dict[str, Any]], row: dict[str, Any], now: float,
+    def _key_blocked(self, conn: psycopg.Connection[dict[str, Any]], key: str, cap: int | None, now: float,
                      slots: dict[str, int]) -> float | None:
-        """None if the row's key has a free slot (and this claim holds the key's lock); else when to look again."""
-        key = row["limit_key"]
+        """None if the key has a free slot (and this claim holds the key's lock); else when to look again."""
         if key not in slots:
             if not self._flow_lock(conn, "k", key, wait=False):
                 return now + BUSY_KEY_PAUSE  # another claim is deciding on this key right now
@@ -909,7 +886,7 @@ class PostgresPersistence(Persistence):
                 WHERE queue = %s AND limit_key = %s AND state = 'running' AND lease_until > %s"""),
                 (self.queue, key, now)).fetchone()
             slots[key] = 0 if found is None else int(found["n"])
-        if row["limit_concurrency"] is None or slots[key] < row["limit_concurrency"]:
+        if cap is None or slots[key] < cap:
             return None
         first = conn.execute(self._sql("key first end", """
             SELECT min(lease_until) AS first FROM {jobs}

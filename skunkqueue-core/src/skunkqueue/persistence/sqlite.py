@@ -696,11 +696,12 @@ class SQLitePersistence(Persistence):
         return found[1], found[2]
 
     def _candidates(self, conn: sqlite3.Connection, route: str, worker_id: str, now: float,
-                    page: int) -> Iterator[sqlite3.Row]:
+                    page: int, extra: str = "", extra_args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
         """Due pending rows of the route in claim order: priority descending, then due, then id.
 
         One priority at a time, each found with an index seek, so that records due later (a
-        priority's delayed ones) are never read.
+        priority's delayed ones) are never read. ``extra``: more columns of every page (scalar
+        subqueries, run once per statement), with their arguments.
         """
         base = "FROM jobs WHERE queue=? AND route=? AND state=?"
         top = f"(SELECT MAX(priority) {base})"
@@ -710,10 +711,11 @@ class SQLitePersistence(Persistence):
             while True:
                 # The first page names the top priority by a subquery: the common claim is one statement.
                 rows = conn.execute(
-                    f"SELECT * {base} AND priority={top if level is None else '?'} AND due<=? "
+                    f"SELECT *{extra} {base} AND priority={top if level is None else '?'} AND due<=? "
                     "AND (target IS NULL OR target=?)" + (" AND (due>? OR (due=? AND id>?))" if after else "")
                     + " ORDER BY due, id LIMIT ?",
-                    (self.queue, route, PENDING, *((self.queue, route, PENDING) if level is None else (level,)),
+                    (*extra_args, self.queue, route, PENDING,
+                     *((self.queue, route, PENDING) if level is None else (level,)),
                      now, worker_id, *after, page)).fetchall()
                 if level is None:
                     if not rows:
@@ -732,100 +734,88 @@ class SQLitePersistence(Persistence):
             if level is None:
                 return
 
-    def _rate_time(self, conn: sqlite3.Connection, name: str, times: dict[str, float | None]) -> float | None:
-        """A stored GCRA time, read once per claim (``times`` holds those read or set in it)."""
-        if name not in times:
-            row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
-            times[name] = None if row is None else float(row[0])
-        return times[name]
+    def _rate_time(self, conn: sqlite3.Connection, name: str) -> float | None:
+        row = conn.execute("SELECT tat FROM flow_times WHERE queue=? AND name=?", (self.queue, name)).fetchone()
+        return None if row is None else float(row[0])
 
     def _claim(self, conn: sqlite3.Connection, route: str, worker_id: str, lease: float,
                limit: int) -> list[JobRecord]:
-        # The flow rules are the Persistence docstring's; the common case (no limit anywhere)
-        # costs two index seeks more than a plain (due, id) read.
+        # The flow rules are flow.Admission's; the common case (no limit anywhere) costs two index
+        # seeks more than a plain (due, id) read, and a route limit a few columns of the first page.
         claimed: list[JobRecord] = []
         now = time.time()
         paused, route_limit = self._route_flow(route)
         if paused:
             self._held_back[route] = None
             return claimed
-        room = limit
-        times: dict[str, float | None] = {}  # GCRA times read or set by this claim, written once at its end
-        changed: set[str] = set()
+        admission = flow.Admission(now, route, route_limit, lambda name: self._rate_time(conn, name))
+        extra, extra_args = "", tuple[Any, ...]()
         if route_limit is not None:
-            # The route's live leases and its rate's time in one statement: a claim is a few of them.
-            running, first_end, tat = conn.execute(
-                "SELECT COUNT(*), MIN(lease_until), (SELECT tat FROM flow_times WHERE queue=? AND name=?) "
-                "FROM jobs WHERE queue=? AND route=? AND state=? AND lease_until>?",
-                (self.queue, flow.route_tat(route), self.queue, route, RUNNING, now)).fetchone()
-            times[flow.route_tat(route)] = None if tat is None else float(tat)
-            if route_limit.concurrency is not None:
-                room = min(room, route_limit.concurrency - running)
-                if room <= 0:
-                    self._held_back[route] = first_end
-                    return claimed
-        route_rate = route_limit.interval if route_limit is not None else None
-        blocked: set[str] = set()
-        wake: float | None = None  # the earliest time a skipped record may become claimable
-        held_back = False
-        for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8), 1):
+            # The route's live leases and its rate's time with the candidates, in the same statement.
+            extra = (", (SELECT COUNT(*) FROM jobs r WHERE r.queue=? AND r.route=? AND r.state=? "
+                     "AND r.lease_until>?) AS flow_route_running, "
+                     "(SELECT tat FROM flow_times WHERE queue=? AND name=?) AS flow_route_tat")
+            extra_args = (self.queue, route, RUNNING, now, self.queue, admission.route_name)
+        room = limit
+        rated = route_limit is not None and route_limit.interval is not None
+
+        def key_full(key: str, cap: int | None) -> float | None:
+            return self._key_blocked(conn, key, cap, now)
+
+        for looked, row in enumerate(self._candidates(conn, route, worker_id, now, limit + 8, extra, extra_args), 1):
+            if looked == 1 and route_limit is not None:
+                tat = row["flow_route_tat"]
+                admission.known(admission.route_name, None if tat is None else float(tat))
+                if route_limit.concurrency is not None:
+                    room = min(room, route_limit.concurrency - row["flow_route_running"])
+                    if room <= 0:
+                        admission.hold(self._first_lease_end(conn, route, now))
+                        break
             if looked > flow.FLOW_SCAN:
-                held_back = True
+                admission.hold(None)
                 break
             try:
                 record = _row_to_record(row)
             except MalformedRecord as exc:
                 self._quarantine(conn, row["id"], str(exc))
                 continue
-            key, key_time = record.limit_key, None
-            if key is not None:
-                if key in blocked:
-                    continue
-                free_at = self._key_blocked(conn, record, now)
-                if free_at is None and record.limit_interval:
-                    ok, key_time = flow.gcra(self._rate_time(conn, flow.key_tat(key), times), now,
-                                             record.limit_interval, record.limit_burst or 1)
-                    free_at = None if ok else key_time
-                if free_at is not None:
-                    blocked.add(key)
-                    held_back = True
-                    wake = free_at if wake is None or (0 < free_at < wake) else wake
-                    continue
-            if route_rate is not None and route_limit is not None:
-                ok, route_time = flow.gcra(self._rate_time(conn, flow.route_tat(route), times), now, route_rate,
-                                           route_limit.burst)
-                if not ok:
-                    held_back = True
-                    wake = route_time if wake is None else min(wake, route_time)
+            if record.limit_key is not None or rated:  # else nothing can stop it
+                decision = admission.admit(record.limit_key, record.limit_concurrency, record.limit_interval,
+                                           record.limit_burst, key_full)
+                if decision == flow.STOP:
                     break
-                times[flow.route_tat(route)] = route_time
-                changed.add(flow.route_tat(route))
-            if key_time is not None and key is not None:
-                times[flow.key_tat(key)] = key_time
-                changed.add(flow.key_tat(key))
+                if decision == flow.SKIP:
+                    continue
             record.claim_by(worker_id, now, lease)
             self._update(conn, record)
             claimed.append(record)
             if len(claimed) >= room:
                 break
-        if changed:
+        # Read last, under the write lock: every later claim's now comes after it.
+        written = admission.to_write(time.time()) if admission.changed else []
+        if written:
             conn.executemany("INSERT INTO flow_times (queue, name, tat) VALUES (?, ?, ?) "
                              "ON CONFLICT (queue, name) DO UPDATE SET tat=excluded.tat",
-                             [(self.queue, name, times[name]) for name in changed])
-        if held_back and len(claimed) < limit:
-            self._held_back[route] = wake
+                             [(self.queue, name, at) for name, at in written])
+        if admission.held_back and len(claimed) < limit:
+            self._held_back[route] = admission.wake
         else:
             self._held_back.pop(route, None)
         return claimed
 
-    def _key_blocked(self, conn: sqlite3.Connection, record: JobRecord, now: float) -> float | None:
-        """None if the record's key has a free slot; else when the first slot's lease runs out (0: unknown)."""
-        if record.limit_concurrency is None:
+    def _first_lease_end(self, conn: sqlite3.Connection, route: str, now: float) -> float | None:
+        (first,) = conn.execute("SELECT MIN(lease_until) FROM jobs WHERE queue=? AND route=? AND state=? "
+                                "AND lease_until>?", (self.queue, route, RUNNING, now)).fetchone()
+        return None if first is None else float(first)
+
+    def _key_blocked(self, conn: sqlite3.Connection, key: str, cap: int | None, now: float) -> float | None:
+        """None if the key has a free slot; else when the first slot's lease runs out (0: unknown)."""
+        if cap is None:
             return None
         running, first_end = conn.execute(
             "SELECT COUNT(*), MIN(lease_until) FROM jobs WHERE queue=? AND limit_key=? AND state=? "
-            "AND lease_until>?", (self.queue, record.limit_key, RUNNING, now)).fetchone()
-        if running < record.limit_concurrency:
+            "AND lease_until>?", (self.queue, key, RUNNING, now)).fetchone()
+        if running < cap:
             return None
         return float(first_end) if first_end is not None else 0.0
 

@@ -49,6 +49,7 @@ RATE = 20  # per second
 CLOCK_SKEW = 60.0  # seconds a pool's clock is ahead in the skewed-clock test
 SKEWED_JOBS = 30
 SKEWED_RATE = 10  # per second
+SKEWED_WAVES = 3  # waves of SKEWED_JOBS, until both pools have shown what they do
 
 
 def _needs(store: Persistence, capability: str) -> None:
@@ -422,6 +423,9 @@ class FlowControlSuite:
         ahead = PoolProcess(skewed(backend, CLOCK_SKEW, tmp_path / "skew"), queue_name, ["r"], concurrency=2,
                             log_path=tmp_path / "ahead.log")
         log = tmp_path / "stamps"
+        handles: list[Any] = []
+        mine: list[bool] = []  # in the order of the starts: whether the pool ahead made it
+        started: dict[str, tuple[float, int]] = {}  # name: (true time, pid) of each start
         try:
             if not has_clock:  # hosts' clocks time the leases and rates: the pool must refuse to start
                 assert ahead.wait(60) != 0, ahead.log()
@@ -430,30 +434,37 @@ class FlowControlSuite:
             ahead.wait_ready()
             ahead_pids = set(ahead.worker_pids())
             job = declare(queue, jobs.stamp, limit=Limit(rate=f"{SKEWED_RATE}/s"))
-            handles = job.fire_many([(str(log), "all", f"j{n}") for n in range(SKEWED_JOBS)])
-            for handle in handles:
-                assert handle.wait(timeout=60)
+            # Each pool's two workers race the other's for every start: about half each (6 to 23
+            # of 30 in 16 runs on Redis, MongoDB and PostgreSQL under load). But a pool a loaded
+            # machine leaves without CPU for the wave's 3 s may get 1 (so CI once), which shows
+            # nothing; another wave then gives it its chance. With the bucket on the claimer's
+            # clock the pool ahead takes every start after its first, however many waves (tried on
+            # MongoDB with the grant's $$NOW replaced by the claimer's clock: 90 of 90).
+            for _ in range(SKEWED_WAVES):
+                fired = len(handles)
+                handles += job.fire_many([(str(log), "all", f"j{n}") for n in range(fired, fired + SKEWED_JOBS)])
+                for handle in handles[fired:]:
+                    assert handle.wait(timeout=60)
+                started = {name: (at, pid) for what, name, at, pid in read_stamps(log) if what == "start"}
+                mine = [pid in ahead_pids for _, pid in sorted(started.values())]
+                if mine.count(True) >= 4 and mine[mine.index(True):].count(False) >= 4:
+                    break
         finally:
             ahead.stop()
         claimed = [record.started or 0.0 for record in (store.get(h.id) for h in handles) if record is not None]
-        started = {name: (at, pid) for what, name, at, pid in read_stamps(log) if what == "start"}
-        assert len(claimed) == len(started) == SKEWED_JOBS
+        assert len(claimed) == len(started) == len(handles)
         # The store's claim times: burst 1, so starts are 1/SKEWED_RATE apart at least.
         assert most_in_window(claimed, 1.0 - 1e-6) <= SKEWED_RATE
-        assert max(claimed) - min(claimed) >= (SKEWED_JOBS - 1) / SKEWED_RATE * 0.95, "faster than the rate"
+        assert max(claimed) - min(claimed) >= (len(handles) - 1) / SKEWED_RATE * 0.95, "faster than the rate"
         # The stamps, on the host's true clock whichever pool wrote them: the rate, allowing for the
         # spread of the lags between a claim and its start.
-        lags = [started[f"j{n}"][0] - claimed[n] for n in range(SKEWED_JOBS)]
+        lags = [started[f"j{n}"][0] - claimed[n] for n in range(len(handles))]
         spread = max(lags) - min(lags)
         assert most_in_window([at for at, _ in started.values()], 1.0) <= int(SKEWED_RATE * (1.0 + spread)) + 1
-        starts = sorted(started.values())
-        # Each pool's two workers race the other's for every start: about half each (30 and 28 of
-        # 60 on Redis and PostgreSQL). With the bucket on the claimer's clock, the pool ahead took
-        # all 30 (tried on Redis with the claim's now passed in from the client).
-        mine = [pid in ahead_pids for _, pid in starts]
-        assert mine.count(True) >= 4, f"the pool ahead started {mine.count(True)} jobs: the test shows little"
-        assert mine.count(False) >= 4 and not all(mine[mine.index(True):]), \
-            f"the pool on the right clock was locked out once the pool ahead started a job: {mine}"
+        shown = "".join("A" if by_ahead else "r" for by_ahead in mine)  # A: a start of the pool ahead
+        assert mine.count(True) >= 4, f"the pool ahead started {mine.count(True)} jobs in {len(handles)}: {shown}"
+        assert mine[mine.index(True):].count(False) >= 4, \
+            f"the pool on the right clock was locked out once the pool ahead started a job: {shown}"
 
     def test_higher_priority_runs_first(self, queue: SkunkQueue, store: Persistence, start_pool: Any,
                                         tmp_path: Path) -> None:

@@ -119,9 +119,9 @@ local function claim(KEYS, ARGV)
         stop = true  -- the route's own limit stops the claim
         return false
       end
-      set_rate_time('r:' .. route, at, nownum)
+      set_rate_time('r:' .. route, at)
     end
-    if key_time then set_rate_time('k:' .. limit_key, key_time, nownum) end
+    if key_time then set_rate_time('k:' .. limit_key, key_time) end
     local token, attempts = tonumber(f[2]), tonumber(f[3])
     local set = {'state', 'running', 'owner', worker, 'lease_until', until_,
       'token', int(token + 1), 'attempts', int(attempts + 1), 'started', now, 'kill_requested', '0'}
@@ -222,6 +222,7 @@ local function claim(KEYS, ARGV)
     if stop or #out >= room then break end
   end
 
+  write_rate_times()
   if #out > 0 and #out >= limit then return {out, now, foreign, now} end
   -- Short: when may the next record be claimable? Records due later, and (held) the time a
   -- skipped one may be; the skipped due ones themselves are no reason to look again at once.

@@ -230,11 +230,26 @@ local function gcra(tat, now, interval, burst)
   return true, at + interval
 end
 
-local function rate_time(name) return tonumber(redis.call('GET', RATES .. name) or '') end
+-- The times a claim set, written once at its end (write_rate_times).
+local rate_set = {}
 
--- A time in the past means what no time means, so the string may expire once it passed.
-local function set_rate_time(name, tat, now)
-  redis.call('SET', RATES .. name, fmt(tat), 'PX', int(math.floor((tat - now) * 1000) + 1000))
+local function rate_time(name) return rate_set[name] or tonumber(redis.call('GET', RATES .. name) or '') end
+
+local function set_rate_time(name, tat) rate_set[name] = tat end
+
+-- A time in the past means what no time means, so the string may expire once it passed, and a
+-- time already past when the claim ends need not be written at all: every later script reads TIME
+-- after this one ends, so it changes no decision (a rate far from reached, its interval shorter
+-- than the claim, costs no SET).
+local function write_rate_times()
+  if next(rate_set) == nil then return end
+  local t = redis.call('TIME')
+  local late = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  for name, tat in pairs(rate_set) do
+    if tat > late then
+      redis.call('SET', RATES .. name, fmt(tat), 'PX', int(math.floor((tat - late) * 1000) + 1000))
+    end
+  end
 end
 
 -- A route's flow settings {paused, limit} (nil: none), read once per script call: finish_and_claim's
@@ -247,6 +262,16 @@ local function flow_settings(route)
     route_settings[route] = setting
   end
   return setting
+end
+
+-- Whether the route's concurrency limit is reached by its live leases (this finish's record still
+-- among them): only then may a worker be waiting for the slot a finish frees. A rate alone, or
+-- a limit far from reached, wakes no one.
+local function route_full(route, now)
+  local limit = flow_settings(route)[2]
+  local cap = limit and tonumber(string.match(limit, '"concurrency":%s*(%d+)'))
+  if not cap then return false end
+  return redis.call('ZCOUNT', tally_key(route, 'running'), '(' .. fmt(now), '+inf') >= cap
 end
 
 -- A running record leaves its key's slots (finish, quarantine); the renew and the claim ZADD it.

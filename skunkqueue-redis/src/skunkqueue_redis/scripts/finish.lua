@@ -60,10 +60,10 @@ local function finish(KEYS, ARGV)
   redis.call('ZREM', KEYS[2], id)
   if f[1] == 'running' then
     -- The slot goes with the lease, in this step; a worker waiting on the key's or the route's
-    -- concurrency limit may claim now (a route without limits pays the settings' HMGET, which
-    -- finish_and_claim's claim reuses).
+    -- concurrency limit may claim now (route_full: a route without limits pays the settings'
+    -- HMGET, which finish_and_claim's claim reuses).
     slot_free(f[12], id)
-    if state ~= 'pending' and (f[12] or flow_settings(route)[2]) then
+    if state ~= 'pending' and (f[12] or route_full(route, now)) then
       wake(notify_key(route, nil), 1)
     end
   end
