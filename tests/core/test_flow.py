@@ -88,6 +88,28 @@ def test_fire_puts_the_limit_and_priority_in_the_record(tmp_path: Path) -> None:
     queue.close()
 
 
+@pytest.mark.parametrize(("text", "burst"), [
+    ("20/s", 1), ("100/s", 1), ("100/m", 1), ("5/10s", 1), ("300/s", 3), ("1000/s", 10), ("1000000/s", 10_000)])
+def test_a_rate_given_without_a_burst_may_start_10_ms_worth_at_once(text: str, burst: int) -> None:
+    assert flow.default_burst(flow.parse_rate(text)) == burst
+    route_limit = flow.make_route_limit(None, text, None)
+    assert route_limit is not None and route_limit.burst == burst
+    assert Limit(rate=text).fields("f", (), {})["limit_burst"] == burst
+    assert flow.make_route_limit(None, text, 2) == flow.RouteLimit(None, flow.parse_rate(text), 2)  # given: kept
+
+
+def test_one_claim_under_a_fast_route_rate_takes_the_default_burst_and_no_more(tmp_path: Path) -> None:
+    """A route rate of 1000/s must not turn a claim of 16 into a claim of 1 (it did with a burst of 1:
+    a limit set but never reached cost a prefetching worker most of its batching), nor let 16 through."""
+    queue = SkunkQueue("flow-burst", backend="sqlite", conn_url=str(tmp_path / "q.db"))
+    add = declare(queue, jobs.add, route="api")
+    add.fire_many([(n, n) for n in range(40)])
+    queue.limit("api", rate="1000/s")
+    claimed = queue.persistence.claim("api", "w", 30, 16)
+    assert len(claimed) == 10, f"{len(claimed)} claimed at once under 1000/s (default burst 10)"
+    queue.close()
+
+
 def test_skunq_pause_resume_limit_and_limits(tmp_path: Path) -> None:
     url = str(tmp_path / "q.db")
     queue = SkunkQueue("flow-cli", backend="sqlite", conn_url=url)

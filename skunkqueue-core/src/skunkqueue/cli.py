@@ -434,7 +434,8 @@ def resume_command(queue: str, route: str, backend: str | None, url: str | None,
 @click.option("-r", "--route", required=True, help="Route to limit.")
 @click.option("--concurrency", type=int, default=None, help="At most this many of its jobs running at once.")
 @click.option("--rate", default=None, help="At most this many starting per period, e.g. 50/s, 100/m.")
-@click.option("--burst", type=int, default=None, help="With --rate: this many may start at once (default 1).")
+@click.option("--burst", type=int, default=None,
+              help="With --rate: this many may start at once (default: 10 ms of the rate, at least 1).")
 @_store_options
 @_friendly
 def limit_command(queue: str, route: str, concurrency: int | None, rate: str | None, burst: int | None,

@@ -25,8 +25,10 @@ time per key): :func:`gcra` holds the rule, and each backend applies it on
 the store's clock in the claim's atomic step. With ``rate="N/P"`` and
 ``burst=B`` the starts in any window of ``W`` seconds are at most
 ``B + W * N / P`` (rounded down): ``B`` may start at once after a quiet
-spell, then one every ``P / N`` seconds. The default burst is 1, which spaces
-starts evenly.
+spell, then one every ``P / N`` seconds. The default burst is what the rate
+allows in 10 ms, at least 1 (:func:`default_burst`): rates up to 100/s space
+starts evenly, and a faster one lets one claim take several jobs at once,
+which keeps a worker's prefetch worth having under a high route rate.
 """
 
 from __future__ import annotations
@@ -113,6 +115,17 @@ class Rate:
         return f"{self.count}/{self.period:g}s"
 
 
+# A rate with no burst given may start this many seconds' worth at once: small enough that no
+# rate up to 100/s bunches (a partner API's "20/s" means spaced), large enough that a claim
+# under a high rate ("1000000/s", a limit set but never reached) still takes a prefetch's fill.
+DEFAULT_BURST_WINDOW = 0.01
+
+
+def default_burst(rate: Rate) -> int:
+    """The burst of a rate given without one: its starts in :data:`DEFAULT_BURST_WINDOW`, at least 1."""
+    return max(1, int(DEFAULT_BURST_WINDOW / rate.interval + 1e-9))
+
+
 def parse_rate(text: Any) -> Rate:
     """``"100/m"``, ``"50/s"``, ``"10/h"``, ``"1/d"``, ``"5/10s"``, or ConfigurationError in one line."""
     match = _RATE.match(text) if isinstance(text, str) else None
@@ -149,7 +162,7 @@ class Limit:
     keys share the limit. Without ``key`` the function has one limit.
     ``concurrency``: at most this many run at once. ``rate``: at most this
     many start per period (``"100/m"``), with ``burst`` starts at once after a
-    quiet spell (default 1). Give ``concurrency``, ``rate`` or both.
+    quiet spell (default: :func:`default_burst`, 1 for rates up to 100/s). Give ``concurrency``, ``rate`` or both.
     """
 
     def __init__(self, key: Callable[..., Any] | None = None, *, concurrency: int | None = None,
@@ -200,7 +213,7 @@ class Limit:
         """The record fields of one call."""
         return {"limit_key": self.key_for(function, args, kwargs), "limit_concurrency": self.concurrency,
                 "limit_interval": None if self.rate is None else self.rate.interval,
-                "limit_burst": None if self.rate is None else (self.burst or 1)}
+                "limit_burst": None if self.rate is None else (self.burst or default_burst(self.rate))}
 
 
 def gcra(tat: float | None, now: float, interval: float, burst: int) -> tuple[bool, float]:
@@ -375,7 +388,7 @@ def make_route_limit(concurrency: int | None, rate: str | None, burst: int | Non
         raise ConfigurationError("queue.limit(burst=...) only means something with a rate.")
     if count is None and parsed is None:
         return None
-    return RouteLimit(count, parsed, steps or 1)
+    return RouteLimit(count, parsed, steps or (default_burst(parsed) if parsed else 1))
 
 
 # -- what backends must declare before the core lets users rely on it ------------------

@@ -413,7 +413,8 @@ class SkunkQueue:
     def limit(self, route: str, *, concurrency: int | None = None, rate: str | None = None,
               burst: int | None = None) -> None:
         """Limit a whole route, for every pool on every host: at most ``concurrency`` of its jobs
-        running at once and ``rate`` (``"50/s"``) starting, with ``burst`` at once (default 1).
+        running at once and ``rate`` (``"50/s"``) starting, with ``burst`` at once (default:
+        what the rate allows in 10 ms, at least 1).
 
         Stored in the store; the claims obey it within a second. The arguments replace the route's
         limit; with neither ``concurrency`` nor ``rate`` the route has none any more.
