@@ -13,7 +13,7 @@ from pymongo import MongoClient
 from pymongo.client_session import ClientSession
 
 from skunkqueue import SkunkQueue, policy, serializer
-from skunkqueue.errors import ConfigurationError
+from skunkqueue.errors import ConfigurationError, RecordHeld
 from skunkqueue.record import COMPLETE
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
@@ -231,10 +231,22 @@ def test_a_parent_finishing_during_the_transaction_waits_for_it_then_counts_the_
     parent = add.fire(1, 1)
     [claimed] = queue.persistence.claim("r", "test-worker", 30)
     finished: list[float] = []
+    held: list[float] = []
 
     def finish() -> None:
         outcome = policy.completed(serializer.dumps(2, claimed.serializer))
-        assert queue.persistence.finish(parent.id, claimed.token, outcome)
+        give_up = time.monotonic() + 30
+        while True:
+            # A finish waits at most LOCK_WAIT_MS for a record an open transaction holds, then says
+            # RecordHeld (a BackendUnavailable); a worker tries its finish again, as here.
+            try:
+                recorded = queue.persistence.finish(parent.id, claimed.token, outcome)
+                break
+            except RecordHeld:
+                held.append(time.monotonic())
+                if held[-1] > give_up:
+                    raise
+        assert recorded
         finished.append(time.monotonic())
 
     worker = threading.Thread(target=finish)
