@@ -190,6 +190,20 @@ def test_records_round_trip_exactly(store: RedisPersistence, queue_name: str) ->
     assert done is not None and done.result == b"" and done.error is None and done.owner is None
 
 
+def test_an_enqueue_sent_again_leaves_a_claimed_record_alone(store: RedisPersistence, queue_name: str) -> None:
+    """A producer whose enqueue lost its reply (the connection reset after Redis ran it) sends the
+    batch again, and an idle worker's claim, riding on its wake-up, may already have taken the record.
+    Stored again, it was pending and claimable: a chaos run saw two workers run it at once."""
+    record, other = make_record(queue_name), make_record(queue_name)
+    store.enqueue([record])
+    [claimed] = store.claim("r", "w1", lease=10)
+    store.enqueue([record, other])
+    stored = store.get(record.id)
+    assert stored is not None and (stored.state, stored.token, stored.owner) == (RUNNING, claimed.token, "w1")
+    assert [r.id for r in store.claim("r", "w2", lease=10, limit=5)] == [other.id]
+    assert store.finish(record.id, claimed.token, policy.completed(b"1"))
+
+
 def test_claim_is_fifo_with_limit_and_merges_broadcasts(store: RedisPersistence, queue_name: str) -> None:
     base = time.time() - 100
     jobs = [record(queue_name, due=base + i, target="w1" if i % 3 == 0 else None) for i in range(30)]

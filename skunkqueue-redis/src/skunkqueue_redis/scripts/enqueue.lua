@@ -10,6 +10,8 @@
 -- and still names that key. Checking the record, not the string, keeps a
 -- purged or expired holder from blocking the key.
 -- A record with parents (a workflow step) waits for them: see release.lua (attach).
+-- A record whose id is stored already is left as it is: ids are new per fire, so that is the
+-- same batch sent again after a lost reply, and the first copy may be running.
 -- Returns {position, holder id, ...} for each record not stored because its
 -- key was held (positions from 1 in the batch); empty when every record was stored.
 local TIMES = {due = true, created = true, started = true, finished = true, lease_until = true}
@@ -76,9 +78,11 @@ local function enqueue(KEYS, ARGV)
     if holder and holder ~= f['id'] and redis.pcall('HGET', JOB .. holder, 'key') == f['key'] then
       held[#held + 1] = tostring(n)
       held[#held + 1] = holder
-    else
+    elseif redis.call('EXISTS', JOB .. f['id']) == 0 then
       store(f, fields, ttl, now, seen, woken, KEYS[3])
     end
+    -- else: this batch was sent again after its reply was lost (a reset connection; the client
+    -- resends), and a worker may already run the record: storing it again would make it pending.
   end
   for nkey, count in pairs(woken) do wake(nkey, count) end
   return held
