@@ -78,11 +78,14 @@ local function enqueue(KEYS, ARGV)
     if holder and holder ~= f['id'] and redis.pcall('HGET', JOB .. holder, 'key') == f['key'] then
       held[#held + 1] = tostring(n)
       held[#held + 1] = holder
-    elseif redis.call('EXISTS', JOB .. f['id']) == 0 then
+    elseif redis.call('HSETNX', JOB .. f['id'], 'id', f['id']) == 1 then
       store(f, fields, ttl, now, seen, woken, KEYS[3])
     end
     -- else: this batch was sent again after its reply was lost (a reset connection; the client
     -- resends), and a worker may already run the record: storing it again would make it pending.
+    -- The check is a write (HSETNX, not EXISTS): a script whose first command reads runs on a
+    -- demoted primary until its first write fails, and a Sentinel client then kept its stale
+    -- connection (test_a_paused_primary_that_comes_back_after_the_failover hung its producers).
   end
   for nkey, count in pairs(woken) do wake(nkey, count) end
   return held
