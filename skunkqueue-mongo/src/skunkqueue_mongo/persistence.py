@@ -519,10 +519,21 @@ class MongoPersistence(NativeAsync, Persistence):
         jobs = via.jobs
         docs = _docs(records, self._shift())
         holders = [record.id for record in records]
+        stored: set[int] = set()
+
+        def insert(index: int, doc: dict[str, Any]) -> None:
+            # Only if its _id is new: one stored already is the record sent again (the application
+            # ran its transaction again after a lost reply), maybe running now: left as it is. Not
+            # insert_one: its duplicate-key error would abort the application's transaction.
+            fields = {name: value for name, value in doc.items() if name != "_id"}
+            if jobs.update_one({"_id": doc["_id"]}, {"$setOnInsert": fields}, upsert=True,
+                               session=handle).upserted_id is not None:
+                stored.add(index)
+
         try:
             for index, doc in enumerate(docs):
                 if doc.get("key") is None:
-                    jobs.insert_one(doc, session=handle)
+                    insert(index, doc)
                     continue
                 holder = jobs.find_one({"queue": self.queue, "key": doc["key"]}, {"_id": 1, "expire_at": 1},
                                        session=handle)
@@ -531,9 +542,9 @@ class MongoPersistence(NativeAsync, Persistence):
                     continue
                 if holder is not None:  # past its expiry, waiting for the TTL monitor: the key is free
                     jobs.delete_one({"_id": holder["_id"], "key": doc["key"]}, session=handle)
-                jobs.insert_one(doc, session=handle)
-            for record, held_by in zip(records, holders):
-                if record.parents and held_by == record.id:
+                insert(index, doc)
+            for index, record in enumerate(records):
+                if record.parents and index in stored:
                     self._attach(record, via)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
