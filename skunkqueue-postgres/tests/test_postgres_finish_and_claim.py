@@ -138,9 +138,6 @@ def test_a_session_ended_during_the_commit_rolls_back_both(
     assert store.finish(first.id, held.token, policy.completed(b"1"))
 
 
-@pytest.mark.xfail(strict=True, reason="hostile11: a serialization failure of the flow claim, after the finish "
-                   "committed, makes _call repeat the finish, which its own token now fences off: the worker "
-                   "is told its finish was not recorded (logs 'lease lost') though it was")
 def test_a_retried_flow_claim_does_not_report_a_recorded_finish_as_refused(
         postgres: Any, opened: Callable[..., Any], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     store = opened(queue_name, postgres.url)
@@ -166,6 +163,35 @@ def test_a_retried_flow_claim_does_not_report_a_recorded_finish_as_refused(
     assert _state(store, first.id)[::3] == (COMPLETE, b"1")
     assert [r.id for r in claimed] == [keyed.id]
     assert recorded, "the finish was recorded by this very call, but reported refused"
+
+
+def test_a_connection_lost_in_the_flow_claim_keeps_the_committed_finish(
+        postgres: Any, opened: Callable[..., Any], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finish committed, then the session ends in the flow claim's own transaction: the caller
+    hears that its finish was recorded and that it claimed nothing (the job stays pending), rather
+    than an error that makes the worker finish again, be fenced off and log a lost lease."""
+    store = opened(queue_name, postgres.url)
+    first = make_record(queue_name)
+    keyed = make_record(queue_name, due=time.time() + 0.001, limit_key="k", limit_concurrency=1)
+    store.enqueue([first])
+    store.enqueue([keyed])
+    (held,) = store.claim("r", "w1", 30)
+    time.sleep(0.01)
+    pid = _backend_pid(store)
+    real_flow = store._claim_flow
+
+    def cut_then_claim(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(postgres.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return real_flow(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_claim_flow", cut_then_claim)
+    recorded, claimed = store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
+    monkeypatch.undo()
+    assert (recorded, claimed) == (True, [])
+    assert _state(store, first.id)[::3] == (COMPLETE, b"1")
+    assert _state(store, keyed.id)[:2] == (PENDING, None)
+    assert [r.id for r in store.claim("r", "w1", 30)] == [keyed.id]
 
 
 # -- flow control: the claim after the commit ------------------------------------------------

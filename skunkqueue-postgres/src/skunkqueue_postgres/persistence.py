@@ -1023,15 +1023,27 @@ class PostgresPersistence(Persistence):
         # back both, and a deadlock or serialization failure retried by _call repeats both from the start.
         # A claim flow control must decide (a pause, a route or key limit in the way) runs as before: in a
         # transaction of its own once the finish, and the slot it frees, are committed and seen by all.
-        def both(conn: psycopg.Connection[dict[str, Any]]) -> tuple[bool, list[JobRecord]]:
-            with conn.transaction():
-                recorded = self._finish(conn, job_id, token, outcome, RUNNING)
-                claimed = self._claim(conn, route, worker_id, lease, limit, flow=False)
-            if claimed is None:
-                claimed = self._claim(conn, route, worker_id, lease, limit)
-            return recorded, claimed
+        # Once the first transaction committed, the finish stands: a retry (a serialization failure of
+        # the flow claim) repeats the claim only -- run again, the finish would be fenced off by its own
+        # token and reported refused -- and a connection lost in the flow claim loses only that claim.
+        committed: list[bool] = []
 
-        return self._call("finish and claim", both, idempotent=False)
+        def both(conn: psycopg.Connection[dict[str, Any]]) -> tuple[bool, list[JobRecord]]:
+            if not committed:
+                with conn.transaction():
+                    recorded = self._finish(conn, job_id, token, outcome, RUNNING)
+                    claimed = self._claim(conn, route, worker_id, lease, limit, flow=False)
+                if claimed is not None:
+                    return recorded, claimed
+                committed.append(recorded)
+            return committed[0], self._claim(conn, route, worker_id, lease, limit)
+
+        try:
+            return self._call("finish and claim", both, idempotent=False)
+        except BackendUnavailable:
+            if not committed:
+                raise
+            return committed[0], []
 
     # -- workflows (see the Persistence docstring) ---------------------------------------
     #
