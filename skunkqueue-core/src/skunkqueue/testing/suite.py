@@ -185,6 +185,62 @@ class ProtocolSuite(KitFixtures):
         assert store.counts() == {("r", COMPLETE): len(ours), ("r", RUNNING): 3, ("r", PENDING): 3}
         assert {r.id for r in store.claim("r", "w3", 30, limit=10)}.isdisjoint(ours)
 
+    def test_a_large_batch_sent_again_with_half_applied_stores_only_the_rest(self, store: Persistence,
+                                                                            queue_name: str) -> None:
+        """``fire_many`` of 1,000 whose first send applied half (its reply lost): sent again whole, the
+        half stored stays as workers have it (running, finished) and the other half is stored once."""
+        keyed = store.supports_keys
+        records = [make_record(queue_name, key=f"half-{i}" if keyed and i % 2 else None) for i in range(1000)]
+        send = store.enqueue_keyed if keyed else store.enqueue
+        send(records[:500])
+        ours = {r.id: r for r in store.claim("r", "w1", 30, limit=100)}
+        assert len(ours) == 100 and set(ours) <= {r.id for r in records[:500]}
+        finished = sorted(ours)[:50]
+        for job_id in finished:
+            assert store.finish(job_id, ours[job_id].token, policy.completed(b"first"))
+        holders = send(records)
+        if keyed:
+            assert holders == [r.id for r in records]
+        assert store.counts() == {("r", COMPLETE): 50, ("r", RUNNING): 50, ("r", PENDING): 900}
+        for job_id, first in ours.items():
+            got = store.get(job_id)
+            assert got is not None and (got.owner, got.token, got.attempts) == (
+                (None, 1, 1) if job_id in finished else ("w1", first.token, 1))
+        taken: list[str] = []
+        while batch := store.claim("r", "w2", 30, limit=200):
+            taken.extend(r.id for r in batch)
+        assert len(taken) == len(set(taken)) == 900
+        assert set(taken) == {r.id for r in records} - set(ours)
+
+    def test_an_enqueue_sent_again_after_its_record_expired_is_stored_anew(self, backend: BackendUnderTest,
+                                                                           queue_name: str) -> None:
+        """Documents what a resend does once the record finished, expired and was deleted: nothing
+        remembers its id, so it is stored anew, pending, and runs a second time. (A key held since by
+        another record wins: the resend returns that holder and stores nothing.)"""
+        with backend.open(queue_name, result_ttl=0.5) as store:
+            plain = make_record(queue_name)
+            keyed = make_record(queue_name, key="expired-then-sent") if store.supports_keys else None
+            taken_over = make_record(queue_name, key="taken-over") if store.supports_keys else None
+            mine = [r for r in (plain, keyed, taken_over) if r is not None]
+            (store.enqueue_keyed if store.supports_keys else store.enqueue)(mine)
+            for claimed in store.claim("r", "w1", 30, limit=5):
+                assert store.finish(claimed.id, claimed.token, policy.completed(b"first"))
+            time.sleep(1.5)
+            store.delete_expired(store.now())
+            assert all(store.get(r.id) is None for r in mine) and store.counts() == {}
+            store.enqueue([plain])
+            if keyed is not None and taken_over is not None:
+                other = make_record(queue_name, key="taken-over")
+                assert store.enqueue_keyed([other]) == [other.id]
+                assert store.enqueue_keyed([keyed, taken_over]) == [keyed.id, other.id]
+                assert store.get(taken_over.id) is None, "stored though its key is another record's"
+            again = [r for r in (plain, keyed) if r is not None]
+            for record in again:
+                got = store.get(record.id)
+                assert got is not None and (got.state, got.token, got.attempts, got.result) == (PENDING, 0, 0, None)
+            ran = [r.id for r in store.claim("r", "w2", 30, limit=10)]
+            assert sorted(ran) == sorted([r.id for r in again] + ([other.id] if keyed is not None else []))
+
     def test_claim_takes_lease_bumps_token_and_attempts(self, store: Persistence, queue_name: str) -> None:
         record = make_record(queue_name)
         store.enqueue([record])

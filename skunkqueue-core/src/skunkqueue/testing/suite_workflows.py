@@ -94,6 +94,55 @@ class WorkflowSuite:
         assert got is not None and (got.state, got.token) == (RUNNING, 1)
         assert len(_claim_all(store)) == 1 and _claim_all(store) == []
 
+    def test_a_workflow_batch_sent_again_whole_runs_each_step_once(self, store: Persistence,
+                                                                     queue_name: str) -> None:
+        """The producer's whole batch (parents and step) sent again at every stage: while a parent
+        runs, once both finished and the step waits to be claimed, while it runs, once it finished."""
+        _needs_workflows(store)
+        a, b = make_record(queue_name), make_record(queue_name)
+        c = _waiting(queue_name, a.id, b.id)
+        batch = [a, b, c]
+        store.enqueue(batch)
+        assert sorted(_claim_all(store)) == sorted([a.id, b.id])
+        _complete(store, a.id)
+        store.enqueue(batch)  # a finished, b running, c waiting for b
+        assert _claim_all(store) == []
+        _complete(store, b.id)
+        store.enqueue(batch)  # both finished: c due, not yet claimed
+        got = store.get(c.id)
+        assert got is not None and got.state == PENDING and got.due < dependencies.WAITING_DUE
+        assert _claim_all(store) == [c.id]
+        store.enqueue(batch)
+        assert _claim_all(store) == []
+        _complete(store, c.id)
+        store.enqueue(batch)
+        assert _claim_all(store) == []
+        assert [store.get(r.id).state for r in batch] == [COMPLETE] * 3  # type: ignore[union-attr]
+
+    def test_a_step_sent_again_after_its_parents_were_deleted_does_not_wait_for_ever(
+            self, backend: BackendUnderTest, queue_name: str) -> None:
+        """Step, parents and all expired and were deleted; the step's resend is stored anew (see
+        ``test_an_enqueue_sent_again_after_its_record_expired_is_stored_anew``). Its parents are
+        gone, which counts as not completed: it must settle, not wait at WAITING_DUE for ever."""
+        with backend.open(queue_name, result_ttl=0.5) as store:
+            _needs_workflows(store)
+            a = make_record(queue_name)
+            c = _waiting(queue_name, a.id)
+            store.enqueue([a, c])
+            _complete(store, _claim_all(store)[0])
+            assert _claim_all(store) == [c.id]
+            _complete(store, c.id)
+            time.sleep(1.5)
+            store.delete_expired(store.now())
+            assert store.get(a.id) is None and store.get(c.id) is None
+            store.enqueue([c])
+            got = store.get(c.id)
+            assert got is not None
+            if got.state == PENDING:
+                assert got.due < dependencies.WAITING_DUE, "waits for a parent that is gone, for ever"
+            assert got.state in (PENDING, ERROR, KILLED), got.state
+            assert len(_claim_all(store)) == (1 if got.state == PENDING else 0)
+
     def test_a_stale_or_replayed_finish_does_not_count(self, store: Persistence, queue_name: str) -> None:
         _needs_workflows(store)
         a = make_record(queue_name)
