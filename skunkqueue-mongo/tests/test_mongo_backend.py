@@ -605,3 +605,44 @@ def test_a_batch_that_sends_a_stored_record_again_stores_the_others(mongo: Any, 
     assert store.get(wants_held.id) is None
     assert sorted(r.id for r in store.claim("r", "w2", 30, limit=10)) == sorted(r.id for r in [*fresh, keyed])
     assert store.counts() == {("r", RUNNING): 7}
+
+
+@pytest.mark.xfail(strict=True, reason="hostile11: when insert_many is tried twice (AutoReconnect after it "
+                   "applied), _insert reports no _id as stored before the call, so a step stored and attached "
+                   "by an earlier send is attached anew: its count of parents left starts again, a parent "
+                   "counted already is not counted twice, and the step waits for ever")
+def test_a_step_sent_again_whose_insert_is_tried_twice_still_runs(mongo: Any, opened: Any,
+                                                                   queue_name: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resend (the producer's) whose own insert_many loses its reply and is tried again by _call."""
+    from pymongo.errors import AutoReconnect
+
+    from skunkqueue import dependencies
+
+    store = opened(queue_name, mongo.url)
+    a, b = make_record(queue_name), make_record(queue_name)
+    c = make_record(queue_name, parents=[a.id, b.id], due=dependencies.WAITING_DUE)
+    store.enqueue([a, b, c])
+    held = {r.id: r for r in store.claim("r", "w", 30, limit=5)}
+    assert sorted(held) == sorted([a.id, b.id])
+    assert store.finish(a.id, held[a.id].token, policy.completed(b"a"))
+    real = store.jobs.insert_many
+    lost: list[int] = []
+
+    def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        if not lost:
+            lost.append(1)
+            try:
+                real(*args, **kwargs)
+            finally:
+                raise AutoReconnect("connection closed (injected: the reply was lost)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.jobs, "insert_many", reply_lost)
+    fresh = make_record(queue_name)
+    store.enqueue([c, fresh])
+    monkeypatch.undo()
+    assert lost
+    assert store.finish(b.id, held[b.id].token, policy.completed(b"b"))
+    assert sorted(r.id for r in store.claim("r", "w", 30, limit=5)) == sorted([c.id, fresh.id]), \
+        "the step was not released when its last parent finished"
