@@ -479,11 +479,17 @@ class MongoPersistence(NativeAsync, Persistence):
         if not records:
             return holders
         docs = _docs(records, self._shift())
-        held, before, retried = self._insert(docs)
+        held, stored, retried = self._insert(docs)
+        # Stored before this call (sent again): attached then. Once the insert was sent twice, a stored
+        # _id may be this call's own first try instead: a step among those is attached now only if its
+        # first edge is not there yet (attached again, its count of parents left would start over, and
+        # a parent counted already is not counted twice: it would wait for ever).
+        before, unsure = ([], stored) if retried else (stored, [])
         for index in held:
             holders[index], inserted = self._key_holder(docs[index])
-            if holders[index] == records[index].id and not inserted and not retried:
-                before.append(index)  # its key held by itself: the record was sent again
+            if holders[index] == records[index].id and not inserted:
+                (unsure if retried else before).append(index)  # its key held by itself: sent again
+        before += [index for index in unsure if records[index].parents and self._attached(records[index])]
         for index, (record, holder) in enumerate(zip(records, holders)):
             # A step stored before this call was attached then (attaching again would count its
             # parents anew). One whose first try went in unseen was not: attached now.
@@ -607,9 +613,8 @@ class MongoPersistence(NativeAsync, Persistence):
         """Insert every document (unordered: one refused does not stop the others).
 
         Returns the positions of those refused because their key is held, of those whose ``_id``
-        was stored before this call (sent again: left as they are), and whether the insert was
-        sent more than once (then a stored ``_id`` may be this call's own first try: not counted
-        as stored before).
+        was stored already (sent again: left as they are), and whether the insert was sent more
+        than once (then a stored ``_id`` may be this call's own first try).
         """
         attempts = 0
         refused: tuple[list[int], list[int]] = ([], [])
@@ -627,7 +632,12 @@ class MongoPersistence(NativeAsync, Persistence):
 
         self._call("enqueue", insert)
         held, stored = refused
-        return held, (stored if attempts == 1 else []), attempts > 1
+        return held, stored, attempts > 1
+
+    def _attached(self, record: JobRecord) -> bool:
+        """Whether a stored step has been attached: its first parent's edge exists (see _attach)."""
+        edge = f"{dependencies.unique(record.parents or ())[0]}/{record.id}"
+        return self._call("attached", lambda: self.deps.find_one({"_id": edge}, {"_id": 1})) is not None
 
     def _key_holder(self, doc: dict[str, Any]) -> tuple[str, bool]:
         """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored;
