@@ -645,3 +645,52 @@ def test_a_step_sent_again_whose_insert_is_tried_twice_still_runs(mongo: Any, op
     assert store.finish(b.id, held[b.id].token, policy.completed(b"b"))
     assert sorted(r.id for r in store.claim("r", "w", 30, limit=5)) == sorted([c.id, fresh.id]), \
         "the step was not released when its last parent finished"
+
+
+@pytest.mark.parametrize("order", ["claimed after the snapshot", "stored after the snapshot"])
+def test_a_resend_in_an_application_transaction_that_conflicts(mongo_replset: Any, opened: Any, queue_name: str,
+                                                               order: str) -> None:
+    """The application runs its transaction again (``using=``), firing the same record, while the
+    record changes under it: a worker claims it, or the producer's first send lands, after the
+    transaction's snapshot. Either the transaction commits leaving the record as the worker or the
+    first send has it, or it fails with an error ``with_transaction`` retries -- never a duplicate
+    _id, never the record stored twice or made pending again."""
+    from pymongo.errors import PyMongoError
+
+    store = opened(queue_name, mongo_replset.url)
+    record = make_record(queue_name)
+    if order == "claimed after the snapshot":
+        store.enqueue([record])
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_replset.url, serverSelectionTimeoutMS=10000)
+    try:
+        client["app"]["rows"].insert_one({"scope": queue_name, "tag": "outside"})
+        attempts: list[str] = []
+
+        def body(session: Any) -> None:
+            client["app"]["rows"].insert_one({"scope": queue_name, "tag": "in"}, session=session)  # the snapshot
+            if not attempts:
+                if order == "claimed after the snapshot":
+                    assert [r.id for r in store.claim("r", "w1", 30)] == [record.id]
+                else:
+                    store.enqueue([record])
+            attempts.append("try")
+            assert store.enqueue_in(session, [record]) == [record.id]
+
+        with client.start_session() as session:
+            try:
+                session.with_transaction(body)
+            except PyMongoError as exc:  # pragma: no cover - what the test is here to catch
+                pytest.fail(f"the resend's conflict was not retried by with_transaction: {exc!r} "
+                            f"(labels {getattr(exc, '_error_labels', None)})")
+        got = store.get(record.id)
+        assert got is not None
+        if order == "claimed after the snapshot":
+            assert (got.state, got.owner, got.token) == (RUNNING, "w1", 1)
+            assert store.claim("r", "w2", 30) == []
+        else:
+            assert (got.state, got.token) == (PENDING, 0)
+            assert [r.id for r in store.claim("r", "w2", 30, limit=5)] == [record.id]
+        assert store.counts() == {("r", RUNNING): 1}
+        assert client["app"]["rows"].count_documents({"scope": queue_name, "tag": "in"}) == 1
+    finally:
+        client.close()
