@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
@@ -276,3 +277,102 @@ def test_a_chain_step_made_ready_is_seen_and_woken_for_by_another_worker(
     assert recorded and claimed == []
     assert woke and woke[0] < 5.0, f"the waiting worker was not woken by the commit: {woke}"
     assert [r.id for r in other.claim("r2", "w2", 30)] == [c.id]
+
+
+# -- a real pool: the combined transaction cut at its commit, executions counted in a file -------
+
+CUTS = 4
+POOL_JOBS = 24
+
+
+def _hold_combined_commits(url: str, name: str, mode: str) -> None:
+    """Triggers that single out the COMMIT of a transaction that finished one job and claimed another
+    (the first CUTS of them): held in a deferred trigger's pg_sleep ("rolled back": ending the session
+    there aborts it), or waiting for a synchronous standby that never comes ("applied": the commit is
+    in, only its answer is lost when the session is ended)."""
+    hold = ("PERFORM pg_sleep(20);" if mode == "rolled back"
+            else "PERFORM set_config('synchronous_commit', 'on', true);")
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE SEQUENCE {name}.cuts")
+        admin.execute(f"""CREATE FUNCTION {name}.mark_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF OLD.state = 'running' AND NEW.state = 'complete' THEN
+                PERFORM set_config('skunq.finished', 'yes', true);
+              END IF;
+              RETURN NULL;
+            END $$""")
+        admin.execute(f"""CREATE TRIGGER mark_finish AFTER UPDATE ON {name}.jobs
+            FOR EACH ROW EXECUTE FUNCTION {name}.mark_finish()""")
+        admin.execute(f"""CREATE FUNCTION {name}.hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF OLD.state = 'pending' AND NEW.state = 'running'
+                 AND current_setting('skunq.finished', true) = 'yes'
+                 AND current_setting('skunq.held', true) IS DISTINCT FROM 'yes' THEN
+                PERFORM set_config('skunq.held', 'yes', true);  -- once per transaction
+                IF nextval('{name}.cuts') <= {CUTS} THEN
+                  {hold}
+                END IF;
+              END IF;
+              RETURN NULL;
+            END $$""")
+        admin.execute(f"""CREATE CONSTRAINT TRIGGER hold_commit AFTER UPDATE ON {name}.jobs
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}.hold_commit()""")
+
+
+@pytest.mark.parametrize("mode", ["rolled back", "applied"])
+def test_a_pool_whose_finish_and_claim_commits_are_cut_runs_every_job_once(
+        make_postgres: Callable[..., Any], queue_name: str, tmp_path: Path, mode: str) -> None:
+    from skunkqueue.queue import SkunkQueue
+    from skunkqueue.testing import BackendUnderTest, jobs
+    from skunkqueue.testing.workers import PoolProcess
+
+    server = make_postgres(settings={"synchronous_standby_names": "'ghost'", "synchronous_commit": "local"})
+    name = _schema()
+    queue = SkunkQueue(queue_name, backend="postgres", conn_url=server.url, dbname=name)
+    mark = queue.event(routes=["r"])(jobs.mark.func)
+    assert queue.persistence.counts() == {}  # the schema is made
+    _hold_combined_commits(server.url, name, mode)
+    runs = tmp_path / "runs"
+    handles = [mark.fire(str(runs), f"t{i}") for i in range(POOL_JOBS)]
+    wait_event = "PgSleep" if mode == "rolled back" else "SyncRep"
+    cut: list[int] = []
+    stop = threading.Event()
+
+    def cutter() -> None:
+        with psycopg.connect(server.url, autocommit=True) as admin:
+            while not stop.is_set() and len(cut) < CUTS:
+                for (pid,) in admin.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = %s "
+                                            "AND query ILIKE 'commit%%'", (wait_event,)).fetchall():
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    cut.append(pid)
+                time.sleep(0.02)
+
+    killer = threading.Thread(target=cutter)
+    killer.start()
+    pool = PoolProcess(BackendUnderTest(name="postgres", url=server.url, db=name), queue_name, ["r"],
+                       lease=4.0, log_path=tmp_path / "pool.log", extra=["--prefetch", "1"])
+    try:
+        pool.wait_ready()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            states = [queue.get(h.id) for h in handles]
+            if all(r is not None and r.state == COMPLETE for r in states):
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)  # a second run, were there one, has had the time to start
+        attempts = sorted(r.attempts for r in (queue.get(h.id) for h in handles) if r is not None)
+    finally:
+        stop.set()
+        killer.join()
+        pool.stop()
+        queue.close()
+    assert len(cut) == CUTS, f"only {len(cut)} combined commits were cut"
+    seen = runs.read_text().split()
+    assert sorted(seen) == sorted(f"t{i}" for i in range(POOL_JOBS)), \
+        f"runs per job: {sorted((t, seen.count(t)) for t in set(seen) if seen.count(t) != 1)}; " \
+        f"missing {sorted(set(f't{i}' for i in range(POOL_JOBS)) - set(seen))}"
+    # Rolled back: the claim in the cut transaction never was, each job was claimed once. Applied: that
+    # claim stands, unknown to the worker, and the job ran once its lease ran out (a second attempt).
+    again = CUTS if mode == "applied" else 0
+    assert attempts == [1] * (POOL_JOBS - again) + [2] * again, attempts
+    assert "Traceback" not in pool.log()
