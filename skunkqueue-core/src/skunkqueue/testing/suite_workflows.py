@@ -119,6 +119,26 @@ class WorkflowSuite:
         assert _claim_all(store) == []
         assert [store.get(r.id).state for r in batch] == [COMPLETE] * 3  # type: ignore[union-attr]
 
+    def test_a_workflow_batch_half_applied_then_sent_again_runs_each_step_once(self, store: Persistence,
+                                                                                queue_name: str) -> None:
+        """The first send stored only the first parent (a store without multi-record atomicity, cut
+        part-way); it ran and finished before the whole batch was sent again. The step is new then:
+        attached with one parent finished already and one still to come, and it runs once."""
+        _needs_workflows(store)
+        a, b = make_record(queue_name), make_record(queue_name)
+        c = _waiting(queue_name, a.id, b.id)
+        store.enqueue([a])
+        assert _claim_all(store) == [a.id]
+        _complete(store, a.id)
+        store.enqueue([a, b, c])
+        assert _claim_all(store) == [b.id]
+        assert store.get(a.id).state == COMPLETE  # type: ignore[union-attr]
+        store.enqueue([a, b, c])
+        _complete(store, b.id)
+        assert _claim_all(store) == [c.id]
+        store.enqueue([a, b, c])
+        assert _claim_all(store) == []
+
     def test_a_step_sent_again_after_its_parents_were_deleted_does_not_wait_for_ever(
             self, backend: BackendUnderTest, queue_name: str) -> None:
         """Step, parents and all expired and were deleted; the step's resend is stored anew (see
