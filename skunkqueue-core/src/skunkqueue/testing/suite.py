@@ -241,6 +241,35 @@ class ProtocolSuite(KitFixtures):
             ran = [r.id for r in store.claim("r", "w2", 30, limit=10)]
             assert sorted(ran) == sorted([r.id for r in again] + ([other.id] if keyed is not None else []))
 
+    def test_an_enqueue_sent_again_after_its_record_expired_but_before_its_deletion(
+            self, backend: BackendUnderTest, queue_name: str) -> None:
+        """Expired, not yet deleted: a store may leave the record as it is (finished, or gone for get;
+        never run again) or store it anew (pending, run once more): either, but get and claim must
+        agree (not gone or finished for get yet claimable, nor pending yet unclaimable)."""
+        with backend.open(queue_name, result_ttl=0.5) as store:
+            plain = make_record(queue_name)
+            keyed = make_record(queue_name, key="expired-not-deleted") if store.supports_keys else None
+            mine = [r for r in (plain, keyed) if r is not None]
+            (store.enqueue_keyed if store.supports_keys else store.enqueue)(mine)
+            for claimed in store.claim("r", "w1", 30, limit=5):
+                assert store.finish(claimed.id, claimed.token, policy.completed(b"first"))
+            time.sleep(1.5)
+            store.enqueue([plain])
+            if keyed is not None:
+                assert store.enqueue_keyed([keyed]) == [keyed.id]
+            anew = set()
+            for record in mine:
+                got = store.get(record.id)  # a store may still show an expired record until it is deleted
+                if got is not None and got.state == PENDING:
+                    assert (got.token, got.result) == (0, None), got
+                    anew.add(record.id)
+                else:
+                    assert got is None or (got.state, got.token, got.result) == (COMPLETE, 1, b"first"), got
+            assert {r.id for r in store.claim("r", "w2", 30, limit=10)} == anew
+            store.delete_expired(store.now())
+            gone = [r for r in mine if r.id not in anew]
+            assert all(store.get(r.id) is None for r in gone)
+
     def test_claim_takes_lease_bumps_token_and_attempts(self, store: Persistence, queue_name: str) -> None:
         record = make_record(queue_name)
         store.enqueue([record])
