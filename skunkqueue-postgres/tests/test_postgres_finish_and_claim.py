@@ -376,3 +376,75 @@ def test_a_pool_whose_finish_and_claim_commits_are_cut_runs_every_job_once(
     again = CUTS if mode == "applied" else 0
     assert attempts == [1] * (POOL_JOBS - again) + [2] * again, attempts
     assert "Traceback" not in pool.log()
+
+
+@pytest.mark.parametrize("where", ["after the finish statement", "during the commit", "commit applied"])
+def test_the_server_killed_in_a_finish_and_claim(make_postgres: Callable[..., Any], queue_name: str,
+                                                 where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL of the postmaster and its children (a crash) at three points of the one transaction:
+    before its claim and commit, while its COMMIT is held (not yet in the WAL), and once its commit
+    record is in the WAL (waiting for a standby). Crash recovery must keep both halves or neither."""
+    from skunkqueue_postgres.persistence import PostgresPersistence
+
+    server = make_postgres(settings={"synchronous_standby_names": "'ghost'", "synchronous_commit": "local"})
+    name = _schema()
+    store = PostgresPersistence(queue_name, url=server.url, db=name)
+    try:
+        hold = "PERFORM pg_sleep(20);" if where == "during the commit" else \
+            "PERFORM set_config('synchronous_commit', 'on', true);"
+        with psycopg.connect(server.url, autocommit=True) as admin:
+            admin.execute(f"""CREATE FUNCTION {name}.hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN IF current_setting('skunq.hold', true) = 'on' THEN {hold} END IF; RETURN NULL; END $$""")
+            admin.execute(f"""CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON {name}.jobs
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}.hold_commit()""")
+        first, second, held = _two_jobs(store, queue_name)
+        killed: list[str] = []
+        if where == "after the finish statement":
+            real_claim = store._claim
+
+            def kill_then_claim(conn: Any, *args: Any, **kwargs: Any) -> Any:
+                server.kill()
+                killed.append("before the claim")
+                return real_claim(conn, *args, **kwargs)
+
+            monkeypatch.setattr(store, "_claim", kill_then_claim)
+            killer = None
+        else:
+            store._connection().execute("SET skunq.hold = 'on'")
+            wait_event = "PgSleep" if where == "during the commit" else "SyncRep"
+
+            def kill_at_commit() -> None:
+                with psycopg.connect(server.url, autocommit=True) as admin:
+                    deadline = time.monotonic() + 15
+                    while time.monotonic() < deadline:
+                        row = admin.execute("SELECT query FROM pg_stat_activity WHERE wait_event = %s",
+                                            (wait_event,)).fetchone()
+                        if row is not None:
+                            killed.append(str(row[0]))
+                            break
+                        time.sleep(0.02)
+                server.kill()
+
+            killer = threading.Thread(target=kill_at_commit)
+            killer.start()
+        try:
+            with pytest.raises(BackendUnavailable):
+                store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
+        finally:
+            if killer is not None:
+                killer.join()
+            monkeypatch.undo()
+        assert killed and (where == "after the finish statement" or "COMMIT" in killed[0].upper()), killed
+        server.start()
+        if where == "commit applied":
+            assert _state(store, first.id) == (COMPLETE, None, held.token, b"1")
+            assert _state(store, second.id) == (RUNNING, "w1", 1, None)
+            # What the worker does next: the finish alone, fenced off by its own applied finish.
+            assert not store.finish(first.id, held.token, policy.completed(b"1"))
+        else:
+            assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
+            assert _state(store, second.id)[:3] == (PENDING, None, 0)
+            assert store.finish(first.id, held.token, policy.completed(b"1"))
+            assert [r.id for r in store.claim("r", "w1", 30)] == [second.id]
+    finally:
+        store.close()
