@@ -1040,10 +1040,10 @@ class PostgresPersistence(Persistence):
 
         try:
             return self._call("finish and claim", both, idempotent=False)
-        except BackendUnavailable:
+        except (BackendUnavailable, errors.SerializationFailure, errors.DeadlockDetected):
             if not committed:
                 raise
-            return committed[0], []
+            return committed[0], []  # the claim failed twice or lost its connection: it took nothing
 
     # -- workflows (see the Persistence docstring) ---------------------------------------
     #
