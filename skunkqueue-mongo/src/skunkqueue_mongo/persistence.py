@@ -10,7 +10,8 @@ Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
     stats    throughput counters of one route and minute: _id = {q, r, m},
              queue, route, minute, counts {counter: int}, expire_at (TTL)
     flow     one document per rate (a limit key's or a route's): _id = {q, n},
-             tat (GCRA's time), the last grant's nonce and the tat before it,
+             tat (GCRA's time), the last grant's nonce and the tat before it, granted
+             (how many starts the last update granted),
              expire_at (TTL, a minute after the rate is idle again)
 
 Every queue shares the ``jobs`` collection and is told apart by its ``queue``
@@ -177,7 +178,7 @@ DEPS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "deps_parent": ([("parent", ASCENDING)], {}),
     "deps_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
-# Flow control's GCRA times: {_id: {q, n}, tat, grant, prev, expire_at} (see _grant).
+# Flow control's GCRA times: {_id: {q, n}, tat, grant, prev, granted, expire_at} (see _grant).
 FLOW_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "flow_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
@@ -857,11 +858,15 @@ class MongoPersistence(NativeAsync, Persistence):
     # -- workers -------------------------------------------------------------------
 
     # Flow control: claimable records go by (priority descending, due, _id). A record with a
-    # limit_key, or any record of a route with its own limit, is taken by _claim_held: it counts
-    # the live leases (lease_until after $$NOW) of its key or route, and takes a free numbered
-    # slot (flow_slot / route_slot, unique indexes) with the record, in the record's one update:
-    # two claims racing for a slot cannot both write it, and a slot whose holder's lease ran out
-    # is taken from it (the holder is marked slot_lost, and renew refuses it from then on).
+    # limit_key is taken by _claim_held: it counts the live leases (lease_until after $$NOW) of its
+    # key, and takes a free numbered slot (flow_slot, a unique index) with the record, in the
+    # record's one update: two claims racing for a slot cannot both write it, and a slot whose
+    # holder's lease ran out is taken from it (the holder is marked slot_lost, and renew refuses it
+    # from then on). A route's own limit is decided once per claim (_RouteView): one count of the
+    # route's live leases picks the claim's route_slots (a unique index too), one grant takes its
+    # starts, and the records at the head are taken by the sorted update of an unlimited route,
+    # each with one of those slots and starts (_claim_heads); behind a keyed record, _claim_held
+    # takes them from the same view.
     #
     # No transactions are needed, so a standalone mongod enforces all of it: a slot is a field of
     # the record that holds it, written by the claim's update and dropped by the finish's, one
@@ -869,8 +874,8 @@ class MongoPersistence(NativeAsync, Persistence):
     # nothing twice; a worker that dies leaves a slot whose lease runs out, which frees it for
     # counting at once, is taken over by the next claim that needs it, and goes for good when
     # housekeeping hands the record back (a finish). Rates are GCRA times in the flow
-    # collection, charged by one upsert before the record's update (see _grant); a process that
-    # dies between the two leaves one start unused: fewer starts than allowed, never more.
+    # collection, charged by one upsert before the records' updates (see _grant); a process that
+    # dies between the two leaves the starts it was granted unused: fewer than allowed, never more.
     supports_priorities = True
     supports_limits = True
     supports_pause = True
