@@ -10,8 +10,8 @@ For each backend (sqlite, redis, mongodb, postgres; each server started here):
   modules with the largest cumulative time;
 * CPU per start: user+sys (RUSAGE_CHILDREN) of N such worker starts, and of N
   ``skunq work --burst`` runs (the pool and its one worker: the whole tree);
-* stop latency: an idle ``skunq work`` (its worker waiting for work for a while),
-  SIGTERM to the pool, time until it exited.
+* stop latency: an idle ``skunq work`` (0.3 s after its worker registered, so
+  waiting for work), SIGTERM to the pool, time until it exited.
 
 Used for docs/performance.md ("Session 11: start-up imports").
 """
@@ -106,7 +106,14 @@ def cpu_of(argvs: list[list[str]], cwd: Path) -> float:
 def stop_latency(backend: str, url: str, queue: str, cwd: Path, idle: float) -> float:
     pool = subprocess.Popen(pool_argv(backend, url, queue, burst=False), cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(idle)  # the worker has started and is waiting for work
+    store = backends.open_backend(queue, backend, url=url)
+    try:
+        deadline = time.monotonic() + 60
+        while not store.workers() and pool.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        store.close()
+    time.sleep(idle)  # the worker registered; now it is waiting for work
     started = time.monotonic()
     pool.send_signal(signal.SIGTERM)
     pool.wait(60)
@@ -143,7 +150,7 @@ def main() -> None:
                 w_imports, p_imports = importtime(worker.stderr), importtime(pool.stderr)
                 w_cpu = cpu_of([worker_argv(name, url, queue)] * args.starts, cwd)
                 p_cpu = cpu_of([pool_argv(name, url, queue)] * args.starts, cwd)
-                stops = sorted(stop_latency(name, url, queue, cwd, 2.5) for _ in range(args.stops))
+                stops = sorted(stop_latency(name, url, queue, cwd, 0.3) for _ in range(args.stops))
                 report[name] = {"worker_imports": w_imports, "pool_imports": p_imports,
                                 "worker_cpu": w_cpu, "pool_tree_cpu": p_cpu, "stop": stops}
                 print(f"== {name}: worker start {w_cpu * 1000:.0f} ms CPU, pool --burst tree "
