@@ -234,3 +234,100 @@ def test_a_worker_under_commit_faults_runs_each_job_once(backend: BackendUnderTe
     # The faults did happen, in the worker processes (each writes its counts at exit).
     injected = [json.loads(line) for line in stats.read_text().splitlines()]
     assert sum(s["injected"] for s in injected) >= JOBS // 2, injected
+
+
+@pytest.mark.parametrize("kind", ["apply_then_1021", "apply_then_1031"])
+def test_a_claim_between_an_applied_enqueue_and_its_retry_keeps_the_record(
+        backend: BackendUnderTest, store: Persistence, faults: Any, monkeypatch: Any, kind: str) -> None:
+    """The enqueue's commit applies but the client hears 1021 (or 1031); before its retry a worker
+    claims the record. The retry must not store it again: pending, it would run a second time."""
+    import fdb
+
+    record = _record(store.queue)
+    rule = _arm(faults, kind, record)
+    commit = fdb.impl.Transaction.commit
+    between: list[JobRecord] = []
+    claiming: list[bool] = []
+
+    def commit_then_claim(tr: Any) -> Any:
+        done = commit(tr)
+        if rule.fired == 1 and not claiming:  # the enqueue's applied commit, reported as failed
+            claiming.append(True)  # once: the claim commits through here too
+            with backend.open(store.queue) as worker:
+                between.extend(worker.claim("r", "w-between", 30))
+        return done
+
+    monkeypatch.setattr(fdb.impl.Transaction, "commit", commit_then_claim)
+    store.enqueue([record])  # retried inside: no error reaches the producer
+    monkeypatch.undo()
+    assert rule.fired == 1 and [(r.id, r.token) for r in between] == [(record.id, 1)]
+    stored = store.get(record.id)
+    assert stored is not None and (stored.state, stored.owner, stored.token, stored.attempts) == \
+        (RUNNING, "w-between", 1, 1)
+    assert _due_entries(backend, store.queue) == [] and store.counts() == {("r", RUNNING): 1}
+    assert store.claim("r", "w2", 30) == []
+    assert store.finish(record.id, 1, policy.completed(b"first run"))
+
+
+@pytest.mark.parametrize("api", ["enqueue", "enqueue_keyed"])
+def test_a_producer_that_sends_an_applied_enqueue_again_leaves_the_claimed_record(
+        backend: BackendUnderTest, faults: Any, api: str) -> None:
+    """The enqueue's commit applies, the client hears 1021 and its retries cannot read their marker
+    (1007 until the transaction's timeout): the producer gets BackendUnavailable, though the record
+    is stored. A worker claims it; the producer sends the same batch again, as it may after an error.
+    Stored again, the running record was pending: claimable by a second worker at once."""
+    from skunkqueue.errors import BackendUnavailable
+
+    with backend.open(backend.new_queue_name(), timeout_ms=1500) as store:
+        record, other = _record(store.queue), _record(store.queue)
+        if api == "enqueue_keyed":
+            record.key = "order-7"
+        send = getattr(store, api)
+        rule = _arm(faults, "apply_then_1021", record)
+        unreadable = faults.inject("read_1007", key_contains="applied", times=-1)
+        with pytest.raises(BackendUnavailable):
+            send([record])
+        assert rule.fired == 1 and unreadable.fired >= 1
+        unreadable.times = 0
+        [claimed] = store.claim("r", "w1", 30)
+        assert (claimed.id, claimed.token) == (record.id, 1)
+        assert send([record, other]) in (None, [record.id, other.id])  # no error: the batch is stored
+        stored = store.get(record.id)
+        assert stored is not None and (stored.state, stored.owner, stored.token, stored.attempts) == \
+            (RUNNING, "w1", 1, 1)
+        assert [r.id for r in store.claim("r", "w2", 30, limit=5)] == [other.id]
+        assert store.counts() == {("r", RUNNING): 2}
+        assert store.finish(record.id, claimed.token, policy.completed(b"first run"))
+        done = store.get(record.id)
+        assert done is not None and (done.state, done.result) == (COMPLETE, b"first run")
+
+
+def test_a_job_sent_again_while_a_worker_runs_it_runs_once(backend: BackendUnderTest, faults: Any,
+                                                            tmp_path: Path) -> None:
+    """End to end: the enqueue applied but failed for the producer (as above), a pool of two workers
+    starts the job, and the producer sends it again while it runs. Starts are counted in a file."""
+    from skunkqueue.errors import BackendUnavailable
+
+    queue_name = backend.new_queue_name()
+    starts = tmp_path / "starts"
+    now = time.time() - 1
+    record = JobRecord(id=new_id(), queue=queue_name, route="r", func="skunkqueue.testing.jobs:nap",
+                       payload=json.dumps([[1.5, str(starts)], {}]).encode(), due=now, created=now)
+    with backend.open(queue_name, timeout_ms=1500) as store:
+        rule = _arm(faults, "apply_then_1021", record)
+        unreadable = faults.inject("read_1007", key_contains="applied", times=-1)
+        with pytest.raises(BackendUnavailable):
+            store.enqueue([record])
+        assert rule.fired == 1
+        unreadable.times = 0
+        pool = PoolProcess(backend, queue_name, ["r"], concurrency=2, lease=30, log_path=tmp_path / "pool.log")
+        try:
+            pool.wait_ready(60)
+            wait_until(lambda: starts.exists() and "start" in starts.read_text(), 30, "the job to start")
+            store.enqueue([record])
+            done = store.wait_finished(record.id, 30)
+            assert done is not None and (done.state, done.attempts) == (COMPLETE, 1)
+            time.sleep(1.0)  # room for a second start, had the resend made it claimable
+        finally:
+            pool.stop()
+    assert starts.read_text().count("start") == 1, starts.read_text()

@@ -576,3 +576,32 @@ def test_names_mongodb_cannot_hold_are_refused_when_opened(mongo_standalone: Any
         store.enqueue([record])
         got = store.get(record.id)
         assert got is not None and (got.queue, got.route) == (longest, longest)
+
+
+# == An enqueue sent again ================================================================
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_batch_that_sends_a_stored_record_again_stores_the_others(mongo: Any, opened: Any, queue_name: str,
+                                                                    api: str) -> None:
+    """insert_many refuses a stored ``_id`` (a record sent again after a lost reply, maybe running now)
+    with a duplicate-key error. That is no error of the producer's, and the batch is unordered: the
+    documents before and after it are stored all the same, new keys taken and held keys answered."""
+    import asyncio
+
+    store = opened(queue_name, mongo.url)
+    running, held = make_record(queue_name), make_record(queue_name, key="held")
+    store.enqueue_keyed([running, held])
+    claimed = {r.id: r for r in store.claim("r", "w1", 30, limit=2)}
+    assert sorted(claimed) == sorted([running.id, held.id])
+    fresh = [make_record(queue_name) for _ in range(4)]
+    keyed, wants_held = make_record(queue_name, key="new"), make_record(queue_name, key="held")
+    batch = [running, fresh[0], keyed, held, fresh[1], wants_held, running, fresh[2], fresh[3]]
+    holders = store.enqueue_keyed(batch) if api == "sync" else asyncio.run(store.aenqueue_keyed(batch))
+    assert holders == [running.id, fresh[0].id, keyed.id, held.id, fresh[1].id, held.id, running.id,
+                       fresh[2].id, fresh[3].id]
+    for record in (running, held):
+        stored = store.get(record.id)
+        assert stored is not None and (stored.state, stored.owner, stored.token) == (RUNNING, "w1", 1)
+    assert store.get(wants_held.id) is None
+    assert sorted(r.id for r in store.claim("r", "w2", 30, limit=10)) == sorted(r.id for r in [*fresh, keyed])
+    assert store.counts() == {("r", RUNNING): 7}

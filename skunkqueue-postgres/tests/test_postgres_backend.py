@@ -134,6 +134,34 @@ def test_the_claim_reads_the_partial_index_bounded_by_the_server_clock(postgres:
     assert "rows=1 loops=1" in plan.split("Index Scan using jobs_claim")[1].splitlines()[0], plan
 
 
+def test_a_finish_and_the_next_claim_commit_together(postgres: Any, opened: Callable[..., Any], queue_name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One transaction, one WAL flush per job: a claim that fails after it ran takes the finish back with it."""
+    store = opened(queue_name, postgres.url)
+    first, second = make_record(queue_name), make_record(queue_name, due=time.time() + 0.001)
+    store.enqueue([first])
+    store.enqueue([second])
+    (held,) = store.claim("r", "w", 30)
+    assert held.id == first.id
+    real_claim = store._claim
+
+    def claim_then_fail(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        real_claim(conn, *args, **kwargs)
+        raise RuntimeError("the claim's half broke")
+
+    monkeypatch.setattr(store, "_claim", claim_then_fail)
+    with pytest.raises(RuntimeError):
+        store.finish_and_claim(held.id, held.token, policy.completed(b"1"), "r", "w", 30)
+    monkeypatch.undo()
+    # Neither half stands: the first job still runs under the same token, the second still waits.
+    again = store.get(first.id)
+    assert (again.state, again.token) == (RUNNING, held.token)
+    assert store.get(second.id).state == PENDING
+    recorded, claimed = store.finish_and_claim(held.id, held.token, policy.completed(b"1"), "r", "w", 30)
+    assert recorded and [r.id for r in claimed] == [second.id]
+    assert store.get(first.id).state == COMPLETE
+
+
 # -- addresses and credentials --------------------------------------------------------------
 
 

@@ -511,7 +511,11 @@ class FDBPersistence(Persistence):
 
         def store(tr: Any) -> tuple[None, None]:
             wakes: dict[tuple[str, str], int] = {}
+            stored = self._stored_already(tr, records)
             for position, record in enumerate(records):
+                if record.id in stored:
+                    continue
+                stored.add(record.id)
                 if record.parents:
                     record = self._attach(tr, record)
                 self._write(tr, record, payload=True, result=record.result is not None, position=position,
@@ -533,6 +537,18 @@ class FDBPersistence(Persistence):
 
         return self._once(store, lambda _tr, memo: [str(h) for h in memo])
 
+    def _stored_already(self, tr: Any, records: Sequence[JobRecord]) -> set[str]:
+        """The ids of ``records`` whose record ``tr`` finds stored: each is left as it is.
+
+        Ids are new per fire, so a stored one is the same record sent again: by the caller after
+        an error whose commit had applied (``_once``'s marker covers only its own retries), and a
+        worker may have claimed it since; written again, it would be pending and run twice at
+        once. A conflicting read: a concurrent store of the same id makes one of the two retry.
+        The reads are all sent before the first answer is waited for.
+        """
+        found = [(record.id, tr[self._jobs.pack((record.id, "meta"))]) for record in records]
+        return {job_id for job_id, meta in found if meta.present()}
+
     def _store_keyed(self, tr: Any, records: Sequence[JobRecord], snapshot_wakes: bool = False,
                      taken: dict[str, str] | None = None) -> list[str]:
         """Store ``records`` in ``tr``; a key already held returns its holder's id.
@@ -548,9 +564,13 @@ class FDBPersistence(Persistence):
         # versionstamp, which this transaction cannot read back (error 1036).
         taken = {} if taken is None else taken
         now = time.time()
+        present = self._stored_already(tr, records)
         for position, record in enumerate(records):
             if record.key is not None and record.key in taken:
                 holders.append(taken[record.key])
+                continue
+            if record.id in present:  # sent again (see _stored_already); its key, if any, is its own
+                holders.append(record.id)
                 continue
             if record.key is not None:
                 held = tr[self._keys.pack((record.key,))]
@@ -564,6 +584,7 @@ class FDBPersistence(Persistence):
                         continue
                 tr[self._keys.pack((record.key,))] = record.id.encode()
                 taken[record.key] = record.id
+            present.add(record.id)
             if record.parents:
                 record = self._attach(tr, record)
             self._write(tr, record, payload=True, result=record.result is not None, position=position,

@@ -95,7 +95,10 @@ class NativeAsync(Persistence):
         return holders
 
     async def _ainsert(self, docs: list[dict[str, Any]]) -> list[int]:
-        """Insert every document; return the positions of those refused because their key is held."""
+        """Insert every document; return the positions of those refused because their key is held.
+
+        One whose ``_id`` is stored already was sent again: left as it is (see ``MongoPersistence._insert``).
+        """
 
         jobs = await self._ajobs()
         attempts = 0
@@ -107,7 +110,7 @@ class NativeAsync(Persistence):
                 await jobs.insert_many(docs, ordered=False)
                 return []
             except BulkWriteError as exc:
-                return documents.refused_by_key(exc, attempts)
+                return documents.refused_by_key(exc, attempts)[0]
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
@@ -130,7 +133,9 @@ class NativeAsync(Persistence):
             try:
                 await self._acall("enqueue", partial(jobs.insert_one, doc))
                 return str(doc["_id"])
-            except DuplicateKeyError:
+            except DuplicateKeyError as exc:
+                if documents.on_id_index(exc.details):
+                    return str(doc["_id"])  # this insert's own first try went in: left as it is
                 continue  # someone else took the key (or our own insert went in on a retry): read again
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None

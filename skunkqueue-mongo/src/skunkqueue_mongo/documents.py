@@ -45,6 +45,16 @@ def on_key_index(error: Mapping[str, Any]) -> bool:
     return " index: key dup key" in str(error.get("errmsg", ""))
 
 
+def on_id_index(error: Mapping[str, Any] | None) -> bool:
+    """Whether a write error is a duplicate ``_id``: the record is stored already (sent again)."""
+    if not error or error.get("code") != DUPLICATE_KEY:
+        return False
+    pattern = error.get("keyPattern")
+    if isinstance(pattern, Mapping):
+        return list(pattern) == ["_id"]
+    return " index: _id_ dup key" in str(error.get("errmsg", ""))
+
+
 def to_doc(record: JobRecord) -> dict[str, Any]:
     doc = record.to_dict()
     doc["_id"] = doc.pop("id")
@@ -67,11 +77,18 @@ def docs(records: Sequence[JobRecord], moved: float) -> list[dict[str, Any]]:
     return docs
 
 
-def refused_by_key(exc: BulkWriteError, attempts: int) -> list[int]:
-    """The positions an ``insert_many`` refused because their key is held; raises for any other failure."""
+def refused_by_key(exc: BulkWriteError, attempts: int) -> tuple[list[int], list[int]]:
+    """The positions an unordered ``insert_many`` refused because their key is held, and those
+    refused because their ``_id`` is stored already; raises for any other failure.
+
+    A stored ``_id`` is the same record sent again (ids are new per fire), maybe after a lost
+    reply: it is left as it is, and the rest of the batch went in (unordered, so the server
+    tried every document). A worker may be running it, so it must not be written again.
+    """
     errors = exc.details.get("writeErrors", [])
     held = [e for e in errors if on_key_index(e)]
-    others = [e for e in errors if not on_key_index(e)]
+    stored = [e for e in errors if on_id_index(e)]
+    others = [e for e in errors if not on_key_index(e) and not on_id_index(e)]
     # A repeat of an interrupted insert finds the records that made
     # it the first time: they are stored, which is what we wanted.
     # (A keyed one that made it finds itself as its key's holder.)
@@ -83,7 +100,7 @@ def refused_by_key(exc: BulkWriteError, attempts: int) -> list[int]:
         # Written, but not acknowledged as durable (the server is
         # shutting down or stepping down): the same as a lost reply.
         raise AutoReconnect(f"write concern failed: {concern[0].get('errmsg')}") from None
-    return sorted(e["index"] for e in held)
+    return sorted(e["index"] for e in held), sorted(e["index"] for e in stored)
 
 
 def holder_expired(holder: Mapping[str, Any], server_now: float) -> bool:

@@ -117,6 +117,7 @@ from skunkqueue_mongo.documents import date as _date
 from skunkqueue_mongo.documents import docs as _docs
 from skunkqueue_mongo.documents import holder_expired as _holder_expired
 from skunkqueue_mongo.documents import not_expired as _not_expired
+from skunkqueue_mongo.documents import on_id_index as _on_id_index
 from skunkqueue_mongo.documents import refused_by_key as _refused_by_key
 from skunkqueue_mongo.documents import shift_from as _shift_from
 from skunkqueue_mongo.documents import to_record as _to_record
@@ -478,10 +479,15 @@ class MongoPersistence(NativeAsync, Persistence):
         if not records:
             return holders
         docs = _docs(records, self._shift())
-        for index in self._insert(docs):
-            holders[index] = self._key_holder(docs[index])
-        for record, holder in zip(records, holders):
-            if record.parents and holder == record.id:
+        held, before, retried = self._insert(docs)
+        for index in held:
+            holders[index], inserted = self._key_holder(docs[index])
+            if holders[index] == records[index].id and not inserted and not retried:
+                before.append(index)  # its key held by itself: the record was sent again
+        for index, (record, holder) in enumerate(zip(records, holders)):
+            # A step stored before this call was attached then (attaching again would count its
+            # parents anew). One whose first try went in unseen was not: attached now.
+            if record.parents and holder == record.id and index not in before:
                 self._attach(record)
         return holders
 
@@ -513,10 +519,21 @@ class MongoPersistence(NativeAsync, Persistence):
         jobs = via.jobs
         docs = _docs(records, self._shift())
         holders = [record.id for record in records]
+        stored: set[int] = set()
+
+        def insert(index: int, doc: dict[str, Any]) -> None:
+            # Only if its _id is new: one stored already is the record sent again (the application
+            # ran its transaction again after a lost reply), maybe running now: left as it is. Not
+            # insert_one: its duplicate-key error would abort the application's transaction.
+            fields = {name: value for name, value in doc.items() if name != "_id"}
+            if jobs.update_one({"_id": doc["_id"]}, {"$setOnInsert": fields}, upsert=True,
+                               session=handle).upserted_id is not None:
+                stored.add(index)
+
         try:
             for index, doc in enumerate(docs):
                 if doc.get("key") is None:
-                    jobs.insert_one(doc, session=handle)
+                    insert(index, doc)
                     continue
                 holder = jobs.find_one({"queue": self.queue, "key": doc["key"]}, {"_id": 1, "expire_at": 1},
                                        session=handle)
@@ -525,9 +542,9 @@ class MongoPersistence(NativeAsync, Persistence):
                     continue
                 if holder is not None:  # past its expiry, waiting for the TTL monitor: the key is free
                     jobs.delete_one({"_id": holder["_id"], "key": doc["key"]}, session=handle)
-                jobs.insert_one(doc, session=handle)
-            for record, held_by in zip(records, holders):
-                if record.parents and held_by == record.id:
+                insert(index, doc)
+            for index, record in enumerate(records):
+                if record.parents and index in stored:
                     self._attach(record, via)
         except DocumentTooLarge as exc:
             raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
@@ -586,34 +603,42 @@ class MongoPersistence(NativeAsync, Persistence):
                 f"queue's ({self.address}); start it from a client of the queue's.")
         self._checked_client = theirs_client
 
-    def _insert(self, docs: list[dict[str, Any]]) -> list[int]:
-        """Insert every document; return the positions of those refused because their key is held."""
+    def _insert(self, docs: list[dict[str, Any]]) -> tuple[list[int], list[int], bool]:
+        """Insert every document (unordered: one refused does not stop the others).
+
+        Returns the positions of those refused because their key is held, of those whose ``_id``
+        was stored before this call (sent again: left as they are), and whether the insert was
+        sent more than once (then a stored ``_id`` may be this call's own first try: not counted
+        as stored before).
+        """
         attempts = 0
-        refused: list[int] = []
+        refused: tuple[list[int], list[int]] = ([], [])
 
         def insert() -> None:
             nonlocal attempts, refused
             attempts += 1
             try:
                 self.jobs.insert_many(docs, ordered=False)
-                refused = []
+                refused = ([], [])
             except BulkWriteError as exc:
                 refused = _refused_by_key(exc, attempts)
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None
 
         self._call("enqueue", insert)
-        return refused
+        held, stored = refused
+        return held, (stored if attempts == 1 else []), attempts > 1
 
-    def _key_holder(self, doc: dict[str, Any]) -> str:
-        """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored."""
+    def _key_holder(self, doc: dict[str, Any]) -> tuple[str, bool]:
+        """The id of the record holding ``doc``'s key: an existing live one, or ``doc`` once stored;
+        and whether this call stored it."""
         key = doc["key"]
         for _ in range(KEY_ROUNDS):
             holder = self._call("find key holder", lambda: self.jobs.find_one(
                 {"queue": self.queue, "key": key}, {"_id": 1, "expire_at": 1}))
             if holder is not None:
                 if not _holder_expired(holder, self.now()):
-                    return str(holder["_id"])
+                    return str(holder["_id"]), False
                 # Past its expiry, waiting for the TTL monitor: gone as far as get() is concerned, so
                 # the key is free. Deleting it (only as it was seen) lets the unique index take ours.
                 self._call("drop expired key holder", partial(
@@ -621,8 +646,12 @@ class MongoPersistence(NativeAsync, Persistence):
                                            "expire_at": holder.get("expire_at")}))
             try:
                 self._call("enqueue", lambda: self.jobs.insert_one(doc))
-                return str(doc["_id"])
-            except DuplicateKeyError:
+                return str(doc["_id"]), True
+            except DuplicateKeyError as exc:
+                if _on_id_index(exc.details):
+                    # Not stored when insert_many refused it for its key: so this insert's own first
+                    # try went in (a lost reply, tried again). Left as it is, and counted as ours.
+                    return str(doc["_id"]), True
                 continue  # someone else took the key (or our own insert went in on a retry): read again
             except DocumentTooLarge as exc:
                 raise PayloadTooLarge(f"A record is too large for a MongoDB document: {exc}") from None

@@ -109,6 +109,13 @@ class JobStore(Protocol):
         raises, the caller must assume that some records may have been stored
         (stores with multi-record atomicity store all or none); if it returns,
         all were stored durably as far as the store's settings allow.
+
+        A record whose id is already stored is left as it is: whatever its state, owner, token,
+        attempts and result, and without an error; the other records of the call are stored.
+        Ids are new per fire, so such a record is the same one sent again after a reply was
+        lost (the first send applied), and a worker may have claimed it meanwhile: storing it
+        again would make it pending, and it would run twice at once. The same holds for
+        :meth:`KeyedEnqueue.enqueue_keyed`, which returns the record's own id for it.
         """
 
     @abstractmethod

@@ -327,19 +327,24 @@ class SQLitePersistence(Persistence):
         prefix = self._route_tag(route) + "."
         return prefix + tag(target) + "." if target else prefix
 
-    def _store(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+    def _store(self, conn: sqlite3.Connection, record: JobRecord) -> bool:
+        """Insert a new record; False, changing nothing, when its id is stored already.
+
+        Ids are new per fire: a stored one is the same record sent again, which a worker may
+        be running (see :meth:`JobStore.enqueue`). A conflict on any other constraint (a key)
+        still raises.
+        """
         expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
         row = _record_to_row(record, expire)
-        conn.execute(
-            f"INSERT OR REPLACE INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        return conn.execute(
+            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) ON CONFLICT (id) DO NOTHING",
             tuple(row.values()),
-        )
+        ).rowcount == 1
 
     def _update(self, conn: sqlite3.Connection, record: JobRecord) -> None:
         """Rewrite the row of a record whose id, queue, route, payload and key stay as they were.
 
-        Cheaper than :meth:`_store`'s INSERT OR REPLACE (a delete and an insert,
-        every index twice), and claims and finishes run it under the write lock.
+        Claims and finishes run it under the write lock: it touches only the columns that change.
         """
         expire = (record.finished or time.time()) + self.ttl_of(record) if record.finished_state else None
         row = _record_to_row(record, expire)
@@ -384,8 +389,9 @@ class SQLitePersistence(Persistence):
                     continue
                 if row is not None:  # expired, not yet deleted: the key is free
                     conn.execute("DELETE FROM jobs WHERE id=?", (row["id"],))
-            self._store(conn, record)
             holders.append(record.id)
+            if not self._store(conn, record):
+                continue  # sent again: stored already, with its edges, and maybe running
             if record.parents:
                 self._attach(conn, record)
                 continue

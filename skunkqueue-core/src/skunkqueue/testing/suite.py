@@ -35,6 +35,7 @@ from skunkqueue.record import (
     MIN_ATTEMPTS_ON_LOST_LEASE,
     PENDING,
     RUNNING,
+    JobRecord,
     Outcome,
     WorkerInfo,
 )
@@ -134,6 +135,55 @@ class ProtocolSuite(KitFixtures):
         assert got is not None
         assert got.to_dict() == record.to_dict()
         assert store.get("no-such-id") is None
+
+    def test_an_enqueue_sent_again_leaves_a_stored_record_alone(self, store: Persistence,
+                                                                 queue_name: str) -> None:
+        """A producer sends its enqueue again after a lost reply (the first send applied), and a
+        worker may have claimed the record in between. Stored again, the record would be pending
+        and claimable while it runs: two workers at once. The resend is no error of the user's."""
+        record, keyed = make_record(queue_name), make_record(queue_name, key="sent-twice")
+        store.enqueue([record])
+        if store.supports_keys:
+            assert store.enqueue_keyed([keyed]) == [keyed.id]
+        ours = {r.id: r for r in store.claim("r", "w1", 30, limit=5)}
+        mine = [record] + ([keyed] if store.supports_keys else [])
+        assert sorted(ours) == sorted(r.id for r in mine)
+
+        def as_stored(job_id: str) -> tuple[Any, ...]:
+            got = store.get(job_id)
+            assert got is not None
+            return (got.state, got.owner, got.token, got.attempts, got.lease_until, got.started, got.result,
+                    got.finished, got.payload)
+
+        running = {job_id: as_stored(job_id) for job_id in ours}
+        assert all(state[:4] == (RUNNING, "w1", 1, 1) for state in running.values())
+
+        def send_again() -> list[JobRecord]:
+            """Every way a producer sends the very same records again; returns the new ones it also sent."""
+            fresh = [make_record(queue_name) for _ in range(3)]
+            store.enqueue([record])
+            store.enqueue([fresh[0], record, fresh[1]])  # a batch: the others in it are stored
+            if store.supports_keys:
+                assert store.enqueue_keyed([keyed]) == [keyed.id]
+                assert store.enqueue_keyed([record, fresh[2], keyed]) == [record.id, fresh[2].id, keyed.id]
+            else:
+                store.enqueue([fresh[2]])
+            return fresh
+
+        fresh = send_again()
+        assert {job_id: as_stored(job_id) for job_id in ours} == running, "a resend changed a running record"
+        assert store.counts() == {("r", RUNNING): len(ours), ("r", PENDING): 3}
+        # Not claimable again: the claim takes the new records only.
+        assert sorted(r.id for r in store.claim("r", "w2", 30, limit=10)) == sorted(r.id for r in fresh)
+        for job_id, claimed in ours.items():
+            assert store.finish(job_id, claimed.token, policy.completed(b"first run"))
+        done = {job_id: as_stored(job_id) for job_id in ours}
+        assert all(state[0] == COMPLETE and state[6] == b"first run" for state in done.values())
+
+        send_again()  # after the record completed: it stays complete, with its result
+        assert {job_id: as_stored(job_id) for job_id in ours} == done, "a resend changed a finished record"
+        assert store.counts() == {("r", COMPLETE): len(ours), ("r", RUNNING): 3, ("r", PENDING): 3}
+        assert {r.id for r in store.claim("r", "w3", 30, limit=10)}.isdisjoint(ours)
 
     def test_claim_takes_lease_bumps_token_and_attempts(self, store: Persistence, queue_name: str) -> None:
         record = make_record(queue_name)

@@ -20,10 +20,10 @@ import pytest
 from skunkqueue.errors import ConfigurationError
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import COMPLETE, PENDING, Outcome
+from skunkqueue.record import COMPLETE, PENDING, RUNNING, Outcome
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import AppTransactions, BackendUnderTest
-from skunkqueue.testing.suite_support import declare, wait_until
+from skunkqueue.testing.suite_support import declare, make_record, wait_until
 from skunkqueue.workflow import chain, group
 
 # The issue's figures: 8 processes, each committing 500 transactions of a row and a job.
@@ -95,6 +95,29 @@ class TransactionalSuite:
             with pytest.raises(ConfigurationError):
                 add.fire_many([(1, 2), (3, 4)], using=wrong)
         assert queue.persistence.counts() == {}
+
+    def test_a_record_sent_again_in_a_transaction_is_left_alone(self, store: Persistence, queue_name: str,
+                                                                  backend: BackendUnderTest) -> None:
+        """An application whose transaction is run again (its commit's reply was lost) fires the
+        same records again: one stored and claimed meanwhile must stay as the worker has it, and
+        the rest of the batch is stored (see ``JobStore.enqueue``)."""
+        app = _needs_transactions(store, backend)
+        record, keyed = make_record(queue_name), make_record(queue_name, key="again-in-a-transaction")
+        assert store.enqueue_keyed([record, keyed]) == [record.id, keyed.id]
+        claimed = {r.id: r for r in store.claim("r", "w1", 30, limit=2)}
+        fresh = make_record(queue_name)
+        handle = app.open()
+        try:
+            app.begin(handle)
+            assert store.enqueue_in(handle, [record, fresh, keyed]) == [record.id, fresh.id, keyed.id]
+            app.commit(handle)
+        finally:
+            app.close(handle)
+        for job_id, first in claimed.items():
+            stored = store.get(job_id)
+            assert stored is not None and (stored.state, stored.owner, stored.token, stored.attempts) == \
+                (RUNNING, "w1", first.token, first.attempts)
+        assert [r.id for r in store.claim("r", "w2", 30, limit=5)] == [fresh.id]
 
     def test_rollback_leaves_no_job_and_commit_exactly_one(self, queue: SkunkQueue, store: Persistence,
                                                            backend: BackendUnderTest) -> None:

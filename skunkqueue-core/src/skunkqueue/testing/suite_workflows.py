@@ -22,7 +22,7 @@ from skunkqueue import dependencies, policy
 from skunkqueue.errors import ConfigurationError, JobFailed
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, Outcome
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
@@ -74,6 +74,25 @@ class WorkflowSuite:
         assert _claim_all(store) == [c.id]
         assert _claim_all(store) == []
         assert store.dependents(a.id) in ([], [c.id])
+
+    def test_a_dependent_sent_again_still_waits_only_for_the_parents_left(self, store: Persistence,
+                                                                          queue_name: str) -> None:
+        """A step's enqueue sent again (its reply was lost) must not attach it anew: counted from
+        the start again, it would wait for a parent that finished already, for ever."""
+        _needs_workflows(store)
+        a, b = make_record(queue_name), make_record(queue_name)
+        c = _waiting(queue_name, a.id, b.id)
+        store.enqueue([a, b, c])
+        assert sorted(_claim_all(store)) == sorted([a.id, b.id])
+        _complete(store, a.id)
+        store.enqueue([c])
+        assert _claim_all(store) == []
+        _complete(store, b.id)
+        assert _claim_all(store) == [c.id], "not released when its last parent finished"
+        store.enqueue([c, make_record(queue_name)])  # and again while it runs
+        got = store.get(c.id)
+        assert got is not None and (got.state, got.token) == (RUNNING, 1)
+        assert len(_claim_all(store)) == 1 and _claim_all(store) == []
 
     def test_a_stale_or_replayed_finish_does_not_count(self, store: Persistence, queue_name: str) -> None:
         _needs_workflows(store)
