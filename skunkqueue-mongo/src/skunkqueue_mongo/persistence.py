@@ -1741,8 +1741,8 @@ class MongoPersistence(NativeAsync, Persistence):
             due = self._next_due(routes, worker_id)
             left = deadline - time.monotonic()
             until_due = None if due is None else due - self.now()
-            if left <= 0 or (until_due is not None and until_due <= 0):
-                return
+            if left <= 0 or (until_due is not None and until_due <= 0) or self.stop_waiting:
+                return  # stop_waiting: the worker is stopping, and a signal does not end this loop
             time.sleep(min(pause, left, until_due if until_due is not None else left))
             pause = min(pause * 2, self.max_idle_poll)
 
