@@ -2,7 +2,11 @@
 
 Every job writes its execution to a file outside the queue. With no worker
 killed and leases far longer than any job, each job must run exactly once and
-be claimed exactly once (attempts == 1, fencing token == 1). CI fires 2,000
+be charged exactly one attempt (attempts == 1). It may be claimed more than once
+only by a hand-back: with ``--prefetch auto`` (the default) a worker that claimed
+several jobs hands back, uncharged, one it could not start within a second of its
+claim (a loaded machine), and the next claim takes it again (token 2, attempts 1).
+CI fires 2,000
 jobs (fast enough on every backend); ``make chaos`` (SKUNQ_CHAOS=long) fires 10,000.
 """
 
@@ -69,11 +73,12 @@ def test_four_workers_two_routes_no_duplicates(backend: BackendUnderTest, queue_
     runs = executions(log)
     numbers = check_outcomes(records, fired, runs, lambda raw: serializer.loads(raw, "json"))
     assert numbers["duplicates"] == 0, f"{numbers['duplicates']} duplicate executions without any fault"
-    reclaimed = [r.id for r in records if (r.attempts, r.token) != (1, 1)]
-    assert not reclaimed, f"{len(reclaimed)} jobs were claimed more than once: {reclaimed[:5]}"
+    charged = [(r.id, r.attempts, r.token) for r in records if r.attempts != 1]
+    assert not charged, f"{len(charged)} jobs were charged more than one attempt: {charged[:5]}"
+    handed_back = sum(1 for r in records if r.token > 1)  # uncharged hand-backs of prefetched jobs
     pids = {execution.split(":")[0] for runs_of_one in runs.values() for execution in runs_of_one}
     assert len(pids) == 4, f"all four workers should have taken jobs, {len(pids)} did"
     assert sorted(pool.worker_pids()) == sorted(int(p) for p in pids), "a worker was restarted"
     figures.record("concurrency" if jobs_total <= 2_000 else "concurrency-long", fired=numbers["fired"],
-                   lost=numbers["lost"], duplicates=numbers["duplicates"], workers=4,
+                   lost=numbers["lost"], duplicates=numbers["duplicates"], handed_back=handed_back, workers=4,
                    seconds=round(elapsed, 1), jobs_per_second=round(jobs_total / elapsed))

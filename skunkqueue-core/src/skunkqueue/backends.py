@@ -6,18 +6,17 @@ cannot slow down or break the others.
 
 from __future__ import annotations
 
+import pkgutil
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skunkqueue.errors import BackendNotFound, ConfigurationError
 from skunkqueue.persistence import Persistence
 from skunkqueue.urls import redact
 
-if sys.version_info >= (3, 10):
-    from importlib.metadata import EntryPoint, entry_points
-else:  # pragma: no cover - exercised on 3.9 only
-    from importlib_metadata import EntryPoint, entry_points
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 GROUP = "skunkqueue.backends"
 DEFAULT_BACKEND = "sqlite"
@@ -40,6 +39,13 @@ class BackendEntry:
 
 
 def _entry_points() -> dict[str, EntryPoint]:
+    # Imported here for start-up speed, not to dodge a cycle: importlib.metadata (with email,
+    # zipfile, csv...) costs about 15 ms, and a worker told its backend's entry (WorkerConfig.entry)
+    # never scans the installed distributions.
+    if sys.version_info >= (3, 10):
+        from importlib.metadata import entry_points
+    else:  # pragma: no cover - exercised on 3.9 only
+        from importlib_metadata import entry_points
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=GROUP):
         found.setdefault(ep.name, ep)
@@ -60,8 +66,22 @@ def installed() -> list[BackendEntry]:
     return entries
 
 
-def load(name: str) -> type[Persistence]:
-    """The backend class registered as ``name``, or a BackendNotFound that says what to do."""
+def load(name: str, entry: str | None = None) -> type[Persistence]:
+    """The backend class registered as ``name``, or a BackendNotFound that says what to do.
+
+    ``entry``: the entry point's value (``module:attribute``) someone already looked up for
+    ``name`` (a pool passes it to its workers): imported without scanning the installed
+    distributions, which costs a fresh interpreter about 20 ms.
+    """
+    if entry is not None:
+        try:
+            found = pkgutil.resolve_name(entry)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise BackendNotFound(
+                f"The {name!r} backend ({entry}) cannot be imported: {exc}. "
+                f"Reinstall its distribution ({KNOWN_DISTRIBUTIONS.get(name, entry)})."
+            ) from None
+        return _checked(name, entry, found)
     ep = _entry_points().get(name)
     if ep is None:
         names = ", ".join(sorted(_entry_points())) or "none"
@@ -78,8 +98,12 @@ def load(name: str) -> type[Persistence]:
             f"The {name!r} backend is registered but cannot be imported: {exc}. "
             f"Reinstall its distribution ({KNOWN_DISTRIBUTIONS.get(name, ep.value)})."
         ) from None
+    return _checked(name, ep.value, cls)
+
+
+def _checked(name: str, value: str, cls: Any) -> type[Persistence]:
     if not (isinstance(cls, type) and issubclass(cls, Persistence)):
-        raise BackendNotFound(f"The {name!r} entry point ({ep.value}) is not a Persistence subclass.")
+        raise BackendNotFound(f"The {name!r} entry point ({value}) is not a Persistence subclass.")
     return cls
 
 
@@ -120,12 +144,14 @@ def backend_for_url(url: str) -> str:
 
 
 def open_backend(queue: str, backend: str | None = None, *, url: str | None = None,
-                 db: str | None = None, **options: Any) -> Persistence:
-    """Open ``backend`` for ``queue`` (no backend: the one ``url``'s scheme names, else the embedded one)."""
+                 db: str | None = None, entry: str | None = None, **options: Any) -> Persistence:
+    """Open ``backend`` for ``queue`` (no backend: the one ``url``'s scheme names, else the embedded one).
+
+    ``entry``: ``backend``'s entry point value, if already known (see :func:`load`)."""
     if not queue or not isinstance(queue, str):
         raise ConfigurationError("A queue needs a non-empty name, e.g. SkunkQueue('emails').")
     if backend is None and url:
         backend = backend_for_url(url)
-    cls = load(backend or DEFAULT_BACKEND)
+    cls = load(backend or DEFAULT_BACKEND, entry if backend else None)
     cls.check_names(queue)
     return cls(queue, url=url, db=db, **options)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import dependencies, headers, interpreter, logformat, prefetch, serializer, signing, trust
+from skunkqueue import dependencies, headers, hooks, interpreter, logformat, prefetch, serializer, signing, trust
 from skunkqueue import periodic as schedules  # the command group is named periodic
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
@@ -166,6 +166,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     store = resolve_store(backend, url, db)
     backend, url, db = store.backend, store.url, store.db
     backend_registry.load(backend)  # an unknown name fails here with the list of installed ones
+    found = backend_registry.entry_point(backend)
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
     os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
     logformat.configure(log_level.upper(), log_format)
@@ -174,7 +175,10 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
                           connect_attempts=connect_attempts,
                           allow_pickle=allow_pickle, imports=modules, async_concurrency=async_concurrency,
-                          burst=burst, max_jobs=max_jobs_per_child, max_memory_mb=max_memory_per_child)
+                          burst=burst, max_jobs=max_jobs_per_child, max_memory_mb=max_memory_per_child,
+                          # looked up once here, not in every worker (see WorkerConfig.entry)
+                          entry=found.value if found is not None else None,
+                          plugins=[[name, value] for name, value in hooks.entries()])
     if modules:
         # Import them here as well, so that a typo fails at once with one line
         # instead of in every worker, restarted over and over by the pool.

@@ -106,6 +106,11 @@ class WorkerConfig:
     events_fd: int | None = None   # the pipes to the pool (set by the pool for each process)
     control_fd: int | None = None
     pulse_fd: int | None = None
+    # What the pool looked up, so that a worker does not scan the installed distributions again
+    # (about 20 ms of a fresh interpreter): the backend's entry point value ("module:attribute")
+    # and the plugins' [name, value] pairs. None: look them up.
+    entry: str | None = None
+    plugins: list[list[str]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -115,7 +120,7 @@ class WorkerConfig:
         return cls(**json.loads(text))
 
     def open(self) -> Persistence:
-        return open_backend(self.queue, self.backend, url=self.url, db=self.db, **self.options)
+        return open_backend(self.queue, self.backend, url=self.url, db=self.db, entry=self.entry, **self.options)
 
     def connect(self, then: Callable[[Persistence], object], who: str) -> Persistence:
         """Open the backend and make one round trip (``then``), retrying with back-off
@@ -225,9 +230,17 @@ class Worker:
     def _on_gentle(self, signum: int, frame: FrameType | None) -> None:
         if self.stopping is None:
             self.stopping = channel.StopMode.GENTLE
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """A flag for the store: a wait for work that polls returns at its next look."""
+        backend = getattr(self, "backend", None)  # None until run() connected
+        if backend is not None:
+            backend.stop_waiting = True
 
     def _on_rough(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = channel.StopMode.ROUGH
+        self._stop_waiting()
         self._stop_tasks(RoughStop("worker stopped roughly (SIGINT)"))
         self._raise_into_job(RoughStop("worker stopped roughly (SIGINT)"))
 
@@ -244,6 +257,7 @@ class Worker:
                 self._never_start.add(command.job_id)
             elif isinstance(command, channel.Stop):
                 self.stopping = self.stopping or command.how
+                self._stop_waiting()
             elif current is not None and command.job_id == current.id:
                 stop_current = stop_current or interrupt_for(command.reason, current)
             else:
@@ -281,6 +295,8 @@ class Worker:
         return self.config.connect(lambda backend: backend.register_worker(self.info), f"worker {self.id}")
 
     def run(self) -> int:
+        if self.config.plugins is not None:
+            hooks.use_entries(self.config.plugins)
         interpreter.add_roots([os.getcwd(), *self.config.paths])
         trust.import_allowed(self.config.imports)
         self.backend = self.connect()

@@ -10,7 +10,8 @@ Database ``db`` (default ``skunkqueue``, or the one named in the URI) holds::
     stats    throughput counters of one route and minute: _id = {q, r, m},
              queue, route, minute, counts {counter: int}, expire_at (TTL)
     flow     one document per rate (a limit key's or a route's): _id = {q, n},
-             tat (GCRA's time), the last grant's nonce and the tat before it,
+             tat (GCRA's time), the last grant's nonce and the tat before it, granted
+             (how many starts the last update granted),
              expire_at (TTL, a minute after the rate is idle again)
 
 Every queue shares the ``jobs`` collection and is told apart by its ``queue``
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 import uuid
@@ -177,7 +179,7 @@ DEPS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "deps_parent": ([("parent", ASCENDING)], {}),
     "deps_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
-# Flow control's GCRA times: {_id: {q, n}, tat, grant, prev, expire_at} (see _grant).
+# Flow control's GCRA times: {_id: {q, n}, tat, grant, prev, granted, expire_at} (see _grant).
 FLOW_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "flow_expire": ([("expire_at", ASCENDING)], {"expireAfterSeconds": 0}),
 }
@@ -267,6 +269,128 @@ class _Via:
 
 def _once(what: str, op: Callable[[], T]) -> T:
     return op()
+
+
+# Why a claim's run of sorted updates at the route's head ended (see _claim_heads).
+_FILLED, _DRAINED, _KEYED, _HELD = "filled", "drained", "keyed", "held"
+
+
+class _RouteView:
+    """One claim's share of its route's own limit (``queue.limit``), decided once per claim, not
+    once per record.
+
+    Opening it reads the route's live slots once and picks up to ``want`` slot numbers that no live
+    lease holds, going round from a random one so that concurrent claims seldom pick the same and
+    meet at the unique index; then it takes the rate's starts for as many in one update (_grant
+    with ``want``). Each record the claim takes uses one slot and one start (:meth:`take`), stamped
+    with the time the starts were decided on; a record not taken after all gives them back to the
+    view (:meth:`put_back`); a slot the unique index refused is swept from a record whose lease ran
+    out, and the slots are counted again (:meth:`refused`). :meth:`close` gives the rate back the
+    starts not used, as _ungrant does: not if another grant came since (fewer starts than allowed,
+    never more), nor once their time has passed (a rate's time in the past means what none does).
+    A claim that outlives MOMENT_KEPT gives back and takes its starts anew, so that no start is
+    stamped more than that early.
+    """
+
+    def __init__(self, store: MongoPersistence, route: str, limit: flow.RouteLimit, want: int,
+                 moment: list[float]) -> None:
+        self.store, self.route, self.limit = store, route, limit
+        self.left = want  # records the claim may still take
+        self.moment = moment  # the claim's [store time its starts were decided on, monotonic then]
+        self.slots: list[str] = []  # picked, not used yet
+        self.lapsed: set[str] = set()  # slots that records whose lease ran out still hold
+        self.freed_at: float | None = None  # the first live lease's end, when the slots are all taken
+        self.tries = 0
+        self.grant: tuple[str, str] | None = None
+        self.granted = self.unused = 0
+        self.until = 0.0  # the rate's time after the grant
+        self.when = 0.0  # when the rate allows the next start
+        self._count()
+        if self.slots or limit.concurrency is None:
+            self._charge()
+
+    def _count(self) -> None:
+        cap = self.limit.concurrency
+        if cap is None:
+            return
+        live, self.lapsed = self.store._live({"route": self.route}, "route_slot")
+        self.freed_at = min((float(d["lease_until"]) for d in live), default=None)
+        free = min(self.left, cap - len(live))
+        self.slots = [] if free <= 0 else self.store._free_slots(
+            self.route, cap, {d.get("route_slot") for d in live}, self.lapsed, free, random.randrange(cap))
+
+    def _charge(self) -> None:
+        interval = self.limit.interval
+        want = self.left if self.limit.concurrency is None else min(self.left, len(self.slots))
+        if interval is None or want <= 0:
+            return
+        self.granted, self.when, self.grant, decided = self.store._grant(
+            flow.route_tat(self.route), interval, self.limit.burst, None, want)
+        self.moment[:] = [decided, time.monotonic()]
+        self.unused = self.granted
+        self.until = self.when + (self.limit.burst - 1) * interval
+
+    def take(self) -> dict[str, Any] | None:
+        """The fields of one more record's start (its route_slot, its started), or None: the
+        route's limit leaves this claim no room."""
+        if self.unused and time.monotonic() - self.moment[1] > MOMENT_KEPT:
+            self.close()  # a long claim: its later starts get a time of their own
+            self._charge()
+        rated = self.limit.interval is not None
+        if self.left <= 0 or (self.limit.concurrency is not None and not self.slots) or (rated and not self.unused):
+            return None
+        fields: dict[str, Any] = {}
+        if self.limit.concurrency is not None:
+            slot = fields["route_slot"] = self.slots.pop(0)
+            if slot in self.lapsed:
+                self.lapsed.discard(slot)
+                self.store._take_slot("route_slot", slot)
+        if rated:
+            self.unused -= 1
+            fields["started"] = self.moment[0]
+        self.left -= 1
+        return fields
+
+    def put_back(self, fields: dict[str, Any]) -> None:
+        """The record ``fields`` were taken for was not claimed: its slot and start are free again."""
+        self.left += 1
+        if "started" in fields:
+            self.unused += 1
+        if "route_slot" in fields:
+            self.slots.insert(0, fields["route_slot"])
+
+    def refused(self, fields: dict[str, Any]) -> None:
+        """The slot's unique index refused the record's update: another claim took the slot meanwhile,
+        or a record that does not run holds it. Sweep it from the latter, and count the slots again."""
+        slot = fields.get("route_slot")
+        self.put_back({name: value for name, value in fields.items() if name != "route_slot"})
+        if slot is None:
+            return
+        self.tries += 1
+        self.store._take_slot("route_slot", slot)
+        if self.tries >= SLOT_TRIES:
+            self.slots, self.freed_at = [], None  # left for the next claim
+        else:
+            self._count()
+
+    def wake(self) -> float | None:
+        """When the route's limit may let the next record start (None: not known)."""
+        times: list[float | None] = []
+        if self.limit.concurrency is not None and not self.slots:
+            times.append(self.freed_at)
+        if self.limit.interval is not None and not self.unused:
+            times.append(self.when)
+        return None if not times or None in times else max(t for t in times if t is not None)
+
+    def close(self) -> None:
+        """Give the rate back the starts granted and not used (see the class)."""
+        interval, unused, grant = self.limit.interval, self.unused, self.grant
+        self.unused = 0
+        if not unused or interval is None or grant is None:
+            return
+        if self.until <= self.moment[0] + time.monotonic() - self.moment[1]:
+            return  # their time has passed (a lower bound of the store's clock says so)
+        self.store._ungrant([grant], None if unused == self.granted else unused * interval)
 
 
 class MongoPersistence(NativeAsync, Persistence):
@@ -773,11 +897,15 @@ class MongoPersistence(NativeAsync, Persistence):
     # -- workers -------------------------------------------------------------------
 
     # Flow control: claimable records go by (priority descending, due, _id). A record with a
-    # limit_key, or any record of a route with its own limit, is taken by _claim_held: it counts
-    # the live leases (lease_until after $$NOW) of its key or route, and takes a free numbered
-    # slot (flow_slot / route_slot, unique indexes) with the record, in the record's one update:
-    # two claims racing for a slot cannot both write it, and a slot whose holder's lease ran out
-    # is taken from it (the holder is marked slot_lost, and renew refuses it from then on).
+    # limit_key is taken by _claim_held: it counts the live leases (lease_until after $$NOW) of its
+    # key, and takes a free numbered slot (flow_slot, a unique index) with the record, in the
+    # record's one update: two claims racing for a slot cannot both write it, and a slot whose
+    # holder's lease ran out is taken from it (the holder is marked slot_lost, and renew refuses it
+    # from then on). A route's own limit is decided once per claim (_RouteView): one count of the
+    # route's live leases picks the claim's route_slots (a unique index too), one grant takes its
+    # starts, and the records at the head are taken by the sorted update of an unlimited route,
+    # each with one of those slots and starts (_claim_heads); behind a keyed record, _claim_held
+    # takes them from the same view.
     #
     # No transactions are needed, so a standalone mongod enforces all of it: a slot is a field of
     # the record that holds it, written by the claim's update and dropped by the finish's, one
@@ -785,8 +913,8 @@ class MongoPersistence(NativeAsync, Persistence):
     # nothing twice; a worker that dies leaves a slot whose lease runs out, which frees it for
     # counting at once, is taken over by the next claim that needs it, and goes for good when
     # housekeeping hands the record back (a finish). Rates are GCRA times in the flow
-    # collection, charged by one upsert before the record's update (see _grant); a process that
-    # dies between the two leaves one start unused: fewer starts than allowed, never more.
+    # collection, charged by one upsert before the records' updates (see _grant); a process that
+    # dies between the two leaves the starts it was granted unused: fewer than allowed, never more.
     supports_priorities = True
     supports_limits = True
     supports_pause = True
@@ -824,34 +952,69 @@ class MongoPersistence(NativeAsync, Persistence):
             self._held_back[route] = None
             return []
         query = self.claim_filter(route, worker_id)
+        # The store time this claim decides its rates on, from its first grant, and when that was
+        # read on this host's monotonic clock (see _claim_one).
+        moment: list[float] = []
+        view = None if route_limit is None else _RouteView(self, route, route_limit, limit, moment)
+        try:
+            claimed, ended = self._claim_heads(worker_id, lease, limit, query, view)
+            if ended == _KEYED:  # a record with a limit key at the head: the careful way from here
+                return claimed + self._claim_held(route, worker_id, lease, limit - len(claimed), view, query,
+                                                  moment)
+        finally:
+            if view is not None:
+                view.close()
+        if ended == _HELD and view is not None:
+            self._held_back[route] = view.wake()
+        else:
+            self._held_back.pop(route, None)
+        return claimed
+
+    def _claim_heads(self, worker_id: str, lease: float, limit: int, query: dict[str, Any],
+                     view: _RouteView | None) -> tuple[list[JobRecord], str]:
+        """Take the route's head, one sorted update per record, while it has no limit key: the
+        common claim. On a route with its own limit each record takes a slot and a start of the
+        claim's ``view``. (The records, and why it stopped: _FILLED, _DRAINED, _KEYED or _HELD,
+        the route's limit left no room.)"""
+        plain = {"$ne": [{"$type": "$limit_key"}, "string"]}
+        update = self._claim_update(worker_id, lease, only_if=plain)
         claimed: list[JobRecord] = []
-        if route_limit is None:
-            # The common case: one update per record, which takes the head unless it has a limit key.
-            plain = {"$ne": [{"$type": "$limit_key"}, "string"]}
-            update = self._claim_update(worker_id, lease, only_if=plain)
-            while len(claimed) < limit:
-                try:
-                    doc = self._call("claim", lambda: self.jobs.find_one_and_update(
-                        query, update, sort=self.CLAIM_ORDER, return_document=ReturnDocument.AFTER),
-                        idempotent=False)
-                except OperationFailure as exc:
-                    if exc.code not in TYPE_MISMATCH:
-                        raise
-                    self._quarantine_head(query, exc)
-                    continue
-                if doc is None:
-                    self._held_back.pop(route, None)
-                    return claimed
-                if doc.get("state") != RUNNING:
-                    break  # a limited record at the head: the careful way from here
-                try:
-                    claimed.append(_to_record(doc))
-                except MalformedRecord as exc:
-                    self._quarantine(doc["_id"], str(exc))
-            else:
-                self._held_back.pop(route, None)
-                return claimed
-        return claimed + self._claim_held(route, worker_id, lease, limit - len(claimed), route_limit, query)
+        while len(claimed) < limit:
+            taken: dict[str, Any] = {}
+            if view is not None:
+                found = view.take()
+                if found is None:
+                    return claimed, _HELD
+                taken = found
+                update = self._claim_update(worker_id, lease, {name: _lit(v) for name, v in taken.items()},
+                                            only_if=plain)
+            try:
+                doc = self._call("claim", partial(
+                    self.jobs.find_one_and_update, query, update, sort=self.CLAIM_ORDER,
+                    return_document=ReturnDocument.AFTER), idempotent=False)
+            except DuplicateKeyError:
+                if view is None:
+                    raise
+                view.refused(taken)  # another claim took that slot meanwhile (or a record left it)
+                continue
+            except OperationFailure as exc:
+                if view is not None:
+                    view.put_back(taken)
+                if exc.code not in TYPE_MISMATCH:
+                    raise
+                self._quarantine_head(query, exc)
+                continue
+            if doc is None or doc.get("state") != RUNNING:  # none left, or a limited record at the head
+                if view is not None:
+                    view.put_back(taken)
+                return claimed, _DRAINED if doc is None else _KEYED
+            try:
+                claimed.append(_to_record(doc))
+            except MalformedRecord as exc:
+                self._quarantine(doc["_id"], str(exc))  # its slot goes with it; its start stays spent
+                if view is not None:
+                    view.put_back({})
+        return claimed, _FILLED
 
     def _quarantine_head(self, query: dict[str, Any], exc: OperationFailure) -> None:
         # A foreign document whose counters are not numbers refuses $add and would block the
@@ -872,30 +1035,32 @@ class MongoPersistence(NativeAsync, Persistence):
         lapsed = {doc[field] for doc in docs if doc.get("live") is not True and isinstance(doc.get(field), str)}
         return live, lapsed
 
-    def _free_slot(self, field: str, prefix: str, cap: int, live: list[dict[str, Any]], lapsed: set[str],
-                   sweep: bool) -> str:
-        """A slot number below ``cap`` that no live record holds (a lapsed holder's is taken from
-        it: one more round trip, only when a lapsed running record holds it, or with ``sweep``, after
-        the slot's unique index refused a claim: any other record that may hold it)."""
-        held = {doc.get(field) for doc in live}
-        for n in range(cap):
-            slot = f"{prefix}#{n}"
+    @staticmethod
+    def _free_slots(prefix: str, cap: int, held: set[Any], lapsed: set[str], n: int, start: int = 0) -> list[str]:
+        """Up to ``n`` slot names below ``cap`` that no live record holds (``held``), going round
+        from number ``start``: first those no lapsed record holds either, then lapsed ones (taking
+        one from its holder costs a round trip: _take_slot)."""
+        fresh: list[str] = []
+        old: list[str] = []
+        for step in range(cap):
+            if len(fresh) >= n:
+                break
+            slot = f"{prefix}#{(start + step) % cap}"
             if slot not in held:
-                if not sweep and slot not in lapsed:
-                    return slot
-                # A record whose lease ran out keeps the field until housekeeping hands it back:
-                # the slot is free now, so drop it there (only while that lease is still out), and
-                # mark the record slot_lost: its lease is gone for good (renew refuses it), or a
-                # late renewal of the lapsed lease would run it beside the slot's new holder.
-                self._call("free slot", partial(
-                    self.jobs.update_many,
-                    {"queue": self.queue, field: slot, "$expr": {"$lte": ["$lease_until", NOW]}},
-                    [{"$set": {field: "$$REMOVE", "slot_lost": True}}]))
-                return slot
-        raise AssertionError("fewer live leases than slots, yet no free slot")  # pragma: no cover
+                (old if slot in lapsed else fresh).append(slot)
+        return (fresh + old)[:n]
 
-    def _claim_held(self, route: str, worker_id: str, lease: float, limit: int,
-                    route_limit: flow.RouteLimit | None, query: dict[str, Any]) -> list[JobRecord]:
+    def _take_slot(self, field: str, slot: str) -> None:
+        """Take ``slot`` from a record whose lease ran out (or that is not running): it keeps the field
+        until housekeeping hands it back, but the slot is free now. Only while that lease is still out;
+        the record is marked slot_lost: its lease is gone for good (renew refuses it), or a late renewal
+        of the lapsed lease would run it beside the slot's new holder."""
+        self._call("free slot", partial(
+            self.jobs.update_many, {"queue": self.queue, field: slot, "$expr": {"$lte": ["$lease_until", NOW]}},
+            [{"$set": {field: "$$REMOVE", "slot_lost": True}}]))
+
+    def _claim_held(self, route: str, worker_id: str, lease: float, limit: int, view: _RouteView | None,
+                    query: dict[str, Any], moment: list[float]) -> list[JobRecord]:
         """Claim in order, skipping records a limit stops (no head-of-line blocking), looking at
         no more than FLOW_SCAN records."""
         claimed: list[JobRecord] = []
@@ -913,9 +1078,6 @@ class MongoPersistence(NativeAsync, Persistence):
         scan = flow.FLOW_SCAN + limit  # FLOW_SCAN past those taken
         candidates = self._candidates(query, fields, limit + 16, scan)
         looked = 0
-        # The store time this claim decides its rates on, from its first grant, and when that was
-        # read on this host's monotonic clock (see _claim_one).
-        moment: list[float] = []
         with contextlib.closing(candidates):
             while len(claimed) < limit:
                 cand = next(candidates, None)
@@ -927,7 +1089,7 @@ class MongoPersistence(NativeAsync, Persistence):
                 key = cand.get("limit_key") if isinstance(cand.get("limit_key"), str) else None
                 if key is not None and key in blocked:
                     continue
-                taken, stop, at = self._claim_one(route, worker_id, lease, cand, key, route_limit, query, moment)
+                taken, stop, at = self._claim_one(worker_id, lease, cand, key, view, query, moment)
                 if taken is not None:
                     claimed.append(taken)
                     continue
@@ -965,8 +1127,8 @@ class MongoPersistence(NativeAsync, Persistence):
                     given += 1
                     yield cand
 
-    def _claim_one(self, route: str, worker_id: str, lease: float, cand: dict[str, Any], key: str | None,
-                   route_limit: flow.RouteLimit | None, query: dict[str, Any],
+    def _claim_one(self, worker_id: str, lease: float, cand: dict[str, Any], key: str | None,
+                   view: _RouteView | None, query: dict[str, Any],
                    moment: list[float]) -> tuple[JobRecord | None, bool, float | None]:
         """(the record, if taken; whether the route's limit stops the claim; when a limit may let
         it start, 0 when not known, None when nothing stopped it and it was simply gone).
@@ -977,65 +1139,70 @@ class MongoPersistence(NativeAsync, Persistence):
         used, whatever their order (each time is at least the previous start's tat less the
         tolerance), and a decision at an earlier time is only stricter. So the starts as stored
         keep every rate exactly, and a burst starts at one time however many round trips its
-        records take, as in one transaction of a SQL store."""
-        if moment and time.monotonic() - moment[1] > MOMENT_KEPT:
-            moment.clear()  # a long claim: its later starts get a time of their own
+        records take, as in one transaction of a SQL store. On a route with its own rate the
+        moment is the ``view``'s grant (which renews it when it is older than MOMENT_KEPT)."""
         cap = cand.get("limit_concurrency") if key is not None else None
         interval = cand.get("limit_interval") if key is not None else None
         sweep = False
         for _ in range(SLOT_TRIES):
             extra: dict[str, Any] = {}
-            if route_limit is not None and route_limit.concurrency is not None:
-                live, lapsed = self._live({"route": route}, "route_slot")
-                if len(live) >= route_limit.concurrency:
-                    return None, True, min(float(d["lease_until"]) for d in live)
-                extra["route_slot"] = self._free_slot("route_slot", route, route_limit.concurrency, live, lapsed,
-                                                      sweep)
+            taken: dict[str, Any] = {}
+            if view is not None:
+                found = view.take()
+                if found is None:
+                    return None, True, view.wake() or 0.0
+                taken = found
+                extra.update(taken)
+            if "started" not in extra and moment and time.monotonic() - moment[1] > MOMENT_KEPT:
+                moment.clear()  # a long claim: its later starts get a time of their own
             if isinstance(cap, int):
                 live, lapsed = self._live({"limit_key": key}, "flow_slot")
                 if len(live) >= cap:
+                    if view is not None:
+                        view.put_back(taken)
                     return None, False, min(float(d["lease_until"]) for d in live)
-                extra["flow_slot"] = self._free_slot("flow_slot", str(key), cap, live, lapsed, sweep)
+                [slot] = self._free_slots(str(key), cap, {d.get("flow_slot") for d in live}, lapsed, 1)
+                if sweep or slot in lapsed:
+                    self._take_slot("flow_slot", slot)
+                extra["flow_slot"] = slot
             grants: list[tuple[str, str]] = []
-            charged = False
-            if route_limit is not None and route_limit.interval is not None:
-                ok, at, grant, decided = self._grant(flow.route_tat(route), route_limit.interval, route_limit.burst,
-                                                     moment[0] if moment else None)
-                moment[:] = moment or [decided, time.monotonic()]
-                if not ok:
-                    return None, True, at
-                grants.append(grant)
-                charged = True
             if isinstance(interval, (int, float)) and key is not None:
                 burst = cand.get("limit_burst")
-                ok, at, grant, decided = self._grant(flow.key_tat(key), float(interval),
-                                                     burst if isinstance(burst, int) else 1,
-                                                     moment[0] if moment else None)
+                granted, at, grant, decided = self._grant(flow.key_tat(key), float(interval),
+                                                          burst if isinstance(burst, int) else 1,
+                                                          moment[0] if moment else None)
                 moment[:] = moment or [decided, time.monotonic()]
-                if not ok:
-                    self._ungrant(grants)
+                if not granted:
+                    if view is not None:
+                        view.put_back(taken)
                     return None, False, at
                 grants.append(grant)
-                charged = True
-            if charged:
                 extra["started"] = moment[0]
             update = self._claim_update(worker_id, lease, {name: _lit(v) for name, v in extra.items()})
             try:
                 doc = self._call("claim", partial(
                     self.jobs.find_one_and_update, {**query, "_id": cand["_id"]}, update,
                     return_document=ReturnDocument.AFTER), idempotent=False)
-            except DuplicateKeyError:
+            except DuplicateKeyError as exc:
                 self._ungrant(grants)
+                if view is not None:
+                    # The key's slot or the route's: another claim took it meanwhile (or a record left it).
+                    pattern = (exc.details or {}).get("keyPattern") or {}
+                    (view.put_back if "flow_slot" in pattern else view.refused)(taken)
                 sweep = True
-                continue  # another claim took that slot meanwhile (or a record left it): count again
+                continue  # count again
             except OperationFailure as exc:
                 self._ungrant(grants)
+                if view is not None:
+                    view.put_back(taken)
                 if exc.code not in TYPE_MISMATCH:
                     raise
                 self._quarantine_head({**query, "_id": cand["_id"]}, exc)
                 return None, False, None
             if doc is None:
                 self._ungrant(grants)
+                if view is not None:
+                    view.put_back(taken)
                 return None, False, None  # taken by another claim (or no longer due)
             try:
                 return _to_record(doc), False, None
@@ -1044,41 +1211,49 @@ class MongoPersistence(NativeAsync, Persistence):
                 return None, False, None
         return None, False, 0.0
 
-    def _grant(self, name: str, interval: float, burst: int,
-               at_time: float | None = None) -> tuple[bool, float, tuple[str, str], float]:
-        """One start against a rate, decided and charged by the server in one update (flow.gcra's
-        rule) on $$NOW, or on ``at_time``, a time this claim read from the server a moment ago:
-        (allowed, when it would be, (name, this grant's nonce), the time it was decided on)."""
+    def _grant(self, name: str, interval: float, burst: int, at_time: float | None = None,
+               want: int = 1) -> tuple[int, float, tuple[str, str], float]:
+        """Up to ``want`` starts against a rate at one time, decided and charged by the server in one
+        update (flow.gcra's rule for each start in turn) on $$NOW, or on ``at_time``, a time this
+        claim read from the server a moment ago: (how many were granted, 0 for none; when the next
+        start would be allowed; (name, this grant's nonce); the time it was decided on)."""
         nonce = uuid.uuid4().hex
         tolerance = (burst - 1) * interval
         at = {"$max": [{"$ifNull": ["$tat", 0]}, "$$n"]}
-        ok = {"$lte": [{"$subtract": [at, "$$n"]}, tolerance + 1e-9]}
+        # The k-th start (from 0) at time n is allowed while at + k * interval - n <= tolerance.
+        room = {"$add": [{"$floor": {"$divide": [{"$subtract": [tolerance + 1e-9, {"$subtract": [at, "$$n"]}]},
+                                                 interval]}}, 1]}
         now: Any = NOW if at_time is None else _lit(at_time)
+        ok = {"$gt": ["$_c.k", 0]}
+        until = {"$add": ["$_c.at", {"$multiply": ["$_c.k", interval]}]}  # the rate's time after the grant
         pipeline: list[dict[str, Any]] = [{"$set": {"_c": {"$let": {"vars": {"n": now}, "in": {
-            "ok": ok, "at": at, "now": "$$n"}}}}},
+            "k": {"$max": [0, {"$min": [want, room]}]}, "at": at, "now": "$$n"}}}}},
             {"$set": {
-                "prev": {"$cond": ["$_c.ok", {"$ifNull": ["$tat", None]}, "$prev"]},
-                "grant": {"$cond": ["$_c.ok", nonce, {"$ifNull": ["$grant", None]}]},
-                "tat": {"$cond": ["$_c.ok", {"$add": ["$_c.at", interval]}, "$tat"]},
-                "when": {"$subtract": ["$_c.at", tolerance]},
+                "prev": {"$cond": [ok, {"$ifNull": ["$tat", None]}, "$prev"]},
+                "grant": {"$cond": [ok, nonce, {"$ifNull": ["$grant", None]}]},
+                "granted": "$_c.k",
+                "tat": {"$cond": [ok, until, "$tat"]},
+                "when": {"$subtract": [until, tolerance]},
                 "decided": "$_c.now",
-                "expire_at": {"$toDate": {"$multiply": [{"$add": ["$_c.at", interval, 60]}, 1000]}}}},
+                "expire_at": {"$toDate": {"$multiply": [{"$add": [until, interval, 60]}, 1000]}}}},
             {"$unset": "_c"}]
         doc = self._call("rate", lambda: self.flow_times.find_one_and_update(
             {"_id": {"q": self.queue, "n": name}}, pipeline, upsert=True, return_document=ReturnDocument.AFTER),
             idempotent=False)
-        granted = doc is not None and doc.get("grant") == nonce
+        granted = int((doc or {}).get("granted") or 0) if doc is not None and doc.get("grant") == nonce else 0
         decided = (doc or {}).get("decided")
         return (granted, float((doc or {}).get("when") or 0.0), (name, nonce),
                 float(decided) if isinstance(decided, (int, float)) else self.now())
 
-    def _ungrant(self, grants: list[tuple[str, str]]) -> None:
-        """Give back starts charged for a record that was then not taken, unless another start was
-        charged since (then the rate stays charged: fewer starts than allowed, never more)."""
+    def _ungrant(self, grants: list[tuple[str, str]], back: float | None = None) -> None:
+        """Give back starts charged for records that were then not taken (all of each grant, or
+        ``back`` seconds of the rate's time: the starts of a grant not used), unless another start
+        was charged since (then the rate stays charged: fewer starts than allowed, never more)."""
+        tat: Any = "$prev" if back is None else {"$subtract": ["$tat", back]}
         for name, nonce in grants:
             self._call("rate", partial(
                 self.flow_times.update_one, {"_id": {"q": self.queue, "n": name}, "grant": nonce},
-                [{"$set": {"tat": "$prev", "grant": None}}]))
+                [{"$set": {"tat": tat, "grant": None}}]))
 
     def rate_times(self, names: Sequence[str]) -> dict[str, float]:
         now = self.now()
@@ -1576,8 +1751,8 @@ class MongoPersistence(NativeAsync, Persistence):
             due = self._next_due(routes, worker_id)
             left = deadline - time.monotonic()
             until_due = None if due is None else due - self.now()
-            if left <= 0 or (until_due is not None and until_due <= 0):
-                return
+            if left <= 0 or (until_due is not None and until_due <= 0) or self.stop_waiting:
+                return  # stop_waiting: the worker is stopping, and a signal does not end this loop
             time.sleep(min(pause, left, until_due if until_due is not None else left))
             pause = min(pause * 2, self.max_idle_poll)
 

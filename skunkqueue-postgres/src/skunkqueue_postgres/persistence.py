@@ -381,6 +381,10 @@ class PostgresPersistence(Persistence):
             found = self._route_channels[route] = "skq_r_" + _digest(self.schema, self.queue, route)
         return found
 
+    def worker_channel(self, worker_id: str) -> str:
+        """The channel only ``worker_id`` listens on while it waits: its pool wakes it there to stop it."""
+        return "skq_w_" + _digest(self.schema, self.queue, worker_id)
+
     def done_channel(self, job_id: str) -> str:
         return "skq_d_" + _digest(self.schema, self.queue, job_id)
 
@@ -1343,6 +1347,7 @@ class PostgresPersistence(Persistence):
         def wait(conn: psycopg.Connection[dict[str, Any]]) -> None:
             # Listening before the look: work committed after it is notified, work committed before it is seen.
             self._listen(conn, self.route_channel(route))
+            self._listen(conn, self.worker_channel(worker_id))  # see wake_worker
             self._notified = False  # what was heard before this look is seen by it
             if route in self._held_back:
                 # The due rows were left behind by a limit or a pause: no reason to return at once.
@@ -1370,6 +1375,11 @@ class PostgresPersistence(Persistence):
             self._wait_notified(conn, left)
 
         self._call("wait for work", wait, wait=max(timeout, 0.0))
+
+    def wake_worker(self, route: str, worker_id: str) -> None:
+        # The stopping worker's select() is not cut short by the signal: a NOTIFY ends it.
+        channel = self.worker_channel(worker_id)
+        self._call("wake a worker", lambda conn: conn.execute("SELECT pg_notify(%s, '')", (channel,)))
 
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         deadline = None if timeout is None else time.monotonic() + timeout

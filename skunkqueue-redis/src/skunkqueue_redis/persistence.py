@@ -54,6 +54,8 @@ log = logging.getLogger("skunkqueue.redis")
 # Wake-up tokens kept per list: enough to wake every idle worker of a route,
 # bounded so a busy route's list cannot grow while nobody is idle.
 NOTIFY_CAP = 256
+# How long the token that wakes a stopping worker lives (ms): see wake_worker.
+WAKE_TOKEN_MS = 10_000
 # How long a finished record's wake-up token lives (ms); later waiters read the record itself.
 DONE_TOKEN_MS = 60_000
 # Claim gives up after this many rounds of stale index entries in one call.
@@ -779,6 +781,16 @@ class RedisPersistence(NativeAsync, Persistence):
         if timeout < 0.001:
             return
         self.client.blpop([self.keys.notify(route), self.keys.notify(route, worker_id)], timeout=timeout)
+
+    @guarded
+    def wake_worker(self, route: str, worker_id: str) -> None:
+        # A token on the list only this worker blocks on; it lives a few seconds at most, so a
+        # worker that stopped without waiting again leaves nothing behind.
+        pipe = self._pipeline()
+        key = self.keys.notify(route, worker_id)
+        pipe.rpush(key, "1")
+        pipe.pexpire(key, WAKE_TOKEN_MS)
+        pipe.execute()
 
     @guarded
     def wait_and_claim(self, route: str, worker_id: str, timeout: float, idle: float, lease: float,

@@ -6,15 +6,22 @@ nothing heavy; the web stack loads only when ``skunq web`` runs.
 
 from __future__ import annotations
 
-import click
+from typing import TYPE_CHECKING
 
 from skunkqueue.hooks import hookimpl
+
+if TYPE_CHECKING:
+    import click
 
 DEFAULT_PORT = 8080
 
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
+    # Imported here for start-up speed, not to dodge a cycle: every worker loads this plugin,
+    # and only the command line (which has click loaded already) calls this hook.
+    import click
+
     @cli.command()
     @click.option("-q", "--queue", envvar="SKUNQ_QUEUE", required=True, help="Queue name.")
     # No envvar=: skunkqueue.config reads SKUNQ_BACKEND/SKUNQ_URL/SKUNQ_DB, as for skunq work and SkunkQueue().

@@ -86,6 +86,9 @@ class JobStore(Protocol):
     notifies: bool = False
     #: True when :meth:`wait_and_claim` sends the claim with the wait (one round trip): workers use it.
     claims_on_wake: ClassVar[bool] = False
+    #: Set (by the worker's signal handler: a flag) once the worker using this store is stopping:
+    #: a :meth:`wait_for_work` that polls returns at its next look instead of at its timeout.
+    stop_waiting: bool = False
     #: Longest sleep of the default :meth:`wait_for_work`'s back-off, in seconds.
     max_idle_poll: ClassVar[float] = 0.2
     #: Flow control: True when :meth:`claim` hands out records by ``priority``; when it enforces
@@ -302,6 +305,17 @@ class JobStore(Protocol):
         """
         self.wait_for_work(route, worker_id, timeout, idle)
         return self.claim(route, worker_id, lease, limit)
+
+    def wake_worker(self, route: str, worker_id: str) -> None:
+        """Cut short the wait for work of worker ``worker_id`` on ``route``, now or at its next wait.
+
+        Its pool calls it after telling the worker to stop: a worker notices the
+        stop only when its wait returns, and a wait that blocks in the store (a
+        Redis BLPOP) is not cut short by the signal. Spurious wake-ups are allowed
+        (the worker looks, then waits again). The default does nothing: the
+        polling waits are short, and backends whose wait the signal does cut
+        short need nothing either.
+        """
 
     def wait_finished(self, job_id: str, timeout: float | None) -> JobRecord | None:
         """Block until the record is finished or ``timeout`` passes; return it.

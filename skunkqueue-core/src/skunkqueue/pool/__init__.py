@@ -63,6 +63,7 @@ class WorkerPool:
         self.leases = LeaseKeeper(base, grace)
         self.upkeep = Upkeep(base, self.tally, self.leases.renew_every)
         self.scheduler: Scheduler | None = None
+        self._woken: set[str] = set()  # the stopping workers whose waits were cut short
 
     @property
     def stopping(self) -> StopMode | None:
@@ -117,6 +118,8 @@ class WorkerPool:
                 now = time.monotonic()
                 self.supervisor.act_on_signals(now)
                 alive = self.supervisor.watch(self.store, now)
+                if self.stopping:  # after watch: it reads the hellos that name the workers
+                    self._wake_workers()
                 if self.stopping and alive == 0:
                     break
                 if self.config.burst and self.supervisor.drained:
@@ -135,6 +138,16 @@ class WorkerPool:
         self.supervisor.ignore_late_signals()
         log.info("pool %d: all workers stopped", os.getpid())
         return EXIT_ROUGH if self.stopping == StopMode.ROUGH else 0
+
+    def _wake_workers(self) -> None:
+        """Cut short the stopping workers' waits for work, once each: a worker blocked in the
+        store (a Redis BLPOP, up to a second) would notice the stop only when its wait returns."""
+        if self.store is None:
+            return
+        for child in self.children:
+            if child.alive and child.worker_id is not None and child.worker_id not in self._woken:
+                self._woken.add(child.worker_id)
+                store_call("wake a stopping worker", self.store.wake_worker, child.config.route, child.worker_id)
 
     def _upkeep(self, now: float) -> None:
         """The turns on the store: leases first (they are what keeps a job from running twice)."""
