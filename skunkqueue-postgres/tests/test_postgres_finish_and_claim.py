@@ -98,33 +98,46 @@ def test_a_connection_cut_after_the_finish_statement_rolls_back_both(
     assert [r.id for r in store.claim("r", "w1", 30)] == [second.id]
 
 
+def _hold_commits(url: str, schema: str, hold: str) -> None:
+    """A deferred trigger on ``schema``'s jobs that runs ``hold`` (PL/pgSQL) inside the COMMIT of
+    any transaction that updated a job, in sessions that SET skunq.hold = 'on'."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"""CREATE FUNCTION {schema}.hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF current_setting('skunq.hold', true) = 'on' THEN {hold} END IF; RETURN NULL; END $$""")
+        admin.execute(f"""CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON {schema}.jobs
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.hold_commit()""")
+
+
+def _session_waiting(url: str, where: str, params: tuple[Any, ...], seconds: float) -> str | None:
+    """The query of the first session in pg_stat_activity matching ``where``, once one does
+    (looked for every 20 ms), or None after ``seconds``."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            row = admin.execute(f"SELECT query FROM pg_stat_activity WHERE {where}", params).fetchone()
+            if row is not None:
+                return str(row[0])
+            time.sleep(0.02)
+    return None
+
+
 def test_a_session_ended_during_the_commit_rolls_back_both(
         postgres: Any, opened: Callable[..., Any], queue_name: str) -> None:
     """A deferred trigger holds the COMMIT itself; the server ends the session while it is held."""
     name = _schema()
     store = opened(queue_name, postgres.url, db=name)
-    with psycopg.connect(postgres.url, autocommit=True) as admin:
-        admin.execute(f"""CREATE FUNCTION {name}.hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN IF current_setting('skunq.hold', true) = 'on' THEN PERFORM pg_sleep(10); END IF;
-            RETURN NULL; END $$""")
-        admin.execute(f"""CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON {name}.jobs
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}.hold_commit()""")
+    _hold_commits(postgres.url, name, "PERFORM pg_sleep(10);")
     first, second, held = _two_jobs(store, queue_name)
     pid = _backend_pid(store)
     store._connection().execute("SET skunq.hold = 'on'")
     ended: list[str] = []
 
     def end_it() -> None:
-        with psycopg.connect(postgres.url, autocommit=True) as admin:
-            deadline = time.monotonic() + 8
-            while time.monotonic() < deadline:
-                row = admin.execute("SELECT wait_event, query FROM pg_stat_activity WHERE pid = %s",
-                                    (pid,)).fetchone()
-                if row is not None and row[0] == "PgSleep":
-                    ended.append(str(row[1]))
-                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                    return
-                time.sleep(0.02)
+        query = _session_waiting(postgres.url, "pid = %s AND wait_event = 'PgSleep'", (pid,), 8)
+        if query is not None:
+            ended.append(query)
+            with psycopg.connect(postgres.url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     killer = threading.Thread(target=end_it)
     killer.start()
@@ -397,11 +410,7 @@ def test_the_server_killed_in_a_finish_and_claim(make_postgres: Callable[..., An
     try:
         hold = "PERFORM pg_sleep(20);" if where == "during the commit" else \
             "PERFORM set_config('synchronous_commit', 'on', true);"
-        with psycopg.connect(server.url, autocommit=True) as admin:
-            admin.execute(f"""CREATE FUNCTION {name}.hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN IF current_setting('skunq.hold', true) = 'on' THEN {hold} END IF; RETURN NULL; END $$""")
-            admin.execute(f"""CREATE CONSTRAINT TRIGGER hold AFTER UPDATE ON {name}.jobs
-                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}.hold_commit()""")
+        _hold_commits(server.url, name, hold)
         first, second, held = _two_jobs(store, queue_name)
         killed: list[str] = []
         if where == "after the finish statement":
@@ -419,15 +428,9 @@ def test_the_server_killed_in_a_finish_and_claim(make_postgres: Callable[..., An
             wait_event = "PgSleep" if where == "during the commit" else "SyncRep"
 
             def kill_at_commit() -> None:
-                with psycopg.connect(server.url, autocommit=True) as admin:
-                    deadline = time.monotonic() + 15
-                    while time.monotonic() < deadline:
-                        row = admin.execute("SELECT query FROM pg_stat_activity WHERE wait_event = %s",
-                                            (wait_event,)).fetchone()
-                        if row is not None:
-                            killed.append(str(row[0]))
-                            break
-                        time.sleep(0.02)
+                query = _session_waiting(server.url, "wait_event = %s", (wait_event,), 15)
+                if query is not None:
+                    killed.append(query)
                 server.kill()
 
             killer = threading.Thread(target=kill_at_commit)
