@@ -20,8 +20,8 @@ demo: $(STAMP)
 # The suite runs in two passes (scripts/run-tests): TEST_WORKERS processes side by side
 # (pytest-xdist; each starts its own servers on free ports), then the few `serial` tests, which
 # bound a wall-clock time in milliseconds, alone. The tests mostly wait on the pools and servers
-# they start, so twice the cores pays off (docs/development.md, "Running the tests", has the figures).
-TEST_WORKERS ?= 4
+# they start, so three times the cores pays off (docs/development.md, "Running the tests", has the figures).
+TEST_WORKERS ?= 6
 RUN_TESTS := TEST_WORKERS=$(TEST_WORKERS) PYTHON=$(BIN)/python scripts/run-tests
 
 ## Run the whole test suite; the tests start their own redis-server, mongod and PostgreSQL.
