@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 from pymongo import MongoClient
 from pymongo.client_session import ClientSession
-from pymongo.errors import OperationFailure
+from pymongo.errors import CollectionInvalid, OperationFailure
 
 from skunkqueue import SkunkQueue
 from skunkqueue.persistence import Persistence
@@ -62,6 +62,8 @@ class SessionTransactions(AppTransactions):
             # 8-process test, run first on a fresh server, lost its processes to that.
             try:
                 client["app"].create_collection("rows")
+            except CollectionInvalid:
+                pass  # another process made it between our look and pymongo's own (check_exists)
             except OperationFailure as exc:
                 if exc.code != NAMESPACE_EXISTS:  # not: another process made it first
                     raise
