@@ -1,8 +1,8 @@
-"""Hostile probes of finish_and_claim's one transaction (the finish and the next plain claim commit together).
+"""Hostile probes of finish_and_claim's one transaction (the finish and the next claim commit together).
 
 Its promises (persistence.py): a failure rolls back both; a deadlock or serialization failure retried
-by ``_call`` repeats both; a claim flow control must decide runs after the finish committed, in its own
-transaction; the fencing token still refuses a stale finish. Each test cuts or fences one of them.
+by ``_call`` repeats both; a claim flow control must decide runs in the same transaction and sees the
+slot the finish frees; the fencing token still refuses a stale finish. Each test cuts or fences one.
 """
 
 from __future__ import annotations
@@ -153,11 +153,12 @@ def test_a_session_ended_during_the_commit_rolls_back_both(
 
 
 @pytest.mark.parametrize("failures", [1, 2])
-def test_a_retried_flow_claim_does_not_report_a_recorded_finish_as_refused(
+def test_a_serialization_failure_in_the_flow_claim_rolls_back_and_repeats_both(
         postgres: Any, opened: Callable[..., Any], queue_name: str, monkeypatch: pytest.MonkeyPatch,
         failures: int) -> None:
-    """A serialization failure of the flow claim (after the finish committed) is retried by _call:
-    the claim alone. Twice (_call's last try): the finish still stands, and the claim took nothing."""
+    """The flow claim runs in the finish's transaction: its serialization failure rolls back the
+    finish too, and _call's retry repeats both (the finish is not fenced off by its own first try
+    and reported refused). Twice (_call's last try): neither half stands, and the error is raised."""
     store = opened(queue_name, postgres.url)
     first = make_record(queue_name)
     keyed = make_record(queue_name, due=time.time() + 0.001, limit_key="k", limit_concurrency=1)
@@ -176,19 +177,26 @@ def test_a_retried_flow_claim_does_not_report_a_recorded_finish_as_refused(
         return real_flow(*args, **kwargs)
 
     monkeypatch.setattr(store, "_claim_flow", fail_once)
-    recorded, claimed = store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
-    assert len(failed) == failures
-    assert _state(store, first.id)[::3] == (COMPLETE, b"1")
-    assert [r.id for r in claimed] == ([keyed.id] if failures == 1 else [])
-    assert recorded, "the finish was recorded by this very call, but reported refused"
-    assert _state(store, keyed.id)[0] == (RUNNING if failures == 1 else PENDING)
+    if failures == 1:
+        recorded, claimed = store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
+        assert recorded, "the finish was recorded by this very call, but reported refused"
+        assert [r.id for r in claimed] == [keyed.id]
+        assert _state(store, first.id)[::3] == (COMPLETE, b"1")
+        assert _state(store, keyed.id)[0] == RUNNING
+        return
+    with pytest.raises(errors.SerializationFailure):
+        store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
+    monkeypatch.undo()
+    assert len(failed) == 2
+    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
+    assert _state(store, keyed.id)[:2] == (PENDING, None)
+    assert store.finish(first.id, held.token, policy.completed(b"1"))  # what the worker does next
 
 
-def test_a_connection_lost_in_the_flow_claim_keeps_the_committed_finish(
+def test_a_connection_lost_in_the_flow_claim_rolls_back_both(
         postgres: Any, opened: Callable[..., Any], queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The finish committed, then the session ends in the flow claim's own transaction: the caller
-    hears that its finish was recorded and that it claimed nothing (the job stays pending), rather
-    than an error that makes the worker finish again, be fenced off and log a lost lease."""
+    """The session ends in the flow claim, inside the finish's transaction: neither half stands, the
+    caller hears BackendUnavailable, and the finish it sends again (as a worker does) is recorded."""
     store = opened(queue_name, postgres.url)
     first = make_record(queue_name)
     keyed = make_record(queue_name, due=time.time() + 0.001, limit_key="k", limit_concurrency=1)
@@ -205,15 +213,16 @@ def test_a_connection_lost_in_the_flow_claim_keeps_the_committed_finish(
         return real_flow(*args, **kwargs)
 
     monkeypatch.setattr(store, "_claim_flow", cut_then_claim)
-    recorded, claimed = store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
+    with pytest.raises(BackendUnavailable):
+        store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
     monkeypatch.undo()
-    assert (recorded, claimed) == (True, [])
-    assert _state(store, first.id)[::3] == (COMPLETE, b"1")
+    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
     assert _state(store, keyed.id)[:2] == (PENDING, None)
+    assert store.finish(first.id, held.token, policy.completed(b"1"))
     assert [r.id for r in store.claim("r", "w1", 30)] == [keyed.id]
 
 
-# -- flow control: the claim after the commit ------------------------------------------------
+# -- flow control: the claim in the finish's transaction ------------------------------------------------
 
 
 def test_a_freed_key_slot_is_seen_by_another_worker(postgres: Any, opened: Callable[..., Any],

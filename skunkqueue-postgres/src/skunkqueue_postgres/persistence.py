@@ -66,7 +66,7 @@ import math
 import re
 import select
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union, overload
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 from urllib.parse import unquote
 
 import psycopg
@@ -745,24 +745,15 @@ class PostgresPersistence(Persistence):
             SELECT *, false AS flow_blocked FROM taken
             UNION ALL SELECT {nulls}, true WHERE (SELECT yes FROM limited)""")
 
-    @overload
     def _claim(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
-               limit: int) -> list[JobRecord]: ...
-
-    @overload
-    def _claim(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
-               limit: int, flow: bool) -> list[JobRecord] | None: ...
-
-    def _claim(self, conn: psycopg.Connection[dict[str, Any]], route: str, worker_id: str, lease: float,
-               limit: int, flow: bool = True) -> list[JobRecord] | None:
-        """The claim; with ``flow`` false, None (having written nothing) where flow control must decide."""
+               limit: int) -> list[JobRecord]:
         paused, route_limit = self._route_flow(conn, route)
         if paused or route_limit is not None:
-            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit) if flow else None
+            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit)
         rows = conn.execute(self._claim_statement(), {"queue": self.queue, "route": route, "worker": worker_id,
                                                       "lease": float(lease), "limit": limit}).fetchall()
         if any(row["flow_blocked"] for row in rows):
-            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit) if flow else None
+            return self._claim_flow(conn, route, worker_id, lease, limit, paused, route_limit)
         self._held_back.pop(route, None)
         return self._taken(conn, rows)
 
@@ -1022,32 +1013,17 @@ class PostgresPersistence(Persistence):
 
     def finish_and_claim(self, job_id: str, token: int, outcome: Outcome, route: str, worker_id: str,
                          lease: float, limit: int = 1) -> tuple[bool, list[JobRecord]]:
-        # One transaction: the finish and the next plain claim commit together, so a worker pays one WAL
-        # flush per job instead of two (with fsync on, the flush is most of a job's time). A failure rolls
-        # back both, and a deadlock or serialization failure retried by _call repeats both from the start.
-        # A claim flow control must decide (a pause, a route or key limit in the way) runs as before: in a
-        # transaction of its own once the finish, and the slot it frees, are committed and seen by all.
-        # Once the first transaction committed, the finish stands: a retry (a serialization failure of
-        # the flow claim) repeats the claim only -- run again, the finish would be fenced off by its own
-        # token and reported refused -- and a connection lost in the flow claim loses only that claim.
-        committed: list[bool] = []
-
+        # One transaction: the finish and the next claim commit together, so a worker pays one WAL flush
+        # per job instead of two (with fsync on, the flush is most of a job's time). A failure rolls back
+        # both, and a deadlock or serialization failure retried by _call repeats both from the start. A
+        # claim flow control decides sees the slot its own finish frees; other workers' claims see it
+        # once this one commits (they wait for the route's lock, which it holds until then).
         def both(conn: psycopg.Connection[dict[str, Any]]) -> tuple[bool, list[JobRecord]]:
-            if not committed:
-                with conn.transaction():
-                    recorded = self._finish(conn, job_id, token, outcome, RUNNING)
-                    claimed = self._claim(conn, route, worker_id, lease, limit, flow=False)
-                if claimed is not None:
-                    return recorded, claimed
-                committed.append(recorded)
-            return committed[0], self._claim(conn, route, worker_id, lease, limit)
+            with conn.transaction():
+                return (self._finish(conn, job_id, token, outcome, RUNNING),
+                        self._claim(conn, route, worker_id, lease, limit))
 
-        try:
-            return self._call("finish and claim", both, idempotent=False)
-        except (BackendUnavailable, errors.SerializationFailure, errors.DeadlockDetected):
-            if not committed:
-                raise
-            return committed[0], []  # the claim failed twice or lost its connection: it took nothing
+        return self._call("finish and claim", both, idempotent=False)
 
     # -- workflows (see the Persistence docstring) ---------------------------------------
     #
