@@ -38,8 +38,27 @@ def _backend_pid(store: Any) -> int:
     return int(row["pid"])
 
 
-def _two_jobs(store: Any, queue: str) -> tuple[Any, Any, Any]:
-    first, second = make_record(queue), make_record(queue, due=time.time() + 0.001)
+def _cut_then(url: str, pid: int, then: Callable[..., Any]) -> Callable[..., Any]:
+    """``then``, called after the server ended session ``pid`` (the store's own connection)."""
+    def cut(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return then(*args, **kwargs)
+
+    return cut
+
+
+def _assert_neither_half_stands(store: Any, first: Any, second: Any, held: Any) -> None:
+    """The finish rolled back with the claim: the first job runs on under its token, the second
+    waits; the finish sent again alone (what the worker does next) is recorded."""
+    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
+    assert _state(store, second.id)[:2] == (PENDING, None)
+    assert store.finish(first.id, held.token, policy.completed(b"1"))
+
+
+def _two_jobs(store: Any, queue: str, **second_fields: Any) -> tuple[Any, Any, Any]:
+    """Two jobs on route "r", the first claimed by worker w1; ``second_fields`` shape the second."""
+    first, second = make_record(queue), make_record(queue, due=time.time() + 0.001, **second_fields)
     store.enqueue([first])
     store.enqueue([second])
     (held,) = store.claim("r", "w1", 30)
@@ -79,22 +98,12 @@ def test_a_connection_cut_after_the_finish_statement_rolls_back_both(
     """The server ends the session after the finish's statement ran, before the claim and the commit."""
     store = opened(queue_name, postgres.url)
     first, second, held = _two_jobs(store, queue_name)
-    pid = _backend_pid(store)
-    real_claim = store._claim
-
-    def cut_then_claim(conn: Any, *args: Any, **kwargs: Any) -> Any:
-        with psycopg.connect(postgres.url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        return real_claim(conn, *args, **kwargs)
-
-    monkeypatch.setattr(store, "_claim", cut_then_claim)
+    monkeypatch.setattr(store, "_claim", _cut_then(postgres.url, _backend_pid(store), store._claim))
     with pytest.raises(BackendUnavailable):
         store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
     monkeypatch.undo()
-    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
-    assert _state(store, second.id)[:2] == (PENDING, None)
     # What the worker does next (_finish_when_back): the finish alone, on a new connection.
-    assert store.finish(first.id, held.token, policy.completed(b"1"))
+    _assert_neither_half_stands(store, first, second, held)
     assert [r.id for r in store.claim("r", "w1", 30)] == [second.id]
 
 
@@ -160,13 +169,7 @@ def test_a_serialization_failure_in_the_flow_claim_rolls_back_and_repeats_both(
     finish too, and _call's retry repeats both (the finish is not fenced off by its own first try
     and reported refused). Twice (_call's last try): neither half stands, and the error is raised."""
     store = opened(queue_name, postgres.url)
-    first = make_record(queue_name)
-    keyed = make_record(queue_name, due=time.time() + 0.001, limit_key="k", limit_concurrency=1)
-    store.enqueue([first])
-    store.enqueue([keyed])
-    (held,) = store.claim("r", "w1", 30)
-    assert held.id == first.id
-    time.sleep(0.01)
+    first, keyed, held = _two_jobs(store, queue_name, limit_key="k", limit_concurrency=1)
     real_flow = store._claim_flow
     failed: list[int] = []
 
@@ -188,9 +191,7 @@ def test_a_serialization_failure_in_the_flow_claim_rolls_back_and_repeats_both(
         store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
     monkeypatch.undo()
     assert len(failed) == 2
-    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
-    assert _state(store, keyed.id)[:2] == (PENDING, None)
-    assert store.finish(first.id, held.token, policy.completed(b"1"))  # what the worker does next
+    _assert_neither_half_stands(store, first, keyed, held)
 
 
 def test_a_connection_lost_in_the_flow_claim_rolls_back_both(
@@ -198,27 +199,12 @@ def test_a_connection_lost_in_the_flow_claim_rolls_back_both(
     """The session ends in the flow claim, inside the finish's transaction: neither half stands, the
     caller hears BackendUnavailable, and the finish it sends again (as a worker does) is recorded."""
     store = opened(queue_name, postgres.url)
-    first = make_record(queue_name)
-    keyed = make_record(queue_name, due=time.time() + 0.001, limit_key="k", limit_concurrency=1)
-    store.enqueue([first])
-    store.enqueue([keyed])
-    (held,) = store.claim("r", "w1", 30)
-    time.sleep(0.01)
-    pid = _backend_pid(store)
-    real_flow = store._claim_flow
-
-    def cut_then_claim(*args: Any, **kwargs: Any) -> Any:
-        with psycopg.connect(postgres.url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        return real_flow(*args, **kwargs)
-
-    monkeypatch.setattr(store, "_claim_flow", cut_then_claim)
+    first, keyed, held = _two_jobs(store, queue_name, limit_key="k", limit_concurrency=1)
+    monkeypatch.setattr(store, "_claim_flow", _cut_then(postgres.url, _backend_pid(store), store._claim_flow))
     with pytest.raises(BackendUnavailable):
         store.finish_and_claim(first.id, held.token, policy.completed(b"1"), "r", "w1", 30)
     monkeypatch.undo()
-    assert _state(store, first.id) == (RUNNING, "w1", held.token, None)
-    assert _state(store, keyed.id)[:2] == (PENDING, None)
-    assert store.finish(first.id, held.token, policy.completed(b"1"))
+    _assert_neither_half_stands(store, first, keyed, held)
     assert [r.id for r in store.claim("r", "w1", 30)] == [keyed.id]
 
 

@@ -22,7 +22,7 @@ from skunkqueue import dependencies, policy
 from skunkqueue.errors import ConfigurationError, JobFailed
 from skunkqueue.persistence import Persistence
 from skunkqueue.queue import SkunkQueue
-from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, Outcome
+from skunkqueue.record import COMPLETE, ERROR, KILLED, PENDING, RUNNING, JobRecord, Outcome
 from skunkqueue.testing import jobs
 from skunkqueue.testing.kit import BackendUnderTest
 from skunkqueue.testing.suite_support import declare, make_record, started, wait_until
@@ -55,6 +55,16 @@ def _complete(store: Persistence, job_id: str, value: bytes = b"1") -> None:
     assert store.finish(job_id, record.token, policy.completed(value))
 
 
+def _first_of_two_parents_done(store: Persistence, queue_name: str) -> tuple[JobRecord, JobRecord, JobRecord]:
+    """Parents a and b and their dependent c stored together; a and b claimed, a completed."""
+    a, b = make_record(queue_name), make_record(queue_name)
+    c = _waiting(queue_name, a.id, b.id)
+    store.enqueue([a, b, c])
+    assert sorted(_claim_all(store)) == sorted([a.id, b.id])
+    _complete(store, a.id)
+    return a, b, c
+
+
 class WorkflowSuite:
     """Mixed into :class:`~skunkqueue.testing.ConformanceSuite`."""
 
@@ -62,11 +72,7 @@ class WorkflowSuite:
 
     def test_a_dependent_is_claimable_once_after_all_its_parents(self, store: Persistence, queue_name: str) -> None:
         _needs_workflows(store)
-        a, b = make_record(queue_name), make_record(queue_name)
-        c = _waiting(queue_name, a.id, b.id)
-        store.enqueue([a, b, c])
-        assert sorted(_claim_all(store)) == sorted([a.id, b.id])
-        _complete(store, a.id)
+        a, b, c = _first_of_two_parents_done(store, queue_name)
         assert _claim_all(store) == [], "released before its second parent finished"
         waiting = store.get(c.id)
         assert waiting is not None and waiting.state == PENDING and dependencies.waiting(waiting)
@@ -80,11 +86,7 @@ class WorkflowSuite:
         """A step's enqueue sent again (its reply was lost) must not attach it anew: counted from
         the start again, it would wait for a parent that finished already, for ever."""
         _needs_workflows(store)
-        a, b = make_record(queue_name), make_record(queue_name)
-        c = _waiting(queue_name, a.id, b.id)
-        store.enqueue([a, b, c])
-        assert sorted(_claim_all(store)) == sorted([a.id, b.id])
-        _complete(store, a.id)
+        a, b, c = _first_of_two_parents_done(store, queue_name)
         store.enqueue([c])
         assert _claim_all(store) == []
         _complete(store, b.id)
