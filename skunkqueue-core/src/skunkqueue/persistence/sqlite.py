@@ -261,7 +261,11 @@ class SQLitePersistence(Persistence):
                 if "limit_key" not in present:
                     conn.execute("ALTER TABLE jobs ADD COLUMN limit_key TEXT")
         # The claim walks one priority at a time (highest first), in (due, id) order within it.
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_order ON jobs (queue, route, state, priority, due, id)")
+        # Pending rows only: a claim takes a row out of it and a finish does not touch it, where a
+        # full index (jobs_order, before) moved each row twice more (30-40 us of a claim and finish).
+        self._db.execute("DROP INDEX IF EXISTS jobs_order")
+        self._db.execute(f"CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (queue, route, priority, due, id) "
+                         f"WHERE state='{PENDING}'")
         # A key's slots: its running rows with a live lease.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_limit ON jobs (queue, limit_key, state, lease_until) "
                          "WHERE limit_key IS NOT NULL")
@@ -709,7 +713,9 @@ class SQLitePersistence(Persistence):
         priority's delayed ones) are never read. ``extra``: more columns of every page (scalar
         subqueries, run once per statement), with their arguments.
         """
-        base = "FROM jobs WHERE queue=? AND route=? AND state=?"
+        # The state as a literal, so that the planner sees the partial index's condition (jobs_pending)
+        # in the statement itself, whatever the SQLite build does with bound values.
+        base = f"FROM jobs WHERE queue=? AND route=? AND state='{PENDING}'"
         top = f"(SELECT MAX(priority) {base})"
         level: Any = None
         while True:
@@ -720,12 +726,12 @@ class SQLitePersistence(Persistence):
                     f"SELECT *{extra} {base} AND priority={top if level is None else '?'} AND due<=? "
                     "AND (target IS NULL OR target=?)" + (" AND (due>? OR (due=? AND id>?))" if after else "")
                     + " ORDER BY due, id LIMIT ?",
-                    (*extra_args, self.queue, route, PENDING,
-                     *((self.queue, route, PENDING) if level is None else (level,)),
+                    (*extra_args, self.queue, route,
+                     *((self.queue, route) if level is None else (level,)),
                      now, worker_id, *after, page)).fetchall()
                 if level is None:
                     if not rows:
-                        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route, PENDING)).fetchone()
+                        (level,) = conn.execute(f"SELECT MAX(priority) {base}", (self.queue, route)).fetchone()
                         if level is None:
                             return
                         break  # the top priority has nothing due yet: on to the next
@@ -736,7 +742,7 @@ class SQLitePersistence(Persistence):
                 last = rows[-1]
                 after = (last["due"], last["due"], last["id"])
             (level,) = conn.execute(f"SELECT MAX(priority) {base} AND priority<?",
-                                    (self.queue, route, PENDING, level)).fetchone()
+                                    (self.queue, route, level)).fetchone()
             if level is None:
                 return
 
