@@ -184,6 +184,28 @@ class TestFDBStandInBackend(FDBBackendChecks):
         assert time.monotonic() - started < 5
 
 
+    def test_a_callback_of_thousands_of_parents_is_stored_within_five_seconds(
+            self, backend: BackendUnderTest, faults: Any) -> None:
+        # A workflow larger than one transaction goes in several; the callback's own transaction
+        # reads every parent's state. On a cluster answering in a millisecond, 6,000 reads waited
+        # for one at a time outlast the five seconds a transaction may read for: transaction_too_old,
+        # retried until the timeout (CI saw it with 10,000 parents on a loaded machine).
+        from skunkqueue.dependencies import waiting
+        from skunkqueue.testing.suite_support import declare
+        from skunkqueue.workflow import group
+
+        queue = SkunkQueue(backend.new_queue_name(), backend="fdb", conn_url=backend.url, dbname=backend.db)
+        add, total = declare(queue, jobs.add), declare(queue, jobs.total)
+        parents = 6000  # with 1 kB each, more than one transaction holds
+        faults.configure(request_latency_ms=1)
+        handle = group(add.s("x" * 1000, str(i)) for i in range(parents)).then(total.s()).fire()
+        faults.reset()
+        callback = queue.get(handle.jobs[-1].id)
+        assert callback is not None and waiting(callback)
+        assert queue.counts() == {("r", PENDING): parents + 1}
+        queue.close()
+
+
 class TestFDBRealClusterBackend(FDBBackendChecks):
     @pytest.fixture
     def backend(self, real_cluster_file: str, fdb_root: str) -> BackendUnderTest:

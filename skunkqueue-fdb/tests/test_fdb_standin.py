@@ -323,6 +323,40 @@ class TestFDBStandInFaults:
         tr.commit().wait()  # one more request, plus the commit latency
         assert 0.24 < time.monotonic() - started < 1.0
 
+    def test_reads_sent_before_any_answer_travel_together(self, fdb: Any, db: Any, space: Any,
+                                                          faults: Any) -> None:
+        # The real client sends a read at once and answers it later: fifty reads sent before the
+        # first is looked at cost one round trip, not fifty.
+        @fdb.transactional
+        def fill(tr: Any) -> None:
+            for i in range(50):
+                tr[space.pack(("k", i))] = str(i).encode()
+
+        fill(db)
+        faults.configure(request_latency_ms=100)
+        tr = db.create_transaction()
+        tr[space.pack(("k", 0))] = b"mine"
+        tr.add(space.pack(("k", "n")), (2).to_bytes(8, "little"))
+        started = time.monotonic()
+        sent = [tr[space.pack(("k", i))] for i in range(50)]
+        counter = tr[space.pack(("k", "n"))]
+        assert [bytes(value) for value in sent] == [b"mine", *(str(i).encode() for i in range(1, 50))]
+        assert _counter(counter) == 2 and not tr[space.pack(("k", 99))].present()
+        assert time.monotonic() - started < 1.0  # read version and one request for all: 0.2 s
+        started = time.monotonic()
+        for i in range(5):
+            tr[space.pack(("k", i + 10))].wait()  # each waited for before the next is sent
+        assert time.monotonic() - started >= 0.5
+
+    def test_reads_in_flight_of_a_reset_transaction_are_cancelled(self, fdb: Any, db: Any,
+                                                                  space: Any) -> None:
+        tr = db.create_transaction()
+        read = tr[space.pack(("k",))]
+        tr.on_error(fdb.FDBError(NOT_COMMITTED)).wait()
+        with pytest.raises(fdb.FDBError) as info:
+            read.present()
+        assert info.value.code == 1025
+
     def test_versionstamped_writes_are_unreadable_in_their_transaction(self, fdb: Any, db: Any,
                                                                        space: Any) -> None:
         tr = db.create_transaction()

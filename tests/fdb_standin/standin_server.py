@@ -88,6 +88,11 @@ class Store:
             self._check_age(version)
             return self._value_at(key, version)
 
+    def get_many(self, version: int, keys: list[bytes]) -> list[bytes | None]:
+        with self.cond:
+            self._check_age(version)
+            return [self._value_at(key, version) for key in keys]
+
     def get_range(self, version: int, begin: bytes, end: bytes, limit: int,
                   reverse: bool) -> list[tuple[bytes, bytes]]:
         with self.cond:
@@ -240,7 +245,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-_OPERATIONS = frozenset({"read_version", "get", "get_range", "commit", "watch"})
+_OPERATIONS = frozenset({"read_version", "get", "get_many", "get_range", "commit", "watch"})
 
 
 class _Handler(socketserver.BaseRequestHandler):

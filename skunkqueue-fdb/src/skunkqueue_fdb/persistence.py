@@ -495,12 +495,14 @@ class FDBPersistence(Persistence):
             # parents before their dependents, so each dependent attaches to parents already stored.
             # Not all-or-nothing: a failure part-way leaves the parts stored so far.
             batch: list[JobRecord] = []
+            batch_size = 0
             for record in records:
-                if batch and (len(batch) >= WORKFLOW_BATCH
-                              or sum(map(_size, batch)) + _size(record) > TRANSACTION_BUDGET // 2):
+                size = _size(record)
+                if batch and (len(batch) >= WORKFLOW_BATCH or batch_size + size > TRANSACTION_BUDGET // 2):
                     self.enqueue(batch)
-                    batch = []
+                    batch, batch_size = [], 0
                 batch.append(record)
+                batch_size += size
             self.enqueue(batch)
             return
         if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
@@ -1144,10 +1146,13 @@ class FDBPersistence(Persistence):
         read back (a versionstamped key), so it is not written only to be moved at once.
         """
         parents = dependencies.unique(record.parents or ())
+        # Every parent's read is sent before the first answer is waited for: a callback of a group
+        # of 10,000 read one at a time takes 10,000 round trips, past the five seconds a
+        # transaction may read for (transaction_too_old, retried until the timeout).
+        metas = [(parent, tr[self._jobs.pack((parent, "meta"))]) for parent in parents]
         finished: dict[str, str] = {}
-        for parent in parents:
+        for parent, meta in metas:
             tr[self._deps.pack((parent, record.id))] = b""
-            meta = tr[self._jobs.pack((parent, "meta"))]
             try:
                 state = json.loads(bytes(meta)).get("state") if meta.present() else None
             except (ValueError, AttributeError):
