@@ -49,6 +49,24 @@ class FDBBackendChecks:
         assert queue.counts() == {}
         queue.close()
 
+    def test_a_step_with_more_dependents_than_its_finish_releases_is_refused_at_fire(
+            self, backend: BackendUnderTest) -> None:
+        # The fan-out the backend does take is released within the five-second window: the
+        # stand-in's test of the same with per-request latency is in TestFDBStandInBackend.
+        from skunkqueue.testing.suite_support import declare
+        from skunkqueue.workflow import chain, group
+        from skunkqueue_fdb.persistence import MAX_DEPENDENTS
+
+        queue = SkunkQueue(backend.new_queue_name(), backend="fdb", conn_url=backend.url, dbname=backend.db)
+        add = declare(queue, jobs.add)
+        fan_out = chain(add.s(1, 1), group(add.s(i) for i in range(MAX_DEPENDENTS + 1)))
+        with pytest.raises(PayloadTooLarge, match=f"has {MAX_DEPENDENTS + 1} dependents.*at most {MAX_DEPENDENTS}"):
+            fan_out.fire()
+        assert queue.counts() == {}
+        chain(add.s(1, 1), group(add.s(i) for i in range(MAX_DEPENDENTS))).fire()  # the most: stored
+        assert queue.counts() == {("r", PENDING): MAX_DEPENDENTS + 1}
+        queue.close()
+
     def test_payloads_and_results_larger_than_one_value_round_trip(self, store: Persistence) -> None:
         # FoundationDB refuses values over 100 kB; the backend splits them.
         big = bytes(range(256)) * 1500  # 384 kB, every byte value
@@ -183,6 +201,29 @@ class TestFDBStandInBackend(FDBBackendChecks):
             backend.open("q").counts()
         assert time.monotonic() - started < 5
 
+
+    def test_the_largest_fan_out_is_released_within_five_seconds(self, backend: BackendUnderTest,
+                                                                  faults: Any) -> None:
+        # Its finish reads each dependent's wait count, settled mark, fields and slot: waited for
+        # one at a time at 1 ms per request, 2,500 of them took 10 s (timed out).
+        from skunkqueue import policy
+        from skunkqueue.dependencies import waiting as waiting_for_parents
+        from skunkqueue.testing.suite_support import declare
+        from skunkqueue.workflow import chain, group
+        from skunkqueue_fdb.persistence import MAX_DEPENDENTS
+
+        queue = SkunkQueue(backend.new_queue_name(), backend="fdb", conn_url=backend.url, dbname=backend.db)
+        add = declare(queue, jobs.add)
+        handle = chain(add.s(1, 1), group(add.s(i) for i in range(MAX_DEPENDENTS))).fire()
+        [first] = queue.persistence.claim("r", "w", 30)
+        assert first.id == handle.jobs[0].id
+        faults.configure(request_latency_ms=1)
+        assert queue.persistence.finish(first.id, first.token, policy.completed(b"2"))
+        faults.reset()
+        waiting = [r for r in queue.persistence.get_many([j.id for j in handle.jobs[1:]])
+                   if r is None or waiting_for_parents(r)]
+        assert waiting == [] and queue.counts() == {("r", "complete"): 1, ("r", PENDING): MAX_DEPENDENTS}
+        queue.close()
 
     def test_a_callback_of_thousands_of_parents_is_stored_within_five_seconds(
             self, backend: BackendUnderTest, faults: Any) -> None:

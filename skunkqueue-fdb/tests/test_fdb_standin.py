@@ -363,13 +363,16 @@ class TestFDBStandInFaults:
         stamped = space.pack_with_versionstamp(("due", 1.0, fdb.tuple.Versionstamp()))
         tr.set_versionstamped_key(stamped, b"")
         tr.set_versionstamped_value(space.pack(("slot",)), stamped)
+        could_be = space.pack(("due", 1.0, fdb.tuple.Versionstamp(b"\xfe" * 10)))  # a stamp it may get
         for read in (lambda: tr[space.pack(("slot",))].wait(),
+                     lambda: tr[could_be].wait(),
                      lambda: tr.get_range(space.range(("due",)).start, space.range(("due",)).stop),
                      lambda: tr.snapshot.get_range(space.range().start, space.range().stop)):
             with pytest.raises(fdb.FDBError) as info:
                 read()
             assert info.value.code == UNREADABLE
         tr.get_range(space.range(("other",)).start, space.range(("other",)).stop)  # elsewhere: fine
+        assert not tr[space.pack(("due", 2.0))].present()
         tr[space.pack(("slot",))] = b"overwritten"
         assert bytes(tr[space.pack(("slot",))]) == b"overwritten"
 

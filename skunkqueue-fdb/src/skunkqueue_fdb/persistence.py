@@ -72,6 +72,7 @@ the lease runs out. The stand-in's "now" is this host's clock, as elsewhere.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import heapq
@@ -101,6 +102,11 @@ CHUNK = 90_000
 TRANSACTION_BUDGET = 9_000_000
 # Records per transaction when a workflow too large for one is stored in several.
 WORKFLOW_BATCH = 1000
+# A step's finish releases or ends all its dependents in its own transaction: about 1.8 kB
+# each of its 10 MB (5,000 took 8.96 MB), and each one it ends is a range read for that one's
+# own dependents, waited for in turn (2,500 at a millisecond each: half the five seconds).
+# A workflow with more is refused at fire.
+MAX_DEPENDENTS = 2500
 # A transaction that cannot commit within this time (cluster down, endless
 # conflicts) fails with 1031 instead of retrying forever.
 DEFAULT_TIMEOUT_MS = 10_000
@@ -214,11 +220,16 @@ class _Stored:
             return None
         return data if isinstance(data, dict) else None
 
-    def record(self) -> JobRecord:
+    def record(self, *, fields_only: bool = False) -> JobRecord:
+        """The record; ``fields_only``: from its fields alone (read without chunks), with an empty
+        payload and no result, parents or inputs, so it must not be written with its payload."""
         data = self.meta()
         if data is None:
             raise MalformedRecord(f"record {self.id!r} has no readable JSON fields")
         data = dict(data)
+        if fields_only:
+            data["payload"], data["result"] = b"", None
+            return JobRecord.from_dict(data)
         if data.get("payload") != len(self.payload) or data.get("result") not in (None, len(self.result)):
             raise MalformedRecord(f"record {self.id!r} has missing or extra payload/result chunks")
         data["payload"] = b"".join(self.payload)
@@ -360,11 +371,20 @@ class FDBPersistence(Persistence):
 
     def _read_meta(self, tr: Any, job_id: str) -> _Stored | None:
         """A record's fields and due-index slot, without payload or result chunks."""
-        stored = _Stored(job_id)
-        meta, slot = tr[self._jobs.pack((job_id, "meta"))], tr[self._jobs.pack((job_id, "slot"))]
-        stored.raw_meta = bytes(meta) if meta.present() else None
-        stored.slot = bytes(slot) if slot.present() else None
-        return None if stored.raw_meta is None and stored.slot is None else stored
+        return self._read_metas(tr, [job_id])[job_id]
+
+    def _read_metas(self, tr: Any, job_ids: Sequence[str]) -> dict[str, _Stored | None]:
+        """``_read_meta`` of several records, every read sent before the first answer is waited
+        for: thousands cost about one round trip, not thousands (the five-second read window)."""
+        sent = [(job_id, tr[self._jobs.pack((job_id, "meta"))], tr[self._jobs.pack((job_id, "slot"))])
+                for job_id in job_ids]
+        found: dict[str, _Stored | None] = {}
+        for job_id, meta, slot in sent:
+            stored = _Stored(job_id)
+            stored.raw_meta = bytes(meta) if meta.present() else None
+            stored.slot = bytes(slot) if slot.present() else None
+            found[job_id] = None if stored.raw_meta is None and stored.slot is None else stored
+        return found
 
     def _unindex(self, tr: Any, stored: _Stored) -> None:
         """Take a record out of the indexes and counts of the state it is leaving."""
@@ -388,13 +408,17 @@ class FDBPersistence(Persistence):
             tr.add(self._count.pack((index.unpack(stored.slot)[0], PENDING)), _COUNTER_MINUS_ONE)
 
     def _write(self, tr: Any, record: JobRecord, *, payload: bool = False, result: bool = False,
-               position: int = 0, wakes: dict[tuple[str, str], int] | None = None) -> None:
-        """Store ``record`` and put it in the indexes of its state (the old ones are already gone)."""
+               position: int = 0, wakes: dict[tuple[str, str], int] | None = None,
+               payload_chunks: int | None = None) -> None:
+        """Store ``record`` and put it in the indexes of its state (the old ones are already gone).
+
+        ``payload_chunks``: a record read with ``fields_only`` keeps the chunks it has (their count).
+        """
         data = record.to_dict()
         blob, outcome = data.pop("payload"), data.pop("result")
         # A callback of 10,000 members names them all: kept in chunks beside the fields, written once.
         links = {name: data.pop(name) for name in ("parents", "inputs")}
-        data["payload"] = len(_chunks(blob))
+        data["payload"] = len(_chunks(blob)) if payload_chunks is None else payload_chunks
         data["result"] = None if outcome is None else len(_chunks(outcome))
         data["_expire"] = None
         if record.state in FINISHED_STATES:
@@ -489,6 +513,7 @@ class FDBPersistence(Persistence):
 
     @_translate
     def enqueue(self, records: Sequence[JobRecord]) -> None:
+        _check_fan_out(records)
         size = sum(_size(r) for r in records)
         if size > TRANSACTION_BUDGET and len(records) > 1 and all(r.workflow for r in records):
             # A workflow larger than a transaction (a group of 10,000) goes in several, in its order:
@@ -532,6 +557,8 @@ class FDBPersistence(Persistence):
         if not any(r.key is not None for r in records):
             self.enqueue(records)
             return [r.id for r in records]
+
+        _check_fan_out(records)
 
         def store(tr: Any) -> tuple[list[str], list[str]]:
             holders = self._store_keyed(tr, records)
@@ -615,6 +642,7 @@ class FDBPersistence(Persistence):
                 f"{type(handle).__module__}.{type(handle).__qualname__}.")
         if not records:
             return []
+        _check_fan_out(records)
         size = sum(_size(r) for r in records)
         if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
             raise PayloadTooLarge(
@@ -1177,49 +1205,64 @@ class FDBPersistence(Persistence):
         """Count a finished parent into its dependents' sets; release or end those it completes.
 
         A dependent ended here counts for its own dependents in turn (a worklist: a chain may be long).
+        A step may have thousands of dependents (``chain(a, group(...))``): each read of a level is
+        sent before the first answer is waited for, so the level costs a few round trips, and the
+        released ones wake idle workers once.
         """
         work: list[tuple[str, str, list[str] | None]] = [(parent, state, children)]
+        wakes: dict[tuple[str, str], int] = {}
         while work:
             parent, state, children = work.pop()
             if children is None:
                 span = self._deps.range((parent,))
                 children = [self._deps.unpack(kv.key)[1] for kv in tr.get_range(span.start, span.stop)]
-            for child in children:
-                mark = self._settled.pack((child, parent))
-                if tr[mark].present():
+            sent = [(child, tr[self._settled.pack((child, parent))], tr[self._waits.pack((child,))])
+                    for child in children]
+            ending: list[tuple[str, Outcome]] = []
+            releasing: list[str] = []
+            for child, mark, raw in sent:
+                if mark.present():
                     continue  # this parent was counted already
-                tr[mark] = state.encode()
-                raw = tr[self._waits.pack((child,))]
+                tr[self._settled.pack((child, parent))] = state.encode()
                 if not raw.present():
                     continue  # released, or ended, already
                 wait = json.loads(bytes(raw))
                 if dependencies.kills_dependent(state, bool(wait.get("run"))):
                     tr.clear(self._waits.pack((child,)))
-                    if self._end_waiting(tr, child, dependencies.dependency_failed(parent, state)):
-                        work.append((child, "killed", None))
+                    ending.append((child, dependencies.dependency_failed(parent, state)))
                 elif int(wait["left"]) <= 1:
                     tr.clear(self._waits.pack((child,)))
-                    self._release(tr, child)
+                    releasing.append(child)
                 else:
                     wait["left"] = int(wait["left"]) - 1
                     tr[self._waits.pack((child,))] = json.dumps(wait).encode()
+            found = self._read_metas(tr, [child for child, _ in ending] + releasing)
+            for child, outcome in ending:
+                if self._end_waiting(tr, found[child], outcome):
+                    work.append((child, "killed", None))
+            for child in releasing:
+                self._release(tr, found[child], wakes)
+        if wakes:
+            self._wake_idle(tr, wakes)
 
-    def _release(self, tr: Any, child: str) -> None:
-        stored = self._read(tr, child)
-        record = stored.record() if stored is not None else None
+    def _release(self, tr: Any, stored: _Stored | None, wakes: dict[tuple[str, str], int]) -> None:
+        """Make a waiting record (read with ``_read_metas``) due now."""
+        record = _fields(stored)
         if stored is None or record is None or not dependencies.waiting(record):
             return  # killed or purged while it waited
         self._unindex(tr, stored)
         record.due = time.time()
-        self._write(tr, record)
+        self._write(tr, record, wakes=wakes, payload_chunks=_payload_chunks(stored))
 
-    def _end_waiting(self, tr: Any, child: str, outcome: Outcome) -> bool:
-        stored = self._read(tr, child)
-        record = stored.record() if stored is not None else None
+    def _end_waiting(self, tr: Any, stored: _Stored | None, outcome: Outcome) -> bool:
+        """End a waiting record (read with ``_read_metas``) with ``outcome``."""
+        record = _fields(stored)
         if stored is None or record is None or record.state != PENDING:
             return False
         self._unindex(tr, stored)
-        self._write(tr, outcome.apply_to(record, time.time()), result=True)
+        ended = outcome.apply_to(record, time.time())
+        # A record that waited never ran: it has no result to clear (a range clear per dependent).
+        self._write(tr, ended, result=ended.result is not None, payload_chunks=_payload_chunks(stored))
         return True
 
     @_translate
@@ -1489,6 +1532,28 @@ class FDBPersistence(Persistence):
 def _size(record: JobRecord) -> int:
     """About what storing ``record`` adds to a transaction (a dependent: also its parents' entries)."""
     return len(record.payload) + len(record.result or b"") + 1000 + 200 * len(record.parents or ())
+
+
+def _check_fan_out(records: Sequence[JobRecord]) -> None:
+    dependents = collections.Counter(p for r in records for p in dependencies.unique(r.parents or ()))
+    most = max(dependents.values(), default=0)
+    if most > MAX_DEPENDENTS:
+        raise PayloadTooLarge(
+            f"A step of this workflow has {most} dependents; on FoundationDB a step releases at most "
+            f"{MAX_DEPENDENTS} (its finish is one transaction of at most 10 MB). Put at most "
+            f"{MAX_DEPENDENTS} jobs after any one step: several smaller groups, each behind its own step."
+        )
+
+
+def _fields(stored: _Stored | None) -> JobRecord | None:
+    """A record read without its chunks (MalformedRecord if its fields are damaged), or None if gone."""
+    return stored.record(fields_only=True) if stored is not None else None
+
+
+def _payload_chunks(stored: _Stored) -> int:
+    meta = stored.meta() or {}
+    count = meta.get("payload")
+    return count if isinstance(count, int) else 0
 
 
 def _until(value: bytes) -> float:

@@ -19,6 +19,7 @@ in one request, so ten thousand of them cost one round trip, not ten thousand.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import functools
 import inspect
@@ -369,10 +370,15 @@ class Transaction(TransactionRead):
         self._writes: dict[bytes, bytes | None] = {}     # what this transaction set or cleared
         self._cleared: list[tuple[bytes, bytes]] = []
         self._atomics: dict[bytes, list[bytes]] = {}     # pending adds, applied over the read value
+        self._touched: list[bytes] = []                  # every key set, cleared or added, sorted
+        self._touched_set: set[bytes] = set()
         self._reads: list[tuple[bytes, bytes]] = []
         self._extra_writes: list[tuple[bytes, bytes]] = []
         self._watches: list[tuple[Future, bytes, bytes | None]] = []
-        self._unreadable: list[tuple[bytes, bytes]] = []  # versionstamped writes, unknown until commit
+        # Versionstamped writes, unknown until commit: values by key; keys as the spans their stamp
+        # may produce, by the prefix before the stamp (a span holds only keys with its prefix).
+        self._unreadable: set[bytes] = set()
+        self._stamped: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._versionstamp = Future()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -410,7 +416,13 @@ class Transaction(TransactionRead):
     # -- reads ------------------------------------------------------------------------------
 
     def _check_readable(self, begin: bytes, end: bytes) -> None:
-        if any(b < end and begin < e for b, e in self._unreadable):
+        if end == begin + b"\x00":  # one key: only the spans under its own prefixes can hold it
+            if begin in self._unreadable or any(
+                    b <= begin < e for n in range(len(begin) + 1) for b, e in self._stamped.get(begin[:n], ())):
+                raise FDBError(1036)
+            return
+        if any(begin <= key < end for key in self._unreadable) or any(
+                b < end and begin < e for spans in self._stamped.values() for b, e in spans):
             raise FDBError(1036)
 
     def _inject_read_fault(self, begin: bytes) -> None:
@@ -446,15 +458,13 @@ class Transaction(TransactionRead):
                    snapshot: bool) -> list[tuple[bytes, bytes]]:
         self._check_readable(begin, end)
         self._inject_read_fault(begin)
-        local = any(begin <= k < end for k in [*self._writes, *self._atomics]) or \
-            any(b < end and begin < e for b, e in self._cleared)
+        local = bool(self._local_keys(begin, end)) or any(b < end and begin < e for b, e in self._cleared)
         remote = self._remote_range(begin, end, 0 if local else limit, reverse)
         if local:
             merged = {k: v for k, v in remote if not self._local(k)[0]}
-            for k in [*self._writes, *self._atomics]:
-                if begin <= k < end:
-                    known, v = self._local(k)
-                    merged[k] = self._with_atomics(k, v if known else merged.get(k))
+            for k in self._local_keys(begin, end):
+                known, v = self._local(k)
+                merged[k] = self._with_atomics(k, v if known else merged.get(k))
             remote = sorted(((k, v) for k, v in merged.items() if v is not None), reverse=reverse)
             if limit:
                 remote = remote[:limit]
@@ -483,8 +493,19 @@ class Transaction(TransactionRead):
 
     # -- writes -----------------------------------------------------------------------------
 
+    def _touch(self, key: bytes) -> None:
+        if key not in self._touched_set:
+            self._touched_set.add(key)
+            bisect.insort(self._touched, key)
+
+    def _local_keys(self, begin: bytes, end: bytes) -> list[bytes]:
+        """The keys in [begin, end) this transaction set or added (a clear counts as a set)."""
+        span = self._touched[bisect.bisect_left(self._touched, begin):bisect.bisect_left(self._touched, end)]
+        return [k for k in span if k in self._writes or k in self._atomics]
+
     def set(self, key: Any, value: Any) -> None:
         key, value = _key(key), _value(value)
+        self._touch(key)
         self._readable_again(key)
         self._mutations.append(("set", key, value))
         self._writes[key] = value
@@ -495,6 +516,7 @@ class Transaction(TransactionRead):
 
     def clear(self, key: Any) -> None:
         key = _key(key)
+        self._touch(key)
         self._readable_again(key)
         self._mutations.append(("clear", key))
         self._writes[key] = None
@@ -504,15 +526,14 @@ class Transaction(TransactionRead):
         begin = b"" if begin is None else _key(begin)
         end = b"\xff" if end is None else _key(end)
         self._mutations.append(("clear_range", begin, end))
-        for key in [k for k in [*self._writes, *self._atomics] if begin <= k < end]:
+        for key in self._local_keys(begin, end):
             self._writes.pop(key, None)
             self._atomics.pop(key, None)
         self._cleared.append((begin, end))
 
     def _readable_again(self, key: bytes) -> None:
         # A plain set or clear after a versionstamped value makes the key's value known again.
-        if (key, key + b"\x00") in self._unreadable:
-            self._unreadable.remove((key, key + b"\x00"))
+        self._unreadable.discard(key)
 
     def clear_range_startswith(self, prefix: Any) -> None:
         prefix = _key(prefix)
@@ -526,6 +547,7 @@ class Transaction(TransactionRead):
 
     def add(self, key: Any, param: Any) -> None:
         key, param = _key(key), _value(param)
+        self._touch(key)
         self._mutations.append(("add", key, param))
         if key in self._writes:
             self._writes[key] = _add(self._writes[key], param)
@@ -543,14 +565,14 @@ class Transaction(TransactionRead):
         begin = body[:offset] + (self._rv or 0).to_bytes(8, "big") + b"\x00\x00" + body[offset + 10:]
         end = min(body[:offset] + b"\xff" * 10 + body[offset + 10:] + b"\x00", b"\xff")
         self._extra_writes.append((begin, end))
-        self._unreadable.append((begin, end))
+        self._stamped.setdefault(body[:offset], []).append((begin, end))
 
     def set_versionstamped_value(self, key: Any, param: Any) -> None:
         key = _key(key)
         self._mutations.append(("versionstamped_value", key, _value(param)))
         self._writes.pop(key, None)
         self._atomics.pop(key, None)
-        self._unreadable.append((key, key + b"\x00"))
+        self._unreadable.add(key)
 
     def add_read_conflict_range(self, begin: Any, end: Any) -> None:
         self._reads.append((_key(begin), _key(end)))

@@ -32,6 +32,8 @@ from skunkqueue.workflow import WorkflowHandle, chain, group
 # Members of the large group (the issue's figure) and how long the kit gives it.
 LARGE_GROUP = 10_000
 LARGE_GROUP_TIMEOUT = 600.0
+# Dependents of one step (chain(a, group(...))): as many as the fdb backend lets one step have.
+LARGE_FANOUT = 2_500
 # Leases of the pools a test SIGKILLs: short, so that the jobs they held come back soon.
 SHORT_LEASE = 2.0
 
@@ -181,6 +183,30 @@ class WorkflowSuite:
         assert not store.finish(a.id, second.token, policy.completed(b"2")), "a replayed finish applied"
         assert _claim_all(store) == [c.id]
         assert _claim_all(store) == []
+
+    def test_one_finish_ends_or_releases_thousands_of_dependents_once(self, store: Persistence,
+                                                                      queue_name: str) -> None:
+        """A fan-out, ``chain(a, group(...))``, whose step fails: the members that run anyway are
+        released, each once, the others end killed, however much one of the store's transactions holds."""
+        _needs_workflows(store)
+        a = make_record(queue_name)
+        half = LARGE_FANOUT // 2
+        anyway = [_waiting(queue_name, a.id, on_failure="run") for _ in range(half)]
+        killed = [_waiting(queue_name, a.id) for _ in range(LARGE_FANOUT - half)]
+        store.enqueue([a])
+        members = anyway + killed
+        for start in range(0, LARGE_FANOUT, 500):
+            store.enqueue(members[start:start + 500])
+        [claimed] = store.claim("r", "w", 30)
+        assert store.finish(a.id, claimed.token, policy.failed(claimed, {"type": "ValueError", "message": "x",
+                                                                          "traceback": ""}))
+        released: list[str] = []
+        while batch := _claim_all(store):
+            released += batch
+        assert len(released) == half and set(released) == {m.id for m in anyway}
+        assert store.counts() == {("r", ERROR): 1, ("r", RUNNING): half, ("r", KILLED): LARGE_FANOUT - half}
+        ended = store.get(killed[-1].id)
+        assert ended is not None and ended.error is not None and ended.error["message"] == f"{a.id} ended error"
 
     def test_a_failed_parent_ends_its_dependents_killed_down_the_line(self, store: Persistence,
                                                                       queue_name: str) -> None:
