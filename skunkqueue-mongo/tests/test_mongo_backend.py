@@ -226,6 +226,18 @@ def test_retrying_a_dead_letter_clears_its_expiry(mongo: Any, opened: Any, queue
 
 # == Claims =============================================================================
 
+def test_connections_to_one_server_share_one_estimate_of_its_clock(mongo_standalone: Any, opened: Any,
+                                                                   queue_name: str) -> None:
+    # A pool's scheduler moves a slot's due time by its estimate of the server's clock, and the
+    # connection it fires through moves it back by its own: two estimates differ by their round
+    # trips' asymmetry (a skewed pool's slot ran 16 ms early in CI). One estimate per server and
+    # process makes the two moves cancel.
+    first, second = opened(queue_name, mongo_standalone.url), opened(queue_name + "-other", mongo_standalone.url)
+    first.now()
+    second.now()
+    assert first._clock is not None and first._clock == second._clock
+
+
 def test_a_record_due_now_is_claimable_at_once(mongo_standalone: Any, opened: Any, queue_name: str) -> None:
     # $$NOW has whole milliseconds: compared as is, a record due "now" waits for the next one. Each
     # round has a chance to land inside that millisecond, so 300 rounds catch a regression most times.

@@ -215,6 +215,11 @@ INDEX_CHECK_EVERY = 5.0
 # How often the estimate of the server's clock is renewed, and how far past it
 # an index range reaches (the exact comparison is the $expr with $$NOW).
 CLOCK_SYNC_EVERY = 30.0
+# One estimate of the server's clock per process and server, shared by every connection: a pool's
+# scheduler reads it to move a slot's due time and the connection it fires through reads it to move
+# the time back, so the two cancel. Two estimates differ by their round trips' asymmetry: in CI a
+# skewed pool's slot ran 16 ms early by the server's clock.
+_CLOCKS: dict[str, tuple[float, float]] = {}  # server -> (server epoch, local monotonic) at one instant
 CLOCK_SLACK = 0.25
 # A name is stored in every record; max_payload leaves about 1 MiB of the
 # 16 MiB document for everything else.
@@ -417,7 +422,6 @@ class MongoPersistence(NativeAsync, Persistence):
             database = self.client[db] if db else self.client.get_default_database(DEFAULT_DB)
         except (MongoConfigurationError, ValueError, TypeError) as exc:
             raise ConfigurationError(f"Bad MongoDB address {self.address}: {self._scrub(exc)}") from None
-        self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._checked_client: MongoClient[dict[str, Any]] | None = None  # using=: a client known to reach us
         self._indexes_checked = time.monotonic()
         self.jobs: Collection[dict[str, Any]] = database["jobs"]
@@ -451,6 +455,14 @@ class MongoPersistence(NativeAsync, Persistence):
     def check_names(cls, queue: str, routes: Sequence[str] = ()) -> None:
         refuse_names_over(MAX_NAME_BYTES, cls.name, queue, routes)
 
+    @property
+    def _clock(self) -> tuple[float, float] | None:
+        return _CLOCKS.get(self.conn_url)
+
+    @_clock.setter
+    def _clock(self, value: tuple[float, float]) -> None:
+        _CLOCKS[self.conn_url] = value
+
     def now(self) -> float:
         """An estimate of the server's clock, renewed every CLOCK_SYNC_EVERY seconds.
 
@@ -472,8 +484,8 @@ class MongoPersistence(NativeAsync, Persistence):
         server = hello["localTime"]
         if server.tzinfo is None:
             server = server.replace(tzinfo=timezone.utc)
-        self._clock = (server.timestamp(), (sent + received) / 2)
-        return self._clock
+        clock = self._clock = (server.timestamp(), (sent + received) / 2)
+        return clock
 
     def _shift(self) -> float:
         """How far to move times this host computed onto the server's clock (0 while they agree)."""

@@ -115,6 +115,11 @@ _KV_CALL_TIMEOUT = re.compile(r"(?:^|\s)call_timeout\s*=\s*('(?:[^'\\]|\\.)*'|[^
 NOW = "extract(epoch FROM statement_timestamp())::float8"
 # How often now()'s estimate of the server's clock is renewed.
 CLOCK_SYNC_EVERY = 30.0
+# One estimate of the server's clock per process and server, shared by every connection: a pool's
+# scheduler reads it to move a slot's due time and the connection it fires through reads it to move
+# the time back, so the two cancel. Two estimates differ by their round trips' asymmetry: in CI a
+# skewed pool's slot ran 16 ms early by the server's clock.
+_CLOCKS: dict[str, tuple[float, float]] = {}  # server -> (server epoch, local monotonic) at one instant
 # Names are parts of index entries (a B-tree entry holds at most about 2.7 kB).
 MAX_NAME_BYTES = 1024
 MAX_KEY_BYTES = 1024
@@ -222,7 +227,6 @@ class PostgresPersistence(Persistence):
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._deadline: SocketDeadline | None = None  # the current connection's
         self._listening: set[str] = set()
-        self._clock: tuple[float, float] | None = None  # (server epoch, local monotonic) at one instant
         self._route_channels: dict[str, str] = {}
         self._statements: dict[str, sql.Composed] = {}
         self._notified = False  # set by _on_notify: a NOTIFY on a channel we listen on arrived
@@ -262,7 +266,9 @@ class PostgresPersistence(Persistence):
                 sent = time.monotonic()
                 row = conn.execute(f"SELECT {NOW} AS now").fetchone()
                 assert row is not None
-                self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
+                clock = self._clock
+                if clock is None or time.monotonic() - clock[1] > CLOCK_SYNC_EVERY:  # kept while fresh
+                    self._clock = (float(row["now"]), (sent + time.monotonic()) / 2)
                 current = schema_steps.version_of(conn, self.schema) == schema_steps.VERSION
             if not current:
                 # Not under the deadline: an upgrade may build an index over a large table, and cutting
@@ -358,6 +364,14 @@ class PostgresPersistence(Persistence):
                       for t in ("jobs", "workers", "settings", "stats", "flow_times", "deps", "settled", "waits")}
             found = self._statements[name] = sql.SQL(text.replace("{now}", NOW)).format(**tables)  # type: ignore[arg-type]
         return found
+
+    @property
+    def _clock(self) -> tuple[float, float] | None:
+        return _CLOCKS.get(self.conninfo)
+
+    @_clock.setter
+    def _clock(self, value: tuple[float, float]) -> None:
+        _CLOCKS[self.conninfo] = value
 
     def now(self) -> float:
         """An estimate of the server's clock, renewed every CLOCK_SYNC_EVERY seconds.
