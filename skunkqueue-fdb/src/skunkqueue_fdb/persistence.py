@@ -24,6 +24,8 @@ rejected (1020) and retried on fresh data. Keys are tuple-encoded under
     ("nudge", worker)            a counter the idle worker watches; producers bump it
     ("worker", id)               the worker registry (JSON)
     ("applied", created, nonce)  a step's marker: written with the step, read on retry
+    ("deps", parent, child), ("settled", child, parent), ("waits", child)   workflows (see _settle)
+    ("settling", parent)         a finished step whose dependents are not all counted down yet
 
 A commit can fail with commit_unknown_result (1021), or time out (1031),
 after it applied. FoundationDB's advice is to make transactions idempotent.
@@ -72,12 +74,12 @@ the lease runs out. The stand-in's "now" is this host's clock, as elsewhere.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import heapq
 import itertools
 import json
+import logging
 import math
 import random
 import threading
@@ -96,17 +98,20 @@ from skunkqueue.persistence import LEASE_KILL, LEASE_LOST, LEASE_OK, Persistence
 from skunkqueue.record import ERROR, FINISHED_STATES, PENDING, RUNNING, STATES, JobRecord, Outcome, WorkerInfo
 
 API_VERSION = 710
+log = logging.getLogger("skunkqueue.fdb")
+
 # FoundationDB refuses values over 100 kB; blobs are split below that.
 CHUNK = 90_000
 # FoundationDB refuses transactions over 10 MB (and advises staying under 1 MB).
 TRANSACTION_BUDGET = 9_000_000
 # Records per transaction when a workflow too large for one is stored in several.
 WORKFLOW_BATCH = 1000
-# A step's finish releases or ends all its dependents in its own transaction: about 1.8 kB
-# each of its 10 MB (5,000 took 8.96 MB), and each one it ends is a range read for that one's
-# own dependents, waited for in turn (2,500 at a millisecond each: half the five seconds).
-# A workflow with more is refused at fire.
-MAX_DEPENDENTS = 2500
+# Dependents a finished step counts down per transaction: each costs about 1.8 kB of the 10 MB
+# (5,000 took 8.96 MB) and four reads sent together; each it ends, a range read of its own
+# dependents waited for in turn (a millisecond on a cluster). The rest go in further transactions.
+SETTLE_BUDGET = 1000
+# A count-down left part-way (its finisher died) is carried on by housekeeping after this long.
+SETTLE_STALE = 10.0
 # A transaction that cannot commit within this time (cluster down, endless
 # conflicts) fails with 1031 instead of retrying forever.
 DEFAULT_TIMEOUT_MS = 10_000
@@ -304,6 +309,8 @@ class FDBPersistence(Persistence):
         self._deps = self.space["deps"]         # (parent, child) -> b""
         self._settled = self.space["settled"]   # (child, parent) -> state
         self._waits = self.space["waits"]       # (child,) -> {"left": n, "run": bool}
+        # A finished parent whose dependents are not all counted yet (see _settle).
+        self._settling = self.space["settling"]  # (parent,) -> {"state", "after": child, "at": time}
         # Per route: how many candidates per claimed record the next claim reads (1: strict order).
         self._spread: dict[str, float] = {}
         self._watch_backoff = 0.0
@@ -513,7 +520,6 @@ class FDBPersistence(Persistence):
 
     @_translate
     def enqueue(self, records: Sequence[JobRecord]) -> None:
-        _check_fan_out(records)
         size = sum(_size(r) for r in records)
         if size > TRANSACTION_BUDGET and len(records) > 1 and all(r.workflow for r in records):
             # A workflow larger than a transaction (a group of 10,000) goes in several, in its order:
@@ -557,8 +563,6 @@ class FDBPersistence(Persistence):
         if not any(r.key is not None for r in records):
             self.enqueue(records)
             return [r.id for r in records]
-
-        _check_fan_out(records)
 
         def store(tr: Any) -> tuple[list[str], list[str]]:
             holders = self._store_keyed(tr, records)
@@ -642,7 +646,6 @@ class FDBPersistence(Persistence):
                 f"{type(handle).__module__}.{type(handle).__qualname__}.")
         if not records:
             return []
-        _check_fan_out(records)
         size = sum(_size(r) for r in records)
         if size > TRANSACTION_BUDGET or len(records) > 0xFFFF:
             raise PayloadTooLarge(
@@ -1141,7 +1144,10 @@ class FDBPersistence(Persistence):
 
     @_translate
     def finish(self, job_id: str, token: int, outcome: Outcome, *, expect: str = RUNNING) -> bool:
+        left: list[str] = []  # parents whose count-down this finish left part-way
+
         def apply(tr: Any) -> tuple[bool, bool]:
+            left.clear()
             stored = self._read(tr, job_id)
             if stored is None:
                 return False, False
@@ -1157,10 +1163,17 @@ class FDBPersistence(Persistence):
             if updated.finished_state:
                 if record.parents:
                     tr.clear(self._waits.pack((job_id,)))
-                self._settle(tr, job_id, updated.state)
+                left.extend(self._settle(tr, job_id, updated.state))
             return True, True
 
-        return self._once(apply, lambda _tr, memo: bool(memo))
+        done = self._once(apply, lambda _tr, memo: bool(memo))
+        if left:
+            try:
+                self._settle_left(left)
+            except fdb.FDBError as exc:  # the finish stands; housekeeping carries the count-down on
+                log.warning("FoundationDB (%s): counting down %s's dependents stopped part-way (%s); "
+                            "housekeeping carries it on", self.where, job_id, exc.description)
+        return done
 
     # -- workflows: see the Persistence docstring (inside the transactions above) ---------------
 
@@ -1201,21 +1214,36 @@ class FDBPersistence(Persistence):
             {"left": len(parents) - len(finished), "run": run_anyway}).encode()
         return record
 
-    def _settle(self, tr: Any, parent: str, state: str, children: list[str] | None = None) -> None:
+    def _settle(self, tr: Any, parent: str, state: str, after: str | None = None) -> list[str]:
         """Count a finished parent into its dependents' sets; release or end those it completes.
 
         A dependent ended here counts for its own dependents in turn (a worklist: a chain may be long).
         A step may have thousands of dependents (``chain(a, group(...))``): each read of a level is
-        sent before the first answer is waited for, so the level costs a few round trips, and the
-        released ones wake idle workers once.
+        sent before the first answer is waited for, and the released ones wake idle workers once.
+        One transaction counts at most ``SETTLE_BUDGET`` dependents. A parent with more left gets a
+        ``settling`` entry (its state, the last dependent counted) in the same transaction, and
+        ``_settle_left`` carries on from it in further ones; its parents are returned. ``after``:
+        carrying on an entry from there ("" for its start). Counting is idempotent (a mark per parent
+        and dependent), so a part done twice, by the finisher and by housekeeping, counts once.
         """
-        work: list[tuple[str, str, list[str] | None]] = [(parent, state, children)]
+        work: list[tuple[str, str, str | None]] = [(parent, state, after)]
         wakes: dict[tuple[str, str], int] = {}
+        budget = SETTLE_BUDGET
+        left: list[str] = []
         while work:
-            parent, state, children = work.pop()
-            if children is None:
-                span = self._deps.range((parent,))
-                children = [self._deps.unpack(kv.key)[1] for kv in tr.get_range(span.start, span.stop)]
+            parent, state, after = work.pop()
+            span = self._deps.range((parent,))
+            begin = self._deps.pack((parent, after)) + b"\x00" if after else span.start
+            rows = list(tr.get_range(begin, span.stop, limit=budget + 1))
+            children = [self._deps.unpack(kv.key)[1] for kv in rows[:budget]]
+            budget -= len(children)
+            entry = self._settling.pack((parent,))
+            if len(rows) > len(children):
+                tr[entry] = json.dumps({"state": state, "after": children[-1] if children else after or "",
+                                        "at": time.time()}).encode()
+                left.append(parent)
+            elif after is not None:
+                tr.clear(entry)
             sent = [(child, tr[self._settled.pack((child, parent))], tr[self._waits.pack((child,))])
                     for child in children]
             ending: list[tuple[str, Outcome]] = []
@@ -1244,6 +1272,26 @@ class FDBPersistence(Persistence):
                 self._release(tr, found[child], wakes)
         if wakes:
             self._wake_idle(tr, wakes)
+        return left
+
+    def _settle_left(self, parents: list[str], stale_before: float | None = None) -> None:
+        """Carry on the count-downs of ``parents`` left in ``settling``, a transaction per part, until
+        none is left (parts may leave more, for dependents they end). ``stale_before``: only
+        entries last carried on before then (housekeeping's: a live finisher is still at them)."""
+        todo = list(parents)
+        while todo:
+            parent = todo.pop()
+
+            def part(tr: Any, parent: str = parent) -> tuple[list[str], None]:
+                raw = tr[self._settling.pack((parent,))]
+                if not raw.present():
+                    return [], None
+                entry = json.loads(bytes(raw))
+                if stale_before is not None and float(entry.get("at", 0)) >= stale_before:
+                    return [], None
+                return self._settle(tr, parent, str(entry["state"]), str(entry.get("after") or "")), None
+
+            todo += self._once(part, None)
 
     def _release(self, tr: Any, stored: _Stored | None, wakes: dict[tuple[str, str], int]) -> None:
         """Make a waiting record (read with ``_read_metas``) due now."""
@@ -1322,7 +1370,14 @@ class FDBPersistence(Persistence):
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         # Also sweeps old step markers and idle entries: housekeeping calls this about once a second.
         self._delete_expired(float(now))
+        self._settle_stale(float(now))
         return 0  # a bounded batch each call (EXPIRE_BATCH); the count is not kept
+
+    def _settle_stale(self, now: float) -> None:
+        """Carry on count-downs whose finisher stopped part-way (died, or lost the cluster)."""
+        span = self._settling.range()
+        entries = self._db.create_transaction().snapshot.get_range(span.start, span.stop, limit=10)
+        self._settle_left([self._settling.unpack(kv.key)[0] for kv in entries], stale_before=now - SETTLE_STALE)
 
     def _delete_expired(self, now: float) -> None:
         def delete(tr: Any) -> tuple[None, None]:
@@ -1532,17 +1587,6 @@ class FDBPersistence(Persistence):
 def _size(record: JobRecord) -> int:
     """About what storing ``record`` adds to a transaction (a dependent: also its parents' entries)."""
     return len(record.payload) + len(record.result or b"") + 1000 + 200 * len(record.parents or ())
-
-
-def _check_fan_out(records: Sequence[JobRecord]) -> None:
-    dependents = collections.Counter(p for r in records for p in dependencies.unique(r.parents or ()))
-    most = max(dependents.values(), default=0)
-    if most > MAX_DEPENDENTS:
-        raise PayloadTooLarge(
-            f"A step of this workflow has {most} dependents; on FoundationDB a step releases at most "
-            f"{MAX_DEPENDENTS} (its finish is one transaction of at most 10 MB). Put at most "
-            f"{MAX_DEPENDENTS} jobs after any one step: several smaller groups, each behind its own step."
-        )
 
 
 def _fields(stored: _Stored | None) -> JobRecord | None:

@@ -32,7 +32,8 @@ from skunkqueue.workflow import WorkflowHandle, chain, group
 # Members of the large group (the figure) and how long the kit gives it.
 LARGE_GROUP = 10_000
 LARGE_GROUP_TIMEOUT = 600.0
-# Dependents of one step (chain(a, group(...))): as many as the fdb backend lets one step have.
+# Dependents of one step (chain(a, group(...))): more than the fdb backend counts down in one
+# transaction, more than its stand-in read one at a time in five seconds (it timed out from 3,000).
 LARGE_FANOUT = 2_500
 # Leases of the pools a test SIGKILLs: short, so that the jobs they held come back soon.
 SHORT_LEASE = 2.0
