@@ -1369,18 +1369,13 @@ class FDBPersistence(Persistence):
     @_translate
     def delete_expired(self, now: float, limit: int = 1000) -> int:
         # Also sweeps old step markers and idle entries: housekeeping calls this about once a second.
-        self._delete_expired(float(now))
-        self._settle_stale(float(now))
+        # Count-downs whose finisher stopped part-way (died, or lost the cluster): carried on here.
+        self._settle_left(self._delete_expired(float(now)), stale_before=float(now) - SETTLE_STALE)
         return 0  # a bounded batch each call (EXPIRE_BATCH); the count is not kept
 
-    def _settle_stale(self, now: float) -> None:
-        """Carry on count-downs whose finisher stopped part-way (died, or lost the cluster)."""
-        span = self._settling.range()
-        entries = self._db.create_transaction().snapshot.get_range(span.start, span.stop, limit=10)
-        self._settle_left([self._settling.unpack(kv.key)[0] for kv in entries], stale_before=now - SETTLE_STALE)
-
-    def _delete_expired(self, now: float) -> None:
-        def delete(tr: Any) -> tuple[None, None]:
+    def _delete_expired(self, now: float) -> list[str]:
+        """Delete what has expired; return parents with a count-down left part-way (a few)."""
+        def delete(tr: Any) -> tuple[list[str], None]:
             # Markers of steps long over: a blind range clear, which conflicts with nothing.
             old = (self._applied.range().start, self._applied.pack((now - APPLIED_KEEP,)))
             if list(tr.snapshot.get_range(*old, limit=1)):
@@ -1400,9 +1395,11 @@ class FDBPersistence(Persistence):
                     self._delete(tr, stored)
                 else:
                     tr.clear(kv.key)  # the record was requeued or deleted since
-            return None, None
+            settling = self._settling.range()
+            return [self._settling.unpack(kv.key)[0]
+                    for kv in tr.snapshot.get_range(settling.start, settling.stop, limit=10)], None
 
-        self._once(delete, None)
+        return self._once(delete, None)
 
     @_translate
     def register_worker(self, info: WorkerInfo) -> None:
