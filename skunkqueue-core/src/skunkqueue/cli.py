@@ -21,6 +21,7 @@ from skunkqueue.errors import SkunkQueueError
 from skunkqueue.hooks import plugin_manager
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
+from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import STATES, JobRecord
 from skunkqueue.urls import redact
@@ -170,6 +171,10 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
     os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
     logformat.configure(log_level.upper(), log_format)
+    # Before the job modules below are imported and before any connection or thread: what this
+    # process holds when the fork server is forked, every worker would inherit.
+    preload = [found.value.partition(":")[0]] if found is not None else []
+    forks = ForkServer.start(preload + (["skunkqueue.async_worker"] if async_concurrency > 1 else []))
     modules = trust.split_imports(imports)
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],
@@ -188,7 +193,7 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     logging.getLogger("skunkqueue.pool").info(
         "pool: queue %s routes %s on %s %s; jobs from %s", queue, " ".join(routes), backend, where,
         f"--import {' '.join(modules)}" if modules else "modules under " + ", ".join([os.getcwd(), *config.paths]))
-    sys.exit(WorkerPool(config, routes, concurrency, grace=grace, schedule=not no_schedule).run())
+    sys.exit(WorkerPool(config, routes, concurrency, grace=grace, schedule=not no_schedule, forks=forks).run())
 
 
 @main.command("backends")

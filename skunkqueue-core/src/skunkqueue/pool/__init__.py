@@ -33,6 +33,7 @@ from skunkqueue import flow, metrics, periodic, signature_policy, signing, trust
 from skunkqueue.channel import StopMode
 from skunkqueue.persistence import Persistence
 from skunkqueue.pool.children import Child, store_call
+from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.pool.leases import HAND_BACK_AFTER, LeaseKeeper
 from skunkqueue.pool.scheduler import Scheduler, schedules_to_run
 from skunkqueue.pool.supervisor import DEFAULT_GRACE, EXIT_ROUGH, RESTART_BACKOFF_MAX, Supervisor
@@ -49,17 +50,22 @@ TICK = 0.05                # longest sleep of the pool's loop
 
 
 class WorkerPool:
-    """Runs ``concurrency`` worker processes for each route listed (duplicates count)."""
+    """Runs ``concurrency`` worker processes for each route listed (duplicates count).
+
+    ``forks``: a :class:`~skunkqueue.pool.forkserver.ForkServer` to fork the workers from, as
+    ``skunq work`` passes; without one each worker starts as a fresh interpreter.
+    """
 
     def __init__(self, base: WorkerConfig, routes: list[str], concurrency: int = 1,
-                 grace: float = DEFAULT_GRACE, schedule: bool = True) -> None:
+                 grace: float = DEFAULT_GRACE, schedule: bool = True, forks: ForkServer | None = None) -> None:
         self.children = [Child(replace(base, route=route)) for route in routes for _ in range(concurrency)]
         self.config = base
         self.grace = grace
         self.store: Persistence | None = None
         self.tally = metrics.Tally()  # the supervisor counts outcomes into it, the upkeep flushes it
         self.run_schedules = schedule
-        self.supervisor = Supervisor(self.children, base, grace, self.tally)
+        # forks: where its workers are forked from (skunq work starts one); None: fresh interpreters
+        self.supervisor = Supervisor(self.children, base, grace, self.tally, forks)
         self.leases = LeaseKeeper(base, grace)
         self.upkeep = Upkeep(base, self.tally, self.leases.renew_every)
         self.scheduler: Scheduler | None = None
@@ -131,7 +137,7 @@ class WorkerPool:
                 self._upkeep(now)
                 self.supervisor.sleep(TICK)
         finally:
-            self.supervisor.close_pipes()
+            self.supervisor.close()
             if self.store is not None:
                 self.upkeep.flush_stats(self.store)
                 self.store.close()

@@ -29,6 +29,7 @@ from typing import Callable, TypeVar
 from skunkqueue import channel, interpreter, policy
 from skunkqueue.errors import JobKilled, SkunkQueueError
 from skunkqueue.persistence.roles import JobStore
+from skunkqueue.pool.forkserver import Forked, ForkServer
 from skunkqueue.record import RUNNING
 from skunkqueue.worker import WorkerConfig
 
@@ -75,7 +76,7 @@ class Child:
     """One worker process and what the pool knows of it."""
 
     config: WorkerConfig
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | Forked | None = None
     pipes: channel.PoolEnd | None = None
     worker_id: str | None = None
     claims: dict[str, Claim] = field(default_factory=dict)  # held and running jobs
@@ -92,19 +93,29 @@ class Child:
     drained: bool = False                 # --burst: it found no due job and exited; not restarted
     handed_back: int = 0                  # jobs of this process put back in the queue (see hand_back)
 
-    def start(self) -> None:
+    def start(self, forks: ForkServer | None = None) -> bool:
+        """Start its worker process: forked by ``forks`` if given, else a fresh interpreter.
+        False if ``forks`` failed (the worker then started as a fresh interpreter): drop it."""
         self.pipes = channel.PoolEnd()
-        events_fd, control_fd, pulse_fd = self.pipes.child_fds()
-        config = replace(self.config, events_fd=events_fd, control_fd=control_fd, pulse_fd=pulse_fd)
-        self.process = subprocess.Popen(
-            interpreter.command("skunkqueue.worker_main", config.to_json()),
-            preexec_fn=die_with_parent, pass_fds=(events_fd, control_fd, pulse_fd),
-        )
+        fds = self.pipes.child_fds()
+        config = replace(self.config, events_fd=fds[0], control_fd=fds[1], pulse_fd=fds[2]).to_json()
+        forked = True
+        if forks is not None:
+            try:
+                self.process = forks.spawn(config, fds)
+            except OSError as exc:
+                log.warning("pool: %s; starting workers as fresh interpreters from now on", exc)
+                forks = None
+                forked = False
+        if forks is None:
+            self.process = subprocess.Popen(interpreter.command("skunkqueue.worker_main", config),
+                                            preexec_fn=die_with_parent, pass_fds=fds)
         self.pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start, self.gave_up = {}, set(), {}
         self.settled, self.handed_back = False, 0
         self.started = time.monotonic()
+        return forked
 
     @property
     def alive(self) -> bool:

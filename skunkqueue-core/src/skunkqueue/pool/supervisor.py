@@ -36,6 +36,7 @@ from skunkqueue.channel import StopMode
 from skunkqueue.errors import RoughStop
 from skunkqueue.persistence.roles import JobStore
 from skunkqueue.pool.children import Child, Claim
+from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.pool.settlement import Settling, settle
 from skunkqueue.worker import EXIT_DRAINED, EXIT_RECYCLE, EXIT_UNREACHABLE, GENTLE_SIGNALS, ROUGH_SIGNAL, WorkerConfig
 
@@ -44,13 +45,16 @@ log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as it
 EXIT_ROUGH = 130
 RESTART_BACKOFF_MAX = 30.0
 DEFAULT_GRACE = 5.0        # seconds an interrupted job gets before its worker is killed
+REAP_EVERY = 5.0           # seconds between looks for orphans the pool adopted (see ForkServer.reap_strays)
 
 
 class Supervisor:
     """Starts, watches, restarts and stops the pool's worker processes."""
 
-    def __init__(self, children: list[Child], config: WorkerConfig, grace: float, tally: metrics.Tally) -> None:
+    def __init__(self, children: list[Child], config: WorkerConfig, grace: float, tally: metrics.Tally,
+                 forks: ForkServer | None = None) -> None:
         self.children = children
+        self.forks = forks  # where workers are forked from; None: fresh interpreters
         self.config = config
         self.grace = grace
         self.tally = tally  # the outcomes it hears of, or records for a dead worker, are counted here
@@ -60,6 +64,7 @@ class Supervisor:
         self._rough_acted = 0
         self._rough_deadline = 0.0
         self._wakeup_read = -1
+        self._next_reap = 0.0
 
     # -- signals: flags only ---------------------------------------------------------
 
@@ -132,7 +137,18 @@ class Supervisor:
 
     def start_all(self) -> None:
         for child in self.children:
-            child.start()
+            self._start(child)
+
+    def _start(self, child: Child) -> None:
+        if not child.start(self.forks):
+            self.forks = None  # it failed and is gone: fresh interpreters from now on
+
+    def close(self) -> None:
+        """At the pool's exit: the pipes, and the fork server."""
+        self.close_pipes()
+        if self.forks is not None:
+            self.forks.close()
+            self.forks = None
 
     def watch(self, store: Settling | None, now: float) -> int:
         """Hear every worker, settle and restart the dead ones; how many are running."""
@@ -140,6 +156,9 @@ class Supervisor:
         for child in self.children:
             self._read_events(store, child)
             alive += self._supervise(store, child, now)
+        if self.forks is not None and now >= self._next_reap:
+            self._next_reap = now + REAP_EVERY
+            self.forks.reap_strays({c.process.pid for c in self.children if c.process is not None})
         return alive
 
     @property
@@ -195,7 +214,7 @@ class Supervisor:
         if self.stopping or child.drained:
             return 0
         if child.process is None and now >= child.restart_at:
-            child.start()
+            self._start(child)
             return 1
         return 0
 

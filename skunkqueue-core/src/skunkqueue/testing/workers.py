@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Sequence
 
 from skunkqueue import interpreter
+from skunkqueue.pool.forkserver import NAME
 from skunkqueue.testing.kit import BackendUnderTest, kit_env
 
 KIT_JOBS = "skunkqueue.testing.jobs"
+FORK_SERVER_NAME = NAME.decode()
 
 
 class PoolProcess:
@@ -67,8 +69,14 @@ class PoolProcess:
         raise TimeoutError(f"workers did not register within {timeout} s: {self.log()}")
 
     def worker_pids(self) -> list[int]:
+        """The pool's worker processes: its children but its fork server."""
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return [pid for pid in map(int, out.split()) if process_name(pid) != FORK_SERVER_NAME]
+
+    def fork_server_pid(self) -> int | None:
+        """The pool's fork server (see :mod:`skunkqueue.pool.forkserver`), None if it has none."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return next((pid for pid in map(int, out.split()) if process_name(pid) == FORK_SERVER_NAME), None)
 
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
@@ -99,6 +107,15 @@ class PoolProcess:
         """The log's first 4,000 characters: its first line, however long the log has grown."""
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[:4000]
+        return ""
+
+
+def process_name(pid: int) -> str:
+    """What /proc/PID/comm says ("" for a process that is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
         return ""
 
 

@@ -1,0 +1,379 @@
+"""The pool's fork server: worker processes forked from a clean process that has the imports done.
+
+A worker started as a fresh interpreter spends 0.2-0.35 s of CPU before it can connect, nearly
+all of it importing the store's driver and SkunkQueue, and a pool restarts workers all its life
+(``--max-jobs-per-child``, crashes, kills). So ``skunq work`` forks one helper process at start,
+*before* it imports a job module (``--import``), opens a connection or starts a thread; the
+helper imports what a worker needs and then does nothing but fork workers on request.
+
+What a worker forked from it is, and why that keeps the fresh-interpreter guarantee:
+
+* it holds no job module and no state of any job: the server never runs job code and never
+  imports a job module, so a job's changes to its modules still die with its worker;
+* it holds no connection, thread, lock or pipe of the pool: the server was forked before any
+  existed, and a worker keeps only stdin, stdout, stderr and the three pipes of its own
+  :class:`~skunkqueue.channel.PoolEnd` (closed everywhere else, as ``subprocess`` does);
+* it has the signal dispositions, environment, working directory, ``sys.argv`` and
+  ``sys.path`` a fresh worker would have (:func:`skunkqueue.interpreter.command`'s rules: the
+  entry the interpreter put first on the path for ``skunq`` is gone), and its own random state
+  (the ``random`` module reseeds after a fork);
+* it is the pool's child: the pool is a child subreaper and the worker is forked twice, so the
+  pool waits for it, signals it and reads its exit status as it does a ``subprocess.Popen``, it
+  is in the pool's process group, and it dies with the pool (``PR_SET_PDEATHSIG``).
+
+The server ignores the signals a terminal sends the whole group (the pool decides what the
+workers do) and exits when the pool closes its end or dies. If it is gone, the pool logs one
+warning and starts fresh interpreters, as it does where there is no fork server: off Linux,
+with ``SKUNQ_WORKER_START=spawn``, or when ``WorkerPool`` is used inside a process of its own
+(a thread may be running there, and a fork would copy its locks held).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import fcntl
+import gc
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from skunkqueue import worker_main
+
+log = logging.getLogger("skunkqueue.pool")
+
+START_ENV = "SKUNQ_WORKER_START"   # "spawn": a fresh interpreter per worker, no fork server
+NAME = b"skunq-forksrv"            # the server's process name (/proc/PID/comm), at most 15 bytes
+# Largest request: the worker's config (routes, paths, plugins) and the pool's environment.
+MAX_REQUEST = 1 << 20
+REPLY_TIMEOUT = 10.0               # seconds; a server that takes longer is treated as gone
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_GET_NAME = 16
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int | bytes | ctypes.Array[ctypes.c_char]) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, value, 0, 0, 0))
+
+
+def _process_name() -> bytes:
+    buffer = ctypes.create_string_buffer(16)
+    _prctl(_PR_GET_NAME, buffer)
+    return buffer.value
+
+
+class Forked:
+    """A worker forked by the server: the part of ``subprocess.Popen`` the pool uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost, so it counts as a crash
+                self.returncode = 255
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            code = self.poll()
+            while code is None:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    code = 255
+                else:
+                    code = os.waitstatus_to_exitcode(status)
+                self.returncode = code
+            return code
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"worker {self.pid} still running after {timeout} s")
+            time.sleep(0.01)
+        return code
+
+
+class ForkServer:
+    """The pool's end of the server: :meth:`spawn` a worker, :meth:`close` at the pool's exit."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._sock.settimeout(REPLY_TIMEOUT)
+
+    @classmethod
+    def start(cls, preload: Sequence[str] = ()) -> ForkServer | None:
+        """Fork the server, which imports ``preload``; None where workers start as fresh interpreters.
+
+        Call it before anything starts a thread or opens a connection, and before job modules
+        are imported: what this process holds now, every worker inherits.
+        """
+        if not sys.platform.startswith("linux") or os.environ.get(START_ENV, "fork") == "spawn":
+            return None
+        if threading.active_count() > 1:  # a fork would copy another thread's locks, held or not
+            return None
+        if _prctl(_PR_SET_CHILD_SUBREAPER, 1) != 0:
+            return None
+        pool_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pool = os.getpid()
+        for stream in (sys.stdout, sys.stderr):  # or the server would write the pool's buffered lines again
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the server process; it ends in os._exit
+            code = 1
+            try:
+                pool_end.close()
+                _serve(server_end, pool, preload)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        server_end.close()
+        return cls(pid, pool_end)
+
+    def spawn(self, config_json: str, pass_fds: Sequence[int]) -> Forked:
+        """Fork a worker that runs ``skunkqueue.worker_main`` with ``config_json``, holding ``pass_fds``.
+
+        Raises OSError if the server is gone or does not answer; it is then of no more use.
+        """
+        request = json.dumps({"config": config_json, "env": dict(os.environ), "cwd": os.getcwd(),
+                              "fds": list(pass_fds)}).encode()
+        try:
+            socket.send_fds(self._sock, [request], list(pass_fds))
+            reply = json.loads(self._sock.recv(4096) or b"{}")
+        except (OSError, ValueError) as exc:
+            self._give_up()
+            raise OSError(f"the fork server did not answer: {exc}") from None
+        if "pid" not in reply:
+            self._give_up()
+            raise OSError(f"the fork server could not start a worker: {reply.get('error', 'it is gone')}")
+        return Forked(int(reply["pid"]))
+
+    def close(self) -> None:
+        """Let the server go (it exits when it reads the end of its socket) and reap it."""
+        self._sock.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+    def reap_strays(self, known: set[int]) -> None:
+        """Reap the pool's children it did not start: as a subreaper, it adopts orphans (a job's
+        daemon whose worker died), and each would stay a zombie until the pool exits."""
+        for pid in _children() - known - {self.pid}:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+    def _give_up(self) -> None:
+        self._sock.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            found.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+# -- inside the server -------------------------------------------------------------------------
+
+def _serve(sock: socket.socket, pool: int, preload: Sequence[str]) -> None:  # pragma: no cover - a child
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != pool:
+        return
+    pool_name = _process_name()
+    _prctl(_PR_SET_NAME, NAME)
+    dispositions = {int(sig): handler for sig in signal.valid_signals()
+                    if (handler := _getsignal(sig)) is not None}
+    # What the terminal sends the whole group is the pool's to act on; it stops the workers.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
+                signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    _drop_interpreter_path_entry()
+    for module in preload:
+        importlib.import_module(module)
+    gc.freeze()  # the imported modules stay shared pages in every worker: a collection would copy them
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 16)
+        except InterruptedError:
+            continue
+        if not data:
+            return  # the pool closed its end: it is stopping
+        try:
+            reply: dict[str, Any] = {"pid": _fork_worker(json.loads(data), fds, sock, pool, pool_name,
+                                                         dispositions)}
+        except Exception as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(json.dumps(reply).encode())
+
+
+def _getsignal(sig: int) -> Callable[..., Any] | int | None:
+    try:
+        return signal.getsignal(sig)  # type: ignore[return-value]
+    except (OSError, ValueError):
+        return None
+
+
+def _drop_interpreter_path_entry() -> None:
+    """Take off ``sys.path`` the entry the interpreter put first for how it was started, as
+    :data:`skunkqueue.interpreter.BOOT` does for a fresh worker: the script's folder for
+    ``skunq``, the working directory for ``python -m``. (A pool started as the kit starts it,
+    through ``BOOT``, has none left.)"""
+    if getattr(sys.flags, "safe_path", False) or not sys.path:
+        return
+    added: str | None = None
+    args = iter(getattr(sys, "orig_argv", [])[1:])
+    for arg in args:
+        if arg in ("-W", "-X"):
+            next(args, None)
+        elif arg == "-c":
+            added = ""
+            break
+        elif arg == "-m":
+            added = os.getcwd()
+            break
+        elif not arg.startswith("-") or arg == "-":
+            added = os.path.dirname(os.path.realpath(arg))
+            break
+    if added is not None and sys.path[0] == added:
+        del sys.path[0]
+
+
+def _fork_worker(request: dict[str, Any], fds: list[int], sock: socket.socket, pool: int, pool_name: bytes,
+                 dispositions: dict[int, Any]) -> int:  # pragma: no cover - runs in the server
+    """Fork twice, so that the worker's parent is the pool (the subreaper); its pid."""
+    read_pid, write_pid = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        code = 1
+        try:
+            os.close(read_pid)
+            _prctl(_PR_SET_NAME, pool_name)  # only the server goes by its name, never a worker being made
+            me = os.getpid()
+            worker = os.fork()
+            if worker == 0:
+                os.close(write_pid)
+                _become_worker(me, request, fds, sock, pool, pool_name, dispositions)
+            os.write(write_pid, str(worker).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_pid)
+    try:
+        answer = os.read(read_pid, 64)
+    finally:
+        os.close(read_pid)
+        os.waitpid(middle, 0)  # once it is reaped, its child is the pool's
+    if not answer:
+        raise OSError("fork failed")
+    return int(answer)
+
+
+def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: socket.socket, pool: int,
+                   pool_name: bytes, dispositions: dict[int, Any]) -> None:  # pragma: no cover - never returns
+    code: object = 1
+    try:
+        # Not os.getppid() read here: the middle process may be gone already.
+        while os.getppid() == middle:  # until the middle process is gone and the pool adopted this one
+            os.sched_yield()
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != pool:
+            os._exit(1)  # the pool died meanwhile
+        sock.close()
+        _install_fds(fds, request["fds"])
+        for sig, handler in dispositions.items():
+            try:
+                signal.signal(sig, handler)
+            except (OSError, ValueError, TypeError):
+                pass
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        logging.root.handlers.clear()  # the worker sets up its log as a fresh one does
+        sys.argv = ["skunkqueue.worker_main", request["config"]]
+        code = worker_main.main([request["config"]])
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        _exit(code)
+
+
+def _install_fds(received: list[int], wanted: list[int]) -> None:  # pragma: no cover - the worker
+    """Give the received fds the numbers the config names, and close every other one but 0-2."""
+    above = max([*received, *wanted]) + 1
+    parked = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in received]  # out of the way of those wanted
+    for fd in received:
+        os.close(fd)
+    for fd, number in zip(parked, wanted):
+        os.dup2(fd, number)
+    keep = sorted({0, 1, 2, *wanted})
+    start = 0
+    for fd in keep:
+        if fd > start:
+            os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
+    for fd in wanted:
+        os.set_inheritable(fd, True)
+
+
+def _exit(code: object) -> None:  # pragma: no cover - the worker
+    """End as an interpreter ends: wait for threads, run atexit, flush, then leave without
+    unwinding into the server's loop."""
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
