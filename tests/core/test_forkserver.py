@@ -18,7 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 
@@ -162,8 +162,10 @@ class Pool:
     def workers(self) -> list[int]:
         return [p for p in _children(self.process.pid) if process_name(p) != FORK_SERVER_NAME]
 
-    def registered(self) -> int:
-        return len([w for w in self.store.workers() if w.pid in self.workers()])
+    def registered(self, but: Sequence[int] = ()) -> int:
+        """How many of its live workers, but those in ``but``, have registered."""
+        alive = set(self.workers()) - set(but)
+        return len([w for w in self.store.workers() if w.pid in alive])
 
     def run(self, func: str, count: int = 1) -> list[Any]:
         records = [make_record("probe", func=f"probe_jobs:{func}", payload=b"[[], {}]") for _ in range(count)]
@@ -198,7 +200,7 @@ def test_the_server_killed_leaves_workers_started_as_fresh_interpreters(pool: Po
     first = pool.workers()
     for pid in first:
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: pool.registered() == 2 and not set(pool.workers()) & set(first), timeout=60,
+    wait_until(lambda: pool.registered(but=first) == 2, timeout=60,
                what="two new workers")
     assert pool.server() is None  # reaped
     assert len(pool.run("describe", 4)) == 4
@@ -256,3 +258,18 @@ def test_orphans_the_pool_adopts_are_reaped(pool: Pool) -> None:
 
     wait_until(lambda: not zombies(), timeout=15, what="the pool to reap the orphans it adopted")
     assert len(pool.workers()) == 2
+
+
+def test_a_stopped_server_does_not_hold_the_pool(pool: Pool) -> None:
+    server = pool.server()
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)  # alone, not the group: the pool runs on and must not wait on it
+    first = pool.workers()
+    os.kill(first[0], signal.SIGKILL)
+    started = time.monotonic()
+    wait_until(lambda: pool.registered(but=first[:1]) == 2, timeout=30,
+               what="the killed worker's replacement")
+    assert time.monotonic() - started < 5  # a 0.5 s back-off, then a fresh interpreter's start
+    assert "the fork server is stopped" in pool.log.read_text()
+    wait_until(lambda: _state(server) == "gone", timeout=10, what="the stopped server killed and reaped")
+    assert len(pool.run("describe", 2)) == 2

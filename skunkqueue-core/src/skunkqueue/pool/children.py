@@ -29,12 +29,14 @@ from typing import Callable, TypeVar
 from skunkqueue import channel, interpreter, policy
 from skunkqueue.errors import JobKilled, SkunkQueueError
 from skunkqueue.persistence.roles import JobStore
-from skunkqueue.pool.forkserver import Forked, ForkServer
+from skunkqueue.pool.forkserver import Forked, ForkServer, stopped
 from skunkqueue.record import RUNNING
 from skunkqueue.worker import WorkerConfig
 
 log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as its log always read
 T = TypeVar("T")
+
+__all__ = ["Child", "Claim", "die_with_parent", "stopped", "store_call"]
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -42,15 +44,6 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def stopped(pid: int) -> bool:
-    """True if the process is stopped (SIGSTOP, a debugger): its leases must not be renewed."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
 
 
 def store_call(what: str, call: Callable[..., T], *args: object) -> T | None:

@@ -55,7 +55,7 @@ START_ENV = "SKUNQ_WORKER_START"   # "spawn": a fresh interpreter per worker, no
 NAME = b"skunq-forksrv"            # the server's process name (/proc/PID/comm), at most 15 bytes
 # Largest request: the worker's config (routes, paths, plugins) and the pool's environment.
 MAX_REQUEST = 1 << 20
-REPLY_TIMEOUT = 10.0               # seconds; a server that takes longer is treated as gone
+REPLY_TIMEOUT = 5.0                # seconds; a server that takes longer is treated as gone
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -72,6 +72,15 @@ def _process_name() -> bytes:
     buffer = ctypes.create_string_buffer(16)
     _prctl(_PR_GET_NAME, buffer)
     return buffer.value
+
+
+def stopped(pid: int) -> bool:
+    """True if the process is stopped (SIGSTOP, a debugger): its leases must not be renewed."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 class Forked:
@@ -164,8 +173,11 @@ class ForkServer:
     def spawn(self, config_json: str, pass_fds: Sequence[int]) -> Forked:
         """Fork a worker that runs ``skunkqueue.worker_main`` with ``config_json``, holding ``pass_fds``.
 
-        Raises OSError if the server is gone or does not answer; it is then of no more use.
+        Raises OSError if the server is gone, stopped or does not answer; it is then of no more use.
         """
+        if stopped(self.pid):  # SIGSTOPped on its own: waiting for its answer would hold the pool's loop
+            self._give_up()
+            raise OSError("the fork server is stopped")
         request = json.dumps({"config": config_json, "env": dict(os.environ), "cwd": os.getcwd(),
                               "fds": list(pass_fds)}).encode()
         try:
