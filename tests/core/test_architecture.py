@@ -28,6 +28,7 @@ arch = _load()
 # an import hidden in a function to dodge a cycle is a cycle all the same.
 IMPORTS_IN_FUNCTIONS = {
     ("skunkqueue.worker_main", "skunkqueue.async_worker"): "a worker of sync jobs never loads asyncio",
+    ("skunkqueue.command", "skunkqueue.cli"): "the fork server is forked before the command line is imported",
     ("skunkqueue.queue", "skunkqueue.periodic"): "a producer that declares no schedule never loads cronsim",
     ("skunkqueue.testing", "skunkqueue.testing.suite"): "the kit's lazy attributes: importing it loads no pytest",
     ("skunkqueue.testing.suite_periodic", "skunkqueue.testing.periodic_retention"):

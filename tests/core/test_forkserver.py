@@ -1,7 +1,7 @@
 """Workers forked from the pool's fork server are what fresh interpreters would be.
 
 ``skunq work`` forks its workers from a server it forked at start, before it imported a job
-module (skunkqueue/pool/forkserver.py). These tests run the same probe job in pools whose
+module (skunkqueue/forkserver.py). These tests run the same probe job in pools whose
 workers start both ways (``SKUNQ_WORKER_START=spawn`` is a fresh interpreter per worker) and
 compare what the job sees; every import of the job module leaves a line in a file outside the
 queue. Then the hostile cases: the server killed, the pool killed, the whole group signalled,
@@ -10,6 +10,7 @@ orphans the pool adopts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import pytest
 
 from skunkqueue.persistence.sqlite import SQLitePersistence
+from skunkqueue.pool.supervisor import REAP_EVERY
 from skunkqueue.record import COMPLETE
 from skunkqueue.testing.suite_support import make_record, wait_until
 from skunkqueue.testing.workers import FORK_SERVER_NAME, process_name
@@ -68,6 +70,21 @@ PROBE = textwrap.dedent("""
         })
 
     @queue.event(routes=["r"])
+    def unflushed():
+        # Left in buffers when the job returns: C stdio's, and Python's behind a replaced sys.stdout.
+        import ctypes
+        ctypes.CDLL(None).printf(b"printf-line\\n")
+        sys.stdout = open(os.devnull, "w")
+        sys.__stdout__.write("dunder-line\\n")
+        return "done"
+
+    @queue.event(routes=["r"])
+    def spawned():
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(1) as children:
+            return children.map(abs, [-9])
+
+    @queue.event(routes=["r"])
     def orphan():
         # A grandchild whose parent exits at once: the pool, a subreaper, adopts it.
         if os.fork() == 0:
@@ -88,34 +105,37 @@ def jobs_dir(tmp_path: Path) -> Path:
 
 
 def run_burst(tmp_path: Path, jobs_dir: Path, start: str, func: str, count: int,
-              extra: tuple[str, ...] = (), payload: str = "[[], {}]") -> list[dict[str, Any]]:
+              extra: tuple[str, ...] = (), payload: str = "[[], {}]", imports: tuple[str, ...] = ("probe_jobs",),
+              env: dict[str, str] | None = None, module: str = "probe_jobs") -> list[Any]:
     """Enqueue ``count`` jobs and run ``skunq work --burst`` until they are done; their results."""
     db = tmp_path / f"{start}.db"
     store = SQLitePersistence("probe", url=str(db))
-    records = [make_record("probe", func=f"probe_jobs:{func}", payload=payload.encode()) for _ in range(count)]
+    records = [make_record("probe", func=f"{module}:{func}", payload=payload.encode()) for _ in range(count)]
     store.enqueue(records)
-    env = {**os.environ, "SKUNQ_WORKER_START": start, "PROBE_ENV": "set", "PROBE_DB": str(db),
+    env = {**os.environ, **(env or {}), "SKUNQ_WORKER_START": start, "PROBE_ENV": "set", "PROBE_DB": str(db),
            "PROBE_LOADS": str(tmp_path / "loads"), "SKUNQ_IMPORT": ""}
     log = tmp_path / f"{start}.log"
     try:
         with open(log, "wb") as out:
             pool = subprocess.run([SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(db), "--burst",
-                                   "--path", str(jobs_dir), "--import", "probe_jobs", *extra],
+                                   "--path", str(jobs_dir), *(a for name in imports for a in ("--import", name)),
+                                   *extra],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120)
         found = [store.get(r.id) for r in records]
     finally:
         store.close()
     assert pool.returncode == 0, log.read_text()
     assert all(r is not None and r.state == COMPLETE for r in found), log.read_text()
-    # The two runs' files differ by name only (fork.db, spawn.db).
-    return [json.loads(json.loads(r.result).replace(f"/{start}.", "/RUN.")) for r in found
-            if r is not None and r.result is not None]
+    return [json.loads(r.result) for r in found if r is not None and r.result is not None]
 
 
 def test_a_forked_worker_sees_what_a_fresh_interpreter_sees(tmp_path: Path, jobs_dir: Path) -> None:
     fresh = run_burst(tmp_path, jobs_dir, "spawn", "describe", 2, ("--max-jobs-per-child", "1"))
     forked = run_burst(tmp_path, jobs_dir, "fork", "describe", 2, ("--max-jobs-per-child", "1"))
     same = ("signals", "fds", "threads", "path", "argv0", "cwd", "env", "seen", "main")
+    # The two runs' files differ by name only (fork.db, spawn.db).
+    fresh = [json.loads(one.replace("/spawn.", "/RUN.")) for one in fresh]
+    forked = [json.loads(one.replace("/fork.", "/RUN.")) for one in forked]
     for one in fresh + forked:
         assert one["seen"] == 1 and one["env"] == "set"
     for k in same:
@@ -131,8 +151,10 @@ def test_a_forked_worker_sees_what_a_fresh_interpreter_sees(tmp_path: Path, jobs
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    try:  # /proc, not pgrep: fast enough to catch a process that lives a millisecond
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _state(pid: int) -> str:
@@ -140,6 +162,42 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+NAMED_LIKE_THE_POOLS = textwrap.dedent("""
+    import os
+    from skunkqueue import SkunkQueue
+    queue = SkunkQueue("probe", conn_url=os.environ["PROBE_DB"])
+
+    @queue.event(routes=["r"])
+    def hello():
+        return __name__ + " from " + __file__
+""")
+
+
+@pytest.mark.parametrize("name", ["click", "cronsim", "decimal"])
+def test_a_job_module_named_like_one_the_pool_imports_is_found_in_bare_mode(tmp_path: Path, name: str) -> None:
+    # The pool imports click (and the scheduler's cronsim...); a fresh worker does not, so a bare-mode
+    # job module of that name is found under --path. A forked worker must not hold the pool's.
+    folder = tmp_path / "named"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(NAMED_LIKE_THE_POOLS)
+    results = run_burst(tmp_path, folder, "fork", "hello", 1, imports=(), module=name)
+    assert results == [f"{name} from {folder / (name + '.py')}"]
+
+
+def test_output_a_job_leaves_in_buffers_reaches_the_log(tmp_path: Path, jobs_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as by default
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PYTHONUNBUFFERED", raising=False)
+        run_burst(tmp_path, jobs_dir, "fork", "unflushed", 1, ("--max-jobs-per-child", "1"), env=env)
+    log = (tmp_path / "fork.log").read_text()
+    assert "printf-line" in log and "dunder-line" in log, log
+
+
+def test_a_job_using_multiprocessing_spawn_runs(tmp_path: Path, jobs_dir: Path) -> None:
+    # A spawned child re-imports __main__ when it has a file: a forked worker's is the -c program's.
+    assert run_burst(tmp_path, jobs_dir, "fork", "spawned", 1) == [[9]]
 
 
 class Pool:
@@ -273,3 +331,100 @@ def test_a_stopped_server_does_not_hold_the_pool(pool: Pool) -> None:
     assert "the fork server is stopped" in pool.log.read_text()
     wait_until(lambda: _state(server) == "gone", timeout=10, what="the stopped server killed and reaped")
     assert len(pool.run("describe", 2)) == 2
+
+
+SHADOW = textwrap.dedent("""
+    # The standard library's textwrap, under this folder's name: a file left in the folder a pool starts in.
+    import importlib.machinery, os, sys
+    with open(os.environ["PROBE_SHADOW"], "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _real = importlib.machinery.PathFinder.find_spec(
+        "textwrap", [p for p in sys.path if os.path.abspath(p or ".") != _here]).origin
+    with open(_real) as _source:
+        exec(compile(_source.read(), _real, "exec"))
+""")
+
+
+def test_a_pool_that_imported_a_module_from_its_folder_forks_no_worker(tmp_path: Path, jobs_dir: Path) -> None:
+    # `python -m skunkqueue.command work` puts the working directory first on the path, so the pool
+    # itself imports the textwrap.py lying there. A fresh worker would not: the server must not carry it.
+    (tmp_path / "textwrap.py").write_text(SHADOW)
+    (jobs_dir / "which_textwrap.py").write_text(textwrap.dedent("""
+        import os, textwrap
+        from skunkqueue import SkunkQueue
+        queue = SkunkQueue("probe", conn_url=os.environ["PROBE_DB"])
+
+        @queue.event(routes=["r"])
+        def where():
+            return textwrap.__file__
+    """))
+    db = tmp_path / "shadow.db"
+    store = SQLitePersistence("probe", url=str(db))
+    record = make_record("probe", func="which_textwrap:where", payload=b"[[], {}]")
+    store.enqueue([record])
+    env = {**os.environ, "PROBE_DB": str(db), "PROBE_SHADOW": str(tmp_path / "shadowed"), "SKUNQ_IMPORT": ""}
+    done = subprocess.run([sys.executable, "-m", "skunkqueue.command", "work", "-q", "probe", "-r", "r",
+                           "--url", str(db), "--burst", "--path", str(jobs_dir), "--import", "which_textwrap"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    found = store.get(record.id)
+    store.close()
+    assert found is not None and found.state == COMPLETE, done.stdout + done.stderr
+    assert found.result is not None and not json.loads(found.result).startswith(str(tmp_path))
+    output = done.stdout + done.stderr
+    assert "which a worker never does" in output, output
+    pool = output.split("skunkqueue.pool[", 1)[1].split("]", 1)[0]
+    assert (tmp_path / "shadowed").read_text().split() == [pool]  # imported by the pool alone
+
+
+def test_a_worker_forked_for_a_request_the_pool_gave_up_on_never_runs(tmp_path: Path, jobs_dir: Path) -> None:
+    # The server stalls (SIGSTOP here; a swap storm does the same) after it forked the middle
+    # process: the pool gives up after REPLY_TIMEOUT and starts a fresh interpreter, and the worker
+    # already forked finds its pipes closed and exits. Executions are counted outside the queue.
+    (jobs_dir / "counted.py").write_text(textwrap.dedent("""
+        import os, time
+        from skunkqueue import SkunkQueue
+        queue = SkunkQueue("probe", conn_url=os.environ["PROBE_DB"])
+
+        @queue.event(routes=["r"])
+        def run():
+            with open(os.environ["PROBE_RAN"], "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            time.sleep(0.02)
+    """))
+    db = tmp_path / "ghost.db"
+    store = SQLitePersistence("probe", url=str(db))
+    store.enqueue([make_record("probe", func="counted:run", payload=b"[[], {}]") for _ in range(3000)])
+    env = {**os.environ, "PROBE_DB": str(db), "PROBE_RAN": str(tmp_path / "ran"), "SKUNQ_IMPORT": ""}
+    log = tmp_path / "ghost.log"
+    with open(log, "wb") as out:
+        pool = subprocess.Popen([SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(db), "--path",
+                                 str(jobs_dir), "--import", "counted", "--max-jobs-per-child", "1"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: any(process_name(p) == FORK_SERVER_NAME for p in _children(pool.pid)), timeout=30,
+                   what="the fork server")
+        server = next(p for p in _children(pool.pid) if process_name(p) == FORK_SERVER_NAME)
+        deadline = time.monotonic() + 20
+        while not _children(server):  # a worker restarts after every job: catch the server forking one
+            assert time.monotonic() < deadline, "the server never forked while watched"
+        before = set(_children(pool.pid))
+        os.kill(server, signal.SIGSTOP)
+        # The pool waits for the server's answer now and starts nothing: a new child is the worker the
+        # server forked, adopted by the pool. It waits for the pool to take it, in vain.
+        ghosts: set[int] = set()
+        watched = time.monotonic()
+        while time.monotonic() - watched < 3:
+            ghosts |= set(_children(pool.pid)) - before - {server}
+        assert ghosts, "the forked worker was never seen"
+        wait_until(lambda: "did not answer" in log.read_text(), timeout=30, what="the pool to give up on the server")
+        wait_until(lambda: not ghosts & set(_children(pool.pid)), timeout=REAP_EVERY + 5,
+                   what="the worker the pool gave up on to exit and be reaped")
+        time.sleep(1)
+        ran = set(map(int, (tmp_path / "ran").read_text().split()))
+        assert ran and not ghosts & ran, "a worker the pool did not take ran a job"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pool.pid, signal.SIGKILL)
+        pool.wait(10)
+        store.close()

@@ -14,14 +14,24 @@ from typing import Any, Callable
 import click
 
 from skunkqueue import backends as backend_registry
-from skunkqueue import dependencies, headers, hooks, interpreter, logformat, prefetch, serializer, signing, trust
+from skunkqueue import (
+    dependencies,
+    forkserver,
+    headers,
+    hooks,
+    interpreter,
+    logformat,
+    prefetch,
+    serializer,
+    signing,
+    trust,
+)
 from skunkqueue import periodic as schedules  # the command group is named periodic
 from skunkqueue.config import resolve as resolve_store
 from skunkqueue.errors import SkunkQueueError
 from skunkqueue.hooks import plugin_manager
 from skunkqueue.persistence.sqlite import resolve_path
 from skunkqueue.pool import DEFAULT_GRACE, HEARTBEAT_EVERY, WorkerPool
-from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.queue import SkunkQueue
 from skunkqueue.record import STATES, JobRecord
 from skunkqueue.urls import redact
@@ -171,10 +181,12 @@ def work(queue: str, route_opts: tuple[str, ...], more_routes: tuple[str, ...], 
     os.environ["SKUNQ_LOG_LEVEL"] = log_level.upper()
     os.environ[logformat.FORMAT_ENV] = log_format  # the pool's workers log the same way
     logformat.configure(log_level.upper(), log_format)
-    # Before the job modules below are imported and before any connection or thread: what this
-    # process holds when the fork server is forked, every worker would inherit.
-    preload = [found.value.partition(":")[0]] if found is not None else []
-    forks = ForkServer.start(preload + (["skunkqueue.async_worker"] if async_concurrency > 1 else []))
+    # The fork server skunq forked at start (skunkqueue.command), if any: it imports the store's
+    # backend now, while this process goes on, as every worker does before its jobs.
+    forks = forkserver.take()
+    if forks is not None:
+        forks.preload(([found.value.partition(":")[0]] if found is not None else [])
+                      + (["skunkqueue.async_worker"] if async_concurrency > 1 else []))
     modules = trust.split_imports(imports)
     config = WorkerConfig(queue=queue, route=routes[0], backend=backend, url=url, db=db, lease=lease,
                           prefetch=prefetch, paths=[os.path.abspath(p) for p in paths],

@@ -31,9 +31,9 @@ from dataclasses import replace
 
 from skunkqueue import flow, metrics, periodic, signature_policy, signing, trust
 from skunkqueue.channel import StopMode
+from skunkqueue.forkserver import ForkServer
 from skunkqueue.persistence import Persistence
 from skunkqueue.pool.children import Child, store_call
-from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.pool.leases import HAND_BACK_AFTER, LeaseKeeper
 from skunkqueue.pool.scheduler import Scheduler, schedules_to_run
 from skunkqueue.pool.supervisor import DEFAULT_GRACE, EXIT_ROUGH, RESTART_BACKOFF_MAX, Supervisor
@@ -52,7 +52,7 @@ TICK = 0.05                # longest sleep of the pool's loop
 class WorkerPool:
     """Runs ``concurrency`` worker processes for each route listed (duplicates count).
 
-    ``forks``: a :class:`~skunkqueue.pool.forkserver.ForkServer` to fork the workers from, as
+    ``forks``: a :class:`~skunkqueue.forkserver.ForkServer` to fork the workers from, as
     ``skunq work`` passes; without one each worker starts as a fresh interpreter.
     """
 

@@ -28,8 +28,8 @@ from typing import Callable, TypeVar
 
 from skunkqueue import channel, interpreter, policy
 from skunkqueue.errors import JobKilled, SkunkQueueError
+from skunkqueue.forkserver import Forked, ForkServer, stopped
 from skunkqueue.persistence.roles import JobStore
-from skunkqueue.pool.forkserver import Forked, ForkServer, stopped
 from skunkqueue.record import RUNNING
 from skunkqueue.worker import WorkerConfig
 
@@ -89,26 +89,38 @@ class Child:
     def start(self, forks: ForkServer | None = None) -> bool:
         """Start its worker process: forked by ``forks`` if given, else a fresh interpreter.
         False if ``forks`` failed (the worker then started as a fresh interpreter): drop it."""
-        self.pipes = channel.PoolEnd()
-        fds = self.pipes.child_fds()
-        config = replace(self.config, events_fd=fds[0], control_fd=fds[1], pulse_fd=fds[2]).to_json()
-        forked = True
+        failed = False
         if forks is not None:
+            config, fds = self._new_pipes()
             try:
                 self.process = forks.spawn(config, fds)
             except OSError as exc:
                 log.warning("pool: %s; starting workers as fresh interpreters from now on", exc)
-                forks = None
-                forked = False
-        if forks is None:
+                failed = True
+                # A worker the server forked before it failed holds these pipes: closed, they tell
+                # it that it was not taken (it exits), and its events reach no one.
+                assert self.pipes is not None
+                self.pipes.close()
+            else:
+                assert self.pipes is not None
+                self.pipes.pulse()  # taken: the forked worker waits for this before it runs
+        if forks is None or failed:
+            config, fds = self._new_pipes()
             self.process = subprocess.Popen(interpreter.command("skunkqueue.worker_main", config),
                                             preexec_fn=die_with_parent, pass_fds=fds)
+        assert self.pipes is not None
         self.pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start, self.gave_up = {}, set(), {}
         self.settled, self.handed_back = False, 0
         self.started = time.monotonic()
-        return forked
+        return not failed
+
+    def _new_pipes(self) -> tuple[str, tuple[int, int, int]]:
+        """New pipes to the worker about to start: its configuration, which names their fds, and the fds."""
+        self.pipes = channel.PoolEnd()
+        fds = self.pipes.child_fds()
+        return replace(self.config, events_fd=fds[0], control_fd=fds[1], pulse_fd=fds[2]).to_json(), fds
 
     @property
     def alive(self) -> bool:

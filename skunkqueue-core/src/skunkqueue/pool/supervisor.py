@@ -34,9 +34,9 @@ from types import FrameType
 from skunkqueue import channel, metrics
 from skunkqueue.channel import StopMode
 from skunkqueue.errors import RoughStop
+from skunkqueue.forkserver import ForkServer, reap_strays
 from skunkqueue.persistence.roles import JobStore
 from skunkqueue.pool.children import Child, Claim
-from skunkqueue.pool.forkserver import ForkServer
 from skunkqueue.pool.settlement import Settling, settle
 from skunkqueue.worker import EXIT_DRAINED, EXIT_RECYCLE, EXIT_UNREACHABLE, GENTLE_SIGNALS, ROUGH_SIGNAL, WorkerConfig
 
@@ -55,6 +55,7 @@ class Supervisor:
                  forks: ForkServer | None = None) -> None:
         self.children = children
         self.forks = forks  # where workers are forked from; None: fresh interpreters
+        self.adopts = forks is not None  # a subreaper (see forkserver.reap_strays), even once the server is gone
         self.config = config
         self.grace = grace
         self.tally = tally  # the outcomes it hears of, or records for a dead worker, are counted here
@@ -156,9 +157,10 @@ class Supervisor:
         for child in self.children:
             self._read_events(store, child)
             alive += self._supervise(store, child, now)
-        if self.forks is not None and now >= self._next_reap:
+        if self.adopts and now >= self._next_reap:
             self._next_reap = now + REAP_EVERY
-            self.forks.reap_strays({c.process.pid for c in self.children if c.process is not None})
+            known = {c.process.pid for c in self.children if c.process is not None}
+            reap_strays(known | ({self.forks.pid} if self.forks is not None else set()))
         return alive
 
     @property

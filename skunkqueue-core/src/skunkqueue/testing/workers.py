@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from skunkqueue import interpreter
-from skunkqueue.pool.forkserver import NAME
+from skunkqueue.forkserver import NAME
 from skunkqueue.testing.kit import BackendUnderTest, kit_env
 
 KIT_JOBS = "skunkqueue.testing.jobs"
@@ -35,7 +35,7 @@ class PoolProcess:
         self.backend = backend
         self.queue = queue
         # Started as the pool starts its workers: without the test's working directory on sys.path.
-        args = [*interpreter.command("skunkqueue.cli"), "work", "-q", queue, "-r", *routes,
+        args = [*interpreter.command("skunkqueue.command"), "work", "-q", queue, "-r", *routes,
                 "--concurrency", str(concurrency), "--lease", str(lease), *backend.cli_args(),
                 *(arg for name in imports for arg in ("--import", name)), *(extra or [])]
         self.log_path = log_path
@@ -74,7 +74,7 @@ class PoolProcess:
         return [pid for pid in map(int, out.split()) if process_name(pid) != FORK_SERVER_NAME]
 
     def fork_server_pid(self) -> int | None:
-        """The pool's fork server (see :mod:`skunkqueue.pool.forkserver`), None if it has none."""
+        """The pool's fork server (see :mod:`skunkqueue.forkserver`), None if it has none."""
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
         return next((pid for pid in map(int, out.split()) if process_name(pid) == FORK_SERVER_NAME), None)
 

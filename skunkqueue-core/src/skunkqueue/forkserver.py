@@ -2,35 +2,43 @@
 
 A worker started as a fresh interpreter spends 0.2-0.35 s of CPU before it can connect, nearly
 all of it importing the store's driver and SkunkQueue, and a pool restarts workers all its life
-(``--max-jobs-per-child``, crashes, kills). So ``skunq work`` forks one helper process at start,
-*before* it imports a job module (``--import``), opens a connection or starts a thread; the
-helper imports what a worker needs and then does nothing but fork workers on request.
+(``--max-jobs-per-child``, crashes, kills). So ``skunq work`` (:mod:`skunkqueue.command`) forks
+one helper process first thing, before it imports the command line, a job module or anything
+else a fresh worker would not import, opens a connection or starts a thread. The helper then
+imports what every worker imports before its jobs (this module's imports, the store's backend,
+the async worker where it is used) and does nothing but fork workers on request.
 
 What a worker forked from it is, and why that keeps the fresh-interpreter guarantee:
 
-* it holds no job module and no state of any job: the server never runs job code and never
-  imports a job module, so a job's changes to its modules still die with its worker;
-* it holds no connection, thread, lock or pipe of the pool: the server was forked before any
-  existed, and a worker keeps only stdin, stdout, stderr and the three pipes of its own
+* its modules are the ones a fresh worker has when it reads its configuration, and no others:
+  the server was forked before the pool imported more, and never imports a job module, so a
+  job's changes to its modules still die with its worker, and a job module named like one the
+  pool uses (``click.py``) is found as it is by a fresh worker;
+* it holds no connection, thread, lock or pipe of the pool: none existed when the server was
+  forked, and a worker keeps only stdin, stdout, stderr and the three pipes of its own
   :class:`~skunkqueue.channel.PoolEnd` (closed everywhere else, as ``subprocess`` does);
-* it has the signal dispositions, environment, working directory, ``sys.argv`` and
-  ``sys.path`` a fresh worker would have (:func:`skunkqueue.interpreter.command`'s rules: the
-  entry the interpreter put first on the path for ``skunq`` is gone), and its own random state
-  (the ``random`` module reseeds after a fork);
+* it has the signal dispositions, environment, working directory, ``sys.argv``, ``__main__``
+  and ``sys.path`` of a fresh worker (:func:`skunkqueue.interpreter.command`'s rules: the entry
+  the interpreter put first on the path is gone, and a server whose process had imported a
+  module from there gives up), and its own ``random`` state (the module reseeds after a fork);
+  its ``hash()`` seed is the server's, shared with the other workers of the pool;
 * it is the pool's child: the pool is a child subreaper and the worker is forked twice, so the
   pool waits for it, signals it and reads its exit status as it does a ``subprocess.Popen``, it
-  is in the pool's process group, and it dies with the pool (``PR_SET_PDEATHSIG``).
+  is in the pool's process group, and it dies with the pool (``PR_SET_PDEATHSIG``);
+* it runs only once the pool has taken it: a worker the server forked for a request the pool
+  gave up on (the server stalled) finds its pipes closed and exits before it does anything.
 
 The server ignores the signals a terminal sends the whole group (the pool decides what the
 workers do) and exits when the pool closes its end or dies. If it is gone, the pool logs one
 warning and starts fresh interpreters, as it does where there is no fork server: off Linux,
-with ``SKUNQ_WORKER_START=spawn``, or when ``WorkerPool`` is used inside a process of its own
-(a thread may be running there, and a fork would copy its locks held).
+with ``SKUNQ_WORKER_START=spawn``, when the pool was started otherwise than through ``skunq``
+(``python -m skunkqueue.cli work``), or when ``WorkerPool`` is used inside a process of its own.
 """
 
 from __future__ import annotations
 
 import atexit
+import builtins
 import ctypes
 import fcntl
 import gc
@@ -38,16 +46,19 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from skunkqueue import worker_main
+from skunkqueue.interpreter import BOOT
 
 log = logging.getLogger("skunkqueue.pool")
 
@@ -56,6 +67,7 @@ NAME = b"skunq-forksrv"            # the server's process name (/proc/PID/comm),
 # Largest request: the worker's config (routes, paths, plugins) and the pool's environment.
 MAX_REQUEST = 1 << 20
 REPLY_TIMEOUT = 5.0                # seconds; a server that takes longer is treated as gone
+TAKEN_WITHIN = 60.0                # seconds a forked worker waits for the pool's first pulse
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -140,11 +152,12 @@ class ForkServer:
         self._sock.settimeout(REPLY_TIMEOUT)
 
     @classmethod
-    def start(cls, preload: Sequence[str] = ()) -> ForkServer | None:
-        """Fork the server, which imports ``preload``; None where workers start as fresh interpreters.
+    def start(cls) -> ForkServer | None:
+        """Fork the server; None where workers start as fresh interpreters.
 
-        Call it before anything starts a thread or opens a connection, and before job modules
-        are imported: what this process holds now, every worker inherits.
+        Call it before anything starts a thread, opens a connection or imports a module a fresh
+        worker would not (:mod:`skunkqueue.command` does, first thing): what this process holds
+        now, every worker inherits.
         """
         if not sys.platform.startswith("linux") or os.environ.get(START_ENV, "fork") == "spawn":
             return None
@@ -161,7 +174,7 @@ class ForkServer:
             code = 1
             try:
                 pool_end.close()
-                _serve(server_end, pool, preload)
+                _serve(server_end, pool)
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -169,6 +182,14 @@ class ForkServer:
                 os._exit(code)
         server_end.close()
         return cls(pid, pool_end)
+
+    def preload(self, modules: Sequence[str]) -> None:
+        """Have the server import ``modules`` (the store's backend...), while the pool goes on
+        starting: every worker imports them before its jobs. A failure is the workers' to report."""
+        try:
+            self._sock.send(json.dumps({"preload": list(modules)}).encode())
+        except OSError:
+            pass  # the next spawn finds the server gone
 
     def spawn(self, config_json: str, pass_fds: Sequence[int]) -> Forked:
         """Fork a worker that runs ``skunkqueue.worker_main`` with ``config_json``, holding ``pass_fds``.
@@ -199,21 +220,39 @@ class ForkServer:
         except ChildProcessError:
             pass
 
-    def reap_strays(self, known: set[int]) -> None:
-        """Reap the pool's children it did not start: as a subreaper, it adopts orphans (a job's
-        daemon whose worker died), and each would stay a zombie until the pool exits."""
-        for pid in _children() - known - {self.pid}:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
     def _give_up(self) -> None:
         self._sock.close()
         try:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+_for_pool: ForkServer | None = None
+
+
+def start_for_pool() -> None:
+    """Start the server of the pool this process is about to become (see :mod:`skunkqueue.command`)."""
+    global _for_pool
+    _for_pool = ForkServer.start()
+
+
+def take() -> ForkServer | None:
+    """The server :func:`start_for_pool` started, once; None if it started none."""
+    global _for_pool
+    server, _for_pool = _for_pool, None
+    return server
+
+
+def reap_strays(known: set[int]) -> None:
+    """Reap the children of this process (a pool that started a fork server) but ``known``: as a
+    subreaper it adopts orphans (a job's daemon whose worker died), for as long as it runs, and
+    each would stay a zombie until it exits."""
+    for pid in _children() - known:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
             pass
 
 
@@ -229,7 +268,7 @@ def _children() -> set[int]:
 
 # -- inside the server -------------------------------------------------------------------------
 
-def _serve(sock: socket.socket, pool: int, preload: Sequence[str]) -> None:  # pragma: no cover - a child
+def _serve(sock: socket.socket, pool: int) -> None:  # pragma: no cover - a child
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != pool:
         return
@@ -241,10 +280,11 @@ def _serve(sock: socket.socket, pool: int, preload: Sequence[str]) -> None:  # p
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
                 signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    _drop_interpreter_path_entry()
-    for module in preload:
-        importlib.import_module(module)
-    gc.freeze()  # the imported modules stay shared pages in every worker: a collection would copy them
+    shadowed = _drop_interpreter_path_entry()
+    # A fresh worker would import the installed module: a fork would carry this one. Every request
+    # is refused (the pool then starts fresh interpreters).
+    refusal = shadowed and f"the pool imported {shadowed} from the folder it started in, which a worker never does"
+    gc.freeze()  # what is imported stays shared pages in every worker: a collection would copy them
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 16)
@@ -252,11 +292,21 @@ def _serve(sock: socket.socket, pool: int, preload: Sequence[str]) -> None:  # p
             continue
         if not data:
             return  # the pool closed its end: it is stopping
+        request = json.loads(data)
+        if "preload" in request:
+            for module in request["preload"]:
+                try:
+                    importlib.import_module(module)
+                except Exception:
+                    pass  # the worker's own import reports it
+            gc.freeze()
+            continue
         try:
-            reply: dict[str, Any] = {"pid": _fork_worker(json.loads(data), fds, sock, pool, pool_name,
-                                                         dispositions)}
+            if refusal:
+                raise OSError(refusal)
+            reply: dict[str, Any] = {"pid": _fork_worker(request, fds, sock, pool, pool_name, dispositions)}
         except Exception as exc:
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
+            reply = {"error": str(exc) if exc.args and exc.args[0] == refusal else f"{type(exc).__name__}: {exc}"}
         finally:
             for fd in fds:
                 os.close(fd)
@@ -270,13 +320,13 @@ def _getsignal(sig: int) -> Callable[..., Any] | int | None:
         return None
 
 
-def _drop_interpreter_path_entry() -> None:
+def _drop_interpreter_path_entry() -> str | None:
     """Take off ``sys.path`` the entry the interpreter put first for how it was started, as
     :data:`skunkqueue.interpreter.BOOT` does for a fresh worker: the script's folder for
     ``skunq``, the working directory for ``python -m``. (A pool started as the kit starts it,
-    through ``BOOT``, has none left.)"""
+    through ``BOOT``, has none left.) The file of a module imported from there, if any."""
     if getattr(sys.flags, "safe_path", False) or not sys.path:
-        return
+        return None
     added: str | None = None
     args = iter(getattr(sys, "orig_argv", [])[1:])
     for arg in args:
@@ -291,8 +341,18 @@ def _drop_interpreter_path_entry() -> None:
         elif not arg.startswith("-") or arg == "-":
             added = os.path.dirname(os.path.realpath(arg))
             break
-    if added is not None and sys.path[0] == added:
-        del sys.path[0]
+    if added is None or sys.path[0] != added:
+        return None
+    del sys.path[0]
+    folder = os.path.realpath(added or os.getcwd())
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None)
+        if "." in name or not where:
+            continue
+        found = os.path.realpath(where)
+        if found in (os.path.join(folder, name + ".py"), os.path.join(folder, name, "__init__.py")):
+            return found
+    return None
 
 
 def _fork_worker(request: dict[str, Any], fds: list[int], sock: socket.socket, pool: int, pool_name: bytes,
@@ -337,6 +397,11 @@ def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: s
             os._exit(1)  # the pool died meanwhile
         sock.close()
         _install_fds(fds, request["fds"])
+        # The pool's first pulse says it took this worker; the end of the pipe, that it gave up on
+        # the request (the server stalled) and started another: then this one must not run.
+        pulse = request["fds"][2]
+        if not select.select([pulse], [], [], TAKEN_WITHIN)[0] or not os.read(pulse, 1):
+            os._exit(0)
         for sig, handler in dispositions.items():
             try:
                 signal.signal(sig, handler)
@@ -347,6 +412,11 @@ def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: s
         os.chdir(request["cwd"])
         logging.root.handlers.clear()  # the worker sets up its log as a fresh one does
         sys.argv = ["skunkqueue.worker_main", request["config"]]
+        sys.orig_argv = [sys.executable, "-c", BOOT, *sys.argv]
+        # A fresh worker's __main__ is the -c program: no file, so multiprocessing's spawn re-imports nothing.
+        main = types.ModuleType("__main__")
+        main.__builtins__ = builtins  # type: ignore[attr-defined]
+        sys.modules["__main__"] = main
         code = worker_main.main([request["config"]])
     except SystemExit as exc:
         code = exc.code
@@ -385,7 +455,12 @@ def _exit(code: object) -> None:  # pragma: no cover - the worker
     try:
         threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}:
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (a job's printf): exit() flushes them, _exit does not
     finally:
         os._exit(status)
