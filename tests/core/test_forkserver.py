@@ -428,3 +428,12 @@ def test_a_worker_forked_for_a_request_the_pool_gave_up_on_never_runs(tmp_path: 
             os.killpg(pool.pid, signal.SIGKILL)
         pool.wait(10)
         store.close()
+
+
+def test_a_pool_stops_even_when_its_server_is_stopped(pool: Pool) -> None:
+    server = pool.server()
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)
+    pool.process.send_signal(signal.SIGTERM)
+    assert pool.process.wait(15) == 0, pool.log.read_text()
+    assert _state(server) == "gone"

@@ -213,11 +213,18 @@ class ForkServer:
         return Forked(int(reply["pid"]))
 
     def close(self) -> None:
-        """Let the server go (it exits when it reads the end of its socket) and reap it."""
+        """Let the server go (it exits when it reads the end of its socket) and reap it; one that
+        does not exit within a second (stopped on its own) is killed."""
         self._sock.close()
+        deadline = time.monotonic() + 1.0
         try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() >= deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    return
+                time.sleep(0.01)
+        except (ChildProcessError, ProcessLookupError):
             pass
 
     def _give_up(self) -> None:
