@@ -57,11 +57,13 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from skunkqueue import worker_main
 from skunkqueue.interpreter import BOOT
 
 log = logging.getLogger("skunkqueue.pool")
 
+# What a worker runs, by name, as a fresh interpreter is given it (interpreter.command): the server
+# imports it before its first fork, as a fresh worker does first.
+WORKER_MODULE = "skunkqueue.worker_main"
 START_ENV = "SKUNQ_WORKER_START"   # "spawn": a fresh interpreter per worker, no fork server
 NAME = b"skunq-forksrv"            # the server's process name (/proc/PID/comm), at most 15 bytes
 # Largest request: the worker's config (routes, paths, plugins) and the pool's environment.
@@ -78,6 +80,12 @@ _PR_SET_CHILD_SUBREAPER = 36
 def _prctl(option: int, value: int | bytes | ctypes.Array[ctypes.c_char]) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(option, value, 0, 0, 0))
+
+
+def die_with_parent() -> None:
+    """Be sent SIGKILL when the parent dies (PR_SET_PDEATHSIG; Linux only)."""
+    if sys.platform.startswith("linux"):
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _process_name() -> bytes:
@@ -122,25 +130,6 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def wait(self, timeout: float | None = None) -> int:
-        if timeout is None:
-            code = self.poll()
-            while code is None:
-                try:
-                    _, status = os.waitpid(self.pid, 0)
-                except ChildProcessError:
-                    code = 255
-                else:
-                    code = os.waitstatus_to_exitcode(status)
-                self.returncode = code
-            return code
-        deadline = time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"worker {self.pid} still running after {timeout} s")
-            time.sleep(0.01)
-        return code
 
 
 class ForkServer:
@@ -276,7 +265,7 @@ def _children() -> set[int]:
 # -- inside the server -------------------------------------------------------------------------
 
 def _serve(sock: socket.socket, pool: int) -> None:  # pragma: no cover - a child
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     if os.getppid() != pool:
         return
     pool_name = _process_name()
@@ -287,6 +276,7 @@ def _serve(sock: socket.socket, pool: int) -> None:  # pragma: no cover - a chil
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
                 signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    importlib.import_module(WORKER_MODULE)
     shadowed = _drop_interpreter_path_entry()
     # A fresh worker would import the installed module: a fork would carry this one. Every request
     # is refused (the pool then starts fresh interpreters).
@@ -399,7 +389,7 @@ def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: s
         # Not os.getppid() read here: the middle process may be gone already.
         while os.getppid() == middle:  # until the middle process is gone and the pool adopted this one
             os.sched_yield()
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         if os.getppid() != pool:
             os._exit(1)  # the pool died meanwhile
         sock.close()
@@ -418,13 +408,13 @@ def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: s
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         logging.root.handlers.clear()  # the worker sets up its log as a fresh one does
-        sys.argv = ["skunkqueue.worker_main", request["config"]]
+        sys.argv = [WORKER_MODULE, request["config"]]
         sys.orig_argv = [sys.executable, "-c", BOOT, *sys.argv]
         # A fresh worker's __main__ is the -c program: no file, so multiprocessing's spawn re-imports nothing.
         main = types.ModuleType("__main__")
         main.__builtins__ = builtins  # type: ignore[attr-defined]
         sys.modules["__main__"] = main
-        code = worker_main.main([request["config"]])
+        code = importlib.import_module(WORKER_MODULE).main([request["config"]])
     except SystemExit as exc:
         code = exc.code
     except BaseException:

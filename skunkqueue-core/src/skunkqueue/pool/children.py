@@ -17,18 +17,15 @@ and the upkeep all act on it, so it stands below them. What it guarantees:
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, TypeVar
 
 from skunkqueue import channel, interpreter, policy
 from skunkqueue.errors import JobKilled, SkunkQueueError
-from skunkqueue.forkserver import Forked, ForkServer, stopped
+from skunkqueue.forkserver import WORKER_MODULE, Forked, ForkServer, die_with_parent, stopped
 from skunkqueue.persistence.roles import JobStore
 from skunkqueue.record import RUNNING
 from skunkqueue.worker import WorkerConfig
@@ -37,13 +34,6 @@ log = logging.getLogger("skunkqueue.pool")  # one name for the whole pool, as it
 T = TypeVar("T")
 
 __all__ = ["Child", "Claim", "die_with_parent", "stopped", "store_call"]
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def store_call(what: str, call: Callable[..., T], *args: object) -> T | None:
@@ -90,37 +80,33 @@ class Child:
         """Start its worker process: forked by ``forks`` if given, else a fresh interpreter.
         False if ``forks`` failed (the worker then started as a fresh interpreter): drop it."""
         failed = False
+        pipes, config, fds = self._new_pipes()
         if forks is not None:
-            config, fds = self._new_pipes()
             try:
                 self.process = forks.spawn(config, fds)
+                pipes.pulse()  # taken: the forked worker waits for this before it runs
             except OSError as exc:
                 log.warning("pool: %s; starting workers as fresh interpreters from now on", exc)
                 failed = True
                 # A worker the server forked before it failed holds these pipes: closed, they tell
                 # it that it was not taken (it exits), and its events reach no one.
-                assert self.pipes is not None
-                self.pipes.close()
-            else:
-                assert self.pipes is not None
-                self.pipes.pulse()  # taken: the forked worker waits for this before it runs
+                pipes.close()
+                pipes, config, fds = self._new_pipes()
         if forks is None or failed:
-            config, fds = self._new_pipes()
-            self.process = subprocess.Popen(interpreter.command("skunkqueue.worker_main", config),
+            self.process = subprocess.Popen(interpreter.command(WORKER_MODULE, config),
                                             preexec_fn=die_with_parent, pass_fds=fds)
-        assert self.pipes is not None
-        self.pipes.after_spawn()
+        pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start, self.gave_up = {}, set(), {}
         self.settled, self.handed_back = False, 0
         self.started = time.monotonic()
         return not failed
 
-    def _new_pipes(self) -> tuple[str, tuple[int, int, int]]:
-        """New pipes to the worker about to start: its configuration, which names their fds, and the fds."""
-        self.pipes = channel.PoolEnd()
-        fds = self.pipes.child_fds()
-        return replace(self.config, events_fd=fds[0], control_fd=fds[1], pulse_fd=fds[2]).to_json(), fds
+    def _new_pipes(self) -> tuple[channel.PoolEnd, str, tuple[int, int, int]]:
+        """New pipes to the worker about to start; its configuration, which names their fds; the fds."""
+        self.pipes = pipes = channel.PoolEnd()
+        fds = pipes.child_fds()
+        return pipes, replace(self.config, events_fd=fds[0], control_fd=fds[1], pulse_fd=fds[2]).to_json(), fds
 
     @property
     def alive(self) -> bool:

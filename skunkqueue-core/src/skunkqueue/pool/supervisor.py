@@ -19,7 +19,7 @@ What it guarantees:
   acts on them (:meth:`Supervisor.act_on_signals`), and a signal cuts its sleep short.
 
 SIGKILL cannot be handled, so nothing relies on it being handled: the workers die
-with the pool (:func:`skunkqueue.pool.children.die_with_parent`), their jobs'
+with the pool (:func:`skunkqueue.forkserver.die_with_parent`), their jobs'
 leases run out and any pool started later hands those jobs out again.
 """
 
