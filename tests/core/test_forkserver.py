@@ -67,6 +67,7 @@ PROBE = textwrap.dedent("""
             "path": sys.path, "argv0": sys.argv[0], "cwd": os.getcwd(), "env": os.environ.get("PROBE_ENV"),
             "seen": len(SEEN), "random": random.random(), "pid": os.getpid(), "ppid": os.getppid(),
             "pgid": os.getpgid(0), "main": "probe_jobs" in sys.modules,
+            "command": open("/proc/self/cmdline", "rb").read().decode(errors="replace"),
         })
 
     @queue.event(routes=["r"])
@@ -140,6 +141,9 @@ def test_a_forked_worker_sees_what_a_fresh_interpreter_sees(tmp_path: Path, jobs
         assert one["seen"] == 1 and one["env"] == "set"
     for k in same:
         assert [one[k] for one in forked] == [one[k] for one in fresh], k
+    # SKUNQ_WORKER_START=spawn is a fresh interpreter running the worker module; the default, a fork.
+    assert all("skunkqueue.worker_main" in one["command"] for one in fresh)
+    assert not any("skunkqueue.worker_main" in one["command"] for one in forked)
     # Its own random state, its own pid; the pool's child, in the pool's process group.
     assert forked[0]["random"] != forked[1]["random"]
     assert forked[0]["pid"] != forked[1]["pid"]
