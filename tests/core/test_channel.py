@@ -12,6 +12,7 @@ from skunkqueue.channel import (
     ChannelError,
     Claimed,
     Done,
+    Goodbye,
     HandBack,
     Hello,
     Interrupt,
@@ -34,7 +35,7 @@ HOSTILE_IDS = ["0196a1b2c3d4e5f6a7b8c9d0e1", "a b", "line\nbreak", "{}:$.%20", "
 def test_every_event_round_trips(job_id: str) -> None:
     for event in (Hello(job_id), Claimed(12.5, job_id, 7, 0.25), Claimed(1.0, job_id, 1, 0.0),
                   Starting(3.25, job_id), Done(job_id, "complete", 0.5), Done(job_id, "lost", 2.0),
-                  HandBack(job_id)):
+                  HandBack(job_id), Goodbye(job_id)):
         line = encode(event)
         if job_id:
             assert "\n" not in line and decode_event(line) == event
@@ -60,7 +61,7 @@ def test_the_words_are_the_documented_ones() -> None:
 
 
 @pytest.mark.parametrize("line", ["", "z 1", "h", "h a b", "c x j 1 0", "c 1 j one 0", "s 1", "d j complete",
-                                  "d j complete soon", "k", "i j", "i j nap", "x", "t", "t sideways",
+                                  "d j complete soon", "k", "b", "b w 1", "i j", "i j nap", "x", "t", "t sideways",
                                   "\x00\x01", "c 1 j 1 0 extra"])
 def test_a_garbled_line_is_one_clear_error(line: str) -> None:
     for decode in (decode_event, decode_command):

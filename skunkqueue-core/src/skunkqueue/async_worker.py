@@ -84,7 +84,10 @@ class AsyncWorker(Worker):
         busy_at = time.monotonic()  # when a job last ran: the store's idle back-off grows from there
         while self.stopping is None:
             try:
+                self._read_commands()  # a stop the pool also sends through the pipe (its signal may be lost)
                 channel.log_unreadable(self.pool.unreadable, f"worker {self.id}")
+                if self.stopping is not None:
+                    break
                 free = slots - len(self._tasks)
                 if free > 0 and not self.held and self.may_claim():
                     self._took(backend.claim(self.config.route, self.id, self.config.lease, free))

@@ -25,6 +25,9 @@ Worker -> pool, one event a line:
     counts these for :mod:`skunkqueue.metrics`.
 ``k JOB_ID``
     the worker will not start this held job; the pool hands it back.
+``b WORKER_ID``
+    it is about to unregister, then exit: the pool sends no more heartbeats
+    for it (one would find the id gone and register it again).
 
 Pool -> worker, one command a line, each written with one ``os.write`` of
 less than ``PIPE_BUF`` bytes (so it arrives whole):
@@ -151,7 +154,14 @@ class HandBack:
     job_id: str
 
 
-Event = Union[Hello, Claimed, Starting, Done, HandBack]
+@dataclass(frozen=True)
+class Goodbye:
+    """About to unregister, then exit: no more heartbeats for this id."""
+
+    worker_id: str
+
+
+Event = Union[Hello, Claimed, Starting, Done, HandBack, Goodbye]
 
 
 # -- pool -> worker ---------------------------------------------------------------------
@@ -194,6 +204,8 @@ def encode(message: Event | Command) -> str:
         return f"d {quote(message.job_id)} {quote(message.state)} {message.seconds:.6f}"
     if isinstance(message, HandBack):
         return f"k {quote(message.job_id)}"
+    if isinstance(message, Goodbye):
+        return f"b {quote(message.worker_id)}"
     if isinstance(message, Interrupt):
         return f"i {quote(message.job_id)} {message.reason.value}"
     if isinstance(message, NeverStart):
@@ -218,6 +230,8 @@ def decode_event(line: str) -> Event:
             return Done(unquote(fields[0]), unquote(fields[1]), float(fields[2]))
         if tag == "k" and len(fields) == 1:
             return HandBack(unquote(fields[0]))
+        if tag == "b" and len(fields) == 1:
+            return Goodbye(unquote(fields[0]))
     except (IndexError, ValueError):
         pass
     raise ChannelError(f"not an event of the worker channel: {line[:120]!r}")

@@ -316,6 +316,7 @@ class Worker:
                 # which would kill this process (-10) if the pool's late interrupt came then.
                 signal.signal(INTERRUPT_SIGNAL, signal.SIG_IGN)
             self._skip_held()
+            self.pool.send(channel.Goodbye(self.id))  # before the registry forgets us (see channel)
             try:
                 self.backend.unregister_worker(self.id)
             except SkunkQueueError as exc:

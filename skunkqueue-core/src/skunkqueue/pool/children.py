@@ -75,6 +75,8 @@ class Child:
     told_never_start: set[str] = field(default_factory=set)
     drained: bool = False                 # --burst: it found no due job and exited; not restarted
     handed_back: int = 0                  # jobs of this process put back in the queue (see hand_back)
+    leaving: bool = False                 # it said it unregisters, then exits: no more heartbeats
+    unregistered: bool = False            # a heartbeat found its id gone (see Upkeep._heartbeat)
 
     def start(self, forks: ForkServer | None = None) -> bool:
         """Start its worker process: forked by ``forks`` if given, else a fresh interpreter.
@@ -98,7 +100,7 @@ class Child:
         pipes.after_spawn()
         self.worker_id, self.killed_for, self.killed_job = None, None, None
         self.claims, self.told_never_start, self.gave_up = {}, set(), {}
-        self.settled, self.handed_back = False, 0
+        self.settled, self.handed_back, self.leaving, self.unregistered = False, 0, False, False
         self.started = time.monotonic()
         return not failed
 

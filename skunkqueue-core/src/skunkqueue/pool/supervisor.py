@@ -190,6 +190,8 @@ class Supervisor:
                 claim = child.claims.pop(event.job_id, None)
                 if claim is not None and event.state == channel.Reason.LOST.value:
                     child.gave_up[event.job_id] = claim
+            elif isinstance(event, channel.Goodbye):
+                child.leaving = True
             else:  # HandBack
                 claim = child.claims.get(event.job_id)
                 if claim is not None:

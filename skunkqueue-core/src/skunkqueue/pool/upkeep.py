@@ -80,10 +80,19 @@ class Upkeep:
             store_call("add throughput counters", store.add_stats, self.tally.drain())
 
     def _heartbeat(self, store: WorkerRegistry, child: Child, stopping: bool) -> None:
-        if child.worker_id is None or not child.alive or child.process is None or stopped(child.process.pid):
+        if (child.worker_id is None or child.leaving or not child.alive or child.process is None
+                or stopped(child.process.pid)):
             return
         state = "stopping" if stopping else ("busy" if child.running else "idle")
-        if store_call("send a heartbeat", store.heartbeat, child.worker_id, state) is False:
+        found = store_call("send a heartbeat", store.heartbeat, child.worker_id, state)
+        if found is not False:
+            child.unregistered = False
+        elif not child.unregistered:
+            # Gone from the registry: a worker that unregistered itself on its way out (its goodbye
+            # not read yet, or from an older version) is dead or has said so by the next round.
+            child.unregistered = True
+        else:
+            child.unregistered = False
             log.warning("pool: worker %s was presumed dead and reaped; registering it again", child.worker_id)
             store_call("register a worker", store.register_worker, WorkerInfo(
                 id=child.worker_id, queue=child.config.queue, route=child.config.route,
