@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import pools
 import pytest
 
+from skunkqueue import SkunkQueue
+from skunkqueue.forkserver import REPLY_TIMEOUT
 from skunkqueue.persistence.sqlite import SQLitePersistence
 from skunkqueue.pool.supervisor import REAP_EVERY
 from skunkqueue.record import COMPLETE
@@ -30,8 +33,6 @@ from skunkqueue.testing.suite_support import make_record, wait_until
 from skunkqueue.testing.workers import FORK_SERVER_NAME, process_name
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
-
-SKUNQ = str(Path(sys.executable).with_name("skunq"))
 
 PROBE = textwrap.dedent("""
     import json, os, random, signal, sys, threading
@@ -118,7 +119,7 @@ def run_burst(tmp_path: Path, jobs_dir: Path, start: str, func: str, count: int,
     log = tmp_path / f"{start}.log"
     try:
         with open(log, "wb") as out:
-            pool = subprocess.run([SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(db), "--burst",
+            pool = subprocess.run([pools.SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(db), "--burst",
                                    "--path", str(jobs_dir), *(a for name in imports for a in ("--import", name)),
                                    *extra],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120)
@@ -159,6 +160,13 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
 
 
 def _state(pid: int) -> str:
@@ -211,11 +219,9 @@ class Pool:
         self.db = tmp_path / "pool.db"
         self.log = tmp_path / "pool.log"
         env = {**os.environ, "PROBE_LOADS": str(tmp_path / "loads"), "SKUNQ_IMPORT": "", "PROBE_DB": str(self.db)}
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(self.db), "--concurrency", "2",
-                 "--path", str(jobs_dir), "--import", "probe_jobs", *extra],
-                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = pools.start(["-q", "probe", "-r", "r", "--url", str(self.db), "--concurrency", "2",
+                                    "--path", str(jobs_dir), "--import", "probe_jobs", *extra],
+                                   cwd=tmp_path, env=env, log=self.log)
         self.store = SQLitePersistence("probe", url=str(self.db))
 
     def server(self) -> int | None:
@@ -239,9 +245,7 @@ class Pool:
         return [json.loads(r.result) for r in done if r is not None and r.result is not None]
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        pools.kill_group(self.process)
         self.store.close()
 
 
@@ -401,37 +405,44 @@ def test_a_worker_forked_for_a_request_the_pool_gave_up_on_never_runs(tmp_path: 
     store.enqueue([make_record("probe", func="counted:run", payload=b"[[], {}]") for _ in range(3000)])
     env = {**os.environ, "PROBE_DB": str(db), "PROBE_RAN": str(tmp_path / "ran"), "SKUNQ_IMPORT": ""}
     log = tmp_path / "ghost.log"
-    with open(log, "wb") as out:
-        pool = subprocess.Popen([SKUNQ, "work", "-q", "probe", "-r", "r", "--url", str(db), "--path",
-                                 str(jobs_dir), "--import", "counted", "--max-jobs-per-child", "1"],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    args = ["-q", "probe", "-r", "r", "--url", str(db), "--path", str(jobs_dir), "--import", "counted",
+            "--max-jobs-per-child", "1"]
+    with contextlib.closing(store), pools.running(args, cwd=tmp_path, env=env, log=log) as pool:
         wait_until(lambda: any(process_name(p) == FORK_SERVER_NAME for p in _children(pool.pid)), timeout=30,
                    what="the fork server")
         server = next(p for p in _children(pool.pid) if process_name(p) == FORK_SERVER_NAME)
         deadline = time.monotonic() + 20
-        while not _children(server):  # a worker restarts after every job: catch the server forking one
-            assert time.monotonic() < deadline, "the server never forked while watched"
-        before = set(_children(pool.pid))
-        os.kill(server, signal.SIGSTOP)
-        # The pool waits for the server's answer now and starts nothing: a new child is the worker the
-        # server forked, adopted by the pool. It waits for the pool to take it, in vain.
-        ghosts: set[int] = set()
-        watched = time.monotonic()
-        while time.monotonic() - watched < 3:
-            ghosts |= set(_children(pool.pid)) - before - {server}
-        assert ghosts, "the forked worker was never seen"
+        while True:  # a worker restarts after every job: catch the server forking one
+            assert time.monotonic() < deadline, "the server never stopped mid-request while watched"
+            assert _state(server) != "gone", f"the pool gave up on the server too early:\n{log.read_text()}"
+            if not _children(server):
+                continue
+            os.kill(server, signal.SIGSTOP)
+            wait_until(lambda: _state(server) in ("T", "t"), timeout=5, what="the server to stop")
+            # The server answers only after it reaped its middle process, so a middle process still
+            # alive means the answer was not sent, and its worker is not the pool's child yet: the
+            # pool's children now are all workers it took before (or none). A middle that exited
+            # already (a zombie) may have left its worker to the pool: try again with the next one.
+            before = set(_children(pool.pid))
+            middles = [m for m in _children(server) if _state(m) not in ("Z", "X", "gone")]
+            if middles:
+                break
+            os.kill(server, signal.SIGCONT)
+        # The pool waits for the server's answer now and starts nothing: the middle process's child,
+        # or a new child of the pool with the pool's command line once the middle exits, is the
+        # worker the server forked. It waits for the pool to take it, in vain. (The fresh
+        # interpreter the pool starts after it gives up has a command line of its own.)
+        forked = _cmdline(pool.pid)
+        ghosts: set[int] = wait_until(
+            lambda: {p for m in middles for p in _children(m)}
+            | {p for p in set(_children(pool.pid)) - before - {server} if _cmdline(p) == forked},
+            timeout=REPLY_TIMEOUT + 10, what="the forked worker")
         wait_until(lambda: "did not answer" in log.read_text(), timeout=30, what="the pool to give up on the server")
         wait_until(lambda: not ghosts & set(_children(pool.pid)), timeout=REAP_EVERY + 5,
                    what="the worker the pool gave up on to exit and be reaped")
         time.sleep(1)
         ran = set(map(int, (tmp_path / "ran").read_text().split()))
         assert ran and not ghosts & ran, "a worker the pool did not take ran a job"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pool.pid, signal.SIGKILL)
-        pool.wait(10)
-        store.close()
 
 
 def test_a_pool_stops_even_when_its_server_is_stopped(pool: Pool) -> None:
@@ -441,3 +452,84 @@ def test_a_pool_stops_even_when_its_server_is_stopped(pool: Pool) -> None:
     pool.process.send_signal(signal.SIGTERM)
     assert pool.process.wait(15) == 0, pool.log.read_text()
     assert _state(server) == "gone"
+
+
+def _masks(pid: int) -> dict[str, int]:
+    """The signal masks /proc/PID/status shows (SigBlk, SigIgn, SigCgt), as bit sets; {} if gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in lines)
+            if k in ("SigBlk", "SigIgn", "SigCgt")}
+
+
+def _forked_since(server: int, pool: int, known: set[int]) -> list[int]:
+    """A worker the server forked: still its middle process's child, or adopted by the pool already."""
+    return [p for m in _children(server) for p in _children(m)] or list(set(_children(pool)) - known - {server})
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stop_that_comes_while_a_worker_is_forked_stops_it(tmp_path: Path, jobs_dir: Path, kind: str) -> None:
+    # The whole group's SIGTERM reaches a worker the server has just forked, before the worker
+    # has the pool's dispositions in place of the server's SIG_IGN: it must not be lost (the pool
+    # would wait for ever for an async worker). The pool is stopped while its server forks, and
+    # the worker before the pool takes it: the signals come then, and both go on.
+    (jobs_dir / "quick.py").write_text(textwrap.dedent("""
+        import os
+        from skunkqueue import SkunkQueue
+        queue = SkunkQueue("probe", conn_url=os.environ["PROBE_DB"])
+
+        @queue.event(routes=["r"])
+        def run():
+            pass
+
+        @queue.event(routes=["r"])
+        async def arun():
+            pass
+    """))
+    db = tmp_path / "stop.db"
+    store = SQLitePersistence("probe", url=str(db))
+    store.enqueue([make_record("probe", func=f"quick:{'arun' if kind == 'async' else 'run'}", payload=b"[[], {}]")
+                   for _ in range(3000)])
+    env = {**os.environ, "PROBE_DB": str(db), "SKUNQ_IMPORT": ""}
+    log = tmp_path / "stop.log"
+    args = ["-q", "probe", "-r", "r", "--url", str(db), "--path", str(jobs_dir), "--import", "quick",
+            "--max-jobs-per-child", "1", *(["--async-concurrency", "4"] if kind == "async" else [])]
+    term = 1 << (signal.SIGTERM - 1)
+    with contextlib.closing(store), pools.running(args, cwd=tmp_path, env=env, log=log) as pool:
+        wait_until(lambda: any(process_name(p) == FORK_SERVER_NAME for p in _children(pool.pid)), timeout=30,
+                   what="the fork server")
+        server = next(p for p in _children(pool.pid) if process_name(p) == FORK_SERVER_NAME)
+        deadline = time.monotonic() + 30
+        while True:  # a worker restarts after every job: catch one that is not taken yet
+            assert time.monotonic() < deadline, "never caught a worker before the pool took it"
+            workers = set(_children(pool.pid)) - {server}
+            if not _children(server):
+                continue
+            os.kill(pool.pid, signal.SIGSTOP)
+            wait_until(lambda: _state(pool.pid) in ("T", "t"), timeout=5, what="the pool to stop")
+            fresh: list[int] = []
+            with contextlib.suppress(AssertionError):  # forked, or the pool took it before the stop
+                fresh = wait_until(lambda known=workers: _forked_since(server, pool.pid, known), timeout=1,
+                                   what="the forked worker")
+            # Not taken yet: no handler of its own, still the server's SIG_IGN (held back or not).
+            masks = _masks(fresh[0]) if len(fresh) == 1 else {}
+            if masks and not masks["SigCgt"] & term:
+                break
+            os.kill(pool.pid, signal.SIGCONT)
+        # The worker is held before it reads the pool's pulse: the terminal's SIGTERM to the whole
+        # group, then the pool's own (on its way out) reach it before it has the pool's dispositions.
+        [worker] = fresh
+        os.kill(worker, signal.SIGSTOP)
+        SkunkQueue("probe", conn_url=str(db)).pause("r")  # it finds no job then: it waits, idle
+        os.killpg(pool.pid, signal.SIGTERM)
+        os.kill(pool.pid, signal.SIGCONT)
+        wait_until(lambda: b"stopping workers gently" in log.read_bytes(), timeout=10, what="the pool's stop")
+        time.sleep(0.2)  # its pulse and SIGTERM sent
+        os.kill(worker, signal.SIGCONT)
+        try:
+            code = pool.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the pool did not stop within 10 s of SIGTERM:\n{log.read_text()[-3000:]}")
+        assert code == 0, log.read_text()[-3000:]

@@ -70,6 +70,11 @@ NAME = b"skunq-forksrv"            # the server's process name (/proc/PID/comm),
 MAX_REQUEST = 1 << 20
 REPLY_TIMEOUT = 5.0                # seconds; a server that takes longer is treated as gone
 TAKEN_WITHIN = 60.0                # seconds a forked worker waits for the pool's first pulse
+# What a terminal sends the whole group, and the pool's interrupt: the pool's to act on, so the
+# server ignores them. A worker it forks holds them back (blocked, not ignored) until it has the
+# pool's dispositions, so that one sent meanwhile acts as on a fresh interpreter, not lost.
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
+                    signal.SIGUSR1, signal.SIGUSR2)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -272,9 +277,7 @@ def _serve(sock: socket.socket, pool: int) -> None:  # pragma: no cover - a chil
     _prctl(_PR_SET_NAME, NAME)
     dispositions = {int(sig): handler for sig in signal.valid_signals()
                     if (handler := _getsignal(sig)) is not None}
-    # What the terminal sends the whole group is the pool's to act on; it stops the workers.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
-                signal.SIGUSR1, signal.SIGUSR2):
+    for sig in TERMINAL_SIGNALS:  # the pool's to act on; it stops the workers
         signal.signal(sig, signal.SIG_IGN)
     importlib.import_module(WORKER_MODULE)
     shadowed = _drop_interpreter_path_entry()
@@ -356,8 +359,13 @@ def _fork_worker(request: dict[str, Any], fds: list[int], sock: socket.socket, p
                  dispositions: dict[int, Any]) -> int:  # pragma: no cover - runs in the server
     """Fork twice, so that the worker's parent is the pool (the subreaper); its pid."""
     read_pid, write_pid = os.pipe()
+    # Blocked from the fork on (the worker inherits the mask): the pool may signal the worker as
+    # soon as it has the pid, before the worker has the pool's dispositions in place of SIG_IGN.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
     middle = os.fork()
-    if middle == 0:
+    if middle != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    else:
         code = 1
         try:
             os.close(read_pid)
@@ -366,7 +374,7 @@ def _fork_worker(request: dict[str, Any], fds: list[int], sock: socket.socket, p
             worker = os.fork()
             if worker == 0:
                 os.close(write_pid)
-                _become_worker(me, request, fds, sock, pool, pool_name, dispositions)
+                _become_worker(me, request, fds, sock, pool, pool_name, dispositions, held)
             os.write(write_pid, str(worker).encode())
             code = 0
         finally:
@@ -383,7 +391,8 @@ def _fork_worker(request: dict[str, Any], fds: list[int], sock: socket.socket, p
 
 
 def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: socket.socket, pool: int,
-                   pool_name: bytes, dispositions: dict[int, Any]) -> None:  # pragma: no cover - never returns
+                   pool_name: bytes, dispositions: dict[int, Any],
+                   mask: set[int | signal.Signals]) -> None:  # pragma: no cover - never returns
     code: object = 1
     try:
         # Not os.getppid() read here: the middle process may be gone already.
@@ -404,6 +413,7 @@ def _become_worker(middle: int, request: dict[str, Any], fds: list[int], sock: s
                 signal.signal(sig, handler)
             except (OSError, ValueError, TypeError):
                 pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a stop sent meanwhile acts now
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
