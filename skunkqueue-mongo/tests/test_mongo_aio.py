@@ -12,6 +12,7 @@ import pytest
 
 from skunkqueue.errors import BackendUnavailable
 from skunkqueue.record import PENDING, JobRecord
+from skunkqueue.testing.looplag import LoopLag
 from skunkqueue.testing.suite import make_record
 from skunkqueue_mongo.persistence import MongoPersistence
 
@@ -77,7 +78,9 @@ def test_server_going_away_is_backend_unavailable(make_mongo: Callable[..., Any]
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match=server.host):
         asyncio.run(store.aenqueue([make_record(queue_name)]))
-    assert time.monotonic() - started < 10
+    # 1.5 s idle (the URL's server selection timeout); 11.5 s once in CI's parallel pass on two
+    # loaded cores. The bound tells it from a wait for PyMongo's default of 30 s.
+    assert time.monotonic() - started < 20
 
 
 def test_each_event_loop_gets_its_own_client(mongo_standalone: Any, opened: Any, queue_name: str) -> None:
@@ -104,15 +107,6 @@ def test_each_event_loop_gets_its_own_client(mongo_standalone: Any, opened: Any,
     assert store.counts() == {("r", PENDING): 250}
 
 
-async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
-    """How late the loop wakes a 10 ms sleeper, counting only what the loop's thread spent
-    (on a shared 2-core machine the process is often not scheduled at all)."""
-    while not stop.is_set():
-        started, cpu = time.monotonic(), time.thread_time()
-        await asyncio.sleep(every)
-        lags.append(min(time.monotonic() - started - every, time.thread_time() - cpu))
-
-
 WORKER = """
 import json, sys, time
 from skunkqueue import policy
@@ -130,9 +124,9 @@ while left:
 """
 
 
-def run_2000_waiters(url: str, queue_name: str) -> tuple[list[int], int, list[float]]:
+def run_2000_waiters(url: str, queue_name: str) -> tuple[list[int], int, LoopLag]:
     """2,000 concurrent ``aresult`` in one loop, finished by a worker process: the results,
-    the most server connections seen beyond those before, and the loop's lags (sorted)."""
+    the most server connections seen beyond those before, and the loop's lag."""
     import gc
     import subprocess
     import sys
@@ -145,7 +139,7 @@ def run_2000_waiters(url: str, queue_name: str) -> tuple[list[int], int, list[fl
     raw: Any = pymongo.MongoClient(url)
     queue = SkunkQueue(queue_name, backend="mongodb", conn_url=url, dbname=DB)
     count = 2000
-    lags: list[float] = []
+    lag = LoopLag()
     clients: list[int] = []
     sampling = threading.Event()
 
@@ -159,7 +153,7 @@ def run_2000_waiters(url: str, queue_name: str) -> tuple[list[int], int, list[fl
         handles = [await job.afire(i, 1000) for i in range(count)]
         worker = subprocess.Popen([sys.executable, "-c", WORKER, queue_name, url, DB, str(count), "1.5"])
         ticking = asyncio.Event()
-        tick = asyncio.create_task(ticker(lags, ticking))
+        tick = asyncio.create_task(lag.tick(ticking))
         waits = []
         for i, handle in enumerate(handles):  # as requests arrive: a hundred per turn of the loop
             waits.append(asyncio.create_task(handle.aresult(timeout=120)))
@@ -186,7 +180,7 @@ def run_2000_waiters(url: str, queue_name: str) -> tuple[list[int], int, list[fl
         sampler.join()
         queue.close()
         raw.close()
-    return values, max(clients) - baseline, sorted(lags)
+    return values, max(clients) - baseline, lag
 
 
 def test_2000_concurrent_aresult_poll_on_pooled_connections(mongo_standalone: Any, queue_name: str) -> None:
@@ -201,7 +195,7 @@ def test_2000_concurrent_aresult_poll_on_pooled_connections(mongo_standalone: An
 # id at once (skunkqueue_mongo.finishes). Serial: the bound is the loop's, measured alone.
 @pytest.mark.serial
 def test_2000_concurrent_aresult_keep_the_loop_lag_under_50ms(mongo_standalone: Any, queue_name: str) -> None:
-    values, _, lags = run_2000_waiters(mongo_standalone.url, queue_name)
+    values, _, lag = run_2000_waiters(mongo_standalone.url, queue_name)
     assert values == [i + 1000 for i in range(2000)]
-    assert len(lags) > 20 and lags[-1] < 0.05, \
-        f"loop lag max {lags[-1] * 1000:.1f} ms, p99 {lags[len(lags) * 99 // 100] * 1000:.1f} ms"
+    # As in the Redis test: SkunkQueue's code under 50 ms a turn, the collector's passes apart.
+    assert len(lag.lags) > 20 and max(lag.lags) < 0.05 and lag.longest_collection < 0.15, lag.describe()
