@@ -53,6 +53,7 @@ def test_a_file_made_with_the_full_order_index_gets_the_pending_one(tmp_path: Pa
     with sqlite3.connect(path) as db:  # as a file written before this index: the full one, no partial one
         db.execute("DROP INDEX jobs_pending")
         db.execute("CREATE INDEX jobs_order ON jobs (queue, route, state, priority, due, id)")
+        db.execute("PRAGMA user_version=0")  # what every version before the schema's version wrote
     store = SQLitePersistence("old", url=str(path))
     try:
         found = _indexes(path)

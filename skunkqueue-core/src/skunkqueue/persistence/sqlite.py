@@ -134,6 +134,9 @@ LOCK_TIMEOUT = 30.0
 # SQLite's own busy handler sleeps 1 ms, then 2, 5, 10 ms...: longer than a
 # whole claim, so two workers would mostly take turns sleeping.
 LOCK_PAUSE = (0.00005, 0.002)
+# The file's PRAGMA user_version once its schema and every migration below are in place (0: a
+# new file, or one an older version made). Raised with each change to them.
+SCHEMA_VERSION = 1
 _BUSY_TIMEOUT = f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}"
 
 # A scheme-less address with one of these suffixes chooses the sqlite backend (SKUNQ_URL=./jobs.db).
@@ -236,39 +239,57 @@ class SQLitePersistence(Persistence):
             self._db = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT, isolation_level=None,
                                        check_same_thread=False)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
+            self._prepare_file()
         except (OSError, sqlite3.Error) as exc:
             raise BackendUnavailable(f"Cannot open the SQLite queue file {self.path}: {exc}") from None
         self.notifies = self._wake.folder() is not None
 
-    def _migrate(self) -> None:
-        """Bring a file made by an older version up to date (each step is idempotent)."""
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+    def _prepare_file(self) -> None:
+        """WAL mode, then the schema and its migrations, once per file.
+
+        A file that says it is up to date (``user_version``) costs one read: a store opened while
+        another connection holds the write lock (an application's transaction, ``using=``) must
+        not wait for it. Otherwise all of it is one write under the lock, because processes that
+        open a new file together (a pool and a producer started at once) got "database is locked"
+        without it, busy timeout or not: a statement that read the schema, then found it changed
+        by another's commit when it came to write, fails at once (WAL's SQLITE_BUSY_SNAPSHOT).
+        ``BEGIN IMMEDIATE`` waits its turn instead.
+        """
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._schema_version() >= SCHEMA_VERSION:
+            return
+        with self._write() as conn:
+            if self._schema_version() < SCHEMA_VERSION:  # else another process did it while this one waited
+                for statement in _SCHEMA.split(";"):
+                    conn.execute(statement)
+                self._migrate(conn)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Bring a file made by an older version up to date (inside the write of :meth:`_prepare_file`)."""
+        columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
         if "key" not in columns:
-            with self._write() as conn:
-                if "key" not in {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}:
-                    conn.execute("ALTER TABLE jobs ADD COLUMN key TEXT")
-        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key) WHERE key IS NOT NULL")
+            conn.execute("ALTER TABLE jobs ADD COLUMN key TEXT")
+        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key) WHERE key IS NOT NULL")
         # Flow control: a priority and a limit key per row (older files: 0 and none).
         if "priority" not in columns:
-            with self._write() as conn:
-                present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-                if "priority" not in present:
-                    conn.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
-                if "limit_key" not in present:
-                    conn.execute("ALTER TABLE jobs ADD COLUMN limit_key TEXT")
+            conn.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+        if "limit_key" not in columns:
+            conn.execute("ALTER TABLE jobs ADD COLUMN limit_key TEXT")
         # The claim walks one priority at a time (highest first), in (due, id) order within it.
         # Pending rows only: a claim takes a row out of it and a finish does not touch it, where a
         # full index (jobs_order, before) moved each row twice more (30-40 us of a claim and finish).
-        self._db.execute("DROP INDEX IF EXISTS jobs_order")
-        self._db.execute(f"CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (queue, route, priority, due, id) "
-                         f"WHERE state='{PENDING}'")
+        conn.execute("DROP INDEX IF EXISTS jobs_order")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (queue, route, priority, due, id) "
+                     f"WHERE state='{PENDING}'")
         # A key's slots: its running rows with a live lease.
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_limit ON jobs (queue, limit_key, state, lease_until) "
-                         "WHERE limit_key IS NOT NULL")
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_limit ON jobs (queue, limit_key, state, lease_until) "
+                     "WHERE limit_key IS NOT NULL")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
