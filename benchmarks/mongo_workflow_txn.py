@@ -4,7 +4,7 @@
 
 ``DIR`` holds another version's ``skunkqueue_mongo`` package, e.g. ``git archive d9f66b6
 skunkqueue-mongo/src/skunkqueue_mongo | tar -x -C DIR --strip-components=2``; the "before" runs'
-pool imports it (``PYTHONPATH``), the "after" runs' pool this tree's. Each run fires the group
+pool imports it (``PYTHONPATH``), the "after" runs' pool this tree's (or ``--after DIR``'s). Each run fires the group
 first, then starts one ``skunq work`` pool of 2 workers and times it until all members and the
 callback are complete; it prints the wall time, mongod's CPU seconds over the same span (from
 ``/proc``) and the server's command counts (``serverStatus``). One server for all runs: alternate
@@ -47,6 +47,8 @@ def _all_complete(queue: Any, jobs_fired: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mongo_workflow_txn", description=__doc__)
     parser.add_argument("--before", required=True, help="a directory holding the other skunkqueue_mongo")
+    parser.add_argument("--after", default=None,
+                        help="a directory holding the skunkqueue_mongo of the after runs (default: this tree's)")
     parser.add_argument("--order", default="before,after,after,before,before,after")
     parser.add_argument("--members", type=int, default=10_000)
     args = parser.parse_args(argv)
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.order.split(","):
                 if variant == "before":
                     os.environ["PYTHONPATH"] = args.before
+                elif args.after:
+                    os.environ["PYTHONPATH"] = args.after
                 else:
                     os.environ.pop("PYTHONPATH", None)
                 queue = target.queue("wf")

@@ -154,16 +154,16 @@ def test_a_parent_finishing_while_housekeeping_repairs_still_releases(
         assert [r.id for r in running] == [o.id for o in others]
         between = running[:1]  # finishes while housekeeping is between its count and its hint
         later = running[1:]    # finishes after housekeeping is done
-        count = store._release_if_complete  # type: ignore[attr-defined]
+        count = store._release_complete  # type: ignore[attr-defined]
 
-        def count_then_a_parent_finishes(job_id: str, need: int, **options: Any) -> int | None:
-            have = count(job_id, need, **options)
+        def count_then_a_parent_finishes(need: dict[str, int], **options: Any) -> dict[str, int]:
+            have = count(need, **options)
             while between:
                 record = between.pop()
                 assert live.finish(record.id, record.token, policy.completed(b"2"))
             return have
 
-        monkeypatch.setattr(store, "_release_if_complete", count_then_a_parent_finishes)
+        monkeypatch.setattr(store, "_release_complete", count_then_a_parent_finishes)
         monkeypatch.setattr(mongo, "SETTLE_GRACE", -60.0)
         assert store.release_stranded() == 1
         assert not between, "the interleaving did not happen"

@@ -146,6 +146,9 @@ MAX_TIME_EXPIRED = 50
 # housekeeping after the lease) and the renewal skips that one record. A write that waits for nothing
 # takes milliseconds.
 LOCK_WAIT_MS = 1000
+# How many ids of claimed records with dependents a store remembers (see _claimed): more are leases
+# lost or handed back, whose finish never came here.
+CLAIMED_PARENTS_KEPT = 10_000
 
 # Index name -> (keys, options). Created once per process and database.
 INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
@@ -202,6 +205,8 @@ WAITS_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
 # Seconds after its finish before housekeeping completes a finished parent's count-down
 # (the finishing worker normally did it at once; afterwards it presumably died on the way).
 SETTLE_GRACE = 5.0
+# How many dependents one step of a count-down reads or writes at once (see _settle).
+SETTLE_BATCH = 1000
 WORKER_INDEXES: dict[str, tuple[list[tuple[str, int]], dict[str, Any]]] = {
     "queue": ([("queue", ASCENDING)], {}),
 }
@@ -270,6 +275,10 @@ class _Via:
     waits: Collection[dict[str, Any]]
     session: ClientSession | None
     call: Callable[[str, Callable[[], Any]], Any]
+
+
+class _Stale(Exception):
+    """Raised inside a finish's transaction whose record left the fence: aborts it."""
 
 
 def _once(what: str, op: Callable[[], T]) -> T:
@@ -437,6 +446,10 @@ class MongoPersistence(NativeAsync, Persistence):
         # Per route whose last claim here left due records behind for a limit or a pause: when
         # one of them may be claimable (None: not known).
         self._held_back: dict[str, float | None] = {}
+        # Records claimed here that had dependents then (a group's members): on a replica set their
+        # finish goes straight to its transaction, without first trying the plain update that a
+        # parent's mark makes match nothing (see _finish_counting).
+        self._claimed_parents: set[str] = set()
         try:
             hello = self._call("connect", lambda: self.client.admin.command("hello"))
             # Change streams need an oplog: replica sets and sharded clusters have one.
@@ -932,6 +945,14 @@ class MongoPersistence(NativeAsync, Persistence):
     supports_pause = True
     CLAIM_ORDER = [("priority", DESCENDING), ("due", ASCENDING), ("_id", ASCENDING)]
 
+    def _claimed(self, doc: dict[str, Any]) -> JobRecord:
+        record = _to_record(doc)
+        if doc.get("has_dependents") and self.transactions:
+            if len(self._claimed_parents) > CLAIMED_PARENTS_KEPT:
+                self._claimed_parents.clear()  # ids of leases lost or handed back, never finished here
+            self._claimed_parents.add(record.id)
+        return record
+
     def _claim_update(self, worker_id: str, lease: float, extra: Mapping[str, Any] | None = None,
                       only_if: Any = None) -> list[dict[str, Any]]:
         fields: dict[str, Any] = {
@@ -1021,7 +1042,7 @@ class MongoPersistence(NativeAsync, Persistence):
                     view.put_back(taken)
                 return claimed, _DRAINED if doc is None else _KEYED
             try:
-                claimed.append(_to_record(doc))
+                claimed.append(self._claimed(doc))
             except MalformedRecord as exc:
                 self._quarantine(doc["_id"], str(exc))  # its slot goes with it; its start stays spent
                 if view is not None:
@@ -1217,7 +1238,7 @@ class MongoPersistence(NativeAsync, Persistence):
                     view.put_back(taken)
                 return None, False, None  # taken by another claim (or no longer due)
             try:
-                return _to_record(doc), False, None
+                return self._claimed(doc), False, None
             except MalformedRecord as exc:
                 self._quarantine(doc["_id"], str(exc))
                 return None, False, None
@@ -1374,9 +1395,11 @@ class MongoPersistence(NativeAsync, Persistence):
 
         A record without dependents (nearly all) keeps the one round trip: the fenced update also
         requires ``has_dependents`` unset. When it matches nothing, the record is stale, gone, or
-        has dependents; then one transaction reads it under the fence, counts its dependents down
-        and releases or ends them (``_settle_finished`` through the session), and writes the
-        finish last, so the parent is finished and counted together or not at all, and no mark
+        has dependents (a record that had them when this store claimed it skips that update); then
+        one transaction counts its dependents down and releases or ends them
+        (``_settle_finished`` through the session), and writes the finish last, fenced (a record
+        that left the fence aborts the transaction: nothing written, nothing counted). So the
+        parent is finished and counted together or not at all, and no mark
         (``settle_pending``) is needed. Written last, because a worker SIGKILLed inside a
         transaction leaves it open on the server, holding what it wrote until MongoDB aborts it
         (``transactionLifetimeLimitSeconds``, 60 s by default): meanwhile the pool's or
@@ -1389,35 +1412,41 @@ class MongoPersistence(NativeAsync, Persistence):
         a write conflict too. ``with_transaction`` repeats the whole of it after a transient
         error (those conflicts, an election) and only the commit when its result is unknown; a
         finish repeated after a commit that did apply (the worker's ``_finish_when_back``) finds
-        the token fenced off and counts nothing. A stale finish costs a read in a transaction that
-        writes nothing.
+        the token fenced off and counts nothing. A stale finish costs a transaction that aborts.
         """
-        plain = {**fence, "has_dependents": {"$ne": True}}
-        try:
-            done = self._call("finish", lambda: self.jobs.find_one_and_update(
-                plain, [{"$set": fields}], projection={"_id": 1}, **self._lock_wait), idempotent=False)
-        except DocumentTooLarge as exc:
-            raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
-        if done is not None:
-            return True
+        if job_id in self._claimed_parents:
+            self._claimed_parents.discard(job_id)  # had dependents when claimed: it has them still
+        else:
+            plain = {**fence, "has_dependents": {"$ne": True}}
+            try:
+                done = self._call("finish", lambda: self.jobs.find_one_and_update(
+                    plain, [{"$set": fields}], projection={"_id": 1}, **self._lock_wait), idempotent=False)
+            except DocumentTooLarge as exc:
+                raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: "
+                                      f"{exc}") from None
+            if done is not None:
+                return True
         last = {name: value for name, value in fields.items() if name != "settle_pending"}
 
         def body(session: ClientSession) -> bool:
-            found = self.jobs.find_one(fence, {"has_dependents": 1}, session=session)
-            if found is None:
-                return False  # stale or gone: nothing written, nothing counted
-            if found.get("has_dependents"):
-                self._settle_finished(job_id, state=state, via=self._via(session), unmark=False)
+            # Counted first, under the snapshot of this first read; the fenced write of the record
+            # last. A record that left the fence (stale, gone) aborts it all, counts included.
+            self._settle_finished(job_id, state=state, via=self._via(session), unmark=False)
             if self.jobs.find_one_and_update(fence, [{"$set": last}], projection={"_id": 1},
                                              session=session) is None:
-                raise AssertionError(f"job {job_id} left the fence inside a transaction")  # pragma: no cover
+                raise _Stale
             return True
 
         def run() -> bool:
             with self.client.start_session(causal_consistency=False) as session:
                 return bool(session.with_transaction(body))
 
-        return self._call("finish", run, idempotent=False)
+        try:
+            return self._call("finish", run, idempotent=False)
+        except _Stale:
+            return False
+        except DocumentTooLarge as exc:
+            raise PayloadTooLarge(f"The result of job {job_id} is too large for a MongoDB document: {exc}") from None
 
     # -- workflows (see the Persistence docstring) ----------------------------------------
     #
@@ -1516,83 +1545,139 @@ class MongoPersistence(NativeAsync, Persistence):
             if known is not None:
                 children = [str(d["child"]) for d in at.call("settle", partial(
                     self._find_all, at.deps, {"parent": current, "queue": self.queue}, {"child": 1}, at.session))]
-                work += [(ended, None) for ended in self._settle(current, known, children, repair, via=at)]
+                work += self._to_count_next(self._settle(current, known, children, repair, via=at), at)
             if unmark or current != job_id:
                 at.call("settle", partial(at.jobs.update_one, {"_id": current, "queue": self.queue},
                                           {"$unset": {"settle_pending": ""}}, session=at.session))
+
+    def _to_count_next(self, ended: list[str], at: _Via) -> list[tuple[str, str | None]]:
+        """Of the dependents a count just ended, those that have dependents of their own, with their state.
+
+        The others carry no mark (``_SETTLE_PENDING``) and nothing to count: read together, they
+        cost one trip per thousand instead of two each.
+        """
+        found: list[tuple[str, str | None]] = []
+        for start in range(0, len(ended), SETTLE_BATCH):
+            query = {"_id": {"$in": ended[start:start + SETTLE_BATCH]}, "queue": self.queue, "has_dependents": True}
+            found += [(str(doc["_id"]), str(doc["state"])) for doc in at.call("settle", partial(
+                self._find_all, at.jobs, query, {"state": 1}, at.session)) if doc.get("state") in FINISHED_STATES]
+        return found
 
     def _settle(self, parent: str, state: str, children: list[str], repair: bool = False, *,
                 via: _Via | None = None) -> list[str]:
         """Count a finished parent into each dependent's set; release or end the dependents it completes.
 
         Returns the dependents it ended (their own dependents are counted next). ``via``: as in
-        :meth:`_attach`.
+        :meth:`_attach`. A thousand dependents at a time, each step one write or read for all of
+        them: a fan-out of ten thousand is a few dozen trips, not fifty thousand, and on a replica
+        set it fits in the one transaction of the parent's finish well inside MongoDB's
+        ``transactionLifetimeLimitSeconds`` (60 s), which one trip per step and dependent did not
+        on a loaded machine.
         """
         at = via or self._own
+        ended: list[str] = []
+        for start in range(0, len(children), SETTLE_BATCH):
+            ended += self._settle_some(parent, state, children[start:start + SETTLE_BATCH], repair, at)
+        return ended
+
+    def _settle_some(self, parent: str, state: str, children: list[str], repair: bool, at: _Via) -> list[str]:
+        """:meth:`_settle` for at most ``SETTLE_BATCH`` dependents."""
         session = at.session
-        ended_ids: list[str] = []
-        for child in children:
-            mark = {"_id": f"{child}/{parent}"}
-            counted = {**mark, "queue": self.queue, "child": child, "parent": parent, "state": state,
-                       "counted": False, "expire_at": self._edge_expiry()}
-            if session is not None:
-                # A duplicate key would abort the application's transaction: insert only if absent.
-                at.call("settle", partial(at.settled.update_one, mark, {"$setOnInsert": counted}, upsert=True,
-                                          session=session))
+        # In a transaction the set's entry and the decrement commit together or not at all: the
+        # entry goes in already counted, and the call that put it in decrements. Step by step (a
+        # standalone), "counted" flips in a write of its own, so that a repeat after a crash
+        # between the two neither skips the decrement nor doubles it.
+        atomic = session is not None and session.in_transaction
+        expire = self._edge_expiry()
+        marks = {f"{child}/{parent}": child for child in children}
+        # Upserts that only insert: a repeat (or a retried write that went in) inserts nothing, and
+        # inside an application's transaction a duplicate key would abort it.
+        entries = at.call("settle", partial(at.settled.bulk_write, [UpdateOne({"_id": mark}, {"$setOnInsert": {
+            "queue": self.queue, "child": child, "parent": parent, "state": state, "counted": atomic,
+            "expire_at": expire}}, upsert=True) for mark, child in marks.items()], ordered=False, session=session))
+        # Decrement once per parent: only the call that inserted the counted entry, or that flips
+        # "counted" (each entry flips in one update only; the flip's nonce says which were this one's).
+        if atomic:
+            decrement = [marks[str(mark)] for mark in entries.upserted_ids.values()]
+        else:
+            nonce = uuid.uuid4().hex
+            at.call("settle", partial(at.settled.update_many, {"_id": {"$in": list(marks)}, "counted": False},
+                                      {"$set": {"counted": True, "flip": nonce}}, session=session))
+            decrement = [str(doc["child"]) for doc in at.call("settle", partial(
+                self._find_all, at.settled, {"_id": {"$in": list(marks)}, "flip": nonce}, {"child": 1}, session))]
+        # A dependent released, or ended, already has no waits document: nothing more to do for it.
+        waits = self._count_hints(children, decrement, at)
+        kill = [child for child, wait in waits.items() if dependencies.kills_dependent(state, bool(wait.get("run")))]
+        killed = set(kill)
+        look = {child: int(wait.get("need", 0)) for child, wait in waits.items()
+                if child not in killed and (repair or int(wait.get("left", 1)) <= 0)}
+        if repair and look:
+            # The dead worker may have marked its parent counted without decrementing: the hint
+            # is too high, and the last parent would not look at the set. A hint too low only
+            # makes more looks, so from now on every parent looks (left stays <= 0), and this
+            # looks once more after that: a parent whose decrement came before the $min was
+            # in the set before it, and one whose decrement comes after it looks itself.
+            # (Writing the hint from a count instead undid a decrement made between the count
+            # and the write, and the dependent waited forever.)
+            at.call("settle", partial(at.waits.update_many, {"_id": {"$in": list(look)}}, {"$min": {"left": 0}},
+                                      session=session))
+        if look:
+            self._release_complete(look, via=at)
+        return self._end_waiting(parent, state, kill, at) if kill else []
+
+    def _count_hints(self, children: list[str], decrement: list[str], at: _Via) -> dict[str, dict[str, Any]]:
+        """The waits documents of ``children``, read after the hint of each in ``decrement`` went down by one.
+
+        The decrement is not repeated safely (a multi-document update is no retryable write) and
+        need not be: a hint decremented twice only makes a parent look at the set sooner.
+        """
+        session = at.session
+        if len(children) == 1:
+            # A chain's step or a group's member: one dependent, one trip (a fan-in of thousands
+            # is thousands of these, each a transaction of its own on a replica set).
+            [child] = children
+            if decrement:
+                doc = at.call("settle", partial(at.waits.find_one_and_update, {"_id": child}, {"$inc": {"left": -1}},
+                                                return_document=ReturnDocument.AFTER, session=session))
             else:
-                try:
-                    at.call("settle", partial(at.settled.insert_one, counted))
-                except DuplicateKeyError:
-                    pass  # counted into the set before (a repeat, or a retried insert that went in)
-            wait = at.call("settle", partial(at.waits.find_one, {"_id": child}, session=session))
-            if wait is None:
-                continue  # released, or ended, already
-            waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
-            if dependencies.kills_dependent(state, bool(wait.get("run"))):
-                outcome = dependencies.dependency_failed(parent, state)
-                ended = at.call("settle", partial(at.jobs.update_one, waiting, [{"$set": {
-                    "state": KILLED, "error": _lit(outcome.error), "finished": NOW, "dead": False,
-                    "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}],
-                    session=session))
-                at.call("settle", partial(at.waits.delete_one, {"_id": child}, session=session))
-                if ended.modified_count:
-                    ended_ids.append(child)
-                continue
-            # Decrement once per parent: only the call that flips "counted" does it.
-            if at.call("settle", partial(at.settled.update_one, {**mark, "counted": False},
-                                         {"$set": {"counted": True}}, session=session)).modified_count:
-                wait = at.call("settle", partial(at.waits.find_one_and_update, {"_id": child}, {"$inc": {"left": -1}},
-                                                 return_document=ReturnDocument.AFTER, session=session))
-            if wait is None:
-                continue
-            if repair:
-                # The dead worker may have marked its parent counted without decrementing: the hint
-                # is too high, and the last parent would not look at the set. A hint too low only
-                # makes more looks, so from now on every parent looks (left stays <= 0), and this
-                # looks once more after that: a parent whose decrement came before the $min was
-                # in the set before it, and one whose decrement comes after it looks itself.
-                # (Writing the hint from a count instead undid a decrement made between the count
-                # and the write, and the dependent waited forever.)
-                at.call("settle", partial(at.waits.update_one, {"_id": child}, {"$min": {"left": 0}},
-                                          session=session))
-                self._release_if_complete(child, int(wait.get("need", 0)), via=at)
-            elif int(wait.get("left", 1)) <= 0:
-                self._release_if_complete(child, int(wait.get("need", 0)), via=at)
-        return ended_ids
+                doc = at.call("settle", partial(at.waits.find_one, {"_id": child}, session=session))
+            return {} if doc is None else {child: doc}
+        if decrement:
+            at.call("settle", partial(at.waits.update_many, {"_id": {"$in": decrement}}, {"$inc": {"left": -1}},
+                                      session=session))
+        return {str(doc["_id"]): doc for doc in at.call("settle", partial(
+            self._find_all, at.waits, {"_id": {"$in": children}}, None, session))}
 
-    def _release_if_complete(self, child: str, need: int, *, via: _Via | None = None) -> int | None:
-        """Release ``child`` if its set holds every parent (the count, not the hint, decides).
+    def _end_waiting(self, parent: str, state: str, children: list[str], at: _Via) -> list[str]:
+        """End killed those of ``children`` still waiting (their parent ended so); returns them."""
+        waiting = {"_id": {"$in": children}, "queue": self.queue, "state": PENDING,
+                   "due": {"$gte": dependencies.WAITING_DUE}}
+        outcome = dependencies.dependency_failed(parent, state)
+        at.call("settle", partial(at.jobs.update_many, waiting, [{"$set": {
+            "state": KILLED, "error": _lit(outcome.error), "finished": NOW, "dead": False,
+            "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}], session=at.session))
+        at.call("settle", partial(at.waits.delete_many, {"_id": {"$in": children}}, session=at.session))
+        # All of them, ended by this update or (released first, then ended by another parent) not:
+        # the caller reads each one's state before counting it, and counting one twice is harmless.
+        return children
 
-        Returns how many parents its set holds, or None once it is released.
+    def _release_complete(self, need: Mapping[str, int], *, via: _Via | None = None) -> dict[str, int]:
+        """Release each dependent whose set holds all ``need[child]`` parents (the count, not the hint, decides).
+
+        Returns how many parents the set of each one not released holds.
         """
         at = via or self._own
-        have = int(at.call("settle", partial(at.settled.count_documents, {"child": child}, session=at.session)))
-        if have < need:
-            return have
-        waiting = {"_id": child, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
-        at.call("settle", partial(at.jobs.update_one, waiting, [{"$set": {"due": NOW}}], session=at.session))
-        at.call("settle", partial(at.waits.delete_one, {"_id": child}, session=at.session))
-        return None
+        counts: list[dict[str, Any]] = [{"$match": {"child": {"$in": list(need)}}},
+                                        {"$group": {"_id": "$child", "n": {"$sum": 1}}}]
+        have = {str(doc["_id"]): int(doc["n"]) for doc in at.call(
+            "settle", lambda: list(at.settled.aggregate(counts, session=at.session)))}
+        complete = [child for child, parents in need.items() if have.get(child, 0) >= parents]
+        if complete:
+            waiting = {"_id": {"$in": complete}, "queue": self.queue, "state": PENDING,
+                       "due": {"$gte": dependencies.WAITING_DUE}}
+            at.call("settle", partial(at.jobs.update_many, waiting, [{"$set": {"due": NOW}}], session=at.session))
+            at.call("settle", partial(at.waits.delete_many, {"_id": {"$in": complete}}, session=at.session))
+        return {child: have.get(child, 0) for child in need if child not in complete}
 
     def release_stranded(self, limit: int = 100) -> int:
         query = {"queue": self.queue, "settle_pending": True, "finished": {"$lt": self.now() - SETTLE_GRACE}}
