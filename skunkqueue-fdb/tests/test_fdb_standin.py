@@ -457,3 +457,44 @@ def test_api_version_is_checked_against_the_client_library(standin_cluster: Any,
     env = {**os.environ, **standin_env(), "SKUNKQUEUE_FDB_STANDIN": json.dumps({"client_max_api": client_max})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert says in out.stdout, out.stderr
+
+
+def test_the_resolver_checks_only_commits_after_the_read_and_collecting_keeps_what_is_readable() -> None:
+    """The stand-in's store itself, in this process: what its shortcuts (a bisect over recent commits,
+    collecting only keys written twice or cleared) must not change."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tests" / "fdb_standin" / "standin_server.py"
+    spec = importlib.util.spec_from_file_location("standin_server_under_test", path)
+    assert spec is not None and spec.loader is not None
+    server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server)
+    store = server.Store()
+    key, other = b"k", b"other"
+    before = store.read_version()
+    store.commit(before, [], [("set", key, b"1")], [])
+    after = store.read_version()
+    with pytest.raises(server._Refused) as refused:  # read before that commit wrote the key
+        store.commit(before, [(key, key + b"\x00")], [("set", other, b"x")], [])
+    assert refused.value.args[0] == server.NOT_COMMITTED
+    store.commit(after, [(key, key + b"\x00")], [("set", other, b"y")], [])  # read after it: no conflict
+    # Collections (one per 200 commits) once the clock has moved past the window: a key set once and
+    # one rewritten keep their latest values, a cleared key is forgotten, the window's reads still work.
+    store.commit(store.read_version(), [], [("set", b"gone", b"1")], [])
+    store.commit(store.read_version(), [], [("clear", b"gone")], [])
+    for i in range(300):
+        store.commit(store.read_version(), [], [("set", b"counter", str(i).encode())], [])
+    old = store.read_version()
+    store.started -= 7  # seven seconds later, by the store's clock
+    window = store.read_version()
+    store.commit(window, [], [("set", b"counter", b"last")], [])
+    for _ in range(400):
+        store.commit(store.read_version(), [], [("set", b"pad", b"")], [])
+    now = store.read_version()
+    assert store.get(now, key) == b"1" and store.get(now, other) == b"y"
+    assert store.get(window, b"counter") == b"299" and store.get(now, b"counter") == b"last"
+    assert b"gone" not in store.history and store.get(now, b"gone") is None
+    assert len(store.history[b"counter"]) <= 2 and key not in store.collectable
+    assert store.recent_versions == [v for v, _ in store.recent] and store.recent_versions[0] > old
+    with pytest.raises(server._Refused):
+        store.get(old, b"counter")  # older than the window: too old, as in FoundationDB

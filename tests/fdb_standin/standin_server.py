@@ -54,8 +54,13 @@ class Store:
         self.history: dict[bytes, list[tuple[int, bytes | None]]] = {}
         self.version = 0
         self.started = time.monotonic()
-        # (commit version, write conflict ranges) of recent commits, oldest first.
+        # (commit version, write conflict ranges) of recent commits, oldest first, and their versions
+        # alone (for bisect: a commit checks only those newer than its read version).
         self.recent: list[tuple[int, list[tuple[bytes, bytes]]]] = []
+        self.recent_versions: list[int] = []
+        # Keys whose history _collect may shorten: written more than once, or cleared. A key set
+        # once keeps its one entry for ever, so collecting need not look at it.
+        self.collectable: set[bytes] = set()
         self.commits = 0
 
     def _clock(self) -> int:
@@ -114,8 +119,9 @@ class Store:
                mutations: list[tuple[Any, ...]], writes: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
         with self.cond:
             self._check_age(read_version)
-            for version, ranges in self.recent:
-                if version > read_version and any(_overlaps(r, w) for r in reads for w in ranges):
+            newer = bisect.bisect_right(self.recent_versions, read_version)
+            for _, ranges in self.recent[newer:]:
+                if any(_overlaps(r, w) for r in reads for w in ranges):
                     raise _Refused(NOT_COMMITTED)
             version = self.version = max(self.version + 1, self._clock())
             stamp = struct.pack(">QH", version, 0)  # 8-byte commit version, 2-byte batch order
@@ -151,6 +157,7 @@ class Store:
                 else:
                     raise ValueError(f"stand-in: unknown mutation {op!r}")
             self.recent.append((version, written))
+            self.recent_versions.append(version)
             self.commits += 1
             if self.commits % 200 == 0:
                 self._collect(version)
@@ -165,13 +172,17 @@ class Store:
             entries = self.history[key] = []
             bisect.insort(self.keys, key)
         entries.append((version, value))
+        if len(entries) > 1 or value is None:
+            self.collectable.add(key)
 
     def _collect(self, now: int) -> None:
         """Forget what no readable version can see any more (older than the MVCC window)."""
         horizon = now - MVCC_WINDOW - VERSIONS_PER_SECOND
-        self.recent = [entry for entry in self.recent if entry[0] > horizon]
+        first = bisect.bisect_right(self.recent_versions, horizon)
+        del self.recent[:first], self.recent_versions[:first]
         dead = []
-        for key, entries in self.history.items():
+        for key in list(self.collectable):
+            entries = self.history[key]
             keep = [e for e in entries if e[0] > horizon]
             older = [e for e in entries if e[0] <= horizon]
             if older:
@@ -180,6 +191,8 @@ class Store:
                 dead.append(key)
             else:
                 self.history[key] = keep
+            if len(keep) == 1:
+                self.collectable.discard(key)  # one entry left: only a later write changes it
         for key in dead:
             del self.history[key]
         if dead:
