@@ -77,11 +77,55 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_data_home, ignore_errors=True)
 
 
+# Tests that spend nearly all of their wall time waiting: on a schedule's slots, on leases running
+# out, on a stopped or killed pool, on a failover (a sixth of a core or less while they run, 5-60 s
+# each; 7 December, `make test --durations-cpu=0`: 2,000 s of wall time for 220 CPU-s in all).
+# Marked `waiting`: scripts/run-tests runs them in processes of their own beside the CPU-bound
+# rest, so that they no longer hold one of its six processes idle. The first match of a test id.
+WAITING_TESTS = [
+    "::test_a_pool_whose_clock_is_a_minute_ahead_fires_nothing_early_and_skips_nothing",
+    "::test_every_slot_fires_once_with_three_schedulers_and_a_crash",
+    "::test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once",
+    "::test_slots_of_intervals_that_are_not_whole_seconds_fire_once",
+    "::test_a_job_blocking_the_loop_keeps_leases_and_meets_its_time_limit",
+    "::test_sigkill_leaves_no_orphans_and_a_new_pool_finishes_the_job",
+    "::test_a_promotion_under_load",
+    "::test_a_paused_primary_that_comes_back_after_the_failover",
+    "::test_a_stopped_pool_never_lets_a_job_run_twice_at_once",
+    "::test_sigkilled_async_jobs_are_handed_out_again",
+    "::test_kill_then_lost_lease_never_runs_again",
+    "::test_attempts_of_killed_workers_show_as_lost",
+    "::test_server_restarts_lose_no_job",
+    "::test_a_stale_attempt_cannot_overwrite_through_the_fencing_guard",
+    "::test_a_blocked_key_does_not_delay_other_keys",
+    "::test_postgres_half_open_connection",
+    "::test_kill_of_a_prefetched_job_means_it_never_runs",
+    "::test_a_job_its_worker_gave_up_on_is_charged_when_that_worker_dies",
+    "::test_paused_worker_cannot_overwrite_the_takeover",
+    "::test_workers_and_producers_carry_on_through_a_failover",
+    "::test_unreachable_server_fails_fast_and_clearly",
+    "::test_a_worker_sigkilled_inside_the_transaction_leaves_all_or_nothing",
+    "::test_a_skewed_worker_steals_no_live_lease",
+    "::test_a_job_holding_the_gil_keeps_its_lease",
+    "::test_the_worker_of_a_stopped_pool_claims_nothing",
+    "::test_a_route_name_with_spaces_keeps_its_leases",
+    "::test_kill_stops_a_job_that_swallows_interrupts",
+    "::test_the_time_limit_is_hard_for_a_job_that_ignores_interrupts",
+    "::test_rolling_out_and_rotating_the_key_refuses_no_legitimate_job",
+    "::test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group",
+    "::test_workers_marks_a_sigkilled_busy_worker_stale_then_it_drops_out",
+    "::test_work_against_an_unreachable_server_gives_up_with_the_address_and_no_traceback",
+    "::test_a_slow_store_is_polled_less_often",
+]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     server_backends = _server_backends()
     for item in items:
         if _needs_server(item, server_backends):
             item.add_marker(pytest.mark.slow)
+        if any(part in item.nodeid for part in WAITING_TESTS):
+            item.add_marker(pytest.mark.waiting)
         for fixture, group in GROUPS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
@@ -94,18 +138,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # no process is left with one at the end while the others stand idle; the rest keep pytest's
 # order. Figures from the run's --durations.
 LONG_TESTS: list[tuple[str, float]] = [
-    ("MongoReplicaSetConformance::test_a_large_group_and_its_callback", 245),
     ("test_workflows_under_sigkill_and_sigstop[mongodb]", 145),
     ("MongoStandaloneConformance::test_a_large_group_and_its_callback", 139),
     ("FDBStandInConformance::test_a_large_group_and_its_callback", 105),
     ("test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once", 65),
+    ("MongoReplicaSetConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 85),
+    ("test_bench_smoke.py::test_benchmark_tiny_sqlite", 55),  # 30 s alone, mostly asleep
+    ("MongoStandaloneConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 44),
+    ("test_bench_smoke.py::test_peers_tiny_round_every_library", 30),
     ("test_a_promotion_under_load[async-lagging]", 39),
     ("FDBStandInConformance::test_processes_committing_rows_and_jobs_match_one_to_one", 39),
     ("test_web_scan_budget.py::test_a_filter_matching_almost_nothing_answers_in_bounded_time", 34),
     ("::test_a_pool_whose_clock_is_a_minute_ahead_fires_nothing_early_and_skips_nothing", 32),
     ("::test_group_signals_never_hang_the_pool", 30),
     ("::test_workflows_under_sigkill_and_sigstop", 28),
-    ("MongoReplicaSetConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 28),
     ("::test_every_slot_fires_once_with_three_schedulers_and_a_crash", 25),
     ("::test_processes_committing_rows_and_jobs_match_one_to_one", 20),
     ("::test_a_large_group_and_its_callback", 20),

@@ -14,9 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# A benchmark keeps both cores busy and times itself: alone, after the parallel pass (scripts/run-tests);
-# `make test` runs it, not the inner loop.
-@pytest.mark.serial
+# No figure is asserted, so these run in the parallel pass, where their sleeps (an idle worker's CPU,
+# 0.5 s async jobs: 12 CPU-s in 30 s here) overlap other tests; `make test` runs them, not the inner loop.
 @pytest.mark.slow
 def test_benchmark_tiny_sqlite(tmp_path: Path) -> None:
     # Without the FoundationDB contention run (62 of this test's 97 s): it has a test of its own,
@@ -72,7 +71,6 @@ def test_peer_rounds_alternate_and_ratios_favour_the_better() -> None:
     assert got["latency_p50_ms"] == {"ratio": 1 / 3, "low": 0.25, "high": 0.5}
 
 
-@pytest.mark.serial  # five libraries' workers, timed, with read timeouts: alone, like the one above
 @pytest.mark.slow
 def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
     """One tiny round of SkunkQueue, Huey, Celery, RQ and Dramatiq, each through its own worker command."""
@@ -94,7 +92,6 @@ def test_peers_tiny_round_every_library(tmp_path: Path) -> None:
     assert list(report["ratios"]) == DEFAULT[1:]
 
 
-@pytest.mark.serial  # two systems' workers on one PostgreSQL server, timed: alone, like the one above
 @pytest.mark.slow
 def test_postgres_peers_tiny_round(tmp_path: Path) -> None:
     """One tiny round of SkunkQueue on PostgreSQL and of Procrastinate, each through its own worker command."""
