@@ -440,7 +440,9 @@ def test_the_server_killed_in_a_finish_and_claim(make_postgres: Callable[..., An
             if killer is not None:
                 killer.join()
             monkeypatch.undo()
-        assert killed and (where == "after the finish statement" or "COMMIT" in killed[0].upper()), killed
+        # Only a commit waits for a standby (SyncRep): there the session's query text may still be
+        # the statement before it (once, under CI's load: 'RELEASE "_pg3_2"'), so it is not checked.
+        assert killed and (where != "during the commit" or "COMMIT" in killed[0].upper()), killed
         server.start()
         if where == "commit applied":
             assert _state(store, first.id) == (COMPLETE, None, held.token, b"1")

@@ -176,10 +176,13 @@ def test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group(
         # Then the group signal while jobs run: longer ones fired now, and a start in the file with
         # no end yet on a worker still alive.
         ids += [h.id for h in job.fire_many([(str(runs), f"u{i:03}", 3.0) for i in range(4)])]
+        # Looked at once per turn: a 0.15 s job seen running could end before a second look.
         deadline = time.monotonic() + 180  # behind the short jobs left, on a loaded machine
-        while time.monotonic() < deadline and not _running_on(runs, set(pool.worker_pids()) - killed):
+        while True:
+            stopping = _running_on(runs, set(pool.worker_pids()) - killed)
+            if stopping or time.monotonic() > deadline:
+                break
             time.sleep(0.01)
-        stopping = _running_on(runs, set(pool.worker_pids()) - killed)
         assert stopping, "no job was running when the group signal was due: " + pool.log()
         pool.signal_group(signal.SIGTERM)
         assert pool.wait(30) == 0, pool.log()

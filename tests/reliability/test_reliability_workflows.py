@@ -56,7 +56,10 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
     if not q.persistence.supports_workflows:
         q.close()
         pytest.skip(f"the {backend.name} backend does not support workflows yet (supports_workflows = False)")
-    link = q.event(routes=["a"], retries=10)(reliability_jobs.link.func)
+    # A worker is struck every 0.5 s among four: on a loaded machine a step can lose its lease on
+    # attempt after attempt (once 11 in a row, MongoDB's replica set, the suite beside it). What is
+    # checked is that none is lost or run twice at once, not how few strikes it takes to finish.
+    link = q.event(routes=["a"], retries=40)(reliability_jobs.link.func)
     start, pools = pool_starter(backend, queue_name, tmp_path)
     log = tmp_path / "executions"
     handles: list[WorkflowHandle] = []
@@ -122,7 +125,7 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
             handle.wait(timeout=300)  # raises if a step failed or was lost (timeout)
         runs = _runs(log)
         store = q.persistence
-        callbacks_run_twice = callbacks_claimed_twice = 0
+        callbacks_run_twice = callbacks_claimed_twice = most_attempts = 0
         for i, handle in enumerate(handles):
             records = store.get_many(handle.ids)
             assert all(r is not None and r.state == COMPLETE for r in records), f"workflow {i}"
@@ -147,6 +150,7 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
             assert {json.dumps(g) for _, g in runs[f"w{i}.c"]} == {expected}, f"w{i}.c was given other results"
             callbacks_run_twice += len(runs[f"w{i}.c"]) > 1
             callbacks_claimed_twice += c.attempts > 1
+            most_attempts = max(most_attempts, *(r.attempts for r in records if r is not None))
         # A callback runs twice only if it was handed out again after its own worker died.
         assert callbacks_run_twice <= callbacks_claimed_twice
     finally:
@@ -155,6 +159,6 @@ def test_workflows_under_sigkill_and_sigstop(backend: BackendUnderTest, queue_na
         q.close()
     figures.record("workflows", workflows=WORKFLOWS, jobs=WORKFLOWS * (MEMBERS + 2), lost=0,
                    callbacks_run_twice=callbacks_run_twice, callbacks_claimed_twice=callbacks_claimed_twice,
-                   worker_kills=kills, worker_stops=stops, pool_kills=pool_kills,
+                   worker_kills=kills, worker_stops=stops, pool_kills=pool_kills, most_attempts=most_attempts,
                    seconds=round(time.monotonic() - began, 1))
     assert kills + stops + pool_kills >= 10, "the chaos loop did not strike as often as intended"
