@@ -1007,10 +1007,11 @@ class PostgresPersistence(Persistence):
         # transaction left it, so it counts nothing when the finish was fenced off or is a retry).
         with conn.pipeline(), conn.transaction():
             done = conn.execute(self._finish_statement(pending, outcome.attempt is not None), params)
-            counted = conn.execute(self._count_statement(), {"queue": self.queue, "parent": job_id, "children": None})
+            counted = conn.execute(self._count_statement(), {"queue": self.queue, "parents": [job_id],
+                                                             "children": None})
             row = done.fetchone()
             # Acted on even after a fenced-off finish: whatever a count decremented is released here.
-            self._settle(conn, job_id, counted.fetchall())
+            self._settle(conn, counted.fetchall())
             if row is None:
                 return False
             frees_slot = expect == RUNNING and (row["limit_key"] is not None or self._limits_route(row["route"]))
@@ -1053,45 +1054,51 @@ class PostgresPersistence(Persistence):
 
     supports_workflows = True
 
-    # What a count statement returns for each dependent it counted a parent into.
-    _COUNTED = "RETURNING w.child, w.remaining, w.run_anyway, counted.state"
+    # What a count statement returns: a row per dependent it counted parents into, with the parents
+    # and their states, and what the dependent waits for after all of them (a dependent of two
+    # parents finished together is decremented by two, once: an UPDATE ... FROM that joined it to
+    # two rows would change it once, and which row won would be PostgreSQL's choice).
+    _DECREMENT = """
+            per_child AS (
+                SELECT child, count(*) AS n, array_agg(parent) AS parents, array_agg(state) AS states
+                FROM counted GROUP BY child)
+            UPDATE {waits} w SET remaining = w.remaining - per_child.n FROM per_child
+            WHERE w.queue = %(queue)s AND w.child = per_child.child
+            RETURNING w.child, w.remaining, w.run_anyway, per_child.parents, per_child.states"""
 
     def _count_statement(self) -> sql.Composed:
-        # Counts the parent into the set of each of its dependents (or of those in %(children)s) if
-        # it is finished as this transaction sees it, and decrements what each newly counted one
-        # waits for. A parent not (or not yet) finished, or counted before, counts nothing.
-        return self._sql("count down", f"""
+        # Counts each parent of %(parents)s into the set of each of its dependents (or of those in
+        # %(children)s) if it is finished as this transaction sees it, and decrements what each
+        # newly counted one waits for. A parent not (or not yet) finished, or counted before,
+        # counts nothing. One statement for any number of parents: a fan-out's dependents ended
+        # together are counted for together, not in a round trip each.
+        return self._sql("count down", """
             WITH parent AS (
-                SELECT id, state FROM {{jobs}}
-                WHERE queue = %(queue)s AND id = %(parent)s AND state IN ('complete', 'error', 'killed')),
+                SELECT id, state FROM {jobs}
+                WHERE queue = %(queue)s AND id = ANY(%(parents)s::text[]) AND state IN ('complete', 'error', 'killed')),
             counted AS (
-                INSERT INTO {{settled}} (queue, child, parent, state)
-                SELECT %(queue)s, d.child, parent.id, parent.state FROM {{deps}} d, parent
+                INSERT INTO {settled} (queue, child, parent, state)
+                SELECT %(queue)s, d.child, parent.id, parent.state FROM {deps} d, parent
                 WHERE d.queue = %(queue)s AND d.parent = parent.id
                   AND (%(children)s::text[] IS NULL OR d.child = ANY(%(children)s::text[]))
                 ON CONFLICT DO NOTHING
-                RETURNING child, state)
-            UPDATE {{waits}} w SET remaining = w.remaining - 1 FROM counted
-            WHERE w.queue = %(queue)s AND w.child = counted.child
-            {self._COUNTED}""")
+                RETURNING child, parent, state),""" + self._DECREMENT)
 
-    def _count(self, conn: Executor, parent: str, children: list[str] | None = None) -> list[dict[str, Any]]:
-        return conn.execute(self._count_statement(), {"queue": self.queue, "parent": parent,
+    def _count(self, conn: Executor, parents: list[str], children: list[str] | None = None) -> list[dict[str, Any]]:
+        return conn.execute(self._count_statement(), {"queue": self.queue, "parents": parents,
                                                       "children": children}).fetchall()
 
     def _count_missing(self, conn: Executor, parent: str, children: list[str]) -> list[dict[str, Any]]:
         """Count a parent that has no row (expired, purged, never stored) as it cannot be shown to
         have completed (``dependencies.missing_parent_state``)."""
-        return conn.execute(self._sql("count missing", f"""
+        return conn.execute(self._sql("count missing", """
             WITH counted AS (
-                INSERT INTO {{settled}} (queue, child, parent, state)
+                INSERT INTO {settled} (queue, child, parent, state)
                 SELECT %(queue)s, c, %(parent)s, %(state)s FROM unnest(%(children)s::text[]) AS c
                 ON CONFLICT DO NOTHING
-                RETURNING child, state)
-            UPDATE {{waits}} w SET remaining = w.remaining - 1 FROM counted
-            WHERE w.queue = %(queue)s AND w.child = counted.child
-            {self._COUNTED}"""), {"queue": self.queue, "parent": parent, "children": children,
-                                  "state": dependencies.missing_parent_state()}).fetchall()
+                RETURNING child, parent, state),""" + self._DECREMENT),
+            {"queue": self.queue, "parent": parent, "children": children,
+             "state": dependencies.missing_parent_state()}).fetchall()
 
     def _attach(self, conn: Executor, records: Sequence[JobRecord]) -> None:
         """Make stored waiting records dependents of their parents; count the parents already finished.
@@ -1123,23 +1130,25 @@ class PostgresPersistence(Persistence):
         for parent in parents:
             state = found.get(parent)
             if state is None:
-                self._settle(conn, parent, self._count_missing(conn, parent, children[parent]))
+                self._settle(conn, self._count_missing(conn, parent, children[parent]))
             elif state in FINISHED:
-                self._settle(conn, parent, self._count(conn, parent, children[parent]))
+                self._settle(conn, self._count(conn, [parent], children[parent]))
 
-    def _settle(self, conn: Executor, parent: str, counts: list[dict[str, Any]]) -> None:
-        """Release or end the dependents ``parent`` was just counted for (what a count returned).
+    def _settle(self, conn: Executor, counts: list[dict[str, Any]]) -> None:
+        """Release or end the dependents a count statement counted parents for (what it returned).
 
-        Those it ends are counted for in turn: a worklist, not recursion, since a chain may be long.
+        A dependent is ended if any parent counted for it ends it (the one of lowest id names itself
+        in its error), released if none does and it waits for nothing more. Those ended are counted for
+        in turn, all of one round together: a worklist, not recursion, since a chain may be long.
         """
-        work = [(parent, counts)]
-        while work:
-            parent, counts = work.pop()
-            if not counts:
-                continue
-            state = str(counts[0]["state"])
-            ended = [c["child"] for c in counts if dependencies.kills_dependent(state, bool(c["run_anyway"]))]
-            ready = [c["child"] for c in counts if c["remaining"] <= 0 and c["child"] not in ended]
+        while counts:
+            ending: dict[str, tuple[str, str]] = {}  # dependent -> (a parent ending it, its state)
+            for c in counts:
+                ends = [(p, state) for p, state in zip(c["parents"], c["states"])
+                        if dependencies.kills_dependent(state, bool(c["run_anyway"]))]
+                if ends:
+                    ending[c["child"]] = min(ends)
+            ready = sorted({c["child"] for c in counts if c["remaining"] <= 0} - ending.keys())
             if ready:
                 routes = conn.execute(self._sql("release", """
                     WITH gone AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child = ANY(%(ids)s) RETURNING child)
@@ -1150,21 +1159,24 @@ class PostgresPersistence(Persistence):
                 channels = sorted({self.route_channel(row["route"]) for row in routes})
                 if channels:  # sent when (and only if) the release commits
                     conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c", (channels,))
-            if ended:
-                error = dependencies.dependency_failed(parent, state).error
+            ended: list[str] = []
+            if ending:
+                children = sorted(ending)
+                errors = [json.dumps(dependencies.dependency_failed(*ending[child]).error) for child in children]
                 rows = conn.execute(self._sql("end waiting", """
                     WITH gone AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child = ANY(%(ids)s) RETURNING child)
-                    UPDATE {jobs} j SET state = 'killed', error = %(error)s::jsonb, result = NULL, finished = {now},
+                    UPDATE {jobs} j SET state = 'killed', error = e.error::jsonb, result = NULL, finished = {now},
                         expire_at = {now} + coalesce(j.result_ttl, %(ttl)s), dead = false, owner = NULL,
                         lease_until = NULL, kill_requested = false
-                    FROM gone WHERE j.queue = %(queue)s AND j.id = gone.child AND j.state = 'pending'
+                    FROM gone JOIN unnest(%(ids)s::text[], %(errors)s::text[]) AS e(child, error) USING (child)
+                    WHERE j.queue = %(queue)s AND j.id = gone.child AND j.state = 'pending'
                     RETURNING j.id"""),
-                    {"queue": self.queue, "ids": ended, "error": json.dumps(error), "ttl": self.result_ttl}).fetchall()
-                ids = [row["id"] for row in rows]
-                if ids:
-                    conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c",
-                                 ([self.done_channel(i) for i in ids],))
-                work += [(child, self._count(conn, child)) for child in ids]
+                    {"queue": self.queue, "ids": children, "errors": errors, "ttl": self.result_ttl}).fetchall()
+                ended = [row["id"] for row in rows]
+            if ended:
+                conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c",
+                             ([self.done_channel(i) for i in ended],))
+            counts = self._count(conn, ended) if ended else []
 
     def dependents(self, job_id: str) -> list[str]:
         rows = self._call("dependents", lambda conn: conn.execute(self._sql("dependents", """

@@ -226,6 +226,32 @@ class WorkflowSuite:
         assert got_c.error is not None and got_c.error["message"] == f"{b.id} ended killed"
         assert _claim_all(store) == []
 
+    def test_dependents_ended_together_count_for_a_shared_dependent_once_each(self, store: Persistence,
+                                                                              queue_name: str) -> None:
+        """a fails; b1 and b2 (a's dependents) end killed by the same finish. Their shared dependents
+        count both at once: the one that runs anyway is released once, the one that does not ends
+        killed once, and one still waiting for another parent stays waiting."""
+        _needs_workflows(store)
+        a, other = make_record(queue_name), make_record(queue_name)
+        b1, b2 = _waiting(queue_name, a.id), _waiting(queue_name, a.id)
+        anyway = _waiting(queue_name, b1.id, b2.id, on_failure="run")
+        ends = _waiting(queue_name, b1.id, b2.id)
+        waits = _waiting(queue_name, b1.id, b2.id, other.id, on_failure="run")
+        store.enqueue([a, other, b1, b2, anyway, ends, waits])
+        assert sorted(_claim_all(store)) == sorted([a.id, other.id])
+        got_a = store.get(a.id)
+        assert got_a is not None
+        assert store.finish(a.id, got_a.token, policy.failed(got_a, {"type": "ValueError", "message": "x",
+                                                                     "traceback": ""}))
+        assert _claim_all(store) == [anyway.id]
+        got_ends = store.get(ends.id)
+        assert got_ends is not None and got_ends.state == KILLED
+        assert got_ends.error is not None and got_ends.error["message"] in {f"{b1.id} ended killed",
+                                                                            f"{b2.id} ended killed"}
+        _complete(store, other.id)
+        assert _claim_all(store) == [waits.id]
+        assert _claim_all(store) == []
+
     def test_on_failure_run_waits_for_every_parent(self, store: Persistence, queue_name: str) -> None:
         _needs_workflows(store)
         a, b = make_record(queue_name), make_record(queue_name)
