@@ -1537,11 +1537,10 @@ class MongoPersistence(NativeAsync, Persistence):
         while work:  # a worklist, not recursion: a chain may be long
             current, known = work.pop()
             if known is None:
-                doc = at.call("settle", partial(at.jobs.find_one, {"_id": current, "queue": self.queue},
-                                                {"state": 1, "has_dependents": 1}, session=at.session))
-                if doc is None or doc.get("state") not in FINISHED_STATES:
+                found = self._finished([current], at).get(current)
+                if found is None:
                     continue
-                known = str(doc["state"]) if doc.get("has_dependents") else None
+                known = found[0] if found[1] else None
             if known is not None:
                 children = [str(d["child"]) for d in at.call("settle", partial(
                     self._find_all, at.deps, {"parent": current, "queue": self.queue}, {"child": 1}, at.session))]
@@ -1556,11 +1555,18 @@ class MongoPersistence(NativeAsync, Persistence):
         The others carry no mark (``_SETTLE_PENDING``) and nothing to count: read together, they
         cost one trip per thousand instead of two each.
         """
-        found: list[tuple[str, str | None]] = []
-        for start in range(0, len(ended), SETTLE_BATCH):
-            query = {"_id": {"$in": ended[start:start + SETTLE_BATCH]}, "queue": self.queue, "has_dependents": True}
-            found += [(str(doc["_id"]), str(doc["state"])) for doc in at.call("settle", partial(
-                self._find_all, at.jobs, query, {"state": 1}, at.session)) if doc.get("state") in FINISHED_STATES]
+        return [(job_id, state) for job_id, (state, has_dependents) in self._finished(ended, at).items()
+                if has_dependents]
+
+    def _finished(self, ids: list[str], at: _Via) -> dict[str, tuple[str, bool]]:
+        """The finished ones of ``ids``: each one's state, and whether it has dependents (a trip per thousand)."""
+        found: dict[str, tuple[str, bool]] = {}
+        for start in range(0, len(ids), SETTLE_BATCH):
+            query = {"_id": {"$in": ids[start:start + SETTLE_BATCH]}, "queue": self.queue}
+            for doc in at.call("settle", partial(self._find_all, at.jobs, query, {"state": 1, "has_dependents": 1},
+                                                 at.session)):
+                if doc.get("state") in FINISHED_STATES:
+                    found[str(doc["_id"])] = (str(doc["state"]), bool(doc.get("has_dependents")))
         return found
 
     def _settle(self, parent: str, state: str, children: list[str], repair: bool = False, *,
@@ -1650,16 +1656,18 @@ class MongoPersistence(NativeAsync, Persistence):
 
     def _end_waiting(self, parent: str, state: str, children: list[str], at: _Via) -> list[str]:
         """End killed those of ``children`` still waiting (their parent ended so); returns them."""
-        waiting = {"_id": {"$in": children}, "queue": self.queue, "state": PENDING,
-                   "due": {"$gte": dependencies.WAITING_DUE}}
         outcome = dependencies.dependency_failed(parent, state)
-        at.call("settle", partial(at.jobs.update_many, waiting, [{"$set": {
+        at.call("settle", partial(at.jobs.update_many, self._still_waiting(children), [{"$set": {
             "state": KILLED, "error": _lit(outcome.error), "finished": NOW, "dead": False,
             "expire_at": _expire_at(NOW, self._ttl()), "settle_pending": _SETTLE_PENDING}}], session=at.session))
         at.call("settle", partial(at.waits.delete_many, {"_id": {"$in": children}}, session=at.session))
         # All of them, ended by this update or (released first, then ended by another parent) not:
         # the caller reads each one's state before counting it, and counting one twice is harmless.
         return children
+
+    def _still_waiting(self, ids: list[str]) -> dict[str, Any]:
+        """The filter of those of ``ids`` that still wait for their parents (pending, due far ahead)."""
+        return {"_id": {"$in": ids}, "queue": self.queue, "state": PENDING, "due": {"$gte": dependencies.WAITING_DUE}}
 
     def _release_complete(self, need: Mapping[str, int], *, via: _Via | None = None) -> dict[str, int]:
         """Release each dependent whose set holds all ``need[child]`` parents (the count, not the hint, decides).
@@ -1673,9 +1681,8 @@ class MongoPersistence(NativeAsync, Persistence):
             "settle", lambda: list(at.settled.aggregate(counts, session=at.session)))}
         complete = [child for child, parents in need.items() if have.get(child, 0) >= parents]
         if complete:
-            waiting = {"_id": {"$in": complete}, "queue": self.queue, "state": PENDING,
-                       "due": {"$gte": dependencies.WAITING_DUE}}
-            at.call("settle", partial(at.jobs.update_many, waiting, [{"$set": {"due": NOW}}], session=at.session))
+            at.call("settle", partial(at.jobs.update_many, self._still_waiting(complete), [{"$set": {"due": NOW}}],
+                                      session=at.session))
             at.call("settle", partial(at.waits.delete_many, {"_id": {"$in": complete}}, session=at.session))
         return {child: have.get(child, 0) for child in need if child not in complete}
 
