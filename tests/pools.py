@@ -2,6 +2,12 @@
 
 The pool leads a process group of its own (its fork server and workers are in it); its output
 goes to a log file; on the way out the whole group is killed, whatever the test left running.
+
+Not the kit's ``PoolProcess`` (skunkqueue.testing.workers), which starts a pool for a
+``BackendUnderTest`` with the kit's arguments, job modules and environment: these tests give
+``skunq work`` the command line and the whole environment a user would (the fork server's tests
+start the same pool with and without SKUNQ_WORKER_START=spawn and compare), and find the pool's
+processes by that command line.
 """
 
 from __future__ import annotations
