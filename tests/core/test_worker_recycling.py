@@ -222,7 +222,8 @@ def test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group(
 
 
 def test_max_memory_per_child_replaces_a_worker_that_grew_past_it(backend: BackendUnderTest, hoard: Path) -> None:
-    name, runs, n, mb, limit = backend.new_queue_name(), hoard / "runs", 12, 25, 110.0
+    # 25 MB a job; the limit halfway between two steps for the usual start of 35 MB (60, 85, 110).
+    name, runs, n, mb, limit = backend.new_queue_name(), hoard / "runs", 12, 25, 97.5
     ids = _fire_hoards(backend, name, runs, n, mb=mb)
     pool = _pool(backend, name, hoard, ["--max-memory-per-child", str(limit)], concurrency=1)
     try:
@@ -236,11 +237,14 @@ def test_max_memory_per_child_replaces_a_worker_that_grew_past_it(backend: Backe
     for _, pid, rss in rows:
         by_pid.setdefault(pid, []).append(rss)
     assert len(by_pid) >= 2, by_pid
+    # The job reads its size before it returns, the worker just after (the finish allocates a
+    # little more): once, with a limit of 110, a job read 110.0 and its worker then found itself over.
+    slack = 2.0
     for sizes in by_pid.values():
         # Replaced after the first job that left it over the limit, never before.
-        assert all(size <= limit for size in sizes[:-1]), by_pid
+        assert all(size <= limit + slack for size in sizes[:-1]), by_pid
     finished = [sizes for pid, sizes in by_pid.items() if pid != rows[-1][1]]
-    assert finished and all(sizes[-1] > limit for sizes in finished), by_pid
+    assert finished and all(sizes[-1] > limit - slack for sizes in finished), by_pid
     store = backend.open(name)
     assert all((r := store.get(job_id)) is not None and r.attempts == 1 for job_id in ids)
     store.close()
