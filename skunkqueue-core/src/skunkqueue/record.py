@@ -9,6 +9,7 @@ worker.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import threading
@@ -255,7 +256,9 @@ class Outcome:
         if self.state == PENDING and record.kill_requested:
             return Outcome(KILLED, error=dict(KILLED_BY_REQUEST), attempts=self.attempts,
                            attempt=self.attempt).apply_to(record, now)
-        updated = dataclasses.replace(record)
+        # A shallow copy, as dataclasses.replace makes, without running __init__ field by field
+        # (a fifth of SQLite's Python per finish).
+        updated = copy.copy(record)
         if self.attempt is not None:
             updated.history, dropped = appended(record.history, {**self.attempt, "finished": now})
             updated.history_dropped = record.history_dropped + dropped
