@@ -139,7 +139,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # order. Figures from the run's --durations.
 LONG_TESTS: list[tuple[str, float]] = [
     ("test_workflows_under_sigkill_and_sigstop[mongodb]", 145),
-    ("MongoStandaloneConformance::test_a_large_group_and_its_callback", 139),
     ("FDBStandInConformance::test_a_large_group_and_its_callback", 105),
     ("test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once", 65),
     ("MongoReplicaSetConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 85),
