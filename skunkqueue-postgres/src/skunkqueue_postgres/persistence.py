@@ -1162,16 +1162,21 @@ class PostgresPersistence(Persistence):
             ended: list[str] = []
             if ending:
                 children = sorted(ending)
-                errors = [json.dumps(dependencies.dependency_failed(*ending[child]).error) for child in children]
+                # Each distinct error is sent once (a fan-out's thousands of dependents share one):
+                # a dependent names its error by its place in %(errors)s.
+                distinct: dict[tuple[str, str], int] = {}
+                which = [distinct.setdefault(ending[child], len(distinct)) + 1 for child in children]
+                errors = [json.dumps(dependencies.dependency_failed(*cause).error) for cause in distinct]
                 rows = conn.execute(self._sql("end waiting", """
                     WITH gone AS (DELETE FROM {waits} WHERE queue = %(queue)s AND child = ANY(%(ids)s) RETURNING child)
-                    UPDATE {jobs} j SET state = 'killed', error = e.error::jsonb, result = NULL, finished = {now},
-                        expire_at = {now} + coalesce(j.result_ttl, %(ttl)s), dead = false, owner = NULL,
-                        lease_until = NULL, kill_requested = false
-                    FROM gone JOIN unnest(%(ids)s::text[], %(errors)s::text[]) AS e(child, error) USING (child)
+                    UPDATE {jobs} j SET state = 'killed', error = (%(errors)s::text[])[e.which]::jsonb, result = NULL,
+                        finished = {now}, expire_at = {now} + coalesce(j.result_ttl, %(ttl)s), dead = false,
+                        owner = NULL, lease_until = NULL, kill_requested = false
+                    FROM gone JOIN unnest(%(ids)s::text[], %(which)s::int4[]) AS e(child, which) USING (child)
                     WHERE j.queue = %(queue)s AND j.id = gone.child AND j.state = 'pending'
                     RETURNING j.id"""),
-                    {"queue": self.queue, "ids": children, "errors": errors, "ttl": self.result_ttl}).fetchall()
+                    {"queue": self.queue, "ids": children, "which": which, "errors": errors,
+                     "ttl": self.result_ttl}).fetchall()
                 ended = [row["id"] for row in rows]
             if ended:
                 conn.execute("SELECT pg_notify(c, '') FROM unnest(%s::text[]) AS c",

@@ -258,6 +258,24 @@ class WorkflowSuite:
         assert _claim_all(store) == [waits.id]
         assert _claim_all(store) == []
 
+    def test_dependents_ended_together_each_name_their_own_parent(self, store: Persistence,
+                                                                   queue_name: str) -> None:
+        """a fails and ends b1 and b2; their dependents c1 (of b1) and c2 (of b2) end in the same
+        round, each with the error of its own parent, not of the other's."""
+        _needs_workflows(store)
+        a = make_record(queue_name)
+        b1, b2 = _waiting(queue_name, a.id), _waiting(queue_name, a.id)
+        c1, c2 = _waiting(queue_name, b1.id), _waiting(queue_name, b2.id)
+        store.enqueue([a, b1, b2, c1, c2])
+        [claimed] = store.claim("r", "w", 30)
+        assert store.finish(a.id, claimed.token, policy.failed(claimed, {"type": "ValueError", "message": "x",
+                                                                          "traceback": ""}))
+        for child, parent in ((c1, b1), (c2, b2)):
+            got = store.get(child.id)
+            assert got is not None and got.state == KILLED
+            assert got.error == {"type": "DependencyFailed", "message": f"{parent.id} ended killed", "traceback": ""}
+        assert _claim_all(store) == []
+
     def test_on_failure_run_waits_for_every_parent(self, store: Persistence, queue_name: str) -> None:
         _needs_workflows(store)
         a, b = make_record(queue_name), make_record(queue_name)
