@@ -141,7 +141,6 @@ LONG_TESTS: list[tuple[str, float]] = [
     ("test_workflows_under_sigkill_and_sigstop[mongodb]", 145),
     ("FDBStandInConformance::test_a_large_group_and_its_callback", 105),
     ("test_a_fault_mix_loses_nothing_and_runs_nothing_twice_at_once", 65),
-    ("MongoReplicaSetConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 85),
     ("test_bench_smoke.py::test_benchmark_tiny_sqlite", 55),  # 30 s alone, mostly asleep
     ("MongoStandaloneConformance::test_one_finish_ends_or_releases_thousands_of_dependents_once", 44),
     ("test_bench_smoke.py::test_peers_tiny_round_every_library", 30),

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
+from skunkqueue.persistence import Persistence
 from skunkqueue.testing import BackendUnderTest, ConformanceSuite
 from skunkqueue.testing.kit import AppTransactions
 
@@ -80,3 +81,12 @@ class TestPostgresConformance(ConformanceSuite):
                                 inject_foreign=foreign_writer(postgres), misfile=misfiler(postgres),
                                 label="PostgreSQL 15",
                                 transactions=PsycopgTransactions(postgres.url))
+
+    # The finish that ends 2,500 dependents takes 0.08-0.5 s here, alone or beside a loaded machine
+    # (load 16), yet passed its 15 s call_timeout in two CI runs and once in a local pass of eight
+    # processes (8 December): the cause under that load is not found (docs/development.md). Alone,
+    # in the serial pass, it costs half a second and cannot fail for the machine's load.
+    @pytest.mark.serial
+    def test_one_finish_ends_or_releases_thousands_of_dependents_once(self, store: Persistence,
+                                                                      queue_name: str) -> None:
+        super().test_one_finish_ends_or_releases_thousands_of_dependents_once(store, queue_name)
