@@ -25,7 +25,7 @@ def mongo_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def mongo_replset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    server = MongoServer(tmp_path_factory.mktemp("mongod-rs"), replset=True).start()
+    server = MongoServer(tmp_path_factory.mktemp("mongod-rs"), replset=True, cache_gb=0.5).start()
     yield server
     server.stop()
 
