@@ -170,8 +170,11 @@ def test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group(
             fresh = [pid for pid in pool.worker_pids() if pid not in seen]
             seen.update(fresh)
             if fresh:  # a replacement, just forked: kill it before or while it takes its first job
-                os.kill(fresh[0], signal.SIGKILL)
-                killed.add(fresh[0])
+                try:
+                    os.kill(fresh[0], signal.SIGKILL)
+                    killed.add(fresh[0])
+                except ProcessLookupError:  # it did its two jobs and left already (a loaded machine)
+                    pass
             time.sleep(0.02)
         # Then the group signal while jobs run: longer ones fired now, and a start in the file with
         # no end yet on a worker still alive.

@@ -293,9 +293,11 @@ def test_a_route_name_with_spaces_keeps_its_leases(backend: BackendUnderTest, qu
                                                    start_pool: PoolStarter, tmp_path: Path) -> None:
     log = tmp_path / "executions"
     route = "night shift\tand \n more"
-    start_pool([route], lease=1.5)
-    handle = queue.event(routes=[route])(hostile_jobs.timed.func).fire(str(log), "spaced", 4.0)
-    assert handle.wait(timeout=30) == "done"
+    # The lease is renewed at least twice during the job; 3 s of it leaves room for a renewal held
+    # up by a loaded machine (at 1.5 s the FDB stand-in's lease once ran out under CI's load).
+    start_pool([route], lease=3.0)
+    handle = queue.event(routes=[route])(hostile_jobs.timed.func).fire(str(log), "spaced", 7.0)
+    assert handle.wait(timeout=40) == "done"
     record = queue.get(handle.id)
     assert record is not None and (record.attempts, record.token) == (1, 1)
     assert len(executions(log)["spaced-start"]) == 1
