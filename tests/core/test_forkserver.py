@@ -442,10 +442,11 @@ def test_a_worker_forked_for_a_request_the_pool_gave_up_on_never_runs(tmp_path: 
                    what="the worker the pool gave up on to exit and be reaped")
         # The pool goes on with fresh interpreters: wait for one to run a job (the first worker may
         # have been the one caught, so none may have run before), then look for the ghosts' pids.
-        ran_before = _ran(tmp_path / "ran")
-        wait_until(lambda: _ran(tmp_path / "ran") - ran_before, timeout=60,
+        counted = tmp_path / "ran"
+        ran_before = _ran(counted)
+        wait_until(lambda: _ran(counted) - ran_before, timeout=60,
                    what="a worker started after the pool gave up to run a job")
-        assert not ghosts & _ran(tmp_path / "ran"), "a worker the pool did not take ran a job"
+        assert not ghosts & _ran(counted), "a worker the pool did not take ran a job"
 
 
 def _ran(path: Path) -> set[int]:

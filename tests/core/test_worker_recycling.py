@@ -6,6 +6,7 @@ must run exactly once, none charged an extra attempt, whatever the recycling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -170,11 +171,9 @@ def test_recycling_under_kill_9_of_replacements_and_a_signal_to_the_whole_group(
             fresh = [pid for pid in pool.worker_pids() if pid not in seen]
             seen.update(fresh)
             if fresh:  # a replacement, just forked: kill it before or while it takes its first job
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it did its two jobs and left already
                     os.kill(fresh[0], signal.SIGKILL)
                     killed.add(fresh[0])
-                except ProcessLookupError:  # it did its two jobs and left already (a loaded machine)
-                    pass
             time.sleep(0.02)
         # Then the group signal while jobs run: longer ones fired now, and a start in the file with
         # no end yet on a worker still alive.
